@@ -1,0 +1,58 @@
+"""kvplug's attention backend: a subclass of vLLM's dense backend for the platform.
+
+With every feature off it is a passthrough: the parent's kernels run unchanged, so greedy outputs equal
+vanilla vLLM. The metadata builder is where per-batch work belongs (flashinfer's plan/run split): it runs
+once per step on host-side metadata, never inside a layer's forward, so it adds no device sync and stays
+outside CUDA graphs. Sparse prefill and retrieval decode extend these classes.
+"""
+from __future__ import annotations
+
+from kvplug import metrics, vllm_compat
+
+_DenseBackend = vllm_compat.dense_backend_class()
+_DenseBuilder = _DenseBackend.get_builder_cls()
+_DenseImpl = _DenseBackend.get_impl_cls()
+BACKEND_LABEL = f"kvplug-{vllm_compat.platform_name()}-dense"
+
+
+class KvplugMetadataBuilder(_DenseBuilder):  # type: ignore[misc, valid-type]
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._num_layers = len(layer_names)
+        self._metrics = metrics.get()
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        attn_metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        if self._metrics is not None:
+            self._record(vllm_compat.batch_phases(common_attn_metadata))
+        return attn_metadata
+
+    def _record(self, phases: vllm_compat.BatchPhases) -> None:
+        for phase, tokens in (("prefill", phases.prefill_tokens), ("decode", phases.decode_tokens)):
+            if tokens:
+                # Every layer of this KV-cache group runs attention once per batch for each phase present.
+                self._metrics.attention_calls.labels(phase=phase, backend=BACKEND_LABEL).inc(self._num_layers)
+                self._metrics.attention_tokens.labels(phase=phase, backend=BACKEND_LABEL).inc(tokens)
+
+
+class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        m = metrics.get()
+        if m is not None:
+            m.backend_instances.labels(backend=BACKEND_LABEL, process=metrics.process_role()).inc()
+
+
+class KvplugAttentionBackend(_DenseBackend):  # type: ignore[misc, valid-type]
+    @staticmethod
+    def get_name() -> str:
+        # The attention layer looks its backend up by this name in AttentionBackendEnum.
+        return vllm_compat.backend_slot()
+
+    @staticmethod
+    def get_impl_cls() -> type:
+        return KvplugAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type:
+        return KvplugMetadataBuilder

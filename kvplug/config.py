@@ -1,0 +1,203 @@
+"""kvplug configuration: one msgspec Struct tree, layered from defaults, YAML, env and CLI.
+
+Precedence (later wins): defaults < YAML file (``--config`` / ``KVPLUG_CONFIG``) < ``KVPLUG_<SECTION>__<KEY>``
+environment variables < ``--set section.key=value`` CLI overrides. The resolved config travels to every vLLM
+process (engine core, workers, Ray workers) as JSON in ``KVPLUG_CONFIG_JSON``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Mapping
+
+import msgspec
+import yaml
+
+ENV_PREFIX = "KVPLUG_"
+ENV_CONFIG_PATH = "KVPLUG_CONFIG"
+ENV_CONFIG_JSON = "KVPLUG_CONFIG_JSON"
+# KVPLUG_* variables that are not config keys (paths, logging); everything else with the prefix must be one.
+NON_CONFIG_ENV = frozenset({ENV_CONFIG_PATH, ENV_CONFIG_JSON, "KVPLUG_CACHE_DIR", "KVPLUG_LOG_LEVEL"})
+
+
+class KvplugConfigError(ValueError):
+    """A config value is wrong; the message names the key and where it came from."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    def validate(self, path: str) -> None:  # pragma: no cover - overridden where there is something to check
+        return None
+
+
+class SparsePrefillConfig(_Section):
+    """Dynamic sparse prefill (MInference patterns). Placeholder until the sparse prefill backend lands."""
+
+
+class RetrievalDecodeConfig(_Section):
+    """Retrieval-based (Quest-style) sparse decoding. Placeholder until the retrieval decode path lands."""
+
+
+class CachePolicyConfig(_Section):
+    """Prefix-cache policy layer (keep / quantize / drop / offload). Placeholder until it lands."""
+
+
+class OffloadConfig(_Section):
+    """CPU and disk offload tiers. Placeholder until the KV connector lands."""
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    # Prefix of every kvplug metric name on /metrics.
+    prefix: str = "kvplug"
+
+    def validate(self, path: str) -> None:
+        if not self.prefix or not self.prefix.replace("_", "a").isalnum() or self.prefix[0].isdigit():
+            raise KvplugConfigError(f"{path}.prefix: {self.prefix!r} is not a valid Prometheus metric name prefix")
+
+
+class KvplugConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    sparse_prefill: SparsePrefillConfig = msgspec.field(default_factory=SparsePrefillConfig)
+    retrieval_decode: RetrievalDecodeConfig = msgspec.field(default_factory=RetrievalDecodeConfig)
+    cache_policy: CachePolicyConfig = msgspec.field(default_factory=CachePolicyConfig)
+    offload: OffloadConfig = msgspec.field(default_factory=OffloadConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+
+    def enabled_features(self) -> list[str]:
+        """Names of features switched on (for kvplug_info and logs)."""
+        return [name for name in self.__struct_fields__ if getattr(getattr(self, name), "enabled", False)
+                and name != "metrics"]
+
+    def to_json(self) -> str:
+        return msgspec.json.encode(self).decode()
+
+
+SECTIONS = KvplugConfig.__struct_fields__
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise KvplugConfigError(f"{source}: key {dotted!r} must look like 'section.key' (sections: {', '.join(SECTIONS)})")
+    section, key = parts
+    if section not in SECTIONS:
+        raise KvplugConfigError(f"{source}: unknown config section {section!r} (known: {', '.join(SECTIONS)})")
+    node = tree.setdefault(section, {})
+    if not isinstance(node, dict):
+        raise KvplugConfigError(f"{source}: config section {section!r} must be a mapping")
+    node[key] = value
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_scalar(text: str) -> Any:
+    """Env and CLI values are YAML scalars: 'true' -> True, '8' -> 8, '[1, 2]' -> [1, 2]."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _convert(tree: Mapping[str, Any], source: str) -> KvplugConfig:
+    try:
+        cfg = msgspec.convert(tree, KvplugConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise KvplugConfigError(f"invalid kvplug config ({source}): {_explain(exc)}") from None
+    for name in SECTIONS:
+        getattr(cfg, name).validate(name)
+    return cfg
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    """Rewrite msgspec's '... - at `$.section`' into a dotted key users can grep for."""
+    msg = str(exc)
+    head, sep, where = msg.rpartition(" - at `")
+    if not sep:
+        return msg
+    path = where.rstrip("`").removeprefix("$").lstrip(".")
+    if "unknown field `" in head:
+        field = head.split("unknown field `", 1)[1].split("`", 1)[0]
+        key = f"{path}.{field}" if path else field
+        return f"unknown key {key!r}"
+    return f"key {path!r}: {head}"
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise KvplugConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise KvplugConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KvplugConfigError(f"config file {path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``KVPLUG_METRICS__ENABLED=false`` -> {'metrics': {'enabled': False}}. Unknown names are errors."""
+    tree: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name in NON_CONFIG_ENV:
+            continue
+        body = name[len(ENV_PREFIX):]
+        if "__" not in body:
+            raise KvplugConfigError(
+                f"environment variable {name}: expected {ENV_PREFIX}<SECTION>__<KEY> (e.g. KVPLUG_METRICS__ENABLED)")
+        section, key = body.lower().split("__", 1)
+        _set_path(tree, f"{section}.{key}", _parse_scalar(raw), f"environment variable {name}")
+    return tree
+
+
+def cli_overrides(assignments: Iterable[str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise KvplugConfigError(f"--set {item!r}: expected section.key=value")
+        _set_path(tree, key.strip(), _parse_scalar(raw), f"--set {item}")
+    return tree
+
+
+def resolve(config_path: str | None = None, sets: Iterable[str] = (),
+            environ: Mapping[str, str] | None = None) -> KvplugConfig:
+    """Build the effective config from every layer; raise KvplugConfigError naming the bad key."""
+    environ = os.environ if environ is None else environ
+    path = config_path or environ.get(ENV_CONFIG_PATH)
+    tree: dict[str, Any] = {}
+    sources = []
+    if path:
+        tree = _merge(tree, load_yaml(path))
+        sources.append(f"file {path}")
+    env_tree = env_overrides(environ)
+    if env_tree:
+        tree = _merge(tree, env_tree)
+        sources.append("KVPLUG_* environment")
+    cli_tree = cli_overrides(sets)
+    if cli_tree:
+        tree = _merge(tree, cli_tree)
+        sources.append("--set")
+    return _convert(tree, " + ".join(sources) or "defaults")
+
+
+def from_process_env(environ: Mapping[str, str] | None = None) -> KvplugConfig:
+    """The config inside a vLLM process: the JSON the launcher resolved, else resolve from env here."""
+    environ = os.environ if environ is None else environ
+    blob = environ.get(ENV_CONFIG_JSON)
+    if blob:
+        try:
+            tree = json.loads(blob)
+        except json.JSONDecodeError as exc:
+            raise KvplugConfigError(f"{ENV_CONFIG_JSON} is not valid JSON: {exc}") from None
+        return _convert(tree, ENV_CONFIG_JSON)
+    return resolve(environ=environ)

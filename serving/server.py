@@ -1,0 +1,170 @@
+"""`kvplug serve`: vLLM's own OpenAI-compatible server with the kvplug plugin on.
+
+The launcher validates everything it can before the slow engine start (config, model, port), so a
+mistake costs one clear line instead of a traceback a minute later. It then runs vLLM's API server as a
+child process with the resolved config in its environment, and a fresh Prometheus multiprocess directory
+so metrics from the engine core and workers reach /metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+from kvplug import config as cfg_mod
+from kvplug import models
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+class ServeError(RuntimeError):
+    """A problem found before starting vLLM; reported as one line, exit code ``code``."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ServePlan:
+    """Everything needed to start the server; built without starting anything (testable)."""
+
+    command: list[str]
+    env: dict[str, str]
+    model_path: str
+    served_model_name: str
+    host: str
+    port: int
+    config: cfg_mod.KvplugConfig
+    vllm_args: list[str] = field(default_factory=list)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvplug serve", add_help=False,
+        description="Start vLLM's OpenAI-compatible server with kvplug on. MODEL is a kvplug model name "
+                    f"({', '.join(models.MODELS)}; default {models.DEFAULT_MODEL}) or a local HF folder. "
+                    "Flags kvplug does not know are passed to vLLM unchanged.")
+    p.add_argument("--config", help="kvplug YAML config file")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key (repeatable)")
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--kvplug-help", action="help", help="show kvplug's own flags and exit")
+    return p
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _has_flag(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ServeError(f"port {port} on {host} is not available ({exc.strerror}); pick another with --port",
+                             code=1) from None
+
+
+def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: bool = True) -> ServePlan:
+    """Parse `kvplug serve` arguments into a ServePlan; ServeError on bad input."""
+    from kvplug import vllm_compat
+
+    environ = dict(os.environ if environ is None else environ)
+    argv = list(argv)
+    model_arg = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    ns, vllm_args = _parser().parse_known_args(argv)
+    if _has_flag(vllm_args, "--model"):
+        if model_arg is not None:
+            raise ServeError("give the model once: either as MODEL or as --model")
+        model_arg = _flag_value(vllm_args, "--model")
+        vllm_args = [a for i, a in enumerate(vllm_args)
+                     if not (a == "--model" or a.startswith("--model=") or (i and vllm_args[i - 1] == "--model"))]
+    if not 0 < ns.port < 65536:
+        raise ServeError(f"--port {ns.port} is not a TCP port (1-65535)")
+    try:
+        config = cfg_mod.resolve(ns.config, ns.sets, environ)
+    except cfg_mod.KvplugConfigError as exc:
+        raise ServeError(str(exc)) from None
+    check_port_free(ns.host, ns.port)
+
+    try:
+        if model_arg is None or models.is_registered(model_arg):
+            spec = models.lookup(model_arg or models.DEFAULT_MODEL)
+            model_path = str(models.prepare(spec.name)) if prepare_model else str(models.model_dir(spec.name))
+            served_name, default_len = spec.name, spec.max_model_len
+        else:
+            model_path, default_len = models.resolve_model(model_arg)
+            served_name = os.path.basename(model_path.rstrip("/"))
+    except models.ModelError as exc:
+        raise ServeError(str(exc)) from None
+
+    extra = list(vllm_args)
+    if not _has_flag(extra, "--served-model-name"):
+        extra += ["--served-model-name", served_name]
+    else:
+        served_name = _flag_value(extra, "--served-model-name") or served_name
+    if default_len and not _has_flag(extra, "--max-model-len"):
+        extra += ["--max-model-len", str(default_len)]
+    if not _has_flag(extra, "--attention-backend"):
+        extra += vllm_compat.attention_backend_cli_args()
+    extra += vllm_compat.platform_default_args(extra, environ)
+
+    env = dict(environ)
+    env[cfg_mod.ENV_CONFIG_JSON] = config.to_json()
+    env.pop(cfg_mod.ENV_CONFIG_PATH, None)  # resolved already; children must not re-read a changed file
+    vllm_compat.propagate_env_to_ray(environ=env)
+    command = vllm_compat.api_server_command(sys.executable) + [
+        "--model", model_path, "--host", ns.host, "--port", str(ns.port), *extra]
+    return ServePlan(command=command, env=env, model_path=model_path, served_model_name=served_name,
+                     host=ns.host, port=ns.port, config=config, vllm_args=extra)
+
+
+def run(p: ServePlan) -> int:
+    """Run the planned server in the foreground; returns its exit code."""
+    prom_dir = tempfile.mkdtemp(prefix="kvplug-prom-")
+    env = dict(p.env, PROMETHEUS_MULTIPROC_DIR=prom_dir)
+    print(f"kvplug serve: {p.served_model_name} on http://{p.host}:{p.port}/v1 "
+          f"(features: {', '.join(p.config.enabled_features()) or 'none'})", file=sys.stderr, flush=True)
+    child = subprocess.Popen(p.command, env=env)
+
+    def forward(signum, _frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        shutil.rmtree(prom_dir, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        p = plan(argv)
+    except ServeError as exc:
+        print(f"kvplug serve: {exc}", file=sys.stderr)
+        return exc.code
+    return run(p)
