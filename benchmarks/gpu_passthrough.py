@@ -43,12 +43,6 @@ def write_shape(name: str, into: Path) -> Path:
     return into
 
 
-def _attention_impls(worker) -> list[str]:
-    """Runs inside the vLLM worker: the classes that implement attention in the loaded model."""
-    return sorted({f"{type(m.impl).__module__}.{type(m.impl).__qualname__}"
-                   for m in worker.model_runner.model.modules() if hasattr(m, "impl") and hasattr(m, "attn_backend")})
-
-
 def _worker(args: argparse.Namespace) -> None:
     """One backend, in this process: measure and print one JSON line."""
     import random
@@ -56,11 +50,13 @@ def _worker(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from kvplug.vllm_compat import attention_impl_names
+
     lengths = [int(x) for x in args.lengths.split(",")]
     llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, seed=0,
               attention_backend=args.backend, max_model_len=max(lengths) + args.tpot_tokens + 16,
               enable_prefix_caching=False, gpu_memory_utilization=args.gpu_mem, max_num_seqs=16)
-    impls = sorted({c for per_worker in llm.collective_rpc(_attention_impls) for c in per_worker})
+    impls = sorted({c for per_worker in llm.collective_rpc(attention_impl_names) for c in per_worker})
     rng = random.Random(1234)
     vocab = SHAPES[args.shape]["vocab_size"]
 

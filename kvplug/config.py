@@ -81,6 +81,10 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any, source: str) -> Non
     section, key = parts
     if section not in SECTIONS:
         raise KvplugConfigError(f"{source}: unknown config section {section!r} (known: {', '.join(SECTIONS)})")
+    fields = type(getattr(KvplugConfig(), section)).__struct_fields__
+    if key not in fields:
+        known = ", ".join(fields) or "none yet"
+        raise KvplugConfigError(f"{source}: unknown key '{section}.{key}' (keys of {section}: {known})")
     node = tree.setdefault(section, {})
     if not isinstance(node, dict):
         raise KvplugConfigError(f"{source}: config section {section!r} must be a mapping")
@@ -120,13 +124,13 @@ def _explain(exc: msgspec.ValidationError) -> str:
     msg = str(exc)
     head, sep, where = msg.rpartition(" - at `")
     if not sep:
-        return msg
+        head, where = msg, "$"
     path = where.rstrip("`").removeprefix("$").lstrip(".")
     if "unknown field `" in head:
         field = head.split("unknown field `", 1)[1].split("`", 1)[0]
         key = f"{path}.{field}" if path else field
         return f"unknown key {key!r}"
-    return f"key {path!r}: {head}"
+    return f"key {path!r}: {head}" if path else head
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -109,6 +109,13 @@ def platform_default_args(user_args: list[str], environ: Any) -> list[str]:
     return ["--kv-cache-memory-bytes", str(CPU_DEFAULT_KV_CACHE_BYTES)]
 
 
+def attention_impl_names(worker: Any) -> list[str]:
+    """Run inside a vLLM worker (``LLM.collective_rpc``): classes implementing attention in its model."""
+    model = worker.model_runner.model
+    return sorted({f"{type(m.impl).__module__}.{type(m.impl).__qualname__}"
+                   for m in model.modules() if hasattr(m, "impl") and hasattr(m, "attn_backend")})
+
+
 @dataclass(frozen=True)
 class BatchPhases:
     """Requests and tokens of one batch split into decode (query length 1) and prefill."""

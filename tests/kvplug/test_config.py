@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import msgspec
+import pytest
+
+from kvplug import config
+from kvplug.config import KvplugConfigError
+from tests.conftest import REPO
+
+
+def test_defaults_work_with_nothing_set():
+    cfg = config.resolve(environ={})
+    assert cfg.metrics.enabled is True and cfg.metrics.prefix == "kvplug"
+    assert cfg.enabled_features() == []
+
+
+def test_layers_file_then_env_then_cli(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("metrics:\n  enabled: false\n  prefix: fromfile\n")
+    assert config.resolve(str(path), environ={}).metrics.prefix == "fromfile"
+    env = {"KVPLUG_METRICS__PREFIX": "fromenv"}
+    cfg = config.resolve(str(path), environ=env)
+    assert (cfg.metrics.enabled, cfg.metrics.prefix) == (False, "fromenv")
+    cfg = config.resolve(str(path), sets=["metrics.prefix=fromcli", "metrics.enabled=true"], environ=env)
+    assert (cfg.metrics.enabled, cfg.metrics.prefix) == (True, "fromcli")
+
+
+def test_config_path_from_env(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("metrics: {prefix: viaenv}\n")
+    assert config.resolve(environ={"KVPLUG_CONFIG": str(path)}).metrics.prefix == "viaenv"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("metrics:\n  enabeld: true\n", "metrics.enabeld"),
+    ("metric:\n  enabled: true\n", "metric"),
+    ("sparse_prefill:\n  budget: 3\n", "sparse_prefill.budget"),
+])
+def test_unknown_key_in_file_is_named(tmp_path, text, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(KvplugConfigError, match=f"unknown key '{key}'"):
+        config.resolve(str(path), environ={})
+
+
+def test_wrong_type_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("metrics:\n  enabled: [1, 2]\n")
+    with pytest.raises(KvplugConfigError, match=r"key 'metrics.enabled'.*bool"):
+        config.resolve(str(path), environ={})
+
+
+def test_section_validation_names_the_key():
+    with pytest.raises(KvplugConfigError, match=r"metrics\.prefix"):
+        config.resolve(sets=["metrics.prefix=9bad-name"], environ={})
+
+
+def test_bad_env_names(tmp_path):
+    with pytest.raises(KvplugConfigError, match="KVPLUG_METRICS__NOPE"):
+        config.resolve(environ={"KVPLUG_METRICS__NOPE": "1"})
+    with pytest.raises(KvplugConfigError, match="KVPLUG_BOGUS"):
+        config.resolve(environ={"KVPLUG_BOGUS": "1"})
+    with pytest.raises(KvplugConfigError, match="KVPLUG_NOSECTION__X: unknown config section 'nosection'"):
+        config.resolve(environ={"KVPLUG_NOSECTION__X": "1"})
+    # Non-config KVPLUG_ variables are allowed.
+    config.resolve(environ={"KVPLUG_CACHE_DIR": str(tmp_path)})
+
+
+def test_bad_cli_assignments():
+    with pytest.raises(KvplugConfigError, match="section.key=value"):
+        config.resolve(sets=["metrics.enabled"], environ={})
+    with pytest.raises(KvplugConfigError, match="must look like 'section.key'"):
+        config.resolve(sets=["enabled=true"], environ={})
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(KvplugConfigError, match="not found"):
+        config.resolve(str(tmp_path / "missing.yaml"), environ={})
+    path = tmp_path / "c.yaml"
+    path.write_text("- a list\n")
+    with pytest.raises(KvplugConfigError, match="top level must be a mapping"):
+        config.resolve(str(path), environ={})
+
+
+def test_process_env_roundtrip():
+    cfg = config.resolve(sets=["metrics.prefix=roundtrip"], environ={})
+    env = {config.ENV_CONFIG_JSON: cfg.to_json(), "KVPLUG_METRICS__PREFIX": "ignored"}
+    assert config.from_process_env(env) == cfg  # the launcher's resolved JSON wins inside vLLM processes
+    with pytest.raises(KvplugConfigError, match="unknown key 'metrics.x'"):
+        config.from_process_env({config.ENV_CONFIG_JSON: json.dumps({"metrics": {"x": 1}})})
+
+
+def test_every_section_is_a_strict_struct():
+    for name in config.SECTIONS:
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.convert({"surely_not_a_key": 1}, type(getattr(config.KvplugConfig(), name)))
+
+
+def test_config_show_cli(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "kvplug.cli", "config", "show", "--set", "metrics.prefix=shown"],
+                        cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0 and "prefix: shown" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "kvplug.cli", "config", "show", "--set", "metrics.nope=1"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["kvplug config: --set metrics.nope=1: unknown key 'metrics.nope' (keys of metrics: enabled, prefix)"]
