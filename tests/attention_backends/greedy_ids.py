@@ -26,7 +26,7 @@ def main(out: str) -> None:
     llm = LLM(model=str(models.prepare()), max_model_len=4096, kv_cache_memory_bytes=1 << 30, seed=0,
               max_num_batched_tokens=2048)
     impls = sorted({c for per_worker in llm.collective_rpc(attention_impl_names) for c in per_worker})
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     json.dump({"attention_impls": impls, "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
                "token_ids": [list(o.outputs[0].token_ids) for o in outs]}, open(out, "w"))
 
