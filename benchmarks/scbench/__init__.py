@@ -1,0 +1,1 @@
+"""SCBench-style shared-context benchmark and load tester for OpenAI-compatible endpoints."""

@@ -1,0 +1,20 @@
+"""SCBench-style task generators (local, seeded; no dataset download).
+
+``TASKS`` maps a task name to its generator; see :mod:`.base` for the contract.
+"""
+
+from __future__ import annotations
+
+from .base import Case, ContextTooSmall, Turn  # noqa: F401
+from .registry import TASKS, register  # noqa: F401
+
+# Importing a module registers its task.
+from . import kv, prefix_suffix, multihop, math_find, passkey, mixed  # noqa: F401,E402
+
+
+def generate_cases(task: str, *, seed: int, sessions: int, context_tokens: int,
+                   turns: int, count_tokens, **options) -> list[Case]:
+    """``sessions`` cases of ``task``; case ``i`` depends only on (seed, i, ...)."""
+    gen = TASKS[task]
+    return [gen(seed, i, context_tokens, turns, count_tokens, **options)
+            for i in range(sessions)]

@@ -1,0 +1,43 @@
+"""Fixtures for the benchmark-suite tests (the real server is tests/conftest.py's
+session fixture ``kvplug_server``)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .fake_openai import FakeOpenAI
+
+
+@pytest.fixture(scope="session")
+def _fake_server():
+    srv = FakeOpenAI().start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def fake_server(_fake_server):
+    _fake_server.reset()
+    yield _fake_server
+    _fake_server.reset()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_path():
+    """The SmolLM2 HF folder (tokenizer) from kvplug.models, or skip."""
+    env = os.environ.get("KVPLUG_BENCH_TOKENIZER")
+    if env:
+        return env
+    try:
+        from kvplug.models import prepare
+        return str(prepare())
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_counter(smollm2_tokenizer_path):
+    from benchmarks.scbench.tokenizer import load_counter
+    return load_counter(smollm2_tokenizer_path)[0]
