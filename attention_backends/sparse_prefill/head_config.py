@@ -1,0 +1,135 @@
+"""Per-head pattern config: JSON (msgspec schema) mapping layer -> head -> pattern + budgets.
+
+    {"model": "...", "num_layers": 30, "num_heads": 9,
+     "default": {"pattern": "vertical_slash", "budgets": {"vertical": 1000, "slash": 1024}},
+     "layers": {"0": {"0": {"pattern": "a_shape", "budgets": {"sink": 64, "window": 512}, "recall": 0.97}}}}
+
+Heads not listed use ``default``. Pattern ``dense`` keeps a head dense.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import torch
+
+from attention_backends.sparse_prefill.index import ChunkGeometry, SparseIndex, compact_columns
+from attention_backends.sparse_prefill.patterns import registry
+from attention_backends.sparse_prefill.patterns.base import PatternBudgetError
+
+
+class HeadPattern(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pattern: str
+    budgets: dict[str, int] = {}
+    recall: float | None = None  # measured by `kvplug patterns search`, informative
+    density: float | None = None
+
+
+class PatternConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    default: HeadPattern = msgspec.field(default_factory=lambda: HeadPattern(pattern="vertical_slash"))
+    layers: dict[int, dict[int, HeadPattern]] = {}
+    model: str = ""
+    num_layers: int | None = None
+    num_heads: int | None = None
+    calibration: dict[str, object] = {}
+
+    def validate(self, where: str = "") -> "PatternConfig":
+        _check_head(self.default, f"{where}default: ")
+        for layer, heads in self.layers.items():
+            if layer < 0 or (self.num_layers is not None and layer >= self.num_layers):
+                raise PatternBudgetError(f"{where}layers.{layer}: layer index out of range (num_layers={self.num_layers})")
+            for head, hp in heads.items():
+                if head < 0 or (self.num_heads is not None and head >= self.num_heads):
+                    raise PatternBudgetError(f"{where}layers.{layer}.{head}: head index out of range (num_heads={self.num_heads})")
+                _check_head(hp, f"{where}layers.{layer}.{head}: ")
+        return self
+
+    def head(self, layer: int, head: int) -> HeadPattern:
+        return self.layers.get(layer, {}).get(head, self.default)
+
+    def to_json(self) -> bytes:
+        return msgspec.json.format(msgspec.json.encode(self), indent=1)
+
+
+def _check_head(hp: HeadPattern, where: str) -> None:
+    if hp.pattern == registry.DENSE:
+        if hp.budgets:
+            raise PatternBudgetError(f"{where}pattern 'dense' takes no budgets")
+        return
+    registry.get(hp.pattern, where).check_budgets(hp.budgets, where)
+
+
+def load(path: str | Path) -> PatternConfig:
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise PatternBudgetError(f"sparse prefill pattern config not found: {path}") from None
+    try:
+        cfg = msgspec.json.decode(raw, type=PatternConfig)
+    except msgspec.ValidationError as exc:
+        raise PatternBudgetError(f"pattern config {path}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise PatternBudgetError(f"pattern config {path} is not valid JSON: {exc}") from None
+    return cfg.validate(f"{path}: ")
+
+
+@dataclass
+class HeadGroup:
+    pattern: str
+    heads: torch.Tensor  # [h] query-head ids
+    budgets: dict[str, torch.Tensor]  # name -> [h]
+
+
+@dataclass
+class LayerPlan:
+    """How one layer's query heads are sparsified: heads grouped by pattern (budgets may differ per head)."""
+
+    num_heads: int
+    groups: list[HeadGroup]
+
+    @classmethod
+    def from_config(cls, cfg: PatternConfig, layer: int, num_heads: int, device=None) -> "LayerPlan":
+        by_pattern: dict[str, list[tuple[int, dict[str, int]]]] = {}
+        for h in range(num_heads):
+            hp = cfg.head(layer, h)
+            budgets = {} if hp.pattern == registry.DENSE else registry.get(hp.pattern).check_budgets(hp.budgets)
+            by_pattern.setdefault(hp.pattern, []).append((h, budgets))
+        groups = []
+        for pattern, members in by_pattern.items():
+            heads = torch.tensor([h for h, _ in members], dtype=torch.int64, device=device)
+            names = members[0][1].keys()
+            budgets = {n: torch.tensor([b[n] for _, b in members], dtype=torch.int64, device=device) for n in names}
+            groups.append(HeadGroup(pattern, heads, budgets))
+        return cls(num_heads, groups)
+
+    @classmethod
+    def uniform(cls, pattern: str, num_heads: int, device=None, **budgets: int) -> "LayerPlan":
+        cfg = PatternConfig(default=HeadPattern(pattern=pattern, budgets=budgets)).validate()
+        return cls.from_config(cfg, 0, num_heads, device)
+
+
+def build_index(q: torch.Tensor, k: torch.Tensor, geom: ChunkGeometry, plan: LayerPlan, scale: float) -> SparseIndex:
+    """q [n, Hq, d] the chunk's queries, k [L, Hkv, d] the sequence's keys -> one SparseIndex for all heads."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    kv_of = torch.arange(Hq, device=q.device) // (Hq // Hkv)
+    block_mask = torch.zeros(Hq, geom.nqb, geom.nkb, dtype=torch.bool, device=q.device)
+    verticals = []
+    for g in plan.groups:
+        if g.pattern == registry.DENSE:
+            block_mask[g.heads] = geom.causal_blocks(q.device)[None]
+            continue
+        qh = q[:, g.heads].transpose(0, 1)
+        kh = k[:, kv_of[g.heads]].transpose(0, 1)
+        mask, cols = registry.get(g.pattern).select(qh, kh, geom, g.budgets, scale)
+        block_mask[g.heads] = mask
+        if cols is not None:
+            verticals.append((g.heads, cols))
+    width = max((c.shape[1] for _, c in verticals), default=0)
+    all_cols = torch.full((Hq, width), -1, dtype=torch.int64, device=q.device)
+    for heads, cols in verticals:
+        all_cols[heads, :cols.shape[1]] = cols
+    cols, count = compact_columns(all_cols, block_mask, geom)
+    if cols.shape[-1]:
+        cols = cols[..., :max(int(count.max()), 1)]
+    return SparseIndex(block_mask, cols, count)

@@ -1,0 +1,1 @@
+"""Sparse prefill patterns, one per file; ``registry.PATTERNS`` lists them."""

@@ -1,0 +1,49 @@
+"""What a sparse prefill pattern is: budgets per head in, selected key blocks (+ vertical columns) out."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from attention_backends.sparse_prefill.index import ChunkGeometry
+
+
+class PatternBudgetError(ValueError):
+    """A budget is missing, unknown or out of range; the message names it."""
+
+
+class SparsePattern(ABC):
+    name: ClassVar[str]
+    # budget name -> (default, minimum); budgets are token/column/diagonal/block counts, per head.
+    budgets: ClassVar[dict[str, tuple[int, int]]]
+    # Candidate budgets the offline search tries, cheapest first.
+    search_candidates: ClassVar[tuple[dict[str, int], ...]]
+
+    @classmethod
+    def check_budgets(cls, given: dict[str, int], where: str = "") -> dict[str, int]:
+        """Fill defaults, reject unknown/negative budgets (naming them); returns the full budget dict."""
+        unknown = sorted(set(given) - set(cls.budgets))
+        if unknown:
+            raise PatternBudgetError(f"{where}unknown budget {unknown[0]!r} for pattern {cls.name!r} "
+                                     f"(budgets: {', '.join(cls.budgets)})")
+        out = {}
+        for key, (default, minimum) in cls.budgets.items():
+            value = given.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise PatternBudgetError(f"{where}{cls.name}.{key} must be an integer >= {minimum}, got {value!r}")
+            out[key] = value
+        return out
+
+    @classmethod
+    @abstractmethod
+    def select(cls, q: torch.Tensor, k: torch.Tensor, geom: ChunkGeometry, budgets: dict[str, torch.Tensor],
+               scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q [h, n, d] this chunk's queries of the heads using this pattern; k [h, L, d] their keys (GQA
+        already expanded); budgets name -> [h] int64. Returns (block_mask [h, nqb, nkb] bool,
+        vertical columns [h, V] int64 with -1 for unused, or None)."""
+
+
+def rank_mask(order_len: int, budget: torch.Tensor) -> torch.Tensor:
+    """[h, order_len] bool: position r of a top-k list is kept when r < the head's budget."""
+    return torch.arange(order_len, device=budget.device)[None, :] < budget[:, None]

@@ -1,0 +1,41 @@
+"""Block-sparse: queries and keys mean-pooled in BLOCK-token blocks; each query block keeps its top-k key
+blocks by pooled score, always with the first block and the diagonal blocks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry
+from attention_backends.sparse_prefill.patterns.base import SparsePattern, rank_mask
+
+
+def mean_pool_blocks(x: torch.Tensor) -> torch.Tensor:
+    """[h, T, d] -> [h, ceil(T / BLOCK), d]: mean of each block (the last one over its real rows)."""
+    h, T, d = x.shape
+    nb = -(-T // BLOCK)
+    padded = F.pad(x.float(), (0, 0, 0, nb * BLOCK - T)).view(h, nb, BLOCK, d).sum(2)
+    counts = torch.clamp(T - torch.arange(nb, device=x.device) * BLOCK, max=BLOCK).to(padded.dtype)
+    return padded / counts[None, :, None]
+
+
+class BlockSparse(SparsePattern):
+    name = "block_sparse"
+    budgets = {"top_k": (32, 1)}
+    search_candidates = ({"top_k": 8}, {"top_k": 16}, {"top_k": 32}, {"top_k": 64})
+
+    @classmethod
+    def select(cls, q, k, geom: ChunkGeometry, budgets, scale):
+        dev = q.device
+        scores = torch.einsum("hqd,hkd->hqk", mean_pool_blocks(q), mean_pool_blocks(k)) * scale
+        causal = geom.causal_blocks(dev)[None]
+        a, b = geom.q_block_bounds(dev)
+        kb = torch.arange(geom.nkb, device=dev)
+        forced = (kb[None, :] == 0) | ((kb[None, :] >= (a // BLOCK)[:, None]) & (kb[None, :] <= ((b - 1) // BLOCK)[:, None]))
+        scores = torch.where(forced[None], torch.full_like(scores, float("inf")), scores)
+        scores = scores.masked_fill(~causal, float("-inf"))
+        kmax = min(int(budgets["top_k"].max()), geom.nkb)
+        top = torch.topk(scores, kmax, dim=-1).indices  # [h, nqb, kmax]
+        keep = rank_mask(kmax, budgets["top_k"])[:, None, :].expand_as(top)
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        mask.scatter_(2, top, keep)
+        return mask & causal, None
