@@ -44,6 +44,9 @@ class ServePlan:
     port: int
     config: cfg_mod.KvplugConfig
     vllm_args: list[str] = field(default_factory=list)
+    replicas: int = 1                       # >1: N engines on Ray behind a router (serving/replicas.py)
+    ray_address: str | None = None
+    router: dict = field(default_factory=dict)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--kvplug-help", action="help", help="show kvplug's own flags and exit")
+    from serving.replicas import add_router_args
+
+    add_router_args(p)
     return p
 
 
@@ -99,6 +105,10 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
                      if not (a == "--model" or a.startswith("--model=") or (i and vllm_args[i - 1] == "--model"))]
     if not 0 < ns.port < 65536:
         raise ServeError(f"--port {ns.port} is not a TCP port (1-65535)")
+    from serving.replicas import validate_router_args
+
+    if (problem := validate_router_args(ns, vllm_args)) is not None:
+        raise ServeError(problem)
     try:
         config = cfg_mod.resolve(ns.config, ns.sets, environ)
     except cfg_mod.KvplugConfigError as exc:
@@ -131,10 +141,15 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
     env[cfg_mod.ENV_CONFIG_JSON] = config.to_json()
     env.pop(cfg_mod.ENV_CONFIG_PATH, None)  # resolved already; children must not re-read a changed file
     vllm_compat.propagate_env_to_ray(environ=env)
+    # Ray TP workers write their kvplug/vLLM samples to the same multiprocess dir (set by run()).
+    vllm_compat.propagate_env_to_ray(prefix="PROMETHEUS_MULTIPROC_DIR", environ=env)
     command = vllm_compat.api_server_command(sys.executable) + [
         "--model", model_path, "--host", ns.host, "--port", str(ns.port), *extra]
     return ServePlan(command=command, env=env, model_path=model_path, served_model_name=served_name,
-                     host=ns.host, port=ns.port, config=config, vllm_args=extra)
+                     host=ns.host, port=ns.port, config=config, vllm_args=extra, replicas=ns.replicas,
+                     ray_address=ns.ray_address,
+                     router={k: getattr(ns, k) for k in ("routing", "load_factor", "affinity_prefix_chars",
+                                                         "cpus_per_replica", "health_interval")})
 
 
 def run(p: ServePlan) -> int:
@@ -167,4 +182,8 @@ def main(argv: list[str]) -> int:
     except ServeError as exc:
         print(f"kvplug serve: {exc}", file=sys.stderr)
         return exc.code
+    if p.replicas > 1 or p.ray_address:
+        from serving.replicas import run_replicated
+
+        return run_replicated(p)
     return run(p)

