@@ -37,12 +37,104 @@ class RetrievalDecodeConfig(_Section):
     """Retrieval-based (Quest-style) sparse decoding. Placeholder until the retrieval decode path lands."""
 
 
+class PolicyRule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Pick ``policy`` for shared prefixes of at least ``min_prefix_tokens`` (and of ``tenant``, if set)."""
+
+    policy: str
+    min_prefix_tokens: int = 0
+    tenant: str = ""
+
+
 class CachePolicyConfig(_Section):
-    """Prefix-cache policy layer (keep / quantize / drop / offload). Placeholder until it lands."""
+    """Prefix-cache policy layer: how offloaded KV blocks are kept (cache_policies/registry.py lists names).
+
+    Choice per request: ``kv_transfer_params.kvplug_policy`` if given, else the first matching rule, else
+    ``default``.
+    """
+
+    enabled: bool = False
+    default: str = "keep"
+    rules: list[PolicyRule] = msgspec.field(default_factory=list)
+    int4_group_size: int = 32
+    int4_residual_tokens: int = 32
+    streaming_sink_tokens: int = 4
+    streaming_window_tokens: int = 1024
+    snapkv_keep_ratio: float = 0.5
+    snapkv_window_tokens: int = 32
+    snapkv_pool_kernel: int = 5
+
+    def validate(self, path: str) -> None:
+        from cache_policies import registry
+
+        try:
+            registry.check_name(self.default, "policy")
+            for i, rule in enumerate(self.rules):
+                registry.check_name(rule.policy, "policy")
+        except registry.UnknownPolicyError as exc:
+            key = f"{path}.default" if self.default not in registry.POLICY_NAMES else f"{path}.rules[{i}].policy"
+            raise KvplugConfigError(f"{key}: {exc}") from None
+        for name in ("int4_group_size", "streaming_window_tokens", "snapkv_window_tokens", "snapkv_pool_kernel"):
+            if getattr(self, name) < 1:
+                raise KvplugConfigError(f"{path}.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("int4_residual_tokens", "streaming_sink_tokens"):
+            if getattr(self, name) < 0:
+                raise KvplugConfigError(f"{path}.{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.snapkv_keep_ratio <= 1.0:
+            raise KvplugConfigError(f"{path}.snapkv_keep_ratio: must be in (0, 1], got {self.snapkv_keep_ratio}")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+               "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: "str | int", key: str = "size") -> int:
+    """'8GiB' -> 8589934592, '500MB' -> 500000000, 1024 -> 1024; KvplugConfigError naming ``key``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        raw = str(text).strip().lower().replace(" ", "")
+        num = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = raw[len(num):]
+        try:
+            value = int(float(num) * _SIZE_UNITS[unit])
+        except (ValueError, KeyError):
+            raise KvplugConfigError(f"{key}: {text!r} is not a size (e.g. 8GiB, 500MB, 1073741824)") from None
+    if value < 0:
+        raise KvplugConfigError(f"{key}: size must be >= 0, got {text!r}")
+    return value
 
 
 class OffloadConfig(_Section):
-    """CPU and disk offload tiers. Placeholder until the KV connector lands."""
+    """CPU and disk tiers for evicted prefix KV blocks, through kvplug's KV connector (offload/connector.py).
+
+    ``kvplug serve --offload cpu:8GiB,disk:/path:100GiB`` fills these. ``disk_path`` empty = no disk tier.
+    Eviction: least recently used first, where each reuse of an entry counts as ``reuse_weight`` extra
+    recent accesses (0 = plain LRU), so shared contexts many requests come back to outlive one-off prompts.
+    """
+
+    enabled: bool = False
+    cpu_size: str = "8GiB"
+    disk_path: str = ""
+    disk_size: str = "100GiB"
+    reuse_weight: float = 8.0
+
+    def validate(self, path: str) -> None:
+        cpu = parse_size(self.cpu_size, f"{path}.cpu_size")
+        disk = parse_size(self.disk_size, f"{path}.disk_size")
+        if self.disk_path and disk == 0:
+            raise KvplugConfigError(f"{path}.disk_size: a disk tier at {self.disk_path!r} needs a size > 0")
+        if self.enabled and cpu == 0 and not self.disk_path:
+            raise KvplugConfigError(f"{path}: enabled with no tier (cpu_size is 0 and disk_path is empty)")
+        if self.reuse_weight < 0:
+            raise KvplugConfigError(f"{path}.reuse_weight: must be >= 0, got {self.reuse_weight}")
+
+    @property
+    def cpu_bytes(self) -> int:
+        return parse_size(self.cpu_size, "offload.cpu_size")
+
+    @property
+    def disk_bytes(self) -> int:
+        return parse_size(self.disk_size, "offload.disk_size") if self.disk_path else 0
 
 
 class MetricsConfig(_Section):

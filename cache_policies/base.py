@@ -1,0 +1,76 @@
+"""The cache-policy ABC: how one shared-context KV block is kept when it leaves the GPU.
+
+A policy turns the K and V of a batch of KV blocks into compact per-block payloads (``encode``) and back
+(``decode``). Tensors are ``[n_blocks, layers, kv_heads, block_tokens, head_dim]``; a payload is a dict
+of tensors (what the offload tiers store). Policies that drop tokens also return a keep-mask
+``[n_blocks, layers, kv_heads, block_tokens]`` so whoever reloads the block knows which positions hold
+no KV and must never be attended.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+Payload = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """Where the blocks sit in the prefix they were saved from (policies that care about position)."""
+
+    block_start: tuple[int, ...]  # absolute token position of each block's first token
+    prefix_len: int  # tokens of the prefix at save time (the request's prompt length)
+    # Observation-window queries for SnapKV: [layers, q_heads, window, head_dim]. The KV connector never sees
+    # queries, so it passes the keys of the window instead (query proxy; see drop_snapkv.py).
+    obs_queries: torch.Tensor | None = None
+
+    @staticmethod
+    def contiguous(n_blocks: int, block_tokens: int, first_block: int = 0,
+                   prefix_len: int | None = None) -> "BlockContext":
+        starts = tuple((first_block + i) * block_tokens for i in range(n_blocks))
+        end = (first_block + n_blocks) * block_tokens
+        return BlockContext(starts, end if prefix_len is None else prefix_len)
+
+
+class CachePolicy(ABC):
+    """One way to keep KV blocks. Subclasses set ``name`` and implement encode/decode."""
+
+    name: ClassVar[str]
+    drops_tokens: ClassVar[bool] = False
+
+    @abstractmethod
+    def encode(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[Payload]:
+        """K, V ``[n, L, H, N, D]`` -> one payload per block."""
+
+    @abstractmethod
+    def decode(self, payloads: list[Payload], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor | None]:
+        """Payloads -> (K, V, keep_mask or None), K/V shaped and typed like ``like`` ``[n, L, H, N, D]``."""
+
+    def describe(self) -> str:
+        return self.name
+
+
+def payload_nbytes(payload: Payload) -> int:
+    return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+def compression_ratio(k: torch.Tensor, v: torch.Tensor, payloads: list[Payload]) -> float:
+    """Raw K+V bytes over stored bytes (> 1 means smaller)."""
+    raw = (k.numel() * k.element_size()) + (v.numel() * v.element_size())
+    stored = sum(payload_nbytes(p) for p in payloads)
+    return raw / max(stored, 1)
+
+
+def check_kv(k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> None:
+    if k.shape != v.shape or k.dim() != 5:
+        raise ValueError(f"expected K and V shaped [n, L, H, N, D] alike, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if len(ctx.block_start) != k.shape[0]:
+        raise ValueError(f"context describes {len(ctx.block_start)} blocks, tensors hold {k.shape[0]}")
+
+
+def stack_field(payloads: list[Payload], key: str) -> torch.Tensor:
+    return torch.stack([p[key] for p in payloads])

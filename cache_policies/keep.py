@@ -1,0 +1,17 @@
+"""keep: full precision, byte-identical round trip (the reference every other policy is judged against)."""
+from __future__ import annotations
+
+import torch
+
+from cache_policies.base import BlockContext, CachePolicy, Payload, check_kv, stack_field
+
+
+class KeepPolicy(CachePolicy):
+    name = "keep"
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[Payload]:
+        check_kv(k, v, ctx)
+        return [{"k": k[i], "v": v[i]} for i in range(k.shape[0])]
+
+    def decode(self, payloads: list[Payload], like: torch.Tensor):
+        return (stack_field(payloads, "k").to(like.dtype), stack_field(payloads, "v").to(like.dtype), None)

@@ -1,0 +1,36 @@
+"""quant:fp8 — float8 e4m3 per (token, head) with a float32 scale mapping the token's absmax to 448."""
+from __future__ import annotations
+
+import torch
+
+from cache_policies.base import BlockContext, CachePolicy, Payload, check_kv, stack_field
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale).to(dtype)
+
+
+class Fp8Policy(CachePolicy):
+    name = "quant:fp8"
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[Payload]:
+        check_kv(k, v, ctx)
+        kq, ks = quantize_fp8(k)
+        vq, vs = quantize_fp8(v)
+        # Stored as raw bytes: the disk format and pinned buffers only deal in plain dtypes.
+        return [{"kq": kq[i].view(torch.uint8), "ks": ks[i], "vq": vq[i].view(torch.uint8), "vs": vs[i]}
+                for i in range(k.shape[0])]
+
+    def decode(self, payloads: list[Payload], like: torch.Tensor):
+        k = dequantize_fp8(stack_field(payloads, "kq").view(FP8), stack_field(payloads, "ks"), like.dtype)
+        v = dequantize_fp8(stack_field(payloads, "vq").view(FP8), stack_field(payloads, "vs"), like.dtype)
+        return k, v, None

@@ -1,0 +1,114 @@
+"""quant:int4 — KIVI: keys quantized per channel, values per token, groups of 32, recent tokens kept exact.
+
+Keys have outlier *channels*, so each channel gets its own (min, scale) over a group of tokens; values
+have no channel structure, so each token gets its own (min, scale) over a group of channels. The blocks
+holding the last ``residual_tokens`` of the prefix stay in full precision (the most-attended tokens and,
+in multi-turn use, the ones the next question follows). Two 4-bit codes are packed per byte.
+"""
+from __future__ import annotations
+
+import torch
+
+from cache_policies.base import BlockContext, CachePolicy, Payload, check_kv, stack_field
+
+LEVELS = 15.0
+SCALE_DTYPE = torch.float16
+
+
+def _pack(q: torch.Tensor) -> torch.Tensor:
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def _unpack(p: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(*p.shape[:-1], p.shape[-1] * 2, dtype=torch.uint8, device=p.device)
+    out[..., 0::2] = p & 0xF
+    out[..., 1::2] = p >> 4
+    return out
+
+
+def _asym_quant(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lo = x.amin(dim=dim, keepdim=True)
+    scale = ((x.amax(dim=dim, keepdim=True) - lo) / LEVELS).clamp_min(1e-6)
+    # Round the stored (fp16) min/scale first, so dequantization uses exactly what was quantized against.
+    lo, scale = lo.to(SCALE_DTYPE).float(), scale.to(SCALE_DTYPE).float()
+    q = torch.round((x - lo) / scale).clamp_(0, LEVELS)
+    return q, lo, scale
+
+
+def _group(size: int, group: int) -> int:
+    return group if size % group == 0 else size
+
+
+def quantize_keys_per_channel(k: torch.Tensor, group: int) -> Payload:
+    """k [..., N, D] -> 4-bit codes; (min, scale) per channel per group of tokens."""
+    *lead, n, d = k.shape
+    g = _group(n, group)
+    x = k.float().reshape(*lead, n // g, g, d)
+    q, lo, scale = _asym_quant(x, dim=-2)
+    return {"kq": _pack(q.reshape(*lead, n, d)), "kmin": lo.to(SCALE_DTYPE), "kscale": scale.to(SCALE_DTYPE)}
+
+
+def dequantize_keys_per_channel(p: Payload) -> torch.Tensor:
+    codes = _unpack(p["kq"]).float()
+    *lead, n, d = codes.shape
+    groups = p["kmin"].shape[-3]
+    x = codes.reshape(*lead, groups, n // groups, d) * p["kscale"].float() + p["kmin"].float()
+    return x.reshape(*lead, n, d)
+
+
+def quantize_values_per_token(v: torch.Tensor, group: int) -> Payload:
+    """v [..., N, D] -> 4-bit codes; (min, scale) per token per group of channels."""
+    *lead, n, d = v.shape
+    g = _group(d, group)
+    x = v.float().reshape(*lead, n, d // g, g)
+    q, lo, scale = _asym_quant(x, dim=-1)
+    return {"vq": _pack(q.reshape(*lead, n, d)), "vmin": lo.to(SCALE_DTYPE), "vscale": scale.to(SCALE_DTYPE)}
+
+
+def dequantize_values_per_token(p: Payload) -> torch.Tensor:
+    codes = _unpack(p["vq"]).float()
+    *lead, n, d = codes.shape
+    groups = p["vmin"].shape[-2]
+    x = codes.reshape(*lead, n, groups, d // groups) * p["vscale"].float() + p["vmin"].float()
+    return x.reshape(*lead, n, d)
+
+
+class Int4KiviPolicy(CachePolicy):
+    name = "quant:int4"
+
+    def __init__(self, group_size: int = 32, residual_tokens: int = 32) -> None:
+        self.group_size = group_size
+        self.residual_tokens = residual_tokens
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[Payload]:
+        check_kv(k, v, ctx)
+        if k.shape[-1] % 2:
+            raise ValueError(f"int4 packing needs an even head_dim, got {k.shape[-1]}")
+        n_tok = k.shape[-2]
+        exact_from = ctx.prefix_len - self.residual_tokens
+        exact = [start + n_tok > exact_from for start in ctx.block_start]
+        quant_idx = [i for i, e in enumerate(exact) if not e]
+        out: list[Payload] = [{"k": k[i], "v": v[i]} if e else {} for i, e in enumerate(exact)]
+        if quant_idx:
+            sel = torch.tensor(quant_idx, device=k.device)
+            kp = quantize_keys_per_channel(k[sel], self.group_size)
+            vp = quantize_values_per_token(v[sel], self.group_size)
+            for j, i in enumerate(quant_idx):
+                out[i] = {**{key: t[j] for key, t in kp.items()}, **{key: t[j] for key, t in vp.items()}}
+        return out
+
+    def decode(self, payloads: list[Payload], like: torch.Tensor):
+        k = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        v = torch.empty_like(k)
+        exact = [i for i, p in enumerate(payloads) if "k" in p]
+        quant = [i for i, p in enumerate(payloads) if "kq" in p]
+        if exact:
+            k[exact] = stack_field([payloads[i] for i in exact], "k").to(like.dtype)
+            v[exact] = stack_field([payloads[i] for i in exact], "v").to(like.dtype)
+        if quant:
+            sub = [payloads[i] for i in quant]
+            batch = {key: stack_field(sub, key) for key in sub[0]}
+            k[quant] = dequantize_keys_per_channel(batch).to(like.dtype)
+            v[quant] = dequantize_values_per_token(batch).to(like.dtype)
+        return k, v, None
