@@ -1,0 +1,111 @@
+"""Per-batch retrieval-decode plan, built once in the metadata builder and reused by every layer.
+
+From host-side metadata only (query_start_loc_cpu, host seq lens): which requests decode by retrieval (one
+query token, context >= min_context_tokens, more blocks than their budget), their budgets in blocks, and
+the fixed number of selection slots ``k`` of this step. Every layer's forward then only scores, selects
+and attends (``selection`` + a kernel) with these fixed shapes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class RetrievalParams:
+    """The config section resolved for one KV-cache group (block size known)."""
+
+    block_size: int
+    budget_tokens: int
+    budget_fraction: float
+    sink_blocks: int
+    recent_tokens: int
+    min_context_tokens: int
+    gqa_reduce: str = "max"
+
+    @classmethod
+    def from_config(cls, cfg: Any, block_size: int) -> "RetrievalParams":
+        return cls(block_size=block_size, budget_tokens=cfg.budget_tokens, budget_fraction=cfg.budget_fraction,
+                   sink_blocks=cfg.sink_blocks, recent_tokens=cfg.recent_tokens,
+                   min_context_tokens=cfg.min_context_tokens, gqa_reduce=cfg.gqa_reduce)
+
+    @property
+    def recent_blocks(self) -> int:
+        # Blocks that hold the last recent_tokens positions whatever the alignment: the current (partial)
+        # block plus enough full blocks before it.
+        return 1 + math.ceil(max(self.recent_tokens - 1, 0) / self.block_size)
+
+    def budget_blocks(self, seq_lens: torch.Tensor) -> torch.Tensor:
+        """[N] host int64: blocks each sequence may read (never fewer than sink + recent)."""
+        bs = self.block_size
+        if self.budget_fraction > 0:
+            tokens = torch.ceil(seq_lens.double() * self.budget_fraction).long()
+        else:
+            tokens = torch.full_like(seq_lens, self.budget_tokens, dtype=torch.long)
+        return torch.clamp((tokens + bs - 1) // bs, min=self.sink_blocks + self.recent_blocks)
+
+    def max_budget_blocks(self, max_seq_len: int) -> int:
+        """Slots for any batch up to max_seq_len (a fixed ``k`` for CUDA-graph capture)."""
+        return int(self.budget_blocks(torch.tensor([max_seq_len]))[0])
+
+
+@dataclass
+class RetrievalPlan:
+    req_ids: torch.Tensor  # [N] host int64: requests of the batch that decode by retrieval
+    rows: torch.Tensor  # [N] device int64: their query token rows
+    block_table: torch.Tensor  # [N, B] device: their block tables
+    seq_lens: torch.Tensor  # [N] device
+    num_blocks: torch.Tensor  # [N] device int64
+    budget_blocks: torch.Tensor  # [N] device int64 (<= num_blocks)
+    k: int  # selection slots this step (= max budget)
+    params: RetrievalParams
+    rest_req_ids: torch.Tensor  # host int64: every other request (dense / prefill path)
+    rest_rows: torch.Tensor  # host int64: their token rows
+    blocks_read: int  # sum over retrieval sequences of blocks read per kv-head (host, for metrics)
+    blocks_total: int  # what dense decoding would have read
+    budget_blocks_cpu: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    seq_lens_cpu: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    extra: dict = field(default_factory=dict)  # backend-specific per-batch data (e.g. CPU kernel metadata)
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.req_ids.shape[0])
+
+
+def plan(params: RetrievalParams, query_start_loc_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, num_reqs: int,
+         block_table: torch.Tensor, num_tokens: int) -> RetrievalPlan | None:
+    """The plan of one batch, or None when no request decodes by retrieval (all dense)."""
+    qsl = query_start_loc_cpu[:num_reqs + 1].long()
+    qlens = qsl[1:] - qsl[:-1]
+    seq = seq_lens_cpu[:num_reqs].long()
+    bs = params.block_size
+    nblocks = (seq + bs - 1) // bs
+    budget = params.budget_blocks(seq)
+    eligible = (qlens == 1) & (seq >= params.min_context_tokens) & (budget < nblocks)
+    if not bool(eligible.any()):
+        return None
+    req_ids = torch.nonzero(eligible).flatten()
+    rest_req_ids = torch.nonzero(~eligible).flatten()
+    token_rows = torch.arange(num_tokens)
+    rest_mask = torch.ones(num_tokens, dtype=torch.bool)
+    rest_mask[qsl[req_ids]] = False
+    rest_rows = token_rows[rest_mask[:num_tokens]]
+    rest_rows = rest_rows[rest_rows < int(qsl[-1])]  # padded tokens belong to nobody
+    dev = block_table.device
+    b = budget[req_ids]
+    return RetrievalPlan(
+        req_ids=req_ids, rows=qsl[req_ids].to(dev), block_table=block_table[req_ids.to(dev)],
+        seq_lens=seq[req_ids].to(dev), num_blocks=nblocks[req_ids].to(dev), budget_blocks=b.to(dev),
+        k=int(b.max()), params=params, rest_req_ids=rest_req_ids, rest_rows=rest_rows,
+        blocks_read=int(b.sum()), blocks_total=int(nblocks[req_ids].sum()),
+        budget_blocks_cpu=b, seq_lens_cpu=seq[req_ids])
+
+
+def selected_tokens(plan_: RetrievalPlan) -> torch.Tensor:
+    """[N] host: tokens each retrieval sequence attends (its budget of blocks; the last one is partial)."""
+    bs = plan_.params.block_size
+    last = plan_.seq_lens_cpu - (plan_.seq_lens_cpu - 1) // bs * bs
+    return (plan_.budget_blocks_cpu - 1) * bs + last

@@ -1,0 +1,85 @@
+"""Quest block summaries: per physical KV block and kv-head, the per-channel min and max of its keys.
+
+The summaries live in a side tensor indexed by the *physical* block id, so blocks shared through the prefix
+cache share their summary, and they are updated from the same ``slot_mapping`` vLLM uses to write the keys
+into the paged cache (prefill chunks and decode tokens alike). vLLM fills a block from offset 0 upwards and
+never appends to a block another sequence owns, so a write at offset 0 means the block was (re)allocated:
+its old summary is discarded before the new keys are folded in. That is what makes a freed-and-reused block
+start fresh.
+
+Everything here is fixed-shape and sync-free (no ``.item()``, no boolean indexing): padded tokens
+(``slot_mapping == -1``) land in one extra "trash" row, so the update can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BlockSummaries:
+    """``kmin``/``kmax``: [num_blocks + 1, kv_heads, head_dim]; the last row absorbs padded tokens."""
+
+    kmin: torch.Tensor
+    kmax: torch.Tensor
+    block_size: int
+
+    @classmethod
+    def allocate(cls, num_blocks: int, kv_heads: int, head_dim: int, block_size: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "BlockSummaries":
+        shape = (num_blocks + 1, kv_heads, head_dim)
+        # An empty block bounds nothing: min=+inf, max=-inf makes its Quest score -inf until written.
+        kmin = torch.full(shape, float("inf"), dtype=dtype, device=device)
+        kmax = torch.full(shape, float("-inf"), dtype=dtype, device=device)
+        return cls(kmin, kmax, block_size)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kmin.shape[0] - 1
+
+    def matches(self, num_blocks: int, kv_heads: int, head_dim: int, block_size: int, device) -> bool:
+        return (self.num_blocks == num_blocks and tuple(self.kmin.shape[1:]) == (kv_heads, head_dim)
+                and self.block_size == block_size and self.kmin.device == torch.device(device))
+
+    def update(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        update_summaries_(self.kmin, self.kmax, key, slot_mapping, self.block_size)
+
+
+def update_summaries_(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor,
+                      block_size: int) -> None:
+    """Fold ``key`` [T, kv_heads, head_dim] written at ``slot_mapping`` [T] into the summaries in place.
+
+    ``slot_mapping`` may be shorter than ``key`` (vLLM pads the token dim) and may hold -1 for padding.
+    """
+    n = slot_mapping.shape[0]
+    key = key[:n]
+    trash = kmin.shape[0] - 1
+    slots = slot_mapping.to(torch.long)
+    valid = slots >= 0
+    blocks = torch.where(valid, torch.div(slots, block_size, rounding_mode="floor"), torch.full_like(slots, trash))
+    fresh = torch.where(valid & (slots % block_size == 0), blocks, torch.full_like(slots, trash))
+    # Reset (re)allocated blocks before folding in this step's keys, so stale keys of a freed block vanish.
+    kmin.index_fill_(0, fresh, float("inf"))
+    kmax.index_fill_(0, fresh, float("-inf"))
+    idx = blocks.view(-1, 1, 1).expand_as(key)
+    k = key.to(kmin.dtype)
+    kmin.scatter_reduce_(0, idx, k, reduce="amin", include_self=True)
+    kmax.scatter_reduce_(0, idx, k, reduce="amax", include_self=True)
+
+
+def refresh_blocks_(kmin: torch.Tensor, kmax: torch.Tensor, key_cache: torch.Tensor, block_ids: torch.Tensor,
+                    tokens_in_block: torch.Tensor | None = None) -> None:
+    """Recompute the summaries of ``block_ids`` from the paged cache itself (``key_cache`` view
+    [num_blocks, kv_heads, block_size, head_dim]). For KV that reached the cache without passing through the
+    backend's write (e.g. loaded by a KV connector). ``tokens_in_block`` [len(block_ids)]: filled slots
+    (default: full blocks)."""
+    ids = block_ids.long()
+    keys = key_cache[ids].to(kmin.dtype)  # [n, H, bs, D]
+    if tokens_in_block is not None:
+        filled = torch.arange(keys.shape[2], device=keys.device).view(1, 1, -1, 1) < tokens_in_block.view(-1, 1, 1, 1)
+        kmin[ids] = torch.where(filled, keys, torch.full_like(keys, float("inf"))).amin(dim=2)
+        kmax[ids] = torch.where(filled, keys, torch.full_like(keys, float("-inf"))).amax(dim=2)
+    else:
+        kmin[ids] = keys.amin(dim=2)
+        kmax[ids] = keys.amax(dim=2)

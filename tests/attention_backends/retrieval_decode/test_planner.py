@@ -1,0 +1,27 @@
+import torch
+
+from attention_backends.retrieval_decode import planner
+from attention_backends.retrieval_decode.planner import RetrievalParams
+
+P = RetrievalParams(block_size=16, budget_tokens=64, budget_fraction=0.0, sink_blocks=1, recent_tokens=16,
+                    min_context_tokens=100)
+
+
+def test_plan_picks_long_decodes_only():
+    # reqs: decode long (seq 500), prefill chunk (3 tokens), decode short (seq 50), decode within budget (seq 60)
+    qsl = torch.tensor([0, 1, 4, 5, 6, 0, 0])  # padded to more requests than num_reqs
+    seq = torch.tensor([500, 300, 50, 60])
+    table = torch.arange(4 * 40, dtype=torch.int32).view(4, 40)
+    p = planner.plan(P, qsl, seq, 4, table, num_tokens=8)
+    assert p is not None
+    assert p.req_ids.tolist() == [0] and p.rows.tolist() == [0]
+    assert p.rest_req_ids.tolist() == [1, 2, 3] and p.rest_rows.tolist() == [1, 2, 3, 4, 5]
+    assert p.k == 4 and p.budget_blocks.tolist() == [4] and p.num_blocks.tolist() == [32]
+    assert p.blocks_read == 4 and p.blocks_total == 32
+    assert torch.equal(p.block_table, table[:1])
+    assert planner.selected_tokens(p).tolist() == [3 * 16 + 4]  # 500 = 31*16 + 4
+
+
+def test_no_plan_when_everything_is_dense():
+    qsl = torch.tensor([0, 5, 6])
+    assert planner.plan(P, qsl, torch.tensor([5, 90]), 2, torch.zeros(2, 8, dtype=torch.int32), 6) is None
