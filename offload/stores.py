@@ -1,0 +1,156 @@
+"""Where entry bytes live (worker side): pinned CPU memory and a local-disk directory.
+
+The scheduler side decides what goes where (offload/tiers.py); these only execute. Both are keyed by the
+entry key (offload/keys.py), which already includes the model, the KV layout and the policy.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cache_policies.base import Payload, payload_nbytes
+from offload.entry_format import PREFIX_BYTES, EntryCorrupt, decode_entry, encode_entry, read_header
+
+logger = logging.getLogger("vllm.kvplug.offload")
+ENTRY_SUFFIX = ".kv"
+TMP_PREFIX = ".tmp-"
+
+
+def _pin_available() -> bool:
+    return torch.cuda.is_available()
+
+
+class CpuStore:
+    """Entries in (pinned, where a GPU exists) host memory. Pinned buffers of a freed entry are reused for
+    the next entry of the same shapes: pinning is a slow syscall, and entries of one policy share shapes."""
+
+    def __init__(self, pin: bool | None = None) -> None:
+        self.pin = _pin_available() if pin is None else pin
+        self._entries: dict[str, Payload] = {}
+        self._free: dict[tuple, list[Payload]] = {}
+        self.used_bytes = 0
+
+    @staticmethod
+    def _sig(payload: Payload) -> tuple:
+        return tuple((k, t.dtype, tuple(t.shape)) for k, t in payload.items())
+
+    def put(self, key: str, payload: Payload, non_blocking: bool = False) -> None:
+        if key in self._entries:
+            return
+        free = self._free.get(self._sig(payload))
+        if free:
+            buf = free.pop()
+        else:
+            buf = {k: torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin)
+                   for k, t in payload.items()}
+        for k, t in payload.items():
+            buf[k].copy_(t, non_blocking=non_blocking and self.pin)
+        self._entries[key] = buf
+        self.used_bytes += payload_nbytes(buf)
+
+    def get(self, key: str) -> Payload | None:
+        return self._entries.get(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def pop(self, key: str) -> Payload | None:
+        buf = self._entries.pop(key, None)
+        if buf is not None:
+            self.used_bytes -= payload_nbytes(buf)
+        return buf
+
+    def release(self, key: str) -> None:
+        buf = self.pop(key)
+        if buf is not None:
+            self._free.setdefault(self._sig(buf), []).append(buf)
+
+
+class DiskStore:
+    """One file per entry in ``root``. Writes go to a temp file, are fsynced, then renamed into place, so a
+    crash (kill -9) leaves either the old state or the complete new entry, never a half entry under the
+    real name. Every read verifies length and CRC; a bad entry is deleted, counted and reported as a miss."""
+
+    def __init__(self, root: str | os.PathLike[str], on_corrupt: Callable[[str, str], None] | None = None,
+                 fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.on_corrupt = on_corrupt
+        self.fsync = fsync
+        self.corrupt_count = 0
+        self._lock = threading.Lock()
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}{ENTRY_SUFFIX}"
+
+    def write(self, key: str, payload: Payload) -> int:
+        final = self.path(key)
+        tmp = self.root / f"{TMP_PREFIX}{key}.{os.getpid()}.{threading.get_ident()}"
+        n = 0
+        with open(tmp, "wb") as fh:
+            for chunk in encode_entry(key, payload):
+                fh.write(chunk)
+                n += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+            fh.flush()
+            if self.fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        return n
+
+    def _corrupt(self, key: str, why: str) -> None:
+        with self._lock:
+            self.corrupt_count += 1
+        logger.warning("kvplug disk tier: entry %s is corrupt (%s); treated as a miss and deleted", key, why)
+        try:
+            self.path(key).unlink()
+        except FileNotFoundError:
+            pass
+        if self.on_corrupt is not None:
+            self.on_corrupt(key, why)
+
+    def read(self, key: str) -> Payload | None:
+        try:
+            blob = self.path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return decode_entry(blob, expect_key=key)
+        except (EntryCorrupt, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
+            self._corrupt(key, str(exc) or type(exc).__name__)
+            return None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+    def scan(self) -> dict[str, int]:
+        """Entries present after a (re)start: key -> file size. Removes temp files of interrupted writes and
+        entries whose header or length is wrong (those count as corrupt); the CRC is checked on read."""
+        found: dict[str, int] = {}
+        for p in self.root.iterdir():
+            name = p.name
+            if name.startswith(TMP_PREFIX):
+                p.unlink(missing_ok=True)
+                continue
+            if not name.endswith(ENTRY_SUFFIX):
+                continue
+            key = name[:-len(ENTRY_SUFFIX)]
+            try:
+                size = p.stat().st_size
+                with open(p, "rb") as fh:
+                    head = fh.read(PREFIX_BYTES + 4096)
+                header, start = read_header(head)
+                if header.get("key") != key or size != start + int(header["payload_len"]):
+                    raise EntryCorrupt("length or key mismatch")
+            except (OSError, EntryCorrupt, KeyError, ValueError) as exc:
+                self._corrupt(key, f"at scan: {exc}")
+                continue
+            found[key] = size
+        return found
