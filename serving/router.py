@@ -117,6 +117,8 @@ class ReplicaRouter:
         self.app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/replicas", self.replicas, methods=["GET"]),
+            Route("/router/routing", self.set_routing, methods=["PUT"]),
+            Route("/reset_prefix_cache", self.reset_prefix_cache, methods=["POST"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/completions", self.generate, methods=["POST"]),
@@ -169,6 +171,30 @@ class ReplicaRouter:
                                  {"name": n, "url": e.base_url, "healthy": self.policy.healthy[n],
                                   "in_flight": self.policy.in_flight[n], **e.info}
                                  for n, e in self.endpoints.items()]})
+
+    async def set_routing(self, request: Request) -> Response:
+        """Switch affinity <-> round-robin at run time (A/B runs without restarting the engines)."""
+        try:
+            body = routing.parse_json_body(await request.body())
+            mode = body.get("mode")
+            if mode not in routing.ROUTING_MODES:
+                raise routing.BadRequest(f"'mode' must be one of {', '.join(routing.ROUTING_MODES)}, got {mode!r}")
+        except routing.BadRequest as exc:
+            self.metrics.bad_requests.inc()
+            return _error(400, str(exc), "BadRequestError")
+        self.policy.mode = mode
+        log.info("routing mode set to %s", mode)
+        return JSONResponse({"routing": mode})
+
+    async def reset_prefix_cache(self, _request: Request) -> Response:
+        """Forwarded to every healthy replica (vLLM serves it with VLLM_SERVER_DEV_MODE=1)."""
+        names = self.policy.healthy_replicas()
+        results = await asyncio.gather(*(self._client.post(self.endpoints[n].base_url + "/reset_prefix_cache",
+                                                           timeout=60.0) for n in names), return_exceptions=True)
+        statuses = {n: (r.status_code if isinstance(r, httpx.Response) else type(r).__name__)
+                    for n, r in zip(names, results)}
+        ok = bool(names) and all(v == 200 for v in statuses.values())
+        return JSONResponse({"replicas": statuses}, status_code=200 if ok else 502 if names else 503)
 
     async def models(self, request: Request) -> Response:
         for name in self.policy.healthy_replicas():

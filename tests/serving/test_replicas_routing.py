@@ -350,3 +350,18 @@ def test_replica_flags_reach_the_plan_and_not_vllm():
                     environ={}, prepare_model=False)
     assert p.replicas == 3 and p.router["routing"] == "round-robin" and p.router["load_factor"] == 2.0
     assert not any(a.startswith(("--replicas", "--routing", "--load-factor")) for a in p.command)
+
+
+def test_routing_mode_switch_at_run_time():
+    fake = FakeReplicas(["r0", "r1"])
+
+    async def go(client, router):
+        bad = await client.put("/router/routing", json={"mode": "random"})
+        ok = await client.put("/router/routing", json={"mode": "round-robin"})
+        got = [(await client.post("/v1/chat/completions", json=chat("same " * 300))).headers["x-kvplug-replica"]
+               for _ in range(2)]
+        return bad, ok, got, router.policy.mode
+
+    bad, ok, got, mode = run_router(fake, go)
+    assert bad.status_code == 400 and "'mode' must be one of" in bad.json()["error"]["message"]
+    assert ok.status_code == 200 and mode == "round-robin" and sorted(got) == ["r0", "r1"]
