@@ -7,6 +7,7 @@ outside CUDA graphs. Sparse prefill and retrieval decode extend these classes.
 """
 from __future__ import annotations
 
+from attention_backends.sparse_prefill import backend_hooks as sparse_prefill
 from kvplug import metrics, vllm_compat
 
 _DenseBackend = vllm_compat.dense_backend_class()
@@ -20,9 +21,13 @@ class KvplugMetadataBuilder(_DenseBuilder):  # type: ignore[misc, valid-type]
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._num_layers = len(layer_names)
         self._metrics = metrics.get()
+        self._sparse_prefill = sparse_prefill.builder_hook()
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         attn_metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        if self._sparse_prefill is not None:  # plan once per batch; the dense rows get their own metadata
+            self._sparse_prefill.after_build(attn_metadata, common_attn_metadata,
+                                             lambda cam: _DenseBuilder.build(self, 0, cam, fast_build))
         if self._metrics is not None:
             self._record(vllm_compat.batch_phases(common_attn_metadata))
         return attn_metadata
@@ -41,6 +46,13 @@ class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
         m = metrics.get()
         if m is not None:
             m.backend_instances.labels(backend=BACKEND_LABEL, process=metrics.process_role()).inc()
+        self._sparse_prefill = sparse_prefill.impl_runner(self)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        plan = sparse_prefill.plan_of(attn_metadata) if self._sparse_prefill is not None else None
+        if plan is not None:  # long prefill chunks attend sparsely; every other row goes to the parent
+            return self._sparse_prefill.forward(super().forward, layer, query, key, value, kv_cache, plan, output)
+        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
 
 
 class KvplugAttentionBackend(_DenseBackend):  # type: ignore[misc, valid-type]

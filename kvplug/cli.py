@@ -14,6 +14,8 @@ commands:
   config show [--config F] [--set K=V]
                           print the effective config (defaults < file < KVPLUG_* env < --set)
   bench ...               shared-context benchmarks and load tests (kvplug bench --help)
+  patterns search [MODEL] --out F.json
+                          find per-head sparse prefill patterns on a local calibration prompt
 """
 
 
@@ -75,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         return _models(rest)
     if cmd == "config":
         return _config(rest)
+    if cmd == "patterns":
+        from attention_backends.sparse_prefill.search import main as patterns_main
+
+        return patterns_main(rest)
     if cmd == "bench":
         from benchmarks.cli import main as bench_main
 

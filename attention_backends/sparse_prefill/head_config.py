@@ -35,14 +35,14 @@ class PatternConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     calibration: dict[str, object] = {}
 
     def validate(self, where: str = "") -> "PatternConfig":
-        _check_head(self.default, f"{where}default: ")
+        check_head(self.default, f"{where}default: ")
         for layer, heads in self.layers.items():
             if layer < 0 or (self.num_layers is not None and layer >= self.num_layers):
                 raise PatternBudgetError(f"{where}layers.{layer}: layer index out of range (num_layers={self.num_layers})")
             for head, hp in heads.items():
                 if head < 0 or (self.num_heads is not None and head >= self.num_heads):
                     raise PatternBudgetError(f"{where}layers.{layer}.{head}: head index out of range (num_heads={self.num_heads})")
-                _check_head(hp, f"{where}layers.{layer}.{head}: ")
+                check_head(hp, f"{where}layers.{layer}.{head}: ")
         return self
 
     def head(self, layer: int, head: int) -> HeadPattern:
@@ -52,7 +52,7 @@ class PatternConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return msgspec.json.format(msgspec.json.encode(self), indent=1)
 
 
-def _check_head(hp: HeadPattern, where: str) -> None:
+def check_head(hp: HeadPattern, where: str = "") -> None:
     if hp.pattern == registry.DENSE:
         if hp.budgets:
             raise PatternBudgetError(f"{where}pattern 'dense' takes no budgets")
@@ -79,6 +79,7 @@ class HeadGroup:
     pattern: str
     heads: torch.Tensor  # [h] query-head ids
     budgets: dict[str, torch.Tensor]  # name -> [h]
+    budget_max: dict[str, int]  # name -> max over the heads, on the host
 
 
 @dataclass
@@ -100,7 +101,8 @@ class LayerPlan:
             heads = torch.tensor([h for h, _ in members], dtype=torch.int64, device=device)
             names = members[0][1].keys()
             budgets = {n: torch.tensor([b[n] for _, b in members], dtype=torch.int64, device=device) for n in names}
-            groups.append(HeadGroup(pattern, heads, budgets))
+            budget_max = {n: max(b[n] for _, b in members) for n in names}
+            groups.append(HeadGroup(pattern, heads, budgets, budget_max))
         return cls(num_heads, groups)
 
     @classmethod
@@ -109,8 +111,10 @@ class LayerPlan:
         return cls.from_config(cfg, 0, num_heads, device)
 
 
-def build_index(q: torch.Tensor, k: torch.Tensor, geom: ChunkGeometry, plan: LayerPlan, scale: float) -> SparseIndex:
-    """q [n, Hq, d] the chunk's queries, k [L, Hkv, d] the sequence's keys -> one SparseIndex for all heads."""
+def build_index(q: torch.Tensor, k: torch.Tensor, geom: ChunkGeometry, plan: LayerPlan, scale: float,
+                trim_columns: bool = True) -> SparseIndex:
+    """q [n, Hq, d] the chunk's queries, k [L, Hkv, d] the sequence's keys -> one SparseIndex for all heads.
+    ``trim_columns`` drops all-padding column slots (a host sync: CPU only; GPU kernels skip them by count)."""
     Hq, Hkv = q.shape[1], k.shape[1]
     kv_of = torch.arange(Hq, device=q.device) // (Hq // Hkv)
     block_mask = torch.zeros(Hq, geom.nqb, geom.nkb, dtype=torch.bool, device=q.device)
@@ -121,7 +125,7 @@ def build_index(q: torch.Tensor, k: torch.Tensor, geom: ChunkGeometry, plan: Lay
             continue
         qh = q[:, g.heads].transpose(0, 1)
         kh = k[:, kv_of[g.heads]].transpose(0, 1)
-        mask, cols = registry.get(g.pattern).select(qh, kh, geom, g.budgets, scale)
+        mask, cols = registry.get(g.pattern).select(qh, kh, geom, g.budgets, g.budget_max, scale)
         block_mask[g.heads] = mask
         if cols is not None:
             verticals.append((g.heads, cols))
@@ -130,6 +134,6 @@ def build_index(q: torch.Tensor, k: torch.Tensor, geom: ChunkGeometry, plan: Lay
     for heads, cols in verticals:
         all_cols[heads, :cols.shape[1]] = cols
     cols, count = compact_columns(all_cols, block_mask, geom)
-    if cols.shape[-1]:
+    if trim_columns and cols.shape[-1]:
         cols = cols[..., :max(int(count.max()), 1)]
     return SparseIndex(block_mask, cols, count)

@@ -13,7 +13,7 @@ class AShape(SparsePattern):
     search_candidates = ({"sink": 64, "window": 512}, {"sink": 128, "window": 1024}, {"sink": 128, "window": 2048})
 
     @classmethod
-    def select(cls, q, k, geom: ChunkGeometry, budgets, scale):
+    def select(cls, q, k, geom: ChunkGeometry, budgets, budget_max, scale):
         dev = q.device
         a, b = geom.q_block_bounds(dev)
         kb = torch.arange(geom.nkb, device=dev)

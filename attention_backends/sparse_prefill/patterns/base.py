@@ -38,9 +38,10 @@ class SparsePattern(ABC):
     @classmethod
     @abstractmethod
     def select(cls, q: torch.Tensor, k: torch.Tensor, geom: ChunkGeometry, budgets: dict[str, torch.Tensor],
-               scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+               budget_max: dict[str, int], scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q [h, n, d] this chunk's queries of the heads using this pattern; k [h, L, d] their keys (GQA
-        already expanded); budgets name -> [h] int64. Returns (block_mask [h, nqb, nkb] bool,
+        already expanded); budgets name -> [h] int64 on q's device, budget_max name -> their maximum as a
+        host int (so shapes never need a device sync). Returns (block_mask [h, nqb, nkb] bool,
         vertical columns [h, V] int64 with -1 for unused, or None)."""
 
 

@@ -24,7 +24,7 @@ class BlockSparse(SparsePattern):
     search_candidates = ({"top_k": 8}, {"top_k": 16}, {"top_k": 32}, {"top_k": 64})
 
     @classmethod
-    def select(cls, q, k, geom: ChunkGeometry, budgets, scale):
+    def select(cls, q, k, geom: ChunkGeometry, budgets, budget_max, scale):
         dev = q.device
         scores = torch.einsum("hqd,hkd->hqk", mean_pool_blocks(q), mean_pool_blocks(k)) * scale
         causal = geom.causal_blocks(dev)[None]
@@ -33,7 +33,7 @@ class BlockSparse(SparsePattern):
         forced = (kb[None, :] == 0) | ((kb[None, :] >= (a // BLOCK)[:, None]) & (kb[None, :] <= ((b - 1) // BLOCK)[:, None]))
         scores = torch.where(forced[None], torch.full_like(scores, float("inf")), scores)
         scores = scores.masked_fill(~causal, float("-inf"))
-        kmax = min(int(budgets["top_k"].max()), geom.nkb)
+        kmax = min(budget_max["top_k"], geom.nkb)
         top = torch.topk(scores, kmax, dim=-1).indices  # [h, nqb, kmax]
         keep = rank_mask(kmax, budgets["top_k"])[:, None, :].expand_as(top)
         mask = torch.zeros_like(scores, dtype=torch.bool)

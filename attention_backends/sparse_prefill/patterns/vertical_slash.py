@@ -42,15 +42,15 @@ class VerticalSlash(SparsePattern):
                          {"vertical": 1000, "slash": 1024}, {"vertical": 2000, "slash": 2048})
 
     @classmethod
-    def select(cls, q, k, geom: ChunkGeometry, budgets, scale):
+    def select(cls, q, k, geom: ChunkGeometry, budgets, budget_max, scale):
         dev = q.device
         vertical, slash = estimate_lines(q, k, geom, scale)
         L = geom.L
         pos = torch.arange(L, device=dev)
         vertical = torch.where(pos[None, :] < FORCED_COLUMNS, torch.full_like(vertical, float("inf")), vertical)
         slash = torch.where(pos[None, :] < FORCED_DIAGONALS, torch.full_like(slash, float("inf")), slash)
-        v_max = min(int(budgets["vertical"].max()), L)
-        s_max = min(int(budgets["slash"].max()), L)
+        v_max = min(budget_max["vertical"], L)
+        s_max = min(budget_max["slash"], L)
         cols = torch.topk(vertical, v_max, dim=-1).indices
         cols = torch.where(rank_mask(v_max, budgets["vertical"]), cols, torch.full_like(cols, -1))
         offsets = torch.topk(slash, s_max, dim=-1).indices  # diagonal d: key = row - d

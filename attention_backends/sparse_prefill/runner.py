@@ -1,0 +1,125 @@
+"""run(): one layer's attention for a batch with sparse prefill chunks in it.
+
+Dense rows (decodes, short prefills) go to the dense backend with the metadata the planner built for
+them; every sparse chunk builds its index from its queries and the sequence's keys in the paged cache,
+then attends sparsely (torch reference on CPU, Triton on CUDA).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import torch
+
+from attention_backends.row_subset import forward_rows
+from attention_backends.sparse_prefill.head_config import LayerPlan, PatternConfig, build_index
+from attention_backends.sparse_prefill.index import ChunkGeometry
+from attention_backends.sparse_prefill.planner import SparsePrefillPlan
+from attention_backends.sparse_prefill.reference import sparse_attention
+from kvplug import metrics, vllm_compat
+
+_stats_lock = threading.Lock()
+# Process-wide counters (tests read them through collective_rpc; Prometheus gets the same numbers).
+STATS = {"batches": 0, "sparse_tokens": 0, "dense_prefill_tokens": 0, "sparse_layer_calls": 0,
+         "computed_pairs": 0, "causal_pairs": 0}
+
+
+# CUDA: per-layer computed-pair counts stay on the device until the next batch is planned (no sync in forward).
+_PENDING_PAIRS: list[tuple[torch.Tensor, int]] = []
+
+
+def flush_pending() -> None:
+    """Record CUDA-side pair counts; called from the metadata builder between steps, never inside forward."""
+    global _PENDING_PAIRS
+    with _stats_lock:
+        pending, _PENDING_PAIRS = _PENDING_PAIRS, []
+    for computed, causal in pending:
+        _record_pairs(int(computed), causal)
+
+
+def stats_snapshot(_worker: Any = None) -> dict[str, int]:
+    with _stats_lock:
+        return dict(STATS)
+
+
+def record_batch(plan: SparsePrefillPlan) -> None:
+    with _stats_lock:
+        STATS["batches"] += 1
+        STATS["sparse_tokens"] += plan.sparse_tokens
+        STATS["dense_prefill_tokens"] += plan.dense_prefill_tokens
+    m = metrics.get()
+    if m is not None:
+        m.sparse_prefill_tokens.labels(mode="sparse").inc(plan.sparse_tokens)
+        if plan.dense_prefill_tokens:
+            m.sparse_prefill_tokens.labels(mode="dense").inc(plan.dense_prefill_tokens)
+
+
+def record_dense_batch(prefill_tokens: int) -> None:
+    """A batch without sparse chunks: its prefill tokens (if any) were dense."""
+    if not prefill_tokens:
+        return
+    with _stats_lock:
+        STATS["dense_prefill_tokens"] += prefill_tokens
+    m = metrics.get()
+    if m is not None:
+        m.sparse_prefill_tokens.labels(mode="dense").inc(prefill_tokens)
+
+
+def _record_pairs(computed: int, causal: int) -> None:
+    with _stats_lock:
+        STATS["sparse_layer_calls"] += 1
+        STATS["computed_pairs"] += computed
+        STATS["causal_pairs"] += causal
+    m = metrics.get()
+    if m is not None:
+        m.sparse_prefill_pairs.labels(kind="computed").inc(computed)
+        m.sparse_prefill_pairs.labels(kind="causal").inc(causal)
+
+
+class SparsePrefillRunner:
+    """Lives in one attention impl (one layer); the per-head plan of that layer is resolved once."""
+
+    def __init__(self, pattern_config: PatternConfig, num_heads: int, num_kv_heads: int, scale: float) -> None:
+        self.pattern_config = pattern_config
+        self.num_heads, self.num_kv_heads, self.scale = num_heads, num_kv_heads, scale
+        self._layer_plan: LayerPlan | None = None
+
+    def layer_plan(self, layer: Any, device: torch.device) -> LayerPlan:
+        if self._layer_plan is None:
+            self._layer_plan = LayerPlan.from_config(self.pattern_config, vllm_compat.layer_index(layer.layer_name),
+                                                     self.num_heads, device)
+        return self._layer_plan
+
+    def forward(self, dense_forward: Callable[..., Any], layer: Any, query: torch.Tensor, key: torch.Tensor | None,
+                value: torch.Tensor | None, kv_cache: torch.Tensor, plan: SparsePrefillPlan,
+                output: torch.Tensor) -> torch.Tensor:
+        if plan.dense_rows is not None:
+            forward_rows(dense_forward, layer, query, key, value, kv_cache, plan.dense_metadata, plan.dense_rows, output)
+        key_cache, value_cache = vllm_compat.paged_kv_views(kv_cache, layer)
+        layer_plan = self.layer_plan(layer, query.device)
+        block_size = key_cache.shape[2]
+        for seg in plan.segments:
+            geom = ChunkGeometry(seg.row_end - seg.row_start, seg.seq_len)
+            blocks = plan.block_table[seg.req, :-(-seg.seq_len // block_size)].long()
+            q = query[seg.row_start:seg.row_end]
+            if query.is_cuda:
+                from attention_backends.sparse_prefill import triton_kernels
+
+                computed = triton_kernels.sparse_prefill_paged(q, key_cache, value_cache, blocks, geom, layer_plan,
+                                                               self.scale, output[seg.row_start:seg.row_end])
+                with _stats_lock:
+                    _PENDING_PAIRS.append((computed, geom.causal_pairs() * self.num_heads))
+                continue
+            k = _gather_sequence(key_cache, blocks, seg.seq_len)
+            v = _gather_sequence(value_cache, blocks, seg.seq_len)
+            index = build_index(q, k, geom, layer_plan, self.scale)
+            sparse_attention(q, k, v, index, self.scale, out=output[seg.row_start:seg.row_end])
+            _record_pairs(int(index.computed_pairs(geom).sum()), geom.causal_pairs() * self.num_heads)
+        return output
+
+
+
+def _gather_sequence(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Paged [num_blocks, kv_heads, block_size, d] -> the sequence's [seq_len, kv_heads, d] (a copy)."""
+    x = cache[blocks]  # [nb, Hkv, bs, d]
+    return x.permute(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3])[:seq_len]

@@ -1,0 +1,132 @@
+"""Triton kernels for sparse prefill: block-mask -> index compaction, and sparse attention that reads the
+paged KV cache directly (block table + arbitrary cache strides, so CPU_ATTN's and FlashAttention's
+layouts both work). Tested against reference.py under TRITON_INTERPRET=1 on the CPU.
+
+Pattern scoring (the last-64-query estimate, pooled block scores, top-k) runs as torch ops on the device:
+shapes depend only on host-known budgets, so nothing in a layer's forward waits for the GPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
+from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry, SparseIndex
+
+
+@triton.jit
+def _compact_blocks_kernel(mask_ptr, idx_ptr, count_ptr, nkb, stride_mh, stride_mq, stride_ih, stride_iq,
+                           nqb, CHUNK: tl.constexpr):
+    """One program per (query block, head): write the selected key-block ids in ascending order."""
+    qb = tl.program_id(0)
+    h = tl.program_id(1)
+    base = mask_ptr + h * stride_mh + qb * stride_mq
+    out = idx_ptr + h * stride_ih + qb * stride_iq
+    written = 0
+    for start in range(0, nkb, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        sel = tl.load(base + offs, mask=offs < nkb, other=0).to(tl.int32)
+        pos = written + tl.cumsum(sel, axis=0) - sel
+        tl.store(out + pos, offs.to(tl.int32), mask=sel > 0)
+        written += tl.sum(sel, axis=0)
+    tl.store(count_ptr + h * nqb + qb, written)
+
+
+def compact_blocks(block_mask: torch.Tensor, max_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[H, nqb, nkb] bool -> (ids [H, nqb, max_blocks] int32 ascending, counts [H, nqb] int32)."""
+    H, nqb, nkb = block_mask.shape
+    width = nkb if max_blocks is None else max_blocks
+    mask = block_mask.to(torch.int8).contiguous()
+    ids = torch.zeros(H, nqb, max(width, 1), dtype=torch.int32, device=block_mask.device)
+    counts = torch.zeros(H, nqb, dtype=torch.int32, device=block_mask.device)
+    _compact_blocks_kernel[(nqb, H)](mask, ids, counts, nkb, mask.stride(0), mask.stride(1), ids.stride(0),
+                                     ids.stride(1), nqb, CHUNK=128)
+    return ids, counts
+
+
+@triton.jit
+def _sparse_attn_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, pages_ptr, bidx_ptr, bcnt_ptr, cidx_ptr, ccnt_ptr,
+        sq_t, sq_h, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_t, so_h,
+        sbi_h, sbi_q, sci_h, sci_q, nqb, n, L, q_pos0, scale, page_size, group,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    qb = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // group
+    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n
+    row_pos = q_pos0 + rows
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(q_ptr + rows[:, None] * sq_t + h * sq_h + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                other=0.0).to(tl.float32)
+    q = q * (scale * 1.4426950408889634)  # exp2 domain
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_blocks = tl.load(bcnt_ptr + h * nqb + qb)
+    n_cols = tl.load(ccnt_ptr + h * nqb + qb)
+    n_steps = n_blocks + tl.cdiv(n_cols, BLOCK_N)
+    for step in range(0, n_steps):
+        if step < n_blocks:
+            kb = tl.load(bidx_ptr + h * sbi_h + qb * sbi_q + step)
+            kpos = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+            key_ok = kpos < L
+        else:
+            c = (step - n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+            key_ok = c < n_cols
+            kpos = tl.load(cidx_ptr + h * sci_h + qb * sci_q + c, mask=key_ok, other=0)
+        page = tl.load(pages_ptr + kpos // page_size, mask=key_ok, other=0)
+        slot = kpos % page_size
+        kv_ok = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptr + page[:, None] * sk_b + kvh * sk_h + slot[:, None] * sk_t + dims[None, :] * sk_d,
+                    mask=kv_ok, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k))
+        ok = key_ok[None, :] & (kpos[None, :] <= row_pos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + page[:, None] * sv_b + kvh * sv_h + slot[:, None] * sv_t + dims[None, :] * sv_d,
+                    mask=kv_ok, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(o_ptr + rows[:, None] * so_t + h * so_h + dims[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+
+
+def sparse_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           pages: torch.Tensor, index: SparseIndex, geom: ChunkGeometry, scale: float,
+                           out: torch.Tensor | None = None, max_blocks: int | None = None) -> torch.Tensor:
+    """q [n, Hq, d]; key/value_cache [num_blocks, Hkv, page_size, d] (any strides); pages: the sequence's
+    physical block ids; index over this chunk -> out [n, Hq, d]."""
+    n, Hq, d = q.shape
+    Hkv = key_cache.shape[1]
+    out = torch.empty_like(q) if out is None else out
+    bidx, bcnt = compact_blocks(index.block_mask, max_blocks)
+    cols = index.cols.to(torch.int32).contiguous()
+    if cols.shape[-1] == 0:
+        cols = torch.zeros(Hq, geom.nqb, 1, dtype=torch.int32, device=q.device)
+    ccnt = index.col_count.to(torch.int32).contiguous()
+    pages = pages.to(torch.int32).contiguous()
+    _sparse_attn_kernel[(geom.nqb, Hq)](
+        q, key_cache, value_cache, out, pages, bidx, bcnt, cols, ccnt,
+        q.stride(0), q.stride(1), *key_cache.stride(), *value_cache.stride(), out.stride(0), out.stride(1),
+        bidx.stride(0), bidx.stride(1), cols.stride(0), cols.stride(1), geom.nqb, n, geom.L, geom.q_pos0,
+        scale, key_cache.shape[2], Hq // Hkv,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK, BLOCK_N=BLOCK)
+    return out
+
+
+def sparse_prefill_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, pages: torch.Tensor,
+                         geom: ChunkGeometry, plan: LayerPlan, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """The CUDA path of one chunk: index from the chunk's queries and the sequence's keys, then the kernel.
+    Returns the computed (query, key) pairs as a device scalar (read back later, outside forward)."""
+    k = key_cache[pages].permute(0, 2, 1, 3).reshape(-1, key_cache.shape[1], key_cache.shape[3])[:geom.L]
+    index = build_index(q, k, geom, plan, scale, trim_columns=False)
+    sparse_attention_paged(q, key_cache, value_cache, pages, index, geom, scale, out)
+    return index.computed_pairs(geom).sum()
