@@ -73,7 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog=PROG, description="SCBench-style shared-context benchmark and load tester "
                 "for OpenAI-compatible endpoints.")
-    sub = p.add_subparsers(dest="command", metavar="{run,compare,kernels}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{run,compare,report,kernels}", parser_class=_Parser)
     sub.required = True
 
     tasks_help = "\n".join(f"  {name:<14} {TASKS[name].summary}" for name in sorted(TASKS))
@@ -153,6 +153,11 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("results", nargs="+", help="results.json files or run folders")
     c.add_argument("--out", default=None, help="also write the table to this file")
 
+    rp = sub.add_parser("report", help="re-write summary.md and the plots of a run",
+                        description="Re-write summary.md and the PNG plots next to a results.json "
+                        "(e.g. after editing its label).")
+    rp.add_argument("results", help="results.json file or run folder")
+
     k = sub.add_parser("kernels", help="attention kernel microbenchmarks",
                        description="Time registered kernels over a shape sweep; JSON out.")
     from benchmarks.kernels.run import add_arguments as add_kernel_arguments
@@ -225,7 +230,7 @@ def cmd_run(args) -> int:
     from benchmarks.scbench import metrics as metrics_mod
     from benchmarks.scbench.client import normalize_endpoint
     from benchmarks.scbench.load import LoadConfig, planned_requests, run_load
-    from benchmarks.scbench.report import markdown, summarize
+    from benchmarks.scbench.report import summarize
     from benchmarks.scbench.tasks import TASKS, ContextTooSmall, generate_cases
     from benchmarks.scbench.tokenizer import TokenizerError, resolve_counter
 
@@ -252,13 +257,20 @@ def cmd_run(args) -> int:
         count_tokens, tok_desc = resolve_counter(args.tokenizer, model, warn=_eprint)
     except TokenizerError as e:
         raise UsageError(f"{PROG} run: error: --tokenizer: {e}") from None
+    from tqdm import tqdm
+
     t_gen = time.perf_counter()
+    gen_bar = tqdm(total=args.sessions, file=sys.stderr, desc="contexts", unit="ctx",
+                   disable=args.no_progress or args.sessions < 2, dynamic_ncols=True, leave=False)
     try:
         cases = generate_cases(args.task, seed=args.seed, sessions=args.sessions,
                                context_tokens=args.context_tokens, turns=args.turns,
-                               count_tokens=count_tokens, **options)
+                               count_tokens=count_tokens, on_case=lambda _: gen_bar.update(1),
+                               **options)
     except ContextTooSmall as e:
         raise UsageError(f"{PROG} run: error: --context-tokens {args.context_tokens}: {e}") from None
+    finally:
+        gen_bar.close()
     gen_s = time.perf_counter() - t_gen
     if args.max_tokens is None:
         args.max_tokens = TASKS[args.task].default_max_tokens
@@ -279,8 +291,6 @@ def cmd_run(args) -> int:
         before, before_err = metrics_mod.scrape(hc, server_base)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
-    from tqdm import tqdm
-
     bar = tqdm(total=planned, file=sys.stderr, desc="requests", unit="req",
                disable=args.no_progress, dynamic_ncols=True)
     errors = 0
@@ -296,6 +306,8 @@ def cmd_run(args) -> int:
         outcome = asyncio.run(run_load(cases, cfg, on_record=on_record))
     finally:
         bar.close()
+    if outcome["stop_reason"] == "interrupted":
+        _eprint(f"{PROG}: interrupted; writing the results of the finished requests")
 
     with httpx.Client(timeout=10) as hc:
         after, after_err = metrics_mod.scrape(hc, server_base)
@@ -334,13 +346,8 @@ def cmd_run(args) -> int:
         "plots": [],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not args.no_plots:
-        from benchmarks.scbench.plots import write_plots
-
-        result["plots"] = write_plots(result, out_dir)
+    write_report(result, out_dir, plots=not args.no_plots)
     (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    md = markdown(result)
-    (out_dir / "summary.md").write_text(md)
     if args.save_cases:
         (out_dir / "cases.json").write_text(json.dumps([c.to_dict() for c in cases], indent=1) + "\n")
 
@@ -376,6 +383,32 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def write_report(result: dict, out_dir: Path, plots: bool = True) -> None:
+    """summary.md (+ plots) for ``result`` into ``out_dir``; also records the plot names."""
+    from benchmarks.scbench.report import markdown
+
+    if plots:
+        from benchmarks.scbench.plots import write_plots
+
+        result["plots"] = write_plots(result, out_dir)
+    (out_dir / "summary.md").write_text(markdown(result))
+
+
+def cmd_report(args) -> int:
+    from benchmarks.scbench.compare import CompareError, load_result
+
+    try:
+        _, result = load_result(args.results)
+    except CompareError as e:
+        raise UsageError(f"{PROG} report: error: {e}") from None
+    path = Path(args.results)
+    out_dir = path if path.is_dir() else path.parent
+    write_report(result, out_dir)
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"{PROG}: wrote {out_dir}/summary.md, " + ", ".join(result["plots"]))
+    return 0
+
+
 # ------------------------------------------------------------------ kernels
 def cmd_kernels(args) -> int:
     from benchmarks.kernels.run import KernelError, run_from_args
@@ -394,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
         except SystemExit as e:  # --help
             return int(e.code or 0)
-        return {"run": cmd_run, "compare": cmd_compare, "kernels": cmd_kernels}[args.command](args)
+        return {"run": cmd_run, "compare": cmd_compare, "report": cmd_report,
+                "kernels": cmd_kernels}[args.command](args)
     except UsageError as e:
         _eprint(str(e))
         return 2

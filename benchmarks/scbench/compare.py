@@ -64,6 +64,20 @@ ROWS = [
 ]
 
 
+def _predictions(result: dict) -> dict[tuple, str]:
+    return {(r["case_id"], r["turn"]): r["prediction"] for r in result.get("requests") or []
+            if r.get("status") == "ok"}
+
+
+def _agreement(base: dict[tuple, str], other: dict[tuple, str]) -> float | None:
+    """Fraction of requests (same case and turn, ok in both) whose output text is identical:
+    with greedy decoding, how far a feature changes what the model says."""
+    common = base.keys() & other.keys()
+    if not common:
+        return None
+    return sum(base[k] == other[k] for k in common) / len(common)
+
+
 def table(paths: list[str]) -> str:
     runs = [load_result(p) for p in paths]
     turns = sorted({t for _, r in runs for t in (_g(r, "summary", "accuracy_per_turn") or {})},
@@ -79,6 +93,9 @@ def table(paths: list[str]) -> str:
                       and any(_g(r, "summary", "metrics", "deltas", k) for _, r in runs)})
     for k in kv_keys:
         rows.append((f"Δ `{k}`", lambda r, k=k: _fmt(_g(r, "summary", "metrics", "deltas", k), 1, 0)))
+    base = _predictions(runs[0][1])
+    rows.append((f"same answer text as {runs[0][0]}",
+                 lambda r: _fmt(_agreement(base, _predictions(r)))))
     header = "| metric | " + " | ".join(label for label, _ in runs) + " |"
     sep = "| --- |" + " --- |" * len(runs)
     body = [f"| {name} | " + " | ".join(str(fn(r)) for _, r in runs) + " |" for name, fn in rows]

@@ -10,7 +10,9 @@
 Bounds: ``concurrency`` caps in-flight requests; ``rate`` (requests/s) draws
 Poisson arrival times shared by all sessions (``inf``: no pacing);
 ``max_requests`` caps the requests issued and ``max_seconds`` the wall time
-(in-flight requests are cancelled and recorded as ``cancelled``).
+(in-flight requests are cancelled and recorded as ``cancelled``).  Cancelling
+:func:`run_load` itself (Ctrl-C) stops the same way, with stop reason
+``interrupted``, and still returns every record.
 """
 
 from __future__ import annotations
@@ -169,7 +171,13 @@ async def run_load(cases: list[Case], cfg: LoadConfig,
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        try:
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+        except asyncio.CancelledError:
+            # Ctrl-C (asyncio.run cancels us): stop like a bound, so what finished is kept
+            budget.stop_reason = "interrupted"
+            done = {t for t in tasks if t.done()}
+            pending = {t for t in tasks if not t.done()}
         if pending:
             budget.stop_reason = budget.stop_reason or "max-seconds"
             for p in pending:

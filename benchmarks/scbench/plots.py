@@ -20,16 +20,20 @@ def write_plots(result: dict, out_dir: Path) -> list[str]:
     turns = sorted({r["turn"] for r in result["requests"]})
     written = []
 
+    # Seconds when latencies run into tens of seconds (slow CPU runs), else milliseconds.
+    lat = [r[k] for r in ok for k in ("ttft", "e2e") if r[k]]
+    unit, scale = ("s", 1.0) if lat and max(lat) > 10 else ("ms", 1000.0)
+
     # TTFT per turn (box plot + median line).
     fig, ax = plt.subplots(figsize=(6, 4))
-    data = [[r["ttft"] * 1000 for r in ok if r["turn"] == t and r["ttft"] is not None] for t in turns]
+    data = [[r["ttft"] * scale for r in ok if r["turn"] == t and r["ttft"] is not None] for t in turns]
     if any(data):
         ax.boxplot([d if d else [np.nan] for d in data], tick_labels=[str(t) for t in turns])
         med = [np.median(d) if d else np.nan for d in data]
         ax.plot(range(1, len(turns) + 1), med, marker="o", label="median")
         ax.legend()
     ax.set_xlabel("turn")
-    ax.set_ylabel("TTFT (ms)")
+    ax.set_ylabel(f"TTFT ({unit})")
     ax.set_title(f"TTFT per turn\n{title}", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -61,13 +65,12 @@ def write_plots(result: dict, out_dir: Path) -> list[str]:
     # Latency CDFs.
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("ttft", "TTFT"), ("e2e", "end-to-end")):
-        vals = np.sort([r[key] * 1000 for r in ok if r[key] is not None])
+        vals = np.sort([r[key] * scale for r in ok if r[key] is not None])
         if len(vals):
             ax.step(vals, np.arange(1, len(vals) + 1) / len(vals), where="post", label=label)
-    all_ms = [r[k] * 1000 for r in ok for k in ("ttft", "e2e") if r[k]]
-    if all_ms and max(all_ms) / max(min(all_ms), 1e-6) > 20:
+    if lat and max(lat) / max(min(lat), 1e-9) > 20:
         ax.set_xscale("log")
-    ax.set_xlabel("latency (ms)")
+    ax.set_xlabel(f"latency ({unit})")
     ax.set_ylabel("fraction of requests")
     ax.set_ylim(0, 1.02)
     ax.set_title(f"Latency CDF\n{title}", fontsize=9)

@@ -33,3 +33,17 @@ def test_kv_multi_turn_against_real_server(kvplug_server, tmp_path):
     for p in ("ttft_per_turn.png", "accuracy_per_turn.png", "latency_cdf.png"):
         assert (out / p).read_bytes()[:4] == b"\x89PNG"
     assert "| accuracy (ok requests) |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.engine
+def test_multi_request_stops_at_max_requests_on_real_server(kvplug_server, tmp_path):
+    out = tmp_path / "mr"
+    rc = main(["run", "--endpoint", kvplug_server.base_url, "--tokenizer", str(kvplug_server.model_path),
+               "--task", "passkey", "--mode", "multi-request", "--context-tokens", "300",
+               "--turns", "2", "--sessions", "2", "--concurrency", "4", "--max-tokens", "8",
+               "--max-requests", "3", "--out", str(out), "--no-progress", "--no-plots"])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["stop_reason"] == "max-requests"
+    assert len(data["requests"]) == 3 and data["summary"]["errors"] == 0
+    assert all(r["score"] in (0.0, 1.0) for r in data["requests"])

@@ -226,6 +226,8 @@ def test_compare_prints_side_by_side(tmp_path, fake_server, capsys):
     assert out.splitlines()[0] == "| metric | A | B |"
     acc = next(line for line in out.splitlines() if line.startswith("| accuracy |"))
     assert acc == "| accuracy | 1.000 | 0.000 |"
+    same = next(line for line in out.splitlines() if line.startswith("| same answer text as A |"))
+    assert same == "| same answer text as A | 1.000 | 0.000 |"
     assert "kvplug_fake_requests_total" in out
     assert (tmp_path / "cmp.md").read_text() == out
 
@@ -283,3 +285,35 @@ def test_request_timeout_is_an_error_not_a_hang(tmp_path, fake_server):
     assert rc == 1 and time.perf_counter() - t < 5  # nothing succeeded: exit 1, results written
     assert data["summary"]["errors"] == 2
     assert all(r["error"].startswith(("timeout", "ReadTimeout")) for r in data["requests"])
+
+
+def test_interrupt_keeps_finished_requests(fake_server):
+    """Ctrl-C cancels run_load (asyncio.run does that): finished records come back, in-flight
+    ones are marked cancelled, nothing raises."""
+    fake_server.first_token_delay = 0.3
+    cases = generate_cases("kv", seed=0, sessions=6, context_tokens=300, turns=1,
+                           count_tokens=approx_count)
+    cfg = LoadConfig(api_base=fake_server.base_url + "/v1", model="fake-model",
+                     mode="multi-request", concurrency=2)
+
+    async def go():
+        task = asyncio.create_task(run_load(cases, cfg))
+        await asyncio.sleep(0.45)
+        task.cancel()
+        return await task
+
+    out = asyncio.run(go())
+    assert out["stop_reason"] == "interrupted"
+    statuses = sorted(r["status"] for r in out["records"])
+    assert statuses == ["cancelled", "cancelled", "ok", "ok"]
+
+
+def test_report_rewrites_summary_and_plots(tmp_path, fake_server):
+    rc, out, data = bench(tmp_path, fake_server, "--sessions", "1", "--turns", "2")
+    assert rc == 0 and data["plots"] == [] and not (out / "latency_cdf.png").exists()
+    (out / "summary.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "latency_cdf.png").read_bytes()[:4] == b"\x89PNG"
+    assert "latency_cdf.png" in (out / "summary.md").read_text()
+    assert json.loads((out / "results.json").read_text())["plots"] == [
+        "ttft_per_turn.png", "accuracy_per_turn.png", "latency_cdf.png"]

@@ -13,8 +13,14 @@ from . import kv, prefix_suffix, multihop, math_find, passkey, mixed  # noqa: F4
 
 
 def generate_cases(task: str, *, seed: int, sessions: int, context_tokens: int,
-                   turns: int, count_tokens, **options) -> list[Case]:
-    """``sessions`` cases of ``task``; case ``i`` depends only on (seed, i, ...)."""
+                   turns: int, count_tokens, on_case=None, **options) -> list[Case]:
+    """``sessions`` cases of ``task``; case ``i`` depends only on (seed, i, ...).
+    ``on_case(case)`` is called after each one (progress bars: long contexts take a while
+    to size with a real tokenizer)."""
     gen = TASKS[task]
-    return [gen(seed, i, context_tokens, turns, count_tokens, **options)
-            for i in range(sessions)]
+    cases = []
+    for i in range(sessions):
+        cases.append(gen(seed, i, context_tokens, turns, count_tokens, **options))
+        if on_case:
+            on_case(cases[-1])
+    return cases
