@@ -50,6 +50,11 @@ class CachePolicy(ABC):
                                                                           torch.Tensor | None]:
         """Payloads -> (K, V, keep_mask or None), K/V shaped and typed like ``like`` ``[n, L, H, N, D]``."""
 
+    def size_class(self, block_start: int, block_tokens: int, prefix_len: int) -> object:
+        """Blocks with equal size classes encode to the same number of bytes (the offload scheduler sizes
+        entries by encoding one zero block per class instead of waiting for the worker)."""
+        return 0
+
     def describe(self) -> str:
         return self.name
 

@@ -31,6 +31,11 @@ class SnapKVPolicy(CachePolicy):
         self.window_tokens = window_tokens
         self.pool_kernel = pool_kernel
 
+    def size_class(self, block_start: int, block_tokens: int, prefix_len: int) -> object:
+        # Upper bound: the per-head budget plus the block's tokens inside the observation window.
+        in_window = max(0, block_start + block_tokens - max(block_start, prefix_len - self.window_tokens))
+        return min(block_tokens, math.ceil(self.keep_ratio * block_tokens) + in_window)
+
     def scores(self, k: torch.Tensor, obs_q: torch.Tensor) -> torch.Tensor:
         """k [n, L, H, N, D], obs_q [L, Hq, W, D] -> attention mass per token [n, L, H, N]."""
         n, n_layers, heads, n_tok, d = k.shape

@@ -16,6 +16,10 @@ class StreamingPolicy(CachePolicy):
         self.sink_tokens = sink_tokens
         self.window_tokens = window_tokens
 
+    def size_class(self, block_start: int, block_tokens: int, prefix_len: int) -> object:
+        pos = range(block_start, block_start + block_tokens)
+        return sum(1 for p in pos if p < self.sink_tokens or p >= prefix_len - self.window_tokens)
+
     def keep_mask(self, ctx: BlockContext, shape: torch.Size, device=None) -> torch.Tensor:
         n, n_layers, heads, n_tok, _ = shape
         pos = torch.tensor(ctx.block_start, device=device)[:, None] + torch.arange(n_tok, device=device)

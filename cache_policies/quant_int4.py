@@ -81,6 +81,9 @@ class Int4KiviPolicy(CachePolicy):
         self.group_size = group_size
         self.residual_tokens = residual_tokens
 
+    def size_class(self, block_start: int, block_tokens: int, prefix_len: int) -> object:
+        return block_start + block_tokens > prefix_len - self.residual_tokens  # kept exact?
+
     def encode(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[Payload]:
         check_kv(k, v, ctx)
         if k.shape[-1] % 2:

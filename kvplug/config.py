@@ -174,9 +174,9 @@ class OffloadConfig(_Section):
     """
 
     enabled: bool = False
-    cpu_size: str = "8GiB"
+    cpu_size: str | int = "8GiB"  # bytes, or with a unit: 8GiB, 500MB
     disk_path: str = ""
-    disk_size: str = "100GiB"
+    disk_size: str | int = "100GiB"
     reuse_weight: float = 8.0
 
     def validate(self, path: str) -> None:

@@ -77,3 +77,56 @@ def _create(prefix: str) -> Metrics:
                                      "Sparse-prefill (query, key) pairs over all layers and heads: computed vs "
                                      "the full causal mask", ["kind"]),
     )
+
+
+# --- offload tiers and cache policies (offload/connector.py) ------------------------------------------
+@dataclass
+class OffloadMetrics:
+    hits: object  # blocks found, by tier (scheduler side)
+    misses: object  # blocks looked up and not found
+    evictions: object  # entries evicted, by tier
+    bytes_stored: object  # by tier and policy (worker side)
+    bytes_loaded: object  # by tier and policy
+    load_seconds: object  # histogram of one step's load (fetch + decode + copy into the paged cache)
+    compression_ratio: object  # histogram of raw/stored bytes per saved batch, by policy
+    corrupt_entries: object  # disk entries that failed their checksum/length check (never served)
+    skipped_stores: object  # stores that fit no tier (full tiers evict; this counts entries too big)
+
+
+_offload_metrics: "OffloadMetrics | None" = None
+
+
+def get_offload(config: "KvplugConfig | None" = None) -> "OffloadMetrics | None":
+    """The offload metrics of this process (None when metrics are disabled)."""
+    global _offload_metrics
+    base = get(config)
+    if base is None:
+        return None
+    with _lock:
+        if _offload_metrics is None:
+            from prometheus_client import Counter, Histogram
+
+            from kvplug import config as cfg_mod
+
+            p = (config or cfg_mod.from_process_env()).metrics.prefix
+            _offload_metrics = OffloadMetrics(
+                hits=Counter(f"{p}_offload_hits", "Offloaded KV blocks found on lookup, by tier", ["tier"]),
+                misses=Counter(f"{p}_offload_misses", "KV blocks looked up in the offload tiers and not found"),
+                evictions=Counter(f"{p}_offload_evictions", "Offloaded entries evicted, by tier", ["tier"]),
+                bytes_stored=Counter(f"{p}_offload_bytes_stored", "Bytes written to an offload tier",
+                                     ["tier", "policy"]),
+                bytes_loaded=Counter(f"{p}_offload_bytes_loaded", "Bytes read from an offload tier",
+                                     ["tier", "policy"]),
+                load_seconds=Histogram(f"{p}_offload_load_seconds",
+                                       "Time to load one step's offloaded blocks into the paged KV cache",
+                                       buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                0.5, 1.0, 2.5, 5.0, 10.0)),
+                compression_ratio=Histogram(f"{p}_offload_compression_ratio",
+                                            "Raw KV bytes over stored bytes, per saved batch", ["policy"],
+                                            buckets=(1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 6.0, 8.0, 16.0)),
+                corrupt_entries=Counter(f"{p}_offload_corrupt_entries",
+                                        "Disk entries that failed verification (treated as misses)"),
+                skipped_stores=Counter(f"{p}_offload_skipped_stores",
+                                       "Entries not stored because they fit in no tier"),
+            )
+    return _offload_metrics

@@ -266,3 +266,89 @@ def layer_index(layer_name: str) -> int:
         if part.isdigit():
             return int(part)
     raise ValueError(f"no layer index in {layer_name!r}")
+
+
+# --- KV connector (offload/connector.py) ------------------------------------------------------------
+# The connector ABC (scheduler side: get_num_new_matched_tokens, update_state_after_alloc,
+# build_connector_meta, update_connector_output, request_finished; worker side: register_kv_caches,
+# start_load_kv, wait_for_layer_load, save_kv_layer, wait_for_save, get_block_ids_with_load_errors,
+# build_connector_worker_meta) is the same in 0.26 and 0.32 for what kvplug uses. Differences handled here:
+#   * KV cache layout: 0.32 CPU_ATTN gives each layer [blocks, kv_heads, block_size, 2*head_dim] whose
+#     block interior is K rows then V rows ([.., 2*block_size, head_dim] viewed); 0.26 FlashAttention gives
+#     [2, blocks, block_size, kv_heads, head_dim].
+#   * kv_load_failure_policy ("recompute" makes a corrupt/missing entry a recompute, not a failed request)
+#     exists in 0.32; on 0.26 it is not passed (unverified there; its default path recomputes as well).
+#   * 0.32 only: bind_kv_cache_manager, get_transfer_results, has_pending_block_frees (defaults are fine);
+#     0.26 only: prefer_cross_layer_blocks / register_cross_layers_kv_cache (we keep per-layer caches).
+KV_CONNECTOR_MODULE = "offload.connector"
+KV_CONNECTOR_CLASS = "KvplugConnector"
+
+
+def kv_connector_api() -> Any:
+    """(KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole, KVConnectorWorkerMetadata)."""
+    from vllm.distributed.kv_transfer.kv_connector.v1 import base
+
+    return base.KVConnectorBase_V1, base.KVConnectorMetadata, base.KVConnectorRole, base.KVConnectorWorkerMetadata
+
+
+def kv_transfer_config(extra: dict[str, Any] | None = None, version: str | None = None) -> dict[str, Any]:
+    """The --kv-transfer-config JSON object that loads kvplug's connector out of tree."""
+    cfg: dict[str, Any] = {"kv_connector": KV_CONNECTOR_CLASS, "kv_connector_module_path": KV_CONNECTOR_MODULE,
+                           "kv_role": "kv_both", "kv_connector_extra_config": dict(extra or {})}
+    if _version_tuple(version or vllm_version()) >= (0, 32):
+        cfg["kv_load_failure_policy"] = "recompute"
+    return cfg
+
+
+def kv_block_views(kv_layer: Any) -> tuple[Any, Any]:
+    """Per-layer paged cache -> (K, V) views shaped [num_blocks, kv_heads, block_size, head_dim] (no copy;
+    index-assigning into them writes the cache)."""
+    if kv_layer.dim() == 5 and kv_layer.shape[0] == 2:  # FlashAttention: [2, blocks, block_size, heads, dim]
+        return kv_layer[0].permute(0, 2, 1, 3), kv_layer[1].permute(0, 2, 1, 3)
+    if kv_layer.dim() == 4:  # CPU_ATTN: [blocks, heads, block_size, 2*dim] = K rows then V rows per head
+        blocks, heads, block_size, two_dim = kv_layer.shape
+        kv = kv_layer.view(blocks, heads, 2 * block_size, two_dim // 2)
+        return kv[:, :, :block_size], kv[:, :, block_size:]
+    raise UnsupportedVllmError(f"kvplug's connector does not know the KV cache layout {tuple(kv_layer.shape)}")
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """What a stored block's bytes mean; part of every entry key, so two models/layouts never share."""
+
+    model: str
+    dtype: str
+    num_layers: int
+    kv_heads: int  # per rank
+    head_dim: int
+    block_size: int
+    kv_cache_dtype: str
+    tp_rank: int
+    tp_size: int
+
+    def identity(self) -> bytes:
+        return repr(self).encode()
+
+
+def kv_layout(vllm_config: Any, tp_rank: int | None = None) -> KvLayout:
+    mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
+    if tp_rank is None:
+        tp_rank = 0
+        try:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            tp_rank = get_tensor_model_parallel_rank()
+        except Exception:  # scheduler process: no TP group; entries are addressed per rank by the worker
+            pass
+    return KvLayout(model=str(mc.model), dtype=str(mc.dtype).removeprefix("torch."),
+                    num_layers=mc.get_num_layers(pc), kv_heads=mc.get_num_kv_heads(pc),
+                    head_dim=mc.get_head_size(), block_size=cc.block_size, kv_cache_dtype=str(cc.cache_dtype),
+                    tp_rank=tp_rank, tp_size=pc.tensor_parallel_size)
+
+
+def layer_index(layer_name: str) -> int:
+    """'model.layers.12.self_attn.attn' -> 12 (orders the per-layer caches the connector gets)."""
+    for part in layer_name.split("."):
+        if part.isdigit():
+            return int(part)
+    raise ValueError(f"no layer index in {layer_name!r}")

@@ -8,6 +8,7 @@ so metrics from the engine core and workers reach /metrics.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -58,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="kvplug YAML config file")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key (repeatable)")
+    p.add_argument("--offload", metavar="TIERS",
+                   help="offload evicted prefix KV through kvplug's connector, e.g. cpu:8GiB,disk:/path:100GiB "
+                        "(sets the offload config section and vLLM's --kv-transfer-config)")
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--kvplug-help", action="help", help="show kvplug's own flags and exit")
@@ -89,6 +93,21 @@ def check_port_free(host: str, port: int) -> None:
                              code=1) from None
 
 
+POLICY_MIDDLEWARE = "serving.policy_middleware.PolicyValidationMiddleware"
+
+
+def offload_args(config: cfg_mod.KvplugConfig, user_args: list[str]) -> list[str]:
+    """vLLM flags for the offload tiers (kvplug's KV connector) and the request-policy check (HTTP 400)."""
+    from kvplug import vllm_compat
+
+    args = []
+    if config.offload.enabled and not _has_flag(user_args, "--kv-transfer-config"):
+        args += ["--kv-transfer-config", json.dumps(vllm_compat.kv_transfer_config())]
+    if POLICY_MIDDLEWARE not in user_args:
+        args += ["--middleware", POLICY_MIDDLEWARE]
+    return args
+
+
 def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: bool = True) -> ServePlan:
     """Parse `kvplug serve` arguments into a ServePlan; ServeError on bad input."""
     from kvplug import vllm_compat
@@ -110,7 +129,10 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
     if (problem := validate_router_args(ns, vllm_args)) is not None:
         raise ServeError(problem)
     try:
-        config = cfg_mod.resolve(ns.config, ns.sets, environ)
+        from offload.spec import parse_offload_flag
+
+        sets = [*(parse_offload_flag(ns.offload) if ns.offload else []), *ns.sets]
+        config = cfg_mod.resolve(ns.config, sets, environ)
     except cfg_mod.KvplugConfigError as exc:
         raise ServeError(str(exc)) from None
     check_port_free(ns.host, ns.port)
@@ -136,6 +158,7 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
     if not _has_flag(extra, "--attention-backend"):
         extra += vllm_compat.attention_backend_cli_args()
     extra += vllm_compat.platform_default_args(extra, environ)
+    extra += offload_args(config, extra)
 
     env = dict(environ)
     env[cfg_mod.ENV_CONFIG_JSON] = config.to_json()

@@ -1,0 +1,19 @@
+"""Entry keys: vLLM's chained prefix-block hash + the policy + the model/layout identity.
+
+vLLM's block hash already chains every earlier block (and LoRA / multimodal / cache-salt extras), so a key
+names "this exact prefix up to this block"; the layout identity (model, dtype, heads, block size, TP rank)
+makes sure two models or layouts never share an entry, and the policy that an int4 copy never answers a
+`keep` request.
+"""
+from __future__ import annotations
+
+import hashlib
+
+
+def entry_key(layout_identity: bytes, policy: str, block_hash: bytes | object) -> str:
+    raw = block_hash if isinstance(block_hash, (bytes, bytearray)) else repr(block_hash).encode()
+    h = hashlib.sha256()
+    for part in (layout_identity, policy.encode(), bytes(raw)):
+        h.update(len(part).to_bytes(4, "little"))
+        h.update(part)
+    return h.hexdigest()[:48]
