@@ -38,7 +38,7 @@ SHAPES = {
     "llama-small": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
                     "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 32000},
 }
-PROMPT_LENGTHS = (17, 300, 1500)
+PROMPT_LENGTHS = (17, 300, 1500)  # default; --prompt-lengths (e.g. add 9000 to reach sparse prefill's threshold)
 
 
 def write_random_model(shape: str, into: Path, seed: int = 0) -> Path:
@@ -50,7 +50,7 @@ def write_random_model(shape: str, into: Path, seed: int = 0) -> Path:
     s = SHAPES[shape]
     into.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**s, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    cfg = LlamaConfig(**s, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
                       torch_dtype="float16")
     model = LlamaForCausalLM(cfg).to(torch.float16)
     model.save_pretrained(into, safe_serialization=True)
@@ -69,9 +69,17 @@ def vocab_size(model_dir: str) -> int:
     return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
 
 
-def prompts(vocab: int) -> list[list[int]]:
+def prompts(vocab: int, lengths=PROMPT_LENGTHS) -> list[list[int]]:
     rng = random.Random(42)
-    return [[rng.randrange(10, min(vocab, 30000) - 10) for _ in range(n)] for n in PROMPT_LENGTHS]
+    return [[rng.randrange(10, min(vocab, 30000) - 10) for _ in range(n)] for n in lengths]
+
+
+def _lengths(args: argparse.Namespace) -> tuple[int, ...]:
+    return tuple(int(x) for x in args.prompt_lengths.split(","))
+
+
+def _max_len(args: argparse.Namespace) -> int:
+    return max(_lengths(args)) + args.tokens + 64
 
 
 # --- runs inside each vLLM worker (collective_rpc) ----------------------------------------------------
@@ -102,7 +110,7 @@ def _engine(args: argparse.Namespace) -> None:
 
     from kvplug import vllm_compat
 
-    kw = dict(model=args.model, tensor_parallel_size=args.tp, seed=0, max_model_len=4096, dtype=args.dtype,
+    kw = dict(model=args.model, tensor_parallel_size=args.tp, seed=0, max_model_len=_max_len(args), dtype=args.dtype,
               enable_prefix_caching=True)
     if args.tp > 1:
         kw["distributed_executor_backend"] = "ray"
@@ -115,7 +123,7 @@ def _engine(args: argparse.Namespace) -> None:
     llm = LLM(**kw)
     start_s = time.perf_counter() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=args.tokens, logprobs=5, ignore_eos=True)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts(vocab_size(args.model))], sp,
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts(vocab_size(args.model), _lengths(args))], sp,
                         use_tqdm=False)
     greedy = [list(o.outputs[0].token_ids) for o in outs]
     top = [[sorted(step, key=lambda t: -step[t].logprob)[:5] for step in o.outputs[0].logprobs] for o in outs]
@@ -151,7 +159,8 @@ def run_engine(args: argparse.Namespace, label: str, tp: int, vanilla: bool) -> 
     if args.cpu_binds and tp > 1:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", args.cpu_binds)
     cmd = [sys.executable, "-m", "benchmarks.gpu_tp2", "--engine", "--label", label, "--tp", str(tp),
-           "--model", args.model, "--tokens", str(args.tokens), "--dtype", args.dtype, "--gpu-mem", str(args.gpu_mem)]
+           "--model", args.model, "--tokens", str(args.tokens), "--dtype", args.dtype, "--gpu-mem", str(args.gpu_mem),
+           "--prompt-lengths", args.prompt_lengths]
     cmd += ["--vanilla"] if vanilla else []
     print(f"[gpu_tp2] {label}: TP={tp} {'vanilla vLLM' if vanilla else 'kvplug'} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -215,7 +224,7 @@ def check_server(args: argparse.Namespace) -> dict:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", args.cpu_binds)
     sets = [x for kv in args.sets for x in ("--set", kv)]
     cmd = [sys.executable, "-m", "kvplug.cli", "serve", args.model, "--port", str(port), "--tensor-parallel-size", "2",
-           "--distributed-executor-backend", "ray", "--max-model-len", "4096", "--served-model-name", "m",
+           "--distributed-executor-backend", "ray", "--max-model-len", str(_max_len(args)), "--served-model-name", "m",
            "--dtype", args.dtype, *sets]
     if _device_name() != "cpu":
         cmd += ["--gpu-memory-utilization", str(args.gpu_mem)]
@@ -237,7 +246,7 @@ def check_server(args: argparse.Namespace) -> dict:
         else:
             raise SystemExit("[gpu_tp2] server not ready in time")
         texts = []
-        for p in prompts(vocab_size(args.model)):
+        for p in prompts(vocab_size(args.model), _lengths(args)):
             r = httpx.post(base + "/v1/completions", timeout=300, json={
                 "model": "m", "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
             r.raise_for_status()
@@ -266,11 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help=f"HF folder (default: {STAGED_QWEN} if staged, else --shape)")
     p.add_argument("--shape", default="llama-small", choices=sorted(SHAPES))
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--prompt-lengths", default=",".join(map(str, PROMPT_LENGTHS)), help="comma list of prompt tokens")
     p.add_argument("--dtype", default="float16")
     p.add_argument("--gpu-mem", type=float, default=0.4)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="kvplug config for the kvplug runs and the server (e.g. sparse_prefill.enabled=true)")
-    p.add_argument("--skip", default="", help="comma list of steps to skip: vanilla,server")
+    p.add_argument("--skip", default="", help="comma list of steps to skip: vanilla,tp1,server")
     p.add_argument("--cpu-binds", default=None, help="VLLM_CPU_OMP_THREADS_BIND for TP=2 on CPU, e.g. '0|1'")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--out", default="benchmarks/results/gpu_tp2.json")
@@ -297,18 +307,20 @@ def main(argv: list[str] | None = None) -> int:
         runs = {}
         if "vanilla" not in skip:
             runs["vanilla_tp1"] = run_engine(args, "vanilla_tp1", 1, vanilla=True)
-        runs["kvplug_tp1"] = run_engine(args, "kvplug_tp1", 1, vanilla=False)
+        if "tp1" not in skip:
+            runs["kvplug_tp1"] = run_engine(args, "kvplug_tp1", 1, vanilla=False)
         runs["kvplug_tp2_ray"] = run_engine(args, "kvplug_tp2_ray", 2, vanilla=False)
         layers = num_layers(args.model)
         summary = {
             "model": args.model, "device": runs["kvplug_tp2_ray"]["device"], "vllm": runs["kvplug_tp2_ray"]["vllm"],
-            "dtype": args.dtype, "kvplug_config": expected_cfg, "prompt_lengths": PROMPT_LENGTHS,
-            "tokens": args.tokens,
-            "greedy_tp2_vs_tp1": compare_greedy(runs["kvplug_tp2_ray"], runs["kvplug_tp1"]),
+            "dtype": args.dtype, "kvplug_config": expected_cfg, "prompt_lengths": _lengths(args),
+            "tokens": args.tokens, "skipped": sorted(skip),
             "tp2_ranks": check_ranks(runs["kvplug_tp2_ray"], expected_cfg, layers),
-            "tp1_ranks": check_ranks(runs["kvplug_tp1"], expected_cfg, layers),
         }
-        if "vanilla_tp1" in runs:
+        if "kvplug_tp1" in runs:
+            summary["greedy_tp2_vs_tp1"] = compare_greedy(runs["kvplug_tp2_ray"], runs["kvplug_tp1"])
+            summary["tp1_ranks"] = check_ranks(runs["kvplug_tp1"], expected_cfg, layers)
+        if "vanilla_tp1" in runs and "kvplug_tp1" in runs:
             summary["greedy_kvplug_tp1_vs_vanilla_tp1"] = compare_greedy(runs["kvplug_tp1"], runs["vanilla_tp1"])
             summary["greedy_tp2_vs_vanilla_tp1"] = compare_greedy(runs["kvplug_tp2_ray"], runs["vanilla_tp1"])
         if "server" not in skip:
@@ -317,16 +329,15 @@ def main(argv: list[str] | None = None) -> int:
         summary["ok"] = bool(
             r["ranks"] == 2 and r["all_ranks_kvplug_impl"] and r["config_reached_every_rank"]
             and all(n == layers for n in r["layers_built_per_rank"])
-            and all(n > 0 for n in r["attention_calls_per_rank"]) and summary["greedy_tp2_vs_tp1"]["close"]
+            and all(n > 0 for n in r["attention_calls_per_rank"])
+            and summary.get("greedy_tp2_vs_tp1", {"close": True})["close"]
             and ("server_tp2_ray" not in summary
                  or summary["server_tp2_ray"]["layers_built_total"] == summary["server_tp2_ray"]["expected_layers_total"]))
         summary["command"] = "python -m benchmarks.gpu_tp2 " + " ".join(argv if argv is not None else sys.argv[1:])
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
-        g = summary["greedy_tp2_vs_tp1"]
         print(f"device: {summary['device']}  vLLM {summary['vllm']}  model {args.model}")
-        print(f"greedy TP=2 (ray) vs TP=1: identical={g['identical']} close={g['close']}")
-        for k in ("greedy_kvplug_tp1_vs_vanilla_tp1", "greedy_tp2_vs_vanilla_tp1"):
+        for k in ("greedy_tp2_vs_tp1", "greedy_kvplug_tp1_vs_vanilla_tp1", "greedy_tp2_vs_vanilla_tp1"):
             if k in summary:
                 print(f"{k}: identical={summary[k]['identical']} close={summary[k]['close']}")
         print(f"TP=2 ranks: {r['ranks']} kvplug impl on all: {r['all_ranks_kvplug_impl']}  config reached all: "

@@ -32,7 +32,7 @@ from serving import routing
 
 log = logging.getLogger("kvplug.replicas")
 
-REPLICA_START_TIMEOUT_S = 900
+REPLICA_START_TIMEOUT_S = 1800  # two first starts (compiling) on 2 busy cores can take >15 min
 # Env the replicas need from the launcher even on a Ray node whose own env differs.
 FORWARDED_ENV_PREFIXES = ("KVPLUG_", "VLLM_", "HF_", "TRANSFORMERS_", "OMP_", "CUDA_LAUNCH_BLOCKING")
 
@@ -60,6 +60,8 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-replica", type=float, default=None,
                    help="Ray CPUs reserved per replica (default 1 on CPU, 2 on GPU)")
     g.add_argument("--health-interval", type=float, default=2.0, help="seconds between replica health checks")
+    g.add_argument("--replica-start-timeout", type=float, default=REPLICA_START_TIMEOUT_S,
+                   help="seconds to wait for every replica's /health before giving up")
 
 
 def validate_router_args(ns: argparse.Namespace, vllm_args: list[str]) -> str | None:
@@ -205,7 +207,7 @@ def _tail(path: str, n: int = 30) -> str:
 
 def start_replicas(command: list[str], env: dict[str, str], n: int, *, ray_address: str | None,
                    cpus_per_replica: float, gpus_per_replica: float, log_dir: str,
-                   cpu_platform: bool) -> list[StartedReplica]:
+                   cpu_platform: bool, start_timeout_s: float = REPLICA_START_TIMEOUT_S) -> list[StartedReplica]:
     """Start N replica actors and wait until every server answers /health (ReplicaError otherwise)."""
     import httpx
     import ray
@@ -250,8 +252,10 @@ def start_replicas(command: list[str], env: dict[str, str], n: int, *, ray_addre
                               file=sys.stderr, flush=True)
                 except httpx.HTTPError:
                     pass
-            if time.monotonic() - t0 > REPLICA_START_TIMEOUT_S:
-                raise ReplicaError(f"replicas {', '.join(pending)} not ready after {REPLICA_START_TIMEOUT_S}s")
+            if time.monotonic() - t0 > start_timeout_s:
+                raise ReplicaError(f"replicas {', '.join(pending)} not ready after {start_timeout_s:.0f}s "
+                                   "(--replica-start-timeout); last log lines of the first:\n"
+                                   f"{_tail(next(iter(pending.values())).info['log'])}")
             if pending:
                 time.sleep(2)
         return started
@@ -293,7 +297,8 @@ def run_replicated(p: Any) -> int:
     started: list[StartedReplica] = []
     try:
         started = start_replicas(p.command, p.env, p.replicas, ray_address=p.ray_address, cpus_per_replica=cpus,
-                                 gpus_per_replica=0 if cpu else tp, log_dir=log_dir, cpu_platform=cpu)
+                                 gpus_per_replica=0 if cpu else tp, log_dir=log_dir, cpu_platform=cpu,
+                                 start_timeout_s=opts.get("replica_start_timeout", REPLICA_START_TIMEOUT_S))
         router = ReplicaRouter([ReplicaEndpoint(r.name, r.url, r.info) for r in started], mode=opts["routing"],
                                load_factor=opts["load_factor"], prefix_chars=opts["affinity_prefix_chars"],
                                health_interval_s=opts["health_interval"], metrics_prefix=p.config.metrics.prefix)

@@ -172,7 +172,8 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
                      host=ns.host, port=ns.port, config=config, vllm_args=extra, replicas=ns.replicas,
                      ray_address=ns.ray_address,
                      router={k: getattr(ns, k) for k in ("routing", "load_factor", "affinity_prefix_chars",
-                                                         "cpus_per_replica", "health_interval")})
+                                                         "cpus_per_replica", "health_interval",
+                                                         "replica_start_timeout")})
 
 
 def run(p: ServePlan) -> int:
