@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import socket
 import sys
 import time
@@ -317,7 +318,7 @@ def cmd_run(args) -> int:
     summary = summarize(outcome["records"], outcome["wall_s"], metrics)
 
     config = {k: (None if isinstance(v, float) and math.isinf(v) else v)
-              for k, v in vars(args).items() if k not in ("command",)}
+              for k, v in vars(args).items() if k not in ("command", "command_line")}
     config["rate"] = "inf" if math.isinf(args.rate) else args.rate
     config["mix"] = list(options.get("components", ())) or None
     result = {
@@ -325,6 +326,7 @@ def cmd_run(args) -> int:
         "version": 1,
         "label": args.label or out_dir.name,
         "config": config,
+        "command": args.command_line,
         "environment": {
             "endpoint": args.endpoint,
             "api_base": api_base,
@@ -427,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
         except SystemExit as e:  # --help
             return int(e.code or 0)
+        args.command_line = f"{PROG} {shlex.join(argv)}"
         return {"run": cmd_run, "compare": cmd_compare, "report": cmd_report,
                 "kernels": cmd_kernels}[args.command](args)
     except UsageError as e:

@@ -32,7 +32,7 @@ from .tasks.base import Case
 
 MODES = ("multi-turn", "multi-request")
 # Every request names its shared context, so a router can pin a session to a replica.
-SESSION_HEADER = "X-Kvplug-Session"
+SESSION_HEADER = "X-Session-Id"  # what `kvplug serve --replicas` routes on
 
 
 @dataclasses.dataclass

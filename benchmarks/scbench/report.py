@@ -104,7 +104,9 @@ def markdown(result: dict) -> str:
     lines = [
         f"# kvplug bench: {cfg['task']} / {cfg['mode']}",
         "",
-        f"- endpoint: `{env['endpoint']}`, model: `{env['model']}`",
+        f"- command: `{result.get('command', '?')}`",
+        f"- endpoint: `{env['endpoint']}`, model: `{env['model']}`, server version: "
+        f"{env.get('server_version') or '?'}, client host: {env.get('host', '?')}",
         f"- started: {env['started']}, wall: {s['wall_s']:.1f} s, stop: {result['stop_reason']}",
         f"- sessions: {cfg['sessions']}, turns: {cfg['turns']}, context: {cfg['context_tokens']} "
         f"tokens ({env.get('tokenizer')}), concurrency: {cfg['concurrency']}, "
