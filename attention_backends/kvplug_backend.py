@@ -7,6 +7,7 @@ outside CUDA graphs. Sparse prefill and retrieval decode extend these classes.
 """
 from __future__ import annotations
 
+from attention_backends.retrieval_decode import backend_hooks as retrieval_decode
 from attention_backends.sparse_prefill import backend_hooks as sparse_prefill
 from kvplug import metrics, vllm_compat
 
@@ -22,14 +23,25 @@ class KvplugMetadataBuilder(_DenseBuilder):  # type: ignore[misc, valid-type]
         self._num_layers = len(layer_names)
         self._metrics = metrics.get()
         self._sparse_prefill = sparse_prefill.builder_hook()
+        self._retrieval_decode = retrieval_decode.builder_hook(self)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        attn_metadata = None
+        if self._retrieval_decode is not None:  # long decodes read top-k blocks; the other rows build as below
+            attn_metadata = self._retrieval_decode.build(
+                common_attn_metadata, lambda cam: _DenseBuilder.build(self, common_prefix_len, cam, fast_build),
+                lambda cam: self._build_rows(0, cam, fast_build))
+        if attn_metadata is None:
+            attn_metadata = self._build_rows(common_prefix_len, common_attn_metadata, fast_build)
+        if self._metrics is not None:
+            self._record(vllm_compat.batch_phases(common_attn_metadata))
+        return attn_metadata
+
+    def _build_rows(self, common_prefix_len, common_attn_metadata, fast_build: bool):
         attn_metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
         if self._sparse_prefill is not None:  # plan once per batch; the dense rows get their own metadata
             self._sparse_prefill.after_build(attn_metadata, common_attn_metadata,
                                              lambda cam: _DenseBuilder.build(self, 0, cam, fast_build))
-        if self._metrics is not None:
-            self._record(vllm_compat.batch_phases(common_attn_metadata))
         return attn_metadata
 
     def _record(self, phases: vllm_compat.BatchPhases) -> None:
@@ -47,8 +59,17 @@ class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
         if m is not None:
             m.backend_instances.labels(backend=BACKEND_LABEL, process=metrics.process_role()).inc()
         self._sparse_prefill = sparse_prefill.impl_runner(self)
+        self._retrieval_decode = retrieval_decode.impl_runner(self)
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if self._retrieval_decode is not None:  # block summaries follow every key written to the cache
+            self._retrieval_decode.after_kv_write(key, kv_cache, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        retrieval = retrieval_decode.plan_of(attn_metadata) if self._retrieval_decode is not None else None
+        if retrieval is not None:  # long decodes attend their top-k blocks; the other rows come back here
+            return self._retrieval_decode.forward(self.forward, layer, query, key, value, kv_cache, retrieval, output)
         plan = sparse_prefill.plan_of(attn_metadata) if self._sparse_prefill is not None else None
         if plan is not None:  # long prefill chunks attend sparsely; every other row goes to the parent
             return self._sparse_prefill.forward(super().forward, layer, query, key, value, kv_cache, plan, output)

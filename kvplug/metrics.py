@@ -28,6 +28,8 @@ class Metrics:
     backend_instances: object
     sparse_prefill_tokens: object
     sparse_prefill_pairs: object
+    retrieval_decode_tokens: object
+    retrieval_decode_blocks: object
 
 
 def process_role() -> str:
@@ -76,6 +78,13 @@ def _create(prefix: str) -> Metrics:
         sparse_prefill_pairs=Counter(f"{prefix}_sparse_prefill_pairs",
                                      "Sparse-prefill (query, key) pairs over all layers and heads: computed vs "
                                      "the full causal mask", ["kind"]),
+        retrieval_decode_tokens=Counter(f"{prefix}_retrieval_decode_tokens",
+                                        "Decode tokens by attention mode: sparse (top-k blocks) or dense", ["mode"]),
+        # blocks read per sparse token = rate(blocks{kind="read"}) / rate(tokens{mode="sparse"}) (per kv-head);
+        # fraction of KV read = rate(blocks{kind="read"}) / rate(blocks{kind="total"})
+        retrieval_decode_blocks=Counter(f"{prefix}_retrieval_decode_blocks",
+                                        "KV blocks per kv-head of retrieval-decode tokens: read vs what dense "
+                                        "decoding reads", ["kind"]),
     )
 
 

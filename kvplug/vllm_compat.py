@@ -253,19 +253,69 @@ def current_model_name() -> str:
 
 # --- retrieval decode: KV geometry and the CPU paged-decode kernel on a reduced block table ---------------
 
-def current_model_name() -> str:
-    """The served model's name/path, inside a vLLM process while its config is current (layer init)."""
-    from vllm.config import get_current_vllm_config
+def paged_kv_geometry(kv_cache: Any) -> tuple[int, int, int, int]:
+    """(num_blocks, kv_heads, block_size, head_dim) of a layer's paged KV cache. CPU_ATTN:
+    [blocks, heads, block_size, 2*head_dim]; FlashAttention: [2, blocks, block_size, heads, head_dim]."""
+    if kv_cache.dim() == 4:
+        nb, heads, bs, two_d = kv_cache.shape
+        return nb, heads, bs, two_d // 2
+    _, nb, bs, heads, d = kv_cache.shape
+    return nb, heads, bs, d
 
-    return str(get_current_vllm_config().model_config.model)
+
+@dataclass
+class CpuHeadDecodeMetadata:
+    """CPU_ATTN metadata for decoding each (sequence, kv-head) as its own one-head sequence."""
+
+    query_start_loc: Any  # [N*Hkv + 1] int32
+    seq_lens: Any  # [N*Hkv] int32
+    scheduler_metadata: Any
+    group: int  # query heads per kv-head
 
 
-def layer_index(layer_name: str) -> int:
-    """'model.layers.12.self_attn.attn' -> 12 (orders the per-layer caches the connector gets)."""
-    for part in layer_name.split("."):
-        if part.isdigit():
-            return int(part)
-    raise ValueError(f"no layer index in {layer_name!r}")
+def cpu_head_decode_metadata(builder: Any, seq_lens_per_head: Any) -> CpuHeadDecodeMetadata:
+    """Scheduler metadata of CPU_ATTN for ``seq_lens_per_head`` [N*Hkv] one-token, one-kv-head sequences.
+    ``builder``: the CPU_ATTN metadata builder of the KV-cache group (its ISA, dtype, heads)."""
+    import torch
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    n = int(seq_lens_per_head.shape[0])
+    qsl = torch.arange(n + 1, dtype=torch.int32)
+    seq = seq_lens_per_head.to(torch.int32)
+    group = builder.num_heads // builder.num_kv_heads
+    sched = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=n, num_heads=group, num_kv_heads=1, head_dim=builder.head_dim, seq_lens=seq,
+        dtype=builder.dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=builder.isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=builder.kv_cache_dtype)
+    return CpuHeadDecodeMetadata(qsl, seq, sched, group)
+
+
+def cpu_head_decode(impl: Any, layer: Any, query: Any, kv_cache: Any, head_block_table: Any,
+                    meta: CpuHeadDecodeMetadata) -> Any:
+    """CPU_ATTN's own paged kernel over per-head block lists: query [N, Hq, D] (one decode token each),
+    ``head_block_table`` [N, Hkv, k] physical block ids (valid first; ``meta.seq_lens`` says how many tokens
+    to read). CPU_ATTN keeps each (block, kv-head) contiguous, so the cache viewed as
+    [num_blocks*Hkv, 1, block_size, 2*D] turns (block b, head h) into block b*Hkv+h of a one-head cache and
+    the dense kernel reads exactly the selected blocks of each head. Returns [N, Hq, D]."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    n, hq, d = query.shape
+    nb, hkv, bs, _ = kv_cache.shape
+    one_head = kv_cache.view(nb * hkv, 1, bs * 2, d)
+    key_cache, value_cache = one_head.chunk(2, dim=2)
+    heads = torch.arange(hkv, dtype=head_block_table.dtype, device=head_block_table.device).view(1, hkv, 1)
+    table = (head_block_table * hkv + heads).reshape(n * hkv, -1).to(torch.int32)
+    q = query.reshape(n * hkv, meta.group, d).contiguous()
+    out = torch.empty_like(q)
+    ops.cpu_attention_with_kv_cache(
+        query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=meta.query_start_loc,
+        seq_lens=meta.seq_lens, scale=impl.scale, causal=True, alibi_slopes=None, sliding_window=-1,
+        block_table=table, softcap=impl.logits_soft_cap, scheduler_metadata=meta.scheduler_metadata, s_aux=None,
+        dynamic_causal=None, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+        kv_cache_dtype=impl.kv_cache_dtype)
+    return out.view(n, hq, d)
 
 
 # --- KV connector (offload/connector.py) ------------------------------------------------------------

@@ -69,6 +69,8 @@ class RetrievalPlan:
     budget_blocks_cpu: torch.Tensor = field(default=None)  # type: ignore[assignment]
     seq_lens_cpu: torch.Tensor = field(default=None)  # type: ignore[assignment]
     extra: dict = field(default_factory=dict)  # backend-specific per-batch data (e.g. CPU kernel metadata)
+    rest_metadata: Any = None  # the dense backend's metadata of the other requests (None: there are none)
+    rest_rows_dev: torch.Tensor | None = None  # rest_rows on the device
 
     @property
     def num_seqs(self) -> int:
@@ -109,3 +111,37 @@ def selected_tokens(plan_: RetrievalPlan) -> torch.Tensor:
     bs = plan_.params.block_size
     last = plan_.seq_lens_cpu - (plan_.seq_lens_cpu - 1) // bs * bs
     return (plan_.budget_blocks_cpu - 1) * bs + last
+
+
+@dataclass
+class DecodeGraphPlan:
+    """CUDA, pure-decode batches: everything stays on the device and every request takes the retrieval
+    kernel, so the step can be captured and replayed in a full CUDA graph. ``seq_lens``/``block_table`` are
+    the builder's persistent buffers (vLLM refills them in place before each replay); budgets are computed
+    from them inside the graph. Sequences below min_context_tokens (or within their budget) read all their
+    blocks, which is exactly dense attention; ``k`` is fixed for the engine's lifetime."""
+
+    seq_lens: torch.Tensor  # [N] device (N = padded batch under graphs; padding rows have seq_len 0)
+    block_table: torch.Tensor  # [N, B] device
+    k: int
+    params: RetrievalParams
+
+
+def graph_k(params: RetrievalParams, max_model_len: int) -> int:
+    """Fixed selection slots: the largest budget any sequence can have, or min_context_tokens' blocks."""
+    dense_blocks = -(-params.min_context_tokens // params.block_size)
+    return max(params.max_budget_blocks(max_model_len), dense_blocks, params.sink_blocks + params.recent_blocks)
+
+
+def device_budgets(params: RetrievalParams, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_blocks, budget_blocks) [N] int64 on the device, without a host sync."""
+    bs = params.block_size
+    seq = seq_lens.long()
+    nb = (seq + bs - 1) // bs
+    if params.budget_fraction > 0:
+        tokens = torch.ceil(seq.double() * params.budget_fraction).long()
+    else:
+        tokens = torch.full_like(seq, params.budget_tokens)
+    budget = torch.clamp((tokens + bs - 1) // bs, min=params.sink_blocks + params.recent_blocks)
+    budget = torch.where(seq < params.min_context_tokens, nb, torch.minimum(budget, nb))
+    return nb, budget

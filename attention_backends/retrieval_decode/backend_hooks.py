@@ -1,0 +1,109 @@
+"""The hooks kvplug's backend calls: plan in the metadata builder, summaries after each KV write, run in
+the attention impl. Each returns None when retrieval decode is off, so the backend stays a passthrough."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from attention_backends.retrieval_decode import planner, runner
+from kvplug import vllm_compat
+
+PLAN_ATTR = "kvplug_retrieval"
+# Benchmark knob: RetrievalParams fields replaced at run time in this process (set through
+# LLM.collective_rpc), so one engine with one prefilled prefix cache can sweep budgets; {"dense": True}
+# sends every decode to the dense path. Empty = the config as resolved.
+_OVERRIDE: dict = {}
+
+
+def set_override(_worker: Any = None, **fields: Any) -> None:
+    """Replace retrieval params in this process (``collective_rpc(set_override, kwargs=...)``)."""
+    unknown = set(fields) - set(planner.RetrievalParams.__dataclass_fields__) - {"dense"}
+    if unknown:
+        raise ValueError(f"unknown retrieval decode override(s): {sorted(unknown)}")
+    _OVERRIDE.clear()
+    _OVERRIDE.update(fields)
+
+
+def _config():
+    from kvplug.plugin import active_config
+
+    cfg = active_config().retrieval_decode
+    return cfg if cfg.enabled else None
+
+
+def plan_of(attn_metadata: Any) -> planner.RetrievalPlan | None:
+    return getattr(attn_metadata, PLAN_ATTR, None)
+
+
+class BuilderHook:
+    def __init__(self, builder: Any, cfg: Any) -> None:
+        self.builder = builder
+        self.params = planner.RetrievalParams.from_config(cfg, builder.kv_cache_spec.block_size)
+        self.num_kv_heads = builder.kv_cache_spec.num_kv_heads
+        # CUDA: pure-decode batches use fixed shapes so full CUDA graphs can capture and replay them.
+        self.graph_safe = vllm_compat.platform_name() == "cuda"
+        self.graph_k = planner.graph_k(self.params, builder.vllm_config.model_config.max_model_len)
+
+    def build(self, common_attn_metadata: Any, build_full: Callable[[Any], Any],
+              build_rest: Callable[[Any], Any]) -> Any | None:
+        """Metadata of a batch with retrieval decodes in it (the plan attached), else None: build as usual."""
+        cam = common_attn_metadata
+        phases = vllm_compat.batch_phases(cam)
+        if not phases.decode_tokens:
+            return None
+        params = self.params
+        if _OVERRIDE:
+            if _OVERRIDE.get("dense"):
+                runner.record_batch(None, phases.decode_tokens)
+                return None
+            params = dataclasses.replace(params, **_OVERRIDE)
+        if self.graph_safe and not phases.prefill_reqs:
+            return self._build_graph_plan(cam, params, phases, build_full)
+        plan = planner.plan(params, cam.query_start_loc_cpu, vllm_compat.host_seq_lens(cam), cam.num_reqs,
+                            cam.block_table_tensor, cam.num_actual_tokens)
+        runner.record_batch(plan, phases.decode_tokens)
+        if plan is None:
+            return None
+        attn_metadata = build_full(cam)
+        if plan.rest_req_ids.numel():
+            plan.rest_metadata = build_rest(vllm_compat.subset_common_metadata(cam, plan.rest_req_ids, plan.rest_rows))
+            plan.rest_rows_dev = plan.rest_rows.to(cam.block_table_tensor.device)
+        if vllm_compat.platform_name() == "cpu":
+            per_head = planner.selected_tokens(plan).repeat_interleave(self.num_kv_heads)
+            plan.extra["cpu"] = vllm_compat.cpu_head_decode_metadata(self.builder, per_head)
+        setattr(attn_metadata, PLAN_ATTR, plan)
+        return attn_metadata
+
+    def _build_graph_plan(self, cam: Any, params: planner.RetrievalParams, phases: Any,
+                          build_full: Callable[[Any], Any]) -> Any:
+        """CUDA pure-decode batch: a device-only plan over the builder's persistent buffers (graph replay)."""
+        attn_metadata = build_full(cam)
+        n = cam.num_reqs
+        setattr(attn_metadata, PLAN_ATTR, planner.DecodeGraphPlan(
+            cam.seq_lens, cam.block_table_tensor, self.graph_k, params))
+        # Metrics from the host copy of the lengths (what the device computes, without reading it back).
+        nb, budget = planner.device_budgets(params, vllm_compat.host_seq_lens(cam)[:n])
+        sparse = budget < nb
+        runner.record_counts(int(sparse.sum()), phases.decode_tokens - int(sparse.sum()),
+                             int(budget[sparse].sum()), int(nb[sparse].sum()))
+        return attn_metadata
+
+
+def builder_hook(builder: Any) -> BuilderHook | None:
+    cfg = _config()
+    return None if cfg is None else BuilderHook(builder, cfg)
+
+
+def impl_runner(impl: Any) -> runner.RetrievalDecodeRunner | None:
+    """A runner for one attention impl (layer), or None when retrieval decode is off or cannot apply."""
+    cfg = _config()
+    if cfg is None:
+        return None
+    if getattr(vllm_compat.dense_backend_class(), "forward_includes_kv_cache_update", False):
+        raise RuntimeError("retrieval decode needs a dense backend that writes the KV cache before forward "
+                           "(do_kv_cache_update); this vLLM's backend writes it inside forward")
+    window = getattr(impl, "sliding_window", None)
+    if window not in (None, -1, (-1, -1)) or getattr(impl, "sinks", None) is not None \
+            or getattr(impl, "alibi_slopes", None) is not None:
+        return None  # windowed / sink-token / ALiBi layers keep the dense kernel (their masks are not block-local)
+    return runner.RetrievalDecodeRunner(impl)

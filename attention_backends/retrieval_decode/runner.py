@@ -1,0 +1,120 @@
+"""run(): one layer's decode attention for a batch holding retrieval-decode sequences, plus the layer's
+block summaries, updated right after the dense backend writes this step's keys into the paged cache.
+
+Rows that are not retrieval decodes (prefill chunks, short decodes) go through ``rest_forward`` with the
+metadata the planner built for just them, so sparse prefill and the dense kernels see a normal batch.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import torch
+
+from attention_backends.retrieval_decode.planner import DecodeGraphPlan, RetrievalPlan, device_budgets
+from attention_backends.retrieval_decode.selection import select_blocks, select_for_queries
+from attention_backends.retrieval_decode.summaries import BlockSummaries
+from kvplug import metrics, vllm_compat
+
+_stats_lock = threading.Lock()
+# Per process, per batch (not per layer); tests read them through collective_rpc, Prometheus gets the same.
+STATS = {"batches": 0, "sparse_tokens": 0, "dense_decode_tokens": 0, "blocks_read": 0, "blocks_total": 0}
+
+
+def stats_snapshot(_worker: Any = None) -> dict[str, int]:
+    with _stats_lock:
+        return dict(STATS)
+
+
+def record_batch(plan: RetrievalPlan | None, decode_tokens: int) -> None:
+    """Blocks read per kv-head of every retrieval token vs what dense decoding reads; dense decode tokens."""
+    if plan is None:
+        record_counts(0, decode_tokens, 0, 0)
+    else:
+        record_counts(plan.num_seqs, decode_tokens - plan.num_seqs, plan.blocks_read, plan.blocks_total)
+
+
+def record_counts(sparse: int, dense: int, read: int, total: int) -> None:
+    with _stats_lock:
+        STATS["batches"] += sparse > 0
+        STATS["sparse_tokens"] += sparse
+        STATS["dense_decode_tokens"] += dense
+        STATS["blocks_read"] += read
+        STATS["blocks_total"] += total
+    m = metrics.get()
+    if m is None or getattr(m, "retrieval_decode_tokens", None) is None:
+        return
+    if sparse:
+        m.retrieval_decode_tokens.labels(mode="sparse").inc(sparse)
+        m.retrieval_decode_blocks.labels(kind="read").inc(read)
+        m.retrieval_decode_blocks.labels(kind="total").inc(total)
+    if dense:
+        m.retrieval_decode_tokens.labels(mode="dense").inc(dense)
+
+
+class RetrievalDecodeRunner:
+    """Lives in one attention impl (one layer): owns that layer's block summaries."""
+
+    def __init__(self, impl: Any) -> None:
+        self.impl = impl
+        self.summaries: BlockSummaries | None = None
+
+    def after_kv_write(self, key: torch.Tensor | None, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if key is None or kv_cache.numel() == 0:
+            return  # profiling runs have no cache yet
+        nb, hkv, bs, d = vllm_compat.paged_kv_geometry(kv_cache)
+        if self.summaries is None or not self.summaries.matches(nb, hkv, d, bs, kv_cache.device):
+            # First write into this cache (or the cache was re-allocated): summaries start empty.
+            if kv_cache.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("retrieval decode: first KV write happened inside CUDA-graph capture; "
+                                   "summaries must be allocated in an eager warm-up step")
+            # CPU: float32; CUDA: the KV dtype, so scoring reads 1/block_size of the KV bytes it saves.
+            dtype = torch.float32 if not kv_cache.is_cuda or not kv_cache.dtype.is_floating_point \
+                or kv_cache.element_size() < 2 else kv_cache.dtype
+            self.summaries = BlockSummaries.allocate(nb, hkv, d, bs, dtype, kv_cache.device)
+        self.summaries.update(key, slot_mapping)
+
+    def forward(self, rest_forward: Callable[..., Any], layer: Any, query: torch.Tensor, key: torch.Tensor | None,
+                value: torch.Tensor | None, kv_cache: torch.Tensor, plan: RetrievalPlan,
+                output: torch.Tensor) -> torch.Tensor:
+        if plan.rest_metadata is not None:
+            rows = plan.rest_rows_dev
+            rest_out = output.new_empty((rows.numel(), *output.shape[1:]))
+            rest_forward(layer, query[rows], None if key is None else key[rows],
+                         None if value is None else value[rows], kv_cache, plan.rest_metadata, rest_out)
+            output[rows] = rest_out
+        if self.summaries is None:
+            raise RuntimeError("retrieval decode: no block summaries for this layer (its KV cache was never written "
+                               "through the backend)")
+        p = plan.params
+        if isinstance(plan, DecodeGraphPlan):  # whole pure-decode batch, fixed shapes (CUDA graphs)
+            n = plan.seq_lens.shape[0]
+            rows, q = slice(0, n), query[:n]
+            num_blocks, budget_blocks = device_budgets(p, plan.seq_lens)
+        else:
+            rows, q = plan.rows, query[plan.rows]
+            num_blocks, budget_blocks = plan.num_blocks, plan.budget_blocks
+        kmin, kmax = self.summaries.kmin, self.summaries.kmax
+        if query.is_cuda:
+            from attention_backends.retrieval_decode import triton_kernels
+
+            scores = triton_kernels.quest_scores_paged(q, kmin, kmax, plan.block_table, p.gqa_reduce)
+            sel = select_blocks(scores, num_blocks, budget_blocks, plan.k, p.sink_blocks, p.recent_blocks)
+        else:
+            sel = select_for_queries(q, kmin, kmax, plan.block_table, num_blocks, budget_blocks, plan.k,
+                                     p.sink_blocks, p.recent_blocks, p.gqa_reduce)
+        hkv = kmin.shape[1]
+        phys = torch.gather(plan.block_table.long().unsqueeze(1).expand(-1, hkv, -1), 2, sel.blocks)
+        if query.is_cuda:
+            out = triton_kernels.selected_block_decode(q, kv_cache, phys, sel.valid, plan.seq_lens, sel.blocks,
+                                                       self.impl.scale)
+        else:
+            out = vllm_compat.cpu_head_decode(self.impl, layer, q, kv_cache, phys, plan.extra["cpu"])
+        output[rows] = out.to(output.dtype)
+        return output
+
+
+def stats_reset(_worker: Any = None) -> None:
+    with _stats_lock:
+        for key in STATS:
+            STATS[key] = 0

@@ -1,0 +1,42 @@
+"""Shared plumbing of the GPU end-to-end scripts: one backend per subprocess, one RESULT line back."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def run_worker(module: str, backend: str, argv: Sequence[str], env: dict) -> dict:
+    """Run ``python -m module --worker --backend B <argv>`` and return its last ``RESULT {json}`` line.
+    The child's stderr streams through; its other stdout lines are echoed to stderr."""
+    cmd = [sys.executable, "-m", module, "--worker", "--backend", backend, *argv]
+    print(f"[{module.rsplit('.', 1)[-1]}] running {backend} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    sys.stderr.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if not ln.startswith("RESULT ")))
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{backend} run failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def worker_argv(argv: Sequence[str], drop: Sequence[str] = ("--backends", "--out")) -> list[str]:
+    """The parent's own flags minus those only the parent uses (``--flag value`` or ``--flag=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in drop:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def write_results(out: str, command: str, summary: dict, runs: list[dict]) -> None:
+    summary["command"] = command
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))

@@ -1,0 +1,188 @@
+"""Accuracy of retrieval decoding vs budget, judged against dense decoding of the same engine.
+
+One engine (retrieval decode on, prefix caching on) prefills each locally generated long-context case once;
+then every budget decodes the same questions (the budget is switched in the worker between sweeps, the
+contexts come back from the prefix cache). Per budget: score vs the gold answers, agreement with the dense
+outputs (same text), and the fraction of KV blocks actually read.
+
+    python -m benchmarks.retrieval_decode_accuracy                       # SmolLM2 on CPU, 4K and 8K contexts
+    python -m benchmarks.retrieval_decode_accuracy --model qwen2.5-coder-0.5b-instruct --contexts 32768 \\
+        --block-size 16 --out benchmarks/results/retrieval_decode_accuracy_qwen_32k.json     # (GPU)
+
+Writes JSON (every answer), a PNG plot and a Markdown table (for BENCHMARKS.md) next to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_OUT = "benchmarks/results/retrieval_decode_accuracy_smollm2_cpu.json"
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="kvplug model name or HF folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--tasks", default="kv,passkey,multihop")
+    ap.add_argument("--contexts", default="4096,7600", help="context lengths in tokens of the model's tokenizer")
+    ap.add_argument("--cases", type=int, default=3, help="cases per (task, context)")
+    ap.add_argument("--turns", type=int, default=3, help="independent questions per case (same context)")
+    ap.add_argument("--budgets", default="0.05,0.1,0.2,0.4", help="budget fractions of each sequence's context")
+    ap.add_argument("--block-size", type=int, default=32, help="KV block size (CPU: multiple of 32)")
+    ap.add_argument("--sink-blocks", type=int, default=1)
+    ap.add_argument("--recent-tokens", type=int, default=64)
+    ap.add_argument("--min-context", type=int, default=1024)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                    help="skip torch.compile (attention is an opaque op either way; saves minutes on CPU)")
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    return ap.parse_args(argv)
+
+
+def _env(args) -> None:
+    # Read by the plugin in the engine processes (they inherit this environment).
+    os.environ.update({
+        "KVPLUG_RETRIEVAL_DECODE__ENABLED": "true",
+        "KVPLUG_RETRIEVAL_DECODE__BUDGET_FRACTION": str(max(float(b) for b in args.budgets.split(","))),
+        "KVPLUG_RETRIEVAL_DECODE__SINK_BLOCKS": str(args.sink_blocks),
+        "KVPLUG_RETRIEVAL_DECODE__RECENT_TOKENS": str(args.recent_tokens),
+        "KVPLUG_RETRIEVAL_DECODE__MIN_CONTEXT_TOKENS": str(args.min_context),
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # collective_rpc with functions
+    })
+    os.environ.pop("KVPLUG_CONFIG_JSON", None)
+
+
+def _cases(args, model_path):
+    from benchmarks.scbench.tasks import generate_cases
+    from benchmarks.scbench.tokenizer import load_counter
+
+    count, _ = load_counter(str(model_path))
+    out = []
+    for task in args.tasks.split(","):
+        for ctx in (int(c) for c in args.contexts.split(",")):
+            for case in generate_cases(task, seed=args.seed, sessions=args.cases, context_tokens=ctx,
+                                       turns=args.turns, count_tokens=count):
+                for t, turn in enumerate(case.multi_turns):
+                    out.append({"case": case.id, "task": task, "context_tokens": ctx, "turn": t,
+                                "messages": [{"role": "user", "content": case.context + "\n\n" + turn.input}],
+                                "answer": turn.answer, "scorer": turn.scorer})
+    return out
+
+
+def run(args) -> dict:
+    _env(args)
+    from vllm import LLM, SamplingParams
+
+    from attention_backends.retrieval_decode import backend_hooks, runner
+    from benchmarks.scbench.scoring import score
+    from kvplug import models
+
+    model_path = models.prepare(args.model) if args.model else models.prepare()
+    items = _cases(args, model_path)
+    llm = LLM(model=str(model_path), max_model_len=args.max_model_len, block_size=args.block_size,
+              kv_cache_memory_bytes=2 << 30, enable_prefix_caching=True, seed=0, max_num_batched_tokens=2048,
+              enforce_eager=args.eager)
+    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    sweeps = [("dense", {"dense": True})] + [(f"{float(b):g}", {"budget_fraction": float(b)})
+                                             for b in args.budgets.split(",")]
+    results = {"model": str(model_path), "device": "cpu" if not _cuda() else "cuda", "args": vars(args),
+               "sweeps": []}
+    dense_texts = None
+    for name, override in sweeps:
+        llm.collective_rpc(backend_hooks.set_override, kwargs=override)
+        llm.collective_rpc(runner.stats_reset)
+        t0 = time.perf_counter()
+        outs = llm.chat([it["messages"] for it in items], sp, use_tqdm=True)
+        secs = time.perf_counter() - t0
+        stats = llm.collective_rpc(runner.stats_snapshot)[0]
+        texts = [o.outputs[0].text for o in outs]
+        if dense_texts is None:
+            dense_texts = texts
+        scores = [score(it["scorer"], txt, it["answer"]) for it, txt in zip(items, texts)]
+        agree = [a == b for a, b in zip(texts, dense_texts)]
+        per_task = {}
+        for it, s, a in zip(items, scores, agree):
+            d = per_task.setdefault(it["task"], {"score": [], "agree": []})
+            d["score"].append(s)
+            d["agree"].append(a)
+        sweep = {
+            "budget": name, "seconds": round(secs, 2), "stats": stats,
+            "fraction_kv_read": (stats["blocks_read"] / stats["blocks_total"]) if stats["blocks_total"] else 1.0,
+            "blocks_read_per_token": (stats["blocks_read"] / stats["sparse_tokens"]) if stats["sparse_tokens"] else None,
+            "accuracy": sum(scores) / len(scores), "agreement_with_dense": sum(agree) / len(agree),
+            "per_task": {t: {"accuracy": sum(d["score"]) / len(d["score"]),
+                             "agreement_with_dense": sum(d["agree"]) / len(d["agree"])} for t, d in per_task.items()},
+            "answers": [{"case": it["case"], "task": it["task"], "context_tokens": it["context_tokens"],
+                         "turn": it["turn"], "answer": it["answer"], "output": txt, "score": s}
+                        for it, txt, s in zip(items, texts, scores)],
+        }
+        results["sweeps"].append(sweep)
+        print(f"[{name}] accuracy={sweep['accuracy']:.3f} agreement={sweep['agreement_with_dense']:.3f} "
+              f"kv_read={sweep['fraction_kv_read']:.3f} ({secs:.0f}s)", flush=True)
+    return results
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def markdown(results: dict) -> str:
+    a = results["args"]
+    lines = [f"Model {Path(results['model']).name}, {results['device']}, tasks {a['tasks']}, contexts {a['contexts']}, "
+             f"{a['cases']} cases x {a['turns']} questions, block size {a['block_size']}, sink {a['sink_blocks']} "
+             f"block(s), recent {a['recent_tokens']} tokens.", "",
+             "| budget (fraction of context) | KV read | accuracy | agreement with dense | "
+             + " | ".join(f"{t} acc" for t in a["tasks"].split(",")) + " |",
+             "|---|---|---|---|" + "---|" * len(a["tasks"].split(","))]
+    for s in results["sweeps"]:
+        tasks = " | ".join(f"{s['per_task'][t]['accuracy']:.2f}" for t in a["tasks"].split(","))
+        lines.append(f"| {s['budget']} | {s['fraction_kv_read']:.3f} | {s['accuracy']:.3f} | "
+                     f"{s['agreement_with_dense']:.3f} | {tasks} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sparse = [s for s in results["sweeps"] if s["budget"] != "dense"]
+    dense = next(s for s in results["sweeps"] if s["budget"] == "dense")
+    x = [s["fraction_kv_read"] for s in sparse]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [s["accuracy"] for s in sparse], "o-", label="accuracy (retrieval decode)")
+    ax.plot(x, [s["agreement_with_dense"] for s in sparse], "s--", label="agreement with dense outputs")
+    ax.axhline(dense["accuracy"], color="gray", ls=":", label=f"dense accuracy ({dense['accuracy']:.2f})")
+    ax.set_xlabel("fraction of KV read per decode token")
+    ax.set_ylabel("score")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"Retrieval decode vs budget: {Path(results['model']).name}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    results = run(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(markdown(results))
+    plot(results, out.with_suffix(".png"))
+    print(markdown(results))
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
