@@ -1,15 +1,16 @@
 """Torch reference of sparse prefill attention (the CPU path, and the oracle for the Triton kernels).
 
-Cost follows the index: each group of query blocks gathers only its selected key blocks and columns, so
-compute and memory scale with the density, not with the causal square.
+Cost follows the index: each group of query blocks gathers only the key blocks and columns some of its
+heads selected, so compute and memory scale with the density, not with the causal square.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry, SparseIndex
 
-Q_BLOCKS_PER_STEP = 4
+Q_BLOCKS_PER_STEP = 8
 
 
 def _gqa_keys(x: torch.Tensor, Hq: int) -> torch.Tensor:
@@ -21,46 +22,45 @@ def _gqa_keys(x: torch.Tensor, Hq: int) -> torch.Tensor:
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """q [n, Hq, d]; k, v [L, Hkv, d] (the whole sequence, chunk last) -> [n, Hq, d] in q's dtype."""
+    """q [n, Hq, d]; k, v [L, Hkv, d] (the whole sequence, chunk last) -> [n, Hq, d] in q's dtype.
+
+    Per step of Q_BLOCKS_PER_STEP query blocks: gather the union (over heads) of their selected key blocks
+    and columns once, then one SDPA call with a per-head element mask (block mask, columns, causality).
+    """
     n, Hq, d = q.shape
-    L = k.shape[0]
+    L, Hkv, _ = k.shape
     geom = ChunkGeometry(n, L)
-    kh, vh = _gqa_keys(k, Hq), _gqa_keys(v, Hq)
     out = torch.empty_like(q) if out is None else out
-    nblk = index.block_mask.sum(-1)  # [Hq, nqb]
-    offs = torch.arange(BLOCK, device=q.device)
-    heads = torch.arange(Hq, device=q.device)[:, None, None]
+    dev = q.device
+    key_pos = torch.arange(L, device=dev)
     for qb0 in range(0, geom.nqb, Q_BLOCKS_PER_STEP):
         qb1 = min(geom.nqb, qb0 + Q_BLOCKS_PER_STEP)
-        sub = index.block_mask[:, qb0:qb1]  # [Hq, G, nkb]
-        nb = max(int(nblk[:, qb0:qb1].max()), 1)
-        # Selected key blocks first (stable sort of "not selected"), in ascending order.
-        blocks = torch.sort((~sub).to(torch.int8), dim=-1, stable=True).indices[..., :nb]
-        block_ok = torch.arange(nb, device=q.device) < nblk[:, qb0:qb1, None]
-        keys = (blocks[..., None] * BLOCK + offs).flatten(-2)  # [Hq, G, nb*BLOCK]
-        key_ok = (block_ok[..., None] & torch.ones(BLOCK, dtype=torch.bool, device=q.device)).flatten(-2) & (keys < L)
-        if index.cols.shape[-1]:
-            cols = index.cols[:, qb0:qb1]
-            col_ok = torch.arange(cols.shape[-1], device=q.device) < index.col_count[:, qb0:qb1, None]
-            keys = torch.cat([keys, cols], -1)
-            key_ok = torch.cat([key_ok, col_ok], -1)
-        keys = torch.where(key_ok, keys, torch.zeros_like(keys))
-        G, M = keys.shape[1], keys.shape[2]
         r0, r1 = qb0 * BLOCK, min(qb1 * BLOCK, n)
-        rows = torch.arange(r0, qb0 * BLOCK + G * BLOCK, device=q.device)
-        qblk = torch.zeros(Hq, G * BLOCK, d, dtype=torch.float32, device=q.device)
-        qblk[:, :r1 - r0] = q[r0:r1].transpose(0, 1).float()
-        qblk = qblk.view(Hq, G, BLOCK, d)
-        flat = keys.reshape(Hq, G * M)
-        ksel = kh[heads.view(Hq, 1), flat].view(Hq, G, M, d).float()
-        vsel = vh[heads.view(Hq, 1), flat].view(Hq, G, M, d).float()
-        s = torch.einsum("hgqd,hgmd->hgqm", qblk, ksel) * scale
-        row_pos = (geom.q_pos0 + rows).view(G, BLOCK)
-        ok = key_ok[:, :, None, :] & (keys[:, :, None, :] <= row_pos[None, :, :, None])
-        s = s.masked_fill(~ok, float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-        o = torch.einsum("hgqm,hgmd->hgqd", p, vsel).reshape(Hq, G * BLOCK, d)
-        out[r0:r1] = o[:, :r1 - r0].transpose(0, 1).to(out.dtype)
+        rows_qb = (torch.arange(r0, r1, device=dev) // BLOCK)  # query block of every row
+        sub = index.block_mask[:, qb0:qb1]  # [Hq, G, nkb]
+        blocks = sub.any(1).any(0).nonzero().flatten()  # union of selected key blocks
+        in_blocks = torch.zeros(L, dtype=torch.bool, device=dev)
+        in_blocks.view(-1)[(blocks[:, None] * BLOCK + torch.arange(BLOCK, device=dev)).flatten().clamp(max=L - 1)] = True
+        cols = index.cols[:, qb0:qb1]
+        col_ok = torch.arange(cols.shape[-1], device=dev) < index.col_count[:, qb0:qb1, None]
+        extra = torch.zeros(L, dtype=torch.bool, device=dev)
+        extra[cols[col_ok]] = True
+        keys = key_pos[in_blocks | extra]  # ascending key positions attended by anyone in this step
+        slot = torch.full((L,), -1, dtype=torch.int64, device=dev)
+        slot[keys] = torch.arange(len(keys), device=dev)
+        # Element mask [Hq, rows, keys]: the row's block selects the key's block, or a column of the row's block.
+        mask = sub[:, rows_qb - qb0][:, :, keys // BLOCK]
+        if cols.shape[-1]:
+            h_i, g_i, c_i = col_ok.nonzero(as_tuple=True)
+            col_mask = torch.zeros(Hq, qb1 - qb0, len(keys), dtype=torch.bool, device=dev)
+            col_mask[h_i, g_i, slot[cols[h_i, g_i, c_i]]] = True
+            mask |= col_mask[:, rows_qb - qb0]
+        mask &= keys[None, None, :] <= (geom.q_pos0 + torch.arange(r0, r1, device=dev))[None, :, None]
+        qs = q[r0:r1].transpose(0, 1)[None].float()
+        ks = k[keys].transpose(0, 1)[None].float()
+        vs = v[keys].transpose(0, 1)[None].float()
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask[None], scale=scale, enable_gqa=Hq != Hkv)
+        out[r0:r1] = o[0].transpose(0, 1).nan_to_num(0.0).to(out.dtype)
     return out
 
 

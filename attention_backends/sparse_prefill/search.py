@@ -20,7 +20,6 @@ from attention_backends.sparse_prefill import calibration
 from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig, build_index
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry
 from attention_backends.sparse_prefill.patterns import registry
-from attention_backends.sparse_prefill.reference import attention_recall
 
 CAPTURE = "kvplug_capture"
 
@@ -58,7 +57,7 @@ def capture_qk(model_path: str, prompt: str, device: str, max_tokens: int | None
     return [captured[i][0] for i in layers], [captured[i][1] for i in layers], float(scale), ids.shape[1]
 
 
-def sample_rows(n: int, per_chunk: int, gen: torch.Generator) -> slice | list[int]:
+def sample_rows(n: int, per_chunk: int, gen: torch.Generator) -> list[slice]:
     """Query-block-aligned row sample of a chunk: random blocks plus the last one (dense recall is O(rows * L))."""
     nqb = -(-n // BLOCK)
     if nqb * BLOCK <= per_chunk:
@@ -80,27 +79,39 @@ def evaluate_layer(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int, r
         end = min(T, start + chunk)
         geom = ChunkGeometry(end - start, end)
         qc, kc = q[start:end].float(), k[:end].float()
-        picks = sample_rows(end - start, rows_per_chunk, gen)
+        rows = torch.cat([torch.arange(s.start, s.stop) for s in sample_rows(end - start, rows_per_chunk, gen)])
+        probs = dense_probs(qc, kc, geom, rows, scale)  # once per chunk, shared by every candidate
         causal += geom.causal_pairs()
+        weight += len(rows)
         for ci, (name, budgets) in enumerate(cands):
             index = build_index(qc, kc, geom, LayerPlan.uniform(name, Hq, **budgets), scale)
             computed[ci] += index.computed_pairs(geom).double()
-            for rows in picks:
-                r = rows.stop - rows.start
-                recall[ci] += _recall_rows(qc, kc, index, geom, rows, scale).double() * r
-        weight += sum(s.stop - s.start for s in picks)
+            recall[ci] += captured_mass(probs, index, rows).sum(-1).double()
     return (recall / weight).float(), (computed / causal).float()
 
 
-def _recall_rows(q, k, index, geom: ChunkGeometry, rows: slice, scale: float) -> torch.Tensor:
+def dense_probs(q: torch.Tensor, k: torch.Tensor, geom: ChunkGeometry, rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """[Hq, R, L] causal softmax of the chunk's query rows ``rows`` over all L keys."""
     from attention_backends.sparse_prefill.reference import _gqa_keys
 
-    Hq = q.shape[1]
-    pos = geom.q_pos0 + torch.arange(rows.start, rows.stop)
+    pos = geom.q_pos0 + rows
     causal = torch.arange(geom.L)[None, :] <= pos[:, None]
-    s = torch.einsum("qhd,hkd->hqk", q[rows], _gqa_keys(k, Hq)) * scale
-    p = torch.softmax(s.masked_fill(~causal[None], float("-inf")), dim=-1)
-    return (p * index.dense_mask(geom, rows)).sum(-1).mean(-1)
+    s = torch.einsum("qhd,hkd->hqk", q[rows], _gqa_keys(k, q.shape[1])) * scale
+    return torch.softmax(s.masked_fill(~causal[None], float("-inf")), dim=-1)
+
+
+def captured_mass(probs: torch.Tensor, index, rows: torch.Tensor) -> torch.Tensor:
+    """[Hq, R]: the part of each row's dense attention that the index computes (blocks + columns)."""
+    H, R, L = probs.shape
+    nkb = index.block_mask.shape[-1]
+    per_block = torch.nn.functional.pad(probs, (0, nkb * BLOCK - L)).view(H, R, nkb, BLOCK).sum(-1)
+    qb = rows // BLOCK
+    mass = (per_block * index.block_mask[:, qb]).sum(-1)
+    if index.cols.shape[-1]:
+        cols = index.cols[:, qb]  # [H, R, C]
+        ok = torch.arange(cols.shape[-1]) < index.col_count[:, qb][..., None]
+        mass += (torch.gather(probs, 2, cols.clamp(min=0)) * ok).sum(-1)
+    return mass
 
 
 def choose(recall: torch.Tensor, density: torch.Tensor, cands, target: float) -> list[HeadPattern]:
@@ -195,3 +206,29 @@ def main(argv: list[str]) -> int:
     tmp.replace(out)  # atomic: a killed search never leaves a half-written config
     print(f"wrote {out}: {summarize(cfg)}")
     return 0
+
+
+def evaluate_config(qs: list[torch.Tensor], ks: list[torch.Tensor], scale: float, cfg: PatternConfig, chunk: int,
+                    rows_per_chunk: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recall and density [layers, heads] of a per-head config on captured Q/K, replaying chunked prefill."""
+    recalls, densities = [], []
+    for li, (q, k) in enumerate(zip(qs, ks)):
+        plan = LayerPlan.from_config(cfg, li, q.shape[1])
+        T = q.shape[0]
+        mass = torch.zeros(q.shape[1], dtype=torch.float64)
+        computed = torch.zeros(q.shape[1], dtype=torch.float64)
+        rows_total, causal = 0, 0
+        gen = torch.Generator().manual_seed(seed + li)
+        for start in range(0, T, chunk):
+            end = min(T, start + chunk)
+            geom = ChunkGeometry(end - start, end)
+            qc, kc = q[start:end].float(), k[:end].float()
+            rows = torch.cat([torch.arange(s.start, s.stop) for s in sample_rows(end - start, rows_per_chunk, gen)])
+            index = build_index(qc, kc, geom, plan, scale)
+            mass += captured_mass(dense_probs(qc, kc, geom, rows, scale), index, rows).sum(-1).double()
+            computed += index.computed_pairs(geom).double()
+            rows_total += len(rows)
+            causal += geom.causal_pairs()
+        recalls.append((mass / rows_total).float())
+        densities.append((computed / causal).float())
+    return torch.stack(recalls), torch.stack(densities)

@@ -7,12 +7,17 @@ shapes depend only on host-known budgets, so nothing in a layer's forward waits 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry, SparseIndex
+
+# Triton 3.9's interpreter computes bf16/fp16 tl.dot wrongly; interpreted runs dot in fp32 instead.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -46,11 +51,38 @@ def compact_blocks(block_mask: torch.Tensor, max_blocks: int | None = None) -> t
 
 
 @triton.jit
+def _attend_keys(acc, l_i, m_i, q, kpos, key_ok, row_pos, k_ptr, v_ptr, pages_ptr, kvh, sk_b, sk_h, sk_t, sk_d,
+                 sv_b, sv_h, sv_t, sv_d, page_size, qk_scale, dims, dim_ok, UPCAST: tl.constexpr):
+    """One online-softmax step over BLOCK_N keys at positions ``kpos`` read through the page table."""
+    page = tl.load(pages_ptr + kpos // page_size, mask=key_ok, other=0)
+    slot = kpos % page_size
+    kt = tl.load(k_ptr + page[None, :] * sk_b + kvh * sk_h + slot[None, :] * sk_t + dims[:, None] * sk_d,
+                 mask=key_ok[None, :] & dim_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    s = tl.dot(q, kt) * qk_scale  # fp32 accumulate, exp2 domain
+    s = tl.where(key_ok[None, :] & (kpos[None, :] <= row_pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_ptr + page[:, None] * sv_b + kvh * sv_h + slot[:, None] * sv_t + dims[None, :] * sv_d,
+                mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+    if UPCAST:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _sparse_attn_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, pages_ptr, bidx_ptr, bcnt_ptr, cidx_ptr, ccnt_ptr,
         sq_t, sq_h, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_t, so_h,
         sbi_h, sbi_q, sci_h, sci_q, nqb, n, L, q_pos0, scale, page_size, group,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        UPCAST: tl.constexpr):
+    """One program per (query block, query head): its selected key blocks, then its vertical columns."""
     qb = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // group
@@ -60,40 +92,28 @@ def _sparse_attn_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     q = tl.load(q_ptr + rows[:, None] * sq_t + h * sq_h + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
-                other=0.0).to(tl.float32)
-    q = q * (scale * 1.4426950408889634)  # exp2 domain
+                other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qk_scale = scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_blocks = tl.load(bcnt_ptr + h * nqb + qb)
+    for i in range(0, n_blocks):
+        kb = tl.load(bidx_ptr + h * sbi_h + qb * sbi_q + i)
+        kpos = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, kpos, kpos < L, row_pos, k_ptr, v_ptr, pages_ptr, kvh,
+                                     sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, page_size, qk_scale, dims,
+                                     dim_ok, UPCAST)
     n_cols = tl.load(ccnt_ptr + h * nqb + qb)
-    n_steps = n_blocks + tl.cdiv(n_cols, BLOCK_N)
-    for step in range(0, n_steps):
-        if step < n_blocks:
-            kb = tl.load(bidx_ptr + h * sbi_h + qb * sbi_q + step)
-            kpos = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-            key_ok = kpos < L
-        else:
-            c = (step - n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-            key_ok = c < n_cols
-            kpos = tl.load(cidx_ptr + h * sci_h + qb * sci_q + c, mask=key_ok, other=0)
-        page = tl.load(pages_ptr + kpos // page_size, mask=key_ok, other=0)
-        slot = kpos % page_size
-        kv_ok = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + page[:, None] * sk_b + kvh * sk_h + slot[:, None] * sk_t + dims[None, :] * sk_d,
-                    mask=kv_ok, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k))
-        ok = key_ok[None, :] & (kpos[None, :] <= row_pos[:, None])
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + page[:, None] * sv_b + kvh * sv_h + slot[:, None] * sv_t + dims[None, :] * sv_d,
-                    mask=kv_ok, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
-        m_i = m_new
+    for c0 in range(0, n_cols, BLOCK_N):
+        c = c0 + tl.arange(0, BLOCK_N)
+        key_ok = c < n_cols
+        kpos = tl.load(cidx_ptr + h * sci_h + qb * sci_q + c, mask=key_ok, other=0)
+        acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, kpos, key_ok, row_pos, k_ptr, v_ptr, pages_ptr, kvh,
+                                     sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, page_size, qk_scale, dims,
+                                     dim_ok, UPCAST)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + rows[:, None] * so_t + h * so_h + dims[None, :], out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
@@ -118,7 +138,8 @@ def sparse_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache
         q.stride(0), q.stride(1), *key_cache.stride(), *value_cache.stride(), out.stride(0), out.stride(1),
         bidx.stride(0), bidx.stride(1), cols.stride(0), cols.stride(1), geom.nqb, n, geom.L, geom.q_pos0,
         scale, key_cache.shape[2], Hq // Hkv,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK, BLOCK_N=BLOCK)
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK, BLOCK_N=BLOCK,
+        UPCAST=_INTERPRET, num_warps=4, num_stages=2)
     return out
 
 

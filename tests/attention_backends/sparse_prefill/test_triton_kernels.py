@@ -19,6 +19,9 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 
 from attention_backends.sparse_prefill import triton_kernels  # noqa: E402
 
+# Interpreted kernels take CPU tensors; compiled ones (TRITON_INTERPRET=0 on a GPU box) take CUDA tensors.
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
 BUDGETS = {"a_shape": {"sink": 64, "window": 100}, "vertical_slash": {"vertical": 40, "slash": 70},
            "block_sparse": {"top_k": 2}}
 
@@ -42,7 +45,7 @@ def _paged(x: torch.Tensor, page: int, transposed: bool, seed: int = 0):
 
 def test_compact_blocks_matches_nonzero():
     mask = torch.rand(3, 5, 200, generator=torch.Generator().manual_seed(0)) < 0.3
-    ids, counts = triton_kernels.compact_blocks(mask)
+    ids, counts = (x.cpu() for x in triton_kernels.compact_blocks(mask.to(DEVICE)))
     for h in range(3):
         for qb in range(5):
             expected = mask[h, qb].nonzero().flatten()
@@ -60,5 +63,29 @@ def test_sparse_kernel_matches_reference(pattern, n, L, page, transposed):
     index = build_index(q, k, geom, LayerPlan.uniform(pattern, Hq, **BUDGETS[pattern]), 0.3, trim_columns=False)
     kc, pages = _paged(k, page, transposed)
     vc, _ = _paged(v, page, False)
-    got = triton_kernels.sparse_attention_paged(q, kc, vc, pages, index, geom, 0.3)
-    torch.testing.assert_close(got, sparse_attention(q, k, v, index, 0.3), rtol=2e-3, atol=2e-3)
+    expected = sparse_attention(q, k, v, index, 0.3)
+    dev_index = type(index)(*(x.to(DEVICE) for x in (index.block_mask, index.cols, index.col_count)))
+    got = triton_kernels.sparse_attention_paged(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), pages.to(DEVICE),
+                                                dev_index, geom, 0.3)
+    tol = 2e-3 if DEVICE == "cpu" else 2e-2  # tf32 dots on the GPU
+    torch.testing.assert_close(got.cpu(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_path_matches_reference(dtype):
+    """sparse_prefill_paged (index from the paged keys + kernel) == reference on the gathered sequence."""
+    g = torch.Generator().manual_seed(2)
+    n, L, Hq, Hkv, d = 96, 333, 4, 1, 32
+    q, k, v = (torch.randn(s, h, d, generator=g).to(dtype) for s, h in ((n, Hq), (L, Hkv), (L, Hkv)))
+    plan = LayerPlan.uniform("vertical_slash", Hq, vertical=40, slash=70)
+    geom = ChunkGeometry(n, L)
+    kc, pages = _paged(k.float(), 32, False)
+    vc, _ = _paged(v.float(), 32, False)
+    out = torch.empty(n, Hq, d, dtype=dtype, device=DEVICE)
+    pairs = triton_kernels.sparse_prefill_paged(q.to(DEVICE), kc.to(dtype).to(DEVICE), vc.to(dtype).to(DEVICE),
+                                                pages.to(DEVICE), geom, plan.__class__.uniform(
+                                                    "vertical_slash", Hq, DEVICE, vertical=40, slash=70), 0.3, out)
+    index = build_index(q, k, geom, plan, 0.3)
+    assert int(pairs) == int(index.computed_pairs(geom).sum())
+    tol = 1e-3 if dtype == torch.float32 and DEVICE == "cpu" else 3e-2
+    torch.testing.assert_close(out.float().cpu(), sparse_attention(q, k, v, index, 0.3).float(), rtol=tol, atol=tol)
