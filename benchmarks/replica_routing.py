@@ -72,6 +72,30 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(runs: list[dict], path: Path) -> None:
+    """TTFT p50 per turn, one line per run: turn 2 is where round-robin lands on a cold replica."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, r in enumerate(runs):
+        turns = sorted((r["ttft_per_turn_s"] or {}), key=int)
+        ys = [(r["ttft_per_turn_s"][t] or {}).get("p50") for t in turns]
+        ax.plot([int(t) for t in turns], ys, marker="o", linestyle="-" if r["mode"] == "affinity" else "--",
+                color="tab:blue" if r["mode"] == "affinity" else "tab:orange", label=f"{r['mode']} (run {i + 1})")
+    ax.set_xticks(sorted({int(t) for r in runs for t in (r["ttft_per_turn_s"] or {})}))
+    ax.set_xlabel("turn")
+    ax.set_ylabel("TTFT p50 (s)")
+    ax.set_title("2 replicas: prefix affinity vs round-robin")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     bench_args: list[str] = []
@@ -84,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="affinity,round-robin", help="comma list, run in this order")
     p.add_argument("--out", default="benchmarks/results/replica_routing.json")
     p.add_argument("--runs-dir", default="/results/replica_routing", help="bench run folders (bulky)")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNG and table from --out")
     args = p.parse_args(argv)
+    png = Path(args.out).with_suffix(".png")
+    if args.plot_only:
+        runs = json.loads(Path(args.out).read_text())["runs"]
+        plot(runs, png)
+        print(table(runs))
+        return 0
     runs = []
     for i, mode in enumerate(m for m in args.modes.split(",") if m):
         runs.append(run_mode(args.endpoint, mode, Path(args.runs_dir) / f"{i}-{mode}", bench_args))
@@ -94,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
            "bench_args": bench_args, "replicas": replicas, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
+    plot(runs, png)
     print(table(runs))
     return 0
 

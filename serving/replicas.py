@@ -216,6 +216,10 @@ def start_replicas(command: list[str], env: dict[str, str], n: int, *, ray_addre
         if ray_address:
             ray.init(address=ray_address, logging_level=logging.WARNING)
         else:
+            # Ray's memory monitor kills workers when the *node* nears its memory limit, whoever uses the
+            # memory; on a shared machine that took our engines down for other processes' memory. The
+            # engines size their KV cache themselves, so the local cluster runs without it.
+            os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
             # Logical CPUs: one per replica by default even on a 2-core machine.
             ray.init(num_cpus=max(int(n * cpus_per_replica + 0.999), 1), include_dashboard=False,
                      logging_level=logging.WARNING)
@@ -295,6 +299,11 @@ def run_replicated(p: Any) -> int:
           f"({p.ray_address or 'local cluster'}), routing={opts['routing']}, endpoint http://{p.host}:{p.port}/v1 "
           f"(features: {', '.join(p.config.enabled_features()) or 'none'})", file=sys.stderr, flush=True)
     started: list[StartedReplica] = []
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt  # SIGTERM while starting: still stop the replicas and the Ray cluster
+
+    signal.signal(signal.SIGTERM, interrupt)  # uvicorn installs its own graceful handler when serving
     try:
         started = start_replicas(p.command, p.env, p.replicas, ray_address=p.ray_address, cpus_per_replica=cpus,
                                  gpus_per_replica=0 if cpu else tp, log_dir=log_dir, cpu_platform=cpu,

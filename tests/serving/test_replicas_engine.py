@@ -29,7 +29,8 @@ def replicated(smollm2_path, tmp_path_factory):
     # Two engines compiling at once on two shared cores: allow more than one engine's start time.
     saved, conftest.SERVER_START_TIMEOUT_S = conftest.SERVER_START_TIMEOUT_S, 1800
     try:
-        server = start_server(["--replicas", "2", "--health-interval", "1"],
+        server = start_server(["--replicas", "2", "--health-interval", "1", "--enforce-eager",  # routing, not speed
+                               "--kv-cache-memory-bytes", str(512 << 20)],  # ~22K tokens each: plenty
                               tmp_path_factory.mktemp("replicas") / "kvplug-serve-replicas.log")
     finally:
         conftest.SERVER_START_TIMEOUT_S = saved
