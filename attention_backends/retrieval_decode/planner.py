@@ -125,6 +125,7 @@ class DecodeGraphPlan:
     block_table: torch.Tensor  # [N, B] device
     k: int
     params: RetrievalParams
+    rest_metadata: Any = None  # a pure-decode batch has no other rows
 
 
 def graph_k(params: RetrievalParams, max_model_len: int) -> int:

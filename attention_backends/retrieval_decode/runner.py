@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 import torch
 
-from attention_backends.retrieval_decode.planner import DecodeGraphPlan, RetrievalPlan, device_budgets
-from attention_backends.retrieval_decode.selection import select_blocks, select_for_queries
+from attention_backends.retrieval_decode.planner import DecodeGraphPlan, RetrievalPlan
+from attention_backends.retrieval_decode.selection import select_for_queries
 from attention_backends.retrieval_decode.summaries import BlockSummaries
 from kvplug import metrics, vllm_compat
 
@@ -87,30 +87,25 @@ class RetrievalDecodeRunner:
             raise RuntimeError("retrieval decode: no block summaries for this layer (its KV cache was never written "
                                "through the backend)")
         p = plan.params
-        if isinstance(plan, DecodeGraphPlan):  # whole pure-decode batch, fixed shapes (CUDA graphs)
-            n = plan.seq_lens.shape[0]
-            rows, q = slice(0, n), query[:n]
-            num_blocks, budget_blocks = device_budgets(p, plan.seq_lens)
-        else:
-            rows, q = plan.rows, query[plan.rows]
-            num_blocks, budget_blocks = plan.num_blocks, plan.budget_blocks
         kmin, kmax = self.summaries.kmin, self.summaries.kmax
-        if query.is_cuda:
+        if query.is_cuda:  # fused Triton step: budgets, selection and validity computed on the device
             from attention_backends.retrieval_decode import triton_kernels
 
-            scores = triton_kernels.quest_scores_paged(q, kmin, kmax, plan.block_table, p.gqa_reduce)
-            sel = select_blocks(scores, num_blocks, budget_blocks, plan.k, p.sink_blocks, p.recent_blocks)
-        else:
-            sel = select_for_queries(q, kmin, kmax, plan.block_table, num_blocks, budget_blocks, plan.k,
-                                     p.sink_blocks, p.recent_blocks, p.gqa_reduce)
-        hkv = kmin.shape[1]
-        phys = torch.gather(plan.block_table.long().unsqueeze(1).expand(-1, hkv, -1), 2, sel.blocks)
-        if query.is_cuda:
-            out = triton_kernels.selected_block_decode(q, kv_cache, phys, sel.valid, plan.seq_lens, sel.blocks,
-                                                       self.impl.scale)
-        else:
-            out = vllm_compat.cpu_head_decode(self.impl, layer, q, kv_cache, phys, plan.extra["cpu"])
-        output[rows] = out.to(output.dtype)
+            key_cache, value_cache = vllm_compat.paged_kv_views(kv_cache, layer)
+            if isinstance(plan, DecodeGraphPlan):  # whole pure-decode batch, written in place (CUDA graphs)
+                n = plan.seq_lens.shape[0]
+                triton_kernels.retrieval_decode(query[:n], key_cache, value_cache, kmin, kmax, plan.block_table,
+                                                plan.seq_lens, p, plan.k, self.impl.scale, out=output[:n])
+            else:
+                output[plan.rows] = triton_kernels.retrieval_decode(
+                    query[plan.rows], key_cache, value_cache, kmin, kmax, plan.block_table, plan.seq_lens, p, plan.k,
+                    self.impl.scale)
+            return output
+        q = query[plan.rows]
+        sel = select_for_queries(q, kmin, kmax, plan.block_table, plan.num_blocks, plan.budget_blocks, plan.k,
+                                 p.sink_blocks, p.recent_blocks, p.gqa_reduce)
+        phys = torch.gather(plan.block_table.long().unsqueeze(1).expand(-1, kmin.shape[1], -1), 2, sel.blocks)
+        output[plan.rows] = vllm_compat.cpu_head_decode(self.impl, layer, q, kv_cache, phys, plan.extra["cpu"])
         return output
 
 

@@ -99,3 +99,36 @@ def test_score_kernel_matches_torch_scores(reduce):
     nb = (case.seq_lens + 15) // 16
     for i in range(2):  # compare the sequence's own blocks (entries beyond are masked by the selection)
         torch.testing.assert_close(got[i, :, :nb[i]], want[i, :, :nb[i]], rtol=1e-4, atol=1e-4)
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("budget_fraction", [0.0, 0.3])
+def test_fused_decode_step_matches_torch_path(dtype, budget_fraction):
+    """The CUDA-graph decode step (masked scores -> top-k -> attention -> merge, budgets from seq_lens inside
+    the kernels) equals the torch selection + reference attention; a short sequence reads everything."""
+    from attention_backends.retrieval_decode import planner
+    from attention_backends.retrieval_decode.reference import dense_decode_attention
+
+    bs = 16
+    case = make_case(seq_lens=(700, 333, 90, 512), hkv=2, group=4, d=32, bs=bs, num_blocks=128)
+    params = planner.RetrievalParams(block_size=bs, budget_tokens=96, budget_fraction=budget_fraction,
+                                     sink_blocks=1, recent_tokens=20, min_context_tokens=128)
+    k = planner.graph_k(params, 720)
+    nb, budget = planner.device_budgets(params, case.seq_lens)
+    sel = select_for_queries(case.q, case.summaries.kmin, case.summaries.kmax, case.block_table, nb, budget, k,
+                             params.sink_blocks, params.recent_blocks)
+    q, kc, vc = case.q.to(dtype), case.key_cache.to(dtype), case.value_cache.to(dtype)
+    want = selected_block_attention(q, kc, vc, case.block_table, case.seq_lens, sel, 0.2).float()
+    dense = dense_decode_attention(q, kc, vc, case.block_table, case.seq_lens, 0.2).float()
+    both = torch.stack([kc.permute(0, 2, 1, 3), vc.permute(0, 2, 1, 3)]).contiguous().to(DEV)  # flash layout
+    out = torch.full((4, 8, 32), 7.0, dtype=dtype, device=DEV)
+    got = triton_kernels.retrieval_decode(q.to(DEV), both[0].permute(0, 2, 1, 3), both[1].permute(0, 2, 1, 3),
+                                          case.summaries.kmin.to(DEV), case.summaries.kmax.to(DEV),
+                                          case.block_table.to(DEV), case.seq_lens.to(DEV), params, k, 0.2,
+                                          out=out, num_splits=3, tile_blocks=2)
+    assert got.data_ptr() == out.data_ptr()
+    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got.float().cpu()[2], dense[2], rtol=tol, atol=tol)  # 90 tokens < min_context
+    assert (got.float().cpu()[0] - dense[0]).abs().max() > 0.1  # the long one really is sparse
