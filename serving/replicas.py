@@ -74,9 +74,17 @@ def validate_router_args(ns: argparse.Namespace, vllm_args: list[str]) -> str | 
         return f"--affinity-prefix-chars must be >= 1, got {ns.affinity_prefix_chars}"
     if ns.cpus_per_replica is not None and ns.cpus_per_replica <= 0:
         return f"--cpus-per-replica must be > 0, got {ns.cpus_per_replica}"
-    if ns.replicas > 1 and "ray" in _flag_values(vllm_args, "--distributed-executor-backend"):
+    ray_executor = "ray" in _flag_values(vllm_args, "--distributed-executor-backend")
+    if ns.replicas > 1 and ray_executor:
         return ("--replicas with --distributed-executor-backend ray is not supported: each replica already "
                 "is a Ray actor holding its GPUs; use the default (mp) executor inside replicas")
+    if ray_executor:
+        from kvplug import vllm_compat
+
+        if not vllm_compat.supports_ray_executor():
+            return (f"--distributed-executor-backend ray: vLLM {vllm_compat.vllm_version()} on "
+                    f"{vllm_compat.platform_name()} has no Ray executor (its platform declares no Ray device); "
+                    "use --distributed-executor-backend mp for tensor parallel here")
     if ns.replicas > 1 or ns.ray_address:
         try:
             import ray  # noqa: F401

