@@ -121,7 +121,8 @@ def _sparse_attn_kernel(
 
 def sparse_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            pages: torch.Tensor, index: SparseIndex, geom: ChunkGeometry, scale: float,
-                           out: torch.Tensor | None = None, max_blocks: int | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, max_blocks: int | None = None,
+                           num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """q [n, Hq, d]; key/value_cache [num_blocks, Hkv, page_size, d] (any strides); pages: the sequence's
     physical block ids; index over this chunk -> out [n, Hq, d]."""
     n, Hq, d = q.shape
@@ -139,7 +140,7 @@ def sparse_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache
         bidx.stride(0), bidx.stride(1), cols.stride(0), cols.stride(1), geom.nqb, n, geom.L, geom.q_pos0,
         scale, key_cache.shape[2], Hq // Hkv,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK, BLOCK_N=BLOCK,
-        UPCAST=_INTERPRET, num_warps=4, num_stages=2)
+        UPCAST=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
     return out
 
 

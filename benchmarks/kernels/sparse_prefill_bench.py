@@ -95,8 +95,13 @@ def run(args) -> dict:
         row = {"L": L, "density": density, "pattern": args.pattern, "budgets": json.loads(args.budgets)}
         timing = lambda fn: time_cuda(fn, warmup=args.warmup, iters=args.iters)  # noqa: E731
         row["kvplug_index_ms"] = timing(lambda: triton_kernels.compact_blocks(index().block_mask))["median_ms"]
-        row["kvplug_attn_ms"] = timing(lambda: triton_kernels.sparse_attention_paged(
-            q, kc, vc, pages, idx, geom, scale, out))["median_ms"]
+        configs = {}
+        for cfg in args.kernel_configs.split(","):  # num_warps x num_stages
+            w, st = (int(x) for x in cfg.split("x"))
+            configs[cfg] = timing(lambda: triton_kernels.sparse_attention_paged(
+                q, kc, vc, pages, idx, geom, scale, out, num_warps=w, num_stages=st))["median_ms"]
+        row["kvplug_attn_configs_ms"] = configs
+        row["kvplug_attn_ms"] = min(configs.values())
         row["kvplug_total_ms"] = row["kvplug_index_ms"] + row["kvplug_attn_ms"]
         qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         dense = None
@@ -174,6 +179,19 @@ def _fa2_sparse_index(idx, geom):
             idx.cols.clamp(min=0).to(torch.int32)[None].contiguous())
 
 
+def markdown(report: dict) -> str:
+    """The report as a Markdown table (what BENCHMARKS.md shows)."""
+    cols = [("L", "L"), ("pattern", "pattern"), ("density", "density"), ("kvplug_index_ms", "ours: index ms"),
+            ("kvplug_attn_ms", "ours: attn ms"), ("kvplug_total_ms", "ours: total ms"), ("sdpa_dense_ms", "SDPA dense ms"),
+            ("flex_sparse_ms", "Flex sparse ms"), ("fa3_dense_ms", "FA3 dense ms"), ("fa2_sparse_ms", "FA2 sparse ms")]
+    rows = report["results"]
+    present = [(k, t) for k, t in cols if any(k in r for r in rows)]
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and v < 1 else (f"{v:.1f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(t for _, t in present) + " |", "|" + "---|" * len(present)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "-")) for k, _ in present) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernels.sparse_prefill_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,9 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--skip-sdpa", action="store_true")
+    p.add_argument("--kernel-configs", default="4x2", help="Triton num_warps x num_stages to time, e.g. 4x2,8x3")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="benchmarks/results/sparse_prefill_kernels.json")
+    p.add_argument("--markdown", metavar="JSON", help="print an earlier report as a Markdown table and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     report = run(args)
     report["command"] = "python -m benchmarks.kernels.sparse_prefill_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
