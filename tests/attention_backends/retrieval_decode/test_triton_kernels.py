@@ -45,65 +45,38 @@ if IN_PROCESS:
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inputs(seq_lens, hkv, group, d, bs, budgets, k, dtype, layout):
-    case = make_case(seq_lens=seq_lens, hkv=hkv, group=group, d=d, bs=bs, num_blocks=64)
-    nb = (case.seq_lens + bs - 1) // bs
-    sel = select_for_queries(case.q, case.summaries.kmin, case.summaries.kmax, case.block_table, nb,
-                             torch.tensor(budgets), k, 1, 1)
-    phys = torch.gather(case.block_table.long().unsqueeze(1).expand(-1, hkv, -1), 2, sel.blocks)
-    kc, vc = case.key_cache.to(dtype), case.value_cache.to(dtype)
-    if layout == "flash":  # FlashAttention: [2, blocks, block_size, heads, D] viewed as [blocks, heads, bs, D]
-        both = torch.stack([kc.permute(0, 2, 1, 3), vc.permute(0, 2, 1, 3)]).contiguous()
-        kview, vview = both[0].permute(0, 2, 1, 3), both[1].permute(0, 2, 1, 3)
-    else:
-        kview, vview = kc, vc
-    return case, sel, phys, kc, vc, kview, vview
+def _flash_views(kc, vc):
+    """FlashAttention's [2, blocks, block_size, heads, D] cache, viewed as [blocks, heads, block_size, D]."""
+    both = torch.stack([kc.permute(0, 2, 1, 3), vc.permute(0, 2, 1, 3)]).contiguous().to(DEV)
+    return both[0].permute(0, 2, 1, 3), both[1].permute(0, 2, 1, 3)
 
 
 @in_process
-@pytest.mark.parametrize("layout", ["flash", "head_major"])
-@pytest.mark.parametrize("splits", [1, 3])
-def test_kernel_matches_reference(layout, splits):
-    dtype = torch.float32
-    case, sel, phys, kc, vc, kview, vview = _inputs((200, 97, 150), 2, 3, 16, 16, [5, 7, 4], 7, dtype, layout)
-    want = selected_block_attention(case.q, kc, vc, case.block_table, case.seq_lens, sel, 0.3)
-    got = triton_kernels.selected_block_decode_views(
-        case.q.to(DEV), kview.to(DEV), vview.to(DEV), phys.to(DEV), sel.valid.to(DEV), case.seq_lens.to(DEV),
-        sel.blocks.to(DEV), 0.3, num_splits=splits, tile_blocks=2)
-    torch.testing.assert_close(got.cpu(), want, rtol=2e-4, atol=2e-4)
+def test_everything_dense_when_min_context_covers_all():
+    """Sequences below min_context read all their blocks through the same kernels: exactly dense attention
+    (bf16, GQA group of 4, a padded row with seq_len 0 comes out as zeros)."""
+    from attention_backends.retrieval_decode import planner
+    from attention_backends.retrieval_decode.reference import dense_decode_attention
 
-
-@in_process
-def test_kernel_bf16_and_all_blocks_is_dense():
     dtype = torch.bfloat16
-    case, sel, phys, kc, vc, kview, vview = _inputs((130, 64), 1, 4, 32, 16, [9, 9], 9, dtype, "flash")
-    assert sel.valid.sum().item() == 9 + 4  # every block of both sequences
-    want = selected_block_attention(case.q.to(dtype), kc, vc, case.block_table, case.seq_lens, sel, 0.2)
-    got = triton_kernels.selected_block_decode_views(
-        case.q.to(dtype).to(DEV), kview.to(DEV), vview.to(DEV), phys.to(DEV), sel.valid.to(DEV),
-        case.seq_lens.to(DEV), sel.blocks.to(DEV), 0.2, num_splits=2, tile_blocks=1)
-    torch.testing.assert_close(got.float().cpu(), want.float(), rtol=2e-2, atol=2e-2)
+    case = make_case(seq_lens=(130, 64, 1), hkv=1, group=4, d=32, bs=16, num_blocks=32)
+    params = planner.RetrievalParams(block_size=16, budget_tokens=16, budget_fraction=0.0, sink_blocks=1,
+                                     recent_tokens=1, min_context_tokens=10_000)
+    q, kc, vc = case.q.to(dtype), case.key_cache.to(dtype), case.value_cache.to(dtype)
+    want = dense_decode_attention(q, kc, vc, case.block_table, case.seq_lens, 0.2).float()
+    kview, vview = _flash_views(kc, vc)
+    seq = case.seq_lens.clone()
+    seq[2] = 0  # a CUDA-graph padding row
+    got = triton_kernels.retrieval_decode(q.to(DEV), kview, vview, case.summaries.kmin.to(DEV),
+                                          case.summaries.kmax.to(DEV), case.block_table.to(DEV), seq.to(DEV),
+                                          params, k=case.block_table.shape[1], scale=0.2, num_splits=2,
+                                          tile_blocks=1).float().cpu()
+    torch.testing.assert_close(got[:2], want[:2], rtol=2e-2, atol=2e-2)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
 
 
 @in_process
-@pytest.mark.parametrize("reduce", ["max", "sum"])
-def test_score_kernel_matches_torch_scores(reduce):
-    from attention_backends.retrieval_decode.selection import gather_summaries, quest_scores
-
-    case = make_case(seq_lens=(300, 517), hkv=2, group=3, d=16, bs=16, num_blocks=64)
-    s = case.summaries
-    smin, smax = gather_summaries(s.kmin, s.kmax, case.block_table)
-    want = quest_scores(case.q.view(2, 2, 3, 16), smin, smax, reduce)
-    got = triton_kernels.quest_scores_paged(case.q.to(DEV), s.kmin.to(DEV), s.kmax.to(DEV),
-                                            case.block_table.to(DEV), reduce, tile=16).cpu()
-    nb = (case.seq_lens + 15) // 16
-    for i in range(2):  # compare the sequence's own blocks (entries beyond are masked by the selection)
-        torch.testing.assert_close(got[i, :, :nb[i]], want[i, :, :nb[i]], rtol=1e-4, atol=1e-4)
-
-
-@in_process
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("budget_fraction", [0.0, 0.3])
+@pytest.mark.parametrize("dtype, budget_fraction", [(torch.float32, 0.0), (torch.bfloat16, 0.3)])
 def test_fused_decode_step_matches_torch_path(dtype, budget_fraction):
     """The CUDA-graph decode step (masked scores -> top-k -> attention -> merge, budgets from seq_lens inside
     the kernels) equals the torch selection + reference attention; a short sequence reads everything."""
@@ -121,9 +94,9 @@ def test_fused_decode_step_matches_torch_path(dtype, budget_fraction):
     q, kc, vc = case.q.to(dtype), case.key_cache.to(dtype), case.value_cache.to(dtype)
     want = selected_block_attention(q, kc, vc, case.block_table, case.seq_lens, sel, 0.2).float()
     dense = dense_decode_attention(q, kc, vc, case.block_table, case.seq_lens, 0.2).float()
-    both = torch.stack([kc.permute(0, 2, 1, 3), vc.permute(0, 2, 1, 3)]).contiguous().to(DEV)  # flash layout
+    kview, vview = _flash_views(kc, vc)
     out = torch.full((4, 8, 32), 7.0, dtype=dtype, device=DEV)
-    got = triton_kernels.retrieval_decode(q.to(DEV), both[0].permute(0, 2, 1, 3), both[1].permute(0, 2, 1, 3),
+    got = triton_kernels.retrieval_decode(q.to(DEV), kview, vview,
                                           case.summaries.kmin.to(DEV), case.summaries.kmax.to(DEV),
                                           case.block_table.to(DEV), case.seq_lens.to(DEV), params, k, 0.2,
                                           out=out, num_splits=3, tile_blocks=2)

