@@ -48,7 +48,7 @@ def capture_qk(model_path: str, prompt: str, device: str, max_tokens: int | None
     if max_tokens:
         ids = ids[:, -max_tokens:]
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype, attn_implementation=CAPTURE).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=CAPTURE).to(device)
     model.eval()
     with torch.no_grad():
         model.model(ids.to(device))  # the decoder stack only: no logits over the vocabulary
