@@ -1,0 +1,34 @@
+"""sparse_prefill config section: defaults, env/CLI layering, errors that name the key."""
+from __future__ import annotations
+
+import pytest
+
+from kvplug import config
+
+
+def test_defaults_off_and_threshold_8k():
+    cfg = config.resolve(environ={})
+    assert cfg.sparse_prefill.enabled is False and cfg.sparse_prefill.min_prompt_tokens == 8192
+    assert "sparse_prefill" not in cfg.enabled_features()
+
+
+def test_env_and_set_layering():
+    cfg = config.resolve(sets=["sparse_prefill.min_prompt_tokens=4096"],
+                         environ={"KVPLUG_SPARSE_PREFILL__ENABLED": "true",
+                                  "KVPLUG_SPARSE_PREFILL__DEFAULT_BUDGETS": '{"top_k": 8}',
+                                  "KVPLUG_SPARSE_PREFILL__DEFAULT_PATTERN": "block_sparse"})
+    sp = cfg.sparse_prefill
+    assert sp.enabled and sp.min_prompt_tokens == 4096 and sp.default_budgets == {"top_k": 8}
+    assert "sparse_prefill" in cfg.enabled_features()
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["sparse_prefill.min_prompt_tokens=0"], "sparse_prefill.min_prompt_tokens"),
+    (["sparse_prefill.default_pattern=streaming"], "sparse_prefill.default_pattern"),
+    (["sparse_prefill.default_budgets={\"window\": 5}"], "sparse_prefill.default_budgets"),
+    (["sparse_prefill.pattern_config=/nonexistent.json"], "sparse_prefill.pattern_config"),
+    (["sparse_prefill.budget=3"], "sparse_prefill.budget"),
+])
+def test_bad_values_name_the_key(sets, needle):
+    with pytest.raises(config.KvplugConfigError, match=needle.replace(".", r"\.")):
+        config.resolve(sets=sets, environ={})
