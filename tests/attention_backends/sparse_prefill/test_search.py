@@ -35,3 +35,13 @@ def test_choose_picks_cheapest_candidate_reaching_target_else_dense():
 def test_every_search_candidate_is_valid():
     for name, budgets in search.candidates():
         registry.get(name).check_budgets(budgets)
+
+
+def test_cli_rejects_bad_input_with_one_line(tmp_path, capsys):
+    from kvplug.cli import main
+
+    assert main(["patterns", "search", "no-such-model", "--out", str(tmp_path / "c.json")]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    assert main(["patterns", "search", str(tmp_path), "--out", str(tmp_path / "c.json"), "--target-recall", "1.5"]) == 2
+    assert "--target-recall" in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
