@@ -239,7 +239,7 @@ def _cpu_key_block_is_transposed(isa: str, dtype: Any, block_size: int, head_dim
 def paged_kv_views(kv_cache: Any, layer: Any) -> tuple[Any, Any]:
     """Views of a layer's paged KV cache as key, value [num_blocks, kv_heads, block_size, head_dim]
     (strided, no copy). CPU_ATTN: [blocks, heads, block_size, 2*head_dim] memory holding K then V per
-    head block; FlashAttention: [2, blocks, block_size, heads, head_dim]."""
+    head block; FlashAttention: see _flash_kv_views."""
     if platform_name() == "cpu":
         nb, heads, bs, two_d = kv_cache.shape
         d = two_d // 2
@@ -249,7 +249,21 @@ def paged_kv_views(kv_cache: Any, layer: Any) -> tuple[Any, Any]:
         if _cpu_key_block_is_transposed(getattr(layer, "isa", "vec"), kv_cache.dtype, bs, d):
             return key.unflatten(-1, (d, bs)).transpose(-1, -2), value
         return key.unflatten(-1, (bs, d)), value
-    return kv_cache[0].permute(0, 2, 1, 3), kv_cache[1].permute(0, 2, 1, 3)
+    return _flash_kv_views(kv_cache)
+
+
+def _flash_kv_views(kv_cache: Any) -> tuple[Any, Any]:
+    """FlashAttention caches -> (K, V) [num_blocks, kv_heads, block_size, head_dim] views.
+
+    vLLM 0.26 packs K and V into the last dim: logical [blocks, heads, block_size, 2*head_dim] (its forward
+    does ``kv_cache.transpose(1, 2).split(head_size, -1)``); older releases use [2, blocks, block_size,
+    heads, head_dim]."""
+    if kv_cache.dim() == 4:
+        d = kv_cache.shape[-1] // 2
+        return kv_cache[..., :d], kv_cache[..., d:]
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
+        return kv_cache[0].permute(0, 2, 1, 3), kv_cache[1].permute(0, 2, 1, 3)
+    raise UnsupportedVllmError(f"unknown FlashAttention KV cache layout {tuple(kv_cache.shape)}")
 
 
 def current_model_name() -> str:
@@ -361,8 +375,8 @@ def kv_transfer_config(extra: dict[str, Any] | None = None, version: str | None 
 def kv_block_views(kv_layer: Any) -> tuple[Any, Any]:
     """Per-layer paged cache -> (K, V) views shaped [num_blocks, kv_heads, block_size, head_dim] (no copy;
     index-assigning into them writes the cache)."""
-    if kv_layer.dim() == 5 and kv_layer.shape[0] == 2:  # FlashAttention: [2, blocks, block_size, heads, dim]
-        return kv_layer[0].permute(0, 2, 1, 3), kv_layer[1].permute(0, 2, 1, 3)
+    if platform_name() != "cpu":
+        return _flash_kv_views(kv_layer)
     if kv_layer.dim() == 4:  # CPU_ATTN: [blocks, heads, block_size, 2*dim] = K rows then V rows per head
         blocks, heads, block_size, two_dim = kv_layer.shape
         kv = kv_layer.view(blocks, heads, 2 * block_size, two_dim // 2)
