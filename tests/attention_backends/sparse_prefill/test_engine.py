@@ -12,7 +12,8 @@ import pytest
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.engine
-N_PROMPTS, PROMPT_TOKENS = 20, 4096
+# 10 prompts keep this test ~10 min on our 2 CPU cores (two engines); >= 95% agreement then means all 10.
+N_PROMPTS, PROMPT_TOKENS = 10, 4096
 
 
 def _run(tmp_path, name: str, sparse: bool) -> dict:
