@@ -21,13 +21,14 @@ def main(out: str, n_prompts: int, tokens: int) -> None:
     count = lambda s: len(tok(s).input_ids)  # noqa: E731
     cases = [calibration.GENERATORS["kv" if i % 2 == 0 else "passkey"](count, tokens, seed=i) for i in range(n_prompts)]
     # Small batch budget: every long prompt is prefilled in several chunks.
-    llm = LLM(model=path, max_model_len=8192, kv_cache_memory_bytes=1 << 30, seed=0, max_num_batched_tokens=1024,
+    llm = LLM(model=path, max_model_len=8192, kv_cache_memory_bytes=2 << 30, seed=0, max_num_batched_tokens=1024,
               enable_prefix_caching=True)
     params = SamplingParams(temperature=0.0, max_tokens=12)
     first = llm.generate([p for p, _ in cases], params, use_tqdm=False)
     stats_first = llm.collective_rpc(runner.stats_snapshot)[0]
     # Second turn: the same context + a new question hits the prefix cache; only the suffix is prefilled.
-    second_prompts = [p + first[i].outputs[0].text + "\nRepeat the answer: " for i, (p, _) in enumerate(cases[:2])]
+    # The last two prompts: their blocks are the most recently used, so the cache still holds them.
+    second_prompts = [p + first[i].outputs[0].text + "\nRepeat the answer: " for i, (p, _) in enumerate(cases)][-2:]
     second = llm.generate(second_prompts, params, use_tqdm=False)
     stats = llm.collective_rpc(runner.stats_snapshot)[0]
     json.dump({"prompt_tokens": [len(o.prompt_token_ids) for o in first],
