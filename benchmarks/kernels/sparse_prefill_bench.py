@@ -72,13 +72,12 @@ def run(args) -> dict:
     Hq, Hkv, d = args.heads, args.kv_heads, args.head_dim
     scale = d ** -0.5
     plan = LayerPlan.uniform(args.pattern, Hq, dev, **json.loads(args.budgets))
-    try:
-        from vllm.vllm_flash_attn import flash_attn_varlen_func, sparse_attn_varlen_func
-    except Exception as exc:  # no vLLM staged: FA baselines are skipped, say why
-        flash_attn_varlen_func = sparse_attn_varlen_func = None
-        fa_missing = f"{type(exc).__name__}: {exc}"
+    if dev.type == "cuda":
+        flash_attn_varlen_func, fa_missing = _import_fa("flash_attn_varlen_func")
+        sparse_attn_varlen_func, fa2_sparse_missing = _import_fa("sparse_attn_varlen_func")
     else:
-        fa_missing = None
+        flash_attn_varlen_func = sparse_attn_varlen_func = None
+        fa_missing = fa2_sparse_missing = "vLLM's FlashAttention kernels need a CUDA device"
     results = []
     for L in [int(x) for x in args.lengths.split(",")]:
         q, k, v = synthetic_qkv(L, Hq, Hkv, d, dev, dtype)
@@ -114,11 +113,12 @@ def run(args) -> dict:
             row["flex_sparse_ms"] = _flex(qt, kt, vt, idx, geom, scale, timing)
         except Exception as exc:  # FlexAttention missing or failing on this torch: record why
             row["flex_sparse_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
         if flash_attn_varlen_func is not None:
-            cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
             row["fa3_dense_ms"] = timing(lambda: flash_attn_varlen_func(
                 q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=L, max_seqlen_k=L, softmax_scale=scale,
                 causal=True, fa_version=3))["median_ms"]
+        if sparse_attn_varlen_func is not None:
             bc, bo, cc, ci = _fa2_sparse_index(idx, geom)
             row["fa2_sparse_ms"] = timing(lambda: sparse_attn_varlen_func(
                 q, k, v, bc, bo, cc, ci, cu, cu, L, L, softmax_scale=scale, causal=True))["median_ms"]
@@ -134,8 +134,20 @@ def run(args) -> dict:
         del q, k, v, kc, vc, out, idx
         torch.cuda.empty_cache() if dev.type == "cuda" else None
     return {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor(),
-            "torch": torch.__version__, "fa_missing": fa_missing, "shape": {"heads": Hq, "kv_heads": Hkv,
+            "torch": torch.__version__, "fa_missing": fa_missing, "fa2_sparse_missing": fa2_sparse_missing, "shape": {"heads": Hq, "kv_heads": Hkv,
             "head_dim": d, "page": args.page}, "results": results}
+
+
+def _import_fa(name: str):
+    """(vLLM's FlashAttention function ``name`` or None, why it is missing): vLLM 0.26 exports
+    flash_attn_varlen_func from vllm.vllm_flash_attn but sparse_attn_varlen_func only from its interface module."""
+    errors = []
+    for module in ("vllm.vllm_flash_attn", "vllm.vllm_flash_attn.flash_attn_interface"):
+        try:
+            return getattr(__import__(module, fromlist=[name]), name), None
+        except Exception as exc:  # not staged, or not exported there
+            errors.append(f"{module}: {type(exc).__name__}: {exc}"[:200])
+    return None, "; ".join(errors)
 
 
 def _flex(qt, kt, vt, idx, geom, scale, timing) -> float:
