@@ -35,6 +35,7 @@ def _parse(argv):
     ap.add_argument("--sink-blocks", type=int, default=1)
     ap.add_argument("--recent-tokens", type=int, default=64)
     ap.add_argument("--min-context", type=int, default=1024)
+    ap.add_argument("--dense-layers", type=int, default=2, help="first layers decoded densely (Quest: 2)")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=0)
@@ -52,6 +53,7 @@ def _env(args) -> None:
         "KVPLUG_RETRIEVAL_DECODE__SINK_BLOCKS": str(args.sink_blocks),
         "KVPLUG_RETRIEVAL_DECODE__RECENT_TOKENS": str(args.recent_tokens),
         "KVPLUG_RETRIEVAL_DECODE__MIN_CONTEXT_TOKENS": str(args.min_context),
+        "KVPLUG_RETRIEVAL_DECODE__DENSE_LAYERS": str(args.dense_layers),
         "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # collective_rpc with functions
     })
     os.environ.pop("KVPLUG_CONFIG_JSON", None)
@@ -137,7 +139,8 @@ def markdown(results: dict) -> str:
     a = results["args"]
     lines = [f"Model {Path(results['model']).name}, {results['device']}, tasks {a['tasks']}, contexts {a['contexts']}, "
              f"{a['cases']} cases x {a['turns']} questions, block size {a['block_size']}, sink {a['sink_blocks']} "
-             f"block(s), recent {a['recent_tokens']} tokens.", "",
+             f"block(s), recent {a['recent_tokens']} tokens, first {a.get('dense_layers', 0)} layer(s) dense "
+             "(KV read counts the retrieval layers).", "",
              "| budget (fraction of context) | KV read | accuracy | agreement with dense | "
              + " | ".join(f"{t} acc" for t in a["tasks"].split(",")) + " |",
              "|---|---|---|---|" + "---|" * len(a["tasks"].split(","))]

@@ -79,6 +79,8 @@ class RetrievalDecodeConfig(_Section):
     min_context_tokens: int = 4096
     # GQA: a kv-head's blocks are ranked by the "max" (or "sum") of its query heads' Quest bounds.
     gqa_reduce: str = "max"
+    # The first layers attend broadly (Quest keeps its first two dense): they decode densely.
+    dense_layers: int = 2
 
     def validate(self, path: str) -> None:
         if self.budget_tokens < 1:
@@ -91,6 +93,8 @@ class RetrievalDecodeConfig(_Section):
             raise KvplugConfigError(f"{path}.recent_tokens must be >= 1 (the current block), got {self.recent_tokens}")
         if self.min_context_tokens < 0:
             raise KvplugConfigError(f"{path}.min_context_tokens must be >= 0, got {self.min_context_tokens}")
+        if self.dense_layers < 0:
+            raise KvplugConfigError(f"{path}.dense_layers must be >= 0, got {self.dense_layers}")
         if self.gqa_reduce not in ("max", "sum"):
             raise KvplugConfigError(f"{path}.gqa_reduce must be 'max' or 'sum', got {self.gqa_reduce!r}")
         if self.budget_fraction == 0.0 and self.budget_tokens < self.recent_tokens:

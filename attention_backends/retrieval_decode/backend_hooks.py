@@ -71,6 +71,9 @@ class BuilderHook:
         if vllm_compat.platform_name() == "cpu":
             per_head = planner.selected_tokens(plan).repeat_interleave(self.num_kv_heads)
             plan.extra["cpu"] = vllm_compat.cpu_head_decode_metadata(self.builder, per_head)
+            if params.dense_layers:  # the first layers read every block of the same sequences
+                full = plan.seq_lens_cpu.repeat_interleave(self.num_kv_heads)
+                plan.extra["cpu_dense"] = vllm_compat.cpu_head_decode_metadata(self.builder, full)
         setattr(attn_metadata, PLAN_ATTR, plan)
         return attn_metadata
 

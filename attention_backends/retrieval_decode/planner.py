@@ -25,12 +25,14 @@ class RetrievalParams:
     recent_tokens: int
     min_context_tokens: int
     gqa_reduce: str = "max"
+    dense_layers: int = 0
 
     @classmethod
     def from_config(cls, cfg: Any, block_size: int) -> "RetrievalParams":
         return cls(block_size=block_size, budget_tokens=cfg.budget_tokens, budget_fraction=cfg.budget_fraction,
                    sink_blocks=cfg.sink_blocks, recent_tokens=cfg.recent_tokens,
-                   min_context_tokens=cfg.min_context_tokens, gqa_reduce=cfg.gqa_reduce)
+                   min_context_tokens=cfg.min_context_tokens, gqa_reduce=cfg.gqa_reduce,
+                   dense_layers=cfg.dense_layers)
 
     @property
     def recent_blocks(self) -> int:

@@ -58,6 +58,40 @@ class RetrievalDecodeRunner:
     def __init__(self, impl: Any) -> None:
         self.impl = impl
         self.summaries: BlockSummaries | None = None
+        self.layer_idx: int | None = None
+
+    def _layer_index(self, layer: Any) -> int:
+        if self.layer_idx is None:
+            self.layer_idx = vllm_compat.layer_index(getattr(layer, "layer_name", ""))
+        return self.layer_idx
+
+    def _dense_rows(self, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, plan: Any,
+                    output: torch.Tensor) -> torch.Tensor:
+        """The retrieval rows of a dense layer: the same kernels reading every block (fixed shapes)."""
+        import dataclasses
+
+        if query.is_cuda:
+            from attention_backends.retrieval_decode import triton_kernels
+
+            key_cache, value_cache = vllm_compat.paged_kv_views(kv_cache, layer)
+            dense = dataclasses.replace(plan.params, min_context_tokens=1 << 62)
+            width = plan.block_table.shape[1]
+            if isinstance(plan, DecodeGraphPlan):
+                n = plan.seq_lens.shape[0]
+                triton_kernels.retrieval_decode(query[:n], key_cache, value_cache, self.summaries.kmin,
+                                                self.summaries.kmax, plan.block_table, plan.seq_lens, dense, width,
+                                                self.impl.scale, out=output[:n])
+            else:
+                output[plan.rows] = triton_kernels.retrieval_decode(
+                    query[plan.rows], key_cache, value_cache, self.summaries.kmin, self.summaries.kmax,
+                    plan.block_table, plan.seq_lens, dense, width, self.impl.scale)
+            return output
+        hkv = self.summaries.kmin.shape[1]
+        width = int(plan.num_blocks.max())
+        phys = plan.block_table[:, :width].long().unsqueeze(1).expand(-1, hkv, -1)
+        output[plan.rows] = vllm_compat.cpu_head_decode(self.impl, layer, query[plan.rows], kv_cache, phys,
+                                                        plan.extra["cpu_dense"])
+        return output
 
     def after_kv_write(self, key: torch.Tensor | None, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if key is None or kv_cache.numel() == 0:
@@ -87,6 +121,8 @@ class RetrievalDecodeRunner:
             raise RuntimeError("retrieval decode: no block summaries for this layer (its KV cache was never written "
                                "through the backend)")
         p = plan.params
+        if p.dense_layers and self._layer_index(layer) < p.dense_layers:
+            return self._dense_rows(layer, query, kv_cache, plan, output)
         kmin, kmax = self.summaries.kmin, self.summaries.kmax
         if query.is_cuda:  # fused Triton step: budgets, selection and validity computed on the device
             from attention_backends.retrieval_decode import triton_kernels

@@ -1,11 +1,16 @@
-"""Triton: decode attention over the selected blocks of a paged KV cache (flash-decoding, split over blocks).
+"""Triton: one retrieval-decode step over a paged KV cache (Quest scoring, top-k, flash-decoding attention).
 
-One program per (sequence, kv-head, split) walks its share of the selected blocks ``TILE_BLOCKS`` at a time,
-gathering whole blocks through the per-head physical block list, and keeps an online softmax for all query
-heads of the GQA group at once (they share the blocks); a small torch epilogue merges the splits. Shapes
-depend only on (N, Hkv, k): the launch is CUDA-graph capturable. Invalid selection slots are skipped with
-a mask (they cost a masked load, not a read of their block). Also runs under ``TRITON_INTERPRET=1`` on CPU
-(tests compare it with ``reference.selected_block_attention``).
+1. ``_masked_score_kernel``: Quest bounds of every block-table entry straight from the summaries (no gather),
+   with sink/recent blocks forced (+inf), blocks beyond the sequence invalid (-inf), and sequences below
+   min_context forced whole (they decode densely);
+2. ``torch.topk`` (sorted) over the fixed table width;
+3. ``_topk_decode_kernel``: one program per (sequence, kv-head, split) walks its share of the top-k slots
+   ``TILE_BLOCKS`` at a time, reading each block through the block table, keeping an online softmax for all
+   query heads of the GQA group (they share the blocks); a slot counts if its rank is within the sequence's
+   budget (computed in-kernel from seq_lens) and its score is finite;
+4. ``_merge_kernel``: merges the splits into the output rows.
+Shapes depend only on (N, Hkv, table width, k): the step is CUDA-graph capturable. Also runs under
+``TRITON_INTERPRET=1`` on CPU (tests compare it with the torch selection + ``reference``).
 """
 from __future__ import annotations
 
@@ -17,198 +22,6 @@ import triton.language as tl
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _selected_block_decode_kernel(
-    Q, K, V, PHYS, LOGICAL, VALID, SEQ_LENS, M_OUT, L_OUT, ACC_OUT,
-    scale,
-    stride_qn, stride_qh,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, NUM_SEL: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, TILE_BLOCKS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    pid_nh = tl.program_id(0)
-    split = tl.program_id(1)
-    n = pid_nh // NUM_KV_HEADS
-    h = pid_nh % NUM_KV_HEADS
-
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + n * stride_qn + (h * GROUP + g)[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptrs, mask=(g < GROUP)[:, None], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-
-    seq_len = tl.load(SEQ_LENS + n)
-    TILE: tl.constexpr = TILE_BLOCKS * BLOCK_SIZE
-    t = tl.arange(0, TILE)
-    slot_in_tile = t // BLOCK_SIZE
-    offset = t % BLOCK_SIZE
-
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    sel_base = (n * NUM_KV_HEADS + h) * NUM_SEL
-    first = split * BLOCKS_PER_SPLIT
-    for i in range(0, BLOCKS_PER_SPLIT, TILE_BLOCKS):
-        slot = first + i + slot_in_tile
-        in_range = (slot < NUM_SEL) & (i + slot_in_tile < BLOCKS_PER_SPLIT)
-        phys = tl.load(PHYS + sel_base + slot, mask=in_range, other=0).to(tl.int64)
-        logical = tl.load(LOGICAL + sel_base + slot, mask=in_range, other=0).to(tl.int64)
-        valid = tl.load(VALID + sel_base + slot, mask=in_range, other=0) != 0
-        pos = logical * BLOCK_SIZE + offset
-        live = in_range & valid & (pos < seq_len)
-        k_ptrs = K + phys[:, None] * stride_kb + h * stride_kh + offset[:, None] * stride_kt + d[None, :]
-        k = tl.load(k_ptrs, mask=live[:, None], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        else:
-            k = k.to(q.dtype)
-        if DOT_FP32:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [GROUP_PAD, TILE]
-        else:
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # Rows that have seen nothing yet keep m=-inf; use 0 there so exp() stays finite.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        v_ptrs = V + phys[:, None] * stride_vb + h * stride_vh + offset[:, None] * stride_vt + d[None, :]
-        v = tl.load(v_ptrs, mask=live[:, None], other=0.0)
-        if DOT_FP32:
-            v = v.to(tl.float32)
-        if DOT_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
-
-    out_base = ((n * NUM_KV_HEADS + h) * NUM_SPLITS + split) * GROUP_PAD
-    tl.store(M_OUT + out_base + g, m_i)
-    tl.store(L_OUT + out_base + g, l_i)
-    tl.store(ACC_OUT + (out_base + g)[:, None] * HEAD_DIM + d[None, :], acc)
-
-
-def _merge_splits(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-    """m, l [N, H, S, G]; acc [N, H, S, G, D] -> [N, H, G, D] (log-sum-exp merge; fixed shapes)."""
-    m_max = m.amax(dim=2, keepdim=True)
-    m_max = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
-    w = torch.exp(m - m_max)  # -inf partials (empty splits) weigh 0
-    denom = (l * w).sum(dim=2)
-    num = (acc * w.unsqueeze(-1)).sum(dim=2)
-    return num / denom.clamp(min=1e-30).unsqueeze(-1)
-
-
-def selected_block_decode_views(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                                phys: torch.Tensor, valid: torch.Tensor, seq_lens: torch.Tensor,
-                                logical: torch.Tensor, scale: float, num_splits: int | None = None,
-                                tile_blocks: int | None = None) -> torch.Tensor:
-    """q [N, Hq, D]; key/value_cache [num_blocks, Hkv, block_size, D] views (last dim contiguous);
-    phys / logical / valid [N, Hkv, k] -> out [N, Hq, D]."""
-    N, Hq, D = q.shape
-    _, Hkv, bs, _ = key_cache.shape
-    assert key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1, "head_dim must be contiguous"
-    G = Hq // Hkv
-    k = phys.shape[-1]
-    g_pad = max(16, triton.next_power_of_2(G))
-    tile_blocks = tile_blocks or max(1, 64 // bs)
-    if num_splits is None:
-        # Enough programs to fill the GPU at batch 1, few enough that the merge stays cheap.
-        num_splits = max(1, min(32, triton.cdiv(k, 4 * tile_blocks)))
-    per_split = triton.cdiv(triton.cdiv(k, num_splits), tile_blocks) * tile_blocks
-    num_splits = triton.cdiv(k, per_split)
-    q = q.contiguous()
-    dev = q.device
-    m = torch.empty(N, Hkv, num_splits, g_pad, dtype=torch.float32, device=dev)
-    l = torch.empty_like(m)
-    acc = torch.empty(N, Hkv, num_splits, g_pad, D, dtype=torch.float32, device=dev)
-    _selected_block_decode_kernel[(N * Hkv, num_splits)](
-        q, key_cache, value_cache, phys.contiguous(), logical.contiguous(), valid.to(torch.int8).contiguous(),
-        seq_lens.contiguous(), m, l, acc, scale,
-        q.stride(0), q.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        NUM_KV_HEADS=Hkv, GROUP=G, GROUP_PAD=g_pad, HEAD_DIM=D, BLOCK_SIZE=bs, NUM_SEL=k,
-        BLOCKS_PER_SPLIT=per_split, TILE_BLOCKS=tile_blocks, NUM_SPLITS=num_splits,
-        # The interpreter's 16-bit dot is wrong (numpy has no bf16), and fp32 inputs want an fp32 dot.
-        DOT_FP32=_INTERPRET or q.dtype == torch.float32,
-    )
-    out = _merge_splits(m, l, acc)[:, :, :G]  # [N, Hkv, G, D]
-    return out.reshape(N, Hq, D).to(q.dtype)
-
-
-def selected_block_decode(q: torch.Tensor, kv_cache: torch.Tensor, phys: torch.Tensor, valid: torch.Tensor,
-                          seq_lens: torch.Tensor, logical: torch.Tensor, scale: float) -> torch.Tensor:
-    """The backend entry point: ``kv_cache`` in the platform's paged layout (see vllm_compat)."""
-    from kvplug import vllm_compat
-
-    key_cache, value_cache = vllm_compat.paged_kv_views(kv_cache, None)
-    return selected_block_decode_views(q, key_cache, value_cache, phys, valid, seq_lens, logical, scale)
-
-
-@triton.jit
-def _quest_score_kernel(
-    Q, KMIN, KMAX, TABLE, SCORES,
-    stride_qn, stride_qh, stride_sb, stride_sh, stride_tn, stride_on, stride_oh,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    WIDTH: tl.constexpr, TILE: tl.constexpr, REDUCE_MAX: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    pid_nh = tl.program_id(0)
-    tile = tl.program_id(1)
-    n = pid_nh // NUM_KV_HEADS
-    h = pid_nh % NUM_KV_HEADS
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    b = tile * TILE + tl.arange(0, TILE)
-    in_table = b < WIDTH
-    q = tl.load(Q + n * stride_qn + (h * GROUP + g)[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None],
-                other=0.0).to(tl.float32)
-    phys = tl.load(TABLE + n * stride_tn + b, mask=in_table, other=0).to(tl.int64)
-    s_ptrs = phys[:, None] * stride_sb + h * stride_sh + d[None, :]
-    kmin = tl.load(KMIN + s_ptrs, mask=in_table[:, None], other=0.0).to(tl.float32)
-    kmax = tl.load(KMAX + s_ptrs, mask=in_table[:, None], other=0.0).to(tl.float32)
-    # Empty summaries (+inf/-inf) would give nan/inf; the caller masks blocks beyond each sequence anyway.
-    kmin = tl.where(kmin == float("inf"), 0.0, kmin)
-    kmax = tl.where(kmax == float("-inf"), 0.0, kmax)
-    pos = tl.maximum(q, 0.0)
-    neg = tl.minimum(q, 0.0)
-    if DOT_FP32:
-        s = tl.dot(pos, tl.trans(kmax), input_precision="ieee") + tl.dot(neg, tl.trans(kmin), input_precision="ieee")
-    else:
-        s = tl.dot(pos, tl.trans(kmax)) + tl.dot(neg, tl.trans(kmin))
-    live_g = (g < GROUP)[:, None]
-    if REDUCE_MAX:
-        r = tl.max(tl.where(live_g, s, float("-inf")), axis=0)
-    else:
-        r = tl.sum(tl.where(live_g, s, 0.0), axis=0)
-    tl.store(SCORES + n * stride_on + h * stride_oh + b, r, mask=in_table)
-
-
-def quest_scores_paged(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
-                       gqa_reduce: str = "max", tile: int = 64) -> torch.Tensor:
-    """Quest bounds of every block-table entry straight from the summaries (no [N, B, H, D] gather):
-    q [N, Hq, D], kmin/kmax [num_blocks+1, Hkv, D], block_table [N, B] -> scores [N, Hkv, B] float32.
-    Entries beyond a sequence's blocks get arbitrary finite scores; ``select_blocks`` masks them."""
-    N, Hq, D = q.shape
-    Hkv = kmin.shape[1]
-    B = block_table.shape[1]
-    G = Hq // Hkv
-    q = q.contiguous()
-    kmin, kmax = kmin.contiguous(), kmax.contiguous()
-    scores = torch.empty(N, Hkv, B, dtype=torch.float32, device=q.device)
-    _quest_score_kernel[(N * Hkv, triton.cdiv(B, tile))](
-        q, kmin, kmax, block_table, scores,
-        q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), block_table.stride(0),
-        scores.stride(0), scores.stride(1),
-        NUM_KV_HEADS=Hkv, GROUP=G, GROUP_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, WIDTH=B, TILE=tile,
-        REDUCE_MAX=gqa_reduce == "max", DOT_FP32=True,
-    )
-    return scores
 
 
 # --- fused CUDA decode step: 3 Triton launches + one torch.topk, all fixed-shape --------------------------
