@@ -4,8 +4,8 @@ Llama-3-8B attention shape (32 query / 8 kv heads, head_dim 128, bf16), paged KV
 ([2, blocks, block_size, kv_heads, head_dim], block_size 16), random block tables. Per (batch, context):
   * dense: torch SDPA (flash) over contiguous K/V — a lower bound for any dense decode kernel — and our
     Triton kernel reading every block of the paged cache;
-  * retrieval: Quest scoring (Triton, straight from the summaries) + top-k selection (torch) + the Triton
-    selected-block kernel, at --budget tokens per kv-head; also each part alone;
+  * retrieval: the fused step the backend runs (masked Quest scores, top-k, attention, merge) at --budget
+    tokens per kv-head, eager, and the per-layer summary update of one decode token per sequence;
   * the retrieval step captured in a CUDA graph and replayed (what vLLM's full decode graphs do), after
     checking that a replay with new sequence lengths / queries equals an eager run.
 
@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from attention_backends.retrieval_decode import planner, triton_kernels
-from attention_backends.retrieval_decode.selection import select_blocks
 from attention_backends.retrieval_decode.summaries import BlockSummaries, refresh_blocks_
 from benchmarks.kernels.harness import time_cuda
 
@@ -60,12 +59,12 @@ def summary_update_step(s):
 
 
 def dense_paged_step(s):
-    n, width = s["table"].shape
-    blocks = torch.arange(width, device="cuda").view(1, 1, width).expand(n, HKV, width).contiguous()
-    phys = s["table"].long().unsqueeze(1).expand(-1, HKV, -1).contiguous()
-    valid = torch.ones_like(blocks, dtype=torch.bool)
-    return triton_kernels.selected_block_decode_views(s["q"], s["kview"], s["vview"], phys, valid, s["seq_lens"],
-                                                      blocks, D ** -0.5)
+    """The same kernels reading every block (min_context above the context): dense paged decode."""
+    import dataclasses
+
+    dense = dataclasses.replace(s["params"], min_context_tokens=1 << 30)
+    return triton_kernels.retrieval_decode(s["q"], s["kview"], s["vview"], s["summ"].kmin, s["summ"].kmax,
+                                           s["table"], s["seq_lens"], dense, s["table"].shape[1], D ** -0.5)
 
 
 def dense_sdpa_setup(s):
@@ -112,17 +111,6 @@ def bench(batch: int, ctx: int, budget: int) -> dict:
     row["dense_sdpa_ms"] = time_cuda(sdpa, iters=20)["median_ms"]
     del k, v
     row["dense_paged_triton_ms"] = time_cuda(lambda: dense_paged_step(s), iters=20)["median_ms"]
-    p = s["params"]
-    nb, budget_b = planner.device_budgets(p, s["seq_lens"])
-    row["score_ms"] = time_cuda(lambda: triton_kernels.quest_scores_paged(s["q"], s["summ"].kmin, s["summ"].kmax,
-                                                                            s["table"]), iters=20)["median_ms"]
-    scores = triton_kernels.quest_scores_paged(s["q"], s["summ"].kmin, s["summ"].kmax, s["table"])
-    row["select_ms"] = time_cuda(lambda: select_blocks(scores, nb, budget_b, s["k"], p.sink_blocks,
-                                                       p.recent_blocks), iters=20)["median_ms"]
-    sel = select_blocks(scores, nb, budget_b, s["k"], p.sink_blocks, p.recent_blocks)
-    phys = torch.gather(s["table"].long().unsqueeze(1).expand(-1, HKV, -1), 2, sel.blocks)
-    row["sparse_attention_ms"] = time_cuda(lambda: triton_kernels.selected_block_decode_views(
-        s["q"], s["kview"], s["vview"], phys, sel.valid, s["seq_lens"], sel.blocks, D ** -0.5), iters=20)["median_ms"]
     row["retrieval_eager_ms"] = time_cuda(lambda: retrieval_step(s), iters=20)["median_ms"]
     row["summary_update_eager_ms"] = time_cuda(lambda: summary_update_step(s), iters=20)["median_ms"]
     graph = torch.cuda.CUDAGraph()
@@ -158,14 +146,13 @@ def main(argv=None) -> int:
            + " ".join(argv if argv is not None else sys.argv[1:]), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
-    print("| batch x context | budget | dense SDPA ms | dense paged (ours) ms | retrieval step, graph ms | "
-          "summary update, graph ms | speedup vs SDPA | unfused: score / select / attention ms (eager) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| batch x context | budget | dense SDPA ms | dense paged (our kernels) ms | retrieval step, graph ms | "
+          "summary update, graph ms | speedup vs SDPA |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']}x{r['context']} | {r['budget_tokens']} | {r['dense_sdpa_ms']:.3f} | "
               f"{r['dense_paged_triton_ms']:.3f} | {r['graph_replay_ms']:.3f} | {r['summary_update_graph_ms']:.3f} | "
-              f"{r['speedup_graph_vs_sdpa']:.2f}x | {r['score_ms']:.3f} / {r['select_ms']:.3f} / "
-              f"{r['sparse_attention_ms']:.3f} |")
+              f"{r['speedup_graph_vs_sdpa']:.2f}x |")
     return 0
 
 
