@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run kernels on the CPU
+# The interpreter only works if triton is first imported with TRITON_INTERPRET=1; when something earlier in the
+# session (vLLM) imported it, test_triton_kernels_fresh.py runs this file in a fresh interpreter instead.
+_FRESH_TRITON = "triton" not in sys.modules
+if _FRESH_TRITON:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run kernels on the CPU
+IN_PROCESS = torch.cuda.is_available() or (_FRESH_TRITON and os.environ.get("TRITON_INTERPRET") == "1")
+if not IN_PROCESS:
+    pytest.skip("triton was imported before TRITON_INTERPRET=1; test_triton_kernels_fresh.py runs this file "
+                "in a fresh interpreter", allow_module_level=True)
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton); kernels untested")
 
 from attention_backends.sparse_prefill.head_config import LayerPlan, build_index  # noqa: E402
