@@ -18,11 +18,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import gpu_common
 
 SHAPES = {
     # Meta-Llama-3-8B's config.json, with the context raised for 128K runs (RoPE scaling is irrelevant to speed).
@@ -100,17 +101,10 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict:
     env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")
     if backend != "CUSTOM":
         env["VLLM_PLUGINS"] = "none"  # vanilla vLLM: kvplug not even loaded
-    cmd = [sys.executable, "-m", "benchmarks.gpu_passthrough", "--worker", "--backend", backend,
-           "--model-dir", args.model_dir, "--shape", args.shape, "--lengths", args.lengths,
-           "--repeats", str(args.repeats), "--tpot-tokens", str(args.tpot_tokens),
-           "--greedy-tokens", str(args.greedy_tokens), "--gpu-mem", str(args.gpu_mem)]
-    print(f"[gpu_passthrough] running {backend} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    sys.stderr.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if not ln.startswith("RESULT ")))
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{backend} run failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    worker_args = ["--model-dir", args.model_dir, "--shape", args.shape, "--lengths", args.lengths,
+                   "--repeats", str(args.repeats), "--tpot-tokens", str(args.tpot_tokens),
+                   "--greedy-tokens", str(args.greedy_tokens), "--gpu-mem", str(args.gpu_mem)]
+    return gpu_common.run_worker("benchmarks.gpu_passthrough", backend, worker_args, env)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -158,9 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run for path in args.merge for run in json.loads(Path(path).read_text())["runs"]]
     runs += [run_backend(args, b) for b in args.backends.split(",") if b]
     summary = summarize(runs)
-    summary["command"] = "python -m benchmarks.gpu_passthrough " + " ".join(argv if argv is not None else sys.argv[1:])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
+    gpu_common.write_results(args.out, "python -m benchmarks.gpu_passthrough "
+                             + " ".join(argv if argv is not None else sys.argv[1:]), summary, runs)
     print(f"device: {summary['device']}  vLLM {summary['vllm']}  greedy identical: {summary['greedy_identical']}")
     print(f"attention impls: {summary['attention_impls']}")
     for metric in ("ttft_s", "tpot_s"):

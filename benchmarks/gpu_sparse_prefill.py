@@ -18,12 +18,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import gpu_common
 from benchmarks.gpu_passthrough import SHAPES, write_shape
 
 
@@ -102,16 +102,10 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict:
             env["KVPLUG_SPARSE_PREFILL__PATTERN_CONFIG"] = args.pattern_config
     else:
         env["VLLM_PLUGINS"] = "none"
-    cmd = [sys.executable, "-m", "benchmarks.gpu_sparse_prefill", "--worker", "--backend", backend,
-           "--model-dir", args.model_dir, "--shape", args.shape, "--lengths", args.lengths,
-           "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem), "--turn-length", str(args.turn_length),
-           "--suffix", str(args.suffix), "--max-batched-tokens", str(args.max_batched_tokens)]
-    print(f"[gpu_sparse_prefill] running {backend} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{backend} run failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    worker_args = ["--model-dir", args.model_dir, "--shape", args.shape, "--lengths", args.lengths,
+                   "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem), "--turn-length", str(args.turn_length),
+                   "--suffix", str(args.suffix), "--max-batched-tokens", str(args.max_batched_tokens)]
+    return gpu_common.run_worker("benchmarks.gpu_sparse_prefill", backend, worker_args, env)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -161,9 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model_dir = str(write_shape(args.shape, Path(tempfile.mkdtemp(prefix="kvplug-shape-"))))
     runs = [run_backend(args, b) for b in args.backends.split(",") if b]
     summary = summarize(runs)
-    summary["command"] = "python -m benchmarks.gpu_sparse_prefill " + " ".join(argv if argv is not None else sys.argv[1:])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
+    gpu_common.write_results(args.out, "python -m benchmarks.gpu_sparse_prefill "
+                             + " ".join(argv if argv is not None else sys.argv[1:]), summary, runs)
     print(f"device: {summary['device']}  vLLM {summary['vllm']}")
     for n, row in summary["ttft"].items():
         print(f"TTFT {n:>7s}  FLASH_ATTN {row['flash_attn_s']*1e3:9.1f} ms  kvplug {row['kvplug_s']*1e3:9.1f} ms"
