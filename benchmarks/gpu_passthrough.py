@@ -26,11 +26,13 @@ from pathlib import Path
 from benchmarks import gpu_common
 
 SHAPES = {
-    # Meta-Llama-3-8B's config.json, with the context raised for 128K runs (RoPE scaling is irrelevant to speed).
+    # Meta-Llama-3-8B's config.json, with the context raised so a 128K prompt plus its decode tokens stays
+    # inside the RoPE table (positions >= max_position_embeddings index past vLLM's cos/sin cache: that was the
+    # "index out of bounds ... < 131072" device assert of the 128K decode run). RoPE scaling is irrelevant to speed.
     "llama-3-8b": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
         "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 262144,
         "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
         "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
         "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
