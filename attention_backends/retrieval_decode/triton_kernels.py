@@ -121,15 +121,17 @@ def _topk_decode_kernel(
     for i in range(0, BLOCKS_PER_SPLIT, TILE_BLOCKS):
         rank = first + i + slot_in_tile  # top-k output is sorted: rank < budget is this sequence's share
         in_range = (rank < NUM_SEL) & (i + slot_in_tile < BLOCKS_PER_SPLIT) & (rank < budget)
-        score = tl.load(TOP_VAL + sel_base + rank, mask=in_range, other=float("-inf"))
-        logical = tl.load(TOP_IDX + sel_base + rank, mask=in_range, other=0).to(tl.int64)
+        # Every load in this loop is unmasked at a clamped, always-valid index (rank 0, logical block 0, the
+        # physical block in table column 0) and dead lanes are masked only in the scores: masked loads here
+        # broke Triton 3.6's layout passes on sm_90 ("mask type matches ptr type" / RemoveLayoutConversions).
+        safe_rank = tl.where(in_range, rank, 0)
+        score = tl.where(in_range, tl.load(TOP_VAL + sel_base + safe_rank), float("-inf"))
+        logical = tl.load(TOP_IDX + sel_base + safe_rank).to(tl.int64)
         pos = logical * BLOCK_SIZE + offset
         live = in_range & (score > float("-inf")) & (pos < seq_len)
-        phys = tl.load(TABLE + n * stride_tn + logical, mask=live, other=0).to(tl.int64)
-        k = tl.load(K + phys[:, None] * stride_kb + h * stride_kh + offset[:, None] * stride_kt + d[None, :],
-                    mask=live[:, None], other=0.0)
-        v = tl.load(V + phys[:, None] * stride_vb + h * stride_vh + offset[:, None] * stride_vt + d[None, :],
-                    mask=live[:, None], other=0.0)
+        phys = tl.load(TABLE + n * stride_tn + tl.where(live, logical, 0)).to(tl.int64)
+        k = tl.load(K + phys[:, None] * stride_kb + h * stride_kh + offset[:, None] * stride_kt + d[None, :])
+        v = tl.load(V + phys[:, None] * stride_vb + h * stride_vh + offset[:, None] * stride_vt + d[None, :])
         if DOT_FP32:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
         else:
