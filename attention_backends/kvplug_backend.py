@@ -52,6 +52,11 @@ class KvplugMetadataBuilder(_DenseBuilder):  # type: ignore[misc, valid-type]
                 self._metrics.attention_tokens.labels(phase=phase, backend=BACKEND_LABEL).inc(tokens)
 
 
+if vllm_compat.platform_name() == "cuda" and retrieval_decode.enabled():
+    # Retrieval plans of mixed batches have host-picked shapes: full CUDA graphs for pure decode batches only.
+    vllm_compat.limit_full_cudagraphs_to_pure_decode(KvplugMetadataBuilder)
+
+
 class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -69,7 +74,11 @@ class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         retrieval = retrieval_decode.plan_of(attn_metadata) if self._retrieval_decode is not None else None
         if retrieval is not None:  # long decodes attend their top-k blocks; the other rows come back here
-            return self._retrieval_decode.forward(self.forward, layer, query, key, value, kv_cache, retrieval, output)
+            def dense_forward():  # the parent's kernel on the whole batch (dense layers of a pure-decode batch)
+                return _DenseImpl.forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                                          *args, **kwargs)
+            return self._retrieval_decode.forward(self.forward, layer, query, key, value, kv_cache, retrieval, output,
+                                                  dense_forward)
         plan = sparse_prefill.plan_of(attn_metadata) if self._sparse_prefill is not None else None
         if plan is not None:  # long prefill chunks attend sparsely; every other row goes to the parent
             return self._sparse_prefill.forward(super().forward, layer, query, key, value, kv_cache, plan, output)

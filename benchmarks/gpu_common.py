@@ -21,6 +21,21 @@ def run_worker(module: str, backend: str, argv: Sequence[str], env: dict) -> dic
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def engine_memory_kwargs(kv_cache_gib: float | None, gpu_memory_utilization: float) -> dict:
+    """LLM(...) memory arguments: a fixed KV-cache size when asked and this vLLM knows the argument (every
+    backend then gets the same KV space, whatever its own extra memory), else the utilization fraction."""
+    if kv_cache_gib:
+        import dataclasses
+
+        from vllm.engine.arg_utils import EngineArgs
+
+        if "kv_cache_memory_bytes" in {f.name for f in dataclasses.fields(EngineArgs)}:
+            return {"kv_cache_memory_bytes": int(kv_cache_gib * (1 << 30))}
+        print(f"this vLLM has no kv_cache_memory_bytes; using gpu_memory_utilization={gpu_memory_utilization}",
+              file=sys.stderr, flush=True)
+    return {"gpu_memory_utilization": gpu_memory_utilization}
+
+
 def worker_argv(argv: Sequence[str], drop: Sequence[str] = ("--backends", "--out")) -> list[str]:
     """The parent's own flags minus those only the parent uses (``--flag value`` or ``--flag=value``)."""
     out, skip = [], False

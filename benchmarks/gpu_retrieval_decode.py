@@ -14,7 +14,17 @@ timed calls only decode:
 
 16 x 32K of Llama-3-8B KV is 64 GiB: on an 80 GB H100 vLLM holds ~13 of them at once (the rest queue) —
 the same for both backends, but run the throughput phase on an H200 to have all 16 resident.
-Each backend runs in its own subprocess, in the order given by --backends.
+Each backend runs in its own subprocess, in the order given by --backends. Both get the same KV-cache size
+(--kv-cache-gib; the block summaries of the retrieval backend, 1/16 of the KV bytes, live outside it).
+
+Checks written into the JSON (and printed): which cudagraph mode the engine really ran; whether the
+retrieval path ran in the CUSTOM run (tokens decoded by retrieval, fraction of KV read, layers holding block
+summaries) -- a CUSTOM run that decoded everything densely is reported as "FELL BACK TO DENSE" and the
+script exits with status 3; whether the prefix cache held the prompts between the timed calls (if not, the
+timed calls re-prefilled and the numbers are not decode numbers).
+
+To localize a device-side failure in the same batch: --enforce-eager (no torch.compile, no graphs),
+--cudagraph-mode NONE|PIECEWISE|FULL_DECODE_ONLY|FULL_AND_PIECEWISE, --launch-blocking (CUDA_LAUNCH_BLOCKING=1).
 """
 from __future__ import annotations
 
@@ -42,14 +52,17 @@ def _worker(args: argparse.Namespace) -> None:
     phases = args.phases.split(",")
     lengths = [int(x) for x in args.lengths.split(",")] if "tpot" in phases else []
     longest = max(lengths + ([args.batch_len] if "throughput" in phases else []))
-    kw = {}
+    kw = gpu_common.engine_memory_kwargs(args.kv_cache_gib, args.gpu_mem)
     if args.cudagraph_mode:
         kw["compilation_config"] = {"cudagraph_mode": args.cudagraph_mode}
+    if args.enforce_eager:
+        kw["enforce_eager"] = True
     llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, seed=0,
               attention_backend=args.backend, max_model_len=longest + args.decode_tokens + 64,
-              enable_prefix_caching=True, gpu_memory_utilization=args.gpu_mem, max_num_seqs=max(16, args.batch),
-              **kw)
+              enable_prefix_caching=True, max_num_seqs=max(16, args.batch), **kw)
     impls = sorted({c for per_worker in llm.collective_rpc(attention_impl_names) for c in per_worker})
+    engine = engine_facts(llm)
+    print(f"[{args.backend}] engine: {engine}", file=sys.stderr, flush=True)
     rng = random.Random(1234)
     vocab = SHAPES[args.shape]["vocab_size"]
 
@@ -70,30 +83,37 @@ def _worker(args: argparse.Namespace) -> None:
 
         return llm.collective_rpc(runner.stats_snapshot)[0]
 
+    def reset_stats():
+        if args.backend == "CUSTOM":
+            from attention_backends.retrieval_decode import runner
+
+            llm.collective_rpc(runner.stats_reset)
+
+    def measure(ps) -> dict:
+        """Prefill once (the prefix cache keeps it), then 1 and 1 + N tokens from the cache."""
+        prefill = timed(ps, 1)
+        t1 = timed(ps, 1)
+        tn = timed(ps, 1 + n_dec)
+        return {"prefill_s": prefill, "t1_s": t1, "tn_s": tn}
+
     n_dec = args.decode_tokens
-    result: dict = {"backend": args.backend, "attention_impls": impls, "tpot_s": {}, "throughput_tok_s": {}}
+    result: dict = {"backend": args.backend, "attention_impls": impls, "engine": engine, "tpot_s": {},
+                    "throughput_tok_s": {}, "timings": {}, "stats": {}}
     timed([prompt(512)], 4)  # warm-up
+    reset_stats()
     for n in lengths:
-        runs = []
-        for _ in range(args.repeats):
-            p = [prompt(n)]
-            timed(p, 1)  # prefill once (the prefix cache keeps it)
-            t1 = timed(p, 1)
-            tn = timed(p, 1 + n_dec)
-            runs.append((tn - t1) / n_dec)
-        result["tpot_s"][str(n)] = runs
-    result["stats_after_tpot"] = stats()
+        runs = [measure([prompt(n)]) for _ in range(args.repeats)]
+        result["timings"][str(n)] = runs
+        result["tpot_s"][str(n)] = [(r["tn_s"] - r["t1_s"]) / n_dec for r in runs]
+    if lengths:
+        result["stats"]["tpot"] = stats()
     if "throughput" in phases:
+        reset_stats()
         key = f"{args.batch}x{args.batch_len}"
-        runs = []
-        for _ in range(args.repeats):
-            ps = [prompt(args.batch_len) for _ in range(args.batch)]
-            timed(ps, 1)
-            t1 = timed(ps, 1)
-            tn = timed(ps, 1 + n_dec)
-            runs.append(args.batch * n_dec / (tn - t1))
-        result["throughput_tok_s"][key] = runs
-    result["stats_final"] = stats()
+        runs = [measure([prompt(args.batch_len) for _ in range(args.batch)]) for _ in range(args.repeats)]
+        result["timings"][key] = runs
+        result["throughput_tok_s"][key] = [args.batch * n_dec / (r["tn_s"] - r["t1_s"]) for r in runs]
+        result["stats"]["throughput"] = stats()
     import torch
     import vllm
 
@@ -103,6 +123,8 @@ def _worker(args: argparse.Namespace) -> None:
 
 def run_backend(args: argparse.Namespace, backend: str, argv: list[str]) -> dict:
     env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # collective_rpc of local functions
+    if args.launch_blocking:  # a device-side assert then names the kernel that raised it
+        env["CUDA_LAUNCH_BLOCKING"] = "1"
     if backend == "CUSTOM":
         env.update({"KVPLUG_RETRIEVAL_DECODE__ENABLED": "true",
                     "KVPLUG_RETRIEVAL_DECODE__BUDGET_TOKENS": str(args.budget_tokens),
@@ -121,11 +143,15 @@ def summarize(runs: list[dict]) -> dict:
         by.setdefault(r["backend"], []).append(r)
     base, ours = by.get("FLASH_ATTN", []), by.get("CUSTOM", [])
     out: dict = {"device": runs[0]["device"], "vllm": runs[0]["vllm"], "order": [r["backend"] for r in runs],
-                 "attention_impls": {r["backend"]: r.get("attention_impls") for r in runs}}
-    if ours and ours[-1].get("stats_final"):
-        s = ours[-1]["stats_final"]
-        out["retrieval_stats"] = dict(s, fraction_kv_read=(s["blocks_read"] / s["blocks_total"]) if s["blocks_total"]
-                                      else None)
+                 "attention_impls": {r["backend"]: r.get("attention_impls") for r in runs},
+                 "engine": {r["backend"]: r.get("engine") for r in runs}}
+    if ours:
+        out["retrieval_stats"] = {phase: dict(s, fraction_kv_read=(s["blocks_read"] / s["blocks_total"])
+                                              if s and s["blocks_total"] else None)
+                                  for phase, s in (ours[-1].get("stats") or {}).items()}
+        out["retrieval_path"] = retrieval_verdict(ours[-1])
+    out["prefix_cache_held"] = {f"{r['backend']} {key}": all(t["t1_s"] < 0.5 * t["prefill_s"] for t in ts)
+                                for r in runs for key, ts in (r.get("timings") or {}).items()}
     for metric, better in (("tpot_s", "lower"), ("throughput_tok_s", "higher")):
         table = {}
         for key in (base or ours)[0][metric]:
@@ -137,6 +163,69 @@ def summarize(runs: list[dict]) -> dict:
             table[key] = {"flash_attn": b, "kvplug": o, "speedup": speedup}
         out[metric] = table
     return out
+
+
+def gpu_total_gib() -> float | None:
+    """Memory of GPU 0 from nvidia-smi (no CUDA context in this parent process), or None."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=30).stdout
+        return float(out.split()[0]) / 1024
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def auto_kv_cache_gib(args: argparse.Namespace, config_json: Path, total_gib: float | None) -> float:
+    """KV space for the largest phase (+10%), capped so weights, the retrieval backend's block summaries
+    (1/16 of the KV bytes at bf16 and block size 16), activations and graphs still fit. If the cap wins, the
+    throughput phase cannot keep every sequence resident: the JSON's prefix_cache_held says so."""
+    c = json.loads(config_json.read_text())
+    layers, hidden, kv_heads = c["num_hidden_layers"], c["hidden_size"], c["num_key_value_heads"]
+    head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
+    kv_per_token = 2 * layers * kv_heads * head_dim * 2
+    weights = 2 * (c["vocab_size"] * hidden * (1 if c.get("tie_word_embeddings") else 2)
+                   + layers * (2 * hidden * hidden + 2 * hidden * kv_heads * head_dim + 3 * hidden * c["intermediate_size"]))
+    phases = args.phases.split(",")
+    tokens = max(([int(x) for x in args.lengths.split(",")] if "tpot" in phases else [0])
+                 + ([args.batch * args.batch_len] if "throughput" in phases else [0]))
+    need = 1.1 * (tokens + args.batch * (args.decode_tokens + 64)) * kv_per_token / (1 << 30)
+    if total_gib is None:
+        return round(need, 1)
+    room = (0.92 * total_gib - weights / (1 << 30) - 6.0) / (1 + 1 / 16)
+    return round(max(4.0, min(need, room)), 1)
+
+
+def engine_facts(llm) -> dict:
+    """What the engine really runs with (the cudagraph mode after vLLM's own downgrades, KV capacity)."""
+    try:
+        cfg = llm.llm_engine.vllm_config
+    except AttributeError:
+        return {}
+    cc, cache = cfg.compilation_config, cfg.cache_config
+    blocks = getattr(cache, "num_gpu_blocks", None)
+    return {"cudagraph_mode": str(getattr(cc, "cudagraph_mode", None)),
+            "enforce_eager": bool(getattr(cfg.model_config, "enforce_eager", False)),
+            "block_size": cache.block_size, "num_gpu_blocks": blocks,
+            "kv_capacity_tokens": blocks * cache.block_size if blocks else None}
+
+
+def retrieval_verdict(run: dict) -> str:
+    """'ran' only if the CUSTOM run decoded tokens by retrieval in every phase and its layers hold summaries."""
+    impls = run.get("attention_impls") or []
+    if not any("KvplugAttentionImpl" in c for c in impls):
+        return f"FELL BACK TO DENSE: attention impls are {impls}, not kvplug's"
+    stats = run.get("stats") or {}
+    if not stats:
+        return "FELL BACK TO DENSE: no retrieval statistics came back from the worker"
+    for phase, s in stats.items():
+        if not s or not s.get("summary_layers"):
+            return f"FELL BACK TO DENSE ({phase}): no layer allocated block summaries"
+        if not s.get("sparse_tokens"):
+            return (f"FELL BACK TO DENSE ({phase}): 0 tokens decoded by retrieval, "
+                    f"{s.get('dense_decode_tokens')} decoded densely")
+    return "ran"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,8 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-tokens", type=int, default=2048, help="retrieval budget (tokens per kv-head)")
     p.add_argument("--budget-fraction", type=float, default=0.0, help="if > 0, budget as a fraction of the context")
     p.add_argument("--min-context", type=int, default=4096)
-    p.add_argument("--gpu-mem", type=float, default=0.9)
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV cache of both backends (same size: fair); default: what the prompts need, capped by "
+                        "the GPU's memory; 0 = let vLLM size it by --gpu-mem")
+    p.add_argument("--gpu-mem", type=float, default=0.85)
     p.add_argument("--cudagraph-mode", default=None, help="e.g. FULL_AND_PIECEWISE (default: vLLM's)")
+    p.add_argument("--enforce-eager", action="store_true", help="no torch.compile, no CUDA graphs (localizing)")
+    p.add_argument("--launch-blocking", action="store_true", help="CUDA_LAUNCH_BLOCKING=1 in the engines")
     p.add_argument("--backends", default="FLASH_ATTN,CUSTOM")
     p.add_argument("--out", default="results/gpu_retrieval_decode.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -166,16 +260,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_dir is None:
         args.model_dir = str(write_shape(args.shape, Path(tempfile.mkdtemp(prefix="kvplug-shape-"))))
     argv = list(argv if argv is not None else sys.argv[1:])
+    if args.kv_cache_gib is None:
+        args.kv_cache_gib = auto_kv_cache_gib(args, Path(args.model_dir) / "config.json", gpu_total_gib())
+        argv += ["--kv-cache-gib", f"{args.kv_cache_gib:.1f}"]
+        print(f"KV cache per backend: {args.kv_cache_gib:.1f} GiB", file=sys.stderr, flush=True)
     runs = [run_backend(args, b, argv) for b in args.backends.split(",") if b]
     summary = summarize(runs)
     gpu_common.write_results(args.out, "python -m benchmarks.gpu_retrieval_decode " + " ".join(argv), summary, runs)
     print(f"device: {summary['device']}  vLLM {summary['vllm']}")
     print(f"attention impls: {summary['attention_impls']}")
-    print(f"retrieval: {summary.get('retrieval_stats')}")
+    print(f"engines: {summary['engine']}")
+    print(f"retrieval path: {summary.get('retrieval_path')}  stats: {summary.get('retrieval_stats')}")
+    print(f"prefix cache held the prompts between timed calls: {summary['prefix_cache_held']}")
     for metric in ("tpot_s", "throughput_tok_s"):
         for key, row in summary[metric].items():
             print(f"{metric:17s} {key:>10s}  FLASH_ATTN {row['flash_attn']}  kvplug {row['kvplug']}  "
                   f"speedup {row['speedup']}")
+    if summary.get("retrieval_path", "ran") != "ran":
+        print(f"WARNING: {summary['retrieval_path']}", file=sys.stderr)
+        return 3
     return 0
 
 

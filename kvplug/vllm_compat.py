@@ -86,6 +86,22 @@ def register_attention_backend(class_path: str = ATTENTION_BACKEND_PATH) -> str:
     return slot
 
 
+def limit_full_cudagraphs_to_pure_decode(builder_cls: type) -> None:
+    """Declare full-CUDA-graph support only for batches of single-token decodes on ``builder_cls``.
+
+    FA3's builder says ALWAYS, so under ``cudagraph_mode=FULL`` vLLM would capture mixed prefill+decode
+    batches whole, freezing per-batch plans whose shapes the host picks; at UNIFORM_SINGLE_TOKEN_DECODE vLLM
+    runs mixed batches' attention eagerly (piecewise graphs). 0.32 reads ``_cudagraph_support`` (through
+    ``get_cudagraph_support``), older releases ``cudagraph_support``: both are capped, neither is raised."""
+    for name in ("_cudagraph_support", "cudagraph_support"):
+        current = getattr(builder_cls, name, None)
+        if current is None or not hasattr(type(current), "UNIFORM_SINGLE_TOKEN_DECODE"):
+            continue
+        level = type(current).UNIFORM_SINGLE_TOKEN_DECODE
+        if current.value > level.value:
+            setattr(builder_cls, name, level)
+
+
 def attention_backend_cli_args() -> list[str]:
     """Server flags that select our backend (none on CPU: the registry override does it)."""
     return [] if platform_name() == "cpu" else ["--attention-backend", "CUSTOM"]
@@ -118,7 +134,9 @@ def attention_impl_names(worker: Any) -> list[str]:
 
 @dataclass(frozen=True)
 class BatchPhases:
-    """Requests and tokens of one batch split into decode (query length 1) and prefill."""
+    """Requests and tokens of one batch split into decode (query length 1) and prefill (longer). Padding
+    requests of a CUDA-graph batch (query length 0, seq_len 0) are neither: a padded pure-decode batch is
+    still a pure-decode batch."""
 
     decode_reqs: int
     decode_tokens: int
@@ -132,8 +150,9 @@ def batch_phases(common_attn_metadata: Any) -> BatchPhases:
     num_reqs = int(common_attn_metadata.num_reqs)
     lens = (qsl[1:num_reqs + 1] - qsl[:num_reqs]).tolist()
     decode = sum(1 for n in lens if n == 1)
+    prefill = sum(1 for n in lens if n > 1)
     total = sum(lens)
-    return BatchPhases(decode, decode, num_reqs - decode, total - decode)
+    return BatchPhases(decode, decode, prefill, total - decode)
 
 
 # --- process environment ------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ def _config():
     return cfg if cfg.enabled else None
 
 
+def enabled() -> bool:
+    return _config() is not None
+
+
 def plan_of(attn_metadata: Any) -> planner.RetrievalPlan | None:
     return getattr(attn_metadata, PLAN_ATTR, None)
 
@@ -43,6 +47,9 @@ class BuilderHook:
         # CUDA: pure-decode batches use fixed shapes so full CUDA graphs can capture and replay them.
         self.graph_safe = vllm_compat.platform_name() == "cuda"
         self.graph_k = planner.graph_k(self.params, builder.vllm_config.model_config.max_model_len)
+        # vLLM may reuse one group's metadata for another group by swapping its block table in
+        # (update_block_table); the plan holds the first group's table, so every group must build its own.
+        builder.supports_update_block_table = False
 
     def build(self, common_attn_metadata: Any, build_full: Callable[[Any], Any],
               build_rest: Callable[[Any], Any]) -> Any | None:

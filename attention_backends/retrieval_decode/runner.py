@@ -19,11 +19,14 @@ from kvplug import metrics, vllm_compat
 _stats_lock = threading.Lock()
 # Per process, per batch (not per layer); tests read them through collective_rpc, Prometheus gets the same.
 STATS = {"batches": 0, "sparse_tokens": 0, "dense_decode_tokens": 0, "blocks_read": 0, "blocks_total": 0}
+# Layers whose runner allocated block summaries (not reset by stats_reset): proof that the retrieval impl, not
+# the dense one, is writing summaries in this process; and what they cost on top of vLLM's KV cache.
+SUMMARIES = {"layers": 0, "bytes": 0}
 
 
 def stats_snapshot(_worker: Any = None) -> dict[str, int]:
     with _stats_lock:
-        return dict(STATS)
+        return dict(STATS, summary_layers=SUMMARIES["layers"], summary_bytes=SUMMARIES["bytes"])
 
 
 def record_batch(plan: RetrievalPlan | None, decode_tokens: int) -> None:
@@ -105,12 +108,22 @@ class RetrievalDecodeRunner:
             # CPU: float32; CUDA: the KV dtype, so scoring reads 1/block_size of the KV bytes it saves.
             dtype = torch.float32 if not kv_cache.is_cuda or not kv_cache.dtype.is_floating_point \
                 or kv_cache.element_size() < 2 else kv_cache.dtype
+            fresh = self.summaries is None
             self.summaries = BlockSummaries.allocate(nb, hkv, d, bs, dtype, kv_cache.device)
+            with _stats_lock:
+                SUMMARIES["layers"] += fresh
+                SUMMARIES["bytes"] += 2 * self.summaries.kmin.numel() * self.summaries.kmin.element_size() * fresh
         self.summaries.update(key, slot_mapping)
 
     def forward(self, rest_forward: Callable[..., Any], layer: Any, query: torch.Tensor, key: torch.Tensor | None,
-                value: torch.Tensor | None, kv_cache: torch.Tensor, plan: RetrievalPlan,
-                output: torch.Tensor) -> torch.Tensor:
+                value: torch.Tensor | None, kv_cache: torch.Tensor, plan: RetrievalPlan | DecodeGraphPlan,
+                output: torch.Tensor, dense_forward: Callable[[], Any] | None = None) -> torch.Tensor:
+        p = plan.params
+        dense_layer = bool(p.dense_layers) and self._layer_index(layer) < p.dense_layers
+        if dense_layer and plan.rest_metadata is None and dense_forward is not None:
+            # A batch of retrieval decodes only: the dense backend's own kernel and metadata (built for the whole
+            # batch in this step) are exact, and faster than our kernel reading every block.
+            return dense_forward()
         if plan.rest_metadata is not None:
             rows = plan.rest_rows_dev
             rest_out = output.new_empty((rows.numel(), *output.shape[1:]))
@@ -120,14 +133,16 @@ class RetrievalDecodeRunner:
         if self.summaries is None:
             raise RuntimeError("retrieval decode: no block summaries for this layer (its KV cache was never written "
                                "through the backend)")
-        p = plan.params
-        if p.dense_layers and self._layer_index(layer) < p.dense_layers:
+        if dense_layer:
             return self._dense_rows(layer, query, kv_cache, plan, output)
         kmin, kmax = self.summaries.kmin, self.summaries.kmax
         if query.is_cuda:  # fused Triton step: budgets, selection and validity computed on the device
             from attention_backends.retrieval_decode import triton_kernels
 
             key_cache, value_cache = vllm_compat.paged_kv_views(kv_cache, layer)
+            if key_cache.shape[2] != p.block_size:  # block tables would index kernel blocks of another size
+                raise RuntimeError(f"retrieval decode: KV cache blocks hold {key_cache.shape[2]} tokens but the "
+                                   f"KV-cache spec says {p.block_size} (kernel block size != manager block size)")
             if isinstance(plan, DecodeGraphPlan):  # whole pure-decode batch, written in place (CUDA graphs)
                 n = plan.seq_lens.shape[0]
                 triton_kernels.retrieval_decode(query[:n], key_cache, value_cache, kmin, kmax, plan.block_table,

@@ -105,3 +105,34 @@ def test_fused_decode_step_matches_torch_path(dtype, budget_fraction):
     torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol)
     torch.testing.assert_close(got.float().cpu()[2], dense[2], rtol=tol, atol=tol)  # 90 tokens < min_context
     assert (got.float().cpu()[0] - dense[0]).abs().max() > 0.1  # the long one really is sparse
+
+
+@in_process
+@pytest.mark.parametrize("physical", ["NHD", "HND"])
+def test_fused_step_on_vllm_flash_packed_kv_layout(physical):
+    """vLLM 0.26+ FlashAttention cache: logical [blocks, kv_heads, block_size, 2*D] with K|V packed in the last
+    dim, stored token-major (NHD) or head-major (HND); read through vllm_compat's views (strided, no copy)."""
+    from attention_backends.retrieval_decode import planner
+    from kvplug import vllm_compat
+
+    bs, hkv, d = 16, 2, 32
+    case = make_case(seq_lens=(400, 250), hkv=hkv, group=2, d=d, bs=bs, num_blocks=64)
+    packed = torch.cat([case.key_cache, case.value_cache], dim=-1)  # [blocks, H, bs, 2D]
+    if physical == "NHD":
+        kv_cache = packed.permute(0, 2, 1, 3).contiguous().to(DEV).permute(0, 2, 1, 3)
+    else:
+        kv_cache = packed.contiguous().to(DEV)
+    assert vllm_compat.paged_kv_geometry(kv_cache) == (64, hkv, bs, d)
+    kview, vview = vllm_compat._flash_kv_views(kv_cache)
+    params = planner.RetrievalParams(block_size=bs, budget_tokens=64, budget_fraction=0.0, sink_blocks=1,
+                                     recent_tokens=16, min_context_tokens=64)
+    k = planner.graph_k(params, 512)
+    nb, budget = planner.device_budgets(params, case.seq_lens)
+    sel = select_for_queries(case.q, case.summaries.kmin, case.summaries.kmax, case.block_table, nb, budget, k,
+                             params.sink_blocks, params.recent_blocks)
+    want = selected_block_attention(case.q, case.key_cache, case.value_cache, case.block_table, case.seq_lens, sel,
+                                    0.2)
+    got = triton_kernels.retrieval_decode(case.q.to(DEV), kview, vview, case.summaries.kmin.to(DEV),
+                                          case.summaries.kmax.to(DEV), case.block_table.to(DEV),
+                                          case.seq_lens.to(DEV), params, k, 0.2, num_splits=2, tile_blocks=2)
+    torch.testing.assert_close(got.float().cpu(), want, rtol=2e-4, atol=2e-4)

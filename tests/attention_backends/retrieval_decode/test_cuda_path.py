@@ -1,0 +1,105 @@
+"""CPU-testable parts of the CUDA decode path: CUDA-graph padding, the full-graph support cap, dense layers of a
+pure-decode batch going to the dense backend's own kernel."""
+import dataclasses
+import enum
+from types import SimpleNamespace
+
+import torch
+
+from attention_backends.retrieval_decode import backend_hooks, planner, runner
+from kvplug import vllm_compat
+from kvplug.config import RetrievalDecodeConfig
+
+
+def _hook(max_model_len=4096):
+    builder = SimpleNamespace(kv_cache_spec=SimpleNamespace(block_size=16, num_kv_heads=2),
+                              vllm_config=SimpleNamespace(model_config=SimpleNamespace(max_model_len=max_model_len)),
+                              supports_update_block_table=True)
+    cfg = RetrievalDecodeConfig(enabled=True, budget_tokens=256, recent_tokens=32, min_context_tokens=512)
+    hook = backend_hooks.BuilderHook(builder, cfg)
+    hook.graph_safe = True  # as on CUDA
+    return hook, builder
+
+
+def test_padded_cuda_graph_decode_batch_gets_the_graph_plan():
+    """A pure-decode batch padded to a captured graph size (padding requests: query length 0, seq_len 0) is
+    still pure decode: it takes the device-only plan, over every row of the padded buffers."""
+    hook, builder = _hook()
+    assert builder.supports_update_block_table is False  # every KV-cache group builds its own plan
+    qsl = torch.tensor([0, 1, 2, 2, 2], dtype=torch.int32)  # 2 decodes + 2 padding requests
+    seq = torch.tensor([3000, 100, 0, 0], dtype=torch.int32)
+    cam = SimpleNamespace(query_start_loc_cpu=qsl, num_reqs=4, seq_lens=seq, seq_lens_cpu=seq,
+                          block_table_tensor=torch.zeros(4, 256, dtype=torch.int32), num_actual_tokens=2)
+    assert vllm_compat.batch_phases(cam) == vllm_compat.BatchPhases(2, 2, 0, 0)
+    runner.stats_reset()
+    md = hook.build(cam, lambda c: SimpleNamespace(), lambda c: None)
+    plan = backend_hooks.plan_of(md)
+    assert isinstance(plan, planner.DecodeGraphPlan)
+    assert plan.seq_lens is cam.seq_lens and plan.block_table is cam.block_table_tensor
+    assert plan.k >= 512 // 16  # short sequences read all their blocks through the same k slots
+    s = runner.stats_snapshot()
+    assert s["sparse_tokens"] == 1 and s["dense_decode_tokens"] == 1  # only the 3000-token one is sparse
+    assert s["blocks_read"] == 256 // 16 and s["blocks_total"] == 3000 // 16 + 1
+
+
+@dataclasses.dataclass
+class _Cam:  # the CommonAttentionMetadata fields the planner and the batch subset touch
+    query_start_loc: torch.Tensor
+    query_start_loc_cpu: torch.Tensor
+    seq_lens: torch.Tensor
+    seq_lens_cpu: torch.Tensor
+    block_table_tensor: torch.Tensor
+    slot_mapping: torch.Tensor
+    num_reqs: int
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+
+
+def test_mixed_batch_takes_the_host_plan(monkeypatch):
+    monkeypatch.setattr(vllm_compat, "platform_name", lambda: "cuda")  # no CPU_ATTN kernel metadata
+    hook, _ = _hook()
+    qsl = torch.tensor([0, 1, 300], dtype=torch.int32)  # a decode and a prefill chunk
+    seq = torch.tensor([3000, 300], dtype=torch.int32)
+    cam = _Cam(qsl, qsl, seq, seq, torch.zeros(2, 256, dtype=torch.int32), torch.arange(300), 2, 300, 299, 3000)
+    built = []
+    md = hook.build(cam, lambda c: SimpleNamespace(), lambda c: built.append(c) or "rest")
+    plan = backend_hooks.plan_of(md)
+    assert isinstance(plan, planner.RetrievalPlan) and plan.req_ids.tolist() == [0]
+    assert plan.rest_metadata == "rest" and built[0].num_reqs == 1 and built[0].slot_mapping.shape[0] == 299
+
+
+def test_full_cudagraph_support_is_capped_at_pure_decode_never_raised():
+    class CG(enum.Enum):
+        NEVER = 0
+        UNIFORM_SINGLE_TOKEN_DECODE = 1
+        UNIFORM_BATCH = 2
+        ALWAYS = 3
+
+    class FA3Builder:
+        _cudagraph_support = CG.ALWAYS
+
+    class OldStyleBuilder:
+        cudagraph_support = CG.UNIFORM_BATCH
+
+    class NeverBuilder:
+        _cudagraph_support = CG.NEVER
+
+    for cls, name in ((FA3Builder, "_cudagraph_support"), (OldStyleBuilder, "cudagraph_support")):
+        sub = type("Sub", (cls,), {})
+        vllm_compat.limit_full_cudagraphs_to_pure_decode(sub)
+        assert getattr(sub, name) is CG.UNIFORM_SINGLE_TOKEN_DECODE
+        assert getattr(cls, name) is not CG.UNIFORM_SINGLE_TOKEN_DECODE  # the parent is untouched
+    vllm_compat.limit_full_cudagraphs_to_pure_decode(NeverBuilder)
+    assert NeverBuilder._cudagraph_support is CG.NEVER
+
+
+def test_dense_layers_of_a_pure_decode_batch_use_the_dense_backend():
+    params = planner.RetrievalParams(block_size=16, budget_tokens=64, budget_fraction=0.0, sink_blocks=1,
+                                     recent_tokens=16, min_context_tokens=64, dense_layers=2)
+    plan = planner.DecodeGraphPlan(torch.tensor([500]), torch.zeros(1, 40, dtype=torch.int32), 8, params)
+    r = runner.RetrievalDecodeRunner(SimpleNamespace(scale=1.0))
+    layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
+    got = r.forward(None, layer, torch.zeros(1, 4, 8), None, None, torch.zeros(0), plan, torch.zeros(1, 4, 8),
+                    dense_forward=lambda: "dense kernel")
+    assert got == "dense kernel"
