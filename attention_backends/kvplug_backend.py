@@ -10,6 +10,7 @@ from __future__ import annotations
 from attention_backends.retrieval_decode import backend_hooks as retrieval_decode
 from attention_backends.sparse_prefill import backend_hooks as sparse_prefill
 from kvplug import metrics, vllm_compat
+from offload import dropped_attention
 
 _DenseBackend = vllm_compat.dense_backend_class()
 _DenseBuilder = _DenseBackend.get_builder_cls()
@@ -24,6 +25,7 @@ class KvplugMetadataBuilder(_DenseBuilder):  # type: ignore[misc, valid-type]
         self._metrics = metrics.get()
         self._sparse_prefill = sparse_prefill.builder_hook()
         self._retrieval_decode = retrieval_decode.builder_hook(self)
+        self._dropped_tokens = dropped_attention.enabled()
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         attn_metadata = None
@@ -35,6 +37,9 @@ class KvplugMetadataBuilder(_DenseBuilder):  # type: ignore[misc, valid-type]
             attn_metadata = self._build_rows(common_prefix_len, common_attn_metadata, fast_build)
         if self._metrics is not None:
             self._record(vllm_compat.batch_phases(common_attn_metadata))
+        if self._dropped_tokens:  # masks resolve on the first layer, after this step's connector loads
+            dropped_attention.plan(attn_metadata, common_attn_metadata,
+                                   lambda cam: _DenseBuilder.build(self, 0, cam, fast_build))
         return attn_metadata
 
     def _build_rows(self, common_prefix_len, common_attn_metadata, fast_build: bool):
@@ -65,6 +70,7 @@ class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
             m.backend_instances.labels(backend=BACKEND_LABEL, process=metrics.process_role()).inc()
         self._sparse_prefill = sparse_prefill.impl_runner(self)
         self._retrieval_decode = retrieval_decode.impl_runner(self)
+        self._dropped_tokens = dropped_attention.enabled()
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
@@ -72,6 +78,10 @@ class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
             self._retrieval_decode.after_kv_write(key, kv_cache, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        masked = dropped_attention.masked_batch_of(attn_metadata) if self._dropped_tokens else None
+        if masked is not None:  # requests reading reloaded drop-policy blocks never attend dropped slots
+            return dropped_attention.forward(super().forward, layer, query, key, value, kv_cache, masked, output,
+                                             self.scale)
         retrieval = retrieval_decode.plan_of(attn_metadata) if self._retrieval_decode is not None else None
         if retrieval is not None:  # long decodes attend their top-k blocks; the other rows come back here
             def dense_forward():  # the parent's kernel on the whole batch (dense layers of a pure-decode batch)

@@ -29,6 +29,9 @@ POLICY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 # Per-request selection: extra_body={"kv_transfer_params": {REQUEST_POLICY_KEY: "quant:int4"}}
 REQUEST_POLICY_KEY = "kvplug_policy"
 REQUEST_TENANT_KEY = "kvplug_tenant"
+# {REQUEST_OFFLOAD_KEY: false}: this request neither loads from nor saves to the offload tiers (baselines,
+# one-off prompts that would only evict shared contexts).
+REQUEST_OFFLOAD_KEY = "kvplug_offload"
 
 
 class UnknownPolicyError(ValueError):

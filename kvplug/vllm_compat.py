@@ -364,11 +364,11 @@ def cpu_head_decode(impl: Any, layer: Any, query: Any, kv_cache: Any, head_block
 # build_connector_meta, update_connector_output, request_finished; worker side: register_kv_caches,
 # start_load_kv, wait_for_layer_load, save_kv_layer, wait_for_save, get_block_ids_with_load_errors,
 # build_connector_worker_meta) is the same in 0.26 and 0.32 for what kvplug uses. Differences handled here:
-#   * KV cache layout: 0.32 CPU_ATTN gives each layer [blocks, kv_heads, block_size, 2*head_dim] whose
-#     block interior is K rows then V rows ([.., 2*block_size, head_dim] viewed); 0.26 FlashAttention gives
-#     [2, blocks, block_size, kv_heads, head_dim].
+#   * KV cache layout: one view for backends and connector (paged_kv_views / kv_block_views): 0.32 CPU_ATTN
+#     [blocks, kv_heads, block_size, 2*head_dim] memory = K block (transposed for the 'vec' ISA) then V block;
+#     0.26 FlashAttention K|V packed in the last dim (_flash_kv_views).
 #   * kv_load_failure_policy ("recompute" makes a corrupt/missing entry a recompute, not a failed request)
-#     exists in 0.32; on 0.26 it is not passed (unverified there; its default path recomputes as well).
+#     exists in both (default "fail", read from 0.26's config/kv_transfer.py): always passed.
 #   * 0.32 only: bind_kv_cache_manager, get_transfer_results, has_pending_block_frees (defaults are fine);
 #     0.26 only: prefer_cross_layer_blocks / register_cross_layers_kv_cache (we keep per-layer caches).
 KV_CONNECTOR_MODULE = "offload.connector"
@@ -382,25 +382,30 @@ def kv_connector_api() -> Any:
     return base.KVConnectorBase_V1, base.KVConnectorMetadata, base.KVConnectorRole, base.KVConnectorWorkerMetadata
 
 
-def kv_transfer_config(extra: dict[str, Any] | None = None, version: str | None = None) -> dict[str, Any]:
+def kv_transfer_config(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The --kv-transfer-config JSON object that loads kvplug's connector out of tree."""
     cfg: dict[str, Any] = {"kv_connector": KV_CONNECTOR_CLASS, "kv_connector_module_path": KV_CONNECTOR_MODULE,
-                           "kv_role": "kv_both", "kv_connector_extra_config": dict(extra or {})}
-    if _version_tuple(version or vllm_version()) >= (0, 32):
-        cfg["kv_load_failure_policy"] = "recompute"
+                           "kv_role": "kv_both", "kv_connector_extra_config": dict(extra or {}),
+                           # 0.26 and 0.32 both default to "fail" (a missing/corrupt entry would fail the request).
+                           "kv_load_failure_policy": "recompute"}
     return cfg
 
 
-def kv_block_views(kv_layer: Any) -> tuple[Any, Any]:
-    """Per-layer paged cache -> (K, V) views shaped [num_blocks, kv_heads, block_size, head_dim] (no copy;
-    index-assigning into them writes the cache)."""
-    if platform_name() != "cpu":
-        return _flash_kv_views(kv_layer)
-    if kv_layer.dim() == 4:  # CPU_ATTN: [blocks, heads, block_size, 2*dim] = K rows then V rows per head
-        blocks, heads, block_size, two_dim = kv_layer.shape
-        kv = kv_layer.view(blocks, heads, 2 * block_size, two_dim // 2)
-        return kv[:, :, :block_size], kv[:, :, block_size:]
-    raise UnsupportedVllmError(f"kvplug's connector does not know the KV cache layout {tuple(kv_layer.shape)}")
+def kv_block_views(vllm_config: Any, kv_caches: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The KV connector's per-layer caches -> [(layer name, K, V)] in layer order, K/V viewed as
+    [num_blocks, kv_heads, block_size, head_dim] (no copy; index-assigning into them writes the cache).
+
+    The same views the attention backends read (``paged_kv_views``), found from each layer's Attention
+    module: on CPU_ATTN the key block is stored transposed for some ISAs (the layer's ``isa``, set by the
+    CPU_ATTN metadata builder before vLLM registers the caches with the connector)."""
+    layers = getattr(vllm_config.compilation_config, "static_forward_context", {}) or {}
+    ordered = sorted(kv_caches.items(), key=lambda kv: layer_index(kv[0]))
+    out = []
+    for name, kv in ordered:
+        if platform_name() == "cpu" and kv.dim() != 4:
+            raise UnsupportedVllmError(f"kvplug's connector does not know the KV cache layout {tuple(kv.shape)}")
+        out.append((name, *paged_kv_views(kv, layers.get(name))))
+    return out
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,9 @@ from offload.stores import CpuStore, DiskStore
 from offload.tiers import CPU, DISK, TierOp, TierPlanner
 
 logger = logging.getLogger("vllm.kvplug.offload")
+# Blocks encoded/decoded per step of a save or load: bounds the temporary [n, layers, heads, tokens, dim]
+# tensors (a 32K-token Llama-3-8B prefix is 4 GiB of K+V; 64 blocks of 16 tokens are 128 MiB).
+CHUNK_BLOCKS = 64
 _Base, _Metadata, _Role, _WorkerMetadata = vllm_compat.kv_connector_api()
 
 
@@ -91,6 +94,7 @@ class _ReqState:
     load_keys: list[str] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     saved: bool = False
+    offload: bool = True  # False: kv_transfer_params opted this request out of the tiers
 
 
 class _SchedulerSide:
@@ -136,7 +140,11 @@ class _SchedulerSide:
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         st = self.reqs.get(request.request_id)
         if st is None:
-            st = self.reqs[request.request_id] = _ReqState(request, self._choose(request))
+            params = getattr(request, "kv_transfer_params", None) or {}
+            st = self.reqs[request.request_id] = _ReqState(
+                request, self._choose(request), offload=params.get(policy_registry.REQUEST_OFFLOAD_KEY) is not False)
+        if not st.offload:
+            return 0, False
         bs = self.block_size
         start = num_computed_tokens // bs
         # Leave at least one prompt token to compute: vLLM needs a token to sample from.
@@ -221,7 +229,7 @@ class _SchedulerSide:
 
         for st, computed_after in progress:
             prompt_len = len(st.request.prompt_token_ids or ())
-            if st.saved or computed_after < prompt_len:
+            if st.saved or not st.offload or computed_after < prompt_len:
                 continue
             st.saved = True
             self._plan_saves(st, prompt_len, meta)
@@ -282,6 +290,7 @@ def _count_corrupt() -> None:
 class _WorkerSide:
     def __init__(self, vllm_config: Any, cfg: cfg_mod.KvplugConfig) -> None:
         self.cfg = cfg
+        self.vllm_config = vllm_config
         self.layout = vllm_compat.kv_layout(vllm_config)
         self.cpu = CpuStore()
         self.disk = (DiskStore(_rank_dir(cfg.offload.disk_path, self.layout.tp_rank),
@@ -303,8 +312,8 @@ class _WorkerSide:
         return self._policies[name]
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        ordered = sorted(kv_caches.items(), key=lambda kv: vllm_compat.layer_index(kv[0]))
-        self.layers = [(name, *vllm_compat.kv_block_views(t)) for name, t in ordered]
+        # The views the attention backends read (CPU_ATTN's key blocks may be stored transposed).
+        self.layers = vllm_compat.kv_block_views(self.vllm_config, kv_caches)
         dev = self.layers[0][1].device if self.layers else torch.device("cpu")
         if dev.type == "cuda":
             self._stream = torch.cuda.Stream(device=dev)
@@ -327,6 +336,9 @@ class _WorkerSide:
         t0 = time.perf_counter()
         dev = self.layers[0][1].device
         ctx = torch.cuda.stream(self._stream) if self._stream is not None else _nullcontext()
+        if self._stream is not None:
+            # Work vLLM queued before this step (e.g. zeroing freshly allocated blocks) must land first.
+            self._stream.wait_stream(torch.cuda.current_stream())
         with ctx:
             for spec in meta.loads:
                 self._load_one(spec, dev)
@@ -341,6 +353,9 @@ class _WorkerSide:
     def _load_one(self, spec: LoadSpec, dev: torch.device) -> None:
         payloads, ids = [], []
         for i, (key, block_id) in enumerate(zip(spec.keys, spec.block_ids)):
+            if len(payloads) == CHUNK_BLOCKS:
+                self._write_blocks(spec.policy, payloads, ids, dev)
+                payloads, ids = [], []
             p, tier = self._fetch(key)
             if p is None:
                 # vLLM recomputes these; later blocks of the chain cannot be used without this one either.
@@ -352,11 +367,14 @@ class _WorkerSide:
             self.loaded_blocks[tier] += 1
             payloads.append({k: t.to(dev, non_blocking=True) for k, t in p.items()})
             ids.append(block_id)
-        if not payloads:
-            return
+        if payloads:
+            self._write_blocks(spec.policy, payloads, ids, dev)
+
+    def _write_blocks(self, policy: str, payloads: list[Payload], ids: list[int], dev: torch.device) -> None:
+        """Decode payloads with the policy and write them into the paged cache at block ``ids``."""
         k_like = self.layers[0][1]
         like = torch.empty(len(ids), len(self.layers), *k_like.shape[1:], dtype=k_like.dtype, device=dev)
-        k, v, keep = self.policy(spec.policy).decode(payloads, like)
+        k, v, keep = self.policy(policy).decode(payloads, like)
         index = torch.tensor(ids, device=dev)
         for layer, (_, kc, vc) in enumerate(self.layers):
             kc[index] = k[:, layer]
@@ -381,19 +399,24 @@ class _WorkerSide:
             self._apply(op, encoded)
 
     def _encode(self, spec: SaveSpec) -> list[Payload]:
-        index = torch.tensor(spec.block_ids, device=self.layers[0][1].device)
-        k = torch.stack([kc[index] for _, kc, _ in self.layers], dim=1)  # [n, L, H, N, D]
-        v = torch.stack([vc[index] for _, _, vc in self.layers], dim=1)
         obs = None
         if spec.window_slots:
             # Query proxies for SnapKV: the window's keys, [L, H, W, D].
             obs = torch.stack([torch.stack([kc[b, :, o] for b, o in spec.window_slots], dim=1)
                                for _, kc, _ in self.layers])
         policy = self.policy(spec.policy)
-        payloads = policy.encode(k, v, BlockContext(tuple(spec.block_starts), spec.prefix_len, obs_queries=obs))
-        out = [{name: t.to("cpu", non_blocking=False) for name, t in p.items()} for p in payloads]
-        if self.m is not None and payloads:
-            self.m.compression_ratio.labels(policy=spec.policy).observe(compression_ratio(k, v, payloads))
+        # SnapKV normalises its scores over the blocks encoded together: one chunk for the whole prompt.
+        step = len(spec.block_ids) if obs is not None else CHUNK_BLOCKS
+        out: list[Payload] = []
+        for c0 in range(0, len(spec.block_ids), step):
+            index = torch.tensor(spec.block_ids[c0:c0 + step], device=self.layers[0][1].device)
+            k = torch.stack([kc[index] for _, kc, _ in self.layers], dim=1)  # [n, L, H, N, D]
+            v = torch.stack([vc[index] for _, _, vc in self.layers], dim=1)
+            ctx = BlockContext(tuple(spec.block_starts[c0:c0 + step]), spec.prefix_len, obs_queries=obs)
+            payloads = policy.encode(k, v, ctx)
+            out += [{name: t.to("cpu", non_blocking=False) for name, t in p.items()} for p in payloads]
+            if self.m is not None and payloads:
+                self.m.compression_ratio.labels(policy=spec.policy).observe(compression_ratio(k, v, payloads))
         return out
 
     def _apply(self, op: TierOp, encoded: dict[str, tuple[Payload, str]]) -> None:

@@ -20,6 +20,9 @@ class DroppedTokenRegistry:
     def __init__(self) -> None:
         self._masks: dict[int, torch.Tensor] = {}  # block id -> keep mask [layers, kv_heads, block_size] bool
         self._lock = threading.Lock()
+        # Batches / query tokens whose attention the backend masked (tests and the accuracy script read them).
+        self.masked_batches = 0
+        self.masked_query_tokens = 0
 
     def __len__(self) -> int:
         return len(self._masks)
@@ -40,6 +43,13 @@ class DroppedTokenRegistry:
         with self._lock:
             for b in block_ids:
                 self._masks.pop(int(b), None)
+
+    def record_masked(self, query_tokens: int) -> None:
+        self.masked_batches += 1
+        self.masked_query_tokens += query_tokens
+
+    def stats(self) -> dict[str, int]:
+        return {"blocks": len(self._masks), "batches": self.masked_batches, "query_tokens": self.masked_query_tokens}
 
     def keep_mask(self, block_id: int) -> torch.Tensor | None:
         return self._masks.get(block_id)

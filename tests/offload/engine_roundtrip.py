@@ -1,30 +1,36 @@
-"""Offload round trip on a real vLLM engine (run in a fresh process per engine; prints JSON).
+"""Offload round trips on one real vLLM engine (run in a fresh process; writes JSON for the test to check).
 
     python -m tests.offload.engine_roundtrip OUT.json PHASE     # PHASE = evict | restart
 
-The GPU (here: CPU-engine) KV cache holds ~one prompt, so serving another prompt evicts the first from
-vLLM's prefix cache; kvplug's connector must then supply it from the CPU tier, later from disk, and after a
-restart from the disk a previous process wrote. Token ids are compared by the caller.
+``llm.reset_prefix_cache()`` empties vLLM's own prefix cache (kvplug's tiers keep their entries), so the
+next request for a prompt must get its prefix blocks from kvplug's connector: first from the CPU tier, then
+-- after two other prompts pushed it out of the small CPU tier -- from disk, and in PHASE restart from the
+disk a previous process wrote. Policies other than ``keep`` are chosen per request
+(``kv_transfer_params.kvplug_policy``), as a server client would. Token ids are compared by the caller.
 """
 from __future__ import annotations
 
 import json
 import sys
 
-MAX_LEN = 1024
+MAX_LEN = 2048
+MAX_TOKENS = 8
 
 
-def prompt(tag: str, n_items: int = 110) -> str:
+def prompt(tag: str, n_items: int = 60) -> str:
     return (f"Inventory {tag}: " + " ".join(f"item {tag}{i} weighs {(i * 37) % 91} kg." for i in range(n_items))
             + f" The heaviest item of inventory {tag} is")
 
 
-def connector_counters(worker) -> dict:
+def connector_counters(_worker=None) -> dict:
+    """Runs in the worker (collective_rpc): the connector's plain counters and the backend's mask counters."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    from offload.dropped_tokens import registry
 
     side = get_kv_transfer_group().worker_side
     return {"loaded": dict(side.loaded_blocks), "saved": side.saved_blocks, "cpu_entries": len(side.cpu._entries),
-            "disk_corrupt": side.disk.corrupt_count if side.disk else 0}
+            "disk_corrupt": side.disk.corrupt_count if side.disk else 0, "masked": registry().stats()}
 
 
 def main(out: str, phase: str) -> None:
@@ -38,37 +44,48 @@ def main(out: str, phase: str) -> None:
     from kvplug import models, vllm_compat
 
     llm = LLM(model=str(models.prepare()), max_model_len=MAX_LEN, seed=0, enable_prefix_caching=True,
-              # ~1.5 prompts: serving one other prompt evicts the first from vLLM's own cache.
-              kv_cache_memory_bytes=int(1.5 * MAX_LEN) * 30 * 2 * 3 * 64 * 2,
-              max_num_batched_tokens=MAX_LEN, max_num_seqs=1,
+              kv_cache_memory_bytes=256 << 20, max_num_seqs=2, enforce_eager=True,  # no torch.compile: minutes on CPU
               kv_transfer_config=KVTransferConfig(**vllm_compat.kv_transfer_config()))
-    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
-    def gen(p: str) -> list[int]:
+    def gen(p: str, policy: str | None = None) -> list[int]:
+        extra = {"kv_transfer_params": {"kvplug_policy": policy}} if policy else None
+        sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra)
         return list(llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids)
 
     def counters() -> dict:
         return llm.collective_rpc(connector_counters)[0]
 
     res: dict = {"steps": []}
-    P = prompt("A")
+
+    def step(name: str, p: str, policy: str | None = None, reset_before: bool = False) -> None:
+        if reset_before:
+            assert llm.reset_prefix_cache(), "vLLM refused to reset its prefix cache"
+        before = counters()
+        ids = gen(p, policy)
+        after = counters()
+        res["steps"].append({
+            "name": name, "policy": policy or "keep", "ids": ids,
+            "loaded_cpu": after["loaded"]["cpu"] - before["loaded"]["cpu"],
+            "loaded_disk": after["loaded"]["disk"] - before["loaded"]["disk"],
+            "saved": after["saved"] - before["saved"],
+            "masked_batches": after["masked"]["batches"] - before["masked"]["batches"]})
+
+    A = prompt("A")
     if phase == "evict":
-        for name, p in [("first", P), ("gpu_hit", P), ("filler1", prompt("B")), ("cpu_reload", P),
-                        ("filler2", prompt("C")), ("filler3", prompt("D")), ("filler4", prompt("E")),
-                        ("disk_reload", P)]:
-            before = counters()
-            ids = gen(p)
-            after = counters()
-            res["steps"].append({"name": name, "ids": ids, "loaded_cpu": after["loaded"]["cpu"] - before["loaded"]["cpu"],
-                                 "loaded_disk": after["loaded"]["disk"] - before["loaded"]["disk"],
-                                 "saved": after["saved"] - before["saved"]})
+        step("first", A)  # computed, then saved to the CPU tier
+        step("gpu_hit", A)  # vLLM's own prefix cache: never evicted
+        step("cpu_reload", A, reset_before=True)
+        step("filler_b", prompt("B"))  # B and C fill the CPU tier: A's entries are demoted to disk
+        step("filler_c", prompt("C"))
+        step("disk_reload", A, reset_before=True)
+        for tag, policy in (("D", "drop:streaming"), ("E", "quant:int8")):
+            step(f"{policy}_first", prompt(tag), policy)
+            step(f"{policy}_reload", prompt(tag), policy, reset_before=True)
     else:
-        ids = gen(P)
-        c = counters()
-        res["steps"].append({"name": "restart_reload", "ids": ids, "loaded_cpu": c["loaded"]["cpu"],
-                             "loaded_disk": c["loaded"]["disk"], "saved": c["saved"]})
+        step("restart_reload", A)
     res["counters"] = counters()
-    json.dump(res, open(out, "w"))
+    with open(out, "w") as fh:
+        json.dump(res, fh)
 
 
 if __name__ == "__main__":
