@@ -67,7 +67,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     from kvplug import vllm_compat
 
-    shape = SHAPES[args.model_shape]
+    shape = json.loads((Path(args.model_dir) / "config.json").read_text())
     kv_bytes = int(args.fit_contexts * (args.context_tokens + 64) * kv_bytes_per_token(shape))
     kw: dict = {"kv_cache_memory_bytes": kv_bytes}
     if args.mode == "native":
@@ -77,7 +77,7 @@ def _worker(args: argparse.Namespace) -> None:
 
         kw["kv_transfer_config"] = KVTransferConfig(**vllm_compat.kv_transfer_config())
     t_start = time.perf_counter()
-    llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, seed=0,
+    llm = LLM(model=args.model_dir, load_format="auto" if args.real_weights else "dummy", skip_tokenizer_init=True, seed=0,
               max_model_len=args.context_tokens + 256, enable_prefix_caching=True, max_num_seqs=8, **kw)
     startup_s = time.perf_counter() - t_start
     vocab = shape["vocab_size"]
@@ -144,6 +144,8 @@ def _table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-shape", default="llama-3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--model", default=None, help="a prepared HF model folder instead of --model-shape (real weights; "
+                    "e.g. SmolLM2 for a CPU smoke run of the script)")
     ap.add_argument("--contexts", type=int, default=16)
     ap.add_argument("--context-tokens", type=int, default=32768)
     ap.add_argument("--fit-contexts", type=float, default=4.0,
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--fresh", action="store_true", help="do not merge with the results already in --out")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--real-weights", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)  # gpu_common.run_worker names the mode this way too
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -171,13 +174,14 @@ def main(argv: list[str] | None = None) -> int:
                  "the workload is contexts that do not all fit")
     from benchmarks.gpu_common import run_worker
 
-    model_dir = write_shape(args.model_shape, Path(tempfile.mkdtemp(prefix="kvplug-shape-")))
+    model_dir = (Path(args.model) if args.model
+                 else write_shape(args.model_shape, Path(tempfile.mkdtemp(prefix="kvplug-shape-"))))
     out = Path(args.out)
     previous = [] if args.fresh or not out.exists() else json.loads(out.read_text()).get("runs", [])
     results = [r for r in previous if r.get("mode") not in modes]
     worker_args = ["--model-shape", args.model_shape, "--contexts", str(args.contexts), "--context-tokens",
                    str(args.context_tokens), "--fit-contexts", str(args.fit_contexts), "--cpu-gib", str(args.cpu_gib),
-                   "--model-dir", str(model_dir)]
+                   "--model-dir", str(model_dir)] + (["--real-weights"] if args.model else [])
     for mode in modes:
         env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # collective_rpc(connector_counters)
         env.pop("KVPLUG_CONFIG_JSON", None)

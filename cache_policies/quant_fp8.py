@@ -3,20 +3,31 @@ from __future__ import annotations
 
 import torch
 
+from cache_policies import triton_quant
 from cache_policies.base import BlockContext, CachePolicy, Payload, check_kv, stack_field
+from cache_policies.quant_int8 import dequantize_reference
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (e4m3 [..., D], float32 scale [..., 1]); Triton on CUDA, the torch reference on CPU."""
+    if x.is_cuda and triton_quant.usable(x):  # the interpreter has no fp8 type: CPU keeps the reference
+        return triton_quant.quantize(x, FP8, FP8_MAX, 1e-12)
+    return quantize_fp8_reference(x)
+
+
+def quantize_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
     return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale).to(dtype)
+    if q.is_cuda and triton_quant.usable(q):
+        return triton_quant.dequantize(q, scale, dtype)
+    return dequantize_reference(q, scale, dtype)
 
 
 class Fp8Policy(CachePolicy):

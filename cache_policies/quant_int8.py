@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import torch
 
+from cache_policies import triton_quant
 from cache_policies.base import BlockContext, CachePolicy, Payload, check_kv, stack_field
 
 INT8_MAX = 127.0
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference: x [..., D] -> (int8 [..., D], float32 scale [..., 1])."""
+    """x [..., D] -> (int8 [..., D], float32 scale [..., 1]); Triton on CUDA, the torch reference elsewhere."""
+    if triton_quant.usable(x):
+        return triton_quant.quantize(x, torch.int8, INT8_MAX, 1e-8)
+    return quantize_int8_reference(x)
+
+
+def quantize_int8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp_min(1e-8)
     q = torch.round(xf / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
@@ -21,6 +28,13 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if triton_quant.usable(q):
+        return triton_quant.dequantize(q, scale, dtype)
+    return dequantize_reference(q, scale, dtype)
+
+
+def dequantize_reference(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes * per-row scale (int8 and fp8 alike)."""
     return (q.float() * scale).to(dtype)
 
 

@@ -71,6 +71,16 @@ def stop_server(server: Server) -> None:
             server.process.wait()
 
 
+def run_tests_in_fresh_interpreter(test_file: Path, env: dict[str, str], timeout: int = 900) -> None:
+    """Run ``test_file`` with pytest in a new Python process (e.g. so TRITON_INTERPRET=1 takes effect before
+    triton is imported); fail with its output unless it passed."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert "failed" not in summary and " passed" in summary, summary
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The default embedded model, prepared once (downloads and converts on a fresh machine)."""
