@@ -43,7 +43,12 @@ class BlockSummaries:
                 and self.block_size == block_size and self.kmin.device == torch.device(device))
 
     def update(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        update_summaries_(self.kmin, self.kmax, key, slot_mapping, self.block_size)
+        if key.is_cuda:  # one Triton launch per layer instead of ~12 small torch kernels (decode-step latency)
+            from attention_backends.retrieval_decode import triton_kernels
+
+            triton_kernels.update_summaries(self.kmin, self.kmax, key, slot_mapping, self.block_size)
+        else:
+            update_summaries_(self.kmin, self.kmax, key, slot_mapping, self.block_size)
 
 
 def update_summaries_(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor,

@@ -1,16 +1,23 @@
-"""Triton: one retrieval-decode step over a paged KV cache (Quest scoring, top-k, flash-decoding attention).
+"""Triton: one retrieval-decode step over a paged KV cache (Quest scoring, top-k, flash-decoding attention),
+and the per-layer block-summary update.
 
-1. ``_masked_score_kernel``: Quest bounds of every block-table entry straight from the summaries (no gather),
-   with sink/recent blocks forced (+inf), blocks beyond the sequence invalid (-inf), and sequences below
-   min_context forced whole (they decode densely);
-2. ``torch.topk`` (sorted) over the fixed table width;
-3. ``_topk_decode_kernel``: one program per (sequence, kv-head, split) walks its share of the top-k slots
+1. ``_masked_score_kernel``: Quest bounds of every block of a sequence straight from the summaries (no gather),
+   with sink/recent blocks forced (+inf) and sequences below min_context forced whole (they decode densely).
+   Tiles past a sequence's own block count exit at once: under CUDA graphs the table is as wide as
+   max_model_len, and a 32K sequence must not pay for the 128K columns it does not have.
+2. ``_select_kernel``: per (sequence, kv-head) the sequence's budget of best blocks, by a bisection on the
+   scores' order-preserving integer keys (the budget-th largest score is the threshold; ties go to the lower
+   block index), compacted in block order into the slots. It looks at the sequence's own blocks only, in
+   registers; no sort, no torch.topk over the padded table width.
+3. ``_topk_decode_kernel``: one program per (sequence, kv-head, split) walks its share of the selected slots
    ``TILE_BLOCKS`` at a time, reading each block through the block table, keeping an online softmax for all
    query heads of the GQA group (they share the blocks); a slot counts if its rank is within the sequence's
-   budget (computed in-kernel from seq_lens) and its score is finite;
+   budget (computed in-kernel from seq_lens);
 4. ``_merge_kernel``: merges the splits into the output rows.
-Shapes depend only on (N, Hkv, table width, k): the step is CUDA-graph capturable. Also runs under
-``TRITON_INTERPRET=1`` on CPU (tests compare it with the torch selection + ``reference``).
+``_summary_update_kernel`` folds the keys of one step into the summaries (one launch instead of a dozen torch
+ops per layer). Shapes depend only on (N, Hkv, table width, k): everything is CUDA-graph capturable. Also
+runs under ``TRITON_INTERPRET=1`` on CPU (tests compare it with the torch selection + ``reference`` and
+``summaries.update_summaries_``).
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ def _masked_score_kernel(
     Q, KMIN, KMAX, TABLE, SEQ_LENS, SCORES,
     stride_qn, stride_qh, stride_sb, stride_sh, stride_tn, stride_on, stride_oh,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    WIDTH: tl.constexpr, TILE: tl.constexpr, REDUCE_MAX: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr, REDUCE_MAX: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     SINK_BLOCKS: tl.constexpr, RECENT_BLOCKS: tl.constexpr, MIN_CONTEXT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid_nh = tl.program_id(0)
@@ -54,41 +61,95 @@ def _masked_score_kernel(
     h = pid_nh % NUM_KV_HEADS
     seq_len = tl.load(SEQ_LENS + n).to(tl.int64)
     nb = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
-    b = tile * TILE + tl.arange(0, TILE)
-    in_seq = b < nb
-    forced = (b < SINK_BLOCKS) | (b >= nb - RECENT_BLOCKS) | (seq_len < MIN_CONTEXT)
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + n * stride_qn + (h * GROUP + g)[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None],
-                other=0.0).to(tl.float32)
-    need = in_seq & (forced == 0)  # (not "~": the interpreter turns ~bool into an int mask)
-    phys = tl.load(TABLE + n * stride_tn + b, mask=need, other=0).to(tl.int64)
-    s_ptrs = phys[:, None] * stride_sb + h * stride_sh + d[None, :]
-    kmin = tl.load(KMIN + s_ptrs, mask=need[:, None], other=0.0).to(tl.float32)
-    kmax = tl.load(KMAX + s_ptrs, mask=need[:, None], other=0.0).to(tl.float32)
-    empty = tl.max(kmax, axis=1) == float("-inf")  # a block never written (e.g. loaded behind our back)
-    kmin = tl.where(kmin == float("inf"), 0.0, kmin)
-    kmax = tl.where(kmax == float("-inf"), 0.0, kmax)
-    pos = tl.maximum(q, 0.0)
-    neg = tl.minimum(q, 0.0)
-    if DOT_FP32:
-        s = tl.dot(pos, tl.trans(kmax), input_precision="ieee") + tl.dot(neg, tl.trans(kmin), input_precision="ieee")
-    else:
-        s = tl.dot(pos, tl.trans(kmax)) + tl.dot(neg, tl.trans(kmin))
-    live_g = (g < GROUP)[:, None]
-    if REDUCE_MAX:
-        r = tl.max(tl.where(live_g, s, float("-inf")), axis=0)
-    else:
-        r = tl.sum(tl.where(live_g, s, 0.0), axis=0)
-    r = tl.where(empty, -1e30, r)
-    r = tl.where(forced, float("inf"), r)
-    r = tl.where(in_seq, r, float("-inf"))
-    tl.store(SCORES + n * stride_on + h * stride_oh + b, r, mask=b < WIDTH)
+    if tile * TILE < nb:  # the selection reads columns < nb only: tiles past them read and write nothing
+        b = tile * TILE + tl.arange(0, TILE)
+        in_seq = b < nb
+        forced = (b < SINK_BLOCKS) | (b >= nb - RECENT_BLOCKS) | (seq_len < MIN_CONTEXT)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + n * stride_qn + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
+                    mask=(g < GROUP)[:, None], other=0.0)
+        need = in_seq & (forced == 0)  # (not "~": the interpreter turns ~bool into an int mask)
+        phys = tl.load(TABLE + n * stride_tn + b, mask=need, other=0).to(tl.int64)
+        s_ptrs = phys[:, None] * stride_sb + h * stride_sh + d[None, :]
+        kmin = tl.load(KMIN + s_ptrs, mask=need[:, None], other=0.0)
+        kmax = tl.load(KMAX + s_ptrs, mask=need[:, None], other=0.0)
+        empty = tl.max(kmax.to(tl.float32), axis=1) == float("-inf")  # never written (e.g. loaded behind our back)
+        kmin = tl.where(kmin == float("inf"), 0.0, kmin).to(KMIN.dtype.element_ty)
+        kmax = tl.where(kmax == float("-inf"), 0.0, kmax).to(KMAX.dtype.element_ty)
+        if DOT_FP32:
+            qf = q.to(tl.float32)
+            pos = tl.maximum(qf, 0.0)
+            neg = tl.minimum(qf, 0.0)
+            s = tl.dot(pos, tl.trans(kmax.to(tl.float32)), input_precision="ieee") \
+                + tl.dot(neg, tl.trans(kmin.to(tl.float32)), input_precision="ieee")
+        else:
+            # 16-bit summaries and queries: products are exact in the fp32 accumulator, so tensor cores give the
+            # same bound as an fp32 dot at a fraction of the cost (GROUP is padded to 16 rows for tl.dot).
+            qs = q.to(kmax.dtype)
+            pos = tl.maximum(qs, 0.0).to(kmax.dtype)
+            neg = tl.minimum(qs, 0.0).to(kmax.dtype)
+            s = tl.dot(pos, tl.trans(kmax)) + tl.dot(neg, tl.trans(kmin))
+        live_g = (g < GROUP)[:, None]
+        if REDUCE_MAX:
+            r = tl.max(tl.where(live_g, s, float("-inf")), axis=0)
+        else:
+            r = tl.sum(tl.where(live_g, s, 0.0), axis=0)
+        r = tl.where(empty, -1e30, r)
+        r = tl.where(forced, float("inf"), r)
+        tl.store(SCORES + n * stride_on + h * stride_oh + b, r, mask=in_seq)
+
+
+@triton.jit
+def _order_key(x):
+    """float32 -> int32 with the same order (-0.0 just below +0.0)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+
+
+@triton.jit
+def _select_kernel(
+    SCORES, SEQ_LENS, TOP_IDX, stride_sn, stride_sh,
+    NUM_KV_HEADS: tl.constexpr, WIDTH_PAD: tl.constexpr, NUM_SEL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BUDGET_TOKENS: tl.constexpr, FRACTION: tl.constexpr, MIN_BLOCKS: tl.constexpr, MIN_CONTEXT: tl.constexpr,
+):
+    pid_nh = tl.program_id(0)
+    n = pid_nh // NUM_KV_HEADS
+    h = pid_nh % NUM_KV_HEADS
+    seq_len = tl.load(SEQ_LENS + n).to(tl.int64)
+    nb = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+    budget = tl.minimum(_budget_blocks(seq_len, nb, BLOCK_SIZE, BUDGET_TOKENS, FRACTION, MIN_BLOCKS, MIN_CONTEXT),
+                        NUM_SEL)
+    b = tl.arange(0, WIDTH_PAD)
+    valid = b < nb
+    x = tl.load(SCORES + n * stride_sn + h * stride_sh + b, mask=valid, other=float("-inf"))
+    key = _order_key(x)
+    # Largest t with #{key >= t} >= budget (the budget-th largest key): invariant count(lo) >= budget (lo is
+    # below every key) and count(hi) < budget (hi above every key); 32 halvings of the int32 range.
+    lo = seq_len * 0 - 2147483648
+    hi = seq_len * 0 + 2147483648
+    for _ in range(32):
+        mid = (lo + hi) >> 1
+        cnt = tl.sum((valid & (key >= mid.to(tl.int32))).to(tl.int32), axis=0)
+        ok = cnt >= budget
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    t = lo.to(tl.int32)
+    above = (valid & (key > t)).to(tl.int32)
+    at = (valid & (key == t)).to(tl.int32)
+    need = budget - tl.sum(above, axis=0)  # ties at t to take, lowest blocks first
+    # One scan counts both (counts < 2**16): blocks above t and ties at t before each column.
+    c = tl.cumsum(above + (at << 16), axis=0)
+    above_before = (c & 0xFFFF) - above
+    at_before = (c >> 16) - at
+    take = (above > 0) | ((at > 0) & (at_before < need))
+    slot = above_before + tl.minimum(at_before, need).to(tl.int32)
+    tl.store(TOP_IDX + pid_nh * NUM_SEL + slot, b.to(tl.int32), mask=take & (slot < NUM_SEL))
 
 
 @triton.jit
 def _topk_decode_kernel(
-    Q, K, V, TABLE, TOP_IDX, TOP_VAL, SEQ_LENS, M_OUT, L_OUT, ACC_OUT,
+    Q, K, V, TABLE, TOP_IDX, SEQ_LENS, M_OUT, L_OUT, ACC_OUT,
     scale,
     stride_qn, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_tn,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -108,7 +169,8 @@ def _topk_decode_kernel(
         q = q.to(tl.float32)
     seq_len = tl.load(SEQ_LENS + n).to(tl.int64)
     nb = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
-    budget = _budget_blocks(seq_len, nb, BLOCK_SIZE, BUDGET_TOKENS, FRACTION, MIN_BLOCKS, MIN_CONTEXT)
+    budget = tl.minimum(_budget_blocks(seq_len, nb, BLOCK_SIZE, BUDGET_TOKENS, FRACTION, MIN_BLOCKS, MIN_CONTEXT),
+                        NUM_SEL)
     TILE: tl.constexpr = TILE_BLOCKS * BLOCK_SIZE
     t = tl.arange(0, TILE)
     slot_in_tile = t // BLOCK_SIZE
@@ -118,39 +180,85 @@ def _topk_decode_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     sel_base = (n * NUM_KV_HEADS + h) * NUM_SEL
     first = split * BLOCKS_PER_SPLIT
-    for i in range(0, BLOCKS_PER_SPLIT, TILE_BLOCKS):
-        rank = first + i + slot_in_tile  # top-k output is sorted: rank < budget is this sequence's share
-        in_range = (rank < NUM_SEL) & (i + slot_in_tile < BLOCKS_PER_SPLIT) & (rank < budget)
-        # Every load in this loop is unmasked at a clamped, always-valid index (rank 0, logical block 0, the
-        # physical block in table column 0) and dead lanes are masked only in the scores: masked loads here
-        # broke Triton 3.6's layout passes on sm_90 ("mask type matches ptr type" / RemoveLayoutConversions).
-        safe_rank = tl.where(in_range, rank, 0)
-        score = tl.where(in_range, tl.load(TOP_VAL + sel_base + safe_rank), float("-inf"))
-        logical = tl.load(TOP_IDX + sel_base + safe_rank).to(tl.int64)
-        pos = logical * BLOCK_SIZE + offset
-        live = in_range & (score > float("-inf")) & (pos < seq_len)
-        phys = tl.load(TABLE + n * stride_tn + tl.where(live, logical, 0)).to(tl.int64)
-        k = tl.load(K + phys[:, None] * stride_kb + h * stride_kh + offset[:, None] * stride_kt + d[None, :])
-        v = tl.load(V + phys[:, None] * stride_vb + h * stride_vh + offset[:, None] * stride_vt + d[None, :])
-        if DOT_FP32:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k.to(q.dtype))).to(tl.float32) * scale
-        s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        if DOT_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+    if first < budget:  # k covers min_context's dense blocks: splits past a sequence's budget read nothing
+        for i in range(0, BLOCKS_PER_SPLIT, TILE_BLOCKS):
+            rank = first + i + slot_in_tile  # the selection fills slots [0, budget) of (sequence, kv-head)
+            in_range = (rank < NUM_SEL) & (i + slot_in_tile < BLOCKS_PER_SPLIT) & (rank < budget)
+            # Every load in this loop is unmasked at a clamped, always-valid index (slot 0, logical block 0, the
+            # physical block in table column 0) and dead lanes are masked only in the scores: masked loads here
+            # broke Triton 3.6's layout passes on sm_90 ("mask type matches ptr type" / RemoveLayoutConversions).
+            safe_rank = tl.where(in_range, rank, 0)
+            logical = tl.load(TOP_IDX + sel_base + safe_rank).to(tl.int64)
+            pos = logical * BLOCK_SIZE + offset
+            live = in_range & (pos < seq_len)
+            phys = tl.load(TABLE + n * stride_tn + tl.where(live, logical, 0)).to(tl.int64)
+            k = tl.load(K + phys[:, None] * stride_kb + h * stride_kh + offset[:, None] * stride_kt + d[None, :])
+            v = tl.load(V + phys[:, None] * stride_vb + h * stride_vh + offset[:, None] * stride_vt + d[None, :])
+            if DOT_FP32:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k.to(q.dtype))).to(tl.float32) * scale
+            s = tl.where(live[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            if DOT_FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
     out_base = ((n * NUM_KV_HEADS + h) * NUM_SPLITS + split) * GROUP_PAD
     tl.store(M_OUT + out_base + g, m_i)
     tl.store(L_OUT + out_base + g, l_i)
     tl.store(ACC_OUT + (out_base + g)[:, None] * HEAD_DIM + d[None, :], acc)
+
+
+@triton.jit
+def _summary_update_kernel(KEY, SLOTS, KMIN, KMAX, num_tokens, stride_kt, stride_kh, stride_sb, stride_sh,
+                           BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One program per (token, kv-head). A step's tokens of one block are one contiguous run of consecutive
+    slots (a block belongs to one request; its tokens sit together in the batch), so the run's first token
+    folds the whole run in (at most BLOCK_SIZE tokens) and the others do nothing: no atomics, no races. A run
+    starting at offset 0 means the block was (re)allocated: it replaces the old summary instead of merging."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    prev = tl.load(SLOTS + tl.maximum(t - 1, 0)).to(tl.int64)
+    blk = tl.where(slot >= 0, slot, 0) // BLOCK_SIZE
+    prev_blk = tl.where(prev >= 0, prev, 0) // BLOCK_SIZE
+    leader = (slot >= 0) & ((t == 0) | (prev < 0) | (prev_blk != blk))
+    if leader:
+        j = t + tl.arange(0, BLOCK_SIZE)
+        sj = tl.load(SLOTS + tl.where(j < num_tokens, j, t)).to(tl.int64)
+        mine = (j < num_tokens) & (sj >= 0) & (tl.where(sj >= 0, sj, 0) // BLOCK_SIZE == blk)
+        d = tl.arange(0, HEAD_DIM)
+        k = tl.load(KEY + tl.where(mine, j, t)[:, None] * stride_kt + h * stride_kh + d[None, :]).to(tl.float32)
+        new_min = tl.min(tl.where(mine[:, None], k, float("inf")), axis=0)
+        new_max = tl.max(tl.where(mine[:, None], k, float("-inf")), axis=0)
+        s_ptrs = blk * stride_sb + h * stride_sh + d
+        fresh = slot % BLOCK_SIZE == 0
+        old_min = tl.load(KMIN + s_ptrs).to(tl.float32)
+        old_max = tl.load(KMAX + s_ptrs).to(tl.float32)
+        new_min = tl.where(fresh, new_min, tl.minimum(old_min, new_min))
+        new_max = tl.where(fresh, new_max, tl.maximum(old_max, new_max))
+        tl.store(KMIN + s_ptrs, new_min.to(KMIN.dtype.element_ty))
+        tl.store(KMAX + s_ptrs, new_max.to(KMAX.dtype.element_ty))
+
+
+def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor,
+                     block_size: int) -> None:
+    """``summaries.update_summaries_`` in one launch: key [T, Hkv, D] (T may exceed slot_mapping's length:
+    vLLM pads tokens), slot_mapping [n] with -1 for padding; summaries [num_blocks + 1, Hkv, D]."""
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    hkv, d = kmin.shape[1], kmin.shape[2]
+    _summary_update_kernel[(n, hkv)](key, slot_mapping, kmin, kmax, n, key.stride(0), key.stride(1),
+                                     kmin.stride(0), kmin.stride(1), BLOCK_SIZE=block_size, HEAD_DIM=d)
 
 
 @triton.jit
@@ -183,6 +291,85 @@ def _merge_kernel(M, L, ACC, OUT, stride_on, stride_oh, NUM_KV_HEADS: tl.constex
         tl.store(OUT + n * stride_on + (h * GROUP + j) * stride_oh + d, o.to(OUT.dtype.element_ty))
 
 
+def _launch_cfg(bs: int, k: int, num_splits: int | None, tile_blocks: int | None) -> tuple[int, int, int]:
+    """(tile_blocks, blocks per split, splits) of the decode kernel for k selection slots."""
+    tile_blocks = tile_blocks or max(1, 64 // bs)
+    if num_splits is None:
+        num_splits = max(1, min(16, triton.cdiv(k, 2 * tile_blocks)))
+    per_split = triton.cdiv(triton.cdiv(k, num_splits), tile_blocks) * tile_blocks
+    return tile_blocks, per_split, triton.cdiv(k, per_split)
+
+
+def score_blocks(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, params, score_tile: int = 64) -> torch.Tensor:
+    """[N, Hkv, B] float32 Quest bounds (+inf forced); columns >= a sequence's block count are left unwritten."""
+    N, Hq, D = q.shape
+    Hkv = kmin.shape[1]
+    G = Hq // Hkv
+    B = block_table.shape[1]
+    q = q.contiguous()
+    scores = torch.empty(N, Hkv, B, dtype=torch.float32, device=q.device)
+    dot_fp32 = _INTERPRET or kmin.dtype not in (torch.bfloat16, torch.float16) or q.dtype != kmin.dtype
+    _masked_score_kernel[(N * Hkv, triton.cdiv(B, score_tile))](
+        q, kmin, kmax, block_table, seq_lens, scores,
+        q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), block_table.stride(0), scores.stride(0),
+        scores.stride(1),
+        NUM_KV_HEADS=Hkv, GROUP=G, GROUP_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, TILE=score_tile,
+        REDUCE_MAX=params.gqa_reduce == "max", BLOCK_SIZE=params.block_size, SINK_BLOCKS=params.sink_blocks,
+        RECENT_BLOCKS=params.recent_blocks, MIN_CONTEXT=params.min_context_tokens, DOT_FP32=dot_fp32)
+    return scores
+
+
+def select_top_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, params, k: int) -> torch.Tensor:
+    """[N, Hkv, k] int32 logical block indices: slots [0, budget) hold each sequence's budget of best blocks in
+    ascending block order (budget from seq_lens, as ``planner.device_budgets``); later slots are unspecified.
+    A row's scores stay in registers (next power of two of B): fine up to B = 16384 columns (256K tokens at
+    16-token blocks); wider tables still work, slower (spills)."""
+    N, Hkv, B = scores.shape
+    k = min(k, B)
+    top_idx = torch.empty(N, Hkv, k, dtype=torch.int32, device=scores.device)
+    width_pad = triton.next_power_of_2(B)
+    _select_kernel[(N * Hkv,)](
+        scores, seq_lens, top_idx, scores.stride(0), scores.stride(1),
+        NUM_KV_HEADS=Hkv, WIDTH_PAD=width_pad, NUM_SEL=k, BLOCK_SIZE=params.block_size,
+        BUDGET_TOKENS=params.budget_tokens, FRACTION=float(params.budget_fraction),
+        MIN_BLOCKS=params.sink_blocks + params.recent_blocks, MIN_CONTEXT=params.min_context_tokens,
+        num_warps=max(4, min(8, width_pad // 1024)))  # H100, 8200 columns: 8 warps 36 us, 16: 38, 4: 59
+    return top_idx
+
+
+def attend_selected(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+                    top_idx: torch.Tensor, seq_lens: torch.Tensor, params, scale: float,
+                    out: torch.Tensor | None = None, num_splits: int | None = None,
+                    tile_blocks: int | None = None) -> torch.Tensor:
+    """Flash-decoding over the selected blocks (``select_top_blocks``' slots) + the split merge."""
+    N, Hq, D = q.shape
+    Hkv, bs = key_cache.shape[1], key_cache.shape[2]
+    G = Hq // Hkv
+    g_pad = max(16, triton.next_power_of_2(G))
+    k = top_idx.shape[-1]
+    q = q.contiguous()
+    tile_blocks, per_split, num_splits = _launch_cfg(bs, k, num_splits, tile_blocks)
+    m = torch.empty(N, Hkv, num_splits, g_pad, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(N, Hkv, num_splits, g_pad, D, dtype=torch.float32, device=q.device)
+    _topk_decode_kernel[(N * Hkv, num_splits)](
+        q, key_cache, value_cache, block_table, top_idx, seq_lens, m, l, acc, scale,
+        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_table.stride(0),
+        NUM_KV_HEADS=Hkv, GROUP=G, GROUP_PAD=g_pad, HEAD_DIM=D, BLOCK_SIZE=bs, NUM_SEL=k,
+        BLOCKS_PER_SPLIT=per_split, TILE_BLOCKS=tile_blocks, NUM_SPLITS=num_splits,
+        BUDGET_TOKENS=params.budget_tokens, FRACTION=float(params.budget_fraction),
+        MIN_BLOCKS=params.sink_blocks + params.recent_blocks, MIN_CONTEXT=params.min_context_tokens,
+        DOT_FP32=_INTERPRET or q.dtype == torch.float32)
+    if out is None:
+        out = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
+    _merge_kernel[(N * Hkv,)](m, l, acc, out, out.stride(0), out.stride(1), NUM_KV_HEADS=Hkv, GROUP=G,
+                              GROUP_PAD=g_pad, HEAD_DIM=D, NUM_SPLITS=num_splits,
+                              SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
+    return out
+
+
 def retrieval_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, kmin: torch.Tensor,
                      kmax: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, params, k: int,
                      scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
@@ -191,44 +378,10 @@ def retrieval_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     caches as [num_blocks, Hkv, block_size, D] views, summaries [num_blocks+1, Hkv, D], block_table [N, B],
     seq_lens [N]; ``params`` a planner.RetrievalParams, ``k`` the fixed selection slots. Writes into ``out``
     ([N, Hq, D], any row stride) if given. Sequences below params.min_context_tokens read all their blocks
-    (k must cover them: planner.graph_k)."""
-    N, Hq, D = q.shape
-    _, Hkv, bs, _ = key_cache.shape
-    B = block_table.shape[1]
-    G = Hq // Hkv
-    g_pad = max(16, triton.next_power_of_2(G))
-    k = min(k, B)
-    dot_fp32 = _INTERPRET or q.dtype == torch.float32
-    q = q.contiguous()
-    scores = torch.empty(N, Hkv, B, dtype=torch.float32, device=q.device)
-    _masked_score_kernel[(N * Hkv, triton.cdiv(B, score_tile))](
-        q, kmin, kmax, block_table, seq_lens, scores,
-        q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), block_table.stride(0), scores.stride(0),
-        scores.stride(1),
-        NUM_KV_HEADS=Hkv, GROUP=G, GROUP_PAD=g_pad, HEAD_DIM=D, WIDTH=B, TILE=score_tile,
-        REDUCE_MAX=params.gqa_reduce == "max", BLOCK_SIZE=bs, SINK_BLOCKS=params.sink_blocks,
-        RECENT_BLOCKS=params.recent_blocks, MIN_CONTEXT=params.min_context_tokens, DOT_FP32=True)
-    top_val, top_idx = torch.topk(scores, k, dim=-1, sorted=True)
-    tile_blocks = tile_blocks or max(1, 64 // bs)
-    if num_splits is None:
-        num_splits = max(1, min(16, triton.cdiv(k, 2 * tile_blocks)))
-    per_split = triton.cdiv(triton.cdiv(k, num_splits), tile_blocks) * tile_blocks
-    num_splits = triton.cdiv(k, per_split)
-    m = torch.empty(N, Hkv, num_splits, g_pad, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    acc = torch.empty(N, Hkv, num_splits, g_pad, D, dtype=torch.float32, device=q.device)
-    _topk_decode_kernel[(N * Hkv, num_splits)](
-        q, key_cache, value_cache, block_table, top_idx, top_val, seq_lens, m, l, acc, scale,
-        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_table.stride(0),
-        NUM_KV_HEADS=Hkv, GROUP=G, GROUP_PAD=g_pad, HEAD_DIM=D, BLOCK_SIZE=bs, NUM_SEL=k,
-        BLOCKS_PER_SPLIT=per_split, TILE_BLOCKS=tile_blocks, NUM_SPLITS=num_splits,
-        BUDGET_TOKENS=params.budget_tokens, FRACTION=float(params.budget_fraction),
-        MIN_BLOCKS=params.sink_blocks + params.recent_blocks, MIN_CONTEXT=params.min_context_tokens,
-        DOT_FP32=dot_fp32)
-    if out is None:
-        out = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
-    _merge_kernel[(N * Hkv,)](m, l, acc, out, out.stride(0), out.stride(1), NUM_KV_HEADS=Hkv, GROUP=G,
-                              GROUP_PAD=g_pad, HEAD_DIM=D, NUM_SPLITS=num_splits,
-                              SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
-    return out
+    (k must cover them: planner.graph_k). 4 launches: score, select, attend, merge."""
+    if key_cache.shape[2] != params.block_size:
+        raise ValueError(f"KV cache blocks hold {key_cache.shape[2]} tokens, params.block_size is {params.block_size}")
+    scores = score_blocks(q, kmin, kmax, block_table, seq_lens, params, score_tile)
+    top_idx = select_top_blocks(scores, seq_lens, params, k)
+    return attend_selected(q, key_cache, value_cache, block_table, top_idx, seq_lens, params, scale, out,
+                           num_splits, tile_blocks)
