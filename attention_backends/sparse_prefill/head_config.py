@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import torch
 
-from attention_backends.sparse_prefill.index import ChunkGeometry, SparseIndex, compact_columns
+from attention_backends.sparse_prefill.index import RANGE_PAD, ChunkGeometry, SparseIndex, compact_columns
 from attention_backends.sparse_prefill.patterns import registry
 from attention_backends.sparse_prefill.patterns.base import PatternBudgetError
 
@@ -116,24 +116,40 @@ def build_index(q: torch.Tensor, k: torch.Tensor, geom: ChunkGeometry, plan: Lay
     """q [n, Hq, d] the chunk's queries, k [L, Hkv, d] the sequence's keys -> one SparseIndex for all heads.
     ``trim_columns`` drops all-padding column slots (a host sync: CPU only; GPU kernels skip them by count)."""
     Hq, Hkv = q.shape[1], k.shape[1]
-    kv_of = torch.arange(Hq, device=q.device) // (Hq // Hkv)
-    block_mask = torch.zeros(Hq, geom.nqb, geom.nkb, dtype=torch.bool, device=q.device)
-    verticals = []
+    dev = q.device
+    kv_of = torch.arange(Hq, device=dev) // (Hq // Hkv)
+    k_heads = k.transpose(0, 1)  # [Hkv, L, d] view: patterns pick each query head's KV head themselves
+    block_mask = torch.zeros(Hq, geom.nqb, geom.nkb, dtype=torch.bool, device=dev)
+    verticals, ranged = [], []
     for g in plan.groups:
         if g.pattern == registry.DENSE:
-            block_mask[g.heads] = geom.causal_blocks(q.device)[None]
+            block_mask[g.heads] = geom.causal_blocks(dev)[None]
             continue
         qh = q[:, g.heads].transpose(0, 1)
-        kh = k[:, kv_of[g.heads]].transpose(0, 1)
-        mask, cols = registry.get(g.pattern).select(qh, kh, geom, g.budgets, g.budget_max, scale)
+        mask, cols, ranges = registry.get(g.pattern).select(qh, k_heads, kv_of[g.heads], geom, g.budgets,
+                                                            g.budget_max, scale)
         block_mask[g.heads] = mask
         if cols is not None:
             verticals.append((g.heads, cols))
+        if ranges is not None:
+            ranged.append((g.heads, *ranges))
+    index = SparseIndex(block_mask, block_mask.new_zeros((Hq, geom.nqb, 0), dtype=torch.int64),
+                        torch.zeros(Hq, geom.nqb, dtype=torch.int64, device=dev))
+    if ranged:
+        width = max(r.shape[1] for _, r, _ in ranged)
+        index.ranges = torch.full((Hq, width, 2), RANGE_PAD, dtype=torch.int64, device=dev)
+        for heads, r, count in ranged:
+            index.ranges[heads, :r.shape[1]] = r
+            index.range_count[heads] = count
+        a, _ = geom.q_block_bounds(dev)
+        index.range_first = torch.searchsorted(index.ranges[..., 1].contiguous(),
+                                               (-a)[None, :].expand(Hq, -1).contiguous(), right=True)
     width = max((c.shape[1] for _, c in verticals), default=0)
-    all_cols = torch.full((Hq, width), -1, dtype=torch.int64, device=q.device)
+    all_cols = torch.full((Hq, width), -1, dtype=torch.int64, device=dev)
     for heads, cols in verticals:
         all_cols[heads, :cols.shape[1]] = cols
-    cols, count = compact_columns(all_cols, block_mask, geom)
+    cols, count = compact_columns(all_cols, block_mask, geom, index if ranged else None)
     if trim_columns and cols.shape[-1]:
         cols = cols[..., :max(int(count.max()), 1)]
-    return SparseIndex(block_mask, cols, count)
+    index.cols, index.col_count = cols, count
+    return index

@@ -3,15 +3,18 @@
 A prefill chunk has ``n`` query rows at absolute positions ``[L - n, L)`` and attends to ``L`` keys (the
 cached context plus itself, causally). Query rows are grouped in blocks of ``BLOCK`` counted from the
 chunk's first row; keys in ``BLOCK``-aligned blocks counted from position 0. Per query head and query
-block the index holds a set of whole key blocks (``block_mask``) plus single key columns that fall outside
-those blocks (``cols``, compacted, ``-1`` padded). Causality is applied element-wise by the kernels, so
-the diagonal block may be selected whole.
+block the index holds a set of whole key blocks (``block_mask``), key ranges (``ranges``: at most BLOCK keys
+each, at any offset, given relative to the query block's first row, the same for every query block of a
+head: how vertical-slash serves its diagonals, MInference-style, instead of rounding them up to aligned
+blocks) plus single key columns that fall outside both (``cols``, compacted, ``-1`` padded). Causality is
+applied element-wise by the kernels, so the diagonal block may be selected whole.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 BLOCK = 64
 
@@ -54,15 +57,79 @@ class ChunkGeometry:
         return (hi * (hi + 1) - lo * (lo + 1)) // 2
 
 
+# Padding of ``ranges``: an empty range after every real one (real ranges end at most BLOCK after the row).
+RANGE_PAD = BLOCK
+# A query block's ranges that reach its own rows (end > 0) lie in (-BLOCK, BLOCK]: at most 2 of them (see
+# ranges_from_diagonals), the rest end at or before the block's first row and are seen whole by every row.
+RANGE_TAIL = 2
+
+
 @dataclass
 class SparseIndex:
     block_mask: torch.Tensor  # [H, nqb, nkb] bool
     cols: torch.Tensor  # [H, nqb, C] int64 key positions, valid first, -1 padded (C may be 0)
     col_count: torch.Tensor  # [H, nqb] int64
+    # [H, R, 2] int64 (start, end) relative to the query block's first row: keys [a + start, a + end);
+    # ascending, disjoint, end - start <= BLOCK, padded with (RANGE_PAD, RANGE_PAD). R may be 0.
+    ranges: torch.Tensor | None = None
+    range_count: torch.Tensor | None = None  # [H] int64
+    range_first: torch.Tensor | None = None  # [H, nqb] int64: first range with a key >= 0 (skip the rest)
+
+    def __post_init__(self) -> None:
+        H, dev = self.block_mask.shape[0], self.block_mask.device
+        if self.ranges is None:
+            self.ranges = torch.zeros(H, 0, 2, dtype=torch.int64, device=dev)
+            self.range_count = torch.zeros(H, dtype=torch.int64, device=dev)
+            self.range_first = torch.zeros(H, self.block_mask.shape[1], dtype=torch.int64, device=dev)
 
     @property
     def num_heads(self) -> int:
         return self.block_mask.shape[0]
+
+    def to(self, device) -> "SparseIndex":
+        return SparseIndex(*(x.to(device) for x in (self.block_mask, self.cols, self.col_count, self.ranges,
+                                                    self.range_count, self.range_first)))
+
+    def in_ranges(self, rel: torch.Tensor) -> torch.Tensor:
+        """rel [H, ...] key positions relative to a query block's first row -> bool: inside a range."""
+        H, R = self.ranges.shape[:2]
+        if R == 0:
+            return torch.zeros(rel.shape, dtype=torch.bool, device=rel.device)
+        flat = rel.reshape(H, -1).contiguous()
+        j = torch.searchsorted(self.ranges[..., 0].contiguous(), flat, right=True) - 1
+        end = torch.gather(self.ranges[..., 1], 1, j.clamp(min=0))
+        inside = (j >= 0) & (j < self.range_count[:, None]) & (flat < end)
+        return inside.view(rel.shape)
+
+    def _range_pairs(self, geom: "ChunkGeometry", a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """[H] causal pairs computed through ``ranges``, without an [H, nqb, R] intermediate."""
+        H, R = self.ranges.shape[:2]
+        if R == 0:
+            return torch.zeros(H, dtype=torch.int64, device=a.device)
+        s, e = self.ranges[..., 0], self.ranges[..., 1]
+        # All but the last RANGE_TAIL real ranges end at or before every row: rows x their width (clipped at key 0).
+        width = torch.clamp(e - s, min=0)
+        prefix = F.pad(torch.cumsum(width, 1), (1, 0))  # [H, R + 1]
+        hi = torch.clamp(self.range_count - RANGE_TAIL, min=0)[:, None].expand(H, len(a))
+        lo = torch.minimum(self.range_first, hi)
+        full = torch.gather(prefix, 1, hi) - torch.gather(prefix, 1, lo)
+        s_lo = torch.gather(s, 1, lo.clamp(max=R - 1))
+        full -= torch.where(lo < hi, torch.clamp(-(a[None, :] + s_lo), min=0), torch.zeros_like(full))
+        pairs = (full * (b - a)[None, :]).sum(1)
+        # The tail: exact causal count per (query block, range).
+        tail = torch.clamp(self.range_count[:, None] - RANGE_TAIL, min=0) + torch.arange(RANGE_TAIL, device=a.device)
+        real = tail < self.range_count[:, None]  # [H, T]
+        tail = tail.clamp(max=R - 1)
+        ts, te = torch.gather(s, 1, tail), torch.gather(e, 1, tail)
+        c = torch.clamp(a[None, :, None] + ts[:, None, :], min=0)  # [H, nqb, T]
+        w = torch.clamp(torch.clamp(a[None, :, None] + te[:, None, :], max=geom.L) - c, min=0)
+
+        def ramp(t: torch.Tensor) -> torch.Tensor:
+            m = torch.clamp(t[None, :, None] - c, min=0)
+            m_in = torch.minimum(m, w)
+            return m_in * (m_in + 1) // 2 + (m - m_in) * w
+
+        return pairs + ((ramp(b) - ramp(a)) * real[:, None, :]).sum(dim=(1, 2))
 
     def computed_pairs(self, geom: ChunkGeometry) -> torch.Tensor:
         """[H] causal (query, key) pairs this index makes a kernel compute (what density reports)."""
@@ -79,7 +146,7 @@ class SparseIndex:
         blocks = (self.block_mask.long() * per_block[None]).sum(dim=(1, 2))
         valid = torch.arange(self.cols.shape[-1], device=a.device)[None, None, :] < self.col_count[..., None]
         col_rows = torch.clamp(b[None, :, None] - torch.maximum(self.cols, a[None, :, None]), min=0)
-        return blocks + (col_rows * valid).sum(dim=(1, 2))
+        return blocks + (col_rows * valid).sum(dim=(1, 2)) + self._range_pairs(geom, a, b)
 
     def density(self, geom: ChunkGeometry) -> float:
         """Fraction of the causal mask (all heads) actually computed."""
@@ -88,10 +155,16 @@ class SparseIndex:
     def dense_mask(self, geom: ChunkGeometry, rows: slice | None = None) -> torch.Tensor:
         """[H, r, L] bool element mask (causal applied) for query rows ``rows`` of the chunk; for tests/recall."""
         rows = rows or slice(0, geom.n)
-        r = torch.arange(rows.start, rows.stop, device=self.block_mask.device)
+        return self.element_mask(geom, torch.arange(rows.start, rows.stop, device=self.block_mask.device))
+
+    def element_mask(self, geom: ChunkGeometry, r: torch.Tensor) -> torch.Tensor:
+        """[H, len(r), L] bool element mask (causal applied) for the chunk's query rows ``r`` (any order)."""
         keys = torch.arange(geom.L, device=r.device)
         m = self.block_mask[:, r // BLOCK][:, :, keys // BLOCK]  # [H, r, L]
         H = self.num_heads
+        if self.ranges.shape[1]:
+            a = geom.q_pos0 + (r // BLOCK) * BLOCK
+            m = m | self.in_ranges((keys[None, :] - a[:, None])[None].expand(H, -1, -1))
         if self.cols.shape[-1]:
             cols = self.cols[:, r // BLOCK]  # [H, r, C]
             valid = torch.arange(cols.shape[-1], device=r.device) < self.col_count[:, r // BLOCK][..., None]
@@ -103,16 +176,20 @@ class SparseIndex:
         return m & causal
 
 
-def compact_columns(cols: torch.Tensor, block_mask: torch.Tensor, geom: ChunkGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+def compact_columns(cols: torch.Tensor, block_mask: torch.Tensor, geom: ChunkGeometry,
+                    ranges: SparseIndex | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head vertical columns [H, V] (-1 = unused) -> per query block, the ones not already inside a
-    selected block and visible to the block's last row: (cols [H, nqb, V] valid-first, counts [H, nqb])."""
+    selected block (or a range of ``ranges``) and visible to the block's last row: (cols [H, nqb, V]
+    valid-first, counts [H, nqb])."""
     H, V = cols.shape
     if V == 0:
         return cols.new_zeros((H, geom.nqb, 0)), cols.new_zeros((H, geom.nqb))
-    _, b = geom.q_block_bounds(cols.device)
+    a, b = geom.q_block_bounds(cols.device)
     c = cols[:, None, :].expand(H, geom.nqb, V)
     safe = torch.clamp(c, min=0)
     in_block = torch.gather(block_mask, 2, safe // BLOCK)
+    if ranges is not None:
+        in_block = in_block | ranges.in_ranges(c - a[None, :, None])
     valid = (c >= 0) & (c <= (b - 1)[None, :, None]) & ~in_block
     big = torch.iinfo(torch.int64).max
     keyed = torch.where(valid, c, torch.full_like(c, big))
@@ -125,3 +202,39 @@ def empty_index(H: int, geom: ChunkGeometry, device=None) -> SparseIndex:
     return SparseIndex(torch.zeros(H, geom.nqb, geom.nkb, dtype=torch.bool, device=device),
                        torch.zeros(H, geom.nqb, 0, dtype=torch.int64, device=device),
                        torch.zeros(H, geom.nqb, dtype=torch.int64, device=device))
+
+
+def ranges_from_diagonals(diagonals: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected diagonals [h, S] (d: key = row - d; ``keep`` [h, S] bool) -> key ranges relative to a query
+    block's first row a: (ranges [h, S, 2] ascending, padded with RANGE_PAD, counts [h]).
+
+    Diagonal d crosses keys [a - d, a - d + BLOCK) of the block's rows: the same relative interval for every
+    query block, so this runs once per head, not per block. Overlapping or touching intervals merge into
+    segments; each segment is cut into BLOCK-wide ranges (the last one shorter), so ranges never overlap and
+    a segment of m diagonals needs at most m ranges (fixed shape, no host sync). All ranges with end > 0
+    belong to the last segment (it holds every d < BLOCK), so at most RANGE_TAIL=2 of them reach the rows."""
+    h, S = diagonals.shape
+    dev = diagonals.device
+    if S == 0:
+        return torch.zeros(h, 0, 2, dtype=torch.int64, device=dev), torch.zeros(h, dtype=torch.int64, device=dev)
+    d = torch.sort(torch.where(keep, diagonals, torch.full_like(diagonals, -1)), dim=-1, descending=True).values
+    count = keep.sum(-1)
+    j = torch.arange(S, device=dev)[None, :].expand(h, S)
+    real = j < count[:, None]
+    start = -d  # ascending over the real entries
+    prev = F.pad(start[:, :-1], (1, 0), value=-(1 << 40))
+    new_seg = real & (start > prev + BLOCK)
+    first = torch.cummax(torch.where(new_seg, j, torch.zeros_like(j)), dim=-1).values
+    is_last = real & (F.pad(new_seg[:, 1:], (0, 1), value=True) | (j == count[:, None] - 1))
+    big = torch.full_like(j, S - 1)
+    last = torch.flip(torch.cummin(torch.flip(torch.where(is_last, j, big), [-1]), dim=-1).values, [-1])
+    seg_start = torch.gather(start, 1, first)
+    seg_end = torch.gather(start, 1, last) + BLOCK
+    p = j - first
+    tiles = real & (p * BLOCK < seg_end - seg_start)
+    t_start = seg_start + p * BLOCK
+    t_end = torch.minimum(t_start + BLOCK, seg_end)
+    key = torch.where(tiles, t_start, torch.full_like(t_start, RANGE_PAD))
+    key, order = torch.sort(key, dim=-1, stable=True)
+    t_end = torch.where(key == RANGE_PAD, torch.full_like(key, RANGE_PAD), torch.gather(t_end, 1, order))
+    return torch.stack([key, t_end], -1), tiles.sum(-1)

@@ -45,11 +45,19 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: S
         col_ok = torch.arange(cols.shape[-1], device=dev) < index.col_count[:, qb0:qb1, None]
         extra = torch.zeros(L, dtype=torch.bool, device=dev)
         extra[cols[col_ok]] = True
+        ranged = None
+        if index.ranges.shape[1]:  # [Hq, G, L]: keys inside a range of (head, query block)
+            a = geom.q_pos0 + torch.arange(qb0, qb1, device=dev) * BLOCK
+            ranged = index.in_ranges((key_pos[None, :] - a[:, None])[None].expand(Hq, -1, -1))
+            extra |= ranged.any(1).any(0)
         keys = key_pos[in_blocks | extra]  # ascending key positions attended by anyone in this step
         slot = torch.full((L,), -1, dtype=torch.int64, device=dev)
         slot[keys] = torch.arange(len(keys), device=dev)
-        # Element mask [Hq, rows, keys]: the row's block selects the key's block, or a column of the row's block.
+        # Element mask [Hq, rows, keys]: the row's block selects the key's block, a range of the row's block
+        # holds the key, or the key is a column of the row's block.
         mask = sub[:, rows_qb - qb0][:, :, keys // BLOCK]
+        if ranged is not None:
+            mask |= ranged[:, :, keys][:, rows_qb - qb0]
         if cols.shape[-1]:
             h_i, g_i, c_i = col_ok.nonzero(as_tuple=True)
             col_mask = torch.zeros(Hq, qb1 - qb0, len(keys), dtype=torch.bool, device=dev)

@@ -86,7 +86,7 @@ def evaluate_layer(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int, r
         for ci, (name, budgets) in enumerate(cands):
             index = build_index(qc, kc, geom, LayerPlan.uniform(name, Hq, **budgets), scale)
             computed[ci] += index.computed_pairs(geom).double()
-            recall[ci] += captured_mass(probs, index, rows).sum(-1).double()
+            recall[ci] += captured_mass(probs, index, rows, geom).sum(-1).double()
     return (recall / weight).float(), (computed / causal).float()
 
 
@@ -95,23 +95,14 @@ def dense_probs(q: torch.Tensor, k: torch.Tensor, geom: ChunkGeometry, rows: tor
     from attention_backends.sparse_prefill.reference import _gqa_keys
 
     pos = geom.q_pos0 + rows
-    causal = torch.arange(geom.L)[None, :] <= pos[:, None]
+    causal = torch.arange(geom.L, device=q.device)[None, :] <= pos[:, None]
     s = torch.einsum("qhd,hkd->hqk", q[rows], _gqa_keys(k, q.shape[1])) * scale
     return torch.softmax(s.masked_fill(~causal[None], float("-inf")), dim=-1)
 
 
-def captured_mass(probs: torch.Tensor, index, rows: torch.Tensor) -> torch.Tensor:
-    """[Hq, R]: the part of each row's dense attention that the index computes (blocks + columns)."""
-    H, R, L = probs.shape
-    nkb = index.block_mask.shape[-1]
-    per_block = torch.nn.functional.pad(probs, (0, nkb * BLOCK - L)).view(H, R, nkb, BLOCK).sum(-1)
-    qb = rows // BLOCK
-    mass = (per_block * index.block_mask[:, qb]).sum(-1)
-    if index.cols.shape[-1]:
-        cols = index.cols[:, qb]  # [H, R, C]
-        ok = torch.arange(cols.shape[-1]) < index.col_count[:, qb][..., None]
-        mass += (torch.gather(probs, 2, cols.clamp(min=0)) * ok).sum(-1)
-    return mass
+def captured_mass(probs: torch.Tensor, index, rows: torch.Tensor, geom: ChunkGeometry) -> torch.Tensor:
+    """[Hq, R]: the part of each row's dense attention that the index computes (blocks, ranges, columns)."""
+    return (probs * index.element_mask(geom, rows)).sum(-1)
 
 
 def choose(recall: torch.Tensor, density: torch.Tensor, cands, target: float) -> list[HeadPattern]:
@@ -213,7 +204,7 @@ def evaluate_config(qs: list[torch.Tensor], ks: list[torch.Tensor], scale: float
     """Recall and density [layers, heads] of a per-head config on captured Q/K, replaying chunked prefill."""
     recalls, densities = [], []
     for li, (q, k) in enumerate(zip(qs, ks)):
-        plan = LayerPlan.from_config(cfg, li, q.shape[1])
+        plan = LayerPlan.from_config(cfg, li, q.shape[1], q.device)
         T = q.shape[0]
         mass = torch.zeros(q.shape[1], dtype=torch.float64)
         computed = torch.zeros(q.shape[1], dtype=torch.float64)
@@ -224,9 +215,10 @@ def evaluate_config(qs: list[torch.Tensor], ks: list[torch.Tensor], scale: float
             geom = ChunkGeometry(end - start, end)
             qc, kc = q[start:end].float(), k[:end].float()
             rows = torch.cat([torch.arange(s.start, s.stop) for s in sample_rows(end - start, rows_per_chunk, gen)])
-            index = build_index(qc, kc, geom, plan, scale)
-            mass += captured_mass(dense_probs(qc, kc, geom, rows, scale), index, rows).sum(-1).double()
-            computed += index.computed_pairs(geom).double()
+            rows = rows.to(q.device)
+            index = build_index(qc, kc, geom, plan, scale, trim_columns=q.device.type == "cpu")
+            mass += captured_mass(dense_probs(qc, kc, geom, rows, scale), index, rows, geom).sum(-1).double().cpu()
+            computed += index.computed_pairs(geom).double().cpu()
             rows_total += len(rows)
             causal += geom.causal_pairs()
         recalls.append((mass / rows_total).float())

@@ -77,12 +77,13 @@ def _attend_keys(acc, l_i, m_i, q, kpos, key_ok, row_pos, k_ptr, v_ptr, pages_pt
 
 @triton.jit
 def _sparse_attn_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, pages_ptr, bidx_ptr, bcnt_ptr, cidx_ptr, ccnt_ptr,
-        sq_t, sq_h, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_t, so_h,
-        sbi_h, sbi_q, sci_h, sci_q, nqb, n, L, q_pos0, scale, page_size, group,
+        q_ptr, k_ptr, v_ptr, o_ptr, pages_ptr, bidx_ptr, bcnt_ptr, cidx_ptr, ccnt_ptr, rng_ptr, rcnt_ptr,
+        rfirst_ptr, sq_t, sq_h, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_t, so_h,
+        sbi_h, sbi_q, sci_h, sci_q, sr_h, nqb, n, L, q_pos0, scale, page_size, group,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         UPCAST: tl.constexpr):
-    """One program per (query block, query head): its selected key blocks, then its vertical columns."""
+    """One program per (query block, query head): its selected key blocks, its key ranges (relative to the
+    block's first row, at most BLOCK_N keys each), then its vertical columns."""
     qb = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // group
@@ -106,6 +107,15 @@ def _sparse_attn_kernel(
         acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, kpos, kpos < L, row_pos, k_ptr, v_ptr, pages_ptr, kvh,
                                      sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, page_size, qk_scale, dims,
                                      dim_ok, UPCAST)
+    a = q_pos0 + qb * BLOCK_M
+    r_end = tl.load(rcnt_ptr + h)
+    for j in range(tl.load(rfirst_ptr + h * nqb + qb), r_end):
+        start = a + tl.load(rng_ptr + h * sr_h + 2 * j)
+        stop = a + tl.load(rng_ptr + h * sr_h + 2 * j + 1)
+        kpos = start + tl.arange(0, BLOCK_N)
+        acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, kpos, (kpos >= 0) & (kpos < stop) & (kpos < L), row_pos,
+                                     k_ptr, v_ptr, pages_ptr, kvh, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+                                     page_size, qk_scale, dims, dim_ok, UPCAST)
     n_cols = tl.load(ccnt_ptr + h * nqb + qb)
     for c0 in range(0, n_cols, BLOCK_N):
         c = c0 + tl.arange(0, BLOCK_N)
@@ -134,10 +144,16 @@ def sparse_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache
         cols = torch.zeros(Hq, geom.nqb, 1, dtype=torch.int32, device=q.device)
     ccnt = index.col_count.to(torch.int32).contiguous()
     pages = pages.to(torch.int32).contiguous()
+    ranges = index.ranges.to(torch.int32).contiguous()
+    if ranges.shape[1] == 0:
+        ranges = torch.zeros(Hq, 1, 2, dtype=torch.int32, device=q.device)
+    rcnt = index.range_count.to(torch.int32).contiguous()
+    rfirst = index.range_first.to(torch.int32).contiguous()
     _sparse_attn_kernel[(geom.nqb, Hq)](
-        q, key_cache, value_cache, out, pages, bidx, bcnt, cols, ccnt,
+        q, key_cache, value_cache, out, pages, bidx, bcnt, cols, ccnt, ranges, rcnt, rfirst,
         q.stride(0), q.stride(1), *key_cache.stride(), *value_cache.stride(), out.stride(0), out.stride(1),
-        bidx.stride(0), bidx.stride(1), cols.stride(0), cols.stride(1), geom.nqb, n, geom.L, geom.q_pos0,
+        bidx.stride(0), bidx.stride(1), cols.stride(0), cols.stride(1), ranges.stride(0), geom.nqb, n, geom.L,
+        geom.q_pos0,
         scale, key_cache.shape[2], Hq // Hkv,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK, BLOCK_N=BLOCK,
         UPCAST=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
@@ -148,7 +164,9 @@ def sparse_prefill_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
                          geom: ChunkGeometry, plan: LayerPlan, scale: float, out: torch.Tensor) -> torch.Tensor:
     """The CUDA path of one chunk: index from the chunk's queries and the sequence's keys, then the kernel.
     Returns the computed (query, key) pairs as a device scalar (read back later, outside forward)."""
-    k = key_cache[pages].permute(0, 2, 1, 3).reshape(-1, key_cache.shape[1], key_cache.shape[3])[:geom.L]
+    Hkv, d = key_cache.shape[1], key_cache.shape[3]
+    # [Hkv, L, d] contiguous per KV head (what the estimation's matmuls read), viewed as [L, Hkv, d]
+    k = key_cache[pages].transpose(0, 1).reshape(Hkv, -1, d)[:, :geom.L].transpose(0, 1)
     index = build_index(q, k, geom, plan, scale, trim_columns=False)
     sparse_attention_paged(q, key_cache, value_cache, pages, index, geom, scale, out)
     return index.computed_pairs(geom).sum()

@@ -19,6 +19,7 @@ every diagonal equally likely and the pattern meaningless. Density of the index 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -64,14 +65,13 @@ def run(args) -> dict:
 
     from attention_backends.sparse_prefill import triton_kernels
     from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
-    from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry
+    from attention_backends.sparse_prefill.index import ChunkGeometry
     from benchmarks.kernels.harness import time_cuda
 
     dev = torch.device(args.device)
-    dtype = torch.bfloat16
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     Hq, Hkv, d = args.heads, args.kv_heads, args.head_dim
     scale = d ** -0.5
-    plan = LayerPlan.uniform(args.pattern, Hq, dev, **json.loads(args.budgets))
     if dev.type == "cuda":
         flash_attn_varlen_func, fa_missing = _import_fa("flash_attn_varlen_func")
         sparse_attn_varlen_func, fa2_sparse_missing = _import_fa("sparse_attn_varlen_func")
@@ -79,59 +79,76 @@ def run(args) -> dict:
         flash_attn_varlen_func = sparse_attn_varlen_func = None
         fa_missing = fa2_sparse_missing = "vLLM's FlashAttention kernels need a CUDA device"
     results = []
+    sweep = [json.loads(b) for b in args.budget_sweep.split(";")] if args.budget_sweep else [json.loads(args.budgets)]
     for L in [int(x) for x in args.lengths.split(",")]:
         q, k, v = synthetic_qkv(L, Hq, Hkv, d, dev, dtype)
-        geom = ChunkGeometry(L, L)
+        n = min(args.chunk, L) if args.chunk else L  # --chunk: the last n rows against all L keys (a later chunk)
+        q = q[L - n:].contiguous()
+        geom = ChunkGeometry(n, L)
         kc, pages = paged(k, args.page)
         vc, _ = paged(v, args.page)
         out = torch.empty_like(q)
-
-        def index():
-            return build_index(q, k, geom, plan, scale, trim_columns=False)
-
-        idx = index()
-        density = idx.density(geom)
-        row = {"L": L, "density": density, "pattern": args.pattern, "budgets": json.loads(args.budgets)}
         timing = lambda fn: time_cuda(fn, warmup=args.warmup, iters=args.iters)  # noqa: E731
-        row["kvplug_index_ms"] = timing(lambda: triton_kernels.compact_blocks(index().block_mask))["median_ms"]
-        configs = {}
-        for cfg in args.kernel_configs.split(","):  # num_warps x num_stages
-            w, st = (int(x) for x in cfg.split("x"))
-            configs[cfg] = timing(lambda: triton_kernels.sparse_attention_paged(
-                q, kc, vc, pages, idx, geom, scale, out, num_warps=w, num_stages=st))["median_ms"]
-        row["kvplug_attn_configs_ms"] = configs
-        row["kvplug_attn_ms"] = min(configs.values())
-        row["kvplug_total_ms"] = row["kvplug_index_ms"] + row["kvplug_attn_ms"]
         qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-        dense = None
+        dense, dense_ms = None, {}
         if not args.skip_sdpa:
+            # SDPA's is_causal is top-left aligned: exact for a whole prompt; a short last chunk sees
+            # (almost) every key, so it runs unmasked there (what it costs, not its exact output).
             sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-                qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
-            row["sdpa_dense_ms"] = timing(sdpa)["median_ms"]
-            dense = sdpa()[0].transpose(0, 1)
-        try:
-            row["flex_sparse_ms"] = _flex(qt, kt, vt, idx, geom, scale, timing)
-        except Exception as exc:  # FlexAttention missing or failing on this torch: record why
-            row["flex_sparse_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                qt, kt, vt, is_causal=n == L, scale=scale, enable_gqa=True)
+            dense_ms["sdpa_dense_ms"] = timing(sdpa)["median_ms"]
+            dense = sdpa()[0].transpose(0, 1) if n == L else None
         cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
+        cu_q = torch.tensor([0, n], dtype=torch.int32, device=dev)
         if flash_attn_varlen_func is not None:
-            row["fa3_dense_ms"] = timing(lambda: flash_attn_varlen_func(
-                q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=L, max_seqlen_k=L, softmax_scale=scale,
+            dense_ms["fa3_dense_ms"] = timing(lambda: flash_attn_varlen_func(
+                q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=L, softmax_scale=scale,
                 causal=True, fa_version=3))["median_ms"]
-        if sparse_attn_varlen_func is not None:
-            bc, bo, cc, ci = _fa2_sparse_index(idx, geom)
-            row["fa2_sparse_ms"] = timing(lambda: sparse_attn_varlen_func(
-                q, k, v, bc, bo, cc, ci, cu, cu, L, L, softmax_scale=scale, causal=True))["median_ms"]
-        if dense is not None:
-            # quality of the sparse output vs dense on this synthetic data (not a correctness test)
-            err = (out.float() - dense.float()).norm() / dense.float().norm()
-            row["rel_err_vs_dense"] = float(err)
-        for base in ("sdpa_dense_ms", "flex_sparse_ms", "fa3_dense_ms", "fa2_sparse_ms"):
-            if base in row:
-                row[f"speedup_vs_{base[:-3]}"] = row[base] / row["kvplug_total_ms"]
-        results.append(row)
-        print(json.dumps(row), flush=True)
-        del q, k, v, kc, vc, out, idx
+        for budgets in sweep:
+            plan = LayerPlan.uniform(args.pattern, Hq, dev, **budgets)
+
+            def index():
+                return build_index(q, k, geom, plan, scale, trim_columns=False)
+
+            idx = index()
+            row = {"L": L, "n": n, "density": idx.density(geom), "pattern": args.pattern, "budgets": budgets,
+                   **dense_ms}
+            row["kvplug_index_ms"] = timing(index)["median_ms"]
+            configs = {}
+            for cfg in args.kernel_configs.split(","):  # num_warps x num_stages
+                w, st = (int(x) for x in cfg.split("x"))
+                configs[cfg] = timing(lambda: triton_kernels.sparse_attention_paged(
+                    q, kc, vc, pages, idx, geom, scale, out, num_warps=w, num_stages=st))["median_ms"]
+            row["kvplug_attn_configs_ms"] = configs
+            row["kvplug_attn_ms"] = min(configs.values())
+            row["kvplug_total_ms"] = row["kvplug_index_ms"] + row["kvplug_attn_ms"]
+            if not args.skip_flex and n == L:
+                try:
+                    row["flex_sparse_ms"] = _flex(qt, kt, vt, idx, geom, scale, timing)
+                except Exception as exc:  # FlexAttention missing or failing on this torch: record why
+                    row["flex_sparse_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            if sparse_attn_varlen_func is not None:
+                bc, bo, cc, ci = fa2_sparse_index(idx, geom)
+                row["fa2_sparse_ms"] = timing(lambda: sparse_attn_varlen_func(
+                    q, k, v, bc, bo, cc, ci, cu_q, cu, n, L, softmax_scale=scale, causal=True))["median_ms"]
+            if args.check:  # the kernel against the torch reference on the same index (small L only)
+                from attention_backends.sparse_prefill.reference import sparse_attention
+
+                triton_kernels.sparse_attention_paged(q, kc, vc, pages, idx, geom, scale, out)
+                expected = sparse_attention(q, k, v, idx, scale)
+                row["max_abs_err_vs_reference"] = float((out.float() - expected.float()).abs().max())
+            if dense is not None:
+                # quality of the sparse output vs dense on this synthetic data (not a correctness test)
+                err = (out.float() - dense.float()).norm() / dense.float().norm()
+                row["rel_err_vs_dense"] = float(err)
+            for base in ("sdpa_dense_ms", "flex_sparse_ms", "fa3_dense_ms", "fa2_sparse_ms"):
+                if base in row:
+                    row[f"speedup_vs_{base[:-3]}"] = row[base] / row["kvplug_total_ms"]
+                    row[f"attn_speedup_vs_{base[:-3]}"] = row[base] / row["kvplug_attn_ms"]
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            del idx
+        del q, k, v, kc, vc, out, dense
         torch.cuda.empty_cache() if dev.type == "cuda" else None
     return {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "fa_missing": fa_missing, "fa2_sparse_missing": fa2_sparse_missing, "shape": {"heads": Hq, "kv_heads": Hkv,
@@ -150,17 +167,21 @@ def _import_fa(name: str):
     return None, "; ".join(errors)
 
 
+@functools.cache
+def _compiled(fn):
+    import torch
+
+    return torch.compile(fn)
+
+
 def _flex(qt, kt, vt, idx, geom, scale, timing) -> float:
     import torch
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     from attention_backends.sparse_prefill.index import BLOCK
 
-    bm = idx.block_mask.clone()
+    bm = covering_blocks(idx, geom)
     H, nqb, nkb = bm.shape
-    valid = torch.arange(idx.cols.shape[-1], device=bm.device) < idx.col_count[..., None]
-    cb = torch.where(valid, idx.cols // BLOCK, torch.zeros_like(idx.cols))
-    bm.scatter_(2, cb, valid | bm.gather(2, cb))
     # FlexAttention's Hopper kernels need 128-token blocks: a 128 block is on if any of its 64 sub-blocks is.
     fb = 2 * BLOCK
     bm = torch.nn.functional.pad(bm, (0, nkb % 2, 0, nqb % 2)).view(H, -(-nqb // 2), 2, -(-nkb // 2), 2)
@@ -173,22 +194,63 @@ def _flex(qt, kt, vt, idx, geom, scale, timing) -> float:
 
     mask = BlockMask.from_kv_blocks(counts[None], order[None], BLOCK_SIZE=fb, mask_mod=causal,
                                     seq_lengths=(geom.L, geom.L))
-    fn = torch.compile(flex_attention)
+    fn = _compiled(flex_attention)
     return timing(lambda: fn(qt, kt, vt, block_mask=mask, scale=scale, enable_gqa=True))["median_ms"]
 
 
-def _fa2_sparse_index(idx, geom):
-    """Our index -> vLLM FA2 sparse kernel's (block_count, block_offset, column_count, column_index),
-    each with a leading batch dimension: key blocks become their start offsets."""
+def covering_blocks(idx, geom):
+    """[H, nqb, nkb] bool: every BLOCK-aligned key block holding a key the index attends (its blocks, the
+    blocks its ranges and columns fall in): what a block-mask kernel (FlexAttention) must compute."""
     import torch
 
-    from attention_backends.sparse_prefill import triton_kernels
     from attention_backends.sparse_prefill.index import BLOCK
 
-    ids, counts = triton_kernels.compact_blocks(idx.block_mask)
-    offsets = (ids * BLOCK).to(torch.int32)
-    return (counts[None].contiguous(), offsets[None].contiguous(), idx.col_count.to(torch.int32)[None].contiguous(),
-            idx.cols.clamp(min=0).to(torch.int32)[None].contiguous())
+    H, nqb, nkb = idx.block_mask.shape
+    bm = torch.nn.functional.pad(idx.block_mask, (0, 1))  # column nkb: where unused entries are scattered
+    valid = torch.arange(idx.cols.shape[-1], device=bm.device) < idx.col_count[..., None]
+    bm.scatter_(2, torch.where(valid, idx.cols // BLOCK, nkb), True)
+    if idx.ranges.shape[1]:
+        a, _ = geom.q_block_bounds(bm.device)
+        j = torch.arange(idx.ranges.shape[1], device=bm.device)
+        for step in range(0, nqb, 256):  # bounds the [H, qb, R] temporaries at 128K
+            qa = a[step:step + 256]
+            live = (j[None, None, :] >= idx.range_first[:, step:step + 256, None]) & (j < idx.range_count[:, None, None])
+            lo = qa[None, :, None] + idx.ranges[:, None, :, 0]
+            hi = qa[None, :, None] + idx.ranges[:, None, :, 1] - 1
+            live &= hi >= 0
+            sub = bm[:, step:step + 256]
+            for edge in (lo.clamp(min=0), hi.clamp(min=0)):
+                sub.scatter_(2, torch.where(live, (edge // BLOCK).clamp(max=nkb - 1), nkb), True)
+    return bm[..., :nkb] & geom.causal_blocks(bm.device)[None]
+
+
+def fa2_sparse_index(idx, geom):
+    """Our index -> vLLM FA2 sparse kernel's (block_count, block_offset, column_count, column_index), each
+    with a leading batch dimension (vLLM 0.26 ships the kernel but not MInference's converter). Block
+    offsets are key positions of BLOCK-wide key ranges: our whole blocks (id * BLOCK) and our ranges
+    (query block start + relative start), ascending. The FA2 kernel reads BLOCK keys from every offset, so
+    a range shorter than BLOCK (the end of a merged diagonal segment) makes it compute a few more keys."""
+    import torch
+
+    from attention_backends.sparse_prefill.index import BLOCK
+
+    valid = idx.block_mask  # whole blocks at their start offsets (sorted below, with the ranges)
+    offsets = torch.arange(valid.shape[-1], device=valid.device).expand(valid.shape) * BLOCK
+    if idx.ranges.shape[1]:
+        a, _ = geom.q_block_bounds(offsets.device)
+        R = idx.ranges.shape[1]
+        j = idx.range_first[..., None] + torch.arange(R, device=offsets.device)  # [H, nqb, R]
+        live = j < idx.range_count[:, None, None]
+        starts = torch.gather(idx.ranges[..., 0], 1, j.clamp(max=R - 1).flatten(1)).view_as(j)
+        starts = torch.clamp(a[None, :, None] + starts, min=0)
+        offsets = torch.cat([offsets, starts], -1)
+        valid = torch.cat([valid, live], -1)
+    big = torch.iinfo(torch.int64).max
+    offsets = torch.sort(torch.where(valid, offsets, torch.full_like(offsets, big)), dim=-1).values
+    count = valid.sum(-1)
+    offsets = torch.where(offsets == big, torch.zeros_like(offsets), offsets)
+    return (count.to(torch.int32)[None].contiguous(), offsets.to(torch.int32)[None].contiguous(),
+            idx.col_count.to(torch.int32)[None].contiguous(), idx.cols.clamp(min=0).to(torch.int32)[None].contiguous())
 
 
 def markdown(report: dict) -> str:
@@ -216,7 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default='{"vertical": 1000, "slash": 1024}', help="JSON budgets of --pattern")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--budget-sweep", default="", help="';'-separated JSON budgets of --pattern, each timed per "
+                   "length (a density sweep), e.g. '{\"vertical\": 500, \"slash\": 64};{\"vertical\": 1000, \"slash\": 256}'")
     p.add_argument("--skip-sdpa", action="store_true")
+    p.add_argument("--skip-flex", action="store_true")
+    p.add_argument("--check", action="store_true", help="also compare the kernel with the torch reference (small L)")
+    p.add_argument("--chunk", type=int, default=0, help="time a later prefill chunk: the last CHUNK query rows "
+                   "against all L keys (e.g. a 1024-token second turn on a cached 128K prompt); 0 = whole prompt")
     p.add_argument("--kernel-configs", default="4x2", help="Triton num_warps x num_stages to time, e.g. 4x2,8x3")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="benchmarks/results/sparse_prefill_kernels.json")

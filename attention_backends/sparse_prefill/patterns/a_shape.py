@@ -13,7 +13,7 @@ class AShape(SparsePattern):
     search_candidates = ({"sink": 64, "window": 512}, {"sink": 128, "window": 1024}, {"sink": 128, "window": 2048})
 
     @classmethod
-    def select(cls, q, k, geom: ChunkGeometry, budgets, budget_max, scale):
+    def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale):
         dev = q.device
         a, b = geom.q_block_bounds(dev)
         kb = torch.arange(geom.nkb, device=dev)
@@ -24,4 +24,4 @@ class AShape(SparsePattern):
         # Keys [row - window + 1, row] for the block's rows; the union over rows is [a - window + 1, b - 1].
         lo = torch.clamp(a[None, :, None] - window + 1, min=0)
         in_window = (kb_end[None, None, :] > lo) & (kb_start[None, None, :] <= (b - 1)[None, :, None])
-        return (in_sink | in_window) & geom.causal_blocks(dev)[None], None
+        return (in_sink | in_window) & geom.causal_blocks(dev)[None], None, None

@@ -37,12 +37,14 @@ class SparsePattern(ABC):
 
     @classmethod
     @abstractmethod
-    def select(cls, q: torch.Tensor, k: torch.Tensor, geom: ChunkGeometry, budgets: dict[str, torch.Tensor],
-               budget_max: dict[str, int], scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """q [h, n, d] this chunk's queries of the heads using this pattern; k [h, L, d] their keys (GQA
-        already expanded); budgets name -> [h] int64 on q's device, budget_max name -> their maximum as a
-        host int (so shapes never need a device sync). Returns (block_mask [h, nqb, nkb] bool,
-        vertical columns [h, V] int64 with -1 for unused, or None)."""
+    def select(cls, q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry,
+               budgets: dict[str, torch.Tensor], budget_max: dict[str, int], scale: float
+               ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """q [h, n, d] this chunk's queries of the heads using this pattern; k [Hkv, L, d] the sequence's
+        keys (not expanded: head i uses k[kv_ids[i]]); budgets name -> [h] int64 on q's device, budget_max
+        name -> their maximum as a host int (so shapes never need a device sync). Returns (block_mask
+        [h, nqb, nkb] bool, vertical columns [h, V] int64 with -1 for unused, or None, key ranges as
+        index.ranges_from_diagonals returns them, or None)."""
 
 
 def rank_mask(order_len: int, budget: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,9 @@ class BlockSparse(SparsePattern):
     search_candidates = ({"top_k": 8}, {"top_k": 16}, {"top_k": 32}, {"top_k": 64})
 
     @classmethod
-    def select(cls, q, k, geom: ChunkGeometry, budgets, budget_max, scale):
+    def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale):
         dev = q.device
-        scores = torch.einsum("hqd,hkd->hqk", mean_pool_blocks(q), mean_pool_blocks(k)) * scale
+        scores = torch.einsum("hqd,hkd->hqk", mean_pool_blocks(q), mean_pool_blocks(k)[kv_ids]) * scale
         causal = geom.causal_blocks(dev)[None]
         a, b = geom.q_block_bounds(dev)
         kb = torch.arange(geom.nkb, device=dev)
@@ -38,4 +38,4 @@ class BlockSparse(SparsePattern):
         keep = rank_mask(kmax, budgets["top_k"])[:, None, :].expand_as(top)
         mask = torch.zeros_like(scores, dtype=torch.bool)
         mask.scatter_(2, top, keep)
-        return mask & causal, None
+        return mask & causal, None, None

@@ -134,3 +134,42 @@ def test_config_json_round_trip(tmp_path):
     path = tmp_path / "c.json"
     path.write_bytes(cfg.to_json())
     assert head_config.load(path) == cfg
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ranges_from_diagonals_cover_exactly_the_diagonal_intervals(seed):
+    """Merged BLOCK-wide ranges == the union of every kept diagonal's interval [-d, -d + BLOCK); disjoint,
+    ascending, at most BLOCK wide, no more ranges than diagonals, at most RANGE_TAIL reaching the rows."""
+    from attention_backends.sparse_prefill.index import RANGE_PAD, RANGE_TAIL, ranges_from_diagonals
+
+    g = torch.Generator().manual_seed(seed)
+    h, S, L = 4, 60, 3000
+    diags = torch.stack([torch.cat([torch.arange(5), 5 + torch.randperm(L - 5, generator=g)[:S - 5]]) for _ in range(h)])
+    keep = torch.arange(S)[None, :] < torch.tensor([S, 40, 7, 1])[:, None]
+    ranges, count = ranges_from_diagonals(diags, keep)
+    rel = torch.arange(-L, BLOCK)
+    for i in range(h):
+        expected = torch.zeros(len(rel), dtype=torch.bool)
+        for d in diags[i][keep[i]].tolist():
+            expected |= (rel >= -d) & (rel < -d + BLOCK)
+        r = ranges[i, :count[i]]
+        got = ((rel[:, None] >= r[None, :, 0]) & (rel[:, None] < r[None, :, 1])).sum(1)
+        assert (got <= 1).all(), "ranges overlap"
+        assert torch.equal(got.bool(), expected)
+        assert (r[:, 1] - r[:, 0] <= BLOCK).all() and (r[1:, 0] >= r[:-1, 1]).all()
+        assert count[i] <= keep[i].sum() and (ranges[i, count[i]:] == RANGE_PAD).all()
+        assert int((r[:, 1] > 0).sum()) <= RANGE_TAIL
+
+
+def test_scattered_slashes_cost_one_range_per_diagonal_not_two_blocks():
+    """Far-apart diagonals: each costs at most BLOCK keys per query row (MInference-style ranges), where
+    rounding them to aligned key blocks cost up to 2 * BLOCK; computed pairs still equal the element mask."""
+    from attention_backends.sparse_prefill.patterns.vertical_slash import FORCED_DIAGONALS
+
+    n, L = 128, 16384
+    q, k, v = _qkv(n, L, Hq=2, Hkv=1, d=16, seed=3)
+    geom = ChunkGeometry(n, L)
+    index = build_index(q, k, geom, LayerPlan.uniform("vertical_slash", 2, vertical=1, slash=FORCED_DIAGONALS + 40), 0.2)
+    assert index.computed_pairs(geom).sum().item() == index.dense_mask(geom).sum().item()
+    keys_per_row = index.computed_pairs(geom).double() / n
+    assert (keys_per_row <= (FORCED_DIAGONALS + BLOCK) + 40 * BLOCK + 1).all(), keys_per_row

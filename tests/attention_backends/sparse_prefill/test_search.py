@@ -18,7 +18,7 @@ def test_captured_mass_equals_reference_recall():
     for name, budgets in [("vertical_slash", {"vertical": 50, "slash": 80}), ("block_sparse", {"top_k": 3})]:
         index = build_index(q, k, geom, LayerPlan.uniform(name, 4, **budgets), 0.25)
         rows = torch.arange(n)
-        mass = search.captured_mass(search.dense_probs(q, k, geom, rows, 0.25), index, rows).mean(-1)
+        mass = search.captured_mass(search.dense_probs(q, k, geom, rows, 0.25), index, rows, geom).mean(-1)
         torch.testing.assert_close(mass, attention_recall(q, k, index, 0.25), rtol=1e-4, atol=1e-4)
 
 

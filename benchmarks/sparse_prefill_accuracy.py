@@ -1,0 +1,243 @@
+"""Sparse prefill accuracy on a real model: attention recall per head of the pattern config in use, and
+agreement of greedy answers, sparse vs dense prefill, on locally generated KV-retrieval / passkey prompts.
+
+GPU (vLLM 0.26 staged, the model staged by ../shared/gpu/stage-model.sh qwen2.5-coder-0.5b; ~4-6 min on an H100):
+    source benchmarks/gpu/env.sh
+    python -m benchmarks.sparse_prefill_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b \\
+        --tokens 32000 --cases 20 --out benchmarks/results/sparse_prefill_accuracy_qwen_32k_h100.json
+CPU dry run (SmolLM2, small):
+    python -m benchmarks.sparse_prefill_accuracy --tokens 3000 --cases 2 --min-prompt-tokens 1024 \\
+        --recall-tokens 2048 --out /results/sp_acc_cpu.json
+
+Agreement: two engines (subprocesses), the same kvplug backend and flags, sparse prefill off vs on; chunked
+prefill as vLLM schedules it. Each answer is classified 'same', 'near_tie' (sparse took dense's runner-up
+where dense's top-2 logprobs were < --near-tie nats apart) or 'differ'; answer correctness is reported for
+both. Recall: the model's post-RoPE Q/K of an unseen KV-retrieval prompt (transformers), replaying chunked
+prefill with the config's per-head patterns (search.evaluate_config): mean dense attention mass captured,
+per (layer, head), and the density computed. Writes JSON (+ a PNG heatmap of recall per head).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from benchmarks import gpu_common
+
+SHIPPED = Path(__file__).resolve().parents[1] / "attention_backends" / "sparse_prefill" / "configs"
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sparse_prefill_accuracy", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model folder (e.g. /tmp/kvstage/models/qwen2.5-coder-0.5b) or "
+                    "kvplug model name (default: the default model)")
+    ap.add_argument("--pattern-config", default="auto", help="per-head pattern JSON; auto = the shipped config "
+                    "whose name the model folder's name starts (qwen2.5-coder-0.5b -> qwen2.5-coder-0.5b-instruct)")
+    ap.add_argument("--tokens", type=int, default=32000, help="prompt length of the agreement cases")
+    ap.add_argument("--cases", type=int, default=20, help="agreement cases (KV retrieval and passkey alternate)")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--min-prompt-tokens", type=int, default=8192, help="sparse prefill threshold in the sparse run")
+    ap.add_argument("--max-batched-tokens", type=int, default=8192, help="chunked prefill chunk (tokens per step)")
+    ap.add_argument("--near-tie", type=float, default=0.5)
+    ap.add_argument("--recall-tokens", type=int, default=32000, help="0 skips the recall measurement")
+    ap.add_argument("--recall-chunk", type=int, default=4096)
+    ap.add_argument("--recall-rows", type=int, default=256, help="query rows sampled per chunk for recall")
+    ap.add_argument("--gpu-mem", type=float, default=0.6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results/sparse_prefill_accuracy.json")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--backend", default="", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def model_path(name: str | None) -> Path:
+    if name and Path(name).is_dir():
+        return Path(name)
+    from kvplug import models
+
+    return models.prepare(name) if name else models.prepare()
+
+
+def pattern_config_path(setting: str, model: Path) -> str:
+    """An explicit file, else the shipped config for the model folder's name (exact, else the one it prefixes)."""
+    if setting != "auto":
+        return setting
+    key = model.name.lower()
+    exact = SHIPPED / f"{key}.json"
+    if exact.exists():
+        return str(exact)
+    matches = sorted(SHIPPED.glob(f"{key}*.json"))
+    if len(matches) != 1:
+        raise SystemExit(f"no single shipped pattern config for {key!r} in {SHIPPED} ({[m.name for m in matches]}); "
+                         "pass --pattern-config")
+    return str(matches[0])
+
+
+def make_cases(tokenizer_path: str, tokens: int, n: int, seed: int) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from attention_backends.sparse_prefill import calibration
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    count = lambda s: len(tok(s).input_ids)  # noqa: E731
+    out = []
+    for i in range(n):
+        kind = "passkey" if i % 2 else "kv"
+        prompt, answer = calibration.GENERATORS[kind](count, tokens, seed=seed + i)
+        out.append({"kind": kind, "prompt": prompt, "answer": answer})
+    return out
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _worker(args) -> None:
+    from vllm import LLM, SamplingParams
+
+    from attention_backends.sparse_prefill import runner
+
+    path = str(model_path(args.model))
+    cases = make_cases(path, args.tokens, args.cases, args.seed)
+    kw = dict(model=path, max_model_len=args.tokens + 1024, seed=0, enable_prefix_caching=False,
+              max_num_batched_tokens=args.max_batched_tokens)
+    if _cuda():
+        kw.update(attention_backend="CUSTOM", gpu_memory_utilization=args.gpu_mem)
+    else:
+        kw.update(kv_cache_memory_bytes=2 << 30)
+    llm = LLM(**kw)
+    outs = llm.generate([c["prompt"] for c in cases], SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                                                                     logprobs=2), use_tqdm=False)
+    stats = llm.collective_rpc(runner.stats_snapshot)[0]
+    print("RESULT " + json.dumps({
+        "backend": args.backend, "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
+        "token_ids": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs],
+        "top2": [[top2(step) for step in o.outputs[0].logprobs] for o in outs], "stats": stats}), flush=True)
+
+
+def run_engine(args, sparse: bool, pattern_config: str) -> dict:
+    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # collective_rpc of a function
+               KVPLUG_SPARSE_PREFILL__ENABLED=str(sparse).lower(),
+               KVPLUG_SPARSE_PREFILL__MIN_PROMPT_TOKENS=str(args.min_prompt_tokens),
+               KVPLUG_SPARSE_PREFILL__PATTERN_CONFIG=pattern_config)
+    env.pop("KVPLUG_CONFIG_JSON", None)
+    argv = gpu_common.worker_argv(sys.argv[1:] if args.argv is None else args.argv, drop=("--out", "--pattern-config"))
+    return gpu_common.run_worker("benchmarks.sparse_prefill_accuracy", "sparse" if sparse else "dense", argv, env)
+
+
+def top2(step_logprobs) -> list[list[float]]:
+    """vLLM's {token_id: Logprob} of one step -> [[token_id, logprob], ...] best first (top 2)."""
+    ranked = sorted(step_logprobs.items(), key=lambda kv: -kv[1].logprob)[:2]
+    return [[int(t), float(lp.logprob)] for t, lp in ranked]
+
+
+def agreement(dense_ids: list[int], dense_top2: list, sparse_ids: list[int], near_tie: float = 0.5) -> str:
+    """'same', 'near_tie' (first divergence where sparse took dense's runner-up and dense's top-2 were
+    < near_tie nats apart) or 'differ'."""
+    for t, (a, b) in enumerate(zip(dense_ids, sparse_ids)):
+        if a != b:
+            (_, lp1), (second, lp2) = dense_top2[t]
+            return "near_tie" if b == second and lp1 - lp2 < near_tie else "differ"
+    return "same" if len(dense_ids) == len(sparse_ids) else "differ"
+
+
+def measure_recall(args, path: Path, pattern_config: str) -> dict:
+    import torch
+
+    from attention_backends.sparse_prefill import calibration, head_config, search
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    prompt, _ = calibration.kv_retrieval(lambda s: len(tok(s).input_ids), args.recall_tokens, seed=args.seed + 1000)
+    dev = "cuda" if _cuda() else "cpu"
+    qs, ks, scale, T = search.capture_qk(str(path), prompt, dev, max_tokens=args.recall_tokens)
+    cfg = head_config.load(pattern_config)
+    recall, density = search.evaluate_config([q.to(dev) for q in qs], [k.to(dev) for k in ks], scale, cfg,
+                                             args.recall_chunk, args.recall_rows, seed=args.seed)
+    recall, density = recall.cpu(), density.cpu()
+    return {"tokens": T, "chunk": args.recall_chunk, "rows_per_chunk": args.recall_rows,
+            "mean": float(recall.mean()), "min": float(recall.min()),
+            "heads_below_0.95": int((recall < 0.95).sum()), "heads": int(recall.numel()),
+            "density_mean": float(density.mean()),
+            "per_head": [[round(float(x), 4) for x in row] for row in recall],
+            "density_per_head": [[round(float(x), 4) for x in row] for row in density]}
+
+
+def plot(recall: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    im = ax.imshow(recall["per_head"], aspect="auto", vmin=min(0.8, recall["min"]), vmax=1.0, cmap="viridis")
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title}: attention recall per head (mean {recall['mean']:.3f}, density {recall['density_mean']:.2f})",
+                 fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> dict:
+    path = model_path(args.model)
+    pattern_config = pattern_config_path(args.pattern_config, path)
+    dense = run_engine(args, False, pattern_config)
+    sparse = run_engine(args, True, pattern_config)
+    cases = make_cases(str(path), args.tokens, args.cases, args.seed)
+    verdicts = [agreement(d, t, s, args.near_tie)
+                for d, t, s in zip(dense["token_ids"], dense["top2"], sparse["token_ids"])]
+    per_case = [{"kind": c["kind"], "answer": c["answer"], "prompt_tokens": n, "dense": dt, "sparse": st,
+                 "dense_correct": c["answer"] in dt, "sparse_correct": c["answer"] in st, "verdict": v}
+                for c, n, dt, st, v in zip(cases, dense["prompt_tokens"], dense["texts"], sparse["texts"], verdicts)]
+    s = sparse["stats"]
+    summary = {
+        "model": str(path), "pattern_config": pattern_config, "cases": len(cases), "tokens": args.tokens,
+        "min_prompt_tokens": args.min_prompt_tokens, "max_batched_tokens": args.max_batched_tokens,
+        "exact_agreement": sum(v == "same" for v in verdicts) / len(verdicts),
+        "agreement_up_to_near_ties": sum(v != "differ" for v in verdicts) / len(verdicts),
+        "dense_accuracy": sum(c["dense_correct"] for c in per_case) / len(per_case),
+        "sparse_accuracy": sum(c["sparse_correct"] for c in per_case) / len(per_case),
+        "sparse_tokens": s["sparse_tokens"], "dense_prefill_tokens_in_sparse_run": s["dense_prefill_tokens"],
+        "density": s["computed_pairs"] / s["causal_pairs"] if s["causal_pairs"] else None,
+    }
+    recall = measure_recall(args, path, pattern_config) if args.recall_tokens else None
+    if recall:
+        summary.update(recall_mean=recall["mean"], recall_min=recall["min"], recall_density=recall["density_mean"])
+    import torch
+
+    summary["device"] = torch.cuda.get_device_name(0) if _cuda() else "cpu"
+    return {"summary": summary, "cases": per_case, "recall": recall}
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    args.argv = argv
+    if args.worker:
+        _worker(args)
+        return 0
+    result = run(args)
+    command = "python -m benchmarks.sparse_prefill_accuracy " + " ".join(sys.argv[1:] if argv is None else argv)
+    gpu_common.write_results(args.out, command, result["summary"], [{"cases": result["cases"], "recall": result["recall"]}])
+    print(json.dumps(result["summary"], indent=1))
+    if result["recall"]:
+        try:
+            png = Path(args.out).with_suffix(".png")
+            plot(result["recall"], png, Path(result["summary"]["model"]).name)
+            print(f"wrote {png}")
+        except ImportError as exc:  # no matplotlib on this host: the JSON has the same numbers
+            print(f"no plot: {exc}", file=sys.stderr)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
