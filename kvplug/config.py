@@ -34,8 +34,10 @@ class SparsePrefillConfig(_Section):
 
     enabled: bool = False
     # A prefill chunk goes sparse once its sequence (cached context + chunk) holds this many tokens;
-    # shorter prompts, and every decode token, stay dense.
-    min_prompt_tokens: int = 8192
+    # shorter prompts, and every decode token, stay dense. 32K: measured on an H100 (BENCHMARKS.md), the
+    # per-layer index build costs 2.6-6 ms at 4K-32K while dense attention costs 0.3 ms at 4K and 12.7 ms
+    # at 32K, so below ~32K the sparse path cannot win whatever the density.
+    min_prompt_tokens: int = 32768
     # Per-head pattern JSON (`kvplug patterns search` writes one); "auto" = the config shipped for the
     # served model if there is one, else default_pattern on every head.
     pattern_config: str = "auto"

@@ -8,7 +8,7 @@ from kvplug import config
 
 def test_defaults_off_and_threshold_8k():
     cfg = config.resolve(environ={})
-    assert cfg.sparse_prefill.enabled is False and cfg.sparse_prefill.min_prompt_tokens == 8192
+    assert cfg.sparse_prefill.enabled is False and cfg.sparse_prefill.min_prompt_tokens == 32768
     assert "sparse_prefill" not in cfg.enabled_features()
 
 
