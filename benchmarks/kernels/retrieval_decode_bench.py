@@ -108,7 +108,20 @@ def stage_times(s) -> dict:
     scores = triton_kernels.score_blocks(s["q"], lay["summ"].kmin, lay["summ"].kmax, s["table"], s["seq_lens"], p)
     top = triton_kernels.select_top_blocks(scores, s["seq_lens"], p, s["k"])
     scores.copy_(torch.nan_to_num(scores, nan=float("-inf")))  # torch.topk sees defined values
+    early_exit = triton_kernels.SELECT_EARLY_EXIT
+    triton_kernels.SELECT_EARLY_EXIT = False
+    try:
+        fixed_top = triton_kernels.select_top_blocks(scores, s["seq_lens"], p, s["k"])
+        fixed_ms = _graph_ms(lambda: triton_kernels.select_top_blocks(scores, s["seq_lens"], p, s["k"]))
+    finally:
+        triton_kernels.SELECT_EARLY_EXIT = early_exit
+    _, budget = planner.device_budgets(p, s["seq_lens"])
+    live = torch.arange(top.shape[-1], device=top.device) < budget.view(-1, 1, 1)
+    same = torch.equal(torch.where(live, top, -1).sort(-1).values, torch.where(live, fixed_top, -1).sort(-1).values)
     return {
+        "select_early_exit": triton_kernels.SELECT_EARLY_EXIT,
+        "select_32_halvings_ms": fixed_ms,
+        "select_early_exit_same_blocks": same,
         "score_ms": _graph_ms(lambda: triton_kernels.score_blocks(s["q"], lay["summ"].kmin, lay["summ"].kmax,
                                                                   s["table"], s["seq_lens"], p)),
         "select_ms": _graph_ms(lambda: triton_kernels.select_top_blocks(scores, s["seq_lens"], p, s["k"])),

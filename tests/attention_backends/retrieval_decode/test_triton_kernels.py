@@ -152,11 +152,15 @@ def _reference_selection(scores: torch.Tensor, budgets: torch.Tensor, nb: torch.
 
 
 @in_process
-def test_select_kernel_takes_each_sequences_budget_of_best_blocks():
+@pytest.mark.parametrize("early_exit", [True, False])
+def test_select_kernel_takes_each_sequences_budget_of_best_blocks(early_exit, monkeypatch):
     """The bisection top-k: exactly budget blocks per (sequence, kv-head), the best ones (forced +inf first,
     ties broken towards the lower block, never a column past the sequence), ascending in the slots; a padding
-    row (seq_len 0) selects nothing; columns past a sequence may hold garbage (they are never read)."""
+    row (seq_len 0) selects nothing; columns past a sequence may hold garbage (they are never read). With and
+    without the early exit of the bisection."""
     from attention_backends.retrieval_decode import planner
+
+    monkeypatch.setattr(triton_kernels, "SELECT_EARLY_EXIT", early_exit)
 
     bs, width = 16, 70
     seq_lens = torch.tensor([1000, 300, 0, 64, 1100])
@@ -259,5 +263,50 @@ def test_kernel_bench_runs_and_checks_itself(tmp_path, monkeypatch):
     row = json.loads(out.read_text())["rows"][0]
     assert row["table_width"] == 300 and row["k_slots"] == 256  # min_context 4096 -> 256 slots
     assert row["max_err_vs_torch_reference"] < 3e-2
-    for key in ("score_ms", "select_ms", "torch_topk_ms", "attend_merge_ms", "summary_update_ms", "per_layer_ms"):
+    assert row["select_early_exit"] is True and row["select_early_exit_same_blocks"] is True
+    for key in ("score_ms", "select_ms", "select_32_halvings_ms", "torch_topk_ms", "attend_merge_ms",
+                "summary_update_ms", "per_layer_ms"):
         assert row[key] > 0, key
+
+
+@in_process
+def test_select_falls_back_when_the_early_exit_kernel_does_not_compile(monkeypatch):
+    """A compiler that rejects the early-exit variant costs speed, not the engine: the first call warns, and
+    this and every later call run the fixed bisection (same blocks)."""
+    from attention_backends.retrieval_decode import planner
+
+    real = triton_kernels._select_kernel
+
+    class Rejecting:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs["EARLY_EXIT"]:
+                    raise RuntimeError("PassManager::run failed")
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_kernels, "_select_kernel", Rejecting())
+    monkeypatch.setattr(triton_kernels, "SELECT_EARLY_EXIT", True)
+    params = planner.RetrievalParams(block_size=16, budget_tokens=64, budget_fraction=0.0, sink_blocks=1,
+                                     recent_tokens=16, min_context_tokens=0)
+    scores = torch.arange(40, dtype=torch.float32).view(1, 1, 40)
+    with pytest.warns(RuntimeWarning, match="early exit failed to compile"):
+        got = triton_kernels.select_top_blocks(scores.to(DEV), torch.tensor([640]).to(DEV), params, k=4)
+    assert got[0, 0].tolist() == [36, 37, 38, 39] and triton_kernels.SELECT_EARLY_EXIT is False
+
+
+@in_process
+def test_select_kernel_on_a_table_wider_than_16k_columns_of_ties():
+    """Tables past 16384 columns (max_model_len > 256K tokens) scan ties in int64: 20000 equal scores still
+    give exactly the budget, the forced blocks plus the lowest tied ones."""
+    from attention_backends.retrieval_decode import planner
+
+    bs, width = 16, 20000
+    params = planner.RetrievalParams(block_size=bs, budget_tokens=160, budget_fraction=0.0, sink_blocks=1,
+                                     recent_tokens=20, min_context_tokens=128)
+    seq_lens = torch.tensor([width * bs])
+    scores = torch.zeros(1, 1, width)
+    scores[0, 0, 0] = float("inf")
+    scores[0, 0, -params.recent_blocks:] = float("inf")
+    got = triton_kernels.select_top_blocks(scores.to(DEV), seq_lens.to(DEV), params, k=10).cpu()
+    assert got[0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, width - 3, width - 2, width - 1]
