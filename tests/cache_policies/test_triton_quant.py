@@ -67,7 +67,9 @@ def test_policy_round_trip_uses_the_kernels():
     pol = Int8Policy()
     payloads = pol.encode(k, v, BlockContext.contiguous(3, 32))
     k2, v2, keep = pol.decode(payloads, k)
-    ref = quant_int8.dequantize_reference(*quant_int8.quantize_int8_reference(k), k.dtype)
+    # Keys are quantized per channel: rows of the transposed block.
+    kt = k.transpose(-1, -2)
+    ref = quant_int8.dequantize_reference(*quant_int8.quantize_int8_reference(kt), k.dtype).transpose(-1, -2)
     assert keep is None and k2.dtype == k.dtype
     # bf16 tolerance: the interpreter rounds float32 -> bf16 differently from torch (one bf16 ulp).
     torch.testing.assert_close(k2, ref)
