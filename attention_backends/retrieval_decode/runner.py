@@ -120,7 +120,7 @@ class RetrievalDecodeRunner:
                 output: torch.Tensor, dense_forward: Callable[[], Any] | None = None) -> torch.Tensor:
         p = plan.params
         dense_layer = bool(p.dense_layers) and self._layer_index(layer) < p.dense_layers
-        if dense_layer and plan.rest_metadata is None and dense_forward is not None:
+        if dense_layer and plan.rest_metadata is None and dense_forward is not None and p.dense_kernel == "backend":
             # A batch of retrieval decodes only: the dense backend's own kernel and metadata (built for the whole
             # batch in this step) are exact, and faster than our kernel reading every block.
             return dense_forward()

