@@ -4,7 +4,7 @@ agreement of greedy answers, sparse vs dense prefill, on locally generated KV-re
 GPU (vLLM 0.26 staged, the model staged by ../shared/gpu/stage-model.sh qwen2.5-coder-0.5b; ~4-6 min on an H100):
     source benchmarks/gpu/env.sh
     python -m benchmarks.sparse_prefill_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b \\
-        --tokens 32000 --cases 20 --out benchmarks/results/sparse_prefill_accuracy_qwen_32k_h100.json
+        --tokens 30000 --cases 20 --out benchmarks/results/sparse_prefill_accuracy_qwen_32k_h100.json
 CPU dry run (SmolLM2, small):
     python -m benchmarks.sparse_prefill_accuracy --tokens 3000 --cases 2 --min-prompt-tokens 1024 \\
         --recall-tokens 2048 --out /results/sp_acc_cpu.json
@@ -36,7 +36,8 @@ def _parse(argv):
                     "kvplug model name (default: the default model)")
     ap.add_argument("--pattern-config", default="auto", help="per-head pattern JSON; auto = the shipped config "
                     "whose name the model folder's name starts (qwen2.5-coder-0.5b -> qwen2.5-coder-0.5b-instruct)")
-    ap.add_argument("--tokens", type=int, default=32000, help="prompt length of the agreement cases")
+    ap.add_argument("--tokens", type=int, default=30000, help="prompt length of the agreement cases (the "
+                    "generators overshoot a little: 30000 stays inside Qwen2.5's 32768 positions)")
     ap.add_argument("--cases", type=int, default=20, help="agreement cases (KV retrieval and passkey alternate)")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--min-prompt-tokens", type=int, default=8192, help="sparse prefill threshold in the sparse run")
@@ -91,6 +92,13 @@ def make_cases(tokenizer_path: str, tokens: int, n: int, seed: int) -> list[dict
     return out
 
 
+def _token_counts(path: str, cases: list[dict]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return [tok(c["prompt"]).input_ids for c in cases]
+
+
 def _cuda() -> bool:
     import torch
 
@@ -104,8 +112,14 @@ def _worker(args) -> None:
 
     path = str(model_path(args.model))
     cases = make_cases(path, args.tokens, args.cases, args.seed)
-    kw = dict(model=path, max_model_len=args.tokens + 1024, seed=0, enable_prefix_caching=False,
-              max_num_batched_tokens=args.max_batched_tokens)
+    # The generators overshoot the target length by a few percent; stay inside the model's positions.
+    limit = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings", 1 << 20)
+    longest = max(len(o) for o in _token_counts(path, cases))
+    if longest + args.max_tokens > limit:
+        raise SystemExit(f"a {longest}-token case + {args.max_tokens} new tokens exceeds the model's {limit} "
+                         "positions: lower --tokens")
+    kw = dict(model=path, max_model_len=min(limit, longest + args.max_tokens + 64), seed=0,
+              enable_prefix_caching=False, max_num_batched_tokens=args.max_batched_tokens)
     if _cuda():
         kw.update(attention_backend="CUSTOM", gpu_memory_utilization=args.gpu_mem)
     else:
