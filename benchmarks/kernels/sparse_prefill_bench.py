@@ -101,9 +101,12 @@ def run(args) -> dict:
         cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
         cu_q = torch.tensor([0, n], dtype=torch.int32, device=dev)
         if flash_attn_varlen_func is not None:
-            dense_ms["fa3_dense_ms"] = timing(lambda: flash_attn_varlen_func(
-                q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=L, softmax_scale=scale,
-                causal=True, fa_version=3))["median_ms"]
+            try:
+                dense_ms["fa3_dense_ms"] = timing(lambda: flash_attn_varlen_func(
+                    q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=L, softmax_scale=scale,
+                    causal=True, fa_version=3))["median_ms"]
+            except Exception as exc:
+                dense_ms["fa3_dense_error"] = f"{type(exc).__name__}: {exc}"[:300]
         for budgets in sweep:
             plan = LayerPlan.uniform(args.pattern, Hq, dev, **budgets)
 
@@ -128,9 +131,12 @@ def run(args) -> dict:
                 except Exception as exc:  # FlexAttention missing or failing on this torch: record why
                     row["flex_sparse_error"] = f"{type(exc).__name__}: {exc}"[:300]
             if sparse_attn_varlen_func is not None:
-                bc, bo, cc, ci = fa2_sparse_index(idx, geom)
-                row["fa2_sparse_ms"] = timing(lambda: sparse_attn_varlen_func(
-                    q, k, v, bc, bo, cc, ci, cu_q, cu, n, L, softmax_scale=scale, causal=True))["median_ms"]
+                try:
+                    bc, bo, cc, ci = fa2_sparse_index(idx, geom)
+                    row["fa2_sparse_ms"] = timing(lambda: sparse_attn_varlen_func(
+                        q, k, v, bc, bo, cc, ci, cu_q, cu, n, L, softmax_scale=scale, causal=True))["median_ms"]
+                except Exception as exc:  # keep the other columns; say why this one is missing
+                    row["fa2_sparse_error"] = f"{type(exc).__name__}: {exc}"[:300]
             if args.check:  # the kernel against the torch reference on the same index (small L only)
                 from attention_backends.sparse_prefill.reference import sparse_attention
 
