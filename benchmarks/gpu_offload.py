@@ -78,7 +78,8 @@ def _worker(args: argparse.Namespace) -> None:
         kw["kv_transfer_config"] = KVTransferConfig(**vllm_compat.kv_transfer_config())
     t_start = time.perf_counter()
     llm = LLM(model=args.model_dir, load_format="auto" if args.real_weights else "dummy", skip_tokenizer_init=True, seed=0,
-              max_model_len=args.context_tokens + 256, enable_prefix_caching=True, max_num_seqs=8, **kw)
+              max_model_len=args.context_tokens + 256, enable_prefix_caching=True, max_num_seqs=8,
+              enforce_eager=args.eager, **kw)
     startup_s = time.perf_counter() - t_start
     vocab = shape["vocab_size"]
     rng = random.Random(7)
@@ -150,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context-tokens", type=int, default=32768)
     ap.add_argument("--fit-contexts", type=float, default=4.0,
                     help="GPU KV cache sized to hold this many contexts (fewer than --contexts)")
-    ap.add_argument("--cpu-gib", type=float, default=80.0,
+    ap.add_argument("--cpu-gib", type=float, default=72.0,
                     help="CPU budget, the same for native and kvplug (16 x 32K Llama-3-8B contexts = 64 GiB at "
                          "full precision)")
     ap.add_argument("--modes", default="none,native", help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs (CPU smoke runs)")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--fresh", action="store_true", help="do not merge with the results already in --out")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     results = [r for r in previous if r.get("mode") not in modes]
     worker_args = ["--model-shape", args.model_shape, "--contexts", str(args.contexts), "--context-tokens",
                    str(args.context_tokens), "--fit-contexts", str(args.fit_contexts), "--cpu-gib", str(args.cpu_gib),
-                   "--model-dir", str(model_dir)] + (["--real-weights"] if args.model else [])
+                   "--model-dir", str(model_dir)] + (["--real-weights"] if args.model else []) + (
+                       ["--eager"] if args.eager else [])
     for mode in modes:
         env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # collective_rpc(connector_counters)
         env.pop("KVPLUG_CONFIG_JSON", None)
