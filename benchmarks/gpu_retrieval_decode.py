@@ -64,7 +64,7 @@ def _worker(args: argparse.Namespace) -> None:
     engine = engine_facts(llm)
     print(f"[{args.backend}] engine: {engine}", file=sys.stderr, flush=True)
     rng = random.Random(1234)
-    vocab = SHAPES[args.shape]["vocab_size"]
+    vocab = json.loads((Path(args.model_dir) / "config.json").read_text())["vocab_size"]
 
     def prompt(n: int) -> TokensPrompt:
         return TokensPrompt(prompt_token_ids=[rng.randrange(1000, vocab - 1000) for _ in range(n)])
@@ -117,7 +117,8 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
     import vllm
 
-    result.update(device=torch.cuda.get_device_name(0), vllm=vllm.__version__)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (dry run)"
+    result.update(device=device, vllm=vllm.__version__)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -186,7 +187,8 @@ def auto_kv_cache_gib(args: argparse.Namespace, config_json: Path, total_gib: fl
     head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
     kv_per_token = 2 * layers * kv_heads * head_dim * 2
     weights = 2 * (c["vocab_size"] * hidden * (1 if c.get("tie_word_embeddings") else 2)
-                   + layers * (2 * hidden * hidden + 2 * hidden * kv_heads * head_dim + 3 * hidden * c["intermediate_size"]))
+                   + layers * (2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
+                               + 3 * hidden * c["intermediate_size"]))
     phases = args.phases.split(",")
     tokens = max(([int(x) for x in args.lengths.split(",")] if "tpot" in phases else [0])
                  + ([args.batch * args.batch_len] if "throughput" in phases else [0]))
