@@ -129,7 +129,9 @@ def run(args) -> dict:
         llm.collective_rpc(backend_hooks.set_override, kwargs=override)
         llm.collective_rpc(runner.stats_reset)
         t0 = time.perf_counter()
-        outs = llm.chat([it["messages"] for it in items], sp, use_tqdm=True)
+        # vLLM 0.26's offline progress bar divides by tqdm's elapsed time, which is 0 under TQDM_DISABLE=1
+        # (set by benchmarks/gpu/env.sh): ZeroDivisionError on the H100. Show the bar only when tqdm is on.
+        outs = llm.chat([it["messages"] for it in items], sp, use_tqdm=not os.environ.get("TQDM_DISABLE"))
         secs = time.perf_counter() - t0
         stats = llm.collective_rpc(runner.stats_snapshot)[0]
         texts = [o.outputs[0].text for o in outs]
