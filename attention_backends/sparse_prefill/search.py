@@ -80,13 +80,15 @@ def evaluate_layer(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int, r
         geom = ChunkGeometry(end - start, end)
         qc, kc = q[start:end].float(), k[:end].float()
         rows = torch.cat([torch.arange(s.start, s.stop) for s in sample_rows(end - start, rows_per_chunk, gen)])
+        rows = rows.to(q.device)
         probs = dense_probs(qc, kc, geom, rows, scale)  # once per chunk, shared by every candidate
         causal += geom.causal_pairs()
         weight += len(rows)
         for ci, (name, budgets) in enumerate(cands):
-            index = build_index(qc, kc, geom, LayerPlan.uniform(name, Hq, **budgets), scale)
-            computed[ci] += index.computed_pairs(geom).double()
-            recall[ci] += captured_mass(probs, index, rows, geom).sum(-1).double()
+            index = build_index(qc, kc, geom, LayerPlan.uniform(name, Hq, **budgets, device=q.device), scale,
+                                trim_columns=q.device.type == "cpu")
+            computed[ci] += index.computed_pairs(geom).double().cpu()
+            recall[ci] += captured_mass(probs, index, rows, geom).sum(-1).double().cpu()
     return (recall / weight).float(), (computed / causal).float()
 
 
@@ -127,6 +129,8 @@ def search(model_path: str, tokens: int, target: float, task: str, seed: int, ch
     prompt, _ = calibration.GENERATORS[task](lambda s: len(tok(s).input_ids), tokens, seed)
     t0 = time.monotonic()
     qs, ks, scale, T = capture_qk(model_path, prompt, device, max_tokens=tokens)
+    # Score on the capture device: at 32K the per-candidate replay is hours on a CPU, minutes on a GPU.
+    qs, ks = [q.to(device) for q in qs], [k.to(device) for k in ks]
     cands = candidates()
     layers: dict[int, dict[int, HeadPattern]] = {}
     from tqdm import tqdm
