@@ -4,15 +4,21 @@ Keys have outlier *channels*, so each channel gets its own (min, scale) over a g
 have no channel structure, so each token gets its own (min, scale) over a group of channels. The blocks
 holding the last ``residual_tokens`` of the prefix stay in full precision (the most-attended tokens and,
 in multi-turn use, the ones the next question follows). Two 4-bit codes are packed per byte.
+
+The ``*_reference`` functions are the torch implementation (the CPU path and the tests' reference); on CUDA
+the same payload is made and read by the Triton kernels in triton_quant.py (bit-equal codes and scales, so
+an entry written by either path loads with the other), falling back to torch if a kernel fails to compile.
 """
 from __future__ import annotations
 
 import torch
 
+from cache_policies import triton_quant
 from cache_policies.base import BlockContext, CachePolicy, Payload, check_kv, stack_field
 
 LEVELS = 15.0
 SCALE_DTYPE = torch.float16
+KERNELS = "quant:int4"  # triton_quant.run_kernel family: one failure warning, then the torch path
 
 
 def _pack(q: torch.Tensor) -> torch.Tensor:
@@ -40,8 +46,19 @@ def _group(size: int, group: int) -> int:
     return group if size % group == 0 else size
 
 
+def _use_kernel(x: torch.Tensor) -> bool:
+    return triton_quant.usable(x) and x.dim() >= 2
+
+
 def quantize_keys_per_channel(k: torch.Tensor, group: int) -> Payload:
-    """k [..., N, D] -> 4-bit codes; (min, scale) per channel per group of tokens."""
+    """k [..., N, D] -> 4-bit codes; (min, scale) per channel per group of tokens. Triton on CUDA."""
+    g = _group(k.shape[-2], group)
+    if _use_kernel(k) and triton_quant.int4_keys_supported(k.shape[-2], k.shape[-1], g):
+        return triton_quant.run_kernel(KERNELS, triton_quant.int4_quantize_keys, quantize_keys_reference, k, g)
+    return quantize_keys_reference(k, g)
+
+
+def quantize_keys_reference(k: torch.Tensor, group: int) -> Payload:
     *lead, n, d = k.shape
     g = _group(n, group)
     x = k.float().reshape(*lead, n // g, g, d)
@@ -49,16 +66,32 @@ def quantize_keys_per_channel(k: torch.Tensor, group: int) -> Payload:
     return {"kq": _pack(q.reshape(*lead, n, d)), "kmin": lo.to(SCALE_DTYPE), "kscale": scale.to(SCALE_DTYPE)}
 
 
-def dequantize_keys_per_channel(p: Payload) -> torch.Tensor:
-    codes = _unpack(p["kq"]).float()
+def dequantize_keys_per_channel(p: Payload, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    args = (p["kq"], p["kmin"], p["kscale"], dtype)
+    if _use_kernel(p["kq"]) and triton_quant.int4_keys_supported(p["kq"].shape[-2], p["kq"].shape[-1] * 2,
+                                                                 p["kq"].shape[-2] // p["kmin"].shape[-3]):
+        return triton_quant.run_kernel(KERNELS, triton_quant.int4_dequantize_keys, dequantize_keys_reference, *args)
+    return dequantize_keys_reference(*args)
+
+
+def dequantize_keys_reference(kq: torch.Tensor, kmin: torch.Tensor, kscale: torch.Tensor,
+                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    codes = _unpack(kq).float()
     *lead, n, d = codes.shape
-    groups = p["kmin"].shape[-3]
-    x = codes.reshape(*lead, groups, n // groups, d) * p["kscale"].float() + p["kmin"].float()
-    return x.reshape(*lead, n, d)
+    groups = kmin.shape[-3]
+    x = codes.reshape(*lead, groups, n // groups, d) * kscale.float() + kmin.float()
+    return x.reshape(*lead, n, d).to(dtype)
 
 
 def quantize_values_per_token(v: torch.Tensor, group: int) -> Payload:
-    """v [..., N, D] -> 4-bit codes; (min, scale) per token per group of channels."""
+    """v [..., N, D] -> 4-bit codes; (min, scale) per token per group of channels. Triton on CUDA."""
+    g = _group(v.shape[-1], group)
+    if _use_kernel(v) and triton_quant.int4_values_supported(v.shape[-1], g):
+        return triton_quant.run_kernel(KERNELS, triton_quant.int4_quantize_values, quantize_values_reference, v, g)
+    return quantize_values_reference(v, g)
+
+
+def quantize_values_reference(v: torch.Tensor, group: int) -> Payload:
     *lead, n, d = v.shape
     g = _group(d, group)
     x = v.float().reshape(*lead, n, d // g, g)
@@ -66,12 +99,22 @@ def quantize_values_per_token(v: torch.Tensor, group: int) -> Payload:
     return {"vq": _pack(q.reshape(*lead, n, d)), "vmin": lo.to(SCALE_DTYPE), "vscale": scale.to(SCALE_DTYPE)}
 
 
-def dequantize_values_per_token(p: Payload) -> torch.Tensor:
-    codes = _unpack(p["vq"]).float()
+def dequantize_values_per_token(p: Payload, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    args = (p["vq"], p["vmin"], p["vscale"], dtype)
+    d = p["vq"].shape[-1] * 2
+    if _use_kernel(p["vq"]) and triton_quant.int4_values_supported(d, d // p["vmin"].shape[-2]):
+        return triton_quant.run_kernel(KERNELS, triton_quant.int4_dequantize_values, dequantize_values_reference,
+                                       *args)
+    return dequantize_values_reference(*args)
+
+
+def dequantize_values_reference(vq: torch.Tensor, vmin: torch.Tensor, vscale: torch.Tensor,
+                                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    codes = _unpack(vq).float()
     *lead, n, d = codes.shape
-    groups = p["vmin"].shape[-2]
-    x = codes.reshape(*lead, n, groups, d // groups) * p["vscale"].float() + p["vmin"].float()
-    return x.reshape(*lead, n, d)
+    groups = vmin.shape[-2]
+    x = codes.reshape(*lead, n, groups, d // groups) * vscale.float() + vmin.float()
+    return x.reshape(*lead, n, d).to(dtype)
 
 
 class Int4KiviPolicy(CachePolicy):
@@ -85,6 +128,13 @@ class Int4KiviPolicy(CachePolicy):
         return block_start + block_tokens > prefix_len - self.residual_tokens  # kept exact?
 
     def encode(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[Payload]:
+        out: list[Payload] = [{} for _ in range(k.shape[0])]
+        for idx, batch in self.encode_groups(k, v, ctx):
+            for j, i in enumerate(idx):
+                out[i] = {key: t[j] for key, t in batch.items()}
+        return out
+
+    def encode_groups(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext):
         check_kv(k, v, ctx)
         if k.shape[-1] % 2:
             raise ValueError(f"int4 packing needs an even head_dim, got {k.shape[-1]}")
@@ -92,14 +142,17 @@ class Int4KiviPolicy(CachePolicy):
         exact_from = ctx.prefix_len - self.residual_tokens
         exact = [start + n_tok > exact_from for start in ctx.block_start]
         quant_idx = [i for i, e in enumerate(exact) if not e]
-        out: list[Payload] = [{"k": k[i], "v": v[i]} if e else {} for i, e in enumerate(exact)]
+        exact_idx = [i for i, e in enumerate(exact) if e]
+        groups = []
         if quant_idx:
-            sel = torch.tensor(quant_idx, device=k.device)
-            kp = quantize_keys_per_channel(k[sel], self.group_size)
-            vp = quantize_values_per_token(v[sel], self.group_size)
-            for j, i in enumerate(quant_idx):
-                out[i] = {**{key: t[j] for key, t in kp.items()}, **{key: t[j] for key, t in vp.items()}}
-        return out
+            sel = torch.tensor(quant_idx, device=k.device) if exact_idx else slice(None)
+            kq, vq = k[sel], v[sel]
+            groups.append((quant_idx, {**quantize_keys_per_channel(kq, self.group_size),
+                                       **quantize_values_per_token(vq, self.group_size)}))
+        if exact_idx:
+            sel = torch.tensor(exact_idx, device=k.device)
+            groups.append((exact_idx, {"k": k[sel], "v": v[sel]}))
+        return groups
 
     def decode(self, payloads: list[Payload], like: torch.Tensor):
         k = torch.empty(like.shape, dtype=like.dtype, device=like.device)
@@ -112,6 +165,12 @@ class Int4KiviPolicy(CachePolicy):
         if quant:
             sub = [payloads[i] for i in quant]
             batch = {key: stack_field(sub, key) for key in sub[0]}
-            k[quant] = dequantize_keys_per_channel(batch).to(like.dtype)
-            v[quant] = dequantize_values_per_token(batch).to(like.dtype)
+            k[quant] = dequantize_keys_per_channel(batch, like.dtype)
+            v[quant] = dequantize_values_per_token(batch, like.dtype)
         return k, v, None
+
+    def decode_stacked(self, batch: Payload, like: torch.Tensor):
+        if "k" in batch:  # the exact (recent-token) blocks
+            return batch["k"].to(like.dtype), batch["v"].to(like.dtype), None
+        return (dequantize_keys_per_channel(batch).to(like.dtype), dequantize_values_per_token(batch).to(like.dtype),
+                None)
