@@ -77,6 +77,16 @@ class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
         if self._retrieval_decode is not None:  # block summaries follow every key written to the cache
             self._retrieval_decode.after_kv_write(key, kv_cache, slot_mapping)
 
+    def after_external_kv_load(self, key_cache, block_index) -> None:
+        """The KV connector wrote whole blocks ``block_index`` of this layer (``key_cache`` [num_blocks, kv_heads,
+        block_size, head_dim]) without going through ``do_kv_cache_update``: refresh what follows every write
+        (retrieval decode's block summaries), else decode over reloaded blocks would score stale summaries."""
+        runner = self._retrieval_decode
+        if runner is not None and runner.summaries is not None:
+            from attention_backends.retrieval_decode.summaries import refresh_blocks_
+
+            refresh_blocks_(runner.summaries.kmin, runner.summaries.kmax, key_cache, block_index)
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         masked = dropped_attention.masked_batch_of(attn_metadata) if self._dropped_tokens else None
         if masked is not None:  # requests reading reloaded drop-policy blocks never attend dropped slots

@@ -2,9 +2,13 @@
 
 N contexts of L tokens (random token ids, Llama-3-8B shape, load_format="dummy"); the GPU KV cache is
 sized (kv_cache_memory_bytes) to hold ``--fit-contexts`` of them. Turn 1 prefills every context once (so
-later contexts evict earlier ones from vLLM's GPU prefix cache); turn 2 asks a short follow-up on each
-context in the same order (max_tokens=1) and times it: that is the follow-up TTFT. Modes, each in its own
-subprocess with the same engine flags:
+later contexts evict earlier ones from vLLM's GPU prefix cache); then ``--followups`` rounds each ask a
+short follow-up on every context, round-robin in the same order (max_tokens=1), and time it: that is the
+follow-up TTFT. Round-robin over more contexts than a tier holds is the worst case for recency eviction
+(every context is evicted just before it comes back), so a mode's follow-ups hit only when its CPU budget
+holds every context: the default 32 x 32K contexts with an 80 GiB budget is 128 GiB at full precision
+(native and keep hold 20 of them), ~73 GiB as int8 and less as int4 (all 32 fit). The parent prints how
+many contexts each mode's budget holds. Modes, each in its own subprocess with the same engine flags:
   none        no offload (evicted contexts are recomputed)
   native      vLLM's --kv-offloading-size (OffloadingConnector) with the same CPU budget
   keep/int8/int4/fp8   kvplug's connector (offload/connector.py) with that cache policy
@@ -15,11 +19,12 @@ per tier. An offload mode whose follow-ups got no cached tokens is flagged "no_o
 recomputation, not offload).
 
 One invocation must fit the device's 10-minute command limit: run a few modes per invocation; results
-merge into --out by mode (earlier modes' results are kept):
+merge into --out by mode (earlier modes' results are kept). Per mode ~75 s engine start + 32 prefills of
+32K (~1.2 s each) + 32 follow-ups (~1.2 s each where they recompute, ~0.1-0.3 s where they load):
 
-    python -m benchmarks.gpu_offload --modes none,native      # ~4-6 min on an H100
-    python -m benchmarks.gpu_offload --modes keep,int8        # ~4-6 min
-    python -m benchmarks.gpu_offload --modes int4             # ~3 min; prints the table of all modes
+    python -m benchmarks.gpu_offload --modes none,native      # ~6 min on an H100
+    python -m benchmarks.gpu_offload --modes keep,int8        # ~5 min
+    python -m benchmarks.gpu_offload --modes int4             # ~2.5 min; prints the table of all modes
 
 ``--contexts 4 --context-tokens 4096 --fit-contexts 2`` is a one-minute smoke run.
 """
@@ -49,6 +54,37 @@ def _percentile(xs: list[float], q: float) -> float:
 def kv_bytes_per_token(shape: dict, dtype_bytes: int = 2) -> int:
     head_dim = shape["hidden_size"] // shape["num_attention_heads"]
     return 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * dtype_bytes
+
+
+def context_bytes(mode: str, shape: dict, context_tokens: int, block_size: int = 16) -> int:
+    """Bytes one context takes in a mode's CPU tier (full precision for native; the policy's encoding for
+    kvplug, sized the way the connector's scheduler sizes entries: one encoded zero block per size class)."""
+    if mode not in POLICY:
+        return context_tokens * kv_bytes_per_token(shape)
+    import torch
+
+    from cache_policies import registry
+    from cache_policies.base import BlockContext, payload_nbytes
+
+    policy = registry.create(POLICY[mode])
+    layers, heads = shape["num_hidden_layers"], shape["num_key_value_heads"]
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    sizes: dict = {}
+    total = 0
+    for start in range(0, context_tokens - context_tokens % block_size, block_size):
+        cls = policy.size_class(start, block_size, context_tokens)
+        if cls not in sizes:
+            z = torch.zeros(1, layers, heads, block_size, head_dim, dtype=torch.bfloat16)
+            sizes[cls] = payload_nbytes(policy.encode(z, z, BlockContext((start,), context_tokens))[0])
+        total += sizes[cls]
+    return total
+
+
+def capacity(mode: str, shape: dict, context_tokens: int, cpu_gib: float) -> dict:
+    if mode == "none":
+        return {"context_gib": 0.0, "contexts_held": 0}
+    per = context_bytes(mode, shape, context_tokens)
+    return {"context_gib": round(per / (1 << 30), 3), "contexts_held": int(cpu_gib * (1 << 30) // per)}
 
 
 def connector_counters(_worker=None) -> dict:
@@ -101,14 +137,19 @@ def _worker(args: argparse.Namespace) -> None:
     first = [ask(c, 1) for c in contexts]
     t2 = time.perf_counter()
     c_before = counters()
-    follow = [ask(c, 2) for c in contexts]
+    # Round-robin over all contexts, --followups times: a mode hits only where its tier holds them all.
+    follow = [ask(c, 2 + r) for r in range(args.followups) for c in contexts]
     c_after = counters()
     t3 = time.perf_counter()
     ttft = [t for t, _ in follow]
     cached = [n for _, n in follow]
+    first_ttft = [t for t, _ in first]
     res = {"mode": args.mode, "startup_s": round(startup_s, 1), "turn1_s": round(t2 - t1, 1),
            "turn2_s": round(t3 - t2, 1), "kv_cache_gib": round(kv_bytes / (1 << 30), 2),
-           "first_turn_ttft_s": [t for t, _ in first], "follow_up_ttft_s": ttft,
+           "cpu_gib": args.cpu_gib, "followups": args.followups,
+           **capacity(args.mode, shape, args.context_tokens, args.cpu_gib),
+           "first_turn_p50_s": statistics.median(first_ttft),
+           "first_turn_ttft_s": first_ttft, "follow_up_ttft_s": ttft,
            "follow_up_p50_s": statistics.median(ttft), "follow_up_p99_s": _percentile(ttft, 0.99),
            "follow_up_cached_tokens": cached,
            "follow_up_cached_fraction": sum(cached) / (len(cached) * args.context_tokens)}
@@ -124,20 +165,23 @@ def _worker(args: argparse.Namespace) -> None:
 def _table(results: list[dict]) -> str:
     ok = {r["mode"]: r for r in results if "follow_up_p50_s" in r}
     base, native = ok.get("none"), ok.get("native")
-    lines = ["| mode | follow-up TTFT p50 (s) | p99 (s) | cached fraction | connector blocks loaded (cpu/disk) "
-             "| vs none (p50) | vs native (p50) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| mode | contexts the CPU budget holds | turn-1 TTFT p50 (s) | follow-up TTFT p50 (s) | p99 (s) "
+             "| cached fraction | connector blocks loaded (cpu/disk) | vs none (p50) | vs native (p50) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for mode in MODES:
         r = next((x for x in results if x.get("mode") == mode), None)
         if r is None:
             continue
         if mode not in ok:
-            lines.append(f"| {mode} | failed | | | | | |")
+            lines.append(f"| {mode} | failed | | | | | | | |")
             continue
         vs = lambda ref: f"{ref['follow_up_p50_s'] / r['follow_up_p50_s']:.2f}x" if ref else "-"
         blocks = r.get("connector_loaded_blocks")
         blocks = f"{blocks.get('cpu', 0)}/{blocks.get('disk', 0)}" if blocks else "-"
         flag = " (NO-OP)" if r.get("no_op") else ""
-        lines.append(f"| {mode}{flag} | {r['follow_up_p50_s']:.3f} | {r['follow_up_p99_s']:.3f} | "
+        held = r.get("contexts_held", "-") if mode != "none" else "-"
+        turn1 = f"{r['first_turn_p50_s']:.3f}" if "first_turn_p50_s" in r else "-"
+        lines.append(f"| {mode}{flag} | {held} | {turn1} | {r['follow_up_p50_s']:.3f} | {r['follow_up_p99_s']:.3f} | "
                      f"{r['follow_up_cached_fraction']:.2f} | {blocks} | {vs(base)} | {vs(native)} |")
     return "\n".join(lines)
 
@@ -147,13 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-shape", default="llama-3-8b", choices=sorted(SHAPES))
     ap.add_argument("--model", default=None, help="a prepared HF model folder instead of --model-shape (real weights; "
                     "e.g. SmolLM2 for a CPU smoke run of the script)")
-    ap.add_argument("--contexts", type=int, default=16)
+    ap.add_argument("--contexts", type=int, default=32)
     ap.add_argument("--context-tokens", type=int, default=32768)
-    ap.add_argument("--fit-contexts", type=float, default=4.0,
+    ap.add_argument("--fit-contexts", type=float, default=8.0,
                     help="GPU KV cache sized to hold this many contexts (fewer than --contexts)")
-    ap.add_argument("--cpu-gib", type=float, default=72.0,
-                    help="CPU budget, the same for native and kvplug (16 x 32K Llama-3-8B contexts = 64 GiB at "
-                         "full precision)")
+    ap.add_argument("--cpu-gib", type=float, default=80.0,
+                    help="CPU budget, the same for native and kvplug (a 32K Llama-3-8B context is 4 GiB at full "
+                         "precision: 80 GiB holds 20 of the 32; int8 and int4 copies of all 32 fit)")
+    ap.add_argument("--followups", type=int, default=1,
+                    help="rounds of follow-ups, each one per context, round-robin in turn-1 order")
     ap.add_argument("--modes", default="none,native", help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs (CPU smoke runs)")
     ap.add_argument("--out", default=DEFAULT_OUT)
@@ -178,11 +224,18 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = (Path(args.model) if args.model
                  else write_shape(args.model_shape, Path(tempfile.mkdtemp(prefix="kvplug-shape-"))))
+    shape = json.loads((model_dir / "config.json").read_text())
+    held = {m: capacity(m, shape, args.context_tokens, args.cpu_gib) for m in modes}
+    print(f"[gpu_offload] CPU budget {args.cpu_gib} GiB, {args.contexts} contexts x {args.context_tokens} tokens, "
+          f"GPU cache for {args.fit_contexts}; per mode: " + ", ".join(
+              f"{m} {h['context_gib']} GiB/context -> holds {h['contexts_held']}" for m, h in held.items() if m != "none"),
+          file=sys.stderr, flush=True)
     out = Path(args.out)
     previous = [] if args.fresh or not out.exists() else json.loads(out.read_text()).get("runs", [])
     results = [r for r in previous if r.get("mode") not in modes]
     worker_args = ["--model-shape", args.model_shape, "--contexts", str(args.contexts), "--context-tokens",
                    str(args.context_tokens), "--fit-contexts", str(args.fit_contexts), "--cpu-gib", str(args.cpu_gib),
+                   "--followups", str(args.followups),
                    "--model-dir", str(model_dir)] + (["--real-weights"] if args.model else []) + (
                        ["--eager"] if args.eager else [])
     for mode in modes:

@@ -40,6 +40,11 @@ class CachePolicy(ABC):
 
     name: ClassVar[str]
     drops_tokens: ClassVar[bool] = False
+    # True when encoding each layer on its own gives the same bytes as encoding all layers together, and
+    # every payload tensor leads with the layer dimension. The KV connector then saves and loads such
+    # entries layer by layer, overlapping compute. The token-dropping policies keep their kept rows
+    # flattened across layers (and SnapKV scores all layers together), so they move whole blocks.
+    layerwise: ClassVar[bool] = True
 
     @abstractmethod
     def encode(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[Payload]:
@@ -49,6 +54,24 @@ class CachePolicy(ABC):
     def decode(self, payloads: list[Payload], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                           torch.Tensor | None]:
         """Payloads -> (K, V, keep_mask or None), K/V shaped and typed like ``like`` ``[n, L, H, N, D]``."""
+
+    def encode_groups(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[tuple[list[int], Payload]]:
+        """Like ``encode``, but blocks whose payloads share fields and shapes come back stacked:
+        [(block indexes, {field: [m, ...]})]. The connector moves each group with one copy per field
+        instead of one per block. Subclasses override this to skip the per-block split."""
+        groups: dict[tuple, tuple[list[int], list[Payload]]] = {}
+        for i, p in enumerate(self.encode(k, v, ctx)):
+            sig = tuple((name, t.dtype, tuple(t.shape)) for name, t in p.items())
+            idx, ps = groups.setdefault(sig, ([], []))
+            idx.append(i)
+            ps.append(p)
+        return [(idx, {name: stack_field(ps, name) for name in ps[0]}) for idx, ps in groups.values()]
+
+    def decode_stacked(self, batch: Payload, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor | None]:
+        """``decode`` of blocks whose payloads are already stacked ({field: [n, ...]}, one group of
+        ``encode_groups``)."""
+        return self.decode([{name: t[i] for name, t in batch.items()} for i in range(like.shape[0])], like)
 
     def size_class(self, block_start: int, block_tokens: int, prefix_len: int) -> object:
         """Blocks with equal size classes encode to the same number of bytes (the offload scheduler sizes

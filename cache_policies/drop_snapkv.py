@@ -25,6 +25,7 @@ from cache_policies.masking import pack_kept, unpack_kept
 class SnapKVPolicy(CachePolicy):
     name = "drop:snapkv"
     drops_tokens = True
+    layerwise = False  # kept rows are flattened across layers
 
     def __init__(self, keep_ratio: float = 0.5, window_tokens: int = 32, pool_kernel: int = 5) -> None:
         self.keep_ratio = keep_ratio

@@ -11,6 +11,7 @@ from cache_policies.masking import pack_kept, unpack_kept
 class StreamingPolicy(CachePolicy):
     name = "drop:streaming"
     drops_tokens = True
+    layerwise = False  # kept rows are flattened across layers
 
     def __init__(self, sink_tokens: int = 4, window_tokens: int = 1024) -> None:
         self.sink_tokens = sink_tokens

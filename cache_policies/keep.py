@@ -13,5 +13,12 @@ class KeepPolicy(CachePolicy):
         check_kv(k, v, ctx)
         return [{"k": k[i], "v": v[i]} for i in range(k.shape[0])]
 
+    def encode_groups(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext):
+        check_kv(k, v, ctx)
+        return [(list(range(k.shape[0])), {"k": k, "v": v})]
+
     def decode(self, payloads: list[Payload], like: torch.Tensor):
-        return (stack_field(payloads, "k").to(like.dtype), stack_field(payloads, "v").to(like.dtype), None)
+        return self.decode_stacked({"k": stack_field(payloads, "k"), "v": stack_field(payloads, "v")}, like)
+
+    def decode_stacked(self, batch: Payload, like: torch.Tensor):
+        return batch["k"].to(like.dtype), batch["v"].to(like.dtype), None

@@ -34,14 +34,20 @@ class Fp8Policy(CachePolicy):
     name = "quant:fp8"
 
     def encode(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[Payload]:
+        (_, b), = self.encode_groups(k, v, ctx)
+        return [{name: t[i] for name, t in b.items()} for i in range(k.shape[0])]
+
+    def encode_groups(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext):
         check_kv(k, v, ctx)
         kq, ks = quantize_fp8(k)
         vq, vs = quantize_fp8(v)
         # Stored as raw bytes: the disk format and pinned buffers only deal in plain dtypes.
-        return [{"kq": kq[i].view(torch.uint8), "ks": ks[i], "vq": vq[i].view(torch.uint8), "vs": vs[i]}
-                for i in range(k.shape[0])]
+        return [(list(range(k.shape[0])), {"kq": kq.view(torch.uint8), "ks": ks, "vq": vq.view(torch.uint8), "vs": vs})]
 
     def decode(self, payloads: list[Payload], like: torch.Tensor):
-        k = dequantize_fp8(stack_field(payloads, "kq").view(FP8), stack_field(payloads, "ks"), like.dtype)
-        v = dequantize_fp8(stack_field(payloads, "vq").view(FP8), stack_field(payloads, "vs"), like.dtype)
+        return self.decode_stacked({name: stack_field(payloads, name) for name in ("kq", "ks", "vq", "vs")}, like)
+
+    def decode_stacked(self, batch: Payload, like: torch.Tensor):
+        k = dequantize_fp8(batch["kq"].view(FP8), batch["ks"], like.dtype)
+        v = dequantize_fp8(batch["vq"].view(FP8), batch["vs"], like.dtype)
         return k, v, None

@@ -44,12 +44,19 @@ class Int8Policy(CachePolicy):
     name = "quant:int8"
 
     def encode(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[Payload]:
+        (_, b), = self.encode_groups(k, v, ctx)
+        return [{name: t[i] for name, t in b.items()} for i in range(k.shape[0])]
+
+    def encode_groups(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext):
         check_kv(k, v, ctx)
         kq, ks = quantize_int8(k.transpose(-1, -2))  # rows = channels: [n, L, H, D, N], scale [.., D, 1]
         vq, vs = quantize_int8(v)
-        return [{"kq": kq[i], "ks": ks[i], "vq": vq[i], "vs": vs[i]} for i in range(k.shape[0])]
+        return [(list(range(k.shape[0])), {"kq": kq, "ks": ks, "vq": vq, "vs": vs})]
 
     def decode(self, payloads: list[Payload], like: torch.Tensor):
-        k = dequantize_int8(stack_field(payloads, "kq"), stack_field(payloads, "ks"), like.dtype).transpose(-1, -2)
-        v = dequantize_int8(stack_field(payloads, "vq"), stack_field(payloads, "vs"), like.dtype)
+        return self.decode_stacked({name: stack_field(payloads, name) for name in ("kq", "ks", "vq", "vs")}, like)
+
+    def decode_stacked(self, batch: Payload, like: torch.Tensor):
+        k = dequantize_int8(batch["kq"], batch["ks"], like.dtype).transpose(-1, -2)
+        v = dequantize_int8(batch["vq"], batch["vs"], like.dtype)
         return k, v, None

@@ -408,6 +408,13 @@ def kv_block_views(vllm_config: Any, kv_caches: dict[str, Any]) -> list[tuple[st
     return out
 
 
+def attention_impl(vllm_config: Any, layer_name: str) -> Any:
+    """The attention impl of layer ``layer_name`` (the KV connector tells kvplug's backend about blocks it
+    wrote behind the backend's back); None when vLLM has no such layer."""
+    layers = getattr(vllm_config.compilation_config, "static_forward_context", {}) or {}
+    return getattr(layers.get(layer_name), "impl", None)
+
+
 @dataclass(frozen=True)
 class KvLayout:
     """What a stored block's bytes mean; part of every entry key, so two models/layouts never share."""

@@ -8,26 +8,30 @@ writes it). One class with the two halves vLLM's ABC asks for:
   GPU prefix-cache hit that the tiers hold (``get_num_new_matched_tokens``), remembers which GPU blocks vLLM
   allocated for them, and each step emits metadata: loads (entry key -> GPU block id), saves and the tier
   plan (offload/tiers.py: what to store where, what to demote or delete).
-* Worker side (each worker): executes it. Loads fetch the entries (CPU tier or disk), decode them with the
-  policy on the KV cache's device (so a compressed entry also crosses PCIe compressed), and write K/V into
-  the paged cache before the forward pass. Saves happen in ``wait_for_save`` of the step in which a
-  request's prompt finishes prefilling: all its prompt blocks are in the cache then (policies see the whole
-  prefix: SnapKV's observation window, StreamingLLM's window, KIVI's recent tokens).
+* Worker side (each worker): executes it, layer by layer through vLLM's per-layer hooks
+  (offload/layerwise.py). ``start_load_kv`` fetches the entries (CPU tier, pending disk writes, disk) and
+  starts the first layers' host->device copies and decodes on a side stream; ``wait_for_layer_load(layer)``
+  issues the next layers and makes the compute stream wait for that layer's event only. Saves happen in
+  the step in which a request's prompt finishes prefilling (policies see the whole prefix: KIVI's recent
+  tokens, SnapKV's window): ``save_kv_layer(layer)`` encodes that layer's blocks on a side stream and copies
+  them into pinned host segments while later layers compute; ``wait_for_save`` orders the compute stream
+  after those copies (no host sync: vLLM may reuse the blocks after it returns, and all later writes into
+  them queue behind that wait), then applies the tier plan. Disk writes (checksum, fsync) run on a
+  background thread. Token-dropping policies store all layers of a block together, so they are saved in
+  ``wait_for_save`` and loaded before layer 0. On CPU (no streams) the same calls do the work inline.
 
 Entries are keyed by vLLM's chained block hash + policy + model/layout (offload/keys.py). A missing or
 corrupt entry is reported to vLLM as a failed block load, which vLLM recomputes (kv_load_failure_policy
-"recompute"), and the scheduler side forgets it; a full tier evicts and never fails a request.
-
-Synchronous on CPU. On CUDA, decode + copy run on a side stream and ``wait_for_layer_load`` makes the
-compute stream wait for them (the first layer waits for all layers: entries hold every layer of a block,
-so there is no per-layer overlap yet), and saves copy device->host synchronously at the end of the step.
+"recompute"), and the scheduler side forgets it; a full tier evicts and a failed store (host memory, disk)
+skips the entry: neither fails a request.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -38,7 +42,8 @@ from kvplug import config as cfg_mod
 from kvplug import metrics, vllm_compat
 from offload.dropped_tokens import registry as dropped_registry
 from offload.keys import entry_key
-from offload.stores import CpuStore, DiskStore
+from offload.layerwise import Lane, LoadJobs, SaveJobs, plan_runs
+from offload.stores import AsyncDiskWriter, CpuStore, DiskStore
 from offload.tiers import CPU, DISK, TierOp, TierPlanner
 
 logger = logging.getLogger("vllm.kvplug.offload")
@@ -288,23 +293,35 @@ def _count_corrupt() -> None:
 # --- worker side ---------------------------------------------------------------------------------------
 
 class _WorkerSide:
-    def __init__(self, vllm_config: Any, cfg: cfg_mod.KvplugConfig) -> None:
+    def __init__(self, vllm_config: Any, cfg: cfg_mod.KvplugConfig, layout: Any = None) -> None:
         self.cfg = cfg
         self.vllm_config = vllm_config
-        self.layout = vllm_compat.kv_layout(vllm_config)
+        self.layout = layout if layout is not None else vllm_compat.kv_layout(vllm_config)
         self.cpu = CpuStore()
         self.disk = (DiskStore(_rank_dir(cfg.offload.disk_path, self.layout.tp_rank),
                                on_corrupt=lambda *_: _count_corrupt()) if cfg.offload.disk_path else None)
+        self.writer = AsyncDiskWriter(self.disk, self._disk_written) if self.disk is not None else None
         self.layers: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, K view, V view) by layer index
+        self.layer_of: dict[str, int] = {}
         self._policies: dict[str, CachePolicy] = {}
         self.failed_block_ids: set[int] = set()
         self.unreadable: set[str] = set()
-        self._load_event = None
-        self._stream = None
+        self._load_lane: Lane | None = None
+        self._save_lane: Lane | None = None
+        self._loads: LoadJobs | None = None
+        self._saves: SaveJobs | None = None
+        self._meta: KvplugConnectorMetadata | None = None  # the step whose saves are in flight
+        self._load_timings: list[tuple[Any, Any, float]] = []
+        # Called per layer after that layer's loads are written: (layer, block ids, device index tensor).
+        self.load_listeners: list[Callable[[int, list[int], torch.Tensor], None]] = []
         self.m = metrics.get_offload(cfg)
         # Plain counters too (tests and offline runs read them via collective_rpc; /metrics has the rest).
         self.loaded_blocks = {CPU: 0, DISK: 0}
         self.saved_blocks = 0
+        # Per-layer hook calls that moved data (tests: the engine drove the layer-wise path).
+        self.layerwise_saves = 0
+        self.layerwise_load_waits = 0
+        atexit.register(self.close)
 
     def policy(self, name: str) -> CachePolicy:
         if name not in self._policies:
@@ -313,16 +330,41 @@ class _WorkerSide:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         # The views the attention backends read (CPU_ATTN's key blocks may be stored transposed).
-        self.layers = vllm_compat.kv_block_views(self.vllm_config, kv_caches)
-        dev = self.layers[0][1].device if self.layers else torch.device("cpu")
-        if dev.type == "cuda":
-            self._stream = torch.cuda.Stream(device=dev)
+        self.register_views(vllm_compat.kv_block_views(self.vllm_config, kv_caches))
+
+    def register_views(self, layers: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+        self.layers = layers
+        self.layer_of = {name: i for i, (name, _, _) in enumerate(layers)}
+        dev = layers[0][1].device if layers else torch.device("cpu")
+        self._load_lane, self._save_lane = Lane(dev), Lane(dev)
+        # Host memory the GPU copies into must be pinned (else every copy is synchronous and staged).
+        self._pin = dev.type == "cuda"
+        # Backends that keep per-block state next to the KV (retrieval decode's block summaries) hear about
+        # every block this connector writes, per layer, right after that layer's load (same stream).
+        impls = [vllm_compat.attention_impl(self.vllm_config, name) if self.vllm_config is not None else None
+                 for name, _, _ in layers]
+        hooks = [getattr(impl, "after_external_kv_load", None) for impl in impls]
+        if any(hooks):
+            def refresh(layer: int, block_ids: list[int], index: torch.Tensor) -> None:
+                if hooks[layer] is not None:
+                    hooks[layer](self.layers[layer][1], index)
+
+            self.load_listeners = [h for h in self.load_listeners if getattr(h, "__name__", "") != "refresh"]
+            self.load_listeners.append(refresh)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
 
     # loads ------------------------------------------------------------------------------------------
     def _fetch(self, key: str) -> tuple[Payload | None, str | None]:
         p = self.cpu.get(key)
         if p is not None:
             return p, CPU
+        if self.writer is not None:
+            p = self.writer.pending(key)  # demoted or stored this run, not on disk yet
+            if p is not None:
+                return p, DISK
         if self.disk is not None:
             p = self.disk.read(key)
             if p is not None:
@@ -331,31 +373,25 @@ class _WorkerSide:
 
     def start_load(self, meta: KvplugConnectorMetadata) -> None:
         dropped_registry().clear(meta.fresh_block_ids)
+        self._drain_load_timings()
+        self._loads = None
         if not meta.loads or not self.layers:
             return
         t0 = time.perf_counter()
-        dev = self.layers[0][1].device
-        ctx = torch.cuda.stream(self._stream) if self._stream is not None else _nullcontext()
-        if self._stream is not None:
-            # Work vLLM queued before this step (e.g. zeroing freshly allocated blocks) must land first.
-            self._stream.wait_stream(torch.cuda.current_stream())
-        with ctx:
-            for spec in meta.loads:
-                self._load_one(spec, dev)
-            if self._stream is not None:
-                self._load_event = torch.cuda.Event()
-                self._load_event.record(self._stream)
-        if self.m is not None:
-            if self._stream is not None:
-                self._load_event.synchronize()  # for the histogram only when metrics are on
-            self.m.load_seconds.observe(time.perf_counter() - t0)
+        jobs = LoadJobs(self.layers, self._load_lane, on_layer_loaded=list(self.load_listeners))
+        for spec in meta.loads:
+            self._plan_load(spec, jobs)
+        if not jobs:
+            return
+        self._loads = jobs
+        start_ev = self._load_lane.record(timing=True)
+        jobs.start()
+        self._load_timings.append((start_ev, None, t0))
 
-    def _load_one(self, spec: LoadSpec, dev: torch.device) -> None:
-        payloads, ids = [], []
-        for i, (key, block_id) in enumerate(zip(spec.keys, spec.block_ids)):
-            if len(payloads) == CHUNK_BLOCKS:
-                self._write_blocks(spec.policy, payloads, ids, dev)
-                payloads, ids = [], []
+    def _plan_load(self, spec: LoadSpec, jobs: LoadJobs) -> None:
+        policy = self.policy(spec.policy)
+        entries: list[tuple[Payload, Any]] = []
+        for i, key in enumerate(spec.keys):
             p, tier = self._fetch(key)
             if p is None:
                 # vLLM recomputes these; later blocks of the chain cannot be used without this one either.
@@ -365,40 +401,113 @@ class _WorkerSide:
             if self.m is not None:
                 self.m.bytes_loaded.labels(tier=tier, policy=spec.policy).inc(payload_nbytes(p))
             self.loaded_blocks[tier] += 1
-            payloads.append({k: t.to(dev, non_blocking=True) for k, t in p.items()})
-            ids.append(block_id)
-        if payloads:
-            self._write_blocks(spec.policy, payloads, ids, dev)
+            entries.append((p, self.cpu.locate(key) if tier == CPU else None))
+        ids = spec.block_ids[:len(entries)]
+        if not ids:
+            return
+        if policy.layerwise:
+            jobs.runs += plan_runs(policy, entries, ids)
+            dropped_registry().set_loaded(ids, None)
+        else:
+            payloads = [p for p, _ in entries]
+            jobs.whole_block_work.append(lambda: self._write_blocks(spec.policy, payloads, ids))
 
-    def _write_blocks(self, policy: str, payloads: list[Payload], ids: list[int], dev: torch.device) -> None:
-        """Decode payloads with the policy and write them into the paged cache at block ``ids``."""
-        k_like = self.layers[0][1]
-        like = torch.empty(len(ids), len(self.layers), *k_like.shape[1:], dtype=k_like.dtype, device=dev)
-        k, v, keep = self.policy(policy).decode(payloads, like)
-        index = torch.tensor(ids, device=dev)
-        for layer, (_, kc, vc) in enumerate(self.layers):
-            kc[index] = k[:, layer]
-            vc[index] = v[:, layer]
-        dropped_registry().set_loaded(ids, keep)
+    def _write_blocks(self, policy: str, payloads: list[Payload], ids: list[int]) -> None:
+        """Decode whole-block payloads (every layer at once) and write them into the paged cache."""
+        dev = self.layers[0][1].device
+        for c0 in range(0, len(ids), CHUNK_BLOCKS):
+            chunk_ids = ids[c0:c0 + CHUNK_BLOCKS]
+            chunk = [{k: t.to(dev, non_blocking=True) for k, t in p.items()} for p in payloads[c0:c0 + CHUNK_BLOCKS]]
+            k_like = self.layers[0][1]
+            like = torch.empty(len(chunk_ids), len(self.layers), *k_like.shape[1:], dtype=k_like.dtype, device=dev)
+            k, v, keep = self.policy(policy).decode(chunk, like)
+            index = self._load_lane.to_device_index(chunk_ids)
+            for layer, (_, kc, vc) in enumerate(self.layers):
+                kc.index_copy_(0, index, k[:, layer])
+                vc.index_copy_(0, index, v[:, layer])
+                for hook in self.load_listeners:
+                    hook(layer, chunk_ids, index)
+            dropped_registry().set_loaded(chunk_ids, keep)
 
-    def wait_for_layer_load(self) -> None:
-        if self._load_event is not None:
-            torch.cuda.current_stream().wait_event(self._load_event)
-            self._load_event = None
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self._loads is None:
+            return
+        layer = self.layer_of.get(layer_name)
+        if layer is None:  # not a layer of ours (e.g. a draft model's): everything must be in
+            self._loads.lane.compute_waits(self._loads.finish())
+            return
+        self._loads.wait_layer(layer)
+        self.layerwise_load_waits += 1
+
+    def _finish_loads(self) -> None:
+        if self._loads is None:
+            return
+        end_ev = self._loads.finish()  # the forward never waited for some layers: issue them anyway
+        if self._load_timings and self._load_timings[-1][1] is None:
+            start_ev, _, t0 = self._load_timings.pop()
+            if end_ev is None:  # CPU: the work ran inline
+                if self.m is not None:
+                    self.m.load_seconds.observe(time.perf_counter() - t0)
+            else:
+                end_timed = self._load_lane.record(timing=True)
+                self._load_timings.append((start_ev, end_timed, t0))
+        self._loads = None
+
+    def _drain_load_timings(self) -> None:
+        """Observe the load latency of earlier steps whose copies have finished (never a host sync)."""
+        keep = []
+        for start_ev, end_ev, t0 in self._load_timings:
+            if end_ev is not None and end_ev.query():
+                if self.m is not None:
+                    self.m.load_seconds.observe(start_ev.elapsed_time(end_ev) / 1000.0)
+            else:
+                keep.append((start_ev, end_ev, t0))
+        self._load_timings = keep[-16:]
 
     # saves and tier moves ---------------------------------------------------------------------------
+    def save_layer(self, layer_name: str, meta: Any) -> None:
+        if not isinstance(meta, KvplugConnectorMetadata) or not meta.saves or not self.layers:
+            return
+        layer = self.layer_of.get(layer_name)
+        if layer is None:
+            return
+        self._saves_for(meta).save_layer(layer)
+        self.layerwise_saves += 1
+
+    def _saves_for(self, meta: KvplugConnectorMetadata) -> SaveJobs:
+        if self._meta is not meta or self._saves is None:
+            self._meta = meta
+            self._saves = SaveJobs(self.layers, self._save_lane, self._pin)
+            for spec in meta.saves:
+                policy = self.policy(spec.policy)
+                if policy.layerwise:
+                    self._saves.add(policy, spec.keys, spec.block_ids, spec.block_starts, spec.prefix_len)
+        return self._saves
+
     def save(self, meta: KvplugConnectorMetadata) -> None:
+        self._finish_loads()
+        saves, self._saves, self._meta = (self._saves_for(meta) if meta.saves and self.layers else None), None, None
         if not self.layers or (not meta.saves and not meta.tier_ops):
             return
+        slots, ready = saves.finish() if saves is not None else ({}, None)
+        if saves is not None and self.m is not None:
+            for policy, ratio in saves.compression():
+                self.m.compression_ratio.labels(policy=policy).observe(ratio)
         encoded: dict[str, tuple[Payload, str]] = {}
         for spec in meta.saves:
-            for key, payload in zip(spec.keys, self._encode(spec)):
-                encoded[key] = (payload, spec.policy)
+            if self.policy(spec.policy).layerwise:
+                for key in spec.keys:
+                    if key in slots:
+                        encoded[key] = (slots[key], spec.policy)
+            else:
+                for key, payload in zip(spec.keys, self._encode(spec)):
+                    encoded[key] = (payload, spec.policy)
             self.saved_blocks += len(spec.keys)
         for op in meta.tier_ops:
-            self._apply(op, encoded)
+            self._apply(op, encoded, ready)
 
     def _encode(self, spec: SaveSpec) -> list[Payload]:
+        """Whole-block encode (every layer at once) for policies that are not layer-wise."""
         obs = None
         if spec.window_slots:
             # Query proxies for SnapKV: the window's keys, [L, H, W, D].
@@ -409,38 +518,42 @@ class _WorkerSide:
         step = len(spec.block_ids) if obs is not None else CHUNK_BLOCKS
         out: list[Payload] = []
         for c0 in range(0, len(spec.block_ids), step):
-            index = torch.tensor(spec.block_ids[c0:c0 + step], device=self.layers[0][1].device)
-            k = torch.stack([kc[index] for _, kc, _ in self.layers], dim=1)  # [n, L, H, N, D]
-            v = torch.stack([vc[index] for _, _, vc in self.layers], dim=1)
+            index = self._save_lane.to_device_index(spec.block_ids[c0:c0 + step])
+            k = torch.stack([kc.index_select(0, index) for _, kc, _ in self.layers], dim=1)  # [n, L, H, N, D]
+            v = torch.stack([vc.index_select(0, index) for _, _, vc in self.layers], dim=1)
             ctx = BlockContext(tuple(spec.block_starts[c0:c0 + step]), spec.prefix_len, obs_queries=obs)
             payloads = policy.encode(k, v, ctx)
-            out += [{name: t.to("cpu", non_blocking=False) for name, t in p.items()} for p in payloads]
+            out += [{name: t.to("cpu") for name, t in p.items()} for p in payloads]
             if self.m is not None and payloads:
                 self.m.compression_ratio.labels(policy=spec.policy).observe(compression_ratio(k, v, payloads))
         return out
 
-    def _apply(self, op: TierOp, encoded: dict[str, tuple[Payload, str]]) -> None:
+    def _apply(self, op: TierOp, encoded: dict[str, tuple[Any, str]], ready: Any) -> None:
         if op.kind == "store_cpu" and op.key in encoded:
-            payload, policy = encoded[op.key]
-            self.cpu.put(op.key, payload)
+            item, policy = encoded[op.key]
+            if isinstance(item, tuple):  # (segment, slot) of a layer-wise save
+                self.cpu.adopt(op.key, *item)
+            else:
+                self.cpu.put(op.key, item)
             if self.m is not None:
-                self.m.bytes_stored.labels(tier=CPU, policy=policy).inc(payload_nbytes(payload))
-        elif op.kind == "store_disk" and op.key in encoded and self.disk is not None:
-            payload, policy = encoded[op.key]
-            n = self.disk.write(op.key, payload)
-            if self.m is not None:
-                self.m.bytes_stored.labels(tier=DISK, policy=policy).inc(n)
+                self.m.bytes_stored.labels(tier=CPU, policy=policy).inc(payload_nbytes(self.cpu.get(op.key)))
+        elif op.kind == "store_disk" and op.key in encoded and self.writer is not None:
+            item, policy = encoded[op.key]
+            self.writer.write(op.key, item[0].entry(item[1]) if isinstance(item, tuple) else item, ready, policy)
         elif op.kind == "demote":
             payload = self.cpu.get(op.key)
-            if payload is not None and self.disk is not None:
-                n = self.disk.write(op.key, payload)
-                if self.m is not None:
-                    self.m.bytes_stored.labels(tier=DISK, policy="demoted").inc(n)
+            if payload is not None and self.writer is not None:
+                # The entry may have been filled by this step's copies: the writer waits for them.
+                self.writer.write(op.key, payload, ready, "demoted")
             self.cpu.release(op.key)
         elif op.kind == "drop_cpu":
             self.cpu.release(op.key)
-        elif op.kind == "drop_disk" and self.disk is not None:
-            self.disk.delete(op.key)
+        elif op.kind == "drop_disk" and self.writer is not None:
+            self.writer.delete(op.key)
+
+    def _disk_written(self, key: str, nbytes: int, policy: str) -> None:
+        if self.m is not None:
+            self.m.bytes_stored.labels(tier=DISK, policy=policy).inc(nbytes)
 
     def take_load_errors(self) -> set[int]:
         out, self.failed_block_ids = self.failed_block_ids, set()
@@ -451,14 +564,6 @@ class _WorkerSide:
             return None
         out, self.unreadable = KvplugWorkerMetadata(self.unreadable), set()
         return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --- the connector vLLM instantiates -------------------------------------------------------------------
@@ -508,15 +613,20 @@ class KvplugConnector(_Base):  # type: ignore[misc, valid-type]
             self.worker_side.start_load(meta)
 
     def wait_for_layer_load(self, layer_name):
-        self.worker_side.wait_for_layer_load()
+        self.worker_side.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs):
-        return  # saved all layers at once in wait_for_save (see module docstring)
+        # The layer's KV is in the paged cache (the hook runs after attention): start saving it.
+        self.worker_side.save_layer(layer_name, self._get_connector_metadata())
 
     def wait_for_save(self):
         meta = self._get_connector_metadata()
         if isinstance(meta, KvplugConnectorMetadata):
             self.worker_side.save(meta)
+
+    def shutdown(self):
+        if self.worker_side is not None:
+            self.worker_side.close()
 
     def get_block_ids_with_load_errors(self):
         return self.worker_side.take_load_errors() if self.worker_side is not None else set()

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from cache_policies.base import Payload, payload_nbytes
 from offload.entry_format import PREFIX_BYTES, EntryCorrupt, decode_entry, encode_entry, read_header
+
+if TYPE_CHECKING:
+    from offload.layerwise import Segment
 
 logger = logging.getLogger("vllm.kvplug.offload")
 ENTRY_SUFFIX = ".kv"
@@ -33,6 +37,7 @@ class CpuStore:
         self.pin = _pin_available() if pin is None else pin
         self._entries: dict[str, Payload] = {}
         self._free: dict[tuple, list[Payload]] = {}
+        self._slots: dict[str, tuple["Segment", int]] = {}  # entries that are views of a saved segment
         self.used_bytes = 0
 
     @staticmethod
@@ -53,8 +58,21 @@ class CpuStore:
         self._entries[key] = buf
         self.used_bytes += payload_nbytes(buf)
 
+    def adopt(self, key: str, segment: "Segment", slot: int) -> None:
+        """Store slot ``slot`` of ``segment`` (host memory the layer-wise save already filled) without a copy."""
+        if key in self._entries:
+            return
+        payload = segment.entry(slot)
+        self._entries[key] = payload
+        self._slots[key] = (segment, slot)
+        self.used_bytes += payload_nbytes(payload)
+
     def get(self, key: str) -> Payload | None:
         return self._entries.get(key)
+
+    def locate(self, key: str) -> tuple["Segment", int] | None:
+        """(segment, slot) of an adopted entry: consecutive slots load with one copy per layer."""
+        return self._slots.get(key)
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
@@ -66,8 +84,11 @@ class CpuStore:
         return buf
 
     def release(self, key: str) -> None:
+        adopted = self._slots.pop(key, None) is not None
         buf = self.pop(key)
-        if buf is not None:
+        # A segment view is never recycled as a buffer: its memory is shared with the segment's other slots
+        # (it is freed when all of them are released).
+        if buf is not None and not adopted:
             self._free.setdefault(self._sig(buf), []).append(buf)
 
 
@@ -154,3 +175,61 @@ class DiskStore:
                 continue
             found[key] = size
         return found
+
+
+class AsyncDiskWriter:
+    """Disk-tier writes and deletes on a background thread, in submission order, so the checksum, the
+    file write and the fsync stay off the forward pass. A write waits for ``ready`` (the event of the
+    device->host copies that filled its host memory) first. Until written, an entry is served from
+    ``pending`` (a load never waits for the disk). A failed write is logged and counted; the entry is then
+    a future miss (recomputed), never a failed request."""
+
+    def __init__(self, disk: DiskStore, on_written: Callable[[str, int, str], None] | None = None) -> None:
+        self.disk = disk
+        self.on_written = on_written
+        self.failed_writes = 0
+        self._pending: dict[str, Payload] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="kvplug-disk-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, key: str, payload: Payload, ready: Any = None, label: str = "") -> None:
+        with self._lock:
+            self._pending[key] = payload
+        self._queue.put(("write", key, payload, ready, label))
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._pending.pop(key, None)
+        self._queue.put(("delete", key, None, None, ""))
+
+    def pending(self, key: str) -> Payload | None:
+        with self._lock:
+            return self._pending.get(key)
+
+    def flush(self) -> None:
+        """Block until every submitted write and delete is on disk."""
+        self._queue.join()
+
+    def _run(self) -> None:
+        while True:
+            kind, key, payload, ready, label = self._queue.get()
+            try:
+                if kind == "delete":
+                    self.disk.delete(key)
+                    continue
+                if ready is not None:
+                    ready.synchronize()
+                n = self.disk.write(key, payload)
+                if self.on_written is not None:
+                    self.on_written(key, n, label)
+            except Exception as exc:  # disk full, permissions, ...: a future miss, never a failed request
+                self.failed_writes += 1
+                logger.warning("kvplug disk tier: writing entry %s failed (%s); it will be recomputed", key, exc)
+            finally:
+                if kind == "write":
+                    with self._lock:
+                        if self._pending.get(key) is payload:
+                            del self._pending[key]
+                self._queue.task_done()

@@ -30,7 +30,8 @@ def connector_counters(_worker=None) -> dict:
 
     side = get_kv_transfer_group().worker_side
     return {"loaded": dict(side.loaded_blocks), "saved": side.saved_blocks, "cpu_entries": len(side.cpu._entries),
-            "disk_corrupt": side.disk.corrupt_count if side.disk else 0, "masked": registry().stats()}
+            "disk_corrupt": side.disk.corrupt_count if side.disk else 0, "masked": registry().stats(),
+            "layer_saves": side.layerwise_saves, "layer_load_waits": side.layerwise_load_waits}
 
 
 def main(out: str, phase: str) -> None:
@@ -68,6 +69,8 @@ def main(out: str, phase: str) -> None:
             "loaded_cpu": after["loaded"]["cpu"] - before["loaded"]["cpu"],
             "loaded_disk": after["loaded"]["disk"] - before["loaded"]["disk"],
             "saved": after["saved"] - before["saved"],
+            "layer_saves": after["layer_saves"] - before["layer_saves"],
+            "layer_load_waits": after["layer_load_waits"] - before["layer_load_waits"],
             "masked_batches": after["masked"]["batches"] - before["masked"]["batches"]})
 
     A = prompt("A")

