@@ -132,6 +132,7 @@ def run(args) -> dict:
     mem = {"gpu_memory_utilization": 0.85} if cuda else {"kv_cache_memory_bytes": 2 << 30}
     llm = LLM(model=str(model_path), max_model_len=args.max_model_len, block_size=args.block_size,
               enable_prefix_caching=True, seed=0, enforce_eager=args.eager, **mem,
+              **vllm_compat.attention_backend_engine_kwargs(),  # drop policies mask in our backend
               kv_transfer_config=KVTransferConfig(**vllm_compat.kv_transfer_config()))
     results = {"model": str(model_path), "device": "cuda" if cuda else "cpu", "args": vars(args),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": []}

@@ -107,6 +107,12 @@ def attention_backend_cli_args() -> list[str]:
     return [] if platform_name() == "cpu" else ["--attention-backend", "CUSTOM"]
 
 
+def attention_backend_engine_kwargs() -> dict[str, str]:
+    """``LLM(...)`` keyword arguments that select our backend: the offline twin of the server flags. Without
+    them a CUDA engine runs vLLM's own FLASH_ATTN and none of our attention code."""
+    return {} if platform_name() == "cpu" else {"attention_backend": "CUSTOM"}
+
+
 CPU_DEFAULT_KV_CACHE_BYTES = 2 << 30
 _CPU_MEMORY_FLAGS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
 
