@@ -6,8 +6,11 @@ later contexts evict earlier ones from vLLM's GPU prefix cache); then ``--follow
 short follow-up on every context, round-robin in the same order (max_tokens=1), and time it: that is the
 follow-up TTFT. Round-robin over more contexts than a tier holds is the worst case for recency eviction
 (every context is evicted just before it comes back), so a mode's follow-ups hit only when its CPU budget
-holds every context: the default 32 x 32K contexts with an 80 GiB budget is 128 GiB at full precision
-(native and keep hold 20 of them), ~73 GiB as int8 and less as int4 (all 32 fit). The parent prints how
+holds every context: the default 16 x 32K contexts with a 48 GiB budget is 64 GiB at full precision
+(native and keep hold 12 of them, so they recompute every follow-up), ~37 GiB as int8 and ~22 GiB as int4
+(all 16 fit). ``--contexts 10`` is the case where every mode holds every context (a pure load-speed
+comparison). Budgets of 68 and 80 GiB made vLLM 0.26's native offloading engine fail to start on the
+H100 host (125 GiB of RAM; 48 GiB works), so the default stays at 48. The parent prints how
 many contexts each mode's budget holds. Modes, each in its own subprocess with the same engine flags:
   none        no offload (evicted contexts are recomputed)
   native      vLLM's --kv-offloading-size (OffloadingConnector) with the same CPU budget
@@ -20,11 +23,10 @@ recomputation, not offload).
 
 One invocation must fit the device's 10-minute command limit: run a few modes per invocation; results
 merge into --out by mode (earlier modes' results are kept). Per mode ~75 s engine start + 32 prefills of
-32K (~1.2 s each) + 32 follow-ups (~1.2 s each where they recompute, ~0.1-0.3 s where they load):
+32K (~1.2-2.7 s each) + 16 follow-ups (~1.2 s each where they recompute, ~0.2 s where they load):
 
-    python -m benchmarks.gpu_offload --modes none,native      # ~6 min on an H100
-    python -m benchmarks.gpu_offload --modes keep,int8        # ~5 min
-    python -m benchmarks.gpu_offload --modes int4             # ~2.5 min; prints the table of all modes
+    python -m benchmarks.gpu_offload --modes none,native --fresh   # ~5.5 min on an H100
+    python -m benchmarks.gpu_offload --modes keep,int8,int4        # ~5.5 min; prints the table of all modes
 
 ``--contexts 4 --context-tokens 4096 --fit-contexts 2`` is a one-minute smoke run.
 """
@@ -191,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-shape", default="llama-3-8b", choices=sorted(SHAPES))
     ap.add_argument("--model", default=None, help="a prepared HF model folder instead of --model-shape (real weights; "
                     "e.g. SmolLM2 for a CPU smoke run of the script)")
-    ap.add_argument("--contexts", type=int, default=32)
+    ap.add_argument("--contexts", type=int, default=16)
     ap.add_argument("--context-tokens", type=int, default=32768)
     ap.add_argument("--fit-contexts", type=float, default=8.0,
                     help="GPU KV cache sized to hold this many contexts (fewer than --contexts)")
-    ap.add_argument("--cpu-gib", type=float, default=80.0,
+    ap.add_argument("--cpu-gib", type=float, default=48.0,
                     help="CPU budget, the same for native and kvplug (a 32K Llama-3-8B context is 4 GiB at full "
-                         "precision: 80 GiB holds 20 of the 32; int8 and int4 copies of all 32 fit)")
+                         "precision: 48 GiB holds 12 of the 16; int8 and int4 copies of all 16 fit)")
     ap.add_argument("--followups", type=int, default=1,
                     help="rounds of follow-ups, each one per context, round-robin in turn-1 order")
     ap.add_argument("--modes", default="none,native", help=f"comma list of {', '.join(MODES)}")
