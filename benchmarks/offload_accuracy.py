@@ -147,9 +147,12 @@ def run(args) -> dict:
         for t in range(args.turns):
             if t > 0 and policy != BASELINE:
                 assert llm.reset_prefix_cache(), "vLLM refused to reset its prefix cache"
-            c0 = llm.collective_rpc(connector_counters)[0]
-            outs = llm.chat([_messages(c, t) for c in cases], sp, use_tqdm=False)
-            c1 = llm.collective_rpc(connector_counters)[0]
+            try:
+                c0 = llm.collective_rpc(connector_counters)[0]
+                outs = llm.chat([_messages(c, t) for c in cases], sp, use_tqdm=False)
+                c1 = llm.collective_rpc(connector_counters)[0]
+            except Exception as exc:  # e.g. EngineDeadError: its root cause is in the EngineCore's log above
+                raise PolicyRunError(policy, t, args.turns, exc) from exc
             turn_loads.append(sum(c1["loaded"].values()) - sum(c0["loaded"].values()))
             for i, o in enumerate(outs):
                 texts[i].append(o.outputs[0].text)
@@ -197,6 +200,16 @@ def run(args) -> dict:
             r["meets_target"] = (not r["offload_no_op"]) and (
                 r["agreement"] == 1.0 if target == 0.0 else -r["points_vs_none"] <= target)
     return results
+
+
+class PolicyRunError(RuntimeError):
+    """The engine failed while running one policy's turn: which one, in one line."""
+
+    def __init__(self, policy: str, turn: int, turns: int, exc: BaseException) -> None:
+        super().__init__(f"policy {policy!r} failed at turn {turn + 1}/{turns}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else '(no message)'} (the engine's own error, "
+                         "if it died, is logged above by EngineCore)")
+        self.policy = policy
 
 
 def _cuda() -> bool:
@@ -254,7 +267,11 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    results = run(args)
+    try:
+        results = run(args)
+    except PolicyRunError as exc:
+        print(f"offload_accuracy: error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(results)

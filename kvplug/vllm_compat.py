@@ -199,9 +199,13 @@ def host_seq_lens(common_attn_metadata: Any):
 
 
 # Per-request fields a subset keeps row by row; per-token fields keep their tokens; per-batch caches reset.
+# 0.26's seq_lens_cpu / num_computed_tokens_cpu are properties caching into _seq_lens_cpu /
+# _num_computed_tokens_cpu fields: host_seq_lens(cam) fills the cache, so a subset copying it unsliced would
+# report the whole batch's lengths (rows of other requests) to every later reader.
 _PER_REQUEST = ("seq_lens", "block_table_tensor", "seq_lens_cpu", "num_computed_tokens_cpu", "is_prefilling",
                 "seq_lens_cpu_upper_bound", "encoder_seq_lens", "dcp_local_seq_lens",
-                "dcp_local_seq_lens_cpu_upper_bound", "rswa_prefix_lens")
+                "dcp_local_seq_lens_cpu_upper_bound", "rswa_prefix_lens", "_seq_lens_cpu", "_num_computed_tokens_cpu",
+                "dcp_local_seq_lens_cpu")
 _PER_TOKEN = ("slot_mapping", "positions")
 _RESET = ("logits_indices_padded", "num_logits_indices", "max_logits_per_req", "mm_req_doc_ranges",
           "_num_computed_tokens_cache", "_token_to_req_indices_cache", "replayssm_decode_base_cpu")

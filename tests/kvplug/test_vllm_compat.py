@@ -1,3 +1,4 @@
+import dataclasses
 from types import SimpleNamespace
 
 import torch
@@ -34,3 +35,44 @@ def test_cpu_memory_default_only_when_user_chose_none():
 def test_version_parsing():
     assert vllm_compat._version_tuple("0.26.0+cu130") == (0, 26)
     assert vllm_compat._version_tuple("0.32.0") == (0, 32)
+
+
+@dataclasses.dataclass
+class _Cam026:
+    """vLLM 0.26's CommonAttentionMetadata shape: seq_lens_cpu / num_computed_tokens_cpu are properties that
+    cache into the _seq_lens_cpu / _num_computed_tokens_cpu dataclass fields."""
+    query_start_loc: torch.Tensor
+    query_start_loc_cpu: torch.Tensor
+    seq_lens: torch.Tensor
+    num_reqs: int
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    block_table_tensor: torch.Tensor
+    slot_mapping: torch.Tensor
+    _seq_lens_cpu: torch.Tensor | None = None
+    _num_computed_tokens_cpu: torch.Tensor | None = None
+
+    @property
+    def seq_lens_cpu(self) -> torch.Tensor:
+        if self._seq_lens_cpu is None:
+            self._seq_lens_cpu = self.seq_lens.to("cpu")
+        return self._seq_lens_cpu
+
+    @property
+    def num_computed_tokens_cpu(self) -> torch.Tensor:
+        if self._num_computed_tokens_cpu is None:
+            self._num_computed_tokens_cpu = self.seq_lens_cpu - (self.query_start_loc_cpu[1:] - self.query_start_loc_cpu[:-1])
+        return self._num_computed_tokens_cpu
+
+
+def test_subset_of_026_metadata_reports_its_own_host_lengths_after_the_batch_cached_them():
+    qsl = torch.tensor([0, 5, 6, 9])
+    cam = _Cam026(qsl, qsl, torch.tensor([40, 17, 30]), 3, 9, 5, 40, torch.arange(12).view(3, 4), torch.arange(9))
+    assert vllm_compat.host_seq_lens(cam).tolist() == [40, 17, 30]  # fills cam._seq_lens_cpu (as 0.26 does)
+    assert cam.num_computed_tokens_cpu.tolist() == [35, 16, 27]
+    sub = vllm_compat.subset_common_metadata(cam, torch.tensor([1, 2]), torch.tensor([5, 6, 7, 8]))
+    assert vllm_compat.host_seq_lens(sub).tolist() == [17, 30]
+    assert sub.num_computed_tokens_cpu.tolist() == [16, 27]
+    assert sub.num_reqs == 2 and sub.max_seq_len == 30 and sub.block_table_tensor.tolist() == [[4, 5, 6, 7],
+                                                                                             [8, 9, 10, 11]]
