@@ -17,14 +17,11 @@ def _use_kernel(x: torch.Tensor) -> bool:
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (e4m3 [..., D], float32 scale [..., 1]); Triton on CUDA, the torch reference on CPU."""
-    if _use_kernel(x):
-        return triton_quant.run_kernel(KERNELS, _quantize_kernel, quantize_fp8_reference, x)
+    """x [..., D] -> (e4m3 [..., D], float32 scale [..., 1]) with torch ops, on CUDA too: on the H100 (Triton
+    3.6) the row kernel's e4m3 codes differed from torch's by up to two steps on 2.3% of elements
+    (tests/cache_policies/test_triton_quant.py::test_fp8_kernel_matches_reference_on_gpu), so the kernel is
+    not used for fp8 until that is understood. Dequantization (exact: codes x scale) uses the kernel."""
     return quantize_fp8_reference(x)
-
-
-def _quantize_kernel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return triton_quant.quantize(x, FP8, FP8_MAX, 1e-12)
 
 
 def quantize_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

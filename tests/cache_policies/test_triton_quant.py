@@ -58,8 +58,8 @@ def test_fp8_kernel_matches_reference_on_gpu():
     q, s = quant_fp8.quantize_fp8(x)
     q_ref, s_ref = quant_fp8.quantize_fp8_reference(x)
     torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
-    torch.testing.assert_close(q.float(), q_ref.float(), rtol=0.07, atol=0)  # e4m3: one ulp at most
-    torch.testing.assert_close(quant_fp8.dequantize_fp8(q, s, torch.float32), q.float() * s)
+    torch.testing.assert_close(q.float(), q_ref.float(), rtol=0, atol=0)  # quantize: torch ops on CUDA too
+    torch.testing.assert_close(quant_fp8.dequantize_fp8(q, s, torch.float32), q.float() * s)  # the kernel
     assert not triton_quant.kernel_failed(quant_fp8.KERNELS)  # the kernels ran, not the torch fallback
 
 
