@@ -6,9 +6,10 @@ Plain torch (no vLLM): the connector (offload/connector.py) drives it from vLLM'
   ``save_kv_layer``). On CUDA a side stream first waits for the compute stream (layer ``l``'s KV is then
   in the cache), gathers the blocks, encodes them with the policy (Triton quantizers) and copies the
   result into pinned host memory with ``non_blocking`` copies, while the compute stream goes on with layer
-  ``l + 1``. ``finish`` makes the compute stream wait for the side stream (no host sync): vLLM may reuse
-  the blocks after ``wait_for_save`` returns, and every later write into them is queued on the compute
-  stream, behind that wait.
+  ``l + 1``. ``finish`` records one event after the step's copies and returns it; the compute stream does
+  NOT wait for it (the step ends while the copies run). The connector keeps the blocks alive instead
+  (vLLM's delay free: a finished request's blocks stay allocated until the event has completed) and makes
+  whatever reads the saved host memory, or rewrites a reallocated block, wait for that event.
 * Loads: ``LoadJobs.issue_layer(l)`` copies layer ``l`` of the step's entries host -> device on a second
   side stream, decodes it and writes it into the paged cache, then records one event per layer;
   ``wait_layer(l)`` makes the compute stream wait for that event only (no host sync), so layer 0's
@@ -68,6 +69,16 @@ class Lane:
     def compute_waits(self, event) -> None:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
+
+    def waits(self, event) -> None:
+        """Later work on this lane starts after ``event`` (another lane's copies): a stream wait."""
+        if event is not None and self.stream is not None:
+            self.stream.wait_event(event)
+
+    @staticmethod
+    def done(event) -> bool:
+        """Whether the work before ``event`` has completed (a poll, never a host sync); None = inline work."""
+        return event is None or bool(event.query())
 
     def to_device_index(self, ids: list[int]) -> torch.Tensor:
         """Block ids as a device tensor, copied on this lane (a plain ``torch.tensor(..., device=cuda)``
@@ -172,13 +183,13 @@ class SaveJobs:
                 seg.fields[name][layer].copy_(t[:, 0], non_blocking=self.lane.stream is not None)
 
     def finish(self) -> tuple[dict[str, tuple[Segment, int]], object]:
-        """Save the layers whose hook did not run (e.g. a step replayed from a full CUDA graph), order the
-        compute stream after every copy, and return key -> (segment, slot) plus the copies' event (the
-        disk writer waits for it before reading the host memory)."""
+        """Save the layers whose hook did not run (e.g. a step replayed from a full CUDA graph) and return
+        key -> (segment, slot) plus the event after every copy of the step (None on CPU: done inline). The
+        compute stream does not wait for it: the caller either keeps the source blocks alive until the event
+        completes (delay free) or orders the compute stream after it (``lane.compute_waits``)."""
         for layer in range(len(self.layers)):
             self.save_layer(layer)
         done = self.lane.record()
-        self.lane.compute_waits(done)
         out: dict[str, tuple[Segment, int]] = {}
         if self.failed:
             return out, done
@@ -259,6 +270,8 @@ class LoadJobs:
     issued: int = 0
     events: list = field(default_factory=list)
     failed: bool = False
+    # Events of saves still copying entries this load reads (their host memory is not filled yet).
+    after_saves: list = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.runs or self.whole_block_work)
@@ -266,6 +279,8 @@ class LoadJobs:
     def start(self) -> None:
         # Work vLLM queued before this step (e.g. zeroing freshly allocated blocks) lands first.
         self.lane.follow_compute()
+        for event in self.after_saves:
+            self.lane.waits(event)
         self.issue_through(LOAD_LOOKAHEAD - 1)
 
     def issue_through(self, layer: int) -> None:
