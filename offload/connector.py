@@ -357,6 +357,10 @@ class _WorkerSide:
         self.layerwise_saves = 0
         self.layerwise_load_waits = 0
         self.reuse_fences = 0  # steps whose compute stream waited for an in-flight save (preemption reuse)
+        self.deferred_frees = 0  # finished requests whose blocks vLLM freed when get_finished reported them
+        # Host seconds of layer-wise saves: issuing them, and the pinned-segment allocation within that.
+        self.save_issue_s = 0.0
+        self.save_alloc_s = 0.0
         atexit.register(self.close)
 
     def policy(self, name: str) -> CachePolicy:
@@ -536,6 +540,9 @@ class _WorkerSide:
         self._track_inflight(meta, saves, ready)
         if not self.layers or (not meta.saves and not meta.tier_ops):
             return
+        if saves is not None:
+            self.save_issue_s += saves.issue_s
+            self.save_alloc_s += saves.alloc_s
         if saves is not None and self.m is not None:
             for policy, ratio in saves.compression():
                 self.m.compression_ratio.labels(policy=policy).observe(ratio)
@@ -602,6 +609,7 @@ class _WorkerSide:
             del self._deferred_reqs[r]
         self._finished_waiting -= done
         self._prune_inflight()
+        self.deferred_frees += len(done)
         return done
 
     def _encode(self, spec: SaveSpec) -> list[Payload]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -146,6 +147,10 @@ class SaveJobs:
     jobs: list[SaveJob] = field(default_factory=list)
     saved_layers: set[int] = field(default_factory=set)
     failed: bool = False
+    # Host time spent issuing the saves (the forward's kernels wait behind it), and the part of it spent
+    # allocating pinned host segments (cudaHostAlloc: slow, and paid by every save of a new context).
+    issue_s: float = 0.0
+    alloc_s: float = 0.0
 
     def add(self, policy: CachePolicy, keys: list[str], block_ids: list[int], block_starts: list[int],
             prefix_len: int) -> None:
@@ -158,6 +163,7 @@ class SaveJobs:
             return
         self.saved_layers.add(layer)
         _, kc, vc = self.layers[layer]
+        t0 = time.perf_counter()
         try:
             self.lane.follow_compute()
             with self.lane.context():
@@ -166,6 +172,7 @@ class SaveJobs:
         except Exception as exc:  # e.g. pinned memory exhausted: the entries are a future miss, nothing more
             logger.warning("kvplug offload: saving layer %d failed (%s); this step's entries are skipped", layer, exc)
             self.failed = True
+        self.issue_s += time.perf_counter() - t0
 
     def _save_job_layer(self, job: SaveJob, layer: int, kc: torch.Tensor, vc: torch.Tensor) -> None:
         if job.index is None:
@@ -174,7 +181,9 @@ class SaveJobs:
         v = vc.index_select(0, job.index).unsqueeze(1)
         groups = job.policy.encode_groups(k, v, job.ctx)
         if job.groups is None:
+            t0 = time.perf_counter()
             job.groups = [(idx, Segment.allocate(len(self.layers), batch, self.pin)) for idx, batch in groups]
+            self.alloc_s += time.perf_counter() - t0
             job.raw_bytes = 2 * k.numel() * k.element_size() * len(self.layers)
         if [idx for idx, _ in groups] != [idx for idx, _ in job.groups]:
             raise RuntimeError(f"policy {job.policy.name} grouped layer {layer}'s blocks unlike layer 0's")
