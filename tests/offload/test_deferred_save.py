@@ -301,3 +301,37 @@ def test_scheduler_and_worker_agree_a_finished_request_is_freed_once_after_its_s
     assert done == {"r"} and sched.delayed_frees == set()
     assert all(worker.cpu.get(k) is not None for s in meta.saves for k in s.keys)
     assert worker.finished_saves({"r"}) == set()
+
+
+def test_chunked_prefill_saves_once_after_the_last_chunk_and_an_abort_before_it_frees_at_once(monkeypatch):
+    """The save is planned in the step that computes the prompt's last chunk (earlier chunks' blocks are
+    final by then; later steps only write blocks past the prompt's full blocks), so a request aborted in
+    the middle of its prefill has nothing in flight and its blocks are freed at once."""
+    side = scheduler(monkeypatch)
+    req = request("r", 4)
+    side.get_num_new_matched_tokens(req, 0)
+    half = 2 * TOKENS
+    new = SimpleNamespace(req_id="r", block_ids=([0, 1],), num_computed_tokens=0)
+    none_cached = SimpleNamespace(req_ids=[], new_block_ids=[], num_computed_tokens=[], resumed_req_ids=set())
+    first = side.build_connector_meta(SimpleNamespace(scheduled_new_reqs=[new], scheduled_cached_reqs=none_cached,
+                                                      num_scheduled_tokens={"r": half}))
+    assert first.saves == []
+    cached = SimpleNamespace(req_ids=["r"], new_block_ids=[([2, 3, 4],)], num_computed_tokens=[half],
+                             resumed_req_ids=set())
+    rest = len(req.prompt_token_ids) - half
+    last = side.build_connector_meta(SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached,
+                                                     num_scheduled_tokens={"r": rest}))
+    assert [(s.block_ids, s.deferred) for s in last.saves] == [([0, 1, 2, 3], True)]
+    again = side.build_connector_meta(SimpleNamespace(
+        scheduled_new_reqs=[], num_scheduled_tokens={"r": 1},
+        scheduled_cached_reqs=SimpleNamespace(req_ids=["r"], new_block_ids=[None],
+                                              num_computed_tokens=[len(req.prompt_token_ids)], resumed_req_ids=set())))
+    assert again.saves == []  # decode steps: no second save
+    assert side.request_finished(req) is True
+
+    aborted = request("a", 4)
+    side.get_num_new_matched_tokens(aborted, 0)
+    new = SimpleNamespace(req_id="a", block_ids=([5, 6],), num_computed_tokens=0)
+    side.build_connector_meta(SimpleNamespace(scheduled_new_reqs=[new], scheduled_cached_reqs=none_cached,
+                                              num_scheduled_tokens={"a": half}))
+    assert side.request_finished(aborted) is False
