@@ -88,6 +88,9 @@ class KvplugConnectorMetadata(_Metadata):  # type: ignore[misc, valid-type]
     saves: list[SaveSpec] = field(default_factory=list)
     tier_ops: list[TierOp] = field(default_factory=list)
     fresh_block_ids: list[int] = field(default_factory=list)  # reallocated: forget their dropped-token masks
+    # Every block this step may write that vLLM's prefix cache did not supply (computed or loaded into): a
+    # superset of fresh_block_ids + load targets. A block whose save is still copying must not be among them.
+    allocated_block_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -219,13 +222,17 @@ class _SchedulerSide:
         for new in so.scheduled_new_reqs:
             st = self.reqs.get(new.req_id)
             if st is None:
+                meta.allocated_block_ids += list(new.block_ids[0]) if new.block_ids is not None else []
                 continue
             self._block_table(st, new.block_ids, replace=True)
             meta.fresh_block_ids += st.block_ids[st.local_blocks + len(st.load_keys):]
+            meta.allocated_block_ids += st.block_ids[st.local_blocks:]
             progress.append((st, new.num_computed_tokens + so.num_scheduled_tokens.get(new.req_id, 0)))
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self.reqs.get(req_id)
+            if cached.new_block_ids[i] is not None:
+                meta.allocated_block_ids += list(cached.new_block_ids[i][0])
             if st is None:
                 continue
             resumed = req_id in getattr(cached, "resumed_req_ids", ())
@@ -594,7 +601,7 @@ class _WorkerSide:
         self._prune_inflight()
         if not self._inflight:
             return
-        written = set(meta.fresh_block_ids).union(*(spec.block_ids for spec in meta.loads))
+        written = set(meta.allocated_block_ids).union(meta.fresh_block_ids, *(spec.block_ids for spec in meta.loads))
         for s in self._inflight:
             if not s.block_ids.isdisjoint(written):
                 self._save_lane.compute_waits(s.event)

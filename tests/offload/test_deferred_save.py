@@ -335,3 +335,28 @@ def test_chunked_prefill_saves_once_after_the_last_chunk_and_an_abort_before_it_
     side.build_connector_meta(SimpleNamespace(scheduled_new_reqs=[new], scheduled_cached_reqs=none_cached,
                                               num_scheduled_tokens={"a": half}))
     assert side.request_finished(aborted) is False
+
+
+def test_blocks_of_a_preempted_request_reallocated_while_its_save_runs_fence_the_next_step(monkeypatch):
+    """Scheduler to worker: A's save is in flight when vLLM preempts A (its blocks are freed at once, no
+    request_finished) and gives two of them to B, after a prefix-cache hit of one block. The step computing
+    B waits for A's save; vLLM's own prefix-cache hits (shared, only read) do not make it wait."""
+    sched = scheduler(monkeypatch)
+    worker, log = fake_worker()
+    a = request("a", 4)
+    run_step(worker, schedule_whole_prompt(sched, a, [1, 2, 3, 4, 5]))
+    ev = save_event(worker)
+    log.clear()
+    b = request("b", 4)
+    sched.get_num_new_matched_tokens(b, TOKENS)  # vLLM's prefix cache supplies B's first block: block 1
+    new = SimpleNamespace(req_id="b", block_ids=([1, 3, 4, 20, 21],), num_computed_tokens=TOKENS)
+    cached = SimpleNamespace(req_ids=[], new_block_ids=[], num_computed_tokens=[], resumed_req_ids=set())
+    meta = sched.build_connector_meta(SimpleNamespace(scheduled_new_reqs=[new], scheduled_cached_reqs=cached,
+                                                      num_scheduled_tokens={"b": len(b.prompt_token_ids) - TOKENS}))
+    assert meta.allocated_block_ids == [3, 4, 20, 21]
+    worker.start_load(meta)
+    assert log == [("compute", ev)] and worker.reuse_fences == 1
+    log.clear()
+    hit_only = conn.KvplugConnectorMetadata(allocated_block_ids=[20, 21])  # block 1 read from the cache only
+    worker.start_load(hit_only)
+    assert log == []
