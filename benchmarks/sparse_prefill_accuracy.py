@@ -109,6 +109,7 @@ def _worker(args) -> None:
     from vllm import LLM, SamplingParams
 
     from attention_backends.sparse_prefill import runner
+    from kvplug import vllm_compat
 
     path = str(model_path(args.model))
     cases = make_cases(path, args.tokens, args.cases, args.seed)
@@ -120,8 +121,9 @@ def _worker(args) -> None:
                          "positions: lower --tokens")
     kw = dict(model=path, max_model_len=min(limit, longest + args.max_tokens + 64), seed=0,
               enable_prefix_caching=False, max_num_batched_tokens=args.max_batched_tokens)
+    kw.update(vllm_compat.attention_backend_engine_kwargs())
     if _cuda():
-        kw.update(attention_backend="CUSTOM", gpu_memory_utilization=args.gpu_mem)
+        kw.update(gpu_memory_utilization=args.gpu_mem)
     else:
         kw.update(kv_cache_memory_bytes=2 << 30)
     llm = LLM(**kw)

@@ -9,13 +9,22 @@ from cache_policies.quant_int8 import dequantize_reference
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
+KERNELS = "quant:fp8"  # triton_quant.run_kernel family: one failure warning, then the torch path
+
+
+def _use_kernel(x: torch.Tensor) -> bool:
+    return x.is_cuda and triton_quant.usable(x)  # the interpreter has no fp8 type: CPU keeps the reference
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (e4m3 [..., D], float32 scale [..., 1]); Triton on CUDA, the torch reference on CPU."""
-    if x.is_cuda and triton_quant.usable(x):  # the interpreter has no fp8 type: CPU keeps the reference
-        return triton_quant.quantize(x, FP8, FP8_MAX, 1e-12)
+    if _use_kernel(x):
+        return triton_quant.run_kernel(KERNELS, _quantize_kernel, quantize_fp8_reference, x)
     return quantize_fp8_reference(x)
+
+
+def _quantize_kernel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return triton_quant.quantize(x, FP8, FP8_MAX, 1e-12)
 
 
 def quantize_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,8 +34,8 @@ def quantize_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if q.is_cuda and triton_quant.usable(q):
-        return triton_quant.dequantize(q, scale, dtype)
+    if _use_kernel(q):
+        return triton_quant.run_kernel(KERNELS, triton_quant.dequantize, dequantize_reference, q, scale, dtype)
     return dequantize_reference(q, scale, dtype)
 
 

@@ -13,12 +13,13 @@ from cache_policies import triton_quant
 from cache_policies.base import BlockContext, CachePolicy, Payload, check_kv, stack_field
 
 INT8_MAX = 127.0
+KERNELS = "quant:int8"  # triton_quant.run_kernel family: one failure warning, then the torch path
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (int8 [..., D], float32 scale [..., 1]); Triton on CUDA, the torch reference elsewhere."""
     if triton_quant.usable(x):
-        return triton_quant.quantize(x, torch.int8, INT8_MAX, 1e-8)
+        return triton_quant.run_kernel(KERNELS, _quantize_kernel, quantize_int8_reference, x)
     return quantize_int8_reference(x)
 
 
@@ -31,8 +32,12 @@ def quantize_int8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if triton_quant.usable(q):
-        return triton_quant.dequantize(q, scale, dtype)
+        return triton_quant.run_kernel(KERNELS, triton_quant.dequantize, dequantize_reference, q, scale, dtype)
     return dequantize_reference(q, scale, dtype)
+
+
+def _quantize_kernel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return triton_quant.quantize(x, torch.int8, INT8_MAX, 1e-8)
 
 
 def dequantize_reference(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

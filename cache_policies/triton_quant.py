@@ -52,7 +52,8 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         ok = offs < D
-        q = tl.load(q_ptr + row * D + offs, mask=ok, other=0).to(tl.float32)
+        # No ``other``: Triton cannot cast an int fill to fp8 codes, and masked lanes are never stored.
+        q = tl.load(q_ptr + row * D + offs, mask=ok).to(tl.float32)
         scale = tl.load(s_ptr + row)
         tl.store(out_ptr + row * D + offs, (q * scale).to(out_ptr.dtype.element_ty), mask=ok)
 

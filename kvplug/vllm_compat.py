@@ -102,15 +102,16 @@ def limit_full_cudagraphs_to_pure_decode(builder_cls: type) -> None:
             setattr(builder_cls, name, level)
 
 
-def attention_backend_cli_args() -> list[str]:
-    """Server flags that select our backend (none on CPU: the registry override does it)."""
-    return [] if platform_name() == "cpu" else ["--attention-backend", "CUSTOM"]
-
-
 def attention_backend_engine_kwargs() -> dict[str, str]:
-    """``LLM(...)`` keyword arguments that select our backend: the offline twin of the server flags. Without
-    them a CUDA engine runs vLLM's own FLASH_ATTN and none of our attention code."""
+    """``LLM(...)`` keyword arguments that select our backend (none on CPU: the registry override does it).
+    Without them a CUDA engine runs vLLM's own FLASH_ATTN and none of our attention code."""
     return {} if platform_name() == "cpu" else {"attention_backend": "CUSTOM"}
+
+
+def attention_backend_cli_args() -> list[str]:
+    """The same selection as server flags."""
+    return [arg for key, value in attention_backend_engine_kwargs().items()
+            for arg in ("--" + key.replace("_", "-"), value)]
 
 
 CPU_DEFAULT_KV_CACHE_BYTES = 2 << 30

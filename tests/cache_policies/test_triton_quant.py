@@ -49,6 +49,7 @@ def test_int8_kernel_equals_reference(shape):
     torch.testing.assert_close(out, quant_int8.dequantize_reference(q, s, torch.bfloat16))
     err = (out.float() - x.float()).abs()
     assert bool((err <= s * 0.5 + x.float().abs() * 2 ** -7).all())  # half a step + bf16 rounding
+    assert not triton_quant.kernel_failed(quant_int8.KERNELS)  # the kernels ran, not the torch fallback
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton interpreter has no fp8 type")
@@ -59,6 +60,35 @@ def test_fp8_kernel_matches_reference_on_gpu():
     torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(q.float(), q_ref.float(), rtol=0.07, atol=0)  # e4m3: one ulp at most
     torch.testing.assert_close(quant_fp8.dequantize_fp8(q, s, torch.float32), q.float() * s)
+    assert not triton_quant.kernel_failed(quant_fp8.KERNELS)  # the kernels ran, not the torch fallback
+
+
+@pytest.mark.parametrize("module", [quant_int8, quant_fp8], ids=lambda m: m.KERNELS)
+def test_row_quant_kernel_failure_falls_back_to_torch_with_one_warning(module, monkeypatch, caplog):
+    # quant:fp8's dequantize kernel once failed to compile on sm_90 (an int fill cast to fp8) and killed the
+    # engine: a kernel failure must cost one warning, never a request.
+    def broken(*args):
+        raise RuntimeError("cannot cast int32 to fp8e4nv")
+
+    monkeypatch.setattr(triton_quant, "_FAILED", set())
+    monkeypatch.setattr(triton_quant, "dequantize", broken)
+    monkeypatch.setattr(triton_quant, "quantize", broken)
+    if module is quant_fp8:
+        monkeypatch.setattr(quant_fp8, "_use_kernel", lambda x: True)  # the CPU interpreter has no fp8 type
+        quantize, reference, dequantize = quant_fp8.quantize_fp8, quant_fp8.quantize_fp8_reference, quant_fp8.dequantize_fp8
+    else:
+        quantize, reference, dequantize = quant_int8.quantize_int8, quant_int8.quantize_int8_reference, quant_int8.dequantize_int8
+    x = _kv((2, 3, 16, 64))
+    with caplog.at_level("WARNING", logger="vllm.kvplug.cache_policies"):
+        q, s = quantize(x)
+        out = dequantize(q, s, torch.bfloat16)
+        dequantize(q, s, torch.bfloat16)
+    q_ref, s_ref = reference(x)
+    assert torch.equal(q.float(), q_ref.float()) and torch.equal(s, s_ref)
+    torch.testing.assert_close(out, quant_int8.dequantize_reference(q_ref, s_ref, torch.bfloat16))
+    warnings = [r for r in caplog.records if f"{module.KERNELS} Triton kernel failed" in r.getMessage()]
+    assert len(warnings) == 1 and "fp8e4nv" in warnings[0].getMessage()
+    assert triton_quant.kernel_failed(module.KERNELS)
 
 
 def test_policy_round_trip_uses_the_kernels():
