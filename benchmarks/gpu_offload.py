@@ -98,7 +98,8 @@ def connector_counters(_worker=None) -> dict:
     return {"loaded": dict(side.loaded_blocks), "saved": side.saved_blocks,
             "deferred_frees": getattr(side, "deferred_frees", None),
             "save_issue_s": round(getattr(side, "save_issue_s", 0.0), 3),
-            "save_alloc_s": round(getattr(side, "save_alloc_s", 0.0), 3)}
+            "save_alloc_s": round(getattr(side, "save_alloc_s", 0.0), 3),
+            "host_memory": side.host_memory_stats() if hasattr(side, "host_memory_stats") else None}
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -166,6 +167,7 @@ def _worker(args: argparse.Namespace) -> None:
         res["turn1_deferred_frees"] = c_before.get("deferred_frees")
         res["turn1_save_issue_s"] = c_before.get("save_issue_s")
         res["turn1_save_alloc_s"] = c_before.get("save_alloc_s")
+        res["host_memory"] = c_after.get("host_memory")  # pinned pool: size, pin time, pooled vs fallback
     # Offload that never supplied a follow-up's context measured recomputation, whatever its timing says.
     res["no_op"] = args.mode != "none" and res["follow_up_cached_fraction"] < 0.5 and (
         c_before is None or sum(res["connector_loaded_blocks"].values()) == 0)

@@ -46,6 +46,7 @@ from cache_policies.base import BlockContext, CachePolicy, Payload, compression_
 from cache_policies.selection import choose_policy
 from kvplug import config as cfg_mod
 from kvplug import metrics, vllm_compat
+from offload import host_memory
 from offload.dropped_tokens import registry as dropped_registry
 from offload.keys import entry_key
 from offload.layerwise import Lane, LoadJobs, SaveJobs, plan_runs
@@ -347,6 +348,7 @@ class _WorkerSide:
         self._save_lane: Lane | None = None
         self._loads: LoadJobs | None = None
         self._saves: SaveJobs | None = None
+        self._host: host_memory.HostMemory | None = None
         self._meta: KvplugConnectorMetadata | None = None  # the step whose saves are in flight
         # Saves of earlier steps whose copies may still run (the compute stream did not wait for them), and
         # the copies' event per request whose blocks vLLM keeps for us (reported by get_finished once done).
@@ -384,8 +386,11 @@ class _WorkerSide:
         self.layer_of = {name: i for i, (name, _, _) in enumerate(layers)}
         dev = layers[0][1].device if layers else torch.device("cpu")
         self._load_lane, self._save_lane = Lane(dev), Lane(dev)
-        # Host memory the GPU copies into must be pinned (else every copy is synchronous and staged).
-        self._pin = dev.type == "cuda"
+        # Host memory the GPU copies into must be pinned (else every copy is synchronous and staged); on CUDA
+        # the CPU tier's budget is pinned once here, not per save inside a prefill.
+        if self._host is None:
+            self._host = host_memory.for_device(dev, self.cfg.offload.cpu_bytes,
+                                                [self._load_lane.stream, self._save_lane.stream])
         # Backends that keep per-block state next to the KV (retrieval decode's block summaries) hear about
         # every block this connector writes, per layer, right after that layer's load (same stream).
         impls = [vllm_compat.attention_impl(self.vllm_config, name) if self.vllm_config is not None else None
@@ -398,6 +403,9 @@ class _WorkerSide:
 
             self.load_listeners = [h for h in self.load_listeners if getattr(h, "__name__", "") != "refresh"]
             self.load_listeners.append(refresh)
+
+    def host_memory_stats(self) -> dict[str, float]:
+        return self._host.stats() if self._host is not None else {}
 
     def close(self) -> None:
         if self.writer is not None:
@@ -532,7 +540,7 @@ class _WorkerSide:
     def _saves_for(self, meta: KvplugConnectorMetadata) -> SaveJobs:
         if self._meta is not meta or self._saves is None:
             self._meta = meta
-            self._saves = SaveJobs(self.layers, self._save_lane, self._pin)
+            self._saves = SaveJobs(self.layers, self._save_lane, self._host)
             for spec in meta.saves:
                 policy = self.policy(spec.policy)
                 if policy.layerwise:
