@@ -90,11 +90,16 @@ def capacity(mode: str, shape: dict, context_tokens: int, cpu_gib: float) -> dic
 
 
 def connector_counters(_worker=None) -> dict:
-    """In the worker: blocks kvplug's connector loaded per tier and saved."""
+    """In the worker: blocks kvplug's connector loaded per tier and saved; requests whose block free waited
+    for their save (deferred free); host seconds spent issuing saves and allocating pinned memory for them."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     side = get_kv_transfer_group().worker_side
-    return {"loaded": dict(side.loaded_blocks), "saved": side.saved_blocks}
+    return {"loaded": dict(side.loaded_blocks), "saved": side.saved_blocks,
+            "deferred_frees": getattr(side, "deferred_frees", None),
+            "save_issue_s": round(getattr(side, "save_issue_s", 0.0), 3),
+            "save_alloc_s": round(getattr(side, "save_alloc_s", 0.0), 3),
+            "host_memory": side.host_memory_stats() if hasattr(side, "host_memory_stats") else None}
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -158,6 +163,11 @@ def _worker(args: argparse.Namespace) -> None:
     if c_before is not None:
         res["connector_loaded_blocks"] = {k: c_after["loaded"][k] - c_before["loaded"][k] for k in c_after["loaded"]}
         res["connector_saved_blocks"] = c_after["saved"]
+        # Turn 1 (and the warm-up): where the first-turn TTFT beyond native's goes on the host.
+        res["turn1_deferred_frees"] = c_before.get("deferred_frees")
+        res["turn1_save_issue_s"] = c_before.get("save_issue_s")
+        res["turn1_save_alloc_s"] = c_before.get("save_alloc_s")
+        res["host_memory"] = c_after.get("host_memory")  # pinned pool: size, pin time, pooled vs fallback
     # Offload that never supplied a follow-up's context measured recomputation, whatever its timing says.
     res["no_op"] = args.mode != "none" and res["follow_up_cached_fraction"] < 0.5 and (
         c_before is None or sum(res["connector_loaded_blocks"].values()) == 0)

@@ -382,6 +382,10 @@ def cpu_head_decode(impl: Any, layer: Any, query: Any, kv_cache: Any, head_block
 #     exists in both (default "fail", read from 0.26's config/kv_transfer.py): always passed.
 #   * 0.32 only: bind_kv_cache_manager, get_transfer_results, has_pending_block_frees (defaults are fine);
 #     0.26 only: prefer_cross_layer_blocks / register_cross_layers_kv_cache (we keep per-layer caches).
+#   * Delay free (both): request_finished -> (True, params) keeps the request's blocks allocated until a
+#     worker's get_finished(finished_req_ids) returns its id in finished_sending (every worker must report
+#     it; only ids vLLM passed in finished_req_ids, this call or an earlier one). 0.32's native connector
+#     fences block reuse instead; 0.26's uses delay free, as kvplug does (kv_saves_defer_block_free).
 KV_CONNECTOR_MODULE = "offload.connector"
 KV_CONNECTOR_CLASS = "KvplugConnector"
 
@@ -391,6 +395,13 @@ def kv_connector_api() -> Any:
     from vllm.distributed.kv_transfer.kv_connector.v1 import base
 
     return base.KVConnectorBase_V1, base.KVConnectorMetadata, base.KVConnectorRole, base.KVConnectorWorkerMetadata
+
+
+def kv_saves_defer_block_free() -> bool:
+    """Whether the connector's saves outlive the step (device->host copies on a side stream, so a finished
+    request's blocks must stay allocated until they are done: delay free). Only CUDA copies asynchronously;
+    the CPU engine copies inline, so its saves are done when wait_for_save returns."""
+    return platform_name() == "cuda"
 
 
 def kv_transfer_config(extra: dict[str, Any] | None = None) -> dict[str, Any]:

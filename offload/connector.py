@@ -14,11 +14,17 @@ writes it). One class with the two halves vLLM's ABC asks for:
   issues the next layers and makes the compute stream wait for that layer's event only. Saves happen in
   the step in which a request's prompt finishes prefilling (policies see the whole prefix: KIVI's recent
   tokens, SnapKV's window): ``save_kv_layer(layer)`` encodes that layer's blocks on a side stream and copies
-  them into pinned host segments while later layers compute; ``wait_for_save`` orders the compute stream
-  after those copies (no host sync: vLLM may reuse the blocks after it returns, and all later writes into
-  them queue behind that wait), then applies the tier plan. Disk writes (checksum, fsync) run on a
-  background thread. Token-dropping policies store all layers of a block together, so they are saved in
-  ``wait_for_save`` and loaded before layer 0. On CPU (no streams) the same calls do the work inline.
+  them into pinned host segments while later layers compute; ``wait_for_save`` applies the tier plan and
+  returns without making the compute stream wait for those copies (the step, and the next one, do not
+  pay for them). The blocks stay valid through vLLM's delay free: ``request_finished`` of a request whose
+  save was planned returns True (vLLM keeps its blocks), and a worker's ``get_finished`` reports the request
+  once its save's event has completed (polled, never a host sync); vLLM frees the blocks then. A preempted
+  request's blocks are freed at once: when such a block is reallocated while its save is in flight, the
+  compute stream waits for that save before the step writes it. A load of an entry whose save is in
+  flight waits for it on the load stream. Disk writes (checksum, fsync) run on a background thread.
+  Token-dropping policies store all layers of a block together, so they are saved (synchronously) in
+  ``wait_for_save`` and loaded before layer 0. On CPU (no streams) the same calls do the work inline, saves
+  are done when ``wait_for_save`` returns, and no request's free is delayed.
 
 Entries are keyed by vLLM's chained block hash + policy + model/layout (offload/keys.py). A missing or
 corrupt entry is reported to vLLM as a failed block load, which vLLM recomputes (kv_load_failure_policy
@@ -40,6 +46,7 @@ from cache_policies.base import BlockContext, CachePolicy, Payload, compression_
 from cache_policies.selection import choose_policy
 from kvplug import config as cfg_mod
 from kvplug import metrics, vllm_compat
+from offload import host_memory
 from offload.dropped_tokens import registry as dropped_registry
 from offload.keys import entry_key
 from offload.layerwise import Lane, LoadJobs, SaveJobs, plan_runs
@@ -71,6 +78,9 @@ class SaveSpec:
     prefix_len: int
     # Observation window (SnapKV): (block id, offset) of the last prompt tokens, in order.
     window_slots: list[tuple[int, int]] = field(default_factory=list)
+    req_id: str = ""
+    # The scheduler delays freeing the request's blocks until a worker reports this save done (get_finished).
+    deferred: bool = False
 
 
 @dataclass
@@ -79,6 +89,9 @@ class KvplugConnectorMetadata(_Metadata):  # type: ignore[misc, valid-type]
     saves: list[SaveSpec] = field(default_factory=list)
     tier_ops: list[TierOp] = field(default_factory=list)
     fresh_block_ids: list[int] = field(default_factory=list)  # reallocated: forget their dropped-token masks
+    # Every block this step may write that vLLM's prefix cache did not supply (computed or loaded into): a
+    # superset of fresh_block_ids + load targets. A block whose save is still copying must not be among them.
+    allocated_block_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -99,12 +112,16 @@ class _ReqState:
     load_keys: list[str] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     saved: bool = False
+    save_deferred: bool = False  # a deferred save was planned: its blocks are freed when workers report it
     offload: bool = True  # False: kv_transfer_params opted this request out of the tiers
 
 
 class _SchedulerSide:
-    def __init__(self, vllm_config: Any, cfg: cfg_mod.KvplugConfig) -> None:
+    def __init__(self, vllm_config: Any, cfg: cfg_mod.KvplugConfig, defer_free: bool | None = None) -> None:
         self.cfg = cfg
+        # Layer-wise saves outlive their step (CUDA side-stream copies): keep finished requests' blocks.
+        self.defer_free = vllm_compat.kv_saves_defer_block_free() if defer_free is None else defer_free
+        self.delayed_frees: set[str] = set()  # finished requests whose blocks wait for a worker's report
         self.layout = vllm_compat.kv_layout(vllm_config, tp_rank=0)
         self.block_size = self.layout.block_size
         self.tp_size = self.layout.tp_size
@@ -206,13 +223,17 @@ class _SchedulerSide:
         for new in so.scheduled_new_reqs:
             st = self.reqs.get(new.req_id)
             if st is None:
+                meta.allocated_block_ids += list(new.block_ids[0]) if new.block_ids is not None else []
                 continue
             self._block_table(st, new.block_ids, replace=True)
             meta.fresh_block_ids += st.block_ids[st.local_blocks + len(st.load_keys):]
+            meta.allocated_block_ids += st.block_ids[st.local_blocks:]
             progress.append((st, new.num_computed_tokens + so.num_scheduled_tokens.get(new.req_id, 0)))
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self.reqs.get(req_id)
+            if cached.new_block_ids[i] is not None:
+                meta.allocated_block_ids += list(cached.new_block_ids[i][0])
             if st is None:
                 continue
             resumed = req_id in getattr(cached, "resumed_req_ids", ())
@@ -244,7 +265,7 @@ class _SchedulerSide:
         bs = self.block_size
         policy = self.policy(st.policy)
         n_full = min(prompt_len // bs, len(st.request.block_hashes), len(st.block_ids))
-        spec = SaveSpec(st.policy, [], [], [], prompt_len)
+        spec = SaveSpec(st.policy, [], [], [], prompt_len, req_id=st.request.request_id)
         for i in range(n_full):
             k = self.key(st.policy, st.request.block_hashes[i])
             ops = self.planner.plan_store(k, self._estimate_nbytes(policy, i * bs, prompt_len))
@@ -267,6 +288,8 @@ class _SchedulerSide:
             w = min(self.cfg.cache_policy.snapkv_window_tokens, prompt_len)
             spec.window_slots = [(st.block_ids[p // bs], p % bs) for p in range(prompt_len - w, prompt_len)
                                  if p // bs < len(st.block_ids)]
+        # Whole-block policies encode synchronously in wait_for_save: nothing outlives the step.
+        spec.deferred = st.save_deferred = self.defer_free and policy.layerwise
         meta.saves.append(spec)
 
     def update_connector_output(self, out: Any) -> None:
@@ -274,10 +297,16 @@ class _SchedulerSide:
         if isinstance(wm, KvplugWorkerMetadata):
             for k in wm.unreadable_keys:
                 self.planner.forget(k)
+        self.delayed_frees.difference_update(getattr(out, "finished_sending", None) or ())
 
-    def request_finished(self, request: Any) -> None:
-        self.reqs.pop(request.request_id, None)
+    def request_finished(self, request: Any) -> bool:
+        """Forget the request; True: vLLM must keep its blocks until the workers report its save done."""
+        st = self.reqs.pop(request.request_id, None)
         self._pending_loads.discard(request.request_id)
+        if st is None or not st.save_deferred:
+            return False
+        self.delayed_frees.add(request.request_id)
+        return True
 
 
 def _rank_dir(root: str, rank: int) -> str:
@@ -291,6 +320,15 @@ def _count_corrupt() -> None:
 
 
 # --- worker side ---------------------------------------------------------------------------------------
+
+@dataclass
+class _InflightSave:
+    """One step's layer-wise save whose device->host copies may still run (until ``event`` completes)."""
+
+    event: Any
+    keys: set[str]
+    block_ids: set[int]
+
 
 class _WorkerSide:
     def __init__(self, vllm_config: Any, cfg: cfg_mod.KvplugConfig, layout: Any = None) -> None:
@@ -310,7 +348,13 @@ class _WorkerSide:
         self._save_lane: Lane | None = None
         self._loads: LoadJobs | None = None
         self._saves: SaveJobs | None = None
+        self._host: host_memory.HostMemory | None = None
         self._meta: KvplugConnectorMetadata | None = None  # the step whose saves are in flight
+        # Saves of earlier steps whose copies may still run (the compute stream did not wait for them), and
+        # the copies' event per request whose blocks vLLM keeps for us (reported by get_finished once done).
+        self._inflight: list[_InflightSave] = []
+        self._deferred_reqs: dict[str, Any] = {}
+        self._finished_waiting: set[str] = set()
         self._load_timings: list[tuple[Any, Any, float]] = []
         # Called per layer after that layer's loads are written: (layer, block ids, device index tensor).
         self.load_listeners: list[Callable[[int, list[int], torch.Tensor], None]] = []
@@ -321,6 +365,11 @@ class _WorkerSide:
         # Per-layer hook calls that moved data (tests: the engine drove the layer-wise path).
         self.layerwise_saves = 0
         self.layerwise_load_waits = 0
+        self.reuse_fences = 0  # steps whose compute stream waited for an in-flight save (preemption reuse)
+        self.deferred_frees = 0  # finished requests whose blocks vLLM freed when get_finished reported them
+        # Host seconds of layer-wise saves: issuing them, and the pinned-segment allocation within that.
+        self.save_issue_s = 0.0
+        self.save_alloc_s = 0.0
         atexit.register(self.close)
 
     def policy(self, name: str) -> CachePolicy:
@@ -337,8 +386,11 @@ class _WorkerSide:
         self.layer_of = {name: i for i, (name, _, _) in enumerate(layers)}
         dev = layers[0][1].device if layers else torch.device("cpu")
         self._load_lane, self._save_lane = Lane(dev), Lane(dev)
-        # Host memory the GPU copies into must be pinned (else every copy is synchronous and staged).
-        self._pin = dev.type == "cuda"
+        # Host memory the GPU copies into must be pinned (else every copy is synchronous and staged); on CUDA
+        # the CPU tier's budget is pinned once here, not per save inside a prefill.
+        if self._host is None:
+            self._host = host_memory.for_device(dev, self.cfg.offload.cpu_bytes,
+                                                [self._load_lane.stream, self._save_lane.stream])
         # Backends that keep per-block state next to the KV (retrieval decode's block summaries) hear about
         # every block this connector writes, per layer, right after that layer's load (same stream).
         impls = [vllm_compat.attention_impl(self.vllm_config, name) if self.vllm_config is not None else None
@@ -351,6 +403,9 @@ class _WorkerSide:
 
             self.load_listeners = [h for h in self.load_listeners if getattr(h, "__name__", "") != "refresh"]
             self.load_listeners.append(refresh)
+
+    def host_memory_stats(self) -> dict[str, float]:
+        return self._host.stats() if self._host is not None else {}
 
     def close(self) -> None:
         if self.writer is not None:
@@ -374,6 +429,7 @@ class _WorkerSide:
     def start_load(self, meta: KvplugConnectorMetadata) -> None:
         dropped_registry().clear(meta.fresh_block_ids)
         self._drain_load_timings()
+        self._fence_reallocated_blocks(meta)
         self._loads = None
         if not meta.loads or not self.layers:
             return
@@ -401,7 +457,14 @@ class _WorkerSide:
             if self.m is not None:
                 self.m.bytes_loaded.labels(tier=tier, policy=spec.policy).inc(payload_nbytes(p))
             self.loaded_blocks[tier] += 1
-            entries.append((p, self.cpu.locate(key) if tier == CPU else None))
+            loc = self.cpu.locate(key) if tier == CPU else None
+            saving = self._inflight_event(key)
+            if saving is not None:
+                if policy.layerwise and loc is None:
+                    saving.synchronize()  # plan_runs stacks loose entries on the host right now (rare)
+                elif saving not in jobs.after_saves:
+                    jobs.after_saves.append(saving)  # the load stream reads the host memory after the copies
+            entries.append((p, loc))
         ids = spec.block_ids[:len(entries)]
         if not ids:
             return
@@ -477,7 +540,7 @@ class _WorkerSide:
     def _saves_for(self, meta: KvplugConnectorMetadata) -> SaveJobs:
         if self._meta is not meta or self._saves is None:
             self._meta = meta
-            self._saves = SaveJobs(self.layers, self._save_lane, self._pin)
+            self._saves = SaveJobs(self.layers, self._save_lane, self._host)
             for spec in meta.saves:
                 policy = self.policy(spec.policy)
                 if policy.layerwise:
@@ -487,9 +550,14 @@ class _WorkerSide:
     def save(self, meta: KvplugConnectorMetadata) -> None:
         self._finish_loads()
         saves, self._saves, self._meta = (self._saves_for(meta) if meta.saves and self.layers else None), None, None
+        slots, ready = saves.finish() if saves is not None else ({}, None)
+        self._prune_inflight()
+        self._track_inflight(meta, saves, ready)
         if not self.layers or (not meta.saves and not meta.tier_ops):
             return
-        slots, ready = saves.finish() if saves is not None else ({}, None)
+        if saves is not None:
+            self.save_issue_s += saves.issue_s
+            self.save_alloc_s += saves.alloc_s
         if saves is not None and self.m is not None:
             for policy, ratio in saves.compression():
                 self.m.compression_ratio.labels(policy=policy).observe(ratio)
@@ -505,6 +573,59 @@ class _WorkerSide:
             self.saved_blocks += len(spec.keys)
         for op in meta.tier_ops:
             self._apply(op, encoded, ready)
+
+    def _track_inflight(self, meta: KvplugConnectorMetadata, saves: SaveJobs | None, ready: Any) -> None:
+        """After this step's layer-wise copies were issued: either remember them as in flight (the scheduler
+        delays freeing their requests' blocks) or, for saves it does not delay (an older scheduler side),
+        order the compute stream after them as before. Every deferred request is remembered with the event
+        get_finished polls (None: nothing to wait for, e.g. the save failed or no layers are registered)."""
+        if saves is not None and saves.jobs:
+            layerwise = [spec for spec in meta.saves if self.policy(spec.policy).layerwise]
+            if all(spec.deferred for spec in layerwise):
+                self._inflight.append(_InflightSave(
+                    ready, {k for spec in layerwise for k in spec.keys},
+                    {b for spec in layerwise for b in spec.block_ids}))
+            else:
+                self._save_lane.compute_waits(ready)
+        for spec in meta.saves:
+            if spec.deferred and spec.req_id:
+                self._deferred_reqs[spec.req_id] = ready if saves is not None and saves.jobs else None
+
+    def _prune_inflight(self) -> None:
+        self._inflight = [s for s in self._inflight if not Lane.done(s.event)]
+
+    def _inflight_event(self, key: str) -> Any:
+        """The event of the newest save that may still be copying ``key``'s entry (pruned once per step, not
+        per key: a completed event here costs a no-op stream wait), or None."""
+        for s in reversed(self._inflight):
+            if key in s.keys:
+                return s.event
+        return None
+
+    def _fence_reallocated_blocks(self, meta: KvplugConnectorMetadata) -> None:
+        """vLLM frees a preempted request's blocks at once (only finished requests' frees are delayed), so a
+        block whose save is still copying can come back this step as a fresh block (or a load target):
+        the compute stream, which writes it this step (the load stream follows it), waits for that save."""
+        self._prune_inflight()
+        if not self._inflight:
+            return
+        written = set(meta.allocated_block_ids).union(meta.fresh_block_ids, *(spec.block_ids for spec in meta.loads))
+        for s in self._inflight:
+            if not s.block_ids.isdisjoint(written):
+                self._save_lane.compute_waits(s.event)
+                self.reuse_fences += 1
+
+    def finished_saves(self, finished_req_ids: set[str]) -> set[str]:
+        """Requests vLLM finished (this or an earlier step) whose deferred save has completed: vLLM may free
+        their blocks now. Each is reported once."""
+        self._finished_waiting.update(r for r in finished_req_ids if r in self._deferred_reqs)
+        done = {r for r in self._finished_waiting if Lane.done(self._deferred_reqs[r])}
+        for r in done:
+            del self._deferred_reqs[r]
+        self._finished_waiting -= done
+        self._prune_inflight()
+        self.deferred_frees += len(done)
+        return done
 
     def _encode(self, spec: SaveSpec) -> list[Payload]:
         """Whole-block encode (every layer at once) for policies that are not layer-wise."""
@@ -543,8 +664,8 @@ class _WorkerSide:
         elif op.kind == "demote":
             payload = self.cpu.get(op.key)
             if payload is not None and self.writer is not None:
-                # The entry may have been filled by this step's copies: the writer waits for them.
-                self.writer.write(op.key, payload, ready, "demoted")
+                # The entry may be filled by this or an earlier step's copies: the writer waits for them.
+                self.writer.write(op.key, payload, self._inflight_event(op.key) or ready, "demoted")
             self.cpu.release(op.key)
         elif op.kind == "drop_cpu":
             self.cpu.release(op.key)
@@ -600,8 +721,8 @@ class KvplugConnector(_Base):  # type: ignore[misc, valid-type]
         self.scheduler_side.update_connector_output(connector_output)
 
     def request_finished(self, request, block_ids):
-        self.scheduler_side.request_finished(request)
-        return False, None
+        # True: a save of the request's blocks may still be copying; get_finished reports when it is done.
+        return self.scheduler_side.request_finished(request), None
 
     # worker side
     def register_kv_caches(self, kv_caches):
@@ -623,6 +744,11 @@ class KvplugConnector(_Base):  # type: ignore[misc, valid-type]
         meta = self._get_connector_metadata()
         if isinstance(meta, KvplugConnectorMetadata):
             self.worker_side.save(meta)
+
+    def get_finished(self, finished_req_ids):
+        if self.worker_side is None:
+            return None, None
+        return self.worker_side.finished_saves(finished_req_ids) or None, None
 
     def shutdown(self):
         if self.worker_side is not None:

@@ -6,9 +6,10 @@ Plain torch (no vLLM): the connector (offload/connector.py) drives it from vLLM'
   ``save_kv_layer``). On CUDA a side stream first waits for the compute stream (layer ``l``'s KV is then
   in the cache), gathers the blocks, encodes them with the policy (Triton quantizers) and copies the
   result into pinned host memory with ``non_blocking`` copies, while the compute stream goes on with layer
-  ``l + 1``. ``finish`` makes the compute stream wait for the side stream (no host sync): vLLM may reuse
-  the blocks after ``wait_for_save`` returns, and every later write into them is queued on the compute
-  stream, behind that wait.
+  ``l + 1``. ``finish`` records one event after the step's copies and returns it; the compute stream does
+  NOT wait for it (the step ends while the copies run). The connector keeps the blocks alive instead
+  (vLLM's delay free: a finished request's blocks stay allocated until the event has completed) and makes
+  whatever reads the saved host memory, or rewrites a reallocated block, wait for that event.
 * Loads: ``LoadJobs.issue_layer(l)`` copies layer ``l`` of the step's entries host -> device on a second
   side stream, decodes it and writes it into the paged cache, then records one event per layer;
   ``wait_layer(l)`` makes the compute stream wait for that event only (no host sync), so layer 0's
@@ -17,7 +18,7 @@ Plain torch (no vLLM): the connector (offload/connector.py) drives it from vLLM'
 
 Host memory: entries saved together live in one ``Segment`` per group of blocks, layer-major
 (``field -> [layers, blocks, ...]``), allocated once per group instead of once per block and tensor
-(pinning is a slow syscall; torch's caching host allocator recycles freed segments). Layer ``l`` of
+(on CUDA carved from offload/host_memory.py's pinned pool: pinning is a slow syscall). Layer ``l`` of
 consecutive blocks of one segment is one contiguous slice, so a layer of a whole context moves with one
 copy per field. An entry of the CPU tier is a view of its segment slot; the segment's memory is freed
 when the tier has released all its slots.
@@ -26,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from cache_policies.base import BlockContext, CachePolicy, Payload
+from offload.host_memory import HostMemory
 
 logger = logging.getLogger("vllm.kvplug.offload")
 # Blocks gathered and encoded together per layer on save: one Segment. 256 blocks of a Llama-3-8B layer
@@ -69,6 +72,16 @@ class Lane:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
 
+    def waits(self, event) -> None:
+        """Later work on this lane starts after ``event`` (another lane's copies): a stream wait."""
+        if event is not None and self.stream is not None:
+            self.stream.wait_event(event)
+
+    @staticmethod
+    def done(event) -> bool:
+        """Whether the work before ``event`` has completed (a poll, never a host sync); None = inline work."""
+        return event is None or bool(event.query())
+
     def to_device_index(self, ids: list[int]) -> torch.Tensor:
         """Block ids as a device tensor, copied on this lane (a plain ``torch.tensor(..., device=cuda)``
         would synchronize the compute stream)."""
@@ -87,10 +100,10 @@ class Segment:
         self.fields = fields
 
     @classmethod
-    def allocate(cls, num_layers: int, layer_batch: Payload, pin: bool) -> "Segment":
+    def allocate(cls, num_layers: int, layer_batch: Payload, host: HostMemory) -> "Segment":
         """Room for ``num_layers`` layers of ``layer_batch`` ({field: [blocks, 1, ...]}, one layer)."""
-        return cls({name: torch.empty((num_layers, t.shape[0], *t.shape[2:]), dtype=t.dtype, device="cpu",
-                                      pin_memory=pin) for name, t in layer_batch.items()})
+        return cls({name: host.empty((num_layers, t.shape[0], *t.shape[2:]), t.dtype)
+                    for name, t in layer_batch.items()})
 
     @classmethod
     def stack(cls, payloads: list[Payload]) -> "Segment":
@@ -131,10 +144,14 @@ class SaveJobs:
 
     layers: list[tuple[str, torch.Tensor, torch.Tensor]]
     lane: Lane
-    pin: bool
+    host: HostMemory
     jobs: list[SaveJob] = field(default_factory=list)
     saved_layers: set[int] = field(default_factory=set)
     failed: bool = False
+    # Host time spent issuing the saves (the forward's kernels wait behind it), and the part of it spent
+    # allocating host segments (fast from the pinned pool; cudaHostAlloc, ~2 GiB/s, when it falls back).
+    issue_s: float = 0.0
+    alloc_s: float = 0.0
 
     def add(self, policy: CachePolicy, keys: list[str], block_ids: list[int], block_starts: list[int],
             prefix_len: int) -> None:
@@ -147,6 +164,7 @@ class SaveJobs:
             return
         self.saved_layers.add(layer)
         _, kc, vc = self.layers[layer]
+        t0 = time.perf_counter()
         try:
             self.lane.follow_compute()
             with self.lane.context():
@@ -155,6 +173,7 @@ class SaveJobs:
         except Exception as exc:  # e.g. pinned memory exhausted: the entries are a future miss, nothing more
             logger.warning("kvplug offload: saving layer %d failed (%s); this step's entries are skipped", layer, exc)
             self.failed = True
+        self.issue_s += time.perf_counter() - t0
 
     def _save_job_layer(self, job: SaveJob, layer: int, kc: torch.Tensor, vc: torch.Tensor) -> None:
         if job.index is None:
@@ -163,7 +182,9 @@ class SaveJobs:
         v = vc.index_select(0, job.index).unsqueeze(1)
         groups = job.policy.encode_groups(k, v, job.ctx)
         if job.groups is None:
-            job.groups = [(idx, Segment.allocate(len(self.layers), batch, self.pin)) for idx, batch in groups]
+            t0 = time.perf_counter()
+            job.groups = [(idx, Segment.allocate(len(self.layers), batch, self.host)) for idx, batch in groups]
+            self.alloc_s += time.perf_counter() - t0
             job.raw_bytes = 2 * k.numel() * k.element_size() * len(self.layers)
         if [idx for idx, _ in groups] != [idx for idx, _ in job.groups]:
             raise RuntimeError(f"policy {job.policy.name} grouped layer {layer}'s blocks unlike layer 0's")
@@ -172,13 +193,13 @@ class SaveJobs:
                 seg.fields[name][layer].copy_(t[:, 0], non_blocking=self.lane.stream is not None)
 
     def finish(self) -> tuple[dict[str, tuple[Segment, int]], object]:
-        """Save the layers whose hook did not run (e.g. a step replayed from a full CUDA graph), order the
-        compute stream after every copy, and return key -> (segment, slot) plus the copies' event (the
-        disk writer waits for it before reading the host memory)."""
+        """Save the layers whose hook did not run (e.g. a step replayed from a full CUDA graph) and return
+        key -> (segment, slot) plus the event after every copy of the step (None on CPU: done inline). The
+        compute stream does not wait for it: the caller either keeps the source blocks alive until the event
+        completes (delay free) or orders the compute stream after it (``lane.compute_waits``)."""
         for layer in range(len(self.layers)):
             self.save_layer(layer)
         done = self.lane.record()
-        self.lane.compute_waits(done)
         out: dict[str, tuple[Segment, int]] = {}
         if self.failed:
             return out, done
@@ -259,6 +280,8 @@ class LoadJobs:
     issued: int = 0
     events: list = field(default_factory=list)
     failed: bool = False
+    # Events of saves still copying entries this load reads (their host memory is not filled yet).
+    after_saves: list = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.runs or self.whole_block_work)
@@ -266,6 +289,8 @@ class LoadJobs:
     def start(self) -> None:
         # Work vLLM queued before this step (e.g. zeroing freshly allocated blocks) lands first.
         self.lane.follow_compute()
+        for event in self.after_saves:
+            self.lane.waits(event)
         self.issue_through(LOAD_LOOKAHEAD - 1)
 
     def issue_through(self, layer: int) -> None:
