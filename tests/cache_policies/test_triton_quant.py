@@ -75,9 +75,11 @@ def test_row_quant_kernel_failure_falls_back_to_torch_with_one_warning(module, m
     monkeypatch.setattr(triton_quant, "quantize", broken)
     if module is quant_fp8:
         monkeypatch.setattr(quant_fp8, "_use_kernel", lambda x: True)  # the CPU interpreter has no fp8 type
-        quantize, reference, dequantize = quant_fp8.quantize_fp8, quant_fp8.quantize_fp8_reference, quant_fp8.dequantize_fp8
+        quantize, reference, dequantize = (quant_fp8.quantize_fp8, quant_fp8.quantize_fp8_reference,
+                                           quant_fp8.dequantize_fp8)
     else:
-        quantize, reference, dequantize = quant_int8.quantize_int8, quant_int8.quantize_int8_reference, quant_int8.dequantize_int8
+        quantize, reference, dequantize = (quant_int8.quantize_int8, quant_int8.quantize_int8_reference,
+                                           quant_int8.dequantize_int8)
     x = _kv((2, 3, 16, 64))
     with caplog.at_level("WARNING", logger="vllm.kvplug.cache_policies"):
         q, s = quantize(x)
