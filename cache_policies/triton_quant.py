@@ -1,9 +1,9 @@
 """Triton kernels of the quantizers. quant:int8 (both ways) and quant:fp8 (dequantize only, see quant_fp8.py):
-per-(token, head) absmax, one program per row of ``head_dim`` values, scale in float32. quant:int4 (KIVI): packed 4-bit codes with fp16 (min, scale) per group
-(keys per channel, values per token), see the int4 section. The torch functions in quant_int8.py /
-quant_fp8.py / quant_int4.py are the reference and the CPU path; the callers pick these kernels for CUDA
-tensors (and for CPU tensors under TRITON_INTERPRET=1, which is how the tests run them without a GPU).
-This module imports only torch and triton (GPU checks load it without the rest of kvplug).
+per-(token, head) absmax, one program per row of ``head_dim`` values, scale in float32. quant:int4 (KIVI): packed
+4-bit codes with fp16 (min, scale) per group (keys per channel, values per token), see the int4 section. The torch
+functions in quant_int8.py / quant_fp8.py / quant_int4.py are the reference and the CPU path; the callers pick
+these kernels for CUDA tensors (and for CPU tensors under TRITON_INTERPRET=1, which is how the tests run them
+without a GPU). This module imports only torch and triton (GPU checks load it without the rest of kvplug).
 
 Rounding matches torch.round (half to even) so int8 codes equal the reference's bit for bit.
 """
