@@ -65,8 +65,6 @@ class PinnedPool(HostMemory):
     copy still in flight never sees its memory handed to another segment.
     """
 
-    pinned = True
-
     def __init__(self, capacity: int, streams: list = (), pin: bool = True,
                  record_event: Callable[[object], object] | None = None) -> None:
         available = _available_host_bytes()
@@ -76,7 +74,7 @@ class PinnedPool(HostMemory):
                            MAX_HOST_SHARE * 100, available / 2**30, available * MAX_HOST_SHARE / 2**30)
             capacity = int(available * MAX_HOST_SHARE)
         self.capacity = max(0, capacity // ALIGN * ALIGN)
-        self._pin = pin
+        self.pinned = pin
         self._streams = [s for s in streams if s is not None]
         self._record_event = record_event or _record_cuda_event
         t0 = time.perf_counter()
@@ -85,10 +83,9 @@ class PinnedPool(HostMemory):
         self._array = self._buffer.numpy()  # numpy slices are the per-range owners (weakref-able buffers)
         self._free_starts: list[int] = [0] if self.capacity else []
         self._free_sizes: dict[int, int] = {0: self.capacity} if self.capacity else {}
-        # Ranges whose views died: (start, size, events). Appended from finalizers (any thread, any moment),
-        # merged into the free list by the allocating thread only.
+        # Ranges whose views died, not yet reused: (start, size, events). Appended from finalizers (any thread,
+        # any moment); only the allocating thread takes them off (a deque: both ends are thread-safe).
         self._released: collections.deque = collections.deque()
-        self._pending: list[tuple[int, int, list]] = []
         self.pooled_allocs = 0
         self.fallback_allocs = 0
         self.fallback_bytes = 0
@@ -99,13 +96,13 @@ class PinnedPool(HostMemory):
     # -- allocation -------------------------------------------------------------------------------------
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         size = -(-max(nbytes, 1) // ALIGN) * ALIGN
         start = self._take(size)
         if start is None:
             self.fallback_allocs += 1
             self.fallback_bytes += nbytes
-            return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=self._pin)
+            return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=self.pinned)
         self.pooled_allocs += 1
         owner = self._array[start:start + size]
         weakref.finalize(owner, self._release, start, size).atexit = False
@@ -134,15 +131,12 @@ class PinnedPool(HostMemory):
         self._released.append((start, size, events))
 
     def _reclaim(self) -> None:
-        while self._released:
-            self._pending.append(self._released.popleft())
-        still = []
-        for start, size, events in self._pending:
+        for _ in range(len(self._released)):
+            start, size, events = self._released.popleft()
             if all(ev.query() for ev in events):
                 self._insert_free(start, size)
             else:
-                still.append((start, size, events))
-        self._pending = still
+                self._released.append((start, size, events))  # copies still in flight: look again next time
 
     def _insert_free(self, start: int, size: int) -> None:
         """Add [start, start+size) to the free list, merged with free neighbours."""
