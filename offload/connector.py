@@ -391,6 +391,7 @@ class _WorkerSide:
         if self._host is None:
             self._host = host_memory.for_device(dev, self.cfg.offload.cpu_bytes,
                                                 [self._load_lane.stream, self._save_lane.stream])
+            self.cpu.host = self._host  # whole-block entries live in the same memory as segments
         # Backends that keep per-block state next to the KV (retrieval decode's block summaries) hear about
         # every block this connector writes, per layer, right after that layer's load (same stream).
         impls = [vllm_compat.attention_impl(self.vllm_config, name) if self.vllm_config is not None else None

@@ -16,6 +16,7 @@ import torch
 
 from cache_policies.base import Payload, payload_nbytes
 from offload.entry_format import PREFIX_BYTES, EntryCorrupt, decode_entry, encode_entry, read_header
+from offload.host_memory import HostMemory
 
 if TYPE_CHECKING:
     from offload.layerwise import Segment
@@ -25,36 +26,27 @@ ENTRY_SUFFIX = ".kv"
 TMP_PREFIX = ".tmp-"
 
 
-def _pin_available() -> bool:
-    return torch.cuda.is_available()
-
-
 class CpuStore:
-    """Entries in (pinned, where a GPU exists) host memory. Pinned buffers of a freed entry are reused for
-    the next entry of the same shapes: pinning is a slow syscall, and entries of one policy share shapes."""
+    """Entries in host memory (the connector's ``HostMemory``: the pinned pool on CUDA, plain tensors on CPU).
 
-    def __init__(self, pin: bool | None = None) -> None:
-        self.pin = _pin_available() if pin is None else pin
+    A released entry's memory is never recycled here: other readers may still hold it (the disk writer of a
+    demoted entry, a load whose host->device copy is in flight). Its buffer goes back to the pool only when
+    its last view has died and the copy streams have passed that moment (``PinnedPool``), so an entry is
+    never overwritten while somebody reads it, and freed memory does not count against the tier twice.
+    """
+
+    def __init__(self, host: HostMemory | None = None) -> None:
+        self.host = host if host is not None else HostMemory()
         self._entries: dict[str, Payload] = {}
-        self._free: dict[tuple, list[Payload]] = {}
         self._slots: dict[str, tuple["Segment", int]] = {}  # entries that are views of a saved segment
         self.used_bytes = 0
 
-    @staticmethod
-    def _sig(payload: Payload) -> tuple:
-        return tuple((k, t.dtype, tuple(t.shape)) for k, t in payload.items())
-
-    def put(self, key: str, payload: Payload, non_blocking: bool = False) -> None:
+    def put(self, key: str, payload: Payload) -> None:
         if key in self._entries:
             return
-        free = self._free.get(self._sig(payload))
-        if free:
-            buf = free.pop()
-        else:
-            buf = {k: torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin)
-                   for k, t in payload.items()}
+        buf = {k: self.host.empty(tuple(t.shape), t.dtype) for k, t in payload.items()}
         for k, t in payload.items():
-            buf[k].copy_(t, non_blocking=non_blocking and self.pin)
+            buf[k].copy_(t)
         self._entries[key] = buf
         self.used_bytes += payload_nbytes(buf)
 
@@ -77,19 +69,12 @@ class CpuStore:
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
-    def pop(self, key: str) -> Payload | None:
+    def release(self, key: str) -> None:
+        """Forget ``key``; its memory is freed once no reader holds it any more (see the class docstring)."""
+        self._slots.pop(key, None)
         buf = self._entries.pop(key, None)
         if buf is not None:
             self.used_bytes -= payload_nbytes(buf)
-        return buf
-
-    def release(self, key: str) -> None:
-        adopted = self._slots.pop(key, None) is not None
-        buf = self.pop(key)
-        # A segment view is never recycled as a buffer: its memory is shared with the segment's other slots
-        # (it is freed when all of them are released).
-        if buf is not None and not adopted:
-            self._free.setdefault(self._sig(buf), []).append(buf)
 
 
 class DiskStore:
