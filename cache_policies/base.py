@@ -40,6 +40,9 @@ class CachePolicy(ABC):
 
     name: ClassVar[str]
     drops_tokens: ClassVar[bool] = False
+    # True only where a reload is byte-identical to what was computed (``keep``): KV reloaded under any other
+    # policy must never reach a request of another policy through vLLM's GPU prefix cache.
+    lossless: ClassVar[bool] = False
     # True when encoding each layer on its own gives the same bytes as encoding all layers together, and
     # every payload tensor leads with the layer dimension. The KV connector then saves and loads such
     # entries layer by layer, overlapping compute. The token-dropping policies keep their kept rows

@@ -8,6 +8,7 @@ from cache_policies.base import BlockContext, CachePolicy, Payload, check_kv, st
 
 class KeepPolicy(CachePolicy):
     name = "keep"
+    lossless = True
 
     def encode(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[Payload]:
         check_kv(k, v, ctx)

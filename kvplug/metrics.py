@@ -100,6 +100,7 @@ class OffloadMetrics:
     compression_ratio: object  # histogram of raw/stored bytes per saved batch, by policy
     corrupt_entries: object  # disk entries that failed their checksum/length check (never served)
     skipped_stores: object  # stores that fit no tier (full tiers evict; this counts entries too big)
+    isolated_blocks: object  # GPU blocks of lossy reloads taken out of vLLM's prefix cache, by policy
 
 
 _offload_metrics: "OffloadMetrics | None" = None
@@ -137,5 +138,9 @@ def get_offload(config: "KvplugConfig | None" = None) -> "OffloadMetrics | None"
                                         "Disk entries that failed verification (treated as misses)"),
                 skipped_stores=Counter(f"{p}_offload_skipped_stores",
                                        "Entries not stored because they fit in no tier"),
+                isolated_blocks=Counter(f"{p}_offload_isolated_blocks",
+                                        "GPU blocks holding (or computed from) a lossy reload, kept out of "
+                                        "vLLM's prefix cache so no request of another policy reads them",
+                                        ["policy"]),
             )
     return _offload_metrics

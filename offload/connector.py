@@ -114,6 +114,11 @@ class _ReqState:
     saved: bool = False
     save_deferred: bool = False  # a deferred save was planned: its blocks are freed when workers report it
     offload: bool = True  # False: kv_transfer_params opted this request out of the tiers
+    # Lossy reloads: from this block on, the request's KV is not what a fresh computation gives (the reloaded
+    # blocks, and every block computed attending to them), so vLLM's prefix cache must not offer it to other
+    # requests. None: nothing lossy was loaded. ``isolated_upto``: blocks taken out of the prefix cache so far.
+    lossy_from: int | None = None
+    isolated_upto: int = 0
 
 
 class _SchedulerSide:
@@ -141,6 +146,9 @@ class _SchedulerSide:
         self._size_cache: dict[tuple[str, object], int] = {}
         self._policies: dict[str, CachePolicy] = {}
         self.m = metrics.get_offload(cfg)
+        # vLLM's GPU block pool (bind_gpu_block_pool): lossy reloads are taken out of its prefix cache.
+        self.block_pool: Any = None
+        self.isolated_blocks = 0
 
     def policy(self, name: str) -> CachePolicy:
         if name not in self._policies:
@@ -167,6 +175,9 @@ class _SchedulerSide:
                 request, self._choose(request), offload=params.get(policy_registry.REQUEST_OFFLOAD_KEY) is not False)
         if not st.offload:
             return 0, False
+        if self.block_pool is None and not self.policy(st.policy).lossless:
+            # Without the block pool a lossy reload could not be kept out of the prefix cache: recompute.
+            return 0, False
         bs = self.block_size
         start = num_computed_tokens // bs
         # Leave at least one prompt token to compute: vLLM needs a token to sample from.
@@ -182,10 +193,19 @@ class _SchedulerSide:
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         st = self.reqs.get(request.request_id)
-        if st is None or num_external_tokens <= 0:
+        if st is None:
+            return
+        st.lossy_from = None
+        if num_external_tokens <= 0:
             return
         n = num_external_tokens // self.block_size
         st.load_keys = st.load_keys[:n]
+        if not self.policy(st.policy).lossless:
+            # vLLM cached the blocks it allocated for the load under the prefix's hash already; take them out
+            # before the next waiting request looks the prefix up (later blocks: build_connector_meta).
+            st.lossy_from = st.isolated_upto = st.local_blocks
+            ids = vllm_compat.request_block_ids(blocks)
+            self._isolate(st, ids, st.local_blocks + n)
         for k in st.load_keys:
             tier = self.planner.record_hit(k)
             if self.m is not None and tier is not None:
@@ -245,6 +265,10 @@ class _SchedulerSide:
                 meta.fresh_block_ids += list(new_ids[0]) if new_ids is not None else []
             progress.append((st, cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0)))
 
+        for st, computed_after in progress:
+            if st.lossy_from is not None:
+                self._isolate(st, st.block_ids, computed_after // bs)
+
         for req_id in list(self._pending_loads):
             st = self.reqs.get(req_id)
             self._pending_loads.discard(req_id)
@@ -299,10 +323,25 @@ class _SchedulerSide:
                 self.planner.forget(k)
         self.delayed_frees.difference_update(getattr(out, "finished_sending", None) or ())
 
-    def request_finished(self, request: Any) -> bool:
+    def _isolate(self, st: _ReqState, block_ids: list[int], upto: int) -> None:
+        """Take ``block_ids[st.isolated_upto:upto]`` out of vLLM's prefix cache (the request keeps them): KV
+        derived from a lossy reload is served only through the tiers, under its own policy's key."""
+        ids = block_ids[st.isolated_upto:upto]
+        if not ids:
+            return
+        self.block_pool.evict_blocks(set(ids))
+        self.isolated_blocks += len(ids)
+        if self.m is not None:
+            self.m.isolated_blocks.labels(policy=st.policy).inc(len(ids))
+        st.isolated_upto = upto
+
+    def request_finished(self, request: Any, block_ids: Any = None) -> bool:
         """Forget the request; True: vLLM must keep its blocks until the workers report its save done."""
         st = self.reqs.pop(request.request_id, None)
         self._pending_loads.discard(request.request_id)
+        if st is not None and st.lossy_from is not None and block_ids:
+            ids = list(block_ids[0]) if isinstance(block_ids, tuple) else list(block_ids)
+            self._isolate(st, ids, len(ids))  # the last blocks (decode) were cached after the last step
         if st is None or not st.save_deferred:
             return False
         self.delayed_frees.add(request.request_id)
@@ -723,7 +762,11 @@ class KvplugConnector(_Base):  # type: ignore[misc, valid-type]
 
     def request_finished(self, request, block_ids):
         # True: a save of the request's blocks may still be copying; get_finished reports when it is done.
-        return self.scheduler_side.request_finished(request), None
+        return self.scheduler_side.request_finished(request, block_ids), None
+
+    def bind_gpu_block_pool(self, gpu_block_pool):
+        if self.scheduler_side is not None:
+            self.scheduler_side.block_pool = gpu_block_pool
 
     # worker side
     def register_kv_caches(self, kv_caches):

@@ -3,17 +3,22 @@
 vLLM's block hash already chains every earlier block (and LoRA / multimodal / cache-salt extras), so a key
 names "this exact prefix up to this block"; the layout identity (model, dtype, heads, block size, TP rank)
 makes sure two models or layouts never share an entry, and the policy that an int4 copy never answers a
-`keep` request.
+`keep` request. The layout identity includes a fingerprint of the weights and model config
+(``vllm_compat.model_fingerprint``), and ``KEY_VERSION`` changes whenever what an entry's bytes mean changes,
+so entries of other weights or of an older kvplug are misses, never served.
 """
 from __future__ import annotations
 
 import hashlib
 
 
+KEY_VERSION = b"kvplug-entry-v2"
+
+
 def entry_key(layout_identity: bytes, policy: str, block_hash: bytes | object) -> str:
     raw = block_hash if isinstance(block_hash, (bytes, bytearray)) else repr(block_hash).encode()
     h = hashlib.sha256()
-    for part in (layout_identity, policy.encode(), bytes(raw)):
+    for part in (KEY_VERSION, layout_identity, policy.encode(), bytes(raw)):
         h.update(len(part).to_bytes(4, "little"))
         h.update(part)
     return h.hexdigest()[:48]

@@ -76,3 +76,46 @@ def test_subset_of_026_metadata_reports_its_own_host_lengths_after_the_batch_cac
     assert sub.num_computed_tokens_cpu.tolist() == [16, 27]
     assert sub.num_reqs == 2 and sub.max_seq_len == 30 and sub.block_table_tensor.tolist() == [[4, 5, 6, 7],
                                                                                              [8, 9, 10, 11]]
+
+
+class _HfConfig(dict):
+    def to_dict(self):
+        return dict(self)
+
+
+def _vllm_config(model_dir, **model):
+    fields = dict(hf_overrides=None, revision=None, quantization=None, seed=0)
+    fields.update(model)
+    mc = SimpleNamespace(model=str(model_dir), hf_config=_HfConfig(fields.pop("hf", {"rope_theta": 10000.0})),
+                         **fields)
+    return SimpleNamespace(model_config=mc, load_config=SimpleNamespace(load_format="auto"))
+
+
+def test_model_fingerprint_changes_with_weights_config_and_revision_not_otherwise(tmp_path):
+    import os
+
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\0" * 64)
+    (tmp_path / "README.md").write_text("docs")
+    base = vllm_compat.model_fingerprint(_vllm_config(tmp_path))
+    assert vllm_compat.model_fingerprint(_vllm_config(tmp_path)) == base  # stable (scheduler = every restart)
+    (tmp_path / "README.md").write_text("other docs")
+    assert vllm_compat.model_fingerprint(_vllm_config(tmp_path)) == base  # not the weights
+    assert vllm_compat.model_fingerprint(_vllm_config(tmp_path, hf={"rope_theta": 5e5})) != base  # RoPE override
+    assert vllm_compat.model_fingerprint(_vllm_config(tmp_path, revision="v2")) != base
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # new weights copied over the old ones
+    assert vllm_compat.model_fingerprint(_vllm_config(tmp_path)) != base
+
+
+def test_entry_keys_differ_across_model_fingerprints_and_key_versions(monkeypatch):
+    from offload import keys
+
+    layout = vllm_compat.KvLayout(model="/m", dtype="bfloat16", num_layers=2, kv_heads=2, head_dim=64,
+                                  block_size=16, kv_cache_dtype="auto", tp_rank=0, tp_size=1, model_id="a")
+    other = vllm_compat.KvLayout(**{**layout.__dict__, "model_id": "b"})
+    k = keys.entry_key(layout.identity(), "keep", b"h")
+    assert keys.entry_key(other.identity(), "keep", b"h") != k
+    monkeypatch.setattr(keys, "KEY_VERSION", b"kvplug-entry-v3")
+    assert keys.entry_key(layout.identity(), "keep", b"h") != k

@@ -84,6 +84,15 @@ def main(out: str, phase: str) -> None:
         for tag, policy in (("D", "drop:streaming"), ("E", "quant:int8")):
             step(f"{policy}_first", prompt(tag), policy)
             step(f"{policy}_reload", prompt(tag), policy, reset_before=True)
+        # Policy isolation: a lossy reload sits in vLLM's GPU prefix cache; a `keep` request on the same prefix
+        # must get exact KV (the keep entries the first two steps stored), never the lossy blocks.
+        F = prompt("F")
+        step("mix_keep_first", F)
+        step("mix_keep_ref", F)  # vLLM's own prefix cache: the reference
+        for policy in ("drop:streaming", "quant:int8"):
+            step(f"mix_{policy}_first", F, policy, reset_before=True)
+            step(f"mix_{policy}_reload", F, policy, reset_before=True)
+            step(f"mix_keep_after_{policy}", F)
     else:
         step("restart_reload", A)
     res["counters"] = counters()

@@ -71,6 +71,15 @@ def test_dropped_tokens_are_masked_after_a_drop_policy_reload(evict_steps):
     assert reload["masked_batches"] >= len(reload["ids"]), reload
 
 
+@pytest.mark.parametrize("lossy", ["drop:streaming", "quant:int8"])
+def test_keep_request_after_a_lossy_reload_of_its_prefix_gets_exact_kv(evict_steps, lossy):
+    s = evict_steps
+    assert s[f"mix_{lossy}_reload"]["loaded_cpu"] + s[f"mix_{lossy}_reload"]["loaded_disk"] > 0, s
+    after = s[f"mix_keep_after_{lossy}"]
+    assert after["ids"] == s["mix_keep_ref"]["ids"], (after, s["mix_keep_ref"])
+    assert after["masked_batches"] == 0, after  # never attended a dropped-token block
+
+
 def test_disk_tier_survives_a_restart(evict_steps, disk_dir, tmp_path):
     reference = evict_steps["gpu_hit"]["ids"]
     step = _run("restart", tmp_path / "restart.json", disk_dir)["steps"][0]
