@@ -149,6 +149,7 @@ class _SchedulerSide:
         # vLLM's GPU block pool (bind_gpu_block_pool): lossy reloads are taken out of its prefix cache.
         self.block_pool: Any = None
         self.isolated_blocks = 0
+        self._warned_no_pool = False
 
     def policy(self, name: str) -> CachePolicy:
         if name not in self._policies:
@@ -177,6 +178,10 @@ class _SchedulerSide:
             return 0, False
         if self.block_pool is None and not self.policy(st.policy).lossless:
             # Without the block pool a lossy reload could not be kept out of the prefix cache: recompute.
+            if not self._warned_no_pool:
+                self._warned_no_pool = True
+                logger.warning("kvplug offload: vLLM did not bind its GPU block pool to the connector; entries "
+                               "of lossy policies (%s) are recomputed instead of loaded", st.policy)
             return 0, False
         bs = self.block_size
         start = num_computed_tokens // bs
