@@ -131,6 +131,13 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--extra-body", type=_json_object, default=None, metavar="JSON",
                    help="JSON object merged into every request body, e.g. "
                    "'{\"kv_transfer_params\": {...}}'")
+    r.add_argument("--policy-mix", default=None, metavar="P1,P2,...",
+                   help="kvplug cache policies given per session (kv_transfer_params.kvplug_policy): "
+                   "each context is shared by one session per policy, so --sessions must be a multiple "
+                   "of the number of policies, e.g. keep,quant:int8,quant:int4,drop:streaming")
+    r.add_argument("--repeat", action="store_true",
+                   help="multi-turn sessions start over at turn 1 until --max-seconds or --max-requests "
+                   "stops the run (a soak)")
     r.add_argument("--request-timeout", type=_positive_float, default=600.0, metavar="S",
                    help="per-request timeout; a timed-out request counts as an error (default 600)")
     r.add_argument("--seed", type=_nonneg_int, default=0,
@@ -225,6 +232,27 @@ def _reset_prefix_cache(client, server_base: str) -> bool:
     return ok
 
 
+def _policy_mix(args) -> list[str]:
+    """--policy-mix as a list of known policy names ([] without it); --repeat needs a bound."""
+    if args.repeat and args.max_seconds is None and args.max_requests is None:
+        raise UsageError(f"{PROG} run: error: --repeat needs --max-seconds or --max-requests")
+    if args.repeat and args.mode != "multi-turn":
+        raise UsageError(f"{PROG} run: error: --repeat applies to --mode multi-turn")
+    if args.policy_mix is None:
+        return []
+    from cache_policies.registry import POLICY_NAMES
+
+    policies = [p.strip() for p in args.policy_mix.split(",") if p.strip()]
+    bad = [p for p in policies if p not in POLICY_NAMES]
+    if not policies or bad:
+        raise UsageError(f"{PROG} run: error: --policy-mix: unknown cache policy "
+                         f"{', '.join(map(repr, bad)) or repr(args.policy_mix)}; known: {', '.join(POLICY_NAMES)}")
+    if args.sessions % len(policies):
+        raise UsageError(f"{PROG} run: error: --policy-mix: --sessions {args.sessions} is not a multiple of "
+                         f"the {len(policies)} policies")
+    return policies
+
+
 def cmd_run(args) -> int:
     import httpx
 
@@ -249,6 +277,7 @@ def cmd_run(args) -> int:
             raise UsageError(f"{PROG} run: error: --mix: expected two of "
                              f"{','.join(t for t in sorted(TASKS) if t != 'mixed')}, got {args.mix!r}")
         options["components"] = tuple(parts)
+    policies = _policy_mix(args)
     out_dir = Path(args.out) if args.out else Path("results") / f"bench-{_timestamp()}"
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{PROG} run: error: --out {out_dir}: exists and is not a folder")
@@ -264,7 +293,7 @@ def cmd_run(args) -> int:
     gen_bar = tqdm(total=args.sessions, file=sys.stderr, desc="contexts", unit="ctx",
                    disable=args.no_progress or args.sessions < 2, dynamic_ncols=True, leave=False)
     try:
-        cases = generate_cases(args.task, seed=args.seed, sessions=args.sessions,
+        cases = generate_cases(args.task, seed=args.seed, sessions=args.sessions // len(policies or [None]),
                                context_tokens=args.context_tokens, turns=args.turns,
                                count_tokens=count_tokens, on_case=lambda _: gen_bar.update(1),
                                **options)
@@ -273,6 +302,8 @@ def cmd_run(args) -> int:
     finally:
         gen_bar.close()
     gen_s = time.perf_counter() - t_gen
+    if policies:  # one session per policy on every context: mixed policies on shared prefixes
+        cases = [c for c in cases for _ in policies]
     if args.max_tokens is None:
         args.max_tokens = TASKS[args.task].default_max_tokens
 
@@ -280,8 +311,10 @@ def cmd_run(args) -> int:
                      rate=args.rate, max_requests=args.max_requests, max_seconds=args.max_seconds,
                      max_tokens=args.max_tokens, temperature=args.temperature,
                      own_answers=args.own_answers, request_timeout=args.request_timeout,
-                     seed=args.seed, extra_body=args.extra_body)
-    planned = planned_requests(cases, args.max_requests)
+                     seed=args.seed, extra_body=args.extra_body, repeat=args.repeat,
+                     session_bodies=[{"kv_transfer_params": {"kvplug_policy": p}} for p in policies] or None)
+    # --repeat without --max-requests: as many as --max-seconds allows (the bar counts without a total)
+    planned = args.max_requests if args.repeat else planned_requests(cases, args.max_requests)
     _eprint(f"{PROG}: {args.task}/{args.mode} on {model} at {api_base}: {len(cases)} sessions × "
             f"{args.turns} turns, ~{args.context_tokens} context tokens, {planned} requests planned")
 

@@ -50,6 +50,32 @@ class LoadConfig:
     request_timeout: float = 600.0
     seed: int = 0
     extra_body: dict | None = None  # merged into every request body
+    # Session i also merges session_bodies[i % len] (e.g. a cache policy per session), over extra_body.
+    session_bodies: list[dict] | None = None
+    repeat: bool = False  # multi-turn sessions start over at turn 1 until max_requests/max_seconds stop them
+
+
+def session_body(cfg: LoadConfig, session: int) -> dict | None:
+    """The extra request body of ``session``: extra_body with its session_bodies entry merged in
+    (``kv_transfer_params`` merged key by key)."""
+    if not cfg.session_bodies:
+        return cfg.extra_body
+    own = cfg.session_bodies[session % len(cfg.session_bodies)]
+    body = {**(cfg.extra_body or {}), **own}
+    if "kv_transfer_params" in own and "kv_transfer_params" in (cfg.extra_body or {}):
+        body["kv_transfer_params"] = {**cfg.extra_body["kv_transfer_params"], **own["kv_transfer_params"]}
+    return body
+
+
+def turn_messages(case: Case, t: int, replies: list[str]) -> list[dict]:
+    """The chat of turn ``t`` (0-based) of a multi-turn session, given the assistant replies of turns < t."""
+    messages: list[dict] = []
+    for i in range(t + 1):
+        turn = case.multi_turns[i]
+        messages.append({"role": "user", "content": (case.context + "\n\n" + turn.input) if i == 0 else turn.input})
+        if i < t:
+            messages.append({"role": "assistant", "content": replies[i]})
+    return messages
 
 
 class ArrivalClock:
@@ -121,8 +147,9 @@ async def run_load(cases: list[Case], cfg: LoadConfig,
         if on_record:
             on_record(rec)
 
-    async def one(session: int, case: Case, t: int, messages: list[dict]) -> StreamResult | None:
+    async def one(session: int, case: Case, t: int, messages: list[dict], round_: int = 0) -> StreamResult | None:
         turn = case.multi_turns[t]
+        body = session_body(cfg, session)
         await clock.wait()
         async with sem:
             if not budget.take():
@@ -133,10 +160,14 @@ async def run_load(cases: list[Case], cfg: LoadConfig,
                 "mode": cfg.mode, "scorer": turn.scorer, "start": round(start, 6),
                 "context_tokens": case.context_tokens, "answer": turn.answer,
             }
+            if cfg.session_bodies:
+                rec["policy"] = ((body or {}).get("kv_transfer_params") or {}).get("kvplug_policy", "default")
+            if cfg.repeat:
+                rec["round"] = round_
             try:
                 res = await stream_chat(client, cfg.api_base, cfg.model, messages,
                                         cfg.max_tokens, cfg.temperature, cfg.request_timeout,
-                                        extra_body=cfg.extra_body,
+                                        extra_body=body,
                                         headers={SESSION_HEADER: case.id})
             except asyncio.CancelledError:
                 res = StreamResult(status="cancelled", error="cancelled: run bound reached",
@@ -149,15 +180,17 @@ async def run_load(cases: list[Case], cfg: LoadConfig,
             return res
 
     async def multi_turn_session(session: int, case: Case) -> None:
-        messages: list[dict] = []
-        for t, turn in enumerate(case.multi_turns):
-            content = (case.context + "\n\n" + turn.input) if t == 0 else turn.input
-            messages.append({"role": "user", "content": content})
-            res = await one(session, case, t, list(messages))
-            if res is None:
+        round_ = 0
+        while True:
+            replies: list[str] = []
+            for t, turn in enumerate(case.multi_turns):
+                res = await one(session, case, t, turn_messages(case, t, replies), round_)
+                if res is None:
+                    return
+                replies.append(res.text if (cfg.own_answers and res.status == "ok") else answer_text(turn.answer))
+            if not cfg.repeat:
                 return
-            reply = res.text if (cfg.own_answers and res.status == "ok") else answer_text(turn.answer)
-            messages.append({"role": "assistant", "content": reply})
+            round_ += 1
 
     async def multi_request_one(session: int, case: Case, t: int) -> None:
         turn = case.multi_turns[t]

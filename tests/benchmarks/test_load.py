@@ -331,3 +331,26 @@ def test_report_rewrites_summary_and_plots(tmp_path, fake_server):
     assert "latency_cdf.png" in (out / "summary.md").read_text()
     assert json.loads((out / "results.json").read_text())["plots"] == [
         "ttft_per_turn.png", "accuracy_per_turn.png", "latency_cdf.png"]
+
+
+
+def test_policy_mix_shares_each_context_across_policies_and_repeat_runs_sessions_again(tmp_path, fake_server):
+    rc, out, data = bench(tmp_path, fake_server, "--sessions", "4", "--policy-mix", "keep,quant:int8",
+                          "--repeat", "--max-requests", "14", "--concurrency", "1")
+    assert rc == 0 and data["summary"]["requests"] == 14
+    reqs = data["requests"]
+    assert {(r["session"], r["policy"]) for r in reqs} == {(0, "keep"), (1, "quant:int8"), (2, "keep"),
+                                                          (3, "quant:int8")}
+    by_session = {r["session"]: r["case_id"] for r in reqs}
+    assert by_session[0] == by_session[1] != by_session[2] == by_session[3]  # shared prefixes
+    assert max(r["round"] for r in reqs) >= 1  # 3 turns a round: 14 requests start sessions over
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--policy-mix", "keep,quant:int9"], "unknown cache policy 'quant:int9'"),
+    (["--policy-mix", "keep,quant:int8"], "--sessions 3 is not a multiple"),
+    (["--repeat"], "--repeat needs --max-seconds or --max-requests"),
+])
+def test_policy_mix_and_repeat_reject_bad_flags_in_one_line(tmp_path, fake_server, capsys, argv, message):
+    rc, _, _ = bench(tmp_path, fake_server, *argv)
+    assert rc == 2 and message in capsys.readouterr().err
