@@ -326,6 +326,8 @@ class _SchedulerSide:
         if isinstance(wm, KvplugWorkerMetadata):
             for k in wm.unreadable_keys:
                 self.planner.forget(k)
+            if self.m is not None and wm.unreadable_keys:
+                self.m.misses.inc(len(wm.unreadable_keys))  # planned as hits, recomputed
         self.delayed_frees.difference_update(getattr(out, "finished_sending", None) or ())
 
     def _isolate(self, st: _ReqState, block_ids: list[int], upto: int) -> None:
