@@ -50,7 +50,7 @@ from offload import host_memory
 from offload.dropped_tokens import registry as dropped_registry
 from offload.keys import entry_key
 from offload.layerwise import Lane, LoadJobs, SaveJobs, plan_runs
-from offload.stores import AsyncDiskWriter, CpuStore, DiskStore
+from offload.stores import AsyncDiskWriter, CpuStore, DiskStore, check_free_space
 from offload.tiers import CPU, DISK, TierOp, TierPlanner
 
 logger = logging.getLogger("vllm.kvplug.offload")
@@ -129,6 +129,9 @@ class _SchedulerSide:
         if cfg.offload.disk_path:
             disk = DiskStore(_rank_dir(cfg.offload.disk_path, 0), on_corrupt=lambda *_: _count_corrupt())
             disk_entries = disk.scan()
+            # TP ranks' directories share the filesystem and hold the same blocks (each its head shard).
+            check_free_space(disk.root, cfg.offload.disk_bytes * self.tp_size,
+                             sum(disk_entries.values()) * self.tp_size)
             if disk_entries:
                 logger.info("kvplug offload: %d entries from a previous run on disk at %s", len(disk_entries),
                             cfg.offload.disk_path)
@@ -336,8 +339,10 @@ class _WorkerSide:
         self.vllm_config = vllm_config
         self.layout = layout if layout is not None else vllm_compat.kv_layout(vllm_config)
         self.cpu = CpuStore()
+        # The only writer of its rank directory: exclusive (a second engine on the same disk_path fails here).
         self.disk = (DiskStore(_rank_dir(cfg.offload.disk_path, self.layout.tp_rank),
-                               on_corrupt=lambda *_: _count_corrupt()) if cfg.offload.disk_path else None)
+                               on_corrupt=lambda *_: _count_corrupt(), exclusive=True)
+                     if cfg.offload.disk_path else None)
         self.writer = AsyncDiskWriter(self.disk, self._disk_written) if self.disk is not None else None
         self.layers: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, K view, V view) by layer index
         self.layer_of: dict[str, int] = {}
