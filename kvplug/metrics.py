@@ -100,6 +100,7 @@ class OffloadMetrics:
     compression_ratio: object  # histogram of raw/stored bytes per saved batch, by policy
     corrupt_entries: object  # disk entries that failed their checksum/length check (never served)
     skipped_stores: object  # stores that fit no tier (full tiers evict; this counts entries too big)
+    disk_write_failures: object  # disk writes not done, by reason: error (disk full, I/O) or queue_full
 
 
 _offload_metrics: "OffloadMetrics | None" = None
@@ -137,5 +138,9 @@ def get_offload(config: "KvplugConfig | None" = None) -> "OffloadMetrics | None"
                                         "Disk entries that failed verification (treated as misses)"),
                 skipped_stores=Counter(f"{p}_offload_skipped_stores",
                                        "Entries not stored because they fit in no tier"),
+                disk_write_failures=Counter(f"{p}_offload_disk_write_failures",
+                                            "Disk-tier writes not done (the entry becomes a miss), by reason: "
+                                            "error (disk full, I/O error) or queue_full (the disk fell behind)",
+                                            ["reason"]),
             )
     return _offload_metrics

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -343,12 +344,14 @@ class _WorkerSide:
         self.disk = (DiskStore(_rank_dir(cfg.offload.disk_path, self.layout.tp_rank),
                                on_corrupt=lambda *_: _count_corrupt(), exclusive=True)
                      if cfg.offload.disk_path else None)
-        self.writer = AsyncDiskWriter(self.disk, self._disk_written) if self.disk is not None else None
+        self.writer = (AsyncDiskWriter(self.disk, self._disk_written, self._disk_write_failed)
+                       if self.disk is not None else None)
         self.layers: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, K view, V view) by layer index
         self.layer_of: dict[str, int] = {}
         self._policies: dict[str, CachePolicy] = {}
         self.failed_block_ids: set[int] = set()
         self.unreadable: set[str] = set()
+        self._unreadable_lock = threading.Lock()  # the disk writer's thread adds the keys of failed writes
         self._load_lane: Lane | None = None
         self._save_lane: Lane | None = None
         self._loads: LoadJobs | None = None
@@ -681,14 +684,22 @@ class _WorkerSide:
         if self.m is not None:
             self.m.bytes_stored.labels(tier=DISK, policy=policy).inc(nbytes)
 
+    def _disk_write_failed(self, key: str, reason: str) -> None:
+        # The scheduler side thinks the entry is on disk: reported like an unreadable one, it forgets it.
+        if self.m is not None:
+            self.m.disk_write_failures.labels(reason=reason).inc()
+        with self._unreadable_lock:
+            self.unreadable.add(key)
+
     def take_load_errors(self) -> set[int]:
         out, self.failed_block_ids = self.failed_block_ids, set()
         return out
 
     def worker_meta(self) -> KvplugWorkerMetadata | None:
-        if not self.unreadable:
-            return None
-        out, self.unreadable = KvplugWorkerMetadata(self.unreadable), set()
+        with self._unreadable_lock:
+            if not self.unreadable:
+                return None
+            out, self.unreadable = KvplugWorkerMetadata(self.unreadable), set()
         return out
 
 

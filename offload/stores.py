@@ -33,6 +33,9 @@ LOCK_NAME = ".lock"
 # A temp file untouched this long has no live writer (writes touch it chunk by chunk), even if its pid was
 # reused (a restarted container often gets the same pids).
 STALE_TEMP_SECONDS = 3600.0
+# Bytes of queued disk writes the writer holds (host memory) before it drops new ones as misses.
+DEFAULT_MAX_PENDING_BYTES = 2 << 30
+WRITE_ERROR, QUEUE_FULL = "error", "queue_full"  # why a disk write was not done (on_failed, metric label)
 
 
 def _pin_available() -> bool:
@@ -301,16 +304,27 @@ class DiskStore:
 
 
 class AsyncDiskWriter:
-    """Disk-tier writes and deletes on a background thread, in submission order, so the checksum, the
-    file write and the fsync stay off the forward pass. A write waits for ``ready`` (the event of the
+    """Disk-tier writes and deletes on a background thread, in submission order, so the digest, the file
+    write and the fsync stay off the forward pass. A write waits for ``ready`` (the event of the
     device->host copies that filled its host memory) first. Until written, an entry is served from
-    ``pending`` (a load never waits for the disk). A failed write is logged and counted; the entry is then
-    a future miss (recomputed), never a failed request."""
+    ``pending`` (a load never waits for the disk).
 
-    def __init__(self, disk: DiskStore, on_written: Callable[[str, int, str], None] | None = None) -> None:
+    A write is dropped, never retried and never blocking: when it fails (disk full, I/O error) or when
+    ``max_pending_bytes`` of writes are already queued (the disk cannot keep up; ``write`` returns at once).
+    Each drop is counted (``failed_writes`` / ``dropped_writes``) and reported through ``on_failed(key,
+    reason)``: the scheduler side believes the entry is on disk and must forget it. The entry is then a
+    future miss (recomputed), never a failed request."""
+
+    def __init__(self, disk: DiskStore, on_written: Callable[[str, int, str], None] | None = None,
+                 on_failed: Callable[[str, str], None] | None = None,
+                 max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES) -> None:
         self.disk = disk
         self.on_written = on_written
+        self.on_failed = on_failed
+        self.max_pending_bytes = max_pending_bytes
         self.failed_writes = 0
+        self.dropped_writes = 0
+        self.pending_bytes = 0
         self._pending: dict[str, Payload] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
@@ -318,14 +332,27 @@ class AsyncDiskWriter:
         self._thread.start()
 
     def write(self, key: str, payload: Payload, ready: Any = None, label: str = "") -> None:
+        nbytes = payload_nbytes(payload)
         with self._lock:
-            self._pending[key] = payload
-        self._queue.put(("write", key, payload, ready, label))
+            full = self.pending_bytes + nbytes > self.max_pending_bytes
+            if full:
+                self.dropped_writes += 1
+            else:
+                self.pending_bytes += nbytes
+                self._pending[key] = payload
+        if full:
+            if self.dropped_writes == 1 or self.dropped_writes % 1000 == 0:
+                logger.warning("kvplug disk tier: the write queue holds %s (max_pending_bytes %d): dropped entry "
+                               "%s, %d dropped so far; they will be recomputed", _gib(self.pending_bytes),
+                               self.max_pending_bytes, key, self.dropped_writes)
+            self._report_failed(key, QUEUE_FULL)
+            return
+        self._queue.put(("write", key, payload, ready, label, nbytes))
 
     def delete(self, key: str) -> None:
         with self._lock:
             self._pending.pop(key, None)
-        self._queue.put(("delete", key, None, None, ""))
+        self._queue.put(("delete", key, None, None, "", 0))
 
     def pending(self, key: str) -> Payload | None:
         with self._lock:
@@ -335,24 +362,38 @@ class AsyncDiskWriter:
         """Block until every submitted write and delete is on disk."""
         self._queue.join()
 
+    def _report_failed(self, key: str, reason: str) -> None:
+        if self.on_failed is None:
+            return
+        try:
+            self.on_failed(key, reason)
+        except Exception:
+            logger.exception("kvplug disk tier: on_failed(%s, %s) raised", key, reason)
+
     def _run(self) -> None:
         while True:
-            kind, key, payload, ready, label = self._queue.get()
+            kind, key, payload, ready, label, nbytes = self._queue.get()
             try:
                 if kind == "delete":
                     self.disk.delete(key)
                     continue
-                if ready is not None:
-                    ready.synchronize()
-                n = self.disk.write(key, payload)
+                try:
+                    if ready is not None:
+                        ready.synchronize()
+                    n = self.disk.write(key, payload)
+                except Exception as exc:  # disk full, I/O error, permissions...: a future miss
+                    self.failed_writes += 1
+                    logger.warning("kvplug disk tier: writing entry %s failed (%s); it will be recomputed", key, exc)
+                    self._report_failed(key, WRITE_ERROR)
+                    continue
                 if self.on_written is not None:
                     self.on_written(key, n, label)
-            except Exception as exc:  # disk full, permissions, ...: a future miss, never a failed request
-                self.failed_writes += 1
-                logger.warning("kvplug disk tier: writing entry %s failed (%s); it will be recomputed", key, exc)
+            except Exception:  # a delete's I/O error or a callback's bug must not end the writer thread
+                logger.exception("kvplug disk tier: %s of entry %s failed", kind, key)
             finally:
                 if kind == "write":
                     with self._lock:
+                        self.pending_bytes -= nbytes
                         if self._pending.get(key) is payload:
                             del self._pending[key]
                 self._queue.task_done()
