@@ -95,11 +95,11 @@ def test_entry_format_round_trip_and_rejects_damage():
     assert same(decode_entry(blob, "k1"), p)
     with pytest.raises(EntryCorrupt, match="key"):
         decode_entry(blob, "other")
-    with pytest.raises(EntryCorrupt, match="length"):
+    with pytest.raises(EntryCorrupt, match="digest"):
         decode_entry(blob[:-3], "k1")
     flipped = bytearray(blob)
     flipped[-10] ^= 0x40
-    with pytest.raises(EntryCorrupt, match="checksum"):
+    with pytest.raises(EntryCorrupt, match="digest"):
         decode_entry(bytes(flipped), "k1")
 
 
