@@ -101,6 +101,7 @@ class OffloadMetrics:
     corrupt_entries: object  # disk entries that failed their checksum/length check (never served)
     skipped_stores: object  # stores that fit no tier (full tiers evict; this counts entries too big)
     isolated_blocks: object  # GPU blocks of lossy reloads taken out of vLLM's prefix cache, by policy
+    disk_write_failures: object  # disk writes not done, by reason: error (disk full, I/O) or queue_full
 
 
 _offload_metrics: "OffloadMetrics | None" = None
@@ -142,5 +143,9 @@ def get_offload(config: "KvplugConfig | None" = None) -> "OffloadMetrics | None"
                                         "GPU blocks holding (or computed from) a lossy reload, kept out of "
                                         "vLLM's prefix cache so no request of another policy reads them",
                                         ["policy"]),
+                disk_write_failures=Counter(f"{p}_offload_disk_write_failures",
+                                            "Disk-tier writes not done (the entry becomes a miss), by reason: "
+                                            "error (disk full, I/O error) or queue_full (the disk fell behind)",
+                                            ["reason"]),
             )
     return _offload_metrics

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -50,7 +51,7 @@ from offload import host_memory
 from offload.dropped_tokens import registry as dropped_registry
 from offload.keys import entry_key
 from offload.layerwise import Lane, LoadJobs, SaveJobs, plan_runs
-from offload.stores import AsyncDiskWriter, CpuStore, DiskStore
+from offload.stores import AsyncDiskWriter, CpuStore, DiskStore, check_free_space
 from offload.tiers import CPU, DISK, TierOp, TierPlanner
 
 logger = logging.getLogger("vllm.kvplug.offload")
@@ -134,6 +135,9 @@ class _SchedulerSide:
         if cfg.offload.disk_path:
             disk = DiskStore(_rank_dir(cfg.offload.disk_path, 0), on_corrupt=lambda *_: _count_corrupt())
             disk_entries = disk.scan()
+            # TP ranks' directories share the filesystem and hold the same blocks (each its head shard).
+            check_free_space(disk.root, cfg.offload.disk_bytes * self.tp_size,
+                             sum(disk_entries.values()) * self.tp_size)
             if disk_entries:
                 logger.info("kvplug offload: %d entries from a previous run on disk at %s", len(disk_entries),
                             cfg.offload.disk_path)
@@ -382,14 +386,18 @@ class _WorkerSide:
         self.vllm_config = vllm_config
         self.layout = layout if layout is not None else vllm_compat.kv_layout(vllm_config)
         self.cpu = CpuStore()
+        # The only writer of its rank directory: exclusive (a second engine on the same disk_path fails here).
         self.disk = (DiskStore(_rank_dir(cfg.offload.disk_path, self.layout.tp_rank),
-                               on_corrupt=lambda *_: _count_corrupt()) if cfg.offload.disk_path else None)
-        self.writer = AsyncDiskWriter(self.disk, self._disk_written) if self.disk is not None else None
+                               on_corrupt=lambda *_: _count_corrupt(), exclusive=True)
+                     if cfg.offload.disk_path else None)
+        self.writer = (AsyncDiskWriter(self.disk, self._disk_written, self._disk_write_failed)
+                       if self.disk is not None else None)
         self.layers: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, K view, V view) by layer index
         self.layer_of: dict[str, int] = {}
         self._policies: dict[str, CachePolicy] = {}
         self.failed_block_ids: set[int] = set()
         self.unreadable: set[str] = set()
+        self._unreadable_lock = threading.Lock()  # the disk writer's thread adds the keys of failed writes
         self._load_lane: Lane | None = None
         self._save_lane: Lane | None = None
         self._loads: LoadJobs | None = None
@@ -723,14 +731,22 @@ class _WorkerSide:
         if self.m is not None:
             self.m.bytes_stored.labels(tier=DISK, policy=policy).inc(nbytes)
 
+    def _disk_write_failed(self, key: str, reason: str) -> None:
+        # The scheduler side thinks the entry is on disk: reported like an unreadable one, it forgets it.
+        if self.m is not None:
+            self.m.disk_write_failures.labels(reason=reason).inc()
+        with self._unreadable_lock:
+            self.unreadable.add(key)
+
     def take_load_errors(self) -> set[int]:
         out, self.failed_block_ids = self.failed_block_ids, set()
         return out
 
     def worker_meta(self) -> KvplugWorkerMetadata | None:
-        if not self.unreadable:
-            return None
-        out, self.unreadable = KvplugWorkerMetadata(self.unreadable), set()
+        with self._unreadable_lock:
+            if not self.unreadable:
+                return None
+            out, self.unreadable = KvplugWorkerMetadata(self.unreadable), set()
         return out
 
 

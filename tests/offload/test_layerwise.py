@@ -224,6 +224,9 @@ def test_a_failed_disk_write_is_a_recomputed_miss_not_a_failed_request(tmp_path)
     run_step(side, meta)
     side.close()
     assert side.writer.failed_writes == 2
+    # Reported from the writer thread: the scheduler side forgets them (it planned them on disk).
+    assert side.worker_meta().unreadable_keys == set(keys)
+    assert side.worker_meta() is None  # each report once
     run_step(side, conn.KvplugConnectorMetadata(loads=[conn.LoadSpec("keep", keys, [20, 21])]))
     assert side.take_load_errors() == {20, 21}
     assert side.worker_meta().unreadable_keys == {keys[0]}

@@ -96,11 +96,11 @@ def test_entry_format_round_trip_and_rejects_damage():
     assert same(decode_entry(blob, "k1"), p)
     with pytest.raises(EntryCorrupt, match="key"):
         decode_entry(blob, "other")
-    with pytest.raises(EntryCorrupt, match="length"):
+    with pytest.raises(EntryCorrupt, match="digest"):
         decode_entry(blob[:-3], "k1")
     flipped = bytearray(blob)
     flipped[-10] ^= 0x40
-    with pytest.raises(EntryCorrupt, match="checksum"):
+    with pytest.raises(EntryCorrupt, match="digest"):
         decode_entry(bytes(flipped), "k1")
 
 
@@ -131,15 +131,26 @@ def test_corrupt_entry_is_a_counted_miss_never_served(tmp_path, damage):
     assert disk.read("a") is None and disk.corrupt_count == 1  # gone: a plain miss now
 
 
-def test_scan_drops_truncated_entries_and_temp_files(tmp_path):
+def dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_scan_lists_entries_without_reading_them_and_removes_orphaned_temp_files(tmp_path, monkeypatch):
     disk = DiskStore(tmp_path)
     disk.write("a", payload())
     disk.write("b", payload(1))
     path = disk.path("b")
     path.write_bytes(path.read_bytes()[:-100])
-    (tmp_path / ".tmp-c.123.1").write_bytes(b"partial")
+    (tmp_path / f".tmp-c.{dead_pid()}.0123abcd.0").write_bytes(b"partial")
     fresh = DiskStore(tmp_path)
-    assert set(fresh.scan()) == {"a"} and fresh.corrupt_count == 1
+    with monkeypatch.context() as m:  # a stat per file: no entry is opened at startup
+        m.setattr("builtins.open", lambda *a, **k: pytest.fail(f"scan opened {a[0]}"))
+        m.setattr(Path, "read_bytes", lambda self: pytest.fail(f"scan read {self}"))
+        assert set(fresh.scan()) == {"a", "b"}
+    assert fresh.read("b") is None and fresh.corrupt_count == 1  # verified on read: a counted miss
+    assert same(fresh.read("a"), payload())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.kv"]
 
 
