@@ -192,8 +192,9 @@ class FakeReplicas:
 
 
 def run_router(fake: FakeReplicas, coro_fn, **kw):
+    kw.setdefault("health_interval_s", 0.05)
     router = ReplicaRouter([ReplicaEndpoint(n, fake.url(n)) for n in fake.names],
-                           transport=httpx.MockTransport(fake.handler), health_interval_s=0.05, **kw)
+                           transport=httpx.MockTransport(fake.handler), **kw)
 
     async def main():
         async with router.app.router.lifespan_context(router.app):
@@ -271,17 +272,17 @@ def test_broken_stream_is_reported_in_band_and_counted():
 
 def test_all_dead_is_503_and_bad_request_is_400():
     fake = FakeReplicas(["r0", "r1"])
-    fake.dead.update({"r0", "r1"})
 
     async def go(client, router):
+        await asyncio.sleep(0.1)              # the one health round at startup saw both up
+        fake.dead.update({"r0", "r1"})        # both die before the next round: the request tries each
         bad = await client.post("/v1/chat/completions", content=b"{not json")
         missing = await client.post("/v1/chat/completions", json={"model": "m"})
         down = await client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
-        await asyncio.sleep(0.2)
         health = await client.get("/health")
         return bad, missing, down, health
 
-    bad, missing, down, health = run_router(fake, go)
+    bad, missing, down, health = run_router(fake, go, health_interval_s=3600)
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
     assert missing.status_code == 400 and "'messages'" in missing.json()["error"]["message"]
     assert down.status_code == 503 and "tried r0, r1" in down.json()["error"]["message"]
@@ -379,3 +380,4 @@ def test_ray_executor_on_a_platform_without_ray_is_one_clear_error():
     else:
         with pytest.raises(server.ServeError, match="has no Ray executor.*use --distributed-executor-backend mp"):
             server.plan(argv, environ={}, prepare_model=False)
+
