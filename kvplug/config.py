@@ -7,6 +7,7 @@ process (engine core, workers, Ray workers) as JSON in ``KVPLUG_CONFIG_JSON``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Iterable, Mapping
 
@@ -16,8 +17,17 @@ import yaml
 ENV_PREFIX = "KVPLUG_"
 ENV_CONFIG_PATH = "KVPLUG_CONFIG"
 ENV_CONFIG_JSON = "KVPLUG_CONFIG_JSON"
-# KVPLUG_* variables that are not config keys (paths, logging); everything else with the prefix must be one.
-NON_CONFIG_ENV = frozenset({ENV_CONFIG_PATH, ENV_CONFIG_JSON, "KVPLUG_CACHE_DIR", "KVPLUG_LOG_LEVEL"})
+# KVPLUG_* variables that are not config keys (paths, logging, runtime switches); every other name with the
+# prefix must be a config key, so a typo stops the launcher instead of being ignored. Every KVPLUG_ variable
+# the code reads belongs here (tests/kvplug/test_config.py checks it against the source tree).
+NON_CONFIG_ENV = frozenset({
+    ENV_CONFIG_PATH, ENV_CONFIG_JSON,
+    "KVPLUG_CACHE_DIR",              # kvplug/models.py: where prepared models live
+    "KVPLUG_LOG_LEVEL",
+    "KVPLUG_PINNED_POOL",            # offload/host_memory.py: 0 = no pinned pool for the CPU tier
+    "KVPLUG_RD_SELECT_EARLY_EXIT",   # attention_backends/retrieval_decode/triton_kernels.py
+    "KVPLUG_BENCH_TOKENIZER",        # benchmarks/scbench/tokenizer.py
+})
 
 
 class KvplugConfigError(ValueError):
@@ -164,7 +174,7 @@ def parse_size(text: "str | int", key: str = "size") -> int:
         unit = raw[len(num):]
         try:
             value = int(float(num) * _SIZE_UNITS[unit])
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, OverflowError):  # OverflowError: '1e400' is inf, 'nan' is not a number
             raise KvplugConfigError(f"{key}: {text!r} is not a size (e.g. 8GiB, 500MB, 1073741824)") from None
     if value < 0:
         raise KvplugConfigError(f"{key}: size must be >= 0, got {text!r}")
@@ -194,6 +204,12 @@ class OffloadConfig(_Section):
             raise KvplugConfigError(f"{path}: enabled with no tier (cpu_size is 0 and disk_path is empty)")
         if self.reuse_weight < 0:
             raise KvplugConfigError(f"{path}.reuse_weight: must be >= 0, got {self.reuse_weight}")
+        if self.disk_path:
+            # Relative paths would depend on each process's cwd (engine core, workers, Ray actors).
+            if not os.path.isabs(self.disk_path):
+                raise KvplugConfigError(f"{path}.disk_path: must be an absolute path, got {self.disk_path!r}")
+            if os.path.exists(self.disk_path) and not os.path.isdir(self.disk_path):
+                raise KvplugConfigError(f"{path}.disk_path: {self.disk_path!r} exists and is not a directory")
 
     @property
     def cpu_bytes(self) -> int:
@@ -274,8 +290,18 @@ def _convert(tree: Mapping[str, Any], source: str) -> KvplugConfig:
     except msgspec.ValidationError as exc:
         raise KvplugConfigError(f"invalid kvplug config ({source}): {_explain(exc)}") from None
     for name in SECTIONS:
-        getattr(cfg, name).validate(name)
+        section = getattr(cfg, name)
+        _check_finite(section, name)
+        section.validate(name)
     return cfg
+
+
+def _check_finite(section: msgspec.Struct, path: str) -> None:
+    """NaN passes every `<`/`>` range check and inf most of them: reject both in any float field."""
+    for key in section.__struct_fields__:
+        value = getattr(section, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise KvplugConfigError(f"{path}.{key}: must be a finite number, got {value}")
 
 
 def _explain(exc: msgspec.ValidationError) -> str:
@@ -316,7 +342,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         body = name[len(ENV_PREFIX):]
         if "__" not in body:
             raise KvplugConfigError(
-                f"environment variable {name}: expected {ENV_PREFIX}<SECTION>__<KEY> (e.g. KVPLUG_METRICS__ENABLED)")
+                f"environment variable {name}: expected {ENV_PREFIX}<SECTION>__<KEY> (e.g. KVPLUG_METRICS__ENABLED);"
+                f" other KVPLUG_ variables kvplug knows: {', '.join(sorted(NON_CONFIG_ENV))}")
         section, key = body.lower().split("__", 1)
         _set_path(tree, f"{section}.{key}", _parse_scalar(raw), f"environment variable {name}")
     return tree

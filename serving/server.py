@@ -48,6 +48,7 @@ class ServePlan:
     replicas: int = 1                       # >1: N engines on Ray behind a router (serving/replicas.py)
     ray_address: str | None = None
     router: dict = field(default_factory=dict)
+    replica_configs: list[cfg_mod.KvplugConfig] = field(default_factory=list)  # one per replica (>1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,8 +109,38 @@ def offload_args(config: cfg_mod.KvplugConfig, user_args: list[str]) -> list[str
     return args
 
 
-def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: bool = True) -> ServePlan:
-    """Parse `kvplug serve` arguments into a ServePlan; ServeError on bad input."""
+def _mem_available_bytes(meminfo: str) -> int | None:
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def check_cpu_tier_fits(config: cfg_mod.KvplugConfig, tp_ranks: int, replicas: int, meminfo: str) -> None:
+    """ServeError if the CPU tiers of every TP rank of every replica on this host exceed its MemAvailable.
+
+    Each rank's connector holds its own CPU tier of the (per-replica) size; without this check an oversized
+    tier is found only when the host runs out of memory under load (or the pinned pool cannot be pinned)."""
+    available = _mem_available_bytes(meminfo)
+    per_rank = config.offload.cpu_bytes // replicas  # --replicas splits the budget (serving/replicas.py)
+    need = per_rank * tp_ranks * replicas
+    if not config.offload.enabled or available is None or need <= available:
+        return
+    split = f" ({_gib(config.offload.cpu_bytes)} split over {replicas} replicas)" if replicas > 1 else ""
+    raise ServeError(f"--offload cpu: {_gib(per_rank)} per TP rank{split} x {tp_ranks} TP rank(s) x {replicas} "
+                     f"replica(s) = {_gib(need)}, but this host has only {_gib(available)} available (MemAvailable "
+                     "in /proc/meminfo); give a smaller --offload cpu:SIZE")
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: bool = True,
+         meminfo: str | None = None) -> ServePlan:
+    """Parse `kvplug serve` arguments into a ServePlan; ServeError on bad input.
+
+    ``meminfo``: the text of /proc/meminfo (read when None) for the CPU tier's size check."""
     from kvplug import vllm_compat
 
     environ = dict(os.environ if environ is None else environ)
@@ -135,6 +166,20 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
         config = cfg_mod.resolve(ns.config, sets, environ)
     except cfg_mod.KvplugConfigError as exc:
         raise ServeError(str(exc)) from None
+    from serving.replicas import api_keys, replica_configs, tensor_parallel_size
+
+    try:
+        per_replica = replica_configs(config, ns.replicas) if ns.replicas > 1 else []
+    except cfg_mod.KvplugConfigError as exc:
+        raise ServeError(str(exc)) from None
+    if not ns.ray_address:  # on a Ray cluster, where the replicas land is Ray's choice
+        if meminfo is None:
+            try:
+                with open("/proc/meminfo") as f:
+                    meminfo = f.read()
+            except OSError:
+                meminfo = ""
+        check_cpu_tier_fits(config, tensor_parallel_size(vllm_args), ns.replicas, meminfo)
     check_port_free(ns.host, ns.port)
 
     try:
@@ -170,10 +215,13 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
         "--model", model_path, "--host", ns.host, "--port", str(ns.port), *extra]
     return ServePlan(command=command, env=env, model_path=model_path, served_model_name=served_name,
                      host=ns.host, port=ns.port, config=config, vllm_args=extra, replicas=ns.replicas,
-                     ray_address=ns.ray_address,
-                     router={k: getattr(ns, k) for k in ("routing", "load_factor", "affinity_prefix_chars",
-                                                         "cpus_per_replica", "health_interval",
-                                                         "replica_start_timeout")})
+                     ray_address=ns.ray_address, replica_configs=per_replica,
+                     router={**{k: getattr(ns, k) for k in ("routing", "load_factor", "affinity_prefix_chars",
+                                                            "cpus_per_replica", "health_interval",
+                                                            "replica_start_timeout", "router_read_timeout",
+                                                            "router_max_body_bytes",
+                                                            "router_max_session_id_bytes")},
+                             "api_keys": api_keys(vllm_args, environ)})
 
 
 def run(p: ServePlan) -> int:

@@ -68,6 +68,9 @@ class FakeOpenAI:
         key = _KEY.search(msgs[-1]["content"]).group(1)
         return f"The value is {data[key]}."
 
+    async def health(self, request):
+        return web.Response(text="")
+
     async def reset_cache(self, request):
         self.resets += 1
         return web.Response(text="")
@@ -116,6 +119,7 @@ class FakeOpenAI:
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)
             app = web.Application()
+            app.router.add_get("/health", self.health)
             app.router.add_get("/v1/models", self.models)
             app.router.add_get("/metrics", self.metrics)
             app.router.add_post("/v1/chat/completions", self.chat)

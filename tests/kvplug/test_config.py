@@ -108,3 +108,52 @@ def test_config_show_cli(tmp_path):
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["kvplug config: --set metrics.nope=1: unknown key 'metrics.nope' (keys of metrics: enabled, prefix)"]
+
+
+# --- non-config KVPLUG_ variables, sizes, non-finite floats, disk_path ---------------------------------
+
+def test_every_kvplug_variable_the_code_reads_is_not_taken_for_config():
+    """KVPLUG_PINNED_POOL=0 (README) once stopped `kvplug serve`: the env parser took it for a config key."""
+    import re
+
+    read = set()
+    for path in REPO.rglob("*.py"):
+        if ".venv" in path.parts or "tests" in path.parts:
+            continue
+        read |= set(re.findall(r"""environ(?:\.get\(|\[)\s*["'](KVPLUG_[A-Z0-9_]+)["']""", path.read_text()))
+    runtime = {name for name in read if "__" not in name}
+    assert "KVPLUG_PINNED_POOL" in runtime and runtime <= config.NON_CONFIG_ENV
+    config.resolve(environ={name: "0" for name in config.NON_CONFIG_ENV - {config.ENV_CONFIG_PATH,
+                                                                          config.ENV_CONFIG_JSON}})
+
+
+def test_pinned_pool_switch_does_not_stop_serve():
+    from serving import server
+
+    p = server.plan(["--offload", "cpu:1GiB", "--port", "18995"], environ={"KVPLUG_PINNED_POOL": "0"},
+                    prepare_model=False)
+    assert p.env["KVPLUG_PINNED_POOL"] == "0" and p.config.offload.enabled
+
+
+@pytest.mark.parametrize("value", ["1e400", "nan", "-inf"])
+def test_overflowing_size_is_an_error_naming_the_field(value):
+    with pytest.raises(KvplugConfigError, match=rf"offload\.cpu_size: '{value}' is not a size"):
+        config.resolve(sets=[f"offload.cpu_size={value}"], environ={})
+
+
+@pytest.mark.parametrize("key", ["offload.reuse_weight", "retrieval_decode.budget_fraction",
+                                 "cache_policy.snapkv_keep_ratio"])
+@pytest.mark.parametrize("value", [".nan", ".inf"])
+def test_non_finite_floats_are_rejected_naming_the_field(key, value):
+    with pytest.raises(KvplugConfigError, match=rf"{key.replace('.', '[.]')}: must be a finite number"):
+        config.resolve(sets=[f"{key}={value}"], environ={})
+
+
+def test_disk_path_must_be_an_absolute_directory(tmp_path):
+    with pytest.raises(KvplugConfigError, match=r"offload\.disk_path: must be an absolute path, got 'kv/cache'"):
+        config.resolve(sets=["offload.disk_path=kv/cache"], environ={})
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    with pytest.raises(KvplugConfigError, match=r"offload\.disk_path: .* exists and is not a directory"):
+        config.resolve(sets=[f"offload.disk_path={a_file}"], environ={})
+    assert config.resolve(sets=[f"offload.disk_path={tmp_path}/new"], environ={}).offload.disk_bytes > 0

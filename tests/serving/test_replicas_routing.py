@@ -192,8 +192,9 @@ class FakeReplicas:
 
 
 def run_router(fake: FakeReplicas, coro_fn, **kw):
+    kw.setdefault("health_interval_s", 0.05)
     router = ReplicaRouter([ReplicaEndpoint(n, fake.url(n)) for n in fake.names],
-                           transport=httpx.MockTransport(fake.handler), health_interval_s=0.05, **kw)
+                           transport=httpx.MockTransport(fake.handler), **kw)
 
     async def main():
         async with router.app.router.lifespan_context(router.app):
@@ -271,17 +272,17 @@ def test_broken_stream_is_reported_in_band_and_counted():
 
 def test_all_dead_is_503_and_bad_request_is_400():
     fake = FakeReplicas(["r0", "r1"])
-    fake.dead.update({"r0", "r1"})
 
     async def go(client, router):
+        await asyncio.sleep(0.1)              # the one health round at startup saw both up
+        fake.dead.update({"r0", "r1"})        # both die before the next round: the request tries each
         bad = await client.post("/v1/chat/completions", content=b"{not json")
         missing = await client.post("/v1/chat/completions", json={"model": "m"})
         down = await client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
-        await asyncio.sleep(0.2)
         health = await client.get("/health")
         return bad, missing, down, health
 
-    bad, missing, down, health = run_router(fake, go)
+    bad, missing, down, health = run_router(fake, go, health_interval_s=3600)
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
     assert missing.status_code == 400 and "'messages'" in missing.json()["error"]["message"]
     assert down.status_code == 503 and "tried r0, r1" in down.json()["error"]["message"]
@@ -379,3 +380,74 @@ def test_ray_executor_on_a_platform_without_ray_is_one_clear_error():
     else:
         with pytest.raises(server.ServeError, match="has no Ray executor.*use --distributed-executor-backend mp"):
             server.plan(argv, environ={}, prepare_model=False)
+
+
+# --- replicas: API keys, binding, split offload budgets, host memory -------------------------------------
+
+def test_api_keys_reach_the_router_and_not_the_replica_command():
+    from serving import server
+
+    p = server.plan(["--replicas", "2", "--api-key", "k1", "k2", "--enforce-eager", "--port", "18996"],
+                    environ={}, prepare_model=False)
+    assert p.router["api_keys"] == ["k1", "k2"]
+    cmd = replicas.replica_command(p.command, "/py", "127.0.0.1", 9000)
+    assert "k1" not in cmd and "k2" not in cmd and "--api-key" not in cmd
+    assert "--enforce-eager" in cmd  # the flags after the keys survive
+    env_key = server.plan(["--replicas", "2", "--port", "18996"], environ={"VLLM_API_KEY": "ek"},
+                          prepare_model=False)
+    assert env_key.router["api_keys"] == ["ek"]
+    assert replicas.api_keys(["--api-key=a", "--x"], {"VLLM_API_KEY": "ek"}) == ["a"]  # the flag wins, as in vLLM
+    assert replicas.api_keys([], {}) == []
+
+
+def test_replicas_listen_where_only_the_router_reaches_them():
+    assert replicas.replica_bind_host("10.0.0.1", router_node_ip="10.0.0.1") == "127.0.0.1"
+    assert replicas.replica_bind_host("10.0.0.7", router_node_ip="10.0.0.1") == "10.0.0.7"  # never 0.0.0.0
+
+
+def test_replicas_split_the_offload_budgets_and_get_their_own_disk_folders(tmp_path):
+    from serving import server
+
+    p = server.plan(["--replicas", "3", "--offload", f"cpu:1000,disk:{tmp_path}/kv:3GiB", "--port", "18995"],
+                    environ={}, prepare_model=False)
+    offs = [c.offload for c in p.replica_configs]
+    assert [o.disk_path for o in offs] == [f"{tmp_path}/kv/replica{i}" for i in range(3)]
+    assert sum(o.cpu_bytes for o in offs) <= 1000 and all(o.cpu_bytes == 333 for o in offs)
+    assert all(o.disk_bytes == 1 << 30 for o in offs)
+    assert p.config.offload.disk_path == f"{tmp_path}/kv"  # a single engine keeps the folder it was given
+    with pytest.raises(server.ServeError, match=r"offload.*between 3 replicas"):
+        server.plan(["--replicas", "3", "--offload", "cpu:2", "--port", "18995"], environ={}, prepare_model=False)
+
+
+MEMINFO_10GIB = "MemTotal:       16777216 kB\nMemFree:  1 kB\nMemAvailable:   10485760 kB\n"
+
+
+@pytest.mark.parametrize("args,need", [
+    (["--offload", "cpu:12GiB"], "12.00 GiB per TP rank x 1 TP rank(s) x 1 replica(s) = 12.00 GiB"),
+    (["--offload", "cpu:6GiB", "-tp", "2"], "x 2 TP rank(s) x 1 replica(s) = 12.00 GiB"),
+    (["--offload", "cpu:6GiB", "--tensor-parallel-size=2", "--replicas", "2"],
+     "3.00 GiB per TP rank (6.00 GiB split over 2 replicas) x 2 TP rank(s) x 2 replica(s) = 12.00 GiB"),
+])
+def test_cpu_tier_larger_than_the_host_is_one_startup_error(args, need):
+    from serving import server
+
+    with pytest.raises(server.ServeError) as info:
+        server.plan(args + ["--port", "18994"], environ={}, prepare_model=False, meminfo=MEMINFO_10GIB)
+    message = str(info.value)
+    assert need in message and "only 10.00 GiB available" in message and "\n" not in message
+    fits = server.plan(["--offload", "cpu:4GiB", "-tp", "2", "--port", "18994"], environ={}, prepare_model=False,
+                       meminfo=MEMINFO_10GIB)
+    assert fits.config.offload.cpu_bytes == 4 << 30
+
+
+def test_router_flags_reach_the_plan():
+    from serving import server
+
+    p = server.plan(["--replicas", "2", "--router-read-timeout", "30", "--router-max-body-bytes", "1MiB",
+                     "--router-max-session-id-bytes", "64", "--port", "18993"], environ={}, prepare_model=False)
+    assert (p.router["router_read_timeout"], p.router["router_max_body_bytes"],
+            p.router["router_max_session_id_bytes"]) == (30.0, 1 << 20, 64)
+    assert not any(a.startswith("--router-") for a in p.command)
+    with pytest.raises(server.ServeError, match="--router-read-timeout must be > 0"):
+        server.plan(["--replicas", "2", "--router-read-timeout", "0", "--port", "18993"], environ={},
+                    prepare_model=False)
