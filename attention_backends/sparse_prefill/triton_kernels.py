@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
+from attention_backends.sparse_prefill.group_index import GroupIndex, group_index
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry, SparseIndex
 
 # Triton 3.9's interpreter computes bf16/fp16 tl.dot wrongly; interpreted runs dot in fp32 instead.
@@ -129,12 +130,12 @@ def _sparse_attn_kernel(
              mask=row_ok[:, None] & dim_ok[None, :])
 
 
-def sparse_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                           pages: torch.Tensor, index: SparseIndex, geom: ChunkGeometry, scale: float,
-                           out: torch.Tensor | None = None, max_blocks: int | None = None,
-                           num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
-    """q [n, Hq, d]; key/value_cache [num_blocks, Hkv, page_size, d] (any strides); pages: the sequence's
-    physical block ids; index over this chunk -> out [n, Hq, d]."""
+def sparse_attention_paged_per_head(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                                    pages: torch.Tensor, index: SparseIndex, geom: ChunkGeometry, scale: float,
+                                    out: torch.Tensor | None = None, max_blocks: int | None = None,
+                                    num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """The per-head kernel (one program per 64-row block and query head; each head of a GQA group re-reads the
+    group's K/V, mostly from L2). Same arguments and result as sparse_attention_paged."""
     n, Hq, d = q.shape
     Hkv = key_cache.shape[1]
     out = torch.empty_like(q) if out is None else out
@@ -158,6 +159,180 @@ def sparse_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK, BLOCK_N=BLOCK,
         UPCAST=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+@triton.jit
+def _group_tile(acc, l_i, m_i, q, kpos, key_ok, head_ok, row_pos, k_ptr, v_ptr, pages_ptr, kvh, sk_b, sk_h, sk_t,
+                sk_d, sv_b, sv_h, sv_t, sv_d, qk_scale, dims, dim_ok, PAGE: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax step of a stacked (rows x group heads) Q tile over BLOCK_N keys read once through
+    the page table. ``head_ok`` [GM, BLOCK_N] or [GM, 1]: which (row head, key) pairs count."""
+    page = tl.load(pages_ptr + kpos // PAGE, mask=key_ok, other=0).to(tl.int64)
+    slot = kpos % PAGE
+    kd_ok = key_ok[:, None] & dim_ok[None, :]
+    k = tl.load(k_ptr + (page * sk_b + kvh * sk_h + slot * sk_t)[:, None] + dims[None, :] * sk_d, mask=kd_ok,
+                other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(v_ptr + (page * sv_b + kvh * sv_h + slot * sv_t)[:, None] + dims[None, :] * sv_d, mask=kd_ok,
+                other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # fp32 accumulate, exp2 domain
+    s = tl.where(head_ok & key_ok[None, :] & (kpos[None, :] <= row_pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _group_attn_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, pages_ptr, bm_ptr, ubm_ptr, bidx_ptr, bcnt_ptr, rng_ptr, rcnt_ptr, rfirst_ptr, rbits_ptr,
+        cidx_ptr, cbits_ptr, ccnt_ptr, sq_t, sq_h, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_t, so_h,
+        sbm_h, sbm_q, subm_g, subm_q, sbi_g, sbi_q, sr_g, srb_g, sc_g, sc_q, nqb, n_tiles, n, L, q_pos0, scale, group,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_P: tl.constexpr,
+        BLOCK_N: tl.constexpr, QBLOCK: tl.constexpr, PAGE: tl.constexpr, UNION: tl.constexpr,
+        HAS_RANGES: tl.constexpr, HAS_COLS: tl.constexpr, UPCAST: tl.constexpr):
+    """One program per (tile of BLOCK_M rows, KV head): the Q tile stacks the rows of all the group's query
+    heads (row r of head j at r * GROUP_P + j), so every K/V tile is read once per group. Loops: the group's
+    union key blocks of the rows' query block, its union range tiles, its union columns; per-key head bits say
+    which heads count each key (see group_index.py)."""
+    t = n_tiles - 1 - tl.program_id(0)  # the last row tiles see the most keys: start them first
+    kvh = tl.program_id(1)
+    qb = (t * BLOCK_M) // QBLOCK
+    e = tl.arange(0, BLOCK_M * GROUP_P)
+    hrow = e % GROUP_P
+    rows = t * BLOCK_M + e // GROUP_P
+    row_ok = (rows < n) & (hrow < group)
+    row_pos = q_pos0 + rows
+    h = kvh * group + hrow
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(q_ptr + rows[:, None] * sq_t + h[:, None] * sq_h + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M * GROUP_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M * GROUP_P], tl.float32)
+    acc = tl.zeros([BLOCK_M * GROUP_P, BLOCK_D], tl.float32)
+    all_heads = row_ok[:, None]
+    n_blocks = tl.load(bcnt_ptr + kvh * nqb + qb)
+    for i in range(0, n_blocks):
+        kb = tl.load(bidx_ptr + kvh * sbi_g + qb * sbi_q + i)
+        kpos = kb * QBLOCK + tl.arange(0, QBLOCK)
+        if UNION:
+            head_ok = all_heads
+        else:
+            head_ok = (tl.load(bm_ptr + h * sbm_h + qb * sbm_q + kb, mask=row_ok, other=0) != 0)[:, None]
+        acc, l_i, m_i = _group_tile(acc, l_i, m_i, q, kpos, kpos < L, head_ok, row_pos, k_ptr, v_ptr, pages_ptr,
+                                    kvh, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, qk_scale, dims, dim_ok,
+                                    PAGE, UPCAST)
+    if HAS_RANGES:
+        a = q_pos0 + qb * QBLOCK
+        r_end = tl.load(rcnt_ptr + kvh)
+        for j in range(tl.load(rfirst_ptr + kvh * nqb + qb), r_end):
+            start = a + tl.load(rng_ptr + kvh * sr_g + 2 * j)
+            stop = a + tl.load(rng_ptr + kvh * sr_g + 2 * j + 1)
+            kpos = start + tl.arange(0, BLOCK_N)
+            key_ok = (kpos >= 0) & (kpos < stop) & (kpos < L)
+            if UNION:  # every head, except on keys the union's whole blocks already gave
+                ub = tl.load(ubm_ptr + kvh * subm_g + qb * subm_q + kpos // QBLOCK, mask=key_ok, other=0)
+                head_ok = all_heads & (ub == 0)[None, :]
+            else:
+                bits = tl.load(rbits_ptr + kvh * srb_g + (kpos - a + L), mask=key_ok, other=0)
+                head_ok = ((bits[None, :] >> hrow[:, None]) & 1) != 0
+            acc, l_i, m_i = _group_tile(acc, l_i, m_i, q, kpos, key_ok, head_ok, row_pos, k_ptr, v_ptr, pages_ptr,
+                                        kvh, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, qk_scale, dims, dim_ok,
+                                        PAGE, UPCAST)
+    if HAS_COLS:
+        n_cols = tl.load(ccnt_ptr + kvh * nqb + qb)
+        for c0 in range(0, n_cols, BLOCK_N):
+            c = c0 + tl.arange(0, BLOCK_N)
+            key_ok = c < n_cols
+            kpos = tl.load(cidx_ptr + kvh * sc_g + qb * sc_q + c, mask=key_ok, other=0)
+            if UNION:
+                head_ok = all_heads
+            else:
+                bits = tl.load(cbits_ptr + kvh * sc_g + qb * sc_q + c, mask=key_ok, other=0)
+                head_ok = ((bits[None, :] >> hrow[:, None]) & 1) != 0
+            acc, l_i, m_i = _group_tile(acc, l_i, m_i, q, kpos, key_ok, head_ok, row_pos, k_ptr, v_ptr, pages_ptr,
+                                        kvh, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, qk_scale, dims, dim_ok,
+                                        PAGE, UPCAST)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(o_ptr + rows[:, None] * so_t + h[:, None] * so_h + dims[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+
+
+def group_config(group: int, head_dim: int) -> dict:
+    """Default tile config of the group kernel: ~128 stacked rows (BLOCK_M rows x the group, padded to a
+    power of two), 64-key tiles. Chosen by measurement on the H100 (benchmarks/kernels/sparse_prefill_bench)."""
+    gp = triton.next_power_of_2(group)
+    block_m = max(16, min(BLOCK, 128 // gp))
+    rows = block_m * gp
+    return {"block_m": block_m, "block_n": 64, "num_warps": 8 if rows >= 128 else 4, "num_stages": 2}
+
+
+def sparse_attention_paged_group(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                                 pages: torch.Tensor, index: SparseIndex, geom: ChunkGeometry, scale: float,
+                                 out: torch.Tensor | None = None, max_blocks: int | None = None,
+                                 num_warps: int | None = None, num_stages: int | None = None,
+                                 block_m: int | None = None, block_n: int | None = None, union: bool = False,
+                                 gindex: GroupIndex | None = None) -> torch.Tensor:
+    """The group kernel (arguments and result as sparse_attention_paged): one program per (row tile, KV head)
+    reads each K/V tile once for all the group's query heads, and its tensor cores compute the group's union
+    of keys for every head. ``union=False`` counts exactly the index's pairs per head (the same function as
+    the per-head kernel and reference.sparse_attention); ``union=True`` lets every head of a group attend
+    the group's union (group_index.union_index). ``gindex``: a prebuilt group_index(..., tile=block_n,
+    union=union). Faster than the per-head kernel only where a group's heads select mostly the same keys
+    (see BENCHMARKS.md: on the benchmark's synthetic Q/K their union is 1.6-2.4x a head's keys)."""
+    n, Hq, d = q.shape
+    Hkv = key_cache.shape[1]
+    group = Hq // Hkv
+    cfg = group_config(group, d)
+    block_m = block_m or cfg["block_m"]
+    block_n = block_n or cfg["block_n"]
+    if BLOCK % block_m or block_n % BLOCK:
+        raise ValueError(f"block_m must divide {BLOCK}, block_n be a multiple of it")
+    out = torch.empty_like(q) if out is None else out
+    gi = gindex if gindex is not None else group_index(index, geom, group, tile=block_n, union=union,
+                                                       max_blocks=max_blocks)
+    if gi.union != union or gi.group != group:
+        raise ValueError("gindex was built for another group or mode")
+    bm = index.block_mask.view(torch.int8) if index.block_mask.dtype == torch.bool else index.block_mask
+    pages = pages.to(torch.int32).contiguous()
+    n_tiles = -(-n // block_m)
+    _group_attn_kernel[(n_tiles, Hkv)](
+        q, key_cache, value_cache, out, pages, bm, gi.block_union, gi.block_ids, gi.block_count, gi.ranges, gi.range_count,
+        gi.range_first, gi.range_bits, gi.cols, gi.col_bits, gi.col_count,
+        q.stride(0), q.stride(1), *key_cache.stride(), *value_cache.stride(), out.stride(0), out.stride(1),
+        bm.stride(0), bm.stride(1), gi.block_union.stride(0), gi.block_union.stride(1), gi.block_ids.stride(0), gi.block_ids.stride(1), gi.ranges.stride(0),
+        gi.range_bits.stride(0), gi.cols.stride(0), gi.cols.stride(1), geom.nqb, n_tiles, n, geom.L, geom.q_pos0,
+        scale, group,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m,
+        GROUP_P=triton.next_power_of_2(group), BLOCK_N=block_n,
+        QBLOCK=BLOCK, PAGE=key_cache.shape[2], UNION=union, HAS_RANGES=index.ranges.shape[1] > 0,
+        HAS_COLS=index.cols.shape[-1] > 0, UPCAST=_INTERPRET,
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
+    return out
+
+
+KERNELS = {"per_head": sparse_attention_paged_per_head, "group": sparse_attention_paged_group}
+# Measured faster on the H100 at 32K-128K with the benchmark's vertical-slash index (BENCHMARKS.md).
+DEFAULT_KERNEL = "per_head"
+
+
+def sparse_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           pages: torch.Tensor, index: SparseIndex, geom: ChunkGeometry, scale: float,
+                           out: torch.Tensor | None = None, max_blocks: int | None = None, kernel: str | None = None,
+                           **options) -> torch.Tensor:
+    """q [n, Hq, d]; key/value_cache [num_blocks, Hkv, page_size, d] (any strides); pages: the sequence's
+    physical block ids; index over this chunk -> out [n, Hq, d]. ``kernel``: "per_head" (default) or "group";
+    ``options``: that kernel's tile/launch options (num_warps, num_stages; block_m, block_n, union)."""
+    return KERNELS[kernel or DEFAULT_KERNEL](q, key_cache, value_cache, pages, index, geom, scale, out, max_blocks,
+                                             **options)
 
 
 def sparse_prefill_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, pages: torch.Tensor,

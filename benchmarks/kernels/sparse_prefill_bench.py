@@ -5,7 +5,11 @@ sparse baselines. Plain torch + triton; FA3 and vLLM's FA2 sparse kernel join wh
 
 Per length it times (CUDA events, median):
   * kvplug index   : pattern estimation + index build (vertical-slash, torch ops on the device) + compaction
-  * kvplug attn    : the Triton sparse attention kernel over the paged cache (page size 16, shuffled pages)
+  * kvplug attn    : the Triton sparse attention kernel over the paged cache (page size 16, shuffled pages): the
+                     group kernel (one program per row tile and KV head, K/V read once per GQA group; its
+                     group-index build included), best of --group-configs; exact per-head pairs
+  * kvplug old     : the first kernel (one program per 64-row block and query head), best of --kernel-configs
+  * kvplug union   : the group kernel with every head attending its group's union (--union; union density)
   * kvplug total   : both
   * sdpa dense     : torch scaled_dot_product_attention, causal (contiguous K/V)
   * flex sparse    : torch FlexAttention with a block mask of the same key blocks (+ the blocks holding the
@@ -64,6 +68,7 @@ def run(args) -> dict:
     import torch
 
     from attention_backends.sparse_prefill import triton_kernels
+    from attention_backends.sparse_prefill.group_index import group_index, union_index
     from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
     from attention_backends.sparse_prefill.index import ChunkGeometry
     from benchmarks.kernels.harness import time_cuda
@@ -117,13 +122,50 @@ def run(args) -> dict:
             row = {"L": L, "n": n, "density": idx.density(geom), "pattern": args.pattern, "budgets": budgets,
                    **dense_ms}
             row["kvplug_index_ms"] = timing(index)["median_ms"]
+            causal = geom.causal_pairs() * Hq
+            if args.kernel_configs:
+                old = {}
+                for cfg in args.kernel_configs.split(","):  # num_warps x num_stages
+                    w, st = (int(x) for x in cfg.split("x"))
+                    old[cfg] = timing(lambda: triton_kernels.sparse_attention_paged_per_head(
+                        q, kc, vc, pages, idx, geom, scale, out, num_warps=w, num_stages=st))["median_ms"]
+                row["kvplug_attn_old_configs_ms"] = old
+                row["kvplug_attn_old_ms"] = min(old.values())
             configs = {}
-            for cfg in args.kernel_configs.split(","):  # num_warps x num_stages
-                w, st = (int(x) for x in cfg.split("x"))
-                configs[cfg] = timing(lambda: triton_kernels.sparse_attention_paged(
-                    q, kc, vc, pages, idx, geom, scale, out, num_warps=w, num_stages=st))["median_ms"]
+            for cfg in args.group_configs.split(","):  # rows x keys x num_warps x num_stages
+                bm, bn, w, st = (int(x) for x in cfg.split("x"))
+                try:
+                    configs[cfg] = timing(lambda: triton_kernels.sparse_attention_paged_group(
+                        q, kc, vc, pages, idx, geom, scale, out, block_m=bm, block_n=bn, num_warps=w,
+                        num_stages=st))["median_ms"]
+                except Exception as exc:  # e.g. out of shared memory for this tile: record, keep the others
+                    row.setdefault("group_config_errors", {})[cfg] = f"{type(exc).__name__}: {exc}"[:200]
             row["kvplug_attn_configs_ms"] = configs
-            row["kvplug_attn_ms"] = min(configs.values())
+            best = min(configs, key=configs.get)
+            row["kvplug_attn_config"] = best
+            row["kvplug_attn_ms"] = configs[best]
+            bm, bn = (int(x) for x in best.split("x")[:2])
+            group = Hq // Hkv
+            row["group_index_ms"] = timing(lambda: group_index(idx, geom, group, tile=bn))["median_ms"]
+            uidx = union_index(idx, geom, group)
+            row["union_density"] = uidx.density(geom)  # the pairs the group kernel's tensor cores compute
+            if args.union:
+                row["kvplug_attn_union_ms"] = timing(lambda: triton_kernels.sparse_attention_paged_group(
+                    q, kc, vc, pages, idx, geom, scale, out, block_m=bm, block_n=bn, union=True))["median_ms"]
+                if args.kernel_configs:  # the same union work through the per-head kernel: what sharing loads buys
+                    w, st = (int(x) for x in min(old, key=old.get).split("x"))
+                    row["kvplug_attn_old_on_union_ms"] = timing(lambda: triton_kernels.sparse_attention_paged_per_head(
+                        q, kc, vc, pages, uidx, geom, scale, out, num_warps=w, num_stages=st))["median_ms"]
+            # time per computed (query, key) pair, ns per 1e6 pairs (= ms per 1e12 / 1e6): index pairs, and
+            # the union's (what the group kernel computes in both modes)
+            row["attn_ms_per_gpair"] = row["kvplug_attn_ms"] / (row["density"] * causal / 1e9)
+            row["attn_ms_per_gpair_union"] = row["kvplug_attn_ms"] / (row["union_density"] * causal / 1e9)
+            if "kvplug_attn_old_ms" in row:
+                row["old_ms_per_gpair"] = row["kvplug_attn_old_ms"] / (row["density"] * causal / 1e9)
+            if "sdpa_dense_ms" in row:
+                row["sdpa_ms_per_gpair"] = row["sdpa_dense_ms"] / (causal / 1e9)
+            if "fa3_dense_ms" in row:
+                row["fa3_ms_per_gpair"] = row["fa3_dense_ms"] / (causal / 1e9)
             row["kvplug_total_ms"] = row["kvplug_index_ms"] + row["kvplug_attn_ms"]
             if not args.skip_flex and n == L:
                 try:
@@ -140,10 +182,23 @@ def run(args) -> dict:
             if args.check:  # the kernel against the torch reference on the same index (small L only)
                 from attention_backends.sparse_prefill.reference import sparse_attention
 
+                expected = sparse_attention(q, k, v, idx, scale).float()
+                for name, fn in (("old", triton_kernels.sparse_attention_paged_per_head),
+                                 ("group", triton_kernels.sparse_attention_paged_group)):
+                    out.fill_(float("nan"))  # poison: every element must be written
+                    fn(q, kc, vc, pages, idx, geom, scale, out)
+                    row[f"max_abs_err_vs_reference_{name}"] = float((out.float() - expected).abs().max())
+                    row[f"rel_err_vs_reference_{name}"] = float((out.float() - expected).norm() / expected.norm())
+                out.fill_(float("nan"))
+                triton_kernels.sparse_attention_paged_group(q, kc, vc, pages, idx, geom, scale, out, union=True)
+                expected = sparse_attention(q, k, v, uidx, scale).float()
+                row["max_abs_err_vs_reference_union"] = float((out.float() - expected).abs().max())
                 triton_kernels.sparse_attention_paged(q, kc, vc, pages, idx, geom, scale, out)
-                expected = sparse_attention(q, k, v, idx, scale)
-                row["max_abs_err_vs_reference"] = float((out.float() - expected.float()).abs().max())
             if dense is not None:
+                if args.union:  # the union's output against dense, beside the exact one's below
+                    triton_kernels.sparse_attention_paged_group(q, kc, vc, pages, idx, geom, scale, out, union=True)
+                    row["rel_err_vs_dense_union"] = float((out.float() - dense.float()).norm() / dense.float().norm())
+                    triton_kernels.sparse_attention_paged(q, kc, vc, pages, idx, geom, scale, out)
                 # quality of the sparse output vs dense on this synthetic data (not a correctness test)
                 err = (out.float() - dense.float()).norm() / dense.float().norm()
                 row["rel_err_vs_dense"] = float(err)
@@ -261,8 +316,9 @@ def fa2_sparse_index(idx, geom):
 
 def markdown(report: dict) -> str:
     """The report as a Markdown table (what BENCHMARKS.md shows)."""
-    cols = [("L", "L"), ("pattern", "pattern"), ("density", "density"), ("kvplug_index_ms", "ours: index ms"),
-            ("kvplug_attn_ms", "ours: attn ms"), ("kvplug_total_ms", "ours: total ms"), ("sdpa_dense_ms", "SDPA dense ms"),
+    cols = [("L", "L"), ("pattern", "pattern"), ("density", "density"), ("union_density", "union density"),
+            ("kvplug_index_ms", "ours: index ms"), ("kvplug_attn_old_ms", "old kernel ms"),
+            ("kvplug_attn_ms", "ours: attn ms"), ("kvplug_attn_union_ms", "union attn ms"), ("kvplug_total_ms", "ours: total ms"), ("sdpa_dense_ms", "SDPA dense ms"),
             ("flex_sparse_ms", "Flex sparse ms"), ("fa3_dense_ms", "FA3 dense ms"), ("fa2_sparse_ms", "FA2 sparse ms")]
     rows = report["results"]
     present = [(k, t) for k, t in cols if any(k in r for r in rows)]
@@ -291,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="also compare the kernel with the torch reference (small L)")
     p.add_argument("--chunk", type=int, default=0, help="time a later prefill chunk: the last CHUNK query rows "
                    "against all L keys (e.g. a 1024-token second turn on a cached 128K prompt); 0 = whole prompt")
-    p.add_argument("--kernel-configs", default="4x2", help="Triton num_warps x num_stages to time, e.g. 4x2,8x3")
+    p.add_argument("--kernel-configs", default="4x2", help="the old per-head kernel: num_warps x num_stages to "
+                   "time, e.g. 4x2,8x3; empty: skip it")
+    p.add_argument("--group-configs", default="32x64x8x2", help="the group kernel: rows x keys x num_warps x "
+                   "num_stages per tile (rows x group heads stacked), e.g. 32x64x8x2,16x64x4x3,32x128x8x2")
+    p.add_argument("--union", action="store_true", help="also time the group kernel in union mode")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="benchmarks/results/sparse_prefill_kernels.json")
     p.add_argument("--markdown", metavar="JSON", help="print an earlier report as a Markdown table and exit")

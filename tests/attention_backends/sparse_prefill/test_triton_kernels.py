@@ -18,7 +18,8 @@ if not IN_PROCESS:
                 "in a fresh interpreter", allow_module_level=True)
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton); kernels untested")
 
-from attention_backends.sparse_prefill.head_config import LayerPlan, build_index  # noqa: E402
+from attention_backends.sparse_prefill.group_index import union_index  # noqa: E402
+from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig, build_index  # noqa: E402
 from attention_backends.sparse_prefill.index import ChunkGeometry  # noqa: E402
 from attention_backends.sparse_prefill.patterns import registry  # noqa: E402
 from attention_backends.sparse_prefill.reference import sparse_attention  # noqa: E402
@@ -62,9 +63,14 @@ def test_compact_blocks_matches_nonzero():
             assert ids[h, qb, :len(expected)].long().tolist() == expected.tolist()
 
 
+KERNELS = {"group": triton_kernels.sparse_attention_paged_group, "per_head": triton_kernels.sparse_attention_paged_per_head,
+           "default": triton_kernels.sparse_attention_paged}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("pattern", sorted(registry.PATTERNS))
 @pytest.mark.parametrize("n,L,page,transposed", [(130, 130, 16, False), (70, 300, 32, True), (1, 200, 32, False)])
-def test_sparse_kernel_matches_reference(pattern, n, L, page, transposed):
+def test_sparse_kernel_matches_reference(kernel, pattern, n, L, page, transposed):
     g = torch.Generator().manual_seed(1)
     Hq, Hkv, d = 4, 2, 32
     q, k, v = torch.randn(n, Hq, d, generator=g), torch.randn(L, Hkv, d, generator=g), torch.randn(L, Hkv, d, generator=g)
@@ -74,8 +80,7 @@ def test_sparse_kernel_matches_reference(pattern, n, L, page, transposed):
     vc, _ = _paged(v, page, False)
     expected = sparse_attention(q, k, v, index, 0.3)
     dev_index = index.to(DEVICE)
-    got = triton_kernels.sparse_attention_paged(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), pages.to(DEVICE),
-                                                dev_index, geom, 0.3)
+    got = KERNELS[kernel](q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), pages.to(DEVICE), dev_index, geom, 0.3)
     tol = 2e-3 if DEVICE == "cpu" else 2e-2  # tf32 dots on the GPU
     torch.testing.assert_close(got.cpu(), expected, rtol=tol, atol=tol)
 
@@ -98,3 +103,45 @@ def test_chunk_path_matches_reference(dtype):
     assert int(pairs) == int(index.computed_pairs(geom).sum())
     tol = 1e-3 if dtype == torch.float32 and DEVICE == "cpu" else 3e-2
     torch.testing.assert_close(out.float().cpu(), sparse_attention(q, k, v, index, 0.3).float(), rtol=tol, atol=tol)
+
+
+def _mixed_case(Hq: int, Hkv: int, n: int = 150, L: int = 330, d: int = 32, seed: int = 3):
+    """Heads of one group with different patterns and budgets (their keys differ per head)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(n, Hq, d, generator=g), torch.randn(L, Hkv, d, generator=g), torch.randn(L, Hkv, d, generator=g)
+    geom = ChunkGeometry(n, L)
+    heads = {0: HeadPattern(pattern="block_sparse", budgets={"top_k": 2}),
+             Hq - 1: HeadPattern(pattern="a_shape", budgets={"sink": 64, "window": 100}),
+             1: HeadPattern(pattern="vertical_slash", budgets={"vertical": 7, "slash": 130})}
+    cfg = PatternConfig(default=HeadPattern(pattern="vertical_slash", budgets={"vertical": 30, "slash": 40}),
+                        layers={0: heads}).validate()
+    index = build_index(q, k, geom, LayerPlan.from_config(cfg, 0, Hq), 0.3, trim_columns=False)
+    return q, k, v, geom, index
+
+
+@pytest.mark.parametrize("Hq,Hkv,tiles", [(8, 2, (32, 64)), (8, 2, (16, 128)), (6, 2, (16, 64)), (2, 2, (64, 64))])
+def test_group_kernel_mixed_heads(Hq, Hkv, tiles):
+    """The group kernel, exact per head and in union mode, against the reference (union: on union_index),
+    with a group mixing block, range and column patterns, a group of 3 (padded to 4) and of 1."""
+    q, k, v, geom, index = _mixed_case(Hq, Hkv)
+    kc, pages = _paged(k, 16, False)
+    vc, _ = _paged(v, 16, True)
+    args = (q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), pages.to(DEVICE), index.to(DEVICE), geom, 0.3)
+    tol = 2e-3 if DEVICE == "cpu" else 2e-2
+    bm, bn = tiles
+    for union, idx in ((False, index), (True, union_index(index, geom, Hq // Hkv))):
+        out = torch.full((geom.n, Hq, q.shape[-1]), float("nan"), device=DEVICE)  # every element must be written
+        got = triton_kernels.sparse_attention_paged(*args, out=out, kernel="group", block_m=bm, block_n=bn, union=union)
+        torch.testing.assert_close(got.cpu(), sparse_attention(q, k, v, idx, 0.3), rtol=tol, atol=tol)
+
+
+def test_union_index_is_the_group_union():
+    """union_index: every head's element mask is the OR of its group's (and so density only grows)."""
+    Hq, Hkv = 8, 2
+    _, _, _, geom, index = _mixed_case(Hq, Hkv)
+    union = union_index(index, geom, Hq // Hkv)
+    want = index.dense_mask(geom).view(Hkv, Hq // Hkv, geom.n, geom.L).any(1).repeat_interleave(Hq // Hkv, 0)
+    assert torch.equal(union.dense_mask(geom), want)
+    assert union.density(geom) >= index.density(geom)
+    per_head = union.computed_pairs(geom).view(Hkv, -1)
+    assert (per_head == per_head[:, :1]).all()
