@@ -316,7 +316,8 @@ def cmd_run(args) -> int:
     # --repeat without --max-requests: as many as --max-seconds allows (the bar counts without a total)
     planned = args.max_requests if args.repeat else planned_requests(cases, args.max_requests)
     _eprint(f"{PROG}: {args.task}/{args.mode} on {model} at {api_base}: {len(cases)} sessions × "
-            f"{args.turns} turns, ~{args.context_tokens} context tokens, {planned} requests planned")
+            f"{args.turns} turns, ~{args.context_tokens} context tokens, "
+            + (f"{planned} requests planned" if planned is not None else "sessions repeat until --max-seconds"))
 
     with httpx.Client(timeout=30) as hc:
         reset = None

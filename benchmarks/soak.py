@@ -1,0 +1,296 @@
+"""Reliability soak: mixed cache policies on shared prefixes through the offload tiers, checked against a
+server without offload.
+
+    python -m benchmarks.soak --minutes 10 --out results/soak
+
+1. ``kvplug serve --offload cpu:1GiB,disk:DIR:2GiB`` with a small KV cache (so prefixes leave it and come
+   back from the tiers), and a ``kvplug bench run --repeat --policy-mix keep,quant:int8,quant:int4,
+   drop:streaming`` load: every context is shared by one multi-turn session per policy, sessions start over
+   until the time is up. The server's resident memory (all its processes) is sampled throughout.
+2. The same model without offload runs the same load for the same time, then replays every distinct
+   ``keep`` request twice in a row (as it comes, then as a full prefix-cache hit).
+
+A keep prefix comes back from the tiers byte for byte (tests/offload), but the KV a CPU engine computes
+for a token depends on the batch and chunk it was computed in (vLLM's CPU kernels round a whole-prompt
+pass and a hit-plus-suffix pass differently), so greedy answers of a weak model can flip on near-ties
+with or without offload. The check is therefore against the no-offload server's own spread: every keep
+answer of the soak server must be one the no-offload server gave for the same request (under load or in
+the replay), and the rate of answers differing from the replay is reported for both servers side by
+side (offload must not add disagreement beyond the no-offload server's own).
+
+Writes ``soak.json`` (errors, per-policy counts, keep agreement, RSS samples and growth after warm-up, the
+offload counters) and ``rss.png`` into --out; exit 1 when a check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+POLICIES = "keep,quant:int8,quant:int4,drop:streaming"
+RSS_GROWTH_LIMIT = 0.10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tree_rss_bytes(root_pid: int) -> int:
+    """Resident memory of ``root_pid`` and all its descendants (API server, engine core, workers)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/statm") as f:
+                rss[int(entry)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return total
+
+
+@contextlib.contextmanager
+def serve(args: list[str], log_path: Path, timeout_s: float = 900):
+    """``kvplug serve ARGS`` on a free port; yields (base URL, process) once /health answers."""
+    port = _free_port()
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    cmd = [sys.executable, "-m", "kvplug.cli", "serve", *args, "--port", str(port)]
+    print(f"[soak] kvplug serve {' '.join(args)}", file=sys.stderr, flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"[soak] server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"[soak] server not up in {timeout_s:.0f} s; log: {log_path}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(base + "/health", timeout=5).status_code == 200:
+                    break
+            time.sleep(2)
+        yield base, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int, every_s: float) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every_s, self.samples = pid, every_s, []
+        self._stop_event = threading.Event()
+        self.t0 = time.monotonic()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.samples.append((round(time.monotonic() - self.t0, 1), _tree_rss_bytes(self.pid)))
+            self._stop_event.wait(self.every_s)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def _offload_counters(base: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    text = httpx.get(base + "/metrics", timeout=30).text
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name.startswith(("kvplug_offload", "vllm:prefix_cache")) and not s.name.endswith("_created"):
+                label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("engine", "model_name"))
+                key = f"{s.name}{{{label}}}" if label else s.name
+                out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def _keep_records(load_dir: Path) -> list[dict]:
+    return [r for r in json.loads((load_dir / "results.json").read_text())["requests"]
+            if r.get("policy") == "keep" and r["status"] == "ok"]
+
+
+def replay_keep_requests(base: str, model: str, load_dir: Path, max_tokens: int) -> dict:
+    """Send every distinct keep request of the load in ``load_dir`` to ``base`` twice (as it comes, then as a
+    full prefix-cache hit): (case id, turn) -> [answer, answer]."""
+    from benchmarks.scbench.client import stream_chat
+    from benchmarks.scbench.load import turn_messages
+    from benchmarks.scbench.scoring import answer_text
+    from benchmarks.scbench.tasks.base import Case
+
+    cases = {c["id"]: Case.from_dict(c) for c in json.loads((load_dir / "cases.json").read_text())}
+    distinct = sorted({(r["case_id"], r["turn"]) for r in _keep_records(load_dir)})
+
+    async def go() -> dict:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600)) as client:
+            out = {}
+            for case_id, turn in distinct:
+                case = cases[case_id]
+                replies = [answer_text(t.answer) for t in case.multi_turns[:turn - 1]]
+                messages = turn_messages(case, turn - 1, replies)
+                answers = []
+                for _ in range(2):  # as it comes, then a full prefix-cache hit
+                    res = await stream_chat(client, base + "/v1", model, messages, max_tokens, 0.0)
+                    answers.append(res.text if res.status == "ok" else None)
+                out[(case_id, turn)] = answers
+            return out
+
+    return asyncio.run(go())
+
+
+def compare_keep(soak: list[dict], reference_load: list[dict], replay: dict) -> dict:
+    """The soak server's keep answers against the no-offload server's answers to the same requests."""
+    seen: dict[tuple, set] = {}
+    for r in reference_load:
+        seen.setdefault((r["case_id"], r["turn"]), set()).add(r["prediction"])
+    for key, answers in replay.items():
+        seen.setdefault(key, set()).update(answers)
+    unseen = [{"case_id": r["case_id"], "turn": r["turn"], "round": r.get("round"), "soak": r["prediction"],
+               "no_offload": sorted(seen.get((r["case_id"], r["turn"]), ()), key=str)}
+              for r in soak if r["prediction"] not in seen.get((r["case_id"], r["turn"]), ())]
+
+    def differs_from_replay(records: list[dict]) -> dict:
+        n = sum((r["case_id"], r["turn"]) in replay for r in records)
+        d = sum(r["prediction"] not in replay[(r["case_id"], r["turn"])]
+                for r in records if (r["case_id"], r["turn"]) in replay)
+        return {"n": n, "differ": d, "rate": d / n if n else None}
+
+    return {"keep_requests": len(soak), "distinct": len(replay), "given_by_no_offload": len(soak) - len(unseen),
+            "differ_from_replay": {"offload": differs_from_replay(soak),
+                                   "no_offload": differs_from_replay(reference_load)},
+            "replay_answers_differ": sum(a != b for a, b in replay.values()), "unseen": unseen[:20]}
+
+
+def _plot(samples: list[tuple[float, int]], warmup_s: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([t / 60 for t, _ in samples], [b / 2**30 for _, b in samples])
+    ax.axvline(warmup_s / 60, color="grey", linestyle="--", label="end of warm-up")
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("server RSS (GiB, all processes)")
+    ax.set_title("kvplug soak: resident memory")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="kvplug model name or folder (default: kvplug's default)")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--warmup-minutes", type=float, default=2.0, help="RSS growth is measured after this")
+    p.add_argument("--sessions", type=int, default=32)
+    p.add_argument("--policies", default=POLICIES)
+    p.add_argument("--context-tokens", type=int, default=3000)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--cpu-size", default="1GiB")
+    p.add_argument("--disk-size", default="2GiB")
+    p.add_argument("--disk-path", default=None, help="default: a fresh temporary folder")
+    p.add_argument("--kv-cache-memory-bytes", default="512M",
+                   help="the engine's own KV cache: small, so prefixes leave it and come back from the tiers")
+    p.add_argument("--out", default="results/soak")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    disk = Path(args.disk_path) if args.disk_path else Path(tempfile.mkdtemp(prefix="kvplug-soak-disk-"))
+    model = [args.model] if args.model else []
+    engine = ["--kv-cache-memory-bytes", args.kv_cache_memory_bytes]
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    bench_cmd = [sys.executable, "-m", "kvplug.cli", "bench", "run", "--task", "kv", "--mode", "multi-turn",
+                 "--context-tokens", str(args.context_tokens), "--turns", str(args.turns),
+                 "--sessions", str(args.sessions), "--concurrency", str(args.sessions),
+                 "--policy-mix", args.policies, "--repeat", "--max-seconds", str(args.minutes * 60),
+                 "--max-tokens", str(args.max_tokens), "--save-cases", "--out", str(out / "load")]
+    offload = f"cpu:{args.cpu_size},disk:{disk}:{args.disk_size}"
+    with serve([*model, "--offload", offload, *engine], out / "server-offload.log") as (base, proc):
+        sampler = RssSampler(proc.pid, every_s=5.0)
+        sampler.start()
+        before = _offload_counters(base)
+        bench = subprocess.run([*bench_cmd, "--endpoint", base], text=True)
+        after = _offload_counters(base)
+        sampler.stop()
+        served = httpx.get(base + "/v1/models", timeout=30).json()["data"][0]["id"]
+    if bench.returncode != 0:
+        print(f"[soak] kvplug bench run failed with {bench.returncode}", file=sys.stderr)
+        return 1
+    load = json.loads((out / "load" / "results.json").read_text())
+    with serve([*model, *engine], out / "server-reference.log") as (base, _):
+        reference_bench = subprocess.run([*bench_cmd[:-1], str(out / "load-no-offload"), "--endpoint", base],
+                                         text=True)
+        if reference_bench.returncode != 0:
+            print(f"[soak] kvplug bench run (no offload) failed with {reference_bench.returncode}", file=sys.stderr)
+            return 1
+        replay = replay_keep_requests(base, served, out / "load", args.max_tokens)
+    keep = compare_keep(_keep_records(out / "load"), _keep_records(out / "load-no-offload"), replay)
+
+    warmup_s = args.warmup_minutes * 60
+    after_warmup = [b for t, b in sampler.samples if t >= warmup_s]
+    rss_growth = (max(after_warmup) / after_warmup[0] - 1) if after_warmup else None
+    per_policy: dict[str, dict[str, int]] = {}
+    for r in load["requests"]:
+        c = per_policy.setdefault(r.get("policy", "default"), {"ok": 0, "error": 0, "cancelled": 0})
+        c[r["status"]] = c.get(r["status"], 0) + 1
+    errors = sum(c.get("error", 0) for c in per_policy.values())
+    counters = {k: after[k] - before.get(k, 0.0) for k in after if after[k] - before.get(k, 0.0)}
+    result = {
+        "kind": "kvplug-soak", "started": started, "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "command": "python -m benchmarks.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "server": f"kvplug serve {' '.join(model)} --offload {offload} {' '.join(engine)}",
+        "load": " ".join(["kvplug", *bench_cmd[3:]]),
+        "requests": len(load["requests"]), "errors": errors, "per_policy": per_policy,
+        "keep_vs_no_offload": keep, "rss_samples": sampler.samples, "rss_growth_after_warmup": rss_growth,
+        "offload_counters": counters,
+    }
+    (out / "soak.json").write_text(json.dumps(result, indent=1) + "\n")
+    _plot(sampler.samples, warmup_s, out / "rss.png")
+    checks = {"0 errors": errors == 0,
+              "every keep answer is one the no-offload server gave": keep["given_by_no_offload"] == keep["keep_requests"],
+              f"RSS growth <= {RSS_GROWTH_LIMIT:.0%}": rss_growth is not None and rss_growth <= RSS_GROWTH_LIMIT}
+    off, ref = keep["differ_from_replay"]["offload"], keep["differ_from_replay"]["no_offload"]
+    print(f"[soak] {len(load['requests'])} requests, {errors} errors; keep answers the no-offload server also gave: "
+          f"{keep['given_by_no_offload']}/{keep['keep_requests']} ({keep['distinct']} distinct requests); differing "
+          f"from the replay: offload {off['differ']}/{off['n']}, no offload {ref['differ']}/{ref['n']}")
+    print(f"[soak] RSS growth after warm-up: " + (f"{rss_growth:.1%}" if rss_growth is not None else "no samples"))
+    for name, ok in checks.items():
+        print(f"[soak] {'PASS' if ok else 'FAIL'}: {name}")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
