@@ -10,7 +10,7 @@ from __future__ import annotations
 from attention_backends.retrieval_decode import backend_hooks as retrieval_decode
 from attention_backends.sparse_prefill import backend_hooks as sparse_prefill
 from kvplug import metrics, vllm_compat
-from offload import dropped_attention
+from attention_backends import dropped_attention
 
 _DenseBackend = vllm_compat.dense_backend_class()
 _DenseBuilder = _DenseBackend.get_builder_cls()

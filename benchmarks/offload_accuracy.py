@@ -100,7 +100,7 @@ def connector_counters(_worker=None) -> dict:
     """In the worker: blocks the connector loaded per tier and batches the backend masked."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    from offload.dropped_tokens import registry
+    from kvplug.dropped_tokens import registry
 
     side = get_kv_transfer_group().worker_side
     return {"loaded": dict(side.loaded_blocks), "saved": side.saved_blocks, "masked": registry().stats()}

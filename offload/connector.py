@@ -48,7 +48,7 @@ from cache_policies.selection import choose_policy
 from kvplug import config as cfg_mod
 from kvplug import metrics, vllm_compat
 from offload import host_memory
-from offload.dropped_tokens import registry as dropped_registry
+from kvplug.dropped_tokens import registry as dropped_registry
 from offload.keys import entry_key
 from offload.layerwise import Lane, LoadJobs, SaveJobs, plan_runs
 from offload.stores import AsyncDiskWriter, CpuStore, DiskStore, check_free_space

@@ -26,7 +26,7 @@ def connector_counters(_worker=None) -> dict:
     """Runs in the worker (collective_rpc): the connector's plain counters and the backend's mask counters."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    from offload.dropped_tokens import registry
+    from kvplug.dropped_tokens import registry
 
     side = get_kv_transfer_group().worker_side
     return {"loaded": dict(side.loaded_blocks), "saved": side.saved_blocks, "cpu_entries": len(side.cpu._entries),

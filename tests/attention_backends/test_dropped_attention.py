@@ -1,4 +1,5 @@
-"""Dropped tokens are never attended: the backend's masked path over the paged cache (offload/dropped_attention.py).
+"""Dropped tokens are never attended: the backend's masked path over the paged cache
+(attention_backends/dropped_attention.py).
 
 The oracle compacts each kv head's kept tokens and runs plain causal attention over only those, so a path
 that lets dropped (zeroed) slots take softmax mass fails these tests.
@@ -12,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from offload import dropped_attention
-from offload.dropped_tokens import DroppedTokenRegistry
+from attention_backends import dropped_attention
+from kvplug.dropped_tokens import DroppedTokenRegistry
 
 HQ, HKV, D, BS, LAYERS = 6, 2, 16, 8, 3
 

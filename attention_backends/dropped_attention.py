@@ -1,7 +1,7 @@
 """Attention that never sees dropped tokens: the backend side of drop:streaming / drop:snapkv reloads.
 
 The connector writes a reloaded drop-policy block into vLLM's paged cache with zeros where tokens were
-dropped and records the block's keep-mask by physical block id (offload/dropped_tokens.py). A zero key
+dropped and records the block's keep-mask by physical block id (kvplug/dropped_tokens.py). A zero key
 still scores 0 and takes softmax mass, so the backend must mask those slots. kvplug's backend does it in
 two halves (plan/run, like every other per-batch decision in it):
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from attention_backends.row_subset import forward_rows
 from kvplug import vllm_compat
-from offload.dropped_tokens import registry
+from kvplug.dropped_tokens import registry
 
 PLAN_ATTR = "kvplug_dropped_tokens"
 
