@@ -192,6 +192,7 @@ def _group_attn_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, pages_ptr, bm_ptr, ubm_ptr, bidx_ptr, bcnt_ptr, rng_ptr, rcnt_ptr, rfirst_ptr, rbits_ptr,
         cidx_ptr, cbits_ptr, ccnt_ptr, sq_t, sq_h, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_t, so_h,
         sbm_h, sbm_q, subm_g, subm_q, sbi_g, sbi_q, sr_g, srb_g, sc_g, sc_q, nqb, n_tiles, n, L, q_pos0, scale, group,
+        kv_div,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_P: tl.constexpr,
         BLOCK_N: tl.constexpr, QBLOCK: tl.constexpr, PAGE: tl.constexpr, UNION: tl.constexpr,
         HAS_RANGES: tl.constexpr, HAS_COLS: tl.constexpr, UPCAST: tl.constexpr):
@@ -200,14 +201,15 @@ def _group_attn_kernel(
     union key blocks of the rows' query block, its union range tiles, its union columns; per-key head bits say
     which heads count each key (see group_index.py)."""
     t = n_tiles - 1 - tl.program_id(0)  # the last row tiles see the most keys: start them first
-    kvh = tl.program_id(1)
+    gid = tl.program_id(1)  # the group (index entries); its K/V head in the cache is gid // kv_div
+    kvh = gid // kv_div
     qb = (t * BLOCK_M) // QBLOCK
     e = tl.arange(0, BLOCK_M * GROUP_P)
     hrow = e % GROUP_P
     rows = t * BLOCK_M + e // GROUP_P
     row_ok = (rows < n) & (hrow < group)
     row_pos = q_pos0 + rows
-    h = kvh * group + hrow
+    h = gid * group + hrow
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     q = tl.load(q_ptr + rows[:, None] * sq_t + h[:, None] * sq_h + dims[None, :],
@@ -219,9 +221,9 @@ def _group_attn_kernel(
     l_i = tl.zeros([BLOCK_M * GROUP_P], tl.float32)
     acc = tl.zeros([BLOCK_M * GROUP_P, BLOCK_D], tl.float32)
     all_heads = row_ok[:, None]
-    n_blocks = tl.load(bcnt_ptr + kvh * nqb + qb)
+    n_blocks = tl.load(bcnt_ptr + gid * nqb + qb)
     for i in range(0, n_blocks):
-        kb = tl.load(bidx_ptr + kvh * sbi_g + qb * sbi_q + i)
+        kb = tl.load(bidx_ptr + gid * sbi_g + qb * sbi_q + i)
         kpos = kb * QBLOCK + tl.arange(0, QBLOCK)
         if UNION:
             head_ok = all_heads
@@ -232,31 +234,31 @@ def _group_attn_kernel(
                                     PAGE, UPCAST)
     if HAS_RANGES:
         a = q_pos0 + qb * QBLOCK
-        r_end = tl.load(rcnt_ptr + kvh)
-        for j in range(tl.load(rfirst_ptr + kvh * nqb + qb), r_end):
-            start = a + tl.load(rng_ptr + kvh * sr_g + 2 * j)
-            stop = a + tl.load(rng_ptr + kvh * sr_g + 2 * j + 1)
+        r_end = tl.load(rcnt_ptr + gid)
+        for j in range(tl.load(rfirst_ptr + gid * nqb + qb), r_end):
+            start = a + tl.load(rng_ptr + gid * sr_g + 2 * j)
+            stop = a + tl.load(rng_ptr + gid * sr_g + 2 * j + 1)
             kpos = start + tl.arange(0, BLOCK_N)
             key_ok = (kpos >= 0) & (kpos < stop) & (kpos < L)
             if UNION:  # every head, except on keys the union's whole blocks already gave
-                ub = tl.load(ubm_ptr + kvh * subm_g + qb * subm_q + kpos // QBLOCK, mask=key_ok, other=0)
+                ub = tl.load(ubm_ptr + gid * subm_g + qb * subm_q + kpos // QBLOCK, mask=key_ok, other=0)
                 head_ok = all_heads & (ub == 0)[None, :]
             else:
-                bits = tl.load(rbits_ptr + kvh * srb_g + (kpos - a + L), mask=key_ok, other=0)
+                bits = tl.load(rbits_ptr + gid * srb_g + (kpos - a + L), mask=key_ok, other=0)
                 head_ok = ((bits[None, :] >> hrow[:, None]) & 1) != 0
             acc, l_i, m_i = _group_tile(acc, l_i, m_i, q, kpos, key_ok, head_ok, row_pos, k_ptr, v_ptr, pages_ptr,
                                         kvh, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, qk_scale, dims, dim_ok,
                                         PAGE, UPCAST)
     if HAS_COLS:
-        n_cols = tl.load(ccnt_ptr + kvh * nqb + qb)
+        n_cols = tl.load(ccnt_ptr + gid * nqb + qb)
         for c0 in range(0, n_cols, BLOCK_N):
             c = c0 + tl.arange(0, BLOCK_N)
             key_ok = c < n_cols
-            kpos = tl.load(cidx_ptr + kvh * sc_g + qb * sc_q + c, mask=key_ok, other=0)
+            kpos = tl.load(cidx_ptr + gid * sc_g + qb * sc_q + c, mask=key_ok, other=0)
             if UNION:
                 head_ok = all_heads
             else:
-                bits = tl.load(cbits_ptr + kvh * sc_g + qb * sc_q + c, mask=key_ok, other=0)
+                bits = tl.load(cbits_ptr + gid * sc_g + qb * sc_q + c, mask=key_ok, other=0)
                 head_ok = ((bits[None, :] >> hrow[:, None]) & 1) != 0
             acc, l_i, m_i = _group_tile(acc, l_i, m_i, q, kpos, key_ok, head_ok, row_pos, k_ptr, v_ptr, pages_ptr,
                                         kvh, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, qk_scale, dims, dim_ok,
@@ -280,16 +282,19 @@ def sparse_attention_paged_group(q: torch.Tensor, key_cache: torch.Tensor, value
                                  out: torch.Tensor | None = None, max_blocks: int | None = None,
                                  num_warps: int | None = None, num_stages: int | None = None,
                                  block_m: int | None = None, block_n: int | None = None, union: bool = False,
-                                 gindex: GroupIndex | None = None) -> torch.Tensor:
+                                 gindex: GroupIndex | None = None, share_kv: bool = True) -> torch.Tensor:
     """The group kernel (arguments and result as sparse_attention_paged): one program per (row tile, KV head)
     reads each K/V tile once for all the group's query heads, and its tensor cores compute the group's union
     of keys for every head. ``union=False`` counts exactly the index's pairs per head (the same function as
     the per-head kernel and reference.sparse_attention); ``union=True`` lets every head of a group attend
     the group's union (group_index.union_index). ``gindex``: a prebuilt group_index(..., tile=block_n,
-    union=union). Faster than the per-head kernel only where a group's heads select mostly the same keys
-    (see BENCHMARKS.md: on the benchmark's synthetic Q/K their union is 1.6-2.4x a head's keys)."""
+    union=union). ``share_kv=False``: one program per query head instead (groups of 1, no union: the
+    per-head kernel's work with this kernel's tiles). It can only beat the per-head kernel where a group's
+    heads select mostly the same keys (benchmarks/kernels/SPARSE_PREFILL_GROUP_NOTES.md: on the benchmark's
+    synthetic Q/K their union is 1.6-2.4x a head's keys and it measured 0.42-0.64x of the per-head speed)."""
     n, Hq, d = q.shape
-    Hkv = key_cache.shape[1]
+    kv_div = 1 if share_kv else Hq // key_cache.shape[1]
+    Hkv = key_cache.shape[1] * kv_div  # programs per row tile
     group = Hq // Hkv
     cfg = group_config(group, d)
     block_m = block_m or cfg["block_m"]
@@ -310,7 +315,7 @@ def sparse_attention_paged_group(q: torch.Tensor, key_cache: torch.Tensor, value
         q.stride(0), q.stride(1), *key_cache.stride(), *value_cache.stride(), out.stride(0), out.stride(1),
         bm.stride(0), bm.stride(1), gi.block_union.stride(0), gi.block_union.stride(1), gi.block_ids.stride(0), gi.block_ids.stride(1), gi.ranges.stride(0),
         gi.range_bits.stride(0), gi.cols.stride(0), gi.cols.stride(1), geom.nqb, n_tiles, n, geom.L, geom.q_pos0,
-        scale, group,
+        scale, group, kv_div,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m,
         GROUP_P=triton.next_power_of_2(group), BLOCK_N=block_n,
         QBLOCK=BLOCK, PAGE=key_cache.shape[2], UNION=union, HAS_RANGES=index.ranges.shape[1] > 0,
@@ -320,7 +325,8 @@ def sparse_attention_paged_group(q: torch.Tensor, key_cache: torch.Tensor, value
 
 
 KERNELS = {"per_head": sparse_attention_paged_per_head, "group": sparse_attention_paged_group}
-# Measured faster on the H100 at 32K-128K with the benchmark's vertical-slash index (BENCHMARKS.md).
+# Measured faster on the H100 at 32K-128K with the benchmark's vertical-slash index
+# (benchmarks/kernels/SPARSE_PREFILL_GROUP_NOTES.md).
 DEFAULT_KERNEL = "per_head"
 
 

@@ -141,6 +141,15 @@ def run(args) -> dict:
                 except Exception as exc:  # e.g. out of shared memory for this tile: record, keep the others
                     row.setdefault("group_config_errors", {})[cfg] = f"{type(exc).__name__}: {exc}"[:200]
             row["kvplug_attn_configs_ms"] = configs
+            if args.solo_configs:  # the group kernel's tiles, one program per query head (no sharing, no union)
+                solo = {}
+                for cfg in args.solo_configs.split(","):
+                    sbm, sbn, w, st = (int(x) for x in cfg.split("x"))
+                    solo[cfg] = timing(lambda: triton_kernels.sparse_attention_paged_group(
+                        q, kc, vc, pages, idx, geom, scale, out, block_m=sbm, block_n=sbn, num_warps=w,
+                        num_stages=st, share_kv=False))["median_ms"]
+                row["kvplug_attn_solo_configs_ms"] = solo
+                row["kvplug_attn_solo_ms"] = min(solo.values())
             best = min(configs, key=configs.get)
             row["kvplug_attn_config"] = best
             row["kvplug_attn_ms"] = configs[best]
@@ -351,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                    "time, e.g. 4x2,8x3; empty: skip it")
     p.add_argument("--group-configs", default="32x64x8x2", help="the group kernel: rows x keys x num_warps x "
                    "num_stages per tile (rows x group heads stacked), e.g. 32x64x8x2,16x64x4x3,32x128x8x2")
+    p.add_argument("--solo-configs", default="", help="the group kernel with one program per query head "
+                   "(share_kv=False): rows x keys x num_warps x num_stages, e.g. 64x64x4x2")
     p.add_argument("--union", action="store_true", help="also time the group kernel in union mode")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="benchmarks/results/sparse_prefill_kernels.json")

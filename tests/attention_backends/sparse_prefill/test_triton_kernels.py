@@ -119,7 +119,8 @@ def _mixed_case(Hq: int, Hkv: int, n: int = 150, L: int = 330, d: int = 32, seed
     return q, k, v, geom, index
 
 
-@pytest.mark.parametrize("Hq,Hkv,tiles", [(8, 2, (32, 64)), (8, 2, (16, 128)), (6, 2, (16, 64)), (2, 2, (64, 64))])
+@pytest.mark.parametrize("Hq,Hkv,tiles", [(8, 2, (32, 64)), (8, 2, (16, 128)), (6, 2, (16, 64)), (2, 2, (64, 64)),
+                                         (8, 2, "solo")])
 def test_group_kernel_mixed_heads(Hq, Hkv, tiles):
     """The group kernel, exact per head and in union mode, against the reference (union: on union_index),
     with a group mixing block, range and column patterns, a group of 3 (padded to 4) and of 1."""
@@ -128,10 +129,14 @@ def test_group_kernel_mixed_heads(Hq, Hkv, tiles):
     vc, _ = _paged(v, 16, True)
     args = (q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), pages.to(DEVICE), index.to(DEVICE), geom, 0.3)
     tol = 2e-3 if DEVICE == "cpu" else 2e-2
-    bm, bn = tiles
+    solo = tiles == "solo"  # one program per query head (share_kv=False)
+    bm, bn = (64, 64) if solo else tiles
     for union, idx in ((False, index), (True, union_index(index, geom, Hq // Hkv))):
+        if solo and union:
+            continue
         out = torch.full((geom.n, Hq, q.shape[-1]), float("nan"), device=DEVICE)  # every element must be written
-        got = triton_kernels.sparse_attention_paged(*args, out=out, kernel="group", block_m=bm, block_n=bn, union=union)
+        got = triton_kernels.sparse_attention_paged(*args, out=out, kernel="group", block_m=bm, block_n=bn, union=union,
+                                                    share_kv=not solo)
         torch.testing.assert_close(got.cpu(), sparse_attention(q, k, v, idx, 0.3), rtol=tol, atol=tol)
 
 
