@@ -114,7 +114,7 @@ class WorkerSide:
         dev = layers[0][1].device if layers else torch.device("cpu")
         self._load_lane, self._save_lane = Lane(dev), Lane(dev)
         # Host memory the GPU copies into must be pinned (else every copy is synchronous and staged); on CUDA
-        # the CPU tier's budget is pinned once here, not per save inside a prefill.
+        # the host-memory tiers' budget is pinned once here, not per save inside a prefill.
         if self._host is None:
             host_bytes = sum(t.host_bytes(self.cfg) for t in tier_registry.enabled(self.cfg))
             self._host = host_memory.for_device(dev, host_bytes, [self._load_lane.stream, self._save_lane.stream])
