@@ -9,30 +9,11 @@ no KV and must never be attended.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-Payload = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class BlockContext:
-    """Where the blocks sit in the prefix they were saved from (policies that care about position)."""
-
-    block_start: tuple[int, ...]  # absolute token position of each block's first token
-    prefix_len: int  # tokens of the prefix at save time (the request's prompt length)
-    # Observation-window queries for SnapKV: [layers, q_heads, window, head_dim]. The KV connector never sees
-    # queries, so it passes the keys of the window instead (query proxy; see drop_snapkv.py).
-    obs_queries: torch.Tensor | None = None
-
-    @staticmethod
-    def contiguous(n_blocks: int, block_tokens: int, first_block: int = 0,
-                   prefix_len: int | None = None) -> "BlockContext":
-        starts = tuple((first_block + i) * block_tokens for i in range(n_blocks))
-        end = (first_block + n_blocks) * block_tokens
-        return BlockContext(starts, end if prefix_len is None else prefix_len)
+from kvplug.kv_payload import BlockContext, Payload, stack_field
 
 
 class CachePolicy(ABC):
@@ -48,6 +29,10 @@ class CachePolicy(ABC):
     # entries layer by layer, overlapping compute. The token-dropping policies keep their kept rows
     # flattened across layers (and SnapKV scores all layers together), so they move whole blocks.
     layerwise: ClassVar[bool] = True
+    # The policy's parameters: the struct type of ``cache_policy.<params_key>`` (cache_policies/config.py),
+    # whose fields are the constructor's keyword arguments. None: the policy has no parameters.
+    params_key: ClassVar[str | None] = None
+    params_type: ClassVar[type | None] = None
 
     @abstractmethod
     def encode(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[Payload]:
@@ -81,19 +66,12 @@ class CachePolicy(ABC):
         entries by encoding one zero block per class instead of waiting for the worker)."""
         return 0
 
+    def observation_window_tokens(self, prompt_len: int) -> int:
+        """Last prompt tokens whose keys the saver passes as ``BlockContext.obs_queries`` (0: none needed)."""
+        return 0
+
     def describe(self) -> str:
         return self.name
-
-
-def payload_nbytes(payload: Payload) -> int:
-    return sum(t.numel() * t.element_size() for t in payload.values())
-
-
-def compression_ratio(k: torch.Tensor, v: torch.Tensor, payloads: list[Payload]) -> float:
-    """Raw K+V bytes over stored bytes (> 1 means smaller)."""
-    raw = (k.numel() * k.element_size()) + (v.numel() * v.element_size())
-    stored = sum(payload_nbytes(p) for p in payloads)
-    return raw / max(stored, 1)
 
 
 def check_kv(k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> None:
@@ -101,7 +79,3 @@ def check_kv(k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> None:
         raise ValueError(f"expected K and V shaped [n, L, H, N, D] alike, got {tuple(k.shape)} and {tuple(v.shape)}")
     if len(ctx.block_start) != k.shape[0]:
         raise ValueError(f"context describes {len(ctx.block_start)} blocks, tensors hold {k.shape[0]}")
-
-
-def stack_field(payloads: list[Payload], key: str) -> torch.Tensor:
-    return torch.stack([p[key] for p in payloads])

@@ -18,12 +18,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cache_policies.base import BlockContext, CachePolicy, Payload, check_kv
+from cache_policies.base import CachePolicy, check_kv
+from cache_policies.config import SnapKVParams
 from cache_policies.masking import pack_kept, unpack_kept
+from kvplug.kv_payload import BlockContext, Payload
 
 
 class SnapKVPolicy(CachePolicy):
     name = "drop:snapkv"
+    params_key = "snapkv"
+    params_type = SnapKVParams
     drops_tokens = True
     layerwise = False  # kept rows are flattened across layers
 
@@ -36,6 +40,9 @@ class SnapKVPolicy(CachePolicy):
         # Upper bound: the per-head budget plus the block's tokens inside the observation window.
         in_window = max(0, block_start + block_tokens - max(block_start, prefix_len - self.window_tokens))
         return min(block_tokens, math.ceil(self.keep_ratio * block_tokens) + in_window)
+
+    def observation_window_tokens(self, prompt_len: int) -> int:
+        return min(self.window_tokens, prompt_len)
 
     def scores(self, k: torch.Tensor, obs_q: torch.Tensor) -> torch.Tensor:
         """k [n, L, H, N, D], obs_q [L, Hq, W, D] -> attention mass per token [n, L, H, N]."""

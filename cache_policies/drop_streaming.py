@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from cache_policies.base import BlockContext, CachePolicy, Payload, check_kv
+from cache_policies.base import CachePolicy, check_kv
+from cache_policies.config import StreamingParams
 from cache_policies.masking import pack_kept, unpack_kept
+from kvplug.kv_payload import BlockContext, Payload
 
 
 class StreamingPolicy(CachePolicy):
     name = "drop:streaming"
+    params_key = "streaming"
+    params_type = StreamingParams
     drops_tokens = True
     layerwise = False  # kept rows are flattened across layers
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from cache_policies.base import BlockContext, CachePolicy, Payload, check_kv, stack_field
+from cache_policies.base import CachePolicy, check_kv
+from kvplug.kv_payload import BlockContext, Payload, stack_field
 
 
 class KeepPolicy(CachePolicy):

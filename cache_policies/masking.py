@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from cache_policies.base import Payload
+from kvplug.kv_payload import Payload
 
 
 def pack_kept(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> Payload:

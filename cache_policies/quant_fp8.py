@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from cache_policies import triton_quant
-from cache_policies.base import BlockContext, CachePolicy, Payload, check_kv, stack_field
+from cache_policies.base import CachePolicy, check_kv
 from cache_policies.quant_int8 import dequantize_reference
+from kvplug.kv_payload import BlockContext, Payload, stack_field
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448

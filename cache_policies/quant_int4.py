@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 
 from cache_policies import triton_quant
-from cache_policies.base import BlockContext, CachePolicy, Payload, check_kv, stack_field
+from cache_policies.base import CachePolicy, check_kv
+from cache_policies.config import Int4Params
+from kvplug.kv_payload import BlockContext, Payload, stack_field
 
 LEVELS = 15.0
 SCALE_DTYPE = torch.float16
@@ -119,6 +121,8 @@ def dequantize_values_reference(vq: torch.Tensor, vmin: torch.Tensor, vscale: to
 
 class Int4KiviPolicy(CachePolicy):
     name = "quant:int4"
+    params_key = "int4"
+    params_type = Int4Params
 
     def __init__(self, group_size: int = 32, residual_tokens: int = 32) -> None:
         self.group_size = group_size

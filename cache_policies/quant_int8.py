@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from cache_policies import triton_quant
-from cache_policies.base import BlockContext, CachePolicy, Payload, check_kv, stack_field
+from cache_policies.base import CachePolicy, check_kv
+from kvplug.kv_payload import BlockContext, Payload, stack_field
 
 INT8_MAX = 127.0
 KERNELS = "quant:int8"  # triton_quant.run_kernel family: one failure warning, then the torch path

@@ -1,4 +1,4 @@
-"""Policy registry: name -> class, built with parameters from the ``cache_policy`` config section.
+"""Policy registry: name -> class; each policy's parameters come from its own ``cache_policy`` sub-section.
 
 Imports of the policy modules (and torch) are lazy, so config validation and the HTTP middleware can check
 names without loading torch.
@@ -8,22 +8,20 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 if TYPE_CHECKING:
     from cache_policies.base import CachePolicy
-    from kvplug.config import CachePolicyConfig
+    from cache_policies.config import CachePolicyConfig
 
-# name -> (module, class, {constructor kwarg: cache_policy config field})
-_REGISTRY: dict[str, tuple[str, str, dict[str, str]]] = {
-    "keep": ("cache_policies.keep", "KeepPolicy", {}),
-    "quant:int8": ("cache_policies.quant_int8", "Int8Policy", {}),
-    "quant:fp8": ("cache_policies.quant_fp8", "Fp8Policy", {}),
-    "quant:int4": ("cache_policies.quant_int4", "Int4KiviPolicy",
-                   {"group_size": "int4_group_size", "residual_tokens": "int4_residual_tokens"}),
-    "drop:streaming": ("cache_policies.drop_streaming", "StreamingPolicy",
-                       {"sink_tokens": "streaming_sink_tokens", "window_tokens": "streaming_window_tokens"}),
-    "drop:snapkv": ("cache_policies.drop_snapkv", "SnapKVPolicy",
-                    {"keep_ratio": "snapkv_keep_ratio", "window_tokens": "snapkv_window_tokens",
-                     "pool_kernel": "snapkv_pool_kernel"}),
+# name -> (module, class)
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "keep": ("cache_policies.keep", "KeepPolicy"),
+    "quant:int8": ("cache_policies.quant_int8", "Int8Policy"),
+    "quant:fp8": ("cache_policies.quant_fp8", "Fp8Policy"),
+    "quant:int4": ("cache_policies.quant_int4", "Int4KiviPolicy"),
+    "drop:streaming": ("cache_policies.drop_streaming", "StreamingPolicy"),
+    "drop:snapkv": ("cache_policies.drop_snapkv", "SnapKVPolicy"),
 }
 POLICY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 # Per-request selection: extra_body={"kv_transfer_params": {REQUEST_POLICY_KEY: "quant:int4"}}
@@ -44,10 +42,17 @@ def check_name(name: Any, where: str = "policy") -> str:
     return name
 
 
+def policy_class(name: str) -> "type[CachePolicy]":
+    module, cls_name = _REGISTRY[check_name(name)]
+    return getattr(importlib.import_module(module), cls_name)
+
+
 def create(name: str, config: "CachePolicyConfig | None" = None, **overrides: Any) -> "CachePolicy":
     """Build policy ``name`` with its parameters from ``config`` (defaults when None) and overrides."""
-    module, cls_name, params = _REGISTRY[check_name(name)]
-    cls = getattr(importlib.import_module(module), cls_name)
-    kwargs = {arg: getattr(config, field) for arg, field in params.items()} if config is not None else {}
+    cls = policy_class(name)
+    kwargs: dict[str, Any] = {}
+    if cls.params_type is not None:
+        params = getattr(config, cls.params_key) if config is not None else cls.params_type()
+        kwargs = msgspec.structs.asdict(params)
     kwargs.update(overrides)
     return cls(**kwargs)

@@ -16,7 +16,7 @@ import struct
 
 import torch
 
-from cache_policies.base import Payload
+from kvplug.kv_payload import Payload
 
 MAGIC = b"KVPLUG2\0"  # 2: BLAKE2b over header + payload (1 had a CRC32 over the payload only)
 DIGEST_BYTES = 32

@@ -4,7 +4,7 @@ vLLM's block hash already chains every earlier block (and LoRA / multimodal / ca
 names "this exact prefix up to this block"; the layout identity (model, dtype, heads, block size, TP rank)
 makes sure two models or layouts never share an entry, and the policy that an int4 copy never answers a
 `keep` request. The layout identity includes a fingerprint of the weights and model config
-(``vllm_compat.model_fingerprint``), and ``KEY_VERSION`` changes whenever what an entry's bytes mean changes,
+(``offload.layout.model_fingerprint``), and ``KEY_VERSION`` changes whenever what an entry's bytes mean changes,
 so entries of other weights or of an older kvplug are misses, never served.
 """
 from __future__ import annotations

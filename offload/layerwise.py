@@ -33,8 +33,9 @@ from typing import Callable
 
 import torch
 
-from cache_policies.base import BlockContext, CachePolicy, Payload
+from kvplug.kv_payload import BlockContext, Payload
 from offload.host_memory import HostMemory
+from offload.wiring import KvPolicy
 
 logger = logging.getLogger("vllm.kvplug.offload")
 # Blocks gathered and encoded together per layer on save: one Segment. 256 blocks of a Llama-3-8B layer
@@ -128,7 +129,7 @@ def _signature(p: Payload) -> tuple:
 class SaveJob:
     """One group of up to SEGMENT_BLOCKS blocks of a request's prompt, saved with a layer-wise policy."""
 
-    policy: CachePolicy
+    policy: KvPolicy
     keys: list[str]
     block_ids: list[int]
     ctx: BlockContext
@@ -153,7 +154,7 @@ class SaveJobs:
     issue_s: float = 0.0
     alloc_s: float = 0.0
 
-    def add(self, policy: CachePolicy, keys: list[str], block_ids: list[int], block_starts: list[int],
+    def add(self, policy: KvPolicy, keys: list[str], block_ids: list[int], block_starts: list[int],
             prefix_len: int) -> None:
         for c0 in range(0, len(keys), SEGMENT_BLOCKS):
             sl = slice(c0, c0 + SEGMENT_BLOCKS)
@@ -225,7 +226,7 @@ class SaveJobs:
 class LoadRun:
     """Consecutive blocks of one load whose entries sit in one segment at consecutive slots."""
 
-    policy: CachePolicy
+    policy: KvPolicy
     segment: Segment
     start: int
     block_ids: list[int] = field(default_factory=list)
@@ -236,7 +237,7 @@ class LoadRun:
         return self.start + len(self.block_ids)
 
 
-def plan_runs(policy: CachePolicy, entries: list[tuple[Payload, tuple[Segment, int] | None]],
+def plan_runs(policy: KvPolicy, entries: list[tuple[Payload, tuple[Segment, int] | None]],
               block_ids: list[int]) -> list[LoadRun]:
     """Group a load's entries ((payload, segment slot or None) per block, in order) into runs."""
     runs: list[LoadRun] = []

@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cache_policies import quant_int4, triton_quant  # noqa: E402
-from cache_policies.base import BlockContext  # noqa: E402
+from kvplug.kv_payload import BlockContext  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

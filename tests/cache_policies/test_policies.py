@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from cache_policies import registry
-from cache_policies.base import BlockContext, compression_ratio
+from cache_policies.config import CachePolicyConfig, Int4Params, PolicyRule, SnapKVParams, StreamingParams
 from cache_policies.selection import choose_policy
-from kvplug.config import CachePolicyConfig, KvplugConfigError, PolicyRule, resolve
+from kvplug.config import KvplugConfigError
+from kvplug.kv_payload import BlockContext, compression_ratio
 
 N_BLOCKS, LAYERS, HEADS, TOKENS, DIM = 6, 2, 3, 32, 64
 # Worst relative error (max |err| / max |x| per tensor) each policy may make on Gaussian KV with outliers.
@@ -29,8 +30,9 @@ def kv(seed: int = 0, dtype=torch.bfloat16):
 
 def make(name: str):
     # Small windows so drops actually drop in a 6x32-token prefix; int4 residual of one block.
-    return registry.create(name, CachePolicyConfig(streaming_window_tokens=40, streaming_sink_tokens=4,
-                                                   int4_residual_tokens=32, snapkv_keep_ratio=0.25))
+    return registry.create(name, CachePolicyConfig(streaming=StreamingParams(window_tokens=40, sink_tokens=4),
+                                                   int4=Int4Params(residual_tokens=32),
+                                                   snapkv=SnapKVParams(keep_ratio=0.25)))
 
 
 def context(k):
@@ -142,9 +144,9 @@ def test_unknown_policy_names_the_name():
     with pytest.raises(registry.UnknownPolicyError, match="'quant:int3'"):
         registry.create("quant:int3")
     with pytest.raises(KvplugConfigError, match=r"cache_policy\.rules\[0\]\.policy"):
-        resolve(sets=["cache_policy.rules=[{policy: nope}]"], environ={})
-    with pytest.raises(KvplugConfigError, match="snapkv_keep_ratio"):
-        resolve(sets=["cache_policy.snapkv_keep_ratio=0"], environ={})
+        CachePolicyConfig(rules=[PolicyRule(policy="nope")])
+    with pytest.raises(KvplugConfigError, match=r"cache_policy\.snapkv\.keep_ratio"):
+        SnapKVParams(keep_ratio=0)
 
 
 def test_selection_request_then_rules_then_default():

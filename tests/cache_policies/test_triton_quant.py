@@ -21,7 +21,7 @@ if not IN_PROCESS:
 pytest.importorskip("triton", reason="triton is not installed")
 
 from cache_policies import quant_fp8, quant_int4, quant_int8, triton_quant  # noqa: E402
-from cache_policies.base import BlockContext  # noqa: E402
+from kvplug.kv_payload import BlockContext  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -94,7 +94,7 @@ def test_row_quant_kernel_failure_falls_back_to_torch_with_one_warning(module, m
 
 
 def test_policy_round_trip_uses_the_kernels():
-    from cache_policies.base import BlockContext
+    from kvplug.kv_payload import BlockContext
     from cache_policies.quant_int8 import Int8Policy
 
     k, v = _kv((3, 2, 2, 32, 64), seed=1), _kv((3, 2, 2, 32, 64), seed=2)

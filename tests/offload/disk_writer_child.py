@@ -9,7 +9,8 @@ import time
 
 import torch
 
-from offload import entry_format, stores
+from offload import entry_format
+from offload.tiers import disk as stores
 
 def main(root: str) -> None:
     disk = stores.DiskStore(root)

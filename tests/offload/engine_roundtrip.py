@@ -29,9 +29,9 @@ def connector_counters(_worker=None) -> dict:
     from kvplug.dropped_tokens import registry
 
     side = get_kv_transfer_group().worker_side
-    return {"loaded": dict(side.loaded_blocks), "saved": side.saved_blocks, "cpu_entries": len(side.cpu._entries),
-            "disk_corrupt": side.disk.corrupt_count if side.disk else 0, "masked": registry().stats(),
-            "layer_saves": side.layerwise_saves, "layer_load_waits": side.layerwise_load_waits}
+    return {"loaded": dict(side.stats.loaded_blocks), "saved": side.stats.saved_blocks, "cpu_entries": len(side.tiers["cpu"]._entries),
+            "disk_corrupt": side.tiers["disk"].disk.corrupt_count if side.tiers["disk"].disk else 0, "masked": registry().stats(),
+            "layer_saves": side.stats.layerwise_saves, "layer_load_waits": side.stats.layerwise_load_waits}
 
 
 def main(out: str, phase: str) -> None:

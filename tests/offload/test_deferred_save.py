@@ -15,12 +15,14 @@ import pytest
 import torch
 
 from cache_policies import registry as policy_registry
-from kvplug import vllm_compat
 from offload import connector as conn
-from offload import layerwise
-from offload.tiers import TierOp
-from tests.offload.test_layerwise import (LAYERS, TOKENS, assert_same_payload, make_worker, reference_entries,
-                                          run_step, save_meta)
+from offload import layerwise, metadata
+from offload.layout import KvLayout
+from offload.scheduler_side import SchedulerSide
+from offload.tiers.planner import demote
+from offload.worker_side import WorkerSide
+from tests.offload.test_layerwise import (LAYERS, POLICIES, TOKENS, assert_same_payload, make_worker,
+                                          reference_entries, run_step, save_meta)
 
 
 class FakeEvent:
@@ -81,8 +83,8 @@ def fake_worker(tmp_path=None):
     return side, log
 
 
-def deferred_meta(policy, block_ids, req_id="r1", ops=("store_cpu",)):
-    meta, keys = save_meta(policy, block_ids, ops=ops)
+def deferred_meta(policy, block_ids, req_id="r1", tier="cpu"):
+    meta, keys = save_meta(policy, block_ids, tier=tier)
     for spec in meta.saves:
         spec.req_id, spec.deferred = req_id, True
     return meta, keys
@@ -101,9 +103,9 @@ def test_wait_for_save_does_not_make_the_compute_stream_wait_for_deferred_copies
     assert [w for w in log if w[0] == "compute"] == []  # the step ends while the copies run
     # Nothing lost: the entries are stored (bytes of the synchronous path) and readable once copied.
     for key, want in zip(keys, reference_entries(side, policy, [3, 4, 5, 6])):
-        assert_same_payload(side.cpu.get(key), want)
+        assert_same_payload(side.tiers["cpu"].get(key), want)
     # The host-side cost the benchmark reports (pinned allocation is part of issuing).
-    assert side.save_issue_s >= side.save_alloc_s > 0
+    assert side.stats.save_issue_s >= side.stats.save_alloc_s > 0
 
 
 def test_saves_the_scheduler_does_not_defer_still_order_the_compute_stream_after_the_copies():
@@ -126,7 +128,7 @@ def test_get_finished_reports_a_finished_request_once_after_its_copies_completed
     # Reported in a later call although vLLM passes each finished id only once.
     assert side.finished_saves(set()) == {"r1"}
     assert side.finished_saves({"r1"}) == set()  # never twice (vLLM would free the blocks twice)
-    assert side.deferred_frees == 1
+    assert side.stats.deferred_frees == 1
     get_finished = conn.KvplugConnector.get_finished
     assert get_finished(SimpleNamespace(worker_side=side), {"r1"}) == (None, None)
 
@@ -154,7 +156,7 @@ def test_each_request_of_a_step_is_reported_and_none_is_lost_when_the_save_fails
 
 
 def test_a_deferred_save_without_registered_layers_is_reported_at_once():
-    side = conn._WorkerSide(None, make_worker().cfg, layout=SimpleNamespace(tp_rank=0))  # no register_views
+    side = WorkerSide(SimpleNamespace(tp_rank=0), make_worker().cfg, POLICIES)  # no register_views
     meta, _ = deferred_meta("keep", [1, 2], req_id="r")
     side.save(meta)
     assert side.finished_saves({"r"}) == {"r"}
@@ -166,13 +168,13 @@ def test_a_load_of_an_entry_whose_save_is_in_flight_waits_for_that_save_on_the_l
     run_step(side, meta)
     ev = save_event(side)
     log.clear()
-    load = conn.KvplugConnectorMetadata(loads=[conn.LoadSpec("keep", keys, [20, 21, 22])])
+    load = metadata.KvplugConnectorMetadata(loads=[metadata.LoadSpec("keep", keys, [20, 21, 22])])
     run_step(side, load)
     assert ("load", ev) in log and ("compute", ev) not in log
     assert log.index(("load", ev)) == 0  # before the load stream's first copy
     ev.completed = True
     log.clear()
-    run_step(side, conn.KvplugConnectorMetadata(loads=[conn.LoadSpec("keep", keys, [30, 31, 32])]))
+    run_step(side, metadata.KvplugConnectorMetadata(loads=[metadata.LoadSpec("keep", keys, [30, 31, 32])]))
     assert [w for w in log if w[1] is ev] == []  # done: no stream waits on it any more
 
 
@@ -187,17 +189,17 @@ def test_a_disk_entry_still_being_copied_is_host_synchronized_before_the_host_re
         return ev
 
     side._save_lane.record = held_record
-    meta, keys = deferred_meta("quant:int8", [2, 3], ops=("store_disk",))
+    meta, keys = deferred_meta("quant:int8", [2, 3], tier="disk")
     run_step(side, meta)
     ev = save_event(side)
-    assert side.writer.pending(keys[0]) is not None and ev.host_waits == []
+    assert side.tiers["disk"].writer.pending(keys[0]) is not None and ev.host_waits == []
     # The pending disk entry is stacked on the host by the load (loose entries): the host must wait first.
-    run_step(side, conn.KvplugConnectorMetadata(loads=[conn.LoadSpec("quant:int8", keys, [40, 41])]))
+    run_step(side, metadata.KvplugConnectorMetadata(loads=[metadata.LoadSpec("quant:int8", keys, [40, 41])]))
     assert ev.host_waits and set(ev.host_waits) == {threading.main_thread().name}
-    assert side.loaded_blocks["disk"] == 2 and not side.take_load_errors()
+    assert side.stats.loaded_blocks["disk"] == 2 and not side.take_load_errors()
     gate.set()
     side.close()
-    assert all(side.disk.path(k).exists() for k in keys)
+    assert all(side.tiers["disk"].disk.path(k).exists() for k in keys)
 
 
 def test_demoting_an_entry_whose_copy_is_in_flight_makes_the_disk_writer_wait_for_that_copy(tmp_path):
@@ -206,8 +208,8 @@ def test_demoting_an_entry_whose_copy_is_in_flight_makes_the_disk_writer_wait_fo
     run_step(side, meta)
     ev = save_event(side)
     writes = []
-    side.writer.write = lambda key, payload, ready=None, label="": writes.append((key, ready))
-    run_step(side, conn.KvplugConnectorMetadata(tier_ops=[TierOp("demote", k) for k in keys]))
+    side.tiers["disk"].writer.write = lambda key, payload, ready=None, label="": writes.append((key, ready))
+    run_step(side, metadata.KvplugConnectorMetadata(tier_ops=[demote(k, "cpu", "disk") for k in keys]))
     assert writes == [(k, ev) for k in keys]
 
 
@@ -218,24 +220,23 @@ def test_a_reallocated_block_whose_save_is_in_flight_fences_the_compute_stream()
     run_step(side, deferred_meta("keep", [1, 2, 3])[0])
     ev = save_event(side)
     log.clear()
-    side.start_load(conn.KvplugConnectorMetadata(fresh_block_ids=[10, 11]))  # other blocks: no wait
+    side.start_load(metadata.KvplugConnectorMetadata(fresh_block_ids=[10, 11]))  # other blocks: no wait
     assert log == []
-    side.start_load(conn.KvplugConnectorMetadata(fresh_block_ids=[11, 2]))
-    assert log == [("compute", ev)] and side.reuse_fences == 1
+    side.start_load(metadata.KvplugConnectorMetadata(fresh_block_ids=[11, 2]))
+    assert log == [("compute", ev)] and side.stats.reuse_fences == 1
     log.clear()
     ev.completed = True
-    side.start_load(conn.KvplugConnectorMetadata(fresh_block_ids=[2]))
+    side.start_load(metadata.KvplugConnectorMetadata(fresh_block_ids=[2]))
     assert log == []
 
 
 # --- scheduler side ------------------------------------------------------------------------------------
 
 def scheduler(monkeypatch, defer_free=True):
-    layout = vllm_compat.KvLayout(model="m", dtype="float32", num_layers=LAYERS, kv_heads=2, head_dim=32,
-                                  block_size=TOKENS, kv_cache_dtype="auto", tp_rank=0, tp_size=1)
-    monkeypatch.setattr(vllm_compat, "kv_layout", lambda *a, **k: layout)
+    layout = KvLayout(model="m", dtype="float32", num_layers=LAYERS, kv_heads=2, head_dim=32,
+                      block_size=TOKENS, kv_cache_dtype="auto", tp_rank=0, tp_size=1)
     cfg = make_worker().cfg
-    return conn._SchedulerSide(None, cfg, defer_free=defer_free)
+    return SchedulerSide(layout, cfg, POLICIES, defer_free=defer_free)
 
 
 def request(req_id, blocks, policy=None, extra_tokens=3):
@@ -299,7 +300,7 @@ def test_scheduler_and_worker_agree_a_finished_request_is_freed_once_after_its_s
     done = worker.finished_saves(set())
     sched.update_connector_output(SimpleNamespace(finished_sending=done, kv_connector_worker_meta=None))
     assert done == {"r"} and sched.delayed_frees == set()
-    assert all(worker.cpu.get(k) is not None for s in meta.saves for k in s.keys)
+    assert all(worker.tiers["cpu"].get(k) is not None for s in meta.saves for k in s.keys)
     assert worker.finished_saves({"r"}) == set()
 
 
@@ -355,8 +356,8 @@ def test_blocks_of_a_preempted_request_reallocated_while_its_save_runs_fence_the
                                                       num_scheduled_tokens={"b": len(b.prompt_token_ids) - TOKENS}))
     assert meta.allocated_block_ids == [3, 4, 20, 21]
     worker.start_load(meta)
-    assert log == [("compute", ev)] and worker.reuse_fences == 1
+    assert log == [("compute", ev)] and worker.stats.reuse_fences == 1
     log.clear()
-    hit_only = conn.KvplugConnectorMetadata(allocated_block_ids=[20, 21])  # block 1 read from the cache only
+    hit_only = metadata.KvplugConnectorMetadata(allocated_block_ids=[20, 21])  # block 1 read from the cache only
     worker.start_load(hit_only)
     assert log == []

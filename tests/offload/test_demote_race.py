@@ -9,10 +9,9 @@ import time
 import pytest
 import torch
 
-from offload import connector as conn
-from offload import host_memory
-from offload.stores import DiskStore
-from offload.tiers import TierOp
+from offload import host_memory, metadata
+from offload.tiers.disk import DiskStore
+from offload.tiers.planner import demote, store
 from tests.offload.test_layerwise import LAYERS, NUM_BLOCKS, TOKENS, assert_same_payload, make_worker, \
     reference_entries
 
@@ -42,7 +41,7 @@ def _host(kind: str):
 def test_demoted_entries_keep_their_bytes_under_a_slow_writer(tmp_path, monkeypatch, policy, host):
     _slow_writes(monkeypatch, 0.02)
     side = make_worker(tmp_path)
-    side._host = side.cpu.host = _host(host)
+    side._host = side.tiers["cpu"].host = _host(host)
     g = torch.Generator().manual_seed(1)
     expected: dict[str, dict[str, torch.Tensor]] = {}
     prev = None
@@ -53,9 +52,9 @@ def test_demoted_entries_keep_their_bytes_under_a_slow_writer(tmp_path, monkeypa
             vc[block] = torch.randn(vc[block].shape, generator=g)
         key = f"entry-{step}"
         expected[key] = reference_entries(side, policy, [block], prefix_len=TOKENS)[0]
-        ops = ([TierOp("demote", prev)] if prev is not None else []) + [TierOp("store_cpu", key)]
-        spec = conn.SaveSpec(policy, [key], [block], [0], TOKENS)
-        meta = conn.KvplugConnectorMetadata(saves=[spec], tier_ops=ops)
+        ops = ([demote(prev, "cpu", "disk")] if prev is not None else []) + [store("cpu", key)]
+        spec = metadata.SaveSpec(policy, [key], [block], [0], TOKENS)
+        meta = metadata.KvplugConnectorMetadata(saves=[spec], tier_ops=ops)
         side.start_load(meta)
         for name, _, _ in side.layers:
             side.wait_for_layer_load(name)
@@ -67,12 +66,12 @@ def test_demoted_entries_keep_their_bytes_under_a_slow_writer(tmp_path, monkeypa
             assert got is not None, k
             assert_same_payload(got, want)
         prev = key
-    side.writer.flush()
-    assert side.writer.failed_writes == 0
+    side.tiers["disk"].writer.flush()
+    assert side.tiers["disk"].writer.failed_writes == 0
     for k, want in expected.items():
         if k == prev:
             continue  # still in the CPU tier
-        on_disk = side.disk.read(k)
+        on_disk = side.tiers["disk"].disk.read(k)
         assert on_disk is not None, k
         assert_same_payload(on_disk, want)
     assert LAYERS == len(side.layers)

@@ -6,27 +6,26 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import msgspec
 import pytest
 import torch
 
 from cache_policies import registry as policy_registry
-from cache_policies.base import BlockContext
-from kvplug import config as cfg_mod
-from offload import connector as conn
-from offload import layerwise
-from offload.tiers import TierOp
+from cache_policies.config import CachePolicyConfig
+from cache_policies.provider import RegistryPolicyProvider
+from kvplug.kv_payload import BlockContext
+from offload import layerwise, metadata
+from offload.config import OffloadConfig
+from offload.tiers.planner import demote, store
+from offload.worker_side import WorkerSide
 
 LAYERS, HEADS, TOKENS, DIM, NUM_BLOCKS = 4, 2, 16, 32, 48
 LAYERWISE = [n for n in policy_registry.POLICY_NAMES if policy_registry.create(n).layerwise]
+POLICIES = RegistryPolicyProvider(CachePolicyConfig())
 
 
 def make_worker(tmp_path=None, cpu_size="1GiB"):
-    cfg = cfg_mod.KvplugConfig()
-    off = msgspec.structs.replace(cfg.offload, enabled=True, cpu_size=cpu_size,
-                                  disk_path=str(tmp_path / "disk") if tmp_path is not None else "")
-    cfg = msgspec.structs.replace(cfg, offload=off, metrics=msgspec.structs.replace(cfg.metrics, enabled=False))
-    side = conn._WorkerSide(None, cfg, layout=SimpleNamespace(tp_rank=0))
+    cfg = OffloadConfig(enabled=True, cpu_size=cpu_size, disk_path=str(tmp_path / "disk") if tmp_path is not None else "")
+    side = WorkerSide(SimpleNamespace(tp_rank=0), cfg, POLICIES)  # no metrics
     g = torch.Generator().manual_seed(0)
     views = [(f"model.layers.{i}.self_attn.attn", torch.randn(NUM_BLOCKS, HEADS, TOKENS, DIM, generator=g),
               torch.randn(NUM_BLOCKS, HEADS, TOKENS, DIM, generator=g)) for i in range(LAYERS)]
@@ -34,11 +33,11 @@ def make_worker(tmp_path=None, cpu_size="1GiB"):
     return side
 
 
-def save_meta(policy, block_ids, ops=("store_cpu",), prefix_len=None):
+def save_meta(policy, block_ids, tier="cpu", prefix_len=None):
     keys = [f"{policy}-{b}" for b in block_ids]
     starts = [i * TOKENS for i in range(len(block_ids))]
-    spec = conn.SaveSpec(policy, keys, list(block_ids), starts, prefix_len or len(block_ids) * TOKENS)
-    return conn.KvplugConnectorMetadata(saves=[spec], tier_ops=[TierOp(op, k) for k in keys for op in ops]), keys
+    spec = metadata.SaveSpec(policy, keys, list(block_ids), starts, prefix_len or len(block_ids) * TOKENS)
+    return metadata.KvplugConnectorMetadata(saves=[spec], tier_ops=[store(tier, k) for k in keys]), keys
 
 
 def run_step(side, meta, hooks=True, on_layer=None):
@@ -101,10 +100,10 @@ def test_saved_entries_have_the_bytes_of_the_synchronous_path(policy, hooks):
     run_step(side, meta, hooks=hooks)
     ref = reference_entries(side, policy, ids)
     for key, want in zip(keys, ref):
-        assert_same_payload(side.cpu.get(key), want)
+        assert_same_payload(side.tiers["cpu"].get(key), want)
     if policy != "drop:streaming":
-        assert side.layerwise_saves == (LAYERS if hooks else 0)
-        assert all(side.cpu.locate(k) is not None for k in keys)  # views of one segment, no per-block copy
+        assert side.stats.layerwise_saves == (LAYERS if hooks else 0)
+        assert all(side.tiers["cpu"].locate(k) is not None for k in keys)  # views of one segment, no per-block copy
 
 
 def test_segments_split_at_segment_blocks(monkeypatch):
@@ -113,10 +112,10 @@ def test_segments_split_at_segment_blocks(monkeypatch):
     ids = list(range(10))
     meta, keys = save_meta("keep", ids)
     run_step(side, meta)
-    segs = {id(side.cpu.locate(k)[0]) for k in keys}
+    segs = {id(side.tiers["cpu"].locate(k)[0]) for k in keys}
     assert len(segs) == 3  # 4 + 4 + 2
     for key, want in zip(keys, reference_entries(side, "keep", ids)):
-        assert_same_payload(side.cpu.get(key), want)
+        assert_same_payload(side.tiers["cpu"].get(key), want)
 
 
 @pytest.mark.parametrize("policy", ["keep", "quant:int8", "quant:int4", "drop:streaming"])
@@ -132,8 +131,8 @@ def test_load_of_layer_i_is_complete_when_layer_i_waits_and_not_issued_all_at_on
         vc[dst] = 0
     # Decoding the stored entries is what every layer must hold after its wait (exact for keep).
     decoded = policy_registry.create(policy).decode(
-        [side.cpu.get(k) for k in keys], torch.empty(len(src), LAYERS, HEADS, TOKENS, DIM))
-    load = conn.KvplugConnectorMetadata(loads=[conn.LoadSpec(policy, keys, dst)])
+        [side.tiers["cpu"].get(k) for k in keys], torch.empty(len(src), LAYERS, HEADS, TOKENS, DIM))
+    load = metadata.KvplugConnectorMetadata(loads=[metadata.LoadSpec(policy, keys, dst)])
     side.start_load(load)
     _, last_k, _ = side.layers[-1]
     layer_wise = policy_registry.create(policy).layerwise
@@ -153,7 +152,7 @@ def test_load_of_layer_i_is_complete_when_layer_i_waits_and_not_issued_all_at_on
         attention(i)
     side.save(load)
     assert seen == list(range(LAYERS))
-    assert side.loaded_blocks["cpu"] == len(src)
+    assert side.stats.loaded_blocks["cpu"] == len(src)
     assert not side.take_load_errors()
 
 
@@ -164,7 +163,7 @@ def test_loads_the_forward_never_waited_for_are_issued_at_wait_for_save():
     want = [kc[[1, 2, 3]].clone() for _, kc, _ in side.layers]
     for _, kc, _ in side.layers:
         kc[[10, 11, 12]] = 0
-    load = conn.KvplugConnectorMetadata(loads=[conn.LoadSpec("keep", keys, [10, 11, 12])])
+    load = metadata.KvplugConnectorMetadata(loads=[metadata.LoadSpec("keep", keys, [10, 11, 12])])
     run_step(side, load, hooks=False)
     assert all(torch.equal(kc[[10, 11, 12]], w) for (_, kc, _), w in zip(side.layers, want))
 
@@ -182,7 +181,7 @@ def test_load_listeners_run_per_layer_after_that_layer_is_written():
     side.load_listeners.append(listener)
     for _, kc, _ in side.layers:
         kc[[30, 31, 32, 33]] = 0
-    run_step(side, conn.KvplugConnectorMetadata(loads=[conn.LoadSpec("quant:int8", keys, [30, 31, 32, 33])]))
+    run_step(side, metadata.KvplugConnectorMetadata(loads=[metadata.LoadSpec("quant:int8", keys, [30, 31, 32, 33])]))
     assert [c[0] for c in calls] == list(range(LAYERS))
     assert all(c[1] == [30, 31, 32, 33] and c[2] for c in calls)
 
@@ -190,27 +189,27 @@ def test_load_listeners_run_per_layer_after_that_layer_is_written():
 def test_disk_tier_writes_in_the_background_and_serves_pending_entries(tmp_path):
     side = make_worker(tmp_path)
     gate = __import__("threading").Event()
-    real_write = side.disk.write
-    side.disk.write = lambda key, payload: (gate.wait(10), real_write(key, payload))[1]
+    real_write = side.tiers["disk"].disk.write
+    side.tiers["disk"].disk.write = lambda key, payload: (gate.wait(10), real_write(key, payload))[1]
     ids = [2, 3, 4]
-    meta, keys = save_meta("quant:int8", ids, ops=("store_disk",))
+    meta, keys = save_meta("quant:int8", ids, tier="disk")
     run_step(side, meta)  # returns although the writer is blocked
-    assert side.writer.pending(keys[0]) is not None and not side.disk.path(keys[0]).exists()
+    assert side.tiers["disk"].writer.pending(keys[0]) is not None and not side.tiers["disk"].disk.path(keys[0]).exists()
     for _, kc, _ in side.layers:
         kc[[40, 41, 42]] = 0
-    run_step(side, conn.KvplugConnectorMetadata(loads=[conn.LoadSpec("quant:int8", keys, [40, 41, 42])]))
-    assert side.loaded_blocks["disk"] == 3 and not side.take_load_errors()
+    run_step(side, metadata.KvplugConnectorMetadata(loads=[metadata.LoadSpec("quant:int8", keys, [40, 41, 42])]))
+    assert side.stats.loaded_blocks["disk"] == 3 and not side.take_load_errors()
     gate.set()
     side.close()
-    assert all(side.disk.path(k).exists() for k in keys)
+    assert all(side.tiers["disk"].disk.path(k).exists() for k in keys)
     for key, want in zip(keys, reference_entries(side, "quant:int8", ids)):
-        assert_same_payload(side.disk.read(key), want)
+        assert_same_payload(side.tiers["disk"].disk.read(key), want)
     # demote: CPU entry -> disk, released from the CPU tier
     meta2, keys2 = save_meta("keep", [7, 8])
     run_step(side, meta2)
-    run_step(side, conn.KvplugConnectorMetadata(tier_ops=[TierOp("demote", k) for k in keys2]))
+    run_step(side, metadata.KvplugConnectorMetadata(tier_ops=[demote(k, "cpu", "disk") for k in keys2]))
     side.close()
-    assert all(side.cpu.get(k) is None and side.disk.read(k) is not None for k in keys2)
+    assert all(side.tiers["cpu"].get(k) is None and side.tiers["disk"].disk.read(k) is not None for k in keys2)
 
 
 def test_a_failed_disk_write_is_a_recomputed_miss_not_a_failed_request(tmp_path):
@@ -219,15 +218,15 @@ def test_a_failed_disk_write_is_a_recomputed_miss_not_a_failed_request(tmp_path)
     def broken(key, payload):
         raise OSError(28, "No space left on device")
 
-    side.disk.write = broken
-    meta, keys = save_meta("keep", [1, 2], ops=("store_disk",))
+    side.tiers["disk"].disk.write = broken
+    meta, keys = save_meta("keep", [1, 2], tier="disk")
     run_step(side, meta)
     side.close()
-    assert side.writer.failed_writes == 2
+    assert side.tiers["disk"].writer.failed_writes == 2
     # Reported from the writer thread: the scheduler side forgets them (it planned them on disk).
     assert side.worker_meta().unreadable_keys == set(keys)
     assert side.worker_meta() is None  # each report once
-    run_step(side, conn.KvplugConnectorMetadata(loads=[conn.LoadSpec("keep", keys, [20, 21])]))
+    run_step(side, metadata.KvplugConnectorMetadata(loads=[metadata.LoadSpec("keep", keys, [20, 21])]))
     assert side.take_load_errors() == {20, 21}
     assert side.worker_meta().unreadable_keys == {keys[0]}
 
@@ -241,8 +240,8 @@ def test_a_failed_host_allocation_skips_the_save_and_the_later_load_recomputes(m
     monkeypatch.setattr(layerwise.Segment, "allocate", no_memory)
     meta, keys = save_meta("keep", [1, 2, 3])
     run_step(side, meta)  # must not raise
-    assert all(side.cpu.get(k) is None for k in keys)
-    run_step(side, conn.KvplugConnectorMetadata(loads=[conn.LoadSpec("keep", keys, [20, 21, 22])]))
+    assert all(side.tiers["cpu"].get(k) is None for k in keys)
+    run_step(side, metadata.KvplugConnectorMetadata(loads=[metadata.LoadSpec("keep", keys, [20, 21, 22])]))
     assert side.take_load_errors() == {20, 21, 22}
 
 
@@ -250,10 +249,10 @@ def test_released_segment_slots_are_not_recycled_as_buffers():
     side = make_worker()
     meta, keys = save_meta("keep", [1, 2])
     run_step(side, meta)
-    kept = side.cpu.get(keys[1])["k"].clone()
-    side.cpu.release(keys[0])
-    side.cpu.put("other", {"k": torch.ones_like(kept), "v": torch.ones_like(kept)})
-    assert torch.equal(side.cpu.get(keys[1])["k"], kept)
+    kept = side.tiers["cpu"].get(keys[1])["k"].clone()
+    side.tiers["cpu"].release(keys[0])
+    side.tiers["cpu"].put("other", {"k": torch.ones_like(kept), "v": torch.ones_like(kept)})
+    assert torch.equal(side.tiers["cpu"].get(keys[1])["k"], kept)
 
 
 def test_reloaded_blocks_get_fresh_retrieval_decode_summaries():
@@ -278,7 +277,7 @@ def test_reloaded_blocks_get_fresh_retrieval_decode_summaries():
     run_step(side, meta)
     dst = [30, 31, 32]
     stale = [impls[name].impl._retrieval_decode.summaries.kmax[dst].clone() for name, _, _ in side.layers]
-    run_step(side, conn.KvplugConnectorMetadata(loads=[conn.LoadSpec("keep", keys, dst)]))
+    run_step(side, metadata.KvplugConnectorMetadata(loads=[metadata.LoadSpec("keep", keys, dst)]))
     for (name, kc, _), old in zip(side.layers, stale):
         s = impls[name].impl._retrieval_decode.summaries
         assert torch.equal(s.kmin[dst], kc[dst].amin(dim=2)) and torch.equal(s.kmax[dst], kc[dst].amax(dim=2))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from offload import connector as conn
+from offload import metadata
 from tests.offload.test_deferred_save import request, scheduler
 
 
@@ -24,5 +24,5 @@ def test_an_unreadable_entry_is_a_counted_miss_and_forgotten(monkeypatch):
     side.planner.plan_store(key, 100)
     assert side.planner.where(key) == "cpu"
     side.update_connector_output(SimpleNamespace(finished_sending=None,
-                                                 kv_connector_worker_meta=conn.KvplugWorkerMetadata({key})))
+                                                 kv_connector_worker_meta=metadata.KvplugWorkerMetadata({key})))
     assert side.m.misses.value == 1 and side.planner.where(key) is None

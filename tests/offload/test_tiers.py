@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from offload.entry_format import EntryCorrupt, decode_entry, encode_entry
-from offload.eviction import EvictionIndex
-from offload.stores import CpuStore, DiskStore
-from offload.tiers import TierOp, TierPlanner
+from offload.tiers import registry as tier_registry
+from offload.tiers.cpu import CpuStore
+from offload.tiers.disk import DiskStore
+from offload.tiers.eviction import EvictionIndex
+from offload.tiers.planner import TierBudget, TierPlanner, demote, drop, store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,6 +29,13 @@ def payload(seed=0, n=256):
 
 def same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def planner(cpu_bytes, disk_bytes=0, reuse_weight=0.0):
+    """The registered tiers (CPU, then disk) with these budgets."""
+    budget = {"cpu": cpu_bytes, "disk": disk_bytes}
+    return TierPlanner([TierBudget(t.name, budget[t.name], t.entry_overhead) for t in tier_registry.TIERS],
+                       reuse_weight)
 
 
 def test_eviction_lru_order_without_reuse_weight():
@@ -54,14 +63,14 @@ def test_reuse_count_protects_hot_entries():
 
 
 def test_plan_demotes_to_disk_then_deletes_and_skips_what_never_fits():
-    plan = TierPlanner(cpu_bytes=200, disk_bytes=2 * (100 + 1024), reuse_weight=0)
-    assert plan.plan_store("a", 100) == [TierOp("store_cpu", "a")]
+    plan = planner(cpu_bytes=200, disk_bytes=2 * (100 + 1024), reuse_weight=0)
+    assert plan.plan_store("a", 100) == [store("cpu", "a")]
     assert plan.plan_store("a", 100) == []  # already stored
     plan.plan_store("b", 100)
-    assert plan.plan_store("c", 100) == [TierOp("demote", "a"), TierOp("store_cpu", "c")]
+    assert plan.plan_store("c", 100) == [demote("a", "cpu", "disk"), store("cpu", "c")]
     assert plan.where("a") == "disk" and plan.where("c") == "cpu"
     plan.plan_store("d", 100)  # demotes b
-    assert plan.plan_store("e", 100) == [TierOp("drop_disk", "a"), TierOp("demote", "c"), TierOp("store_cpu", "e")]
+    assert plan.plan_store("e", 100) == [drop("disk", "a"), demote("c", "cpu", "disk"), store("cpu", "e")]
     assert plan.where("a") is None
     assert plan.plan_store("huge", 10**9) == [] and plan.stats.skipped_stores == 1  # full tier: skip, not fail
     assert plan.record_hit("b") == "disk" and plan.record_hit("zz") is None
@@ -70,10 +79,10 @@ def test_plan_demotes_to_disk_then_deletes_and_skips_what_never_fits():
 
 
 def test_plan_without_cpu_tier_stores_straight_to_disk_and_without_disk_drops():
-    assert TierPlanner(0, 10_000).plan_store("a", 10) == [TierOp("store_disk", "a")]
-    plan = TierPlanner(100, 0)
+    assert planner(0, 10_000).plan_store("a", 10) == [store("disk", "a")]
+    plan = planner(100, 0)
     plan.plan_store("a", 100)
-    assert plan.plan_store("b", 100) == [TierOp("drop_cpu", "a"), TierOp("store_cpu", "b")]
+    assert plan.plan_store("b", 100) == [drop("cpu", "a"), store("cpu", "b")]
 
 
 def test_cpu_store_copies_and_never_recycles_memory_a_reader_still_holds():

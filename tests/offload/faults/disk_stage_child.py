@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from offload import stores
+from offload.tiers import disk as stores
 
 STAGES = ("mid-write", "before-fsync", "before-rename", "after-rename")
 

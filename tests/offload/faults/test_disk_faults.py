@@ -21,11 +21,13 @@ from unittest import mock
 import pytest
 import torch
 
-from offload import connector as conn
-from offload import entry_format, stores
-from offload.stores import AsyncDiskWriter, DiskDirectoryInUse, DiskStore
+from offload import entry_format
+from offload.layout import KvLayout
+from offload.scheduler_side import SchedulerSide
+from offload.tiers import disk as stores
+from offload.tiers.disk import AsyncDiskWriter, DiskDirectoryInUse, DiskStore
 from tests.offload.faults.disk_stage_child import STAGES, entry_payload
-from tests.offload.test_layerwise import make_worker, run_step, save_meta
+from tests.offload.test_layerwise import POLICIES, make_worker, run_step, save_meta
 from tests.offload.test_tiers import dead_pid, payload, same
 
 REPO = Path(__file__).resolve().parents[3]
@@ -220,10 +222,10 @@ def test_worker_reports_dropped_disk_writes_so_the_scheduler_forgets_them(tmp_pa
     side = make_worker(tmp_path)
     side.m = mock.MagicMock()
     if reason == stores.QUEUE_FULL:
-        side.writer.max_pending_bytes = 0
+        side.tiers["disk"].writer.max_pending_bytes = 0
     else:
         monkeypatch.setattr(stores, "_write_all", mock.Mock(side_effect=OSError(errno.ENOSPC, "full")))
-    meta, keys = save_meta("keep", [1, 2], ops=("store_disk",))
+    meta, keys = save_meta("keep", [1, 2], tier="disk")
     run_step(side, meta)
     side.close()
     side.m.disk_write_failures.labels.assert_called_with(reason=reason)
@@ -238,12 +240,9 @@ def test_worker_reports_dropped_disk_writes_so_the_scheduler_forgets_them(tmp_pa
 
 
 def scheduler_side(cfg, monkeypatch):
-    from kvplug import vllm_compat
-
-    layout = vllm_compat.KvLayout(model="m", dtype="float32", num_layers=4, kv_heads=2, head_dim=32,
-                                  block_size=16, kv_cache_dtype="auto", tp_rank=0, tp_size=1)
-    monkeypatch.setattr(vllm_compat, "kv_layout", lambda *a, **k: layout)
-    return conn._SchedulerSide(None, cfg)
+    layout = KvLayout(model="m", dtype="float32", num_layers=4, kv_heads=2, head_dim=32,
+                      block_size=16, kv_cache_dtype="auto", tp_rank=0, tp_size=1)
+    return SchedulerSide(layout, cfg, POLICIES)
 
 
 # --- files, directory, free space -----------------------------------------------------------------------
@@ -333,7 +332,7 @@ def test_scan_removes_a_temp_file_of_a_live_pid_only_once_it_is_stale(tmp_path):
 
 def test_one_engine_shares_rank0_between_scheduler_and_worker_a_second_engine_fails(tmp_path, monkeypatch):
     worker = make_worker(tmp_path)
-    meta, keys = save_meta("keep", [1, 2], ops=("store_disk",))
+    meta, keys = save_meta("keep", [1, 2], tier="disk")
     run_step(worker, meta)
     worker.close()
     sched = scheduler_side(worker.cfg, monkeypatch)  # the same engine's scheduler side: scans, no lock

@@ -1,8 +1,4 @@
-"""Where entry bytes live (worker side): pinned CPU memory and a local-disk directory.
-
-The scheduler side decides what goes where (offload/tiers.py); these only execute. Both are keyed by the
-entry key (offload/keys.py), which already includes the model, the KV layout and the policy.
-"""
+"""The disk tier: one checksummed file per entry in a local directory per TP rank, written in the background."""
 from __future__ import annotations
 
 import fcntl
@@ -18,14 +14,12 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
-from cache_policies.base import Payload, payload_nbytes
+from kvplug.kv_payload import Payload, payload_nbytes
 from offload.entry_format import PREFIX_BYTES, EntryCorrupt, decode_entry, encode_entry
-from offload.host_memory import HostMemory
+from offload.tiers.base import SavedItem, Tier, TierEvents
 
 if TYPE_CHECKING:
-    from offload.layerwise import Segment
+    from offload.config import OffloadConfig
 
 logger = logging.getLogger("vllm.kvplug.offload")
 ENTRY_SUFFIX = ".kv"
@@ -37,57 +31,6 @@ STALE_TEMP_SECONDS = 3600.0
 # Bytes of queued disk writes the writer holds (host memory) before it drops new ones as misses.
 DEFAULT_MAX_PENDING_BYTES = 2 << 30
 WRITE_ERROR, QUEUE_FULL = "error", "queue_full"  # why a disk write was not done (on_failed, metric label)
-
-
-class CpuStore:
-    """Entries in host memory (the connector's ``HostMemory``: the pinned pool on CUDA, plain tensors on CPU).
-
-    A released entry's memory is never recycled here: other readers may still hold it (the disk writer of a
-    demoted entry, a load whose host->device copy is in flight). Its buffer goes back to the pool only when
-    its last view has died and the copy streams have passed that moment (``PinnedPool``), so an entry is
-    never overwritten while somebody reads it, and freed memory does not count against the tier twice.
-    """
-
-    def __init__(self, host: HostMemory | None = None) -> None:
-        self.host = host if host is not None else HostMemory()
-        self._entries: dict[str, Payload] = {}
-        self._slots: dict[str, tuple["Segment", int]] = {}  # entries that are views of a saved segment
-        self.used_bytes = 0
-
-    def put(self, key: str, payload: Payload) -> None:
-        if key in self._entries:
-            return
-        buf = {k: self.host.empty(tuple(t.shape), t.dtype) for k, t in payload.items()}
-        for k, t in payload.items():
-            buf[k].copy_(t)
-        self._entries[key] = buf
-        self.used_bytes += payload_nbytes(buf)
-
-    def adopt(self, key: str, segment: "Segment", slot: int) -> None:
-        """Store slot ``slot`` of ``segment`` (host memory the layer-wise save already filled) without a copy."""
-        if key in self._entries:
-            return
-        payload = segment.entry(slot)
-        self._entries[key] = payload
-        self._slots[key] = (segment, slot)
-        self.used_bytes += payload_nbytes(payload)
-
-    def get(self, key: str) -> Payload | None:
-        return self._entries.get(key)
-
-    def locate(self, key: str) -> tuple["Segment", int] | None:
-        """(segment, slot) of an adopted entry: consecutive slots load with one copy per layer."""
-        return self._slots.get(key)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
-
-    def release(self, key: str) -> None:
-        """Forget ``key``; its memory is freed once no reader holds it any more (see the class docstring)."""
-        self._slots.pop(key, None)
-        buf = self._entries.pop(key, None)
-        if buf is not None:
-            self.used_bytes -= payload_nbytes(buf)
 
 
 class DiskDirectoryInUse(RuntimeError):
@@ -382,3 +325,55 @@ class AsyncDiskWriter:
                         if self._pending.get(key) is payload:
                             del self._pending[key]
                 self._queue.task_done()
+
+
+def rank_dir(root: str, rank: int) -> str:
+    return f"{root.rstrip('/')}/rank{rank}"
+
+
+class DiskTier(Tier):
+    """The worker side's disk tier: reads from ``disk``, writes and deletes through ``writer`` (in order, on
+    its thread); an entry queued for writing is served from the writer's pending set."""
+
+    name = "disk"
+    entry_overhead = 1024  # bytes per entry file beyond its payload (header JSON)
+
+    def __init__(self, disk: DiskStore, writer: AsyncDiskWriter) -> None:
+        self.disk = disk
+        self.writer = writer
+
+    @classmethod
+    def budget_bytes(cls, cfg: "OffloadConfig") -> int:
+        return cfg.disk_bytes
+
+    @classmethod
+    def existing_entries(cls, cfg: "OffloadConfig", tp_size: int,
+                         on_corrupt: Callable[[str, str], None]) -> dict[str, int]:
+        disk = DiskStore(rank_dir(cfg.disk_path, 0), on_corrupt=on_corrupt)
+        entries = disk.scan()
+        # TP ranks' directories share the filesystem and hold the same blocks (each its head shard).
+        check_free_space(disk.root, cfg.disk_bytes * tp_size, sum(entries.values()) * tp_size)
+        if entries:
+            logger.info("kvplug offload: %d entries from a previous run on disk at %s", len(entries), cfg.disk_path)
+        return entries
+
+    @classmethod
+    def open(cls, cfg: "OffloadConfig", rank: int, events: TierEvents) -> "DiskTier":
+        # The only writer of its rank directory: exclusive (a second engine on the same disk_path fails here).
+        disk = DiskStore(rank_dir(cfg.disk_path, rank), on_corrupt=events.on_corrupt, exclusive=True)
+        return cls(disk, AsyncDiskWriter(disk, lambda key, n, label: events.on_stored(cls.name, n, label),
+                                         events.on_failed))
+
+    def store(self, key: str, item: SavedItem, ready: Any, label: str) -> None:
+        # The writer waits for ``ready``: the entry may be filled by copies still in flight.
+        self.writer.write(key, item[0].entry(item[1]) if isinstance(item, tuple) else item, ready, label)
+
+    def get(self, key: str) -> Payload | None:
+        p = self.writer.pending(key)  # demoted or stored this run, not on disk yet
+        return p if p is not None else self.disk.read(key)
+
+    def release(self, key: str) -> None:
+        self.writer.delete(key)
+
+    def close(self) -> None:
+        self.writer.flush()

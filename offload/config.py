@@ -1,0 +1,54 @@
+"""The ``offload`` config section: the tiers' budgets and the eviction order."""
+from __future__ import annotations
+
+import os
+
+from kvplug.config import KvplugConfigError, parse_size
+
+try:
+    from kvplug.config import Section, check_finite
+except ImportError:  # core's names before its rename (core branch: public Section and check_finite)
+    from kvplug.config import _check_finite as check_finite
+    from kvplug.config import _Section as Section
+
+SECTION = "offload"
+
+
+class OffloadConfig(Section):
+    """CPU and disk tiers for evicted prefix KV blocks, through kvplug's KV connector (offload/connector.py).
+
+    ``kvplug serve --offload cpu:8GiB,disk:/path:100GiB`` fills these. ``disk_path`` empty = no disk tier.
+    Eviction: least recently used first, where each reuse of an entry counts as ``reuse_weight`` extra
+    recent accesses (0 = plain LRU), so shared contexts many requests come back to outlive one-off prompts.
+    """
+
+    enabled: bool = False
+    cpu_size: str | int = "8GiB"  # bytes, or with a unit: 8GiB, 500MB
+    disk_path: str = ""
+    disk_size: str | int = "100GiB"
+    reuse_weight: float = 8.0
+
+    def __post_init__(self) -> None:
+        check_finite(self, SECTION)
+        cpu = parse_size(self.cpu_size, f"{SECTION}.cpu_size")
+        disk = parse_size(self.disk_size, f"{SECTION}.disk_size")
+        if self.disk_path and disk == 0:
+            raise KvplugConfigError(f"{SECTION}.disk_size: a disk tier at {self.disk_path!r} needs a size > 0")
+        if self.enabled and cpu == 0 and not self.disk_path:
+            raise KvplugConfigError(f"{SECTION}: enabled with no tier (cpu_size is 0 and disk_path is empty)")
+        if self.reuse_weight < 0:
+            raise KvplugConfigError(f"{SECTION}.reuse_weight: must be >= 0, got {self.reuse_weight}")
+        if self.disk_path:
+            # Relative paths would depend on each process's cwd (engine core, workers, Ray actors).
+            if not os.path.isabs(self.disk_path):
+                raise KvplugConfigError(f"{SECTION}.disk_path: must be an absolute path, got {self.disk_path!r}")
+            if os.path.exists(self.disk_path) and not os.path.isdir(self.disk_path):
+                raise KvplugConfigError(f"{SECTION}.disk_path: {self.disk_path!r} exists and is not a directory")
+
+    @property
+    def cpu_bytes(self) -> int:
+        return parse_size(self.cpu_size, f"{SECTION}.cpu_size")
+
+    @property
+    def disk_bytes(self) -> int:
+        return parse_size(self.disk_size, f"{SECTION}.disk_size") if self.disk_path else 0
