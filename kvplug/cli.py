@@ -44,7 +44,7 @@ def _models(argv: list[str]) -> int:
 def _config(argv: list[str]) -> int:
     import yaml
 
-    from kvplug import config
+    from kvplug import settings
 
     p = argparse.ArgumentParser(prog="kvplug config")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -53,8 +53,8 @@ def _config(argv: list[str]) -> int:
     show.add_argument("--set", dest="sets", action="append", default=[])
     ns = p.parse_args(argv)
     try:
-        cfg = config.resolve(ns.config, ns.sets)
-    except config.KvplugConfigError as exc:
+        cfg = settings.resolve(ns.config, ns.sets)
+    except settings.KvplugConfigError as exc:
         print(f"kvplug config: {exc}", file=sys.stderr)
         return 2
     import msgspec

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from kvplug import config as cfg_mod
+from kvplug import settings
 from kvplug import models
 
 DEFAULT_HOST = "127.0.0.1"
@@ -43,12 +43,12 @@ class ServePlan:
     served_model_name: str
     host: str
     port: int
-    config: cfg_mod.KvplugConfig
+    config: settings.KvplugConfig
     vllm_args: list[str] = field(default_factory=list)
     replicas: int = 1                       # >1: N engines on Ray behind a router (serving/replicas.py)
     ray_address: str | None = None
     router: dict = field(default_factory=dict)
-    replica_configs: list[cfg_mod.KvplugConfig] = field(default_factory=list)  # one per replica (>1)
+    replica_configs: list[settings.KvplugConfig] = field(default_factory=list)  # one per replica (>1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,7 +97,7 @@ def check_port_free(host: str, port: int) -> None:
 POLICY_MIDDLEWARE = "serving.policy_middleware.PolicyValidationMiddleware"
 
 
-def offload_args(config: cfg_mod.KvplugConfig, user_args: list[str]) -> list[str]:
+def offload_args(config: settings.KvplugConfig, user_args: list[str]) -> list[str]:
     """vLLM flags for the offload tiers (kvplug's KV connector) and the request-policy check (HTTP 400)."""
     from kvplug import vllm_compat
 
@@ -116,7 +116,7 @@ def _mem_available_bytes(meminfo: str) -> int | None:
     return None
 
 
-def check_cpu_tier_fits(config: cfg_mod.KvplugConfig, tp_ranks: int, replicas: int, meminfo: str) -> None:
+def check_cpu_tier_fits(config: settings.KvplugConfig, tp_ranks: int, replicas: int, meminfo: str) -> None:
     """ServeError if the CPU tiers of every TP rank of every replica on this host exceed its MemAvailable.
 
     Each rank's connector holds its own CPU tier of the (per-replica) size; without this check an oversized
@@ -163,14 +163,14 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
         from offload.spec import parse_offload_flag
 
         sets = [*(parse_offload_flag(ns.offload) if ns.offload else []), *ns.sets]
-        config = cfg_mod.resolve(ns.config, sets, environ)
-    except cfg_mod.KvplugConfigError as exc:
+        config = settings.resolve(ns.config, sets, environ)
+    except settings.KvplugConfigError as exc:
         raise ServeError(str(exc)) from None
     from serving.replicas import api_keys, replica_configs, tensor_parallel_size
 
     try:
         per_replica = replica_configs(config, ns.replicas) if ns.replicas > 1 else []
-    except cfg_mod.KvplugConfigError as exc:
+    except settings.KvplugConfigError as exc:
         raise ServeError(str(exc)) from None
     if not ns.ray_address:  # on a Ray cluster, where the replicas land is Ray's choice
         if meminfo is None:
@@ -206,8 +206,8 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
     extra += offload_args(config, extra)
 
     env = dict(environ)
-    env[cfg_mod.ENV_CONFIG_JSON] = config.to_json()
-    env.pop(cfg_mod.ENV_CONFIG_PATH, None)  # resolved already; children must not re-read a changed file
+    env[settings.ENV_CONFIG_JSON] = config.to_json()
+    env.pop(settings.ENV_CONFIG_PATH, None)  # resolved already; children must not re-read a changed file
     vllm_compat.propagate_env_to_ray(environ=env)
     # Ray TP workers write their kvplug/vLLM samples to the same multiprocess dir (set by run()).
     vllm_compat.propagate_env_to_ray(prefix="PROMETHEUS_MULTIPROC_DIR", environ=env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from attention_backends import wiring
 from attention_backends.retrieval_decode import planner, runner
 from kvplug import vllm_compat
 
@@ -25,9 +26,7 @@ def set_override(_worker: Any = None, **fields: Any) -> None:
 
 
 def _config():
-    from kvplug.plugin import active_config
-
-    cfg = active_config().retrieval_decode
+    cfg = wiring.current().retrieval_decode
     return cfg if cfg.enabled else None
 
 

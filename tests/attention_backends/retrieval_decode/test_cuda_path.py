@@ -8,7 +8,7 @@ import torch
 
 from attention_backends.retrieval_decode import backend_hooks, planner, runner
 from kvplug import vllm_compat
-from kvplug.config import RetrievalDecodeConfig
+from attention_backends.retrieval_decode.config import RetrievalDecodeConfig
 
 
 def _hook(max_model_len=4096):
