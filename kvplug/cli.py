@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvplug import models, settings
+
 USAGE = """usage: kvplug <command> [args]
 
 commands:
@@ -20,8 +22,6 @@ commands:
 
 
 def _models(argv: list[str]) -> int:
-    from kvplug import models
-
     p = argparse.ArgumentParser(prog="kvplug models")
     sub = p.add_subparsers(dest="cmd", required=True)
     prep = sub.add_parser("prepare", help="fetch, verify and convert a model")
@@ -43,8 +43,6 @@ def _models(argv: list[str]) -> int:
 
 def _config(argv: list[str]) -> int:
     import yaml
-
-    from kvplug import settings
 
     p = argparse.ArgumentParser(prog="kvplug config")
     sub = p.add_subparsers(dest="cmd", required=True)

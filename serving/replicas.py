@@ -39,9 +39,10 @@ from typing import Any
 import msgspec
 
 from kvplug import config as config_loader
-from kvplug import settings
+from kvplug import settings, vllm_compat
 from serving import routing
-from serving.router import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_SESSION_ID_BYTES, DEFAULT_READ_TIMEOUT_S
+from serving.router import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_SESSION_ID_BYTES, DEFAULT_READ_TIMEOUT_S, ReplicaEndpoint,
+                            ReplicaRouter, serve_router)
 
 log = logging.getLogger("kvplug.replicas")
 
@@ -112,8 +113,6 @@ def validate_router_args(ns: argparse.Namespace, vllm_args: list[str]) -> str | 
         return ("--replicas with --distributed-executor-backend ray is not supported: each replica already "
                 "is a Ray actor holding its GPUs; use the default (mp) executor inside replicas")
     if ray_executor:
-        from kvplug import vllm_compat
-
         if not vllm_compat.supports_ray_executor():
             return (f"--distributed-executor-backend ray: vLLM {vllm_compat.vllm_version()} on "
                     f"{vllm_compat.platform_name()} has no Ray executor (its platform declares no Ray device); "
@@ -384,8 +383,6 @@ def run_replicated(p: Any) -> int:
     """Serve plan ``p`` (serving.server.ServePlan) as ``p.replicas`` replicas behind the router."""
     import ray
 
-    from kvplug import vllm_compat
-    from serving.router import ReplicaEndpoint, ReplicaRouter, serve_router
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per proxied request
