@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from attention_backends import wiring
 from attention_backends.row_subset import forward_rows
 from kvplug import vllm_compat
 from kvplug.dropped_tokens import registry
@@ -104,10 +105,9 @@ class DroppedTokenPlan:
 
 
 def enabled() -> bool:
-    """Whether any request can get a drop policy (config default or rules; requests may also name one)."""
-    from kvplug.plugin import active_config
-
-    return active_config().offload.enabled
+    """Whether any request can get a drop policy (config default or rules; requests may also name one): the
+    composition layer says so when it configures the backend (offload on)."""
+    return wiring.current().drop_masks_enabled
 
 
 def plan(attn_metadata: Any, common_attn_metadata: Any, build_dense: Callable[[Any], Any]) -> None:

@@ -7,10 +7,11 @@ outside CUDA graphs. Sparse prefill and retrieval decode extend these classes.
 """
 from __future__ import annotations
 
+from attention_backends import dropped_attention, wiring
 from attention_backends.retrieval_decode import backend_hooks as retrieval_decode
+from attention_backends.retrieval_decode.summaries import refresh_blocks_
 from attention_backends.sparse_prefill import backend_hooks as sparse_prefill
 from kvplug import metrics, vllm_compat
-from attention_backends import dropped_attention
 
 _DenseBackend = vllm_compat.dense_backend_class()
 _DenseBuilder = _DenseBackend.get_builder_cls()
@@ -22,7 +23,7 @@ class KvplugMetadataBuilder(_DenseBuilder):  # type: ignore[misc, valid-type]
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._num_layers = len(layer_names)
-        self._metrics = metrics.get()
+        self._metrics = metrics.get(wiring.current().metrics)
         self._sparse_prefill = sparse_prefill.builder_hook()
         self._retrieval_decode = retrieval_decode.builder_hook(self)
         self._dropped_tokens = dropped_attention.enabled()
@@ -65,7 +66,7 @@ if vllm_compat.platform_name() == "cuda" and retrieval_decode.enabled():
 class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        m = metrics.get()
+        m = metrics.get(wiring.current().metrics)
         if m is not None:
             m.backend_instances.labels(backend=BACKEND_LABEL, process=metrics.process_role()).inc()
         self._sparse_prefill = sparse_prefill.impl_runner(self)
@@ -83,8 +84,6 @@ class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
         (retrieval decode's block summaries), else decode over reloaded blocks would score stale summaries."""
         runner = self._retrieval_decode
         if runner is not None and runner.summaries is not None:
-            from attention_backends.retrieval_decode.summaries import refresh_blocks_
-
             refresh_blocks_(runner.summaries.kmin, runner.summaries.kmax, key_cache, block_index)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvplug import models, settings
+
 USAGE = """usage: kvplug <command> [args]
 
 commands:
@@ -20,8 +22,6 @@ commands:
 
 
 def _models(argv: list[str]) -> int:
-    from kvplug import models
-
     p = argparse.ArgumentParser(prog="kvplug models")
     sub = p.add_subparsers(dest="cmd", required=True)
     prep = sub.add_parser("prepare", help="fetch, verify and convert a model")
@@ -44,8 +44,6 @@ def _models(argv: list[str]) -> int:
 def _config(argv: list[str]) -> int:
     import yaml
 
-    from kvplug import config
-
     p = argparse.ArgumentParser(prog="kvplug config")
     sub = p.add_subparsers(dest="cmd", required=True)
     show = sub.add_parser("show", help="print the effective config")
@@ -53,8 +51,8 @@ def _config(argv: list[str]) -> int:
     show.add_argument("--set", dest="sets", action="append", default=[])
     ns = p.parse_args(argv)
     try:
-        cfg = config.resolve(ns.config, ns.sets)
-    except config.KvplugConfigError as exc:
+        cfg = settings.resolve(ns.config, ns.sets)
+    except settings.KvplugConfigError as exc:
         print(f"kvplug config: {exc}", file=sys.stderr)
         return 2
     import msgspec

@@ -10,13 +10,36 @@ import multiprocessing
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from kvplug.config import KvplugConfig
+from kvplug.config import KvplugConfigError, Section
 
 _lock = threading.Lock()
 _metrics: "Metrics | None" = None
+_configured: "MetricsConfig | None" = None
+
+
+class MetricsConfig(Section):
+    enabled: bool = True
+    # Prefix of every kvplug metric name on /metrics.
+    prefix: str = "kvplug"
+
+    def validate(self, path: str) -> None:
+        if not self.prefix or not self.prefix.replace("_", "a").isalnum() or self.prefix[0].isdigit():
+            raise KvplugConfigError(f"{path}.prefix: {self.prefix!r} is not a valid Prometheus metric name prefix")
+
+
+def configure(section: MetricsConfig) -> None:
+    """The metrics section of this process's config (kvplug/plugin.py register() sets it)."""
+    global _configured
+    _configured = section
+
+
+def _section(config: "MetricsConfig | None") -> MetricsConfig:
+    """``config``, else the configured section, else the defaults (a process where register() never ran:
+    unit tests driving a runner directly)."""
+    if config is not None:
+        return config
+    return _configured if _configured is not None else MetricsConfig()
 
 
 @dataclass
@@ -37,20 +60,17 @@ def process_role() -> str:
     return multiprocessing.current_process().name
 
 
-def get(config: "KvplugConfig | None" = None) -> "Metrics | None":
-    """The process-wide metrics, or None when metrics are disabled."""
+def get(config: MetricsConfig | None = None) -> "Metrics | None":
+    """The process-wide metrics, or None when metrics are disabled (``config``: else the configured section)."""
     global _metrics
     if _metrics is not None:
         return _metrics
-    if config is None:
-        from kvplug import config as cfg_mod
-
-        config = cfg_mod.from_process_env()
-    if not config.metrics.enabled:
+    section = _section(config)
+    if not section.enabled:
         return None
     with _lock:
         if _metrics is None:
-            _metrics = _create(config.metrics.prefix)
+            _metrics = _create(section.prefix)
     return _metrics
 
 
@@ -107,7 +127,7 @@ class OffloadMetrics:
 _offload_metrics: "OffloadMetrics | None" = None
 
 
-def get_offload(config: "KvplugConfig | None" = None) -> "OffloadMetrics | None":
+def get_offload(config: MetricsConfig | None = None) -> "OffloadMetrics | None":
     """The offload metrics of this process (None when metrics are disabled)."""
     global _offload_metrics
     base = get(config)
@@ -117,9 +137,7 @@ def get_offload(config: "KvplugConfig | None" = None) -> "OffloadMetrics | None"
         if _offload_metrics is None:
             from prometheus_client import Counter, Histogram
 
-            from kvplug import config as cfg_mod
-
-            p = (config or cfg_mod.from_process_env()).metrics.prefix
+            p = _section(config).prefix
             _offload_metrics = OffloadMetrics(
                 hits=Counter(f"{p}_offload_hits", "Offloaded KV blocks found on lookup, by tier", ["tier"]),
                 misses=Counter(f"{p}_offload_misses", "KV blocks looked up in the offload tiers and not found"),

@@ -1,27 +1,42 @@
 """vLLM general plugin entry point (``vllm.general_plugins: kvplug = kvplug.plugin:register``).
 
 vLLM calls ``register()`` once in every process it starts (API server, engine core, workers, Ray
-workers). It reads the config from the process environment, registers kvplug's attention backend and
-records that this process loaded the plugin.
+workers). It reads the config from the process environment, hands each feature its sections (the
+attention backend through attention_backends.wiring, offload through offload.wiring), registers kvplug's
+attention backend and records that this process loaded the plugin.
 """
 from __future__ import annotations
 
 import logging
 
-from kvplug import __version__, config, metrics, vllm_compat
+from attention_backends import wiring as attention_wiring
+from kvplug import __version__, metrics, settings, vllm_compat
 
 logger = logging.getLogger("vllm.kvplug")  # inherit vLLM's handlers and level
 _state: dict[str, object] = {}
 
 
+def configure_features(cfg: settings.KvplugConfig) -> None:
+    """Hand every feature its config sections (and offload its cache-policy provider)."""
+    metrics.configure(cfg.metrics)
+    attention_wiring.configure(cfg.sparse_prefill, cfg.retrieval_decode, cfg.metrics,
+                               drop_masks_enabled=cfg.offload.enabled)
+    # TODO(merge): once offload/wiring.py and cache_policies/provider.py (arch-offload branch) are in:
+    #     from cache_policies.provider import RegistryPolicyProvider
+    #     from offload import wiring as offload_wiring
+    #     offload_wiring.configure(cfg.offload, cfg.metrics, RegistryPolicyProvider(cfg.cache_policy))
+    # (as module-level imports above). Until then offload/connector.py reads active_config() itself.
+
+
 def register() -> None:
     if _state.get("registered"):
         return
-    cfg = config.from_process_env()  # a bad config must stop the process, not run silently without kvplug
+    cfg = settings.from_process_env()  # a bad config must stop the process, not run silently without kvplug
     vllm_compat.check_supported()
+    configure_features(cfg)
     slot = vllm_compat.register_attention_backend()
     vllm_compat.propagate_env_to_ray()
-    m = metrics.get(cfg)
+    m = metrics.get(cfg.metrics)
     if m is not None:
         m.info.labels(version=__version__, vllm_version=vllm_compat.vllm_version(),
                       platform=vllm_compat.platform_name(),
@@ -32,10 +47,11 @@ def register() -> None:
                 metrics.process_role(), ", ".join(cfg.enabled_features()) or "none")
 
 
-def active_config() -> config.KvplugConfig:
-    """The config this process registered with (resolving it if register() has not run)."""
+def active_config() -> settings.KvplugConfig:
+    """The config this process registered with (resolving it if register() has not run). For the composition
+    and top layers only: features get their sections through their wiring modules."""
     cfg = _state.get("config")
     if cfg is None:
-        cfg = config.from_process_env()
+        cfg = settings.from_process_env()
         _state["config"] = cfg
     return cfg  # type: ignore[return-value]

@@ -38,9 +38,11 @@ from typing import Any
 
 import msgspec
 
-from kvplug import config as cfg_mod
+from kvplug import config as config_loader
+from kvplug import settings, vllm_compat
 from serving import routing
-from serving.router import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_SESSION_ID_BYTES, DEFAULT_READ_TIMEOUT_S
+from serving.router import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_SESSION_ID_BYTES, DEFAULT_READ_TIMEOUT_S, ReplicaEndpoint,
+                            ReplicaRouter, serve_router)
 
 log = logging.getLogger("kvplug.replicas")
 
@@ -87,8 +89,8 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
 
 def _size_arg(text: str) -> int:
     try:
-        return cfg_mod.parse_size(text, "--router-max-body-bytes")
-    except cfg_mod.KvplugConfigError as exc:
+        return settings.parse_size(text, "--router-max-body-bytes")
+    except settings.KvplugConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -111,8 +113,6 @@ def validate_router_args(ns: argparse.Namespace, vllm_args: list[str]) -> str | 
         return ("--replicas with --distributed-executor-backend ray is not supported: each replica already "
                 "is a Ray actor holding its GPUs; use the default (mp) executor inside replicas")
     if ray_executor:
-        from kvplug import vllm_compat
-
         if not vllm_compat.supports_ray_executor():
             return (f"--distributed-executor-backend ray: vLLM {vllm_compat.vllm_version()} on "
                     f"{vllm_compat.platform_name()} has no Ray executor (its platform declares no Ray device); "
@@ -190,7 +190,7 @@ def replica_bind_host(replica_node_ip: str, router_node_ip: str) -> str:
     return "127.0.0.1" if replica_node_ip == router_node_ip else replica_node_ip
 
 
-def replica_configs(config: cfg_mod.KvplugConfig, n: int) -> list[cfg_mod.KvplugConfig]:
+def replica_configs(config: settings.KvplugConfig, n: int) -> list[settings.KvplugConfig]:
     """Each replica's config: 1/n of the offload CPU and disk budgets and its own disk folder.
 
     N replicas sharing one disk folder would evict and overwrite each other's entries, and each taking the
@@ -203,9 +203,9 @@ def replica_configs(config: cfg_mod.KvplugConfig, n: int) -> list[cfg_mod.Kvplug
         share = msgspec.structs.replace(off, cpu_size=off.cpu_bytes // n, disk_size=off.disk_bytes // n,
                                         disk_path=os.path.join(off.disk_path, f"replica{i}") if off.disk_path else "")
         try:
-            share.validate("offload")
-        except cfg_mod.KvplugConfigError as exc:
-            raise cfg_mod.KvplugConfigError(f"{exc} (after splitting the offload budgets between {n} replicas)") \
+            share = config_loader.recheck(share, "offload")
+        except settings.KvplugConfigError as exc:
+            raise settings.KvplugConfigError(f"{exc} (after splitting the offload budgets between {n} replicas)") \
                 from None
         out.append(msgspec.structs.replace(config, offload=share))
     return out
@@ -383,8 +383,6 @@ def run_replicated(p: Any) -> int:
     """Serve plan ``p`` (serving.server.ServePlan) as ``p.replicas`` replicas behind the router."""
     import ray
 
-    from kvplug import vllm_compat
-    from serving.router import ReplicaEndpoint, ReplicaRouter, serve_router
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per proxied request
@@ -403,7 +401,7 @@ def run_replicated(p: Any) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)  # uvicorn installs its own graceful handler when serving
     replica_key = secrets.token_urlsafe(32)  # only the router and the replicas know it
-    replica_envs = [{cfg_mod.ENV_CONFIG_JSON: c.to_json(), "VLLM_API_KEY": replica_key}
+    replica_envs = [{settings.ENV_CONFIG_JSON: c.to_json(), "VLLM_API_KEY": replica_key}
                     for c in (p.replica_configs or [p.config] * p.replicas)]
     try:
         started = start_replicas(p.command, p.env, p.replicas, ray_address=p.ray_address, cpus_per_replica=cpus,

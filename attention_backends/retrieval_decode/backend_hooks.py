@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from attention_backends.retrieval_decode import planner, runner
+from attention_backends import wiring
+from attention_backends.retrieval_decode import cpu_kernel, planner, runner
 from kvplug import vllm_compat
 
 PLAN_ATTR = "kvplug_retrieval"
@@ -25,9 +26,7 @@ def set_override(_worker: Any = None, **fields: Any) -> None:
 
 
 def _config():
-    from kvplug.plugin import active_config
-
-    cfg = active_config().retrieval_decode
+    cfg = wiring.current().retrieval_decode
     return cfg if cfg.enabled else None
 
 
@@ -77,10 +76,10 @@ class BuilderHook:
             plan.rest_rows_dev = plan.rest_rows.to(cam.block_table_tensor.device)
         if vllm_compat.platform_name() == "cpu":
             per_head = planner.selected_tokens(plan).repeat_interleave(self.num_kv_heads)
-            plan.extra["cpu"] = vllm_compat.cpu_head_decode_metadata(self.builder, per_head)
+            plan.extra["cpu"] = cpu_kernel.cpu_head_decode_metadata(self.builder, per_head)
             if params.dense_layers:  # the first layers read every block of the same sequences
                 full = plan.seq_lens_cpu.repeat_interleave(self.num_kv_heads)
-                plan.extra["cpu_dense"] = vllm_compat.cpu_head_decode_metadata(self.builder, full)
+                plan.extra["cpu_dense"] = cpu_kernel.cpu_head_decode_metadata(self.builder, full)
         setattr(attn_metadata, PLAN_ATTR, plan)
         return attn_metadata
 
@@ -109,7 +108,7 @@ def impl_runner(impl: Any) -> runner.RetrievalDecodeRunner | None:
     cfg = _config()
     if cfg is None:
         return None
-    if getattr(vllm_compat.dense_backend_class(), "forward_includes_kv_cache_update", False):
+    if vllm_compat.dense_backend_writes_kv_in_forward():
         raise RuntimeError("retrieval decode needs a dense backend that writes the KV cache before forward "
                            "(do_kv_cache_update); this vLLM's backend writes it inside forward")
     window = getattr(impl, "sliding_window", None)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from attention_backends.retrieval_decode import cpu_kernel
 from attention_backends.retrieval_decode.planner import DecodeGraphPlan, RetrievalPlan
 from attention_backends.retrieval_decode.selection import select_for_queries
 from attention_backends.retrieval_decode.summaries import BlockSummaries
@@ -92,7 +93,7 @@ class RetrievalDecodeRunner:
         hkv = self.summaries.kmin.shape[1]
         width = int(plan.num_blocks.max())
         phys = plan.block_table[:, :width].long().unsqueeze(1).expand(-1, hkv, -1)
-        output[plan.rows] = vllm_compat.cpu_head_decode(self.impl, layer, query[plan.rows], kv_cache, phys,
+        output[plan.rows] = cpu_kernel.cpu_head_decode(self.impl, layer, query[plan.rows], kv_cache, phys,
                                                         plan.extra["cpu_dense"])
         return output
 
@@ -156,7 +157,7 @@ class RetrievalDecodeRunner:
         sel = select_for_queries(q, kmin, kmax, plan.block_table, plan.num_blocks, plan.budget_blocks, plan.k,
                                  p.sink_blocks, p.recent_blocks, p.gqa_reduce)
         phys = torch.gather(plan.block_table.long().unsqueeze(1).expand(-1, kmin.shape[1], -1), 2, sel.blocks)
-        output[plan.rows] = vllm_compat.cpu_head_decode(self.impl, layer, q, kv_cache, phys, plan.extra["cpu"])
+        output[plan.rows] = cpu_kernel.cpu_head_decode(self.impl, layer, q, kv_cache, phys, plan.extra["cpu"])
         return output
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+from attention_backends import wiring
 from attention_backends.sparse_prefill import planner, runner
+from kvplug import vllm_compat
 
 
 def _config():
-    from kvplug.plugin import active_config
-
-    cfg = active_config().sparse_prefill
+    cfg = wiring.current().sparse_prefill
     return cfg if cfg.enabled else None
 
 
@@ -28,8 +28,6 @@ class BuilderHook:
         if plan is not None:
             runner.record_batch(plan)
         else:
-            from kvplug import vllm_compat
-
             runner.record_dense_batch(vllm_compat.batch_phases(common_attn_metadata).prefill_tokens)
 
 
@@ -43,8 +41,6 @@ def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:
     cfg = _config()
     if cfg is None:
         return None
-    from kvplug import vllm_compat
-
     pattern_config = planner.pattern_config_for(cfg.pattern_config, vllm_compat.current_model_name(),
                                                 cfg.default_pattern, json.dumps(cfg.default_budgets, sort_keys=True))
     return runner.SparsePrefillRunner(pattern_config, impl.num_heads, impl.num_kv_heads, impl.scale)

@@ -20,6 +20,8 @@ from attention_backends.sparse_prefill import calibration
 from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig, build_index
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry
 from attention_backends.sparse_prefill.patterns import registry
+from attention_backends.sparse_prefill.reference import _gqa_keys
+from kvplug import models
 
 CAPTURE = "kvplug_capture"
 
@@ -94,8 +96,6 @@ def evaluate_layer(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int, r
 
 def dense_probs(q: torch.Tensor, k: torch.Tensor, geom: ChunkGeometry, rows: torch.Tensor, scale: float) -> torch.Tensor:
     """[Hq, R, L] causal softmax of the chunk's query rows ``rows`` over all L keys."""
-    from attention_backends.sparse_prefill.reference import _gqa_keys
-
     pos = geom.q_pos0 + rows
     causal = torch.arange(geom.L, device=q.device)[None, :] <= pos[:, None]
     s = torch.einsum("qhd,hkd->hqk", q[rows], _gqa_keys(k, q.shape[1])) * scale
@@ -179,8 +179,6 @@ def main(argv: list[str]) -> int:
     s.add_argument("--rows-per-chunk", type=int, default=512, help="query rows sampled per chunk for recall")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ns = p.parse_args(argv)
-    from kvplug import models
-
     try:
         path = Path(ns.model) if ns.model and Path(ns.model).is_dir() else models.prepare(ns.model or models.DEFAULT_MODEL)
     except models.ModelError as exc:

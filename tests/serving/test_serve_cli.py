@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from kvplug import config, models
+from kvplug import models
+from kvplug import settings
 from serving import server
 from tests.conftest import REPO, free_port
 
@@ -56,7 +57,7 @@ def test_plan_defaults(monkeypatch, tmp_path):
     assert args[args.index("--max-model-len") + 1] == "8192"
     assert args[args.index("--served-model-name") + 1] == models.DEFAULT_MODEL
     assert "--kv-cache-memory-bytes" in args  # CPU default so a plain start fits our machines
-    assert json.loads(p.env[config.ENV_CONFIG_JSON])["metrics"]["prefix"] == "planned"
+    assert json.loads(p.env[settings.ENV_CONFIG_JSON])["metrics"]["prefix"] == "planned"
     assert p.env["VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"] == "FOO_,KVPLUG_,PROMETHEUS_MULTIPROC_DIR"
 
 

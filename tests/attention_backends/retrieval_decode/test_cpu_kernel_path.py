@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from attention_backends.retrieval_decode import cpu_kernel
 from attention_backends.retrieval_decode.reference import dense_decode_attention, selected_block_attention
 from attention_backends.retrieval_decode.selection import select_for_queries
 from tests.attention_backends.retrieval_decode.helpers import make_case
@@ -40,12 +41,12 @@ def test_cpu_kernel_on_selected_blocks_matches_reference(dtype):
     builder = SimpleNamespace(num_heads=6, num_kv_heads=2, head_dim=64, dtype=dtype, isa=isa, kv_cache_dtype="auto")
     last = case.seq_lens - (nb - 1) * bs
     per_seq = (budget - 1) * bs + last
-    meta = vllm_compat.cpu_head_decode_metadata(builder, per_seq.repeat_interleave(2))
+    meta = cpu_kernel.cpu_head_decode_metadata(builder, per_seq.repeat_interleave(2))
     phys = torch.gather(case.block_table.long().unsqueeze(1).expand(-1, 2, -1), 2, sel.blocks)
     impl = SimpleNamespace(scale=0.125, logits_soft_cap=0, kv_cache_dtype="auto")
     layer = SimpleNamespace(_k_scale_float=1.0, _v_scale_float=1.0)
     q = case.q.to(dtype)
-    out = vllm_compat.cpu_head_decode(impl, layer, q, kv_cache, phys, meta)
+    out = cpu_kernel.cpu_head_decode(impl, layer, q, kv_cache, phys, meta)
     kc, vc = case.key_cache.to(dtype), case.value_cache.to(dtype)
     want = selected_block_attention(q, kc, vc, case.block_table, case.seq_lens, sel, 0.125)
     tol = 1e-5 if dtype == torch.float32 else 2e-2

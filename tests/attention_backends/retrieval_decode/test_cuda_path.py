@@ -8,7 +8,8 @@ import torch
 
 from attention_backends.retrieval_decode import backend_hooks, planner, runner
 from kvplug import vllm_compat
-from kvplug.config import RetrievalDecodeConfig
+from kvplug.compat import common, v0_26
+from attention_backends.retrieval_decode.config import RetrievalDecodeConfig
 
 
 def _hook(max_model_len=4096):
@@ -85,9 +86,13 @@ def test_full_cudagraph_support_is_capped_at_pure_decode_never_raised():
     class NeverBuilder:
         _cudagraph_support = CG.NEVER
 
-    for cls, name in ((FA3Builder, "_cudagraph_support"), (OldStyleBuilder, "cudagraph_support")):
+    # 0.32 reads _cudagraph_support (the installed release: through vllm_compat); 0.26's module caps both names.
+    cases = [(FA3Builder, "_cudagraph_support", vllm_compat.limit_full_cudagraphs_to_pure_decode)]
+    cases += [(cls, name, lambda b: common.limit_full_cudagraphs_to_pure_decode(b, v0_26.CUDAGRAPH_SUPPORT_ATTRS))
+              for cls, name in ((FA3Builder, "_cudagraph_support"), (OldStyleBuilder, "cudagraph_support"))]
+    for cls, name, limit in cases:
         sub = type("Sub", (cls,), {})
-        vllm_compat.limit_full_cudagraphs_to_pure_decode(sub)
+        limit(sub)
         assert getattr(sub, name) is CG.UNIFORM_SINGLE_TOKEN_DECODE
         assert getattr(cls, name) is not CG.UNIFORM_SINGLE_TOKEN_DECODE  # the parent is untouched
     vllm_compat.limit_full_cudagraphs_to_pure_decode(NeverBuilder)

@@ -250,7 +250,7 @@ def test_kernel_bench_runs_and_checks_itself(tmp_path, monkeypatch):
     import json
 
     from benchmarks.kernels import retrieval_decode_bench as bench
-    from kvplug.config import RetrievalDecodeConfig
+    from attention_backends.retrieval_decode.config import RetrievalDecodeConfig
 
     defaults = RetrievalDecodeConfig()
     assert bench.CONFIG_DEFAULTS == {key: getattr(defaults, key) for key in bench.CONFIG_DEFAULTS}

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import pytest
 
-from kvplug import config
+from kvplug import settings
 
 
 def test_defaults_off_and_threshold_8k():
-    cfg = config.resolve(environ={})
+    cfg = settings.resolve(environ={})
     assert cfg.sparse_prefill.enabled is False and cfg.sparse_prefill.min_prompt_tokens == 32768
     assert "sparse_prefill" not in cfg.enabled_features()
 
 
 def test_env_and_set_layering():
-    cfg = config.resolve(sets=["sparse_prefill.min_prompt_tokens=4096"],
+    cfg = settings.resolve(sets=["sparse_prefill.min_prompt_tokens=4096"],
                          environ={"KVPLUG_SPARSE_PREFILL__ENABLED": "true",
                                   "KVPLUG_SPARSE_PREFILL__DEFAULT_BUDGETS": '{"top_k": 8}',
                                   "KVPLUG_SPARSE_PREFILL__DEFAULT_PATTERN": "block_sparse"})
@@ -30,5 +30,5 @@ def test_env_and_set_layering():
     (["sparse_prefill.budget=3"], "sparse_prefill.budget"),
 ])
 def test_bad_values_name_the_key(sets, needle):
-    with pytest.raises(config.KvplugConfigError, match=needle.replace(".", r"\.")):
-        config.resolve(sets=sets, environ={})
+    with pytest.raises(settings.KvplugConfigError, match=needle.replace(".", r"\.")):
+        settings.resolve(sets=sets, environ={})

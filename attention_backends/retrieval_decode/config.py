@@ -1,0 +1,43 @@
+"""The ``retrieval_decode`` config section (kvplug/settings.py composes it into kvplug's config)."""
+from __future__ import annotations
+
+from kvplug.config import KvplugConfigError, Section
+
+
+class RetrievalDecodeConfig(Section):
+    """Retrieval-based (Quest-style) sparse decoding: attention_backends/retrieval_decode/."""
+
+    enabled: bool = False
+    # Tokens of KV each decode token reads per kv-head (whole blocks, sink and recent window included).
+    budget_tokens: int = 2048
+    # If > 0, the budget is this fraction of each sequence's context instead of budget_tokens.
+    budget_fraction: float = 0.0
+    # Leading blocks always read (attention sinks).
+    sink_blocks: int = 1
+    # The most recent tokens always read (the current block is always read).
+    recent_tokens: int = 256
+    # Sequences shorter than this, or not longer than their budget, decode densely.
+    min_context_tokens: int = 4096
+    # GQA: a kv-head's blocks are ranked by the "max" (or "sum") of its query heads' Quest bounds.
+    gqa_reduce: str = "max"
+    # The first layers attend broadly (Quest keeps its first two dense): they decode densely.
+    dense_layers: int = 2
+
+    def validate(self, path: str) -> None:
+        if self.budget_tokens < 1:
+            raise KvplugConfigError(f"{path}.budget_tokens must be >= 1, got {self.budget_tokens}")
+        if not 0.0 <= self.budget_fraction <= 1.0:
+            raise KvplugConfigError(f"{path}.budget_fraction must be in [0, 1], got {self.budget_fraction}")
+        if self.sink_blocks < 0:
+            raise KvplugConfigError(f"{path}.sink_blocks must be >= 0, got {self.sink_blocks}")
+        if self.recent_tokens < 1:
+            raise KvplugConfigError(f"{path}.recent_tokens must be >= 1 (the current block), got {self.recent_tokens}")
+        if self.min_context_tokens < 0:
+            raise KvplugConfigError(f"{path}.min_context_tokens must be >= 0, got {self.min_context_tokens}")
+        if self.dense_layers < 0:
+            raise KvplugConfigError(f"{path}.dense_layers must be >= 0, got {self.dense_layers}")
+        if self.gqa_reduce not in ("max", "sum"):
+            raise KvplugConfigError(f"{path}.gqa_reduce must be 'max' or 'sum', got {self.gqa_reduce!r}")
+        if self.budget_fraction == 0.0 and self.budget_tokens < self.recent_tokens:
+            raise KvplugConfigError(f"{path}.budget_tokens ({self.budget_tokens}) must be >= "
+                                    f"{path}.recent_tokens ({self.recent_tokens}): the window is part of the budget")

