@@ -11,8 +11,8 @@ outputs (same text), and the blocks the connector actually loaded (a run that lo
 a no-op, not as a pass).
 
     python -m benchmarks.offload_accuracy                         # SmolLM2-135M on CPU (passkey + kv lookups)
-    python -m benchmarks.offload_accuracy --model qwen2.5-coder-0.5b-instruct --contexts 8192 --cases 8 \\
-        --block-size 16 --out benchmarks/results/offload_accuracy_qwen_gpu.json        # (GPU)
+    python -m benchmarks.offload_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b --contexts 8192 \\
+        --cases 4 --block-size 16 --max-model-len 12288 --cpu-tier 16GiB --out results/offload_qwen.json  # (GPU)
 
 Writes JSON (every answer), a PNG plot and a Markdown table next to --out.
 """

@@ -7,7 +7,7 @@ outputs (same text), and the fraction of KV blocks actually read.
 
     python -m benchmarks.retrieval_decode_accuracy                       # SmolLM2 on CPU, 4K and 8K contexts
     python -m benchmarks.retrieval_decode_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b \\
-        --contexts 32768 --out benchmarks/results/retrieval_decode_accuracy_qwen_32k_h100.json     # (GPU)
+        --contexts 30000 --out benchmarks/results/retrieval_decode_accuracy_qwen_32k_h100.json     # (GPU)
 
 Writes JSON (every answer), a PNG plot and a Markdown table (for BENCHMARKS.md) next to --out.
 """
