@@ -16,7 +16,6 @@ import asyncio
 import datetime as _dt
 import json
 import math
-import os
 import platform
 import shlex
 import socket

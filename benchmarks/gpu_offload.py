@@ -34,14 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.gpu_passthrough import SHAPES, write_shape
+from benchmarks import harness
 
 POLICY = {"keep": "keep", "int8": "quant:int8", "int4": "quant:int4", "fp8": "quant:fp8"}
 MODES = ("none", "native", *POLICY)
@@ -53,16 +51,11 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def kv_bytes_per_token(shape: dict, dtype_bytes: int = 2) -> int:
-    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
-    return 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * dtype_bytes
-
-
 def context_bytes(mode: str, shape: dict, context_tokens: int, block_size: int = 16) -> int:
     """Bytes one context takes in a mode's CPU tier (full precision for native; the policy's encoding for
     kvplug, sized the way the connector's scheduler sizes entries: one encoded zero block per size class)."""
     if mode not in POLICY:
-        return context_tokens * kv_bytes_per_token(shape)
+        return context_tokens * harness.kv_bytes_per_token(shape)
     import torch
 
     from cache_policies import registry
@@ -92,9 +85,7 @@ def capacity(mode: str, shape: dict, context_tokens: int, cpu_gib: float) -> dic
 def connector_counters(_worker=None) -> dict:
     """In the worker: blocks kvplug's connector loaded per tier and saved; requests whose block free waited
     for their save (deferred free); host seconds spent issuing saves and allocating pinned memory for them."""
-    from vllm.distributed.kv_transfer import get_kv_transfer_group
-
-    side = get_kv_transfer_group().worker_side
+    side = harness.connector_worker_side()
     return {"loaded": dict(side.loaded_blocks), "saved": side.saved_blocks,
             "deferred_frees": getattr(side, "deferred_frees", None),
             "save_issue_s": round(getattr(side, "save_issue_s", 0.0), 3),
@@ -108,17 +99,13 @@ def _worker(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from kvplug import vllm_compat
-
-    shape = json.loads((Path(args.model_dir) / "config.json").read_text())
-    kv_bytes = int(args.fit_contexts * (args.context_tokens + 64) * kv_bytes_per_token(shape))
+    shape = harness.model_config(args.model_dir)
+    kv_bytes = int(args.fit_contexts * (args.context_tokens + 64) * harness.kv_bytes_per_token(shape))
     kw: dict = {"kv_cache_memory_bytes": kv_bytes}
     if args.mode == "native":
         kw["kv_offloading_size"] = args.cpu_gib
     elif args.mode in POLICY:
-        from vllm.config import KVTransferConfig
-
-        kw["kv_transfer_config"] = KVTransferConfig(**vllm_compat.kv_transfer_config())
+        kw.update(harness.kvplug_connector_kwargs())
     t_start = time.perf_counter()
     llm = LLM(model=args.model_dir, load_format="auto" if args.real_weights else "dummy", skip_tokenizer_init=True, seed=0,
               max_model_len=args.context_tokens + 256, enable_prefix_caching=True, max_num_seqs=8,
@@ -171,7 +158,7 @@ def _worker(args: argparse.Namespace) -> None:
     # Offload that never supplied a follow-up's context measured recomputation, whatever its timing says.
     res["no_op"] = args.mode != "none" and res["follow_up_cached_fraction"] < 0.5 and (
         c_before is None or sum(res["connector_loaded_blocks"].values()) == 0)
-    print("RESULT " + json.dumps(res), flush=True)
+    harness.emit_result(res)
 
 
 def _table(results: list[dict]) -> str:
@@ -200,7 +187,7 @@ def _table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-shape", default="llama-3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--model-shape", default="llama-3-8b", choices=sorted(harness.SHAPES))
     ap.add_argument("--model", default=None, help="a prepared HF model folder instead of --model-shape (real weights; "
                     "e.g. SmolLM2 for a CPU smoke run of the script)")
     ap.add_argument("--contexts", type=int, default=16)
@@ -219,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--real-weights", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
-    ap.add_argument("--backend", help=argparse.SUPPRESS)  # gpu_common.run_worker names the mode this way too
+    ap.add_argument("--backend", help=argparse.SUPPRESS)  # harness.run_worker names the mode this way too
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -232,11 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fit_contexts >= args.contexts:
         ap.error(f"--fit-contexts {args.fit_contexts} must be below --contexts {args.contexts}: "
                  "the workload is contexts that do not all fit")
-    from benchmarks.gpu_common import run_worker
-
-    model_dir = (Path(args.model) if args.model
-                 else write_shape(args.model_shape, Path(tempfile.mkdtemp(prefix="kvplug-shape-"))))
-    shape = json.loads((model_dir / "config.json").read_text())
+    model_dir = Path(args.model) if args.model else harness.shape_dir(args.model_shape)
+    shape = harness.model_config(model_dir)
     held = {m: capacity(m, shape, args.context_tokens, args.cpu_gib) for m in modes}
     print(f"[gpu_offload] CPU budget {args.cpu_gib} GiB, {args.contexts} contexts x {args.context_tokens} tokens, "
           f"GPU cache for {args.fit_contexts}; per mode: " + ", ".join(
@@ -251,13 +235,12 @@ def main(argv: list[str] | None = None) -> int:
                    "--model-dir", str(model_dir)] + (["--real-weights"] if args.model else []) + (
                        ["--eager"] if args.eager else [])
     for mode in modes:
-        env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # collective_rpc(connector_counters)
-        env.pop("KVPLUG_CONFIG_JSON", None)
+        env = harness.engine_env(clear_config=True)  # collective_rpc(connector_counters)
         if mode in POLICY:
-            env.update(KVPLUG_OFFLOAD__ENABLED="true", KVPLUG_OFFLOAD__CPU_SIZE=f"{args.cpu_gib}GiB",
-                       KVPLUG_CACHE_POLICY__DEFAULT=POLICY[mode])
+            env.update(harness.kvplug_env("offload", enabled=True, cpu_size=f"{args.cpu_gib}GiB"),
+                       **harness.kvplug_env("cache_policy", default=POLICY[mode]))
         try:
-            r = run_worker("benchmarks.gpu_offload", mode, ["--mode", mode, *worker_args], env)
+            r = harness.run_worker("benchmarks.gpu_offload", mode, ["--mode", mode, *worker_args], env)
         except SystemExit as exc:  # keep the other modes' results
             r = {"mode": mode, "error": str(exc)}
         results.append(r)
@@ -265,14 +248,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     table = _table(results)
     print(table)
-    import torch
-
-    summary = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    summary = {"device": harness.device_name(),
                "args": {k: v for k, v in vars(args).items() if k not in ("worker", "mode", "model_dir")},
                "table": table}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"summary": summary, "runs": results}, indent=2))
+    harness.write_results(out, harness.command_line("benchmarks.gpu_offload", argv), summary, results)
     return 0
 
 

@@ -7,7 +7,7 @@ load_format="dummy", so no weights travel), then reports
   * TPOT at batch 1 ((t(1+N tokens) - t(1 token)) / N);
   * overhead = CUSTOM / FLASH_ATTN - 1 for each figure.
 
-    python -m benchmarks.gpu_passthrough --model-shape llama-3-8b --lengths 8192,32768 --out results/x.json
+    python -m benchmarks.gpu_passthrough --shape llama-3-8b --lengths 8192,32768 --out results/x.json
 
 Backends are run in the order given (default FLASH_ATTN,CUSTOM,FLASH_ATTN,CUSTOM: interleaved so a drift of
 the machine shows up as spread instead of as overhead).
@@ -16,35 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import gpu_common
-
-SHAPES = {
-    # Meta-Llama-3-8B's config.json, with the context raised so a 128K prompt plus its decode tokens stays
-    # inside the RoPE table (positions >= max_position_embeddings index past vLLM's cos/sin cache: that was the
-    # "index out of bounds ... < 131072" device assert of the 128K decode run). RoPE scaling is irrelevant to speed.
-    "llama-3-8b": {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 262144,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
-        "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
-    },
-}
-
-
-def write_shape(name: str, into: Path) -> Path:
-    into.mkdir(parents=True, exist_ok=True)
-    (into / "config.json").write_text(json.dumps(SHAPES[name], indent=2))
-    return into
-
+from benchmarks import harness
 
 def _worker(args: argparse.Namespace) -> None:
     """One backend, in this process: measure and print one JSON line."""
@@ -53,15 +30,13 @@ def _worker(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from kvplug.vllm_compat import attention_impl_names
-
     lengths = [int(x) for x in args.lengths.split(",")]
     llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, seed=0,
               attention_backend=args.backend, max_model_len=max(lengths) + args.tpot_tokens + 16,
               enable_prefix_caching=False, gpu_memory_utilization=args.gpu_mem, max_num_seqs=16)
-    impls = sorted({c for per_worker in llm.collective_rpc(attention_impl_names) for c in per_worker})
+    impls = harness.attention_impls(llm)
     rng = random.Random(1234)
-    vocab = SHAPES[args.shape]["vocab_size"]
+    vocab = harness.SHAPES[args.shape]["vocab_size"]
 
     def prompt(n: int) -> TokensPrompt:
         return TokensPrompt(prompt_token_ids=[rng.randrange(1000, vocab - 1000) for _ in range(n)])
@@ -91,22 +66,18 @@ def _worker(args: argparse.Namespace) -> None:
             tn = timed(p, 1 + args.tpot_tokens)
             runs.append((tn - t1) / args.tpot_tokens)
         tpot[str(n)] = runs
-    import torch
     import vllm
 
-    print("RESULT " + json.dumps({"backend": args.backend, "attention_impls": impls, "ttft_s": ttft, "tpot_s": tpot, "greedy": greedy,
-                                  "device": torch.cuda.get_device_name(0), "vllm": vllm.__version__}), flush=True)
+    harness.emit_result({"backend": args.backend, "attention_impls": impls, "ttft_s": ttft, "tpot_s": tpot,
+                         "greedy": greedy, "device": harness.device_name(), "vllm": vllm.__version__})
 
 
 def run_backend(args: argparse.Namespace, backend: str) -> dict:
-    # collective_rpc of a local function (to read the attention impl class in the worker) needs pickle.
-    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")
-    if backend != "CUSTOM":
-        env["VLLM_PLUGINS"] = "none"  # vanilla vLLM: kvplug not even loaded
+    env = harness.engine_env(vanilla=backend != "CUSTOM")  # vanilla vLLM: kvplug not even loaded
     worker_args = ["--model-dir", args.model_dir, "--shape", args.shape, "--lengths", args.lengths,
                    "--repeats", str(args.repeats), "--tpot-tokens", str(args.tpot_tokens),
                    "--greedy-tokens", str(args.greedy_tokens), "--gpu-mem", str(args.gpu_mem)]
-    return gpu_common.run_worker("benchmarks.gpu_passthrough", backend, worker_args, env)
+    return harness.run_worker("benchmarks.gpu_passthrough", backend, worker_args, env)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -130,38 +101,26 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_passthrough", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
-    p.add_argument("--model-dir", help="folder with config.json (default: a temp folder with --shape)")
+    p = harness.shape_parser("benchmarks.gpu_passthrough", __doc__, "results/gpu_passthrough.json",
+                             backends="FLASH_ATTN,CUSTOM,FLASH_ATTN,CUSTOM")
     p.add_argument("--lengths", default="8192,32768")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tpot-tokens", type=int, default=128)
     p.add_argument("--greedy-tokens", type=int, default=32)
-    p.add_argument("--gpu-mem", type=float, default=0.85)
-    p.add_argument("--backends", default="FLASH_ATTN,CUSTOM,FLASH_ATTN,CUSTOM")
-    p.add_argument("--out", default="results/gpu_passthrough.json")
     p.add_argument("--merge", action="append", default=[], metavar="JSON",
                    help="earlier output of this script whose runs join this summary (same device and shape)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--backend", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        _worker(args)
+    args = harness.parse_shape_args(p, argv, _worker)
+    if args is None:
         return 0
-    if args.model_dir is None:
-        args.model_dir = str(write_shape(args.shape, Path(tempfile.mkdtemp(prefix="kvplug-shape-"))))
     runs = [run for path in args.merge for run in json.loads(Path(path).read_text())["runs"]]
     runs += [run_backend(args, b) for b in args.backends.split(",") if b]
     summary = summarize(runs)
-    gpu_common.write_results(args.out, "python -m benchmarks.gpu_passthrough "
-                             + " ".join(argv if argv is not None else sys.argv[1:]), summary, runs)
+    harness.write_results(args.out, harness.command_line("benchmarks.gpu_passthrough", argv), summary, runs)
     print(f"device: {summary['device']}  vLLM {summary['vllm']}  greedy identical: {summary['greedy_identical']}")
     print(f"attention impls: {summary['attention_impls']}")
-    for metric in ("ttft_s", "tpot_s"):
-        for n, row in summary[metric].items():
-            print(f"{metric:7s} {n:>7s}  FLASH_ATTN {row['flash_attn']*1e3:9.2f} ms  kvplug {row['kvplug']*1e3:9.2f} ms"
-                  f"  overhead {row['overhead_pct']:+.2f}%")
+    harness.print_metric_rows(summary, ("ttft_s", "tpot_s"), lambda metric, n, row: (
+        f"{metric:7s} {n:>7s}  FLASH_ATTN {row['flash_attn']*1e3:9.2f} ms  kvplug {row['kvplug']*1e3:9.2f} ms"
+        f"  overhead {row['overhead_pct']:+.2f}%"))
     return 0
 
 

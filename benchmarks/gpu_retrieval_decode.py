@@ -29,16 +29,12 @@ To localize a device-side failure in the same batch: --enforce-eager (no torch.c
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import gpu_common
-from benchmarks.gpu_passthrough import SHAPES, write_shape
+from benchmarks import harness
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -47,12 +43,10 @@ def _worker(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from kvplug.vllm_compat import attention_impl_names
-
     phases = args.phases.split(",")
     lengths = [int(x) for x in args.lengths.split(",")] if "tpot" in phases else []
     longest = max(lengths + ([args.batch_len] if "throughput" in phases else []))
-    kw = gpu_common.engine_memory_kwargs(args.kv_cache_gib, args.gpu_mem)
+    kw = harness.engine_memory_kwargs(args.kv_cache_gib, args.gpu_mem)
     if args.cudagraph_mode:
         kw["compilation_config"] = {"cudagraph_mode": args.cudagraph_mode}
     if args.enforce_eager:
@@ -60,11 +54,11 @@ def _worker(args: argparse.Namespace) -> None:
     llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, seed=0,
               attention_backend=args.backend, max_model_len=longest + args.decode_tokens + 64,
               enable_prefix_caching=True, max_num_seqs=max(16, args.batch), **kw)
-    impls = sorted({c for per_worker in llm.collective_rpc(attention_impl_names) for c in per_worker})
+    impls = harness.attention_impls(llm)
     engine = engine_facts(llm)
     print(f"[{args.backend}] engine: {engine}", file=sys.stderr, flush=True)
     rng = random.Random(1234)
-    vocab = json.loads((Path(args.model_dir) / "config.json").read_text())["vocab_size"]
+    vocab = harness.model_config(args.model_dir)["vocab_size"]
 
     def prompt(n: int) -> TokensPrompt:
         return TokensPrompt(prompt_token_ids=[rng.randrange(1000, vocab - 1000) for _ in range(n)])
@@ -114,28 +108,21 @@ def _worker(args: argparse.Namespace) -> None:
         result["timings"][key] = runs
         result["throughput_tok_s"][key] = [args.batch * n_dec / (r["tn_s"] - r["t1_s"]) for r in runs]
         result["stats"]["throughput"] = stats()
-    import torch
     import vllm
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (dry run)"
-    result.update(device=device, vllm=vllm.__version__)
-    print("RESULT " + json.dumps(result), flush=True)
+    result.update(device=harness.device_name(cpu="cpu (dry run)"), vllm=vllm.__version__)
+    harness.emit_result(result)
 
 
 def run_backend(args: argparse.Namespace, backend: str, argv: list[str]) -> dict:
-    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # collective_rpc of local functions
+    env = harness.engine_env(vanilla=backend != "CUSTOM", clear_config=backend == "CUSTOM")
     if args.launch_blocking:  # a device-side assert then names the kernel that raised it
         env["CUDA_LAUNCH_BLOCKING"] = "1"
     if backend == "CUSTOM":
-        env.update({"KVPLUG_RETRIEVAL_DECODE__ENABLED": "true",
-                    "KVPLUG_RETRIEVAL_DECODE__BUDGET_TOKENS": str(args.budget_tokens),
-                    "KVPLUG_RETRIEVAL_DECODE__BUDGET_FRACTION": str(args.budget_fraction),
-                    "KVPLUG_RETRIEVAL_DECODE__MIN_CONTEXT_TOKENS": str(args.min_context)})
-        env.pop("KVPLUG_CONFIG_JSON", None)
-    else:
-        env["VLLM_PLUGINS"] = "none"  # vanilla vLLM: kvplug not even loaded
-    return gpu_common.run_worker("benchmarks.gpu_retrieval_decode", backend,
-                                 ["--model-dir", args.model_dir, *gpu_common.worker_argv(argv)], env)
+        env.update(harness.kvplug_env("retrieval_decode", enabled=True, budget_tokens=args.budget_tokens,
+                                      budget_fraction=args.budget_fraction, min_context_tokens=args.min_context))
+    return harness.run_worker("benchmarks.gpu_retrieval_decode", backend,
+                              ["--model-dir", args.model_dir, *harness.worker_argv(argv)], env)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -182,10 +169,10 @@ def auto_kv_cache_gib(args: argparse.Namespace, config_json: Path, total_gib: fl
     """KV space for the largest phase (+10%), capped so weights, the retrieval backend's block summaries
     (1/16 of the KV bytes at bf16 and block size 16), activations and graphs still fit. If the cap wins, the
     throughput phase cannot keep every sequence resident: the JSON's prefix_cache_held says so."""
-    c = json.loads(config_json.read_text())
+    c = harness.model_config(config_json.parent)
     layers, hidden, kv_heads = c["num_hidden_layers"], c["hidden_size"], c["num_key_value_heads"]
     head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
-    kv_per_token = 2 * layers * kv_heads * head_dim * 2
+    kv_per_token = harness.kv_bytes_per_token(c)
     weights = 2 * (c["vocab_size"] * hidden * (1 if c.get("tie_word_embeddings") else 2)
                    + layers * (2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
                                + 3 * hidden * c["intermediate_size"]))
@@ -231,10 +218,7 @@ def retrieval_verdict(run: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_retrieval_decode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
-    p.add_argument("--model-dir", help="folder with config.json (default: a temp folder with --shape)")
+    p = harness.shape_parser("benchmarks.gpu_retrieval_decode", __doc__, "results/gpu_retrieval_decode.json")
     p.add_argument("--phases", default="tpot,throughput")
     p.add_argument("--lengths", default="32768,131072", help="TPOT context lengths (batch 1)")
     p.add_argument("--batch", type=int, default=16)
@@ -247,20 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV cache of both backends (same size: fair); default: what the prompts need, capped by "
                         "the GPU's memory; 0 = let vLLM size it by --gpu-mem")
-    p.add_argument("--gpu-mem", type=float, default=0.85)
     p.add_argument("--cudagraph-mode", default=None, help="e.g. FULL_AND_PIECEWISE (default: vLLM's)")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile, no CUDA graphs (localizing)")
     p.add_argument("--launch-blocking", action="store_true", help="CUDA_LAUNCH_BLOCKING=1 in the engines")
-    p.add_argument("--backends", default="FLASH_ATTN,CUSTOM")
-    p.add_argument("--out", default="results/gpu_retrieval_decode.json")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--backend", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        _worker(args)
+    args = harness.parse_shape_args(p, argv, _worker)
+    if args is None:
         return 0
-    if args.model_dir is None:
-        args.model_dir = str(write_shape(args.shape, Path(tempfile.mkdtemp(prefix="kvplug-shape-"))))
     argv = list(argv if argv is not None else sys.argv[1:])
     if args.kv_cache_gib is None:
         args.kv_cache_gib = auto_kv_cache_gib(args, Path(args.model_dir) / "config.json", gpu_total_gib())
@@ -268,16 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"KV cache per backend: {args.kv_cache_gib:.1f} GiB", file=sys.stderr, flush=True)
     runs = [run_backend(args, b, argv) for b in args.backends.split(",") if b]
     summary = summarize(runs)
-    gpu_common.write_results(args.out, "python -m benchmarks.gpu_retrieval_decode " + " ".join(argv), summary, runs)
+    harness.write_results(args.out, harness.command_line("benchmarks.gpu_retrieval_decode", argv), summary, runs)
     print(f"device: {summary['device']}  vLLM {summary['vllm']}")
     print(f"attention impls: {summary['attention_impls']}")
     print(f"engines: {summary['engine']}")
     print(f"retrieval path: {summary.get('retrieval_path')}  stats: {summary.get('retrieval_stats')}")
     print(f"prefix cache held the prompts between timed calls: {summary['prefix_cache_held']}")
-    for metric in ("tpot_s", "throughput_tok_s"):
-        for key, row in summary[metric].items():
-            print(f"{metric:17s} {key:>10s}  FLASH_ATTN {row['flash_attn']}  kvplug {row['kvplug']}  "
-                  f"speedup {row['speedup']}")
+    harness.print_metric_rows(summary, ("tpot_s", "throughput_tok_s"), lambda metric, key, row: (
+        f"{metric:17s} {key:>10s}  FLASH_ATTN {row['flash_attn']}  kvplug {row['kvplug']}  speedup {row['speedup']}"))
     if summary.get("retrieval_path", "ran") != "ran":
         print(f"WARNING: {summary['retrieval_path']}", file=sys.stderr)
         return 3

@@ -15,16 +15,11 @@ every figure. `--pattern/--budgets` choose the pattern for every head (default: 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from benchmarks import gpu_common
-from benchmarks.gpu_passthrough import SHAPES, write_shape
+from benchmarks import harness
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -33,22 +28,20 @@ def _worker(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from kvplug.vllm_compat import attention_impl_names
-
     lengths = [int(x) for x in args.lengths.split(",")]
     longest = max(lengths + [args.turn_length + args.suffix])
     llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, seed=0,
               attention_backend=args.backend, max_model_len=longest + 64, enable_prefix_caching=True,
               gpu_memory_utilization=args.gpu_mem, max_num_seqs=4,
               **({"max_num_batched_tokens": args.max_batched_tokens} if args.max_batched_tokens else {}))
-    impls = sorted({c for per_worker in llm.collective_rpc(attention_impl_names) for c in per_worker})
+    impls = harness.attention_impls(llm)
     ours = args.backend == "CUSTOM"
     if ours:
         from attention_backends.sparse_prefill.runner import stats_snapshot
 
         stats = lambda: llm.collective_rpc(stats_snapshot)[0]  # noqa: E731
     rng = random.Random(1234)
-    vocab = SHAPES[args.shape]["vocab_size"]
+    vocab = harness.SHAPES[args.shape]["vocab_size"]
 
     def tokens(n: int) -> list[int]:
         return [rng.randrange(1000, vocab - 1000) for _ in range(n)]
@@ -83,29 +76,22 @@ def _worker(args: argparse.Namespace) -> None:
             after = stats()
             turn["second_sparse_tokens"] = after["sparse_tokens"] - before["sparse_tokens"]
             turn["second_density"] = density(before, after)
-    import torch
     import vllm
 
-    print("RESULT " + json.dumps({"backend": args.backend, "attention_impls": impls, "ttft_s": ttft, "density": dens,
-                                  "two_turn": turn, "device": torch.cuda.get_device_name(0),
-                                  "vllm": vllm.__version__}), flush=True)
+    harness.emit_result({"backend": args.backend, "attention_impls": impls, "ttft_s": ttft, "density": dens,
+                         "two_turn": turn, "device": harness.device_name(), "vllm": vllm.__version__})
 
 
 def run_backend(args: argparse.Namespace, backend: str) -> dict:
-    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+    env = harness.engine_env(vanilla=backend != "CUSTOM")
     if backend == "CUSTOM":
-        env.update(KVPLUG_SPARSE_PREFILL__ENABLED="true",
-                   KVPLUG_SPARSE_PREFILL__MIN_PROMPT_TOKENS=str(args.min_prompt_tokens),
-                   KVPLUG_SPARSE_PREFILL__DEFAULT_PATTERN=args.pattern,
-                   KVPLUG_SPARSE_PREFILL__DEFAULT_BUDGETS=args.budgets)
-        if args.pattern_config:
-            env["KVPLUG_SPARSE_PREFILL__PATTERN_CONFIG"] = args.pattern_config
-    else:
-        env["VLLM_PLUGINS"] = "none"
+        env.update(harness.kvplug_env("sparse_prefill", enabled=True, min_prompt_tokens=args.min_prompt_tokens,
+                                      default_pattern=args.pattern, default_budgets=args.budgets,
+                                      **({"pattern_config": args.pattern_config} if args.pattern_config else {})))
     worker_args = ["--model-dir", args.model_dir, "--shape", args.shape, "--lengths", args.lengths,
                    "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem), "--turn-length", str(args.turn_length),
                    "--suffix", str(args.suffix), "--max-batched-tokens", str(args.max_batched_tokens)]
-    return gpu_common.run_worker("benchmarks.gpu_sparse_prefill", backend, worker_args, env)
+    return harness.run_worker("benchmarks.gpu_sparse_prefill", backend, worker_args, env)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -129,10 +115,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_sparse_prefill", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
-    p.add_argument("--model-dir", help="folder with config.json (default: a temp folder with --shape)")
+    p = harness.shape_parser("benchmarks.gpu_sparse_prefill", __doc__, "benchmarks/results/gpu_sparse_prefill.json")
     p.add_argument("--lengths", default="8192,32768,65536,131072")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--turn-length", type=int, default=131072 - 1024, help="two-turn case: first turn tokens (0: skip)")
@@ -143,31 +126,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default='{"vertical": 1000, "slash": 1024}')
     p.add_argument("--pattern-config", default="", help="per-head JSON instead of --pattern/--budgets")
     p.add_argument("--max-batched-tokens", type=int, default=0, help="engine chunk size (0: vLLM's default)")
-    p.add_argument("--gpu-mem", type=float, default=0.85)
-    p.add_argument("--backends", default="FLASH_ATTN,CUSTOM")
-    p.add_argument("--out", default="benchmarks/results/gpu_sparse_prefill.json")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--backend", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        _worker(args)
+    args = harness.parse_shape_args(p, argv, _worker)
+    if args is None:
         return 0
-    if args.model_dir is None:
-        args.model_dir = str(write_shape(args.shape, Path(tempfile.mkdtemp(prefix="kvplug-shape-"))))
     runs = [run_backend(args, b) for b in args.backends.split(",") if b]
     summary = summarize(runs)
-    gpu_common.write_results(args.out, "python -m benchmarks.gpu_sparse_prefill "
-                             + " ".join(argv if argv is not None else sys.argv[1:]), summary, runs)
+    harness.write_results(args.out, harness.command_line("benchmarks.gpu_sparse_prefill", argv), summary, runs)
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
     print(f"device: {summary['device']}  vLLM {summary['vllm']}")
-    for n, row in summary["ttft"].items():
-        print(f"TTFT {n:>7s}  FLASH_ATTN {row['flash_attn_s']*1e3:9.1f} ms  kvplug {row['kvplug_s']*1e3:9.1f} ms"
-              f"  speedup {row['speedup']:.2f}x  density {row['density']}")
+    harness.print_metric_rows(summary, ("ttft",), lambda _, n, row: (
+        f"TTFT {n:>7s}  FLASH_ATTN {row['flash_attn_s']*1e3:9.1f} ms  kvplug {row['kvplug_s']*1e3:9.1f} ms"
+        f"  speedup {row['speedup']:.2f}x  density {row['density']}"))
     if "two_turn" in summary:
         t = summary["two_turn"]
         print(f"second turn (prefix hit): FLASH_ATTN {t['flash_attn_second_ttft_s']*1e3:.1f} ms  kvplug "
               f"{t['kvplug_second_ttft_s']*1e3:.1f} ms  sparse tokens {t['kvplug'].get('second_sparse_tokens')}"
               f"  cached {t['kvplug'].get('second_cached_tokens')}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -24,49 +24,23 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import harness
+
 STAGED_QWEN = "/tmp/kvstage/models/qwen2.5-coder-0.5b"
-SHAPES = {
-    # Heads divisible by 2 (q and kv) so TP=2 splits them.
-    "llama-tiny": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096},
-    "llama-small": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
-                    "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 32000},
-}
 PROMPT_LENGTHS = (17, 300, 1500)  # default; --prompt-lengths (e.g. add 9000 to reach sparse prefill's threshold)
 
 
-def write_random_model(shape: str, into: Path, seed: int = 0) -> Path:
-    """A Llama of the given shape with seeded random weights and a word-level tokenizer ('t0 t1 ...')."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    s = SHAPES[shape]
-    into.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(**s, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-                      torch_dtype="float16")
-    model = LlamaForCausalLM(cfg).to(torch.float16)
-    model.save_pretrained(into, safe_serialization=True)
-    vocab = {f"t{i}": i for i in range(s["vocab_size"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(into)
-    return into
-
-
 def num_layers(model_dir: str) -> int:
-    return int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])
+    return int(harness.model_config(model_dir)["num_hidden_layers"])
 
 
 def vocab_size(model_dir: str) -> int:
-    return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+    return int(harness.model_config(model_dir)["vocab_size"])
 
 
 def prompts(vocab: int, lengths=PROMPT_LENGTHS) -> list[list[int]]:
@@ -128,15 +102,9 @@ def _engine(args: argparse.Namespace) -> None:
     greedy = [list(o.outputs[0].token_ids) for o in outs]
     top = [[sorted(step, key=lambda t: -step[t].logprob)[:5] for step in o.outputs[0].logprobs] for o in outs]
     ranks = [] if args.vanilla else llm.collective_rpc(rank_report)
-    print("RESULT " + json.dumps({"label": args.label, "tp": args.tp, "greedy": greedy, "top5": top,
-                                  "ranks": ranks, "start_s": start_s, "platform": vllm_compat.platform_name(),
-                                  "vllm": vllm_compat.vllm_version(), "device": _device_name()}), flush=True)
-
-
-def _device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    harness.emit_result({"label": args.label, "tp": args.tp, "greedy": greedy, "top5": top, "ranks": ranks,
+                         "start_s": start_s, "platform": vllm_compat.platform_name(),
+                         "vllm": vllm_compat.vllm_version(), "device": harness.device_name()})
 
 
 # --- the driver ---------------------------------------------------------------------------------------
@@ -151,10 +119,8 @@ def kvplug_env(sets: list[str], base: dict[str, str]) -> dict[str, str]:
 
 
 def run_engine(args: argparse.Namespace, label: str, tp: int, vanilla: bool) -> dict:
-    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # collective_rpc of rank_report
-    if vanilla:
-        env["VLLM_PLUGINS"] = "none"
-    else:
+    env = harness.engine_env(vanilla=vanilla)  # collective_rpc of rank_report
+    if not vanilla:
         env = kvplug_env(args.sets, env)
     if args.cpu_binds and tp > 1:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", args.cpu_binds)
@@ -164,12 +130,7 @@ def run_engine(args: argparse.Namespace, label: str, tp: int, vanilla: bool) -> 
     cmd += ["--vanilla"] if vanilla else []
     print(f"[gpu_tp2] {label}: TP={tp} {'vanilla vLLM' if vanilla else 'kvplug'} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    sys.stderr.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if not ln.startswith("RESULT ")))
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"[gpu_tp2] {label} failed (exit {proc.returncode})")
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = harness.run_result_process(cmd, env, f"[gpu_tp2] {label} failed", timeout=args.timeout)
     out["wall_s"] = time.perf_counter() - t0
     return out
 
@@ -210,70 +171,38 @@ def check_ranks(run: dict, sets_config: dict, layers: int) -> dict:
 def check_server(args: argparse.Namespace) -> dict:
     """`kvplug serve --tensor-parallel-size 2 --distributed-executor-backend ray`: /metrics from both ranks."""
     import httpx
-    from prometheus_client.parser import text_string_to_metric_families
 
     with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as f:
-        log_path = f.name
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        log_path = Path(f.name)
     env = dict(os.environ)
     if args.cpu_binds:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", args.cpu_binds)
     sets = [x for kv in args.sets for x in ("--set", kv)]
-    cmd = [sys.executable, "-m", "kvplug.cli", "serve", args.model, "--port", str(port), "--tensor-parallel-size", "2",
-           "--distributed-executor-backend", "ray", "--max-model-len", str(_max_len(args)), "--served-model-name", "m",
-           "--dtype", args.dtype, *sets]
-    if _device_name() != "cpu":
-        cmd += ["--gpu-memory-utilization", str(args.gpu_mem)]
-    print(f"[gpu_tp2] server: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"[gpu_tp2] server exited with {proc.returncode}:\n{Path(log_path).read_text()[-4000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        else:
-            raise SystemExit("[gpu_tp2] server not ready in time")
+    serve_args = [args.model, "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray",
+                  "--max-model-len", str(_max_len(args)), "--served-model-name", "m", "--dtype", args.dtype, *sets]
+    if harness.device_name() != "cpu":
+        serve_args += ["--gpu-memory-utilization", str(args.gpu_mem)]
+    with harness.serve_kvplug(serve_args, log_path, env=env, timeout_s=args.timeout, stop_timeout_s=120,
+                              tag="gpu_tp2") as server:
         texts = []
         for p in prompts(vocab_size(args.model), _lengths(args)):
-            r = httpx.post(base + "/v1/completions", timeout=300, json={
+            r = httpx.post(server.base + "/v1/completions", timeout=300, json={
                 "model": "m", "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
             r.raise_for_status()
             texts.append(r.json()["choices"][0]["text"])
-        metrics = httpx.get(base + "/metrics", timeout=30).text
-        samples = [{"name": s.name, "labels": s.labels, "value": s.value}
-                   for fam in text_string_to_metric_families(metrics) for s in fam.samples
-                   if s.name.startswith("kvplug")]
-        return {"command": " ".join(["kvplug", *cmd[3:]]), "completions": len(texts),
+        samples = harness.scrape_samples(server.base, ("kvplug",))
+        return {"command": server.command, "completions": len(texts),
                 "layers_built_total": _metric_total(samples, "kvplug_backend_layers_total"),
                 "expected_layers_total": 2 * num_layers(args.model),
                 "attention_calls_total": _metric_total(samples, "kvplug_attention_calls_total"),
                 "kvplug_samples": samples}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_tp2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=f"HF folder (default: {STAGED_QWEN} if staged, else --shape)")
-    p.add_argument("--shape", default="llama-small", choices=sorted(SHAPES))
+    p.add_argument("--shape", default="llama-small", choices=sorted(harness.RANDOM_LLAMA_SHAPES))
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--prompt-lengths", default=",".join(map(str, PROMPT_LENGTHS)), help="comma list of prompt tokens")
     p.add_argument("--dtype", default="float16")
@@ -298,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model = STAGED_QWEN
         else:
             tmp = Path(tempfile.mkdtemp(prefix="kvplug-tp2-"))
-            args.model = str(write_random_model(args.shape, tmp / args.shape))
+            args.model = str(harness.write_random_model(args.shape, tmp / args.shape))
     skip = {s for s in args.skip.split(",") if s}
     try:
         from kvplug import config
@@ -333,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             and summary.get("greedy_tp2_vs_tp1", {"close": True})["close"]
             and ("server_tp2_ray" not in summary
                  or summary["server_tp2_ray"]["layers_built_total"] == summary["server_tp2_ray"]["expected_layers_total"]))
-        summary["command"] = "python -m benchmarks.gpu_tp2 " + " ".join(argv if argv is not None else sys.argv[1:])
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
+        harness.write_results(args.out, harness.command_line("benchmarks.gpu_tp2", argv), summary, runs)
         print(f"device: {summary['device']}  vLLM {summary['vllm']}  model {args.model}")
         for k in ("greedy_tp2_vs_tp1", "greedy_kvplug_tp1_vs_vanilla_tp1", "greedy_tp2_vs_vanilla_tp1"):
             if k in summary:

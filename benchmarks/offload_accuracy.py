@@ -11,8 +11,8 @@ outputs (same text), and the blocks the connector actually loaded (a run that lo
 a no-op, not as a pass).
 
     python -m benchmarks.offload_accuracy                         # SmolLM2-135M on CPU (passkey + kv lookups)
-    python -m benchmarks.offload_accuracy --model qwen2.5-coder-0.5b-instruct --contexts 8192 --cases 8 \\
-        --block-size 16 --out benchmarks/results/offload_accuracy_qwen_gpu.json        # (GPU)
+    python -m benchmarks.offload_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b --contexts 8192 \\
+        --cases 4 --block-size 16 --max-model-len 12288 --cpu-tier 16GiB --out results/offload_qwen.json  # (GPU)
 
 Writes JSON (every answer), a PNG plot and a Markdown table next to --out.
 """
@@ -24,6 +24,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from benchmarks import harness
 
 DEFAULT_OUT = "benchmarks/results/offload_accuracy_smollm2_cpu.json"
 POLICIES = "keep,quant:int8,quant:int4,quant:fp8,drop:streaming,drop:snapkv"
@@ -64,23 +66,16 @@ def _parse(argv):
 
 
 def _env(args) -> None:
-    os.environ.update({"KVPLUG_OFFLOAD__ENABLED": "true", "KVPLUG_OFFLOAD__CPU_SIZE": args.cpu_tier,
-                       "KVPLUG_OFFLOAD__DISK_PATH": "", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
-    if args.streaming_window is not None:
-        os.environ["KVPLUG_CACHE_POLICY__STREAMING_WINDOW_TOKENS"] = str(args.streaming_window)
-    if args.snapkv_keep_ratio is not None:
-        os.environ["KVPLUG_CACHE_POLICY__SNAPKV_KEEP_RATIO"] = str(args.snapkv_keep_ratio)
+    policy = {k: v for k, v in (("streaming_window_tokens", args.streaming_window),
+                                ("snapkv_keep_ratio", args.snapkv_keep_ratio)) if v is not None}
+    os.environ.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1",
+                      **harness.kvplug_env("offload", enabled=True, cpu_size=args.cpu_tier, disk_path=""),
+                      **harness.kvplug_env("cache_policy", **policy))
     os.environ.pop("KVPLUG_CONFIG_JSON", None)
 
 
 def _cases(args, model_path):
-    from benchmarks.scbench.tasks import generate_cases
-    from benchmarks.scbench.tokenizer import load_counter
-
-    count, _ = load_counter(str(model_path))
-    return [case for task in args.tasks.split(",") for ctx in (int(c) for c in args.contexts.split(","))
-            for case in generate_cases(task, seed=args.seed, sessions=args.cases, context_tokens=ctx,
-                                       turns=args.turns, count_tokens=count)]
+    return harness.scbench_cases(model_path, args.tasks, args.contexts, args.cases, args.turns, args.seed)
 
 
 def _messages(case, turn: int) -> list[dict]:
@@ -98,11 +93,9 @@ def _messages(case, turn: int) -> list[dict]:
 
 def connector_counters(_worker=None) -> dict:
     """In the worker: blocks the connector loaded per tier and batches the backend masked."""
-    from vllm.distributed.kv_transfer import get_kv_transfer_group
-
     from kvplug.dropped_tokens import registry
 
-    side = get_kv_transfer_group().worker_side
+    side = harness.connector_worker_side()
     return {"loaded": dict(side.loaded_blocks), "saved": side.saved_blocks, "masked": registry().stats()}
 
 
@@ -118,24 +111,19 @@ def _sampling(args, policy: str):
 def run(args) -> dict:
     _env(args)
     from vllm import LLM
-    from vllm.config import KVTransferConfig
 
     from benchmarks.scbench.scoring import score
-    from kvplug import models, vllm_compat
 
-    if args.model and Path(args.model).is_dir():
-        model_path = Path(args.model)
-    else:
-        model_path = models.prepare(args.model) if args.model else models.prepare()
+    model_path = harness.prepare_model(args.model)
     cases = _cases(args, model_path)
-    cuda = _cuda()
+    cuda = harness.cuda_available()
     mem = {"gpu_memory_utilization": 0.85} if cuda else {"kv_cache_memory_bytes": 2 << 30}
     llm = LLM(model=str(model_path), max_model_len=args.max_model_len, block_size=args.block_size,
               enable_prefix_caching=True, seed=0, enforce_eager=args.eager, **mem,
-              **vllm_compat.attention_backend_engine_kwargs(),  # drop policies mask in our backend
-              kv_transfer_config=KVTransferConfig(**vllm_compat.kv_transfer_config()))
+              **harness.kvplug_attention_kwargs(),  # drop policies mask in our backend
+              **harness.kvplug_connector_kwargs())
     results = {"model": str(model_path), "device": "cuda" if cuda else "cpu", "args": vars(args),
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": []}
+               "date": harness.utc_now(), "runs": []}
     baseline: list[list[str]] | None = None
     for policy in [BASELINE] + args.policies.split(","):
         sp = _sampling(args, policy)
@@ -212,12 +200,6 @@ class PolicyRunError(RuntimeError):
         self.policy = policy
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def markdown(results: dict) -> str:
     a = results["args"]
     turns = a["turns"]
@@ -241,12 +223,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = harness.pyplot().subplots(1, 2, figsize=(10, 4), sharey=True)
     for r in results["runs"]:
         x = [p["turn"] for p in r["per_turn"]]
         style = "k--" if r["policy"] == BASELINE else "o-"
@@ -260,19 +237,17 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xticks(range(1, results["args"]["turns"] + 1))
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Offload policies, {Path(results['model']).name} ({results['device']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    out = Path(args.out)
     try:
         results = run(args)
     except PolicyRunError as exc:
         print(f"offload_accuracy: error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(results)
     written = [out, out.with_suffix(".md"), out.with_suffix(".png")]

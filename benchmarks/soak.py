@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as _dt
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,14 +37,10 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks import harness
+
 POLICIES = "keep,quant:int8,quant:int4,drop:streaming"
 RSS_GROWTH_LIMIT = 0.10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tree_rss_bytes(root_pid: int) -> int:
@@ -73,37 +66,6 @@ def _tree_rss_bytes(root_pid: int) -> int:
     return total
 
 
-@contextlib.contextmanager
-def serve(args: list[str], log_path: Path, timeout_s: float = 900):
-    """``kvplug serve ARGS`` on a free port; yields (base URL, process) once /health answers."""
-    port = _free_port()
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
-    cmd = [sys.executable, "-m", "kvplug.cli", "serve", *args, "--port", str(port)]
-    print(f"[soak] kvplug serve {' '.join(args)}", file=sys.stderr, flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"[soak] server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"[soak] server not up in {timeout_s:.0f} s; log: {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/health", timeout=5).status_code == 200:
-                    break
-            time.sleep(2)
-        yield base, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 class RssSampler(threading.Thread):
     def __init__(self, pid: int, every_s: float) -> None:
         super().__init__(daemon=True)
@@ -122,16 +84,12 @@ class RssSampler(threading.Thread):
 
 
 def _offload_counters(base: str) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
     out: dict[str, float] = {}
-    text = httpx.get(base + "/metrics", timeout=30).text
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name.startswith(("kvplug_offload", "vllm:prefix_cache")) and not s.name.endswith("_created"):
-                label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("engine", "model_name"))
-                key = f"{s.name}{{{label}}}" if label else s.name
-                out[key] = out.get(key, 0.0) + s.value
+    for s in harness.scrape_samples(base, ("kvplug_offload", "vllm:prefix_cache")):
+        if not s["name"].endswith("_created"):
+            label = ",".join(f"{k}={v}" for k, v in sorted(s["labels"].items()) if k not in ("engine", "model_name"))
+            key = f"{s['name']}{{{label}}}" if label else s["name"]
+            out[key] = out.get(key, 0.0) + s["value"]
     return out
 
 
@@ -192,21 +150,14 @@ def compare_keep(soak: list[dict], reference_load: list[dict], replay: dict) -> 
 
 
 def _plot(samples: list[tuple[float, int]], warmup_s: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = harness.pyplot().subplots(figsize=(7, 3.5))
     ax.plot([t / 60 for t, _ in samples], [b / 2**30 for _, b in samples])
     ax.axvline(warmup_s / 60, color="grey", linestyle="--", label="end of warm-up")
     ax.set_xlabel("minutes")
     ax.set_ylabel("server RSS (GiB, all processes)")
     ax.set_title("kvplug soak: resident memory")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,31 +183,32 @@ def main(argv: list[str] | None = None) -> int:
     model = [args.model] if args.model else []
     engine = ["--kv-cache-memory-bytes", args.kv_cache_memory_bytes]
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    bench_cmd = [sys.executable, "-m", "kvplug.cli", "bench", "run", "--task", "kv", "--mode", "multi-turn",
+    bench_cmd = ["bench", "run", "--task", "kv", "--mode", "multi-turn",
                  "--context-tokens", str(args.context_tokens), "--turns", str(args.turns),
                  "--sessions", str(args.sessions), "--concurrency", str(args.sessions),
                  "--policy-mix", args.policies, "--repeat", "--max-seconds", str(args.minutes * 60),
                  "--max-tokens", str(args.max_tokens), "--save-cases", "--out", str(out / "load")]
     offload = f"cpu:{args.cpu_size},disk:{disk}:{args.disk_size}"
-    with serve([*model, "--offload", offload, *engine], out / "server-offload.log") as (base, proc):
-        sampler = RssSampler(proc.pid, every_s=5.0)
+    dev_env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    with harness.serve_kvplug([*model, "--offload", offload, *engine], out / "server-offload.log", env=dev_env,
+                              tag="soak") as server:
+        sampler = RssSampler(server.proc.pid, every_s=5.0)
         sampler.start()
-        before = _offload_counters(base)
-        bench = subprocess.run([*bench_cmd, "--endpoint", base], text=True)
-        after = _offload_counters(base)
+        before = _offload_counters(server.base)
+        bench = harness.run_kvplug([*bench_cmd, "--endpoint", server.base])
+        after = _offload_counters(server.base)
         sampler.stop()
-        served = httpx.get(base + "/v1/models", timeout=30).json()["data"][0]["id"]
+        served = httpx.get(server.base + "/v1/models", timeout=30).json()["data"][0]["id"]
     if bench.returncode != 0:
         print(f"[soak] kvplug bench run failed with {bench.returncode}", file=sys.stderr)
         return 1
     load = json.loads((out / "load" / "results.json").read_text())
-    with serve([*model, *engine], out / "server-reference.log") as (base, _):
-        reference_bench = subprocess.run([*bench_cmd[:-1], str(out / "load-no-offload"), "--endpoint", base],
-                                         text=True)
+    with harness.serve_kvplug([*model, *engine], out / "server-reference.log", env=dev_env, tag="soak") as server:
+        reference_bench = harness.run_kvplug([*bench_cmd[:-1], str(out / "load-no-offload"), "--endpoint", server.base])
         if reference_bench.returncode != 0:
             print(f"[soak] kvplug bench run (no offload) failed with {reference_bench.returncode}", file=sys.stderr)
             return 1
-        replay = replay_keep_requests(base, served, out / "load", args.max_tokens)
+        replay = replay_keep_requests(server.base, served, out / "load", args.max_tokens)
     keep = compare_keep(_keep_records(out / "load"), _keep_records(out / "load-no-offload"), replay)
 
     warmup_s = args.warmup_minutes * 60
@@ -270,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     counters = {k: after[k] - before.get(k, 0.0) for k in after if after[k] - before.get(k, 0.0)}
     result = {
         "kind": "kvplug-soak", "started": started, "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
-        "command": "python -m benchmarks.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": harness.command_line("benchmarks.soak", argv),
         "server": f"kvplug serve {' '.join(model)} --offload {offload} {' '.join(engine)}",
-        "load": " ".join(["kvplug", *bench_cmd[3:]]),
+        "load": " ".join(["kvplug", *bench_cmd]),
         "requests": len(load["requests"]), "errors": errors, "per_policy": per_policy,
         "keep_vs_no_offload": keep, "rss_samples": sampler.samples, "rss_growth_after_warmup": rss_growth,
         "offload_counters": counters,

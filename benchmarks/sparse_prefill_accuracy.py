@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from benchmarks import gpu_common
+from benchmarks import harness
 
 SHIPPED = Path(__file__).resolve().parents[1] / "attention_backends" / "sparse_prefill" / "configs"
 
@@ -52,14 +51,6 @@ def _parse(argv):
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
-
-
-def model_path(name: str | None) -> Path:
-    if name and Path(name).is_dir():
-        return Path(name)
-    from kvplug import models
-
-    return models.prepare(name) if name else models.prepare()
 
 
 def pattern_config_path(setting: str, model: Path) -> str:
@@ -99,30 +90,23 @@ def _token_counts(path: str, cases: list[dict]) -> list[list[int]]:
     return [tok(c["prompt"]).input_ids for c in cases]
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _worker(args) -> None:
     from vllm import LLM, SamplingParams
 
     from attention_backends.sparse_prefill import runner
-    from kvplug import vllm_compat
 
-    path = str(model_path(args.model))
+    path = str(harness.prepare_model(args.model))
     cases = make_cases(path, args.tokens, args.cases, args.seed)
     # The generators overshoot the target length by a few percent; stay inside the model's positions.
-    limit = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings", 1 << 20)
+    limit = harness.model_config(path).get("max_position_embeddings", 1 << 20)
     longest = max(len(o) for o in _token_counts(path, cases))
     if longest + args.max_tokens > limit:
         raise SystemExit(f"a {longest}-token case + {args.max_tokens} new tokens exceeds the model's {limit} "
                          "positions: lower --tokens")
     kw = dict(model=path, max_model_len=min(limit, longest + args.max_tokens + 64), seed=0,
               enable_prefix_caching=False, max_num_batched_tokens=args.max_batched_tokens)
-    kw.update(vllm_compat.attention_backend_engine_kwargs())
-    if _cuda():
+    kw.update(harness.kvplug_attention_kwargs())
+    if harness.cuda_available():
         kw.update(gpu_memory_utilization=args.gpu_mem)
     else:
         kw.update(kv_cache_memory_bytes=2 << 30)
@@ -130,20 +114,19 @@ def _worker(args) -> None:
     outs = llm.generate([c["prompt"] for c in cases], SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
                                                                      logprobs=2), use_tqdm=False)
     stats = llm.collective_rpc(runner.stats_snapshot)[0]
-    print("RESULT " + json.dumps({
+    harness.emit_result({
         "backend": args.backend, "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
         "token_ids": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs],
-        "top2": [[top2(step) for step in o.outputs[0].logprobs] for o in outs], "stats": stats}), flush=True)
+        "top2": [[top2(step) for step in o.outputs[0].logprobs] for o in outs], "stats": stats})
 
 
 def run_engine(args, sparse: bool, pattern_config: str) -> dict:
-    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # collective_rpc of a function
-               KVPLUG_SPARSE_PREFILL__ENABLED=str(sparse).lower(),
-               KVPLUG_SPARSE_PREFILL__MIN_PROMPT_TOKENS=str(args.min_prompt_tokens),
-               KVPLUG_SPARSE_PREFILL__PATTERN_CONFIG=pattern_config)
-    env.pop("KVPLUG_CONFIG_JSON", None)
-    argv = gpu_common.worker_argv(sys.argv[1:] if args.argv is None else args.argv, drop=("--out", "--pattern-config"))
-    return gpu_common.run_worker("benchmarks.sparse_prefill_accuracy", "sparse" if sparse else "dense", argv, env)
+    env = harness.engine_env(clear_config=True,  # collective_rpc of a function
+                             **harness.kvplug_env("sparse_prefill", enabled=sparse,
+                                                  min_prompt_tokens=args.min_prompt_tokens,
+                                                  pattern_config=pattern_config))
+    argv = harness.worker_argv(sys.argv[1:] if args.argv is None else args.argv, drop=("--out", "--pattern-config"))
+    return harness.run_worker("benchmarks.sparse_prefill_accuracy", "sparse" if sparse else "dense", argv, env)
 
 
 def top2(step_logprobs) -> list[list[float]]:
@@ -163,15 +146,13 @@ def agreement(dense_ids: list[int], dense_top2: list, sparse_ids: list[int], nea
 
 
 def measure_recall(args, path: Path, pattern_config: str) -> dict:
-    import torch
-
     from attention_backends.sparse_prefill import calibration, head_config, search
 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
     prompt, _ = calibration.kv_retrieval(lambda s: len(tok(s).input_ids), args.recall_tokens, seed=args.seed + 1000)
-    dev = "cuda" if _cuda() else "cpu"
+    dev = "cuda" if harness.cuda_available() else "cpu"
     qs, ks, scale, T = search.capture_qk(str(path), prompt, dev, max_tokens=args.recall_tokens)
     cfg = head_config.load(pattern_config)
     recall, density = search.evaluate_config([q.to(dev) for q in qs], [k.to(dev) for k in ks], scale, cfg,
@@ -186,25 +167,18 @@ def measure_recall(args, path: Path, pattern_config: str) -> dict:
 
 
 def plot(recall: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = harness.pyplot().subplots(figsize=(7, 5))
     im = ax.imshow(recall["per_head"], aspect="auto", vmin=min(0.8, recall["min"]), vmax=1.0, cmap="viridis")
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
     ax.set_title(f"{title}: attention recall per head (mean {recall['mean']:.3f}, density {recall['density_mean']:.2f})",
                  fontsize=9)
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def run(args) -> dict:
-    path = model_path(args.model)
+    path = harness.prepare_model(args.model)
     pattern_config = pattern_config_path(args.pattern_config, path)
     dense = run_engine(args, False, pattern_config)
     sparse = run_engine(args, True, pattern_config)
@@ -228,9 +202,7 @@ def run(args) -> dict:
     recall = measure_recall(args, path, pattern_config) if args.recall_tokens else None
     if recall:
         summary.update(recall_mean=recall["mean"], recall_min=recall["min"], recall_density=recall["density_mean"])
-    import torch
-
-    summary["device"] = torch.cuda.get_device_name(0) if _cuda() else "cpu"
+    summary["device"] = harness.device_name()
     return {"summary": summary, "cases": per_case, "recall": recall}
 
 
@@ -241,8 +213,8 @@ def main(argv=None) -> int:
         _worker(args)
         return 0
     result = run(args)
-    command = "python -m benchmarks.sparse_prefill_accuracy " + " ".join(sys.argv[1:] if argv is None else argv)
-    gpu_common.write_results(args.out, command, result["summary"], [{"cases": result["cases"], "recall": result["recall"]}])
+    command = harness.command_line("benchmarks.sparse_prefill_accuracy", argv)
+    harness.write_results(args.out, command, result["summary"], [{"cases": result["cases"], "recall": result["recall"]}])
     print(json.dumps(result["summary"], indent=1))
     if result["recall"]:
         try:

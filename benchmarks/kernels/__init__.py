@@ -10,7 +10,7 @@ Registry contract::
     KERNEL_SHAPES[name] = [shape, ...]   # the default sweep
 
 Register with :func:`register`; ``dense_attention`` (torch SDPA) is the first
-kernel.  Timing lives in :mod:`.harness` (CUDA events on GPU, perf_counter on
+kernel.  Timing lives in :mod:`benchmarks.harness` (CUDA events on GPU, perf_counter on
 CPU); :mod:`.run` sweeps shapes and builds the JSON report.
 """
 

@@ -30,7 +30,7 @@ from attention_backends.retrieval_decode import planner, triton_kernels
 from attention_backends.retrieval_decode.reference import selected_block_attention
 from attention_backends.retrieval_decode.selection import select_for_queries
 from attention_backends.retrieval_decode.summaries import BlockSummaries, refresh_blocks_
-from benchmarks.kernels.harness import time_cuda
+from benchmarks.harness import time_cuda
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 # CPU (TRITON_INTERPRET=1, tiny shapes) only for the CI smoke test of this script: no graphs, no timings worth a look.

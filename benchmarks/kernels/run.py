@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import KERNEL_SHAPES, KERNELS
-from .harness import time_cuda
+from benchmarks.harness import time_cuda
 
 
 class KernelError(ValueError):

@@ -71,7 +71,7 @@ def run(args) -> dict:
     from attention_backends.sparse_prefill.group_index import group_index, union_index
     from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
     from attention_backends.sparse_prefill.index import ChunkGeometry
-    from benchmarks.kernels.harness import time_cuda
+    from benchmarks.harness import time_cuda
 
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

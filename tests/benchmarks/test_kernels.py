@@ -7,7 +7,7 @@ import torch
 
 from benchmarks.cli import main
 from benchmarks.kernels import KERNEL_SHAPES, KERNELS
-from benchmarks.kernels.harness import time_cuda
+from benchmarks.harness import time_cuda
 
 
 def test_time_cuda_measures_cpu_work():

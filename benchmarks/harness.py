@@ -1,0 +1,459 @@
+"""What the benchmark scripts share. Scripts import this module (and the `kvplug bench` package,
+benchmarks/scbench/), never each other.
+
+Sections:
+  * model shapes: config.json shapes for `load_format="dummy"` engines, small random-weight Llamas;
+  * device and timing: ``cuda_available``, ``device_name``, ``time_cuda`` (CUDA events / perf_counter);
+  * engine workers: one engine per subprocess, one ``RESULT {json}`` line back (``emit_result``,
+    ``run_worker``), the environment each gets (``engine_env``, ``kvplug_env``) and result files that carry
+    their command, device and date (``write_results``);
+  * library seams: the only places where more than one script reaches into kvplug's library
+    (attention impl names, the connector's engine kwargs and worker side, model preparation, SCBench cases);
+  * servers: ``kvplug serve`` on a free port until /health answers (``serve_kvplug``), ``kvplug bench``
+    as a subprocess (``run_kvplug``), Prometheus /metrics samples (``scrape_samples``);
+  * plots: ``pyplot()`` (matplotlib on the Agg backend).
+
+Only the standard library is imported at module level: ``python -m benchmarks.kernels.run`` runs on a GPU
+box that has torch but maybe not httpx or vLLM.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+# ----------------------------------------------------------------------------------------------- model shapes
+
+LLAMA_3_8B = {
+    # Meta-Llama-3-8B's config.json, with the context raised so a 128K prompt plus its decode tokens stays
+    # inside the RoPE table (positions >= max_position_embeddings index past vLLM's cos/sin cache: that was the
+    # "index out of bounds ... < 131072" device assert of the 128K decode run). RoPE scaling is irrelevant to speed.
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 262144,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
+    "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
+}
+# config.json of real model shapes, for engines with load_format="dummy" (no weights travel).
+SHAPES = {"llama-3-8b": LLAMA_3_8B}
+# Small Llamas written with seeded random weights (write_random_model); heads divisible by 2 (q and kv) so
+# tensor parallel 2 splits them.
+RANDOM_LLAMA_SHAPES = {
+    "llama-tiny": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096},
+    "llama-small": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
+                    "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 32000},
+}
+
+
+def write_shape(name: str, into: Path) -> Path:
+    """``into/config.json`` of shape ``name``; returns ``into``."""
+    into.mkdir(parents=True, exist_ok=True)
+    (into / "config.json").write_text(json.dumps(SHAPES[name], indent=2))
+    return into
+
+
+def shape_dir(name: str) -> Path:
+    """A fresh temporary model folder holding shape ``name``'s config.json."""
+    return write_shape(name, Path(tempfile.mkdtemp(prefix="kvplug-shape-")))
+
+
+def write_random_model(shape: str, into: Path, seed: int = 0) -> Path:
+    """A Llama of RANDOM_LLAMA_SHAPES[shape] with seeded random weights and a word-level tokenizer ('t0 t1 ...')."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    s = RANDOM_LLAMA_SHAPES[shape]
+    into.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**s, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                      torch_dtype="float16")
+    model = LlamaForCausalLM(cfg).to(torch.float16)
+    model.save_pretrained(into, safe_serialization=True)
+    vocab = {f"t{i}": i for i in range(s["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(into)
+    return into
+
+
+def model_config(model_dir: str | Path) -> dict:
+    """The config.json of a model folder."""
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def kv_bytes_per_token(shape: dict, dtype_bytes: int = 2) -> int:
+    """K and V bytes of one token over all layers (a config.json dict)."""
+    head_dim = shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
+    return 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * dtype_bytes
+
+
+# ----------------------------------------------------------------------------------------- device and timing
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_name(cpu: str = "cpu") -> str:
+    """GPU 0's name, or ``cpu`` where there is no CUDA device."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu
+
+
+def _quantile(sorted_vals: list[float], q: float) -> float:
+    if len(sorted_vals) == 1:
+        return sorted_vals[0]
+    pos = q * (len(sorted_vals) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
+
+
+def time_cuda(fn: Callable[[], object], warmup: int = 3, iters: int = 10,
+              device: str | None = None) -> dict:
+    """Time ``fn()``: ``{"median_ms", "p10", "p90", "mean_ms", "min_ms", "iters", "warmup", "timer"}``.
+
+    Uses CUDA events when CUDA is available and ``device`` is not a CPU device, else ``perf_counter``.
+    ``warmup`` untimed calls come first.
+    """
+    if iters < 1:
+        raise ValueError("iters must be >= 1")
+    import torch
+
+    use_cuda = torch.cuda.is_available() and not (device and str(device).startswith("cpu"))
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    if use_cuda:
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        timer = "cuda-event"
+    else:
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1000.0)
+        timer = "perf_counter"
+    ts = sorted(times)
+    return {
+        "median_ms": statistics.median(ts),
+        "p10": _quantile(ts, 0.10),
+        "p90": _quantile(ts, 0.90),
+        "mean_ms": statistics.fmean(ts),
+        "min_ms": ts[0],
+        "iters": iters,
+        "warmup": warmup,
+        "timer": timer,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- engine workers
+
+RESULT_PREFIX = "RESULT "
+
+
+def emit_result(result: dict) -> None:
+    """The worker's answer to its parent: one ``RESULT {json}`` line on stdout."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_result_process(cmd: Sequence[str], env: dict, failure: str, timeout: float | None = None) -> dict:
+    """Run ``cmd`` and return its last ``RESULT {json}`` line. The child's stderr streams through; its other
+    stdout lines are echoed to stderr. ``SystemExit(f"{failure} (exit N)")`` if it failed or sent none."""
+    proc = subprocess.run(list(cmd), env=env, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    sys.stderr.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if not ln.startswith(RESULT_PREFIX)))
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{failure} (exit {proc.returncode})")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def run_worker(module: str, backend: str, argv: Sequence[str], env: dict) -> dict:
+    """Run ``python -m module --worker --backend B <argv>`` and return its ``RESULT`` line."""
+    print(f"[{module.rsplit('.', 1)[-1]}] running {backend} ...", file=sys.stderr, flush=True)
+    return run_result_process([sys.executable, "-m", module, "--worker", "--backend", backend, *argv], env,
+                              f"{backend} run failed")
+
+
+def worker_argv(argv: Sequence[str], drop: Sequence[str] = ("--backends", "--out")) -> list[str]:
+    """The parent's own flags minus those only the parent uses (``--flag value`` or ``--flag=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in drop:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def kvplug_env(section: str, **keys: Any) -> dict[str, str]:
+    """kvplug config as environment variables: ``KVPLUG_<SECTION>__<KEY>`` (booleans as true/false)."""
+    return {f"KVPLUG_{section.upper()}__{k.upper()}": (str(v).lower() if isinstance(v, bool) else str(v))
+            for k, v in keys.items()}
+
+
+def engine_env(vanilla: bool = False, clear_config: bool = False, **extra: str) -> dict[str, str]:
+    """Environment of an engine subprocess: this one, collective_rpc of local functions allowed (pickle);
+    ``vanilla``: kvplug not even loaded (VLLM_PLUGINS=none); ``clear_config``: no inherited KVPLUG_CONFIG_JSON
+    (the KVPLUG_<SECTION>__<KEY> variables then decide)."""
+    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+    if clear_config:
+        env.pop("KVPLUG_CONFIG_JSON", None)
+    if vanilla:
+        env["VLLM_PLUGINS"] = "none"
+    env.update(extra)
+    return env
+
+
+def engine_memory_kwargs(kv_cache_gib: float | None, gpu_memory_utilization: float) -> dict:
+    """LLM(...) memory arguments: a fixed KV-cache size when asked and this vLLM knows the argument (every
+    backend then gets the same KV space, whatever its own extra memory), else the utilization fraction."""
+    if kv_cache_gib:
+        import dataclasses
+
+        from vllm.engine.arg_utils import EngineArgs
+
+        if "kv_cache_memory_bytes" in {f.name for f in dataclasses.fields(EngineArgs)}:
+            return {"kv_cache_memory_bytes": int(kv_cache_gib * (1 << 30))}
+        print(f"this vLLM has no kv_cache_memory_bytes; using gpu_memory_utilization={gpu_memory_utilization}",
+              file=sys.stderr, flush=True)
+    return {"gpu_memory_utilization": gpu_memory_utilization}
+
+
+def shape_parser(module: str, doc: str | None, default_out: str, backends: str = "FLASH_ATTN,CUSTOM"):
+    """The parser of a dummy-weight GPU script comparing backends: --shape, --model-dir, --gpu-mem, --backends,
+    --out and the hidden flags of its worker processes (--worker, --backend)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
+    p.add_argument("--model-dir", help="folder with config.json (default: a temp folder with --shape)")
+    p.add_argument("--gpu-mem", type=float, default=0.85)
+    p.add_argument("--backends", default=backends)
+    p.add_argument("--out", default=default_out)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backend", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_shape_args(p, argv: Sequence[str] | None, worker: Callable[[Any], None]):
+    """Parse a shape_parser's arguments. In a worker process: run ``worker(args)`` and return None. In the
+    parent: --model-dir defaults to a fresh folder holding --shape's config.json."""
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return None
+    if args.model_dir is None:
+        args.model_dir = str(shape_dir(args.shape))
+    return args
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """How this run was started: ``python -m <module> <args>``."""
+    return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def print_metric_rows(summary: dict, metrics: Sequence[str], line: Callable[[str, str, dict], str]) -> None:
+    """One printed line per (metric, key) of ``summary[metric]``: ``line(metric, key, row)``."""
+    for metric in metrics:
+        for key, row in summary[metric].items():
+            print(line(metric, key, row))
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def write_results(out: str | Path, command: str, summary: dict, runs: Any) -> None:
+    """``{"summary": ..., "runs": ...}`` into ``out``; the summary records the command and the date (the
+    device is the script's own summary field: it is measured in the worker)."""
+    summary["command"] = command
+    summary.setdefault("date", utc_now())
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------- library seams
+# Benchmarks reach kvplug's library here when more than one script needs the same thing.
+
+def attention_impls(llm) -> list[str]:
+    """The attention implementation classes the engine's workers run (needs engine_env's pickle switch)."""
+    from kvplug.vllm_compat import attention_impl_names
+
+    return sorted({c for per_worker in llm.collective_rpc(attention_impl_names) for c in per_worker})
+
+
+def kvplug_attention_kwargs() -> dict:
+    """LLM(...) arguments selecting kvplug's attention backend on this platform."""
+    from kvplug import vllm_compat
+
+    return vllm_compat.attention_backend_engine_kwargs()
+
+
+def kvplug_connector_kwargs() -> dict:
+    """LLM(...) arguments loading kvplug's offload connector."""
+    from vllm.config import KVTransferConfig
+
+    from kvplug import vllm_compat
+
+    return {"kv_transfer_config": KVTransferConfig(**vllm_compat.kv_transfer_config())}
+
+
+def connector_worker_side():
+    """In an engine worker: the worker half of kvplug's connector (its counters: loaded_blocks, saved_blocks...)."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    return get_kv_transfer_group().worker_side
+
+
+def prepare_model(name: str | None) -> Path:
+    """A prepared model folder as is, else kvplug's model by name (its default model when None)."""
+    if name and Path(name).is_dir():
+        return Path(name)
+    from kvplug import models
+
+    return models.prepare(name) if name else models.prepare()
+
+
+def _cases_by_length(model_path, tasks: str, contexts: str, cases: int, turns: int, seed: int) -> Iterator[tuple]:
+    from benchmarks.scbench.tasks import generate_cases
+    from benchmarks.scbench.tokenizer import load_counter
+
+    count, _ = load_counter(str(model_path))
+    for task in tasks.split(","):
+        for ctx in (int(c) for c in contexts.split(",")):
+            for case in generate_cases(task, seed=seed, sessions=cases, context_tokens=ctx, turns=turns,
+                                       count_tokens=count):
+                yield task, ctx, case
+
+
+def scbench_cases(model_path: str | Path, tasks: str, contexts: str, cases: int, turns: int, seed: int) -> list:
+    """SCBench-style cases (benchmarks/scbench) for every (task, context length) of the comma lists, sized with
+    the model's tokenizer."""
+    return [case for _, _, case in _cases_by_length(model_path, tasks, contexts, cases, turns, seed)]
+
+
+def question_items(model_path: str | Path, tasks: str, contexts: str, cases: int, turns: int, seed: int) -> list[dict]:
+    """The same cases, every question as its own single-turn chat (context + question) with its answer."""
+    return [{"case": case.id, "task": task, "context_tokens": ctx, "turn": t,
+             "messages": [{"role": "user", "content": case.context + "\n\n" + turn.input}],
+             "answer": turn.answer, "scorer": turn.scorer}
+            for task, ctx, case in _cases_by_length(model_path, tasks, contexts, cases, turns, seed)
+            for t, turn in enumerate(case.multi_turns)]
+
+
+# ---------------------------------------------------------------------------------------------------- servers
+
+KVPLUG_CLI = [sys.executable, "-m", "kvplug.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server(NamedTuple):
+    base: str  # http://127.0.0.1:PORT
+    proc: subprocess.Popen
+    command: str  # as a user would type it: kvplug serve ...
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, log_path: Path, timeout_s: float, tag: str) -> None:
+    """Until ``base``/health answers 200; SystemExit (with the log's tail) if the server exits or is late."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"[{tag}] server exited with {proc.returncode}:\n{Path(log_path).read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"[{tag}] server not up in {timeout_s:.0f} s; log: {log_path}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(base + "/health", timeout=5).status_code == 200:
+                return
+        time.sleep(2)
+
+
+@contextlib.contextmanager
+def serve_kvplug(args: Sequence[str], log_path: Path, env: dict | None = None, timeout_s: float = 900,
+                 stop_timeout_s: float = 60, tag: str = "bench") -> Iterator[Server]:
+    """``kvplug serve ARGS --port P`` on a free port, output into ``log_path``; yields a Server once /health
+    answers, terminates it (then kills it) on exit."""
+    port = free_port()
+    args = [*args, "--port", str(port)]
+    command = "kvplug serve " + " ".join(args)
+    print(f"[{tag}] {command}", file=sys.stderr, flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*KVPLUG_CLI, "serve", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ) if env is None else env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc, log_path, timeout_s, tag)
+        yield Server(base, proc, command)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_kvplug(argv: Sequence[str]) -> subprocess.CompletedProcess:
+    """``kvplug ARGV`` (e.g. ``bench run ...``) in a subprocess of this Python, output streaming through."""
+    return subprocess.run([*KVPLUG_CLI, *argv], text=True)
+
+
+def scrape_samples(base: str, prefixes: tuple[str, ...] = ("kvplug",), timeout: float = 30) -> list[dict]:
+    """Samples of ``base``/metrics whose name starts with one of ``prefixes``: ``{"name", "labels", "value"}``."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base + "/metrics", timeout=timeout).text
+    return [{"name": s.name, "labels": s.labels, "value": s.value}
+            for fam in text_string_to_metric_families(text) for s in fam.samples if s.name.startswith(prefixes)]
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only; matplotlib is optional)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> None:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
