@@ -59,7 +59,7 @@ def context_bytes(mode: str, shape: dict, context_tokens: int, block_size: int =
     import torch
 
     from cache_policies import registry
-    from cache_policies.base import BlockContext, payload_nbytes
+    from kvplug.kv_payload import BlockContext, payload_nbytes
 
     policy = registry.create(POLICY[mode])
     layers, heads = shape["num_hidden_layers"], shape["num_key_value_heads"]
@@ -86,11 +86,10 @@ def connector_counters(_worker=None) -> dict:
     """In the worker: blocks kvplug's connector loaded per tier and saved; requests whose block free waited
     for their save (deferred free); host seconds spent issuing saves and allocating pinned memory for them."""
     side = harness.connector_worker_side()
-    return {"loaded": dict(side.loaded_blocks), "saved": side.saved_blocks,
-            "deferred_frees": getattr(side, "deferred_frees", None),
-            "save_issue_s": round(getattr(side, "save_issue_s", 0.0), 3),
-            "save_alloc_s": round(getattr(side, "save_alloc_s", 0.0), 3),
-            "host_memory": side.host_memory_stats() if hasattr(side, "host_memory_stats") else None}
+    stats = side.stats
+    return {"loaded": dict(stats.loaded_blocks), "saved": stats.saved_blocks, "deferred_frees": stats.deferred_frees,
+            "save_issue_s": round(stats.save_issue_s, 3), "save_alloc_s": round(stats.save_alloc_s, 3),
+            "host_memory": side.host_memory_stats()}
 
 
 def _worker(args: argparse.Namespace) -> None:

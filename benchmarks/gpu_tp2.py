@@ -110,10 +110,10 @@ def _engine(args: argparse.Namespace) -> None:
 # --- the driver ---------------------------------------------------------------------------------------
 
 def kvplug_env(sets: list[str], base: dict[str, str]) -> dict[str, str]:
-    from kvplug import config, vllm_compat
+    from kvplug import settings, vllm_compat
 
     env = dict(base)
-    env[config.ENV_CONFIG_JSON] = config.resolve(None, sets, base).to_json()
+    env[settings.ENV_CONFIG_JSON] = settings.resolve(None, sets, base).to_json()
     vllm_compat.propagate_env_to_ray(environ=env)
     return env
 
@@ -230,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             args.model = str(harness.write_random_model(args.shape, tmp / args.shape))
     skip = {s for s in args.skip.split(",") if s}
     try:
-        from kvplug import config
+        from kvplug import settings
 
-        expected_cfg = json.loads(config.resolve(None, args.sets, os.environ).to_json())
+        expected_cfg = json.loads(settings.resolve(None, args.sets, os.environ).to_json())
         runs = {}
         if "vanilla" not in skip:
             runs["vanilla_tp1"] = run_engine(args, "vanilla_tp1", 1, vanilla=True)

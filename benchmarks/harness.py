@@ -325,7 +325,7 @@ def kvplug_connector_kwargs() -> dict:
 
 
 def connector_worker_side():
-    """In an engine worker: the worker half of kvplug's connector (its counters: loaded_blocks, saved_blocks...)."""
+    """In an engine worker: the worker half of kvplug's connector (its counters: ``.stats``)."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     return get_kv_transfer_group().worker_side

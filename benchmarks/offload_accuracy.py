@@ -66,8 +66,9 @@ def _parse(argv):
 
 
 def _env(args) -> None:
-    policy = {k: v for k, v in (("streaming_window_tokens", args.streaming_window),
-                                ("snapkv_keep_ratio", args.snapkv_keep_ratio)) if v is not None}
+    # Policy parameters are nested under their policy: KVPLUG_CACHE_POLICY__STREAMING__WINDOW_TOKENS.
+    policy = {k: v for k, v in (("streaming__window_tokens", args.streaming_window),
+                                ("snapkv__keep_ratio", args.snapkv_keep_ratio)) if v is not None}
     os.environ.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1",
                       **harness.kvplug_env("offload", enabled=True, cpu_size=args.cpu_tier, disk_path=""),
                       **harness.kvplug_env("cache_policy", **policy))
@@ -96,7 +97,7 @@ def connector_counters(_worker=None) -> dict:
     from kvplug.dropped_tokens import registry
 
     side = harness.connector_worker_side()
-    return {"loaded": dict(side.loaded_blocks), "saved": side.saved_blocks, "masked": registry().stats()}
+    return {"loaded": dict(side.stats.loaded_blocks), "saved": side.stats.saved_blocks, "masked": registry().stats()}
 
 
 def _sampling(args, policy: str):

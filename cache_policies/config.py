@@ -7,13 +7,7 @@ from typing import Any
 import msgspec
 
 from cache_policies import registry
-from kvplug.config import KvplugConfigError
-
-try:
-    from kvplug.config import Section, check_finite
-except ImportError:  # core's names before its rename (core branch: public Section and check_finite)
-    from kvplug.config import _check_finite as check_finite
-    from kvplug.config import _Section as Section
+from kvplug.config import KvplugConfigError, Section, check_finite
 
 SECTION = "cache_policy"
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 
 from attention_backends import wiring as attention_wiring
+from cache_policies.provider import RegistryPolicyProvider
 from kvplug import __version__, metrics, settings, vllm_compat
+from offload import wiring as offload_wiring
 
 logger = logging.getLogger("vllm.kvplug")  # inherit vLLM's handlers and level
 _state: dict[str, object] = {}
@@ -21,11 +23,7 @@ def configure_features(cfg: settings.KvplugConfig) -> None:
     metrics.configure(cfg.metrics)
     attention_wiring.configure(cfg.sparse_prefill, cfg.retrieval_decode, cfg.metrics,
                                drop_masks_enabled=cfg.offload.enabled)
-    # TODO(merge): once offload/wiring.py and cache_policies/provider.py (arch-offload branch) are in:
-    #     from cache_policies.provider import RegistryPolicyProvider
-    #     from offload import wiring as offload_wiring
-    #     offload_wiring.configure(cfg.offload, cfg.metrics, RegistryPolicyProvider(cfg.cache_policy))
-    # (as module-level imports above). Until then offload/connector.py reads active_config() itself.
+    offload_wiring.configure(cfg.offload, cfg.metrics, RegistryPolicyProvider(cfg.cache_policy))
 
 
 def register() -> None:

@@ -13,11 +13,10 @@ import msgspec
 from attention_backends.retrieval_decode.config import RetrievalDecodeConfig
 from attention_backends.sparse_prefill.config import SparsePrefillConfig
 from kvplug import config as _loader
+from cache_policies.config import CachePolicyConfig
 from kvplug.config import ENV_CONFIG_JSON, ENV_CONFIG_PATH, NON_CONFIG_ENV, KvplugConfigError, Section, parse_size
-# TODO(merge): `from cache_policies.config import CachePolicyConfig` and `from offload.config import
-# OffloadConfig` once the arch-offload branch is in (they are temporarily still defined in kvplug/config.py).
-from kvplug.config import CachePolicyConfig, OffloadConfig
 from kvplug.metrics import MetricsConfig
+from offload.config import OffloadConfig
 
 __all__ = ["ENV_CONFIG_JSON", "ENV_CONFIG_PATH", "NON_CONFIG_ENV", "SECTIONS", "CachePolicyConfig", "KvplugConfig",
            "KvplugConfigError", "MetricsConfig", "OffloadConfig", "RetrievalDecodeConfig", "SparsePrefillConfig",

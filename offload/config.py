@@ -3,13 +3,7 @@ from __future__ import annotations
 
 import os
 
-from kvplug.config import KvplugConfigError, parse_size
-
-try:
-    from kvplug.config import Section, check_finite
-except ImportError:  # core's names before its rename (core branch: public Section and check_finite)
-    from kvplug.config import _check_finite as check_finite
-    from kvplug.config import _Section as Section
+from kvplug.config import KvplugConfigError, Section, check_finite, parse_size
 
 SECTION = "offload"
 

@@ -34,7 +34,6 @@ skips the entry: neither fails a request.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -50,11 +49,6 @@ from offload.worker_side import WorkerSide
 _Base, _, _Role, _ = vllm_compat.kv_connector_api()
 
 
-def offload_metrics(metrics_config: Any) -> Any:
-    """kvplug's OffloadMetrics of this process, or None when metrics are off."""
-    return kvplug_metrics.get_offload(SimpleNamespace(metrics=metrics_config))  # reads <root>.metrics
-
-
 class KvplugConnector(_Base):  # type: ignore[misc, valid-type]
     """vLLM KV connector (both roles) for kvplug's offload tiers and cache policies."""
 
@@ -65,7 +59,7 @@ class KvplugConnector(_Base):  # type: ignore[misc, valid-type]
         if not cfg.enabled:
             # Loaded through --kv-transfer-config without `--offload`/config: use its defaults (CPU 8 GiB).
             cfg = msgspec.structs.replace(cfg, enabled=True)
-        m = offload_metrics(w.metrics)
+        m = kvplug_metrics.get_offload(w.metrics)
         self.scheduler_side = (SchedulerSide(kv_layout.kv_layout(vllm_config, tp_rank=0), cfg, w.policies, m,
                                              defer_free=vllm_compat.kv_saves_defer_block_free())
                                if role == _Role.SCHEDULER else None)

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from kvplug import vllm_compat
+
 # Files whose change means other weights: their names, sizes and modification times identify the weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 
@@ -74,10 +76,5 @@ def kv_layout(vllm_config: Any, tp_rank: int) -> KvLayout:
 
 
 def tensor_parallel_rank() -> int:
-    """This worker's TP rank; 0 where there is no TP group (the scheduler process addresses rank 0)."""
-    try:
-        from vllm.distributed import get_tensor_model_parallel_rank  # vLLM internals: belongs in kvplug/compat
-
-        return get_tensor_model_parallel_rank()
-    except Exception:
-        return 0
+    """This worker's TP rank (0 in the scheduler process)."""
+    return vllm_compat.tensor_parallel_rank()

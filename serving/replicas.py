@@ -200,9 +200,10 @@ def replica_configs(config: settings.KvplugConfig, n: int) -> list[settings.Kvpl
         return [config] * n
     out = []
     for i in range(n):
-        share = msgspec.structs.replace(off, cpu_size=off.cpu_bytes // n, disk_size=off.disk_bytes // n,
-                                        disk_path=os.path.join(off.disk_path, f"replica{i}") if off.disk_path else "")
-        try:
+        try:  # replace() runs the section's own checks (__post_init__); recheck() the tree-wide ones
+            share = msgspec.structs.replace(off, cpu_size=off.cpu_bytes // n, disk_size=off.disk_bytes // n,
+                                            disk_path=os.path.join(off.disk_path, f"replica{i}") if off.disk_path
+                                            else "")
             share = config_loader.recheck(share, "offload")
         except settings.KvplugConfigError as exc:
             raise settings.KvplugConfigError(f"{exc} (after splitting the offload budgets between {n} replicas)") \

@@ -143,7 +143,7 @@ def test_overflowing_size_is_an_error_naming_the_field(value):
 
 
 @pytest.mark.parametrize("key", ["offload.reuse_weight", "retrieval_decode.budget_fraction",
-                                 "cache_policy.snapkv_keep_ratio"])
+                                 "cache_policy.snapkv.keep_ratio"])
 @pytest.mark.parametrize("value", [".nan", ".inf"])
 def test_non_finite_floats_are_rejected_naming_the_field(key, value):
     with pytest.raises(KvplugConfigError, match=rf"{key.replace('.', '[.]')}: must be a finite number"):

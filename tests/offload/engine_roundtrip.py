@@ -29,8 +29,10 @@ def connector_counters(_worker=None) -> dict:
     from kvplug.dropped_tokens import registry
 
     side = get_kv_transfer_group().worker_side
-    return {"loaded": dict(side.stats.loaded_blocks), "saved": side.stats.saved_blocks, "cpu_entries": len(side.tiers["cpu"]._entries),
-            "disk_corrupt": side.tiers["disk"].disk.corrupt_count if side.tiers["disk"].disk else 0, "masked": registry().stats(),
+    disk = side.tiers.get("disk")
+    return {"loaded": dict(side.stats.loaded_blocks), "saved": side.stats.saved_blocks,
+            "cpu_entries": len(side.tiers["cpu"]._entries), "masked": registry().stats(),
+            "disk_corrupt": disk.disk.corrupt_count if disk is not None else 0,
             "layer_saves": side.stats.layerwise_saves, "layer_load_waits": side.stats.layerwise_load_waits}
 
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.engine
 def _run(phase: str, out: Path, disk: Path) -> dict:
     env = dict(os.environ, KVPLUG_OFFLOAD__ENABLED="true", KVPLUG_OFFLOAD__CPU_SIZE="20MiB",
                KVPLUG_OFFLOAD__DISK_PATH=str(disk), KVPLUG_OFFLOAD__REUSE_WEIGHT="0",
-               KVPLUG_CACHE_POLICY__STREAMING_WINDOW_TOKENS="128")
+               KVPLUG_CACHE_POLICY__STREAMING__WINDOW_TOKENS="128")
     env.pop("KVPLUG_CONFIG_JSON", None)
     proc = subprocess.run([sys.executable, "-m", "tests.offload.engine_roundtrip", str(out), phase], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=1200)

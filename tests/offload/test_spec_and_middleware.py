@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from kvplug.config import KvplugConfigError, resolve
+from kvplug.config import KvplugConfigError
+from kvplug.settings import resolve
 from offload.spec import parse_offload_flag
 from serving.policy_middleware import KV_TRANSFER_PATHS, PolicyValidationMiddleware, request_error
 

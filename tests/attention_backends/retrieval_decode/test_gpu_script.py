@@ -2,8 +2,8 @@
 and the KV-cache sizing."""
 import argparse
 
-from benchmarks import gpu_common
-from benchmarks.gpu_passthrough import write_shape
+from benchmarks import harness
+from benchmarks.harness import write_shape
 from benchmarks.gpu_retrieval_decode import auto_kv_cache_gib, retrieval_verdict, summarize
 
 _IMPLS = ["attention_backends.kvplug_backend.KvplugAttentionImpl"]
@@ -17,7 +17,7 @@ def _timings(prefill, t1):
 
 def test_worker_argv_drops_parent_only_flags():
     argv = ["--lengths", "32768", "--backends", "FLASH_ATTN,CUSTOM", "--out=x.json", "--budget-tokens", "1024"]
-    assert gpu_common.worker_argv(argv) == ["--lengths", "32768", "--budget-tokens", "1024"]
+    assert harness.worker_argv(argv) == ["--lengths", "32768", "--budget-tokens", "1024"]
 
 
 def test_summary_speedups_fraction_read_and_cache_check():
