@@ -131,7 +131,7 @@ def test_group_kernel_mixed_heads(Hq, Hkv, tiles):
     tol = 2e-3 if DEVICE == "cpu" else 2e-2
     solo = tiles == "solo"  # one program per query head (share_kv=False)
     bm, bn = (64, 64) if solo else tiles
-    for union, idx in ((False, index), (True, union_index(index, geom, Hq // Hkv))):
+    for union, idx in ((False, index), (True, union_index(index.to(DEVICE), geom, Hq // Hkv).to("cpu"))):
         if solo and union:
             continue
         out = torch.full((geom.n, Hq, q.shape[-1]), float("nan"), device=DEVICE)  # every element must be written
@@ -144,7 +144,7 @@ def test_union_index_is_the_group_union():
     """union_index: every head's element mask is the OR of its group's (and so density only grows)."""
     Hq, Hkv = 8, 2
     _, _, _, geom, index = _mixed_case(Hq, Hkv)
-    union = union_index(index, geom, Hq // Hkv)
+    union = union_index(index.to(DEVICE), geom, Hq // Hkv).to("cpu")
     want = index.dense_mask(geom).view(Hkv, Hq // Hkv, geom.n, geom.L).any(1).repeat_interleave(Hq // Hkv, 0)
     assert torch.equal(union.dense_mask(geom), want)
     assert union.density(geom) >= index.density(geom)
