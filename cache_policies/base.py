@@ -74,6 +74,18 @@ class CachePolicy(ABC):
         return self.name
 
 
+class StackedPolicy(CachePolicy):
+    """A policy that encodes a batch of blocks as one stacked group; ``encode`` splits it per block."""
+
+    @abstractmethod
+    def encode_groups(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[tuple[list[int], Payload]]:
+        """Every block of the batch in one group: [(all block indexes, {field: [n, ...]})]."""
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[Payload]:
+        (_, batch), = self.encode_groups(k, v, ctx)
+        return [{name: t[i] for name, t in batch.items()} for i in range(k.shape[0])]
+
+
 def check_kv(k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> None:
     if k.shape != v.shape or k.dim() != 5:
         raise ValueError(f"expected K and V shaped [n, L, H, N, D] alike, got {tuple(k.shape)} and {tuple(v.shape)}")

@@ -2,7 +2,7 @@
 nested under the policy (``cache_policy.snapkv.keep_ratio``)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -12,45 +12,50 @@ from kvplug.config import KvplugConfigError, Section, check_finite
 SECTION = "cache_policy"
 
 
-def _at_least(struct: msgspec.Struct, path: str, minimum: int, *names: str) -> None:
-    for name in names:
-        value = getattr(struct, name)
-        if value < minimum:
-            raise KvplugConfigError(f"{path}.{name}: must be >= {minimum}, got {value}")
+class PolicyParams(Section):
+    """A policy's parameters, checked against their lower bounds (``minimums``) under ``cache_policy.<key>``."""
+
+    key: ClassVar[str]
+    minimums: ClassVar[dict[str, int]] = {}
+
+    def __post_init__(self) -> None:
+        path = f"{SECTION}.{self.key}"
+        check_finite(self, path)
+        for name, minimum in self.minimums.items():
+            value = getattr(self, name)
+            if value < minimum:
+                raise KvplugConfigError(f"{path}.{name}: must be >= {minimum}, got {value}")
 
 
-class Int4Params(Section):
+class Int4Params(PolicyParams):
     """quant:int4 (KIVI): quantization group, and the prefix's last tokens kept exact."""
 
+    key = "int4"
+    minimums = {"group_size": 1, "residual_tokens": 0}
     group_size: int = 32
     residual_tokens: int = 32
 
-    def __post_init__(self) -> None:
-        _at_least(self, f"{SECTION}.int4", 1, "group_size")
-        _at_least(self, f"{SECTION}.int4", 0, "residual_tokens")
 
-
-class StreamingParams(Section):
+class StreamingParams(PolicyParams):
     """drop:streaming (StreamingLLM): attention sinks and recent window kept."""
 
+    key = "streaming"
+    minimums = {"window_tokens": 1, "sink_tokens": 0}
     sink_tokens: int = 4
     window_tokens: int = 1024
 
-    def __post_init__(self) -> None:
-        _at_least(self, f"{SECTION}.streaming", 1, "window_tokens")
-        _at_least(self, f"{SECTION}.streaming", 0, "sink_tokens")
 
-
-class SnapKVParams(Section):
+class SnapKVParams(PolicyParams):
     """drop:snapkv: share of each block's tokens kept, observation window, score pooling width."""
 
+    key = "snapkv"
+    minimums = {"window_tokens": 1, "pool_kernel": 1}
     keep_ratio: float = 0.5
     window_tokens: int = 32
     pool_kernel: int = 5
 
     def __post_init__(self) -> None:
-        check_finite(self, f"{SECTION}.snapkv")
-        _at_least(self, f"{SECTION}.snapkv", 1, "window_tokens", "pool_kernel")
+        super().__post_init__()
         if not 0.0 < self.keep_ratio <= 1.0:
             raise KvplugConfigError(f"{SECTION}.snapkv.keep_ratio: must be in (0, 1], got {self.keep_ratio}")
 

@@ -18,18 +18,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cache_policies.base import CachePolicy, check_kv
+from cache_policies.base import check_kv
 from cache_policies.config import SnapKVParams
-from cache_policies.masking import pack_kept, unpack_kept
+from cache_policies.masking import TokenDropPolicy, pack_kept, unpack_kept
 from kvplug.kv_payload import BlockContext, Payload
 
 
-class SnapKVPolicy(CachePolicy):
+class SnapKVPolicy(TokenDropPolicy):
     name = "drop:snapkv"
     params_key = "snapkv"
     params_type = SnapKVParams
-    drops_tokens = True
-    layerwise = False  # kept rows are flattened across layers
 
     def __init__(self, keep_ratio: float = 0.5, window_tokens: int = 32, pool_kernel: int = 5) -> None:
         self.keep_ratio = keep_ratio

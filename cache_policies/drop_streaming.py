@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from cache_policies.base import CachePolicy, check_kv
+from cache_policies.base import check_kv
 from cache_policies.config import StreamingParams
-from cache_policies.masking import pack_kept, unpack_kept
+from cache_policies.masking import TokenDropPolicy, pack_kept, unpack_kept
 from kvplug.kv_payload import BlockContext, Payload
 
 
-class StreamingPolicy(CachePolicy):
+class StreamingPolicy(TokenDropPolicy):
     name = "drop:streaming"
     params_key = "streaming"
     params_type = StreamingParams
-    drops_tokens = True
-    layerwise = False  # kept rows are flattened across layers
 
     def __init__(self, sink_tokens: int = 4, window_tokens: int = 1024) -> None:
         self.sink_tokens = sink_tokens

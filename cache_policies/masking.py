@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from cache_policies.base import CachePolicy
 from kvplug.kv_payload import Payload
+
+
+class TokenDropPolicy(CachePolicy):
+    """A policy that stores only some tokens of a block (and the keep-mask that says which)."""
+
+    drops_tokens = True
+    layerwise = False  # kept rows are flattened across layers
 
 
 def pack_kept(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> Payload:

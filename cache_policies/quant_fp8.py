@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from cache_policies import triton_quant
-from cache_policies.base import CachePolicy, check_kv
+from cache_policies.base import StackedPolicy, check_kv
 from cache_policies.quant_int8 import dequantize_reference
 from kvplug.kv_payload import BlockContext, Payload, stack_field
 
@@ -37,12 +37,8 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     return dequantize_reference(q, scale, dtype)
 
 
-class Fp8Policy(CachePolicy):
+class Fp8Policy(StackedPolicy):
     name = "quant:fp8"
-
-    def encode(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[Payload]:
-        (_, b), = self.encode_groups(k, v, ctx)
-        return [{name: t[i] for name, t in b.items()} for i in range(k.shape[0])]
 
     def encode_groups(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext):
         check_kv(k, v, ctx)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from cache_policies import triton_quant
-from cache_policies.base import CachePolicy, check_kv
+from cache_policies.base import StackedPolicy, check_kv
 from kvplug.kv_payload import BlockContext, Payload, stack_field
 
 INT8_MAX = 127.0
@@ -46,12 +46,8 @@ def dequantize_reference(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     return (q.float() * scale).to(dtype)
 
 
-class Int8Policy(CachePolicy):
+class Int8Policy(StackedPolicy):
     name = "quant:int8"
-
-    def encode(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext) -> list[Payload]:
-        (_, b), = self.encode_groups(k, v, ctx)
-        return [{name: t[i] for name, t in b.items()} for i in range(k.shape[0])]
 
     def encode_groups(self, k: torch.Tensor, v: torch.Tensor, ctx: BlockContext):
         check_kv(k, v, ctx)

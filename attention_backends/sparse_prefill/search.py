@@ -68,21 +68,25 @@ def sample_rows(n: int, per_chunk: int, gen: torch.Generator) -> list[slice]:
     return [slice(b * BLOCK, min(n, b * BLOCK + BLOCK)) for b in sorted(picks)]
 
 
+def prefill_chunks(q: torch.Tensor, k: torch.Tensor, chunk: int, rows_per_chunk: int, gen: torch.Generator):
+    """The chunks of a chunked prefill over captured Q/K: (geometry, chunk queries, keys so far, sampled rows)."""
+    T = q.shape[0]
+    for start in range(0, T, chunk):
+        end = min(T, start + chunk)
+        rows = torch.cat([torch.arange(s.start, s.stop) for s in sample_rows(end - start, rows_per_chunk, gen)])
+        yield ChunkGeometry(end - start, end), q[start:end].float(), k[:end].float(), rows.to(q.device)
+
+
 def evaluate_layer(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int, rows_per_chunk: int,
                    cands: list[tuple[str, dict[str, int]]], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Recall and density [candidates, Hq] of one layer, averaged over the chunks of a chunked prefill."""
-    T, Hq, _ = q.shape
+    Hq = q.shape[1]
     recall = torch.zeros(len(cands), Hq, dtype=torch.float64)
     computed = torch.zeros(len(cands), Hq, dtype=torch.float64)
     causal = 0
     weight = 0
     gen = torch.Generator().manual_seed(seed)
-    for start in range(0, T, chunk):
-        end = min(T, start + chunk)
-        geom = ChunkGeometry(end - start, end)
-        qc, kc = q[start:end].float(), k[:end].float()
-        rows = torch.cat([torch.arange(s.start, s.stop) for s in sample_rows(end - start, rows_per_chunk, gen)])
-        rows = rows.to(q.device)
+    for geom, qc, kc, rows in prefill_chunks(q, k, chunk, rows_per_chunk, gen):
         probs = dense_probs(qc, kc, geom, rows, scale)  # once per chunk, shared by every candidate
         causal += geom.causal_pairs()
         weight += len(rows)
@@ -207,17 +211,11 @@ def evaluate_config(qs: list[torch.Tensor], ks: list[torch.Tensor], scale: float
     recalls, densities = [], []
     for li, (q, k) in enumerate(zip(qs, ks)):
         plan = LayerPlan.from_config(cfg, li, q.shape[1], q.device)
-        T = q.shape[0]
         mass = torch.zeros(q.shape[1], dtype=torch.float64)
         computed = torch.zeros(q.shape[1], dtype=torch.float64)
         rows_total, causal = 0, 0
         gen = torch.Generator().manual_seed(seed + li)
-        for start in range(0, T, chunk):
-            end = min(T, start + chunk)
-            geom = ChunkGeometry(end - start, end)
-            qc, kc = q[start:end].float(), k[:end].float()
-            rows = torch.cat([torch.arange(s.start, s.stop) for s in sample_rows(end - start, rows_per_chunk, gen)])
-            rows = rows.to(q.device)
+        for geom, qc, kc, rows in prefill_chunks(q, k, chunk, rows_per_chunk, gen):
             index = build_index(qc, kc, geom, plan, scale, trim_columns=q.device.type == "cpu")
             mass += captured_mass(dense_probs(qc, kc, geom, rows, scale), index, rows, geom).sum(-1).double().cpu()
             computed += index.computed_pairs(geom).double().cpu()

@@ -52,6 +52,15 @@ def compact_blocks(block_mask: torch.Tensor, max_blocks: int | None = None) -> t
 
 
 @triton.jit
+def _range_keys(rng_ptr, row_off, j, a, L, BLOCK_N: tl.constexpr):
+    """Range ``j`` of a query block starting at position ``a``: its key positions and which are valid keys."""
+    start = a + tl.load(rng_ptr + row_off + 2 * j)
+    stop = a + tl.load(rng_ptr + row_off + 2 * j + 1)
+    kpos = start + tl.arange(0, BLOCK_N)
+    return kpos, (kpos >= 0) & (kpos < stop) & (kpos < L)
+
+
+@triton.jit
 def _attend_keys(acc, l_i, m_i, q, kpos, key_ok, row_pos, k_ptr, v_ptr, pages_ptr, kvh, sk_b, sk_h, sk_t, sk_d,
                  sv_b, sv_h, sv_t, sv_d, page_size, qk_scale, dims, dim_ok, UPCAST: tl.constexpr):
     """One online-softmax step over BLOCK_N keys at positions ``kpos`` read through the page table."""
@@ -111,12 +120,10 @@ def _sparse_attn_kernel(
     a = q_pos0 + qb * BLOCK_M
     r_end = tl.load(rcnt_ptr + h)
     for j in range(tl.load(rfirst_ptr + h * nqb + qb), r_end):
-        start = a + tl.load(rng_ptr + h * sr_h + 2 * j)
-        stop = a + tl.load(rng_ptr + h * sr_h + 2 * j + 1)
-        kpos = start + tl.arange(0, BLOCK_N)
-        acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, kpos, (kpos >= 0) & (kpos < stop) & (kpos < L), row_pos,
-                                     k_ptr, v_ptr, pages_ptr, kvh, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
-                                     page_size, qk_scale, dims, dim_ok, UPCAST)
+        kpos, key_ok = _range_keys(rng_ptr, h * sr_h, j, a, L, BLOCK_N)
+        acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, kpos, key_ok, row_pos, k_ptr, v_ptr, pages_ptr, kvh,
+                                     sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, page_size, qk_scale, dims,
+                                     dim_ok, UPCAST)
     n_cols = tl.load(ccnt_ptr + h * nqb + qb)
     for c0 in range(0, n_cols, BLOCK_N):
         c = c0 + tl.arange(0, BLOCK_N)
@@ -236,10 +243,7 @@ def _group_attn_kernel(
         a = q_pos0 + qb * QBLOCK
         r_end = tl.load(rcnt_ptr + gid)
         for j in range(tl.load(rfirst_ptr + gid * nqb + qb), r_end):
-            start = a + tl.load(rng_ptr + gid * sr_g + 2 * j)
-            stop = a + tl.load(rng_ptr + gid * sr_g + 2 * j + 1)
-            kpos = start + tl.arange(0, BLOCK_N)
-            key_ok = (kpos >= 0) & (kpos < stop) & (kpos < L)
+            kpos, key_ok = _range_keys(rng_ptr, gid * sr_g, j, a, L, BLOCK_N)
             if UNION:  # every head, except on keys the union's whole blocks already gave
                 ub = tl.load(ubm_ptr + gid * subm_g + qb * subm_q + kpos // QBLOCK, mask=key_ok, other=0)
                 head_ok = all_heads & (ub == 0)[None, :]
