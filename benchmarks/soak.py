@@ -7,18 +7,19 @@ server without offload.
    back from the tiers), and a ``kvplug bench run --repeat --policy-mix keep,quant:int8,quant:int4,
    drop:streaming`` load: every context is shared by one multi-turn session per policy, sessions start over
    until the time is up. The server's resident memory (all its processes) is sampled throughout.
-2. The same model without offload runs the same load for the same time, then replays every distinct
-   ``keep`` request twice in a row (as it comes, then as a full prefix-cache hit).
+2. The same model without offload runs the same load for the same time, then replays every distinct chat
+   twice in a row (as it comes, then as a full prefix-cache hit); the sessions of one context send the same
+   chats whatever their policy.
 
 A keep prefix comes back from the tiers byte for byte (tests/offload), but the KV a CPU engine computes
 for a token depends on the batch and chunk it was computed in (vLLM's CPU kernels round a whole-prompt
-pass and a hit-plus-suffix pass differently), so greedy answers of a weak model can flip on near-ties
-with or without offload. The check is therefore against the no-offload server's own spread: every keep
-answer of the soak server must be one the no-offload server gave for the same request (under load or in
-the replay), and the rate of answers differing from the replay is reported for both servers side by
-side (offload must not add disagreement beyond the no-offload server's own).
+pass and a hit-plus-suffix pass differently), so greedy answers of a weak model flip on near-ties with or
+without offload: strict identity with a second server is not a test of the KV store. The check is against
+the no-offload server's own spread: the share of keep answers that differ from both replay answers must not
+exceed the no-offload server's own share under the same load (its 95% interval). The lossy policies' shares,
+reported beside it, show what the measurement sees when the KV does change.
 
-Writes ``soak.json`` (errors, per-policy counts, keep agreement, RSS samples and growth after warm-up, the
+Writes ``soak.json`` (errors, per-policy counts, agreement per policy with the replay, RSS samples and growth after warm-up, the
 offload counters) and ``rss.png`` into --out; exit 1 when a check fails.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import sys
@@ -93,21 +95,30 @@ def _offload_counters(base: str) -> dict[str, float]:
     return out
 
 
-def _keep_records(load_dir: Path) -> list[dict]:
+def _ok_records(load_dir: Path, policy: str | None = None) -> list[dict]:
     return [r for r in json.loads((load_dir / "results.json").read_text())["requests"]
-            if r.get("policy") == "keep" and r["status"] == "ok"]
+            if r["status"] == "ok" and (policy is None or r.get("policy") == policy)]
 
 
-def replay_keep_requests(base: str, model: str, load_dir: Path, max_tokens: int) -> dict:
-    """Send every distinct keep request of the load in ``load_dir`` to ``base`` twice (as it comes, then as a
-    full prefix-cache hit): (case id, turn) -> [answer, answer]."""
+def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """95% interval of a proportion k/n (Wilson score)."""
+    if n == 0:
+        return None
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (round((centre - half) / (1 + z * z / n), 4), round((centre + half) / (1 + z * z / n), 4))
+
+
+def replay_requests(base: str, model: str, load_dir: Path, max_tokens: int) -> dict:
+    """Send every distinct request of the load in ``load_dir`` (every policy's sessions of a context send the
+    same chat) to ``base`` twice, as it comes and then as a full prefix-cache hit: (case id, turn) -> answers."""
     from benchmarks.scbench.client import stream_chat
     from benchmarks.scbench.load import turn_messages
     from benchmarks.scbench.scoring import answer_text
     from benchmarks.scbench.tasks.base import Case
 
     cases = {c["id"]: Case.from_dict(c) for c in json.loads((load_dir / "cases.json").read_text())}
-    distinct = sorted({(r["case_id"], r["turn"]) for r in _keep_records(load_dir)})
+    distinct = sorted({(r["case_id"], r["turn"]) for r in _ok_records(load_dir)})
 
     async def go() -> dict:
         async with httpx.AsyncClient(timeout=httpx.Timeout(600)) as client:
@@ -126,27 +137,35 @@ def replay_keep_requests(base: str, model: str, load_dir: Path, max_tokens: int)
     return asyncio.run(go())
 
 
-def compare_keep(soak: list[dict], reference_load: list[dict], replay: dict) -> dict:
-    """The soak server's keep answers against the no-offload server's answers to the same requests."""
+def compare_with_no_offload(soak: list[dict], reference_load: list[dict], replay: dict) -> dict:
+    """Every policy's answers on the soak server against the no-offload server's answers to the same chats.
+
+    ``differ_from_replay``: the share of answers that are neither of the replay's two answers, per policy on the
+    offload server and over all requests of the no-offload server under the same load (its own spread, the
+    baseline); ``keep_unseen``: keep answers the no-offload server never gave (under load or in the replay)."""
     seen: dict[tuple, set] = {}
     for r in reference_load:
         seen.setdefault((r["case_id"], r["turn"]), set()).add(r["prediction"])
     for key, answers in replay.items():
         seen.setdefault(key, set()).update(answers)
+
+    def differs(records: list[dict]) -> dict:
+        judged = [r for r in records if (r["case_id"], r["turn"]) in replay]
+        d = sum(r["prediction"] not in replay[(r["case_id"], r["turn"])] for r in judged)
+        return {"n": len(judged), "differ": d, "rate": round(d / len(judged), 4) if judged else None,
+                "ci95": _wilson(d, len(judged))}
+
+    keep = [r for r in soak if r.get("policy") == "keep"]
     unseen = [{"case_id": r["case_id"], "turn": r["turn"], "round": r.get("round"), "soak": r["prediction"],
                "no_offload": sorted(seen.get((r["case_id"], r["turn"]), ()), key=str)}
-              for r in soak if r["prediction"] not in seen.get((r["case_id"], r["turn"]), ())]
-
-    def differs_from_replay(records: list[dict]) -> dict:
-        n = sum((r["case_id"], r["turn"]) in replay for r in records)
-        d = sum(r["prediction"] not in replay[(r["case_id"], r["turn"])]
-                for r in records if (r["case_id"], r["turn"]) in replay)
-        return {"n": n, "differ": d, "rate": d / n if n else None}
-
-    return {"keep_requests": len(soak), "distinct": len(replay), "given_by_no_offload": len(soak) - len(unseen),
-            "differ_from_replay": {"offload": differs_from_replay(soak),
-                                   "no_offload": differs_from_replay(reference_load)},
-            "replay_answers_differ": sum(a != b for a, b in replay.values()), "unseen": unseen[:20]}
+              for r in keep if r["prediction"] not in seen.get((r["case_id"], r["turn"]), ())]
+    policies = sorted({r.get("policy", "default") for r in soak})
+    return {"distinct_requests": len(replay), "keep_requests": len(keep), "keep_unseen_count": len(unseen),
+            "differ_from_replay": {"no_offload (baseline)": differs(reference_load),
+                                   **{p: differs([r for r in soak if r.get("policy", "default") == p])
+                                      for p in policies}},
+            "replay_answers_differ": sum(a != b for a, b in replay.values()), "keep_unseen": unseen[:20],
+            "replay": [{"case_id": c, "turn": t, "answers": a} for (c, t), a in sorted(replay.items())]}
 
 
 def _plot(samples: list[tuple[float, int]], warmup_s: float, path: Path) -> None:
@@ -208,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         if reference_bench.returncode != 0:
             print(f"[soak] kvplug bench run (no offload) failed with {reference_bench.returncode}", file=sys.stderr)
             return 1
-        replay = replay_keep_requests(server.base, served, out / "load", args.max_tokens)
-    keep = compare_keep(_keep_records(out / "load"), _keep_records(out / "load-no-offload"), replay)
+        replay = replay_requests(server.base, served, out / "load", args.max_tokens)
+    agreement = compare_with_no_offload(_ok_records(out / "load"), _ok_records(out / "load-no-offload"), replay)
 
     warmup_s = args.warmup_minutes * 60
     after_warmup = [b for t, b in sampler.samples if t >= warmup_s]
@@ -226,18 +245,23 @@ def main(argv: list[str] | None = None) -> int:
         "server": f"kvplug serve {' '.join(model)} --offload {offload} {' '.join(engine)}",
         "load": " ".join(["kvplug", *bench_cmd]),
         "requests": len(load["requests"]), "errors": errors, "per_policy": per_policy,
-        "keep_vs_no_offload": keep, "rss_samples": sampler.samples, "rss_growth_after_warmup": rss_growth,
+        "vs_no_offload": agreement, "rss_samples": sampler.samples, "rss_growth_after_warmup": rss_growth,
         "offload_counters": counters,
     }
     (out / "soak.json").write_text(json.dumps(result, indent=1) + "\n")
     _plot(sampler.samples, warmup_s, out / "rss.png")
+    rates = agreement["differ_from_replay"]
+    base, keep = rates["no_offload (baseline)"], rates.get("keep", {"n": 0})
     checks = {"0 errors": errors == 0,
-              "every keep answer is one the no-offload server gave": keep["given_by_no_offload"] == keep["keep_requests"],
+              # Offload must add no disagreement for keep beyond the no-offload server's own spread.
+              "keep differs from the replay no more than the no-offload server does (within its 95% interval)":
+                  bool(keep["n"] and base["n"]) and keep["rate"] <= base["ci95"][1],
               f"RSS growth <= {RSS_GROWTH_LIMIT:.0%}": rss_growth is not None and rss_growth <= RSS_GROWTH_LIMIT}
-    off, ref = keep["differ_from_replay"]["offload"], keep["differ_from_replay"]["no_offload"]
-    print(f"[soak] {len(load['requests'])} requests, {errors} errors; keep answers the no-offload server also gave: "
-          f"{keep['given_by_no_offload']}/{keep['keep_requests']} ({keep['distinct']} distinct requests); differing "
-          f"from the replay: offload {off['differ']}/{off['n']}, no offload {ref['differ']}/{ref['n']}")
+    print(f"[soak] {len(load['requests'])} requests, {errors} errors; {agreement['distinct_requests']} distinct "
+          f"chats replayed on the no-offload server; keep answers it never gave: {agreement['keep_unseen_count']}/"
+          f"{agreement['keep_requests']}")
+    for name, r in rates.items():
+        print(f"[soak] differ from the replay, {name}: {r['differ']}/{r['n']} = {r['rate']} (95% CI {r['ci95']})")
     print(f"[soak] RSS growth after warm-up: " + (f"{rss_growth:.1%}" if rss_growth is not None else "no samples"))
     for name, ok in checks.items():
         print(f"[soak] {'PASS' if ok else 'FAIL'}: {name}")
