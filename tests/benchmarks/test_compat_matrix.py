@@ -164,3 +164,27 @@ def test_readme_block_and_markers():
     assert cm.replace_between_markers(new, block) == new  # idempotent
     with pytest.raises(ValueError):
         cm.replace_between_markers("# no markers\n", block)
+
+
+def test_gate_off_pth_line_widens_the_cpu_range_only_while_its_variable_is_set(monkeypatch):
+    from kvplug.compat import common
+
+    line = cm.gate_off_pth_line()
+    assert line.startswith("import ") and line.count("\n") == 1  # .pth files execute lines that start so
+    monkeypatch.setattr(common, "SUPPORTED", dict(common.SUPPORTED))
+    before = dict(common.SUPPORTED)
+    monkeypatch.delenv(cm.GATE_OFF_ENV, raising=False)
+    exec(line, {})
+    assert common.SUPPORTED == before
+    monkeypatch.setenv(cm.GATE_OFF_ENV, "1")
+    exec(line, {})
+    assert common.SUPPORTED["cpu"] == ((0, 0), (0, 33)) and common.SUPPORTED["cuda"] == before["cuda"]
+
+
+def test_normal_checks_never_inherit_the_gate_off_variable():
+    assert cm.GATE_OFF_ENV not in cm.check_env(Path("/v"), {"PATH": "", cm.GATE_OFF_ENV: "1"})
+
+
+def test_gate_off_refuses_the_readme(capsys):
+    with pytest.raises(SystemExit):
+        cm.main(["--gate-off", "--readme", "README.md", "--versions", ""])
