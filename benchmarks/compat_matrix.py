@@ -291,12 +291,14 @@ def ensure_venv(version: str, root: Path, base_python: str, timeout_s: float) ->
 
 
 def run_version(version: str, features: list[str], root: Path, base_python: str, timeout_s: float,
-                command: str, gate_off: bool = False) -> dict:
+                command: str, gate_off: bool = False, save=lambda entry: None) -> dict:
+    """Install ``version`` (or reuse its venv) and run ``features``; ``save(entry)`` after every step."""
     entry = not_run_entry(version)
     entry.update(date=harness.utc_now(), command=command, gate_off=gate_off)
     print(f"[{version}] install ...", flush=True)
     entry["install"] = ensure_venv(version, root, base_python, timeout_s)
     print(f"[{version}] install: {entry['install']}", flush=True)
+    save(entry)
     if entry["install"]["status"] != "pass":
         return entry
     venv = root / version / "venv"
@@ -312,6 +314,7 @@ def run_version(version: str, features: list[str], root: Path, base_python: str,
             rc, out, secs = _run(check_command(venv_python(venv), feature), log, env, timeout_s)
         entry["results"][feature] = {**parse_outcome(rc, out, timeout_s), "seconds": round(secs, 1)}
         print(f"[{version}] {feature}: {entry['results'][feature]}", flush=True)
+        save(entry)
     return entry
 
 
@@ -345,15 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     table_versions += [v for v in versions if v not in table_versions]
     command = "python -m benchmarks.compat_matrix " + shlex.join(argv if argv is not None else sys.argv[1:])
     previous = [] if a.fresh or not a.out.exists() else json.loads(a.out.read_text()).get("runs", [])
-    new: list[dict] = []
+    done: list[dict] = []
     device = cpu_device()
-    for v in versions:
-        new.append(run_version(v, features, a.work_dir, a.python, a.timeout_s, command.strip(), a.gate_off))
-        runs = merge_runs(previous, new, table_versions)  # written after every release: a long run keeps its rows
+
+    def save(entry: dict) -> None:  # after every check: a run cut short keeps what it measured
         summary = {"device": device, "python": platform.python_version(), "features": list(FEATURES),
                    "versions": table_versions, "gate_off": a.gate_off, "date": harness.utc_now()}
-        harness.write_results(a.out, command.strip(), summary, runs)
-    runs = merge_runs(previous, new, table_versions)
+        harness.write_results(a.out, command.strip(), summary, merge_runs(previous, [*done, entry], table_versions))
+
+    for v in versions:
+        done.append(run_version(v, features, a.work_dir, a.python, a.timeout_s, command.strip(), a.gate_off, save))
+    runs = merge_runs(previous, done, table_versions)
     print(render_markdown(runs))
     if a.readme:
         a.readme.write_text(replace_between_markers(a.readme.read_text(), readme_block(runs, device)))
