@@ -52,7 +52,7 @@ README_BEGIN, README_END = "<!-- compat-matrix:begin -->", "<!-- compat-matrix:e
 # --gate-off (diagnostic): a .pth file in the throwaway venv widens kvplug's accepted CPU releases in every
 # process of a check (engine workers included) while this variable is set, so the checks show what breaks
 # past the version gate. The library is not edited; the normal matrix never sets the variable.
-GATE_OFF_ENV = "KVPLUG_COMPAT_GATE_OFF"
+GATE_OFF_ENV = "COMPAT_MATRIX_GATE_OFF"  # not KVPLUG_*: kvplug rejects KVPLUG_ names it does not know
 GATE_OFF_PTH = "kvplug_compat_gate_off.pth"
 
 # The plugin load check: vLLM's own loader, then kvplug's record that register() ran in this process.
@@ -125,7 +125,7 @@ def check_env(venv: Path, base: dict[str, str]) -> dict[str, str]:
     """``base`` with the venv first on PATH and no kvplug / vLLM plugin settings leaking in."""
     env = {k: v for k, v in base.items()
            if not k.startswith("KVPLUG_") or k == "KVPLUG_CACHE_DIR"}  # the prepared models stay shared
-    for k in ("VLLM_PLUGINS", "PYTHONPATH", "PYTHONHOME"):
+    for k in ("VLLM_PLUGINS", "PYTHONPATH", "PYTHONHOME", GATE_OFF_ENV):
         env.pop(k, None)
     env["VIRTUAL_ENV"] = str(venv)
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{base.get('PATH', '')}"
