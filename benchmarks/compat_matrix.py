@@ -134,6 +134,10 @@ def check_env(venv: Path, base: dict[str, str]) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------ outcomes (pure)
 
+# vLLM's log prefix before a logged traceback line: "(EngineCore pid=1) ERROR 12-06 17:54:11 [core.py:1435] "
+_LOG_PREFIX = re.compile(r"^(?:E\s+)?(?:\(\w+ pid=\d+\)\s+)?(?:ERROR|WARNING|INFO|DEBUG)\s+\S+ \S+ \[[^\]]+\]\s*")
+# wrappers whose message points elsewhere ("See stack trace (above) for the root cause")
+_GENERIC = {"AssertionError", "EngineDeadError"}
 _EXC = re.compile(r"^(?:E\s+)?((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)):\s?(.*)$")
 
 
@@ -145,18 +149,25 @@ def _one_line(s: str) -> str:
 def first_error_line(output: str) -> str:
     """The line of ``output`` that says why it failed.
 
-    In order: the first raised exception other than AssertionError (a child process's traceback inside a
-    pytest assertion message, an import error at collection); else the first ``assert`` line of pytest's
+    In order: the first raised exception other than AssertionError or vLLM's EngineDeadError wrapper (a child
+    process's traceback inside a pytest assertion message, also when vLLM logged it; an import error at
+    collection); else the first EngineDeadError; else the first ``assert`` line of pytest's
     report; else the first AssertionError; else the first FAILED / ERROR summary line; else the last line.
     """
     lines = [ln.rstrip() for ln in output.splitlines() if ln.strip()]
-    assertion = None
+    assertion = generic = None
     for ln in lines:
-        m = _EXC.match(ln.strip())
+        m = _EXC.match(_LOG_PREFIX.sub("", ln.strip()))
         if m:
-            if m.group(1).split(".")[-1] != "AssertionError":
+            kind = m.group(1).split(".")[-1]
+            if kind not in _GENERIC:
                 return _one_line(f"{m.group(1)}: {m.group(2)}")
-            assertion = assertion or _one_line(f"{m.group(1)}: {m.group(2)}")
+            if kind == "AssertionError":
+                assertion = assertion or _one_line(f"{m.group(1)}: {m.group(2)}")
+            else:
+                generic = generic or _one_line(f"{m.group(1)}: {m.group(2)}")
+    if generic:
+        return generic
     for ln in lines:
         s = ln.strip()
         if s.startswith("E ") and s[1:].strip().startswith("assert "):

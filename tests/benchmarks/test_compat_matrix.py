@@ -188,3 +188,13 @@ def test_normal_checks_never_inherit_the_gate_off_variable():
 def test_gate_off_refuses_the_readme(capsys):
     with pytest.raises(SystemExit):
         cm.main(["--gate-off", "--readme", "README.md", "--versions", ""])
+
+
+def test_a_worker_error_logged_by_vllm_beats_the_engine_dead_wrapper():
+    out = ("E       AssertionError: pid=1) ERROR 12-06 17:54:11 [core.py:1435]   File \"core.py\", line 1529\n"
+           "E         (EngineCore pid=32209) ERROR 12-06 17:54:11 [core.py:1435] RuntimeError: Worker failed with "
+           "error 'no host-side seq_lens'\n"
+           "E         vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.\n")
+    assert cm.first_error_line(out) == "RuntimeError: Worker failed with error 'no host-side seq_lens'"
+    assert cm.first_error_line(out.splitlines()[-1]) == \
+        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue."
