@@ -63,7 +63,7 @@ class KvplugConnector(_Base):  # type: ignore[misc, valid-type]
         self.scheduler_side = (SchedulerSide(kv_layout.kv_layout(vllm_config, tp_rank=0), cfg, w.policies, m,
                                              defer_free=vllm_compat.kv_saves_defer_block_free())
                                if role == _Role.SCHEDULER else None)
-        self.worker_side = (WorkerSide(kv_layout.kv_layout(vllm_config, kv_layout.tensor_parallel_rank()), cfg,
+        self.worker_side = (WorkerSide(kv_layout.kv_layout(vllm_config, vllm_compat.tensor_parallel_rank()), cfg,
                                        w.policies, m, vllm_config=vllm_config)
                             if role == _Role.WORKER else None)
 

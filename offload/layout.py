@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from kvplug import vllm_compat
 
 # Files whose change means other weights: their names, sizes and modification times identify the weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
@@ -73,8 +72,3 @@ def kv_layout(vllm_config: Any, tp_rank: int) -> KvLayout:
                     num_layers=mc.get_num_layers(pc), kv_heads=mc.get_num_kv_heads(pc),
                     head_dim=mc.get_head_size(), block_size=cc.block_size, kv_cache_dtype=str(cc.cache_dtype),
                     tp_rank=tp_rank, tp_size=pc.tensor_parallel_size, model_id=model_fingerprint(vllm_config))
-
-
-def tensor_parallel_rank() -> int:
-    """This worker's TP rank (0 in the scheduler process)."""
-    return vllm_compat.tensor_parallel_rank()
