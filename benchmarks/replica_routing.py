@@ -9,7 +9,7 @@ vLLM's external-prefix-cache counters), follow-up-turn TTFT, errors, where each 
   which /reset_prefix_cache does not empty):
 
     python -m benchmarks.replica_routing --modes tier-aware,affinity,round-robin \\
-        --serve "--replicas 2 --offload cpu:256MiB --kv-cache-memory-bytes 64MiB --max-model-len 2048" \\
+        --serve "--replicas 2 --offload cpu:256MiB --kv-cache-memory-bytes 64M --max-model-len 2048" \\
         --out benchmarks/results/tier_routing_cpu.json -- --context-tokens 1024 --turns 3 --sessions 8
 
 * --endpoint URL: one running `kvplug serve --replicas N` (replicas started with VLLM_SERVER_DEV_MODE=1): the

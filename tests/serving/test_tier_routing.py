@@ -287,3 +287,22 @@ def test_mode_switch_to_affinity_stops_polling_and_tier_routing():
 
     before, after, r, live = run(fake, go, prompt_hasher=TextHasher())
     assert after == before and route(r)["mode"] == "affinity" and live == {"r0": False, "r1": False}
+
+
+def test_tier_aware_is_the_default_and_its_flag_is_checked():
+    from serving import server
+
+    p = server.plan(["--replicas", "2", "--port", "18990"], environ={}, prepare_model=False)
+    assert p.router["routing"] == "tier-aware" and p.router["tier_min_match"] == routing.DEFAULT_MIN_MATCH_FRACTION
+    assert not any(a.startswith("--tier-min-match") for a in p.command)
+    with pytest.raises(server.ServeError, match=r"--tier-min-match must be within \[0, 1\], got 2.0"):
+        server.plan(["--replicas", "2", "--tier-min-match", "2", "--port", "18990"], environ={}, prepare_model=False)
+
+
+def test_the_router_hashes_with_the_replicas_seed_and_algorithm():
+    from serving import replicas
+
+    h = replicas.prompt_hasher("/m", ["--prefix-caching-hash-algo", "sha256_cbor"], {"PYTHONHASHSEED": "42"})
+    assert (h.hash_seed, h.hash_algo) == ("42", "sha256_cbor")
+    assert replicas.prompt_hasher("/m", [], {}).hash_seed == "vllm-none-hash"
+    assert replicas.prompt_hasher("/m", ["--prefix-caching-hash-algo", "xxhash"], {}) is None  # random seed
