@@ -166,12 +166,21 @@ def test_tier_aware_routing_follows_the_replica_that_holds_the_prefix(replicated
     assert feed.get("live"), f"replica {other}'s cache-events feed is not live: {feed}"
     messages += [{"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]},
                  {"role": "user", "content": "And item 4?"}]
-    second = httpx.post(f"{replicated.base_url}/v1/chat/completions", json={**body, "messages": messages},
+    report = {"kv_transfer_params": {"kvplug_report": True}}
+    second = httpx.post(f"{replicated.base_url}/v1/chat/completions", json={**body, **report, "messages": messages},
                         timeout=300)
     assert second.status_code == 200 and second.headers["x-kvplug-replica"] == other, second.headers
     why = dict(p.split("=", 1) for p in second.headers["x-kvplug-route"].split("; "))
     assert why["reason"] == "tier_hit", why
     assert int(why["matched_blocks"]) >= prompt_tokens // int(why["block_size"]), (why, prompt_tokens)
+    # the replica's cache report passes through the router: header and body, streaming too
+    assert second.headers["x-kvplug-cache"].startswith("gpu="), second.headers
+    assert "kvplug_cache" in (second.json().get("kv_transfer_params") or {}), second.json()
+    with httpx.stream("POST", f"{replicated.base_url}/v1/chat/completions", timeout=300,
+                      json={**body, **report, "messages": messages, "stream": True}) as streamed:
+        assert streamed.headers["x-kvplug-replica"] == other and streamed.headers["x-kvplug-cache"].startswith("gpu=")
+        assert "tier_hit" in streamed.headers["x-kvplug-route"]
+        assert "kvplug_cache" in streamed.read().decode()
 
 
 def test_load_bound_spills_a_hot_context(replicated):
