@@ -64,6 +64,7 @@ def _parse(argv):
                     help="extra selection settings swept at every budget: 'NAME:FIELD=VALUE,...;NAME:...' over "
                          "retrieval params, e.g. 'oracle:selector=oracle_mass;sum:gqa_reduce=sum' "
                          "(selectors: attention_backends/retrieval_decode/analysis.py)")
+    ap.add_argument("--variant-budgets", default=None, help="budgets the variants run at (default: --budgets)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                     help="skip torch.compile (attention is an opaque op either way; saves minutes on CPU)")
@@ -117,8 +118,9 @@ def run(args) -> dict:
         sweeps.append((CONTROL, {"budget_fraction": min(budgets), "dense_layers": 1 << 30,
                                  "dense_kernel": "retrieval"}))
     sweeps += [(f"{b:g}", {"budget_fraction": b}) for b in budgets]
+    variant_budgets = [float(b) for b in (args.variant_budgets or args.budgets).split(",")]
     sweeps += [(f"{name}@{b:g}", {"budget_fraction": b, **fields})
-               for name, fields in parse_variants(args.variants) for b in budgets]
+               for name, fields in parse_variants(args.variants) for b in variant_budgets]
     results = {"model": str(model_path), "device": "cuda" if cuda else "cpu", "args": vars(args),
                "engine": harness.engine_facts(llm), "sweeps": []}
     dense_texts = None
