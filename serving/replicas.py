@@ -48,7 +48,8 @@ log = logging.getLogger("kvplug.replicas")
 
 REPLICA_START_TIMEOUT_S = 1800  # two first starts (compiling) on 2 busy cores can take >15 min
 # Env the replicas need from the launcher even on a Ray node whose own env differs.
-FORWARDED_ENV_PREFIXES = ("KVPLUG_", "VLLM_", "HF_", "TRANSFORMERS_", "OMP_", "CUDA_LAUNCH_BLOCKING")
+FORWARDED_ENV_PREFIXES = ("KVPLUG_", "VLLM_", "HF_", "TRANSFORMERS_", "OMP_", "CUDA_LAUNCH_BLOCKING",
+                          "PYTHONHASHSEED")
 
 
 class ReplicaError(RuntimeError):
