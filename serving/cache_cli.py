@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -46,27 +47,29 @@ def print_listing(data: dict, out=sys.stdout) -> None:
 
 
 def main(argv: list[str]) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"server URL (default {DEFAULT_ENDPOINT})")
+    common.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"),
+                        help="the server's API key (default: $VLLM_API_KEY)")
     p = argparse.ArgumentParser(prog="kvplug cache", description="Inspect and control a running kvplug server's "
                                                                   "offload tiers (GET/POST/DELETE /kvplug/cache).")
-    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"server URL (default {DEFAULT_ENDPOINT})")
-    p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"), help="the server's API key (default: "
-                                                                            "$VLLM_API_KEY)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    ls = sub.add_parser("ls", help="prefixes per tier, with totals")
+    add = functools.partial(sub.add_parser, parents=[common])
+    ls = add("ls", help="prefixes per tier, with totals")
     ls.add_argument("--tier", choices=("cpu", "disk"))
     ls.add_argument("--pinned", action="store_true", help="only pinned prefixes")
     ls.add_argument("--limit", type=int, default=50)
     ls.add_argument("--offset", type=int, default=0)
     ls.add_argument("--json", action="store_true", help="the raw JSON answer")
-    ev = sub.add_parser("events", help="the block events feed (what the router reads)")
+    ev = add("events", help="the block events feed (what the router reads)")
     ev.add_argument("--since", type=int)
-    pin = sub.add_parser("pin", help="keep a prefix in the tiers")
+    pin = add("pin", help="keep a prefix in the tiers")
     pin.add_argument("prefix")
     pin.add_argument("--ttl", type=float, help="seconds (default: until unpinned)")
     pin.add_argument("--priority", choices=("low", "normal", "high"))
-    unpin = sub.add_parser("unpin", help="release a pin (the prefix stays until evicted)")
+    unpin = add("unpin", help="release a pin (the prefix stays until evicted)")
     unpin.add_argument("prefix")
-    rm = sub.add_parser("rm", help="delete a prefix from every tier")
+    rm = add("rm", help="delete a prefix from every tier")
     rm.add_argument("prefix")
     ns = p.parse_args(argv)
     base = ns.endpoint.rstrip("/")

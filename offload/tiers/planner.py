@@ -189,8 +189,8 @@ class TierPlanner:
             budget = int(tier.capacity_bytes * self.max_pinned_fraction)
             index.expire_pins()
             if index.pinned_bytes + extra[i] > budget:
-                raise PinRefused(f"{tier.name} tier full of pins: pinning needs {extra[i]} more bytes, "
-                                 f"{index.pinned_bytes} of its pin budget of {budget} bytes are pinned "
+                raise PinRefused(f"{tier.name} tier full of pins: this pin needs {extra[i]} more bytes, "
+                                 f"{index.pinned_bytes} of the tier's pin budget of {budget} bytes are pinned "
                                  f"(max_pinned_fraction {self.max_pinned_fraction} of {tier.capacity_bytes})", tier.name)
 
     def pin(self, keys: Sequence[str], until: float = math.inf,
