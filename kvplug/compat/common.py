@@ -279,6 +279,38 @@ def current_model_name() -> str:
 
 # --- retrieval decode: KV geometry ------------------------------------------------------------------------
 
+def current_vllm_config() -> Any:
+    """The engine's VllmConfig while one is current (layer init inside an engine), else None."""
+    from vllm.config import get_current_vllm_config
+
+    try:
+        return get_current_vllm_config()
+    except AssertionError:  # newer vLLM refuses outside set_current_vllm_config() (unit tests)
+        return None
+
+
+def kv_cache_memory_bound(vllm_config: Any, device: Any) -> tuple[int, bool]:
+    """(bytes, explicit): an upper bound of the KV cache vLLM will size in this process from now on, and whether
+    the user fixed its size (``kv_cache_memory_bytes``: then the bound is that size). Otherwise vLLM gives the KV
+    cache what is left of the requested memory (``gpu_memory_utilization`` x the GPU or the CPU node) after what
+    the process uses, which is at least what it uses now."""
+    import torch
+
+    cache = vllm_config.cache_config
+    explicit = getattr(cache, "kv_cache_memory_bytes", None)
+    if explicit:
+        return int(explicit), True
+    util = float(cache.gpu_memory_utilization)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        total = torch.cuda.mem_get_info(dev)[1]
+        return max(int(total * util) - torch.cuda.memory_allocated(dev), 0), False
+    import psutil
+
+    return max(int(psutil.virtual_memory().total * util) - psutil.Process().memory_info().rss, 0), False
+
+
+
 def paged_kv_geometry(kv_cache: Any) -> tuple[int, int, int, int]:
     """(num_blocks, kv_heads, block_size, head_dim) of a layer's paged KV cache. CPU_ATTN:
     [blocks, heads, block_size, 2*head_dim]; FlashAttention: [2, blocks, block_size, heads, head_dim]."""
