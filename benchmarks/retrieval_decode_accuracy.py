@@ -64,6 +64,7 @@ def _parse(argv):
                     help="extra selection settings swept at every budget: 'NAME:FIELD=VALUE,...;NAME:...' over "
                          "retrieval params, e.g. 'oracle:selector=oracle_mass;sum:gqa_reduce=sum' "
                          "(selectors: attention_backends/retrieval_decode/analysis.py)")
+    ap.add_argument("--variant-budgets", default=None, help="budgets the variants run at (default: --budgets)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                     help="skip torch.compile (attention is an opaque op either way; saves minutes on CPU)")
@@ -117,8 +118,9 @@ def run(args) -> dict:
         sweeps.append((CONTROL, {"budget_fraction": min(budgets), "dense_layers": 1 << 30,
                                  "dense_kernel": "retrieval"}))
     sweeps += [(f"{b:g}", {"budget_fraction": b}) for b in budgets]
+    variant_budgets = [float(b) for b in (args.variant_budgets or args.budgets).split(",")]
     sweeps += [(f"{name}@{b:g}", {"budget_fraction": b, **fields})
-               for name, fields in parse_variants(args.variants) for b in budgets]
+               for name, fields in parse_variants(args.variants) for b in variant_budgets]
     results = {"model": str(model_path), "device": "cuda" if cuda else "cpu", "args": vars(args),
                "engine": harness.engine_facts(llm), "sweeps": []}
     dense_texts = None
@@ -164,6 +166,9 @@ def run(args) -> dict:
                         for it, txt, s in zip(items, texts, scores)],
         }
         results["sweeps"].append(sweep)
+        # after every sweep, so a run cut short (device time limits) keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(results, partial=True), indent=1))
         print(f"[{name}] accuracy={sweep['accuracy']:.3f} agreement={sweep['agreement_with_dense']:.3f} "
               f"kv_read={sweep['fraction_kv_read']:.3f} ({secs:.0f}s)", flush=True)
     return results
