@@ -219,7 +219,7 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
     return ServePlan(command=command, env=env, model_path=model_path, served_model_name=served_name,
                      host=ns.host, port=ns.port, config=config, vllm_args=extra, replicas=ns.replicas,
                      ray_address=ns.ray_address, replica_configs=per_replica,
-                     router={**{k: getattr(ns, k) for k in ("routing", "load_factor", "affinity_prefix_chars",
+                     router={**{k: getattr(ns, k) for k in ("routing", "load_factor", "tier_min_match", "affinity_prefix_chars",
                                                             "cpus_per_replica", "health_interval",
                                                             "replica_start_timeout", "router_read_timeout",
                                                             "router_max_body_bytes",
