@@ -29,6 +29,7 @@ DEFAULT_PORT = 8000
 # memory and semaphores behind (the resource tracker's "leaked shared_memory objects" warnings). With a
 # timeout, the engine stops in order; requests in flight get this long to finish.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 10
+HASH_SEED = "0"
 
 
 class ServeError(RuntimeError):
@@ -76,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flag_value(args: list[str], flag: str) -> str | None:
+def flag_value(args: list[str], flag: str) -> str | None:
     for i, a in enumerate(args):
         if a == flag and i + 1 < len(args):
             return args[i + 1]
@@ -156,7 +157,7 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
     if _has_flag(vllm_args, "--model"):
         if model_arg is not None:
             raise ServeError("give the model once: either as MODEL or as --model")
-        model_arg = _flag_value(vllm_args, "--model")
+        model_arg = flag_value(vllm_args, "--model")
         vllm_args = [a for i, a in enumerate(vllm_args)
                      if not (a == "--model" or a.startswith("--model=") or (i and vllm_args[i - 1] == "--model"))]
     if not 0 < ns.port < 65536:
@@ -197,7 +198,7 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
     if not _has_flag(extra, "--served-model-name"):
         extra += ["--served-model-name", served_name]
     else:
-        served_name = _flag_value(extra, "--served-model-name") or served_name
+        served_name = flag_value(extra, "--served-model-name") or served_name
     if default_len and not _has_flag(extra, "--max-model-len"):
         extra += ["--max-model-len", str(default_len)]
     if not _has_flag(extra, "--shutdown-timeout"):
@@ -209,6 +210,9 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
 
     env = dict(environ)
     env.update(vllm_compat.platform_default_env(environ))
+    # vLLM seeds its block hashes from PYTHONHASHSEED: a fixed one makes them equal across replicas and restarts
+    # (the router's prefix map, pins on the disk tier). The user's own value wins.
+    env.setdefault("PYTHONHASHSEED", HASH_SEED)
     env[settings.ENV_CONFIG_JSON] = config.to_json()
     env.pop(settings.ENV_CONFIG_PATH, None)  # resolved already; children must not re-read a changed file
     vllm_compat.propagate_env_to_ray(environ=env)
