@@ -166,6 +166,9 @@ def run(args) -> dict:
                         for it, txt, s in zip(items, texts, scores)],
         }
         results["sweeps"].append(sweep)
+        # after every sweep, so a run cut short (device time limits) keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(results, partial=True), indent=1))
         print(f"[{name}] accuracy={sweep['accuracy']:.3f} agreement={sweep['agreement_with_dense']:.3f} "
               f"kv_read={sweep['fraction_kv_read']:.3f} ({secs:.0f}s)", flush=True)
     return results

@@ -12,6 +12,9 @@ torch over the whole paged context (it reads every key: an oracle, never a fast 
   this many blocks can do for the output).
 * ``oracle_mass_qhead``: the same, per query head.
 
+``gqa_reduce`` may also be "mass" here (Quest selectors): each query head's bounds become a softmax over the
+blocks, summed over the group, so a head with one sharp peak is not outvoted by flat ones.
+
 Sink blocks and the recent window are forced in as in production; each (sequence, kv-head or query head) reads
 exactly its budget of blocks.
 """
@@ -23,7 +26,7 @@ SELECTORS = ("quest", "quest_torch", "quest_qhead", "oracle_max", "oracle_mass",
 
 
 def block_scores(selector: str, logits: torch.Tensor, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
-                 bs: int, gqa_reduce: str) -> torch.Tensor:
+                 bs: int, gqa_reduce: str, scale: float = 1.0) -> torch.Tensor:
     """[N, Hkv, G, W] per-block scores (G = 1 when the group shares one choice).
     logits [N, Hkv, G, W*bs] (masked: -inf past the sequence); q [N, Hkv, G, D]; kmin/kmax [N, W, Hkv, D]."""
     N, Hkv, G, T = logits.shape
@@ -40,6 +43,9 @@ def block_scores(selector: str, logits: torch.Tensor, q: torch.Tensor, kmin: tor
              + torch.matmul(qf.clamp(max=0), kmin.float().permute(0, 2, 3, 1)))
         s = torch.nan_to_num(s, nan=-1e30, posinf=-1e30, neginf=-1e30)
         reduce = gqa_reduce
+        if gqa_reduce == "mass":  # each head's bounds as a softmax over blocks: heads vote with their mass
+            s = torch.softmax(s * scale, dim=-1)
+            reduce = "sum"
     if selector.endswith("_qhead"):
         return s
     return s.amax(dim=2, keepdim=True) if reduce == "max" else s.sum(dim=2, keepdim=True)
@@ -65,7 +71,7 @@ def analysis_decode(selector: str, q: torch.Tensor, key_cache: torch.Tensor, val
     in_seq = (tok.view(1, -1) < seq_lens.view(N, 1)).view(N, 1, 1, W * bs)
     logits = torch.matmul(qg.to(keys.dtype), keys.transpose(-1, -2)).float() * scale
     logits = logits.masked_fill(~in_seq, float("-inf"))
-    s = block_scores(selector, logits, qg, kmin[phys], kmax[phys], bs, gqa_reduce)
+    s = block_scores(selector, logits, qg, kmin[phys], kmax[phys], bs, gqa_reduce, scale)
     blk = torch.arange(W, device=q.device).view(1, 1, 1, W)
     nb = ((seq_lens + bs - 1) // bs).view(N, 1, 1, 1)
     forced = (blk < sink_blocks) | (blk >= nb - recent_blocks)
