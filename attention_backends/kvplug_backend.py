@@ -87,6 +87,9 @@ class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
             refresh_blocks_(runner.summaries.kmin, runner.summaries.kmax, key_cache, block_index)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        if attn_metadata is None and self._retrieval_decode is not None and query.is_cuda:
+            # vLLM's memory profiling step: reserve the block summaries before it sizes the KV cache
+            self._retrieval_decode.reserve_summary_memory(query.device)
         masked = dropped_attention.masked_batch_of(attn_metadata) if self._dropped_tokens else None
         if masked is not None:  # requests reading reloaded drop-policy blocks never attend dropped slots
             return dropped_attention.forward(super().forward, layer, query, key, value, kv_cache, masked, output,

@@ -55,7 +55,7 @@ def _worker(args: argparse.Namespace) -> None:
               attention_backend=args.backend, max_model_len=longest + args.decode_tokens + 64,
               enable_prefix_caching=True, max_num_seqs=max(16, args.batch), **kw)
     impls = harness.attention_impls(llm)
-    engine = engine_facts(llm)
+    engine = harness.engine_facts(llm)
     print(f"[{args.backend}] engine: {engine}", file=sys.stderr, flush=True)
     rng = random.Random(1234)
     vocab = harness.model_config(args.model_dir)["vocab_size"]
@@ -184,20 +184,6 @@ def auto_kv_cache_gib(args: argparse.Namespace, config_json: Path, total_gib: fl
         return round(need, 1)
     room = (0.92 * total_gib - weights / (1 << 30) - 6.0) / (1 + 1 / 16)
     return round(max(4.0, min(need, room)), 1)
-
-
-def engine_facts(llm) -> dict:
-    """What the engine really runs with (the cudagraph mode after vLLM's own downgrades, KV capacity)."""
-    try:
-        cfg = llm.llm_engine.vllm_config
-    except AttributeError:
-        return {}
-    cc, cache = cfg.compilation_config, cfg.cache_config
-    blocks = getattr(cache, "num_gpu_blocks", None)
-    return {"cudagraph_mode": str(getattr(cc, "cudagraph_mode", None)),
-            "enforce_eager": bool(getattr(cfg.model_config, "enforce_eager", False)),
-            "block_size": cache.block_size, "num_gpu_blocks": blocks,
-            "kv_capacity_tokens": blocks * cache.block_size if blocks else None}
 
 
 def retrieval_verdict(run: dict) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import statistics
@@ -285,6 +286,25 @@ def print_metric_rows(summary: dict, metrics: Sequence[str], line: Callable[[str
             print(line(metric, key, row))
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """95% interval of a proportion k/n (Wilson score)."""
+    if n == 0:
+        return None
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (round((centre - half) / (1 + z * z / n), 4), round((centre + half) / (1 + z * z / n), 4))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], z: float = 1.96) -> dict:
+    """mean(a - b) over paired questions with its 95% interval (normal approximation of the paired differences)."""
+    n = len(a)
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / n if n else 0.0
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(var / n) if n else 0.0
+    return {"n": n, "mean": round(mean, 4), "ci95": (round(mean - half, 4), round(mean + half, 4))}
+
+
 def utc_now() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
@@ -300,6 +320,20 @@ def write_results(out: str | Path, command: str, summary: dict, runs: Any) -> No
 
 # ---------------------------------------------------------------------------------------------- library seams
 # Benchmarks reach kvplug's library here when more than one script needs the same thing.
+
+def engine_facts(llm) -> dict:
+    """What the engine really runs with (the cudagraph mode after vLLM's own downgrades, KV capacity)."""
+    try:
+        cfg = llm.llm_engine.vllm_config
+    except AttributeError:
+        return {}
+    cc, cache = cfg.compilation_config, cfg.cache_config
+    blocks = getattr(cache, "num_gpu_blocks", None)
+    return {"cudagraph_mode": str(getattr(cc, "cudagraph_mode", None)),
+            "enforce_eager": bool(getattr(cfg.model_config, "enforce_eager", False)),
+            "block_size": cache.block_size, "num_gpu_blocks": blocks,
+            "kv_capacity_tokens": blocks * cache.block_size if blocks else None}
+
 
 def attention_impls(llm) -> list[str]:
     """The attention implementation classes the engine's workers run (needs engine_env's pickle switch)."""
@@ -358,13 +392,24 @@ def scbench_cases(model_path: str | Path, tasks: str, contexts: str, cases: int,
     return [case for _, _, case in _cases_by_length(model_path, tasks, contexts, cases, turns, seed)]
 
 
-def question_items(model_path: str | Path, tasks: str, contexts: str, cases: int, turns: int, seed: int) -> list[dict]:
-    """The same cases, every question as its own single-turn chat (context + question) with its answer."""
-    return [{"case": case.id, "task": task, "context_tokens": ctx, "turn": t,
-             "messages": [{"role": "user", "content": case.context + "\n\n" + turn.input}],
-             "answer": turn.answer, "scorer": turn.scorer}
-            for task, ctx, case in _cases_by_length(model_path, tasks, contexts, cases, turns, seed)
-            for t, turn in enumerate(case.multi_turns)]
+def question_items(model_path: str | Path, tasks: str, contexts: str, cases: int, turns: int, seed: int,
+                   multi_turn: bool = False) -> list[dict]:
+    """The same cases, one chat per question with its answer: context + question (single turn), or with
+    ``multi_turn`` the conversation so far (earlier questions answered with their reference answers, so every
+    engine and budget sees the same history) followed by the question."""
+    items = []
+    for task, ctx, case in _cases_by_length(model_path, tasks, contexts, cases, turns, seed):
+        history: list[dict] = []
+        for t, turn in enumerate(case.multi_turns):
+            ask = {"role": "user", "content": (case.context + "\n\n" if not history else "") + turn.input}
+            messages = history + [ask] if multi_turn else [
+                {"role": "user", "content": case.context + "\n\n" + turn.input}]
+            items.append({"case": case.id, "task": task, "context_tokens": ctx, "turn": t, "messages": messages,
+                          "answer": turn.answer, "scorer": turn.scorer})
+            reference = turn.answer if isinstance(turn.answer, str) else ", ".join(map(str, turn.answer)) \
+                if isinstance(turn.answer, list) else str(turn.answer)
+            history = history + [ask, {"role": "assistant", "content": reference}]
+    return items
 
 
 # ---------------------------------------------------------------------------------------------------- servers

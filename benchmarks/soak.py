@@ -100,15 +100,6 @@ def _ok_records(load_dir: Path, policy: str | None = None) -> list[dict]:
             if r["status"] == "ok" and (policy is None or r.get("policy") == policy)]
 
 
-def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
-    """95% interval of a proportion k/n (Wilson score)."""
-    if n == 0:
-        return None
-    p = k / n
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (round((centre - half) / (1 + z * z / n), 4), round((centre + half) / (1 + z * z / n), 4))
-
-
 def replay_requests(base: str, model: str, load_dir: Path, max_tokens: int) -> dict:
     """Send every distinct request of the load in ``load_dir`` (every policy's sessions of a context send the
     same chat) to ``base`` twice, as it comes and then as a full prefix-cache hit: (case id, turn) -> answers."""
@@ -153,7 +144,7 @@ def compare_with_no_offload(soak: list[dict], reference_load: list[dict], replay
         judged = [r for r in records if (r["case_id"], r["turn"]) in replay]
         d = sum(r["prediction"] not in replay[(r["case_id"], r["turn"])] for r in judged)
         return {"n": len(judged), "differ": d, "rate": round(d / len(judged), 4) if judged else None,
-                "ci95": _wilson(d, len(judged))}
+                "ci95": harness.wilson(d, len(judged))}
 
     keep = [r for r in soak if r.get("policy") == "keep"]
     unseen = [{"case_id": r["case_id"], "turn": r["turn"], "round": r.get("round"), "soak": r["prediction"],

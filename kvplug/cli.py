@@ -15,6 +15,8 @@ commands:
   models list             the models kvplug can prepare
   config show [--config F] [--set K=V]
                           print the effective config (defaults < file < KVPLUG_* env < --set)
+  cache ls|events|pin|unpin|rm [--endpoint URL]
+                          what a running server's offload tiers hold; pin or delete a prefix (kvplug cache --help)
   bench ...               shared-context benchmarks and load tests (kvplug bench --help)
   patterns search [MODEL] --out F.json
                           find per-head sparse prefill patterns on a local calibration prompt
@@ -79,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         from attention_backends.sparse_prefill.search import main as patterns_main
 
         return patterns_main(rest)
+    if cmd == "cache":
+        from serving.cache_cli import main as cache_main
+
+        return cache_main(rest)
     if cmd == "bench":
         from benchmarks.cli import main as bench_main
 

@@ -121,7 +121,7 @@ def _create(prefix: str) -> Metrics:
 @dataclass
 class OffloadMetrics:
     hits: object  # blocks found, by tier (scheduler side)
-    misses: object  # blocks looked up and not found
+    misses: object  # blocks the tiers could have supplied and did not, by why the request's first one missed
     evictions: object  # entries evicted, by tier
     bytes_stored: object  # by tier and policy (worker side)
     bytes_loaded: object  # by tier and policy
@@ -131,6 +131,10 @@ class OffloadMetrics:
     skipped_stores: object  # stores that fit no tier (full tiers evict; this counts entries too big)
     isolated_blocks: object  # GPU blocks of lossy reloads taken out of vLLM's prefix cache, by policy
     disk_write_failures: object  # disk writes not done, by reason: error (disk full, I/O) or queue_full
+    prompt_tokens: object  # prompt tokens of finished requests, by source: gpu, cpu, disk, recomputed
+    pin_refusals: object  # pins refused because a tier's pin budget was full, by tier
+    pinned_bytes: object  # gauge: bytes of pinned entries, by tier
+    resident_bytes: object  # gauge: bytes held, by tier and priority class
 
 
 _offload_metrics: "OffloadMetrics | None" = None
@@ -144,13 +148,19 @@ def get_offload(config: MetricsConfig | None = None) -> "OffloadMetrics | None":
         return None
     with _lock:
         if _offload_metrics is None:
-            from prometheus_client import Counter, Histogram
+            from prometheus_client import Counter, Gauge, Histogram
 
             p = _section(config).prefix
+            gauge_kw = {"multiprocess_mode": "livemax"} if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else {}
             _offload_metrics = OffloadMetrics(
                 hits=Counter(f"{p}_offload_hits", "Offloaded KV blocks found on lookup, by tier", ["tier"]),
-                misses=Counter(f"{p}_offload_misses", "KV blocks looked up in the offload tiers and not found"),
-                evictions=Counter(f"{p}_offload_evictions", "Offloaded entries evicted, by tier", ["tier"]),
+                misses=Counter(f"{p}_offload_misses",
+                               "Prompt blocks past vLLM's prefix-cache hit that the offload tiers did not supply "
+                               "(recomputed), by why the request's first missing block missed (never_seen, "
+                               "evicted_from_cpu, evicted_from_disk, unreadable, different_cache_salt, other_policy, "
+                               "opted_out, deleted, not_stored)", ["reason"]),
+                evictions=Counter(f"{p}_offload_evictions", "Offloaded entries evicted, by tier and priority class",
+                                  ["tier", "class"]),
                 bytes_stored=Counter(f"{p}_offload_bytes_stored", "Bytes written to an offload tier",
                                      ["tier", "policy"]),
                 bytes_loaded=Counter(f"{p}_offload_bytes_loaded", "Bytes read from an offload tier",
@@ -174,5 +184,15 @@ def get_offload(config: MetricsConfig | None = None) -> "OffloadMetrics | None":
                                             "Disk-tier writes not done (the entry becomes a miss), by reason: "
                                             "error (disk full, I/O error) or queue_full (the disk fell behind)",
                                             ["reason"]),
+                prompt_tokens=Counter(f"{p}_request_prompt_tokens",
+                                      "Prompt tokens of finished requests by where their KV came from: gpu (vLLM's "
+                                      "prefix cache), cpu / disk (offload tiers), recomputed", ["source"]),
+                pin_refusals=Counter(f"{p}_offload_pin_refusals",
+                                     "Pins refused because the tier's pinned entries would pass max_pinned_fraction",
+                                     ["tier"]),
+                pinned_bytes=Gauge(f"{p}_offload_pinned_bytes", "Bytes of pinned entries, by tier", ["tier"],
+                                   **gauge_kw),
+                resident_bytes=Gauge(f"{p}_offload_resident_bytes", "Bytes held, by tier and priority class",
+                                     ["tier", "class"], **gauge_kw),
             )
     return _offload_metrics

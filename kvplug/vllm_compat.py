@@ -13,10 +13,11 @@ from kvplug.compat.common import (  # noqa: F401  (re-exported: the import surfa
     API_SERVER_MODULE, ATTENTION_BACKEND_PATH, CPU_DEFAULT_KV_CACHE_BYTES, KV_CONNECTOR_CLASS, KV_CONNECTOR_MODULE,
     RAY_ENV_PREFIXES_VAR, SUPPORTED, BatchPhases, UnsupportedVllmError, _flash_kv_views, _version_tuple,
     api_server_command, attention_backend_cli_args, attention_backend_engine_kwargs, attention_impl,
-    attention_impl_names, backend_slot, batch_phases, check_supported, current_model_name, dense_backend_class,
-    dense_backend_writes_kv_in_forward, kv_connector_api, kv_saves_defer_block_free, kv_transfer_config,
-    layer_index, paged_kv_geometry, platform_default_args, platform_name, propagate_env_to_ray,
-    register_attention_backend, request_block_ids, supports_ray_executor, tensor_parallel_rank, vllm_version)
+    attention_impl_names, backend_slot, batch_phases, check_supported, current_model_name, current_vllm_config,
+    dense_backend_class, dense_backend_writes_kv_in_forward, kv_cache_memory_bound, kv_connector_api,
+    kv_saves_defer_block_free, kv_transfer_config, layer_index, none_hash_seed, paged_kv_geometry,
+    platform_default_args, platform_name, prefix_block_hashes, propagate_env_to_ray, register_attention_backend,
+    request_block_ids, supports_ray_executor, tensor_parallel_rank, vllm_version)
 
 
 # --- bound to the installed release's module (kvplug/compat/v0_26.py or v0_32.py) -------------------------

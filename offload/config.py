@@ -21,6 +21,11 @@ class OffloadConfig(Section):
     disk_path: str = ""
     disk_size: str | int = "100GiB"
     reuse_weight: float = 8.0
+    # Pins (kvplug_pin, POST /kvplug/cache/pin) may hold at most this fraction of each tier; a pin past it is
+    # refused (reported, counted), never a failed request.
+    max_pinned_fraction: float = 0.5
+    # GET /kvplug/cache shows no prompt text by default; > 0: the first N token ids of each prefix.
+    inventory_prompt_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_finite(self, SECTION)
@@ -30,6 +35,12 @@ class OffloadConfig(Section):
             raise KvplugConfigError(f"{SECTION}.disk_size: a disk tier at {self.disk_path!r} needs a size > 0")
         if self.enabled and cpu == 0 and not self.disk_path:
             raise KvplugConfigError(f"{SECTION}: enabled with no tier (cpu_size is 0 and disk_path is empty)")
+        if not 0 <= self.max_pinned_fraction <= 1:
+            raise KvplugConfigError(f"{SECTION}.max_pinned_fraction: must be within [0, 1], got "
+                                    f"{self.max_pinned_fraction}")
+        if self.inventory_prompt_tokens < 0:
+            raise KvplugConfigError(f"{SECTION}.inventory_prompt_tokens: must be >= 0, got "
+                                    f"{self.inventory_prompt_tokens}")
         if self.reuse_weight < 0:
             raise KvplugConfigError(f"{SECTION}.reuse_weight: must be >= 0, got {self.reuse_weight}")
         if self.disk_path:

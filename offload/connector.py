@@ -42,6 +42,7 @@ from kvplug import metrics as kvplug_metrics
 from kvplug import vllm_compat
 from offload import layout as kv_layout
 from offload import wiring
+from offload.control import ControlServer
 from offload.metadata import KvplugConnectorMetadata
 from offload.scheduler_side import SchedulerSide
 from offload.worker_side import WorkerSide
@@ -63,6 +64,9 @@ class KvplugConnector(_Base):  # type: ignore[misc, valid-type]
         self.scheduler_side = (SchedulerSide(kv_layout.kv_layout(vllm_config, tp_rank=0), cfg, w.policies, m,
                                              defer_free=vllm_compat.kv_saves_defer_block_free())
                                if role == _Role.SCHEDULER else None)
+        # The API server (our parent process) reads the inventory, events and reports through this channel.
+        self.control = (ControlServer.for_parent(self.scheduler_side.answer)
+                        if self.scheduler_side is not None else None)
         self.worker_side = (WorkerSide(kv_layout.kv_layout(vllm_config, vllm_compat.tensor_parallel_rank()), cfg,
                                        w.policies, m, vllm_config=vllm_config)
                             if role == _Role.WORKER else None)
@@ -86,7 +90,9 @@ class KvplugConnector(_Base):  # type: ignore[misc, valid-type]
 
     def request_finished(self, request, block_ids):
         # True: a save of the request's blocks may still be copying; get_finished reports when it is done.
-        return self.scheduler_side.request_finished(request, block_ids), None
+        # The kv_transfer_params returned reach the response (the cache report: serving/cache_api.py).
+        params = self.scheduler_side.finish_report(request)
+        return self.scheduler_side.request_finished(request, block_ids), params
 
     def bind_gpu_block_pool(self, gpu_block_pool):
         if self.scheduler_side is not None:
@@ -121,6 +127,8 @@ class KvplugConnector(_Base):  # type: ignore[misc, valid-type]
     def shutdown(self):
         if self.worker_side is not None:
             self.worker_side.close()
+        if self.control is not None:
+            self.control.close()
 
     def get_block_ids_with_load_errors(self):
         return self.worker_side.take_load_errors() if self.worker_side is not None else set()

@@ -22,3 +22,11 @@ def entry_key(layout_identity: bytes, policy: str, block_hash: bytes | object) -
         h.update(len(part).to_bytes(4, "little"))
         h.update(part)
     return h.hexdigest()[:48]
+
+
+def hash_hex(block_hash: bytes | object) -> str:
+    """vLLM's block hash as lowercase hex: the block identity the events feed and the router share (it does
+    not depend on the policy or the layout)."""
+    if isinstance(block_hash, (bytes, bytearray)):
+        return bytes(block_hash).hex()
+    return hashlib.sha256(repr(block_hash).encode()).hexdigest()

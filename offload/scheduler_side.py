@@ -4,10 +4,22 @@ On a new request it counts the consecutive prefix blocks beyond vLLM's own GPU p
 tiers hold (``get_num_new_matched_tokens``), remembers which GPU blocks vLLM allocated for them, and each step
 emits metadata for the workers: loads (entry key -> GPU block id), saves and the tier plan (what to store
 where, what to demote or drop: offload/tiers/planner.py).
+
+It also keeps what the API server shows (offload/inventory.py) and answers it over the control channel
+(offload/control.py): the inventory, the events feed, pins, and each request's cache report (how many prompt
+tokens came from vLLM's GPU prefix cache, from each tier, and were recomputed; why the first missing block
+missed). The report's numbers are added to the kvplug_request_prompt_tokens / kvplug_offload_misses counters
+when the request finishes, so reports and metrics agree.
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
+import math
+import threading
+import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,14 +28,20 @@ import torch
 from kvplug import vllm_compat
 from kvplug.kv_payload import BlockContext, payload_nbytes
 from offload.config import OffloadConfig
-from offload.keys import entry_key
+from offload import inventory as inv
+from offload import request_keys
+from offload.keys import entry_key, hash_hex
 from offload.layout import KvLayout
 from offload.metadata import KvplugConnectorMetadata, KvplugWorkerMetadata, LoadSpec, SaveSpec
 from offload.tiers import registry as tier_registry
-from offload.tiers.planner import DEMOTE, DROP, TierOp, TierPlanner
+from offload.tiers.disk import rank_dir
+from offload.tiers.eviction import DEFAULT_PRIORITY
+from offload.tiers.planner import DEMOTE, DROP, PinRefused, TierOp, TierPlanner
 from offload.wiring import KvPolicy, PolicyProvider
 
 logger = logging.getLogger("vllm.kvplug.offload")
+REMEMBERED_REPORTS = 4096  # reports the API server can still fetch by id after their request finished
+REMEMBERED_CONTENT = 200_000  # prompt blocks whose salt/policy a later miss can compare with
 
 
 @dataclass
@@ -41,6 +59,8 @@ class _ReqState:
     # requests. None: nothing lossy was loaded. ``isolated_upto``: blocks taken out of the prefix cache so far.
     lossy_from: int | None = None
     isolated_upto: int = 0
+    report: dict | None = None  # the request's cache report (set once its blocks are allocated)
+    load_tiers: list[str] = field(default_factory=list)
 
 
 class SchedulerSide:
@@ -59,8 +79,16 @@ class SchedulerSide:
         existing = {t.name: t.existing_entries(cfg, self.tp_size, self._count_corrupt)
                     for t in tier_registry.enabled(cfg)}
         # TP ranks hold the same blocks (each its head shard), so one plan covers all ranks: per-rank bytes.
-        self.planner = TierPlanner(tier_registry.budgets(cfg), cfg.reuse_weight, existing)
+        self.planner = TierPlanner(tier_registry.budgets(cfg), cfg.reuse_weight, existing, cfg.max_pinned_fraction)
         self._pending_ops: list[TierOp] = self.planner.take_startup_ops()
+        # The control thread reads (and for pins changes) the planner and the inventory: one lock for both.
+        self.lock = threading.RLock()
+        self.inventory = inv.CacheInventory(self.planner, self.block_size,
+                                            cfg.disk_path and rank_dir(cfg.disk_path, 0), cfg.inventory_prompt_tokens)
+        self.inventory.restore()
+        self.reports: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        # Prompt block content (token ids, salt- and policy-free) -> the (salt, policy, opted out) it was seen with.
+        self._content: collections.OrderedDict[bytes, set[tuple[str | None, str, bool]]] = collections.OrderedDict()
         self.reqs: dict[str, _ReqState] = {}
         self._pending_loads: set[str] = set()
         self._size_cache: dict[tuple[str, object], int] = {}
@@ -87,11 +115,16 @@ class SchedulerSide:
         return self.policies.choose(len(request.prompt_token_ids or ()), params)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        with self.lock:
+            return self._match(request, num_computed_tokens)
+
+    def _match(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         st = self.reqs.get(request.request_id)
         if st is None:
             params = getattr(request, "kv_transfer_params", None) or {}
             st = self.reqs[request.request_id] = _ReqState(
                 request, self._choose(request), offload=params.get(self.policies.offload_key) is not False)
+        st.local_blocks, st.load_keys = num_computed_tokens // self.block_size, []
         if not st.offload:
             return 0, False
         if self.block_pool is None and not self.policy(st.policy).lossless:
@@ -115,14 +148,20 @@ class SchedulerSide:
         return len(keys) * bs, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        with self.lock:
+            self._after_alloc(request, blocks, num_external_tokens)
+
+    def _after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         st = self.reqs.get(request.request_id)
         if st is None:
             return
         st.lossy_from = None
-        if num_external_tokens <= 0:
-            return
-        n = num_external_tokens // self.block_size
+        n = max(num_external_tokens, 0) // self.block_size
         st.load_keys = st.load_keys[:n]
+        if st.report is None:  # the first allocation decides (a preempted request's recompute is not a miss)
+            self._start_report(st)
+        if n <= 0:
+            return
         if not self.policy(st.policy).lossless:
             # vLLM cached the blocks it allocated for the load under the prefix's hash already; take them out
             # before the next waiting request looks the prefix up (later blocks: build_connector_meta).
@@ -133,6 +172,7 @@ class SchedulerSide:
             tier = self.planner.record_hit(k)
             if self.m is not None and tier is not None:
                 self.m.hits.labels(tier=tier).inc()
+        self.inventory.hit(st.load_keys)
         self._pending_loads.add(request.request_id)
 
     def _estimate_nbytes(self, policy: KvPolicy, block_start: int, prefix_len: int) -> int:
@@ -159,6 +199,14 @@ class SchedulerSide:
         st.block_ids = ids if replace else st.block_ids + ids
 
     def build_connector_meta(self, so: Any) -> KvplugConnectorMetadata:
+        with self.lock:
+            meta = self._build_meta(so)
+            if meta.tier_ops:
+                self.inventory.sync([op.key for op in meta.tier_ops])
+                self._count_evictions()
+            return meta
+
+    def _build_meta(self, so: Any) -> KvplugConnectorMetadata:
         meta = KvplugConnectorMetadata(tier_ops=self._pending_ops)
         self._pending_ops = []
         bs = self.block_size
@@ -202,10 +250,13 @@ class SchedulerSide:
 
         for st, computed_after in progress:
             prompt_len = len(st.request.prompt_token_ids or ())
-            if st.saved or not st.offload or computed_after < prompt_len:
+            if st.saved or computed_after < prompt_len:
                 continue
             st.saved = True
-            self._plan_saves(st, prompt_len, meta)
+            if st.offload:
+                self._plan_saves(st, prompt_len, meta)
+            else:
+                self._remember_content(st, prompt_len // bs, opted_out=True)
         return meta
 
     def _plan_saves(self, st: _ReqState, prompt_len: int, meta: KvplugConnectorMetadata) -> None:
@@ -220,13 +271,11 @@ class SchedulerSide:
                 if self.planner.where(k) is None and self.m is not None:
                     self.m.skipped_stores.inc()
                 continue
-            for op in ops:
-                if op.kind in (DEMOTE, DROP) and self.m is not None:
-                    self.m.evictions.labels(tier=op.tier).inc()
             meta.tier_ops += ops
             spec.keys.append(k)
             spec.block_ids.append(st.block_ids[i])
             spec.block_starts.append(i * bs)
+        self._record_prefix(st, n_full, meta)
         if not spec.keys:
             return
         w = policy.observation_window_tokens(prompt_len)
@@ -239,11 +288,12 @@ class SchedulerSide:
 
     def update_connector_output(self, out: Any) -> None:
         wm = getattr(out, "kv_connector_worker_meta", None)
-        if isinstance(wm, KvplugWorkerMetadata):
-            for k in wm.unreadable_keys:
-                self.planner.forget(k)
-            if self.m is not None and wm.unreadable_keys:
-                self.m.misses.inc(len(wm.unreadable_keys))  # planned as hits, recomputed
+        if isinstance(wm, KvplugWorkerMetadata) and wm.unreadable_keys:
+            with self.lock:
+                for k in wm.unreadable_keys:
+                    self.planner.forget(k)
+                self.inventory.sync(wm.unreadable_keys, inv.UNREADABLE)
+                self._reports_lose(wm.unreadable_keys)
         self.delayed_frees.difference_update(getattr(out, "finished_sending", None) or ())
 
     def _isolate(self, st: _ReqState, block_ids: list[int], upto: int) -> None:
@@ -258,8 +308,19 @@ class SchedulerSide:
             self.m.isolated_blocks.labels(policy=st.policy).inc(len(ids))
         st.isolated_upto = upto
 
+    def finish_report(self, request: Any) -> dict | None:
+        """Close the request's cache report (its numbers go to the counters): the kv_transfer_params of its
+        response (the report, when the request came through the API server's middleware), else None."""
+        with self.lock:
+            st = self.reqs.get(request.request_id)
+            return self._finish_report(st) if st is not None else None
+
     def request_finished(self, request: Any, block_ids: Any = None) -> bool:
         """Forget the request; True: vLLM must keep its blocks until the workers report its save done."""
+        with self.lock:
+            return self._finished(request, block_ids)
+
+    def _finished(self, request: Any, block_ids: Any) -> bool:
         st = self.reqs.pop(request.request_id, None)
         self._pending_loads.discard(request.request_id)
         if st is not None and st.lossy_from is not None and block_ids:
@@ -269,3 +330,214 @@ class SchedulerSide:
             return False
         self.delayed_frees.add(request.request_id)
         return True
+
+    # --- cache report ----------------------------------------------------------------------------------
+    def _params(self, st: _ReqState) -> dict:
+        return getattr(st.request, "kv_transfer_params", None) or {}
+
+    def _start_report(self, st: _ReqState) -> None:
+        """The request's cache report, from its first allocation: GPU hit, what each tier supplies, the rest
+        recomputed, and why the first block past the hits missed."""
+        bs, req = self.block_size, st.request
+        prompt_len = len(req.prompt_token_ids or ())
+        st.load_tiers = [self.planner.where(k) or "?" for k in st.load_keys]
+        params = self._params(st)
+        st.report = {"prompt_tokens": prompt_len, "gpu_tokens": min(st.local_blocks * bs, prompt_len),
+                     **{f"{t.name}_tokens": 0 for t in self.planner.tiers}, "recomputed_tokens": 0,
+                     "missed_blocks": 0, "policy": st.policy,
+                     "priority": params.get(request_keys.PRIORITY_KEY, DEFAULT_PRIORITY),
+                     "offload": st.offload, "first_miss": None, "pin": None, "final": False}
+        self._recount(st)
+        rid = params.get(request_keys.REPORT_ID_KEY)
+        if isinstance(rid, str):
+            self.reports[rid] = st.report
+            while len(self.reports) > REMEMBERED_REPORTS:
+                self.reports.popitem(last=False)
+
+    def _recount(self, st: _ReqState) -> None:
+        """Token counts and the first miss from ``st.load_keys`` / ``st.load_tiers`` (again after a failed load)."""
+        r, bs, req = st.report, self.block_size, st.request
+        assert r is not None
+        for t in self.planner.tiers:
+            r[f"{t.name}_tokens"] = bs * sum(1 for x in st.load_tiers[:len(st.load_keys)] if x == t.name)
+        served = st.local_blocks + len(st.load_keys)
+        r["recomputed_tokens"] = r["prompt_tokens"] - r["gpu_tokens"] - bs * len(st.load_keys)
+        # Blocks the tiers could have supplied (vLLM computes at least the prompt's last token).
+        limit = min(len(req.block_hashes), (r["prompt_tokens"] - 1) // bs) if r["prompt_tokens"] else 0
+        r["missed_blocks"] = max(0, limit - served)
+        r["first_miss"] = ({"block": served, "token": served * bs, "reason": self._miss_reason(st, served)}
+                           if r["missed_blocks"] else None)
+
+    def _miss_reason(self, st: _ReqState, i: int) -> str:
+        if not st.offload:
+            return inv.OPTED_OUT
+        key = self.key(st.policy, st.request.block_hashes[i])
+        why = self.inventory.why_gone(key)
+        if why is not None:
+            return why
+        seen = self._content.get(self._content_chain(st.request, i + 1)[-1])
+        if not seen:
+            return inv.NEVER_SEEN
+        salt = getattr(st.request, "cache_salt", None)
+        same_salt = {(policy, opted_out) for s, policy, opted_out in seen if s == salt}
+        if not same_salt:
+            return inv.OTHER_SALT
+        if (st.policy, False) in same_salt:
+            return inv.NOT_STORED
+        if any(opted_out for _, opted_out in same_salt):
+            return inv.OPTED_OUT
+        return inv.OTHER_POLICY
+
+    def _content_chain(self, request: Any, n_blocks: int) -> list[bytes]:
+        """Salt- and policy-free identities of the prompt's first ``n_blocks`` prefixes (token ids only)."""
+        bs, tokens = self.block_size, request.prompt_token_ids or ()
+        out, h = [], b""
+        for i in range(n_blocks):
+            h = hashlib.blake2b(h + array("q", tokens[i * bs:(i + 1) * bs]).tobytes(), digest_size=16).digest()
+            out.append(h)
+        return out
+
+    def _remember_content(self, st: _ReqState, n_blocks: int, opted_out: bool) -> None:
+        salt = getattr(st.request, "cache_salt", None)
+        for h in self._content_chain(st.request, n_blocks):
+            seen = self._content.setdefault(h, set())
+            if len(seen) < 8:  # variants kept per content (salts x policies)
+                seen.add((salt, st.policy, opted_out))
+            self._content.move_to_end(h)
+        while len(self._content) > REMEMBERED_CONTENT:
+            self._content.popitem(last=False)
+
+    def _reports_lose(self, keys: set[str]) -> None:
+        """Planned loads that turned out unreadable: vLLM recomputes from the first of them on."""
+        for st in self.reqs.values():
+            if st.report is None or not st.load_keys or keys.isdisjoint(st.load_keys):
+                continue
+            st.load_keys = st.load_keys[:min(st.load_keys.index(k) for k in keys if k in st.load_keys)]
+            self._recount(st)
+
+    def _finish_report(self, st: _ReqState) -> dict | None:
+        r = st.report
+        if r is None:
+            return None
+        r["final"] = True
+        if self.m is not None:
+            for source in ("gpu", *(t.name for t in self.planner.tiers), "recomputed"):
+                if r[f"{source}_tokens"]:
+                    self.m.prompt_tokens.labels(source=source).inc(r[f"{source}_tokens"])
+            if r["missed_blocks"]:
+                self.m.misses.labels(reason=r["first_miss"]["reason"]).inc(r["missed_blocks"])
+        if request_keys.REPORT_ID_KEY not in self._params(st):
+            return None
+        return {request_keys.REPORT_FIELD: r}
+
+    # --- inventory, pins -------------------------------------------------------------------------------
+    def _record_prefix(self, st: _ReqState, n_full: int, meta: KvplugConnectorMetadata) -> None:
+        """After a request's saves were planned: its blocks and prefix in the inventory, its pin."""
+        params = self._params(st)
+        self._remember_content(st, n_full, opted_out=False)
+        keys = []
+        for i in range(n_full):
+            h = st.request.block_hashes[i]
+            k = self.key(st.policy, h)
+            if self.planner.where(k) is None:
+                break  # not stored (fits nowhere): the prefix ends here
+            self.inventory.register(k, hash_hex(h), st.policy)
+            keys.append(k)
+        if not keys:
+            return
+        priority = params.get(request_keys.PRIORITY_KEY, DEFAULT_PRIORITY)
+        prefix = self.inventory.add_prefix(hash_hex(st.request.block_hashes[len(keys) - 1]), keys, st.policy,
+                                           priority, (st.request.prompt_token_ids or ())[:len(keys) * self.block_size])
+        self.inventory.sync(keys)
+        if priority != DEFAULT_PRIORITY:
+            for k in keys:
+                for t in self.planner.holders(k):
+                    self.planner.index(t).set_priority(k, priority)  # type: ignore[union-attr]
+        if params.get(request_keys.PIN_KEY) is True:
+            ttl = params.get(request_keys.TTL_KEY)
+            result = self._pin(prefix, ttl, params.get(request_keys.PRIORITY_KEY), meta.tier_ops)
+            if st.report is not None:
+                st.report["pin"] = result
+
+    def _pin(self, prefix: inv.Prefix, ttl_s: float | None, priority: str | None, ops: list[TierOp]) -> dict:
+        until = math.inf if ttl_s is None else time.time() + float(ttl_s)
+        keys = [k for k in prefix.keys if self.planner.where(k) is not None]
+        try:
+            ops += self.planner.pin(keys, until, priority)
+        except PinRefused as exc:
+            if self.m is not None:
+                self.m.pin_refusals.labels(tier=exc.tier).inc()
+            return {"pinned": False, "prefix": prefix.prefix_id, "error": str(exc)}
+        prefix.pinned_until = until if prefix.pinned_until is None else max(until, prefix.pinned_until)
+        if priority is not None:
+            prefix.priority = priority
+        self.inventory.sync(keys)
+        self.inventory.save_pins()
+        return {"pinned": True, "prefix": prefix.prefix_id, "blocks": len(keys),
+                "ttl_s": None if ttl_s is None else float(ttl_s)}
+
+    def _count_evictions(self) -> None:
+        evicted = self.planner.take_evicted()
+        if self.m is None:
+            return
+        for tier, _, cls in evicted:
+            self.m.evictions.labels(tier=tier, **{"class": cls}).inc()
+        for t in self.planner.tiers:
+            index = self.planner.index(t.name)
+            if index is not None:
+                self.m.pinned_bytes.labels(tier=t.name).set(index.pinned_bytes)
+                for cls, nbytes in index.class_bytes().items():
+                    self.m.resident_bytes.labels(tier=t.name, **{"class": cls}).set(nbytes)
+
+    # --- the control channel (API server -> engine core) ------------------------------------------------
+    def answer(self, msg: dict) -> dict:
+        op = msg.get("op")
+        if op == "events":
+            return self._answer_events(msg)
+        with self.lock:
+            if op == "inventory":
+                return {"ok": True, **self.inventory.listing(int(msg.get("offset", 0)), int(msg.get("limit", 100)),
+                                                             msg.get("tier"), msg.get("pinned"))}
+            if op == "report":
+                r = self.reports.get(str(msg.get("id")))
+                return {"ok": True, "report": dict(r) if r is not None else None}
+            if op in ("pin", "delete"):
+                p = self.inventory.find_prefix(str(msg.get("prefix", "")))
+                if p is None:
+                    return {"ok": False, "status": 404, "error": f"no resident prefix {msg.get('prefix')!r}"}
+                return self._answer_pin(p, msg) if op == "pin" else self._answer_delete(p)
+        return {"ok": False, "status": 400, "error": f"unknown control op {op!r}"}
+
+    def _answer_events(self, msg: dict) -> dict:
+        since, epoch = msg.get("since"), msg.get("epoch")
+        wait = min(float(msg.get("wait_s") or 0), inv.MAX_EVENT_WAIT_S)
+        deadline = time.monotonic() + wait
+        while True:
+            with self.lock:
+                out = self.inventory.events_since(since, epoch)
+            if out["reset"] or out["stored"] or out["removed"] or time.monotonic() >= deadline:
+                return {"ok": True, **out}
+            with self.inventory.changed:
+                self.inventory.changed.wait(max(0.0, deadline - time.monotonic()))
+
+    def _answer_pin(self, p: inv.Prefix, msg: dict) -> dict:
+        if msg.get("pinned") is False:
+            self.planner.unpin(p.keys)
+            p.pinned_until = None
+            self.inventory.save_pins()
+            return {"ok": True, "pinned": False, "prefix": p.prefix_id}
+        result = self._pin(p, msg.get("ttl_s"), msg.get("priority"), self._pending_ops)
+        if not result["pinned"]:
+            return {"ok": False, "status": 507, "error": result["error"], **result}
+        return {"ok": True, **result}
+
+    def _answer_delete(self, p: inv.Prefix) -> dict:
+        keys = [k for k in p.keys if self.planner.where(k) is not None]
+        for k in keys:
+            self._pending_ops += self.planner.plan_drop(k)
+        was_pinned = p.pinned_until is not None
+        self.inventory.sync(keys, inv.DELETED)
+        self.inventory.prefixes.pop(p.prefix_id, None)
+        if was_pinned:
+            self.inventory.save_pins()
+        return {"ok": True, "deleted": p.prefix_id, "blocks": len(keys)}

@@ -28,7 +28,7 @@ from offload.layerwise import Lane, LoadJobs, SaveJobs, plan_runs
 from offload.metadata import KvplugConnectorMetadata, KvplugWorkerMetadata, LoadSpec, SaveSpec
 from offload.tiers import registry as tier_registry
 from offload.tiers.base import Tier, TierEvents
-from offload.tiers.planner import DEMOTE, DROP, STORE, TierOp
+from offload.tiers.planner import COPY, DEMOTE, DROP, STORE, TierOp
 from offload.wiring import KvPolicy, PolicyProvider
 
 # Blocks encoded/decoded per step of a save or load: bounds the temporary [n, layers, heads, tokens, dim]
@@ -378,13 +378,15 @@ class WorkerSide:
         if op.kind == STORE and op.key in encoded:
             item, policy = encoded[op.key]
             tier.store(op.key, item, ready, policy)
-        elif op.kind == DEMOTE:
+        elif op.kind in (DEMOTE, COPY):
             payload = tier.get(op.key)
             below = self.tiers.get(op.to)
             if payload is not None and below is not None:
                 # The entry may be filled by this or an earlier step's copies: the next tier waits for them.
-                below.store(op.key, payload, self._inflight_event(op.key) or ready, "demoted")
-            tier.release(op.key)
+                below.store(op.key, payload, self._inflight_event(op.key) or ready,
+                            "demoted" if op.kind == DEMOTE else "pinned")
+            if op.kind == DEMOTE:
+                tier.release(op.key)
         elif op.kind == DROP:
             tier.release(op.key)
 

@@ -6,7 +6,8 @@ connector cannot answer HTTP (it would only see ``"false"`` as "offload on"), so
 before vLLM sees the body: HTTP 400 with an OpenAI-style error naming the parameter and echoing the bad
 value (truncated). Every POST with a JSON body is checked, not only the routes listed in
 ``KV_TRANSFER_PATHS``, so a route added by a later vLLM cannot carry unchecked parameters. Other requests,
-and good bodies, pass through byte for byte.
+and good bodies, pass through byte for byte, but for the completion routes when the offload tiers are on:
+those get a cache report (serving/cache_api.py, which also serves the /kvplug/cache routes).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cache_policies.registry import POLICY_NAMES, REQUEST_OFFLOAD_KEY, REQUEST_POLICY_KEY, REQUEST_TENANT_KEY
+from offload import request_keys
+from serving import cache_api
 
 # vLLM 0.32 routes whose request model has a `kv_transfer_params` field (openai/completion,
 # openai/chat_completion, openai/responses, anthropic, cohere, scale_out/render and token_in_token_out).
@@ -25,7 +28,7 @@ KV_TRANSFER_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses",
                      "/cohere/v2/chat/render")
 PARAMS_FIELD = "kv_transfer_params"
 KVPLUG_KEY_PREFIX = "kvplug_"
-KNOWN_KVPLUG_KEYS = (REQUEST_POLICY_KEY, REQUEST_OFFLOAD_KEY, REQUEST_TENANT_KEY)
+KNOWN_KVPLUG_KEYS = (REQUEST_POLICY_KEY, REQUEST_OFFLOAD_KEY, REQUEST_TENANT_KEY, *request_keys.CLIENT_KEYS)
 # Deeper JSON is refused before parsing: json.loads recurses per level (RecursionError -> HTTP 500).
 # Real requests (messages, tool schemas) stay far below this.
 MAX_JSON_DEPTH = 128
@@ -69,7 +72,7 @@ def _check_params(params: Any) -> BadParam | None:
     if not isinstance(params, dict):
         return BadParam(f"{PARAMS_FIELD} must be a JSON object, got {echo(params)}", PARAMS_FIELD)
     unknown = [k for k in params if isinstance(k, str) and k.startswith(KVPLUG_KEY_PREFIX)
-               and k not in KNOWN_KVPLUG_KEYS]
+               and k not in KNOWN_KVPLUG_KEYS and k != request_keys.REPORT_ID_KEY]
     if unknown:
         return BadParam(f"{PARAMS_FIELD}: unknown kvplug parameter(s) {', '.join(echo(k) for k in unknown)}; "
                         f"known: {', '.join(KNOWN_KVPLUG_KEYS)}", f"{PARAMS_FIELD}.{unknown[0]}")
@@ -84,26 +87,35 @@ def _check_params(params: Any) -> BadParam | None:
     where = f"{PARAMS_FIELD}.{REQUEST_TENANT_KEY}"
     if REQUEST_TENANT_KEY in params and not isinstance(params[REQUEST_TENANT_KEY], str):
         return BadParam(f"{where} must be a string, got {echo(params[REQUEST_TENANT_KEY])}", where)
+    bad = request_keys.check(params, PARAMS_FIELD)
+    if bad is not None:
+        key = bad[1].rsplit(".", 1)[1]
+        return BadParam(f"{bad[0]}, got {echo(params.get(key))}", bad[1])
     return None
 
 
-def request_error(body: bytes) -> BadParam | None:
-    """What is wrong with a request body's kvplug parameters, else None.
+def parse_request(body: bytes) -> tuple[Any, BadParam | None]:
+    """(the parsed body or None, what is wrong with its kvplug parameters or None).
 
     Text that is not JSON at all is vLLM's to report (and routes without a JSON body, like /ping, take it);
     JSON that cannot be parsed safely (too deep, integers past Python's digit limit) is refused here.
     """
     if json_depth_exceeds(body):
-        return BadParam(f"request body: JSON nested deeper than {MAX_JSON_DEPTH} levels", None)
+        return None, BadParam(f"request body: JSON nested deeper than {MAX_JSON_DEPTH} levels", None)
     try:
         data = json.loads(body)
     except json.JSONDecodeError:
-        return None
+        return None, None
     except (ValueError, RecursionError) as exc:
-        return BadParam(f"request body is not acceptable JSON: {str(exc)[:ECHO_CHARS]}", None)
+        return None, BadParam(f"request body is not acceptable JSON: {str(exc)[:ECHO_CHARS]}", None)
     if not isinstance(data, dict) or PARAMS_FIELD not in data:
-        return None
-    return _check_params(data[PARAMS_FIELD])
+        return data, None
+    return data, _check_params(data[PARAMS_FIELD])
+
+
+def request_error(body: bytes) -> BadParam | None:
+    """What is wrong with a request body's kvplug parameters, else None."""
+    return parse_request(body)[1]
 
 
 def _checked(scope) -> bool:
@@ -122,8 +134,11 @@ def _checked(scope) -> bool:
 class PolicyValidationMiddleware:
     def __init__(self, app) -> None:
         self.app = app
+        self.cache = cache_api.from_process()
 
     async def __call__(self, scope, receive, send):
+        if self.cache.handles(scope):
+            return await self.cache.route(scope, receive, send)
         if not _checked(scope):
             return await self.app(scope, receive, send)
         chunks, more = [], True
@@ -134,7 +149,7 @@ class PolicyValidationMiddleware:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        error = request_error(body)
+        data, error = parse_request(body)
         if error is not None:
             payload = json.dumps({"error": {"message": error.message, "type": "BadRequestError",
                                             "param": error.param, "code": 400}}).encode()
@@ -143,6 +158,8 @@ class PolicyValidationMiddleware:
                                     (b"content-length", str(len(payload)).encode())]})
             await send({"type": "http.response.body", "body": payload})
             return
+        if self.cache.reports(scope) and isinstance(data, dict):
+            return await self.cache.serve_with_report(self.app, scope, data, lambda m: _replay(m, receive), send)
         return await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}],
                                              receive), send)
 

@@ -41,6 +41,7 @@ import msgspec
 from kvplug import config as config_loader
 from kvplug import settings, vllm_compat
 from serving import routing
+from serving.prompt_blocks import PromptHasher
 from serving.router import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_SESSION_ID_BYTES, DEFAULT_READ_TIMEOUT_S, ReplicaEndpoint,
                             ReplicaRouter, serve_router)
 
@@ -48,7 +49,9 @@ log = logging.getLogger("kvplug.replicas")
 
 REPLICA_START_TIMEOUT_S = 1800  # two first starts (compiling) on 2 busy cores can take >15 min
 # Env the replicas need from the launcher even on a Ray node whose own env differs.
-FORWARDED_ENV_PREFIXES = ("KVPLUG_", "VLLM_", "HF_", "TRANSFORMERS_", "OMP_", "CUDA_LAUNCH_BLOCKING")
+# PYTHONHASHSEED seeds vLLM's block hashes: the router computes them with the same value (tier-aware routing).
+FORWARDED_ENV_PREFIXES = ("KVPLUG_", "VLLM_", "HF_", "TRANSFORMERS_", "OMP_", "CUDA_LAUNCH_BLOCKING",
+                          "PYTHONHASHSEED")
 
 
 class ReplicaError(RuntimeError):
@@ -64,12 +67,18 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                         "and each replica keeps its disk entries in <disk_path>/replica<i>")
     g.add_argument("--ray-address", default=None,
                    help="Ray cluster to start the replicas on (default: a local cluster started here)")
-    g.add_argument("--routing", choices=routing.ROUTING_MODES, default="affinity",
-                   help="affinity: requests sharing a prefix/session go to the same replica (bounded load); "
-                        "round-robin: for comparison")
+    g.add_argument("--routing", choices=routing.ROUTING_MODES, default=routing.DEFAULT_ROUTING,
+                   help="tier-aware: to the replica whose GPU/CPU/disk cache tiers hold the longest prefix of the "
+                        "request (exact block hashes, from each replica's cache-events feed), else as affinity; "
+                        "affinity: requests sharing a prefix/session go to the same replica; both within the "
+                        "load bound; round-robin: for comparison")
     g.add_argument("--load-factor", type=float, default=routing.DEFAULT_LOAD_FACTOR,
                    help="a replica takes at most ceil(F * (in-flight + 1) / replicas) requests before a "
                         "request spills to the next replica (>= 1.0)")
+    g.add_argument("--tier-min-match", type=float, default=routing.DEFAULT_MIN_MATCH_FRACTION,
+                   help="tier-aware: a replica's cached prefix decides only when it covers at least this share of "
+                        "the prompt's blocks (below: affinity; a shared system prompt must not pull every new "
+                        "conversation to one replica)")
     g.add_argument("--affinity-prefix-chars", type=int, default=routing.DEFAULT_PREFIX_CHARS,
                    help="characters of the shared prefix (system + first user message, or the prompt) hashed "
                         f"for affinity; a '{routing.SESSION_HEADER}' header overrides it")
@@ -87,6 +96,17 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help=f"longest '{routing.SESSION_HEADER}' header the router accepts (431 beyond)")
 
 
+def prompt_hasher(model_path: str, vllm_args: list[str], environ: dict[str, str]) -> PromptHasher | None:
+    """How the router hashes prompts as the replicas do, or None when it cannot (their seed is random)."""
+    algo = (_flag_values(vllm_args, "--prefix-caching-hash-algo") or ["sha256"])[-1]
+    seed = vllm_compat.none_hash_seed(algo, environ)
+    if seed is None:
+        log.warning("--prefix-caching-hash-algo %s without PYTHONHASHSEED: every replica hashes blocks with a "
+                     "random seed, so tier-aware routing cannot match them and routes by affinity", algo)
+        return None
+    return PromptHasher(model_path, seed, algo)
+
+
 def _size_arg(text: str) -> int:
     try:
         return settings.parse_size(text, "--router-max-body-bytes")
@@ -100,6 +120,8 @@ def validate_router_args(ns: argparse.Namespace, vllm_args: list[str]) -> str | 
         return f"--replicas must be >= 1, got {ns.replicas}"
     if ns.load_factor < 1.0:
         return f"--load-factor must be >= 1.0, got {ns.load_factor}"
+    if not 0.0 <= ns.tier_min_match <= 1.0:
+        return f"--tier-min-match must be within [0, 1], got {ns.tier_min_match}"
     if ns.affinity_prefix_chars < 1:
         return f"--affinity-prefix-chars must be >= 1, got {ns.affinity_prefix_chars}"
     if ns.cpus_per_replica is not None and ns.cpus_per_replica <= 0:
@@ -410,11 +432,14 @@ def run_replicated(p: Any) -> int:
                                  start_timeout_s=opts.get("replica_start_timeout", REPLICA_START_TIMEOUT_S),
                                  replica_envs=replica_envs)
         router = ReplicaRouter([ReplicaEndpoint(r.name, r.url, r.info) for r in started], mode=opts["routing"],
-                               load_factor=opts["load_factor"], prefix_chars=opts["affinity_prefix_chars"],
+                               load_factor=opts["load_factor"],
+                               min_match_fraction=opts.get("tier_min_match", routing.DEFAULT_MIN_MATCH_FRACTION),
+                               prefix_chars=opts["affinity_prefix_chars"],
                                health_interval_s=opts["health_interval"], metrics_prefix=p.config.metrics.prefix,
                                read_timeout_s=opts["router_read_timeout"], api_keys=opts["api_keys"],
                                upstream_api_key=replica_key, max_body_bytes=opts["router_max_body_bytes"],
-                               max_session_id_bytes=opts["router_max_session_id_bytes"])
+                               max_session_id_bytes=opts["router_max_session_id_bytes"],
+                               prompt_hasher=prompt_hasher(p.model_path, p.vllm_args, p.env))
         print(f"kvplug serve: router ready on http://{p.host}:{p.port}/v1", file=sys.stderr, flush=True)
         serve_router(router, p.host, p.port)
         return 0

@@ -8,6 +8,14 @@ silently. A background loop polls every replica's /health and brings recovered r
 
 /metrics = the router's own counters + every replica's /metrics with a ``replica`` label added.
 
+Tier-aware routing (the default of `kvplug serve --replicas N`): one loop per replica polls its
+``GET /kvplug/cache/events?since=<seq>`` (deltas of the prefix blocks it holds per tier) into a
+``routing.ReplicaBlocks``; a request's block hashes (serving/prompt_blocks.py) are matched against the
+replicas whose feed is live. A replica without the feed (404, errors) just takes no part in the match:
+with no live feed at all, routing is prefix affinity. Every response says where it went and why:
+``x-kvplug-replica`` and ``x-kvplug-route`` (reason, matched/prompt blocks, per-tier blocks); the
+replica's own headers (``x-kvplug-cache``) and body pass through unchanged, streaming too.
+
 With API keys (``kvplug serve --api-key K``, or VLLM_API_KEY, as vLLM takes them) the router checks them
 itself on every route but /health and /metrics (vLLM leaves those open too), admin routes included; the
 replicas get a key of their own that only the router knows (serving/replicas.py). Limits: a request body
@@ -26,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
@@ -36,6 +44,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from serving import routing
+from serving.prompt_blocks import PromptHasher
 
 log = logging.getLogger("kvplug.router")
 
@@ -50,6 +59,11 @@ DEFAULT_READ_TIMEOUT_S = 900.0
 DEFAULT_MAX_BODY_BYTES = 64 << 20       # ~10M tokens of text: past any context window served here
 DEFAULT_MAX_SESSION_ID_BYTES = 256      # an id, not a payload (it is hashed onto the ring)
 CLIENT_CLOSED_REQUEST = 499             # nginx's status for "the client went away"; nobody receives it
+CACHE_EVENTS_PATH = "/kvplug/cache/events"
+DEFAULT_FEED_INTERVAL_S = 0.25          # a follow-up turn comes right after its answer: the feed must be quicker
+FEED_RETRY_S = 10.0                     # a replica without the feed (404) or failing it is asked again this often
+ROUTE_HEADER = "x-kvplug-route"
+REPLICA_HEADER = "x-kvplug-replica"
 
 
 @dataclass
@@ -87,6 +101,19 @@ class RouterMetrics:
                                  ["replica", "status"], registry=r)
         self.up = Gauge(f"{p}_replica_up", "1 while the replica is in the routing set", ["replica"], registry=r)
         self.in_flight = Gauge(f"{p}_in_flight", "Requests in flight per replica", ["replica"], registry=r)
+        self.feed_up = Gauge(f"{p}_feed_up", "1 while the replica's cache-events feed answers (tier-aware routing)",
+                             ["replica"], registry=r)
+        self.cached_blocks = Gauge(f"{p}_cached_blocks", "Prefix blocks the replica holds, per tier, as its "
+                                   "cache-events feed last told the router", ["replica", "tier"], registry=r)
+        self.prompt_blocks = Counter(f"{p}_prompt_blocks", "Full prompt blocks of requests routed tier-aware",
+                                     ["replica"], registry=r)
+        self.matched_blocks = Counter(f"{p}_matched_blocks",
+                                      "Leading prompt blocks the chosen replica held in some tier when routed "
+                                      "(predicted hit rate = matched / prompt blocks)", ["replica"], registry=r)
+        self.route_seconds = Histogram(f"{p}_route_seconds",
+                                       "Time to pick a replica (tokenizing and hashing the prompt included)",
+                                       buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+                                       registry=r)
 
 
 def _merge_replica_metrics(texts: dict[str, str]) -> list[Metric]:
@@ -159,28 +186,38 @@ class ApiKeyMiddleware:
 class ReplicaRouter:
     def __init__(self, endpoints: list[ReplicaEndpoint], mode: str = "affinity",
                  load_factor: float = routing.DEFAULT_LOAD_FACTOR,
+                 min_match_fraction: float = routing.DEFAULT_MIN_MATCH_FRACTION,
                  prefix_chars: int = routing.DEFAULT_PREFIX_CHARS, health_interval_s: float = 2.0,
                  metrics_prefix: str = "kvplug", read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
                  api_keys: list[str] = (), upstream_api_key: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  max_session_id_bytes: int = DEFAULT_MAX_SESSION_ID_BYTES,
+                 prompt_hasher: PromptHasher | None = None, feed_interval_s: float = DEFAULT_FEED_INTERVAL_S,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         """``api_keys``: what clients must send (none: no check); ``upstream_api_key``: what the router sends
-        to the replicas instead of the client's Authorization header."""
+        to the replicas instead of the client's Authorization header; ``prompt_hasher``: computes requests'
+        block hashes for tier-aware routing (None: tier-aware routing falls back to affinity)."""
         self.endpoints = {e.name: e for e in endpoints}
         self.max_body_bytes, self.max_session_id_bytes = max_body_bytes, max_session_id_bytes
         self.upstream_auth = {"authorization": f"Bearer {upstream_api_key}"} if upstream_api_key else {}
-        self.policy = routing.Router([e.name for e in endpoints], mode=mode, load_factor=load_factor)
+        self.policy = routing.Router([e.name for e in endpoints], mode=mode, load_factor=load_factor,
+                                     min_match_fraction=min_match_fraction)
         self.prefix_chars = prefix_chars
         self.health_interval_s = health_interval_s
         self.metrics = RouterMetrics(metrics_prefix)
+        self.prompt_hasher, self.feed_interval_s = prompt_hasher, feed_interval_s
+        self.feeds = {name: routing.ReplicaBlocks() for name in self.endpoints}
+        self.feed_live = {name: False for name in self.endpoints}
+        self.feed_problem: dict[str, str] = {name: "not polled yet" for name in self.endpoints}
         for name in self.endpoints:
             self.metrics.up.labels(name).set(1)
             self.metrics.in_flight.labels(name).set(0)
+            self.metrics.feed_up.labels(name).set(0)
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(read_timeout_s, connect=10.0),
                                          limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
                                          transport=transport)  # tests pass fake replicas here
         self._health_task: asyncio.Task | None = None
+        self._feed_tasks: list[asyncio.Task] = []
         self.app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/replicas", self.replicas, methods=["GET"]),
@@ -198,12 +235,15 @@ class ReplicaRouter:
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app):
         self._health_task = asyncio.create_task(self._health_loop())
+        self._feed_tasks = [asyncio.create_task(self._feed_loop(n)) for n in self.endpoints]
+        if self.prompt_hasher is not None:  # load the tokenizer now, not in the first request's TTFT
+            self._feed_tasks.append(asyncio.create_task(asyncio.to_thread(lambda: self.prompt_hasher.tokenizer)))
         try:
             yield
         finally:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+            for task in (self._health_task, *self._feed_tasks):
+                task.cancel()
+            await asyncio.gather(self._health_task, *self._feed_tasks, return_exceptions=True)
             await self._client.aclose()
 
     def _set_health(self, name: str, healthy: bool, why: str = "") -> None:
@@ -223,6 +263,56 @@ class ReplicaRouter:
         self._set_health(name, ok, why)
         return ok
 
+    # --- cache-events feeds (tier-aware routing) ---
+    async def poll_feed(self, name: str) -> bool:
+        """Ask one replica for the cache events since the last one seen; True if its feed answered."""
+        blocks = self.feeds[name]
+        try:
+            r = await self._client.get(self.endpoints[name].base_url + CACHE_EVENTS_PATH,
+                                       params={"since": blocks.seq}, headers=self.upstream_auth, timeout=10.0)
+            if r.status_code != 200:
+                return self._set_feed(name, False, f"{CACHE_EVENTS_PATH} answered HTTP {r.status_code}")
+            blocks.apply(r.json())
+        except (httpx.HTTPError, ValueError, routing.FeedError) as exc:  # ValueError: not JSON
+            return self._set_feed(name, False, f"{type(exc).__name__}: {exc}")
+        for tier, n in blocks.blocks_per_tier().items():
+            self.metrics.cached_blocks.labels(name, tier).set(n)
+        return self._set_feed(name, True)
+
+    def _set_feed(self, name: str, live: bool, why: str = "") -> bool:
+        if self.feed_live[name] != live:
+            log.log(logging.INFO if live else logging.WARNING, "replica %s cache-events feed is %s%s", name,
+                    "live" if live else "unavailable (routing it by affinity)", f": {why}" if why else "")
+        self.feed_live[name], self.feed_problem[name] = live, why
+        self.metrics.feed_up.labels(name).set(1 if live else 0)
+        return live
+
+    async def _feed_loop(self, name: str) -> None:
+        while True:
+            live = False
+            if self.policy.mode == "tier-aware" and self.policy.healthy[name]:
+                live = await self.poll_feed(name)
+            elif self.feed_live[name]:
+                self._set_feed(name, False, "replica down" if not self.policy.healthy[name] else "not tier-aware")
+            await asyncio.sleep(self.feed_interval_s if live or self.policy.mode != "tier-aware" else FEED_RETRY_S)
+
+    async def _prefix_matches(self, path: str, body: dict[str, Any]) -> tuple[dict[str, routing.PrefixMatch],
+                                                                               dict[str, Any]]:
+        """What each replica with a live feed holds of this request, and facts for the route header."""
+        live = [n for n in self.endpoints if self.feed_live[n] and self.policy.healthy[n]]
+        info: dict[str, Any] = {"feeds": f"{len(live)}/{len(self.endpoints)}"}
+        if self.policy.mode != "tier-aware" or self.prompt_hasher is None or not live:
+            return {}, info
+        by_size: dict[int, list[bytes]] = {}
+        for n in live:
+            size = self.feeds[n].block_size
+            if size not in by_size:  # replicas of one `kvplug serve` share it: hashed once
+                by_size[size] = await asyncio.to_thread(self.prompt_hasher.block_hashes, path, body, size)
+        matches = {n: self.feeds[n].match(by_size[self.feeds[n].block_size]) for n in live}
+        info["prompt_blocks"] = {n: len(by_size[self.feeds[n].block_size]) for n in live}
+        info["block_size"] = {n: self.feeds[n].block_size for n in live}
+        return matches, info
+
     async def _health_loop(self) -> None:
         while True:
             await asyncio.gather(*(self.check_health(n) for n in self.endpoints), return_exceptions=True)
@@ -239,8 +329,14 @@ class ReplicaRouter:
         return JSONResponse({"routing": self.policy.mode, "load_factor": self.policy.load_factor,
                              "capacity": self.policy.capacity(), "replicas": [
                                  {"name": n, "url": e.base_url, "healthy": self.policy.healthy[n],
-                                  "in_flight": self.policy.in_flight[n], **e.info}
+                                  "in_flight": self.policy.in_flight[n], "cache_feed": self._feed_info(n),
+                                  **e.info}
                                  for n, e in self.endpoints.items()]})
+
+    def _feed_info(self, name: str) -> dict[str, Any]:
+        b = self.feeds[name]
+        return {"live": self.feed_live[name], "problem": self.feed_problem[name] or None, "epoch": b.epoch,
+                "seq": b.seq, "block_size": b.block_size, "blocks": b.blocks_per_tier()}
 
     async def set_routing(self, request: Request) -> Response:
         """Switch affinity <-> round-robin at run time (A/B runs without restarting the engines)."""
@@ -370,19 +466,24 @@ class ReplicaRouter:
         headers.setdefault("content-type", "application/json")
         tried: set[str] = set()
         last_error = "no healthy replica is available"
+        with self.metrics.route_seconds.time():
+            matches, route_info = await self._prefix_matches(request.url.path, body)
         while True:
             try:
-                decision = self.policy.choose(key, exclude=tried)
+                decision = self.policy.choose(key, exclude=tried, matches=matches,
+                                              prompt_blocks=max(route_info.get("prompt_blocks", {}).values(),
+                                                                default=0))
             except routing.NoReplicaAvailable:
                 self.metrics.errors.labels("none", "no_replica").inc()
                 detail = f" (tried {', '.join(sorted(tried))}: {last_error})" if tried else ""
                 return _error(503, f"no healthy replica could serve the request{detail}", "service_unavailable")
             name = decision.replica
             tried.add(name)
-            self._count_decision(decision)
+            self._count_decision(decision, route_info)
             self._started(name)
             try:
-                response = await self._send(name, request.url.path, raw, headers, stream)
+                response = await self._send(name, request.url.path, raw, headers, stream,
+                                            self._route_header(decision, route_info))
             except _UpstreamFailed as exc:
                 self._finished(name)
                 last_error = str(exc)
@@ -403,7 +504,23 @@ class ReplicaRouter:
                 raise
             return response
 
-    def _count_decision(self, d: routing.Decision) -> None:
+    def _route_header(self, d: routing.Decision, info: dict[str, Any]) -> str:
+        """Why this replica: ``reason=...; mode=...; feeds=live/all`` and, when the prompt was matched
+        against the feeds, its blocks held by this replica (``matched_blocks``, per tier) of ``prompt_blocks``."""
+        parts = [f"reason={d.reason}", f"mode={self.policy.mode}", f"feeds={info['feeds']}"]
+        if d.replica in info.get("prompt_blocks", {}):
+            m = d.match or routing.PrefixMatch()
+            parts += [f"matched_blocks={m.blocks}", f"prompt_blocks={info['prompt_blocks'][d.replica]}",
+                      f"block_size={info['block_size'][d.replica]}",
+                      *(f"{t}={m.per_tier.get(t, 0)}" for t in routing.TIERS)]
+            if d.reason != "tier_hit":
+                parts.append(f"best_blocks={d.best_blocks}")
+        return "; ".join(parts)
+
+    def _count_decision(self, d: routing.Decision, info: dict[str, Any]) -> None:
+        if d.replica in info.get("prompt_blocks", {}):
+            self.metrics.prompt_blocks.labels(d.replica).inc(info["prompt_blocks"][d.replica])
+            self.metrics.matched_blocks.labels(d.replica).inc(d.match.blocks if d.match else 0)
         self.metrics.routed.labels(d.replica, d.reason).inc()
         if d.affinity_hit:
             self.metrics.affinity_hits.labels(d.replica).inc()
@@ -418,7 +535,8 @@ class ReplicaRouter:
         self.policy.finished(name)
         self.metrics.in_flight.labels(name).set(self.policy.in_flight[name])
 
-    async def _send(self, name: str, path: str, raw: bytes, headers: dict[str, str], stream: bool) -> Response:
+    async def _send(self, name: str, path: str, raw: bytes, headers: dict[str, str], stream: bool,
+                    route: str) -> Response:
         """Forward one request; _UpstreamFailed if the replica failed before any byte reached the client.
 
         On success the response owns the in-flight slot and releases it when relayed."""
@@ -431,7 +549,8 @@ class ReplicaRouter:
         except httpx.HTTPError as exc:
             raise _UpstreamFailed(f"{name}: {type(exc).__name__}: {exc}".rstrip(": ")) from None
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-        out_headers["x-kvplug-replica"] = name
+        out_headers[REPLICA_HEADER] = name
+        out_headers[ROUTE_HEADER] = route
         if not stream or upstream.status_code != 200:
             try:
                 content = await upstream.aread()

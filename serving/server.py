@@ -25,6 +25,7 @@ from serving.replicas import (add_router_args, api_keys, replica_configs, run_re
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+HASH_SEED = "0"
 
 
 class ServeError(RuntimeError):
@@ -72,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flag_value(args: list[str], flag: str) -> str | None:
+def flag_value(args: list[str], flag: str) -> str | None:
     for i, a in enumerate(args):
         if a == flag and i + 1 < len(args):
             return args[i + 1]
@@ -146,7 +147,7 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
     if _has_flag(vllm_args, "--model"):
         if model_arg is not None:
             raise ServeError("give the model once: either as MODEL or as --model")
-        model_arg = _flag_value(vllm_args, "--model")
+        model_arg = flag_value(vllm_args, "--model")
         vllm_args = [a for i, a in enumerate(vllm_args)
                      if not (a == "--model" or a.startswith("--model=") or (i and vllm_args[i - 1] == "--model"))]
     if not 0 < ns.port < 65536:
@@ -187,7 +188,7 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
     if not _has_flag(extra, "--served-model-name"):
         extra += ["--served-model-name", served_name]
     else:
-        served_name = _flag_value(extra, "--served-model-name") or served_name
+        served_name = flag_value(extra, "--served-model-name") or served_name
     if default_len and not _has_flag(extra, "--max-model-len"):
         extra += ["--max-model-len", str(default_len)]
     if not _has_flag(extra, "--attention-backend"):
@@ -196,6 +197,9 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
     extra += offload_args(config, extra)
 
     env = dict(environ)
+    # vLLM seeds its block hashes from PYTHONHASHSEED: a fixed one makes them equal across replicas and restarts
+    # (the router's prefix map, pins on the disk tier). The user's own value wins.
+    env.setdefault("PYTHONHASHSEED", HASH_SEED)
     env[settings.ENV_CONFIG_JSON] = config.to_json()
     env.pop(settings.ENV_CONFIG_PATH, None)  # resolved already; children must not re-read a changed file
     vllm_compat.propagate_env_to_ray(environ=env)
@@ -206,7 +210,7 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
     return ServePlan(command=command, env=env, model_path=model_path, served_model_name=served_name,
                      host=ns.host, port=ns.port, config=config, vllm_args=extra, replicas=ns.replicas,
                      ray_address=ns.ray_address, replica_configs=per_replica,
-                     router={**{k: getattr(ns, k) for k in ("routing", "load_factor", "affinity_prefix_chars",
+                     router={**{k: getattr(ns, k) for k in ("routing", "load_factor", "tier_min_match", "affinity_prefix_chars",
                                                             "cpus_per_replica", "health_interval",
                                                             "replica_start_timeout", "router_read_timeout",
                                                             "router_max_body_bytes",

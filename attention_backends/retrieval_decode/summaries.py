@@ -27,12 +27,24 @@ class BlockSummaries:
 
     @classmethod
     def allocate(cls, num_blocks: int, kv_heads: int, head_dim: int, block_size: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "BlockSummaries":
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 storage: torch.Tensor | None = None) -> "BlockSummaries":
+        """``storage``: optional uint8 bytes (``nbytes(...)`` of them, on ``device``) to build the tensors in."""
         shape = (num_blocks + 1, kv_heads, head_dim)
+        if storage is None:
+            kmin = torch.empty(shape, dtype=dtype, device=device)
+            kmax = torch.empty(shape, dtype=dtype, device=device)
+        else:
+            both = storage.view(dtype).view(2, *shape)
+            kmin, kmax = both[0], both[1]
         # An empty block bounds nothing: min=+inf, max=-inf makes its Quest score -inf until written.
-        kmin = torch.full(shape, float("inf"), dtype=dtype, device=device)
-        kmax = torch.full(shape, float("-inf"), dtype=dtype, device=device)
+        kmin.fill_(float("inf"))
+        kmax.fill_(float("-inf"))
         return cls(kmin, kmax, block_size)
+
+    @staticmethod
+    def nbytes(num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * (num_blocks + 1) * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     @property
     def num_blocks(self) -> int:

@@ -32,6 +32,8 @@ class StreamResult:
     cached_tokens: int | None = None
     finish_reason: str | None = None
     chunks: int = 0  # content chunks received
+    replica: str | None = None  # x-kvplug-replica: which replica a `kvplug serve --replicas N` router chose
+    route: str | None = None  # x-kvplug-route: why it chose that one
 
     @property
     def tpot(self) -> float | None:
@@ -88,6 +90,7 @@ async def _stream_into(res: StreamResult, client: httpx.AsyncClient, url: str, p
     try:
         async with client.stream("POST", url, json=payload, headers=headers) as r:
             res.http_status = r.status_code
+            res.replica, res.route = r.headers.get("x-kvplug-replica"), r.headers.get("x-kvplug-route")
             if r.status_code != 200:
                 body = (await r.aread()).decode("utf-8", "replace")
                 res.status, res.error = "error", f"HTTP {r.status_code}: {_short(body)}"

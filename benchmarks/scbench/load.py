@@ -241,6 +241,8 @@ def _result_fields(res: StreamResult, turn) -> dict:
         "tpot": res.tpot,
         "e2e": res.e2e,
         "finish_reason": res.finish_reason,
+        "replica": res.replica,
+        "route": res.route,
         "prediction": res.text,
         "score": score(turn.scorer, res.text, turn.answer) if ok else None,
     }

@@ -279,6 +279,38 @@ def current_model_name() -> str:
 
 # --- retrieval decode: KV geometry ------------------------------------------------------------------------
 
+def current_vllm_config() -> Any:
+    """The engine's VllmConfig while one is current (layer init inside an engine), else None."""
+    from vllm.config import get_current_vllm_config
+
+    try:
+        return get_current_vllm_config()
+    except AssertionError:  # newer vLLM refuses outside set_current_vllm_config() (unit tests)
+        return None
+
+
+def kv_cache_memory_bound(vllm_config: Any, device: Any) -> tuple[int, bool]:
+    """(bytes, explicit): an upper bound of the KV cache vLLM will size in this process from now on, and whether
+    the user fixed its size (``kv_cache_memory_bytes``: then the bound is that size). Otherwise vLLM gives the KV
+    cache what is left of the requested memory (``gpu_memory_utilization`` x the GPU or the CPU node) after what
+    the process uses, which is at least what it uses now."""
+    import torch
+
+    cache = vllm_config.cache_config
+    explicit = getattr(cache, "kv_cache_memory_bytes", None)
+    if explicit:
+        return int(explicit), True
+    util = float(cache.gpu_memory_utilization)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        total = torch.cuda.mem_get_info(dev)[1]
+        return max(int(total * util) - torch.cuda.memory_allocated(dev), 0), False
+    import psutil
+
+    return max(int(psutil.virtual_memory().total * util) - psutil.Process().memory_info().rss, 0), False
+
+
+
 def paged_kv_geometry(kv_cache: Any) -> tuple[int, int, int, int]:
     """(num_blocks, kv_heads, block_size, head_dim) of a layer's paged KV cache. CPU_ATTN:
     [blocks, heads, block_size, 2*head_dim]; FlashAttention: [2, blocks, block_size, heads, head_dim]."""
@@ -378,3 +410,45 @@ def layer_index(layer_name: str) -> int:
         if part.isdigit():
             return int(part)
     raise ValueError(f"no layer index in {layer_name!r}")
+
+
+# --- prefix-block hashes, as the engine computes them (the router matches them against replicas' feeds) ----
+
+# vLLM seeds its first parent hash (NONE_HASH) from PYTHONHASHSEED, else from this fixed string for its
+# cryptographic hash algorithms (vllm/v1/core/kv_cache_utils.py, resolve_none_hash_seed).
+_DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
+_CRYPTO_HASH_ALGOS = ("sha256", "sha256_cbor")
+
+
+def none_hash_seed(hash_algo: str, environ: Any = None) -> str | None:
+    """The seed of the engine's first parent block hash, or None when it is random per process (a
+    non-cryptographic algorithm without PYTHONHASHSEED): then no other process can reproduce its hashes."""
+    environ = os.environ if environ is None else environ
+    if environ.get("PYTHONHASHSEED") is not None:
+        return environ["PYTHONHASHSEED"]
+    return _DEFAULT_NONE_HASH_SEED if hash_algo in _CRYPTO_HASH_ALGOS else None
+
+
+@functools.cache
+def _block_hasher(hash_algo: str) -> tuple[Callable[[Any], bytes], Callable[..., bytes]]:
+    from vllm.v1.core.kv_cache_utils import hash_block_tokens
+    try:
+        from vllm.utils.hashing import get_hash_fn_by_name
+    except ImportError:  # older releases keep it in vllm.utils
+        from vllm.utils import get_hash_fn_by_name
+    return get_hash_fn_by_name(hash_algo), hash_block_tokens
+
+
+def prefix_block_hashes(token_ids: list[int], block_size: int, hash_seed: str, hash_algo: str = "sha256",
+                        cache_salt: str | None = None) -> list[bytes]:
+    """vLLM's chained hashes of the full blocks of a prompt (no LoRA, no multimodal inputs), as its scheduler
+    computes them for prefix caching: block i hashes (hash of block i-1, its token ids, extra keys), the first
+    block's parent being the hash of ``hash_seed`` and its extra key the request's ``cache_salt``."""
+    hash_fn, hash_block_tokens = _block_hasher(hash_algo)
+    parent = hash_fn(hash_seed)
+    out: list[bytes] = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        extra = (("cache_salt", cache_salt),) if start == 0 and cache_salt else None
+        parent = bytes(hash_block_tokens(hash_fn, parent, token_ids[start:start + block_size], extra))
+        out.append(parent)
+    return out

@@ -94,3 +94,28 @@ def test_subset_of_026_metadata_reports_its_own_host_lengths_after_the_batch_cac
     assert sub.num_computed_tokens_cpu.tolist() == [16, 27]
     assert sub.num_reqs == 2 and sub.max_seq_len == 30 and sub.block_table_tensor.tolist() == [[4, 5, 6, 7],
                                                                                              [8, 9, 10, 11]]
+
+
+@pytest.mark.parametrize("salt", [None, "tenant-a"])
+def test_prefix_block_hashes_equal_the_schedulers(monkeypatch, salt):
+    """The router's hashes of a prompt are the ones vLLM's scheduler computes for its prefix cache."""
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core import kv_cache_utils
+
+    monkeypatch.setenv("PYTHONHASHSEED", "1234")
+    monkeypatch.setattr(kv_cache_utils, "NONE_HASH", getattr(kv_cache_utils, "NONE_HASH", None), raising=False)
+    kv_cache_utils.init_none_hash(sha256)
+    tokens = list(range(1000, 1000 + 16 * 5 + 7))  # five full blocks and a partial one (not hashed)
+    request = SimpleNamespace(block_hashes=[], num_tokens=len(tokens), all_token_ids=tokens, mm_features=[],
+                              lora_request=None, cache_salt=salt, prompt_embeds=None)
+    engine = kv_cache_utils.get_request_block_hasher(16, sha256)(request)
+    ours = vllm_compat.prefix_block_hashes(tokens, 16, vllm_compat.none_hash_seed("sha256"), "sha256", salt)
+    assert len(ours) == 5 and ours == [bytes(h) for h in engine]
+    other_seed = vllm_compat.prefix_block_hashes(tokens, 16, "4321", "sha256", salt)
+    assert not set(other_seed) & set(ours)
+
+
+def test_none_hash_seed_follows_pythonhashseed():
+    assert vllm_compat.none_hash_seed("sha256", {"PYTHONHASHSEED": "7"}) == "7"
+    assert vllm_compat.none_hash_seed("sha256", {}) == "vllm-none-hash"
+    assert vllm_compat.none_hash_seed("xxhash", {}) is None  # random per process: not reproducible

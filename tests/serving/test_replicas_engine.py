@@ -97,7 +97,7 @@ def test_openai_endpoints_through_the_router(replicated):
         temperature=0, stream=True) if c.choices]
     assert "".join(pieces)
     info = replica_info(replicated)
-    assert [r["healthy"] for r in info["replicas"]] == [True, True] and info["routing"] == "affinity"
+    assert [r["healthy"] for r in info["replicas"]] == [True, True] and info["routing"] == "tier-aware"
 
 
 def test_bad_requests_get_400(replicated):

@@ -25,6 +25,8 @@ def sweeps(smollm2_path, tmp_path_factory):
     cmd = [sys.executable, "-m", "benchmarks.retrieval_decode_accuracy", "--tasks", "passkey",
            "--contexts", "4096", "--cases", "2", "--turns", "2", "--budgets", "0.1", "--max-tokens", "16",
            "--no-numerics-control",
+           # the KV cache sized by vLLM from a share of memory, as `kvplug serve` does when no size is given
+           "--memory-utilization", "0.15",
            "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -33,7 +35,22 @@ def sweeps(smollm2_path, tmp_path_factory):
     for s in res["sweeps"]:
         for a in s["answers"]:  # keep the outputs in the pytest log: they are the finding when this fails
             print(s["budget"], a["task"], repr(a["output"][:60]))
-    return {s["budget"]: s for s in res["sweeps"]}
+    sweeps = {s["budget"]: s for s in res["sweeps"]}
+    sweeps["engine"] = res["engine"]
+    return sweeps
+
+
+def test_block_summaries_live_in_memory_reserved_before_vllm_sized_the_kv_cache(sweeps):
+    stats, engine = sweeps["0.1"]["stats"], sweeps["engine"]
+    assert stats["summary_layers"] > 0 and stats["unreserved_layers"] == 0
+    assert stats["reserved_layers"] == stats["summary_layers"]
+    # every layer's summaries came out of the reservation, which vLLM saw (RSS) before it sized the cache
+    assert 0 < stats["summary_bytes"] <= stats["reserved_used_bytes"] <= stats["reserved_bytes"]
+    # the summaries' share of the cache: float32 (kmin, kmax) per block of 32 bf16 (K, V) tokens = 1/16 ...
+    assert engine["block_size"] == 32
+    assert stats["summary_bytes"] == pytest.approx(stats["kv_cache_bytes"] / 16, rel=0.01)
+    # ... and the reservation about that share, not a blanket (its bound was taken before the weights loaded)
+    assert stats["reserved_bytes"] <= 2 * stats["summary_bytes"]
 
 
 def test_retrieval_path_ran_and_read_a_fraction_of_the_kv(sweeps):

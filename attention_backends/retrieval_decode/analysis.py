@@ -1,0 +1,87 @@
+"""Analysis selectors: where do a retrieval budget's answers go? (benchmarks only, eager engines)
+
+The production path scores blocks with Quest bounds shared by a GQA group and attends them in one Triton step.
+To separate "the summaries pick the wrong blocks" from "the budget is too small" and "a group shares one
+choice", ``benchmarks.retrieval_decode_accuracy --variants`` swaps the selection for one of these, computed in
+torch over the whole paged context (it reads every key: an oracle, never a fast path):
+
+* ``quest_torch``: the production rule (Quest bound, group-reduced), in torch: a control for the kernel.
+* ``quest_qhead``: Quest bounds, but every query head picks its own blocks (Quest's original per-head rule).
+* ``oracle_max``: exact block scores, the largest q.k in the block (reduced over the group as configured).
+* ``oracle_mass``: the blocks holding the most softmax mass of the group's heads (the best a shared choice of
+  this many blocks can do for the output).
+* ``oracle_mass_qhead``: the same, per query head.
+
+``gqa_reduce`` may also be "mass" here (Quest selectors): each query head's bounds become a softmax over the
+blocks, summed over the group, so a head with one sharp peak is not outvoted by flat ones.
+
+Sink blocks and the recent window are forced in as in production; each (sequence, kv-head or query head) reads
+exactly its budget of blocks.
+"""
+from __future__ import annotations
+
+import torch
+
+SELECTORS = ("quest", "quest_torch", "quest_qhead", "oracle_max", "oracle_mass", "oracle_mass_qhead")
+
+
+def block_scores(selector: str, logits: torch.Tensor, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                 bs: int, gqa_reduce: str, scale: float = 1.0) -> torch.Tensor:
+    """[N, Hkv, G, W] per-block scores (G = 1 when the group shares one choice).
+    logits [N, Hkv, G, W*bs] (masked: -inf past the sequence); q [N, Hkv, G, D]; kmin/kmax [N, W, Hkv, D]."""
+    N, Hkv, G, T = logits.shape
+    W = T // bs
+    if selector.startswith("oracle_mass"):
+        s = torch.softmax(logits, dim=-1).view(N, Hkv, G, W, bs).sum(-1)
+        reduce = "sum"
+    elif selector == "oracle_max":
+        s = logits.view(N, Hkv, G, W, bs).amax(-1)
+        reduce = gqa_reduce
+    else:  # Quest bound: sum_d max(q_d kmin_d, q_d kmax_d)
+        qf = q.float()
+        s = (torch.matmul(qf.clamp(min=0), kmax.float().permute(0, 2, 3, 1))
+             + torch.matmul(qf.clamp(max=0), kmin.float().permute(0, 2, 3, 1)))
+        s = torch.nan_to_num(s, nan=-1e30, posinf=-1e30, neginf=-1e30)
+        reduce = gqa_reduce
+        if gqa_reduce == "mass":  # each head's bounds as a softmax over blocks: heads vote with their mass
+            s = torch.softmax(s * scale, dim=-1)
+            reduce = "sum"
+    if selector.endswith("_qhead"):
+        return s
+    return s.amax(dim=2, keepdim=True) if reduce == "max" else s.sum(dim=2, keepdim=True)
+
+
+def analysis_decode(selector: str, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                    budget_blocks: torch.Tensor, sink_blocks: int, recent_blocks: int, gqa_reduce: str,
+                    scale: float) -> torch.Tensor:
+    """q [N, Hq, D] one decode token per sequence; caches [num_blocks, Hkv, bs, D]; summaries [num_blocks+1, Hkv, D];
+    block_table [N, W]; seq_lens, budget_blocks [N]. Returns [N, Hq, D]."""
+    if selector not in SELECTORS[1:]:
+        raise ValueError(f"unknown analysis selector {selector!r}; one of {SELECTORS[1:]}")
+    N, Hq, D = q.shape
+    _, Hkv, bs, _ = key_cache.shape
+    G = Hq // Hkv
+    W = block_table.shape[1]
+    phys = block_table.long().clamp(min=0, max=key_cache.shape[0] - 1)
+    keys = key_cache[phys].permute(0, 2, 1, 3, 4).reshape(N, Hkv, W * bs, D)
+    vals = value_cache[phys].permute(0, 2, 1, 3, 4).reshape(N, Hkv, W * bs, D)
+    qg = q.view(N, Hkv, G, D)
+    tok = torch.arange(W * bs, device=q.device)
+    in_seq = (tok.view(1, -1) < seq_lens.view(N, 1)).view(N, 1, 1, W * bs)
+    logits = torch.matmul(qg.to(keys.dtype), keys.transpose(-1, -2)).float() * scale
+    logits = logits.masked_fill(~in_seq, float("-inf"))
+    s = block_scores(selector, logits, qg, kmin[phys], kmax[phys], bs, gqa_reduce, scale)
+    blk = torch.arange(W, device=q.device).view(1, 1, 1, W)
+    nb = ((seq_lens + bs - 1) // bs).view(N, 1, 1, 1)
+    forced = (blk < sink_blocks) | (blk >= nb - recent_blocks)
+    s = torch.where(forced, torch.full_like(s, float("inf")), s)
+    s = torch.where(blk < nb, s, torch.full_like(s, float("-inf")))
+    k = int(budget_blocks.max())
+    top = torch.topk(s, min(k, W), dim=-1).indices  # [N, Hkv, G', k]
+    rank = torch.arange(top.shape[-1], device=q.device).view(1, 1, 1, -1)
+    keep = rank < budget_blocks.view(N, 1, 1, 1)
+    chosen = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, keep.expand_as(top))  # [N, Hkv, G', W]
+    token_mask = chosen.repeat_interleave(bs, dim=-1) & in_seq  # [N, Hkv, G', W*bs]
+    probs = torch.softmax(logits.masked_fill(~token_mask, float("-inf")), dim=-1)
+    return torch.matmul(probs.to(vals.dtype), vals).reshape(N, Hq, D).to(q.dtype)

@@ -1,0 +1,95 @@
+"""Block summaries inside the memory vLLM sizes its KV cache from.
+
+vLLM sizes the KV cache from what is left after the model: on CUDA, ``gpu_memory_utilization`` x total minus
+weights, peak activations and non-torch memory measured while profiling; on the CPU, the requested share of the
+node minus the process's RSS. Summaries allocated later, beside a cache that already fills that share, push the
+process past it (on an 80 GB H100 `kvplug serve` died with an OOM while warming up the sampler).
+
+So the backend reserves the summaries' share *before* vLLM measures: once per process, on the first profiling
+step (CUDA) or when the first attention layer is built (CPU, which profiles only when compiling), a buffer of
+``R = M * s / (1 + s)`` bytes, where ``M`` bounds the KV cache vLLM may size (requested memory minus what is in
+use now) and ``s`` is summary bytes per KV byte. vLLM then sizes the cache from ``M - R`` or less, so its
+summaries (``s`` x the cache) fit in ``R``; each layer carves its summaries out of the buffer. With an explicit
+``kv_cache_memory_bytes`` the cache is that size and ``R`` is exactly its summaries (extra to the explicit size).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+
+ALIGN = 256
+
+
+@dataclass
+class Reservation:
+    buffer: torch.Tensor  # uint8, flat
+    offset: int = 0
+    carved_layers: int = 0
+    overflow_layers: int = 0  # layers whose summaries did not fit (allocated outside: counted, warned)
+
+    def take(self, nbytes: int) -> torch.Tensor | None:
+        start = -(-self.offset // ALIGN) * ALIGN
+        if start + nbytes > self.buffer.numel():
+            self.overflow_layers += 1
+            return None
+        self.offset = start + nbytes
+        self.carved_layers += 1
+        return self.buffer[start:start + nbytes]
+
+
+_lock = threading.Lock()
+_RESERVATION: Reservation | None = None
+
+
+def summary_bytes_per_kv_byte(block_size: int, kv_element_size: int, summary_element_size: int) -> float:
+    """Per block and kv-head: K and V hold 2 x block_size x head_dim elements, the summary kmin + kmax 2 x head_dim."""
+    return summary_element_size / (block_size * kv_element_size)
+
+
+def reservation_bytes(kv_bound_bytes: int, ratio: float, explicit: bool) -> int:
+    if kv_bound_bytes <= 0:
+        return 0
+    if explicit:  # the cache is exactly this size; the summaries are on top of it
+        return math.ceil(kv_bound_bytes * ratio) + 64 * ALIGN
+    return math.ceil(kv_bound_bytes * ratio / (1.0 + ratio)) + 64 * ALIGN
+
+
+def reserve(kv_bound_bytes: int, explicit: bool, ratio: float, device: torch.device | str) -> Reservation | None:
+    """Once per process: the summaries' share, allocated (and touched, so the CPU's RSS counts it) now."""
+    global _RESERVATION
+    with _lock:
+        if _RESERVATION is None:
+            n = reservation_bytes(kv_bound_bytes, ratio, explicit)
+            if n <= 0:
+                return None
+            buf = torch.empty(n, dtype=torch.uint8, device=device)
+            buf.fill_(0)  # a fresh CPU allocation is not resident until written
+            _RESERVATION = Reservation(buf)
+        return _RESERVATION
+
+
+def current() -> Reservation | None:
+    return _RESERVATION
+
+
+def carve(nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` of the reservation for one layer's summaries, or None (nothing reserved, or it is used up)."""
+    with _lock:
+        return None if _RESERVATION is None else _RESERVATION.take(nbytes)
+
+
+def snapshot() -> dict[str, int]:
+    r = _RESERVATION
+    if r is None:
+        return {"reserved_bytes": 0, "reserved_used_bytes": 0, "reserved_layers": 0, "unreserved_layers": 0}
+    return {"reserved_bytes": r.buffer.numel(), "reserved_used_bytes": r.offset, "reserved_layers": r.carved_layers,
+            "unreserved_layers": r.overflow_layers}
+
+
+def reset_for_tests() -> None:
+    global _RESERVATION
+    with _lock:
+        _RESERVATION = None

@@ -1,0 +1,73 @@
+"""The block summaries live in memory reserved before vLLM sizes its KV cache (retrieval_decode/memory.py)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from attention_backends.retrieval_decode import memory, runner
+from attention_backends.retrieval_decode.summaries import BlockSummaries
+
+
+@pytest.fixture(autouse=True)
+def fresh_reservation():
+    memory.reset_for_tests()
+    yield
+    memory.reset_for_tests()
+
+
+@pytest.mark.parametrize("block_size,kv_bytes,summary_bytes", [(16, 2, 2), (32, 2, 4), (16, 1, 4)])
+def test_reservation_holds_the_summaries_of_any_cache_vllm_can_size_from_what_is_left(block_size, kv_bytes,
+                                                                                     summary_bytes):
+    ratio = memory.summary_bytes_per_kv_byte(block_size, kv_bytes, summary_bytes)
+    bound = 70 << 30
+    r = memory.reservation_bytes(bound, ratio, explicit=False)
+    largest_cache = bound - r  # vLLM sizes the cache from what is left after the reservation, or less
+    assert largest_cache * ratio <= r
+    assert r < bound * ratio  # and no more than the summaries of a cache of the whole bound
+
+
+def test_explicit_cache_size_reserves_exactly_its_summaries():
+    ratio = memory.summary_bytes_per_kv_byte(16, 2, 2)
+    r = memory.reservation_bytes(1 << 30, ratio, explicit=True)
+    assert (1 << 30) * ratio <= r <= (1 << 30) * ratio + 64 * memory.ALIGN
+
+
+def test_reserve_once_carve_aligned_and_count_what_did_not_fit():
+    first = memory.reserve(1 << 20, True, 1 / 16, "cpu")
+    assert memory.reserve(1 << 30, True, 1 / 16, "cpu") is first  # once per process
+    a, b = memory.carve(1000), memory.carve(1000)
+    assert a.data_ptr() == first.buffer.data_ptr() and b.data_ptr() - a.data_ptr() == 1024  # offsets aligned
+    assert memory.carve(first.buffer.numel()) is None
+    snap = memory.snapshot()
+    assert snap["reserved_layers"] == 2 and snap["unreserved_layers"] == 1 and snap["reserved_used_bytes"] == 2024
+
+
+def test_summaries_built_in_given_storage_start_empty():
+    n = BlockSummaries.nbytes(10, 2, 8, torch.float32)
+    storage = torch.zeros(n, dtype=torch.uint8)
+    s = BlockSummaries.allocate(10, 2, 8, 16, torch.float32, "cpu", storage=storage)
+    assert s.kmin.shape == (11, 2, 8) and s.kmin.data_ptr() == storage.data_ptr()
+    assert torch.isinf(s.kmin).all() and (s.kmin > 0).all() and (s.kmax < 0).all()
+
+
+def _cpu_runner():
+    cfg = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.bfloat16),
+                          cache_config=SimpleNamespace(block_size=16, cache_dtype="auto", kv_cache_memory_bytes=1 << 20,
+                                                       gpu_memory_utilization=0.9))
+    r = runner.RetrievalDecodeRunner.__new__(runner.RetrievalDecodeRunner)
+    r.impl, r.summaries, r.layer_idx, r._vllm_config = SimpleNamespace(scale=1.0), None, None, cfg
+    return r
+
+
+def test_first_kv_write_carves_the_layers_summaries_from_the_reservation():
+    r = _cpu_runner()
+    r.reserve_summary_memory("cpu")
+    reserved = memory.current().buffer
+    assert reserved.numel() >= (1 << 20) * 4 / (16 * 2)  # float32 summaries of a bf16 cache
+    kv_cache = torch.zeros(8, 2, 16, 2 * 4)  # CPU_ATTN layout [blocks, kv_heads, block_size, 2 * head_dim]
+    r.after_kv_write(torch.randn(3, 2, 4), kv_cache, torch.tensor([0, 1, 17]))
+    start, end = reserved.data_ptr(), reserved.data_ptr() + reserved.numel()
+    assert start <= r.summaries.kmin.data_ptr() < r.summaries.kmax.data_ptr() < end
+    assert memory.snapshot()["reserved_layers"] == 1
