@@ -202,6 +202,9 @@ def main(argv: list[str]) -> int:
     tmp.write_bytes(cfg.to_json())
     tmp.replace(out)  # atomic: a killed search never leaves a half-written config
     print(f"wrote {out}: {summarize(cfg)}")
+    print(f"model identity: {cfg.identity.describe() if cfg.identity else 'unknown (no config.json)'}; to ship it, "
+          "copy it to attention_backends/sparse_prefill/configs/ and run "
+          "`python -m attention_backends.sparse_prefill.model_identity` (rewrites configs/index.json)")
     return 0
 
 

@@ -199,3 +199,25 @@ def test_shipped_h100_table_is_the_fit_of_its_result_files(tmp_path):
     refit = json.loads(out.read_text())
     assert {k: refit[k] for k in ("dense", "index", "kernel", "shape", "match", "device")} == \
            {k: shipped[k] for k in ("dense", "index", "kernel", "shape", "match", "device")}
+
+
+def test_runner_reports_measured_density_to_the_feedback(monkeypatch):
+    from attention_backends.sparse_prefill import runner
+
+    fb = DensityFeedback()
+    monkeypatch.setattr(cost_model, "FEEDBACK", fb)
+    runner._record_pairs(computed=30, causal=1000, predicted=120.0)  # a sparse chunk the cost model priced
+    runner._record_pairs(computed=10, causal=1000)  # threshold rule: nothing predicted, nothing learned
+    assert fb.ratio() == pytest.approx(0.25)
+
+
+def test_runner_builds_one_layer_plan_per_budget_factor():
+    from attention_backends.sparse_prefill.runner import SparsePrefillRunner
+
+    cfg = PatternConfig(default=HeadPattern(pattern="block_sparse", budgets={"top_k": 8}),
+                        calibration={"tokens": 4096}).validate()
+    r = SparsePrefillRunner(cfg, num_heads=2, num_kv_heads=1, scale=0.1)
+    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+    base, doubled = r.layer_plan(layer, torch.device("cpu")), r.layer_plan(layer, torch.device("cpu"), 2.0)
+    assert base.groups[0].budget_max == {"top_k": 8} and doubled.groups[0].budget_max == {"top_k": 16}
+    assert r.layer_plan(layer, torch.device("cpu"), 2.0) is doubled  # cached per factor
