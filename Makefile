@@ -21,11 +21,11 @@ install: $(STAMP)
 serve: install  ## OpenAI-compatible server on http://127.0.0.1:8000/v1, default model, kvplug on
 	$(VENV)/bin/kvplug serve $(ARGS)
 
-test: install  ## full suite against real vLLM (CPU engine)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: install  ## full suite against real vLLM (CPU engine); lists the 15 slowest tests
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-fast: install  ## everything that does not start an engine
-	$(PY) -m pytest -q -m "not engine" $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 -m "not engine" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

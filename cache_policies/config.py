@@ -75,6 +75,11 @@ RENAMED_KEYS = {
     "snapkv_keep_ratio": "snapkv.keep_ratio", "snapkv_window_tokens": "snapkv.window_tokens",
     "snapkv_pool_kernel": "snapkv.pool_kernel",
 }
+# Keys of earlier releases that did nothing -> why they are gone (a config still setting one fails saying so).
+REMOVED_KEYS = {
+    "enabled": "it only changed a metrics label; the policy applies to what offload stores, so it is on "
+               "whenever offload is (--offload / offload.enabled): delete the key",
+}
 
 
 class CachePolicyConfig(Section):
@@ -84,13 +89,14 @@ class CachePolicyConfig(Section):
     ``default``. Policies with parameters read them from the field named by their ``params_key``.
     """
 
-    enabled: bool = False
     default: str = "keep"
     rules: list[PolicyRule] = msgspec.field(default_factory=list)
     int4: Int4Params = msgspec.field(default_factory=Int4Params)
     streaming: StreamingParams = msgspec.field(default_factory=StreamingParams)
     snapkv: SnapKVParams = msgspec.field(default_factory=SnapKVParams)
-    # The renamed flat keys: accepted by the parser only to fail naming the new key; never encoded (UNSET).
+    # The removed and renamed keys: accepted by the parser only to fail saying what became of them; never
+    # encoded (UNSET).
+    enabled: Any = msgspec.UNSET
     int4_group_size: Any = msgspec.UNSET
     int4_residual_tokens: Any = msgspec.UNSET
     streaming_sink_tokens: Any = msgspec.UNSET
@@ -100,6 +106,9 @@ class CachePolicyConfig(Section):
     snapkv_pool_kernel: Any = msgspec.UNSET
 
     def __post_init__(self) -> None:
+        for old, why in REMOVED_KEYS.items():
+            if getattr(self, old) is not msgspec.UNSET:
+                raise KvplugConfigError(f"{SECTION}.{old} was removed: {why}")
         for old, new in RENAMED_KEYS.items():
             if getattr(self, old) is not msgspec.UNSET:
                 raise KvplugConfigError(f"{SECTION}.{old} was renamed: use {SECTION}.{new}")

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from kvplug import models, settings
+from offload.spec import parse_offload_flag
 
 USAGE = """usage: kvplug <command> [args]
 
@@ -13,7 +14,7 @@ commands:
                           start vLLM's OpenAI server with kvplug on (default model: smollm2-135m-instruct)
   models prepare [NAME]   fetch, verify and convert an embedded model; prints its folder
   models list             the models kvplug can prepare
-  config show [--config F] [--set K=V]
+  config show [--config F] [--set K=V] [--offload TIERS]
                           print the effective config (defaults < file < KVPLUG_* env < --set)
   cache ls|events|pin|unpin|rm [--endpoint URL]
                           what a running server's offload tiers hold; pin or delete a prefix (kvplug cache --help)
@@ -51,9 +52,12 @@ def _config(argv: list[str]) -> int:
     show = sub.add_parser("show", help="print the effective config")
     show.add_argument("--config")
     show.add_argument("--set", dest="sets", action="append", default=[])
+    show.add_argument("--offload", metavar="TIERS", help="as `kvplug serve --offload`, e.g. cpu:8GiB")
     ns = p.parse_args(argv)
     try:
-        cfg = settings.resolve(ns.config, ns.sets)
+        # the same order as `kvplug serve`: --offload's keys first, so an explicit --set wins
+        sets = [*(parse_offload_flag(ns.offload) if ns.offload else []), *ns.sets]
+        cfg = settings.resolve(ns.config, sets)
     except settings.KvplugConfigError as exc:
         print(f"kvplug config: {exc}", file=sys.stderr)
         return 2

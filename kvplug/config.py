@@ -124,7 +124,9 @@ def set_path(root: type, tree: dict[str, Any], dotted: str, value: Any, source: 
         key = parts[depth + 1]
         fields = struct_type.__struct_fields__
         if key not in fields:
-            known = ", ".join(fields) or "none yet"
+            # fields defaulting to UNSET are removed/renamed keys kept only to fail with their own message
+            known = ", ".join(f.name for f in msgspec.structs.fields(struct_type)
+                              if f.default is not msgspec.UNSET) or "none yet"
             raise KvplugConfigError(f"{source}: unknown key '{prefix}.{key}' (keys of {prefix}: {known})")
     node[parts[-1]] = value
 

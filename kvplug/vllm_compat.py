@@ -47,6 +47,12 @@ def limit_full_cudagraphs_to_pure_decode(builder_cls: type) -> None:
     common.limit_full_cudagraphs_to_pure_decode(builder_cls, selected().CUDAGRAPH_SUPPORT_ATTRS)
 
 
+def platform_default_env(environ: Any) -> dict[str, str]:
+    """Environment defaults a server of this release needs on this platform, less what ``environ`` sets."""
+    defaults = selected().CPU_SERVER_ENV if platform_name() == "cpu" else {}
+    return {k: v for k, v in defaults.items() if k not in environ}
+
+
 def cpu_attn_scheduler_metadata(**kwargs: Any) -> Any:
     return selected().cpu_attn_scheduler_metadata(**kwargs)
 

@@ -517,8 +517,8 @@ class SchedulerSide:
                 out = self.inventory.events_since(since, epoch)
             if out["reset"] or out["stored"] or out["removed"] or time.monotonic() >= deadline:
                 return {"ok": True, **out}
-            with self.inventory.changed:
-                self.inventory.changed.wait(max(0.0, deadline - time.monotonic()))
+            with self.inventory.changed:  # short waits: an event between the check and the wait is not missed long
+                self.inventory.changed.wait(min(0.25, max(0.0, deadline - time.monotonic())))
 
     def _answer_pin(self, p: inv.Prefix, msg: dict) -> dict:
         if msg.get("pinned") is False:

@@ -296,6 +296,7 @@ class _StreamingReport:
         self.send, self.rid, self.asked = send, rid, asked
         self.start: dict | None = None
         self.reported = False
+        self.chunk_fields: dict = {}  # id, object, created, model of the stream's chunks: the report chunk's too
 
     async def __call__(self, message) -> None:
         if message["type"] == "http.response.start":
@@ -310,13 +311,25 @@ class _StreamingReport:
             await self.send({**start, "headers": [*start.get("headers", []), (HEADER, header_value(report))]})
         if message["type"] == "http.response.body" and self.asked and not self.reported:
             body = message.get("body", b"")
+            if not self.chunk_fields:
+                self._learn_fields(body)
             at = body.find(b"data: [DONE]")
             if at >= 0:
                 self.reported = True
                 report = await _fetch_report(self.rid)
-                chunk = {"object": "kvplug.cache_report", "choices": [], request_keys.REPORT_FIELD: report}
+                chunk = {**self.chunk_fields, "choices": [], request_keys.REPORT_FIELD: report}
                 message = {**message, "body": body[:at] + b"data: " + json.dumps(chunk).encode() + b"\n\n" + body[at:]}
         await self.send(message)
+
+    def _learn_fields(self, body: bytes) -> None:
+        at = body.find(b"data: {")
+        if at < 0:
+            return
+        try:
+            first = json.loads(body[at + 6:body.find(b"\n", at)])
+        except ValueError:
+            return
+        self.chunk_fields = {k: first[k] for k in ("id", "object", "created", "model") if k in first}
 
     async def close(self) -> None:
         if self.start is not None:  # the handler ended without a body

@@ -41,6 +41,7 @@ import msgspec
 from kvplug import config as config_loader
 from kvplug import settings, vllm_compat
 from serving import routing
+from serving.processes import die_with_parent, end_session
 from serving.prompt_blocks import PromptHasher
 from serving.router import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_SESSION_ID_BYTES, DEFAULT_READ_TIMEOUT_S, ReplicaEndpoint,
                             ReplicaRouter, serve_router)
@@ -271,15 +272,15 @@ class VllmReplica:
         return None if self.proc is None else self.proc.poll()
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                # The API server alone: it stops its engine core and workers in order (vLLM's shutdown); a
+                # SIGTERM to all of them at once kills the engine under it (EngineDeadError, leaked memory).
+                self.proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout_s)
+            end_session(self.proc.pid, grace_s=5.0)  # what is left of its session, the server too if late
+            self.proc.wait()
         if self.prom_dir:
             shutil.rmtree(self.prom_dir, ignore_errors=True)
         return None if self.proc is None else self.proc.returncode
@@ -293,12 +294,7 @@ def _child_setup(niceness: int) -> None:
     * the launcher's scheduling priority: Ray starts its worker processes at niceness 15 (to keep its
       raylet responsive), which an engine serving requests must not inherit.
     """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    die_with_parent()
     try:
         os.setpriority(os.PRIO_PROCESS, 0, niceness)
     except OSError:  # lowering niceness needs CAP_SYS_NICE; then the engine keeps Ray's

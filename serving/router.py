@@ -60,7 +60,8 @@ DEFAULT_READ_TIMEOUT_S = 900.0
 DEFAULT_MAX_BODY_BYTES = 64 << 20       # ~10M tokens of text: past any context window served here
 DEFAULT_MAX_SESSION_ID_BYTES = 256      # an id, not a payload (it is hashed onto the ring)
 CLIENT_CLOSED_REQUEST = 499             # nginx's status for "the client went away"; nobody receives it
-CACHE_EVENTS_PATH = "/kvplug/cache/events"
+CACHE_PATH = "/kvplug/cache"
+CACHE_EVENTS_PATH = CACHE_PATH + "/events"
 DEFAULT_FEED_INTERVAL_S = 0.25          # a follow-up turn comes right after its answer: the feed must be quicker
 DEFAULT_FEED_WAIT_S = 5.0               # long poll (wait_s): the replica answers as soon as it has news
 FEED_RETRY_S = 10.0                     # a replica without the feed (404) or failing it is asked again this often
@@ -227,6 +228,9 @@ class ReplicaRouter:
             Route("/replicas", self.replicas, methods=["GET"]),
             Route("/router/routing", self.set_routing, methods=["PUT"]),
             Route("/reset_prefix_cache", self.reset_prefix_cache, methods=["POST"]),
+            Route(CACHE_PATH, self.cache_api, methods=["GET"]),
+            Route(CACHE_PATH + "/pin", self.cache_api, methods=["POST"]),
+            Route(CACHE_PATH + "/{prefix}", self.cache_api, methods=["DELETE"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/completions", self.generate, methods=["POST"]),
@@ -374,6 +378,39 @@ class ReplicaRouter:
         self.policy.mode = mode
         log.info("routing mode set to %s", mode)
         return JSONResponse({"routing": mode})
+
+    async def cache_api(self, request: Request) -> Response:
+        """The replicas' /kvplug/cache (serving/cache_api.py): ``?replica=NAME`` asks that one and answers as it
+        does; else every healthy replica is asked: {"replicas": {name: its answer}} (a pin or DELETE names a
+        prefix one replica holds: 200 if any replica did it)."""
+        params = dict(request.query_params)
+        only = params.pop("replica", None)
+        if only is not None and only not in self.endpoints:
+            return _error(400, f"replica {only!r} is not one of {', '.join(self.endpoints)}", "BadRequestError")
+        try:
+            raw = await self._read_body(request) if request.method == "POST" else b""
+        except _Refused as exc:
+            return self._refused(exc)
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        names = [only] if only is not None else self.policy.healthy_replicas()
+
+        async def ask(name: str) -> tuple[int, Any]:
+            try:
+                r = await self._client.request(request.method, self.endpoints[name].base_url + request.url.path,
+                                               params=params, content=raw or None, timeout=30.0,
+                                               headers={**self.upstream_auth, "content-type": "application/json"})
+                return r.status_code, r.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                return 502, {"error": {"message": f"replica {name}: {type(exc).__name__}: {exc}", "code": 502}}
+
+        answers = dict(zip(names, await asyncio.gather(*(ask(n) for n in names))))
+        if only is not None:
+            status, body = answers[only]
+            return JSONResponse({**body, "replica": only} if isinstance(body, dict) else body, status_code=status)
+        ok = [s for s, _ in answers.values() if s == 200]
+        status = 200 if ok or not answers else min(s for s, _ in answers.values())
+        return JSONResponse({"replicas": {n: b for n, (_, b) in answers.items()}}, status_code=status)
 
     async def reset_prefix_cache(self, _request: Request) -> Response:
         """Forwarded to every healthy replica (vLLM serves it with VLLM_SERVER_DEV_MODE=1)."""

@@ -13,18 +13,22 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 
 from kvplug import models, settings, vllm_compat
 from offload.spec import parse_offload_flag
+from serving.processes import ServerProcess
 from serving.replicas import (add_router_args, api_keys, replica_configs, run_replicated, tensor_parallel_size,
                               validate_router_args)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+# vLLM's default (0) aborts on SIGTERM and kills its engine core at once, which leaves the engine's shared
+# memory and semaphores behind (the resource tracker's "leaked shared_memory objects" warnings). With a
+# timeout, the engine stops in order; requests in flight get this long to finish.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 10
 HASH_SEED = "0"
 
 
@@ -87,7 +91,13 @@ def _has_flag(args: list[str], flag: str) -> bool:
 
 
 def check_port_free(host: str, port: int) -> None:
+    """ServeError unless the server can bind ``host:port``.
+
+    Binds the way vLLM's server (and the router's uvicorn) do, with SO_REUSEADDR: a port whose only sockets
+    are in TIME-WAIT after a stop is free for them, so a restart right after a stop must pass here too.
+    SO_REUSEADDR still fails on a port another socket listens on."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
@@ -191,12 +201,15 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
         served_name = flag_value(extra, "--served-model-name") or served_name
     if default_len and not _has_flag(extra, "--max-model-len"):
         extra += ["--max-model-len", str(default_len)]
+    if not _has_flag(extra, "--shutdown-timeout"):
+        extra += ["--shutdown-timeout", str(DEFAULT_SHUTDOWN_TIMEOUT_S)]
     if not _has_flag(extra, "--attention-backend"):
         extra += vllm_compat.attention_backend_cli_args()
     extra += vllm_compat.platform_default_args(extra, environ)
     extra += offload_args(config, extra)
 
     env = dict(environ)
+    env.update(vllm_compat.platform_default_env(environ))
     # vLLM seeds its block hashes from PYTHONHASHSEED: a fixed one makes them equal across replicas and restarts
     # (the router's prefix map, pins on the disk tier). The user's own value wins.
     env.setdefault("PYTHONHASHSEED", HASH_SEED)
@@ -219,26 +232,22 @@ def plan(argv: list[str], environ: dict[str, str] | None = None, prepare_model: 
 
 
 def run(p: ServePlan) -> int:
-    """Run the planned server in the foreground; returns its exit code."""
+    """Run the planned server in the foreground; returns its exit code.
+
+    SIGINT/SIGTERM stop it in order (serving/processes.py); its metrics directory goes with it."""
     prom_dir = tempfile.mkdtemp(prefix="kvplug-prom-")
     env = dict(p.env, PROMETHEUS_MULTIPROC_DIR=prom_dir)
     print(f"kvplug serve: {p.served_model_name} on http://{p.host}:{p.port}/v1 "
           f"(features: {', '.join(p.config.enabled_features()) or 'none'})", file=sys.stderr, flush=True)
-    child = subprocess.Popen(p.command, env=env)
-
-    def forward(signum, _frame):
-        if child.poll() is None:
-            child.send_signal(signum)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {}
     try:
-        return child.wait()
+        server = ServerProcess(p.command, env)
+        old = {s: signal.signal(s, lambda _signum, _frame: server.request_stop())
+               for s in (signal.SIGINT, signal.SIGTERM)}
+        return server.wait()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        if child.poll() is None:
-            child.kill()
-            child.wait()
         shutil.rmtree(prom_dir, ignore_errors=True)
 
 

@@ -47,18 +47,26 @@ def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = N
                             stdout=log, stderr=subprocess.STDOUT, env=env or dict(os.environ), cwd=REPO)
     server = Server(f"http://127.0.0.1:{port}", models.DEFAULT_MODEL,
                     str(models.model_dir(models.DEFAULT_MODEL)), log_path, proc)
+    if not wait_healthy(server.base_url, proc, server.log_tail):
+        stop_server(server)
+        raise RuntimeError(f"kvplug serve did not become ready in {SERVER_START_TIMEOUT_S}s:\n{server.log_tail()}")
+    return server
+
+
+def wait_healthy(base_url: str, proc: subprocess.Popen, log_tail) -> bool:
+    """Until ``base_url``/health answers 200 (True) or SERVER_START_TIMEOUT_S passed (False); RuntimeError
+    with ``log_tail()`` if the process exits first."""
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"kvplug serve exited with {proc.returncode}:\n{server.log_tail()}")
+            raise RuntimeError(f"kvplug serve exited with {proc.returncode}:\n{log_tail()}")
         try:
-            if httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200:
-                return server
+            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
+                return True
         except httpx.HTTPError:
             pass
         time.sleep(2)
-    stop_server(server)
-    raise RuntimeError(f"kvplug serve did not become ready in {SERVER_START_TIMEOUT_S}s:\n{server.log_tail()}")
+    return False
 
 
 def stop_server(server: Server) -> None:

