@@ -85,8 +85,10 @@ class RouterMetrics:
         p = f"{prefix}_router"
         self.routed = Counter(f"{p}_routed", "Requests sent to a replica (retries included)",
                               ["replica", "reason"], registry=r)
-        self.affinity_hits = Counter(f"{p}_affinity_hits", "Requests served by their key's home replica",
-                                     ["replica"], registry=r)
+        self.affinity_hits = Counter(f"{p}_affinity_hits",
+                                     "Requests served where their prefix is: their key's home replica (affinity) "
+                                     "or the one holding their longest cached prefix (tier_hit)", ["replica"],
+                                     registry=r)
         self.fallbacks = Counter(f"{p}_fallbacks",
                                  "Requests sent away from their key's home replica (load_bound, home_down)",
                                  ["replica", "reason"], registry=r)
