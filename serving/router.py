@@ -246,8 +246,8 @@ class ReplicaRouter:
     async def _lifespan(self, _app):
         self._health_task = asyncio.create_task(self._health_loop())
         self._feed_tasks = [asyncio.create_task(self._feed_loop(n)) for n in self.endpoints]
-        if self.prompt_hasher is not None:  # load the tokenizer now, not in the first request's TTFT
-            self._feed_tasks.append(asyncio.create_task(asyncio.to_thread(lambda: self.prompt_hasher.tokenizer)))
+        if self.prompt_hasher is not None:
+            self._feed_tasks.append(asyncio.create_task(asyncio.to_thread(self.prompt_hasher.warm_up)))
         try:
             yield
         finally:

@@ -129,6 +129,9 @@ class TextHasher:
     def __init__(self):
         self.calls = 0
 
+    def warm_up(self):
+        pass
+
     @staticmethod
     def text(path, body):
         return "".join(f"<{m['role']}>{m['content']}" for m in body["messages"])
