@@ -37,9 +37,12 @@ MAX_BUFFERED_BODY = 64 << 20
 HEADER_WAIT_S = 0.5  # a stream's first chunk waits at most this for the engine's answer (BENCHMARKS.md)  # a non-streaming answer larger than this passes through without a body report
 
 
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}
+
+
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "BadRequestError" if status < 500 else "ServerError",
-                                 "param": param, "code": status}}).encode()
+    kind = ERROR_TYPES.get(status, "ServerError" if status >= 500 else "BadRequestError")
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
 
 
 async def send_json(send, status: int, payload: bytes, extra_headers: list | None = None) -> None:
