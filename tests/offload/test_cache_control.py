@@ -221,3 +221,11 @@ def test_operator_pin_unpin_delete_and_the_control_socket(tmp_path):
         assert serve(side, req("a2", 4, tag="a"))[0]["first_miss"]["reason"] == inventory.DELETED
     finally:
         server.close()
+
+
+def test_prompt_tokens_only_when_the_operator_enables_them():
+    side = side_with(cpu_blocks=16)
+    side.inventory.prompt_tokens = 5
+    serve(side, req("a", 2))
+    view = side.inventory.listing()["prefixes"][0]
+    assert view["head_token_ids"] == req("a", 2).prompt_token_ids[:5]
