@@ -33,12 +33,16 @@ from serving.replicas import api_keys
 PREFIX = "/kvplug/cache"
 HEADER = b"x-kvplug-cache"
 REPORTED_PATHS = ("/v1/completions", "/v1/chat/completions")
-MAX_BUFFERED_BODY = 64 << 20  # a non-streaming answer larger than this passes through without a body report
+MAX_BUFFERED_BODY = 64 << 20
+HEADER_WAIT_S = 0.5  # a stream's first chunk waits at most this for the engine's answer (BENCHMARKS.md)  # a non-streaming answer larger than this passes through without a body report
+
+
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}
 
 
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "BadRequestError" if status < 500 else "ServerError",
-                                 "param": param, "code": status}}).encode()
+    kind = ERROR_TYPES.get(status, "ServerError" if status >= 500 else "BadRequestError")
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
 
 
 async def send_json(send, status: int, payload: bytes, extra_headers: list | None = None) -> None:
@@ -307,7 +311,7 @@ class _StreamingReport:
             return
         if message["type"] == "http.response.body" and self.start is not None:
             start, self.start = self.start, None
-            report = await _fetch_report(self.rid)
+            report = await _fetch_report(self.rid, timeout=HEADER_WAIT_S)
             await self.send({**start, "headers": [*start.get("headers", []), (HEADER, header_value(report))]})
         if message["type"] == "http.response.body" and self.asked and not self.reported:
             body = message.get("body", b"")
@@ -337,9 +341,9 @@ class _StreamingReport:
             await self.send(start)
 
 
-async def _fetch_report(rid: str) -> dict | None:
+async def _fetch_report(rid: str, timeout: float = 5.0) -> dict | None:
     try:
-        answer = await control.call({"op": "report", "id": rid}, timeout=5.0)
+        answer = await control.call({"op": "report", "id": rid}, timeout=timeout)
     except control.ControlUnavailable:
         return None
     return answer.get("report")

@@ -31,7 +31,7 @@ class ModelContext:
     chosen: planner.ChosenConfig
     num_heads: int
     head_dim: int
-    layers: set[int]
+    num_layers: int = 0  # attention impls built in this process (one per layer)
 
 
 _context: ModelContext | None = None
@@ -42,8 +42,8 @@ def _note_layer(chosen: planner.ChosenConfig, impl: Any) -> None:
     global _context
     with _context_lock:
         if _context is None:
-            _context = ModelContext(chosen, int(impl.num_heads), int(impl.head_size), set())
-        _context.layers.add(id(impl))
+            _context = ModelContext(chosen, int(impl.num_heads), int(impl.head_size))
+        _context.num_layers += 1
 
 
 def make_decider(cfg: Any, context: ModelContext | None, device: str) -> tuple[cost_model.ChunkDecider, str]:
@@ -62,7 +62,7 @@ def make_decider(cfg: Any, context: ModelContext | None, device: str) -> tuple[c
         floor = cfg.min_prompt_tokens or cost_model.THRESHOLD_TOKENS
         return cost_model.ChunkDecider(floor, **scale), f"threshold rule from {floor} tokens ({why})"
     floor = cfg.min_prompt_tokens or cost_model.FLOOR_TOKENS
-    cfg_layers = context.chosen.config.num_layers or len(context.layers) or 1
+    cfg_layers = context.chosen.config.num_layers or context.num_layers or 1
     heads = cost_model.HeadDensity(context.chosen.config, cfg_layers, context.num_heads)
     decider = cost_model.ChunkDecider(floor, table, heads, context.num_heads, context.head_dim, cfg.cost_margin,
                                       **scale)

@@ -99,7 +99,8 @@ panel("Requests running / waiting per replica", [("vllm:num_requests_running", "
 panel("Prompt and generated tokens/s", [(f"sum by (replica) (rate(vllm:prompt_tokens_total{R}))", "prompt {{replica}}"),
                                         (f"sum by (replica) (rate(vllm:generation_tokens_total{R}))", "generated {{replica}}")], "short")
 panel("Sparse attention (kvplug backend)", [(f"sum by (mode) (rate(kvplug_sparse_prefill_tokens_total{R}))", "prefill {{mode}}"),
-                                            (f"sum by (mode) (rate(kvplug_retrieval_decode_tokens_total{R}))", "decode {{mode}}")], "short")
+                                            (f"sum by (mode) (rate(kvplug_retrieval_decode_tokens_total{R}))", "decode {{mode}}"),
+                                            (f"sum by (decision, reason) (rate(kvplug_sparse_prefill_chunks_total{R}))", "prefill chunks {{decision}} ({{reason}})")], "short")
 
 dash = {
     "__inputs": [{"name": "DS_PROMETHEUS", "label": "Prometheus", "type": "datasource", "pluginId": "prometheus", "pluginName": "Prometheus"}],

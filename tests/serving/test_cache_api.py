@@ -188,3 +188,13 @@ def test_the_router_passes_the_report_through_and_fans_the_cache_api_out():
     assert out["one"]["replica"] == "r1" and out["one"]["name"] == "r1"
     assert out["bad"] == 400 and out["noauth"] == 401
     assert out["pin"].status_code == 200 and out["pin"].json()["replicas"]["r1"] == {"done": "r1"}
+
+
+def test_prompt_text_is_decoded_only_when_enabled(engine, monkeypatch):
+    api = cache_api.CacheApi([], True, prompt_tokens=4)
+    monkeypatch.setattr(api, "_load_tokenizer", lambda: type("Tok", (), {"decode": lambda self, ids: f"text{ids}"})())
+    payload = json.dumps({"prefixes": [{"prefix": "ab", "head_token_ids": [1, 2]}]}).encode()
+    assert json.loads(api._with_prompt_text(payload))["prefixes"][0]["prompt_head"] == "text[1, 2]"
+    plain = cache_api.CacheApi([], True)
+    status, _, body = call(plain, "GET", "/kvplug/cache")
+    assert status == 200 and "prompt_head" not in body.decode()

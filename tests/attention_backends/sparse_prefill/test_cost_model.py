@@ -70,7 +70,7 @@ def test_floor_and_no_table_fallback():
 def test_make_decider_picks_the_rule_for_the_device(device, sets, rule, floor):
     cfg = settings.resolve(sets=["sparse_prefill.enabled=true", *sets], environ={}).sparse_prefill
     chosen = planner.ChosenConfig(UNIFORM.validate(), "uniform default", "test")
-    ctx = backend_hooks.ModelContext(chosen, 32, 128, {1})
+    ctx = backend_hooks.ModelContext(chosen, 32, 128, 32)
     decider, line = backend_hooks.make_decider(cfg, ctx, device)
     assert line.startswith(rule) and decider.floor == floor
     assert (decider.table is not None) == line.startswith("cost model")
@@ -83,7 +83,7 @@ def test_injected_cpu_table_from_a_file(tmp_path):
     path.write_bytes(table.to_json())
     cfg = settings.resolve(sets=["sparse_prefill.enabled=true", f"sparse_prefill.cost_table={path}"],
                            environ={}).sparse_prefill
-    ctx = backend_hooks.ModelContext(planner.ChosenConfig(UNIFORM.validate(), "u", "t"), 32, 128, {1})
+    ctx = backend_hooks.ModelContext(planner.ChosenConfig(UNIFORM.validate(), "u", "t"), 32, 128, 32)
     decider, line = backend_hooks.make_decider(cfg, ctx, "cpu")
     assert decider.table == table and str(path) in line
     assert decider.decide(131072, 131072).sparse and not decider.decide(8192, 8192).sparse
@@ -221,3 +221,26 @@ def test_runner_builds_one_layer_plan_per_budget_factor():
     base, doubled = r.layer_plan(layer, torch.device("cpu")), r.layer_plan(layer, torch.device("cpu"), 2.0)
     assert base.groups[0].budget_max == {"top_k": 8} and doubled.groups[0].budget_max == {"top_k": 16}
     assert r.layer_plan(layer, torch.device("cpu"), 2.0) is doubled  # cached per factor
+
+
+def test_builder_hook_builds_the_decider_from_the_recorded_model(monkeypatch, caplog):
+    """The impls record the model's shape and config; the builder's first batch builds the decider from them,
+    logs the rule and sets the info metric."""
+    import logging
+
+    from prometheus_client import REGISTRY
+
+    cfg = settings.resolve(sets=["sparse_prefill.enabled=true"], environ={}).sparse_prefill
+    chosen = planner.ChosenConfig(UNIFORM.validate(), "uniform default", "no shipped config for X")
+    monkeypatch.setattr(backend_hooks, "_context", None)
+    for _ in range(32):  # one impl per layer
+        backend_hooks._note_layer(chosen, SimpleNamespace(num_heads=32, head_size=128))
+    monkeypatch.setattr(cost_model, "device_name", lambda: "NVIDIA H100 80GB HBM3")
+    hook = backend_hooks.BuilderHook(cfg)
+    with caplog.at_level(logging.INFO, logger="vllm.kvplug.sparse_prefill"):
+        decider = hook.decider()
+    assert decider.table == H100 and decider.heads.total == 32 * 32 and hook.decider() is decider
+    assert "cost model (shipped h100.json" in caplog.text
+    labels = {"pattern_config": "uniform default", "reason": "no shipped config for X",
+              "decision_rule": caplog.records[-1].getMessage().split(": ", 1)[1]}
+    assert REGISTRY.get_sample_value("kvplug_sparse_prefill_config_info", labels) == 1
