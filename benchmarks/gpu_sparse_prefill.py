@@ -58,12 +58,18 @@ def _worker(args: argparse.Namespace) -> None:
 
     for n in lengths:  # warm-up of every shape
         timed(tokens(n))
-    ttft, dens = {}, {}
+    def decisions(before: dict, after: dict) -> dict[str, int]:
+        """Prefill chunks by sparse prefill's "decision/reason" between two snapshots."""
+        a, b = after.get("chunks", {}), before.get("chunks", {})
+        return {k: a[k] - b.get(k, 0) for k in a if a[k] != b.get(k, 0)}
+
+    ttft, dens, chunks = {}, {}, {}
     for n in lengths:
         before = stats() if ours else None
         ttft[str(n)] = [timed(tokens(n))[0] for _ in range(args.repeats)]
         if ours:
-            dens[str(n)] = density(before, stats())
+            after = stats()
+            dens[str(n)], chunks[str(n)] = density(before, after), decisions(before, after)
     turn = {}
     if args.turn_length:
         first = tokens(args.turn_length)
@@ -76,17 +82,20 @@ def _worker(args: argparse.Namespace) -> None:
             after = stats()
             turn["second_sparse_tokens"] = after["sparse_tokens"] - before["sparse_tokens"]
             turn["second_density"] = density(before, after)
+            turn["second_chunks"] = decisions(before, after)
     import vllm
 
     harness.emit_result({"backend": args.backend, "attention_impls": impls, "ttft_s": ttft, "density": dens,
+                         "chunks": chunks,
                          "two_turn": turn, "device": harness.device_name(), "vllm": vllm.__version__})
 
 
 def run_backend(args: argparse.Namespace, backend: str) -> dict:
     env = harness.engine_env(vanilla=backend != "CUSTOM")
     if backend == "CUSTOM":
-        env.update(harness.kvplug_env("sparse_prefill", enabled=True, min_prompt_tokens=args.min_prompt_tokens,
+        env.update(harness.kvplug_env("sparse_prefill", enabled=True, cost_table=args.cost_table,
                                       default_pattern=args.pattern, default_budgets=args.budgets,
+                                      **({"min_prompt_tokens": args.min_prompt_tokens} if args.min_prompt_tokens else {}),
                                       **({"pattern_config": args.pattern_config} if args.pattern_config else {})))
     worker_args = ["--model-dir", args.model_dir, "--shape", args.shape, "--lengths", args.lengths,
                    "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem), "--turn-length", str(args.turn_length),
@@ -103,7 +112,8 @@ def summarize(runs: list[dict]) -> dict:
     for n in base[0]["ttft_s"]:
         b = statistics.median([x for r in base for x in r["ttft_s"][n]])
         o = statistics.median([x for r in ours for x in r["ttft_s"][n]])
-        table[n] = {"flash_attn_s": b, "kvplug_s": o, "speedup": b / o, "density": ours[-1]["density"].get(n)}
+        table[n] = {"flash_attn_s": b, "kvplug_s": o, "speedup": b / o, "density": ours[-1]["density"].get(n),
+                    "chunks": ours[-1].get("chunks", {}).get(n)}
     out = {"device": runs[0]["device"], "vllm": runs[0]["vllm"], "ttft": table,
            "attention_impls": {r["backend"]: r["attention_impls"] for r in runs}}
     if base[0]["two_turn"]:
@@ -120,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--turn-length", type=int, default=131072 - 1024, help="two-turn case: first turn tokens (0: skip)")
     p.add_argument("--suffix", type=int, default=1024, help="two-turn case: new tokens of the second turn")
-    p.add_argument("--min-prompt-tokens", type=int, default=32768, help="kvplug's default (8192 reproduces the "
-                   "first H100 run)")
+    p.add_argument("--min-prompt-tokens", type=int, default=0, help="sparse prefill's floor (0: kvplug's default, "
+                   "8192 with a cost table, 32768 without; 8192 with --cost-table none reproduces the first H100 run)")
+    p.add_argument("--cost-table", default="auto", help="sparse_prefill.cost_table: auto (the shipped table for "
+                   "the GPU), a file, or none (every chunk past the floor goes sparse: the pre-cost-model rule)")
     p.add_argument("--pattern", default="vertical_slash")
     p.add_argument("--budgets", default='{"vertical": 1000, "slash": 1024}')
     p.add_argument("--pattern-config", default="", help="per-head JSON instead of --pattern/--budgets")
@@ -140,12 +152,12 @@ def print_summary(summary: dict) -> None:
     print(f"device: {summary['device']}  vLLM {summary['vllm']}")
     harness.print_metric_rows(summary, ("ttft",), lambda _, n, row: (
         f"TTFT {n:>7s}  FLASH_ATTN {row['flash_attn_s']*1e3:9.1f} ms  kvplug {row['kvplug_s']*1e3:9.1f} ms"
-        f"  speedup {row['speedup']:.2f}x  density {row['density']}"))
+        f"  speedup {row['speedup']:.2f}x  density {row['density']}  chunks {row.get('chunks')}"))
     if "two_turn" in summary:
         t = summary["two_turn"]
         print(f"second turn (prefix hit): FLASH_ATTN {t['flash_attn_second_ttft_s']*1e3:.1f} ms  kvplug "
               f"{t['kvplug_second_ttft_s']*1e3:.1f} ms  sparse tokens {t['kvplug'].get('second_sparse_tokens')}"
-              f"  cached {t['kvplug'].get('second_cached_tokens')}")
+              f"  cached {t['kvplug'].get('second_cached_tokens')}  chunks {t['kvplug'].get('second_chunks')}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import socket
+import shlex
 import statistics
 import subprocess
 import sys
@@ -276,7 +277,7 @@ def parse_shape_args(p, argv: Sequence[str] | None, worker: Callable[[Any], None
 
 def command_line(module: str, argv: Sequence[str] | None) -> str:
     """How this run was started: ``python -m <module> <args>``."""
-    return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+    return f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def print_metric_rows(summary: dict, metrics: Sequence[str], line: Callable[[str, str, dict], str]) -> None:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from benchmarks import harness
 
-SHIPPED = Path(__file__).resolve().parents[1] / "attention_backends" / "sparse_prefill" / "configs"
 
 
 def _parse(argv):
@@ -54,18 +53,15 @@ def _parse(argv):
 
 
 def pattern_config_path(setting: str, model: Path) -> str:
-    """An explicit file, else the shipped config for the model folder's name (exact, else the one it prefixes)."""
+    """An explicit file, else the shipped config for the model's identity (its config.json, not its name)."""
     if setting != "auto":
         return setting
-    key = model.name.lower()
-    exact = SHIPPED / f"{key}.json"
-    if exact.exists():
-        return str(exact)
-    matches = sorted(SHIPPED.glob(f"{key}*.json"))
-    if len(matches) != 1:
-        raise SystemExit(f"no single shipped pattern config for {key!r} in {SHIPPED} ({[m.name for m in matches]}); "
-                         "pass --pattern-config")
-    return str(matches[0])
+    from attention_backends.sparse_prefill import model_identity
+
+    path, reason = model_identity.find_shipped(model_identity.model_identity(model))
+    if path is None:
+        raise SystemExit(f"no shipped pattern config for {model}: {reason}; pass --pattern-config")
+    return str(path)
 
 
 def make_cases(tokenizer_path: str, tokens: int, n: int, seed: int) -> list[dict]:
@@ -122,9 +118,11 @@ def _worker(args) -> None:
 
 def run_engine(args, sparse: bool, pattern_config: str) -> dict:
     env = harness.engine_env(clear_config=True,  # collective_rpc of a function
+                             # cost_table off: every chunk past --min-prompt-tokens goes sparse, so what is
+                             # measured is the sparse path's accuracy, not the cost model's choices
                              **harness.kvplug_env("sparse_prefill", enabled=sparse,
                                                   min_prompt_tokens=args.min_prompt_tokens,
-                                                  pattern_config=pattern_config))
+                                                  pattern_config=pattern_config, cost_table="none"))
     argv = harness.worker_argv(sys.argv[1:] if args.argv is None else args.argv, drop=("--out", "--pattern-config"))
     return harness.run_worker("benchmarks.sparse_prefill_accuracy", "sparse" if sparse else "dense", argv, env)
 

@@ -51,6 +51,8 @@ class Metrics:
     backend_instances: object
     sparse_prefill_tokens: object
     sparse_prefill_pairs: object
+    sparse_prefill_chunks: object
+    sparse_prefill_config: object
     retrieval_decode_tokens: object
     retrieval_decode_blocks: object
 
@@ -98,6 +100,13 @@ def _create(prefix: str) -> Metrics:
         sparse_prefill_pairs=Counter(f"{prefix}_sparse_prefill_pairs",
                                      "Sparse-prefill (query, key) pairs over all layers and heads: computed vs "
                                      "the full causal mask", ["kind"]),
+        sparse_prefill_chunks=Counter(f"{prefix}_sparse_prefill_chunks",
+                                      "Prefill chunks by sparse prefill's decision (sparse or dense) and its reason "
+                                      "(cost_model, below_floor, threshold)", ["decision", "reason"]),
+        sparse_prefill_config=Gauge(f"{prefix}_sparse_prefill_config_info",
+                                    "Sparse prefill's per-head config in use, why it was chosen, and the "
+                                    "per-chunk decision rule (value is always 1)",
+                                    ["pattern_config", "reason", "decision_rule"], **gauge_kw),
         retrieval_decode_tokens=Counter(f"{prefix}_retrieval_decode_tokens",
                                         "Decode tokens by attention mode: sparse (top-k blocks) or dense", ["mode"]),
         # blocks read per sparse token = rate(blocks{kind="read"}) / rate(tokens{mode="sparse"}) (per kv-head);

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from offload.tiers.eviction import DEFAULT_PRIORITY
-from offload.tiers.planner import TierPlanner
+from offload.tiers.planner import PinRefused, TierPlanner
 
 logger = logging.getLogger("vllm.kvplug.offload")
 
@@ -228,7 +228,11 @@ class CacheInventory:
             if not keys or until <= time.time():
                 continue
             p = self.add_prefix(pid, keys, rec.get("policy", ""), rec.get("priority", DEFAULT_PRIORITY))
-            self.planner.pin(keys, until, p.priority)
+            try:
+                self.planner.pin(keys, until, p.priority)
+            except PinRefused as exc:  # the tiers were made smaller since: the pin is dropped, not the engine
+                logger.warning("kvplug offload: pin of prefix %s from the last run dropped: %s", pid, exc)
+                continue
             p.pinned_until = until
         for key, rec in kept.items():
             if not self.blocks[key].prefixes:

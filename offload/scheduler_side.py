@@ -473,6 +473,7 @@ class SchedulerSide:
             prefix.priority = priority
         self.inventory.sync(keys)
         self.inventory.save_pins()
+        self._update_gauges()
         return {"pinned": True, "prefix": prefix.prefix_id, "blocks": len(keys),
                 "ttl_s": None if ttl_s is None else float(ttl_s)}
 
@@ -482,6 +483,11 @@ class SchedulerSide:
             return
         for tier, _, cls in evicted:
             self.m.evictions.labels(tier=tier, **{"class": cls}).inc()
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        if self.m is None:
+            return
         for t in self.planner.tiers:
             index = self.planner.index(t.name)
             if index is not None:
@@ -517,14 +523,15 @@ class SchedulerSide:
                 out = self.inventory.events_since(since, epoch)
             if out["reset"] or out["stored"] or out["removed"] or time.monotonic() >= deadline:
                 return {"ok": True, **out}
-            with self.inventory.changed:
-                self.inventory.changed.wait(max(0.0, deadline - time.monotonic()))
+            with self.inventory.changed:  # short waits: an event between the check and the wait is not missed long
+                self.inventory.changed.wait(min(0.25, max(0.0, deadline - time.monotonic())))
 
     def _answer_pin(self, p: inv.Prefix, msg: dict) -> dict:
         if msg.get("pinned") is False:
             self.planner.unpin(p.keys)
             p.pinned_until = None
             self.inventory.save_pins()
+            self._update_gauges()
             return {"ok": True, "pinned": False, "prefix": p.prefix_id}
         result = self._pin(p, msg.get("ttl_s"), msg.get("priority"), self._pending_ops)
         if not result["pinned"]:
@@ -540,4 +547,5 @@ class SchedulerSide:
         self.inventory.prefixes.pop(p.prefix_id, None)
         if was_pinned:
             self.inventory.save_pins()
+        self._update_gauges()
         return {"ok": True, "deleted": p.prefix_id, "blocks": len(keys)}

@@ -33,12 +33,16 @@ from serving.replicas import api_keys
 PREFIX = "/kvplug/cache"
 HEADER = b"x-kvplug-cache"
 REPORTED_PATHS = ("/v1/completions", "/v1/chat/completions")
-MAX_BUFFERED_BODY = 64 << 20  # a non-streaming answer larger than this passes through without a body report
+MAX_BUFFERED_BODY = 64 << 20
+HEADER_WAIT_S = 0.5  # a stream's first chunk waits at most this for the engine's answer (BENCHMARKS.md)  # a non-streaming answer larger than this passes through without a body report
+
+
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}
 
 
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "BadRequestError" if status < 500 else "ServerError",
-                                 "param": param, "code": status}}).encode()
+    kind = ERROR_TYPES.get(status, "ServerError" if status >= 500 else "BadRequestError")
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
 
 
 async def send_json(send, status: int, payload: bytes, extra_headers: list | None = None) -> None:
@@ -296,6 +300,7 @@ class _StreamingReport:
         self.send, self.rid, self.asked = send, rid, asked
         self.start: dict | None = None
         self.reported = False
+        self.chunk_fields: dict = {}  # id, object, created, model of the stream's chunks: the report chunk's too
 
     async def __call__(self, message) -> None:
         if message["type"] == "http.response.start":
@@ -306,17 +311,29 @@ class _StreamingReport:
             return
         if message["type"] == "http.response.body" and self.start is not None:
             start, self.start = self.start, None
-            report = await _fetch_report(self.rid)
+            report = await _fetch_report(self.rid, timeout=HEADER_WAIT_S)
             await self.send({**start, "headers": [*start.get("headers", []), (HEADER, header_value(report))]})
         if message["type"] == "http.response.body" and self.asked and not self.reported:
             body = message.get("body", b"")
+            if not self.chunk_fields:
+                self._learn_fields(body)
             at = body.find(b"data: [DONE]")
             if at >= 0:
                 self.reported = True
                 report = await _fetch_report(self.rid)
-                chunk = {"object": "kvplug.cache_report", "choices": [], request_keys.REPORT_FIELD: report}
+                chunk = {**self.chunk_fields, "choices": [], request_keys.REPORT_FIELD: report}
                 message = {**message, "body": body[:at] + b"data: " + json.dumps(chunk).encode() + b"\n\n" + body[at:]}
         await self.send(message)
+
+    def _learn_fields(self, body: bytes) -> None:
+        at = body.find(b"data: {")
+        if at < 0:
+            return
+        try:
+            first = json.loads(body[at + 6:body.find(b"\n", at)])
+        except ValueError:
+            return
+        self.chunk_fields = {k: first[k] for k in ("id", "object", "created", "model") if k in first}
 
     async def close(self) -> None:
         if self.start is not None:  # the handler ended without a body
@@ -324,9 +341,9 @@ class _StreamingReport:
             await self.send(start)
 
 
-async def _fetch_report(rid: str) -> dict | None:
+async def _fetch_report(rid: str, timeout: float = 5.0) -> dict | None:
     try:
-        answer = await control.call({"op": "report", "id": rid}, timeout=5.0)
+        answer = await control.call({"op": "report", "id": rid}, timeout=timeout)
     except control.ControlUnavailable:
         return None
     return answer.get("report")

@@ -26,7 +26,8 @@ def _ago(t: float) -> str:
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h"
 
 
-def print_listing(data: dict, out=sys.stdout) -> None:
+def print_listing(data: dict, out=None) -> None:
+    out = out or sys.stdout
     print("tier   entries  tokens    bytes      pinned     capacity", file=out)
     for tier, t in data["totals"].items():
         print(f"{tier:6s} {t['entries']:>7d}  {t['tokens']:>8d}  {_size(t['bytes']):>9s}  {_size(t['pinned_bytes']):>9s}  "
@@ -61,6 +62,7 @@ def main(argv: list[str]) -> int:
     ls.add_argument("--limit", type=int, default=50)
     ls.add_argument("--offset", type=int, default=0)
     ls.add_argument("--json", action="store_true", help="the raw JSON answer")
+    ls.add_argument("--replica", help="behind a --replicas router: only this replica (default: all)")
     ev = add("events", help="the block events feed (what the router reads)")
     ev.add_argument("--since", type=int)
     pin = add("pin", help="keep a prefix in the tiers")
@@ -78,7 +80,7 @@ def main(argv: list[str]) -> int:
         with httpx.Client(timeout=60, headers=headers) as client:
             if ns.cmd == "ls":
                 params = {"limit": ns.limit, "offset": ns.offset, **({"tier": ns.tier} if ns.tier else {}),
-                          **({"pinned": "true"} if ns.pinned else {})}
+                          **({"pinned": "true"} if ns.pinned else {}), **({"replica": ns.replica} if ns.replica else {})}
                 r = client.get(f"{base}/kvplug/cache", params=params)
             elif ns.cmd == "events":
                 r = client.get(f"{base}/kvplug/cache/events", params={} if ns.since is None else {"since": ns.since})
@@ -102,7 +104,15 @@ def main(argv: list[str]) -> int:
         print(f"kvplug cache: HTTP {r.status_code}: {msg}", file=sys.stderr)
         return 1
     if ns.cmd == "ls" and not ns.json:
-        print_listing(data)
+        if "replicas" in data:  # a `kvplug serve --replicas N` router: one listing per replica
+            for name, answer in data["replicas"].items():
+                print(f"== replica {name}")
+                if "totals" in answer:
+                    print_listing(answer)
+                else:
+                    print(f"   {answer.get('error', answer)}")
+        else:
+            print_listing(data)
     else:
         print(json.dumps(data, indent=1))
     return 0

@@ -12,8 +12,8 @@ never wrong.
 """
 from __future__ import annotations
 
-import functools
 import logging
+import threading
 from typing import Any, Mapping
 
 from kvplug import vllm_compat
@@ -24,12 +24,19 @@ log = logging.getLogger("kvplug.router")
 class PromptHasher:
     def __init__(self, model_path: str, hash_seed: str, hash_algo: str = "sha256") -> None:
         self.model_path, self.hash_seed, self.hash_algo = model_path, hash_seed, hash_algo
+        self._tokenizer: Any = None
+        self._loading = threading.Lock()
 
-    @functools.cached_property
+    @property
     def tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
+        """Loaded once: the first requests (tokenized in threads) wait for one load instead of each loading."""
+        if self._tokenizer is None:
+            with self._loading:
+                if self._tokenizer is None:
+                    from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.model_path)
+                    self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return self._tokenizer
 
     def token_ids(self, path: str, body: Mapping[str, Any]) -> list[int] | None:
         """The prompt's token ids as the replica will see them, or None for a request shape not handled."""

@@ -427,6 +427,9 @@ def run_replicated(p: Any) -> int:
                                  gpus_per_replica=0 if cpu else tp, log_dir=log_dir, cpu_platform=cpu,
                                  start_timeout_s=opts.get("replica_start_timeout", REPLICA_START_TIMEOUT_S),
                                  replica_envs=replica_envs)
+        hasher = prompt_hasher(p.model_path, p.vllm_args, p.env)
+        if hasher is not None:
+            hasher.tokenizer  # noqa: B018 - loaded before the endpoint opens, not in the first requests' TTFT
         router = ReplicaRouter([ReplicaEndpoint(r.name, r.url, r.info) for r in started], mode=opts["routing"],
                                load_factor=opts["load_factor"],
                                min_match_fraction=opts.get("tier_min_match", routing.DEFAULT_MIN_MATCH_FRACTION),
@@ -435,7 +438,7 @@ def run_replicated(p: Any) -> int:
                                read_timeout_s=opts["router_read_timeout"], api_keys=opts["api_keys"],
                                upstream_api_key=replica_key, max_body_bytes=opts["router_max_body_bytes"],
                                max_session_id_bytes=opts["router_max_session_id_bytes"],
-                               prompt_hasher=prompt_hasher(p.model_path, p.vllm_args, p.env))
+                               prompt_hasher=hasher)
         print(f"kvplug serve: router ready on http://{p.host}:{p.port}/v1", file=sys.stderr, flush=True)
         serve_router(router, p.host, p.port)
         return 0

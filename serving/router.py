@@ -9,7 +9,8 @@ silently. A background loop polls every replica's /health and brings recovered r
 /metrics = the router's own counters + every replica's /metrics with a ``replica`` label added.
 
 Tier-aware routing (the default of `kvplug serve --replicas N`): one loop per replica polls its
-``GET /kvplug/cache/events?since=<seq>`` (deltas of the prefix blocks it holds per tier) into a
+``GET /kvplug/cache/events?since=<seq>&epoch=<e>&wait_s=5`` (deltas of the prefix blocks it holds per tier;
+a long poll where the replica supports it, plain polling every 0.25 s where not) into a
 ``routing.ReplicaBlocks``; a request's block hashes (serving/prompt_blocks.py) are matched against the
 replicas whose feed is live. A replica without the feed (404, errors) just takes no part in the match:
 with no live feed at all, routing is prefix affinity. Every response says where it went and why:
@@ -59,8 +60,10 @@ DEFAULT_READ_TIMEOUT_S = 900.0
 DEFAULT_MAX_BODY_BYTES = 64 << 20       # ~10M tokens of text: past any context window served here
 DEFAULT_MAX_SESSION_ID_BYTES = 256      # an id, not a payload (it is hashed onto the ring)
 CLIENT_CLOSED_REQUEST = 499             # nginx's status for "the client went away"; nobody receives it
-CACHE_EVENTS_PATH = "/kvplug/cache/events"
+CACHE_PATH = "/kvplug/cache"
+CACHE_EVENTS_PATH = CACHE_PATH + "/events"
 DEFAULT_FEED_INTERVAL_S = 0.25          # a follow-up turn comes right after its answer: the feed must be quicker
+DEFAULT_FEED_WAIT_S = 5.0               # long poll (wait_s): the replica answers as soon as it has news
 FEED_RETRY_S = 10.0                     # a replica without the feed (404) or failing it is asked again this often
 ROUTE_HEADER = "x-kvplug-route"
 REPLICA_HEADER = "x-kvplug-replica"
@@ -193,6 +196,7 @@ class ReplicaRouter:
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  max_session_id_bytes: int = DEFAULT_MAX_SESSION_ID_BYTES,
                  prompt_hasher: PromptHasher | None = None, feed_interval_s: float = DEFAULT_FEED_INTERVAL_S,
+                 feed_wait_s: float = DEFAULT_FEED_WAIT_S,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         """``api_keys``: what clients must send (none: no check); ``upstream_api_key``: what the router sends
         to the replicas instead of the client's Authorization header; ``prompt_hasher``: computes requests'
@@ -205,7 +209,8 @@ class ReplicaRouter:
         self.prefix_chars = prefix_chars
         self.health_interval_s = health_interval_s
         self.metrics = RouterMetrics(metrics_prefix)
-        self.prompt_hasher, self.feed_interval_s = prompt_hasher, feed_interval_s
+        self.prompt_hasher, self.feed_interval_s, self.feed_wait_s = prompt_hasher, feed_interval_s, feed_wait_s
+        self.feed_long_poll = {name: True for name in self.endpoints}
         self.feeds = {name: routing.ReplicaBlocks() for name in self.endpoints}
         self.feed_live = {name: False for name in self.endpoints}
         self.feed_problem: dict[str, str] = {name: "not polled yet" for name in self.endpoints}
@@ -223,6 +228,9 @@ class ReplicaRouter:
             Route("/replicas", self.replicas, methods=["GET"]),
             Route("/router/routing", self.set_routing, methods=["PUT"]),
             Route("/reset_prefix_cache", self.reset_prefix_cache, methods=["POST"]),
+            Route(CACHE_PATH, self.cache_api, methods=["GET"]),
+            Route(CACHE_PATH + "/pin", self.cache_api, methods=["POST"]),
+            Route(CACHE_PATH + "/{prefix}", self.cache_api, methods=["DELETE"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/completions", self.generate, methods=["POST"]),
@@ -264,12 +272,21 @@ class ReplicaRouter:
         return ok
 
     # --- cache-events feeds (tier-aware routing) ---
-    async def poll_feed(self, name: str) -> bool:
-        """Ask one replica for the cache events since the last one seen; True if its feed answered."""
+    async def poll_feed(self, name: str, wait_s: float = 0.0) -> bool:
+        """Ask one replica for the cache events since the last one seen (a long poll of up to ``wait_s`` where
+        the replica supports it); True if its feed answered."""
         blocks = self.feeds[name]
+        params: dict[str, Any] = {"since": blocks.seq}
+        if blocks.epoch is not None:
+            params["epoch"] = blocks.epoch  # a new engine life answers with its full state at once
+        if wait_s > 0 and self.feed_long_poll[name]:
+            params["wait_s"] = wait_s
         try:
-            r = await self._client.get(self.endpoints[name].base_url + CACHE_EVENTS_PATH,
-                                       params={"since": blocks.seq}, headers=self.upstream_auth, timeout=10.0)
+            r = await self._client.get(self.endpoints[name].base_url + CACHE_EVENTS_PATH, params=params,
+                                       headers=self.upstream_auth, timeout=10.0 + params.get("wait_s", 0))
+            if r.status_code == 400 and "wait_s" in params:  # no long polls there: plain polling from now on
+                self.feed_long_poll[name] = False
+                return await self.poll_feed(name)
             if r.status_code != 200:
                 return self._set_feed(name, False, f"{CACHE_EVENTS_PATH} answered HTTP {r.status_code}")
             blocks.apply(r.json())
@@ -288,13 +305,19 @@ class ReplicaRouter:
         return live
 
     async def _feed_loop(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            live = False
+            live, again = False, False
             if self.policy.mode == "tier-aware" and self.policy.healthy[name]:
-                live = await self.poll_feed(name)
+                seq, t0 = self.feeds[name].seq, loop.time()
+                live = await self.poll_feed(name, self.feed_wait_s)
+                # news, or a long poll that waited: ask again at once; a quick answer without news: pace
+                again = live and (self.feeds[name].seq != seq or loop.time() - t0 >= self.feed_wait_s / 2 > 0)
             elif self.feed_live[name]:
                 self._set_feed(name, False, "replica down" if not self.policy.healthy[name] else "not tier-aware")
-            await asyncio.sleep(self.feed_interval_s if live or self.policy.mode != "tier-aware" else FEED_RETRY_S)
+            if not again:
+                await asyncio.sleep(self.feed_interval_s if live or self.policy.mode != "tier-aware"
+                                    else FEED_RETRY_S)
 
     async def _prefix_matches(self, path: str, body: dict[str, Any]) -> tuple[dict[str, routing.PrefixMatch],
                                                                                dict[str, Any]]:
@@ -355,6 +378,39 @@ class ReplicaRouter:
         self.policy.mode = mode
         log.info("routing mode set to %s", mode)
         return JSONResponse({"routing": mode})
+
+    async def cache_api(self, request: Request) -> Response:
+        """The replicas' /kvplug/cache (serving/cache_api.py): ``?replica=NAME`` asks that one and answers as it
+        does; else every healthy replica is asked: {"replicas": {name: its answer}} (a pin or DELETE names a
+        prefix one replica holds: 200 if any replica did it)."""
+        params = dict(request.query_params)
+        only = params.pop("replica", None)
+        if only is not None and only not in self.endpoints:
+            return _error(400, f"replica {only!r} is not one of {', '.join(self.endpoints)}", "BadRequestError")
+        try:
+            raw = await self._read_body(request) if request.method == "POST" else b""
+        except _Refused as exc:
+            return self._refused(exc)
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        names = [only] if only is not None else self.policy.healthy_replicas()
+
+        async def ask(name: str) -> tuple[int, Any]:
+            try:
+                r = await self._client.request(request.method, self.endpoints[name].base_url + request.url.path,
+                                               params=params, content=raw or None, timeout=30.0,
+                                               headers={**self.upstream_auth, "content-type": "application/json"})
+                return r.status_code, r.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                return 502, {"error": {"message": f"replica {name}: {type(exc).__name__}: {exc}", "code": 502}}
+
+        answers = dict(zip(names, await asyncio.gather(*(ask(n) for n in names))))
+        if only is not None:
+            status, body = answers[only]
+            return JSONResponse({**body, "replica": only} if isinstance(body, dict) else body, status_code=status)
+        ok = [s for s, _ in answers.values() if s == 200]
+        status = 200 if ok or not answers else min(s for s, _ in answers.values())
+        return JSONResponse({"replicas": {n: b for n, (_, b) in answers.items()}}, status_code=status)
 
     async def reset_prefix_cache(self, _request: Request) -> Response:
         """Forwarded to every healthy replica (vLLM serves it with VLLM_SERVER_DEV_MODE=1)."""

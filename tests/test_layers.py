@@ -35,6 +35,7 @@ OPTIONAL = {
     "attention_backends.sparse_prefill.head_config": "torch: the sparse_prefill section checks non-default "
                                                      "patterns without loading torch for the defaults",
     "attention_backends.sparse_prefill.patterns.base": "same as head_config",
+    "attention_backends.sparse_prefill.cost_model": "same as head_config (checked only for a non-default cost_table)",
 }
 
 

@@ -11,6 +11,9 @@ torch over the whole paged context (it reads every key: an oracle, never a fast 
 * ``oracle_mass``: the blocks holding the most softmax mass of the group's heads (the best a shared choice of
   this many blocks can do for the output).
 * ``oracle_mass_qhead``: the same, per query head.
+* ``centroid``: q . mean key of the block (a mean summary instead of min/max bounds).
+* ``refine2`` / ``refine4``: two-level: Quest picks 2x / 4x the budget as candidates, exact block scores (largest
+  q.k) choose the budget among them (reads the candidates' keys: what a refining kernel would cost).
 
 ``gqa_reduce`` may also be "mass" here (Quest selectors): each query head's bounds become a softmax over the
 blocks, summed over the group, so a head with one sharp peak is not outvoted by flat ones.
@@ -22,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-SELECTORS = ("quest", "quest_torch", "quest_qhead", "oracle_max", "oracle_mass", "oracle_mass_qhead")
+SELECTORS = ("quest", "quest_torch", "quest_qhead", "oracle_max", "oracle_mass", "oracle_mass_qhead", "centroid",
+             "refine2", "refine4")
 
 
 def block_scores(selector: str, logits: torch.Tensor, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
@@ -31,6 +35,8 @@ def block_scores(selector: str, logits: torch.Tensor, q: torch.Tensor, kmin: tor
     logits [N, Hkv, G, W*bs] (masked: -inf past the sequence); q [N, Hkv, G, D]; kmin/kmax [N, W, Hkv, D]."""
     N, Hkv, G, T = logits.shape
     W = T // bs
+    if selector == "centroid":
+        raise ValueError("centroid scores need the keys: analysis_decode computes them")
     if selector.startswith("oracle_mass"):
         s = torch.softmax(logits, dim=-1).view(N, Hkv, G, W, bs).sum(-1)
         reduce = "sum"
@@ -71,10 +77,29 @@ def analysis_decode(selector: str, q: torch.Tensor, key_cache: torch.Tensor, val
     in_seq = (tok.view(1, -1) < seq_lens.view(N, 1)).view(N, 1, 1, W * bs)
     logits = torch.matmul(qg.to(keys.dtype), keys.transpose(-1, -2)).float() * scale
     logits = logits.masked_fill(~in_seq, float("-inf"))
-    s = block_scores(selector, logits, qg, kmin[phys], kmax[phys], bs, gqa_reduce, scale)
     blk = torch.arange(W, device=q.device).view(1, 1, 1, W)
     nb = ((seq_lens + bs - 1) // bs).view(N, 1, 1, 1)
     forced = (blk < sink_blocks) | (blk >= nb - recent_blocks)
+    if selector == "centroid":
+        filled = in_seq.view(N, 1, W, bs, 1).to(keys.dtype)
+        kb = keys.view(N, Hkv, W, bs, D).float()
+        mean = (kb * filled).sum(3) / filled.sum(3).clamp(min=1)  # [N, Hkv, W, D]
+        s = torch.matmul(qg.float(), mean.transpose(-1, -2))  # [N, Hkv, G, W]
+        s = s.amax(dim=2, keepdim=True) if gqa_reduce == "max" else s.sum(dim=2, keepdim=True)
+    elif selector.startswith("refine"):
+        factor = int(selector[len("refine"):])
+        coarse = block_scores("quest_torch", logits, qg, kmin[phys], kmax[phys], bs, gqa_reduce, scale)
+        coarse = torch.where(forced, torch.full_like(coarse, float("inf")), coarse)
+        coarse = torch.where(blk < nb, coarse, torch.full_like(coarse, float("-inf")))
+        kc = min(factor * int(budget_blocks.max()), W)
+        cand_idx = torch.topk(coarse, kc, dim=-1).indices
+        crank = torch.arange(kc, device=q.device).view(1, 1, 1, -1)
+        cand = torch.zeros_like(coarse, dtype=torch.bool).scatter_(
+            -1, cand_idx, (crank < factor * budget_blocks.view(N, 1, 1, 1)).expand_as(cand_idx))
+        exact = block_scores("oracle_max", logits, qg, kmin[phys], kmax[phys], bs, gqa_reduce, scale)
+        s = torch.where(cand, exact, torch.full_like(exact, -1e30))
+    else:
+        s = block_scores(selector, logits, qg, kmin[phys], kmax[phys], bs, gqa_reduce, scale)
     s = torch.where(forced, torch.full_like(s, float("inf")), s)
     s = torch.where(blk < nb, s, torch.full_like(s, float("-inf")))
     k = int(budget_blocks.max())

@@ -14,6 +14,7 @@ summaries (``s`` x the cache) fit in ``R``; each layer carves its summaries out 
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 ALIGN = 256
+log = logging.getLogger("vllm.kvplug.retrieval_decode")
 
 
 @dataclass
@@ -68,6 +70,9 @@ def reserve(kv_bound_bytes: int, explicit: bool, ratio: float, device: torch.dev
             buf = torch.empty(n, dtype=torch.uint8, device=device)
             buf.fill_(0)  # a fresh CPU allocation is not resident until written
             _RESERVATION = Reservation(buf)
+            log.info("kvplug retrieval decode: reserved %.2f GiB for block summaries before vLLM sizes its KV cache "
+                     "(KV bound %.2f GiB, %s, %.4f summary bytes per KV byte)", n / 2**30, kv_bound_bytes / 2**30,
+                     "explicit size" if explicit else "profiled", ratio)
         return _RESERVATION
 
 

@@ -18,7 +18,7 @@ from attention_backends.retrieval_decode.selection import select_for_queries
 from attention_backends.retrieval_decode.summaries import BlockSummaries
 from kvplug import metrics, vllm_compat
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vllm.kvplug.retrieval_decode")
 _stats_lock = threading.Lock()
 # Per process, per batch (not per layer); tests read them through collective_rpc, Prometheus gets the same.
 STATS = {"batches": 0, "sparse_tokens": 0, "dense_decode_tokens": 0, "blocks_read": 0, "blocks_total": 0}

@@ -1,15 +1,22 @@
 """The two hooks kvplug's backend calls: plan in the metadata builder, run in the attention impl.
 
-Both return None when sparse prefill is off, so the backend stays a passthrough.
+Both return None when sparse prefill is off, so the backend stays a passthrough. The impls (built with the
+model, before the builders) record the model's attention shape and per-head config; the builder's hook
+builds the per-chunk decider from them on its first batch.
 """
 from __future__ import annotations
 
 import json
+import logging
+import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from attention_backends import wiring
-from attention_backends.sparse_prefill import planner, runner
-from kvplug import vllm_compat
+from attention_backends.sparse_prefill import cost_model, planner, runner
+from kvplug import metrics, vllm_compat
+
+logger = logging.getLogger("vllm.kvplug.sparse_prefill")
 
 
 def _config():
@@ -17,14 +24,73 @@ def _config():
     return cfg if cfg.enabled else None
 
 
+@dataclass
+class ModelContext:
+    """What the decider needs from the model: this rank's attention shape and the per-head config."""
+
+    chosen: planner.ChosenConfig
+    num_heads: int
+    head_dim: int
+    layers: set[int]
+
+
+_context: ModelContext | None = None
+_context_lock = threading.Lock()
+
+
+def _note_layer(chosen: planner.ChosenConfig, impl: Any) -> None:
+    global _context
+    with _context_lock:
+        if _context is None:
+            _context = ModelContext(chosen, int(impl.num_heads), int(impl.head_size), set())
+        _context.layers.add(id(impl))
+
+
+def make_decider(cfg: Any, context: ModelContext | None, device: str) -> tuple[cost_model.ChunkDecider, str]:
+    """The decider for this process and a line saying which rule it applies (logged, and the info metric)."""
+    searched = context.chosen.config.searched_tokens if context is not None else None
+    scale = dict(budget_scale_limit=cfg.budget_scale_limit, searched_tokens=searched)
+    table, why = None, "sparse_prefill.cost_table=none"
+    if cfg.cost_table == "auto":
+        path, table = cost_model.shipped_table_for(device)
+        why = f"shipped {path.name}" if path is not None else f"no shipped cost table for device {device!r}"
+    elif cfg.cost_table != "none":
+        table, why = cost_model.load_table(cfg.cost_table), cfg.cost_table
+    if table is not None and context is None:
+        table, why = None, f"{why}, but no model shape was recorded"
+    if table is None:
+        floor = cfg.min_prompt_tokens or cost_model.THRESHOLD_TOKENS
+        return cost_model.ChunkDecider(floor, **scale), f"threshold rule from {floor} tokens ({why})"
+    floor = cfg.min_prompt_tokens or cost_model.FLOOR_TOKENS
+    cfg_layers = context.chosen.config.num_layers or len(context.layers) or 1
+    heads = cost_model.HeadDensity(context.chosen.config, cfg_layers, context.num_heads)
+    decider = cost_model.ChunkDecider(floor, table, heads, context.num_heads, context.head_dim, cfg.cost_margin,
+                                      **scale)
+    return decider, f"cost model ({why}, device {device!r}, margin {cfg.cost_margin}, floor {floor} tokens)"
+
+
 class BuilderHook:
-    def __init__(self, min_prompt_tokens: int) -> None:
-        self.min_prompt_tokens = min_prompt_tokens
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.min_prompt_tokens = cfg.min_prompt_tokens
+        self._decider: cost_model.ChunkDecider | None = None
+
+    def decider(self) -> cost_model.ChunkDecider:
+        if self._decider is None:
+            self._decider, rule = make_decider(self.cfg, _context, cost_model.device_name())
+            chosen = _context.chosen if _context is not None else None
+            logger.info("kvplug sparse prefill: %s", rule)
+            m = metrics.get()
+            if m is not None:
+                m.sparse_prefill_config.labels(pattern_config=chosen.source if chosen else "unknown",
+                                               reason=chosen.reason if chosen else "no layer built yet",
+                                               decision_rule=rule).set(1)
+        return self._decider
 
     def after_build(self, attn_metadata: Any, common_attn_metadata: Any, build_dense: Callable[[Any], Any]) -> None:
         """Plan this batch (host metadata only) and attach the plan to ``attn_metadata``."""
         runner.flush_pending()
-        plan = planner.attach(attn_metadata, common_attn_metadata, self.min_prompt_tokens, build_dense)
+        plan = planner.attach(attn_metadata, common_attn_metadata, self.decider(), build_dense)
         if plan is not None:
             runner.record_batch(plan)
         else:
@@ -33,7 +99,7 @@ class BuilderHook:
 
 def builder_hook() -> BuilderHook | None:
     cfg = _config()
-    return None if cfg is None else BuilderHook(cfg.min_prompt_tokens)
+    return None if cfg is None else BuilderHook(cfg)
 
 
 def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:
@@ -41,9 +107,10 @@ def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:
     cfg = _config()
     if cfg is None:
         return None
-    pattern_config = planner.pattern_config_for(cfg.pattern_config, vllm_compat.current_model_name(),
-                                                cfg.default_pattern, json.dumps(cfg.default_budgets, sort_keys=True))
-    return runner.SparsePrefillRunner(pattern_config, impl.num_heads, impl.num_kv_heads, impl.scale)
+    chosen = planner.choose_pattern_config(cfg.pattern_config, vllm_compat.current_model_name(), cfg.default_pattern,
+                                           json.dumps(cfg.default_budgets, sort_keys=True))
+    _note_layer(chosen, impl)
+    return runner.SparsePrefillRunner(chosen.config, impl.num_heads, impl.num_kv_heads, impl.scale)
 
 
 plan_of = planner.plan_of

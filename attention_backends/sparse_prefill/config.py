@@ -8,22 +8,48 @@ class SparsePrefillConfig(Section):
     """Dynamic sparse prefill (MInference patterns): attention_backends/sparse_prefill/."""
 
     enabled: bool = False
-    # A prefill chunk goes sparse once its sequence (cached context + chunk) holds this many tokens;
-    # shorter prompts, and every decode token, stay dense. 32K: measured on an H100 (BENCHMARKS.md), the
-    # per-layer index build costs 2.6-6 ms at 4K-32K while dense attention costs 0.3 ms at 4K and 12.7 ms
-    # at 32K, so below ~32K the sparse path cannot win whatever the density.
-    min_prompt_tokens: int = 32768
-    # Per-head pattern JSON (`kvplug patterns search` writes one); "auto" = the config shipped for the
-    # served model if there is one, else default_pattern on every head.
+    # The floor: a prefill chunk whose sequence (cached context + chunk) holds fewer tokens is always dense.
+    # Above it, with a cost table for this device (cost_table), a cost model decides per chunk: sparse only
+    # when its predicted time (index build + kernel at the density the plan gives) beats dense attention by
+    # cost_margin. Without a table every chunk above the floor goes sparse (the pre-cost-model rule).
+    # null (default) = 8192 with a table (the H100 table never picks sparse below ~20K anyway), 32768 without
+    # (on the H100 the index build alone cost more than dense attention below ~32K; BENCHMARKS.md).
+    min_prompt_tokens: int | None = None
+    # "auto" = the table shipped for this GPU model (attention_backends/sparse_prefill/cost_tables/, matched
+    # by device name; none for the CPU platform), a path to a table (`python -m
+    # benchmarks.kernels.sparse_prefill_bench ... --cost-table FILE` measures one), or "none" (threshold rule).
+    cost_table: str = "auto"
+    # Sparse only when predicted dense time >= cost_margin x predicted sparse time. 1.2: the fitted table's
+    # errors are up to ~25% on the index build at 4K (BENCHMARKS.md, "Sparse prefill").
+    cost_margin: float = 1.2
+    # Per-head pattern JSON (`kvplug patterns search` writes one); "auto" = the shipped config whose model
+    # identity (architecture, layer/head counts, head dim, config.json hash; not the folder's name) is the
+    # served model's, if there is one, else default_pattern on every head.
     pattern_config: str = "auto"
     default_pattern: str = "vertical_slash"
     # Budgets of default_pattern (omitted ones take the pattern's defaults).
     default_budgets: dict[str, int] = {}
+    # Beyond the length a config was searched at, its length-proportional budgets (vertical, slash, top_k)
+    # grow with the context, keeping their fraction of it, up to this many times the searched budget
+    # (head_config.budget_scale). 1 = budgets exactly as searched.
+    budget_scale_limit: float = 4.0
 
     def validate(self, path: str) -> None:
-        if self.min_prompt_tokens < 1:
-            raise KvplugConfigError(f"{path}.min_prompt_tokens must be >= 1, got {self.min_prompt_tokens}")
-        if self == SparsePrefillConfig(min_prompt_tokens=self.min_prompt_tokens, enabled=self.enabled):
+        if self.min_prompt_tokens is not None and self.min_prompt_tokens < 1:
+            raise KvplugConfigError(f"{path}.min_prompt_tokens must be >= 1 (or null for the default), "
+                                    f"got {self.min_prompt_tokens}")
+        if not self.cost_margin > 0:
+            raise KvplugConfigError(f"{path}.cost_margin must be > 0, got {self.cost_margin}")
+        if not self.budget_scale_limit >= 1:
+            raise KvplugConfigError(f"{path}.budget_scale_limit must be >= 1 (1 = no scaling), got {self.budget_scale_limit}")
+        if self.cost_table not in ("auto", "none"):
+            from attention_backends.sparse_prefill.cost_model import CostTableError, load_table  # msgspec only
+
+            try:
+                load_table(self.cost_table)
+            except CostTableError as exc:
+                raise KvplugConfigError(f"{path}.cost_table: {exc}") from None
+        if (self.pattern_config, self.default_pattern, self.default_budgets) == ("auto", "vertical_slash", {}):
             return  # defaults are valid; skip importing the pattern registry (it pulls in torch)
         from attention_backends.sparse_prefill import head_config  # optional: torch, only for non-defaults
         from attention_backends.sparse_prefill.patterns.base import PatternBudgetError

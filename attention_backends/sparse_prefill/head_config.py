@@ -4,10 +4,20 @@
      "default": {"pattern": "vertical_slash", "budgets": {"vertical": 1000, "slash": 1024}},
      "layers": {"0": {"0": {"pattern": "a_shape", "budgets": {"sink": 64, "window": 512}, "recall": 0.97}}}}
 
-Heads not listed use ``default``. Pattern ``dense`` keeps a head dense.
+Heads not listed use ``default``. Pattern ``dense`` keeps a head dense. ``identity`` (model_identity.py) says
+which model the config was searched on; ``calibration.tokens`` the length it was searched at.
+
+Budget scaling with length: a config's budgets were validated (recall) on chunks of every length up to the
+searched one, so they apply unchanged there. Beyond it a head's attention spreads over more keys, so the
+budgets a pattern declares length-proportional (``SparsePattern.length_scaled``: vertical columns, slash
+diagonals, top-k blocks; not A-shape's sink/window) grow with the context, keeping their fraction of it:
+budget x L / searched_tokens, at most ``limit`` times the searched budget (config key
+``sparse_prefill.budget_scale_limit``; 1 disables it), in quarter-octave steps so a process builds a bounded
+set of layer plans. Configs without a searched length (the uniform default) are never scaled.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +26,7 @@ import torch
 
 from attention_backends.sparse_prefill.index import RANGE_PAD, ChunkGeometry, SparseIndex, compact_columns
 from attention_backends.sparse_prefill.patterns import registry
+from attention_backends.sparse_prefill.model_identity import ModelIdentity
 from attention_backends.sparse_prefill.patterns.base import PatternBudgetError
 
 
@@ -33,6 +44,13 @@ class PatternConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     num_layers: int | None = None
     num_heads: int | None = None
     calibration: dict[str, object] = {}
+    identity: ModelIdentity | None = None  # the model it was searched on (looked up by pattern_config=auto)
+
+    @property
+    def searched_tokens(self) -> int | None:
+        """The prompt length the search ran at (None: not searched, e.g. the uniform default)."""
+        tokens = self.calibration.get("tokens")
+        return tokens if isinstance(tokens, int) and tokens > 0 else None
 
     def validate(self, where: str = "") -> "PatternConfig":
         check_head(self.default, f"{where}default: ")
@@ -60,18 +78,40 @@ def check_head(hp: HeadPattern, where: str = "") -> None:
     registry.get(hp.pattern, where).check_budgets(hp.budgets, where)
 
 
-def load(path: str | Path) -> PatternConfig:
+def read_struct(path: str | Path, struct: type, error: type[Exception], what: str):
+    """A JSON file decoded as ``struct``; ``error`` naming the file (and the field msgspec names) otherwise."""
     try:
         raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise PatternBudgetError(f"sparse prefill pattern config not found: {path}") from None
+    except OSError:
+        raise error(f"{what} not found: {path}") from None
     try:
-        cfg = msgspec.json.decode(raw, type=PatternConfig)
+        return msgspec.json.decode(raw, type=struct)
     except msgspec.ValidationError as exc:
-        raise PatternBudgetError(f"pattern config {path}: {exc}") from None
+        raise error(f"{what} {path}: {exc}") from None
     except msgspec.DecodeError as exc:
-        raise PatternBudgetError(f"pattern config {path} is not valid JSON: {exc}") from None
-    return cfg.validate(f"{path}: ")
+        raise error(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def load(path: str | Path) -> PatternConfig:
+    return read_struct(path, PatternConfig, PatternBudgetError, "sparse prefill pattern config").validate(f"{path}: ")
+
+
+def budget_scale(searched_tokens: int | None, seq_len: int, limit: float) -> float:
+    """The factor a config's length-proportional budgets get for a chunk whose sequence holds ``seq_len``
+    tokens (see the module doc): 1 up to the searched length, then L / searched, capped at ``limit``,
+    rounded to quarter octaves."""
+    if not searched_tokens or limit <= 1 or seq_len <= searched_tokens:
+        return 1.0
+    factor = min(seq_len / searched_tokens, limit)
+    return min(2 ** (round(math.log2(factor) * 4) / 4), limit)
+
+
+def scaled_budgets(pattern: str, budgets: dict[str, int], factor: float) -> dict[str, int]:
+    """``budgets`` (complete, checked) of ``pattern`` with its length-proportional ones times ``factor``."""
+    if factor == 1.0 or pattern == registry.DENSE:
+        return budgets
+    cls = registry.get(pattern)
+    return {k: max(cls.budgets[k][1], round(v * factor)) if k in cls.length_scaled else v for k, v in budgets.items()}
 
 
 @dataclass
@@ -90,11 +130,14 @@ class LayerPlan:
     groups: list[HeadGroup]
 
     @classmethod
-    def from_config(cls, cfg: PatternConfig, layer: int, num_heads: int, device=None) -> "LayerPlan":
+    def from_config(cls, cfg: PatternConfig, layer: int, num_heads: int, device=None,
+                    budget_factor: float = 1.0) -> "LayerPlan":
+        """``budget_factor``: what budget_scale() gives for the chunk's length (1 = budgets as in ``cfg``)."""
         by_pattern: dict[str, list[tuple[int, dict[str, int]]]] = {}
         for h in range(num_heads):
             hp = cfg.head(layer, h)
             budgets = {} if hp.pattern == registry.DENSE else registry.get(hp.pattern).check_budgets(hp.budgets)
+            budgets = scaled_budgets(hp.pattern, budgets, budget_factor)
             by_pattern.setdefault(hp.pattern, []).append((h, budgets))
         groups = []
         for pattern, members in by_pattern.items():

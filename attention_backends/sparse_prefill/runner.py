@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from attention_backends.row_subset import forward_rows
+from attention_backends.sparse_prefill import cost_model
 from attention_backends.sparse_prefill.head_config import LayerPlan, PatternConfig, build_index
 from attention_backends.sparse_prefill.index import ChunkGeometry
 from attention_backends.sparse_prefill.planner import SparsePrefillPlan
@@ -25,7 +26,8 @@ STATS = {"batches": 0, "sparse_tokens": 0, "dense_prefill_tokens": 0, "sparse_la
 
 
 # CUDA: per-layer computed-pair counts stay on the device until the next batch is planned (no sync in forward).
-_PENDING_PAIRS: list[tuple[torch.Tensor, int]] = []
+# (computed pairs on the device, causal pairs, the cost model's predicted computed pairs or None)
+_PENDING_PAIRS: list[tuple[torch.Tensor, int, float | None]] = []
 
 
 def flush_pending() -> None:
@@ -33,13 +35,14 @@ def flush_pending() -> None:
     global _PENDING_PAIRS
     with _stats_lock:
         pending, _PENDING_PAIRS = _PENDING_PAIRS, []
-    for computed, causal in pending:
-        _record_pairs(int(computed), causal)
+    for computed, causal, predicted in pending:
+        _record_pairs(int(computed), causal, predicted)
 
 
-def stats_snapshot(_worker: Any = None) -> dict[str, int]:
+def stats_snapshot(_worker: Any = None) -> dict[str, Any]:
+    """The counters, plus ``chunks``: prefill chunks by "decision/reason" (cost_model.record_decisions)."""
     with _stats_lock:
-        return dict(STATS)
+        return {**STATS, "chunks": cost_model.decisions_snapshot()}
 
 
 def record_batch(plan: SparsePrefillPlan) -> None:
@@ -65,7 +68,9 @@ def record_dense_batch(prefill_tokens: int) -> None:
         m.sparse_prefill_tokens.labels(mode="dense").inc(prefill_tokens)
 
 
-def _record_pairs(computed: int, causal: int) -> None:
+def _record_pairs(computed: int, causal: int, predicted: float | None = None) -> None:
+    if predicted is not None:  # the cost model learns how far its density estimate is off
+        cost_model.FEEDBACK.observe(computed, predicted)
     with _stats_lock:
         STATS["sparse_layer_calls"] += 1
         STATS["computed_pairs"] += computed
@@ -82,13 +87,15 @@ class SparsePrefillRunner:
     def __init__(self, pattern_config: PatternConfig, num_heads: int, num_kv_heads: int, scale: float) -> None:
         self.pattern_config = pattern_config
         self.num_heads, self.num_kv_heads, self.scale = num_heads, num_kv_heads, scale
-        self._layer_plan: LayerPlan | None = None
+        self._layer_plans: dict[float, LayerPlan] = {}  # by budget factor (head_config.budget_scale)
 
-    def layer_plan(self, layer: Any, device: torch.device) -> LayerPlan:
-        if self._layer_plan is None:
-            self._layer_plan = LayerPlan.from_config(self.pattern_config, vllm_compat.layer_index(layer.layer_name),
-                                                     self.num_heads, device)
-        return self._layer_plan
+    def layer_plan(self, layer: Any, device: torch.device, budget_factor: float = 1.0) -> LayerPlan:
+        plan = self._layer_plans.get(budget_factor)
+        if plan is None:
+            plan = LayerPlan.from_config(self.pattern_config, vllm_compat.layer_index(layer.layer_name),
+                                         self.num_heads, device, budget_factor)
+            self._layer_plans[budget_factor] = plan
+        return plan
 
     def forward(self, dense_forward: Callable[..., Any], layer: Any, query: torch.Tensor, key: torch.Tensor | None,
                 value: torch.Tensor | None, kv_cache: torch.Tensor, plan: SparsePrefillPlan,
@@ -96,10 +103,12 @@ class SparsePrefillRunner:
         if plan.dense_rows is not None:
             forward_rows(dense_forward, layer, query, key, value, kv_cache, plan.dense_metadata, plan.dense_rows, output)
         key_cache, value_cache = vllm_compat.paged_kv_views(kv_cache, layer)
-        layer_plan = self.layer_plan(layer, query.device)
         block_size = key_cache.shape[2]
         for seg in plan.segments:
+            layer_plan = self.layer_plan(layer, query.device, seg.budget_factor)
             geom = ChunkGeometry(seg.row_end - seg.row_start, seg.seq_len)
+            causal = geom.causal_pairs() * self.num_heads
+            predicted = None if seg.predicted_density is None else seg.predicted_density * causal
             blocks = plan.block_table[seg.req, :-(-seg.seq_len // block_size)].long()
             q = query[seg.row_start:seg.row_end]
             if query.is_cuda:
@@ -108,13 +117,13 @@ class SparsePrefillRunner:
                 computed = triton_kernels.sparse_prefill_paged(q, key_cache, value_cache, blocks, geom, layer_plan,
                                                                self.scale, output[seg.row_start:seg.row_end])
                 with _stats_lock:
-                    _PENDING_PAIRS.append((computed, geom.causal_pairs() * self.num_heads))
+                    _PENDING_PAIRS.append((computed, causal, predicted))
                 continue
             k = _gather_sequence(key_cache, blocks, seg.seq_len)
             v = _gather_sequence(value_cache, blocks, seg.seq_len)
             index = build_index(q, k, geom, layer_plan, self.scale)
             sparse_attention(q, k, v, index, self.scale, out=output[seg.row_start:seg.row_end])
-            _record_pairs(int(index.computed_pairs(geom).sum()), geom.causal_pairs() * self.num_heads)
+            _record_pairs(int(index.computed_pairs(geom).sum()), causal, predicted)
         return output
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from attention_backends.sparse_prefill import calibration
+from attention_backends.sparse_prefill import calibration, model_identity
 from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig, build_index
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry
 from attention_backends.sparse_prefill.patterns import registry
@@ -152,7 +152,7 @@ def search(model_path: str, tokens: int, target: float, task: str, seed: int, ch
     return PatternConfig(
         model=model_name or Path(model_path).name, num_layers=len(qs), num_heads=qs[0].shape[1],
         default=HeadPattern(pattern="vertical_slash", budgets={"vertical": 1000, "slash": 1024}),
-        layers=layers,
+        layers=layers, identity=model_identity.model_identity(model_path),
         calibration={"task": task, "tokens": T, "seed": seed, "target_recall": target, "chunk": chunk,
                      "rows_per_chunk": rows_per_chunk, "device": device,
                      "seconds": round(time.monotonic() - t0, 1)}).validate()
@@ -202,6 +202,9 @@ def main(argv: list[str]) -> int:
     tmp.write_bytes(cfg.to_json())
     tmp.replace(out)  # atomic: a killed search never leaves a half-written config
     print(f"wrote {out}: {summarize(cfg)}")
+    print(f"model identity: {cfg.identity.describe() if cfg.identity else 'unknown (no config.json)'}; to ship it, "
+          "copy it to attention_backends/sparse_prefill/configs/ and run "
+          "`python -m attention_backends.sparse_prefill.model_identity` (rewrites configs/index.json)")
     return 0
 
 

@@ -19,6 +19,16 @@ Per length it times (CUDA events, median):
   * fa2 sparse     : vLLM's sparse_attn_varlen_func with block offsets/columns converted from the same index
 Q/K are synthetic with the structure real models show (a few sink keys, locality): random Q/K would make
 every diagonal equally likely and the pattern meaningless. Density of the index is reported beside.
+
+Cost table (attention_backends/sparse_prefill/cost_model.py): `--cost-table FILE` fits the per-device table
+the sparse-or-dense decision reads to this run's rows (needs vLLM's FA3 for the dense timings), e.g. on the H100:
+
+    python -m benchmarks.kernels.sparse_prefill_bench --lengths 8192,16384,32768,65536,131072 --chunk 0,2048,8192 \
+        --budget-sweep '{"vertical":200,"slash":128};{"vertical":500,"slash":256};{"vertical":1000,"slash":1024}' \
+        --skip-flex --iters 3 --warmup 1 --out benchmarks/results/sparse_prefill_cost_h100.json \
+        --cost-table attention_backends/sparse_prefill/cost_tables/h100.json --match h100
+
+`--fit-from a.json,b.json --cost-table FILE` fits one from earlier result files without measuring.
 """
 from __future__ import annotations
 
@@ -85,9 +95,10 @@ def run(args) -> dict:
         fa_missing = fa2_sparse_missing = "vLLM's FlashAttention kernels need a CUDA device"
     results = []
     sweep = [json.loads(b) for b in args.budget_sweep.split(";")] if args.budget_sweep else [json.loads(args.budgets)]
-    for L in [int(x) for x in args.lengths.split(",")]:
+    cases = [(L, c) for L in [int(x) for x in args.lengths.split(",")] for c in [int(x) for x in str(args.chunk).split(",")]]
+    for L, chunk in cases:
         q, k, v = synthetic_qkv(L, Hq, Hkv, d, dev, dtype)
-        n = min(args.chunk, L) if args.chunk else L  # --chunk: the last n rows against all L keys (a later chunk)
+        n = min(chunk, L) if chunk else L  # --chunk: the last n rows against all L keys (a later chunk)
         q = q[L - n:].contiguous()
         geom = ChunkGeometry(n, L)
         kc, pages = paged(k, args.page)
@@ -141,6 +152,10 @@ def run(args) -> dict:
                 except Exception as exc:  # e.g. out of shared memory for this tile: record, keep the others
                     row.setdefault("group_config_errors", {})[cfg] = f"{type(exc).__name__}: {exc}"[:200]
             row["kvplug_attn_configs_ms"] = configs
+            # the kernel the serving path runs (triton_kernels.sparse_prefill_paged -> its default kernel and
+            # options): what the cost table's kernel terms are fitted to
+            row["runtime_attn_ms"] = timing(lambda: triton_kernels.sparse_attention_paged(
+                q, kc, vc, pages, idx, geom, scale, out))["median_ms"]
             if args.solo_configs:  # the group kernel's tiles, one program per query head (no sharing, no union)
                 solo = {}
                 for cfg in args.solo_configs.split(","):
@@ -354,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-sdpa", action="store_true")
     p.add_argument("--skip-flex", action="store_true")
     p.add_argument("--check", action="store_true", help="also compare the kernel with the torch reference (small L)")
-    p.add_argument("--chunk", type=int, default=0, help="time a later prefill chunk: the last CHUNK query rows "
-                   "against all L keys (e.g. a 1024-token second turn on a cached 128K prompt); 0 = whole prompt")
+    p.add_argument("--chunk", default="0", help="time a later prefill chunk: the last CHUNK query rows "
+                   "against all L keys (e.g. a 1024-token second turn on a cached 128K prompt); 0 = whole prompt; "
+                   "a comma list times each per length")
     p.add_argument("--kernel-configs", default="4x2", help="the old per-head kernel: num_warps x num_stages to "
                    "time, e.g. 4x2,8x3; empty: skip it")
     p.add_argument("--group-configs", default="32x64x8x2", help="the group kernel: rows x keys x num_warps x "
@@ -366,16 +382,60 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="benchmarks/results/sparse_prefill_kernels.json")
     p.add_argument("--markdown", metavar="JSON", help="print an earlier report as a Markdown table and exit")
+    p.add_argument("--cost-table", metavar="FILE", help="fit the sparse prefill cost table to the rows and write it")
+    p.add_argument("--match", default="", help="device name fragments (comma list) the cost table serves "
+                   "(default: the measured device's full name)")
+    p.add_argument("--fit-from", default="", help="comma list of earlier result files: fit --cost-table to their "
+                   "rows instead of measuring")
     args = p.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
+    command = "python -m benchmarks.kernels.sparse_prefill_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.fit_from:
+        if not args.cost_table:
+            p.error("--fit-from needs --cost-table")
+        reports = [json.loads(Path(f).read_text()) for f in args.fit_from.split(",")]
+        write_cost_table(args, reports, args.fit_from.split(","), command)
+        return 0
     report = run(args)
-    report["command"] = "python -m benchmarks.kernels.sparse_prefill_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    report["command"] = command
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
+    if args.cost_table:
+        write_cost_table(args, [report], [args.out], command)
     return 0
+
+
+def write_cost_table(args, reports: list[dict], files: list[str], command: str) -> None:
+    """Fit the cost model's per-device table to the reports' rows (one device and shape) and write it."""
+    import datetime
+
+    from attention_backends.sparse_prefill import cost_model
+
+    devices = {r["device"] for r in reports}
+    shapes = {json.dumps({k: r["shape"][k] for k in ("heads", "kv_heads", "head_dim")}, sort_keys=True) for r in reports}
+    if len(devices) != 1 or len(shapes) != 1:
+        raise SystemExit(f"--cost-table: the rows must come from one device and shape, got {sorted(devices)} {sorted(shapes)}")
+    device = devices.pop()
+    match = [m.strip().lower() for m in args.match.split(",") if m.strip()] or [device.lower()]
+    rows = [row for r in reports for row in r["results"]]
+    source = {"result_files": files, "commands": [r.get("command", "") for r in reports], "fit_command": command,
+              "date": datetime.date.today().isoformat(), "torch": sorted({r.get("torch", "") for r in reports}),
+              "dense": "fa3_dense_ms: vLLM's flash_attn_varlen_func (fa_version=3), the dense path on Hopper",
+              "index": "kvplug_index_ms: estimation + index build (head_config.build_index)",
+              "kernel": "runtime_attn_ms (older files: the per-head kernel's time): the kernel serving runs"}
+    table = cost_model.fit_table(rows, device, match, json.loads(shapes.pop()), source)
+    Path(args.cost_table).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.cost_table).write_bytes(table.to_json() + b"\n")
+    print(f"wrote {args.cost_table}: {json.dumps(msgspec_dict(table))}")
+
+
+def msgspec_dict(table) -> dict:
+    import msgspec
+
+    return {k: msgspec.structs.asdict(v) for k, v in msgspec.structs.asdict(table).items() if k in ("dense", "index", "kernel")}
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class StreamResult:
     chunks: int = 0  # content chunks received
     replica: str | None = None  # x-kvplug-replica: which replica a `kvplug serve --replicas N` router chose
     route: str | None = None  # x-kvplug-route: why it chose that one
+    cache: dict | None = None  # x-kvplug-cache: where the prompt's KV came from (kvplug serve --offload)
 
     @property
     def tpot(self) -> float | None:
@@ -42,6 +43,32 @@ class StreamResult:
         if not self.output_tokens or self.output_tokens < 2:
             return None
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+CACHE_SOURCES = ("gpu", "cpu", "disk", "recomputed")  # x-kvplug-cache's token counts, in serving order
+
+
+def parse_cache_header(value: str | None) -> dict | None:
+    """``gpu=256; cpu=128; disk=0; recomputed=93; policy=keep; miss=evicted_from_disk@384; final=0`` -> a dict
+    (token counts as ints, ``miss`` as its reason, ``miss_token`` where); None without the header."""
+    if not value or "=" not in value:
+        return None
+    out: dict = {}
+    for part in value.split(";"):
+        key, _, v = part.strip().partition("=")
+        if key in CACHE_SOURCES:
+            try:
+                out[key] = int(v)
+            except ValueError:
+                continue
+        elif key == "miss":
+            reason, _, at = v.partition("@")
+            out["miss"] = reason
+            if at.isdigit():
+                out["miss_token"] = int(at)
+        elif key:
+            out[key] = v
+    return out if any(k in out for k in CACHE_SOURCES) else None
 
 
 def _short(text: str, n: int = 300) -> str:
@@ -91,6 +118,7 @@ async def _stream_into(res: StreamResult, client: httpx.AsyncClient, url: str, p
         async with client.stream("POST", url, json=payload, headers=headers) as r:
             res.http_status = r.status_code
             res.replica, res.route = r.headers.get("x-kvplug-replica"), r.headers.get("x-kvplug-route")
+            res.cache = parse_cache_header(r.headers.get("x-kvplug-cache"))
             if r.status_code != 200:
                 body = (await r.aread()).decode("utf-8", "replace")
                 res.status, res.error = "error", f"HTTP {r.status_code}: {_short(body)}"

@@ -243,6 +243,7 @@ def _result_fields(res: StreamResult, turn) -> dict:
         "finish_reason": res.finish_reason,
         "replica": res.replica,
         "route": res.route,
+        "cache": res.cache,
         "prediction": res.text,
         "score": score(turn.scorer, res.text, turn.answer) if ok else None,
     }

@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from benchmarks.scbench.client import CACHE_SOURCES
+
 PLOTS = ("ttft_per_turn.png", "accuracy_per_turn.png", "latency_cdf.png")
+CACHE_PLOT = "cache_sources.png"  # only for runs against kvplug serve --offload (the x-kvplug-cache header)
+SOURCE_COLORS = {"gpu": "tab:green", "cpu": "tab:blue", "disk": "tab:purple", "recomputed": "tab:gray"}
 
 
 def write_plots(result: dict, out_dir: Path) -> list[str]:
@@ -81,4 +85,44 @@ def write_plots(result: dict, out_dir: Path) -> list[str]:
     fig.savefig(out_dir / PLOTS[2], dpi=110)
     plt.close(fig)
     written.append(PLOTS[2])
+    if (result["summary"].get("cache_sources")):
+        _cache_plot(plt, result, ok, title, out_dir / CACHE_PLOT)
+        written.append(CACHE_PLOT)
     return written
+
+
+def _cache_plot(plt, result: dict, ok: list[dict], title: str, path: Path) -> None:
+    """Which tier served each turn: the share of prompt tokens per source per turn (left), and every request's
+    tokens per source in the order they were sent, grouped by session (right)."""
+    import numpy as np
+
+    per_turn = result["summary"]["cache_sources"]["per_turn"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 2]})
+    turns = list(per_turn)
+    bottom = np.zeros(len(turns))
+    for src in CACHE_SOURCES:
+        share = np.array([per_turn[t][src] / max(1, sum(per_turn[t].values())) for t in turns])
+        ax.bar(turns, share, bottom=bottom, color=SOURCE_COLORS[src], label=src)
+        bottom += share
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("turn")
+    ax.set_ylabel("share of prompt tokens")
+    ax.set_title("Where each turn's prompt KV came from", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    reqs = sorted((r for r in ok if r.get("cache")), key=lambda r: (str(r["session"]), r["turn"], r["start"]))
+    x = np.arange(len(reqs))
+    bottom = np.zeros(len(reqs))
+    for src in CACHE_SOURCES:
+        vals = np.array([r["cache"].get(src, 0) for r in reqs], dtype=float)
+        ax2.bar(x, vals, bottom=bottom, color=SOURCE_COLORS[src], width=0.9)
+        bottom += vals
+    for i in range(1, len(reqs)):
+        if reqs[i]["session"] != reqs[i - 1]["session"]:
+            ax2.axvline(i - 0.5, color="black", lw=0.5, alpha=0.4)
+    ax2.set_xlabel("request (grouped by session, turns in order)")
+    ax2.set_ylabel("prompt tokens")
+    ax2.set_title(f"Per request\n{title}", fontsize=9)
+    ax2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -6,6 +6,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
+from benchmarks.scbench.client import CACHE_SOURCES
+
 PCTS = (50, 90, 99)
 
 
@@ -80,10 +82,29 @@ def summarize(records: list[dict], wall_s: float, metrics: dict | None = None) -
             "prompt_tokens": prompt_tokens,
         },
         "server_cached_prompt_tokens": sum(cached) if cached else None,
+        "cache_sources": cache_sources(ok),
         "prefix_cache_hit_rate": (metrics or {}).get("prefix_cache_hit_rate"),
         "metrics": metrics,
     }
     return summary
+
+
+def cache_sources(ok: list[dict]) -> dict | None:
+    """Prompt tokens by where their KV came from (the x-kvplug-cache header of kvplug serve --offload): in
+    total and per turn, with the first-miss reasons; None when no request carried the header."""
+    reported = [r for r in ok if r.get("cache")]
+    if not reported:
+        return None
+
+    def tokens(rs: list[dict]) -> dict:
+        return {s: sum(r["cache"].get(s, 0) for r in rs) for s in CACHE_SOURCES}
+
+    by_turn: dict[int, list[dict]] = defaultdict(list)
+    for r in reported:
+        by_turn[r["turn"]].append(r)
+    return {"requests": len(reported), "tokens": tokens(reported),
+            "per_turn": {str(t): tokens(rs) for t, rs in sorted(by_turn.items())},
+            "miss_reasons": dict(Counter(r["cache"].get("miss", "none") for r in reported).most_common())}
 
 
 def _f(v, scale: float = 1.0, digits: int = 3, suffix: str = "") -> str:
@@ -147,6 +168,14 @@ def markdown(result: dict) -> str:
         tt = s["ttft_per_turn_s"].get(t) or {}
         lines.append(f"| {t} | {a['n']} | {_f(a['accuracy'])} | {_f(tt.get('p50'), 1000, 1)} | "
                      f"{_f(tt.get('p90'), 1000, 1)} | {_f(s['prompt_tokens_per_turn'].get(t), 1, 0)} |")
+    cs = s.get("cache_sources")
+    if cs:
+        lines += ["", f"## Where the prompt KV came from ({cs['requests']} requests with x-kvplug-cache)", "",
+                  "| turn | " + " | ".join(CACHE_SOURCES) + " |", "| --- |" + " --- |" * len(CACHE_SOURCES)]
+        for t, tok in [*cs["per_turn"].items(), ("all", cs["tokens"])]:
+            total = sum(tok.values()) or 1
+            lines.append(f"| {t} | " + " | ".join(f"{tok[k]} ({tok[k] / total:.0%})" for k in CACHE_SOURCES) + " |")
+        lines += ["", "first miss: " + ", ".join(f"{k} {v}" for k, v in cs["miss_reasons"].items())]
     if len(s["accuracy_per_task"]) > 1:
         lines += ["", "## Per task", "", "| task | n ok | accuracy |", "| --- | --- | --- |"]
         for k, a in s["accuracy_per_task"].items():

@@ -303,8 +303,9 @@ def kv_cache_memory_bound(vllm_config: Any, device: Any) -> tuple[int, bool]:
     util = float(cache.gpu_memory_utilization)
     dev = torch.device(device)
     if dev.type == "cuda":
-        total = torch.cuda.mem_get_info(dev)[1]
-        return max(int(total * util) - torch.cuda.memory_allocated(dev), 0), False
+        # The whole requested share: vLLM 0.26 sized a cache larger than (share - memory allocated while it
+        # profiles) on an H100, so anything tighter is not a bound. Over-reserves weights x 1/(block_size+1).
+        return int(torch.cuda.mem_get_info(dev)[1] * util), False
     import psutil
 
     return max(int(psutil.virtual_memory().total * util) - psutil.Process().memory_info().rss, 0), False

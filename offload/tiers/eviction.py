@@ -139,6 +139,7 @@ class EvictionIndex:
         e = self._entries[key]
         if key not in self._pinned:
             self.pinned_bytes += e.nbytes
+        until = max(until, self._pinned.get(key, until))  # a second pin never shortens the first
         self._pinned[key] = until
         e.pinned_until = until
 

@@ -33,4 +33,5 @@ def test_plugin_hands_the_backend_its_sections(restore_wiring):
     assert rd_hooks.enabled() and sp_hooks.builder_hook() is None  # sparse prefill stays off
     plugin.configure_features(settings.resolve(sets=["sparse_prefill.enabled=true"], environ={}))
     assert not dropped_attention.enabled() and not rd_hooks.enabled()
-    assert sp_hooks.builder_hook().min_prompt_tokens == 32768
+    hook = sp_hooks.builder_hook()
+    assert hook.min_prompt_tokens is None and hook.cfg == wiring.current().sparse_prefill

@@ -35,6 +35,7 @@ class FakeOpenAI:
         self.prefix_hits = 0
         self.bodies: list[dict] = []
         self.headers: list[dict] = []
+        self.cache_header = False  # answer with x-kvplug-cache like kvplug serve --offload
         self.resets = 0
         self._loop = None
         self._runner = None
@@ -89,7 +90,13 @@ class FakeOpenAI:
         self.inflight += 1
         self.peak_inflight = max(self.peak_inflight, self.inflight)
         try:
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            headers = {"Content-Type": "text/event-stream"}
+            if self.cache_header:  # turn 1 computed, later turns: a GPU hit and the rest from the CPU tier
+                turns = sum(m["role"] == "user" for m in body["messages"])
+                headers["x-kvplug-cache"] = ("gpu=0; cpu=0; disk=0; recomputed=300; policy=keep; miss=never_seen@0; "
+                                             "final=0" if turns == 1 else
+                                             "gpu=128; cpu=256; disk=0; recomputed=40; policy=keep; miss=none; final=0")
+            resp = web.StreamResponse(headers=headers)
             await resp.prepare(request)
             await asyncio.sleep(self.first_token_delay)
             words = re.findall(r"\S+\s*", self._reply(body))[: body.get("max_tokens", 16)]
@@ -143,7 +150,7 @@ class FakeOpenAI:
         return f"http://127.0.0.1:{self.port}"
 
     def reset(self) -> None:
-        self.answer, self.fail_every = "oracle-kv", 0
+        self.answer, self.fail_every, self.cache_header = "oracle-kv", 0, False
         self.first_token_delay = self.token_delay = 0.0
         self.requests = self.inflight = self.peak_inflight = 0
         self.prefix_queries = self.prefix_hits = 0

@@ -334,6 +334,19 @@ def test_report_rewrites_summary_and_plots(tmp_path, fake_server):
 
 
 
+def test_cache_report_headers_become_a_summary_table_and_a_plot(tmp_path, fake_server):
+    fake_server.cache_header = True
+    rc, out, data = bench(tmp_path, fake_server, "--sessions", "2", "--turns", "3", plots=True)
+    assert rc == 0
+    cs = data["summary"]["cache_sources"]
+    assert cs["per_turn"]["1"] == {"gpu": 0, "cpu": 0, "disk": 0, "recomputed": 600}
+    assert cs["per_turn"]["3"] == {"gpu": 256, "cpu": 512, "disk": 0, "recomputed": 80}
+    assert cs["miss_reasons"] == {"none": 4, "never_seen": 2}
+    assert data["requests"][0]["cache"]["policy"] == "keep"
+    assert "cache_sources.png" in data["plots"] and (out / "cache_sources.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 3 | 256 (30%) | 512 (60%) | 0 (0%) | 80 (9%) |" in (out / "summary.md").read_text()
+
+
 def test_policy_mix_shares_each_context_across_policies_and_repeat_runs_sessions_again(tmp_path, fake_server):
     rc, out, data = bench(tmp_path, fake_server, "--sessions", "4", "--policy-mix", "keep,quant:int8",
                           "--repeat", "--max-requests", "14", "--concurrency", "1")

@@ -181,6 +181,9 @@ def test_pins_survive_pressure_and_restart_and_a_full_pin_budget_refuses(tmp_pat
     report, meta = serve(side, req("sys", 4, **{request_keys.PIN_KEY: True, request_keys.PRIORITY_KEY: "high"}))
     assert report["pin"]["pinned"] and report["pin"]["blocks"] == 4
     assert sum(op.kind == COPY for op in meta.tier_ops) == 4  # copied to disk: survives a restart
+    assert side.m.pinned_bytes.get(tier="cpu") == 4 * BLOCK_BYTES
+    assert side.m.pinned_bytes.get(tier="disk") == 4 * (BLOCK_BYTES + 1024)
+    assert side.m.resident_bytes.get(tier="cpu", **{"class": "high"}) == 4 * BLOCK_BYTES
     pinned = [side.key("keep", h) for h in req("sys", 4).block_hashes]
     for i in range(12):  # pressure: 48 blocks through a 16-block CPU tier
         serve(side, req(f"x{i}", 4))

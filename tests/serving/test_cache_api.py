@@ -133,3 +133,58 @@ def test_streaming_answer_gets_the_header_at_the_first_chunk_and_the_report_befo
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][len("data: "):])[request_keys.REPORT_FIELD] == REPORT
     assert [m["op"] for m in engine] == ["report", "report"]
+
+
+class CacheReplicas:
+    """Fake replicas whose answers carry the cache header (and report chunk), with a /kvplug/cache API."""
+
+    def __init__(self):
+        from tests.serving.test_replicas_routing import FakeReplicas
+
+        self.base = FakeReplicas(["r0", "r1"])
+        self.names, self.url = self.base.names, self.base.url
+
+    async def handler(self, request):
+        import httpx
+
+        name = request.url.host.split(".")[0]
+        if request.url.path.startswith("/kvplug/cache"):
+            assert request.headers.get("authorization") == "Bearer upstream"  # the router's own key
+            if request.method == "GET":
+                return httpx.Response(200, json={"totals": {}, "prefixes": [], "name": name,
+                                                 "query": dict(request.url.params)})
+            return httpx.Response(200 if name == "r1" else 404, json={"done": name})
+        response = await self.base.handler(request)
+        response.headers[cache_api.HEADER.decode()] = f"gpu=0; cpu=64; replica={name}"
+        return response
+
+
+def test_the_router_passes_the_report_through_and_fans_the_cache_api_out():
+    from tests.serving.test_replicas_routing import run_router
+
+    fake = CacheReplicas()
+
+    async def go(client, router):
+        out = {}
+        for stream in (False, True):
+            r = await client.post("/v1/chat/completions", json={"model": "m", "stream": stream,
+                                                                "messages": [{"role": "user", "content": "hi"}]},
+                                  headers={"authorization": "Bearer user"})
+            out[stream] = (r.headers[cache_api.HEADER.decode()], r.headers["x-kvplug-replica"], r.text)
+        auth = {"authorization": "Bearer user"}
+        out["all"] = (await client.get("/kvplug/cache?limit=3", headers=auth)).json()
+        out["one"] = (await client.get("/kvplug/cache?replica=r1", headers=auth)).json()
+        out["bad"] = (await client.get("/kvplug/cache?replica=r9", headers=auth)).status_code
+        out["pin"] = await client.post("/kvplug/cache/pin", json={"prefix": "ab"}, headers=auth)
+        out["noauth"] = (await client.get("/kvplug/cache")).status_code
+        return out
+
+    out = run_router(fake, go, api_keys=["user"], upstream_api_key="upstream")
+    for stream in (False, True):
+        header, replica, _ = out[stream]
+        assert header == f"gpu=0; cpu=64; replica={replica}"
+    assert out[True][2].rstrip().endswith("data: [DONE]")
+    assert set(out["all"]["replicas"]) == {"r0", "r1"} and out["all"]["replicas"]["r0"]["query"] == {"limit": "3"}
+    assert out["one"]["replica"] == "r1" and out["one"]["name"] == "r1"
+    assert out["bad"] == 400 and out["noauth"] == 401
+    assert out["pin"].status_code == 200 and out["pin"].json()["replicas"]["r1"] == {"done": "r1"}

@@ -30,7 +30,8 @@ def replicated(smollm2_path, tmp_path_factory):
     saved, conftest.SERVER_START_TIMEOUT_S = conftest.SERVER_START_TIMEOUT_S, 1800
     try:
         server = start_server(["--replicas", "2", "--health-interval", "1", "--enforce-eager",  # routing, not speed
-                               "--kv-cache-memory-bytes", str(512 << 20)],  # ~22K tokens each: plenty
+                               "--kv-cache-memory-bytes", str(512 << 20),  # ~22K tokens each: plenty
+                               "--offload", "cpu:256MiB"],  # a CPU tier: the cache-events feed reports it
                               tmp_path_factory.mktemp("replicas") / "kvplug-serve-replicas.log")
     finally:
         conftest.SERVER_START_TIMEOUT_S = saved
@@ -137,6 +138,49 @@ def test_affinity_keeps_a_conversation_on_one_replica_and_its_prefix_cache_hits(
     for r in ("r0", "r1"):
         assert metric_sum(after, "kvplug_info", replica=r) >= 1
         assert 'replica="%s"' % r in after
+
+
+def test_tier_aware_routing_follows_the_replica_that_holds_the_prefix(replicated):
+    """Turn 1 is pinned (x-session-id) to the replica that is *not* its prefix's affinity home; turn 2, sent
+    without the header, goes where turn 1's blocks are (exact hashes: every full block of turn 1's prompt
+    matches), not to the home."""
+    from serving import routing
+
+    ring = routing.Router(["r0", "r1"])  # the router's ring: same replica names, same points
+    messages = [{"role": "user", "content": "TIER " + CONTEXT + "\nWhere is item 9?"}]
+    home = ring.ring_order(routing.affinity_key("/v1/chat/completions", {"messages": messages}))[0]
+    other = "r1" if home == "r0" else "r0"
+    session = next(f"s{i}" for i in range(1000) if ring.ring_order(f"session:s{i}")[0] == other)
+    body = {"model": "smollm2-135m-instruct", "messages": messages, "max_tokens": 4, "temperature": 0}
+    first = httpx.post(f"{replicated.base_url}/v1/chat/completions", json=body, headers={"x-session-id": session},
+                       timeout=300)
+    assert first.status_code == 200 and first.headers["x-kvplug-replica"] == other, first.headers
+    prompt_tokens = first.json()["usage"]["prompt_tokens"]
+    deadline = time.monotonic() + 30
+    feed = {}
+    while time.monotonic() < deadline:  # the router polls the feeds every 0.25 s
+        feed = next(r["cache_feed"] for r in replica_info(replicated)["replicas"] if r["name"] == other)
+        if feed["live"] and sum(feed["blocks"].values()) >= prompt_tokens // (feed["block_size"] or 1):
+            break
+        time.sleep(0.5)
+    assert feed.get("live"), f"replica {other}'s cache-events feed is not live: {feed}"
+    messages += [{"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "And item 4?"}]
+    report = {"kv_transfer_params": {"kvplug_report": True}}
+    second = httpx.post(f"{replicated.base_url}/v1/chat/completions", json={**body, **report, "messages": messages},
+                        timeout=300)
+    assert second.status_code == 200 and second.headers["x-kvplug-replica"] == other, second.headers
+    why = dict(p.split("=", 1) for p in second.headers["x-kvplug-route"].split("; "))
+    assert why["reason"] == "tier_hit", why
+    assert int(why["matched_blocks"]) >= prompt_tokens // int(why["block_size"]), (why, prompt_tokens)
+    # the replica's cache report passes through the router: header and body, streaming too
+    assert second.headers["x-kvplug-cache"].startswith("gpu="), second.headers
+    assert "kvplug_cache" in (second.json().get("kv_transfer_params") or {}), second.json()
+    with httpx.stream("POST", f"{replicated.base_url}/v1/chat/completions", timeout=300,
+                      json={**body, **report, "messages": messages, "stream": True}) as streamed:
+        assert streamed.headers["x-kvplug-replica"] == other and streamed.headers["x-kvplug-cache"].startswith("gpu=")
+        assert "tier_hit" in streamed.headers["x-kvplug-route"]
+        assert "kvplug_cache" in streamed.read().decode()
 
 
 def test_load_bound_spills_a_hot_context(replicated):

@@ -150,6 +150,8 @@ class FeedReplicas(FakeReplicas):
         self.no_feed: set[str] = set()
         self.events = {n: [] for n in names}   # (seq, kind, hash_hex, tier)
         self.polls = {n: [] for n in names}
+        self.params = {n: [] for n in names}
+        self.refuse_wait: set[str] = set()   # answer 400 to wait_s (a replica without long polls)
 
     def hold(self, name, body, tier="gpu"):
         for digest in TextHasher().block_hashes("/v1/chat/completions", body, BLOCK):
@@ -160,6 +162,9 @@ class FeedReplicas(FakeReplicas):
         if request.url.path == "/kvplug/cache/events" and name not in self.dead:
             if name in self.no_feed:
                 return httpx.Response(404, json={"detail": "Not Found"})
+            self.params[name].append(dict(request.url.params))
+            if name in self.refuse_wait and "wait_s" in request.url.params:
+                return httpx.Response(400, json={"error": {"message": "unknown parameter wait_s"}})
             since = int(request.url.params["since"])
             self.polls[name].append(since)
             ev = self.events[name]
@@ -179,6 +184,7 @@ class FeedReplicas(FakeReplicas):
 def run(fake, coro_fn, **kw):
     kw.setdefault("health_interval_s", 0.05)
     kw.setdefault("feed_interval_s", 0.01)
+    kw.setdefault("feed_wait_s", 0.0)
     router = ReplicaRouter([ReplicaEndpoint(n, fake.url(n)) for n in fake.names], mode="tier-aware",
                            transport=httpx.MockTransport(fake.handler), **kw)
 
@@ -306,3 +312,18 @@ def test_the_router_hashes_with_the_replicas_seed_and_algorithm():
     assert (h.hash_seed, h.hash_algo) == ("42", "sha256_cbor")
     assert replicas.prompt_hasher("/m", [], {}).hash_seed == "vllm-none-hash"
     assert replicas.prompt_hasher("/m", ["--prefix-caching-hash-algo", "xxhash"], {}) is None  # random seed
+
+
+def test_long_polls_carry_the_epoch_and_fall_back_to_plain_polls_where_refused():
+    fake = FeedReplicas(["r0", "r1"])
+    fake.refuse_wait = {"r1"}
+
+    async def go(client, router):
+        await asyncio.sleep(0.2)
+        return dict(router.feed_live), dict(router.feed_long_poll)
+
+    live, long_poll = run(fake, go, prompt_hasher=TextHasher(), feed_wait_s=0.05)
+    assert live == {"r0": True, "r1": True} and long_poll == {"r0": True, "r1": False}
+    first, later = fake.params["r0"][0], fake.params["r0"][-1]
+    assert "epoch" not in first and later["epoch"] == "life-r0" and later["wait_s"] == "0.05"
+    assert all("wait_s" not in p for p in fake.params["r1"][1:])  # after the one refusal

@@ -13,6 +13,11 @@ class AShape(SparsePattern):
     search_candidates = ({"sink": 64, "window": 512}, {"sink": 128, "window": 1024}, {"sink": 128, "window": 2048})
 
     @classmethod
+    def keys_per_row(cls, budgets):
+        # whole key blocks: the sink rounded up to a block, the window plus the block it starts in
+        return -(-budgets["sink"] // BLOCK) * BLOCK + budgets["window"] + BLOCK
+
+    @classmethod
     def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale):
         dev = q.device
         a, b = geom.q_block_bounds(dev)

@@ -19,6 +19,16 @@ class SparsePattern(ABC):
     budgets: ClassVar[dict[str, tuple[int, int]]]
     # Candidate budgets the offline search tries, cheapest first.
     search_candidates: ClassVar[tuple[dict[str, int], ...]]
+    # Budgets that count a share of the context (columns, diagonals, blocks) rather than a fixed local
+    # structure: head_config.scaled_budgets grows them beyond the length a config was searched at.
+    length_scaled: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    @abstractmethod
+    def keys_per_row(cls, budgets: dict[str, int]) -> float:
+        """Expected keys one query row attends under ``budgets`` (complete, checked), far from the sequence
+        start: what the cost model (cost_model.py) prices a head at when its config records no measured
+        density. An estimate, corrected at run time by the densities the kernel reports."""
 
     @classmethod
     def check_budgets(cls, given: dict[str, int], where: str = "") -> dict[str, int]:

@@ -22,6 +22,11 @@ class BlockSparse(SparsePattern):
     name = "block_sparse"
     budgets = {"top_k": (32, 1)}
     search_candidates = ({"top_k": 8}, {"top_k": 16}, {"top_k": 32}, {"top_k": 64})
+    length_scaled = ("top_k",)
+
+    @classmethod
+    def keys_per_row(cls, budgets):
+        return budgets["top_k"] * BLOCK
 
     @classmethod
     def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale):

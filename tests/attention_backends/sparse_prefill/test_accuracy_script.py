@@ -18,9 +18,26 @@ def test_agreement_classes():
 
 
 def test_pattern_config_lookup(tmp_path):
-    staged = tmp_path / "qwen2.5-coder-0.5b"  # the name ../shared/gpu/stage-model.sh gives the folder
+    """By the model's identity (its config.json), whatever the folder is called."""
+    import json
+
+    from attention_backends.sparse_prefill import head_config, model_identity
+
+    def folder(name: str, shipped: str) -> Path:
+        ident = head_config.load(model_identity.SHIPPED_CONFIGS / shipped).identity
+        cfg = {"architectures": [ident.architecture], "num_hidden_layers": ident.num_layers,
+               "num_attention_heads": ident.num_heads} | {k: v for k, v in ident.fields.items() if k in (
+                   "model_type", "hidden_size", "intermediate_size", "vocab_size", "max_position_embeddings")}
+        cfg |= {"num_key_value_heads": ident.num_kv_heads, "head_dim": ident.head_dim,
+                "rope_theta": ident.fields["rope_theta"]}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        return tmp_path / name
+
+    staged = folder("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct.json")  # stage-model.sh's folder name
     assert acc.pattern_config_path("auto", staged).endswith("qwen2.5-coder-0.5b-instruct.json")
-    assert acc.pattern_config_path("auto", tmp_path / "smollm2-135m-instruct").endswith("smollm2-135m-instruct.json")
+    assert acc.pattern_config_path("auto", folder("renamed", "smollm2-135m-instruct.json")).endswith(
+        "smollm2-135m-instruct.json")
     assert acc.pattern_config_path("/x/cfg.json", staged) == "/x/cfg.json"
     with pytest.raises(SystemExit, match="--pattern-config"):
         acc.pattern_config_path("auto", Path("/no/such-model"))

@@ -6,9 +6,11 @@ import pytest
 from kvplug import settings
 
 
-def test_defaults_off_and_threshold_8k():
+def test_defaults_off_cost_model_and_floor_auto():
     cfg = settings.resolve(environ={})
-    assert cfg.sparse_prefill.enabled is False and cfg.sparse_prefill.min_prompt_tokens == 32768
+    sp = cfg.sparse_prefill
+    assert sp.enabled is False and sp.min_prompt_tokens is None  # 8192 with a cost table, 32768 without
+    assert (sp.cost_table, sp.cost_margin, sp.pattern_config) == ("auto", 1.2, "auto")
     assert "sparse_prefill" not in cfg.enabled_features()
 
 

@@ -1,0 +1,223 @@
+"""The per-chunk sparse-or-dense decision (cost_model.py): on the shipped H100 table, with an injected table,
+without one (threshold rule), its density feedback, its counters, its config keys, and the table's fit."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from attention_backends.sparse_prefill import backend_hooks, cost_model, planner
+from attention_backends.sparse_prefill.cost_model import ChunkDecider, DensityFeedback, HeadDensity
+from attention_backends.sparse_prefill.head_config import HeadPattern, PatternConfig
+from kvplug import settings
+
+H100 = cost_model.load_table(cost_model.SHIPPED_TABLES / "h100.json")
+# Llama-3-8B's attention (the shape the H100 table was measured at), every head vertical_slash 1000/1024
+UNIFORM = PatternConfig(default=HeadPattern(pattern="vertical_slash", budgets={"vertical": 1000, "slash": 1024}))
+
+
+def llama_decider(table=H100, feedback=None, floor=cost_model.FLOOR_TOKENS) -> ChunkDecider:
+    return ChunkDecider(floor, table, HeadDensity(UNIFORM.validate(), 32, 32), 32, 128, margin=1.2,
+                        feedback=feedback or DensityFeedback())
+
+
+def test_shipped_table_serves_the_h100_only():
+    assert cost_model.shipped_table_for("NVIDIA H100 80GB HBM3")[1] == H100
+    assert cost_model.shipped_table_for("NVIDIA H200")[1] is None  # other memory speed: not this table
+    assert cost_model.shipped_table_for("cpu")[1] is None  # CPU keeps the threshold rule
+
+
+@pytest.mark.parametrize("n,L,sparse", [
+    (8192, 8192, False),  # a short prompt: the index build alone costs more than dense attention
+    (16384, 16384, False),
+    (32768, 32768, False),  # at the default budgets' density dense still wins (BENCHMARKS.md: 0.39x)
+    (131072, 131072, True),  # a long prompt in one chunk
+    (16384, 131072, True),  # the last 16K chunk of a 128K prompt
+    (1024, 131072, False),  # a 1K second-turn suffix on a 128K cached prefix: planning over 128K keys loses
+])
+def test_h100_table_decides_by_length_and_chunk(n, L, sparse):
+    d = llama_decider().decide(n, L)
+    assert d.reason == cost_model.COST_MODEL and d.sparse is sparse
+    assert (d.dense_ms >= 1.2 * d.sparse_ms) is sparse
+
+
+def test_suffix_is_decided_by_the_table_not_a_rule():
+    """The same 1K suffix on a 128K prefix goes sparse on a device whose index build is cheap."""
+    cheap_index = H100.__copy__()
+    cheap_index.index = cost_model.IndexCost(fixed_ms=0.1, ms_per_kkey=0.001, ms_per_gcell=0.01)
+    assert not llama_decider().decide(1024, 131072).sparse
+    d = llama_decider(cheap_index).decide(1024, 131072)
+    assert d.sparse and d.reason == cost_model.COST_MODEL
+
+
+def test_floor_and_no_table_fallback():
+    assert llama_decider(floor=8192).decide(4000, 4000) == cost_model.ChunkDecision(False, cost_model.BELOW_FLOOR)
+    threshold = ChunkDecider(cost_model.THRESHOLD_TOKENS)
+    assert threshold.decide(1024, 32767).reason == cost_model.BELOW_FLOOR
+    d = threshold.decide(1024, 32768)
+    assert d.sparse and d.reason == cost_model.THRESHOLD and d.sparse_ms is None
+
+
+@pytest.mark.parametrize("device,sets,rule,floor", [
+    ("cpu", [], "threshold rule", 32768),  # no CPU table: today's behaviour, today's threshold
+    ("cpu", ["sparse_prefill.min_prompt_tokens=2048"], "threshold rule", 2048),  # an explicit floor is the threshold
+    ("NVIDIA H100 80GB HBM3", [], "cost model (shipped h100.json", 8192),
+    ("NVIDIA H100 80GB HBM3", ["sparse_prefill.cost_table=none"], "threshold rule", 32768),
+    ("NVIDIA H200", [], "threshold rule", 32768),
+])
+def test_make_decider_picks_the_rule_for_the_device(device, sets, rule, floor):
+    cfg = settings.resolve(sets=["sparse_prefill.enabled=true", *sets], environ={}).sparse_prefill
+    chosen = planner.ChosenConfig(UNIFORM.validate(), "uniform default", "test")
+    ctx = backend_hooks.ModelContext(chosen, 32, 128, {1})
+    decider, line = backend_hooks.make_decider(cfg, ctx, device)
+    assert line.startswith(rule) and decider.floor == floor
+    assert (decider.table is not None) == line.startswith("cost model")
+
+
+def test_injected_cpu_table_from_a_file(tmp_path):
+    table = H100.__copy__()
+    table.match = ["cpu"]
+    path = tmp_path / "cpu.json"
+    path.write_bytes(table.to_json())
+    cfg = settings.resolve(sets=["sparse_prefill.enabled=true", f"sparse_prefill.cost_table={path}"],
+                           environ={}).sparse_prefill
+    ctx = backend_hooks.ModelContext(planner.ChosenConfig(UNIFORM.validate(), "u", "t"), 32, 128, {1})
+    decider, line = backend_hooks.make_decider(cfg, ctx, "cpu")
+    assert decider.table == table and str(path) in line
+    assert decider.decide(131072, 131072).sparse and not decider.decide(8192, 8192).sparse
+
+
+def test_density_feedback_corrects_the_estimate():
+    """A chunk priced as a loss at the estimated density wins once the kernels report a quarter of it."""
+    fb = DensityFeedback()
+    d = llama_decider(feedback=fb).decide(32768, 65536)
+    assert not d.sparse
+    fb.observe(measured_pairs=0.25 * 1e9, predicted_pairs=1e9)
+    assert fb.ratio() == pytest.approx(0.25)
+    after = llama_decider(feedback=fb).decide(32768, 65536)
+    assert after.sparse and after.predicted_density == d.predicted_density  # raw estimate kept for feedback
+    fb.observe(1e12, 1.0)
+    assert fb.ratio() == DensityFeedback.BOUNDS[1]  # bounded: one odd chunk cannot flip everything
+
+
+def test_searched_heads_use_their_measured_density():
+    cfg = PatternConfig(default=HeadPattern(pattern="dense"), calibration={"tokens": 1000},
+                        layers={0: {0: HeadPattern(pattern="block_sparse", budgets={"top_k": 4}, density=0.1)}})
+    hd = HeadDensity(cfg.validate(), num_layers=1, num_heads=2)
+    assert hd.density(1000, 1000, limit=1.0) == pytest.approx((0.1 + 1.0) / 2, rel=1e-3)
+    # beyond the searched length its budget (top_k) doubles, so its keys per row do
+    assert hd.density(2000, 2000, limit=4.0) == pytest.approx((0.1 * 1001 / 2 * 2 / (2001 / 2) + 1) / 2, rel=1e-3)
+    unsearched = HeadDensity(PatternConfig(default=HeadPattern(pattern="block_sparse", budgets={"top_k": 4})), 1, 1)
+    assert unsearched.density(4096, 4096, 1.0) == pytest.approx(4 * 64 / (4097 / 2))
+
+
+def _cam(qlens: list[int], seq_lens: list[int]) -> SimpleNamespace:
+    qsl = torch.tensor([0] + qlens).cumsum(0).to(torch.int32)
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    return SimpleNamespace(num_reqs=len(qlens), query_start_loc_cpu=qsl, seq_lens=seq, seq_lens_cpu=seq,
+                           block_table_tensor=torch.zeros(len(qlens), 4, dtype=torch.int32))
+
+
+def _chunks_metric(decision: str, reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("kvplug_sparse_prefill_chunks_total", {"decision": decision, "reason": reason}) or 0
+
+
+def test_plan_decides_each_prefill_chunk_and_counts_it():
+    before = cost_model.decisions_snapshot()
+    before_metric = {k: _chunks_metric(*k) for k in [("sparse", "cost_model"), ("dense", "cost_model"),
+                                                     ("dense", "below_floor")]}
+    # a decode, a short prompt, a 1K suffix on 128K (dense by the table), the last 16K chunk of 128K (sparse)
+    p = planner.plan(_cam([1, 4000, 1024, 16384], [9000, 4000, 131072, 131072]), llama_decider())
+    assert [s.req for s in p.segments] == [3] and p.dense_req_ids.tolist() == [0, 1, 2]
+    assert p.sparse_tokens == 16384 and p.dense_prefill_tokens == 4000 + 1024
+    assert p.segments[0].predicted_density is not None
+    after = cost_model.decisions_snapshot()
+    grew = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert grew == {"sparse/cost_model": 1, "dense/cost_model": 1, "dense/below_floor": 1}  # decodes are not chunks
+    for (decision, reason), count in (("sparse", "cost_model"), 1), (("dense", "cost_model"), 1), \
+                                     (("dense", "below_floor"), 1):
+        assert _chunks_metric(decision, reason) - before_metric[(decision, reason)] == count
+
+
+def test_plan_is_none_when_every_chunk_is_dense():
+    assert planner.plan(_cam([1024, 1], [131072, 50]), llama_decider()) is None
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["sparse_prefill.cost_table=/no/such/table.json"], "sparse_prefill.cost_table: cost table not found"),
+    (["sparse_prefill.cost_margin=0"], "sparse_prefill.cost_margin"),
+    (["sparse_prefill.budget_scale_limit=0.5"], "sparse_prefill.budget_scale_limit"),
+])
+def test_bad_values_name_the_key(sets, needle):
+    with pytest.raises(settings.KvplugConfigError, match=needle.replace(".", r"\.")):
+        settings.resolve(sets=sets, environ={})
+
+
+def test_malformed_table_names_the_field(tmp_path):
+    raw = json.loads((cost_model.SHIPPED_TABLES / "h100.json").read_text())
+    del raw["kernel"]["ms_per_gpair"]
+    (tmp_path / "t.json").write_text(json.dumps(raw))
+    with pytest.raises(settings.KvplugConfigError, match=r"sparse_prefill\.cost_table: .*ms_per_gpair.*kernel"):
+        settings.resolve(sets=[f"sparse_prefill.cost_table={tmp_path / 't.json'}"], environ={})
+    raw["kernel"]["ms_per_gpair"] = -1
+    (tmp_path / "t.json").write_text(json.dumps(raw))
+    with pytest.raises(settings.KvplugConfigError, match=r"kernel\.ms_per_gpair must be a finite number >= 0"):
+        settings.resolve(sets=[f"sparse_prefill.cost_table={tmp_path / 't.json'}"], environ={})
+
+
+def test_fit_recovers_a_known_table():
+    truth = H100
+    rows = []
+    for L in (4096, 32768, 131072):
+        for n in (1024, L):
+            for density in (0.01, 0.2, 0.6):
+                pairs = cost_model.causal_pairs(n, L) * 32 / 1e9
+                rows.append({"L": L, "n": n, "density": density,
+                             "kvplug_index_ms": truth.sparse_ms(n, L, 0, 32, 128) - truth.kernel.ms_per_krow * n / 1e3,
+                             "runtime_attn_ms": truth.kernel.ms_per_krow * n / 1e3 + truth.kernel.ms_per_gpair * density * pairs,
+                             "fa3_dense_ms": 0.05 + truth.dense.ms_per_gpair * pairs})
+    fit = cost_model.fit_table(rows, "test", ["test"], {"heads": 32, "kv_heads": 8, "head_dim": 128}, {})
+    assert fit.dense.fixed_ms == pytest.approx(0.05, abs=1e-3)
+    assert fit.dense.ms_per_gpair == pytest.approx(truth.dense.ms_per_gpair, rel=1e-3)
+    assert fit.index.ms_per_kkey == pytest.approx(truth.index.ms_per_kkey, rel=1e-2)
+    assert fit.kernel.ms_per_gpair == pytest.approx(truth.kernel.ms_per_gpair, rel=1e-3)
+    assert max(fit.source["fit"]["max_rel_err"].values()) < 1e-3
+
+
+def test_shipped_h100_table_is_the_fit_of_its_result_files(tmp_path):
+    """h100.json is what `--fit-from` derives from the result files it names (no hand-edited numbers)."""
+    from benchmarks.kernels import sparse_prefill_bench
+
+    shipped = json.loads((cost_model.SHIPPED_TABLES / "h100.json").read_text())
+    out = tmp_path / "h100.json"
+    assert sparse_prefill_bench.main(["--fit-from", ",".join(shipped["source"]["result_files"]),
+                                      "--cost-table", str(out), "--match", "h100"]) == 0
+    refit = json.loads(out.read_text())
+    assert {k: refit[k] for k in ("dense", "index", "kernel", "shape", "match", "device")} == \
+           {k: shipped[k] for k in ("dense", "index", "kernel", "shape", "match", "device")}
+
+
+def test_runner_reports_measured_density_to_the_feedback(monkeypatch):
+    from attention_backends.sparse_prefill import runner
+
+    fb = DensityFeedback()
+    monkeypatch.setattr(cost_model, "FEEDBACK", fb)
+    runner._record_pairs(computed=30, causal=1000, predicted=120.0)  # a sparse chunk the cost model priced
+    runner._record_pairs(computed=10, causal=1000)  # threshold rule: nothing predicted, nothing learned
+    assert fb.ratio() == pytest.approx(0.25)
+
+
+def test_runner_builds_one_layer_plan_per_budget_factor():
+    from attention_backends.sparse_prefill.runner import SparsePrefillRunner
+
+    cfg = PatternConfig(default=HeadPattern(pattern="block_sparse", budgets={"top_k": 8}),
+                        calibration={"tokens": 4096}).validate()
+    r = SparsePrefillRunner(cfg, num_heads=2, num_kv_heads=1, scale=0.1)
+    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+    base, doubled = r.layer_plan(layer, torch.device("cpu")), r.layer_plan(layer, torch.device("cpu"), 2.0)
+    assert base.groups[0].budget_max == {"top_k": 8} and doubled.groups[0].budget_max == {"top_k": 16}
+    assert r.layer_plan(layer, torch.device("cpu"), 2.0) is doubled  # cached per factor
