@@ -132,11 +132,12 @@ def table(runs: list[dict]) -> str:
 def plot(runs: list[dict], path: Path) -> None:
     """TTFT p50 per turn, one line per run: turn 2 is where round-robin lands on a cold replica."""
     fig, ax = harness.pyplot().subplots(figsize=(6, 3.6))
+    once = len({r["mode"] for r in runs}) == len(runs)
     for i, r in enumerate(runs):
         turns = sorted((r["ttft_per_turn_s"] or {}), key=int)
         ys = [(r["ttft_per_turn_s"][t] or {}).get("p50") for t in turns]
         ax.plot([int(t) for t in turns], ys, marker="o", linestyle="--" if r["mode"] == "round-robin" else "-",
-                color=MODE_COLORS.get(r["mode"], "tab:gray"), label=f"{r['mode']} (run {i + 1})")
+                color=MODE_COLORS.get(r["mode"], "tab:gray"), label=r["mode"] if once else f"{r['mode']} ({i + 1})")
     ax.set_xticks(sorted({int(t) for r in runs for t in (r["ttft_per_turn_s"] or {})}))
     ax.set_xlabel("turn")
     ax.set_ylabel("TTFT p50 (s)")

@@ -429,7 +429,7 @@ def run_replicated(p: Any) -> int:
                                  replica_envs=replica_envs)
         hasher = prompt_hasher(p.model_path, p.vllm_args, p.env)
         if hasher is not None:
-            hasher.tokenizer  # noqa: B018 - loaded before the endpoint opens, not in the first requests' TTFT
+            hasher.warm_up()  # before the endpoint opens, not in the first requests' TTFT
         router = ReplicaRouter([ReplicaEndpoint(r.name, r.url, r.info) for r in started], mode=opts["routing"],
                                load_factor=opts["load_factor"],
                                min_match_fraction=opts.get("tier_min_match", routing.DEFAULT_MIN_MATCH_FRACTION),

@@ -85,8 +85,10 @@ class RouterMetrics:
         p = f"{prefix}_router"
         self.routed = Counter(f"{p}_routed", "Requests sent to a replica (retries included)",
                               ["replica", "reason"], registry=r)
-        self.affinity_hits = Counter(f"{p}_affinity_hits", "Requests served by their key's home replica",
-                                     ["replica"], registry=r)
+        self.affinity_hits = Counter(f"{p}_affinity_hits",
+                                     "Requests served where their prefix is: their key's home replica (affinity) "
+                                     "or the one holding their longest cached prefix (tier_hit)", ["replica"],
+                                     registry=r)
         self.fallbacks = Counter(f"{p}_fallbacks",
                                  "Requests sent away from their key's home replica (load_bound, home_down)",
                                  ["replica", "reason"], registry=r)
@@ -244,8 +246,8 @@ class ReplicaRouter:
     async def _lifespan(self, _app):
         self._health_task = asyncio.create_task(self._health_loop())
         self._feed_tasks = [asyncio.create_task(self._feed_loop(n)) for n in self.endpoints]
-        if self.prompt_hasher is not None:  # load the tokenizer now, not in the first request's TTFT
-            self._feed_tasks.append(asyncio.create_task(asyncio.to_thread(lambda: self.prompt_hasher.tokenizer)))
+        if self.prompt_hasher is not None:
+            self._feed_tasks.append(asyncio.create_task(asyncio.to_thread(self.prompt_hasher.warm_up)))
         try:
             yield
         finally:

@@ -134,6 +134,7 @@ class ReplicaBlocks:
         self.seq = 0
         self.block_size: int | None = None
         self.tiers: dict[bytes, set[str]] = {}
+        self._per_tier = {t: 0 for t in TIERS}   # kept with every event: read after each poll
 
     def apply(self, feed: Mapping[str, Any]) -> None:
         """One answer of ``GET /kvplug/cache/events?since=<self.seq>``; FeedError if it is malformed (the
@@ -154,13 +155,18 @@ class ReplicaBlocks:
             raise FeedError(f"'block_size' must be >= 1, got {block_size}")
         if reset:
             self.tiers = {}
+            self._per_tier = {t: 0 for t in TIERS}
             stored = resident + stored
         for h, tier in stored:
-            self.tiers.setdefault(h, set()).add(tier)
+            held = self.tiers.setdefault(h, set())
+            if tier not in held:
+                held.add(tier)
+                self._per_tier[tier] += 1
         for h, tier in removed:
             held = self.tiers.get(h)
-            if held is not None:
+            if held is not None and tier in held:
                 held.discard(tier)
+                self._per_tier[tier] -= 1
                 if not held:
                     del self.tiers[h]
         self.epoch, self.seq, self.block_size = epoch, seq, block_size
@@ -185,11 +191,7 @@ class ReplicaBlocks:
         return m
 
     def blocks_per_tier(self) -> dict[str, int]:
-        out = {t: 0 for t in TIERS}
-        for held in self.tiers.values():
-            for t in held:
-                out[t] += 1
-        return out
+        return dict(self._per_tier)
 
 
 @dataclass

@@ -33,6 +33,7 @@ def test_block_hashes_chain_the_token_ids_and_the_cache_salt(smollm2_path):
     assert got == vllm_compat.prefix_block_hashes(ids, 16, "0") and len(got) == 4
     salted = hasher.block_hashes("/v1/completions", {"prompt": ids, "cache_salt": "s"}, 16)
     assert not set(salted) & set(got)
+    hasher.warm_up()
     # a request the router cannot render (a template error) gets no hashes: routed by affinity, not failed
     assert hasher.block_hashes("/v1/chat/completions", {"messages": [{"content": "no role"}]}, 16) == []
 

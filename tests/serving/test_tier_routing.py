@@ -33,7 +33,8 @@ def test_feed_reset_then_deltas_then_removal():
     assert (b.epoch, b.seq, b.block_size) == ("e1", 3, 16)
     assert b.blocks_per_tier() == {"gpu": 2, "cpu": 1, "disk": 0}
     b.apply({"epoch": "e1", "seq": 5, "reset": False, "block_size": 16,
-             "stored": [[h(3), "disk"]], "removed": [[h(2), "gpu"], [h(9), "cpu"]]})  # unknown removal: no-op
+             "stored": [[h(3), "disk"], [h(1), "gpu"]],                       # a repeated store counts once
+             "removed": [[h(2), "gpu"], [h(9), "cpu"], [h(3), "cpu"]]})         # unknown removals: no-ops
     assert b.seq == 5 and b.blocks_per_tier() == {"gpu": 1, "cpu": 1, "disk": 1}
     m = b.match(hashes(1, 2, 3, 4))
     assert m.blocks == 3 and m.per_tier == {"gpu": 1, "cpu": 1, "disk": 1}
@@ -127,6 +128,9 @@ class TextHasher:
 
     def __init__(self):
         self.calls = 0
+
+    def warm_up(self):
+        pass
 
     @staticmethod
     def text(path, body):
