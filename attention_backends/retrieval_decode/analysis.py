@@ -14,6 +14,9 @@ torch over the whole paged context (it reads every key: an oracle, never a fast 
 * ``centroid``: q . mean key of the block (a mean summary instead of min/max bounds).
 * ``refine2`` / ``refine4``: two-level: Quest picks 2x / 4x the budget as candidates, exact block scores (largest
   q.k) choose the budget among them (reads the candidates' keys: what a refining kernel would cost).
+* ``refine4_mass``: the same candidates, ranked by the group's softmax mass over the candidates' keys.
+* ``sparq8`` / ``sparq16``: approximate q.k of every key from the 8 / 16 channels where the group's queries are
+  largest (SparQ / Double Sparsity: reads r/head_dim of the keys), blocks ranked by their approximate softmax mass.
 
 ``gqa_reduce`` may also be "mass" here (Quest selectors): each query head's bounds become a softmax over the
 blocks, summed over the group, so a head with one sharp peak is not outvoted by flat ones.
@@ -26,7 +29,7 @@ from __future__ import annotations
 import torch
 
 SELECTORS = ("quest", "quest_torch", "quest_qhead", "oracle_max", "oracle_mass", "oracle_mass_qhead", "centroid",
-             "refine2", "refine4")
+             "refine2", "refine4", "refine4_mass", "sparq8", "sparq16")
 
 
 def block_scores(selector: str, logits: torch.Tensor, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
@@ -86,8 +89,18 @@ def analysis_decode(selector: str, q: torch.Tensor, key_cache: torch.Tensor, val
         mean = (kb * filled).sum(3) / filled.sum(3).clamp(min=1)  # [N, Hkv, W, D]
         s = torch.matmul(qg.float(), mean.transpose(-1, -2))  # [N, Hkv, G, W]
         s = s.amax(dim=2, keepdim=True) if gqa_reduce == "max" else s.sum(dim=2, keepdim=True)
+    elif selector.startswith("sparq"):
+        r = int(selector[len("sparq"):])
+        chan = torch.topk(qg.float().abs().sum(2), r, dim=-1).indices  # [N, Hkv, r]: shared by the group
+        q_r = torch.gather(qg.float(), 3, chan.unsqueeze(2).expand(-1, -1, G, -1))  # [N, Hkv, G, r]
+        k_r = torch.gather(keys.float(), 3, chan.unsqueeze(2).expand(-1, -1, keys.shape[2], -1))  # [N, Hkv, T, r]
+        # scale as the full product would be (the r channels carry this share of |q|, as SparQ does)
+        share = (q_r.abs().sum(-1, keepdim=True) / qg.float().abs().sum(-1, keepdim=True).clamp(min=1e-6))
+        approx = torch.matmul(q_r, k_r.transpose(-1, -2)) * scale / share.clamp(min=1e-3).sqrt()
+        s = block_scores("oracle_mass", approx.masked_fill(~in_seq, float("-inf")), qg, kmin[phys], kmax[phys], bs,
+                         gqa_reduce, scale)
     elif selector.startswith("refine"):
-        factor = int(selector[len("refine"):])
+        factor = int(selector[len("refine"):].split("_")[0])
         coarse = block_scores("quest_torch", logits, qg, kmin[phys], kmax[phys], bs, gqa_reduce, scale)
         coarse = torch.where(forced, torch.full_like(coarse, float("inf")), coarse)
         coarse = torch.where(blk < nb, coarse, torch.full_like(coarse, float("-inf")))
@@ -96,7 +109,12 @@ def analysis_decode(selector: str, q: torch.Tensor, key_cache: torch.Tensor, val
         crank = torch.arange(kc, device=q.device).view(1, 1, 1, -1)
         cand = torch.zeros_like(coarse, dtype=torch.bool).scatter_(
             -1, cand_idx, (crank < factor * budget_blocks.view(N, 1, 1, 1)).expand_as(cand_idx))
-        exact = block_scores("oracle_max", logits, qg, kmin[phys], kmax[phys], bs, gqa_reduce, scale)
+        if selector.endswith("_mass"):  # softmax over the candidates' (and forced blocks') keys only
+            seen = (cand | (forced & (blk < nb))).repeat_interleave(bs, dim=-1)
+            exact = block_scores("oracle_mass", logits.masked_fill(~seen, float("-inf")), qg, kmin[phys], kmax[phys],
+                                 bs, gqa_reduce, scale)
+        else:
+            exact = block_scores("oracle_max", logits, qg, kmin[phys], kmax[phys], bs, gqa_reduce, scale)
         s = torch.where(cand, exact, torch.full_like(exact, -1e30))
     else:
         s = block_scores(selector, logits, qg, kmin[phys], kmax[phys], bs, gqa_reduce, scale)
