@@ -17,6 +17,8 @@ torch over the whole paged context (it reads every key: an oracle, never a fast 
 * ``refine4_mass``: the same candidates, ranked by the group's softmax mass over the candidates' keys.
 * ``sparq8`` / ``sparq16``: approximate q.k of every key from the 8 / 16 channels where the group's queries are
   largest (SparQ / Double Sparsity: reads r/head_dim of the keys), blocks ranked by their approximate softmax mass.
+* ``keychan16``: the same from 16 channels fixed per (sequence, kv-head) by the keys alone (largest mean |k|): what
+  a compact per-block copy of 16 key channels (Double Sparsity's label cache), chosen at prefill, could score.
 
 ``gqa_reduce`` may also be "mass" here (Quest selectors): each query head's bounds become a softmax over the
 blocks, summed over the group, so a head with one sharp peak is not outvoted by flat ones.
@@ -29,7 +31,7 @@ from __future__ import annotations
 import torch
 
 SELECTORS = ("quest", "quest_torch", "quest_qhead", "oracle_max", "oracle_mass", "oracle_mass_qhead", "centroid",
-             "refine2", "refine4", "refine4_mass", "sparq8", "sparq16")
+             "refine2", "refine4", "refine4_mass", "sparq8", "sparq16", "keychan16")
 
 
 def block_scores(selector: str, logits: torch.Tensor, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
@@ -89,9 +91,13 @@ def analysis_decode(selector: str, q: torch.Tensor, key_cache: torch.Tensor, val
         mean = (kb * filled).sum(3) / filled.sum(3).clamp(min=1)  # [N, Hkv, W, D]
         s = torch.matmul(qg.float(), mean.transpose(-1, -2))  # [N, Hkv, G, W]
         s = s.amax(dim=2, keepdim=True) if gqa_reduce == "max" else s.sum(dim=2, keepdim=True)
-    elif selector.startswith("sparq"):
-        r = int(selector[len("sparq"):])
-        chan = torch.topk(qg.float().abs().sum(2), r, dim=-1).indices  # [N, Hkv, r]: shared by the group
+    elif selector.startswith(("sparq", "keychan")):
+        r = int(selector.removeprefix("sparq").removeprefix("keychan"))
+        if selector.startswith("sparq"):
+            chan = torch.topk(qg.float().abs().sum(2), r, dim=-1).indices  # [N, Hkv, r]: shared by the group
+        else:  # by the keys only: channels with the largest mean |k| over the sequence
+            weight = (keys.float().abs() * in_seq.view(N, 1, -1, 1)).sum(2)
+            chan = torch.topk(weight, r, dim=-1).indices
         q_r = torch.gather(qg.float(), 3, chan.unsqueeze(2).expand(-1, -1, G, -1))  # [N, Hkv, G, r]
         k_r = torch.gather(keys.float(), 3, chan.unsqueeze(2).expand(-1, -1, keys.shape[2], -1))  # [N, Hkv, T, r]
         # scale as the full product would be (the r channels carry this share of |q|, as SparQ does)
