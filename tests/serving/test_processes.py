@@ -47,15 +47,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_stop_is_orderly_complete_and_quiet(capfd, monkeypatch):
-    import subprocess
+class _Pipe:
+    """Where the launcher copies the stand-in's stdout, so a test can read it."""
 
-    # read the stand-in's stdout (its engine's pid) instead of inheriting it
-    real_popen = subprocess.Popen
-    monkeypatch.setattr(processes.subprocess, "Popen",
-                        lambda *a, **kw: real_popen(*a, **{**kw, "stdout": subprocess.PIPE}))
-    server = processes.ServerProcess([sys.executable, "-c", STAND_IN], dict(os.environ), stop_grace_s=5)
-    engine_pid = int(server.proc.stdout.readline())
+    def __init__(self) -> None:
+        r, w = os.pipe()
+        self.source, self.sink = os.fdopen(r, "rb"), os.fdopen(w, "wb")
+
+
+def _stdout_pipe() -> _Pipe:
+    return _Pipe()
+
+
+def test_a_stop_is_orderly_complete_and_quiet(capfd):
+    out = _stdout_pipe()
+    server = processes.ServerProcess([sys.executable, "-c", STAND_IN], dict(os.environ), stop_grace_s=5,
+                                     stdout_sink=out.sink)
+    engine_pid = int(out.source.readline())  # the stand-in's stdout, as the launcher copies it
     assert os.getsid(server.proc.pid) == server.proc.pid != os.getsid(0), "the server has a session of its own"
     server.request_stop()
     assert server.wait() == 0
@@ -65,33 +73,41 @@ def test_a_stop_is_orderly_complete_and_quiet(capfd, monkeypatch):
     assert "kvplug serve: stopping" in err
 
 
-def test_what_the_server_leaves_behind_is_ended(monkeypatch):
+def test_what_the_server_leaves_behind_is_ended():
     """A server that exits without stopping its children: the launcher ends the rest of its session."""
-    import subprocess
-
-    real_popen = subprocess.Popen
-    monkeypatch.setattr(processes.subprocess, "Popen",
-                        lambda *a, **kw: real_popen(*a, **{**kw, "stdout": subprocess.PIPE}))
+    out = _stdout_pipe()
     leaver = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']);"
               " print(p.pid, flush=True)")
-    server = processes.ServerProcess([sys.executable, "-c", leaver], dict(os.environ), stop_grace_s=5)
-    orphan = int(server.proc.stdout.readline())
+    server = processes.ServerProcess([sys.executable, "-c", leaver], dict(os.environ), stop_grace_s=5,
+                                     stdout_sink=out.sink)
+    orphan = int(out.source.readline())
     t0 = time.monotonic()
     assert server.wait() == 0
     assert not _alive(orphan) and time.monotonic() - t0 < 30
 
 
-def test_a_second_stop_kills_at_once(monkeypatch):
+def test_a_second_stop_kills_at_once():
     stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(300)"
-    import subprocess
-
-    real_popen = subprocess.Popen
-    monkeypatch.setattr(processes.subprocess, "Popen",
-                        lambda *a, **kw: real_popen(*a, **{**kw, "stdout": subprocess.PIPE}))
-    server = processes.ServerProcess([sys.executable, "-c", stubborn], dict(os.environ), stop_grace_s=5)
-    assert server.proc.stdout.readline() == b"up\n"
+    out = _stdout_pipe()
+    server = processes.ServerProcess([sys.executable, "-c", stubborn], dict(os.environ), stop_grace_s=5,
+                                     stdout_sink=out.sink)
+    assert out.source.readline() == b"up\n"
     server.request_stop()
     time.sleep(0.5)
     assert server.proc.poll() is None  # SIGTERM ignored
     server.request_stop()
     assert server.wait() == -9
+
+
+def test_vllm_shutdown_race_traceback_is_dropped_only_during_a_requested_stop():
+    from serving.processes import ShutdownRaceFilter
+
+    record = [b"(APIServer pid=1) ERROR 12-06 20:44:52 [async_llm.py:906] AsyncLLM output_handler failed.\n",
+              b"(APIServer pid=1) ERROR 12-06 20:44:52 [async_llm.py:906] Traceback (most recent call last):\n",
+              b"(APIServer pid=1) ERROR 12-06 20:44:52 [async_llm.py:906] vllm.v1.engine.exceptions.EngineDeadError\n"]
+    after = b"(APIServer pid=1) INFO 12-06 20:44:52 [launcher.py:279] [shutdown] API server: engine client stopped\n"
+    other = b"(APIServer pid=1) ERROR 12-06 20:44:53 [serving.py:12] something else failed\n"
+    keep = ShutdownRaceFilter()
+    assert [keep(line) for line in record] == record  # while serving it is a real failure: shown
+    keep.stopping = True
+    assert [keep(line) for line in [*record, after, other]] == [b"", b"", b"", after, other]
