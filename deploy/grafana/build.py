@@ -32,6 +32,12 @@ def panel(title, targets, unit="short", desc="", w=8, h=8, kind="timeseries", ma
                                 "datasource": {"type": "prometheus", "uid": "${datasource}"}}
                                for i, (e, l) in enumerate(targets)]})
 
+def p50_p99(histogram):
+    """The two targets of a latency panel: median and 99th percentile of ``histogram`` over all series."""
+    return [(f"histogram_quantile({q}, sum by (le) (rate({histogram}_bucket{R})))", name)
+            for q, name in ((0.5, "p50"), (0.99, "p99"))]
+
+
 def endrow():
     global y
     y += 8; cells.clear()
@@ -46,8 +52,7 @@ endrow()
 panel("Predicted prefix hit (router view)", [(f"sum by (replica) (rate(kvplug_router_matched_blocks_total{R})) / sum by (replica) (rate(kvplug_router_prompt_blocks_total{R}))", "{{replica}}")], "percentunit",
       "Share of routed prompt blocks the chosen replica held in some tier when routed", maxv=1)
 panel("Cached prefix blocks per tier (feeds)", [("sum by (replica, tier) (kvplug_router_cached_blocks)", "{{replica}} {{tier}}")], "short")
-panel("Routing decision latency", [(f"histogram_quantile(0.5, sum by (le) (rate(kvplug_router_route_seconds_bucket{R})))", "p50"),
-                                  (f"histogram_quantile(0.99, sum by (le) (rate(kvplug_router_route_seconds_bucket{R})))", "p99")], "s",
+panel("Routing decision latency", p50_p99("kvplug_router_route_seconds"), "s",
       "Tokenizing + hashing the prompt + choosing, per request")
 endrow()
 panel("Router errors, retries, fallbacks", [(f"sum by (kind) (rate(kvplug_router_errors_total{R}))", "error {{kind}}"),
@@ -69,8 +74,7 @@ endrow()
 panel("Offload bytes stored / loaded by tier", [(f"sum by (tier) (rate(kvplug_offload_bytes_stored_total{R}))", "stored {{tier}}"),
                                                 (f"sum by (tier) (rate(kvplug_offload_bytes_loaded_total{R}))", "loaded {{tier}}")], "Bps")
 panel("Evictions by tier and priority class", [(f"sum by (tier, class) (rate(kvplug_offload_evictions_total{R}))", "{{tier}} {{class}}")], "short")
-panel("Offload load time per step", [(f"histogram_quantile(0.5, sum by (le) (rate(kvplug_offload_load_seconds_bucket{R})))", "p50"),
-                                     (f"histogram_quantile(0.99, sum by (le) (rate(kvplug_offload_load_seconds_bucket{R})))", "p99")], "s")
+panel("Offload load time per step", p50_p99("kvplug_offload_load_seconds"), "s")
 endrow()
 panel("Compression ratio by policy (p50)", [(f"histogram_quantile(0.5, sum by (le, policy) (rate(kvplug_offload_compression_ratio_bucket{R})))", "{{policy}}")], "short")
 panel("Integrity and pressure", [(f"sum(rate(kvplug_offload_corrupt_entries_total{R}))", "corrupt"),
@@ -89,11 +93,9 @@ endrow()
 panel("KV cache usage per replica", [("vllm:kv_cache_usage_perc", "{{replica}}")], "percentunit", maxv=1)
 endrow()
 row("Latency and load")
-panel("Time to first token", [(f"histogram_quantile(0.5, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket{R})))", "p50"),
-                              (f"histogram_quantile(0.99, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket{R})))", "p99")], "s")
+panel("Time to first token", p50_p99("vllm:time_to_first_token_seconds"), "s")
 panel("Time to first token p99 per replica", [(f"histogram_quantile(0.99, sum by (le, replica) (rate(vllm:time_to_first_token_seconds_bucket{R})))", "{{replica}}")], "s")
-panel("Inter-token latency", [(f"histogram_quantile(0.5, sum by (le) (rate(vllm:inter_token_latency_seconds_bucket{R})))", "p50"),
-                              (f"histogram_quantile(0.99, sum by (le) (rate(vllm:inter_token_latency_seconds_bucket{R})))", "p99")], "s")
+panel("Inter-token latency", p50_p99("vllm:inter_token_latency_seconds"), "s")
 endrow()
 panel("Requests running / waiting per replica", [("vllm:num_requests_running", "running {{replica}}"), ("vllm:num_requests_waiting", "waiting {{replica}}")], "short")
 panel("Prompt and generated tokens/s", [(f"sum by (replica) (rate(vllm:prompt_tokens_total{R}))", "prompt {{replica}}"),
