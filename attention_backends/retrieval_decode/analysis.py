@@ -82,6 +82,7 @@ def analysis_decode(selector: str, q: torch.Tensor, key_cache: torch.Tensor, val
     in_seq = (tok.view(1, -1) < seq_lens.view(N, 1)).view(N, 1, 1, W * bs)
     logits = torch.matmul(qg.to(keys.dtype), keys.transpose(-1, -2)).float() * scale
     logits = logits.masked_fill(~in_seq, float("-inf"))
+    kmin_b, kmax_b = kmin[phys], kmax[phys]  # the sequences' block summaries [N, W, Hkv, D], gathered once
     blk = torch.arange(W, device=q.device).view(1, 1, 1, W)
     nb = ((seq_lens + bs - 1) // bs).view(N, 1, 1, 1)
     forced = (blk < sink_blocks) | (blk >= nb - recent_blocks)
@@ -103,11 +104,11 @@ def analysis_decode(selector: str, q: torch.Tensor, key_cache: torch.Tensor, val
         # scale as the full product would be (the r channels carry this share of |q|, as SparQ does)
         share = (q_r.abs().sum(-1, keepdim=True) / qg.float().abs().sum(-1, keepdim=True).clamp(min=1e-6))
         approx = torch.matmul(q_r, k_r.transpose(-1, -2)) * scale / share.clamp(min=1e-3).sqrt()
-        s = block_scores("oracle_mass", approx.masked_fill(~in_seq, float("-inf")), qg, kmin[phys], kmax[phys], bs,
+        s = block_scores("oracle_mass", approx.masked_fill(~in_seq, float("-inf")), qg, kmin_b, kmax_b, bs,
                          gqa_reduce, scale)
     elif selector.startswith("refine"):
         factor = int(selector[len("refine"):].split("_")[0])
-        coarse = block_scores("quest_torch", logits, qg, kmin[phys], kmax[phys], bs, gqa_reduce, scale)
+        coarse = block_scores("quest_torch", logits, qg, kmin_b, kmax_b, bs, gqa_reduce, scale)
         coarse = torch.where(forced, torch.full_like(coarse, float("inf")), coarse)
         coarse = torch.where(blk < nb, coarse, torch.full_like(coarse, float("-inf")))
         kc = min(factor * int(budget_blocks.max()), W)
@@ -117,13 +118,13 @@ def analysis_decode(selector: str, q: torch.Tensor, key_cache: torch.Tensor, val
             -1, cand_idx, (crank < factor * budget_blocks.view(N, 1, 1, 1)).expand_as(cand_idx))
         if selector.endswith("_mass"):  # softmax over the candidates' (and forced blocks') keys only
             seen = (cand | (forced & (blk < nb))).repeat_interleave(bs, dim=-1)
-            exact = block_scores("oracle_mass", logits.masked_fill(~seen, float("-inf")), qg, kmin[phys], kmax[phys],
+            exact = block_scores("oracle_mass", logits.masked_fill(~seen, float("-inf")), qg, kmin_b, kmax_b,
                                  bs, gqa_reduce, scale)
         else:
-            exact = block_scores("oracle_max", logits, qg, kmin[phys], kmax[phys], bs, gqa_reduce, scale)
+            exact = block_scores("oracle_max", logits, qg, kmin_b, kmax_b, bs, gqa_reduce, scale)
         s = torch.where(cand, exact, torch.full_like(exact, -1e30))
     else:
-        s = block_scores(selector, logits, qg, kmin[phys], kmax[phys], bs, gqa_reduce, scale)
+        s = block_scores(selector, logits, qg, kmin_b, kmax_b, bs, gqa_reduce, scale)
     s = torch.where(forced, torch.full_like(s, float("inf")), s)
     s = torch.where(blk < nb, s, torch.full_like(s, float("-inf")))
     k = int(budget_blocks.max())
