@@ -110,7 +110,8 @@ def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:
     chosen = planner.choose_pattern_config(cfg.pattern_config, vllm_compat.current_model_name(), cfg.default_pattern,
                                            json.dumps(cfg.default_budgets, sort_keys=True))
     _note_layer(chosen, impl)
-    return runner.SparsePrefillRunner(chosen.config, impl.num_heads, impl.num_kv_heads, impl.scale)
+    return runner.SparsePrefillRunner(chosen.config, impl.num_heads, impl.num_kv_heads, impl.scale,
+                                      cfg.group_shared_selection, cfg.fused_estimate)
 
 
 plan_of = planner.plan_of

@@ -33,6 +33,16 @@ class SparsePrefillConfig(Section):
     # grow with the context, keeping their fraction of it, up to this many times the searched budget
     # (head_config.budget_scale). 1 = budgets exactly as searched.
     budget_scale_limit: float = 4.0
+    # One selection per KV group: the query heads sharing a KV head rank columns/diagonals (vertical-slash) or
+    # key blocks (block-sparse) by their summed votes, each keeping its own budget, so a group computes no
+    # more distinct keys than its largest-budget head. On CUDA, where every group's heads share a pattern and
+    # budgets, the shared group kernel then reads each K/V tile once per group and masks only diagonal and
+    # edge tiles. Off by default until measured on the GPU (BENCHMARKS.md, "Sparse prefill").
+    group_shared_selection: bool = False
+    # CUDA: vertical-slash estimates straight from the paged cache (one Triton pass, keys gathered through the
+    # block table, column/diagonal votes fused) instead of copying the sequence's keys out of the cache and
+    # running the torch estimate. Same index up to float rounding. Off by default until measured.
+    fused_estimate: bool = False
 
     def validate(self, path: str) -> None:
         if self.min_prompt_tokens is not None and self.min_prompt_tokens < 1:

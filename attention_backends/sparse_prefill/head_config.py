@@ -25,6 +25,7 @@ import msgspec
 import torch
 
 from attention_backends.sparse_prefill.index import RANGE_PAD, ChunkGeometry, SparseIndex, compact_columns
+from attention_backends.sparse_prefill.paged_keys import PagedKeys, key_heads, num_kv_heads
 from attention_backends.sparse_prefill.patterns import registry
 from attention_backends.sparse_prefill.model_identity import ModelIdentity
 from attention_backends.sparse_prefill.patterns.base import PatternBudgetError
@@ -128,17 +129,27 @@ class LayerPlan:
 
     num_heads: int
     groups: list[HeadGroup]
+    # per query head (pattern, budgets): which heads of a KV group select alike (group_uniform)
+    head_specs: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+
+    def group_uniform(self, group: int) -> bool:
+        """Every KV group (``group`` consecutive query heads) uses one pattern and one set of budgets: a
+        group-shared index is then the same for all its heads (the shared group kernel's condition). Host only."""
+        specs = self.head_specs
+        return bool(specs) and all(len(set(specs[g:g + group])) == 1 for g in range(0, len(specs), group))
 
     @classmethod
     def from_config(cls, cfg: PatternConfig, layer: int, num_heads: int, device=None,
                     budget_factor: float = 1.0) -> "LayerPlan":
         """``budget_factor``: what budget_scale() gives for the chunk's length (1 = budgets as in ``cfg``)."""
         by_pattern: dict[str, list[tuple[int, dict[str, int]]]] = {}
+        specs = []
         for h in range(num_heads):
             hp = cfg.head(layer, h)
             budgets = {} if hp.pattern == registry.DENSE else registry.get(hp.pattern).check_budgets(hp.budgets)
             budgets = scaled_budgets(hp.pattern, budgets, budget_factor)
             by_pattern.setdefault(hp.pattern, []).append((h, budgets))
+            specs.append((hp.pattern, tuple(sorted(budgets.items()))))
         groups = []
         for pattern, members in by_pattern.items():
             heads = torch.tensor([h for h, _ in members], dtype=torch.int64, device=device)
@@ -146,7 +157,7 @@ class LayerPlan:
             budgets = {n: torch.tensor([b[n] for _, b in members], dtype=torch.int64, device=device) for n in names}
             budget_max = {n: max(b[n] for _, b in members) for n in names}
             groups.append(HeadGroup(pattern, heads, budgets, budget_max))
-        return cls(num_heads, groups)
+        return cls(num_heads, groups, tuple(specs))
 
     @classmethod
     def uniform(cls, pattern: str, num_heads: int, device=None, **budgets: int) -> "LayerPlan":
@@ -154,23 +165,26 @@ class LayerPlan:
         return cls.from_config(cfg, 0, num_heads, device)
 
 
-def build_index(q: torch.Tensor, k: torch.Tensor, geom: ChunkGeometry, plan: LayerPlan, scale: float,
-                trim_columns: bool = True) -> SparseIndex:
-    """q [n, Hq, d] the chunk's queries, k [L, Hkv, d] the sequence's keys -> one SparseIndex for all heads.
-    ``trim_columns`` drops all-padding column slots (a host sync: CPU only; GPU kernels skip them by count)."""
-    Hq, Hkv = q.shape[1], k.shape[1]
+def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometry, plan: LayerPlan, scale: float,
+                trim_columns: bool = True, group_shared: bool = False) -> SparseIndex:
+    """q [n, Hq, d] the chunk's queries, k [L, Hkv, d] the sequence's keys (or PagedKeys: left in the paged
+    cache) -> one SparseIndex for all heads. ``trim_columns`` drops all-padding column slots (a host sync: CPU
+    only; GPU kernels skip them by count). ``group_shared``: heads of a KV group that share a pattern select
+    the same keys from their summed votes (SparsePattern.select; what the shared group kernel needs)."""
+    k_heads = key_heads(k)  # [Hkv, L, d] view: patterns pick each query head's KV head themselves
+    Hq, Hkv = q.shape[1], num_kv_heads(k_heads)
     dev = q.device
     kv_of = torch.arange(Hq, device=dev) // (Hq // Hkv)
-    k_heads = k.transpose(0, 1)  # [Hkv, L, d] view: patterns pick each query head's KV head themselves
     block_mask = torch.zeros(Hq, geom.nqb, geom.nkb, dtype=torch.bool, device=dev)
     verticals, ranged = [], []
     for g in plan.groups:
         if g.pattern == registry.DENSE:
             block_mask[g.heads] = geom.causal_blocks(dev)[None]
             continue
-        qh = q[:, g.heads].transpose(0, 1)
+        # all heads: a view (an index copy of the whole chunk's queries costs ~1 GB of traffic at 128K)
+        qh = q.transpose(0, 1) if g.heads.numel() == Hq else q[:, g.heads].transpose(0, 1)
         mask, cols, ranges = registry.get(g.pattern).select(qh, k_heads, kv_of[g.heads], geom, g.budgets,
-                                                            g.budget_max, scale)
+                                                            g.budget_max, scale, group_shared=group_shared)
         block_mask[g.heads] = mask
         if cols is not None:
             verticals.append((g.heads, cols))

@@ -90,6 +90,16 @@ class SparseIndex:
         return SparseIndex(*(x.to(device) for x in (self.block_mask, self.cols, self.col_count, self.ranges,
                                                     self.range_count, self.range_first)))
 
+    def is_group_shared(self, group: int) -> bool:
+        """Every query head of each KV group (``group`` consecutive heads) holds the same entries: what the
+        shared group kernel reads. A host sync: for tests and checks, not the serving path."""
+        def same(x: torch.Tensor) -> bool:
+            g = x.view(x.shape[0] // group, group, *x.shape[1:])
+            return bool((g == g[:, :1]).all())
+
+        return all(same(x) for x in (self.block_mask, self.cols, self.col_count, self.ranges, self.range_count,
+                                     self.range_first))
+
     def in_ranges(self, rel: torch.Tensor) -> torch.Tensor:
         """rel [H, ...] key positions relative to a query block's first row -> bool: inside a range."""
         H, R = self.ranges.shape[:2]

@@ -84,9 +84,12 @@ def _record_pairs(computed: int, causal: int, predicted: float | None = None) ->
 class SparsePrefillRunner:
     """Lives in one attention impl (one layer); the per-head plan of that layer is resolved once."""
 
-    def __init__(self, pattern_config: PatternConfig, num_heads: int, num_kv_heads: int, scale: float) -> None:
+    def __init__(self, pattern_config: PatternConfig, num_heads: int, num_kv_heads: int, scale: float,
+                 group_shared: bool = False, fused_estimate: bool = False) -> None:
         self.pattern_config = pattern_config
         self.num_heads, self.num_kv_heads, self.scale = num_heads, num_kv_heads, scale
+        # sparse_prefill.group_shared_selection / fused_estimate (config.py)
+        self.group_shared, self.fused_estimate = group_shared, fused_estimate
         self._layer_plans: dict[float, LayerPlan] = {}  # by budget factor (head_config.budget_scale)
 
     def layer_plan(self, layer: Any, device: torch.device, budget_factor: float = 1.0) -> LayerPlan:
@@ -115,13 +118,15 @@ class SparsePrefillRunner:
                 from attention_backends.sparse_prefill import triton_kernels
 
                 computed = triton_kernels.sparse_prefill_paged(q, key_cache, value_cache, blocks, geom, layer_plan,
-                                                               self.scale, output[seg.row_start:seg.row_end])
+                                                               self.scale, output[seg.row_start:seg.row_end],
+                                                               self.group_shared, self.fused_estimate)
                 with _stats_lock:
                     _PENDING_PAIRS.append((computed, causal, predicted))
                 continue
             k = _gather_sequence(key_cache, blocks, seg.seq_len)
             v = _gather_sequence(value_cache, blocks, seg.seq_len)
-            index = build_index(q, k, geom, layer_plan, self.scale)
+            # CPU: the torch estimate on the gathered keys (fused_estimate is a Triton kernel: CUDA only)
+            index = build_index(q, k, geom, layer_plan, self.scale, group_shared=self.group_shared)
             sparse_attention(q, k, v, index, self.scale, out=output[seg.row_start:seg.row_end])
             _record_pairs(int(index.computed_pairs(geom).sum()), causal, predicted)
         return output

@@ -209,21 +209,36 @@ def main(argv: list[str]) -> int:
 
 
 def evaluate_config(qs: list[torch.Tensor], ks: list[torch.Tensor], scale: float, cfg: PatternConfig, chunk: int,
-                    rows_per_chunk: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recall and density [layers, heads] of a per-head config on captured Q/K, replaying chunked prefill."""
+                    rows_per_chunk: int, seed: int = 0, group_shared: bool = False,
+                    union_density: bool = False) -> tuple[torch.Tensor, ...]:
+    """Recall and density [layers, heads] of a per-head config on captured Q/K, replaying chunked prefill.
+    ``group_shared``: one selection per KV group (build_index). ``union_density``: also the density of each
+    group's union of keys per head (what a group kernel computes for the index; from element masks: small
+    chunks only)."""
+    unions = []
     recalls, densities = [], []
     for li, (q, k) in enumerate(zip(qs, ks)):
         plan = LayerPlan.from_config(cfg, li, q.shape[1], q.device)
         mass = torch.zeros(q.shape[1], dtype=torch.float64)
         computed = torch.zeros(q.shape[1], dtype=torch.float64)
+        union = torch.zeros(q.shape[1], dtype=torch.float64)
         rows_total, causal = 0, 0
         gen = torch.Generator().manual_seed(seed + li)
         for geom, qc, kc, rows in prefill_chunks(q, k, chunk, rows_per_chunk, gen):
-            index = build_index(qc, kc, geom, plan, scale, trim_columns=q.device.type == "cpu")
+            index = build_index(qc, kc, geom, plan, scale, trim_columns=q.device.type == "cpu",
+                                group_shared=group_shared)
             mass += captured_mass(dense_probs(qc, kc, geom, rows, scale), index, rows, geom).sum(-1).double().cpu()
             computed += index.computed_pairs(geom).double().cpu()
+            if union_density:
+                group = q.shape[1] // k.shape[1]
+                mask = index.dense_mask(geom)
+                union += mask.view(k.shape[1], group, *mask.shape[1:]).any(1).sum(dim=(1, 2)).repeat_interleave(
+                    group).double().cpu()
             rows_total += len(rows)
             causal += geom.causal_pairs()
         recalls.append((mass / rows_total).float())
         densities.append((computed / causal).float())
+        unions.append((union / causal).float())
+    if union_density:
+        return torch.stack(recalls), torch.stack(densities), torch.stack(unions)
     return torch.stack(recalls), torch.stack(densities)

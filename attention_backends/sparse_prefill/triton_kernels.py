@@ -16,6 +16,7 @@ import triton.language as tl
 from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
 from attention_backends.sparse_prefill.group_index import GroupIndex, group_index
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry, SparseIndex
+from attention_backends.sparse_prefill.paged_keys import PagedKeys
 
 # Triton 3.9's interpreter computes bf16/fp16 tl.dot wrongly; interpreted runs dot in fp32 instead.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -169,6 +170,17 @@ def sparse_attention_paged_per_head(q: torch.Tensor, key_cache: torch.Tensor, va
 
 
 @triton.jit
+def _online_softmax_update(acc, l_i, m_i, m_new, m_safe, s, v):
+    """Fold a tile's scores ``s`` (exp2 domain; ``m_safe`` = the new running max, 0 where a row has none yet)
+    and its values into the running (acc, l_i); returns (acc, l_i, m_new)."""
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _group_tile(acc, l_i, m_i, q, kpos, key_ok, head_ok, row_pos, k_ptr, v_ptr, pages_ptr, kvh, sk_b, sk_h, sk_t,
                 sk_d, sv_b, sv_h, sv_t, sv_d, qk_scale, dims, dim_ok, PAGE: tl.constexpr, UPCAST: tl.constexpr):
     """One online-softmax step of a stacked (rows x group heads) Q tile over BLOCK_N keys read once through
@@ -187,11 +199,26 @@ def _group_tile(acc, l_i, m_i, q, kpos, key_ok, head_ok, row_pos, k_ptr, v_ptr, 
     s = tl.where(head_ok & key_ok[None, :] & (kpos[None, :] <= row_pos[:, None]), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_new
+    return _online_softmax_update(acc, l_i, m_i, m_new, m_safe, s, v)
+
+
+@triton.jit
+def _stacked_q_tile(q_ptr, t, h0, group, n, q_pos0, sq_t, sq_h, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, GROUP_P: tl.constexpr, UPCAST: tl.constexpr):
+    """The Q tile of row tile ``t`` with the group's heads (h0 ...) stacked: row r of head j at r * GROUP_P + j.
+    Returns (q, rows, hrow, row_ok, row_pos, h, dims, dim_ok)."""
+    e = tl.arange(0, BLOCK_M * GROUP_P)
+    hrow = e % GROUP_P
+    rows = t * BLOCK_M + e // GROUP_P
+    row_ok = (rows < n) & (hrow < group)
+    h = h0 + hrow
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(q_ptr + rows[:, None] * sq_t + h[:, None] * sq_h + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q, rows, hrow, row_ok, q_pos0 + rows, h, dims, dim_ok
 
 
 @triton.jit
@@ -211,18 +238,8 @@ def _group_attn_kernel(
     gid = tl.program_id(1)  # the group (index entries); its K/V head in the cache is gid // kv_div
     kvh = gid // kv_div
     qb = (t * BLOCK_M) // QBLOCK
-    e = tl.arange(0, BLOCK_M * GROUP_P)
-    hrow = e % GROUP_P
-    rows = t * BLOCK_M + e // GROUP_P
-    row_ok = (rows < n) & (hrow < group)
-    row_pos = q_pos0 + rows
-    h = gid * group + hrow
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
-    q = tl.load(q_ptr + rows[:, None] * sq_t + h[:, None] * sq_h + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q, rows, hrow, row_ok, row_pos, h, dims, dim_ok = _stacked_q_tile(
+        q_ptr, t, gid * group, group, n, q_pos0, sq_t, sq_h, HEAD_DIM, BLOCK_D, BLOCK_M, GROUP_P, UPCAST)
     qk_scale = scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M * GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M * GROUP_P], tl.float32)
@@ -328,7 +345,158 @@ def sparse_attention_paged_group(q: torch.Tensor, key_cache: torch.Tensor, value
     return out
 
 
-KERNELS = {"per_head": sparse_attention_paged_per_head, "group": sparse_attention_paged_group}
+@triton.jit
+def _shared_tile(acc, l_i, m_i, q, kpos, key_ok, row_pos, k_ptr, v_ptr, pages_ptr, kvh, sk_b, sk_h, sk_t, sk_d,
+                 sv_b, sv_h, sv_t, sv_d, qk_scale, dims, dim_ok, PAGE: tl.constexpr, MASKED: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """One online-softmax step of the stacked Q tile over BLOCK_N keys. MASKED=False: the caller proved every
+    key valid and visible to every row of the tile (an interior tile): no load masks, no score masking."""
+    if MASKED:
+        page = tl.load(pages_ptr + kpos // PAGE, mask=key_ok, other=0).to(tl.int64)
+    else:
+        page = tl.load(pages_ptr + kpos // PAGE).to(tl.int64)
+    slot = kpos % PAGE
+    k_off = (page * sk_b + kvh * sk_h + slot * sk_t)[:, None] + dims[None, :] * sk_d
+    v_off = (page * sv_b + kvh * sv_h + slot * sv_t)[:, None] + dims[None, :] * sv_d
+    if MASKED:
+        kd_ok = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptr + k_off, mask=kd_ok, other=0.0)
+        v = tl.load(v_ptr + v_off, mask=kd_ok, other=0.0)
+    else:
+        k = tl.load(k_ptr + k_off, mask=dim_ok[None, :], other=0.0)
+        v = tl.load(v_ptr + v_off, mask=dim_ok[None, :], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # fp32 accumulate, exp2 domain
+    if MASKED:
+        s = tl.where(key_ok[None, :] & (kpos[None, :] <= row_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:  # every score finite: the running max is too
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = m_new
+    return _online_softmax_update(acc, l_i, m_i, m_new, m_safe, s, v)
+
+
+@triton.jit
+def _shared_group_attn_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, pages_ptr, bidx_ptr, bcnt_ptr, rng_ptr, rcnt_ptr, rfirst_ptr, cidx_ptr, ccnt_ptr,
+        sq_t, sq_h, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_t, so_h, sbi_g, sbi_q, sr_h, sc_h, sc_q,
+        nqb, n_tiles, n, L, q_pos0, scale, group,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_P: tl.constexpr,
+        QBLOCK: tl.constexpr, PAGE: tl.constexpr, HAS_RANGES: tl.constexpr, HAS_COLS: tl.constexpr,
+        UPCAST: tl.constexpr):
+    """One program per (tile of BLOCK_M rows, KV head) over a group-shared index (every query head of the group
+    selects the same keys; the entries of the group's first head are read): the Q tile stacks the group's
+    heads (row r of head j at r * GROUP_P + j), each K/V tile is read once, and the tensor cores compute
+    exactly one head's pairs per head. Only tiles that reach past the tile's first row (the diagonal), past
+    the sequence start or end, or are partial, apply masks; interior tiles skip the mask arithmetic."""
+    t = n_tiles - 1 - tl.program_id(0)  # the last row tiles see the most keys: start them first
+    kvh = tl.program_id(1)
+    h0 = kvh * group  # the index entries of the group (all its heads hold the same)
+    qb = (t * BLOCK_M) // QBLOCK
+    q, rows, hrow, row_ok, row_pos, h, dims, dim_ok = _stacked_q_tile(
+        q_ptr, t, h0, group, n, q_pos0, sq_t, sq_h, HEAD_DIM, BLOCK_D, BLOCK_M, GROUP_P, UPCAST)
+    first_pos = q_pos0 + t * BLOCK_M  # the tile's first row: keys at or before it are visible to all its rows
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M * GROUP_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M * GROUP_P], tl.float32)
+    acc = tl.zeros([BLOCK_M * GROUP_P, BLOCK_D], tl.float32)
+    offs = tl.arange(0, QBLOCK)
+    n_blocks = tl.load(bcnt_ptr + kvh * nqb + qb)  # block ids are compacted per group
+    for i in range(0, n_blocks):
+        kb = tl.load(bidx_ptr + kvh * sbi_g + qb * sbi_q + i)
+        kpos = kb * QBLOCK + offs
+        if kb * QBLOCK + QBLOCK - 1 <= first_pos:
+            acc, l_i, m_i = _shared_tile(acc, l_i, m_i, q, kpos, kpos < L, row_pos, k_ptr, v_ptr, pages_ptr, kvh,
+                                         sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, qk_scale, dims, dim_ok,
+                                         PAGE, False, UPCAST)
+        else:
+            acc, l_i, m_i = _shared_tile(acc, l_i, m_i, q, kpos, kpos < L, row_pos, k_ptr, v_ptr, pages_ptr, kvh,
+                                         sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, qk_scale, dims, dim_ok,
+                                         PAGE, True, UPCAST)
+    if HAS_RANGES:
+        a = q_pos0 + qb * QBLOCK
+        r_end = tl.load(rcnt_ptr + h0)
+        for j in range(tl.load(rfirst_ptr + h0 * nqb + qb), r_end):
+            start = a + tl.load(rng_ptr + h0 * sr_h + 2 * j)
+            stop = a + tl.load(rng_ptr + h0 * sr_h + 2 * j + 1)
+            kpos = start + offs
+            if (start >= 0) & (stop - start == QBLOCK) & (stop - 1 <= first_pos):
+                acc, l_i, m_i = _shared_tile(acc, l_i, m_i, q, kpos, kpos < stop, row_pos, k_ptr, v_ptr, pages_ptr,
+                                             kvh, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, qk_scale, dims,
+                                             dim_ok, PAGE, False, UPCAST)
+            else:
+                key_ok = (kpos >= 0) & (kpos < stop) & (kpos < L)
+                acc, l_i, m_i = _shared_tile(acc, l_i, m_i, q, kpos, key_ok, row_pos, k_ptr, v_ptr, pages_ptr,
+                                             kvh, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, qk_scale, dims,
+                                             dim_ok, PAGE, True, UPCAST)
+    if HAS_COLS:
+        n_cols = tl.load(ccnt_ptr + h0 * nqb + qb)
+        col_base = cidx_ptr + h0 * sc_h + qb * sc_q
+        for c0 in range(0, n_cols, QBLOCK):
+            c = c0 + offs
+            key_ok = c < n_cols
+            kpos = tl.load(col_base + c, mask=key_ok, other=0)
+            # columns ascend: a whole tile whose last column is visible to the first row needs no mask
+            last = tl.load(col_base + tl.minimum(c0 + QBLOCK, n_cols) - 1)
+            if (c0 + QBLOCK <= n_cols) & (last <= first_pos):
+                acc, l_i, m_i = _shared_tile(acc, l_i, m_i, q, kpos, key_ok, row_pos, k_ptr, v_ptr, pages_ptr, kvh,
+                                             sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, qk_scale, dims, dim_ok,
+                                             PAGE, False, UPCAST)
+            else:
+                acc, l_i, m_i = _shared_tile(acc, l_i, m_i, q, kpos, key_ok, row_pos, k_ptr, v_ptr, pages_ptr, kvh,
+                                             sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, qk_scale, dims, dim_ok,
+                                             PAGE, True, UPCAST)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(o_ptr + rows[:, None] * so_t + h[:, None] * so_h + dims[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+
+
+def sparse_attention_paged_shared(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                                  pages: torch.Tensor, index: SparseIndex, geom: ChunkGeometry, scale: float,
+                                  out: torch.Tensor | None = None, max_blocks: int | None = None,
+                                  num_warps: int | None = None, num_stages: int | None = None,
+                                  block_m: int | None = None) -> torch.Tensor:
+    """The shared group kernel (arguments and result as sparse_attention_paged) for a group-shared index:
+    build_index(..., group_shared=True) with a plan whose KV groups each use one pattern and budgets
+    (LayerPlan.group_uniform). The index of each group's first query head is used for all its heads, so an
+    index that is not group-shared gives those heads the wrong keys (SparseIndex.is_group_shared checks, with a sync)."""
+    n, Hq, d = q.shape
+    Hkv = key_cache.shape[1]
+    group = Hq // Hkv
+    cfg = group_config(group, d)
+    block_m = block_m or cfg["block_m"]
+    if BLOCK % block_m:
+        raise ValueError(f"block_m must divide {BLOCK}, got {block_m}")
+    out = torch.empty_like(q) if out is None else out
+    bidx, bcnt = compact_blocks(index.block_mask[::group], max_blocks)  # one row per group
+    cols = index.cols.to(torch.int32).contiguous()
+    if cols.shape[-1] == 0:
+        cols = torch.zeros(Hq, geom.nqb, 1, dtype=torch.int32, device=q.device)
+    ccnt = index.col_count.to(torch.int32).contiguous()
+    ranges = index.ranges.to(torch.int32).contiguous()
+    if ranges.shape[1] == 0:
+        ranges = torch.zeros(Hq, 1, 2, dtype=torch.int32, device=q.device)
+    rcnt = index.range_count.to(torch.int32).contiguous()
+    rfirst = index.range_first.to(torch.int32).contiguous()
+    pages = pages.to(torch.int32).contiguous()
+    n_tiles = -(-n // block_m)
+    _shared_group_attn_kernel[(n_tiles, Hkv)](
+        q, key_cache, value_cache, out, pages, bidx, bcnt, ranges, rcnt, rfirst, cols, ccnt,
+        q.stride(0), q.stride(1), *key_cache.stride(), *value_cache.stride(), out.stride(0), out.stride(1),
+        bidx.stride(0), bidx.stride(1), ranges.stride(0), cols.stride(0), cols.stride(1),
+        geom.nqb, n_tiles, n, geom.L, geom.q_pos0, scale, group,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m,
+        GROUP_P=triton.next_power_of_2(group), QBLOCK=BLOCK, PAGE=key_cache.shape[2],
+        HAS_RANGES=index.ranges.shape[1] > 0, HAS_COLS=index.cols.shape[-1] > 0, UPCAST=_INTERPRET,
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
+    return out
+
+
+KERNELS = {"per_head": sparse_attention_paged_per_head, "group": sparse_attention_paged_group,
+           "group_shared": sparse_attention_paged_shared}
 # Measured faster on the H100 at 32K-128K with the benchmark's vertical-slash index
 # (benchmarks/kernels/SPARSE_PREFILL_GROUP_NOTES.md).
 DEFAULT_KERNEL = "per_head"
@@ -339,19 +507,26 @@ def sparse_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache
                            out: torch.Tensor | None = None, max_blocks: int | None = None, kernel: str | None = None,
                            **options) -> torch.Tensor:
     """q [n, Hq, d]; key/value_cache [num_blocks, Hkv, page_size, d] (any strides); pages: the sequence's
-    physical block ids; index over this chunk -> out [n, Hq, d]. ``kernel``: "per_head" (default) or "group";
+    physical block ids; index over this chunk -> out [n, Hq, d]. ``kernel``: "per_head" (default), "group" or
+    "group_shared" (a group-shared index only: sparse_attention_paged_shared);
     ``options``: that kernel's tile/launch options (num_warps, num_stages; block_m, block_n, union)."""
     return KERNELS[kernel or DEFAULT_KERNEL](q, key_cache, value_cache, pages, index, geom, scale, out, max_blocks,
                                              **options)
 
 
 def sparse_prefill_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, pages: torch.Tensor,
-                         geom: ChunkGeometry, plan: LayerPlan, scale: float, out: torch.Tensor) -> torch.Tensor:
+                         geom: ChunkGeometry, plan: LayerPlan, scale: float, out: torch.Tensor,
+                         group_shared: bool = False, fused_estimate: bool = False) -> torch.Tensor:
     """The CUDA path of one chunk: index from the chunk's queries and the sequence's keys, then the kernel.
-    Returns the computed (query, key) pairs as a device scalar (read back later, outside forward)."""
-    Hkv, d = key_cache.shape[1], key_cache.shape[3]
-    # [Hkv, L, d] contiguous per KV head (what the estimation's matmuls read), viewed as [L, Hkv, d]
-    k = key_cache[pages].transpose(0, 1).reshape(Hkv, -1, d)[:, :geom.L].transpose(0, 1)
-    index = build_index(q, k, geom, plan, scale, trim_columns=False)
-    sparse_attention_paged(q, key_cache, value_cache, pages, index, geom, scale, out)
+    Returns the computed (query, key) pairs as a device scalar (read back later, outside forward).
+    ``group_shared``: one selection per KV group (build_index) and, where every group's heads share a pattern
+    and budgets, the shared group kernel. ``fused_estimate``: vertical-slash estimates from the paged cache in
+    place (estimate_kernels.py) instead of from a copy of the sequence's keys."""
+    keys = PagedKeys(key_cache, pages, geom.L)
+    # copy: [Hkv, L, d] contiguous per KV head (what the torch estimate's matmuls read), viewed as [L, Hkv, d]
+    k = keys if fused_estimate else keys.heads().transpose(0, 1)
+    index = build_index(q, k, geom, plan, scale, trim_columns=False, group_shared=group_shared)
+    shared_kernel = group_shared and plan.group_uniform(q.shape[1] // key_cache.shape[1])
+    sparse_attention_paged(q, key_cache, value_cache, pages, index, geom, scale, out,
+                           kernel="group_shared" if shared_kernel else None)
     return index.computed_pairs(geom).sum()

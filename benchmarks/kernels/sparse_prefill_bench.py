@@ -191,6 +191,10 @@ def run(args) -> dict:
             if "fa3_dense_ms" in row:
                 row["fa3_ms_per_gpair"] = row["fa3_dense_ms"] / (causal / 1e9)
             row["kvplug_total_ms"] = row["kvplug_index_ms"] + row["kvplug_attn_ms"]
+            if args.group_shared:
+                _group_shared_rows(row, args, q, k, v, kc, vc, pages, idx, geom, plan, scale, out, dense, timing, causal)
+            if args.fused_estimate:
+                _fused_estimate_rows(row, q, k, kc, pages, geom, plan, scale, timing)
             if not args.skip_flex and n == L:
                 try:
                     row["flex_sparse_ms"] = _flex(qt, kt, vt, idx, geom, scale, timing)
@@ -238,6 +242,85 @@ def run(args) -> dict:
     return {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "fa_missing": fa_missing, "fa2_sparse_missing": fa2_sparse_missing, "shape": {"heads": Hq, "kv_heads": Hkv,
             "head_dim": d, "page": args.page}, "results": results}
+
+
+def _group_shared_rows(row, args, q, k, v, kc, vc, pages, idx, geom, plan, scale, out, dense, timing, causal) -> None:
+    """Group-shared selection (one set of keys per KV group, summed votes, same budgets) and the shared group
+    kernel (K/V read once per group, masks only on diagonal/edge tiles) beside the per-head index and kernel."""
+    from attention_backends.sparse_prefill import triton_kernels
+    from attention_backends.sparse_prefill.head_config import build_index
+
+    def shared_index():
+        return build_index(q, k, geom, plan, scale, trim_columns=False, group_shared=True)
+
+    sidx = shared_index()
+    row["shared_density"] = sidx.density(geom)
+    row["shared_index_ms"] = timing(shared_index)["median_ms"]
+    configs = {}
+    for cfg in args.shared_configs.split(","):  # rows x num_warps x num_stages (rows x group heads stacked)
+        bm, w, st = (int(x) for x in cfg.split("x"))
+        try:
+            configs[cfg] = timing(lambda: triton_kernels.sparse_attention_paged_shared(
+                q, kc, vc, pages, sidx, geom, scale, out, block_m=bm, num_warps=w, num_stages=st))["median_ms"]
+        except Exception as exc:  # e.g. out of shared memory for this tile: record, keep the others
+            row.setdefault("shared_config_errors", {})[cfg] = f"{type(exc).__name__}: {exc}"[:200]
+    row["shared_attn_configs_ms"] = configs
+    best = min(configs, key=configs.get)
+    row["shared_attn_config"], row["shared_attn_ms"] = best, configs[best]
+    pairs = row["shared_density"] * causal / 1e9
+    row["shared_ms_per_gpair"] = row["shared_attn_ms"] / pairs
+    # the same pairs through the per-head kernel: what the shared kernel itself buys
+    row["per_head_on_shared_ms"] = timing(lambda: triton_kernels.sparse_attention_paged_per_head(
+        q, kc, vc, pages, sidx, geom, scale, out))["median_ms"]
+    row["per_head_on_shared_ms_per_gpair"] = row["per_head_on_shared_ms"] / pairs
+    bm, w, st = (int(x) for x in best.split("x"))
+    run_shared = lambda: triton_kernels.sparse_attention_paged_shared(  # noqa: E731
+        q, kc, vc, pages, sidx, geom, scale, out, block_m=bm, num_warps=w, num_stages=st)
+    if args.check:
+        from attention_backends.sparse_prefill.reference import sparse_attention
+
+        row["shared_index_is_group_shared"] = sidx.is_group_shared(q.shape[1] // k.shape[1])
+        expected = sparse_attention(q, k, v, sidx, scale).float()
+        out.fill_(float("nan"))  # poison: every element must be written
+        run_shared()
+        row["max_abs_err_vs_reference_shared"] = float((out.float() - expected).abs().max())
+        row["rel_err_vs_reference_shared"] = float((out.float() - expected).norm() / expected.norm())
+    if dense is not None:
+        run_shared()
+        row["rel_err_vs_dense_shared"] = float((out.float() - dense.float()).norm() / dense.float().norm())
+
+
+def _fused_estimate_rows(row, q, k, kc, pages, geom, plan, scale, timing) -> None:
+    """The index as serving builds it: from a copy of the sequence's keys out of the paged cache (today) vs
+    the fused estimate reading the cache in place (sparse_prefill.fused_estimate); the estimate alone too."""
+    import torch
+
+    from attention_backends.sparse_prefill.estimate_kernels import estimate_lines_paged
+    from attention_backends.sparse_prefill.head_config import build_index
+    from attention_backends.sparse_prefill.paged_keys import PagedKeys
+    from attention_backends.sparse_prefill.patterns.vertical_slash import estimate_lines
+
+    pk = PagedKeys(kc, pages, geom.L)
+    Hq, Hkv = q.shape[1], kc.shape[1]
+    kv_ids = torch.arange(Hq, device=q.device) // (Hq // Hkv)
+    qh = q.transpose(0, 1)
+    row["copy_keys_ms"] = timing(pk.heads)["median_ms"]
+    row["estimate_torch_ms"] = timing(lambda: estimate_lines(qh, pk.heads(), kv_ids, geom, scale))["median_ms"]
+    row["estimate_fused_ms"] = timing(lambda: estimate_lines_paged(qh, pk, kv_ids, geom, scale))["median_ms"]
+    row["index_serving_ms"] = timing(lambda: build_index(q, pk.heads().transpose(0, 1), geom, plan, scale,
+                                                         trim_columns=False))["median_ms"]
+    row["index_fused_ms"] = timing(lambda: build_index(q, pk, geom, plan, scale, trim_columns=False))["median_ms"]
+    row["index_fused_shared_ms"] = timing(lambda: build_index(q, pk, geom, plan, scale, trim_columns=False,
+                                                              group_shared=True))["median_ms"]
+    want_v, want_s = estimate_lines(qh, pk.heads(), kv_ids, geom, scale)
+    got_v, got_s = estimate_lines_paged(qh, pk, kv_ids, geom, scale)
+    row["fused_vertical_max_abs_err"] = float((got_v - want_v).abs().max())
+    row["fused_slash_max_abs_err"] = float((got_s - want_s).abs().max())
+    fidx = build_index(q, pk, geom, plan, scale, trim_columns=False)
+    row["fused_index_density"] = fidx.density(geom)
+    if "sdpa_dense_ms" in row:
+        row["index_fused_vs_sdpa"] = row["index_fused_ms"] / row["sdpa_dense_ms"]
+        row["index_serving_vs_sdpa"] = row["index_serving_ms"] / row["sdpa_dense_ms"]
 
 
 def _import_fa(name: str):
@@ -379,6 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--solo-configs", default="", help="the group kernel with one program per query head "
                    "(share_kv=False): rows x keys x num_warps x num_stages, e.g. 64x64x4x2")
     p.add_argument("--union", action="store_true", help="also time the group kernel in union mode")
+    p.add_argument("--group-shared", action="store_true", help="also build the group-shared index (one selection "
+                   "per KV group) and time the shared group kernel on it (--shared-configs)")
+    p.add_argument("--shared-configs", default="32x8x2,32x4x2,16x4x2", help="the shared group kernel: rows x "
+                   "num_warps x num_stages (rows x group heads stacked)")
+    p.add_argument("--fused-estimate", action="store_true", help="also time the index build with the fused "
+                   "paged-cache estimate vs the serving path's copy + torch estimate")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="benchmarks/results/sparse_prefill_kernels.json")
     p.add_argument("--markdown", metavar="JSON", help="print an earlier report as a Markdown table and exit")

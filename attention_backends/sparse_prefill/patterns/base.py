@@ -48,15 +48,29 @@ class SparsePattern(ABC):
     @classmethod
     @abstractmethod
     def select(cls, q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry,
-               budgets: dict[str, torch.Tensor], budget_max: dict[str, int], scale: float
+               budgets: dict[str, torch.Tensor], budget_max: dict[str, int], scale: float,
+               group_shared: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
         """q [h, n, d] this chunk's queries of the heads using this pattern; k [Hkv, L, d] the sequence's
         keys (not expanded: head i uses k[kv_ids[i]]); budgets name -> [h] int64 on q's device, budget_max
         name -> their maximum as a host int (so shapes never need a device sync). Returns (block_mask
         [h, nqb, nkb] bool, vertical columns [h, V] int64 with -1 for unused, or None, key ranges as
-        index.ranges_from_diagonals returns them, or None)."""
+        index.ranges_from_diagonals returns them, or None).
+
+        ``group_shared``: the heads sharing a KV head rank their candidates (columns, diagonals, key blocks) by
+        the sum of their votes, so they select the same keys (head j keeps the first budget_j of the group's
+        ranking) and a group-shared kernel computes no more pairs than one head's index. Patterns whose
+        selection does not depend on Q/K (A-shape) are group-shared already. ``k`` may be a
+        paged_keys.PagedKeys (the estimate then reads the paged cache; keys() gathers it where needed)."""
 
 
 def rank_mask(order_len: int, budget: torch.Tensor) -> torch.Tensor:
     """[h, order_len] bool: position r of a top-k list is kept when r < the head's budget."""
     return torch.arange(order_len, device=budget.device)[None, :] < budget[:, None]
+
+
+def group_votes(votes: torch.Tensor, kv_ids: torch.Tensor, num_kv: int) -> torch.Tensor:
+    """[h, ...] per-head votes -> [num_kv, ...]: summed over the heads that share each KV head (zero rows for
+    KV heads none of them uses). Rank on these and index the result with ``kv_ids`` to get one selection
+    per group."""
+    return votes.new_zeros((num_kv, *votes.shape[1:])).index_add_(0, kv_ids, votes)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry
-from attention_backends.sparse_prefill.patterns.base import SparsePattern, rank_mask
+from attention_backends.sparse_prefill.paged_keys import key_tensor
+from attention_backends.sparse_prefill.patterns.base import SparsePattern, group_votes, rank_mask
 
 
 def mean_pool_blocks(x: torch.Tensor) -> torch.Tensor:
@@ -29,9 +30,12 @@ class BlockSparse(SparsePattern):
         return budgets["top_k"] * BLOCK
 
     @classmethod
-    def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale):
+    def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False):
         dev = q.device
+        k = key_tensor(k)
         scores = torch.einsum("hqd,hkd->hqk", mean_pool_blocks(q), mean_pool_blocks(k)[kv_ids]) * scale
+        if group_shared:  # the group's summed pooled scores rank the blocks for all its heads
+            scores = group_votes(scores, kv_ids, k.shape[0])[kv_ids]
         causal = geom.causal_blocks(dev)[None]
         a, b = geom.q_block_bounds(dev)
         kb = torch.arange(geom.nkb, device=dev)

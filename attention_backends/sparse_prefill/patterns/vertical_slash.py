@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from attention_backends.sparse_prefill.index import ChunkGeometry, ranges_from_diagonals
-from attention_backends.sparse_prefill.patterns.base import SparsePattern, rank_mask
+from attention_backends.sparse_prefill.paged_keys import PagedKeys, num_kv_heads
+from attention_backends.sparse_prefill.patterns.base import SparsePattern, group_votes, rank_mask
 
 LAST_Q = 64
 FORCED_COLUMNS = 30  # attention sinks: MInference keeps the first ~30 columns
@@ -34,7 +35,12 @@ def diagonal_sums(att: torch.Tensor, rows_pos0: int) -> torch.Tensor:
 def estimate_lines(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Column and diagonal attention mass [h, L] each, from the chunk's last LAST_Q queries. q [h, n, d];
-    k [Hkv, L, d] (not expanded to the query heads: kv_ids [h] picks each head's KV head per step)."""
+    k [Hkv, L, d] (not expanded to the query heads: kv_ids [h] picks each head's KV head per step), or PagedKeys:
+    then one fused Triton pass over the paged cache (estimate_kernels.estimate_lines_paged)."""
+    if isinstance(k, PagedKeys):
+        from attention_backends.sparse_prefill.estimate_kernels import estimate_lines_paged
+
+        return estimate_lines_paged(q, k, kv_ids, geom, scale, LAST_Q)
     h, L = q.shape[0], geom.L
     last = min(LAST_Q, geom.n)
     rows_pos = geom.L - last + torch.arange(last, device=q.device)  # absolute positions of the voting rows
@@ -76,16 +82,21 @@ class VerticalSlash(SparsePattern):
         return budgets["vertical"] + cls.KEYS_PER_DIAGONAL * budgets["slash"]
 
     @classmethod
-    def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale):
+    def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False):
         vertical, slash = estimate_lines(q, k, kv_ids, geom, scale)
+        if group_shared:  # rank once per KV head on the group's summed votes, then hand each head its group's
+            vertical = group_votes(vertical, kv_ids, num_kv_heads(k))
+            slash = group_votes(slash, kv_ids, num_kv_heads(k))
         L = geom.L
         vertical = _force_first(vertical, FORCED_COLUMNS)
         slash = _force_first(slash, FORCED_DIAGONALS)
         v_max = min(budget_max["vertical"], L)
         s_max = min(budget_max["slash"], L)
         cols = torch.topk(vertical, v_max, dim=-1).indices
-        cols = torch.where(rank_mask(v_max, budgets["vertical"]), cols, torch.full_like(cols, -1))
         diagonals = torch.topk(slash, s_max, dim=-1).indices  # diagonal d: key = row - d
+        if group_shared:
+            cols, diagonals = cols[kv_ids], diagonals[kv_ids]
+        cols = torch.where(rank_mask(v_max, budgets["vertical"]), cols, torch.full_like(cols, -1))
         ranges, count = ranges_from_diagonals(diagonals, rank_mask(s_max, budgets["slash"]))
         mask = torch.zeros(q.shape[0], geom.nqb, geom.nkb, dtype=torch.bool, device=q.device)
         return mask, cols, (ranges, count)

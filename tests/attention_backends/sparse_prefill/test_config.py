@@ -34,3 +34,13 @@ def test_env_and_set_layering():
 def test_bad_values_name_the_key(sets, needle):
     with pytest.raises(settings.KvplugConfigError, match=needle.replace(".", r"\.")):
         settings.resolve(sets=sets, environ={})
+
+
+def test_group_shared_and_fused_estimate_off_by_default_and_settable():
+    sp = settings.resolve(environ={}).sparse_prefill
+    assert sp.group_shared_selection is False and sp.fused_estimate is False
+    sp = settings.resolve(sets=["sparse_prefill.group_shared_selection=true", "sparse_prefill.fused_estimate=true"],
+                          environ={}).sparse_prefill
+    assert sp.group_shared_selection is True and sp.fused_estimate is True
+    with pytest.raises(settings.KvplugConfigError, match=r"sparse_prefill\.fused_estimate"):
+        settings.resolve(sets=["sparse_prefill.fused_estimate=maybe"], environ={})

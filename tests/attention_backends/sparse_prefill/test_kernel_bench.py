@@ -72,3 +72,28 @@ def test_cli_runs_on_cpu_without_fa(tmp_path):
     assert len(report["results"]) == 2 and "CUDA" in report["fa_missing"]
     assert report["results"][0]["density"] < report["results"][1]["density"] <= 1.0
     assert report["results"][1]["rel_err_vs_dense"] < report["results"][0]["rel_err_vs_dense"]
+
+
+def test_cli_group_shared_and_fused_estimate_on_cpu(tmp_path):
+    """--group-shared / --fused-estimate end to end on tiny CPU shapes (interpreted kernels): the shared kernel
+    matches the reference on its group-shared index, the fused estimate matches the torch one."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "benchmarks.kernels.sparse_prefill_bench", "--lengths", "300", "--heads", "4",
+           "--kv-heads", "2", "--head-dim", "16", "--device", "cpu", "--iters", "1", "--warmup", "0", "--skip-flex",
+           "--budgets", '{"vertical": 10, "slash": 20}', "--group-configs", "32x64x4x2", "--group-shared",
+           "--shared-configs", "32x4x2", "--fused-estimate", "--check", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text())["results"][0]
+    assert row["shared_index_is_group_shared"] and row["max_abs_err_vs_reference_shared"] < 1e-3
+    assert 0 < row["shared_density"] <= 1 and row["shared_ms_per_gpair"] > 0
+    assert row["fused_vertical_max_abs_err"] < 1e-4 and row["fused_slash_max_abs_err"] < 1e-4
+    assert row["fused_index_density"] == pytest.approx(row["density"], rel=1e-6)

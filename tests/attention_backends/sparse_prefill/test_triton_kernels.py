@@ -150,3 +150,65 @@ def test_union_index_is_the_group_union():
     assert union.density(geom) >= index.density(geom)
     per_head = union.computed_pairs(geom).view(Hkv, -1)
     assert (per_head == per_head[:, :1]).all()
+
+
+@pytest.mark.parametrize("pattern", sorted(registry.PATTERNS))
+@pytest.mark.parametrize("Hq,Hkv,n,L,page", [(8, 2, 150, 330, 16), (6, 2, 70, 400, 32), (2, 2, 130, 130, 16),
+                                             (8, 2, 1, 200, 16), (8, 2, 98, 160, 16)])
+def test_shared_group_kernel_matches_reference(pattern, Hq, Hkv, n, L, page):
+    """The shared group kernel on a group-shared index == the torch reference (groups of 4, 3 padded to 4, 1;
+    interior tiles skip masks, diagonal/edge/partial tiles keep them: a wrong split changes the output)."""
+    g = torch.Generator().manual_seed(4)
+    d = 32
+    q, k, v = torch.randn(n, Hq, d, generator=g), torch.randn(L, Hkv, d, generator=g), torch.randn(L, Hkv, d, generator=g)
+    geom = ChunkGeometry(n, L)
+    index = build_index(q, k, geom, LayerPlan.uniform(pattern, Hq, **BUDGETS[pattern]), 0.3, trim_columns=False,
+                        group_shared=True)
+    assert index.is_group_shared(Hq // Hkv)
+    kc, pages = _paged(k, page, False)
+    vc, _ = _paged(v, page, True)
+    out = torch.full((n, Hq, d), float("nan"), device=DEVICE)  # every element must be written
+    got = triton_kernels.sparse_attention_paged(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), pages.to(DEVICE),
+                                                index.to(DEVICE), geom, 0.3, out=out, kernel="group_shared")
+    tol = 2e-3 if DEVICE == "cpu" else 2e-2
+    torch.testing.assert_close(got.cpu(), sparse_attention(q, k, v, index, 0.3), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("n,L,page,transposed", [(130, 330, 16, False), (30, 200, 32, True), (1, 97, 16, False),
+                                                 (64, 64, 16, False)])
+def test_paged_estimate_matches_torch(n, L, page, transposed):
+    """estimate_kernels.estimate_lines_paged (keys read through the block table, votes fused) == the torch
+    estimate on the gathered keys, for a head subset with its own KV heads."""
+    from attention_backends.sparse_prefill.estimate_kernels import estimate_lines_paged
+    from attention_backends.sparse_prefill.paged_keys import PagedKeys
+    from attention_backends.sparse_prefill.patterns.vertical_slash import estimate_lines
+
+    g = torch.Generator().manual_seed(5)
+    Hq, Hkv, d = 6, 2, 32
+    q, k = torch.randn(n, Hq, d, generator=g), torch.randn(L, Hkv, d, generator=g) * 2
+    geom = ChunkGeometry(n, L)
+    heads = torch.tensor([0, 3, 5])
+    kv_ids = heads // 3
+    want_v, want_s = estimate_lines(q[:, heads].transpose(0, 1), k.transpose(0, 1), kv_ids, geom, 0.3)
+    kc, pages = _paged(k, page, transposed)
+    got_v, got_s = estimate_lines_paged(q[:, heads].transpose(0, 1).to(DEVICE), PagedKeys(kc.to(DEVICE),
+                                        pages.to(DEVICE), L), kv_ids.to(DEVICE), geom, 0.3, programs=8)
+    tol = 1e-5 if DEVICE == "cpu" else 2e-3
+    torch.testing.assert_close(got_v.cpu(), want_v, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_s.cpu(), want_s, rtol=tol, atol=tol)
+
+
+def test_build_index_from_paged_keys_matches():
+    """build_index on PagedKeys (fused estimate; block-sparse gathers) == on the key tensor, group-shared too."""
+    from attention_backends.sparse_prefill.paged_keys import PagedKeys
+
+    q, k, v, geom, _ = _mixed_case(8, 2)
+    cfg = PatternConfig(default=HeadPattern(pattern="vertical_slash", budgets={"vertical": 30, "slash": 40}),
+                        layers={0: {0: HeadPattern(pattern="block_sparse", budgets={"top_k": 2})}}).validate()
+    plan = LayerPlan.from_config(cfg, 0, 8)
+    kc, pages = _paged(k, 16, False)
+    for shared in (False, True):
+        want = build_index(q, k, geom, plan, 0.3, trim_columns=False, group_shared=shared)
+        got = build_index(q.to(DEVICE), PagedKeys(kc.to(DEVICE), pages.to(DEVICE), geom.L), geom,
+                          LayerPlan.from_config(cfg, 0, 8, DEVICE), 0.3, trim_columns=False, group_shared=shared)
+        assert torch.equal(got.to("cpu").dense_mask(geom), want.dense_mask(geom))
