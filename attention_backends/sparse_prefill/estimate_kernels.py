@@ -92,7 +92,7 @@ def _row_stats_kernel(q_ptr, kv_ptr, k_ptr, pages_ptr, m_ptr, l_ptr, sq_h, sq_t,
 def _line_votes_kernel(q_ptr, kv_ptr, k_ptr, pages_ptr, m_ptr, l_ptr, vert_ptr, slash_ptr, scratch_ptr, sq_h, sq_t,
                        sk_b, sk_h, sk_t, sk_d, n, last, L, tiles_per_split, n_splits, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LAST_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                       SPLITS_P: tl.constexpr, PAGE: tl.constexpr, UPCAST: tl.constexpr):
+                       SPLITS_P: tl.constexpr, W: tl.constexpr, PAGE: tl.constexpr, UPCAST: tl.constexpr):
     i = tl.program_id(0)
     split = tl.program_id(1)
     q, r, row_ok, row_pos, kvh, dims, dim_ok = _voting_rows(q_ptr, kv_ptr, i, sq_h, sq_t, n, last, L, HEAD_DIM,
@@ -106,8 +106,7 @@ def _line_votes_kernel(q_ptr, kv_ptr, k_ptr, pages_ptr, m_ptr, l_ptr, vert_ptr, 
     m_row = tl.where(m_row == float("-inf"), 0.0, m_row)
     l_row = tl.sum(l_part * tl.exp2(m_part - m_row[None, :]), axis=0)
     inv_l = tl.where(row_ok & (l_row > 0), 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
-    W: tl.constexpr = BLOCK_N + LAST_Q
-    scratch = scratch_ptr + (i * n_splits + split) * (LAST_Q * W)
+    scratch = scratch_ptr + (i * n_splits + split) * (LAST_Q * W)  # W = BLOCK_N + LAST_Q: one skewed tile
     c = tl.arange(0, BLOCK_N)
     e = tl.arange(0, W)
     skew = r[:, None] * W + c[None, :] + (LAST_Q - 1) - r[:, None]  # row r, key c -> column c + LAST_Q - 1 - r
@@ -162,5 +161,5 @@ def estimate_lines_paged(q: torch.Tensor, k: PagedKeys, kv_ids: torch.Tensor, ge
     args = (q.stride(0), q.stride(1), *kc.stride(), n, last, L, per_split, splits, scale * _LOG2E)
     _row_stats_kernel[(h, splits)](q, kv, kc, pages, m_part, l_part, *args, **common, num_warps=4)
     _line_votes_kernel[(h, splits)](q, kv, kc, pages, m_part, l_part, vertical, slash, scratch, *args,
-                                    SPLITS_P=triton.next_power_of_2(splits), **common, num_warps=4)
+                                    SPLITS_P=triton.next_power_of_2(splits), W=block_n + LAST_Q, **common, num_warps=4)
     return vertical, slash

@@ -205,7 +205,17 @@ def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometr
     all_cols = torch.full((Hq, width), -1, dtype=torch.int64, device=dev)
     for heads, cols in verticals:
         all_cols[heads, :cols.shape[1]] = cols
-    cols, count = compact_columns(all_cols, block_mask, geom, index if ranged else None)
+    group = Hq // Hkv
+    if group_shared and group > 1 and plan.group_uniform(group):
+        # every head of a group holds the same columns, blocks and ranges: compact once per group (the
+        # [heads, query blocks, columns] sort is the index build's largest cost at long context)
+        one = SparseIndex(block_mask[::group], block_mask.new_zeros((Hkv, geom.nqb, 0), dtype=torch.int64),
+                          index.col_count[::group], index.ranges[::group], index.range_count[::group],
+                          index.range_first[::group])
+        cols, count = compact_columns(all_cols[::group], one.block_mask, geom, one if ranged else None)
+        cols, count = cols.repeat_interleave(group, 0), count.repeat_interleave(group, 0)
+    else:
+        cols, count = compact_columns(all_cols, block_mask, geom, index if ranged else None)
     if trim_columns and cols.shape[-1]:
         cols = cols[..., :max(int(count.max()), 1)]
     index.cols, index.col_count = cols, count

@@ -70,3 +70,22 @@ def test_every_pattern_accepts_group_shared():
     for name in registry.PATTERNS:
         plan = LayerPlan.uniform(name, 6)
         assert build_index(q, k, geom, plan, 0.3, group_shared=True).is_group_shared(3)
+
+
+def test_group_uniform_plan_compacts_once_per_group_with_the_same_result(monkeypatch):
+    """A group-uniform plan compacts columns once per KV group; the index equals compacting every head."""
+    from attention_backends.sparse_prefill import head_config
+
+    q, k, geom = _case(Hq=8, Hkv=2)
+    plan = LayerPlan.uniform("vertical_slash", 8, vertical=40, slash=70)
+    assert plan.group_uniform(4) and not LayerPlan.from_config(PatternConfig(
+        layers={0: {1: HeadPattern(pattern="a_shape")}}).validate(), 0, 8).group_uniform(4)
+    calls = []
+    real = head_config.compact_columns
+    monkeypatch.setattr(head_config, "compact_columns", lambda cols, *a: calls.append(cols.shape[0]) or real(cols, *a))
+    fast = build_index(q, k, geom, plan, 0.3, trim_columns=False, group_shared=True)
+    monkeypatch.setattr(LayerPlan, "group_uniform", lambda self, group: False)
+    slow = build_index(q, k, geom, plan, 0.3, trim_columns=False, group_shared=True)
+    assert calls == [2, 8]  # once per KV group, then once per query head
+    for name in ("block_mask", "cols", "col_count", "ranges", "range_count", "range_first"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
