@@ -30,8 +30,10 @@ per tier. An offload mode whose follow-ups got no cached tokens is flagged "no_o
 recomputation, not offload).
 
 One invocation must fit the device's 10-minute command limit: run a few modes per invocation; results
-merge into --out by mode (earlier modes' results are kept). Per mode ~75 s engine start + 32 prefills of
-32K (~1.2-2.7 s each) + 16 follow-ups (~1.2 s each where they recompute, ~0.2 s where they load):
+merge into --out by mode (earlier modes' results are kept) and are written after every mode, and
+``--mode-timeout S`` ends a mode that takes longer (with its engine processes) so the next one still runs.
+Per mode ~75 s engine start + 32 prefills of 32K (~1.2-2.7 s each) + 16 follow-ups (~1.2 s each where they
+recompute, ~0.2 s where they load):
 
     python -m benchmarks.gpu_offload --modes none,native --fresh   # ~5.5 min on an H100
     python -m benchmarks.gpu_offload --modes keep,int8,int4        # ~5.5 min; prints the table of all modes
@@ -60,6 +62,7 @@ LMCACHE_ROOT = "/tmp/kvstage"  # where benchmarks/gpu/stage-lmcache.sh's receive
 LMCACHE_CHUNK_TOKENS = 256
 LMCACHE_OPS_MODULES = ("lmcache.cuda_ops", "lmcache.c_ops")  # >= 0.5.4 / <= 0.5.3
 STDERR_TAIL = 8  # error lines of a worker that died, kept in its result
+PROBE_TIMEOUT_S = 300
 
 
 def lmcache_version(mode: str) -> str | None:
@@ -238,11 +241,9 @@ def _worker(args: argparse.Namespace) -> None:
         from vllm.config import KVTransferConfig
 
         kw["kv_transfer_config"] = KVTransferConfig(**lmcache_transfer_config())
-    try:
-        res = _measure(args, shape, kv_bytes, kw)
-    except Exception as exc:  # the engine's own message (a root cause logged elsewhere reaches the parent's tail)
-        res = {"mode": args.mode, "error": _error_text(exc)}
-    harness.emit_result(res)
+    # An engine that fails to start raises here; the worker dies, and the parent keeps the error lines of its log
+    # (the root cause is logged by vLLM's engine-core process, not in the exception).
+    harness.emit_result(_measure(args, shape, kv_bytes, kw))
 
 
 def run_mode(mode: str, args: argparse.Namespace, worker_args: list[str], env: dict[str, str]) -> dict:
@@ -256,7 +257,8 @@ def run_mode(mode: str, args: argparse.Namespace, worker_args: list[str], env: d
             return {"mode": mode, "error": missing}
         try:
             probe = harness.run_result_process([sys.executable, "-m", "benchmarks.gpu_offload", "--probe-lmcache"],
-                                               env, "LMCache probe failed", stderr_tail=STDERR_TAIL)
+                                               env, "LMCache probe failed", timeout=PROBE_TIMEOUT_S,
+                                               stderr_tail=STDERR_TAIL)
         except SystemExit as exc:
             return {"mode": mode, "error": str(exc)}
         extra["lmcache"] = probe
@@ -265,7 +267,7 @@ def run_mode(mode: str, args: argparse.Namespace, worker_args: list[str], env: d
             return {"mode": mode, "error": failed, **extra}
     try:
         r = harness.run_worker("benchmarks.gpu_offload", mode, ["--mode", mode, *worker_args], env,
-                               stderr_tail=STDERR_TAIL)
+                               stderr_tail=STDERR_TAIL, timeout=getattr(args, "mode_timeout", None))
     except SystemExit as exc:  # keep the other modes' results
         r = {"mode": mode, "error": str(exc)}
     return {**r, **extra}
@@ -384,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lmcache-root", default=LMCACHE_ROOT,
                     help="where lmcache-<version> modes find lmcache-<version>/ and lmcache-deps/")
     ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs (CPU smoke runs)")
+    ap.add_argument("--mode-timeout", type=float, default=None,
+                    help="seconds one mode may take; a mode past it is killed (with its engine) and recorded as "
+                         "timed out, and the next mode runs (results are written after every mode)")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--fresh", action="store_true", help="do not merge with the results already in --out")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -423,18 +428,18 @@ def main(argv: list[str] | None = None) -> int:
                    "--followups", str(args.followups),
                    "--model-dir", str(model_dir)] + (["--real-weights"] if args.model else []) + (
                        ["--eager"] if args.eager else [])
+    command = harness.command_line("benchmarks.gpu_offload", argv)
+    summary = {"device": harness.device_name(),
+               "args": {k: v for k, v in vars(args).items() if k not in ("worker", "mode", "model_dir", "probe_lmcache")}}
     for mode in modes:
         env = mode_env(mode, args, harness.engine_env(clear_config=True))  # collective_rpc(connector_counters)
         r = run_mode(mode, args, worker_args, env)
         results.append(r)
         print(f"[gpu_offload] {mode}: " + json.dumps({k: v for k, v in r.items() if not isinstance(v, list)}),
               file=sys.stderr, flush=True)
-    table = _table(results)
-    print(table)
-    summary = {"device": harness.device_name(),
-               "args": {k: v for k, v in vars(args).items() if k not in ("worker", "mode", "model_dir", "probe_lmcache")},
-               "table": table}
-    harness.write_results(out, harness.command_line("benchmarks.gpu_offload", argv), summary, results)
+        # after every mode: a command cut off by the device's time limit keeps the modes it finished
+        harness.write_results(out, command, {**summary, "table": _table(results)}, results)
+    print(_table(results))
     return 0
 
 

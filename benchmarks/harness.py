@@ -22,8 +22,10 @@ import contextlib
 import json
 import math
 import os
+import re
 import socket
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -192,8 +194,10 @@ def run_result_process(cmd: Sequence[str], env: dict, failure: str, timeout: flo
         import collections
         import threading
 
+        # Its own process group: a timeout (or Ctrl-C here) also ends the engine processes it started, which
+        # would otherwise keep the GPU memory the next run needs.
         proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                errors="replace")
+                                errors="replace", start_new_session=True)
         kept: collections.deque = collections.deque(maxlen=400)
 
         def pump() -> None:
@@ -206,15 +210,21 @@ def run_result_process(cmd: Sequence[str], env: dict, failure: str, timeout: flo
                    threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)]
         for r in readers:
             r.start()
+        timed_out = False
         try:
             proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the child's leftovers too, whether or not it ended
+            proc.wait()
             for r in readers:
                 r.join(timeout=5)
         stdout = "".join(out)
         tail = error_lines(list(kept), stderr_tail)
+        if timed_out:
+            raise SystemExit(f"{failure} (timed out after {timeout:g} s)" + "".join(f"\n{ln}" for ln in tail))
     lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     sys.stderr.write("".join(ln + "\n" for ln in stdout.splitlines() if not ln.startswith(RESULT_PREFIX)))
     if proc.returncode != 0 or not lines:
@@ -222,21 +232,23 @@ def run_result_process(cmd: Sequence[str], env: dict, failure: str, timeout: flo
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
-ERROR_MARKERS = ("Error", "Exception", "error:", "undefined symbol")
+# "SomeError: message" (not the "raise SomeError(" lines of a traceback), a loader's "undefined symbol", "error: "
+ERROR_LINE = re.compile(r"\b[A-Za-z_][\w.]*(Error|Exception): |undefined symbol|\berror: ")
 
 
 def error_lines(lines: Sequence[str], limit: int) -> list[str]:
-    """The last ``limit`` lines that name an error (exception lines, ``undefined symbol``...), else the last
+    """The last ``limit`` lines that name an error (exception messages, ``undefined symbol``...), else the last
     ``limit`` lines: what a result file records of a run that died."""
-    marked = [ln for ln in lines if any(m in ln for m in ERROR_MARKERS)]
+    marked = [ln for ln in lines if ERROR_LINE.search(ln)]
     return list((marked or list(lines))[-limit:]) if limit > 0 else []
 
 
-def run_worker(module: str, backend: str, argv: Sequence[str], env: dict, stderr_tail: int = 0) -> dict:
+def run_worker(module: str, backend: str, argv: Sequence[str], env: dict, stderr_tail: int = 0,
+               timeout: float | None = None) -> dict:
     """Run ``python -m module --worker --backend B <argv>`` and return its ``RESULT`` line."""
     print(f"[{module.rsplit('.', 1)[-1]}] running {backend} ...", file=sys.stderr, flush=True)
     return run_result_process([sys.executable, "-m", module, "--worker", "--backend", backend, *argv], env,
-                              f"{backend} run failed", stderr_tail=stderr_tail)
+                              f"{backend} run failed", timeout=timeout, stderr_tail=stderr_tail)
 
 
 def worker_argv(argv: Sequence[str], drop: Sequence[str] = ("--backends", "--out")) -> list[str]:

@@ -118,7 +118,7 @@ def test_ops_that_do_not_load_are_recorded_and_the_mode_still_runs(tmp_path, mon
     env = gpu_offload.mode_env("lmcache-9.9.2", args, harness.engine_env(clear_config=True))
     started = []
 
-    def worker(module, mode, argv, wenv, stderr_tail=0):
+    def worker(module, mode, argv, wenv, stderr_tail=0, timeout=None):
         started.append((mode, wenv["LMCACHE_MAX_LOCAL_CPU_SIZE"], stderr_tail))
         raise SystemExit(f"{mode} run failed (exit 1)\nRuntimeError: Engine core initialization failed.")
 

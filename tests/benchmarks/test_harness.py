@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 
@@ -35,8 +36,32 @@ def test_stderr_tail_returns_the_result_of_a_worker_that_succeeded():
 
 
 def test_error_lines_prefers_lines_that_name_an_error():
-    lines = ["a", "ValueError: x", "b", "OSError: undefined symbol: y", "c"]
+    lines = ["a", "ValueError: x", "    raise RuntimeError(", "b", "OSError: undefined symbol: y", "c"]
     assert harness.error_lines(lines, 1) == ["OSError: undefined symbol: y"]
     assert harness.error_lines(lines, 5) == ["ValueError: x", "OSError: undefined symbol: y"]
     assert harness.error_lines(["a", "b", "c"], 2) == ["b", "c"]  # nothing marked: the last lines
     assert harness.error_lines(lines, 0) == []
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return True
+
+
+def test_timeout_ends_the_worker_and_the_processes_it_started():
+    # the worker starts a grandchild (as an engine worker starts vLLM's engine core), then hangs
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+            "time.sleep(120)']); print(f'grandchild {p.pid}', file=sys.stderr, flush=True); time.sleep(120)")
+    with pytest.raises(SystemExit) as exc:
+        harness.run_result_process([sys.executable, "-c", code], {}, "x run failed", timeout=3, stderr_tail=2)
+    head, line = str(exc.value).splitlines()
+    assert head == "x run failed (timed out after 3 s)"
+    pid = int(line.split()[1])
+    for _ in range(100):  # SIGKILL is delivered at once; the kernel may take a moment to reap
+        if _gone(pid):
+            break
+        time.sleep(0.1)
+    assert _gone(pid), "the grandchild outlived the timeout"
