@@ -44,6 +44,7 @@ recompute, ~0.2 s where they load):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -149,6 +150,8 @@ def lmcache_probe() -> dict:
     import importlib.util
 
     probe: dict = {}
+    with contextlib.suppress(Exception):  # the torch the compiled ops must match
+        probe["torch"] = importlib.import_module("torch").__version__
     try:
         lmcache = importlib.import_module("lmcache")
     except BaseException as exc:  # noqa: BLE001 - anything that stops the import is the answer

@@ -109,7 +109,9 @@ def test_lmcache_import_error_is_recorded_exactly(tmp_path, no_worker):
     env = gpu_offload.mode_env("lmcache-9.9.1", args, harness.engine_env(clear_config=True))
     r = gpu_offload.run_mode("lmcache-9.9.1", args, [], env)
     assert r["error"] == f"ImportError: {UNDEFINED}"
-    assert r["lmcache"] == {"import_error": f"ImportError: {UNDEFINED}"}
+    import torch
+
+    assert r["lmcache"] == {"torch": torch.__version__, "import_error": f"ImportError: {UNDEFINED}"}
 
 
 def test_ops_that_do_not_load_are_recorded_and_the_mode_still_runs(tmp_path, monkeypatch):
