@@ -26,6 +26,7 @@ BENCHMARK_NON_SCRIPTS = ("benchmarks", "benchmarks.harness", "benchmarks.cli")
 # command's entry point kept light so `kvplug config` / `kvplug --help` do not load torch or vLLM).
 OPTIONAL = {
     "attention_backends.sparse_prefill.triton_kernels": "triton",
+    "attention_backends.sparse_prefill.estimate_kernels": "triton",
     "attention_backends.retrieval_decode.triton_kernels": "triton",
     "cache_policies.triton_quant": "triton",
     "serving.server": "kvplug serve (vLLM launcher), loaded by kvplug/cli.py only for that command",
