@@ -141,3 +141,37 @@ def test_unknown_steps_are_refused(capsys):
     with pytest.raises(SystemExit):
         cc.main(["--steps", "passthrough,nope"])
     assert "unknown step(s) ['nope']" in capsys.readouterr().err
+
+
+class _Launched(Exception):
+    pass
+
+
+@pytest.mark.parametrize("step", [s for s in cc.STEPS if s.verdict is not None], ids=lambda s: s.name)
+def test_every_engine_step_parses_and_launches_its_first_engine_with_its_feature_on(monkeypatch, tmp_path, step):
+    """The flags of each step are ones its script takes; its first engine gets the environment the check needs
+    (stopped at the launch: no engine here)."""
+    import importlib
+
+    from benchmarks import harness
+
+    launched = []
+
+    def run_worker(module, backend, argv, env, **_kw):
+        launched.append((module, backend, env))
+        raise _Launched
+
+    monkeypatch.setattr(harness, "run_worker", run_worker)
+    monkeypatch.setattr(harness, "device_name", lambda cpu="cpu": "cpu")
+    with pytest.raises(_Launched):
+        importlib.import_module(step.module).main([*step.args, "--out", str(tmp_path / "out.json")])
+    module, backend, env = launched[0]
+    assert module == step.module
+    expected = {"passthrough": ("FLASH_ATTN", {"VLLM_PLUGINS": "none"}),
+                "sparse_prefill": ("CUSTOM", {"KVPLUG_SPARSE_PREFILL__ENABLED": "true",
+                                              "KVPLUG_SPARSE_PREFILL__COST_TABLE": "none",
+                                              "KVPLUG_SPARSE_PREFILL__MIN_PROMPT_TOKENS": "8192"}),
+                "retrieval_decode": ("CUSTOM", {"KVPLUG_RETRIEVAL_DECODE__ENABLED": "true"}),
+                "offload": ("keep", {"KVPLUG_OFFLOAD__ENABLED": "true", "KVPLUG_CACHE_POLICY__DEFAULT": "keep"})}
+    want_backend, want_env = expected[step.name]
+    assert backend == want_backend and {k: env.get(k) for k in want_env} == want_env
