@@ -28,6 +28,9 @@ class RetrievalDecodeConfig(Section):
     # Cuts the summary scan ~N x (it dominates at 16 x 32K); on CUDA it costs a second summary tensor.
     group_blocks: int = 1
     group_refine: float = 2.0
+    # How the select kernels find each sequence's budget-th best score on CUDA: "bisect" (dependent halvings of
+    # the key range, early exit) or "radix" (4 histogram passes over 8-bit digits); the same blocks either way.
+    select: str = "bisect"
     # "measured": sequences shorter than the break-even context of this device (break_even.json, written by
     # benchmarks/kernels/retrieval_decode_bench.py --write-break-even) decode densely too; "off": only
     # min_context_tokens applies. The larger of the two wins.
@@ -51,6 +54,8 @@ class RetrievalDecodeConfig(Section):
         if self.group_refine < 1.0:
             raise KvplugConfigError(f"{path}.group_refine must be >= 1 (candidates cover the budget), "
                                     f"got {self.group_refine}")
+        if self.select not in ("bisect", "radix"):
+            raise KvplugConfigError(f"{path}.select must be 'bisect' or 'radix', got {self.select!r}")
         if self.break_even not in ("off", "measured"):
             raise KvplugConfigError(f"{path}.break_even must be 'off' or 'measured', got {self.break_even!r}")
         if self.gqa_reduce not in ("max", "sum"):

@@ -37,6 +37,8 @@ class RetrievalParams:
     # Two-level selection (config.py): blocks per group (1 = off) and candidates as a multiple of the budget.
     group_blocks: int = 1
     group_refine: float = 2.0
+    # The exact-budget threshold in the select kernels: "bisect" (up to 32 halvings) or "radix" (4 histogram passes).
+    select: str = "bisect"
     # Benchmarks only: also select with single-level Quest and the oracle (CPU path) and count the overlap (STATS).
     measure_agreement: bool = False
 
@@ -45,11 +47,12 @@ class RetrievalParams:
         """``device_name``: the accelerator's name, for ``break_even="measured"`` (None: the min_context only)."""
         min_context = cfg.min_context_tokens
         if getattr(cfg, "break_even", "off") == "measured":
-            min_context = break_even.min_context(device_name, cfg.group_blocks, min_context)
+            min_context = break_even.min_context(device_name, cfg.group_blocks, min_context, cfg.select)
         return cls(block_size=block_size, budget_tokens=cfg.budget_tokens, budget_fraction=cfg.budget_fraction,
                    sink_blocks=cfg.sink_blocks, recent_tokens=cfg.recent_tokens,
                    min_context_tokens=min_context, gqa_reduce=cfg.gqa_reduce,
-                   dense_layers=cfg.dense_layers, group_blocks=cfg.group_blocks, group_refine=cfg.group_refine)
+                   dense_layers=cfg.dense_layers, group_blocks=cfg.group_blocks, group_refine=cfg.group_refine,
+                   select=cfg.select)
 
     def candidate_groups(self, budget_blocks):
         """Two-level: groups the coarse pass keeps for a budget (int or tensor of blocks): an upper bound of the

@@ -129,7 +129,7 @@ def _select_kernel(
     SCORES, SEQ_LENS, TOP_IDX, stride_sn, stride_sh,
     NUM_KV_HEADS: tl.constexpr, WIDTH_PAD: tl.constexpr, NUM_SEL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BUDGET_TOKENS: tl.constexpr, FRACTION: tl.constexpr, MIN_BLOCKS: tl.constexpr, MIN_CONTEXT: tl.constexpr,
-    EARLY_EXIT: tl.constexpr,
+    EARLY_EXIT: tl.constexpr, RADIX: tl.constexpr = False,
 ):
     pid_nh = tl.program_id(0)
     n = pid_nh // NUM_KV_HEADS
@@ -141,14 +141,60 @@ def _select_kernel(
     b = tl.arange(0, WIDTH_PAD)
     valid = b < nb
     x = tl.load(SCORES + n * stride_sn + h * stride_sh + b, mask=valid, other=float("-inf"))
-    take, slot = _take_best(_order_key(x), valid, budget, WIDTH_PAD, EARLY_EXIT)
+    take, slot = _take_best(_order_key(x), valid, budget, WIDTH_PAD, EARLY_EXIT, RADIX)
     tl.store(TOP_IDX + pid_nh * NUM_SEL + slot, b.to(tl.int32), mask=take & (slot < NUM_SEL))
 
 
 @triton.jit
-def _take_best(key, valid, budget, WIDTH_PAD: tl.constexpr, EARLY_EXIT: tl.constexpr):
+def _take_best(key, valid, budget, WIDTH_PAD: tl.constexpr, EARLY_EXIT: tl.constexpr, RADIX: tl.constexpr):
     """The ``budget`` largest of the valid keys [WIDTH_PAD] (ties at the threshold: lowest columns first), and
-    each taken column's rank in column order: (take [WIDTH_PAD] bool, slot [WIDTH_PAD] int32)."""
+    each taken column's rank in column order: (take [WIDTH_PAD] bool, slot [WIDTH_PAD] int32). The threshold
+    (the budget-th largest key) by bisection, or RADIX: by 4 histogram passes over 8-bit digits."""
+    if RADIX:
+        t = _radix_threshold(key, valid, budget)
+    else:
+        t = _bisect_threshold(key, valid, budget, EARLY_EXIT)
+    above = (valid & (key > t)).to(tl.int32)
+    at = (valid & (key == t)).to(tl.int32)
+    need = budget - tl.sum(above, axis=0)  # ties at t to take, lowest blocks first
+    # One scan counts both: blocks above t (fewer than budget <= NUM_SEL < 2**16) in the low 16 bits, ties at t
+    # before each column in the high bits (int64 once a row could hold 2**15 ties).
+    packed = above + (at << 16)
+    if WIDTH_PAD > 16384:
+        packed = packed.to(tl.int64)
+    c = tl.cumsum(packed, axis=0)
+    above_before = (c & 0xFFFF) - above
+    at_before = (c >> 16) - at
+    take = (above > 0) | ((at > 0) & (at_before < need))
+    slot = above_before + tl.minimum(at_before, need).to(tl.int32)
+    return take, slot
+
+
+@triton.jit
+def _radix_threshold(key, valid, budget):
+    """The budget-th largest valid int32 key (budget >= 1 and <= the valid count; else any key), most significant
+    8-bit digit first: each pass histograms the digit of the keys that still match the prefix so far and keeps
+    the largest digit whose suffix count still reaches what is left of the budget. 4 passes instead of up to 32
+    dependent halvings."""
+    ukey = (key ^ -2147483648).to(tl.uint32, bitcast=True)  # signed order -> unsigned order
+    match = valid
+    left = budget
+    digits = tl.arange(0, 256)
+    t = (budget * 0).to(tl.uint32)
+    for p in tl.static_range(4):
+        shift: tl.constexpr = 24 - 8 * p
+        digit = ((ukey >> shift) & 255).to(tl.int32)
+        hist = tl.histogram(digit, 256, mask=match)
+        suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # matching keys with digit >= j
+        j = tl.maximum(tl.max(tl.where(suffix >= left, digits, -1), axis=0), 0)
+        left = left - tl.sum(tl.where(digits > j, hist, 0), axis=0)
+        match = match & (digit == j)
+        t = t | (j.to(tl.uint32) << shift)
+    return t.to(tl.int32, bitcast=True) ^ -2147483648
+
+
+@triton.jit
+def _bisect_threshold(key, valid, budget, EARLY_EXIT: tl.constexpr):
     # A t with #{key >= t} == budget, else the largest t with #{key >= t} >= budget (the budget-th largest key,
     # then ties at t fill up): invariant count(lo) >= budget (lo starts below every key) and count(hi) < budget
     # (hi above every key); at most 32 halvings of the int32 range.
@@ -173,21 +219,7 @@ def _take_best(key, valid, budget, WIDTH_PAD: tl.constexpr, EARLY_EXIT: tl.const
             ok = cnt >= budget
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid)
-    t = lo.to(tl.int32)
-    above = (valid & (key > t)).to(tl.int32)
-    at = (valid & (key == t)).to(tl.int32)
-    need = budget - tl.sum(above, axis=0)  # ties at t to take, lowest blocks first
-    # One scan counts both: blocks above t (fewer than budget <= NUM_SEL < 2**16) in the low 16 bits, ties at t
-    # before each column in the high bits (int64 once a row could hold 2**15 ties).
-    packed = above + (at << 16)
-    if WIDTH_PAD > 16384:
-        packed = packed.to(tl.int64)
-    c = tl.cumsum(packed, axis=0)
-    above_before = (c & 0xFFFF) - above
-    at_before = (c >> 16) - at
-    take = (above > 0) | ((at > 0) & (at_before < need))
-    slot = above_before + tl.minimum(at_before, need).to(tl.int32)
-    return take, slot
+    return lo.to(tl.int32)
 
 
 # --- two-level selection: group scores (with the lazy group summaries and, optionally, this step's summary
@@ -267,6 +299,7 @@ def _refine_select_kernel(
     FORCED_GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, CAND_PAD: tl.constexpr, FINE_TILE: tl.constexpr,
     NUM_SEL: tl.constexpr, BUDGET_TOKENS: tl.constexpr, FRACTION: tl.constexpr, SINK_BLOCKS: tl.constexpr,
     RECENT_BLOCKS: tl.constexpr, MIN_CONTEXT: tl.constexpr, DOT_FP32: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    RADIX: tl.constexpr,
 ):
     """One program per (sequence, kv-head): the candidate groups (forced ones + enough for REFINE x the budget,
     best group scores first), each candidate block's Quest bound, and exactly the budget of blocks among them,
@@ -287,7 +320,7 @@ def _refine_select_kernel(
         gi = tl.arange(0, GROUPS_PAD)
         gvalid = gi < ng
         x = tl.load(GSCORES + n * stride_gn + h * stride_gh + gi, mask=gvalid, other=float("-inf"))
-        take, slot = _take_best(_order_key(x), gvalid, cgroups, GROUPS_PAD, EARLY_EXIT)
+        take, slot = _take_best(_order_key(x), gvalid, cgroups, GROUPS_PAD, EARLY_EXIT, RADIX)
         tl.store(CAND + pid_nh * CAND_PAD + slot, gi.to(tl.int32), mask=take & (slot < CAND_PAD))
         tl.debug_barrier()  # the candidates (ascending group order) are read back by other threads
         g = tl.arange(0, GROUP_PAD)
@@ -300,16 +333,19 @@ def _refine_select_kernel(
                 c = t0 + tl.arange(0, FINE_TILE)
                 ci = c // GROUP_BLOCKS
                 live = ci < cgroups
-                grp = tl.load(CAND + pid_nh * CAND_PAD + ci, mask=live, other=0).to(tl.int64)
+                # Loads in this loop are unmasked at clamped, always-valid indices (candidate slot 0, table column 0)
+                # and dead lanes are masked in the values, as in _topk_decode_kernel: masked loads feeding tl.dot in
+                # a loop broke Triton 3.6's layout passes on sm_90 there.
+                grp = tl.load(CAND + pid_nh * CAND_PAD + tl.where(live, ci, 0)).to(tl.int64)
                 logical = grp * GROUP_BLOCKS + c % GROUP_BLOCKS
                 in_seq = live & (logical < nb)
                 forced = (logical < SINK_BLOCKS) | (logical >= nb - RECENT_BLOCKS)
                 need = in_seq & (forced == 0)
-                phys = tl.load(TABLE + n * stride_tn + logical, mask=need, other=0).to(tl.int64)
+                phys = tl.load(TABLE + n * stride_tn + tl.where(need, logical, 0)).to(tl.int64)
                 s_ptrs = phys[:, None] * stride_sb + h * stride_sh + d[None, :]
-                kmin = tl.load(KMIN + s_ptrs, mask=need[:, None], other=0.0)
-                kmax = tl.load(KMAX + s_ptrs, mask=need[:, None], other=0.0)
-                empty = tl.max(kmax.to(tl.float32), axis=1) == float("-inf")
+                kmin = tl.where(need[:, None], tl.load(KMIN + s_ptrs), 0.0).to(KMIN.dtype.element_ty)
+                kmax = tl.where(need[:, None], tl.load(KMAX + s_ptrs), 0.0).to(KMAX.dtype.element_ty)
+                empty = need & (tl.max(kmax.to(tl.float32), axis=1) == float("-inf"))
                 r = _quest_bound(q, kmin, kmax, g, GROUP, REDUCE_MAX, DOT_FP32)
                 r = tl.where(empty, -1e30, r)
                 r = tl.where(forced, float("inf"), r)
@@ -322,7 +358,7 @@ def _refine_select_kernel(
         logical = grp * GROUP_BLOCKS + c % GROUP_BLOCKS
         fvalid = (ci < cgroups) & (logical < nb)
         x = tl.load(FINE + pid_nh * CAND_BLOCKS + c, mask=fvalid, other=float("-inf"))
-        take, slot = _take_best(_order_key(x), fvalid, budget, CAND_BLOCKS, EARLY_EXIT)
+        take, slot = _take_best(_order_key(x), fvalid, budget, CAND_BLOCKS, EARLY_EXIT, RADIX)
         tl.store(TOP_IDX + pid_nh * NUM_SEL + slot, logical.to(tl.int32), mask=take & (slot < NUM_SEL))
 
 
@@ -515,6 +551,7 @@ def select_top_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, params, k: i
         raise ValueError(f"select_top_blocks: {k} slots; at most 65535 (the packed scan's low field)")
     top_idx = torch.empty(N, Hkv, k, dtype=torch.int32, device=scores.device)
     width_pad = triton.next_power_of_2(B)
+    radix = params.select == "radix"  # (no early-exit fallback: the radix select has no data-dependent loop)
 
     def launch(early_exit: bool) -> None:
         _select_kernel[(N * Hkv,)](
@@ -522,10 +559,11 @@ def select_top_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, params, k: i
             NUM_KV_HEADS=Hkv, WIDTH_PAD=width_pad, NUM_SEL=k, BLOCK_SIZE=params.block_size,
             BUDGET_TOKENS=params.budget_tokens, FRACTION=float(params.budget_fraction),
             MIN_BLOCKS=params.sink_blocks + params.recent_blocks, MIN_CONTEXT=params.min_context_tokens,
-            EARLY_EXIT=early_exit, num_warps=max(4, min(8, width_pad // 1024)))  # H100, 8200 columns: 8 warps
+            EARLY_EXIT=early_exit, RADIX=radix,
+            num_warps=max(4, min(8, width_pad // 1024)))  # H100, 8200 columns: 8 warps
 
     global SELECT_EARLY_EXIT
-    if not SELECT_EARLY_EXIT:
+    if not SELECT_EARLY_EXIT or radix:
         launch(False)
         return top_idx
     try:
@@ -606,7 +644,7 @@ def refine_select(q: torch.Tensor, summ, block_table: torch.Tensor, seq_lens: to
         REFINE=float(params.group_refine), FORCED_GROUPS=forced, GROUPS_PAD=groups_pad, CAND_PAD=cand_pad,
         FINE_TILE=fine_tile, NUM_SEL=k, BUDGET_TOKENS=params.budget_tokens, FRACTION=float(params.budget_fraction),
         SINK_BLOCKS=params.sink_blocks, RECENT_BLOCKS=params.recent_blocks, MIN_CONTEXT=params.min_context_tokens,
-        DOT_FP32=_dot_fp32(q, summ.kmin), EARLY_EXIT=SELECT_EARLY_EXIT,
+        DOT_FP32=_dot_fp32(q, summ.kmin), EARLY_EXIT=SELECT_EARLY_EXIT, RADIX=params.select == "radix",
         num_warps=max(4, min(8, max(groups_pad, cand_pad * gb) // 1024)))
     return top_idx
 

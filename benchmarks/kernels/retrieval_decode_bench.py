@@ -58,16 +58,19 @@ def _params(budget: int) -> planner.RetrievalParams:
     return planner.RetrievalParams(block_size=BS, budget_tokens=budget, budget_fraction=0.0, **CONFIG_DEFAULTS)
 
 
-VARIANTS = ("single", "two_level", "two_level_fused")
+# single: the production step; two_level: group summaries scored first (--group-blocks), refined per block;
+# _fused: the summary update folded into the group-score launch; _radix: the histogram select instead of bisection.
+VARIANTS = ("single", "single_radix", "two_level", "two_level_fused", "two_level_fused_radix")
 
 
 def _variant(name: str, base: planner.RetrievalParams, group_blocks: int, group_refine: float):
     """(params, fold the summary update into the step) of a --variants name."""
     if name not in VARIANTS:
         raise SystemExit(f"--variants: unknown variant {name!r}; one of {', '.join(VARIANTS)}")
-    if name == "single":
-        return base, False
-    return dataclasses.replace(base, group_blocks=group_blocks, group_refine=group_refine), name.endswith("_fused")
+    params = dataclasses.replace(base, select="radix" if name.endswith("_radix") else "bisect")
+    if name.startswith("two_level"):
+        params = dataclasses.replace(params, group_blocks=group_blocks, group_refine=group_refine)
+    return params, "_fused" in name
 
 
 def _layer(batch: int, nblk: int, dev: str, g: torch.Generator) -> dict:
@@ -224,19 +227,24 @@ def block_overlap(s, params) -> float:
 
 
 def variant_row(s, params, fuse: bool) -> dict:
-    """A two-level variant: its stages (layer 0) each in their own graph, the per-layer graph, the checks."""
+    """A variant's stages (layer 0) each in their own graph, the per-layer graph, the checks."""
     lay = s["layers"][0]
     summ = lay["summ"]
     row: dict = {"group_blocks": params.group_blocks, "group_refine": params.group_refine, "fused_update": fuse,
-                 "max_err_vs_torch_reference": reference_check(s, params),
+                 "select": params.select, "max_err_vs_torch_reference": reference_check(s, params),
                  "blocks_shared_with_single": block_overlap(s, params)}
-    gscores = triton_kernels.score_groups(s["q"], summ, s["table"], s["seq_lens"], params)
-    top = triton_kernels.refine_select(s["q"], summ, s["table"], s["seq_lens"], gscores, params, s["k"])
-    fk, fs = (s["new_keys"], s["new_slots"]) if fuse else (None, None)
-    row["group_score_ms"] = _graph_ms(lambda: triton_kernels.score_groups(s["q"], summ, s["table"], s["seq_lens"],
-                                                                          params, fuse_key=fk, fuse_slots=fs))
-    row["refine_select_ms"] = _graph_ms(lambda: triton_kernels.refine_select(s["q"], summ, s["table"],
-                                                                             s["seq_lens"], gscores, params, s["k"]))
+    if params.group_blocks > 1:
+        gscores = triton_kernels.score_groups(s["q"], summ, s["table"], s["seq_lens"], params)
+        top = triton_kernels.refine_select(s["q"], summ, s["table"], s["seq_lens"], gscores, params, s["k"])
+        fk, fs = (s["new_keys"], s["new_slots"]) if fuse else (None, None)
+        row["group_score_ms"] = _graph_ms(lambda: triton_kernels.score_groups(
+            s["q"], summ, s["table"], s["seq_lens"], params, fuse_key=fk, fuse_slots=fs))
+        row["refine_select_ms"] = _graph_ms(lambda: triton_kernels.refine_select(
+            s["q"], summ, s["table"], s["seq_lens"], gscores, params, s["k"]))
+    else:
+        scores = triton_kernels.score_blocks(s["q"], summ.kmin, summ.kmax, s["table"], s["seq_lens"], params)
+        top = triton_kernels.select_top_blocks(scores, s["seq_lens"], params, s["k"])
+        row["select_ms"] = _graph_ms(lambda: triton_kernels.select_top_blocks(scores, s["seq_lens"], params, s["k"]))
     row["attend_merge_ms"] = _graph_ms(lambda: triton_kernels.attend_selected(
         s["q"], lay["kview"], lay["vview"], s["table"], top, s["seq_lens"], params, _scale(), out=s["out"]))
     row.update(stacked_layers_ms(s, params, fuse))
@@ -337,10 +345,6 @@ def break_even_sweep(contexts: list[int], budget: int, width: int, layers: int, 
     return {"rows": rows, "points": points, "crossover_tokens": cross}
 
 
-def _group_blocks_of(name: str, group_blocks: int) -> int:
-    return 1 if name == "single" else group_blocks
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default="1x32768,1x131072,16x32768", help="BATCHxCONTEXT,...")
@@ -381,12 +385,13 @@ def main(argv=None) -> int:
     if contexts:
         out["break_even"] = break_even_sweep(contexts, args.budget, args.table_width, args.layers, variants,
                                              args.group_blocks, args.group_refine)
-        if args.write_break_even:
+        if args.write_break_even:  # the variants the backend runs (it does not fold the summary update yet)
             for name, cross in out["break_even"]["crossover_tokens"].items():
-                if out["break_even"]["points"][name]:
-                    break_even.write(device, _group_blocks_of(name, args.group_blocks), cross,
+                params, fuse = _variant(name, _params(args.budget), args.group_blocks, args.group_refine)
+                if out["break_even"]["points"][name] and not fuse:
+                    break_even.write(device, params.group_blocks, cross,
                                      {"variant": name, "command": command, "date": out["date"],
-                                      "points": out["break_even"]["points"][name]})
+                                      "points": out["break_even"]["points"][name]}, params.select)
     out["wall_s"] = round(time.time() - t_start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

@@ -22,3 +22,10 @@ def test_write_then_lookup(tmp_path):
     assert break_even.min_context("GPU X", 4, 50000, path=path) == 50000
     assert break_even.min_context("GPU X", 2, 4096, path=path) == 4096
     assert break_even.min_context(None, 4, 4096, path=tmp_path / "missing.json") == 4096
+
+
+def test_each_select_algorithm_has_its_own_entry(tmp_path):
+    path = tmp_path / "t.json"
+    break_even.write("GPU X", 1, 9000, {"points": [(8192, 0.05, 0.04)]}, select="radix", path=path)
+    assert break_even.min_context("GPU X", 1, 4096, "radix", path=path) == 9000
+    assert break_even.min_context("GPU X", 1, 4096, "bisect", path=path) == 4096

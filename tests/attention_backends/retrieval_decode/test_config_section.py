@@ -32,6 +32,7 @@ def test_enabled_via_set_and_env():
     ("group_blocks=0", "retrieval_decode.group_blocks"),
     ("group_refine=0.5", "retrieval_decode.group_refine"),
     ("break_even=auto", "retrieval_decode.break_even"),
+    ("select=sort", "retrieval_decode.select"),
 ])
 def test_bad_values_name_the_key(setting, key):
     with pytest.raises(settings.KvplugConfigError, match=key.replace(".", r"\.")):
@@ -60,7 +61,7 @@ def test_two_level_and_break_even_fields_reach_the_params(tmp_path, monkeypatch)
     table.write_text(json.dumps({"devices": {"GPU X": {"group_blocks=4": {"context_tokens": 30000},
                                                         "group_blocks=1": {"context_tokens": 1000}}}}))
     monkeypatch.setattr(break_even, "TABLE_PATH", table)
-    monkeypatch.setattr(break_even.min_context, "__defaults__", (table,))
+    monkeypatch.setattr(break_even.min_context, "__defaults__", ("bisect", table))
     cfg = settings.resolve(sets=["retrieval_decode.group_blocks=4", "retrieval_decode.group_refine=3",
                                  "retrieval_decode.break_even=measured"], environ={}).retrieval_decode
     p = RetrievalParams.from_config(cfg, block_size=16, device_name="GPU X")

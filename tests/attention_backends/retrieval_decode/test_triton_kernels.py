@@ -152,12 +152,12 @@ def _reference_selection(scores: torch.Tensor, budgets: torch.Tensor, nb: torch.
 
 
 @in_process
-@pytest.mark.parametrize("early_exit", [True, False])
-def test_select_kernel_takes_each_sequences_budget_of_best_blocks(early_exit, monkeypatch):
-    """The bisection top-k: exactly budget blocks per (sequence, kv-head), the best ones (forced +inf first,
+@pytest.mark.parametrize("early_exit,select", [(True, "bisect"), (False, "bisect"), (False, "radix")])
+def test_select_kernel_takes_each_sequences_budget_of_best_blocks(early_exit, select, monkeypatch):
+    """The top-k: exactly budget blocks per (sequence, kv-head), the best ones (forced +inf first,
     ties broken towards the lower block, never a column past the sequence), ascending in the slots; a padding
-    row (seq_len 0) selects nothing; columns past a sequence may hold garbage (they are never read). With and
-    without the early exit of the bisection."""
+    row (seq_len 0) selects nothing; columns past a sequence may hold garbage (they are never read). Bisection
+    with and without its early exit, and the radix (histogram) select."""
     from attention_backends.retrieval_decode import planner
 
     monkeypatch.setattr(triton_kernels, "SELECT_EARLY_EXIT", early_exit)
@@ -165,7 +165,7 @@ def test_select_kernel_takes_each_sequences_budget_of_best_blocks(early_exit, mo
     bs, width = 16, 70
     seq_lens = torch.tensor([1000, 300, 0, 64, 1100])
     params = planner.RetrievalParams(block_size=bs, budget_tokens=160, budget_fraction=0.0, sink_blocks=1,
-                                     recent_tokens=20, min_context_tokens=128)
+                                     recent_tokens=20, min_context_tokens=128, select=select)
     g = torch.Generator().manual_seed(3)
     scores = torch.randn(5, 2, width, generator=g)
     scores[0, 0, :] = -5.0
@@ -282,7 +282,8 @@ def test_kernel_bench_runs_and_checks_itself(tmp_path, monkeypatch):
     assert [r["context"] for r in sweep["rows"]] == [1024, 4200] and set(sweep["crossover_tokens"]) == set(bench.VARIANTS)
     # On the interpreter sparse never beats SDPA: each variant is recorded as dense past the longest context.
     stored = json.loads(table.read_text())["devices"]["cpu"]
-    assert stored["group_blocks=1"]["context_tokens"] == 4201 and stored["group_blocks=4"]["variant"] in VARIANT_NAMES
+    assert stored["group_blocks=1"]["context_tokens"] == 4201 and stored["group_blocks=4"]["variant"] == "two_level"
+    assert stored["group_blocks=1,select=radix"]["variant"] == "single_radix" and len(stored) == 3  # no fused
     assert row["table_width"] == 300 and row["k_slots"] == 256  # min_context 4096 -> 256 slots
     assert row["max_err_vs_torch_reference"] < 3e-2
     assert row["select_early_exit"] is True and row["select_early_exit_same_blocks"] is True
@@ -334,9 +335,6 @@ def test_select_kernel_on_a_table_wider_than_16k_columns_of_ties():
     assert got[0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, width - 3, width - 2, width - 1]
 
 
-VARIANT_NAMES = ("two_level", "two_level_fused")
-
-
 def _grouped(case, dtype=torch.float32):
     """The case's block summaries in a BlockSummaries with (empty) group rows, on DEV."""
     from attention_backends.retrieval_decode.summaries import BlockSummaries
@@ -349,8 +347,10 @@ def _grouped(case, dtype=torch.float32):
 
 
 @in_process
-@pytest.mark.parametrize("budget_tokens,budget_fraction,refine", [(320, 0.0, 2.0), (0, 0.15, 1.0), (200, 0.0, 3.0)])
-def test_two_level_kernels_pick_what_the_torch_two_level_selection_picks(budget_tokens, budget_fraction, refine):
+@pytest.mark.parametrize("budget_tokens,budget_fraction,refine,select", [
+    (320, 0.0, 2.0, "bisect"), (0, 0.15, 1.0, "bisect"), (200, 0.0, 3.0, "bisect"), (320, 0.0, 2.0, "radix")])
+def test_two_level_kernels_pick_what_the_torch_two_level_selection_picks(budget_tokens, budget_fraction, refine,
+                                                                          select):
     """Group scores + refine-select == selection.select_for_queries(group_blocks=4): exactly each sequence's
     budget of blocks, ascending, on a table wider than the sequences, with a padding row (seq_len 0) and a row
     below min_context (reads every block); the second call (group rows filled by the first) picks the same, and
@@ -363,7 +363,7 @@ def test_two_level_kernels_pick_what_the_torch_two_level_selection_picks(budget_
     wide = torch.cat([case.block_table, torch.randint(0, 320, (5, 40), dtype=torch.int32)], dim=1)
     params = planner.RetrievalParams(block_size=bs, budget_tokens=max(budget_tokens, 1), budget_fraction=budget_fraction,
                                      sink_blocks=1, recent_tokens=64, min_context_tokens=128, group_blocks=4,
-                                     group_refine=refine)
+                                     group_refine=refine, select=select)
     nb, budget = planner.device_budgets(params, case.seq_lens)
     k = planner.graph_k(params, wide.shape[1] * bs)
     want = select_for_queries(case.q, case.summaries.kmin, case.summaries.kmax, wide, nb, budget, k,
