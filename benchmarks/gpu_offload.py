@@ -15,6 +15,14 @@ many contexts each mode's budget holds. Modes, each in its own subprocess with t
   none        no offload (evicted contexts are recomputed)
   native      vLLM's --kv-offloading-size (OffloadingConnector) with the same CPU budget
   keep/int8/int4/fp8   kvplug's connector (offload/connector.py) with that cache policy
+  lmcache     the peer: LMCache through vLLM's LMCacheConnectorV1 (kv_both), its local CPU backend sized to
+              the same budget (LMCACHE_MAX_LOCAL_CPU_SIZE, GiB), chunks of 256 tokens, no disk; whatever
+              `import lmcache` finds
+  lmcache-V   the same with LMCache V from <--lmcache-root>/lmcache-V (+ lmcache-deps), the layout that
+              benchmarks/gpu/stage-lmcache.sh's receive.sh installs (e.g. lmcache-0.5.6, lmcache-0.5.3)
+An LMCache mode records what its import and compiled ops did (`lmcache` in its result: version, ops module,
+the exact error where they failed to load: LMCache then runs its torch fallback ops, and the table says so);
+a mode that cannot start records its error and the other modes go on.
 
 Every follow-up reports how many of its prompt tokens came from a cache (vLLM's num_cached_tokens: the GPU
 prefix cache plus whatever a connector loaded); kvplug modes also report the blocks the connector loaded
@@ -22,18 +30,24 @@ per tier. An offload mode whose follow-ups got no cached tokens is flagged "no_o
 recomputation, not offload).
 
 One invocation must fit the device's 10-minute command limit: run a few modes per invocation; results
-merge into --out by mode (earlier modes' results are kept). Per mode ~75 s engine start + 32 prefills of
-32K (~1.2-2.7 s each) + 16 follow-ups (~1.2 s each where they recompute, ~0.2 s where they load):
+merge into --out by mode (earlier modes' results are kept) and are written after every mode, and
+``--mode-timeout S`` ends a mode that takes longer (with its engine processes) so the next one still runs.
+Per mode ~75 s engine start + 32 prefills of 32K (~1.2-2.7 s each) + 16 follow-ups (~1.2 s each where they
+recompute, ~0.2 s where they load):
 
     python -m benchmarks.gpu_offload --modes none,native --fresh   # ~5.5 min on an H100
     python -m benchmarks.gpu_offload --modes keep,int8,int4        # ~5.5 min; prints the table of all modes
+    python -m benchmarks.gpu_offload --modes lmcache-0.5.3,lmcache-0.5.6   # the peer (staged: stage-lmcache.sh)
 
 ``--contexts 4 --context-tokens 4096 --fit-contexts 2`` is a one-minute smoke run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
 import statistics
 import sys
 import time
@@ -44,6 +58,132 @@ from benchmarks import harness
 POLICY = {"keep": "keep", "int8": "quant:int8", "int4": "quant:int4", "fp8": "quant:fp8"}
 MODES = ("none", "native", *POLICY)
 DEFAULT_OUT = "benchmarks/results/gpu_offload_h100.json"
+LMCACHE = "lmcache"  # the peer's modes: "lmcache" (as importable) or "lmcache-<version>" (a staged copy)
+LMCACHE_ROOT = "/tmp/kvstage"  # where benchmarks/gpu/stage-lmcache.sh's receive.sh installs LMCache
+LMCACHE_CHUNK_TOKENS = 256
+LMCACHE_OPS_MODULES = ("lmcache.cuda_ops", "lmcache.c_ops")  # >= 0.5.4 / <= 0.5.3
+STDERR_TAIL = 8  # error lines of a worker that died, kept in its result
+PROBE_TIMEOUT_S = 300
+
+
+def lmcache_version(mode: str) -> str | None:
+    """The staged LMCache version a mode names ("lmcache-0.5.3" -> "0.5.3"; "lmcache" -> None: as importable).
+    ValueError for anything else."""
+    if mode == LMCACHE:
+        return None
+    m = re.fullmatch(r"lmcache-(\d+(?:\.\d+)*(?:\.post\d+)?)", mode)
+    if not m:
+        raise ValueError(f"not an LMCache mode: {mode!r} (lmcache or lmcache-<version>, e.g. lmcache-0.5.6)")
+    return m.group(1)
+
+
+def is_lmcache(mode: str) -> bool:
+    try:
+        lmcache_version(mode)
+    except ValueError:
+        return False
+    return True
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES and not is_lmcache(mode):
+        raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)}, {LMCACHE}, {LMCACHE}-<version>)")
+
+
+def lmcache_paths(mode: str, root: str | Path = LMCACHE_ROOT) -> list[Path]:
+    """Folders an LMCache mode puts first on the worker's PYTHONPATH (none for plain "lmcache")."""
+    version = lmcache_version(mode)
+    return [] if version is None else [Path(root) / f"lmcache-{version}", Path(root) / "lmcache-deps"]
+
+
+def lmcache_env(cpu_gib: float, base: dict[str, str] | None = None) -> dict[str, str]:
+    """LMCache's configuration as its LMCACHE_* variables (read by its LMCacheEngineConfig.from_env): the local
+    CPU backend holding ``cpu_gib`` GiB (LMCache sizes it as GiB: max_local_cpu_size * 1024**3), 256-token
+    chunks, no disk or remote tier, no usage telemetry (the GPU host has no network). Inherited LMCACHE_*
+    variables and LMCACHE_CONFIG_FILE are dropped from ``base``: this mode's configuration is exactly this."""
+    env = {k: v for k, v in (base or {}).items() if not k.startswith("LMCACHE_")}
+    env.update(LMCACHE_CHUNK_SIZE=str(LMCACHE_CHUNK_TOKENS), LMCACHE_LOCAL_CPU="True",
+               LMCACHE_MAX_LOCAL_CPU_SIZE=str(float(cpu_gib)), LMCACHE_MAX_LOCAL_DISK_SIZE="0",
+               LMCACHE_USE_LAYERWISE="False", LMCACHE_SAVE_DECODE_CACHE="False",
+               LMCACHE_TRACK_USAGE="false", DO_NOT_TRACK="1")
+    return env
+
+
+def lmcache_transfer_config() -> dict:
+    """vLLM's KVTransferConfig fields for LMCache (LMCacheConnectorV1 loads lmcache's own vllm_v1_adapter)."""
+    return {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+
+
+def mode_env(mode: str, args: argparse.Namespace, base: dict[str, str]) -> dict[str, str]:
+    """The environment of a mode's worker: ``base`` plus kvplug's offload section (kvplug modes) or LMCache's
+    configuration and staged folders (LMCache modes)."""
+    env = dict(base)
+    if mode in POLICY:
+        env.update(harness.kvplug_env("offload", enabled=True, cpu_size=f"{args.cpu_gib}GiB"),
+                   **harness.kvplug_env("cache_policy", default=POLICY[mode]))
+    elif is_lmcache(mode):
+        env = lmcache_env(args.cpu_gib, env)
+        paths = [str(p) for p in lmcache_paths(mode, args.lmcache_root)]
+        if paths:
+            env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def lmcache_missing(mode: str, root: str | Path) -> str | None:
+    """Why a staged LMCache mode cannot run here (its folder is absent), else None."""
+    for path in lmcache_paths(mode, root)[:1]:
+        if not path.is_dir():
+            return (f"{path} not found: stage LMCache first (benchmarks/gpu/stage-lmcache.sh, then "
+                    f"bash .gpu-stage-lmcache/p0/receive.sh on this machine)")
+    return None
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def lmcache_probe() -> dict:
+    """In the worker, before the engine: which LMCache is imported, whether its compiled ops load (the exact
+    error where not: LMCache >= 0.5.4 then falls back to torch ops; <= 0.5.3 cannot save or load at all),
+    whether vLLM's connector can import its adapter, and the configuration LMCache reads from the environment."""
+    import importlib
+    import importlib.util
+
+    probe: dict = {}
+    with contextlib.suppress(Exception):  # the torch the compiled ops must match
+        probe["torch"] = importlib.import_module("torch").__version__
+    try:
+        lmcache = importlib.import_module("lmcache")
+    except BaseException as exc:  # noqa: BLE001 - anything that stops the import is the answer
+        probe["import_error"] = _error_text(exc)
+        return probe
+    probe["version"] = getattr(lmcache, "__version__", "unknown")
+    probe["path"] = str(Path(lmcache.__file__).parent)
+    for name in LMCACHE_OPS_MODULES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        probe["ops_module"] = name
+        try:
+            importlib.import_module(name)
+            probe["ops_loaded"] = True
+        except BaseException as exc:  # noqa: BLE001
+            probe["ops_loaded"] = False
+            probe["ops_error"] = _error_text(exc)
+        break
+    else:
+        probe["ops_loaded"] = False
+        probe["ops_error"] = f"none of {', '.join(LMCACHE_OPS_MODULES)} in {probe['path']}"
+    try:
+        importlib.import_module("lmcache.integration.vllm.vllm_v1_adapter")
+        from lmcache.v1.config import LMCacheEngineConfig
+
+        cfg = LMCacheEngineConfig.from_env()
+        probe["config"] = {k: getattr(cfg, k, None) for k in
+                           ("chunk_size", "local_cpu", "max_local_cpu_size", "local_disk", "remote_url",
+                            "use_layerwise", "save_unfull_chunk")}
+    except BaseException as exc:  # noqa: BLE001
+        probe["adapter_error"] = _error_text(exc)
+    return probe
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -93,11 +233,6 @@ def connector_counters(_worker=None) -> dict:
 
 
 def _worker(args: argparse.Namespace) -> None:
-    import random
-
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
     shape = harness.model_config(args.model_dir)
     kv_bytes = int(args.fit_contexts * (args.context_tokens + 64) * harness.kv_bytes_per_token(shape))
     kw: dict = {"kv_cache_memory_bytes": kv_bytes}
@@ -105,6 +240,48 @@ def _worker(args: argparse.Namespace) -> None:
         kw["kv_offloading_size"] = args.cpu_gib
     elif args.mode in POLICY:
         kw.update(harness.kvplug_connector_kwargs())
+    elif is_lmcache(args.mode):
+        from vllm.config import KVTransferConfig
+
+        kw["kv_transfer_config"] = KVTransferConfig(**lmcache_transfer_config())
+    # An engine that fails to start raises here; the worker dies, and the parent keeps the error lines of its log
+    # (the root cause is logged by vLLM's engine-core process, not in the exception).
+    harness.emit_result(_measure(args, shape, kv_bytes, kw))
+
+
+def run_mode(mode: str, args: argparse.Namespace, worker_args: list[str], env: dict[str, str]) -> dict:
+    """One mode's result from its own worker process, or ``{"mode", "error"}`` saying why there is none. An
+    LMCache mode is probed first in a separate process (so the engine's process never imports LMCache before
+    vLLM does): its result carries the probe, and a failed import stops it there."""
+    extra: dict = {}
+    if is_lmcache(mode):
+        missing = lmcache_missing(mode, args.lmcache_root)
+        if missing:
+            return {"mode": mode, "error": missing}
+        try:
+            probe = harness.run_result_process([sys.executable, "-m", "benchmarks.gpu_offload", "--probe-lmcache"],
+                                               env, "LMCache probe failed", timeout=PROBE_TIMEOUT_S,
+                                               stderr_tail=STDERR_TAIL)
+        except SystemExit as exc:
+            return {"mode": mode, "error": str(exc)}
+        extra["lmcache"] = probe
+        failed = probe.get("import_error") or probe.get("adapter_error")
+        if failed:
+            return {"mode": mode, "error": failed, **extra}
+    try:
+        r = harness.run_worker("benchmarks.gpu_offload", mode, ["--mode", mode, *worker_args], env,
+                               stderr_tail=STDERR_TAIL, timeout=getattr(args, "mode_timeout", None))
+    except SystemExit as exc:  # keep the other modes' results
+        r = {"mode": mode, "error": str(exc)}
+    return {**r, **extra}
+
+
+def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> dict:
+    import random
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
     t_start = time.perf_counter()
     llm = LLM(model=args.model_dir, load_format="auto" if args.real_weights else "dummy", skip_tokenizer_init=True, seed=0,
               max_model_len=args.context_tokens + 256, enable_prefix_caching=True, max_num_seqs=8,
@@ -157,30 +334,39 @@ def _worker(args: argparse.Namespace) -> None:
     # Offload that never supplied a follow-up's context measured recomputation, whatever its timing says.
     res["no_op"] = args.mode != "none" and res["follow_up_cached_fraction"] < 0.5 and (
         c_before is None or sum(res["connector_loaded_blocks"].values()) == 0)
-    harness.emit_result(res)
+    return res
 
 
 def _table(results: list[dict]) -> str:
     ok = {r["mode"]: r for r in results if "follow_up_p50_s" in r}
     base, native = ok.get("none"), ok.get("native")
-    lines = ["| mode | contexts the CPU budget holds | turn-1 TTFT p50 (s) | follow-up TTFT p50 (s) | p99 (s) "
-             "| cached fraction | connector blocks loaded (cpu/disk) | vs none (p50) | vs native (p50) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for mode in MODES:
+    # The peer's reference is its fastest run (the comparison least favourable to kvplug).
+    peer = min((r for m, r in ok.items() if is_lmcache(m)), key=lambda r: r["follow_up_p50_s"], default=None)
+    lines = ["| mode | contexts the CPU budget holds | startup (s) | turn-1 TTFT p50 (s) | follow-up TTFT p50 (s) "
+             "| p99 (s) | cached fraction | connector blocks loaded (cpu/disk) | vs none (p50) | vs native (p50) "
+             "| vs best LMCache (p50) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = list(MODES) + sorted({r["mode"] for r in results if is_lmcache(r.get("mode", ""))})
+    for mode in order:
         r = next((x for x in results if x.get("mode") == mode), None)
         if r is None:
             continue
         if mode not in ok:
-            lines.append(f"| {mode} | failed | | | | | | | |")
+            why = str(r.get("error", "")).strip().splitlines()
+            why = why[-1][:160].replace("|", "/") if why else ""
+            lines.append(f"| {mode} | failed: {why} | | | | | | | | | |")
             continue
         vs = lambda ref: f"{ref['follow_up_p50_s'] / r['follow_up_p50_s']:.2f}x" if ref else "-"
         blocks = r.get("connector_loaded_blocks")
         blocks = f"{blocks.get('cpu', 0)}/{blocks.get('disk', 0)}" if blocks else "-"
         flag = " (NO-OP)" if r.get("no_op") else ""
+        if r.get("lmcache", {}).get("ops_loaded") is False:
+            flag += " (torch fallback ops)"
         held = r.get("contexts_held", "-") if mode != "none" else "-"
         turn1 = f"{r['first_turn_p50_s']:.3f}" if "first_turn_p50_s" in r else "-"
-        lines.append(f"| {mode}{flag} | {held} | {turn1} | {r['follow_up_p50_s']:.3f} | {r['follow_up_p99_s']:.3f} | "
-                     f"{r['follow_up_cached_fraction']:.2f} | {blocks} | {vs(base)} | {vs(native)} |")
+        lines.append(f"| {mode}{flag} | {held} | {r.get('startup_s', '-')} | {turn1} | {r['follow_up_p50_s']:.3f} | "
+                     f"{r['follow_up_p99_s']:.3f} | {r['follow_up_cached_fraction']:.2f} | {blocks} | {vs(base)} | "
+                     f"{vs(native)} | {vs(peer)} |")
     return "\n".join(lines)
 
 
@@ -194,15 +380,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-contexts", type=float, default=8.0,
                     help="GPU KV cache sized to hold this many contexts (fewer than --contexts)")
     ap.add_argument("--cpu-gib", type=float, default=48.0,
-                    help="CPU budget, the same for native and kvplug (a 32K Llama-3-8B context is 4 GiB at full "
+                    help="CPU budget, the same for native, kvplug and LMCache (a 32K Llama-3-8B context is 4 GiB at full "
                          "precision: 48 GiB holds 12 of the 16; int8 and int4 copies of all 16 fit)")
     ap.add_argument("--followups", type=int, default=1,
                     help="rounds of follow-ups, each one per context, round-robin in turn-1 order")
-    ap.add_argument("--modes", default="none,native", help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--modes", default="none,native",
+                    help=f"comma list of {', '.join(MODES)}, {LMCACHE}, {LMCACHE}-<version> (see above)")
+    ap.add_argument("--lmcache-root", default=LMCACHE_ROOT,
+                    help="where lmcache-<version> modes find lmcache-<version>/ and lmcache-deps/")
     ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs (CPU smoke runs)")
+    ap.add_argument("--mode-timeout", type=float, default=None,
+                    help="seconds one mode may take; a mode past it is killed (with its engine) and recorded as "
+                         "timed out, and the next mode runs (results are written after every mode)")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--fresh", action="store_true", help="do not merge with the results already in --out")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--probe-lmcache", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--real-weights", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)  # harness.run_worker names the mode this way too
@@ -211,10 +404,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _worker(args)
         return 0
+    if args.probe_lmcache:
+        harness.emit_result(lmcache_probe())
+        return 0
     modes = args.modes.split(",")
     for mode in modes:
-        if mode not in MODES:
-            ap.error(f"--modes: unknown mode {mode!r} (known: {', '.join(MODES)})")
+        try:
+            check_mode(mode)
+        except ValueError as exc:
+            ap.error(f"--modes: {exc}")
     if args.fit_contexts >= args.contexts:
         ap.error(f"--fit-contexts {args.fit_contexts} must be below --contexts {args.contexts}: "
                  "the workload is contexts that do not all fit")
@@ -233,24 +431,18 @@ def main(argv: list[str] | None = None) -> int:
                    "--followups", str(args.followups),
                    "--model-dir", str(model_dir)] + (["--real-weights"] if args.model else []) + (
                        ["--eager"] if args.eager else [])
+    command = harness.command_line("benchmarks.gpu_offload", argv)
+    summary = {"device": harness.device_name(),
+               "args": {k: v for k, v in vars(args).items() if k not in ("worker", "mode", "model_dir", "probe_lmcache")}}
     for mode in modes:
-        env = harness.engine_env(clear_config=True)  # collective_rpc(connector_counters)
-        if mode in POLICY:
-            env.update(harness.kvplug_env("offload", enabled=True, cpu_size=f"{args.cpu_gib}GiB"),
-                       **harness.kvplug_env("cache_policy", default=POLICY[mode]))
-        try:
-            r = harness.run_worker("benchmarks.gpu_offload", mode, ["--mode", mode, *worker_args], env)
-        except SystemExit as exc:  # keep the other modes' results
-            r = {"mode": mode, "error": str(exc)}
+        env = mode_env(mode, args, harness.engine_env(clear_config=True))  # collective_rpc(connector_counters)
+        r = run_mode(mode, args, worker_args, env)
         results.append(r)
         print(f"[gpu_offload] {mode}: " + json.dumps({k: v for k, v in r.items() if not isinstance(v, list)}),
               file=sys.stderr, flush=True)
-    table = _table(results)
-    print(table)
-    summary = {"device": harness.device_name(),
-               "args": {k: v for k, v in vars(args).items() if k not in ("worker", "mode", "model_dir")},
-               "table": table}
-    harness.write_results(out, harness.command_line("benchmarks.gpu_offload", argv), summary, results)
+        # after every mode: a command cut off by the device's time limit keeps the modes it finished
+        harness.write_results(out, command, {**summary, "table": _table(results)}, results)
+    print(_table(results))
     return 0
 
 

@@ -72,17 +72,29 @@ def _worker(args: argparse.Namespace) -> None:
             dens[str(n)], chunks[str(n)] = density(before, after), decisions(before, after)
     turn = {}
     if args.turn_length:
-        first = tokens(args.turn_length)
-        t1, _ = timed(first)
-        before = stats() if ours else None
-        t2, cached = timed(first + tokens(args.suffix))
-        turn = {"turn_length": args.turn_length, "suffix": args.suffix, "first_ttft_s": t1, "second_ttft_s": t2,
-                "second_cached_tokens": cached}
+        # --repeats fresh conversations: one sample of a ~200 ms second turn is at the mercy of a stray JIT or a
+        # host hiccup; the median over repeats is what the summary compares.
+        firsts, seconds, cached_all, sparse_tokens, dens2, chunks2 = [], [], [], [], [], {}
+        for _ in range(max(1, args.repeats)):
+            first = tokens(args.turn_length)
+            firsts.append(timed(first)[0])
+            before = stats() if ours else None
+            t2, cached = timed(first + tokens(args.suffix))
+            seconds.append(t2)
+            cached_all.append(cached)
+            if ours:
+                after = stats()
+                sparse_tokens.append(after["sparse_tokens"] - before["sparse_tokens"])
+                dens2.append(density(before, after))
+                for k, v in decisions(before, after).items():
+                    chunks2[k] = chunks2.get(k, 0) + v
+        turn = {"turn_length": args.turn_length, "suffix": args.suffix, "first_ttft_s": statistics.median(firsts),
+                "second_ttft_s": statistics.median(seconds), "second_ttft_samples_s": seconds,
+                "second_cached_tokens": min(cached_all)}
         if ours:
-            after = stats()
-            turn["second_sparse_tokens"] = after["sparse_tokens"] - before["sparse_tokens"]
-            turn["second_density"] = density(before, after)
-            turn["second_chunks"] = decisions(before, after)
+            turn["second_sparse_tokens"] = sum(sparse_tokens)
+            turn["second_density"] = dens2[-1]
+            turn["second_chunks"] = chunks2
     import vllm
 
     harness.emit_result({"backend": args.backend, "attention_impls": impls, "ttft_s": ttft, "density": dens,

@@ -22,8 +22,10 @@ import contextlib
 import json
 import math
 import os
+import re
 import socket
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -179,22 +181,74 @@ def emit_result(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_result_process(cmd: Sequence[str], env: dict, failure: str, timeout: float | None = None) -> dict:
+def run_result_process(cmd: Sequence[str], env: dict, failure: str, timeout: float | None = None,
+                       stderr_tail: int = 0) -> dict:
     """Run ``cmd`` and return its last ``RESULT {json}`` line. The child's stderr streams through; its other
-    stdout lines are echoed to stderr. ``SystemExit(f"{failure} (exit N)")`` if it failed or sent none."""
-    proc = subprocess.run(list(cmd), env=env, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    sys.stderr.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if not ln.startswith(RESULT_PREFIX)))
+    stdout lines are echoed to stderr. ``SystemExit(f"{failure} (exit N)")`` if it failed or sent none; with
+    ``stderr_tail`` the message also carries the child's last error lines (at most that many), so a result
+    file can say why a run died (the root cause is often only in a subprocess's log)."""
+    if not stderr_tail:
+        proc = subprocess.run(list(cmd), env=env, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
+        stdout, tail = proc.stdout, []
+    else:
+        import collections
+        import threading
+
+        # Its own process group: a timeout (or Ctrl-C here) also ends the engine processes it started, which
+        # would otherwise keep the GPU memory the next run needs.
+        proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                errors="replace", start_new_session=True)
+        kept: collections.deque = collections.deque(maxlen=400)
+
+        def pump() -> None:
+            for line in proc.stderr:
+                sys.stderr.write(line)
+                kept.append(line.rstrip("\n"))
+
+        out: list[str] = []
+        readers = [threading.Thread(target=pump, daemon=True),
+                   threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)]
+        for r in readers:
+            r.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the child's leftovers too, whether or not it ended
+            proc.wait()
+            for r in readers:
+                r.join(timeout=5)
+        stdout = "".join(out)
+        tail = error_lines(list(kept), stderr_tail)
+        if timed_out:
+            raise SystemExit(f"{failure} (timed out after {timeout:g} s)" + "".join(f"\n{ln}" for ln in tail))
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    sys.stderr.write("".join(ln + "\n" for ln in stdout.splitlines() if not ln.startswith(RESULT_PREFIX)))
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{failure} (exit {proc.returncode})")
+        raise SystemExit(f"{failure} (exit {proc.returncode})" + "".join(f"\n{ln}" for ln in tail))
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
-def run_worker(module: str, backend: str, argv: Sequence[str], env: dict) -> dict:
+# "SomeError: message" (not the "raise SomeError(" lines of a traceback), a loader's "undefined symbol", "error: "
+ERROR_LINE = re.compile(r"\b[A-Za-z_][\w.]*(Error|Exception): |undefined symbol|\berror: ")
+
+
+def error_lines(lines: Sequence[str], limit: int) -> list[str]:
+    """The last ``limit`` lines that name an error (exception messages, ``undefined symbol``...), else the last
+    ``limit`` lines: what a result file records of a run that died."""
+    marked = [ln for ln in lines if ERROR_LINE.search(ln)]
+    return list((marked or list(lines))[-limit:]) if limit > 0 else []
+
+
+def run_worker(module: str, backend: str, argv: Sequence[str], env: dict, stderr_tail: int = 0,
+               timeout: float | None = None) -> dict:
     """Run ``python -m module --worker --backend B <argv>`` and return its ``RESULT`` line."""
     print(f"[{module.rsplit('.', 1)[-1]}] running {backend} ...", file=sys.stderr, flush=True)
     return run_result_process([sys.executable, "-m", module, "--worker", "--backend", backend, *argv], env,
-                              f"{backend} run failed")
+                              f"{backend} run failed", timeout=timeout, stderr_tail=stderr_tail)
 
 
 def worker_argv(argv: Sequence[str], drop: Sequence[str] = ("--backends", "--out")) -> list[str]:

@@ -5,6 +5,11 @@ GPU (vLLM 0.26 staged, the model staged by ../shared/gpu/stage-model.sh qwen2.5-
     source benchmarks/gpu/env.sh
     python -m benchmarks.sparse_prefill_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b \\
         --tokens 30000 --cases 20 --out benchmarks/results/sparse_prefill_accuracy_qwen_32k_h100.json
+Multi-turn questions where dense is strong (--tasks; n = tasks x contexts x cases x turns, with Wilson 95%
+intervals, the paired difference to dense and answers kept where dense is right, per task and per turn):
+    python -m benchmarks.sparse_prefill_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b \
+        --tasks passkey,kv --contexts 8000,16000,24000 --cases 9 --turns 3 --recall-tokens 0 \
+        --out benchmarks/results/sparse_prefill_accuracy_qwen_multiturn_h100.json
 CPU dry run (SmolLM2, small):
     python -m benchmarks.sparse_prefill_accuracy --tokens 3000 --cases 2 --min-prompt-tokens 1024 \\
         --recall-tokens 2048 --out /results/sp_acc_cpu.json
@@ -37,6 +42,12 @@ def _parse(argv):
     ap.add_argument("--tokens", type=int, default=30000, help="prompt length of the agreement cases (the "
                     "generators overshoot a little: 30000 stays inside Qwen2.5's 32768 positions)")
     ap.add_argument("--cases", type=int, default=20, help="agreement cases (KV retrieval and passkey alternate)")
+    ap.add_argument("--tasks", default="", help="multi-turn question mode instead of the agreement cases: "
+                    "comma list of kvplug bench tasks (e.g. passkey,kv,multihop); each case is a conversation over "
+                    "one context, --turns questions, earlier turns answered with the reference answers; prefix "
+                    "caching on, so later turns' chunks run against the cached context")
+    ap.add_argument("--contexts", default="8000,16000,24000", help="--tasks mode: context lengths (tokens)")
+    ap.add_argument("--turns", type=int, default=3, help="--tasks mode: questions per case")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--min-prompt-tokens", type=int, default=8192, help="sparse prefill threshold in the sparse run")
     ap.add_argument("--max-batched-tokens", type=int, default=8192, help="chunked prefill chunk (tokens per step)")
@@ -86,12 +97,16 @@ def _token_counts(path: str, cases: list[dict]) -> list[list[int]]:
     return [tok(c["prompt"]).input_ids for c in cases]
 
 
-def _worker(args) -> None:
-    from vllm import LLM, SamplingParams
+def question_items(path: str, args) -> list[dict]:
+    return harness.question_items(path, args.tasks, args.contexts, args.cases, args.turns, args.seed, multi_turn=True)
 
-    from attention_backends.sparse_prefill import runner
+
+def _worker(args) -> None:
+    from vllm import SamplingParams
 
     path = str(harness.prepare_model(args.model))
+    if args.tasks:
+        return _chat_worker(args, path)
     cases = make_cases(path, args.tokens, args.cases, args.seed)
     # The generators overshoot the target length by a few percent; stay inside the model's positions.
     limit = harness.model_config(path).get("max_position_embeddings", 1 << 20)
@@ -99,21 +114,81 @@ def _worker(args) -> None:
     if longest + args.max_tokens > limit:
         raise SystemExit(f"a {longest}-token case + {args.max_tokens} new tokens exceeds the model's {limit} "
                          "positions: lower --tokens")
-    kw = dict(model=path, max_model_len=min(limit, longest + args.max_tokens + 64), seed=0,
-              enable_prefix_caching=False, max_num_batched_tokens=args.max_batched_tokens)
+    llm = _engine(args, path, min(limit, longest + args.max_tokens + 64), prefix_caching=False)
+    outs = llm.generate([c["prompt"] for c in cases], SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                                                                     logprobs=2), use_tqdm=False)
+    _emit(args, llm, outs)
+
+
+def _engine(args, path: str, max_model_len: int, prefix_caching: bool):
+    from vllm import LLM
+
+    kw = dict(model=path, max_model_len=max_model_len, seed=0, enable_prefix_caching=prefix_caching,
+              max_num_batched_tokens=args.max_batched_tokens)
     kw.update(harness.kvplug_attention_kwargs())
     if harness.cuda_available():
         kw.update(gpu_memory_utilization=args.gpu_mem)
     else:
         kw.update(kv_cache_memory_bytes=2 << 30)
-    llm = LLM(**kw)
-    outs = llm.generate([c["prompt"] for c in cases], SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
-                                                                     logprobs=2), use_tqdm=False)
+    return LLM(**kw)
+
+
+def _emit(args, llm, outs) -> None:
+    """Greedy ids, texts and dense/sparse top-2 logprobs of every output, plus sparse prefill's counters."""
+    from attention_backends.sparse_prefill import runner
+
     stats = llm.collective_rpc(runner.stats_snapshot)[0]
     harness.emit_result({
         "backend": args.backend, "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
         "token_ids": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs],
         "top2": [[top2(step) for step in o.outputs[0].logprobs] for o in outs], "stats": stats})
+
+
+def _chat_worker(args, path: str) -> None:
+    """--tasks mode: every question as one chat (the conversation so far + the question), greedy, top-2."""
+    from vllm import SamplingParams
+
+    items = question_items(path, args)
+    limit = harness.model_config(path).get("max_position_embeddings", 1 << 20)
+    longest = max(int(c) for c in args.contexts.split(",")) + 256 * args.turns + args.max_tokens
+    llm = _engine(args, path, min(limit, -(-longest // 1024) * 1024 + 1024), prefix_caching=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=2)
+    _emit(args, llm, llm.chat([it["messages"] for it in items], sp, use_tqdm=False))
+
+
+def task_summary(items: list[dict], dense: dict, sparse: dict, near_tie: float) -> dict:
+    """Per task and overall: dense and sparse accuracy (Wilson 95%), the paired difference, answers equal to
+    dense (exact / up to near ties), and how many of the questions dense gets right keep dense's answer."""
+    from benchmarks.scbench.scoring import score
+
+    rows = []
+    for it, n, d_ids, d_top2, s_ids, d_txt, s_txt in zip(items, dense["prompt_tokens"], dense["token_ids"],
+                                                         dense["top2"], sparse["token_ids"], dense["texts"],
+                                                         sparse["texts"]):
+        rows.append({"case": it["case"], "task": it["task"], "turn": it["turn"], "context_tokens": it["context_tokens"],
+                     "prompt_tokens": n, "answer": it["answer"], "dense": d_txt, "sparse": s_txt,
+                     "dense_score": score(it["scorer"], d_txt, it["answer"]),
+                     "sparse_score": score(it["scorer"], s_txt, it["answer"]),
+                     "verdict": agreement(d_ids, d_top2, s_ids, near_tie)})
+
+    def block(rs: list[dict]) -> dict:
+        n = len(rs)
+        dense_right = [r for r in rs if r["dense_score"] >= 1.0]
+        d = [r["dense_score"] for r in rs]
+        sp = [r["sparse_score"] for r in rs]
+        return {"n": n, "dense_accuracy": sum(d) / n, "dense_ci95": harness.wilson(round(sum(d)), n),
+                "sparse_accuracy": sum(sp) / n, "sparse_ci95": harness.wilson(round(sum(sp)), n),
+                "sparse_minus_dense": harness.paired_difference(sp, d),
+                "identical": sum(r["verdict"] == "same" for r in rs) / n,
+                "identical_up_to_near_ties": sum(r["verdict"] != "differ" for r in rs) / n,
+                "dense_right": len(dense_right),
+                "kept_where_dense_right": (sum(r["verdict"] == "same" for r in dense_right) / len(dense_right))
+                if dense_right else None}
+
+    tasks = sorted({r["task"] for r in rows})
+    return {"overall": block(rows), "per_task": {t: block([r for r in rows if r["task"] == t]) for t in tasks},
+            "per_turn": {str(t): block([r for r in rows if r["turn"] == t]) for t in sorted({r["turn"] for r in rows})},
+            "rows": rows}
 
 
 def run_engine(args, sparse: bool, pattern_config: str) -> dict:
@@ -180,6 +255,8 @@ def run(args) -> dict:
     pattern_config = pattern_config_path(args.pattern_config, path)
     dense = run_engine(args, False, pattern_config)
     sparse = run_engine(args, True, pattern_config)
+    if args.tasks:
+        return run_tasks(args, path, pattern_config, dense, sparse)
     cases = make_cases(str(path), args.tokens, args.cases, args.seed)
     verdicts = [agreement(d, t, s, args.near_tie)
                 for d, t, s in zip(dense["token_ids"], dense["top2"], sparse["token_ids"])]
@@ -202,6 +279,26 @@ def run(args) -> dict:
         summary.update(recall_mean=recall["mean"], recall_min=recall["min"], recall_density=recall["density_mean"])
     summary["device"] = harness.device_name()
     return {"summary": summary, "cases": per_case, "recall": recall}
+
+
+def run_tasks(args, path: Path, pattern_config: str, dense: dict, sparse: dict) -> dict:
+    items = question_items(str(path), args)
+    table = task_summary(items, dense, sparse, args.near_tie)
+    s = sparse["stats"]
+    summary = {"model": str(path), "pattern_config": pattern_config, "mode": "multi-turn tasks", "tasks": args.tasks,
+               "contexts": args.contexts, "turns": args.turns, "min_prompt_tokens": args.min_prompt_tokens,
+               "max_batched_tokens": args.max_batched_tokens, "overall": table["overall"],
+               "per_task": table["per_task"], "per_turn": table["per_turn"],
+               "sparse_tokens": s["sparse_tokens"], "dense_prefill_tokens_in_sparse_run": s["dense_prefill_tokens"],
+               "density": s["computed_pairs"] / s["causal_pairs"] if s["causal_pairs"] else None,
+               "device": harness.device_name()}
+    if not s["sparse_tokens"]:
+        # a "sparse" column that was dense would be a lie: say so loudly in the result
+        summary["warning"] = "no chunk went through the sparse path (contexts under --min-prompt-tokens?)"
+    recall = measure_recall(args, path, pattern_config) if args.recall_tokens else None
+    if recall:
+        summary.update(recall_mean=recall["mean"], recall_min=recall["min"], recall_density=recall["density_mean"])
+    return {"summary": summary, "cases": table["rows"], "recall": recall}
 
 
 def main(argv=None) -> int:

@@ -41,3 +41,22 @@ def test_pattern_config_lookup(tmp_path):
     assert acc.pattern_config_path("/x/cfg.json", staged) == "/x/cfg.json"
     with pytest.raises(SystemExit, match="--pattern-config"):
         acc.pattern_config_path("auto", Path("/no/such-model"))
+
+
+def test_task_summary_counts_what_dense_gets_right():
+    """--tasks mode: per-task accuracy from the scorer, the paired difference, and answers kept where dense is
+    right (a sparse answer that differs from a wrong dense answer does not count against it)."""
+    items = [{"case": i // 2, "task": "passkey", "turn": i % 2, "context_tokens": 8000, "answer": "123",
+              "scorer": "substring"} for i in range(4)]
+    top = [[[1, -0.1], [2, -3.0]]]
+    dense = {"prompt_tokens": [9000] * 4, "token_ids": [[1], [1], [1], [1]], "top2": [top] * 4,
+             "texts": ["123", "123", "9", "9"]}
+    sparse = {"token_ids": [[1], [2], [1], [2]], "texts": ["123", "8", "9", "123"]}
+    out = acc.task_summary(items, dense, sparse, near_tie=0.5)
+    t = out["per_task"]["passkey"]
+    assert t["n"] == 4 and t["dense_accuracy"] == 0.5 and t["sparse_accuracy"] == 0.5
+    assert t["dense_right"] == 2 and t["kept_where_dense_right"] == 0.5
+    assert t["identical"] == 0.5
+    assert t["sparse_minus_dense"]["mean"] == 0.0
+    assert out["per_turn"]["1"]["n"] == 2
+    assert out["overall"]["n"] == 4

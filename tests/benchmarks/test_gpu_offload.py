@@ -1,0 +1,168 @@
+"""benchmarks/gpu_offload.py's peer modes (LMCache) without a GPU: mode names, each mode's environment, and
+what a result records when LMCache cannot import or its compiled ops cannot load. A fake ``lmcache`` package
+in a staged-layout folder stands in for the real one (the probe runs in a real subprocess)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_offload, harness
+
+UNDEFINED = "undefined symbol: _ZN3c1019NotImplementedErrorC1ENS_14SourceLocationE"
+
+
+def _args(tmp_path: Path, cpu_gib: float = 48.0) -> argparse.Namespace:
+    return argparse.Namespace(cpu_gib=cpu_gib, lmcache_root=str(tmp_path))
+
+
+def _fake_lmcache(root: Path, version: str, init: str = "", ops: str = "") -> Path:
+    """A staged-layout fake: root/lmcache-<version>/lmcache with an ops module, the vLLM adapter module and a
+    config class that reads the LMCACHE_* variables as LMCache's does."""
+    pkg = root / f"lmcache-{version}" / "lmcache"
+    (pkg / "integration" / "vllm").mkdir(parents=True)
+    (pkg / "v1").mkdir()
+    (root / "lmcache-deps").mkdir(exist_ok=True)
+    (pkg / "__init__.py").write_text(init or f"__version__ = {version!r}\n")
+    for sub in ("integration", "integration/vllm", "v1"):
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "integration" / "vllm" / "vllm_v1_adapter.py").write_text("")
+    (pkg / "cuda_ops.py").write_text(ops)
+    (pkg / "v1" / "config.py").write_text(textwrap.dedent("""
+        import os
+
+        class LMCacheEngineConfig:
+            @classmethod
+            def from_env(cls):
+                c = cls()
+                c.chunk_size = int(os.environ.get("LMCACHE_CHUNK_SIZE", "256"))
+                c.local_cpu = os.environ.get("LMCACHE_LOCAL_CPU", "True") == "True"
+                c.max_local_cpu_size = float(os.environ.get("LMCACHE_MAX_LOCAL_CPU_SIZE", "5.0"))
+                c.local_disk = os.environ.get("LMCACHE_LOCAL_DISK")
+                return c
+    """))
+    return pkg
+
+
+@pytest.fixture
+def no_worker(monkeypatch):
+    """Fails the test if a mode starts an engine worker."""
+    def worker(*a, **k):
+        raise AssertionError("an engine worker was started")
+    monkeypatch.setattr(harness, "run_worker", worker)
+
+
+def test_lmcache_mode_names():
+    assert gpu_offload.lmcache_version("lmcache") is None
+    assert gpu_offload.lmcache_version("lmcache-0.5.6") == "0.5.6"
+    assert gpu_offload.lmcache_version("lmcache-0.3.10.post2") == "0.3.10.post2"
+    for bad in ("lmcache-", "lmcache-latest", "lmcachex", "native"):
+        assert not gpu_offload.is_lmcache(bad)
+    for good in ("none", "native", "int8", "lmcache", "lmcache-0.5.3"):
+        gpu_offload.check_mode(good)
+    with pytest.raises(ValueError, match="unknown mode 'lmcache-latest'"):
+        gpu_offload.check_mode("lmcache-latest")
+
+
+def test_unknown_mode_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        gpu_offload.main(["--modes", "int8,lmcache-new"])
+    assert exc.value.code == 2
+    assert "unknown mode 'lmcache-new'" in capsys.readouterr().err
+
+
+def test_lmcache_env_is_exactly_the_budget(tmp_path):
+    base = {"PYTHONPATH": "/repo", "LMCACHE_CONFIG_FILE": "/etc/lmc.yaml", "LMCACHE_LOCAL_DISK": "file:///d",
+            "KEEP": "1"}
+    env = gpu_offload.mode_env("lmcache-0.5.3", _args(tmp_path, 48.0), base)
+    assert env["LMCACHE_MAX_LOCAL_CPU_SIZE"] == "48.0" and env["LMCACHE_LOCAL_CPU"] == "True"
+    assert env["LMCACHE_CHUNK_SIZE"] == "256" and env["LMCACHE_MAX_LOCAL_DISK_SIZE"] == "0"
+    assert env["LMCACHE_TRACK_USAGE"] == "false"  # no network on the GPU host
+    assert "LMCACHE_CONFIG_FILE" not in env and "LMCACHE_LOCAL_DISK" not in env  # nothing inherited decides
+    assert env["KEEP"] == "1"
+    assert env["PYTHONPATH"].split(":") == [str(tmp_path / "lmcache-0.5.3"), str(tmp_path / "lmcache-deps"), "/repo"]
+    assert base["LMCACHE_CONFIG_FILE"] == "/etc/lmc.yaml"  # the caller's dict is untouched
+    assert gpu_offload.mode_env("lmcache", _args(tmp_path), base)["PYTHONPATH"] == "/repo"
+    assert gpu_offload.lmcache_transfer_config() == {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+
+
+def test_kvplug_and_native_modes_get_no_lmcache_config(tmp_path):
+    env = gpu_offload.mode_env("int8", _args(tmp_path, 48.0), {"PYTHONPATH": "/repo"})
+    assert env["KVPLUG_OFFLOAD__CPU_SIZE"] == "48.0GiB" and env["KVPLUG_CACHE_POLICY__DEFAULT"] == "quant:int8"
+    assert not [k for k in env if k.startswith("LMCACHE_")]
+    assert gpu_offload.mode_env("native", _args(tmp_path), {"A": "b"}) == {"A": "b"}
+
+
+def test_unstaged_lmcache_is_recorded_not_run(tmp_path, no_worker):
+    r = gpu_offload.run_mode("lmcache-0.5.6", _args(tmp_path), [], {})
+    assert r["mode"] == "lmcache-0.5.6"
+    assert str(tmp_path / "lmcache-0.5.6") in r["error"] and "stage-lmcache.sh" in r["error"]
+
+
+def test_lmcache_import_error_is_recorded_exactly(tmp_path, no_worker):
+    _fake_lmcache(tmp_path, "9.9.1", init=f"raise ImportError({UNDEFINED!r})\n")
+    args = _args(tmp_path)
+    env = gpu_offload.mode_env("lmcache-9.9.1", args, harness.engine_env(clear_config=True))
+    r = gpu_offload.run_mode("lmcache-9.9.1", args, [], env)
+    assert r["error"] == f"ImportError: {UNDEFINED}"
+    import torch
+
+    assert r["lmcache"] == {"torch": torch.__version__, "import_error": f"ImportError: {UNDEFINED}"}
+
+
+def test_ops_that_do_not_load_are_recorded_and_the_mode_still_runs(tmp_path, monkeypatch):
+    _fake_lmcache(tmp_path, "9.9.2", ops=f"raise ImportError({UNDEFINED!r})\n")
+    args = _args(tmp_path, 12.5)
+    env = gpu_offload.mode_env("lmcache-9.9.2", args, harness.engine_env(clear_config=True))
+    started = []
+
+    def worker(module, mode, argv, wenv, stderr_tail=0, timeout=None):
+        started.append((mode, wenv["LMCACHE_MAX_LOCAL_CPU_SIZE"], stderr_tail))
+        raise SystemExit(f"{mode} run failed (exit 1)\nRuntimeError: Engine core initialization failed.")
+
+    monkeypatch.setattr(harness, "run_worker", worker)
+    r = gpu_offload.run_mode("lmcache-9.9.2", args, [], env)
+    assert started == [("lmcache-9.9.2", "12.5", gpu_offload.STDERR_TAIL)]  # LMCache falls back to torch ops
+    probe = r["lmcache"]
+    assert probe["version"] == "9.9.2" and probe["path"] == str(tmp_path / "lmcache-9.9.2" / "lmcache")
+    assert probe["ops_module"] == "lmcache.cuda_ops" and probe["ops_loaded"] is False
+    assert probe["ops_error"] == f"ImportError: {UNDEFINED}"
+    # the probe read the configuration the mode's environment gives it
+    assert probe["config"]["max_local_cpu_size"] == 12.5 and probe["config"]["chunk_size"] == 256
+    assert probe["config"]["local_disk"] is None
+    assert "Engine core initialization failed" in r["error"]
+
+
+def test_main_records_every_lmcache_failure_and_goes_on(tmp_path, no_worker, capsys):
+    _fake_lmcache(tmp_path, "9.9.3", init=f"raise ImportError({UNDEFINED!r})\n")
+    out = tmp_path / "res.json"
+    out.write_text(json.dumps({"runs": [{"mode": "int8", "follow_up_p50_s": 0.2, "follow_up_p99_s": 0.3,
+                                         "follow_up_cached_fraction": 1.0, "first_turn_p50_s": 1.3}]}))
+    rc = gpu_offload.main(["--modes", "lmcache-9.9.3,lmcache-0.0.1", "--lmcache-root", str(tmp_path),
+                           "--contexts", "4", "--context-tokens", "4096", "--fit-contexts", "2", "--out", str(out)])
+    assert rc == 0
+    runs = {r["mode"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"int8", "lmcache-9.9.3", "lmcache-0.0.1"}  # the earlier int8 run is kept
+    assert runs["lmcache-9.9.3"]["error"] == f"ImportError: {UNDEFINED}"
+    assert "not found" in runs["lmcache-0.0.1"]["error"]
+    table = capsys.readouterr().out
+    assert f"| lmcache-9.9.3 | failed: ImportError: {UNDEFINED}" in table
+
+
+def test_table_compares_with_the_fastest_lmcache_and_flags_fallback_ops():
+    def run(mode, p50, **kw):
+        return {"mode": mode, "follow_up_p50_s": p50, "follow_up_p99_s": p50, "follow_up_cached_fraction": 1.0,
+                "first_turn_p50_s": 1.0, "startup_s": 70.0, **kw}
+
+    table = gpu_offload._table([run("int8", 0.2), run("lmcache-0.5.6", 0.8, lmcache={"ops_loaded": False}),
+                                run("lmcache-0.5.3", 0.4, lmcache={"ops_loaded": True}),
+                                {"mode": "native", "error": "native run failed (exit 1)\nOSError: no memory"}])
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in table.splitlines()[2:]}
+    assert rows["int8"].endswith("| 2.00x |")  # against lmcache-0.5.3, the faster peer run
+    assert "(torch fallback ops)" not in rows["lmcache-0.5.3"]
+    assert rows["native"].startswith("| native | failed: OSError: no memory |")
+    assert list(rows) == ["native", "int8", "lmcache-0.5.3", "lmcache-0.5.6 (torch fallback ops)"]
