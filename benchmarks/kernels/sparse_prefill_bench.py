@@ -240,15 +240,27 @@ def run(args) -> dict:
             "head_dim": d, "page": args.page}, "results": results}
 
 
+FA2_ONLY = ("sparse_attn_varlen_func",)  # kernels of the FA2 library (_vllm_fa2_C), no FA3 variant
+
+
 def _import_fa(name: str):
     """(vLLM's FlashAttention function ``name`` or None, why it is missing): vLLM 0.26 exports
-    flash_attn_varlen_func from vllm.vllm_flash_attn but sparse_attn_varlen_func only from its interface module."""
+    flash_attn_varlen_func from vllm.vllm_flash_attn but sparse_attn_varlen_func only from its interface module.
+    An FA2-only function of a build without the FA2 library (the Hopper-only 0.34 stage trims it) is missing:
+    its interface still imports, but every call would fail."""
     errors = []
     for module in ("vllm.vllm_flash_attn", "vllm.vllm_flash_attn.flash_attn_interface"):
         try:
-            return getattr(__import__(module, fromlist=[name]), name), None
+            found = __import__(module, fromlist=[name])
+            fn = getattr(found, name)
         except Exception as exc:  # not staged, or not exported there
             errors.append(f"{module}: {type(exc).__name__}: {exc}"[:200])
+            continue
+        interface = sys.modules.get("vllm.vllm_flash_attn.flash_attn_interface", found)
+        if name in FA2_ONLY and getattr(interface, "FA2_AVAILABLE", True) is False:
+            reason = getattr(interface, "FA2_UNAVAILABLE_REASON", None)
+            return None, f"FA2 is not in this vLLM build ({reason})"[:300]
+        return fn, None
     return None, "; ".join(errors)
 
 

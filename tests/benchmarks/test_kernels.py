@@ -104,3 +104,26 @@ def test_kernels_cli_on_cuda(tmp_path):
     data = json.loads(out.read_text())
     assert data["environment"]["device"].startswith("cuda")
     assert all(r["timer"] == "cuda-event" and r["median_ms"] > 0 for r in data["results"])
+
+
+def test_an_fa2_only_kernel_is_missing_from_a_build_without_fa2(monkeypatch):
+    """The Hopper-only vLLM 0.34 stage trims _vllm_fa2_C: sparse_attn_varlen_func still imports there, but the
+    bench must skip it (and say why) instead of timing a call that fails."""
+    import sys
+    import types
+
+    from benchmarks.kernels import sparse_prefill_bench as bench
+
+    iface = types.ModuleType("vllm.vllm_flash_attn.flash_attn_interface")
+    iface.FA2_AVAILABLE, iface.FA2_UNAVAILABLE_REASON = False, "No module named '_vllm_fa2_C'"
+    iface.flash_attn_varlen_func = lambda *a, **k: "fa3"
+    iface.sparse_attn_varlen_func = lambda *a, **k: "fa2 sparse"
+    package = types.ModuleType("vllm.vllm_flash_attn")
+    package.flash_attn_varlen_func = iface.flash_attn_varlen_func
+    monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn", package)
+    monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn.flash_attn_interface", iface)
+    fn, why = bench._import_fa("sparse_attn_varlen_func")
+    assert fn is None and why.startswith("FA2 is not in this vLLM build") and "_vllm_fa2_C" in why
+    assert bench._import_fa("flash_attn_varlen_func") == (iface.flash_attn_varlen_func, None)  # FA3 stays
+    iface.FA2_AVAILABLE = True
+    assert bench._import_fa("sparse_attn_varlen_func") == (iface.sparse_attn_varlen_func, None)

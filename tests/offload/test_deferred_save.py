@@ -256,6 +256,34 @@ def schedule_whole_prompt(side, req, block_ids):
     return side.build_connector_meta(so)
 
 
+@pytest.mark.parametrize("vllm_line", ["0.32", "0.34"])
+def test_a_request_resumed_after_preemption_loads_into_its_new_blocks_and_is_not_saved_again(monkeypatch, vllm_line):
+    """vLLM 0.32 sends a resumed request in scheduled_cached_reqs (named in resumed_req_ids); 0.34 has no
+    resumed_req_ids and sends it again in scheduled_new_reqs. Either way its block table is the new blocks, its
+    saved prefix loads into them, and the block past the prompt's full blocks is fresh."""
+    side = scheduler(monkeypatch)
+    req = request("r", 4)
+    assert [s.block_ids for s in schedule_whole_prompt(side, req, [0, 1, 2, 3, 4]).saves] == [[0, 1, 2, 3]]
+    matched, _ = side.get_num_new_matched_tokens(req, 0)  # preempted: back through the waiting queue
+    new_ids = [7, 8, 9, 10, 11]
+    side.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (new_ids,)), matched)
+    left = {"r": len(req.prompt_token_ids) - matched}
+    if vllm_line == "0.34":
+        so = SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id="r", block_ids=(new_ids,),
+                                                                 num_computed_tokens=matched)],
+                             scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[],
+                                                                   num_computed_tokens=[]),
+                             num_scheduled_tokens=left)
+    else:
+        so = SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens=left,
+                             scheduled_cached_reqs=SimpleNamespace(req_ids=["r"], new_block_ids=[(new_ids,)],
+                                                                   num_computed_tokens=[matched],
+                                                                   resumed_req_ids={"r"}))
+    meta = side.build_connector_meta(so)
+    assert matched == 4 * TOKENS and [lo.block_ids for lo in meta.loads] == [[7, 8, 9, 10]]
+    assert side.reqs["r"].block_ids == new_ids and 11 in meta.fresh_block_ids and meta.saves == []
+
+
 def test_request_finished_delays_the_free_only_while_a_deferred_save_is_planned(monkeypatch):
     side = scheduler(monkeypatch)
     finished = conn.KvplugConnector.request_finished
