@@ -316,7 +316,7 @@ def _refine_select_kernel(
             tl.store(TOP_IDX + pid_nh * NUM_SEL + b, b.to(tl.int32), mask=(b < nb) & (b < NUM_SEL))
     else:
         want = FORCED_GROUPS + tl.ceil(budget.to(tl.float32) * REFINE / GROUP_BLOCKS).to(tl.int32)
-        cgroups = tl.minimum(want, ng.to(tl.int32))
+        cgroups = tl.minimum(tl.minimum(want, ng.to(tl.int32)), CAND_PAD)  # (the host sizes CAND_PAD for want)
         gi = tl.arange(0, GROUPS_PAD)
         gvalid = gi < ng
         x = tl.load(GSCORES + n * stride_gn + h * stride_gh + gi, mask=gvalid, other=float("-inf"))
@@ -328,29 +328,28 @@ def _refine_select_kernel(
         q = tl.load(Q + n * stride_qn + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
                     mask=(g < GROUP)[:, None], other=0.0)
         CAND_BLOCKS: tl.constexpr = CAND_PAD * GROUP_BLOCKS
-        for t0 in range(0, CAND_BLOCKS, FINE_TILE):
-            if t0 < cgroups * GROUP_BLOCKS:  # tiles past this row's candidates: nothing to score
-                c = t0 + tl.arange(0, FINE_TILE)
-                ci = c // GROUP_BLOCKS
-                live = ci < cgroups
-                # Loads in this loop are unmasked at clamped, always-valid indices (candidate slot 0, table column 0)
-                # and dead lanes are masked in the values, as in _topk_decode_kernel: masked loads feeding tl.dot in
-                # a loop broke Triton 3.6's layout passes on sm_90 there.
-                grp = tl.load(CAND + pid_nh * CAND_PAD + tl.where(live, ci, 0)).to(tl.int64)
-                logical = grp * GROUP_BLOCKS + c % GROUP_BLOCKS
-                in_seq = live & (logical < nb)
-                forced = (logical < SINK_BLOCKS) | (logical >= nb - RECENT_BLOCKS)
-                need = in_seq & (forced == 0)
-                phys = tl.load(TABLE + n * stride_tn + tl.where(need, logical, 0)).to(tl.int64)
-                s_ptrs = phys[:, None] * stride_sb + h * stride_sh + d[None, :]
-                kmin = tl.where(need[:, None], tl.load(KMIN + s_ptrs), 0.0).to(KMIN.dtype.element_ty)
-                kmax = tl.where(need[:, None], tl.load(KMAX + s_ptrs), 0.0).to(KMAX.dtype.element_ty)
-                empty = need & (tl.max(kmax.to(tl.float32), axis=1) == float("-inf"))
-                r = _quest_bound(q, kmin, kmax, g, GROUP, REDUCE_MAX, DOT_FP32)
-                r = tl.where(empty, -1e30, r)
-                r = tl.where(forced, float("inf"), r)
-                r = tl.where(in_seq, r, float("-inf"))
-                tl.store(FINE + pid_nh * CAND_BLOCKS + c, r)
+        for t0 in range(0, cgroups * GROUP_BLOCKS, FINE_TILE):  # this row's candidates only
+            c = t0 + tl.arange(0, FINE_TILE)
+            ci = c // GROUP_BLOCKS
+            live = ci < cgroups
+            # Loads in this loop are unmasked at clamped, always-valid indices (candidate slot 0, table column 0)
+            # and dead lanes are masked in the values, as in _topk_decode_kernel: masked loads feeding tl.dot in
+            # a loop broke Triton 3.6's layout passes on sm_90 there.
+            grp = tl.load(CAND + pid_nh * CAND_PAD + tl.where(live, ci, 0)).to(tl.int64)
+            logical = grp * GROUP_BLOCKS + c % GROUP_BLOCKS
+            in_seq = live & (logical < nb)
+            forced = (logical < SINK_BLOCKS) | (logical >= nb - RECENT_BLOCKS)
+            need = in_seq & (forced == 0)
+            phys = tl.load(TABLE + n * stride_tn + tl.where(need, logical, 0)).to(tl.int64)
+            s_ptrs = phys[:, None] * stride_sb + h * stride_sh + d[None, :]
+            kmin = tl.where(need[:, None], tl.load(KMIN + s_ptrs), 0.0).to(KMIN.dtype.element_ty)
+            kmax = tl.where(need[:, None], tl.load(KMAX + s_ptrs), 0.0).to(KMAX.dtype.element_ty)
+            empty = need & (tl.max(kmax.to(tl.float32), axis=1) == float("-inf"))
+            r = _quest_bound(q, kmin, kmax, g, GROUP, REDUCE_MAX, DOT_FP32)
+            r = tl.where(empty, -1e30, r)
+            r = tl.where(forced, float("inf"), r)
+            r = tl.where(in_seq, r, float("-inf"))
+            tl.store(FINE + pid_nh * CAND_BLOCKS + c, r)
         tl.debug_barrier()
         c = tl.arange(0, CAND_BLOCKS)
         ci = c // GROUP_BLOCKS
