@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from attention_backends import dropped_attention, wiring
 from attention_backends.retrieval_decode import backend_hooks as retrieval_decode
-from attention_backends.retrieval_decode.summaries import refresh_blocks_
 from attention_backends.sparse_prefill import backend_hooks as sparse_prefill
 from kvplug import metrics, vllm_compat
 
@@ -84,7 +83,7 @@ class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
         (retrieval decode's block summaries), else decode over reloaded blocks would score stale summaries."""
         runner = self._retrieval_decode
         if runner is not None and runner.summaries is not None:
-            refresh_blocks_(runner.summaries.kmin, runner.summaries.kmax, key_cache, block_index)
+            runner.summaries.refresh(key_cache, block_index)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         if attn_metadata is None and self._retrieval_decode is not None and query.is_cuda:

@@ -68,6 +68,32 @@ def analysis_decode(selector: str, q: torch.Tensor, key_cache: torch.Tensor, val
                     scale: float) -> torch.Tensor:
     """q [N, Hq, D] one decode token per sequence; caches [num_blocks, Hkv, bs, D]; summaries [num_blocks+1, Hkv, D];
     block_table [N, W]; seq_lens, budget_blocks [N]. Returns [N, Hq, D]."""
+    N, Hq, D = q.shape
+    chosen, logits, vals, in_seq = _select(selector, q, key_cache, value_cache, kmin, kmax, block_table, seq_lens,
+                                           budget_blocks, sink_blocks, recent_blocks, gqa_reduce, scale)
+    bs = key_cache.shape[2]
+    token_mask = chosen.repeat_interleave(bs, dim=-1) & in_seq  # [N, Hkv, G', W*bs]
+    probs = torch.softmax(logits.masked_fill(~token_mask, float("-inf")), dim=-1)
+    return torch.matmul(probs.to(vals.dtype), vals).reshape(N, Hq, D).to(q.dtype)
+
+
+def selected_blocks(selector: str, q: torch.Tensor, key_cache: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, budget_blocks: torch.Tensor, sink_blocks: int,
+                    recent_blocks: int, gqa_reduce: str, scale: float) -> torch.Tensor:
+    """[N, Hkv, G', W] bool: the blocks ``selector`` reads (G' = 1 when the group shares one choice)."""
+    return _select(selector, q, key_cache, key_cache, kmin, kmax, block_table, seq_lens, budget_blocks, sink_blocks,
+                   recent_blocks, gqa_reduce, scale)[0]
+
+
+def block_agreement(chosen: torch.Tensor, reference: torch.Tensor, forced: torch.Tensor) -> tuple[int, int]:
+    """(picked blocks of ``chosen`` that ``reference`` picked too, picked blocks of ``reference``), both over the
+    blocks not forced in (sink / recent window): how much of a selection's own choice another one shares."""
+    free = ~forced
+    return int((chosen & reference & free).sum()), int((reference & free).sum())
+
+
+def _select(selector, q, key_cache, value_cache, kmin, kmax, block_table, seq_lens, budget_blocks, sink_blocks,
+            recent_blocks, gqa_reduce, scale):
     if selector not in SELECTORS[1:]:
         raise ValueError(f"unknown analysis selector {selector!r}; one of {SELECTORS[1:]}")
     N, Hq, D = q.shape
@@ -132,6 +158,4 @@ def analysis_decode(selector: str, q: torch.Tensor, key_cache: torch.Tensor, val
     rank = torch.arange(top.shape[-1], device=q.device).view(1, 1, 1, -1)
     keep = rank < budget_blocks.view(N, 1, 1, 1)
     chosen = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, keep.expand_as(top))  # [N, Hkv, G', W]
-    token_mask = chosen.repeat_interleave(bs, dim=-1) & in_seq  # [N, Hkv, G', W*bs]
-    probs = torch.softmax(logits.masked_fill(~token_mask, float("-inf")), dim=-1)
-    return torch.matmul(probs.to(vals.dtype), vals).reshape(N, Hq, D).to(q.dtype)
+    return chosen, logits, vals, in_seq

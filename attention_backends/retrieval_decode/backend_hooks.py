@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import torch
+
 from attention_backends import wiring
 from attention_backends.retrieval_decode import cpu_kernel, planner, runner
 from kvplug import vllm_compat
@@ -41,10 +43,12 @@ def plan_of(attn_metadata: Any) -> planner.RetrievalPlan | None:
 class BuilderHook:
     def __init__(self, builder: Any, cfg: Any) -> None:
         self.builder = builder
-        self.params = planner.RetrievalParams.from_config(cfg, builder.kv_cache_spec.block_size)
-        self.num_kv_heads = builder.kv_cache_spec.num_kv_heads
         # CUDA: pure-decode batches use fixed shapes so full CUDA graphs can capture and replay them.
         self.graph_safe = vllm_compat.platform_name() == "cuda"
+        measured = cfg.break_even == "measured" and self.graph_safe and torch.cuda.is_available()
+        device_name = torch.cuda.get_device_name() if measured else None  # the break-even table's key
+        self.params = planner.RetrievalParams.from_config(cfg, builder.kv_cache_spec.block_size, device_name)
+        self.num_kv_heads = builder.kv_cache_spec.num_kv_heads
         self.graph_k = planner.graph_k(self.params, builder.vllm_config.model_config.max_model_len)
         # vLLM may reuse one group's metadata for another group by swapping its block table in
         # (update_block_table); the plan holds the first group's table, so every group must build its own.
@@ -115,4 +119,4 @@ def impl_runner(impl: Any) -> runner.RetrievalDecodeRunner | None:
     if window not in (None, -1, (-1, -1)) or getattr(impl, "sinks", None) is not None \
             or getattr(impl, "alibi_slopes", None) is not None:
         return None  # windowed / sink-token / ALiBi layers keep the dense kernel (their masks are not block-local)
-    return runner.RetrievalDecodeRunner(impl)
+    return runner.RetrievalDecodeRunner(impl, cfg.group_blocks)

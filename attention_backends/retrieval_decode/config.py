@@ -22,6 +22,19 @@ class RetrievalDecodeConfig(Section):
     gqa_reduce: str = "max"
     # The first layers attend broadly (Quest keeps its first two dense): they decode densely.
     dense_layers: int = 2
+    # Two-level selection: 1 = every block's summary is scored each step (Quest). N > 1: one summary per group of
+    # N consecutive blocks (64 tokens at N=4, block 16) is scored first; the best groups' blocks, group_refine x
+    # the budget of them (plus the forced groups), are then scored per block and the budget picked among them.
+    # Cuts the summary scan ~N x (it dominates at 16 x 32K); on CUDA it costs a second summary tensor.
+    group_blocks: int = 1
+    group_refine: float = 2.0
+    # How the select kernels find each sequence's budget-th best score on CUDA: "bisect" (dependent halvings of
+    # the key range, early exit) or "radix" (4 histogram passes over 8-bit digits); the same blocks either way.
+    select: str = "bisect"
+    # "measured": sequences shorter than the break-even context of this device (break_even.json, written by
+    # benchmarks/kernels/retrieval_decode_bench.py --write-break-even) decode densely too; "off": only
+    # min_context_tokens applies. The larger of the two wins.
+    break_even: str = "off"
 
     def validate(self, path: str) -> None:
         if self.budget_tokens < 1:
@@ -36,6 +49,15 @@ class RetrievalDecodeConfig(Section):
             raise KvplugConfigError(f"{path}.min_context_tokens must be >= 0, got {self.min_context_tokens}")
         if self.dense_layers < 0:
             raise KvplugConfigError(f"{path}.dense_layers must be >= 0, got {self.dense_layers}")
+        if self.group_blocks < 1 or self.group_blocks & (self.group_blocks - 1):
+            raise KvplugConfigError(f"{path}.group_blocks must be a power of two >= 1, got {self.group_blocks}")
+        if self.group_refine < 1.0:
+            raise KvplugConfigError(f"{path}.group_refine must be >= 1 (candidates cover the budget), "
+                                    f"got {self.group_refine}")
+        if self.select not in ("bisect", "radix"):
+            raise KvplugConfigError(f"{path}.select must be 'bisect' or 'radix', got {self.select!r}")
+        if self.break_even not in ("off", "measured"):
+            raise KvplugConfigError(f"{path}.break_even must be 'off' or 'measured', got {self.break_even!r}")
         if self.gqa_reduce not in ("max", "sum"):
             raise KvplugConfigError(f"{path}.gqa_reduce must be 'max' or 'sum', got {self.gqa_reduce!r}")
         if self.budget_fraction == 0.0 and self.budget_tokens < self.recent_tokens:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from attention_backends.retrieval_decode import break_even
+
 
 @dataclass(frozen=True)
 class RetrievalParams:
@@ -32,13 +34,34 @@ class RetrievalParams:
     # "quest": the production selection (Triton on CUDA). Others: analysis selectors (retrieval_decode/analysis.py),
     # set only by benchmarks through backend_hooks.set_override.
     selector: str = "quest"
+    # Two-level selection (config.py): blocks per group (1 = off) and candidates as a multiple of the budget.
+    group_blocks: int = 1
+    group_refine: float = 2.0
+    # The exact-budget threshold in the select kernels: "bisect" (up to 32 halvings) or "radix" (4 histogram passes).
+    select: str = "bisect"
+    # Benchmarks only: also select with single-level Quest and the oracle (CPU path) and count the overlap (STATS).
+    measure_agreement: bool = False
 
     @classmethod
-    def from_config(cls, cfg: Any, block_size: int) -> "RetrievalParams":
+    def from_config(cls, cfg: Any, block_size: int, device_name: str | None = None) -> "RetrievalParams":
+        """``device_name``: the accelerator's name, for ``break_even="measured"`` (None: the min_context only)."""
+        min_context = cfg.min_context_tokens
+        if getattr(cfg, "break_even", "off") == "measured":
+            min_context = break_even.min_context(device_name, cfg.group_blocks, min_context, cfg.select)
         return cls(block_size=block_size, budget_tokens=cfg.budget_tokens, budget_fraction=cfg.budget_fraction,
                    sink_blocks=cfg.sink_blocks, recent_tokens=cfg.recent_tokens,
-                   min_context_tokens=cfg.min_context_tokens, gqa_reduce=cfg.gqa_reduce,
-                   dense_layers=cfg.dense_layers)
+                   min_context_tokens=min_context, gqa_reduce=cfg.gqa_reduce,
+                   dense_layers=cfg.dense_layers, group_blocks=cfg.group_blocks, group_refine=cfg.group_refine,
+                   select=cfg.select)
+
+    def candidate_groups(self, budget_blocks):
+        """Two-level: groups the coarse pass keeps for a budget (int or tensor of blocks): an upper bound of the
+        forced groups + enough unforced groups to hold group_refine x the budget, so the budget is always filled
+        (the kernel computes the same in-kernel)."""
+        g = self.group_blocks
+        forced = -(-self.sink_blocks // g) + -(-self.recent_blocks // g) + 1
+        need = budget_blocks * self.group_refine / g
+        return forced + (torch.ceil(need).long() if isinstance(need, torch.Tensor) else math.ceil(need))
 
     @property
     def recent_blocks(self) -> int:

@@ -6,6 +6,7 @@ metadata the planner built for just them, so sparse prefill and the dense kernel
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Any, Callable
@@ -14,7 +15,7 @@ import torch
 
 from attention_backends.retrieval_decode import analysis, cpu_kernel, memory, planner
 from attention_backends.retrieval_decode.planner import DecodeGraphPlan, RetrievalPlan
-from attention_backends.retrieval_decode.selection import select_for_queries
+from attention_backends.retrieval_decode.selection import Selection, select_for_queries
 from attention_backends.retrieval_decode.summaries import BlockSummaries
 from kvplug import metrics, vllm_compat
 
@@ -22,6 +23,10 @@ log = logging.getLogger("vllm.kvplug.retrieval_decode")
 _stats_lock = threading.Lock()
 # Per process, per batch (not per layer); tests read them through collective_rpc, Prometheus gets the same.
 STATS = {"batches": 0, "sparse_tokens": 0, "dense_decode_tokens": 0, "blocks_read": 0, "blocks_total": 0}
+# params.measure_agreement (benchmarks, CPU path): blocks the selection picked (sink / window excluded) that
+# single-level Quest and the oracle (most softmax mass) picked too, out of theirs; and Quest vs the oracle.
+AGREEMENT = {"vs_quest_hits": 0, "vs_quest_total": 0, "vs_oracle_hits": 0, "vs_oracle_total": 0,
+             "quest_vs_oracle_hits": 0, "quest_vs_oracle_total": 0}
 # Layers whose runner allocated block summaries (not reset by stats_reset): proof that the retrieval impl, not
 # the dense one, is writing summaries in this process; and what they cost on top of vLLM's KV cache.
 SUMMARIES = {"layers": 0, "bytes": 0, "kv_bytes": 0}
@@ -30,7 +35,7 @@ SUMMARIES = {"layers": 0, "bytes": 0, "kv_bytes": 0}
 def stats_snapshot(_worker: Any = None) -> dict[str, int]:
     with _stats_lock:
         return dict(STATS, summary_layers=SUMMARIES["layers"], summary_bytes=SUMMARIES["bytes"],
-                    kv_cache_bytes=SUMMARIES["kv_bytes"], **memory.snapshot())
+                    kv_cache_bytes=SUMMARIES["kv_bytes"], agreement=dict(AGREEMENT), **memory.snapshot())
 
 
 def record_batch(plan: RetrievalPlan | None, decode_tokens: int) -> None:
@@ -62,9 +67,11 @@ def record_counts(sparse: int, dense: int, read: int, total: int) -> None:
 class RetrievalDecodeRunner:
     """Lives in one attention impl (one layer): owns that layer's block summaries."""
 
-    def __init__(self, impl: Any) -> None:
+    def __init__(self, impl: Any, group_blocks: int = 1) -> None:
         self.impl = impl
         self.summaries: BlockSummaries | None = None
+        # Two-level selection on CUDA keeps group summaries beside the block summaries (twice the bytes).
+        self.group_summaries = group_blocks > 1
         self.layer_idx: int | None = None
         # Built while the engine's config is current (model construction): what the memory reservation needs.
         self._vllm_config = vllm_compat.current_vllm_config()
@@ -86,7 +93,13 @@ class RetrievalDecodeRunner:
         ratio = memory.summary_bytes_per_kv_byte(int(cfg.cache_config.block_size or 16),
                                                  torch.empty((), dtype=kv_dtype).element_size(),
                                                  torch.empty((), dtype=summary_dtype).element_size())
+        if self._groups_on(torch.device(device)):
+            ratio *= 2
         memory.reserve(bound, explicit, ratio, device)
+
+    def _groups_on(self, device: torch.device) -> bool:
+        """Group summaries exist only where the Triton kernels score them (the CPU path derives them in torch)."""
+        return self.group_summaries and device.type == "cuda"
 
     def _layer_index(self, layer: Any) -> int:
         if self.layer_idx is None:
@@ -96,13 +109,11 @@ class RetrievalDecodeRunner:
     def _dense_rows(self, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, plan: Any,
                     output: torch.Tensor) -> torch.Tensor:
         """The retrieval rows of a dense layer: the same kernels reading every block (fixed shapes)."""
-        import dataclasses
-
         if query.is_cuda:
             from attention_backends.retrieval_decode import triton_kernels
 
             key_cache, value_cache = vllm_compat.paged_kv_views(kv_cache, layer)
-            dense = dataclasses.replace(plan.params, min_context_tokens=1 << 62)
+            dense = dataclasses.replace(plan.params, min_context_tokens=1 << 62, group_blocks=1)
             width = plan.block_table.shape[1]
             if isinstance(plan, DecodeGraphPlan):
                 n = plan.seq_lens.shape[0]
@@ -150,16 +161,18 @@ class RetrievalDecodeRunner:
                                    "summaries must be allocated in an eager warm-up step")
             dtype = _summary_dtype(kv_cache.dtype, kv_cache.is_cuda)
             fresh = self.summaries is None
-            storage = memory.carve(BlockSummaries.nbytes(nb, hkv, d, dtype)) if fresh else None
+            groups = self._groups_on(kv_cache.device)
+            storage = memory.carve(BlockSummaries.nbytes(nb, hkv, d, dtype, groups)) if fresh else None
             if fresh and storage is None and memory.current() is not None:
                 log.warning("retrieval decode: the reserved summary memory is used up; layer %s allocates its "
                             "summaries outside vLLM's KV budget", getattr(self.impl, "layer_name", "?"))
             if storage is not None and storage.device != kv_cache.device:
                 storage = None
-            self.summaries = BlockSummaries.allocate(nb, hkv, d, bs, dtype, kv_cache.device, storage=storage)
+            self.summaries = BlockSummaries.allocate(nb, hkv, d, bs, dtype, kv_cache.device, storage=storage,
+                                                     groups=groups)
             with _stats_lock:
                 SUMMARIES["layers"] += fresh
-                SUMMARIES["bytes"] += 2 * self.summaries.kmin.numel() * self.summaries.kmin.element_size() * fresh
+                SUMMARIES["bytes"] += BlockSummaries.nbytes(nb, hkv, d, dtype, groups) * fresh
                 SUMMARIES["kv_bytes"] += kv_cache.numel() * kv_cache.element_size() * fresh
         self.summaries.update(key, slot_mapping)
 
@@ -193,21 +206,64 @@ class RetrievalDecodeRunner:
             if key_cache.shape[2] != p.block_size:  # block tables would index kernel blocks of another size
                 raise RuntimeError(f"retrieval decode: KV cache blocks hold {key_cache.shape[2]} tokens but the "
                                    f"KV-cache spec says {p.block_size} (kernel block size != manager block size)")
+            if p.group_blocks > 1 and self.summaries.gmin is None:
+                raise RuntimeError("retrieval decode: group_blocks > 1 needs group summaries, allocated when "
+                                   "retrieval_decode.group_blocks > 1 is configured at startup")
             if isinstance(plan, DecodeGraphPlan):  # whole pure-decode batch, written in place (CUDA graphs)
                 n = plan.seq_lens.shape[0]
                 triton_kernels.retrieval_decode(query[:n], key_cache, value_cache, kmin, kmax, plan.block_table,
-                                                plan.seq_lens, p, plan.k, self.impl.scale, out=output[:n])
+                                                plan.seq_lens, p, plan.k, self.impl.scale, out=output[:n],
+                                                summ=self.summaries)
             else:
                 output[plan.rows] = triton_kernels.retrieval_decode(
                     query[plan.rows], key_cache, value_cache, kmin, kmax, plan.block_table, plan.seq_lens, p, plan.k,
-                    self.impl.scale)
+                    self.impl.scale, summ=self.summaries)
             return output
         q = query[plan.rows]
-        sel = select_for_queries(q, kmin, kmax, plan.block_table, plan.num_blocks, plan.budget_blocks, plan.k,
-                                 p.sink_blocks, p.recent_blocks, p.gqa_reduce)
+        sel = select_for_plan(q, kmin, kmax, plan, p)
+        if p.measure_agreement:
+            self._record_agreement(layer, q, kv_cache, plan, sel)
         phys = torch.gather(plan.block_table.long().unsqueeze(1).expand(-1, kmin.shape[1], -1), 2, sel.blocks)
         output[plan.rows] = cpu_kernel.cpu_head_decode(self.impl, layer, q, kv_cache, phys, plan.extra["cpu"])
         return output
+
+
+    def _record_agreement(self, layer: Any, q: torch.Tensor, kv_cache: torch.Tensor, plan: RetrievalPlan,
+                          sel: Selection) -> None:
+        p = plan.params
+        kmin, kmax = self.summaries.kmin, self.summaries.kmax
+        key_cache, _ = vllm_compat.paged_kv_views(kv_cache, layer)
+        width = plan.block_table.shape[1]
+        quest = select_for_plan(q, kmin, kmax, plan, dataclasses.replace(p, group_blocks=1))
+        oracle = analysis.selected_blocks("oracle_mass", q, key_cache, kmin, kmax, plan.block_table, plan.seq_lens,
+                                          plan.budget_blocks, p.sink_blocks, p.recent_blocks, p.gqa_reduce,
+                                          self.impl.scale)[:, :, 0]
+        blk = torch.arange(width, device=q.device).view(1, 1, width)
+        nb = plan.num_blocks.view(-1, 1, 1)
+        forced = (blk < p.sink_blocks) | (blk >= nb - p.recent_blocks)
+        mine, theirs = selection_mask(sel, width), selection_mask(quest, width)
+        counts = {"vs_quest": analysis.block_agreement(mine, theirs, forced),
+                  "vs_oracle": analysis.block_agreement(mine, oracle, forced),
+                  "quest_vs_oracle": analysis.block_agreement(theirs, oracle, forced)}
+        with _stats_lock:
+            for name, (hits, total) in counts.items():
+                AGREEMENT[f"{name}_hits"] += hits
+                AGREEMENT[f"{name}_total"] += total
+
+
+def select_for_plan(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, plan: RetrievalPlan,
+                    p: planner.RetrievalParams) -> Selection:
+    """The production selection in torch (CPU path; the Triton kernels' reference), single- or two-level."""
+    groups = p.candidate_groups(plan.budget_blocks) if p.group_blocks > 1 else None
+    return select_for_queries(q, kmin, kmax, plan.block_table, plan.num_blocks, plan.budget_blocks, plan.k,
+                              p.sink_blocks, p.recent_blocks, p.gqa_reduce, p.group_blocks, groups)
+
+
+def selection_mask(sel: Selection, width: int) -> torch.Tensor:
+    """[N, Hkv, width] bool: the blocks a Selection reads."""
+    n, h, _ = sel.blocks.shape
+    hits = torch.zeros(n, h, width, dtype=torch.int32, device=sel.blocks.device)
+    return hits.scatter_add_(-1, sel.blocks, sel.valid.to(torch.int32)) > 0
 
 
 def _kv_dtype(vllm_config: Any) -> torch.dtype:
@@ -229,3 +285,5 @@ def stats_reset(_worker: Any = None) -> None:
     with _stats_lock:
         for key in STATS:
             STATS[key] = 0
+        for key in AGREEMENT:
+            AGREEMENT[key] = 0

@@ -75,12 +75,52 @@ def gather_summaries(kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.
     return kmin[idx], kmax[idx]
 
 
+def group_summaries(smin: torch.Tensor, smax: torch.Tensor, group_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, B, Hkv, D] block summaries -> [N, ceil(B / g), Hkv, D]: each group's min / max over its g blocks."""
+    N, B, H, D = smin.shape
+    pad = (-B) % group_blocks
+    if pad:
+        smin = torch.cat([smin, smin.new_full((N, pad, H, D), float("inf"))], dim=1)
+        smax = torch.cat([smax, smax.new_full((N, pad, H, D), float("-inf"))], dim=1)
+    return (smin.view(N, -1, group_blocks, H, D).amin(2), smax.view(N, -1, group_blocks, H, D).amax(2))
+
+
+def candidate_blocks(group_scores: torch.Tensor, num_blocks: torch.Tensor, num_groups: torch.Tensor, group_blocks: int,
+                     sink_blocks: int, recent_blocks: int, B: int) -> torch.Tensor:
+    """Two-level, coarse pass: [N, Hkv, NG] group scores and [N] groups to keep -> [N, Hkv, B] bool, the blocks of
+    the kept groups (groups holding a sink or recent block are forced in, as blocks are)."""
+    N, H, NG = group_scores.shape
+    g = torch.arange(NG, device=group_scores.device).view(1, 1, NG)
+    nb = num_blocks.view(N, 1, 1)
+    ng = (nb + group_blocks - 1) // group_blocks
+    forced = (g * group_blocks < sink_blocks) | ((g + 1) * group_blocks - 1 >= nb - recent_blocks)
+    s = torch.where(forced, torch.full_like(group_scores, FORCED), group_scores)
+    s = torch.where(g < ng, s, torch.full_like(s, INVALID))
+    kc = int(min(NG, int(num_groups.max())))
+    top_s, top_g = torch.topk(s, kc, dim=-1)
+    keep = (torch.arange(kc, device=s.device).view(1, 1, kc) < num_groups.view(N, 1, 1)) & (top_s > INVALID)
+    kept = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top_g, keep)
+    return kept.repeat_interleave(group_blocks, dim=-1)[..., :B]
+
+
 def select_for_queries(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
                        num_blocks: torch.Tensor, budget_blocks: torch.Tensor, k: int, sink_blocks: int,
-                       recent_blocks: int, gqa_reduce: str = "max") -> Selection:
-    """q [N, Hq, D] decode queries -> Selection. kmin/kmax: the layer's summaries [num_blocks+1, Hkv, D]."""
+                       recent_blocks: int, gqa_reduce: str = "max", group_blocks: int = 1,
+                       candidate_groups: torch.Tensor | None = None) -> Selection:
+    """q [N, Hq, D] decode queries -> Selection. kmin/kmax: the layer's summaries [num_blocks+1, Hkv, D].
+    ``group_blocks`` > 1: two-level (the torch reference of the kernel's): groups of that many blocks scored by
+    their group min/max first, the ``candidate_groups`` [N] best (``RetrievalParams.candidate_groups``) kept, and
+    the budget picked among their blocks by the block bounds (exactly the budget, as single-level)."""
     N, Hq, D = q.shape
     Hkv = kmin.shape[1]
     smin, smax = gather_summaries(kmin, kmax, block_table)
-    scores = quest_scores(q.view(N, Hkv, Hq // Hkv, D), smin, smax, gqa_reduce)
+    qg = q.view(N, Hkv, Hq // Hkv, D)
+    scores = quest_scores(qg, smin, smax, gqa_reduce)
+    if group_blocks > 1:
+        if candidate_groups is None:
+            raise ValueError("two-level selection needs candidate_groups")
+        gscores = quest_scores(qg, *group_summaries(smin, smax, group_blocks), gqa_reduce)
+        cand = candidate_blocks(gscores, num_blocks, candidate_groups, group_blocks, sink_blocks, recent_blocks,
+                                scores.shape[-1])
+        scores = torch.where(cand, scores, torch.full_like(scores, INVALID))
     return select_blocks(scores, num_blocks, budget_blocks, k, sink_blocks, recent_blocks)

@@ -19,32 +19,41 @@ import torch
 
 @dataclass
 class BlockSummaries:
-    """``kmin``/``kmax``: [num_blocks + 1, kv_heads, head_dim]; the last row absorbs padded tokens."""
+    """``kmin``/``kmax``: [num_blocks + 1, kv_heads, head_dim]; the last row absorbs padded tokens.
+
+    Two-level selection (CUDA) adds ``gmin``/``gmax`` of the same shape: the summary of a *group* of consecutive
+    logical blocks, stored in the row of the group's last block (a full block is shared through the prefix cache
+    only with its whole prefix, so that block identifies the group). The scoring kernel fills a row the first time
+    it scores the complete group (min / max of its blocks' summaries); a write at offset 0 of a block (it was
+    (re)allocated) empties its row, and ``refresh_blocks_`` empties them all."""
 
     kmin: torch.Tensor
     kmax: torch.Tensor
     block_size: int
+    gmin: torch.Tensor | None = None
+    gmax: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, num_blocks: int, kv_heads: int, head_dim: int, block_size: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 storage: torch.Tensor | None = None) -> "BlockSummaries":
-        """``storage``: optional uint8 bytes (``nbytes(...)`` of them, on ``device``) to build the tensors in."""
+                 storage: torch.Tensor | None = None, groups: bool = False) -> "BlockSummaries":
+        """``storage``: optional uint8 bytes (``nbytes(...)`` of them, on ``device``) to build the tensors in;
+        ``groups``: also the group summaries of two-level selection."""
         shape = (num_blocks + 1, kv_heads, head_dim)
+        parts = 4 if groups else 2
         if storage is None:
-            kmin = torch.empty(shape, dtype=dtype, device=device)
-            kmax = torch.empty(shape, dtype=dtype, device=device)
+            all_ = torch.empty((parts, *shape), dtype=dtype, device=device)
         else:
-            both = storage.view(dtype).view(2, *shape)
-            kmin, kmax = both[0], both[1]
+            all_ = storage.view(dtype).view(parts, *shape)
         # An empty block bounds nothing: min=+inf, max=-inf makes its Quest score -inf until written.
-        kmin.fill_(float("inf"))
-        kmax.fill_(float("-inf"))
-        return cls(kmin, kmax, block_size)
+        all_[0::2].fill_(float("inf"))
+        all_[1::2].fill_(float("-inf"))
+        g = (all_[2], all_[3]) if groups else (None, None)
+        return cls(all_[0], all_[1], block_size, *g)
 
     @staticmethod
-    def nbytes(num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * (num_blocks + 1) * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def nbytes(num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype, groups: bool = False) -> int:
+        return (4 if groups else 2) * (num_blocks + 1) * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     @property
     def num_blocks(self) -> int:
@@ -58,16 +67,26 @@ class BlockSummaries:
         if key.is_cuda:  # one Triton launch per layer instead of ~12 small torch kernels (decode-step latency)
             from attention_backends.retrieval_decode import triton_kernels
 
-            triton_kernels.update_summaries(self.kmin, self.kmax, key, slot_mapping, self.block_size)
+            triton_kernels.update_summaries(self.kmin, self.kmax, key, slot_mapping, self.block_size, self.gmax)
         else:
-            update_summaries_(self.kmin, self.kmax, key, slot_mapping, self.block_size)
+            update_summaries_(self.kmin, self.kmax, key, slot_mapping, self.block_size, self.gmax)
+
+    def refresh(self, key_cache: torch.Tensor, block_ids: torch.Tensor,
+                tokens_in_block: torch.Tensor | None = None) -> None:
+        """``refresh_blocks_`` on these summaries; every group row is emptied (refilled at the next scoring):
+        a refreshed block may sit anywhere in a group, and the group's row is keyed by its last block."""
+        refresh_blocks_(self.kmin, self.kmax, key_cache, block_ids, tokens_in_block)
+        if self.gmax is not None:
+            self.gmin.fill_(float("inf"))
+            self.gmax.fill_(float("-inf"))
 
 
 def update_summaries_(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor,
-                      block_size: int) -> None:
+                      block_size: int, gmax: torch.Tensor | None = None) -> None:
     """Fold ``key`` [T, kv_heads, head_dim] written at ``slot_mapping`` [T] into the summaries in place.
 
     ``slot_mapping`` may be shorter than ``key`` (vLLM pads the token dim) and may hold -1 for padding.
+    ``gmax``: group summaries (two-level), whose rows of (re)allocated blocks are emptied.
     """
     n = slot_mapping.shape[0]
     key = key[:n]
@@ -79,6 +98,8 @@ def update_summaries_(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor,
     # Reset (re)allocated blocks before folding in this step's keys, so stale keys of a freed block vanish.
     kmin.index_fill_(0, fresh, float("inf"))
     kmax.index_fill_(0, fresh, float("-inf"))
+    if gmax is not None:  # a group keyed by a (re)allocated block is stale: empty means "refill when scored"
+        gmax.index_fill_(0, fresh, float("-inf"))
     idx = blocks.view(-1, 1, 1).expand_as(key)
     k = key.to(kmin.dtype)
     kmin.scatter_reduce_(0, idx, k, reduce="amin", include_self=True)

@@ -52,6 +52,14 @@ def _budget_blocks(seq_len, nb, BLOCK_SIZE: tl.constexpr, BUDGET_TOKENS: tl.cons
 
 
 @triton.jit
+def _row(pid_nh, SEQ_LENS, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """(sequence, kv-head, seq_len, blocks) of a program over (sequence, kv-head) rows."""
+    n = pid_nh // NUM_KV_HEADS
+    seq_len = tl.load(SEQ_LENS + n).to(tl.int64)
+    return n, pid_nh % NUM_KV_HEADS, seq_len, (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+
+@triton.jit
 def _masked_score_kernel(
     Q, KMIN, KMAX, TABLE, SEQ_LENS, SCORES,
     stride_qn, stride_qh, stride_sb, stride_sh, stride_tn, stride_on, stride_oh,
@@ -61,10 +69,7 @@ def _masked_score_kernel(
 ):
     pid_nh = tl.program_id(0)
     tile = tl.program_id(1)
-    n = pid_nh // NUM_KV_HEADS
-    h = pid_nh % NUM_KV_HEADS
-    seq_len = tl.load(SEQ_LENS + n).to(tl.int64)
-    nb = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+    n, h, seq_len, nb = _row(pid_nh, SEQ_LENS, NUM_KV_HEADS, BLOCK_SIZE)
     if tile * TILE < nb:  # the selection reads columns < nb only: tiles past them read and write nothing
         b = tile * TILE + tl.arange(0, TILE)
         in_seq = b < nb
@@ -79,29 +84,37 @@ def _masked_score_kernel(
         kmin = tl.load(KMIN + s_ptrs, mask=need[:, None], other=0.0)
         kmax = tl.load(KMAX + s_ptrs, mask=need[:, None], other=0.0)
         empty = tl.max(kmax.to(tl.float32), axis=1) == float("-inf")  # never written (e.g. loaded behind our back)
-        kmin = tl.where(kmin == float("inf"), 0.0, kmin).to(KMIN.dtype.element_ty)
-        kmax = tl.where(kmax == float("-inf"), 0.0, kmax).to(KMAX.dtype.element_ty)
-        if DOT_FP32:
-            qf = q.to(tl.float32)
-            pos = tl.maximum(qf, 0.0)
-            neg = tl.minimum(qf, 0.0)
-            s = tl.dot(pos, tl.trans(kmax.to(tl.float32)), input_precision="ieee") \
-                + tl.dot(neg, tl.trans(kmin.to(tl.float32)), input_precision="ieee")
-        else:
-            # 16-bit summaries and queries: products are exact in the fp32 accumulator, so tensor cores give the
-            # same bound as an fp32 dot at a fraction of the cost (GROUP is padded to 16 rows for tl.dot).
-            qs = q.to(kmax.dtype)
-            pos = tl.maximum(qs, 0.0).to(kmax.dtype)
-            neg = tl.minimum(qs, 0.0).to(kmax.dtype)
-            s = tl.dot(pos, tl.trans(kmax)) + tl.dot(neg, tl.trans(kmin))
-        live_g = (g < GROUP)[:, None]
-        if REDUCE_MAX:
-            r = tl.max(tl.where(live_g, s, float("-inf")), axis=0)
-        else:
-            r = tl.sum(tl.where(live_g, s, 0.0), axis=0)
+        r = _quest_bound(q, kmin, kmax, g, GROUP, REDUCE_MAX, DOT_FP32)
         r = tl.where(empty, -1e30, r)
         r = tl.where(forced, float("inf"), r)
         tl.store(SCORES + n * stride_on + h * stride_oh + b, r, mask=in_seq)
+
+
+@triton.jit
+def _quest_bound(q, kmin, kmax, g, GROUP: tl.constexpr, REDUCE_MAX: tl.constexpr, DOT_FP32: tl.constexpr):
+    """[T] group-reduced Quest bounds of T summaries (kmin/kmax [T, D], +-inf of unwritten ones as loaded)
+    for the query rows q [GROUP_PAD, D] (rows g >= GROUP are padding)."""
+    kmin = tl.where(kmin == float("inf"), 0.0, kmin).to(kmin.dtype)
+    kmax = tl.where(kmax == float("-inf"), 0.0, kmax).to(kmax.dtype)
+    if DOT_FP32:
+        qf = q.to(tl.float32)
+        pos = tl.maximum(qf, 0.0)
+        neg = tl.minimum(qf, 0.0)
+        s = tl.dot(pos, tl.trans(kmax.to(tl.float32)), input_precision="ieee") \
+            + tl.dot(neg, tl.trans(kmin.to(tl.float32)), input_precision="ieee")
+    else:
+        # 16-bit summaries and queries: products are exact in the fp32 accumulator, so tensor cores give the
+        # same bound as an fp32 dot at a fraction of the cost (GROUP is padded to 16 rows for tl.dot).
+        qs = q.to(kmax.dtype)
+        pos = tl.maximum(qs, 0.0).to(kmax.dtype)
+        neg = tl.minimum(qs, 0.0).to(kmax.dtype)
+        s = tl.dot(pos, tl.trans(kmax)) + tl.dot(neg, tl.trans(kmin))
+    live_g = (g < GROUP)[:, None]
+    if REDUCE_MAX:
+        r = tl.max(tl.where(live_g, s, float("-inf")), axis=0)
+    else:
+        r = tl.sum(tl.where(live_g, s, 0.0), axis=0)
+    return r
 
 
 @triton.jit
@@ -116,7 +129,7 @@ def _select_kernel(
     SCORES, SEQ_LENS, TOP_IDX, stride_sn, stride_sh,
     NUM_KV_HEADS: tl.constexpr, WIDTH_PAD: tl.constexpr, NUM_SEL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BUDGET_TOKENS: tl.constexpr, FRACTION: tl.constexpr, MIN_BLOCKS: tl.constexpr, MIN_CONTEXT: tl.constexpr,
-    EARLY_EXIT: tl.constexpr,
+    EARLY_EXIT: tl.constexpr, RADIX: tl.constexpr = False,
 ):
     pid_nh = tl.program_id(0)
     n = pid_nh // NUM_KV_HEADS
@@ -128,12 +141,65 @@ def _select_kernel(
     b = tl.arange(0, WIDTH_PAD)
     valid = b < nb
     x = tl.load(SCORES + n * stride_sn + h * stride_sh + b, mask=valid, other=float("-inf"))
-    key = _order_key(x)
+    take, slot = _take_best(_order_key(x), valid, budget, WIDTH_PAD, EARLY_EXIT, RADIX)
+    tl.store(TOP_IDX + pid_nh * NUM_SEL + slot, b.to(tl.int32), mask=take & (slot < NUM_SEL))
+
+
+@triton.jit
+def _take_best(key, valid, budget, WIDTH_PAD: tl.constexpr, EARLY_EXIT: tl.constexpr, RADIX: tl.constexpr):
+    """The ``budget`` largest of the valid keys [WIDTH_PAD] (ties at the threshold: lowest columns first), and
+    each taken column's rank in column order: (take [WIDTH_PAD] bool, slot [WIDTH_PAD] int32). The threshold
+    (the budget-th largest key) by bisection, or RADIX: by 4 histogram passes over 8-bit digits."""
+    if RADIX:
+        t = _radix_threshold(key, valid, budget)
+    else:
+        t = _bisect_threshold(key, valid, budget, EARLY_EXIT)
+    above = (valid & (key > t)).to(tl.int32)
+    at = (valid & (key == t)).to(tl.int32)
+    need = budget - tl.sum(above, axis=0)  # ties at t to take, lowest blocks first
+    # One scan counts both: blocks above t (fewer than budget <= NUM_SEL < 2**16) in the low 16 bits, ties at t
+    # before each column in the high bits (int64 once a row could hold 2**15 ties).
+    packed = above + (at << 16)
+    if WIDTH_PAD > 16384:
+        packed = packed.to(tl.int64)
+    c = tl.cumsum(packed, axis=0)
+    above_before = (c & 0xFFFF) - above
+    at_before = (c >> 16) - at
+    take = (above > 0) | ((at > 0) & (at_before < need))
+    slot = above_before + tl.minimum(at_before, need).to(tl.int32)
+    return take, slot
+
+
+@triton.jit
+def _radix_threshold(key, valid, budget):
+    """The budget-th largest valid int32 key (budget >= 1 and <= the valid count; else any key), most significant
+    8-bit digit first: each pass histograms the digit of the keys that still match the prefix so far and keeps
+    the largest digit whose suffix count still reaches what is left of the budget. 4 passes instead of up to 32
+    dependent halvings."""
+    ukey = (key ^ -2147483648).to(tl.uint32, bitcast=True)  # signed order -> unsigned order
+    match = valid
+    left = budget
+    digits = tl.arange(0, 256)
+    t = (budget * 0).to(tl.uint32)
+    for p in tl.static_range(4):
+        shift: tl.constexpr = 24 - 8 * p
+        digit = ((ukey >> shift) & 255).to(tl.int32)
+        hist = tl.histogram(digit, 256, mask=match)
+        suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # matching keys with digit >= j
+        j = tl.maximum(tl.max(tl.where(suffix >= left, digits, -1), axis=0), 0)
+        left = left - tl.sum(tl.where(digits > j, hist, 0), axis=0)
+        match = match & (digit == j)
+        t = t | (j.to(tl.uint32) << shift)
+    return t.to(tl.int32, bitcast=True) ^ -2147483648
+
+
+@triton.jit
+def _bisect_threshold(key, valid, budget, EARLY_EXIT: tl.constexpr):
     # A t with #{key >= t} == budget, else the largest t with #{key >= t} >= budget (the budget-th largest key,
     # then ties at t fill up): invariant count(lo) >= budget (lo starts below every key) and count(hi) < budget
     # (hi above every key); at most 32 halvings of the int32 range.
-    lo = seq_len * 0 - 2147483648
-    hi = seq_len * 0 + 2147483648
+    lo = budget.to(tl.int64) * 0 - 2147483648
+    hi = budget.to(tl.int64) * 0 + 2147483648
     cnt_lo = tl.sum(valid.to(tl.int32), axis=0)
     for _ in range(32):
         if EARLY_EXIT:
@@ -153,21 +219,146 @@ def _select_kernel(
             ok = cnt >= budget
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid)
-    t = lo.to(tl.int32)
-    above = (valid & (key > t)).to(tl.int32)
-    at = (valid & (key == t)).to(tl.int32)
-    need = budget - tl.sum(above, axis=0)  # ties at t to take, lowest blocks first
-    # One scan counts both: blocks above t (fewer than budget <= NUM_SEL < 2**16) in the low 16 bits, ties at t
-    # before each column in the high bits (int64 once a row could hold 2**15 ties).
-    packed = above + (at << 16)
-    if WIDTH_PAD > 16384:
-        packed = packed.to(tl.int64)
-    c = tl.cumsum(packed, axis=0)
-    above_before = (c & 0xFFFF) - above
-    at_before = (c >> 16) - at
-    take = (above > 0) | ((at > 0) & (at_before < need))
-    slot = above_before + tl.minimum(at_before, need).to(tl.int32)
-    tl.store(TOP_IDX + pid_nh * NUM_SEL + slot, b.to(tl.int32), mask=take & (slot < NUM_SEL))
+    return lo.to(tl.int32)
+
+
+# --- two-level selection: group scores (with the lazy group summaries and, optionally, this step's summary
+# update folded in), then one program per (sequence, kv-head) picks the candidate groups and the budget of blocks.
+
+@triton.jit
+def _group_score_kernel(
+    Q, KMIN, KMAX, GMIN, GMAX, TABLE, SEQ_LENS, SCORES, KEY, SLOTS,
+    stride_qn, stride_qh, stride_sb, stride_sh, stride_tn, stride_on, stride_oh, stride_kn, stride_kh,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    TILE: tl.constexpr, REDUCE_MAX: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP_BLOCKS: tl.constexpr,
+    SINK_BLOCKS: tl.constexpr, RECENT_BLOCKS: tl.constexpr, MIN_CONTEXT: tl.constexpr, DOT_FP32: tl.constexpr,
+    FUSE_UPDATE: tl.constexpr,
+):
+    """Per (sequence, kv-head, tile of groups): the Quest bound of each group's summary (+inf for groups holding a
+    sink or recent block). A complete group whose row is empty gets it filled from its blocks' summaries first.
+    FUSE_UPDATE: tile 0 also folds this decode step's key of the sequence (KEY row n, slot SLOTS[n]) into its
+    block's summary, the work of ``update_summaries`` for one token per sequence; that block is the current one,
+    always forced, so no other tile reads it."""
+    pid_nh = tl.program_id(0)
+    tile = tl.program_id(1)
+    n, h, seq_len, nb = _row(pid_nh, SEQ_LENS, NUM_KV_HEADS, BLOCK_SIZE)
+    ng = (nb + GROUP_BLOCKS - 1) // GROUP_BLOCKS
+    d = tl.arange(0, HEAD_DIM)
+    if FUSE_UPDATE:
+        slot = tl.load(SLOTS + n).to(tl.int64)
+        if (tile == 0) & (slot >= 0):
+            u_ptrs = (slot // BLOCK_SIZE) * stride_sb + h * stride_sh + d
+            k_new = tl.load(KEY + n * stride_kn + h * stride_kh + d).to(tl.float32)
+            fresh = slot % BLOCK_SIZE == 0
+            old_min = tl.load(KMIN + u_ptrs).to(tl.float32)
+            old_max = tl.load(KMAX + u_ptrs).to(tl.float32)
+            tl.store(KMIN + u_ptrs, tl.where(fresh, k_new, tl.minimum(old_min, k_new)).to(KMIN.dtype.element_ty))
+            tl.store(KMAX + u_ptrs, tl.where(fresh, k_new, tl.maximum(old_max, k_new)).to(KMAX.dtype.element_ty))
+            if fresh:  # the group keyed by a (re)allocated block is stale: empty it
+                tl.store(GMAX + u_ptrs, tl.full([HEAD_DIM], float("-inf"), tl.float32).to(GMAX.dtype.element_ty))
+    if tile * TILE < ng:
+        gi = tile * TILE + tl.arange(0, TILE)
+        in_seq = gi < ng
+        first = gi * GROUP_BLOCKS
+        last = first + GROUP_BLOCKS - 1
+        forced = (first < SINK_BLOCKS) | (last >= nb - RECENT_BLOCKS) | (seq_len < MIN_CONTEXT)
+        need = in_seq & (forced == 0)  # complete groups: the last (partial) group always holds a recent block
+        g = tl.arange(0, GROUP_PAD)
+        q = tl.load(Q + n * stride_qn + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
+                    mask=(g < GROUP)[:, None], other=0.0)
+        phys_last = tl.load(TABLE + n * stride_tn + last, mask=need, other=0).to(tl.int64)
+        g_ptrs = phys_last[:, None] * stride_sb + h * stride_sh + d[None, :]
+        gmin = tl.load(GMIN + g_ptrs, mask=need[:, None], other=0.0)
+        gmax = tl.load(GMAX + g_ptrs, mask=need[:, None], other=0.0)
+        stale = need & (tl.max(gmax.to(tl.float32), axis=1) == float("-inf"))
+        # Fill empty rows from the blocks' summaries (masked lanes move no bytes: nothing to pay once filled).
+        mn = tl.full([TILE, HEAD_DIM], float("inf"), tl.float32)
+        mx = tl.full([TILE, HEAD_DIM], float("-inf"), tl.float32)
+        for j in tl.static_range(GROUP_BLOCKS):
+            pj = tl.load(TABLE + n * stride_tn + first + j, mask=stale, other=0).to(tl.int64)
+            b_ptrs = pj[:, None] * stride_sb + h * stride_sh + d[None, :]
+            mn = tl.minimum(mn, tl.load(KMIN + b_ptrs, mask=stale[:, None], other=float("inf")).to(tl.float32))
+            mx = tl.maximum(mx, tl.load(KMAX + b_ptrs, mask=stale[:, None], other=float("-inf")).to(tl.float32))
+        tl.store(GMIN + g_ptrs, mn.to(GMIN.dtype.element_ty), mask=stale[:, None])
+        tl.store(GMAX + g_ptrs, mx.to(GMAX.dtype.element_ty), mask=stale[:, None])
+        gmin = tl.where(stale[:, None], mn.to(GMIN.dtype.element_ty), gmin)
+        gmax = tl.where(stale[:, None], mx.to(GMAX.dtype.element_ty), gmax)
+        empty = tl.max(gmax.to(tl.float32), axis=1) == float("-inf")
+        r = _quest_bound(q, gmin, gmax, g, GROUP, REDUCE_MAX, DOT_FP32)
+        r = tl.where(empty, -1e30, r)
+        r = tl.where(forced, float("inf"), r)
+        tl.store(SCORES + n * stride_on + h * stride_oh + gi, r, mask=in_seq)
+
+
+@triton.jit
+def _refine_select_kernel(
+    Q, KMIN, KMAX, TABLE, SEQ_LENS, GSCORES, CAND, FINE, TOP_IDX,
+    stride_qn, stride_qh, stride_sb, stride_sh, stride_tn, stride_gn, stride_gh,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    REDUCE_MAX: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP_BLOCKS: tl.constexpr, REFINE: tl.constexpr,
+    FORCED_GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, CAND_PAD: tl.constexpr, FINE_TILE: tl.constexpr,
+    NUM_SEL: tl.constexpr, BUDGET_TOKENS: tl.constexpr, FRACTION: tl.constexpr, SINK_BLOCKS: tl.constexpr,
+    RECENT_BLOCKS: tl.constexpr, MIN_CONTEXT: tl.constexpr, DOT_FP32: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    RADIX: tl.constexpr,
+):
+    """One program per (sequence, kv-head): the candidate groups (forced ones + enough for REFINE x the budget,
+    best group scores first), each candidate block's Quest bound, and exactly the budget of blocks among them,
+    in ascending block order into slots [0, budget). Rows that read every block (below min_context, or a budget
+    covering the sequence) write blocks 0..nb-1."""
+    pid_nh = tl.program_id(0)
+    n, h, seq_len, nb = _row(pid_nh, SEQ_LENS, NUM_KV_HEADS, BLOCK_SIZE)
+    ng = (nb + GROUP_BLOCKS - 1) // GROUP_BLOCKS
+    budget = tl.minimum(_budget_blocks(seq_len, nb, BLOCK_SIZE, BUDGET_TOKENS, FRACTION, SINK_BLOCKS + RECENT_BLOCKS,
+                                       MIN_CONTEXT), NUM_SEL).to(tl.int32)
+    if budget >= nb:
+        for i in range(0, NUM_SEL, 1024):
+            b = i + tl.arange(0, 1024)
+            tl.store(TOP_IDX + pid_nh * NUM_SEL + b, b.to(tl.int32), mask=(b < nb) & (b < NUM_SEL))
+    else:
+        want = FORCED_GROUPS + tl.ceil(budget.to(tl.float32) * REFINE / GROUP_BLOCKS).to(tl.int32)
+        cgroups = tl.minimum(tl.minimum(want, ng.to(tl.int32)), CAND_PAD)  # (the host sizes CAND_PAD for want)
+        gi = tl.arange(0, GROUPS_PAD)
+        gvalid = gi < ng
+        x = tl.load(GSCORES + n * stride_gn + h * stride_gh + gi, mask=gvalid, other=float("-inf"))
+        take, slot = _take_best(_order_key(x), gvalid, cgroups, GROUPS_PAD, EARLY_EXIT, RADIX)
+        tl.store(CAND + pid_nh * CAND_PAD + slot, gi.to(tl.int32), mask=take & (slot < CAND_PAD))
+        tl.debug_barrier()  # the candidates (ascending group order) are read back by other threads
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + n * stride_qn + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
+                    mask=(g < GROUP)[:, None], other=0.0)
+        CAND_BLOCKS: tl.constexpr = CAND_PAD * GROUP_BLOCKS
+        for t0 in range(0, cgroups * GROUP_BLOCKS, FINE_TILE):  # this row's candidates only
+            c = t0 + tl.arange(0, FINE_TILE)
+            ci = c // GROUP_BLOCKS
+            live = ci < cgroups
+            # Loads in this loop are unmasked at clamped, always-valid indices (candidate slot 0, table column 0)
+            # and dead lanes are masked in the values, as in _topk_decode_kernel: masked loads feeding tl.dot in
+            # a loop broke Triton 3.6's layout passes on sm_90 there.
+            grp = tl.load(CAND + pid_nh * CAND_PAD + tl.where(live, ci, 0)).to(tl.int64)
+            logical = grp * GROUP_BLOCKS + c % GROUP_BLOCKS
+            in_seq = live & (logical < nb)
+            forced = (logical < SINK_BLOCKS) | (logical >= nb - RECENT_BLOCKS)
+            need = in_seq & (forced == 0)
+            phys = tl.load(TABLE + n * stride_tn + tl.where(need, logical, 0)).to(tl.int64)
+            s_ptrs = phys[:, None] * stride_sb + h * stride_sh + d[None, :]
+            kmin = tl.where(need[:, None], tl.load(KMIN + s_ptrs), 0.0).to(KMIN.dtype.element_ty)
+            kmax = tl.where(need[:, None], tl.load(KMAX + s_ptrs), 0.0).to(KMAX.dtype.element_ty)
+            empty = need & (tl.max(kmax.to(tl.float32), axis=1) == float("-inf"))
+            r = _quest_bound(q, kmin, kmax, g, GROUP, REDUCE_MAX, DOT_FP32)
+            r = tl.where(empty, -1e30, r)
+            r = tl.where(forced, float("inf"), r)
+            r = tl.where(in_seq, r, float("-inf"))
+            tl.store(FINE + pid_nh * CAND_BLOCKS + c, r)
+        tl.debug_barrier()
+        c = tl.arange(0, CAND_BLOCKS)
+        ci = c // GROUP_BLOCKS
+        grp = tl.load(CAND + pid_nh * CAND_PAD + ci, mask=ci < cgroups, other=0)
+        logical = grp * GROUP_BLOCKS + c % GROUP_BLOCKS
+        fvalid = (ci < cgroups) & (logical < nb)
+        x = tl.load(FINE + pid_nh * CAND_BLOCKS + c, mask=fvalid, other=float("-inf"))
+        take, slot = _take_best(_order_key(x), fvalid, budget, CAND_BLOCKS, EARLY_EXIT, RADIX)
+        tl.store(TOP_IDX + pid_nh * NUM_SEL + slot, logical.to(tl.int32), mask=take & (slot < NUM_SEL))
 
 
 @triton.jit
@@ -239,8 +430,8 @@ def _topk_decode_kernel(
 
 
 @triton.jit
-def _summary_update_kernel(KEY, SLOTS, KMIN, KMAX, num_tokens, stride_kt, stride_kh, stride_sb, stride_sh,
-                           BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _summary_update_kernel(KEY, SLOTS, KMIN, KMAX, GMAX, num_tokens, stride_kt, stride_kh, stride_sb, stride_sh,
+                           BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_GROUPS: tl.constexpr):
     """One program per (token, kv-head). A step's tokens of one block are one contiguous run of consecutive
     slots (a block belongs to one request; its tokens sit together in the batch), so the run's first token
     folds the whole run in (at most BLOCK_SIZE tokens) and the others do nothing: no atomics, no races. A run
@@ -268,20 +459,25 @@ def _summary_update_kernel(KEY, SLOTS, KMIN, KMAX, num_tokens, stride_kt, stride
         new_max = tl.where(fresh, new_max, tl.maximum(old_max, new_max))
         tl.store(KMIN + s_ptrs, new_min.to(KMIN.dtype.element_ty))
         tl.store(KMAX + s_ptrs, new_max.to(KMAX.dtype.element_ty))
+        if HAS_GROUPS:
+            if fresh:  # the group keyed by a (re)allocated block is stale: empty it (refilled when scored)
+                tl.store(GMAX + s_ptrs, tl.full([HEAD_DIM], float("-inf"), tl.float32).to(GMAX.dtype.element_ty))
 
 
 def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor,
-                     block_size: int) -> None:
+                     block_size: int, gmax: torch.Tensor | None = None) -> None:
     """``summaries.update_summaries_`` in one launch: key [T, Hkv, D] (T may exceed slot_mapping's length:
-    vLLM pads tokens), slot_mapping [n] with -1 for padding; summaries [num_blocks + 1, Hkv, D]."""
+    vLLM pads tokens), slot_mapping [n] with -1 for padding; summaries [num_blocks + 1, Hkv, D]; ``gmax``: the
+    group summaries of two-level selection (rows of (re)allocated blocks emptied)."""
     n = slot_mapping.shape[0]
     if n == 0:
         return
     if key.stride(-1) != 1:
         key = key.contiguous()
     hkv, d = kmin.shape[1], kmin.shape[2]
-    _summary_update_kernel[(n, hkv)](key, slot_mapping, kmin, kmax, n, key.stride(0), key.stride(1),
-                                     kmin.stride(0), kmin.stride(1), BLOCK_SIZE=block_size, HEAD_DIM=d)
+    _summary_update_kernel[(n, hkv)](key, slot_mapping, kmin, kmax, kmax if gmax is None else gmax, n,
+                                     key.stride(0), key.stride(1), kmin.stride(0), kmin.stride(1),
+                                     BLOCK_SIZE=block_size, HEAD_DIM=d, HAS_GROUPS=gmax is not None)
 
 
 @triton.jit
@@ -332,7 +528,7 @@ def score_blocks(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_
     B = block_table.shape[1]
     q = q.contiguous()
     scores = torch.empty(N, Hkv, B, dtype=torch.float32, device=q.device)
-    dot_fp32 = _INTERPRET or kmin.dtype not in (torch.bfloat16, torch.float16) or q.dtype != kmin.dtype
+    dot_fp32 = _dot_fp32(q, kmin)
     _masked_score_kernel[(N * Hkv, triton.cdiv(B, score_tile))](
         q, kmin, kmax, block_table, seq_lens, scores,
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), block_table.stride(0), scores.stride(0),
@@ -354,6 +550,7 @@ def select_top_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, params, k: i
         raise ValueError(f"select_top_blocks: {k} slots; at most 65535 (the packed scan's low field)")
     top_idx = torch.empty(N, Hkv, k, dtype=torch.int32, device=scores.device)
     width_pad = triton.next_power_of_2(B)
+    radix = params.select == "radix"  # (no early-exit fallback: the radix select has no data-dependent loop)
 
     def launch(early_exit: bool) -> None:
         _select_kernel[(N * Hkv,)](
@@ -361,10 +558,11 @@ def select_top_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, params, k: i
             NUM_KV_HEADS=Hkv, WIDTH_PAD=width_pad, NUM_SEL=k, BLOCK_SIZE=params.block_size,
             BUDGET_TOKENS=params.budget_tokens, FRACTION=float(params.budget_fraction),
             MIN_BLOCKS=params.sink_blocks + params.recent_blocks, MIN_CONTEXT=params.min_context_tokens,
-            EARLY_EXIT=early_exit, num_warps=max(4, min(8, width_pad // 1024)))  # H100, 8200 columns: 8 warps
+            EARLY_EXIT=early_exit, RADIX=radix,
+            num_warps=max(4, min(8, width_pad // 1024)))  # H100, 8200 columns: 8 warps
 
     global SELECT_EARLY_EXIT
-    if not SELECT_EARLY_EXIT:
+    if not SELECT_EARLY_EXIT or radix:
         launch(False)
         return top_idx
     try:
@@ -376,6 +574,77 @@ def select_top_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, params, k: i
         warnings.warn(f"retrieval decode: select kernel with early exit failed to compile ({exc!r:.300}); "
                       "using the fixed 32-halving bisection", RuntimeWarning, stacklevel=2)
         launch(False)
+    return top_idx
+
+
+def _dot_fp32(q: torch.Tensor, kmin: torch.Tensor) -> bool:
+    return _INTERPRET or kmin.dtype not in (torch.bfloat16, torch.float16) or q.dtype != kmin.dtype
+
+
+def score_groups(q: torch.Tensor, summ, block_table: torch.Tensor, seq_lens: torch.Tensor, params,
+                 score_tile: int = 64, fuse_key: torch.Tensor | None = None,
+                 fuse_slots: torch.Tensor | None = None) -> torch.Tensor:
+    """Two-level, coarse pass: [N, Hkv, ceil(B / group_blocks)] float32 group bounds (+inf forced); fills empty
+    group rows of ``summ`` (a summaries.BlockSummaries with group tensors). ``fuse_key`` [N, Hkv, D] /
+    ``fuse_slots`` [N]: this decode step's keys, folded into the block summaries in the same launch."""
+    if summ.gmin is None:
+        raise ValueError("two-level selection (group_blocks > 1) needs block summaries allocated with groups=True")
+    N, Hq, D = q.shape
+    Hkv = summ.kmin.shape[1]
+    gb = params.group_blocks
+    ngw = triton.cdiv(block_table.shape[1], gb)
+    q = q.contiguous()
+    scores = torch.empty(N, Hkv, ngw, dtype=torch.float32, device=q.device)
+    fuse = fuse_key is not None
+    if fuse and fuse_key.stride(-1) != 1:
+        fuse_key = fuse_key.contiguous()
+    key = fuse_key if fuse else q
+    slots = fuse_slots if fuse else seq_lens
+    _group_score_kernel[(N * Hkv, triton.cdiv(ngw, score_tile))](
+        q, summ.kmin, summ.kmax, summ.gmin, summ.gmax, block_table, seq_lens, scores, key, slots,
+        q.stride(0), q.stride(1), summ.kmin.stride(0), summ.kmin.stride(1), block_table.stride(0), scores.stride(0),
+        scores.stride(1), key.stride(0), key.stride(1),
+        NUM_KV_HEADS=Hkv, GROUP=Hq // Hkv, GROUP_PAD=max(16, triton.next_power_of_2(Hq // Hkv)), HEAD_DIM=D,
+        TILE=score_tile, REDUCE_MAX=params.gqa_reduce == "max", BLOCK_SIZE=params.block_size, GROUP_BLOCKS=gb,
+        SINK_BLOCKS=params.sink_blocks, RECENT_BLOCKS=params.recent_blocks, MIN_CONTEXT=params.min_context_tokens,
+        DOT_FP32=_dot_fp32(q, summ.kmin), FUSE_UPDATE=fuse)
+    return scores
+
+
+def refine_select(q: torch.Tensor, summ, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  group_scores: torch.Tensor, params, k: int, fine_tile: int = 64) -> torch.Tensor:
+    """Two-level, fine pass: [N, Hkv, k] int32 slots as ``select_top_blocks`` (the budget of best blocks among the
+    candidate groups' blocks, ascending; later slots unspecified)."""
+    N, Hq, D = q.shape
+    Hkv = summ.kmin.shape[1]
+    B = block_table.shape[1]
+    k = min(k, B)
+    if k >= 1 << 16:
+        raise ValueError(f"refine_select: {k} slots; at most 65535 (the packed scan's low field)")
+    gb = params.group_blocks
+    ngw = group_scores.shape[-1]
+    # The largest budget a row that does not read every block can have (rows reading every block skip the search).
+    sparse_budget = min(k, params.max_budget_blocks(B * params.block_size))
+    cand = min(ngw, params.candidate_groups(sparse_budget))
+    cand_pad = max(2, triton.next_power_of_2(cand))
+    fine_tile = min(fine_tile, cand_pad * gb)
+    q = q.contiguous()
+    top_idx = torch.empty(N, Hkv, k, dtype=torch.int32, device=q.device)
+    cand_buf = torch.empty(N * Hkv, cand_pad, dtype=torch.int32, device=q.device)
+    fine_buf = torch.empty(N * Hkv, cand_pad * gb, dtype=torch.float32, device=q.device)
+    groups_pad = triton.next_power_of_2(ngw)
+    forced = -(-params.sink_blocks // gb) + -(-params.recent_blocks // gb) + 1  # as RetrievalParams.candidate_groups
+    _refine_select_kernel[(N * Hkv,)](
+        q, summ.kmin, summ.kmax, block_table, seq_lens, group_scores, cand_buf, fine_buf, top_idx,
+        q.stride(0), q.stride(1), summ.kmin.stride(0), summ.kmin.stride(1), block_table.stride(0),
+        group_scores.stride(0), group_scores.stride(1),
+        NUM_KV_HEADS=Hkv, GROUP=Hq // Hkv, GROUP_PAD=max(16, triton.next_power_of_2(Hq // Hkv)), HEAD_DIM=D,
+        REDUCE_MAX=params.gqa_reduce == "max", BLOCK_SIZE=params.block_size, GROUP_BLOCKS=gb,
+        REFINE=float(params.group_refine), FORCED_GROUPS=forced, GROUPS_PAD=groups_pad, CAND_PAD=cand_pad,
+        FINE_TILE=fine_tile, NUM_SEL=k, BUDGET_TOKENS=params.budget_tokens, FRACTION=float(params.budget_fraction),
+        SINK_BLOCKS=params.sink_blocks, RECENT_BLOCKS=params.recent_blocks, MIN_CONTEXT=params.min_context_tokens,
+        DOT_FP32=_dot_fp32(q, summ.kmin), EARLY_EXIT=SELECT_EARLY_EXIT, RADIX=params.select == "radix",
+        num_warps=max(4, min(8, max(groups_pad, cand_pad * gb) // 1024)))
     return top_idx
 
 
@@ -414,15 +683,27 @@ def attend_selected(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
 def retrieval_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, kmin: torch.Tensor,
                      kmax: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, params, k: int,
                      scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
-                     tile_blocks: int | None = None, score_tile: int = 64) -> torch.Tensor:
+                     tile_blocks: int | None = None, score_tile: int = 64, summ=None,
+                     fuse_key: torch.Tensor | None = None, fuse_slots: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of retrieval attention on the GPU: q [N, Hq, D] (one token per sequence), key/value
     caches as [num_blocks, Hkv, block_size, D] views, summaries [num_blocks+1, Hkv, D], block_table [N, B],
     seq_lens [N]; ``params`` a planner.RetrievalParams, ``k`` the fixed selection slots. Writes into ``out``
     ([N, Hq, D], any row stride) if given. Sequences below params.min_context_tokens read all their blocks
-    (k must cover them: planner.graph_k). 4 launches: score, select, attend, merge."""
+    (k must cover them: planner.graph_k). 4 launches: score, select, attend, merge.
+    ``params.group_blocks`` > 1: two-level selection over ``summ`` (BlockSummaries with groups; kmin/kmax are
+    its block summaries); ``fuse_key``/``fuse_slots`` then fold this step's summary update into the scoring
+    (instead of a separate ``update_summaries`` launch)."""
     if key_cache.shape[2] != params.block_size:
         raise ValueError(f"KV cache blocks hold {key_cache.shape[2]} tokens, params.block_size is {params.block_size}")
-    scores = score_blocks(q, kmin, kmax, block_table, seq_lens, params, score_tile)
-    top_idx = select_top_blocks(scores, seq_lens, params, k)
+    if params.group_blocks > 1:
+        if summ is None:
+            raise ValueError("two-level selection (group_blocks > 1) needs summ= (BlockSummaries with groups)")
+        gscores = score_groups(q, summ, block_table, seq_lens, params, score_tile, fuse_key, fuse_slots)
+        top_idx = refine_select(q, summ, block_table, seq_lens, gscores, params, k)
+    else:
+        if fuse_key is not None:
+            raise ValueError("the fused summary update needs two-level selection (group_blocks > 1)")
+        scores = score_blocks(q, kmin, kmax, block_table, seq_lens, params, score_tile)
+        top_idx = select_top_blocks(scores, seq_lens, params, k)
     return attend_selected(q, key_cache, value_cache, block_table, top_idx, seq_lens, params, scale, out,
                            num_splits, tile_blocks)

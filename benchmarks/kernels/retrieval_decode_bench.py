@@ -12,13 +12,21 @@ and k = planner.graph_k (the slots vLLM captures). Per (batch, context):
     captured in ONE graph, as vLLM's full decode graphs run them: ``per_layer_ms`` is what a sparse layer
     costs in the TPOT, to compare with ``dense_sdpa_ms``;
   * checks: the step equals the torch selection + reference attention, and a graph replay with new
-    sequence lengths / queries equals an eager run.
+    sequence lengths / queries equals an eager run;
+  * --variants: the same per-layer graph for each selection variant (``single``: the production step above;
+    ``two_level``: one summary per --group-blocks blocks scored first, the best groups refined per block;
+    ``two_level_fused``: the same with the summary update folded into the group-score launch), each checked
+    against its torch reference, with the share of ``single``'s blocks it also reads;
+  * --break-even-contexts: batch 1, the per-layer graph of each variant vs dense SDPA in a graph of as many
+    layers, at each context; the crossover per variant (``break_even.crossover``); --write-break-even stores it
+    in attention_backends/retrieval_decode/break_even.json for ``retrieval_decode.break_even="measured"``.
 
     python -m benchmarks.kernels.retrieval_decode_bench --out benchmarks/results/retrieval_decode_kernels_h100.json
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -26,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from attention_backends.retrieval_decode import planner, triton_kernels
+from attention_backends.retrieval_decode import break_even, planner, triton_kernels
 from attention_backends.retrieval_decode.reference import selected_block_attention
 from attention_backends.retrieval_decode.selection import select_for_queries
-from attention_backends.retrieval_decode.summaries import BlockSummaries, refresh_blocks_
+from attention_backends.retrieval_decode.summaries import BlockSummaries
 from benchmarks.harness import time_cuda
 
 HQ, HKV, D, BS = 32, 8, 128, 16
@@ -50,13 +58,28 @@ def _params(budget: int) -> planner.RetrievalParams:
     return planner.RetrievalParams(block_size=BS, budget_tokens=budget, budget_fraction=0.0, **CONFIG_DEFAULTS)
 
 
+# single: the production step; two_level: group summaries scored first (--group-blocks), refined per block;
+# _fused: the summary update folded into the group-score launch; _radix: the histogram select instead of bisection.
+VARIANTS = ("single", "single_radix", "two_level", "two_level_fused", "two_level_fused_radix")
+
+
+def _variant(name: str, base: planner.RetrievalParams, group_blocks: int, group_refine: float):
+    """(params, fold the summary update into the step) of a --variants name."""
+    if name not in VARIANTS:
+        raise SystemExit(f"--variants: unknown variant {name!r}; one of {', '.join(VARIANTS)}")
+    params = dataclasses.replace(base, select="radix" if name.endswith("_radix") else "bisect")
+    if name.startswith("two_level"):
+        params = dataclasses.replace(params, group_blocks=group_blocks, group_refine=group_refine)
+    return params, "_fused" in name
+
+
 def _layer(batch: int, nblk: int, dev: str, g: torch.Generator) -> dict:
     """One layer's paged KV cache (FlashAttention layout) and its block summaries."""
     num_blocks = batch * nblk + 1
     kv = torch.randn(2, num_blocks, BS, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
     kview, vview = kv[0].permute(0, 2, 1, 3), kv[1].permute(0, 2, 1, 3)
-    summ = BlockSummaries.allocate(num_blocks, HKV, D, BS, torch.bfloat16, dev)
-    refresh_blocks_(summ.kmin, summ.kmax, kview, torch.arange(num_blocks, device=dev))
+    summ = BlockSummaries.allocate(num_blocks, HKV, D, BS, torch.bfloat16, dev, groups=True)
+    summ.refresh(kview, torch.arange(num_blocks, device=dev))
     return dict(kv=kv, kview=kview, vview=vview, summ=summ)
 
 
@@ -75,19 +98,30 @@ def _setup(batch: int, ctx: int, budget: int, width: int, layers: int, seed: int
     new_slots = table[:, nblk - 1].long() * BS + (ctx - 1) % BS
     return dict(layers=[_layer(batch, nblk, dev, g) for _ in range(layers)], table=table, seq_lens=seq_lens, q=q,
                 params=params, k=planner.graph_k(params, width * BS), out=torch.empty_like(q), new_slots=new_slots,
-                new_keys=torch.randn(batch, HKV, D, device=dev, dtype=torch.bfloat16, generator=g), nblk=nblk)
+                new_keys=torch.randn(batch, HKV, D, device=dev, dtype=torch.bfloat16, generator=g), nblk=nblk, ctx=ctx)
 
 
-def retrieval_step(s, layer: dict, out=None):
-    """What the backend runs per sparse layer on CUDA (DecodeGraphPlan): score, select, attend, merge."""
-    return triton_kernels.retrieval_decode(s["q"], layer["kview"], layer["vview"], layer["summ"].kmin,
-                                           layer["summ"].kmax, s["table"], s["seq_lens"], s["params"], s["k"], _scale(),
-                                           out=s["out"] if out is None else out)
+def retrieval_step(s, layer: dict, out=None, params=None, fuse: bool = False):
+    """What the backend runs per sparse layer on CUDA (DecodeGraphPlan): score, select, attend, merge
+    (``params``: a variant's; ``fuse``: the summary update folded into the two-level scoring launch)."""
+    summ = layer["summ"]
+    return triton_kernels.retrieval_decode(s["q"], layer["kview"], layer["vview"], summ.kmin, summ.kmax, s["table"],
+                                           s["seq_lens"], params or s["params"], s["k"], _scale(),
+                                           out=s["out"] if out is None else out, summ=summ,
+                                           fuse_key=s["new_keys"] if fuse else None,
+                                           fuse_slots=s["new_slots"] if fuse else None)
 
 
 def summary_update_step(s, layer: dict):
     """Per-layer summary update of one decode token per sequence (the do_kv_cache_update hook)."""
     layer["summ"].update(s["new_keys"], s["new_slots"])
+
+
+def layer_step(s, layer: dict, out, params, fuse: bool):
+    """One sparse layer as vLLM's decode graph runs it: the summary update, then the step."""
+    if not fuse:
+        summary_update_step(s, layer)
+    retrieval_step(s, layer, out, params, fuse)
 
 
 def _graph_ms(fn, iters: int = 30) -> float:
@@ -132,49 +166,118 @@ def stage_times(s) -> dict:
     }
 
 
-def stacked_layers_ms(s) -> dict:
+def stacked_layers_ms(s, params=None, fuse: bool = False) -> dict:
     """All layers' summary update + retrieval step in one graph (distinct KV per layer), per layer."""
     outs = [torch.empty_like(s["q"]) for _ in s["layers"]]
+    params = params or s["params"]
 
     def step():
         for lay, out in zip(s["layers"], outs):
-            summary_update_step(s, lay)
-            retrieval_step(s, lay, out)
+            layer_step(s, lay, out, params, fuse)
     total = _graph_ms(step, iters=20)
     return {"per_layer_ms": total / len(s["layers"]), "graph_layers": len(s["layers"])}
 
 
-def reference_check(s) -> float:
+def dense_stacked_ms(s) -> float:
+    """Dense SDPA over each layer's own contiguous K/V, all layers in one graph, per layer (the break-even
+    sweep's comparator: timed as the sparse layers are)."""
+    n, nblk, ctx = s["q"].shape[0], s["nblk"], s["ctx"]
+    own = s["table"][:, :nblk].long()
+    kvs = []
+    for lay in s["layers"]:
+        k = lay["kview"][own].permute(0, 2, 1, 3, 4).reshape(n, HKV, nblk * BS, D)[:, :, :ctx].contiguous()
+        v = lay["vview"][own].permute(0, 2, 1, 3, 4).reshape(n, HKV, nblk * BS, D)[:, :, :ctx].contiguous()
+        kvs.append((k, v))
+    qs = s["q"].view(n, HQ, 1, D)
+
+    def step():
+        for k, v in kvs:
+            torch.nn.functional.scaled_dot_product_attention(qs, k, v, enable_gqa=True)
+    return _graph_ms(step, iters=20) / len(kvs)
+
+
+def _torch_selection(s, lay, params):
+    nb, budget = planner.device_budgets(params, s["seq_lens"])
+    groups = params.candidate_groups(budget) if params.group_blocks > 1 else None
+    return select_for_queries(s["q"], lay["summ"].kmin, lay["summ"].kmax, s["table"], nb, budget, s["k"],
+                              params.sink_blocks, params.recent_blocks, params.gqa_reduce, params.group_blocks,
+                              groups)
+
+
+def reference_check(s, params=None) -> float:
     """Max |step - torch selection + reference attention| on layer 0."""
-    lay, p = s["layers"][0], s["params"]
-    nb, budget = planner.device_budgets(p, s["seq_lens"])
-    sel = select_for_queries(s["q"], lay["summ"].kmin, lay["summ"].kmax, s["table"], nb, budget, s["k"],
-                             p.sink_blocks, p.recent_blocks, p.gqa_reduce)
+    lay, p = s["layers"][0], params or s["params"]
+    sel = _torch_selection(s, lay, p)
     want = selected_block_attention(s["q"], lay["kview"], lay["vview"], s["table"], s["seq_lens"], sel, _scale())
-    got = retrieval_step(s, lay, torch.empty_like(s["q"]))
+    got = retrieval_step(s, lay, torch.empty_like(s["q"]), p)
     return (got.float() - want.float()).abs().max().item()
 
 
-def graph_check(s) -> dict:
-    """Capture the step, change the inputs in place, replay, compare with eager."""
+def block_overlap(s, params) -> float:
+    """Share of the single-level selection's blocks (torch, layer 0) that a variant's selection also reads."""
+    lay = s["layers"][0]
+    a, b = _torch_selection(s, lay, s["params"]), _torch_selection(s, lay, params)
+    width = s["table"].shape[1]
+
+    def mask(sel):
+        hits = torch.zeros(*sel.blocks.shape[:2], width, dtype=torch.int32, device=sel.blocks.device)
+        return hits.scatter_add_(-1, sel.blocks, sel.valid.to(torch.int32)) > 0
+    ma, mb = mask(a), mask(b)
+    return float((ma & mb).sum()) / max(1, int(ma.sum()))
+
+
+def variant_row(s, params, fuse: bool) -> dict:
+    """A variant's stages (layer 0) each in their own graph, the per-layer graph, the checks."""
+    lay = s["layers"][0]
+    summ = lay["summ"]
+    row: dict = {"group_blocks": params.group_blocks, "group_refine": params.group_refine, "fused_update": fuse,
+                 "select": params.select, "max_err_vs_torch_reference": reference_check(s, params),
+                 "blocks_shared_with_single": block_overlap(s, params)}
+    if params.group_blocks > 1:
+        gscores = triton_kernels.score_groups(s["q"], summ, s["table"], s["seq_lens"], params)
+        top = triton_kernels.refine_select(s["q"], summ, s["table"], s["seq_lens"], gscores, params, s["k"])
+        fk, fs = (s["new_keys"], s["new_slots"]) if fuse else (None, None)
+        row["group_score_ms"] = _graph_ms(lambda: triton_kernels.score_groups(
+            s["q"], summ, s["table"], s["seq_lens"], params, fuse_key=fk, fuse_slots=fs))
+        row["refine_select_ms"] = _graph_ms(lambda: triton_kernels.refine_select(
+            s["q"], summ, s["table"], s["seq_lens"], gscores, params, s["k"]))
+    else:
+        scores = triton_kernels.score_blocks(s["q"], summ.kmin, summ.kmax, s["table"], s["seq_lens"], params)
+        top = triton_kernels.select_top_blocks(scores, s["seq_lens"], params, s["k"])
+        row["select_ms"] = _graph_ms(lambda: triton_kernels.select_top_blocks(scores, s["seq_lens"], params, s["k"]))
+    row["attend_merge_ms"] = _graph_ms(lambda: triton_kernels.attend_selected(
+        s["q"], lay["kview"], lay["vview"], s["table"], top, s["seq_lens"], params, _scale(), out=s["out"]))
+    row.update(stacked_layers_ms(s, params, fuse))
+    row.update({f"graph_{key}": val for key, val in graph_check(s, params, fuse).items()})
+    return row
+
+
+def graph_check(s, params=None, fuse: bool = False) -> dict:
+    """Capture the step, change the inputs in place, replay, compare with eager (inputs restored after)."""
     lay = s["layers"][0]
     out = torch.empty_like(s["q"])
-    retrieval_step(s, lay, out)
+    retrieval_step(s, lay, out, params, fuse)
     if DEV == "cpu":
         return {"replay_matches_eager": None}
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        retrieval_step(s, lay, out)
+        retrieval_step(s, lay, out, params, fuse)
+    q0, lens0 = s["q"].clone(), s["seq_lens"].clone()
     s["q"].copy_(torch.randn_like(s["q"]))
     s["seq_lens"].copy_(s["seq_lens"] - torch.arange(s["seq_lens"].numel(), device=DEV, dtype=torch.int32) * 37)
     graph.replay()
-    eager = retrieval_step(s, lay, torch.empty_like(s["q"]))
+    eager = retrieval_step(s, lay, torch.empty_like(s["q"]), params, fuse)
     err = (out.float() - eager.float()).abs().max().item()
-    return {"replay_matches_eager": err < 1e-2, "max_abs_err": err, "replay_ms": time_cuda(graph.replay, warmup=3, iters=30)["median_ms"]}
+    res = {"replay_matches_eager": err < 1e-2, "max_abs_err": err,
+           "replay_ms": time_cuda(graph.replay, warmup=3, iters=30)["median_ms"]}
+    s["q"].copy_(q0)
+    s["seq_lens"].copy_(lens0)
+    return res
 
 
-def bench(batch: int, ctx: int, budget: int, width: int, layers: int) -> dict:
+def bench(batch: int, ctx: int, budget: int, width: int, layers: int, variants=(), group_blocks: int = 4,
+          group_refine: float = 2.0) -> dict:
     t0 = time.time()
     s = _setup(batch, ctx, budget, width, layers)
     lay = s["layers"][0]
@@ -194,8 +297,52 @@ def bench(batch: int, ctx: int, budget: int, width: int, layers: int) -> dict:
     row.update({f"graph_{key}": val for key, val in graph_check(s).items()})
     row["speedup_per_layer_vs_sdpa"] = row["dense_sdpa_ms"] / row["per_layer_ms"]
     row["dense_sdpa_GBps"] = row["kv_bytes_dense_per_layer"] / row["dense_sdpa_ms"] / 1e6
+    row["variants"] = {}
+    for name in variants:
+        params, fuse = _variant(name, s["params"], group_blocks, group_refine)
+        if name == "single":
+            v = {"per_layer_ms": row["per_layer_ms"], "max_err_vs_torch_reference": row["max_err_vs_torch_reference"]}
+        else:
+            try:
+                v = variant_row(s, params, fuse)
+            except Exception as exc:  # one variant failing to compile on this GPU must not cost the others
+                v = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+                print(f"variant {name} failed at {batch}x{ctx}: {v['error'][:300]}", file=sys.stderr, flush=True)
+        if "per_layer_ms" in v:
+            v["speedup_per_layer_vs_sdpa"] = row["dense_sdpa_ms"] / v["per_layer_ms"]
+            v["speedup_vs_single"] = row["per_layer_ms"] / v["per_layer_ms"]
+        row["variants"][name] = v
     row["wall_s"] = round(time.time() - t0, 1)
     return row
+
+
+def break_even_sweep(contexts: list[int], budget: int, width: int, layers: int, variants, group_blocks: int,
+                     group_refine: float) -> dict:
+    """Batch 1: per-layer graph ms of each variant and of dense SDPA at each context; the crossover per variant."""
+    points: dict = {name: [] for name in variants}
+    rows = []
+    for ctx in contexts:
+        s = _setup(1, ctx, budget, width, layers)
+        dense = dense_stacked_ms(s)
+        r = {"context": ctx, "dense_sdpa_graph_ms": dense}
+        for name in variants:
+            params, fuse = _variant(name, s["params"], group_blocks, group_refine)
+            # Below min_context the step already reads every block: time the sparse path itself.
+            params = dataclasses.replace(params, min_context_tokens=0)
+            try:
+                ms = stacked_layers_ms(s, params, fuse)["per_layer_ms"]
+            except Exception as exc:
+                r[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                continue
+            r[name] = ms
+            points[name].append((ctx, ms, dense))
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        del s
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    cross = {name: break_even.crossover(pts) if pts else None for name, pts in points.items()}
+    return {"rows": rows, "points": points, "crossover_tokens": cross}
 
 
 def main(argv=None) -> int:
@@ -205,22 +352,47 @@ def main(argv=None) -> int:
     ap.add_argument("--table-width", type=int, default=131200 // BS,
                     help="block-table columns (vLLM under CUDA graphs: max_model_len / block_size); 0 = tight")
     ap.add_argument("--layers", type=int, default=4, help="distinct layers captured in one graph")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"selection variants: {', '.join(VARIANTS)}")
+    ap.add_argument("--group-blocks", type=int, default=4, help="two-level: blocks per group (4 = 64 tokens)")
+    ap.add_argument("--group-refine", type=float, default=2.0, help="two-level: candidates = this x the budget")
+    ap.add_argument("--break-even-contexts", default="4096,8192,16384,24576,32768,49152,65536",
+                    help="batch-1 contexts of the break-even sweep ('' skips it)")
+    ap.add_argument("--write-break-even", action="store_true",
+                    help="store the crossovers in attention_backends/retrieval_decode/break_even.json")
     ap.add_argument("--out", default="benchmarks/results/retrieval_decode_kernels.json")
     ap.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # CI smoke test only
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for name in variants:
+        _variant(name, _params(args.budget), args.group_blocks, args.group_refine)  # unknown names fail first
+    t_start = time.time()
     rows = []
     for cfg in args.configs.split(","):
         b, c = (int(x) for x in cfg.split("x"))
-        row = bench(b, c, args.budget, args.table_width, args.layers)
+        row = bench(b, c, args.budget, args.table_width, args.layers, variants, args.group_blocks, args.group_refine)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        torch.cuda.empty_cache()
-    out = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__,
-           "triton": __import__("triton").__version__, "command": "python -m benchmarks.kernels.retrieval_decode_bench "
-           + " ".join(argv if argv is not None else sys.argv[1:]), "rows": rows}
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    device = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu"
+    command = "python -m benchmarks.kernels.retrieval_decode_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = {"device": device, "torch": torch.__version__, "triton": __import__("triton").__version__,
+           "command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+    contexts = [int(c) for c in args.break_even_contexts.split(",") if c.strip()]
+    if contexts:
+        out["break_even"] = break_even_sweep(contexts, args.budget, args.table_width, args.layers, variants,
+                                             args.group_blocks, args.group_refine)
+        if args.write_break_even:  # the variants the backend runs (it does not fold the summary update yet)
+            for name, cross in out["break_even"]["crossover_tokens"].items():
+                params, fuse = _variant(name, _params(args.budget), args.group_blocks, args.group_refine)
+                if out["break_even"]["points"][name] and not fuse:
+                    break_even.write(device, params.group_blocks, cross,
+                                     {"variant": name, "command": command, "date": out["date"],
+                                      "points": out["break_even"]["points"][name]}, params.select)
+    out["wall_s"] = round(time.time() - t_start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print("| batch x context | table width | dense SDPA ms | score | select (torch.topk) | attend+merge | "
@@ -230,6 +402,18 @@ def main(argv=None) -> int:
         print(f"| {r['batch']}x{r['context']} | {r['table_width']} | {r['dense_sdpa_ms']:.3f} | {r['score_ms']:.3f} | "
               f"{r['select_ms']:.3f} ({r['torch_topk_ms']:.3f}) | {r['attend_merge_ms']:.3f} | "
               f"{r['summary_update_ms']:.3f} | {r['per_layer_ms']:.3f} | {r['speedup_per_layer_vs_sdpa']:.2f}x |")
+    if variants:
+        print("\n| batch x context | dense SDPA ms | " + " | ".join(f"{v} per layer ms (vs SDPA)" for v in variants) + " |")
+        print("|---|---|" + "---|" * len(variants))
+        for r in rows:
+            cells = []
+            for v in variants:
+                x = r["variants"][v]
+                cells.append(f"{x['per_layer_ms']:.3f} ({x['speedup_per_layer_vs_sdpa']:.2f}x)" if "per_layer_ms" in x
+                             else "error")
+            print(f"| {r['batch']}x{r['context']} | {r['dense_sdpa_ms']:.3f} | " + " | ".join(cells) + " |")
+    if contexts:
+        print("\nbreak-even context (batch 1, tokens):", json.dumps(out["break_even"]["crossover_tokens"]))
     return 0
 
 

@@ -28,6 +28,11 @@ def test_enabled_via_set_and_env():
     ("recent_tokens=4096", "retrieval_decode.budget_tokens"),
     ("budget=3", "retrieval_decode.budget"),
     ("budget_tokens=lots", "retrieval_decode.budget_tokens"),
+    ("group_blocks=3", "retrieval_decode.group_blocks"),
+    ("group_blocks=0", "retrieval_decode.group_blocks"),
+    ("group_refine=0.5", "retrieval_decode.group_refine"),
+    ("break_even=auto", "retrieval_decode.break_even"),
+    ("select=sort", "retrieval_decode.select"),
 ])
 def test_bad_values_name_the_key(setting, key):
     with pytest.raises(settings.KvplugConfigError, match=key.replace(".", r"\.")):
@@ -43,3 +48,26 @@ def test_params_budget_in_blocks():
     frac = RetrievalParams.from_config(settings.resolve(sets=["retrieval_decode.budget_fraction=0.1"], environ={})
                                        .retrieval_decode, block_size=32)
     assert frac.budget_blocks(torch.tensor([8000, 320])).tolist() == [25, 10]  # 800 tokens; floor sink+recent
+
+
+def test_two_level_and_break_even_fields_reach_the_params(tmp_path, monkeypatch):
+    """group_blocks / group_refine go to RetrievalParams; break_even="measured" raises min_context to this
+    device's measured crossover (never lowers it), and an unmeasured device keeps min_context_tokens."""
+    import json
+
+    from attention_backends.retrieval_decode import break_even
+
+    table = tmp_path / "break_even.json"
+    table.write_text(json.dumps({"devices": {"GPU X": {"group_blocks=4": {"context_tokens": 30000},
+                                                        "group_blocks=1": {"context_tokens": 1000}}}}))
+    monkeypatch.setattr(break_even, "TABLE_PATH", table)
+    monkeypatch.setattr(break_even.min_context, "__defaults__", ("bisect", table))
+    cfg = settings.resolve(sets=["retrieval_decode.group_blocks=4", "retrieval_decode.group_refine=3",
+                                 "retrieval_decode.break_even=measured"], environ={}).retrieval_decode
+    p = RetrievalParams.from_config(cfg, block_size=16, device_name="GPU X")
+    assert (p.group_blocks, p.group_refine, p.min_context_tokens) == (4, 3.0, 30000)
+    assert RetrievalParams.from_config(cfg, block_size=16, device_name="GPU Y").min_context_tokens == 4096
+    single = settings.resolve(sets=["retrieval_decode.break_even=measured"], environ={}).retrieval_decode
+    assert RetrievalParams.from_config(single, block_size=16, device_name="GPU X").min_context_tokens == 4096
+    off = settings.resolve(sets=["retrieval_decode.group_blocks=4"], environ={}).retrieval_decode
+    assert RetrievalParams.from_config(off, block_size=16, device_name="GPU X").min_context_tokens == 4096

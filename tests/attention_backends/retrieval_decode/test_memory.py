@@ -58,6 +58,7 @@ def _cpu_runner():
                                                        gpu_memory_utilization=0.9))
     r = runner.RetrievalDecodeRunner.__new__(runner.RetrievalDecodeRunner)
     r.impl, r.summaries, r.layer_idx, r._vllm_config = SimpleNamespace(scale=1.0), None, None, cfg
+    r.group_summaries = False
     return r
 
 

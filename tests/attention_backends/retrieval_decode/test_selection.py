@@ -120,3 +120,58 @@ def test_selection_and_attention_are_shape_static_on_meta_tensors():
     cache = torch.empty(nblk, hkv, bs, d, **m)
     out = selected_block_attention(q, cache, cache, table, nb, sel, 0.1)
     assert out.shape == q.shape
+
+
+def _two_level(case, budget_tokens, group_blocks, refine, recent_tokens=48):
+    from attention_backends.retrieval_decode import planner
+
+    p = planner.RetrievalParams(block_size=16, budget_tokens=budget_tokens, budget_fraction=0.0, sink_blocks=1,
+                                recent_tokens=recent_tokens, min_context_tokens=64, group_blocks=group_blocks,
+                                group_refine=refine)
+    nb, budget = planner.device_budgets(p, case.seq_lens)
+    k = int(budget.max())
+    groups = p.candidate_groups(budget) if group_blocks > 1 else None
+    sel = select_for_queries(case.q, case.summaries.kmin, case.summaries.kmax, case.block_table, nb, budget, k,
+                             p.sink_blocks, p.recent_blocks, "max", group_blocks, groups)
+    return sel, nb, budget, p
+
+
+def test_two_level_keeps_exactly_the_budget_with_sink_and_window_and_only_candidate_blocks():
+    """Every (sequence, kv-head) reads exactly its budget; sink and recent blocks are in; every other block comes
+    from a kept group; with candidates covering every group it is single-level Quest exactly."""
+    case = make_case(seq_lens=(1500, 777, 300), hkv=2, group=3, num_blocks=256)
+    sel, nb, budget, p = _two_level(case, 256, 4, 1.0)
+    assert sel.valid.sum(-1).tolist() == [[int(b)] * 2 for b in budget]
+    for n in range(3):
+        for h in range(2):
+            picked = set(sel.blocks[n, h][sel.valid[n, h]].tolist())
+            assert 0 in picked and set(range(int(nb[n]) - p.recent_blocks, int(nb[n]))) <= picked
+    single, *_ = _two_level(case, 256, 1, 1.0)
+    everything, *_ = _two_level(case, 256, 4, 100.0)
+    assert torch.equal(everything.blocks, single.blocks) and torch.equal(everything.valid, single.valid)
+    assert not torch.equal(sel.blocks, single.blocks)  # one candidate group per 4 budget blocks: a real cut
+
+
+def test_two_level_finds_a_planted_block_through_its_group():
+    """A block whose keys align with the query lifts its group's bound too: found at a small budget."""
+    case = make_case(seq_lens=(2000,), hkv=1, group=2, d=16, num_blocks=200)
+    target = 61
+    phys = int(case.block_table[0, target])
+    direction = case.q[0, 0] / case.q[0, 0].norm()
+    case.summaries.kmin[phys, 0] = torch.minimum(case.summaries.kmin[phys, 0], 40 * direction)
+    case.summaries.kmax[phys, 0] = torch.maximum(case.summaries.kmax[phys, 0], 40 * direction)
+    sel, *_ = _two_level(case, 128, 4, 1.0)
+    assert target in sel.blocks[0, 0][sel.valid[0, 0]].tolist()
+
+
+def test_block_agreement_counts_only_free_picks():
+    from attention_backends.retrieval_decode.analysis import block_agreement
+    from attention_backends.retrieval_decode.runner import selection_mask
+    from attention_backends.retrieval_decode.selection import Selection
+
+    a = Selection(torch.tensor([[[0, 3, 5, 9]]]), torch.tensor([[[True, True, True, False]]]))
+    b = Selection(torch.tensor([[[0, 4, 5, 9]]]), torch.tensor([[[True, True, True, True]]]))
+    ma, mb = selection_mask(a, 10), selection_mask(b, 10)
+    assert ma[0, 0].nonzero().flatten().tolist() == [0, 3, 5]  # the invalid slot's block 9 is not read
+    forced = (torch.arange(10) == 0).view(1, 1, 10)
+    assert block_agreement(ma, mb, forced) == (1, 3)  # of b's free picks 4, 5, 9: a shares 5

@@ -152,12 +152,12 @@ def _reference_selection(scores: torch.Tensor, budgets: torch.Tensor, nb: torch.
 
 
 @in_process
-@pytest.mark.parametrize("early_exit", [True, False])
-def test_select_kernel_takes_each_sequences_budget_of_best_blocks(early_exit, monkeypatch):
-    """The bisection top-k: exactly budget blocks per (sequence, kv-head), the best ones (forced +inf first,
+@pytest.mark.parametrize("early_exit,select", [(True, "bisect"), (False, "bisect"), (False, "radix")])
+def test_select_kernel_takes_each_sequences_budget_of_best_blocks(early_exit, select, monkeypatch):
+    """The top-k: exactly budget blocks per (sequence, kv-head), the best ones (forced +inf first,
     ties broken towards the lower block, never a column past the sequence), ascending in the slots; a padding
-    row (seq_len 0) selects nothing; columns past a sequence may hold garbage (they are never read). With and
-    without the early exit of the bisection."""
+    row (seq_len 0) selects nothing; columns past a sequence may hold garbage (they are never read). Bisection
+    with and without its early exit, and the radix (histogram) select."""
     from attention_backends.retrieval_decode import planner
 
     monkeypatch.setattr(triton_kernels, "SELECT_EARLY_EXIT", early_exit)
@@ -165,7 +165,7 @@ def test_select_kernel_takes_each_sequences_budget_of_best_blocks(early_exit, mo
     bs, width = 16, 70
     seq_lens = torch.tensor([1000, 300, 0, 64, 1100])
     params = planner.RetrievalParams(block_size=bs, budget_tokens=160, budget_fraction=0.0, sink_blocks=1,
-                                     recent_tokens=20, min_context_tokens=128)
+                                     recent_tokens=20, min_context_tokens=128, select=select)
     g = torch.Generator().manual_seed(3)
     scores = torch.randn(5, 2, width, generator=g)
     scores[0, 0, :] = -5.0
@@ -211,17 +211,22 @@ def test_summary_update_kernel_matches_torch_update(dtype):
         torch.tensor([15, 24, 5]),  # decode: block 3 fills up, block 6 starts, block 1 continues
         torch.tensor([8, 9, 28, -1]),  # block 2 freed and reused by a new request; block 7
     ]
-    ours = BlockSummaries.allocate(8, hkv, d, bs, dtype=dtype, device=DEV)
-    ref = BlockSummaries.allocate(8, hkv, d, bs, dtype=dtype)
+    ours = BlockSummaries.allocate(8, hkv, d, bs, dtype=dtype, device=DEV, groups=True)
+    ref = BlockSummaries.allocate(8, hkv, d, bs, dtype=dtype, groups=True)
+    for s in (ours, ref):  # group rows (two-level) keyed by every block: emptied only where a block starts fresh
+        s.gmax.fill_(1.0)
     for slots in steps:
         t = slots.numel() + 2  # vLLM pads the token dim beyond slot_mapping
         qkv = torch.randn(t, 3 * hkv * d, generator=g).to(dtype)
         key = qkv[:, hkv * d:2 * hkv * d].view(t, hkv, d)  # a strided view, like vLLM's key
-        triton_kernels.update_summaries(ours.kmin, ours.kmax, key.to(DEV), slots.to(DEV), bs)
-        update_summaries_(ref.kmin, ref.kmax, key, slots, bs)
+        triton_kernels.update_summaries(ours.kmin, ours.kmax, key.to(DEV), slots.to(DEV), bs, ours.gmax)
+        update_summaries_(ref.kmin, ref.kmax, key, slots, bs, ref.gmax)
         # the trash row of the torch path absorbs padding; the kernel skips padded tokens
         torch.testing.assert_close(ours.kmin[:-1].cpu(), ref.kmin[:-1], rtol=0, atol=0)
         torch.testing.assert_close(ours.kmax[:-1].cpu(), ref.kmax[:-1], rtol=0, atol=0)
+        torch.testing.assert_close(ours.gmax[:-1].cpu(), ref.gmax[:-1], rtol=0, atol=0)
+    emptied = (ref.gmax[:-1, 0, 0] == float("-inf")).nonzero().flatten().tolist()
+    assert emptied == [1, 2, 3, 5, 6, 7]  # every block some write started at offset 0; 0 and 4 never written
 
 
 @in_process
@@ -258,9 +263,27 @@ def test_kernel_bench_runs_and_checks_itself(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "HKV", 2)
     monkeypatch.setattr(bench, "D", 32)
     out = tmp_path / "rd.json"
+    table = tmp_path / "break_even.json"
+    monkeypatch.setattr(bench.break_even, "TABLE_PATH", table)
+    write = bench.break_even.write
+    monkeypatch.setattr(bench.break_even, "write", lambda *a, **kw: write(*a, **kw, path=table))
     assert bench.main(["--configs", "2x4200", "--budget", "512", "--table-width", "300", "--layers", "1",
-                       "--out", str(out), "--allow-cpu"]) == 0
-    row = json.loads(out.read_text())["rows"][0]
+                       "--break-even-contexts", "1024,4200", "--write-break-even", "--out", str(out),
+                       "--allow-cpu"]) == 0
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    for name in bench.VARIANTS:  # every variant ran, checked against its own torch reference
+        v = row["variants"][name]
+        assert "error" not in v, (name, v)
+        assert v["per_layer_ms"] > 0 and v["max_err_vs_torch_reference"] < 3e-2, (name, v)
+    assert 0.3 < row["variants"]["two_level"]["blocks_shared_with_single"] <= 1.0
+    assert row["variants"]["two_level_fused"]["fused_update"] is True
+    sweep = result["break_even"]
+    assert [r["context"] for r in sweep["rows"]] == [1024, 4200] and set(sweep["crossover_tokens"]) == set(bench.VARIANTS)
+    # On the interpreter sparse never beats SDPA: each variant is recorded as dense past the longest context.
+    stored = json.loads(table.read_text())["devices"]["cpu"]
+    assert stored["group_blocks=1"]["context_tokens"] == 4201 and stored["group_blocks=4"]["variant"] == "two_level"
+    assert stored["group_blocks=1,select=radix"]["variant"] == "single_radix" and len(stored) == 3  # no fused
     assert row["table_width"] == 300 and row["k_slots"] == 256  # min_context 4096 -> 256 slots
     assert row["max_err_vs_torch_reference"] < 3e-2
     assert row["select_early_exit"] is True and row["select_early_exit_same_blocks"] is True
@@ -310,3 +333,126 @@ def test_select_kernel_on_a_table_wider_than_16k_columns_of_ties():
     scores[0, 0, -params.recent_blocks:] = float("inf")
     got = triton_kernels.select_top_blocks(scores.to(DEV), seq_lens.to(DEV), params, k=10).cpu()
     assert got[0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, width - 3, width - 2, width - 1]
+
+
+def _grouped(case, dtype=torch.float32):
+    """The case's block summaries in a BlockSummaries with (empty) group rows, on DEV."""
+    from attention_backends.retrieval_decode.summaries import BlockSummaries
+
+    nb, hkv, d = case.summaries.num_blocks, case.summaries.kmin.shape[1], case.summaries.kmin.shape[2]
+    summ = BlockSummaries.allocate(nb, hkv, d, case.summaries.block_size, dtype, DEV, groups=True)
+    summ.kmin.copy_(case.summaries.kmin.to(dtype))
+    summ.kmax.copy_(case.summaries.kmax.to(dtype))
+    return summ
+
+
+@in_process
+@pytest.mark.parametrize("budget_tokens,budget_fraction,refine,select", [
+    (320, 0.0, 2.0, "bisect"), (0, 0.15, 1.0, "bisect"), (200, 0.0, 3.0, "bisect"), (320, 0.0, 2.0, "radix")])
+def test_two_level_kernels_pick_what_the_torch_two_level_selection_picks(budget_tokens, budget_fraction, refine,
+                                                                          select):
+    """Group scores + refine-select == selection.select_for_queries(group_blocks=4): exactly each sequence's
+    budget of blocks, ascending, on a table wider than the sequences, with a padding row (seq_len 0) and a row
+    below min_context (reads every block); the second call (group rows filled by the first) picks the same, and
+    the filled rows are the min / max of their blocks' summaries (keyed by the group's last block)."""
+    from attention_backends.retrieval_decode import planner
+    from attention_backends.retrieval_decode.selection import gather_summaries, group_summaries
+
+    bs = 16
+    case = make_case(seq_lens=(1600, 900, 100, 0, 1333), hkv=2, group=3, d=16, bs=bs, num_blocks=320)
+    wide = torch.cat([case.block_table, torch.randint(0, 320, (5, 40), dtype=torch.int32)], dim=1)
+    params = planner.RetrievalParams(block_size=bs, budget_tokens=max(budget_tokens, 1), budget_fraction=budget_fraction,
+                                     sink_blocks=1, recent_tokens=64, min_context_tokens=128, group_blocks=4,
+                                     group_refine=refine, select=select)
+    nb, budget = planner.device_budgets(params, case.seq_lens)
+    k = planner.graph_k(params, wide.shape[1] * bs)
+    want = select_for_queries(case.q, case.summaries.kmin, case.summaries.kmax, wide, nb, budget, k,
+                              params.sink_blocks, params.recent_blocks, "max", 4, params.candidate_groups(budget))
+    summ = _grouped(case)
+    for _ in range(2):
+        gs = triton_kernels.score_groups(case.q.to(DEV), summ, wide.to(DEV), case.seq_lens.to(DEV), params)
+        got = triton_kernels.refine_select(case.q.to(DEV), summ, wide.to(DEV), case.seq_lens.to(DEV), gs, params,
+                                           k).cpu()
+        for n in range(5):
+            for h in range(2):
+                b = int(budget[n])
+                assert got[n, h, :b].tolist() == want.blocks[n, h][want.valid[n, h]].tolist(), (n, h)
+    assert int(budget[2]) == int(nb[2]) and int(budget[3]) == 0
+    smin, smax = gather_summaries(case.summaries.kmin, case.summaries.kmax, case.block_table[:1, :100])
+    gmin, gmax = group_summaries(smin, smax, 4)
+    last = case.block_table[0, 3:100:4].long()  # sequence 0's groups, keyed by their last block
+    filled = summ.gmax[last].cpu()[:, 0, 0] > float("-inf")
+    assert filled.sum() > 10  # the groups that were scored (not forced) got their rows
+    torch.testing.assert_close(summ.gmin[last].cpu()[filled], gmin[0][filled], rtol=0, atol=0)
+    torch.testing.assert_close(summ.gmax[last].cpu()[filled], gmax[0][filled], rtol=0, atol=0)
+
+
+@in_process
+def test_two_level_step_matches_reference_attention_and_uses_the_stored_group_rows():
+    """retrieval_decode with group_blocks=4 == torch two-level selection + reference attention (bf16, GQA 4); a
+    wrong group row planted for a group makes the kernel skip it (the rows are read, not recomputed), and
+    BlockSummaries.refresh empties them so the next step is right again."""
+    from attention_backends.retrieval_decode import planner
+
+    bs = 16
+    case = make_case(seq_lens=(2000, 1200), hkv=2, group=4, d=32, bs=bs, num_blocks=256, dtype=torch.bfloat16)
+    params = planner.RetrievalParams(block_size=bs, budget_tokens=256, budget_fraction=0.0, sink_blocks=1,
+                                     recent_tokens=64, min_context_tokens=128, group_blocks=4)
+    nb, budget = planner.device_budgets(params, case.seq_lens)
+    k = planner.graph_k(params, case.block_table.shape[1] * bs)
+    summ = _grouped(case, torch.bfloat16)
+    kv, vv = _flash_views(case.key_cache, case.value_cache)
+    sel = select_for_queries(case.q, case.summaries.kmin, case.summaries.kmax, case.block_table, nb, budget, k,
+                             params.sink_blocks, params.recent_blocks, "max", 4, params.candidate_groups(budget))
+    want = selected_block_attention(case.q, case.key_cache, case.value_cache, case.block_table, case.seq_lens, sel,
+                                    0.2)
+
+    def step():
+        return triton_kernels.retrieval_decode(case.q.to(DEV), kv, vv, summ.kmin, summ.kmax, case.block_table.to(DEV),
+                                               case.seq_lens.to(DEV), params, k, 0.2, summ=summ).cpu()
+    torch.testing.assert_close(step().float(), want.float(), rtol=2e-2, atol=2e-2)
+    # Plant a row that bounds nothing useful for the group of sequence 0 holding its best picked block.
+    picked = sel.blocks[0, 0][sel.valid[0, 0]]
+    free = picked[(picked >= 4) & (picked < int(nb[0]) - params.recent_blocks - 4)]
+    grp = int(free[0]) // 4
+    row = int(case.block_table[0, grp * 4 + 3])
+    summ.gmin[row] = 0.0
+    summ.gmax[row] = 0.0
+    params_r = params
+    gs = triton_kernels.score_groups(case.q.to(DEV), summ, case.block_table.to(DEV), case.seq_lens.to(DEV), params_r)
+    top = triton_kernels.refine_select(case.q.to(DEV), summ, case.block_table.to(DEV), case.seq_lens.to(DEV), gs,
+                                       params_r, k).cpu()
+    assert gs[0, 0, grp].item() == 0.0
+    summ.refresh(case.key_cache.to(torch.bfloat16).to(DEV), torch.arange(256, device=DEV))
+    assert bool((summ.gmax == float("-inf")).all())
+    torch.testing.assert_close(step().float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert top.shape == (2, 2, k)
+
+
+@in_process
+def test_fused_summary_update_equals_the_separate_update():
+    """score_groups with fuse_key/fuse_slots leaves the block summaries exactly as update_summaries would (a token
+    continuing a block, a token starting a new block, a padding row with slot -1), and empties the group row of
+    the block that starts fresh."""
+    from attention_backends.retrieval_decode import planner
+
+    bs = 16
+    case = make_case(seq_lens=(1601, 900, 0), hkv=2, group=3, d=16, bs=bs, num_blocks=256)
+    params = planner.RetrievalParams(block_size=bs, budget_tokens=320, budget_fraction=0.0, sink_blocks=1,
+                                     recent_tokens=64, min_context_tokens=128, group_blocks=4)
+    g = torch.Generator().manual_seed(5)
+    key = torch.randn(3, 2, 16, generator=g)
+    fresh_block = int(case.block_table[0, 100])
+    slots = torch.tensor([fresh_block * bs, int(case.block_table[1, 56]) * bs + 3, -1])  # 1601 -> offset 0
+    fused, separate = _grouped(case), _grouped(case)
+    fused.gmax[fresh_block] = 1.0  # a stale row keyed by the reused block
+    separate.gmax[fresh_block] = 1.0
+    triton_kernels.score_groups(case.q.to(DEV), fused, case.block_table.to(DEV), case.seq_lens.to(DEV), params,
+                                fuse_key=key.to(DEV), fuse_slots=slots.to(DEV))
+    separate.update(key.to(DEV), slots.to(DEV))
+    # (the torch update on CPU parks the padding token in the trash row; the kernels skip it)
+    torch.testing.assert_close(fused.kmin[:-1].cpu(), separate.kmin[:-1].cpu(), rtol=0, atol=0)
+    torch.testing.assert_close(fused.kmax[:-1].cpu(), separate.kmax[:-1].cpu(), rtol=0, atol=0)
+    assert not torch.equal(fused.kmax[:-1].cpu(), _grouped(case).kmax[:-1].cpu())  # the update did happen
+    assert bool((fused.gmax[fresh_block] == float("-inf")).all())
+    assert bool((separate.gmax[fresh_block] == float("-inf")).all())
