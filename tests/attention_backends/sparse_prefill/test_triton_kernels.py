@@ -216,3 +216,29 @@ def test_build_index_from_paged_keys_matches():
             assert torch.equal(got_mask, want_mask)
         else:  # tf32 scores may swap near-tied columns/diagonals at the budget's edge
             assert (got_mask & want_mask).sum() >= 0.97 * (got_mask | want_mask).sum()
+
+
+@pytest.mark.parametrize("group_shared,fused_estimate", [(True, False), (False, True), (True, True)])
+def test_chunk_path_options_match_reference(group_shared, fused_estimate):
+    """sparse_prefill_paged with sparse_prefill.group_shared_selection / fused_estimate (the CUDA serving path:
+    shared group kernel on a group-uniform plan, estimate from the paged cache) == the reference on the index
+    build_index gives the gathered keys with the same selection."""
+    g = torch.Generator().manual_seed(6)
+    n, L, Hq, Hkv, d = 96, 333, 8, 2, 32
+    q, k, v = (torch.randn(s, h, d, generator=g) for s, h in ((n, Hq), (L, Hkv), (L, Hkv)))
+    geom = ChunkGeometry(n, L)
+    kc, pages = _paged(k, 16, False)
+    vc, _ = _paged(v, 16, False)
+    out = torch.full((n, Hq, d), float("nan"), device=DEVICE)
+    plan = LayerPlan.uniform("vertical_slash", Hq, DEVICE, vertical=40, slash=70)
+    pairs = triton_kernels.sparse_prefill_paged(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), pages.to(DEVICE), geom,
+                                                plan, 0.3, out, group_shared=group_shared, fused_estimate=fused_estimate)
+    from attention_backends.sparse_prefill.paged_keys import PagedKeys
+
+    # the same keys the path estimates from (on the GPU tf32 votes may order near-ties differently from torch)
+    keys = PagedKeys(kc.to(DEVICE), pages.to(DEVICE), L) if fused_estimate else k.to(DEVICE)
+    index = build_index(q.to(DEVICE), keys, geom, plan, 0.3, trim_columns=False, group_shared=group_shared).to("cpu")
+    assert index.is_group_shared(Hq // Hkv) == group_shared
+    assert int(pairs) == int(index.computed_pairs(geom).sum())
+    tol = 2e-3 if DEVICE == "cpu" else 3e-2
+    torch.testing.assert_close(out.float().cpu(), sparse_attention(q, k, v, index, 0.3).float(), rtol=tol, atol=tol)
