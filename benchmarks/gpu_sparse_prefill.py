@@ -102,13 +102,25 @@ def _worker(args: argparse.Namespace) -> None:
                          "two_turn": turn, "device": harness.device_name(), "vllm": vllm.__version__})
 
 
+def extra_keys(pairs: list[str]) -> dict[str, str]:
+    """--set KEY=VALUE pairs -> sparse_prefill keys (validated by kvplug's config in the engine)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE (a sparse_prefill key)")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def run_backend(args: argparse.Namespace, backend: str) -> dict:
     env = harness.engine_env(vanilla=backend != "CUSTOM")
     if backend == "CUSTOM":
         env.update(harness.kvplug_env("sparse_prefill", enabled=True, cost_table=args.cost_table,
                                       default_pattern=args.pattern, default_budgets=args.budgets,
                                       **({"min_prompt_tokens": args.min_prompt_tokens} if args.min_prompt_tokens else {}),
-                                      **({"pattern_config": args.pattern_config} if args.pattern_config else {})))
+                                      **({"pattern_config": args.pattern_config} if args.pattern_config else {}),
+                                      **extra_keys(args.sparse_set)))
     worker_args = ["--model-dir", args.model_dir, "--shape", args.shape, "--lengths", args.lengths,
                    "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem), "--turn-length", str(args.turn_length),
                    "--suffix", str(args.suffix), "--max-batched-tokens", str(args.max_batched_tokens)]
@@ -152,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default='{"vertical": 1000, "slash": 1024}')
     p.add_argument("--pattern-config", default="", help="per-head JSON instead of --pattern/--budgets")
     p.add_argument("--max-batched-tokens", type=int, default=0, help="engine chunk size (0: vLLM's default)")
+    p.add_argument("--set", dest="sparse_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another sparse_prefill key for the kvplug run (repeatable), e.g. --set "
+                        "group_shared_selection=true --set fused_estimate=true")
     args = harness.parse_shape_args(p, argv, _worker)
     if args is None:
         return 0

@@ -45,6 +45,18 @@ HQ, HKV, D, BS = 32, 8, 128, 16
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+
+def error_text(exc: BaseException, limit: int = 4000) -> str:
+    """What failed, root cause first: Triton's CompilationError puts the kernel source in its message and the
+    reason in its __cause__ chain, so a cut message alone loses the reason."""
+    causes, c = [], exc.__cause__ or exc.__context__
+    while c is not None and len(causes) < 4:
+        causes.append(f"{type(c).__name__}: {c}")
+        c = c.__cause__ or c.__context__
+    head = " <- ".join(reversed(causes)) if causes else ""
+    text = f"{head} | {type(exc).__name__}: {exc}" if head else f"{type(exc).__name__}: {exc}"
+    return text[:limit]
+
 def _scale() -> float:
     return D ** -0.5
 
@@ -306,7 +318,7 @@ def bench(batch: int, ctx: int, budget: int, width: int, layers: int, variants=(
             try:
                 v = variant_row(s, params, fuse)
             except Exception as exc:  # one variant failing to compile on this GPU must not cost the others
-                v = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+                v = {"error": error_text(exc)}
                 print(f"variant {name} failed at {batch}x{ctx}: {v['error'][:300]}", file=sys.stderr, flush=True)
         if "per_layer_ms" in v:
             v["speedup_per_layer_vs_sdpa"] = row["dense_sdpa_ms"] / v["per_layer_ms"]
@@ -332,7 +344,7 @@ def break_even_sweep(contexts: list[int], budget: int, width: int, layers: int, 
             try:
                 ms = stacked_layers_ms(s, params, fuse)["per_layer_ms"]
             except Exception as exc:
-                r[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                r[name] = {"error": error_text(exc, 500)}
                 continue
             r[name] = ms
             points[name].append((ctx, ms, dense))

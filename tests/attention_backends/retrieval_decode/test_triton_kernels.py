@@ -456,3 +456,19 @@ def test_fused_summary_update_equals_the_separate_update():
     assert not torch.equal(fused.kmax[:-1].cpu(), _grouped(case).kmax[:-1].cpu())  # the update did happen
     assert bool((fused.gmax[fresh_block] == float("-inf")).all())
     assert bool((separate.gmax[fresh_block] == float("-inf")).all())
+
+
+def test_bench_error_text_keeps_the_root_cause():
+    """A variant that fails to compile on the GPU is recorded with the reason (Triton's CompilationError keeps
+    it in __cause__; its own message is the kernel source, which a length cut keeps instead)."""
+    from benchmarks.kernels.retrieval_decode_bench import error_text
+
+    try:
+        try:
+            raise ValueError("unsupported histogram mask")
+        except ValueError as inner:
+            raise RuntimeError("at 17:17:\n" + "source line\n" * 500) from inner
+    except RuntimeError as exc:
+        text = error_text(exc, limit=300)
+    assert text.startswith("ValueError: unsupported histogram mask")
+    assert len(text) <= 300
