@@ -182,7 +182,9 @@ def _radix_threshold(key, valid, budget):
     digits = tl.arange(0, 256)
     t = (budget * 0).to(tl.uint32)
     for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
+        # (p is a constexpr here, so is shift; no ``shift: tl.constexpr`` annotation: Triton 3.6 counts each
+        # unrolled pass as a reassignment of the constexpr and rejects the kernel)
+        shift = 24 - 8 * p
         digit = ((ukey >> shift) & 255).to(tl.int32)
         hist = tl.histogram(digit, 256, mask=match)
         suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # matching keys with digit >= j
