@@ -120,7 +120,8 @@ def run_backend(args: argparse.Namespace, backend: str, argv: list[str]) -> dict
         env["CUDA_LAUNCH_BLOCKING"] = "1"
     if backend == "CUSTOM":
         env.update(harness.kvplug_env("retrieval_decode", enabled=True, budget_tokens=args.budget_tokens,
-                                      budget_fraction=args.budget_fraction, min_context_tokens=args.min_context))
+                                      budget_fraction=args.budget_fraction, min_context_tokens=args.min_context,
+                                      **harness.set_pairs(args.rd_set, "retrieval_decode")))
     return harness.run_worker("benchmarks.gpu_retrieval_decode", backend,
                               ["--model-dir", args.model_dir, *harness.worker_argv(argv)], env)
 
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-tokens", type=int, default=2048, help="retrieval budget (tokens per kv-head)")
     p.add_argument("--budget-fraction", type=float, default=0.0, help="if > 0, budget as a fraction of the context")
     p.add_argument("--min-context", type=int, default=4096)
+    p.add_argument("--set", dest="rd_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another retrieval_decode key for the kvplug run (repeatable), e.g. --set group_blocks=4")
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV cache of both backends (same size: fair); default: what the prompts need, capped by "
                         "the GPU's memory; 0 = let vLLM size it by --gpu-mem")

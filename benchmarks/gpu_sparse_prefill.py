@@ -102,17 +102,6 @@ def _worker(args: argparse.Namespace) -> None:
                          "two_turn": turn, "device": harness.device_name(), "vllm": vllm.__version__})
 
 
-def extra_keys(pairs: list[str]) -> dict[str, str]:
-    """--set KEY=VALUE pairs -> sparse_prefill keys (validated by kvplug's config in the engine)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE (a sparse_prefill key)")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def run_backend(args: argparse.Namespace, backend: str) -> dict:
     env = harness.engine_env(vanilla=backend != "CUSTOM")
     if backend == "CUSTOM":
@@ -120,7 +109,7 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict:
                                       default_pattern=args.pattern, default_budgets=args.budgets,
                                       **({"min_prompt_tokens": args.min_prompt_tokens} if args.min_prompt_tokens else {}),
                                       **({"pattern_config": args.pattern_config} if args.pattern_config else {}),
-                                      **extra_keys(args.sparse_set)))
+                                      **harness.set_pairs(args.sparse_set, "sparse_prefill")))
     worker_args = ["--model-dir", args.model_dir, "--shape", args.shape, "--lengths", args.lengths,
                    "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem), "--turn-length", str(args.turn_length),
                    "--suffix", str(args.suffix), "--max-batched-tokens", str(args.max_batched_tokens)]

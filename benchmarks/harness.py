@@ -281,6 +281,17 @@ def kvplug_env(section: str, **keys: Any) -> dict[str, str]:
             for k, v in keys.items()}
 
 
+def set_pairs(pairs: Sequence[str], section: str) -> dict[str, str]:
+    """--set KEY=VALUE arguments -> keys of one kvplug config section (kvplug validates them in the engine)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE (a {section} key)")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def engine_env(vanilla: bool = False, clear_config: bool = False, **extra: str) -> dict[str, str]:
     """Environment of an engine subprocess: this one, collective_rpc of local functions allowed (pickle);
     ``vanilla``: kvplug not even loaded (VLLM_PLUGINS=none); ``clear_config``: no inherited KVPLUG_CONFIG_JSON

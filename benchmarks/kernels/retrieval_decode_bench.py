@@ -348,6 +348,13 @@ def break_even_sweep(contexts: list[int], budget: int, width: int, layers: int, 
                 continue
             r[name] = ms
             points[name].append((ctx, ms, dense))
+        # What a pure-decode CUDA graph pays for a sequence under min_context (break_even=measured raises it):
+        # the same kernels, every block read. Compared with dense in the table.
+        try:
+            read_all = dataclasses.replace(s["params"], min_context_tokens=ctx + 1)
+            r["single_read_all"] = stacked_layers_ms(s, read_all, False)["per_layer_ms"]
+        except Exception as exc:
+            r["single_read_all"] = {"error": error_text(exc, 500)}
         rows.append(r)
         print(json.dumps(r), flush=True)
         del s

@@ -280,6 +280,8 @@ def test_kernel_bench_runs_and_checks_itself(tmp_path, monkeypatch):
     assert row["variants"]["two_level_fused"]["fused_update"] is True
     sweep = result["break_even"]
     assert [r["context"] for r in sweep["rows"]] == [1024, 4200] and set(sweep["crossover_tokens"]) == set(bench.VARIANTS)
+    # the read-all cost a pure-decode graph pays under min_context, timed beside dense at every context
+    assert all(r["single_read_all"] > 0 for r in sweep["rows"]), sweep["rows"]
     # On the interpreter sparse never beats SDPA: each variant is recorded as dense past the longest context.
     stored = json.loads(table.read_text())["devices"]["cpu"]
     assert stored["group_blocks=1"]["context_tokens"] == 4201 and stored["group_blocks=4"]["variant"] == "two_level"
