@@ -162,7 +162,8 @@ class RetrievalDecodeRunner:
             dtype = _summary_dtype(kv_cache.dtype, kv_cache.is_cuda)
             fresh = self.summaries is None
             groups = self._groups_on(kv_cache.device)
-            storage = memory.carve(BlockSummaries.nbytes(nb, hkv, d, dtype, groups)) if fresh else None
+            nbytes = BlockSummaries.nbytes(nb, hkv, d, dtype, groups)
+            storage = memory.carve(nbytes) if fresh else None
             if fresh and storage is None and memory.current() is not None:
                 log.warning("retrieval decode: the reserved summary memory is used up; layer %s allocates its "
                             "summaries outside vLLM's KV budget", getattr(self.impl, "layer_name", "?"))
@@ -172,7 +173,7 @@ class RetrievalDecodeRunner:
                                                      groups=groups)
             with _stats_lock:
                 SUMMARIES["layers"] += fresh
-                SUMMARIES["bytes"] += BlockSummaries.nbytes(nb, hkv, d, dtype, groups) * fresh
+                SUMMARIES["bytes"] += nbytes * fresh
                 SUMMARIES["kv_bytes"] += kv_cache.numel() * kv_cache.element_size() * fresh
         self.summaries.update(key, slot_mapping)
 

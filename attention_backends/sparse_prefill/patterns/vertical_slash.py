@@ -85,8 +85,8 @@ class VerticalSlash(SparsePattern):
     def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False):
         vertical, slash = estimate_lines(q, k, kv_ids, geom, scale)
         if group_shared:  # rank once per KV head on the group's summed votes, then hand each head its group's
-            vertical = group_votes(vertical, kv_ids, num_kv_heads(k))
-            slash = group_votes(slash, kv_ids, num_kv_heads(k))
+            num_kv = num_kv_heads(k)
+            vertical, slash = group_votes(vertical, kv_ids, num_kv), group_votes(slash, kv_ids, num_kv)
         L = geom.L
         vertical = _force_first(vertical, FORCED_COLUMNS)
         slash = _force_first(slash, FORCED_DIAGONALS)
