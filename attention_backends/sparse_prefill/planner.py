@@ -53,6 +53,8 @@ def plan(common_attn_metadata: Any, decider: ChunkDecider) -> SparsePrefillPlan 
     num_reqs = int(cam.num_reqs)
     qsl = cam.query_start_loc_cpu[:num_reqs + 1].long()
     qlens = (qsl[1:] - qsl[:-1]).tolist()
+    if max(qlens, default=0) <= 1:  # decodes only: nothing to decide
+        return None
     seq_lens = vllm_compat.host_seq_lens(cam)[:num_reqs].tolist()
     decided: dict[int, ChunkDecision] = {r: decider.decide(n, int(seq_lens[r])) for r, n in enumerate(qlens) if n > 1}
     record_decisions(decided.values())

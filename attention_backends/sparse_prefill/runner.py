@@ -7,6 +7,7 @@ then attends sparsely (torch reference on CPU, Triton on CUDA).
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -25,27 +26,70 @@ STATS = {"batches": 0, "sparse_tokens": 0, "dense_prefill_tokens": 0, "sparse_la
          "computed_pairs": 0, "causal_pairs": 0}
 
 
-# CUDA: per-layer computed-pair counts stay on the device until the next batch is planned (no sync in forward).
-# (computed pairs on the device, causal pairs, the cost model's predicted computed pairs or None)
-_PENDING_PAIRS: list[tuple[torch.Tensor, int, float | None]] = []
+# CUDA: per-layer computed-pair counts stay on the device, never read inside forward. The next step's metadata
+# builder starts one non-blocking copy of them into pinned host memory (ordered after the step's kernels on the
+# stream that ran them) and a later builder records them once that copy is done: no step ever waits for the
+# device. (computed pairs on the device, causal pairs, the cost model's predicted computed pairs or None,
+# the CUDA stream that computed them or None)
+_PENDING_PAIRS: list[tuple[torch.Tensor, int, float | None, Any]] = []
 
 
-def flush_pending() -> None:
-    """Record CUDA-side pair counts; called from the metadata builder between steps, never inside forward."""
+@dataclass
+class _CountsCopy:
+    """One step's counts on their way to the host."""
+
+    host: torch.Tensor  # [n] int64 (pinned when copied from the device)
+    done: Any  # torch.cuda.Event recorded after the copy, None when the counts were on the host already
+    pairs: list[tuple[int, float | None]]  # (causal, predicted) per count
+
+    def ready(self) -> bool:
+        return self.done is None or self.done.query()
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+
+
+_IN_FLIGHT: list[_CountsCopy] = []  # copies started, oldest first (one stream: they complete in order)
+
+
+def _start_copy(pending: list[tuple[torch.Tensor, int, float | None, Any]]) -> _CountsCopy:
+    stream = pending[-1][3]  # a step's layers run on one stream
+    pairs = [(causal, predicted) for _, causal, predicted, _ in pending]
+    if stream is None:  # host tensors (the CPU path, tests): nothing to wait for
+        return _CountsCopy(torch.stack([c.reshape(()).to(torch.int64) for c, *_ in pending]), None, pairs)
+    with torch.cuda.stream(stream):
+        counts = torch.stack([c.reshape(()).to(torch.int64) for c, *_ in pending])
+        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+        host.copy_(counts, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return _CountsCopy(host, done, pairs)
+
+
+def flush_pending(wait: bool = False) -> None:
+    """Record the pair counts that sparse chunks left on the device. From the metadata builder (``wait`` False):
+    start the host copy of what the last step left and record the copies already done, never waiting for the
+    device. ``wait`` (stats_snapshot, outside any step): record everything, waiting for the copies."""
     global _PENDING_PAIRS
+    ready: list[_CountsCopy] = []
     with _stats_lock:
         pending, _PENDING_PAIRS = _PENDING_PAIRS, []
-    if not pending:
-        return
-    # One device->host read for the whole batch of layers (a 128K prompt leaves 12 chunks x 32 layers of counts
-    # pending): one sync instead of one per layer and chunk.
-    counts = torch.stack([computed.reshape(()).to(torch.int64) for computed, _, _ in pending]).tolist()
-    for computed, (_, causal, predicted) in zip(counts, pending):
-        _record_pairs(int(computed), causal, predicted)
+        if pending:
+            _IN_FLIGHT.append(_start_copy(pending))
+        while _IN_FLIGHT and (wait or _IN_FLIGHT[0].ready()):
+            ready.append(_IN_FLIGHT.pop(0))
+    for copy in ready:
+        if wait:
+            copy.wait()
+        for computed, (causal, predicted) in zip(copy.host.tolist(), copy.pairs):
+            _record_pairs(int(computed), causal, predicted)
 
 
 def stats_snapshot(_worker: Any = None) -> dict[str, Any]:
-    """The counters, plus ``chunks``: prefill chunks by "decision/reason" (cost_model.record_decisions)."""
+    """The counters (every sparse chunk run so far included), plus ``chunks``: prefill chunks by
+    "decision/reason" (cost_model.record_decisions)."""
+    flush_pending(wait=True)
     with _stats_lock:
         return {**STATS, "chunks": cost_model.decisions_snapshot()}
 
@@ -126,7 +170,7 @@ class SparsePrefillRunner:
                                                                self.scale, output[seg.row_start:seg.row_end],
                                                                self.group_shared, self.fused_estimate)
                 with _stats_lock:
-                    _PENDING_PAIRS.append((computed, causal, predicted))
+                    _PENDING_PAIRS.append((computed, causal, predicted, torch.cuda.current_stream(query.device)))
                 continue
             k = _gather_sequence(key_cache, blocks, seg.seq_len)
             v = _gather_sequence(value_cache, blocks, seg.seq_len)

@@ -214,6 +214,23 @@ _RESET = ("logits_indices_padded", "num_logits_indices", "max_logits_per_req", "
           "_num_computed_tokens_cache", "_token_to_req_indices_cache", "replayssm_decode_base_cpu")
 
 
+def host_seq_lens_without_sync(common_attn_metadata: Any) -> Any:
+    """Per-request sequence lengths already on the host, never a device read: the exact copy the V1 model runner
+    fills (``_seq_lens_cpu``), else Model Runner V2's ``seq_lens_cpu_upper_bound`` (num_computed_tokens + the
+    scheduled tokens; exact except for async speculative-decoding rows, which assume every draft accepted), else
+    ``seq_lens`` where it lives on the host. Never the deprecated ``seq_lens_cpu`` property: on a batch whose cache
+    is empty (every Model Runner V2 batch, 0.26's default GPU runner for Llama/Qwen) it is ``seq_lens.to("cpu")``,
+    a device sync in every step's metadata builder that stalls async scheduling behind the previous step."""
+    for name in ("_seq_lens_cpu", "seq_lens_cpu_upper_bound"):
+        value = getattr(common_attn_metadata, name, None)
+        if value is not None:
+            return value
+    seq_lens = common_attn_metadata.seq_lens
+    if seq_lens.device.type == "cpu":
+        return seq_lens
+    raise UnsupportedVllmError("this vLLM exposes no host-side seq_lens; sparse prefill needs them")
+
+
 def subset_common_metadata(cam: Any, req_ids: Any, token_rows: Any, host_seq_lens: Callable[[Any], Any]) -> Any:
     """CommonAttentionMetadata of requests ``req_ids`` (host int64, ascending) of a batch, whose query
     tokens are ``token_rows`` (host int64) of the batch: what the dense backend's builder needs to attend

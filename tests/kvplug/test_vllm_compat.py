@@ -109,6 +109,7 @@ class _Cam026:
     slot_mapping: torch.Tensor
     _seq_lens_cpu: torch.Tensor | None = None
     _num_computed_tokens_cpu: torch.Tensor | None = None
+    seq_lens_cpu_upper_bound: torch.Tensor | None = None
 
     @property
     def seq_lens_cpu(self) -> torch.Tensor:
@@ -126,13 +127,33 @@ class _Cam026:
 def test_subset_of_026_metadata_reports_its_own_host_lengths_after_the_batch_cached_them():
     qsl = torch.tensor([0, 5, 6, 9])
     cam = _Cam026(qsl, qsl, torch.tensor([40, 17, 30]), 3, 9, 5, 40, torch.arange(12).view(3, 4), torch.arange(9))
-    assert v0_26.host_seq_lens(cam).tolist() == [40, 17, 30]  # fills cam._seq_lens_cpu (as 0.26 does)
+    assert v0_26.host_seq_lens(cam).tolist() == [40, 17, 30]
     assert cam.num_computed_tokens_cpu.tolist() == [35, 16, 27]
     sub = common.subset_common_metadata(cam, torch.tensor([1, 2]), torch.tensor([5, 6, 7, 8]), v0_26.host_seq_lens)
     assert v0_26.host_seq_lens(sub).tolist() == [17, 30]
     assert sub.num_computed_tokens_cpu.tolist() == [16, 27]
     assert sub.num_reqs == 2 and sub.max_seq_len == 30 and sub.block_table_tensor.tolist() == [[4, 5, 6, 7],
                                                                                              [8, 9, 10, 11]]
+
+
+def test_026_host_seq_lens_never_read_the_device():
+    """0.26's default GPU runner for Llama/Qwen is Model Runner V2: _seq_lens_cpu empty, seq_lens on the device,
+    seq_lens_cpu_upper_bound on the host. Reading the deprecated seq_lens_cpu property there copies seq_lens off
+    the device (a sync in every step's builder); on the meta device such a read raises."""
+    qsl = torch.tensor([0, 5, 6, 9])
+    meta = torch.empty(3, dtype=torch.int32, device="meta")
+    v2 = _Cam026(qsl, qsl, meta, 3, 9, 5, 40, torch.empty(3, 4, device="meta"), torch.empty(9, device="meta"),
+                 seq_lens_cpu_upper_bound=torch.tensor([40, 17, 30]))
+    assert v0_26.host_seq_lens(v2).tolist() == [40, 17, 30]
+    assert v2._seq_lens_cpu is None  # the property was not touched
+    sub = common.subset_common_metadata(v2, torch.tensor([0, 2]), torch.tensor([0, 1, 2, 3, 4, 6, 7, 8]),
+                                        v0_26.host_seq_lens)
+    assert v0_26.host_seq_lens(sub).tolist() == [40, 30] and sub.max_seq_len == 40
+    v1 = _Cam026(qsl, qsl, meta, 3, 9, 5, 40, meta, meta, _seq_lens_cpu=torch.tensor([41, 18, 31]),
+                 seq_lens_cpu_upper_bound=torch.tensor([40, 17, 30]))
+    assert v0_26.host_seq_lens(v1).tolist() == [41, 18, 31]  # the V1 runner's exact copy comes first
+    with pytest.raises(vllm_compat.UnsupportedVllmError, match="no host-side seq_lens"):
+        v0_26.host_seq_lens(_Cam026(qsl, qsl, meta, 3, 9, 5, 40, meta, meta))
 
 
 @pytest.mark.parametrize("salt", [None, "tenant-a"])
