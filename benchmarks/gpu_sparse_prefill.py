@@ -11,6 +11,9 @@ second turn's TTFT, its cached tokens and (kvplug) how many of its tokens went t
 With dummy weights attention has no real structure, so the density a pattern reaches here is not what a
 trained model gets; the density actually computed is read from kvplug's counters and reported beside
 every figure. `--pattern/--budgets` choose the pattern for every head (default: vertical_slash).
+`--profile second` (or `both`) adds one more two-turn conversation, profiled in the engine's worker (torch.profiler:
+GPU busy/idle time, kernel time by family, top kernels, host calls that wait for the GPU), to attribute the turns'
+time on the device in the same run; the timed figures exclude it.
 """
 from __future__ import annotations
 
@@ -95,11 +98,28 @@ def _worker(args: argparse.Namespace) -> None:
             turn["second_sparse_tokens"] = sum(sparse_tokens)
             turn["second_density"] = dens2[-1]
             turn["second_chunks"] = chunks2
+        if args.profile != "none":
+            turn["profile"] = _profiled_conversation(llm, args, tokens, timed)
     import vllm
 
     harness.emit_result({"backend": args.backend, "attention_impls": impls, "ttft_s": ttft, "density": dens,
-                         "chunks": chunks,
+                         "chunks": chunks, "engine": harness.engine_facts(llm),
                          "two_turn": turn, "device": harness.device_name(), "vllm": vllm.__version__})
+
+
+def _profiled_conversation(llm, args: argparse.Namespace, tokens, timed) -> dict:
+    """One more two-turn conversation (not in the medians), torch.profiler on in the engine's worker around the
+    second turn (--profile second) or each turn (--profile both): where each turn's time went on the GPU."""
+    out = {}
+    first = tokens(args.turn_length)
+    for name, ids in (("first_turn", first), ("second_turn", first + tokens(args.suffix))):
+        if name == "first_turn" and args.profile != "both":
+            timed(ids)
+            continue
+        llm.collective_rpc(harness.profile_start)
+        wall_s = timed(ids)[0]
+        out[name] = {"ttft_s": wall_s, **llm.collective_rpc(harness.profile_stop, kwargs={"top": args.profile_top})[0]}
+    return out
 
 
 def run_backend(args: argparse.Namespace, backend: str) -> dict:
@@ -112,7 +132,8 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict:
                                       **harness.set_pairs(args.sparse_set, "sparse_prefill")))
     worker_args = ["--model-dir", args.model_dir, "--shape", args.shape, "--lengths", args.lengths,
                    "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem), "--turn-length", str(args.turn_length),
-                   "--suffix", str(args.suffix), "--max-batched-tokens", str(args.max_batched_tokens)]
+                   "--suffix", str(args.suffix), "--max-batched-tokens", str(args.max_batched_tokens),
+                   "--profile", args.profile, "--profile-top", str(args.profile_top)]
     return harness.run_worker("benchmarks.gpu_sparse_prefill", backend, worker_args, env)
 
 
@@ -136,7 +157,17 @@ def summarize(runs: list[dict]) -> dict:
         ot = statistics.median(r["two_turn"]["second_ttft_s"] for r in ours)
         out["two_turn"] = {"flash_attn_second_ttft_s": bt, "kvplug_second_ttft_s": ot, "speedup": bt / ot,
                            "kvplug": ours[-1]["two_turn"], "flash_attn": base[-1]["two_turn"]}
+    profiles = {r["backend"]: r["two_turn"]["profile"] for r in runs if r.get("two_turn", {}).get("profile")}
+    if profiles:
+        out["profile"] = {turn: {b: _profile_digest(p[turn]) for b, p in profiles.items() if turn in p}
+                          for turn in ("first_turn", "second_turn")}
     return out
+
+
+def _profile_digest(p: dict) -> dict:
+    """The comparable figures of one turn's profile (the full one stays in runs[].two_turn.profile)."""
+    return {k: p[k] for k in ("ttft_s", "window_ms", "gpu_busy_ms", "gpu_idle_ms", "kernel_ms_by_group",
+                              "host_waits", "kvplug_ranges")} | {"top_kernels": p["top_kernels"][:8]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default='{"vertical": 1000, "slash": 1024}')
     p.add_argument("--pattern-config", default="", help="per-head JSON instead of --pattern/--budgets")
     p.add_argument("--max-batched-tokens", type=int, default=0, help="engine chunk size (0: vLLM's default)")
+    p.add_argument("--profile", choices=("none", "second", "both"), default="none",
+                   help="after the timed repeats, one more two-turn conversation with torch.profiler on in the "
+                        "engine's worker around its second turn (or both turns): GPU busy/idle time, kernel time "
+                        "by family, top kernels, host calls that wait for the GPU, kvplug's own ranges")
+    p.add_argument("--profile-top", type=int, default=25, help="kernels and CPU ops listed per profiled turn")
     p.add_argument("--set", dest="sparse_set", action="append", default=[], metavar="KEY=VALUE",
                    help="another sparse_prefill key for the kvplug run (repeatable), e.g. --set "
                         "group_shared_selection=true --set fused_estimate=true")
@@ -177,6 +213,13 @@ def print_summary(summary: dict) -> None:
         print(f"second turn (prefix hit): FLASH_ATTN {t['flash_attn_second_ttft_s']*1e3:.1f} ms  kvplug "
               f"{t['kvplug_second_ttft_s']*1e3:.1f} ms  sparse tokens {t['kvplug'].get('second_sparse_tokens')}"
               f"  cached {t['kvplug'].get('second_cached_tokens')}  chunks {t['kvplug'].get('second_chunks')}")
+    for turn, by_backend in summary.get("profile", {}).items():
+        for backend, p in by_backend.items():
+            print(f"profile {turn} {backend:10s}: TTFT {p['ttft_s']*1e3:.1f} ms  window {p['window_ms']:.1f} ms  GPU busy "
+                  f"{p['gpu_busy_ms']:.1f} ms  idle {p['gpu_idle_ms']:.1f} ms  kernels {p['kernel_ms_by_group']}")
+            print(f"    host waits {p['host_waits']}  kvplug ranges {p['kvplug_ranges']}")
+            for k in p["top_kernels"][:5]:
+                print(f"    {k['ms']:9.2f} ms  x{k['calls']:<5d} {k['name'][:110]}")
 
 
 if __name__ == "__main__":

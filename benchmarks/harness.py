@@ -11,6 +11,8 @@ Sections:
     (attention impl names, the connector's engine kwargs and worker side, model preparation, SCBench cases);
   * servers: ``kvplug serve`` on a free port until /health answers (``serve_kvplug``), ``kvplug bench``
     as a subprocess (``run_kvplug``), Prometheus /metrics samples (``scrape_samples``);
+  * profiling: torch.profiler in an engine's worker through collective_rpc (``profile_start``/``profile_stop``),
+    summarized as device busy/idle time, kernel families, top kernels and host calls that wait (``profile_summary``);
   * plots: ``pyplot()`` (matplotlib on the Agg backend).
 
 Only the standard library is imported at module level: ``python -m benchmarks.kernels.run`` runs on a GPU
@@ -393,6 +395,98 @@ def write_results(out: str | Path, command: str, summary: dict, runs: Any) -> No
     Path(out).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
 
 
+# -------------------------------------------------------------------------------------------------- profiling
+# torch.profiler inside an engine's worker, started and stopped through ``llm.collective_rpc`` (engine_env
+# allows pickled functions): where a step's time goes on the GPU and which host calls wait for it, in the same
+# run as the timings. Kernels and CUDA runtime calls are recorded for the whole process (CUPTI), whichever
+# thread runs the model.
+
+_PROFILER: dict[str, Any] = {}
+# CUDA runtime calls that make the host wait for the device (or may: cudaMemcpyAsync from/to pageable memory;
+# cudaFree and cudaHostAlloc synchronize too).
+HOST_WAIT_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+                   "cudaMemcpyAsync", "cudaFree", "cudaHostAlloc", "cudaMalloc", "cudaStreamWaitEvent")
+# Kernel families by name (first match wins).
+KERNEL_GROUPS = (("flash_attn", re.compile(r"flash|FlashAttn|fmha", re.I)),
+                 ("gemm", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|matmul", re.I)),
+                 ("copy", re.compile(r"memcpy|memset|copy|gather|index|cat|stack", re.I)),
+                 ("triton", re.compile(r"^triton_|^_")))
+
+
+def profile_start(_worker: Any = None) -> None:
+    """Start torch.profiler (CPU ops, CUDA kernels and runtime calls) in this process."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=activities)
+    prof.start()
+    _PROFILER["prof"] = prof
+
+
+def profile_stop(_worker: Any = None, top: int = 25) -> dict:
+    """Stop the profiler profile_start started (after the device finished) and summarize it."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof = _PROFILER.pop("prof")
+    prof.stop()
+    return profile_summary(prof.events(), top)
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy
+
+
+def profile_summary(events: Any, top: int = 25) -> dict:
+    """torch.profiler events -> what a step's time went to: the window they span, the device's busy time (the
+    union of its kernels and copies) and idle time within it, kernel time by family and the top kernels, the
+    host calls that wait for the device, the top CPU ops by self time, and kvplug's own ranges (``kvplug.``)."""
+    device, cpu = [], []
+    for e in events:
+        (device if str(getattr(e, "device_type", "")).endswith("CUDA") else cpu).append(e)
+    starts = [e.time_range.start for e in events]
+    ends = [e.time_range.end for e in events]
+    window_us = (max(ends) - min(starts)) if starts else 0.0
+    busy_us = _union_us([(e.time_range.start, e.time_range.end) for e in device])
+    kernels: dict[str, list[float]] = {}
+    for e in device:
+        k = kernels.setdefault(e.name, [0, 0.0])
+        k[0] += 1
+        k[1] += e.time_range.end - e.time_range.start
+    groups: dict[str, float] = {}
+    for name, (_, us) in kernels.items():
+        group = next((g for g, rx in KERNEL_GROUPS if rx.search(name)), "other")
+        groups[group] = groups.get(group, 0.0) + us / 1e3
+    calls: dict[str, list[float]] = {}  # CPU ops and runtime calls: count, self time
+    ranges: dict[str, list[float]] = {}  # kvplug's record_function ranges: count, total time
+    for e in cpu:
+        k = calls.setdefault(e.name, [0, 0.0])
+        k[0] += 1
+        k[1] += getattr(e, "self_cpu_time_total", e.time_range.end - e.time_range.start)
+        if e.name.startswith("kvplug."):
+            r = ranges.setdefault(e.name, [0, 0.0])
+            r[0] += 1
+            r[1] += e.time_range.end - e.time_range.start
+    ms = lambda us: round(us / 1e3, 3)  # noqa: E731
+    ranked = lambda d: sorted(d.items(), key=lambda kv: -kv[1][1])  # noqa: E731
+    return {
+        "window_ms": ms(window_us), "gpu_busy_ms": ms(busy_us), "gpu_idle_ms": ms(max(window_us - busy_us, 0.0)),
+        "kernel_ms_by_group": {g: round(v, 3) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": n[:200], "calls": c, "ms": ms(us)} for n, (c, us) in ranked(kernels)[:top]],
+        "host_waits": {n: {"calls": calls[n][0], "ms": ms(calls[n][1])} for n in HOST_WAIT_CALLS if n in calls},
+        "top_cpu_ops": [{"name": n[:200], "calls": c, "self_ms": ms(us)}
+                        for n, (c, us) in ranked(calls) if not n.startswith("cuda")][:top],
+        "kvplug_ranges": {n: {"calls": c, "ms": ms(us)} for n, (c, us) in ranges.items()},
+    }
+
+
 # ---------------------------------------------------------------------------------------------- library seams
 # Benchmarks reach kvplug's library here when more than one script needs the same thing.
 
@@ -406,6 +500,10 @@ def engine_facts(llm) -> dict:
     blocks = getattr(cache, "num_gpu_blocks", None)
     return {"cudagraph_mode": str(getattr(cc, "cudagraph_mode", None)),
             "enforce_eager": bool(getattr(cfg.model_config, "enforce_eager", False)),
+            # Model Runner V2 (0.26's default for non-MoE models) and async scheduling: a host sync in a step's
+            # metadata builder then waits for the previous step
+            "v2_model_runner": getattr(cfg, "use_v2_model_runner", None),
+            "async_scheduling": getattr(cfg.scheduler_config, "async_scheduling", None),
             "block_size": cache.block_size, "num_gpu_blocks": blocks,
             "kv_capacity_tokens": blocks * cache.block_size if blocks else None}
 

@@ -12,6 +12,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.profiler import record_function
 
 from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
 from attention_backends.sparse_prefill.group_index import GroupIndex, group_index
@@ -525,8 +526,10 @@ def sparse_prefill_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     keys = PagedKeys(key_cache, pages, geom.L)
     # copy: [Hkv, L, d] contiguous per KV head (what the torch estimate's matmuls read), viewed as [L, Hkv, d]
     k = keys if fused_estimate else keys.heads().transpose(0, 1)
-    index = build_index(q, k, geom, plan, scale, trim_columns=False, group_shared=group_shared)
+    with record_function("kvplug.sparse_prefill.index"):  # host time of each part, named in a profile
+        index = build_index(q, k, geom, plan, scale, trim_columns=False, group_shared=group_shared)
     shared_kernel = group_shared and plan.group_uniform(q.shape[1] // key_cache.shape[1])
-    sparse_attention_paged(q, key_cache, value_cache, pages, index, geom, scale, out,
-                           kernel="group_shared" if shared_kernel else None)
+    with record_function("kvplug.sparse_prefill.attend"):
+        sparse_attention_paged(q, key_cache, value_cache, pages, index, geom, scale, out,
+                               kernel="group_shared" if shared_kernel else None)
     return index.computed_pairs(geom).sum()
