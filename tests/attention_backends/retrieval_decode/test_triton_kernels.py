@@ -282,6 +282,10 @@ def test_kernel_bench_runs_and_checks_itself(tmp_path, monkeypatch):
     assert [r["context"] for r in sweep["rows"]] == [1024, 4200] and set(sweep["crossover_tokens"]) == set(bench.VARIANTS)
     # the read-all cost a pure-decode graph pays under min_context, timed beside dense at every context
     assert all(r["single_read_all"] > 0 for r in sweep["rows"]), sweep["rows"]
+    # ... and through the graph's dense path: the dense kernel's rows survive the empty retrieval launches
+    assert all(r["dense_path_ms"] > 0 and r["dense_path_empty_retrieval_ms"] > 0 and r["dense_path_rows_kept"]
+               for r in sweep["rows"]), sweep["rows"]
+    assert sweep["rows"][0]["dense_path_k_slots"] == 512 // 16  # the budget's slots, not min_context's 256
     # On the interpreter sparse never beats SDPA: each variant is recorded as dense past the longest context.
     stored = json.loads(table.read_text())["devices"]["cpu"]
     assert stored["group_blocks=1"]["context_tokens"] == 4201 and stored["group_blocks=4"]["variant"] == "two_level"
