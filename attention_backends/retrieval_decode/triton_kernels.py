@@ -713,9 +713,9 @@ def retrieval_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     (k must cover them: planner.graph_k). 4 launches: score, select, attend, merge.
     ``params.group_blocks`` > 1: two-level selection over ``summ`` (BlockSummaries with groups; kmin/kmax are
     its block summaries); ``fuse_key``/``fuse_slots`` then fold this step's summary update into the scoring
-    (instead of a separate ``update_summaries`` launch). ``keep_empty_rows``: a sequence of length 0 is
-    skipped by every launch and its rows of ``out`` keep what they hold (the graph's dense path wrote them:
-    DecodeGraphPlan); without it they come out as zeros."""
+    (instead of a separate ``update_summaries`` launch). ``keep_empty_rows``: a sequence of length 0 reads
+    nothing (its score tiles, select and attend splits return at once) and its rows of ``out`` keep what they hold
+    (the graph's dense path wrote them: DecodeGraphPlan); without it they come out as zeros."""
     if key_cache.shape[2] != params.block_size:
         raise ValueError(f"KV cache blocks hold {key_cache.shape[2]} tokens, params.block_size is {params.block_size}")
     if params.group_blocks > 1:
