@@ -32,7 +32,8 @@ class KvplugMetadataBuilder(_DenseBuilder):  # type: ignore[misc, valid-type]
         if self._retrieval_decode is not None:  # long decodes read top-k blocks; the other rows build as below
             attn_metadata = self._retrieval_decode.build(
                 common_attn_metadata, lambda cam: _DenseBuilder.build(self, common_prefix_len, cam, fast_build),
-                lambda cam: self._build_rows(0, cam, fast_build))
+                lambda cam: self._build_rows(0, cam, fast_build),
+                lambda cam: _DenseBuilder.build(self, 0, cam, fast_build))
         if attn_metadata is None:
             attn_metadata = self._build_rows(common_prefix_len, common_attn_metadata, fast_build)
         if self._metrics is not None:
@@ -95,8 +96,9 @@ class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
                                              self.scale)
         retrieval = retrieval_decode.plan_of(attn_metadata) if self._retrieval_decode is not None else None
         if retrieval is not None:  # long decodes attend their top-k blocks; the other rows come back here
-            def dense_forward():  # the parent's kernel on the whole batch (dense layers of a pure-decode batch)
-                return _DenseImpl.forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+            def dense_forward(metadata=attn_metadata):  # the parent's kernel on the whole batch (a pure-decode
+                # batch's dense layers; with other metadata, its rows that decode densely: the graph's dense path)
+                return _DenseImpl.forward(self, layer, query, key, value, kv_cache, metadata, output,
                                           *args, **kwargs)
             return self._retrieval_decode.forward(self.forward, layer, query, key, value, kv_cache, retrieval, output,
                                                   dense_forward)

@@ -23,6 +23,11 @@ summaries) -- a CUSTOM run that decoded everything densely is reported as "FELL 
 script exits with status 3; whether the prefix cache held the prompts between the timed calls (if not, the
 timed calls re-prefilled and the numbers are not decode numbers).
 
+--variant LABEL:KEY=VALUE[,...] adds a kvplug run with more retrieval_decode keys (its own speedups in the same
+table), e.g. the graph's dense path beside the measured break-even:
+    python -m benchmarks.gpu_retrieval_decode --phases tpot --lengths 8192,32768,131072 --repeats 2 \
+        --kv-cache-gib 24 --set break_even=measured --variant dense_path:graph_dense_path=true
+
 To localize a device-side failure in the same batch: --enforce-eager (no torch.compile, no graphs),
 --cudagraph-mode NONE|PIECEWISE|FULL_DECODE_ONLY|FULL_AND_PIECEWISE, --launch-blocking (CUDA_LAUNCH_BLOCKING=1).
 """
@@ -114,22 +119,40 @@ def _worker(args: argparse.Namespace) -> None:
     harness.emit_result(result)
 
 
-def run_backend(args: argparse.Namespace, backend: str, argv: list[str]) -> dict:
+PARENT_ONLY = ("--backends", "--out", "--variant")
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """--variant LABEL:KEY=VALUE[,KEY=VALUE...] -> (label, ["KEY=VALUE", ...])."""
+    label, sep, pairs = text.partition(":")
+    keys = [p.strip() for p in pairs.split(",") if p.strip()]
+    if not sep or not label.strip() or not keys:
+        raise SystemExit(f"--variant {text!r}: expected LABEL:KEY=VALUE[,KEY=VALUE...] (retrieval_decode keys)")
+    return label.strip(), keys
+
+
+def run_backend(args: argparse.Namespace, backend: str, argv: list[str], extra_set: list[str] = ()) -> dict:
     env = harness.engine_env(vanilla=backend != "CUSTOM", clear_config=backend == "CUSTOM")
     if args.launch_blocking:  # a device-side assert then names the kernel that raised it
         env["CUDA_LAUNCH_BLOCKING"] = "1"
     if backend == "CUSTOM":
         env.update(harness.kvplug_env("retrieval_decode", enabled=True, budget_tokens=args.budget_tokens,
                                       budget_fraction=args.budget_fraction, min_context_tokens=args.min_context,
-                                      **harness.set_pairs(args.rd_set, "retrieval_decode")))
+                                      **harness.set_pairs([*args.rd_set, *extra_set], "retrieval_decode")))
     return harness.run_worker("benchmarks.gpu_retrieval_decode", backend,
-                              ["--model-dir", args.model_dir, *harness.worker_argv(argv)], env)
+                              ["--model-dir", args.model_dir, *harness.worker_argv(argv, PARENT_ONLY)], env)
 
 
 def summarize(runs: list[dict]) -> dict:
+    """Speedups of the CUSTOM run over FLASH_ATTN per metric and key; runs labelled ``variant`` (--variant: more
+    CUSTOM runs with other retrieval_decode keys) get their own speedups in each row's ``variants``."""
     by: dict = {}
+    variants: dict = {}
     for r in runs:
-        by.setdefault(r["backend"], []).append(r)
+        if r.get("variant"):
+            variants.setdefault(r["variant"], []).append(r)
+        else:
+            by.setdefault(r["backend"], []).append(r)
     base, ours = by.get("FLASH_ATTN", []), by.get("CUSTOM", [])
     out: dict = {"device": runs[0]["device"], "vllm": runs[0]["vllm"], "order": [r["backend"] for r in runs],
                  "attention_impls": {r["backend"]: r.get("attention_impls") for r in runs},
@@ -139,19 +162,36 @@ def summarize(runs: list[dict]) -> dict:
                                               if s and s["blocks_total"] else None)
                                   for phase, s in (ours[-1].get("stats") or {}).items()}
         out["retrieval_path"] = retrieval_verdict(ours[-1])
-    out["prefix_cache_held"] = {f"{r['backend']} {key}": all(t["t1_s"] < 0.5 * t["prefill_s"] for t in ts)
+    if variants:
+        out["variant_retrieval_path"] = {label: retrieval_verdict(rs[-1]) for label, rs in variants.items()}
+        out["variant_retrieval_stats"] = {label: rs[-1].get("stats") for label, rs in variants.items()}
+    out["prefix_cache_held"] = {f"{_label(r)} {key}": all(t["t1_s"] < 0.5 * t["prefill_s"] for t in ts)
                                 for r in runs for key, ts in (r.get("timings") or {}).items()}
+
+    def median(rs, metric, key):
+        return statistics.median([x for r in rs for x in r[metric][key]]) if rs else None
+
     for metric, better in (("tpot_s", "lower"), ("throughput_tok_s", "higher")):
         table = {}
-        for key in (base or ours)[0][metric]:
-            b = statistics.median([x for r in base for x in r[metric][key]]) if base else None
-            o = statistics.median([x for r in ours for x in r[metric][key]]) if ours else None
-            speedup = None
-            if b and o:
-                speedup = b / o if better == "lower" else o / b
-            table[key] = {"flash_attn": b, "kvplug": o, "speedup": speedup}
+        for key in (base or ours or next(iter(variants.values())))[0][metric]:
+            b = median(base, metric, key)
+
+            def speedup(o):
+                if not (b and o):
+                    return None
+                return b / o if better == "lower" else o / b
+            o = median(ours, metric, key)
+            table[key] = {"flash_attn": b, "kvplug": o, "speedup": speedup(o)}
+            if variants:
+                table[key]["variants"] = {label: {"kvplug": median(rs, metric, key),
+                                                  "speedup": speedup(median(rs, metric, key))}
+                                          for label, rs in variants.items()}
         out[metric] = table
     return out
+
+
+def _label(run: dict) -> str:
+    return f"{run['backend']}[{run['variant']}]" if run.get("variant") else run["backend"]
 
 
 def gpu_total_gib() -> float | None:
@@ -217,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-context", type=int, default=4096)
     p.add_argument("--set", dest="rd_set", action="append", default=[], metavar="KEY=VALUE",
                    help="another retrieval_decode key for the kvplug run (repeatable), e.g. --set group_blocks=4")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+                   help="one more kvplug run after --backends, with these retrieval_decode keys on top of --set "
+                        "(repeatable), e.g. --variant dense_path:graph_dense_path=true")
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV cache of both backends (same size: fair); default: what the prompts need, capped by "
                         "the GPU's memory; 0 = let vLLM size it by --gpu-mem")
@@ -232,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         argv += ["--kv-cache-gib", f"{args.kv_cache_gib:.1f}"]
         print(f"KV cache per backend: {args.kv_cache_gib:.1f} GiB", file=sys.stderr, flush=True)
     runs = [run_backend(args, b, argv) for b in args.backends.split(",") if b]
+    for label, keys in (parse_variant(v) for v in args.variant):
+        runs.append(dict(run_backend(args, "CUSTOM", argv, keys), variant=label))
     summary = summarize(runs)
     harness.write_results(args.out, harness.command_line("benchmarks.gpu_retrieval_decode", argv), summary, runs)
     print(f"device: {summary['device']}  vLLM {summary['vllm']}")
@@ -240,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"retrieval path: {summary.get('retrieval_path')}  stats: {summary.get('retrieval_stats')}")
     print(f"prefix cache held the prompts between timed calls: {summary['prefix_cache_held']}")
     harness.print_metric_rows(summary, ("tpot_s", "throughput_tok_s"), lambda metric, key, row: (
-        f"{metric:17s} {key:>10s}  FLASH_ATTN {row['flash_attn']}  kvplug {row['kvplug']}  speedup {row['speedup']}"))
+        f"{metric:17s} {key:>10s}  FLASH_ATTN {row['flash_attn']}  kvplug {row['kvplug']}  speedup {row['speedup']}"
+        + "".join(f"  [{label}] {v['kvplug']} speedup {v['speedup']}" for label, v in row.get("variants", {}).items())))
+    for label, verdict in summary.get("variant_retrieval_path", {}).items():
+        print(f"retrieval path [{label}]: {verdict}  stats: {summary['variant_retrieval_stats'][label]}")
     if summary.get("retrieval_path", "ran") != "ran":
         print(f"WARNING: {summary['retrieval_path']}", file=sys.stderr)
         return 3

@@ -50,13 +50,17 @@ class BuilderHook:
         self.params = planner.RetrievalParams.from_config(cfg, builder.kv_cache_spec.block_size, device_name)
         self.num_kv_heads = builder.kv_cache_spec.num_kv_heads
         self.graph_k = planner.graph_k(self.params, builder.vllm_config.model_config.max_model_len)
+        self.dense_path = None
+        if self.graph_safe and self.params.graph_dense_path:
+            self.dense_path = _DensePathBuffers(builder)
         # vLLM may reuse one group's metadata for another group by swapping its block table in
         # (update_block_table); the plan holds the first group's table, so every group must build its own.
         builder.supports_update_block_table = False
 
     def build(self, common_attn_metadata: Any, build_full: Callable[[Any], Any],
-              build_rest: Callable[[Any], Any]) -> Any | None:
-        """Metadata of a batch with retrieval decodes in it (the plan attached), else None: build as usual."""
+              build_rest: Callable[[Any], Any], build_dense: Callable[[Any], Any] | None = None) -> Any | None:
+        """Metadata of a batch with retrieval decodes in it (the plan attached), else None: build as usual.
+        ``build_dense``: the dense backend's build of a batch without cascade (the graph's dense path)."""
         cam = common_attn_metadata
         phases = vllm_compat.batch_phases(cam)
         if not phases.decode_tokens:
@@ -68,7 +72,7 @@ class BuilderHook:
                 return None
             params = dataclasses.replace(params, **_OVERRIDE)
         if self.graph_safe and not phases.prefill_reqs:
-            return self._build_graph_plan(cam, params, phases, build_full)
+            return self._build_graph_plan(cam, params, phases, build_full, build_dense)
         plan = planner.plan(params, cam.query_start_loc_cpu, vllm_compat.host_seq_lens(cam), cam.num_reqs,
                             cam.block_table_tensor, cam.num_actual_tokens)
         runner.record_batch(plan, phases.decode_tokens)
@@ -88,18 +92,52 @@ class BuilderHook:
         return attn_metadata
 
     def _build_graph_plan(self, cam: Any, params: planner.RetrievalParams, phases: Any,
-                          build_full: Callable[[Any], Any]) -> Any:
+                          build_full: Callable[[Any], Any], build_dense: Callable[[Any], Any] | None) -> Any:
         """CUDA pure-decode batch: a device-only plan over the builder's persistent buffers (graph replay)."""
-        attn_metadata = build_full(cam)
         n = cam.num_reqs
+        dense_metadata = retrieval_seq_lens = None
+        if self.dense_path is not None:  # built first: the full build below rewrites the builder's shared buffers
+            if build_dense is None:
+                raise RuntimeError("retrieval decode: graph_dense_path needs the dense backend's build (build_dense)")
+            dense_metadata, retrieval_seq_lens = self.dense_path.build(cam, params, build_dense)
+        attn_metadata = build_full(cam)
         setattr(attn_metadata, PLAN_ATTR, planner.DecodeGraphPlan(
-            cam.seq_lens, cam.block_table_tensor, self.graph_k, params))
+            cam.seq_lens, cam.block_table_tensor, self.graph_k, params, dense_metadata=dense_metadata,
+            retrieval_seq_lens=retrieval_seq_lens))
         # Metrics from the host copy of the lengths (what the device computes, without reading it back).
         nb, budget = planner.device_budgets(params, vllm_compat.host_seq_lens(cam)[:n])
         sparse = budget < nb
         runner.record_counts(int(sparse.sum()), phases.decode_tokens - int(sparse.sum()),
                              int(budget[sparse].sum()), int(nb[sparse].sum()))
         return attn_metadata
+
+
+class _DensePathBuffers:
+    """The persistent per-step buffers of the dense path in pure-decode graphs (graph_dense_path): the two
+    length buffers (planner.split_lengths) and the dense metadata's own AOT schedule. Allocated once, as large
+    as any pure-decode batch, so the pointers a graph captured stay valid at every replay."""
+
+    def __init__(self, builder: Any) -> None:
+        self.builder = builder
+        self.capacity = vllm_compat.decode_batch_capacity(builder.vllm_config)
+        self.dense_seq_lens = torch.zeros(self.capacity, dtype=torch.int32, device=builder.device)
+        self.retrieval_seq_lens = torch.zeros_like(self.dense_seq_lens)
+        self.schedule = vllm_compat.schedule_buffer(builder)
+
+    def build(self, cam: Any, params: planner.RetrievalParams,
+              build_dense: Callable[[Any], Any]) -> tuple[Any, torch.Tensor]:
+        """(the dense backend's metadata of the batch with the retrieval rows' lengths 0, the retrieval lengths)."""
+        n = cam.seq_lens.shape[0]
+        if n > self.capacity:  # never silently: k is sized for sparse rows only, read-all would not fit
+            raise RuntimeError(f"retrieval decode: a pure-decode batch of {n} requests exceeds the dense path's "
+                               f"buffers ({self.capacity}: max(max_num_seqs, max_cudagraph_capture_size))")
+        dense, retrieval = self.dense_seq_lens[:n], self.retrieval_seq_lens[:n]
+        if dense.dtype != cam.seq_lens.dtype:
+            raise RuntimeError(f"retrieval decode: seq_lens are {cam.seq_lens.dtype}, the dense path's buffers int32")
+        planner.split_lengths(params, cam.seq_lens, dense, retrieval)
+        dense_metadata = build_dense(vllm_compat.with_seq_lens(cam, dense))
+        vllm_compat.keep_schedule(dense_metadata, self.builder, self.schedule)
+        return dense_metadata, retrieval
 
 
 def builder_hook(builder: Any) -> BuilderHook | None:

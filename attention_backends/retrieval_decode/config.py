@@ -35,6 +35,11 @@ class RetrievalDecodeConfig(Section):
     # benchmarks/kernels/retrieval_decode_bench.py --write-break-even) decode densely too; "off": only
     # min_context_tokens applies. The larger of the two wins.
     break_even: str = "off"
+    # CUDA, pure-decode batches (one full CUDA graph, fixed at capture): true = sequences that decode densely
+    # (below the min_context above, or within their budget) go to the dense backend's own kernel inside the same
+    # graph, beside the retrieval kernels for the others (each path masked by per-step lengths, no branch);
+    # false = they read every block through the retrieval kernels. Off until measured end to end on the GPU.
+    graph_dense_path: bool = False
 
     def validate(self, path: str) -> None:
         if self.budget_tokens < 1:

@@ -41,6 +41,8 @@ class RetrievalParams:
     select: str = "bisect"
     # Benchmarks only: also select with single-level Quest and the oracle (CPU path) and count the overlap (STATS).
     measure_agreement: bool = False
+    # CUDA pure-decode graphs: sequences that decode densely take the dense backend's kernel (config.py).
+    graph_dense_path: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any, block_size: int, device_name: str | None = None) -> "RetrievalParams":
@@ -52,7 +54,7 @@ class RetrievalParams:
                    sink_blocks=cfg.sink_blocks, recent_tokens=cfg.recent_tokens,
                    min_context_tokens=min_context, gqa_reduce=cfg.gqa_reduce,
                    dense_layers=cfg.dense_layers, group_blocks=cfg.group_blocks, group_refine=cfg.group_refine,
-                   select=cfg.select)
+                   select=cfg.select, graph_dense_path=cfg.graph_dense_path)
 
     def candidate_groups(self, budget_blocks):
         """Two-level: groups the coarse pass keeps for a budget (int or tensor of blocks): an upper bound of the
@@ -146,23 +148,33 @@ def selected_tokens(plan_: RetrievalPlan) -> torch.Tensor:
 
 @dataclass
 class DecodeGraphPlan:
-    """CUDA, pure-decode batches: everything stays on the device and every request takes the retrieval
-    kernel, so the step can be captured and replayed in a full CUDA graph. ``seq_lens``/``block_table`` are
-    the builder's persistent buffers (vLLM refills them in place before each replay); budgets are computed
-    from them inside the graph. Sequences below min_context_tokens (or within their budget) read all their
-    blocks, which is exactly dense attention; ``k`` is fixed for the engine's lifetime."""
+    """CUDA, pure-decode batches: everything stays on the device, so the step can be captured and replayed in a
+    full CUDA graph. ``seq_lens``/``block_table`` are the builder's persistent buffers (vLLM refills them in place
+    before each replay); budgets are computed from them inside the graph; ``k`` is fixed for the engine's lifetime.
+
+    Without the dense path every request takes the retrieval kernels: sequences below min_context_tokens (or
+    within their budget) read all their blocks, which is exactly dense attention. With it (``dense_metadata`` set,
+    params.graph_dense_path) both paths run on every row, each restricted by data: the dense backend's kernel gets
+    ``dense_metadata`` (lengths 0 for the retrieval sequences: it reads nothing for them), the retrieval kernels
+    get ``retrieval_seq_lens`` (0 for the dense sequences: every program of theirs returns at once, and their
+    output rows are left as the dense kernel wrote them). Both length buffers are persistent too."""
 
     seq_lens: torch.Tensor  # [N] device (N = padded batch under graphs; padding rows have seq_len 0)
     block_table: torch.Tensor  # [N, B] device
     k: int
     params: RetrievalParams
     rest_metadata: Any = None  # a pure-decode batch has no other rows
+    dense_metadata: Any = None  # the dense backend's metadata over dense_seq_lens (None: no dense path)
+    retrieval_seq_lens: torch.Tensor | None = None  # [N] device: seq_lens of the retrieval rows, 0 elsewhere
 
 
 def graph_k(params: RetrievalParams, max_model_len: int) -> int:
-    """Fixed selection slots: the largest budget any sequence can have, or min_context_tokens' blocks."""
-    dense_blocks = -(-params.min_context_tokens // params.block_size)
-    return max(params.max_budget_blocks(max_model_len), dense_blocks, params.sink_blocks + params.recent_blocks)
+    """Fixed selection slots: the largest budget any sequence can have, or min_context_tokens' blocks (those
+    sequences read every block through the same slots), unless the dense path takes them (graph_dense_path)."""
+    sparse = max(params.max_budget_blocks(max_model_len), params.sink_blocks + params.recent_blocks)
+    if params.graph_dense_path:
+        return sparse
+    return max(sparse, -(-params.min_context_tokens // params.block_size))
 
 
 def device_budgets(params: RetrievalParams, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,3 +189,22 @@ def device_budgets(params: RetrievalParams, seq_lens: torch.Tensor) -> tuple[tor
     budget = torch.clamp((tokens + bs - 1) // bs, min=params.sink_blocks + params.recent_blocks)
     budget = torch.where(seq < params.min_context_tokens, nb, torch.minimum(budget, nb))
     return nb, budget
+
+
+def retrieval_rows(params: RetrievalParams, seq_lens: torch.Tensor) -> torch.Tensor:
+    """[N] bool on the device: the sequences that decode by retrieval (the kernels' rule, ``device_budgets``:
+    budget < blocks, and at least min_context_tokens); every other one, padding rows included, decodes densely.
+    A fixed token budget makes it one comparison (budget B blocks < ceil(len / bs) <=> len > B * bs)."""
+    if params.budget_fraction > 0:
+        nb, budget = device_budgets(params, seq_lens)
+        return budget < nb
+    budget = max(-(-params.budget_tokens // params.block_size), params.sink_blocks + params.recent_blocks)
+    return seq_lens >= max(params.min_context_tokens, budget * params.block_size + 1)
+
+
+def split_lengths(params: RetrievalParams, seq_lens: torch.Tensor, dense_out: torch.Tensor,
+                  retrieval_out: torch.Tensor) -> None:
+    """Write each sequence's length into exactly one of two per-step buffers (the other gets 0: both kernels read
+    a 0 as "nothing to attend"): the dense path's and the retrieval path's. Device ops only, no host sync."""
+    torch.mul(seq_lens, retrieval_rows(params, seq_lens), out=retrieval_out)
+    torch.sub(seq_lens, retrieval_out, out=dense_out)

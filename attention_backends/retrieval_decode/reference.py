@@ -45,3 +45,14 @@ def dense_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     valid = blocks < ((seq_lens + bs - 1) // bs).view(N, 1, 1)
     return selected_block_attention(q, key_cache, value_cache, block_table, seq_lens,
                                     Selection(blocks.clone(), valid), scale)
+
+
+def split_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           block_table: torch.Tensor, seq_lens: torch.Tensor, sel: Selection,
+                           retrieval: torch.Tensor, scale: float) -> torch.Tensor:
+    """A pure-decode graph step with the dense path (planner.DecodeGraphPlan with dense_metadata): rows
+    ``retrieval`` [N] bool attend their selected blocks, every other row all of its blocks. (A row of length 0
+    comes out NaN on the dense side; ``where`` picks per row, so it never reaches another row.)"""
+    sparse = selected_block_attention(q, key_cache, value_cache, block_table, seq_lens, sel, scale)
+    dense = dense_decode_attention(q, key_cache, value_cache, block_table, seq_lens, scale)
+    return torch.where(retrieval.view(-1, 1, 1), sparse, dense)

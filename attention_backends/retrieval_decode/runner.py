@@ -179,7 +179,7 @@ class RetrievalDecodeRunner:
 
     def forward(self, rest_forward: Callable[..., Any], layer: Any, query: torch.Tensor, key: torch.Tensor | None,
                 value: torch.Tensor | None, kv_cache: torch.Tensor, plan: RetrievalPlan | DecodeGraphPlan,
-                output: torch.Tensor, dense_forward: Callable[[], Any] | None = None) -> torch.Tensor:
+                output: torch.Tensor, dense_forward: Callable[..., Any] | None = None) -> torch.Tensor:
         p = plan.params
         dense_layer = bool(p.dense_layers) and self._layer_index(layer) < p.dense_layers
         if dense_layer and plan.rest_metadata is None and dense_forward is not None and p.dense_kernel == "backend":
@@ -211,14 +211,10 @@ class RetrievalDecodeRunner:
                 raise RuntimeError("retrieval decode: group_blocks > 1 needs group summaries, allocated when "
                                    "retrieval_decode.group_blocks > 1 is configured at startup")
             if isinstance(plan, DecodeGraphPlan):  # whole pure-decode batch, written in place (CUDA graphs)
-                n = plan.seq_lens.shape[0]
-                triton_kernels.retrieval_decode(query[:n], key_cache, value_cache, kmin, kmax, plan.block_table,
-                                                plan.seq_lens, p, plan.k, self.impl.scale, out=output[:n],
-                                                summ=self.summaries)
-            else:
-                output[plan.rows] = triton_kernels.retrieval_decode(
-                    query[plan.rows], key_cache, value_cache, kmin, kmax, plan.block_table, plan.seq_lens, p, plan.k,
-                    self.impl.scale, summ=self.summaries)
+                return self._graph_step(query, key_cache, value_cache, plan, output, dense_forward)
+            output[plan.rows] = triton_kernels.retrieval_decode(
+                query[plan.rows], key_cache, value_cache, kmin, kmax, plan.block_table, plan.seq_lens, p, plan.k,
+                self.impl.scale, summ=self.summaries)
             return output
         q = query[plan.rows]
         sel = select_for_plan(q, kmin, kmax, plan, p)
@@ -228,6 +224,27 @@ class RetrievalDecodeRunner:
         output[plan.rows] = cpu_kernel.cpu_head_decode(self.impl, layer, q, kv_cache, phys, plan.extra["cpu"])
         return output
 
+    def _graph_step(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    plan: DecodeGraphPlan, output: torch.Tensor,
+                    dense_forward: Callable[..., Any] | None) -> torch.Tensor:
+        """A sparse layer of a pure-decode batch (fixed control flow: CUDA graphs). With the dense path, the dense
+        backend's kernel first writes every row (the retrieval rows have length 0 in its metadata: it reads nothing
+        for them), then the retrieval kernels, given length 0 for the dense rows (their programs return at once),
+        overwrite exactly the retrieval rows. No mask arithmetic mixes the two: whatever the dense kernel leaves in
+        a zero-length row is replaced, and the dense rows are never written again."""
+        from attention_backends.retrieval_decode import triton_kernels
+
+        n = plan.seq_lens.shape[0]
+        seq_lens, split = plan.seq_lens, plan.dense_metadata is not None
+        if split:
+            if dense_forward is None:
+                raise RuntimeError("retrieval decode: the graph's dense path needs the dense backend's forward")
+            dense_forward(plan.dense_metadata)
+            seq_lens = plan.retrieval_seq_lens
+        triton_kernels.retrieval_decode(query[:n], key_cache, value_cache, self.summaries.kmin, self.summaries.kmax,
+                                        plan.block_table, seq_lens, plan.params, plan.k, self.impl.scale,
+                                        out=output[:n], summ=self.summaries, keep_empty_rows=split)
+        return output
 
     def _record_agreement(self, layer: Any, q: torch.Tensor, kv_cache: torch.Tensor, plan: RetrievalPlan,
                           sel: Selection) -> None:

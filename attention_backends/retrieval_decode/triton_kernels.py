@@ -138,11 +138,12 @@ def _select_kernel(
     nb = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
     budget = tl.minimum(_budget_blocks(seq_len, nb, BLOCK_SIZE, BUDGET_TOKENS, FRACTION, MIN_BLOCKS, MIN_CONTEXT),
                         NUM_SEL).to(tl.int32)
-    b = tl.arange(0, WIDTH_PAD)
-    valid = b < nb
-    x = tl.load(SCORES + n * stride_sn + h * stride_sh + b, mask=valid, other=float("-inf"))
-    take, slot = _take_best(_order_key(x), valid, budget, WIDTH_PAD, EARLY_EXIT, RADIX)
-    tl.store(TOP_IDX + pid_nh * NUM_SEL + slot, b.to(tl.int32), mask=take & (slot < NUM_SEL))
+    if nb > 0:  # an empty row (padding, or one the graph's dense path takes) selects nothing: no scan at all
+        b = tl.arange(0, WIDTH_PAD)
+        valid = b < nb
+        x = tl.load(SCORES + n * stride_sn + h * stride_sh + b, mask=valid, other=float("-inf"))
+        take, slot = _take_best(_order_key(x), valid, budget, WIDTH_PAD, EARLY_EXIT, RADIX)
+        tl.store(TOP_IDX + pid_nh * NUM_SEL + slot, b.to(tl.int32), mask=take & (slot < NUM_SEL))
 
 
 @triton.jit
@@ -483,11 +484,25 @@ def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, 
 
 
 @triton.jit
-def _merge_kernel(M, L, ACC, OUT, stride_on, stride_oh, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+def _merge_kernel(M, L, ACC, OUT, SEQ_LENS, stride_on, stride_oh, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                   GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                  SPLITS_PAD: tl.constexpr):
+                  SPLITS_PAD: tl.constexpr, KEEP_EMPTY: tl.constexpr = False):
+    """The splits of (sequence, kv-head) into its output rows. KEEP_EMPTY: a sequence of length 0 (padding, or
+    a row the graph's dense path wrote) keeps its output rows as they are; otherwise they get zeros."""
     pid_nh = tl.program_id(0)
     n = pid_nh // NUM_KV_HEADS
+    if KEEP_EMPTY:
+        if tl.load(SEQ_LENS + n) > 0:
+            _merge_row(M, L, ACC, OUT, pid_nh, n, stride_on, stride_oh, NUM_KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM,
+                       NUM_SPLITS, SPLITS_PAD)
+    else:
+        _merge_row(M, L, ACC, OUT, pid_nh, n, stride_on, stride_oh, NUM_KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM,
+                   NUM_SPLITS, SPLITS_PAD)
+
+
+@triton.jit
+def _merge_row(M, L, ACC, OUT, pid_nh, n, stride_on, stride_oh, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+               GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
     h = pid_nh % NUM_KV_HEADS
     sp = tl.arange(0, SPLITS_PAD)
     g = tl.arange(0, GROUP_PAD)
@@ -653,8 +668,11 @@ def refine_select(q: torch.Tensor, summ, block_table: torch.Tensor, seq_lens: to
 def attend_selected(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                     top_idx: torch.Tensor, seq_lens: torch.Tensor, params, scale: float,
                     out: torch.Tensor | None = None, num_splits: int | None = None,
-                    tile_blocks: int | None = None) -> torch.Tensor:
-    """Flash-decoding over the selected blocks (``select_top_blocks``' slots) + the split merge."""
+                    tile_blocks: int | None = None, keep_empty_rows: bool = False) -> torch.Tensor:
+    """Flash-decoding over the selected blocks (``select_top_blocks``' slots) + the split merge.
+    ``keep_empty_rows``: rows of sequences with seq_len 0 keep what ``out`` holds (else: zeros)."""
+    if keep_empty_rows and out is None:
+        raise ValueError("keep_empty_rows needs out= (the rows to keep)")
     N, Hq, D = q.shape
     Hkv, bs = key_cache.shape[1], key_cache.shape[2]
     G = Hq // Hkv
@@ -676,9 +694,9 @@ def attend_selected(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
         DOT_FP32=_INTERPRET or q.dtype == torch.float32)
     if out is None:
         out = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
-    _merge_kernel[(N * Hkv,)](m, l, acc, out, out.stride(0), out.stride(1), NUM_KV_HEADS=Hkv, GROUP=G,
+    _merge_kernel[(N * Hkv,)](m, l, acc, out, seq_lens, out.stride(0), out.stride(1), NUM_KV_HEADS=Hkv, GROUP=G,
                               GROUP_PAD=g_pad, HEAD_DIM=D, NUM_SPLITS=num_splits,
-                              SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
+                              SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), KEEP_EMPTY=keep_empty_rows)
     return out
 
 
@@ -686,7 +704,8 @@ def retrieval_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
                      kmax: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, params, k: int,
                      scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
                      tile_blocks: int | None = None, score_tile: int = 64, summ=None,
-                     fuse_key: torch.Tensor | None = None, fuse_slots: torch.Tensor | None = None) -> torch.Tensor:
+                     fuse_key: torch.Tensor | None = None, fuse_slots: torch.Tensor | None = None,
+                     keep_empty_rows: bool = False) -> torch.Tensor:
     """One decode step of retrieval attention on the GPU: q [N, Hq, D] (one token per sequence), key/value
     caches as [num_blocks, Hkv, block_size, D] views, summaries [num_blocks+1, Hkv, D], block_table [N, B],
     seq_lens [N]; ``params`` a planner.RetrievalParams, ``k`` the fixed selection slots. Writes into ``out``
@@ -694,7 +713,9 @@ def retrieval_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     (k must cover them: planner.graph_k). 4 launches: score, select, attend, merge.
     ``params.group_blocks`` > 1: two-level selection over ``summ`` (BlockSummaries with groups; kmin/kmax are
     its block summaries); ``fuse_key``/``fuse_slots`` then fold this step's summary update into the scoring
-    (instead of a separate ``update_summaries`` launch)."""
+    (instead of a separate ``update_summaries`` launch). ``keep_empty_rows``: a sequence of length 0 reads
+    nothing (its score tiles, select and attend splits return at once) and its rows of ``out`` keep what they hold
+    (the graph's dense path wrote them: DecodeGraphPlan); without it they come out as zeros."""
     if key_cache.shape[2] != params.block_size:
         raise ValueError(f"KV cache blocks hold {key_cache.shape[2]} tokens, params.block_size is {params.block_size}")
     if params.group_blocks > 1:
@@ -708,4 +729,4 @@ def retrieval_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
         scores = score_blocks(q, kmin, kmax, block_table, seq_lens, params, score_tile)
         top_idx = select_top_blocks(scores, seq_lens, params, k)
     return attend_selected(q, key_cache, value_cache, block_table, top_idx, seq_lens, params, scale, out,
-                           num_splits, tile_blocks)
+                           num_splits, tile_blocks, keep_empty_rows)

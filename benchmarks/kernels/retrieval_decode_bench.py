@@ -19,7 +19,10 @@ and k = planner.graph_k (the slots vLLM captures). Per (batch, context):
     against its torch reference, with the share of ``single``'s blocks it also reads;
   * --break-even-contexts: batch 1, the per-layer graph of each variant vs dense SDPA in a graph of as many
     layers, at each context; the crossover per variant (``break_even.crossover``); --write-break-even stores it
-    in attention_backends/retrieval_decode/break_even.json for ``retrieval_decode.break_even="measured"``.
+    in attention_backends/retrieval_decode/break_even.json for ``retrieval_decode.break_even="measured"``. At
+    each context also what a sequence under min_context costs a pure-decode graph: read whole by the retrieval
+    kernels (``single_read_all``, graph_dense_path off) or through the graph's dense path (``dense_path_ms``:
+    dense kernel + empty retrieval launches, ``dense_path_empty_retrieval_ms`` those launches alone).
 
     python -m benchmarks.kernels.retrieval_decode_bench --out benchmarks/results/retrieval_decode_kernels_h100.json
 """
@@ -190,9 +193,8 @@ def stacked_layers_ms(s, params=None, fuse: bool = False) -> dict:
     return {"per_layer_ms": total / len(s["layers"]), "graph_layers": len(s["layers"])}
 
 
-def dense_stacked_ms(s) -> float:
-    """Dense SDPA over each layer's own contiguous K/V, all layers in one graph, per layer (the break-even
-    sweep's comparator: timed as the sparse layers are)."""
+def _dense_kv(s) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's K/V of the sequences as contiguous [N, Hkv, ctx, D] (what SDPA reads)."""
     n, nblk, ctx = s["q"].shape[0], s["nblk"], s["ctx"]
     own = s["table"][:, :nblk].long()
     kvs = []
@@ -200,12 +202,55 @@ def dense_stacked_ms(s) -> float:
         k = lay["kview"][own].permute(0, 2, 1, 3, 4).reshape(n, HKV, nblk * BS, D)[:, :, :ctx].contiguous()
         v = lay["vview"][own].permute(0, 2, 1, 3, 4).reshape(n, HKV, nblk * BS, D)[:, :, :ctx].contiguous()
         kvs.append((k, v))
-    qs = s["q"].view(n, HQ, 1, D)
+    return kvs
+
+
+def _sdpa(s, k, v) -> torch.Tensor:
+    n = s["q"].shape[0]
+    return torch.nn.functional.scaled_dot_product_attention(s["q"].view(n, HQ, 1, D), k, v, enable_gqa=True)
+
+
+def dense_stacked_ms(s) -> float:
+    """Dense SDPA over each layer's own contiguous K/V, all layers in one graph, per layer (the break-even
+    sweep's comparator: timed as the sparse layers are)."""
+    kvs = _dense_kv(s)
 
     def step():
         for k, v in kvs:
-            torch.nn.functional.scaled_dot_product_attention(qs, k, v, enable_gqa=True)
+            _sdpa(s, k, v)
     return _graph_ms(step, iters=20) / len(kvs)
+
+
+def dense_path_stacked(s) -> dict:
+    """A sequence under min_context with graph_dense_path (DecodeGraphPlan with dense metadata): per layer, in one
+    graph of all layers, what vLLM's decode graph runs for it: the summary update, the dense kernel (SDPA standing
+    in for FlashAttention) writing its output rows, and the retrieval step at length 0 (every launch returns at
+    once, the rows are kept). ``dense_path_ms`` is to compare with ``single_read_all`` (the same sequence read
+    whole by the retrieval kernels, what runs without the dense path) and ``dense_sdpa_graph_ms``;
+    ``dense_path_empty_retrieval_ms``: the retrieval launches alone, the fixed cost each dense row's layer pays.
+    Checked: the rows the dense kernel wrote are still there after the step."""
+    params = dataclasses.replace(s["params"], graph_dense_path=True)
+    k = planner.graph_k(params, s["table"].shape[1] * BS)
+    kvs = _dense_kv(s)
+    zero = torch.zeros_like(s["seq_lens"])
+    outs = [torch.empty_like(s["q"]) for _ in s["layers"]]
+
+    def empty_retrieval(lay, out):
+        triton_kernels.retrieval_decode(s["q"], lay["kview"], lay["vview"], lay["summ"].kmin, lay["summ"].kmax,
+                                        s["table"], zero, params, k, _scale(), out=out, summ=lay["summ"],
+                                        keep_empty_rows=True)
+
+    def step():
+        for lay, (kk, vv), out in zip(s["layers"], kvs, outs):
+            summary_update_step(s, lay)
+            out.copy_(_sdpa(s, kk, vv).view_as(out))
+            empty_retrieval(lay, out)
+    total = _graph_ms(step, iters=20)
+    want = _sdpa(s, *kvs[0]).view_as(outs[0])
+    kept = bool(torch.equal(outs[0], want))
+    empty = _graph_ms(lambda: [empty_retrieval(lay, out) for lay, out in zip(s["layers"], outs)], iters=20)
+    return {"dense_path_ms": total / len(kvs), "dense_path_empty_retrieval_ms": empty / len(kvs),
+            "dense_path_k_slots": k, "dense_path_rows_kept": kept}
 
 
 def _torch_selection(s, lay, params):
@@ -355,6 +400,10 @@ def break_even_sweep(contexts: list[int], budget: int, width: int, layers: int, 
             r["single_read_all"] = stacked_layers_ms(s, read_all, False)["per_layer_ms"]
         except Exception as exc:
             r["single_read_all"] = {"error": error_text(exc, 500)}
+        try:  # ... and what it pays with graph_dense_path: the dense kernel + empty retrieval launches
+            r.update(dense_path_stacked(s))
+        except Exception as exc:
+            r["dense_path_ms"] = {"error": error_text(exc, 500)}
         rows.append(r)
         print(json.dumps(r), flush=True)
         del s
@@ -433,6 +482,13 @@ def main(argv=None) -> int:
             print(f"| {r['batch']}x{r['context']} | {r['dense_sdpa_ms']:.3f} | " + " | ".join(cells) + " |")
     if contexts:
         print("\nbreak-even context (batch 1, tokens):", json.dumps(out["break_even"]["crossover_tokens"]))
+        print("\n| context (batch 1, under min_context) | dense SDPA ms | read all (retrieval kernels) | "
+              "dense path (graph_dense_path) | of which empty retrieval launches |\n|---|---|---|---|---|")
+        for r in out["break_even"]["rows"]:
+            cells = [r.get(key) for key in ("dense_sdpa_graph_ms", "single_read_all", "dense_path_ms",
+                                             "dense_path_empty_retrieval_ms")]
+            print(f"| {r['context']} | " + " | ".join(f"{c:.4f}" if isinstance(c, float) else "error" for c in cells)
+                  + " |")
     return 0
 
 

@@ -338,6 +338,58 @@ def kv_cache_memory_bound(vllm_config: Any, device: Any) -> tuple[int, bool]:
 
 
 
+# --- retrieval decode: the dense backend's kernel inside a pure-decode CUDA graph -------------------------
+
+def decode_batch_capacity(vllm_config: Any) -> int:
+    """The most requests one pure-decode batch can hold, CUDA-graph padding included (vLLM pads a decode batch
+    to a captured size, at most max_cudagraph_capture_size, or runs it unpadded, at most max_num_seqs):
+    per-request persistent buffers of this size serve every step."""
+    seqs = int(vllm_config.scheduler_config.max_num_seqs)
+    captured = int(getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", 0) or 0)
+    return max(seqs, captured)
+
+
+# Host copies of the lengths CommonAttentionMetadata may carry (0.26 caches them in the _fields behind its
+# properties; older releases had plain fields): stale once seq_lens changes.
+_HOST_LENGTH_CACHES = ("_seq_lens_cpu", "_num_computed_tokens_cpu", "_num_computed_tokens_cache", "seq_lens_cpu",
+                       "num_computed_tokens_cpu")
+
+
+def with_seq_lens(cam: Any, seq_lens: Any) -> Any:
+    """CommonAttentionMetadata ``cam`` with other per-request KV lengths ``seq_lens`` (device, the same rows and
+    at most the old lengths, so max_seq_len and the host upper bounds stay bounds). Cached host copies of the
+    old lengths are dropped (None), so a reader recomputes the new ones (0.26) or fails, never reads stale ones."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cam)}
+    fields = {name: None for name in _HOST_LENGTH_CACHES if name in names}
+    return dataclasses.replace(cam, seq_lens=seq_lens, **fields)
+
+
+def schedule_buffer(builder: Any) -> Any:
+    """A persistent buffer like the builder's own AOT-schedule buffer, or None when it has none. FA3 under full
+    CUDA graphs keeps one ``scheduler_metadata`` buffer per builder and every ``build()`` rewrites it: a second
+    metadata built in the same step (the dense rows of a pure-decode batch) needs a buffer of its own."""
+    import torch
+
+    shared = getattr(builder, "scheduler_metadata", None)
+    return torch.zeros_like(shared) if isinstance(shared, torch.Tensor) else None
+
+
+def keep_schedule(attn_metadata: Any, builder: Any, store: Any) -> None:
+    """Move ``attn_metadata``'s AOT schedule out of the builder's shared buffer into ``store`` (from
+    ``schedule_buffer``) before the builder builds another metadata this step. A schedule the builder did not put
+    in its shared buffer (no full CUDA graphs, FA2: none at all) is its own already and stays."""
+    sched = getattr(attn_metadata, "scheduler_metadata", None)
+    shared = getattr(builder, "scheduler_metadata", None)
+    if store is None or sched is None or shared is None or sched.data_ptr() != shared.data_ptr():
+        return
+    n = sched.shape[0]
+    store[:n].copy_(sched)
+    store[n:].zero_()  # as vLLM does with its own: stale entries would send thread blocks to other rows
+    attn_metadata.scheduler_metadata = store[:n]
+
+
 def paged_kv_geometry(kv_cache: Any) -> tuple[int, int, int, int]:
     """(num_blocks, kv_heads, block_size, head_dim) of a layer's paged KV cache. CPU_ATTN:
     [blocks, heads, block_size, 2*head_dim]; FlashAttention: [2, blocks, block_size, heads, head_dim]."""

@@ -156,6 +156,47 @@ def test_026_host_seq_lens_never_read_the_device():
         v0_26.host_seq_lens(_Cam026(qsl, qsl, meta, 3, 9, 5, 40, meta, meta))
 
 
+def test_026_metadata_with_other_lengths_reports_them_not_the_cached_ones():
+    """The graph's dense path (retrieval decode) gives the dense backend the batch with some lengths 0: 0.26's
+    host caches of the old lengths must not survive into it."""
+    qsl = torch.tensor([0, 1, 2])
+    cam = _Cam026(qsl, qsl, torch.tensor([4000, 90]), 2, 2, 1, 4000, torch.zeros(2, 4), torch.arange(2))
+    assert cam.num_computed_tokens_cpu.tolist() == [3999, 89]  # both host caches filled
+    dense = common.with_seq_lens(cam, torch.tensor([0, 90]))
+    assert v0_26.host_seq_lens(dense).tolist() == [0, 90] and dense.num_computed_tokens_cpu.tolist() == [-1, 89]
+    assert cam.seq_lens.tolist() == [4000, 90] and dense.max_seq_len == 4000  # the original untouched; a bound
+
+
+def test_keep_schedule_moves_only_a_schedule_living_in_the_builders_shared_buffer():
+    """FA3 under full CUDA graphs hands every build a view of one persistent buffer: a second metadata of the
+    same step gets a copy in its own persistent buffer (rest zeroed, as vLLM does). A schedule of its own (no
+    full graphs) or none (FA2) stays as it is."""
+    builder = SimpleNamespace(scheduler_metadata=torch.arange(9, dtype=torch.int32))
+    store = common.schedule_buffer(builder)
+    assert store.shape == (9,) and store.data_ptr() != builder.scheduler_metadata.data_ptr()
+    store.fill_(-1)
+    md = SimpleNamespace(scheduler_metadata=builder.scheduler_metadata[:5])
+    common.keep_schedule(md, builder, store)
+    assert md.scheduler_metadata.data_ptr() == store.data_ptr() and store.tolist() == [0, 1, 2, 3, 4, 0, 0, 0, 0]
+    builder.scheduler_metadata.zero_()
+    assert md.scheduler_metadata.tolist() == [0, 1, 2, 3, 4]
+    own = SimpleNamespace(scheduler_metadata=torch.ones(3, dtype=torch.int32))
+    kept = own.scheduler_metadata
+    common.keep_schedule(own, builder, store)
+    assert own.scheduler_metadata is kept
+    fa2 = SimpleNamespace(scheduler_metadata=None)
+    common.keep_schedule(fa2, SimpleNamespace(), common.schedule_buffer(SimpleNamespace()))
+    assert fa2.scheduler_metadata is None
+
+
+def test_decode_batch_capacity_covers_padding_and_unpadded_batches():
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=256),
+                          compilation_config=SimpleNamespace(max_cudagraph_capture_size=512))
+    assert common.decode_batch_capacity(cfg) == 512
+    cfg.compilation_config.max_cudagraph_capture_size = None
+    assert common.decode_batch_capacity(cfg) == 256
+
+
 @pytest.mark.parametrize("salt", [None, "tenant-a"])
 def test_prefix_block_hashes_equal_the_schedulers(monkeypatch, salt):
     """The router's hashes of a prompt are the ones vLLM's scheduler computes for its prefix cache."""

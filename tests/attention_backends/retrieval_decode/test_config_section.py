@@ -71,3 +71,13 @@ def test_two_level_and_break_even_fields_reach_the_params(tmp_path, monkeypatch)
     assert RetrievalParams.from_config(single, block_size=16, device_name="GPU X").min_context_tokens == 4096
     off = settings.resolve(sets=["retrieval_decode.group_blocks=4"], environ={}).retrieval_decode
     assert RetrievalParams.from_config(off, block_size=16, device_name="GPU X").min_context_tokens == 4096
+
+
+def test_graph_dense_path_is_off_by_default_and_reaches_the_params():
+    cfg = settings.resolve(environ={}).retrieval_decode
+    assert cfg.graph_dense_path is False
+    assert RetrievalParams.from_config(cfg, block_size=16).graph_dense_path is False
+    on = settings.resolve(sets=["retrieval_decode.graph_dense_path=true"], environ={}).retrieval_decode
+    assert RetrievalParams.from_config(on, block_size=16).graph_dense_path is True
+    with pytest.raises(settings.KvplugConfigError, match=r"retrieval_decode\.graph_dense_path"):
+        settings.resolve(sets=["retrieval_decode.graph_dense_path=maybe"], environ={})

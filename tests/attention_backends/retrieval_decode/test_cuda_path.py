@@ -4,6 +4,7 @@ import dataclasses
 import enum
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from attention_backends.retrieval_decode import backend_hooks, planner, runner
@@ -108,3 +109,75 @@ def test_dense_layers_of_a_pure_decode_batch_use_the_dense_backend():
     got = r.forward(None, layer, torch.zeros(1, 4, 8), None, None, torch.zeros(0), plan, torch.zeros(1, 4, 8),
                     dense_forward=lambda: "dense kernel")
     assert got == "dense kernel"
+
+
+def _dense_path_hook(max_num_seqs=8):
+    """A BuilderHook with graph_dense_path over a stand-in FlashAttention builder: one persistent AOT-schedule
+    buffer that each of its builds rewrites (FA3 under full CUDA graphs)."""
+    builder = SimpleNamespace(
+        kv_cache_spec=SimpleNamespace(block_size=16, num_kv_heads=2), device="cpu", supports_update_block_table=True,
+        vllm_config=SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096),
+                                    scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
+                                    compilation_config=SimpleNamespace(max_cudagraph_capture_size=4)),
+        scheduler_metadata=torch.zeros(1 + 4 * max_num_seqs, dtype=torch.int32))
+    cfg = RetrievalDecodeConfig(enabled=True, budget_tokens=256, recent_tokens=32, min_context_tokens=512,
+                                graph_dense_path=True)
+    monkey = backend_hooks.vllm_compat
+    real = monkey.platform_name
+    monkey.platform_name = lambda: "cuda"  # the hook sizes its buffers at construction, as on CUDA
+    try:
+        hook = backend_hooks.BuilderHook(builder, cfg)
+    finally:
+        monkey.platform_name = real
+    return hook, builder
+
+
+def _fa_build(builder, calls):
+    """FlashAttention's build as far as the plan cares: its schedule (here: the lengths + 1) written into the
+    builder's one shared buffer, handed out as a view of it."""
+    def build(cam):
+        n = cam.seq_lens.shape[0]
+        builder.scheduler_metadata[:n] = cam.seq_lens + 1
+        builder.scheduler_metadata[n:] = 0
+        calls.append(cam)
+        return SimpleNamespace(seq_lens=cam.seq_lens, scheduler_metadata=builder.scheduler_metadata[:n])
+    return build
+
+
+def test_graph_dense_path_plan_splits_lengths_into_persistent_buffers_with_its_own_schedule():
+    """A pure-decode batch with graph_dense_path: the dense backend's metadata sees the retrieval rows at length 0
+    and keeps its own AOT schedule (the full build after it rewrites the builder's shared buffer); the retrieval
+    kernels see the dense rows at length 0; k holds only sparse budgets. The buffers are persistent: the next
+    step's plan points at the same memory (what a captured graph replays), and host caches of the old lengths
+    are dropped from the dense path's metadata."""
+    hook, builder = _dense_path_hook()
+    assert hook.graph_k == 256 // 16  # no read-all slots for the sequences under min_context
+    seq = torch.tensor([3000, 100, 0, 0], dtype=torch.int32)  # a long decode, a short one, 2 padding rows
+    qsl = torch.tensor([0, 1, 2, 2, 2], dtype=torch.int32)
+    cam = _Cam(qsl, qsl, seq, seq, torch.zeros(4, 256, dtype=torch.int32), torch.arange(2), 4, 2, 1, 3000)
+    calls = []
+    full = _fa_build(builder, calls)
+    md = hook.build(cam, full, lambda c: None, _fa_build(builder, calls))
+    plan = backend_hooks.plan_of(md)
+    assert plan.dense_metadata.seq_lens.tolist() == [0, 100, 0, 0]
+    assert plan.retrieval_seq_lens.tolist() == [3000, 0, 0, 0]
+    assert calls[0].seq_lens_cpu is None and calls[1] is cam  # the dense one first, then the full batch
+    assert plan.dense_metadata.scheduler_metadata.tolist() == [1, 101, 1, 1]  # survived the full build
+    assert md.scheduler_metadata.tolist() == [3001, 101, 1, 1]
+    ptrs = (plan.dense_metadata.seq_lens.data_ptr(), plan.retrieval_seq_lens.data_ptr(),
+            plan.dense_metadata.scheduler_metadata.data_ptr())
+    cam2 = dataclasses.replace(cam, seq_lens=torch.tensor([3001, 600, 0, 0], dtype=torch.int32))
+    plan2 = backend_hooks.plan_of(hook.build(cam2, full, lambda c: None, _fa_build(builder, calls)))
+    assert (plan2.dense_metadata.seq_lens.data_ptr(), plan2.retrieval_seq_lens.data_ptr(),
+            plan2.dense_metadata.scheduler_metadata.data_ptr()) == ptrs
+    assert plan2.retrieval_seq_lens.tolist() == [3001, 600, 0, 0]  # 600 >= min_context: retrieval now
+
+
+def test_graph_dense_path_refuses_a_batch_larger_than_its_buffers():
+    hook, _ = _dense_path_hook(max_num_seqs=2)  # capacity max(2, capture size 4) = 4
+    seq = torch.full((5,), 3000, dtype=torch.int32)
+    qsl = torch.arange(6, dtype=torch.int32)
+    cam = _Cam(qsl, qsl, seq, seq, torch.zeros(5, 256, dtype=torch.int32), torch.arange(5), 5, 5, 1, 3000)
+    build = lambda c: SimpleNamespace(seq_lens=c.seq_lens, scheduler_metadata=None)  # noqa: E731
+    with pytest.raises(RuntimeError, match="exceeds the dense path's buffers"):
+        hook.build(cam, build, lambda c: None, build)

@@ -62,3 +62,30 @@ def test_kv_cache_size_covers_the_prompts_and_fits_the_gpu(tmp_path):
     assert gib("tpot,throughput", 140) * (1 << 30) >= 16 * 32768 * per_token  # H200: all 16 resident
     h100 = gib("tpot,throughput", 80)  # capped: weights (15 GiB) + summaries + slack must fit in 80 GB
     assert h100 * (1 + 1 / 16) + 15 + 6 <= 0.92 * 80 + 1e-6 and h100 * (1 << 30) < 16 * 32768 * per_token
+
+
+def test_variant_runs_get_their_own_speedups_and_stay_out_of_the_workers_flags():
+    """--variant LABEL:KEY=VALUE adds a kvplug run (e.g. the graph's dense path) measured in the same command:
+    its speedup vs the same FLASH_ATTN run sits beside the plain kvplug run's; the parent-only flag never
+    reaches a worker; a malformed one names the expected form."""
+    import pytest
+
+    from benchmarks.gpu_retrieval_decode import PARENT_ONLY, parse_variant
+
+    assert parse_variant("dense_path:graph_dense_path=true, break_even=measured") == (
+        "dense_path", ["graph_dense_path=true", "break_even=measured"])
+    with pytest.raises(SystemExit, match="LABEL:KEY=VALUE"):
+        parse_variant("graph_dense_path=true")
+    argv = ["--lengths", "8192", "--variant", "d:graph_dense_path=true", "--variant=e:x=1", "--set", "break_even=measured"]
+    assert harness.worker_argv(argv, PARENT_ONLY) == ["--lengths", "8192", "--set", "break_even=measured"]
+
+    def run(backend, tpot, variant=None):
+        r = {"backend": backend, "device": "H100", "vllm": "0.26", "tpot_s": {"8192": tpot}, "throughput_tok_s": {},
+             "attention_impls": _IMPLS if backend == "CUSTOM" else [], "timings": {"8192": _timings(1.0, 0.05)},
+             "stats": {"tpot": dict(_STATS)} if backend == "CUSTOM" else {}}
+        return dict(r, variant=variant) if variant else r
+    s = summarize([run("FLASH_ATTN", [0.010]), run("CUSTOM", [0.0125]), run("CUSTOM", [0.0100], "dense_path")])
+    row = s["tpot_s"]["8192"]
+    assert abs(row["speedup"] - 0.8) < 1e-9 and abs(row["variants"]["dense_path"]["speedup"] - 1.0) < 1e-9
+    assert s["variant_retrieval_path"] == {"dense_path": "ran"}
+    assert set(s["prefix_cache_held"]) == {"FLASH_ATTN 8192", "CUSTOM 8192", "CUSTOM[dense_path] 8192"}

@@ -282,6 +282,10 @@ def test_kernel_bench_runs_and_checks_itself(tmp_path, monkeypatch):
     assert [r["context"] for r in sweep["rows"]] == [1024, 4200] and set(sweep["crossover_tokens"]) == set(bench.VARIANTS)
     # the read-all cost a pure-decode graph pays under min_context, timed beside dense at every context
     assert all(r["single_read_all"] > 0 for r in sweep["rows"]), sweep["rows"]
+    # ... and through the graph's dense path: the dense kernel's rows survive the empty retrieval launches
+    assert all(r["dense_path_ms"] > 0 and r["dense_path_empty_retrieval_ms"] > 0 and r["dense_path_rows_kept"]
+               for r in sweep["rows"]), sweep["rows"]
+    assert sweep["rows"][0]["dense_path_k_slots"] == 512 // 16  # the budget's slots, not min_context's 256
     # On the interpreter sparse never beats SDPA: each variant is recorded as dense past the longest context.
     stored = json.loads(table.read_text())["devices"]["cpu"]
     assert stored["group_blocks=1"]["context_tokens"] == 4201 and stored["group_blocks=4"]["variant"] == "two_level"
@@ -458,6 +462,63 @@ def test_fused_summary_update_equals_the_separate_update():
     assert not torch.equal(fused.kmax[:-1].cpu(), _grouped(case).kmax[:-1].cpu())  # the update did happen
     assert bool((fused.gmax[fresh_block] == float("-inf")).all())
     assert bool((separate.gmax[fresh_block] == float("-inf")).all())
+
+
+@in_process
+@pytest.mark.parametrize("group_blocks", [1, 4])
+def test_graph_step_with_the_dense_path_on_a_mixed_batch(group_blocks):
+    """A pure-decode graph step with graph_dense_path on a batch mixing long sequences (retrieval), short ones
+    (dense: under min_context, or within their budget) and a padding row: the dense backend's kernel (here the
+    torch dense oracle, reading the dense metadata's lengths: a zero-length row comes out NaN) runs first on every
+    row; then the retrieval kernels, given length 0 for the dense rows, overwrite exactly the retrieval rows. Dense
+    rows stay bit for bit what the dense kernel wrote, retrieval rows equal the torch selection + attention, no
+    NaN of the dense kernel's empty rows reaches them; k holds only sparse budgets (no read-all slots)."""
+    from types import SimpleNamespace
+
+    from attention_backends.retrieval_decode import planner, runner
+    from attention_backends.retrieval_decode.reference import dense_decode_attention, split_decode_attention
+
+    bs = 16
+    case = make_case(seq_lens=(700, 90, 0, 512, 300, 100), hkv=2, group=4, d=32, bs=bs, num_blocks=160)
+    params = planner.RetrievalParams(block_size=bs, budget_tokens=96, budget_fraction=0.0, sink_blocks=1,
+                                     recent_tokens=20, min_context_tokens=400, graph_dense_path=True,
+                                     group_blocks=group_blocks)
+    seq = case.seq_lens.int()
+    dense_lens, retrieval_lens = torch.zeros_like(seq), torch.zeros_like(seq)
+    planner.split_lengths(params, seq, dense_lens, retrieval_lens)
+    assert retrieval_lens.tolist() == [700, 0, 0, 512, 0, 0] and dense_lens.tolist() == [0, 90, 0, 0, 300, 100]
+    k = planner.graph_k(params, 720)
+    assert k == 6  # the sparse budget only: the 300-token row would need 19 slots to read everything
+    plan = planner.DecodeGraphPlan(seq.to(DEV), case.block_table.to(DEV), k, params,
+                                   dense_metadata=SimpleNamespace(seq_lens=dense_lens.to(DEV)),
+                                   retrieval_seq_lens=retrieval_lens.to(DEV))
+    out = torch.full((6, 8, 32), 7.0, device=DEV)
+    written = {}
+
+    def dense_forward(metadata):  # FlashAttention's part: every row at the metadata's lengths
+        lens = metadata.seq_lens.cpu()
+        got = dense_decode_attention(case.q, case.key_cache, case.value_cache, case.block_table, lens, 0.2)
+        assert bool(torch.isnan(got[[0, 2, 3]]).all())  # zero-length rows: the worst an empty row could hold
+        out.copy_(got.to(DEV))
+        written["dense"] = out.cpu().clone()
+
+    r = runner.RetrievalDecodeRunner(SimpleNamespace(scale=0.2))
+    r.summaries = _grouped(case)
+    kview, vview = _flash_views(case.key_cache, case.value_cache)
+    got = r._graph_step(case.q.to(DEV), kview, vview, plan, out, dense_forward).cpu()
+    dense_rows, sparse_rows = [1, 4, 5], [0, 3]
+    assert torch.equal(got[dense_rows], written["dense"][dense_rows])
+    assert not bool(torch.isnan(got[sparse_rows]).any())
+    nb, budget = planner.device_budgets(params, case.seq_lens)
+    groups = params.candidate_groups(budget) if group_blocks > 1 else None
+    sel = select_for_queries(case.q, case.summaries.kmin, case.summaries.kmax, case.block_table, nb, budget,
+                             case.block_table.shape[1], params.sink_blocks, params.recent_blocks, "max", group_blocks,
+                             groups)
+    want = split_decode_attention(case.q, case.key_cache, case.value_cache, case.block_table, case.seq_lens, sel,
+                                  planner.retrieval_rows(params, case.seq_lens), 0.2)
+    torch.testing.assert_close(got[dense_rows + sparse_rows], want[dense_rows + sparse_rows], rtol=2e-4, atol=2e-4)
+    dense_all = dense_decode_attention(case.q, case.key_cache, case.value_cache, case.block_table, case.seq_lens, 0.2)
+    assert (got[0] - dense_all[0]).abs().max() > 0.1  # the long rows really are sparse
 
 
 def test_bench_error_text_keeps_the_root_cause():

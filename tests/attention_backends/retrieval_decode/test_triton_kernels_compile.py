@@ -45,7 +45,9 @@ VARIANTS = {
     "score": (tk._masked_score_kernel, dict(TILE=64), 4),
     "group score fused update": (tk._group_score_kernel, dict(TILE=64, GROUP_BLOCKS=8, FUSE_UPDATE=True), 4),
     "decode": (tk._topk_decode_kernel, dict(BLOCKS_PER_SPLIT=64, TILE_BLOCKS=4, NUM_SPLITS=8, MIN_BLOCKS=5), 4),
-    "merge": (tk._merge_kernel, dict(NUM_SPLITS=8, SPLITS_PAD=8), 4),
+    "merge": (tk._merge_kernel, dict(NUM_SPLITS=8, SPLITS_PAD=8, KEEP_EMPTY=False), 4),
+    "merge keeping empty rows (graph dense path)": (tk._merge_kernel, dict(NUM_SPLITS=8, SPLITS_PAD=8,
+                                                                          KEEP_EMPTY=True), 4),
     "summary update": (tk._summary_update_kernel, dict(HAS_GROUPS=True), 4),
 }
 
