@@ -220,7 +220,8 @@ def host_seq_lens_without_sync(common_attn_metadata: Any) -> Any:
     scheduled tokens; exact except for async speculative-decoding rows, which assume every draft accepted), else
     ``seq_lens`` where it lives on the host. Never the deprecated ``seq_lens_cpu`` property: on a batch whose cache
     is empty (every Model Runner V2 batch, 0.26's default GPU runner for Llama/Qwen) it is ``seq_lens.to("cpu")``,
-    a device sync in every step's metadata builder that stalls async scheduling behind the previous step."""
+    a device sync in every step's metadata builder that stalls async scheduling behind the previous step. On
+    metadata from ``with_seq_lens`` (lengths lowered, host caches dropped) the bound stays the old lengths."""
     for name in ("_seq_lens_cpu", "seq_lens_cpu_upper_bound"):
         value = getattr(common_attn_metadata, name, None)
         if value is not None:
