@@ -22,22 +22,9 @@ from benchmarks import harness
 from offload import control
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
 def engine_socket(launcher_pid: int) -> Path:
     """The control socket of the API server started by ``kvplug serve`` (its child)."""
-    for pid in _children(launcher_pid):
+    for pid in harness.child_pids(launcher_pid):
         path = control.socket_path(pid)
         if path.exists():
             return path

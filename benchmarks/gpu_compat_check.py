@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -189,22 +188,14 @@ def pending_steps(recorded: dict, asked: list[str] | None) -> list[str]:
 
 
 def run_logged(cmd: list[str], log_path: Path, timeout_s: float, env: dict | None = None) -> int | None:
-    """Run ``cmd`` (its own process group) with output into ``log_path``; None if it ran past ``timeout_s``
-    (the group is terminated, then killed: engine cores are children of the script)."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                start_new_session=True)
-        try:
-            return proc.wait(timeout=max(timeout_s, 1))
-        except subprocess.TimeoutExpired:
-            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 20)):
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(timeout=wait)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
-            return None
+    """Run ``cmd`` (its own session) with output into ``log_path``; None if it ran past ``timeout_s`` (it and the
+    engine processes it started are terminated, then killed)."""
+    proc = harness.start_session(cmd, log_path, env=env, cwd=REPO)
+    try:
+        return proc.wait(timeout=max(timeout_s, 1))
+    except subprocess.TimeoutExpired:
+        harness.stop_process_tree(proc, grace_s=20)
+        return None
 
 
 def tail(path: Path, lines: int = 25) -> str:
@@ -221,20 +212,6 @@ def shape_with_tokenizer(into: Path) -> Path:
                                         bos=shape["bos_token_id"], eos=shape["eos_token_id"])
 
 
-def _http(method: str, url: str, body: dict | None = None, timeout: float = 120) -> tuple[int, dict, str]:
-    """(status, headers, text) with the standard library (the GPU host may lack httpx)."""
-    import urllib.error
-    import urllib.request
-
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read().decode(errors="replace")
-
-
 # vLLM flags of the serve step: dummy weights, eager (the server path is what it checks, not kernels).
 SERVE_ENGINE_ARGS = ("--load-format", "dummy", "--max-model-len", "4096", "--gpu-memory-utilization", "0.5",
                      "--enforce-eager")
@@ -243,48 +220,26 @@ SERVE_ENGINE_ARGS = ("--load-format", "dummy", "--max-model-len", "4096", "--gpu
 def serve_check(model_dir: Path, log_path: Path, timeout_s: float, engine_args: tuple[str, ...] = SERVE_ENGINE_ARGS,
                 offload: str = "cpu:4GiB") -> dict:
     """Start ``kvplug serve`` with the offload tier; one good and one bad completion; /metrics."""
-    port = harness.free_port()
-    cmd = [sys.executable, "-m", "kvplug.cli", "serve", str(model_dir), "--offload", offload, "--port", str(port),
-           *engine_args]
-    base, name = f"http://127.0.0.1:{port}", model_dir.name
-    out: dict = {"command": "python -m " + " ".join(cmd[2:])}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                out["verdict"] = f"fail: kvplug serve exited {proc.returncode} before /health answered"
-                return out
-            if time.monotonic() > deadline:
-                out["verdict"] = f"fail: /health did not answer within {timeout_s:.0f} s"
-                return out
-            try:
-                if _http("GET", base + "/health", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(2)
-        out["ready_s"] = round(timeout_s - (deadline - time.monotonic()), 1)
+    name = model_dir.name
+    with harness.kvplug_server([str(model_dir), "--offload", offload, *engine_args], log_path, cwd=REPO,
+                               stop_timeout_s=30, tag="serve") as server:
+        out: dict = {"command": server.command}
+        t0 = time.monotonic()
+        if why := harness.health_failure(server, timeout_s):
+            out["verdict"] = f"fail: {why}"
+            return out
+        out["ready_s"] = round(time.monotonic() - t0, 1)
         prompt = " ".join(f"t{1000 + i}" for i in range(600))
         good = {"model": name, "prompt": prompt, "max_tokens": 4, "temperature": 0}
-        status, headers, text = _http("POST", base + "/v1/completions", good)
+        status, headers, text = harness.http_request("POST", server.base + "/v1/completions", good)
         out["completion"] = {"status": status, "x-kvplug-cache": headers.get("x-kvplug-cache"), "body": text[:300]}
         bad = dict(good, kv_transfer_params={"kvplug_policy": "no-such-policy"})
-        status_bad, _, text_bad = _http("POST", base + "/v1/completions", bad)
+        status_bad, _, text_bad = harness.http_request("POST", server.base + "/v1/completions", bad)
         out["bad_policy"] = {"status": status_bad, "body": text_bad[:300]}
-        metrics = _http("GET", base + "/metrics")[2]
+        metrics = harness.http_request("GET", server.base + "/metrics")[2]
         out["kvplug_metric_lines"] = sum(1 for ln in metrics.splitlines() if ln.startswith("kvplug"))
         out["verdict"] = serve_verdict(out)
         return out
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=30)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
 
 
 def serve_verdict(out: dict) -> str:

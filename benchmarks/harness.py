@@ -9,8 +9,11 @@ Sections:
     their command, device and date (``write_results``);
   * library seams: the only places where more than one script reaches into kvplug's library
     (attention impl names, the connector's engine kwargs and worker side, model preparation, SCBench cases);
-  * servers: ``kvplug serve`` on a free port until /health answers (``serve_kvplug``), ``kvplug bench``
-    as a subprocess (``run_kvplug``), Prometheus /metrics samples (``scrape_samples``);
+  * process trees: a command in a session of its own (``start_session``), stopped with every process it
+    started, those in sessions of their own too (``stop_process_tree``);
+  * servers: ``kvplug serve`` on a free port (``kvplug_server``) until /health answers (``health_failure``
+    says why not; ``serve_kvplug`` raises it), ``kvplug bench`` as a subprocess (``run_kvplug``), HTTP with the
+    standard library (``http_request``), Prometheus /metrics samples (``scrape_samples``);
   * profiling: torch.profiler in an engine's worker through collective_rpc (``profile_start``/``profile_stop``),
     summarized as device busy/idle time, kernel families, top kernels and host calls that wait (``profile_summary``);
   * plots: ``pyplot()`` (matplotlib on the Agg backend).
@@ -585,6 +588,99 @@ def question_items(model_path: str | Path, tasks: str, contexts: str, cases: int
     return items
 
 
+# ---------------------------------------------------------------------------------------------- process trees
+# A server or benchmark script runs in a session of its own, so that stopping it reaches the processes it
+# started. Not all of them share its process group: ``kvplug serve`` starts vLLM's API server in a session of
+# its own (serving/processes.py), with the engine core and workers under it. vLLM's engine core does not watch
+# its parent: if the API server dies without its orderly shutdown (killed, or SIGTERM'd before its handlers are
+# in place), the engine core lives on and keeps its memory. So a stop also looks the tree up in /proc while the
+# top process lives (once it is gone, its orphans are no longer its descendants) and kills what is left of it.
+
+def _proc_stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent pid, state, start time) of a live process from /proc (Linux), None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)", which may hold spaces
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids of ``pid``'s children, from /proc (empty where there is no /proc)."""
+    with contextlib.suppress(OSError):
+        return [int(e) for e in os.listdir("/proc") if e.isdigit() and (_proc_stat(int(e)) or (0,))[0] == pid]
+    return []
+
+
+def process_tree(pid: int) -> dict[int, int]:
+    """``pid``'s descendants, pid -> start time (a pid reused later has another start time)."""
+    parents: dict[int, list[tuple[int, int]]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and (stat := _proc_stat(int(entry))):
+                parents.setdefault(stat[0], []).append((int(entry), stat[2]))
+    tree, todo = {}, [pid]
+    while todo:
+        for child, started in parents.get(todo.pop(), []):
+            if child not in tree:
+                tree[child] = started
+                todo.append(child)
+    return tree
+
+
+def _still_running(pid: int, started: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[2] == started and stat[1] != "Z"  # a zombie has ended
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def start_session(cmd: Sequence[str], log_path: Path, env: dict | None = None,
+                  cwd: str | Path | None = None) -> subprocess.Popen:
+    """``cmd`` in a session (and process group) of its own, stdout and stderr into ``log_path``."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                                env=dict(os.environ) if env is None else env, start_new_session=True)
+
+
+def stop_process_tree(proc: subprocess.Popen, grace_s: float, kill_wait_s: float = 10) -> None:
+    """Stop ``proc`` (started by ``start_session``) and every process it started: SIGTERM to its process group,
+    up to ``grace_s`` for the group and its descendants to end (their own orderly shutdown), then SIGKILL to
+    the group and to each descendant left, and up to ``kill_wait_s`` for them to go."""
+    tree = process_tree(proc.pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+
+    def left() -> list[int]:
+        if proc.poll() is None:
+            tree.update(process_tree(proc.pid))
+        return [pid for pid, started in tree.items() if _still_running(pid, started)]
+
+    def done() -> bool:
+        return not left() and proc.poll() is not None and not _group_alive(proc.pid)
+
+    for wait_s, last in ((grace_s, False), (kill_wait_s, True)):
+        deadline = time.monotonic() + wait_s
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if last or done():
+            break
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in left():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=1)
+
+
 # ---------------------------------------------------------------------------------------------------- servers
 
 KVPLUG_CLI = [sys.executable, "-m", "kvplug.cli"]
@@ -596,51 +692,76 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def http_request(method: str, url: str, body: dict | None = None, timeout: float = 120) -> tuple[int, dict, str]:
+    """(status, headers with lower-case names, text) of a JSON request, with the standard library (a GPU host
+    may lack httpx); an HTTP error status is an answer, a connection that fails raises OSError."""
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read().decode(errors="replace")
+
+
 class Server(NamedTuple):
     base: str  # http://127.0.0.1:PORT
     proc: subprocess.Popen
     command: str  # as a user would type it: kvplug serve ...
+    log_path: Path
 
 
-def wait_healthy(base: str, proc: subprocess.Popen, log_path: Path, timeout_s: float, tag: str) -> None:
-    """Until ``base``/health answers 200; SystemExit (with the log's tail) if the server exits or is late."""
-    import httpx
+def log_tail(path: str | Path, chars: int = 4000) -> str:
+    try:
+        return Path(path).read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def health_failure(server: Server, timeout_s: float) -> str | None:
+    """Waits for ``server``'s /health to answer 200: None once it does, else why it did not (the server exited,
+    or ``timeout_s`` passed), for a caller that reports rather than stops (``serve_kvplug`` raises it)."""
+    import http.client
 
     deadline = time.monotonic() + timeout_s
     while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"[{tag}] server exited with {proc.returncode}:\n{Path(log_path).read_text()[-4000:]}")
+        if server.proc.poll() is not None:
+            return f"kvplug serve exited {server.proc.returncode} before /health answered"
         if time.monotonic() > deadline:
-            raise SystemExit(f"[{tag}] server not up in {timeout_s:.0f} s; log: {log_path}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
-                return
-        time.sleep(2)
+            return f"/health did not answer within {timeout_s:.0f} s"
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            if http_request("GET", server.base + "/health", timeout=5)[0] == 200:
+                return None
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager
-def serve_kvplug(args: Sequence[str], log_path: Path, env: dict | None = None, timeout_s: float = 900,
-                 stop_timeout_s: float = 60, tag: str = "bench") -> Iterator[Server]:
-    """``kvplug serve ARGS --port P`` on a free port, output into ``log_path``; yields a Server once /health
-    answers, terminates it (then kills it) on exit."""
+def kvplug_server(args: Sequence[str], log_path: Path, env: dict | None = None, cwd: str | Path | None = None,
+                  stop_timeout_s: float = 60, tag: str = "bench") -> Iterator[Server]:
+    """``kvplug serve ARGS --port P`` on a free port in a session of its own, output into ``log_path``; yields it
+    as soon as it started (``health_failure`` waits for it), stops it and all it started on exit."""
     port = free_port()
     args = [*args, "--port", str(port)]
     command = "kvplug serve " + " ".join(args)
     print(f"[{tag}] {command}", file=sys.stderr, flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([*KVPLUG_CLI, "serve", *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ) if env is None else env)
-    base = f"http://127.0.0.1:{port}"
+    proc = start_session([*KVPLUG_CLI, "serve", *args], log_path, env=env, cwd=cwd)
     try:
-        wait_healthy(base, proc, log_path, timeout_s, tag)
-        yield Server(base, proc, command)
+        yield Server(f"http://127.0.0.1:{port}", proc, command, Path(log_path))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process_tree(proc, stop_timeout_s)
+
+
+@contextlib.contextmanager
+def serve_kvplug(args: Sequence[str], log_path: Path, env: dict | None = None, timeout_s: float = 900,
+                 stop_timeout_s: float = 60, tag: str = "bench", cwd: str | Path | None = None) -> Iterator[Server]:
+    """``kvplug_server`` once /health answers; SystemExit (with the log's tail) if the server exits or is late."""
+    with kvplug_server(args, log_path, env=env, cwd=cwd, stop_timeout_s=stop_timeout_s, tag=tag) as server:
+        if why := health_failure(server, timeout_s):
+            raise SystemExit(f"[{tag}] {why}; log {log_path}:\n{log_tail(log_path)}")
+        yield server
 
 
 def run_kvplug(argv: Sequence[str]) -> subprocess.CompletedProcess:

@@ -41,3 +41,18 @@ def smollm2_tokenizer_path():
 def smollm2_counter(smollm2_tokenizer_path):
     from benchmarks.scbench.tokenizer import load_counter
     return load_counter(smollm2_tokenizer_path)[0]
+
+
+@pytest.fixture
+def fake_kvplug_serve(monkeypatch, tmp_path):
+    """``kvplug serve`` as harness starts it replaced by fake_kvplug_serve.py; yields a function that reads the
+    pids its processes wrote ({"launcher": pid, "server": pid, "core": pid}). Set $FAKE_SERVE_MODE to vary it."""
+    import sys
+    from pathlib import Path
+
+    from benchmarks import harness
+
+    pids = tmp_path / "pids"
+    monkeypatch.setenv("FAKE_SERVE_PIDS", str(pids))
+    monkeypatch.setattr(harness, "KVPLUG_CLI", [sys.executable, str(Path(__file__).with_name("fake_kvplug_serve.py"))])
+    return lambda: dict((role, int(pid)) for role, pid in (ln.split() for ln in pids.read_text().splitlines()))

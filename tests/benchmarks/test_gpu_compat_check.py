@@ -9,6 +9,8 @@ import pytest
 from benchmarks import gpu_compat_check as cc
 from benchmarks import gpu_retrieval_decode, gpu_sparse_prefill
 
+from .test_harness import _gone
+
 KVPLUG_IMPL = "attention_backends.kvplug_backend.KvplugAttentionImpl"
 FLASH_IMPL = "vllm.v1.attention.backends.flash_attn.FlashAttentionImpl"
 
@@ -82,6 +84,23 @@ def test_cli_and_serve_verdicts():
     assert "no x-kvplug-cache header" in cc.serve_verdict(dict(ok, completion={"status": 200}))
     assert "not 400" in cc.serve_verdict(dict(ok, bad_policy={"status": 200, "body": "{}"}))
     assert cc.serve_verdict(dict(ok, kvplug_metric_lines=0)) == "fail: /metrics has no kvplug samples"
+
+
+def test_serve_check_records_why_the_server_did_not_come_up(fake_kvplug_serve, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_SERVE_MODE", "exit")
+    out = cc.serve_check(tmp_path / "model", tmp_path / "serve.log", timeout_s=30)
+    assert out["verdict"] == "fail: kvplug serve exited 3 before /health answered" and "ready_s" not in out
+    assert out["command"].startswith(f"kvplug serve {tmp_path / 'model'} --offload cpu:4GiB --load-format dummy")
+
+
+def test_serve_check_asks_a_server_that_came_up_and_stops_it(fake_kvplug_serve, tmp_path):
+    out = cc.serve_check(tmp_path / "model", tmp_path / "serve.log", timeout_s=30)
+    assert out["ready_s"] >= 0
+    assert out["completion"]["status"] == 501  # the fake answers /health only
+    assert out["verdict"].startswith("fail: completion answered 501")
+    assert out["kvplug_metric_lines"] == 0
+    pids = fake_kvplug_serve()
+    assert [role for role, pid in pids.items() if not _gone(pid)] == []
 
 
 def test_tags_name_the_release_line_and_the_gpu():

@@ -65,3 +65,70 @@ def test_timeout_ends_the_worker_and_the_processes_it_started():
             break
         time.sleep(0.1)
     assert _gone(pid), "the grandchild outlived the timeout"
+
+
+# ---- servers: kvplug serve's process tree (tests/benchmarks/fake_kvplug_serve.py stands in for it)
+
+def _running(pids: dict[str, int]) -> list[str]:
+    return [role for role, pid in pids.items() if not _gone(pid)]
+
+
+def _all_pids(read_pids) -> dict[str, int]:
+    for _ in range(100):  # the fake engine core writes its pid a moment after the server answers
+        if len(pids := read_pids()) == 3:
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(f"the fake server's tree did not start: {read_pids()}")
+
+
+def test_serve_kvplug_leaves_no_process_of_the_servers_tree(fake_kvplug_serve, monkeypatch, tmp_path):
+    # the launcher dies at once on SIGTERM; the API server and engine core, in a session of their own, would stay
+    monkeypatch.setenv("FAKE_SERVE_MODE", "abandon")
+    with harness.serve_kvplug(["model"], tmp_path / "serve.log", timeout_s=30, stop_timeout_s=1) as server:
+        assert harness.http_request("GET", server.base + "/health")[0] == 200
+        assert server.command.startswith("kvplug serve model --port ")
+        pids = _all_pids(fake_kvplug_serve)
+        assert _running(pids) == ["launcher", "server", "core"]
+    assert _running(pids) == [], "processes of the server outlived its stop"
+
+
+def test_a_launcher_that_ignores_sigterm_is_killed_with_its_tree(fake_kvplug_serve, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_SERVE_MODE", "stubborn")
+    with harness.kvplug_server(["model"], tmp_path / "serve.log", stop_timeout_s=1) as server:
+        assert harness.health_failure(server, 30) is None
+        pids = _all_pids(fake_kvplug_serve)
+    assert _running(pids) == []
+    assert server.proc.returncode == -9
+
+
+def test_health_failure_says_why_the_server_is_not_up(fake_kvplug_serve, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_SERVE_MODE", "exit")
+    with harness.kvplug_server(["model"], tmp_path / "serve.log") as server:
+        assert harness.health_failure(server, 30) == "kvplug serve exited 3 before /health answered"
+    with pytest.raises(SystemExit) as exc:
+        with harness.serve_kvplug(["model"], tmp_path / "serve.log", tag="t"):
+            pass
+    assert str(exc.value).startswith("[t] kvplug serve exited 3 before /health answered; log ")
+    assert "Engine core initialization failed" in str(exc.value)  # the log's tail
+
+    monkeypatch.setenv("FAKE_SERVE_MODE", "silent")
+    with harness.kvplug_server(["model"], tmp_path / "serve.log") as server:
+        assert harness.health_failure(server, 1) == "/health did not answer within 1 s"
+    assert _running({"launcher": server.proc.pid}) == []
+
+
+def test_stop_process_tree_ends_a_script_and_the_process_it_started(tmp_path):
+    # a script whose child ignores SIGTERM (as an engine core busy in a kernel may): SIGKILL after the grace
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(\"ready\", flush=True); time.sleep(120)']); "
+            "time.sleep(120)")
+    log = tmp_path / "log"
+    proc = harness.start_session([sys.executable, "-c", code], log)
+    for _ in range(100):  # the child's SIGTERM handler is in place
+        if "ready" in log.read_text():
+            break
+        time.sleep(0.1)
+    tree = harness.process_tree(proc.pid)
+    assert len(tree) == 1
+    harness.stop_process_tree(proc, grace_s=1)
+    assert proc.returncode is not None and [p for p in tree if not _gone(p)] == []
