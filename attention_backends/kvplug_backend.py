@@ -85,6 +85,7 @@ class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
         runner = self._retrieval_decode
         if runner is not None and runner.summaries is not None:
             runner.summaries.refresh(key_cache, block_index)
+            retrieval_decode.record_refresh(block_index.numel())  # numel: host-side, no device sync
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         if attn_metadata is None and self._retrieval_decode is not None and query.is_cuda:

@@ -40,6 +40,20 @@ recompute, ~0.2 s where they load):
     python -m benchmarks.gpu_offload --modes lmcache-0.5.3,lmcache-0.5.6   # the peer (staged: stage-lmcache.sh)
 
 ``--contexts 4 --context-tokens 4096 --fit-contexts 2`` is a one-minute smoke run.
+
+``--set SECTION.KEY=VALUE`` (kvplug modes; as `kvplug serve --set`) turns on more of kvplug in the same engine,
+``--max-tokens N`` decodes N tokens per request (the times are then whole requests, not TTFT) and
+``--agreement`` checks that a reload serves the right bytes: each context's first follow-up is also asked
+twice while the context is still resident (the first computes and saves its tail, the second is the
+reference, from vLLM's own prefix cache); the same follow-up after eviction, loaded from the CPU tier, must
+give the same greedy ids (and log-probabilities). ``--together`` is issue 17's check of sparse prefill,
+retrieval decode and the CPU tier in one engine, CUDA graphs on (mode keep, 4 x 16K contexts, GPU cache for
+2, 16 decode tokens, --agreement; sparse prefill from 4K tokens, retrieval decode at its defaults): it
+reports the sparse chunks, retrieval steps, reloaded blocks and refreshed block summaries (one per reloaded
+block and layer) and a verdict, into benchmarks/results/gpu_together_h100.json (~3 min on an H100):
+
+    python -m benchmarks.gpu_offload --together
+    python -m benchmarks.gpu_offload --together --model /tmp/kvstage/models/qwen2.5-coder-0.5b  # real weights
 """
 from __future__ import annotations
 
@@ -52,6 +66,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks import harness
 
@@ -63,6 +78,13 @@ LMCACHE_ROOT = "/tmp/kvstage"  # where benchmarks/gpu/stage-lmcache.sh's receive
 LMCACHE_CHUNK_TOKENS = 256
 LMCACHE_OPS_MODULES = ("lmcache.cuda_ops", "lmcache.c_ops")  # >= 0.5.4 / <= 0.5.3
 STDERR_TAIL = 8  # error lines of a worker that died, kept in its result
+TOGETHER_OUT = "benchmarks/results/gpu_together_h100.json"
+# --together expands to these flags (flags given after it win; --set adds to them).
+TOGETHER_ARGS = ("--modes", "keep", "--contexts", "4", "--context-tokens", "16384", "--fit-contexts", "2",
+                 "--cpu-gib", "16", "--max-tokens", "16", "--agreement", "--fresh", "--out", TOGETHER_OUT,
+                 "--mode-timeout", "285",  # under 5 minutes whatever happens (the result then says it timed out)
+                 "--set", "sparse_prefill.enabled=true", "--set", "sparse_prefill.cost_table=none",
+                 "--set", "sparse_prefill.min_prompt_tokens=4096", "--set", "retrieval_decode.enabled=true")
 PROBE_TIMEOUT_S = 300
 
 
@@ -121,6 +143,8 @@ def mode_env(mode: str, args: argparse.Namespace, base: dict[str, str]) -> dict[
     if mode in POLICY:
         env.update(harness.kvplug_env("offload", enabled=True, cpu_size=f"{args.cpu_gib}GiB"),
                    **harness.kvplug_env("cache_policy", default=POLICY[mode]))
+        if getattr(args, "sets", None):
+            env = harness.resolved_config_env(args.sets, env)
     elif is_lmcache(mode):
         env = lmcache_env(args.cpu_gib, env)
         paths = [str(p) for p in lmcache_paths(mode, args.lmcache_root)]
@@ -232,6 +256,66 @@ def connector_counters(_worker=None) -> dict:
             "host_memory": side.host_memory_stats()}
 
 
+def attention_features_on() -> bool:
+    """In the worker: whether kvplug's config turns on an attention feature (its backend must then be selected)."""
+    from kvplug import settings
+
+    cfg = settings.from_process_env()
+    return cfg.sparse_prefill.enabled or cfg.retrieval_decode.enabled
+
+
+def feature_counters(_worker=None) -> dict:
+    """In the worker: sparse prefill's chunks by decision/reason and tokens; retrieval decode's tokens by path,
+    blocks read vs total, and block summaries rebuilt after connector loads (cumulative)."""
+    from attention_backends.retrieval_decode import runner as retrieval
+    from attention_backends.sparse_prefill import runner as sparse
+
+    s, r = sparse.stats_snapshot(), retrieval.stats_snapshot()
+    return {"prefill_chunks": s["chunks"], "sparse_prefill_tokens": s["sparse_tokens"],
+            "dense_prefill_tokens": s["dense_prefill_tokens"], "retrieval_decode_tokens": r["sparse_tokens"],
+            "dense_decode_tokens": r["dense_decode_tokens"], "retrieval_blocks_read": r["blocks_read"],
+            "retrieval_blocks_total": r["blocks_total"], "refreshed_summaries": r["refreshed_summaries"]}
+
+
+def counts_delta(after: dict, before: dict) -> dict:
+    """``after - before`` for counters (numbers, and dicts of them, e.g. chunks by decision)."""
+    out = {}
+    for k, v in after.items():
+        if isinstance(v, dict):
+            out[k] = {kk: vv - before.get(k, {}).get(kk, 0) for kk, vv in v.items()}
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v - before.get(k, 0)
+    return out
+
+
+def together_summary(turn1: dict, follow_ups: dict, loaded_blocks: int, layers: int,
+                     agreement: dict | None) -> dict:
+    """The evidence of --together and its verdict ("ok" or "fail: <the first thing missing>")."""
+    sparse_chunks = sum(n for k, n in turn1.get("prefill_chunks", {}).items() if k.startswith("sparse"))
+    refreshed = follow_ups.get("refreshed_summaries", 0)
+    out = {"turn1_sparse_prefill_chunks": sparse_chunks, "turn1_prefill_chunks": turn1.get("prefill_chunks", {}),
+           "turn1_retrieval_decode_tokens": turn1.get("retrieval_decode_tokens", 0),
+           "follow_up_retrieval_decode_tokens": follow_ups.get("retrieval_decode_tokens", 0),
+           "follow_up_dense_decode_tokens": follow_ups.get("dense_decode_tokens", 0),
+           "follow_up_loaded_blocks": loaded_blocks, "follow_up_refreshed_summaries": refreshed,
+           "layers": layers,
+           "refreshed_per_loaded_block": round(refreshed / loaded_blocks, 3) if loaded_blocks else None}
+    checks = [(sparse_chunks > 0, "no prefill chunk went sparse"),
+              (out["follow_up_retrieval_decode_tokens"] > 0, "no follow-up decode took the retrieval path"),
+              (loaded_blocks > 0, "no follow-up loaded blocks from the offload tiers"),
+              (refreshed == loaded_blocks * layers,
+               f"{refreshed} block summaries refreshed, not one per loaded block and layer ({loaded_blocks} x {layers})")]
+    if agreement is not None:
+        n = agreement["compared"]
+        checks += [(n > 0 and agreement["same_hit"] == n,
+                    "a reloaded follow-up did not get the resident one's cached prefix (hit lengths differ)"),
+                   (agreement["greedy_ids_equal"] == n,
+                    f"greedy ids of {n - agreement['greedy_ids_equal']}/{n} reloaded follow-ups differ from resident")]
+    failed = [why for ok, why in checks if not ok]
+    out["verdict"] = "ok" if not failed else "fail: " + "; ".join(failed)
+    return out
+
+
 def _worker(args: argparse.Namespace) -> None:
     shape = harness.model_config(args.model_dir)
     kv_bytes = int(args.fit_contexts * (args.context_tokens + 64) * harness.kv_bytes_per_token(shape))
@@ -240,6 +324,8 @@ def _worker(args: argparse.Namespace) -> None:
         kw["kv_offloading_size"] = args.cpu_gib
     elif args.mode in POLICY:
         kw.update(harness.kvplug_connector_kwargs())
+        if attention_features_on():
+            kw.update(harness.kvplug_attention_kwargs())
     elif is_lmcache(args.mode):
         from vllm.config import KVTransferConfig
 
@@ -291,38 +377,61 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
     rng = random.Random(7)
     contexts = [[rng.randrange(1000, vocab - 1000) for _ in range(args.context_tokens)]
                 for _ in range(args.contexts)]
-    sp = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
+    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, detokenize=False,
+                        logprobs=0 if args.agreement else None)
+    features = args.mode in POLICY and attention_features_on()
 
-    def ask(ctx: list[int], turn: int) -> tuple[float, int]:
-        suffix = [rng.randrange(1000, vocab - 1000) for _ in range(32 + turn)]
+    def ask(ctx: list[int], turn: int, suffix: list[int] | None = None) -> tuple[float, int, Any]:
+        suffix = suffix or [rng.randrange(1000, vocab - 1000) for _ in range(32 + turn)]
         t0 = time.perf_counter()
         out = llm.generate([TokensPrompt(prompt_token_ids=ctx + suffix)], sp, use_tqdm=False)[0]
-        return time.perf_counter() - t0, int(out.num_cached_tokens or 0)
+        return time.perf_counter() - t0, int(out.num_cached_tokens or 0), out.outputs[0]
 
     def counters() -> dict | None:
-        return llm.collective_rpc(connector_counters)[0] if args.mode in POLICY else None
+        if args.mode not in POLICY:
+            return None
+        c = llm.collective_rpc(connector_counters)[0]
+        if features:
+            c["features"] = llm.collective_rpc(feature_counters)[0]
+        return c
 
+    # --agreement: each context's first follow-up, asked while resident (tail, then the reference) and reloaded
+    fixed = [[rng.randrange(1000, vocab - 1000) for _ in range(34)] for _ in contexts] if args.agreement else None
+    references = []
     ask([rng.randrange(1000, vocab - 1000) for _ in range(512)], 0)  # warm-up (first-call overheads)
     t1 = time.perf_counter()
-    first = [ask(c, 1) for c in contexts]
+    first = []
+    for i, c in enumerate(contexts):
+        first.append(ask(c, 1))
+        if fixed:
+            ask(c, 2, fixed[i])  # computes (and saves) the follow-up's tail
+            references.append(ask(c, 2, fixed[i]))  # vLLM's own prefix cache: the reference
     t2 = time.perf_counter()
     c_before = counters()
     # Round-robin over all contexts, --followups times: a mode hits only where its tier holds them all.
-    follow = [ask(c, 2 + r) for r in range(args.followups) for c in contexts]
+    follow = [ask(c, 2 + r, fixed[i] if fixed and r == 0 else None)
+              for r in range(args.followups) for i, c in enumerate(contexts)]
     c_after = counters()
     t3 = time.perf_counter()
-    ttft = [t for t, _ in follow]
-    cached = [n for _, n in follow]
-    first_ttft = [t for t, _ in first]
+    ttft = [t for t, _, _ in follow]
+    cached = [n for _, n, _ in follow]
+    first_ttft = [t for t, _, _ in first]
     res = {"mode": args.mode, "startup_s": round(startup_s, 1), "turn1_s": round(t2 - t1, 1),
            "turn2_s": round(t3 - t2, 1), "kv_cache_gib": round(kv_bytes / (1 << 30), 2),
-           "cpu_gib": args.cpu_gib, "followups": args.followups,
+           "cpu_gib": args.cpu_gib, "followups": args.followups, "max_tokens": args.max_tokens,
+           # with decode tokens a "TTFT" below is the whole request
+           "timed": "ttft" if args.max_tokens == 1 else f"request latency ({args.max_tokens} tokens)",
            **capacity(args.mode, shape, args.context_tokens, args.cpu_gib),
            "first_turn_p50_s": statistics.median(first_ttft),
            "first_turn_ttft_s": first_ttft, "follow_up_ttft_s": ttft,
            "follow_up_p50_s": statistics.median(ttft), "follow_up_p99_s": _percentile(ttft, 0.99),
            "follow_up_cached_tokens": cached,
-           "follow_up_cached_fraction": sum(cached) / (len(cached) * args.context_tokens)}
+           "follow_up_cached_fraction": sum(cached) / (len(cached) * args.context_tokens),
+           "engine": harness.engine_facts(llm)}
+    if features:
+        res["attention_impls"] = harness.attention_impls(llm)
+    if fixed:
+        res["agreement"] = agreement(references, follow[:len(contexts)])
     if c_before is not None:
         res["connector_loaded_blocks"] = {k: c_after["loaded"][k] - c_before["loaded"][k] for k in c_after["loaded"]}
         res["connector_saved_blocks"] = c_after["saved"]
@@ -331,10 +440,34 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
         res["turn1_save_issue_s"] = c_before.get("save_issue_s")
         res["turn1_save_alloc_s"] = c_before.get("save_alloc_s")
         res["host_memory"] = c_after.get("host_memory")  # pinned pool: size, pin time, pooled vs fallback
+        if features:
+            res["together"] = together_summary(c_before["features"],
+                                               counts_delta(c_after["features"], c_before["features"]),
+                                               sum(res["connector_loaded_blocks"].values()),
+                                               shape["num_hidden_layers"], res.get("agreement"))
     # Offload that never supplied a follow-up's context measured recomputation, whatever its timing says.
     res["no_op"] = args.mode != "none" and res["follow_up_cached_fraction"] < 0.5 and (
         c_before is None or sum(res["connector_loaded_blocks"].values()) == 0)
     return res
+
+
+def agreement(references: list[tuple], reloaded: list[tuple]) -> dict:
+    """Each context's follow-up after a reload vs the same follow-up while resident ((seconds, cached tokens,
+    CompletionOutput with logprobs=0) each): same cached prefix, same greedy ids, and over the pairs with the same
+    ids how far their log-probabilities are apart (0.0: the same computation)."""
+    def logprobs(out) -> list[float]:
+        return [step[t].logprob for t, step in zip(out.token_ids, out.logprobs or [])]
+
+    same_hit = ids_equal = 0
+    diff = 0.0
+    for (_, ref_cached, ref), (_, cached, again) in zip(references, reloaded):
+        same_hit += ref_cached == cached
+        if list(ref.token_ids) == list(again.token_ids):
+            ids_equal += 1
+            diff = max([diff, *(abs(a - b) for a, b in zip(logprobs(ref), logprobs(again)))])
+    return {"compared": len(reloaded), "same_hit": same_hit, "greedy_ids_equal": ids_equal,
+            "max_abs_logprob_diff": diff,
+            "resident_cached_tokens": [n for _, n, _ in references], "reloaded_cached_tokens": [n for _, n, _ in reloaded]}
 
 
 def _table(results: list[dict]) -> str:
@@ -389,6 +522,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lmcache-root", default=LMCACHE_ROOT,
                     help="where lmcache-<version> modes find lmcache-<version>/ and lmcache-deps/")
     ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs (CPU smoke runs)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="kvplug config for the kvplug modes, as `kvplug serve --set` (repeatable), e.g. "
+                         "retrieval_decode.enabled=true")
+    ap.add_argument("--max-tokens", type=int, default=1,
+                    help="tokens generated per request (above 1 the times are whole requests, not TTFT)")
+    ap.add_argument("--agreement", action="store_true",
+                    help="ask each context's first follow-up also while resident and compare greedy ids (above)")
+    ap.add_argument("--together", action="store_true",
+                    help="issue 17's check: sparse prefill + retrieval decode + the CPU tier in one engine (above); "
+                         "flags after it override its settings")
     ap.add_argument("--mode-timeout", type=float, default=None,
                     help="seconds one mode may take; a mode past it is killed (with its engine) and recorded as "
                          "timed out, and the next mode runs (results are written after every mode)")
@@ -400,6 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)  # harness.run_worker names the mode this way too
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = harness.command_line("benchmarks.gpu_offload", argv)
+    if "--together" in argv:  # its flags first, so the caller's own flags win
+        i = argv.index("--together")
+        argv = [*argv[:i], *TOGETHER_ARGS, *argv[i:]]
     args = ap.parse_args(argv)
     if args.worker:
         _worker(args)
@@ -413,6 +561,13 @@ def main(argv: list[str] | None = None) -> int:
             check_mode(mode)
         except ValueError as exc:
             ap.error(f"--modes: {exc}")
+    if args.max_tokens < 1:
+        ap.error(f"--max-tokens {args.max_tokens}: at least 1")
+    if args.sets:
+        try:  # a bad key stops here, naming it, before any engine starts
+            harness.resolved_config_env(args.sets, {})
+        except SystemExit as exc:
+            ap.error(f"--set: {exc}")
     if args.fit_contexts >= args.contexts:
         ap.error(f"--fit-contexts {args.fit_contexts} must be below --contexts {args.contexts}: "
                  "the workload is contexts that do not all fit")
@@ -428,10 +583,10 @@ def main(argv: list[str] | None = None) -> int:
     results = [r for r in previous if r.get("mode") not in modes]
     worker_args = ["--model-shape", args.model_shape, "--contexts", str(args.contexts), "--context-tokens",
                    str(args.context_tokens), "--fit-contexts", str(args.fit_contexts), "--cpu-gib", str(args.cpu_gib),
-                   "--followups", str(args.followups),
+                   "--followups", str(args.followups), "--max-tokens", str(args.max_tokens),
+                   *(["--agreement"] if args.agreement else []),  # --set reaches the worker in its env
                    "--model-dir", str(model_dir)] + (["--real-weights"] if args.model else []) + (
                        ["--eager"] if args.eager else [])
-    command = harness.command_line("benchmarks.gpu_offload", argv)
     summary = {"device": harness.device_name(),
                "args": {k: v for k, v in vars(args).items() if k not in ("worker", "mode", "model_dir", "probe_lmcache")}}
     for mode in modes:
@@ -443,6 +598,10 @@ def main(argv: list[str] | None = None) -> int:
         # after every mode: a command cut off by the device's time limit keeps the modes it finished
         harness.write_results(out, command, {**summary, "table": _table(results)}, results)
     print(_table(results))
+    for r in results:
+        if "together" in r:
+            print(f"[gpu_offload] {r['mode']} together: " + json.dumps(
+                {**r["together"], "agreement": r.get("agreement"), "engine": r.get("engine")}))
     return 0
 
 

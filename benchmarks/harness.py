@@ -297,6 +297,20 @@ def set_pairs(pairs: Sequence[str], section: str) -> dict[str, str]:
     return out
 
 
+def resolved_config_env(sets: Sequence[str], environ: dict[str, str]) -> dict[str, str]:
+    """``environ`` with kvplug's config resolved from its KVPLUG_* variables and ``sets`` (``SECTION.KEY=VALUE``,
+    as `kvplug serve --set`) into the KVPLUG_CONFIG_JSON every engine process reads, as `kvplug serve` passes it.
+    A bad key or value is a SystemExit naming it, before any engine starts."""
+    from kvplug import settings
+
+    env = {k: v for k, v in environ.items() if k != settings.ENV_CONFIG_JSON}
+    try:
+        env[settings.ENV_CONFIG_JSON] = settings.resolve(None, sets, env).to_json()
+    except settings.KvplugConfigError as exc:
+        raise SystemExit(f"kvplug config: {exc}") from None
+    return env
+
+
 def engine_env(vanilla: bool = False, clear_config: bool = False, **extra: str) -> dict[str, str]:
     """Environment of an engine subprocess: this one, collective_rpc of local functions allowed (pickle);
     ``vanilla``: kvplug not even loaded (VLLM_PLUGINS=none); ``clear_config``: no inherited KVPLUG_CONFIG_JSON

@@ -55,6 +55,7 @@ class Metrics:
     sparse_prefill_config: object
     retrieval_decode_tokens: object
     retrieval_decode_blocks: object
+    retrieval_decode_refreshed_summaries: object
 
 
 def process_role() -> str:
@@ -114,6 +115,10 @@ def _create(prefix: str) -> Metrics:
         retrieval_decode_blocks=Counter(f"{prefix}_retrieval_decode_blocks",
                                         "KV blocks per kv-head of retrieval-decode tokens: read vs what dense "
                                         "decoding reads", ["kind"]),
+        # > 0 with offload on: decode over reloaded blocks scores their own keys, not a previous occupant's
+        retrieval_decode_refreshed_summaries=Counter(f"{prefix}_retrieval_decode_refreshed_summaries",
+                                                     "Block summaries (one per KV block and layer) rebuilt from KV "
+                                                     "a KV connector loaded into the paged cache"),
     )
 
 

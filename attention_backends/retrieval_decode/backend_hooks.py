@@ -145,6 +145,9 @@ def builder_hook(builder: Any) -> BuilderHook | None:
     return None if cfg is None else BuilderHook(builder, cfg)
 
 
+record_refresh = runner.record_refresh
+
+
 def impl_runner(impl: Any) -> runner.RetrievalDecodeRunner | None:
     """A runner for one attention impl (layer), or None when retrieval decode is off or cannot apply."""
     cfg = _config()

@@ -22,7 +22,8 @@ from kvplug import metrics, vllm_compat
 log = logging.getLogger("vllm.kvplug.retrieval_decode")
 _stats_lock = threading.Lock()
 # Per process, per batch (not per layer); tests read them through collective_rpc, Prometheus gets the same.
-STATS = {"batches": 0, "sparse_tokens": 0, "dense_decode_tokens": 0, "blocks_read": 0, "blocks_total": 0}
+STATS = {"batches": 0, "sparse_tokens": 0, "dense_decode_tokens": 0, "blocks_read": 0, "blocks_total": 0,
+         "refreshed_summaries": 0}
 # params.measure_agreement (benchmarks, CPU path): blocks the selection picked (sink / window excluded) that
 # single-level Quest and the oracle (most softmax mass) picked too, out of theirs; and Quest vs the oracle.
 AGREEMENT = {"vs_quest_hits": 0, "vs_quest_total": 0, "vs_oracle_hits": 0, "vs_oracle_total": 0,
@@ -62,6 +63,15 @@ def record_counts(sparse: int, dense: int, read: int, total: int) -> None:
         m.retrieval_decode_blocks.labels(kind="total").inc(total)
     if dense:
         m.retrieval_decode_tokens.labels(mode="dense").inc(dense)
+
+
+def record_refresh(summaries: int) -> None:
+    """``summaries`` block summaries (blocks x layers) rebuilt after a KV connector load."""
+    with _stats_lock:
+        STATS["refreshed_summaries"] += summaries
+    m = metrics.get()
+    if summaries and m is not None and getattr(m, "retrieval_decode_refreshed_summaries", None) is not None:
+        m.retrieval_decode_refreshed_summaries.inc(summaries)
 
 
 class RetrievalDecodeRunner:

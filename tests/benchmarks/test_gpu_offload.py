@@ -166,3 +166,69 @@ def test_table_compares_with_the_fastest_lmcache_and_flags_fallback_ops():
     assert "(torch fallback ops)" not in rows["lmcache-0.5.3"]
     assert rows["native"].startswith("| native | failed: OSError: no memory |")
     assert list(rows) == ["native", "int8", "lmcache-0.5.3", "lmcache-0.5.6 (torch fallback ops)"]
+
+
+# --- --together (issue 17: sparse prefill + retrieval decode + the CPU tier in one engine) -------------------
+
+def test_together_runs_keep_with_both_attention_features_in_the_workers_config(monkeypatch, tmp_path):
+    seen = {}
+
+    def worker(module, mode, argv, env, **kw):
+        seen.update(mode=mode, argv=list(argv), env=env)
+        return {"mode": mode, "error": "not run"}
+
+    monkeypatch.setattr(harness, "run_worker", worker)
+    out = tmp_path / "t.json"
+    assert gpu_offload.main(["--together", "--set", "retrieval_decode.budget_tokens=1024", "--out", str(out)]) == 0
+    assert seen["mode"] == "keep" and json.loads(out.read_text())["runs"][0]["mode"] == "keep"
+    argv = seen["argv"]
+    assert argv[argv.index("--context-tokens") + 1] == "16384" and argv[argv.index("--max-tokens") + 1] == "16"
+    assert "--agreement" in argv and "--eager" not in argv  # CUDA graphs on
+    from kvplug import settings
+
+    cfg = settings.from_process_env(seen["env"])  # what every engine process will read
+    assert cfg.offload.enabled and cfg.sparse_prefill.enabled and cfg.retrieval_decode.enabled
+    assert cfg.sparse_prefill.min_prompt_tokens == 4096 and cfg.retrieval_decode.budget_tokens == 1024
+
+
+def test_together_set_with_a_bad_key_is_a_usage_error_naming_it(capsys, no_worker):
+    with pytest.raises(SystemExit) as exc:
+        gpu_offload.main(["--together", "--set", "retrieval_decode.budget=3"])
+    assert exc.value.code == 2 and "unknown key 'retrieval_decode.budget'" in capsys.readouterr().err
+
+
+def _summary(refreshed=30 * 64, loaded=64, agreement=None, **turn1):
+    turn1 = {"prefill_chunks": {"sparse/threshold": 3, "dense/below_floor": 4}, **turn1}
+    follow = {"retrieval_decode_tokens": 60, "refreshed_summaries": refreshed}
+    return gpu_offload.together_summary(turn1, follow, loaded, 30, agreement)
+
+
+def test_together_verdict_needs_every_piece_of_evidence():
+    ok = {"compared": 4, "same_hit": 4, "greedy_ids_equal": 4}
+    assert _summary(agreement=ok)["verdict"] == "ok"
+    assert _summary()["refreshed_per_loaded_block"] == 30
+    assert "no prefill chunk went sparse" in _summary(prefill_chunks={"dense/threshold": 5})["verdict"]
+    assert "no follow-up loaded blocks" in _summary(loaded=0, refreshed=0)["verdict"]
+    assert "0 block summaries refreshed" in _summary(refreshed=0)["verdict"]
+    assert "greedy ids of 1/4" in _summary(agreement=dict(ok, greedy_ids_equal=3))["verdict"]
+    assert "hit lengths differ" in _summary(agreement=dict(ok, same_hit=2))["verdict"]
+
+
+def test_counts_delta_subtracts_nested_counters():
+    before = {"prefill_chunks": {"sparse/threshold": 2}, "refreshed_summaries": 10, "name": "x"}
+    after = {"prefill_chunks": {"sparse/threshold": 5, "dense/threshold": 1}, "refreshed_summaries": 40, "name": "x"}
+    assert gpu_offload.counts_delta(after, before) == {
+        "prefill_chunks": {"sparse/threshold": 3, "dense/threshold": 1}, "refreshed_summaries": 30}
+
+
+def test_agreement_compares_ids_and_the_logprobs_of_equal_ids():
+    from types import SimpleNamespace as NS
+
+    def out(ids, lps):
+        return NS(token_ids=ids, logprobs=[{t: NS(logprob=lp)} for t, lp in zip(ids, lps)])
+
+    refs = [(0.1, 4096, out([5, 6], [-0.5, -1.0])), (0.1, 4096, out([7, 8], [-0.1, -0.2]))]
+    again = [(0.2, 4096, out([5, 6], [-0.5, -1.25])), (0.2, 4080, out([7, 9], [-0.1, -3.0]))]
+    a = gpu_offload.agreement(refs, again)
+    assert (a["compared"], a["same_hit"], a["greedy_ids_equal"]) == (2, 1, 1)
+    assert a["max_abs_logprob_diff"] == 0.25  # over the pair whose ids agree only

@@ -259,6 +259,7 @@ def test_reloaded_blocks_get_fresh_retrieval_decode_summaries():
     """With retrieval decode on, a block the connector reloads must not keep the summary (per-channel key
     min/max) of whatever the physical block held before: decode would pick blocks by stale bounds."""
     from attention_backends.kvplug_backend import KvplugAttentionImpl
+    from attention_backends.retrieval_decode import runner as rd_runner
     from attention_backends.retrieval_decode.summaries import BlockSummaries
 
     side = make_worker()
@@ -277,7 +278,10 @@ def test_reloaded_blocks_get_fresh_retrieval_decode_summaries():
     run_step(side, meta)
     dst = [30, 31, 32]
     stale = [impls[name].impl._retrieval_decode.summaries.kmax[dst].clone() for name, _, _ in side.layers]
+    refreshed = rd_runner.stats_snapshot()["refreshed_summaries"]
     run_step(side, metadata.KvplugConnectorMetadata(loads=[metadata.LoadSpec("keep", keys, dst)]))
+    # counted (STATS and kvplug_retrieval_decode_refreshed_summaries): one per block and layer
+    assert rd_runner.stats_snapshot()["refreshed_summaries"] - refreshed == len(dst) * len(side.layers)
     for (name, kc, _), old in zip(side.layers, stale):
         s = impls[name].impl._retrieval_decode.summaries
         assert torch.equal(s.kmin[dst], kc[dst].amin(dim=2)) and torch.equal(s.kmax[dst], kc[dst].amax(dim=2))
