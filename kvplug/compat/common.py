@@ -7,7 +7,9 @@ Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend; tested: 0.26, 0.34
 from __future__ import annotations
 
 import functools
+import importlib
 import os
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable
@@ -92,6 +94,31 @@ def register_attention_backend(class_path: str = ATTENTION_BACKEND_PATH) -> str:
     slot = backend_slot()
     register_backend(AttentionBackendEnum[slot], class_path)
     return slot
+
+
+FA2_INTERFACE_MODULES = ("vllm.vllm_flash_attn", "vllm.vllm_flash_attn.flash_attn_interface")
+
+
+@functools.cache
+def fa2_sparse_attention() -> tuple[Callable[..., Any] | None, str | None]:
+    """(vLLM's FlashAttention-2 ``sparse_attn_varlen_func``, None), or (None, why it cannot run here).
+
+    vLLM 0.26 exports it from vllm.vllm_flash_attn.flash_attn_interface only. Its interface module imports even
+    where the FA2 library (_vllm_fa2_C) is missing (the Hopper-only 0.34 stage trims it; the CPU build has
+    no FlashAttention at all): then FA2_AVAILABLE is False and every call would fail, so it counts as missing."""
+    errors = []
+    for module in FA2_INTERFACE_MODULES:
+        try:
+            found = importlib.import_module(module)
+            fn = getattr(found, "sparse_attn_varlen_func")
+        except Exception as exc:  # not installed, or not exported from this module
+            errors.append(f"{module}: {type(exc).__name__}: {exc}"[:200])
+            continue
+        interface = sys.modules.get("vllm.vllm_flash_attn.flash_attn_interface", found)
+        if getattr(interface, "FA2_AVAILABLE", True) is False:
+            return None, f"vLLM's FA2 library is not in this build ({getattr(interface, 'FA2_UNAVAILABLE_REASON', None)})"
+        return fn, None
+    return None, "no sparse_attn_varlen_func in vLLM (" + "; ".join(errors) + ")"
 
 
 def limit_full_cudagraphs_to_pure_decode(builder_cls: type, attrs: tuple[str, ...]) -> None:
