@@ -15,7 +15,7 @@ from typing import Any, Callable
 from torch.profiler import record_function
 
 from attention_backends import wiring
-from attention_backends.sparse_prefill import cost_model, planner, runner
+from attention_backends.sparse_prefill import cost_model, executor, planner, runner
 from kvplug import metrics, vllm_compat
 
 logger = logging.getLogger("vllm.kvplug.sparse_prefill")
@@ -113,8 +113,9 @@ def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:
     chosen = planner.choose_pattern_config(cfg.pattern_config, vllm_compat.current_model_name(), cfg.default_pattern,
                                            json.dumps(cfg.default_budgets, sort_keys=True))
     _note_layer(chosen, impl)
+    chosen_executor = executor.resolve(cfg.executor, vllm_compat.platform_name(), int(impl.head_size))
     return runner.SparsePrefillRunner(chosen.config, impl.num_heads, impl.num_kv_heads, impl.scale,
-                                      cfg.group_shared_selection, cfg.fused_estimate)
+                                      cfg.group_shared_selection, cfg.fused_estimate, chosen_executor)
 
 
 plan_of = planner.plan_of

