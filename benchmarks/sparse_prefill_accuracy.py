@@ -7,21 +7,21 @@ GPU (vLLM 0.26 staged, the model staged by ../shared/gpu/stage-model.sh qwen2.5-
         --tokens 30000 --cases 20 --out benchmarks/results/sparse_prefill_accuracy_qwen_32k_h100.json
 Multi-turn questions where dense is strong (--tasks; n = tasks x contexts x cases x turns, with Wilson 95%
 intervals, the paired difference to dense and answers kept where dense is right, per task and per turn):
-    python -m benchmarks.sparse_prefill_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b \
-        --tasks passkey,kv --contexts 8000,16000,24000 --cases 9 --turns 3 --recall-tokens 0 \
+    python -m benchmarks.sparse_prefill_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b \\
+        --tasks passkey,kv --contexts 8000,16000,24000 --cases 9 --turns 3 --recall-tokens 0 \\
         --out benchmarks/results/sparse_prefill_accuracy_qwen_multiturn_h100.json
 Variants (--tasks mode): one engine answers every question dense once, then under each variant (the config
 switched in the engine between sweeps, the prefix cache emptied), so n questions cost one engine start. A
 variant may search its own per-head config first, on the served length and chunk (`kvplug patterns search`
 on the GPU, written next to --out), scale the config's budgets, or set sparse_prefill keys:
-    python -m benchmarks.sparse_prefill_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b --tasks passkey \
-        --contexts 8000,16000,24000 --cases 12 --turns 3 --recall-tokens 0 \
+    python -m benchmarks.sparse_prefill_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b --tasks passkey \\
+        --contexts 8000,16000,24000 --cases 12 --turns 3 --recall-tokens 0 \\
         --variants "shipped;shipped_gs:group_shared_selection=true;search24k_r98:search_tokens=24000,target_recall=0.98"
 CPU dry run (SmolLM2, small):
     python -m benchmarks.sparse_prefill_accuracy --tokens 3000 --cases 2 --min-prompt-tokens 1024 \\
         --recall-tokens 2048 --out /results/sp_acc_cpu.json
 
-Agreement: two engines (subprocesses), the same kvplug backend and flags, sparse prefill off vs on; chunked
+Agreement (without --tasks): two engines (subprocesses), the same kvplug backend and flags, sparse prefill off vs on; chunked
 prefill as vLLM schedules it. Each answer is classified 'same', 'near_tie' (sparse took dense's runner-up
 where dense's top-2 logprobs were < --near-tie nats apart) or 'differ'; answer correctness is reported for
 both. Recall: the model's post-RoPE Q/K of an unseen KV-retrieval prompt (transformers), replaying chunked
@@ -174,7 +174,7 @@ def scaled_config(cfg, factor: float):
 
     def scale(hp):
         if hp.pattern == registry.DENSE:
-            return hp
+            return head_config.HeadPattern(pattern=hp.pattern)
         budgets = head_config.scaled_budgets(hp.pattern, registry.get(hp.pattern).check_budgets(hp.budgets), factor)
         return head_config.HeadPattern(pattern=hp.pattern, budgets=budgets)
 
@@ -386,7 +386,8 @@ def verdict_line(v: dict) -> str:
     dens = "-" if v["density"] is None else f"{v['density']:.3f}"
     return (f"n={o['n']} accuracy {o['sparse_accuracy']:.3f} {list(o['sparse_ci95'])} vs dense "
             f"{100 * diff['mean']:+.1f} points [{100 * diff['ci95'][0]:+.1f}, {100 * diff['ci95'][1]:+.1f}], "
-            f"kept where dense right {kept} (dense right on {o['dense_right']}), density {dens}")
+            f"kept where dense right {kept} (dense right on {o['dense_right']}), density {dens}"
+            + (f", recall {v['recall']['mean']:.4f} at {v['recall']['tokens']} tokens" if v.get("recall") else ""))
 
 
 def variants_result(args, path: str | Path, items: list[dict], done: dict[str, dict], sweeps: list[dict]
@@ -412,7 +413,7 @@ def variants_result(args, path: str | Path, items: list[dict], done: dict[str, d
         s = sparse["stats"]
         v = {"pattern_config": sweep["pattern_config"], "keys": sweep["keys"], "config": sweep["config"],
              "overall": table["overall"], "per_task": table["per_task"], "per_turn": table["per_turn"],
-             "density": density(s), "sparse_tokens": s.get("sparse_tokens", 0),
+             "density": density(s), "recall": sweep.get("recall"), "sparse_tokens": s.get("sparse_tokens", 0),
              "dense_prefill_tokens_in_sparse_run": s.get("dense_prefill_tokens", 0), "chunks": s.get("chunks", {}),
              "seconds": sparse["seconds"]}
         if not v["sparse_tokens"]:
@@ -424,6 +425,9 @@ def variants_result(args, path: str | Path, items: list[dict], done: dict[str, d
         first = next(iter(summary["variants"].values()))
         summary.update({k: first[k] for k in ("pattern_config", "overall", "per_task", "per_turn", "density",
                                               "sparse_tokens", "dense_prefill_tokens_in_sparse_run")})
+        if first["recall"]:
+            summary.update(recall_mean=first["recall"]["mean"], recall_min=first["recall"]["min"],
+                           recall_density=first["recall"]["density_mean"])
         if "warning" in first:
             summary["warning"] = first["warning"]
     return summary, runs
@@ -516,6 +520,11 @@ def measure_recall(args, path: Path, configs: list[tuple[str, str, bool]]) -> di
                       "density_per_head": [[round(float(x), 4) for x in row] for row in dens]}
         progress(f"[{label}] recall at {T} tokens: mean {out[label]['mean']:.4f}, min {out[label]['min']:.4f}, "
                  f"density {out[label]['density_mean']:.3f}")
+    del qs, ks
+    if dev == "cuda":  # an engine may start next in another process
+        import torch
+
+        torch.cuda.empty_cache()
     return out
 
 
@@ -564,10 +573,19 @@ def run(args) -> dict:
 
 
 def run_tasks(args, path: Path, pattern_config: str) -> dict:
-    """--tasks mode: variants prepared here (searches on this machine's device, then freed), one worker engine
-    for the dense sweep and every variant, recall per variant's config if asked."""
+    """--tasks mode: variants prepared here (searches in subprocesses, then each config's recall measured in this
+    process, before the engine, so a run cut short keeps them), then one worker engine for the dense sweep and
+    every variant."""
     variants = parse_variants(args.variants, args.max_batched_tokens) or [Variant("sparse")]
     sweeps = prepare_variants(args, path, pattern_config, variants)
+    recall = {}
+    if args.recall_tokens:
+        recall = measure_recall(args, path, [
+            (sw["label"], sw["pattern_config"], msgspec.convert(sw["keys"].get("group_shared_selection", False), bool,
+                                                                strict=False)) for sw in sweeps])
+        for sw in sweeps:
+            r = recall[sw["label"]]
+            sw["recall"] = {k: r[k] for k in ("tokens", "chunk", "mean", "min", "heads_below_0.95", "density_mean")}
     spec = Path(tempfile.mkdtemp(prefix="sp_acc_")) / "sweeps.json"
     spec.write_text(json.dumps(sweeps, indent=1))
     env = harness.engine_env(clear_config=True,  # collective_rpc of a function
@@ -580,21 +598,10 @@ def run_tasks(args, path: Path, pattern_config: str) -> dict:
                                drop=("--pattern-config", "--variants", "--sweeps"))
     done = harness.run_worker("benchmarks.sparse_prefill_accuracy", "sweeps", [*argv, "--sweeps", str(spec)],
                               env)["sweeps"]
-    items = question_items(str(path), args)
-    summary, runs = variants_result(args, path, items, done, sweeps)
-    recall = None
-    if args.recall_tokens:
-        recall = measure_recall(args, path, [
-            (sw["label"], sw["pattern_config"], msgspec.convert(sw["keys"].get("group_shared_selection", False), bool,
-                                                                strict=False)) for sw in sweeps])
-        for label, r in recall.items():
-            summary["variants"][label].update(recall_mean=r["mean"], recall_min=r["min"], recall_density=r["density_mean"])
-        first = recall[sweeps[0]["label"]]
-        summary.update(recall_mean=first["mean"], recall_min=first["min"], recall_density=first["density_mean"])
-        for run in runs:
-            run["recall"] = recall[run["variant"]]
-        recall = first
-    return {"summary": summary, "cases": runs, "recall": recall}
+    summary, runs = variants_result(args, path, question_items(str(path), args), done, sweeps)
+    for run in runs:
+        run["recall"] = recall.get(run["variant"])
+    return {"summary": summary, "cases": runs, "recall": recall.get(sweeps[0]["label"])}
 
 
 def main(argv=None) -> int:

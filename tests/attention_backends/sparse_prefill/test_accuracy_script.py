@@ -101,11 +101,11 @@ def test_scaled_config_multiplies_length_proportional_budgets_only():
         default=HP(pattern="vertical_slash", budgets={"vertical": 100, "slash": 256}), num_layers=2, num_heads=3,
         calibration={"tokens": 32000}, layers={0: {0: HP(pattern="block_sparse", budgets={"top_k": 8}, recall=0.96),
                                                    1: HP(pattern="a_shape", budgets={"sink": 64, "window": 512}),
-                                                   2: HP(pattern="dense")}}).validate()
+                                                   2: HP(pattern="dense", recall=1.0)}}).validate()
     out = acc.scaled_config(cfg, 2)
     assert out.head(0, 0) == HP(pattern="block_sparse", budgets={"top_k": 16})  # recorded recall dropped
     assert out.head(0, 1).budgets == {"sink": 64, "window": 512}  # a local structure: not length-proportional
-    assert out.head(0, 2).pattern == "dense"
+    assert out.head(0, 2) == HP(pattern="dense")  # no recorded recall left to average
     assert out.head(1, 0).budgets == {"vertical": 200, "slash": 512}  # the default's too
     assert out.searched_tokens == 32000 and out.calibration["budgets_scaled_by"] == 2
 
