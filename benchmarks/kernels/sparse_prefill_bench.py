@@ -17,6 +17,10 @@ Per length it times (CUDA events, median):
                      128x128 blocks its Hopper kernel needs (so it computes more than we do)
   * fa3 dense      : vLLM's flash_attn_varlen_func (fa_version=3), if vLLM is staged
   * fa2 sparse     : vLLM's sparse_attn_varlen_func with block offsets/columns converted from the same index
+  * xformers dense : xformers.ops.memory_efficient_attention, causal, each forward op (torch's FA2 / CUTLASS)
+  * xformers local : the same with the closest bias to our index, a causal local window sized to compute as
+                     many pairs as the index (benchmarks/kernels/xformers_baseline.py says why and how to
+                     install the wheel); the columns say why when xformers is not importable
 Q/K are synthetic with the structure real models show (a few sink keys, locality): random Q/K would make
 every diagonal equally likely and the pattern meaningless. Density of the index is reported beside.
 
@@ -82,6 +86,7 @@ def run(args) -> dict:
     from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
     from attention_backends.sparse_prefill.index import ChunkGeometry
     from benchmarks.harness import time_cuda
+    from benchmarks.kernels import xformers_baseline
 
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -93,6 +98,12 @@ def run(args) -> dict:
     else:
         flash_attn_varlen_func = sparse_attn_varlen_func = None
         fa_missing = fa2_sparse_missing = "vLLM's FlashAttention kernels need a CUDA device"
+    if args.skip_xformers:
+        xfmha, xinfo = None, {"missing": "--skip-xformers"}
+    else:
+        xfmha, xinfo = xformers_baseline.load()
+        if xfmha is not None and dev.type != "cuda":
+            xfmha, xinfo["missing"] = None, "xformers' attention ops need a CUDA device"
     results = []
     sweep = [json.loads(b) for b in args.budget_sweep.split(";")] if args.budget_sweep else [json.loads(args.budgets)]
     cases = [(L, c) for L in [int(x) for x in args.lengths.split(",")] for c in [int(x) for x in str(args.chunk).split(",")]]
@@ -123,6 +134,10 @@ def run(args) -> dict:
                     causal=True, fa_version=3))["median_ms"]
             except Exception as exc:
                 dense_ms["fa3_dense_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        if xfmha is not None:
+            dense_ms.update(xformers_baseline.dense_columns(xfmha, q, k, v, n, L, scale, timing, dense))
+        elif not args.skip_xformers:
+            dense_ms["xformers_missing"] = xinfo["missing"]
         for budgets in sweep:
             plan = LayerPlan.uniform(args.pattern, Hq, dev, **budgets)
 
@@ -200,6 +215,8 @@ def run(args) -> dict:
                     row["flex_sparse_ms"] = _flex(qt, kt, vt, idx, geom, scale, timing)
                 except Exception as exc:  # FlexAttention missing or failing on this torch: record why
                     row["flex_sparse_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            if xfmha is not None:
+                row.update(xformers_baseline.local_columns(xfmha, q, k, v, n, L, row["density"], scale, timing, dense))
             if sparse_attn_varlen_func is not None:
                 try:
                     bc, bo, cc, ci = fa2_sparse_index(idx, geom)
@@ -230,7 +247,8 @@ def run(args) -> dict:
                 # quality of the sparse output vs dense on this synthetic data (not a correctness test)
                 err = (out.float() - dense.float()).norm() / dense.float().norm()
                 row["rel_err_vs_dense"] = float(err)
-            for base in ("sdpa_dense_ms", "flex_sparse_ms", "fa3_dense_ms", "fa2_sparse_ms"):
+            for base in ("sdpa_dense_ms", "flex_sparse_ms", "fa3_dense_ms", "fa2_sparse_ms", "xformers_dense_ms",
+                         "xformers_local_ms"):
                 if base in row:
                     row[f"speedup_vs_{base[:-3]}"] = row[base] / row["kvplug_total_ms"]
                     row[f"attn_speedup_vs_{base[:-3]}"] = row[base] / row["kvplug_attn_ms"]
@@ -240,7 +258,8 @@ def run(args) -> dict:
         del q, k, v, kc, vc, out, dense
         torch.cuda.empty_cache() if dev.type == "cuda" else None
     return {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor(),
-            "torch": torch.__version__, "fa_missing": fa_missing, "fa2_sparse_missing": fa2_sparse_missing, "shape": {"heads": Hq, "kv_heads": Hkv,
+            "torch": torch.__version__, "fa_missing": fa_missing, "fa2_sparse_missing": fa2_sparse_missing,
+            "xformers": xinfo, "shape": {"heads": Hq, "kv_heads": Hkv,
             "head_dim": d, "page": args.page}, "results": results}
 
 
@@ -438,7 +457,9 @@ def markdown(report: dict) -> str:
     cols = [("L", "L"), ("pattern", "pattern"), ("density", "density"), ("union_density", "union density"),
             ("kvplug_index_ms", "ours: index ms"), ("kvplug_attn_old_ms", "old kernel ms"),
             ("kvplug_attn_ms", "ours: attn ms"), ("kvplug_attn_union_ms", "union attn ms"), ("kvplug_total_ms", "ours: total ms"), ("sdpa_dense_ms", "SDPA dense ms"),
-            ("flex_sparse_ms", "Flex sparse ms"), ("fa3_dense_ms", "FA3 dense ms"), ("fa2_sparse_ms", "FA2 sparse ms")]
+            ("flex_sparse_ms", "Flex sparse ms"), ("fa3_dense_ms", "FA3 dense ms"), ("fa2_sparse_ms", "FA2 sparse ms"),
+            ("xformers_dense_ms", "xformers dense ms"), ("xformers_local_window", "xformers window"),
+            ("xformers_local_ms", "xformers local (same pairs) ms")]
     rows = report["results"]
     present = [(k, t) for k, t in cols if any(k in r for r in rows)]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and v < 1 else (f"{v:.1f}" if isinstance(v, float) else str(v))  # noqa: E731
@@ -463,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                    "length (a density sweep), e.g. '{\"vertical\": 500, \"slash\": 64};{\"vertical\": 1000, \"slash\": 256}'")
     p.add_argument("--skip-sdpa", action="store_true")
     p.add_argument("--skip-flex", action="store_true")
+    p.add_argument("--skip-xformers", action="store_true", help="leave out xformers' memory-efficient attention "
+                   "(dense causal and the local window computing the index's pairs)")
     p.add_argument("--check", action="store_true", help="also compare the kernel with the torch reference (small L)")
     p.add_argument("--chunk", default="0", help="time a later prefill chunk: the last CHUNK query rows "
                    "against all L keys (e.g. a 1024-token second turn on a cached 128K prompt); 0 = whole prompt; "

