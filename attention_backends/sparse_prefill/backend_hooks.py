@@ -19,6 +19,7 @@ from torch.profiler import record_function
 from attention_backends import wiring
 from attention_backends.sparse_prefill import cost_model, planner, runner
 from kvplug import metrics, vllm_compat
+from kvplug.config import KvplugConfigError
 
 logger = logging.getLogger("vllm.kvplug.sparse_prefill")
 
@@ -42,8 +43,6 @@ def set_override(_worker: Any = None, **fields: Any) -> None:
     (``collective_rpc(set_override, kwargs=...)``); no fields = back to the resolved config. A bad key or value
     is a ValueError naming it, and leaves the current override in place."""
     global _override_version
-    from kvplug.config import KvplugConfigError
-
     unknown = sorted(set(fields) - set(OVERRIDE_KEYS) - {"dense"})
     if unknown:
         raise ValueError(f"unknown sparse prefill override {unknown[0]!r} (known: dense, {', '.join(OVERRIDE_KEYS)})")
@@ -73,13 +72,10 @@ def _effective(cfg: Any) -> Any:
     return msgspec.convert(msgspec.structs.asdict(cfg) | keys, type(cfg), strict=False) if keys else cfg
 
 
-_model: str | None = None  # the served model, read at layer init (vLLM's config is current only then)
+_model: str = ""  # the served model, recorded at layer init (vLLM's config is current only then)
 
 
 def _chosen(cfg: Any) -> planner.ChosenConfig:
-    global _model
-    if _model is None:
-        _model = vllm_compat.current_model_name()
     return planner.choose_pattern_config(cfg.pattern_config, _model, cfg.default_pattern,
                                          json.dumps(cfg.default_budgets, sort_keys=True))
 
@@ -176,9 +172,11 @@ def builder_hook() -> BuilderHook | None:
 
 def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:
     """A runner for one attention impl (layer), or None when sparse prefill is off."""
+    global _model
     cfg = _config()
     if cfg is None:
         return None
+    _model = vllm_compat.current_model_name()
     _note_layer(_chosen(cfg), impl)  # the resolved config: what the layers record, whatever the override
     cfg = _effective(cfg)
     r = runner.SparsePrefillRunner(_chosen(cfg).config, impl.num_heads, impl.num_kv_heads, impl.scale,

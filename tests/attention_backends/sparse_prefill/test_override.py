@@ -29,7 +29,9 @@ def hooks(monkeypatch, tmp_path):
     monkeypatch.setattr(backend_hooks, "_override_version", 0)
     monkeypatch.setattr(backend_hooks, "_runners", weakref.WeakSet())
     monkeypatch.setattr(backend_hooks, "_context", None)
-    monkeypatch.setattr(backend_hooks, "_model", "served-model")  # layer init records it inside vLLM
+    monkeypatch.setattr(backend_hooks, "_model", "")
+    # what vLLM's current config says at layer init (impl_runner records it)
+    monkeypatch.setattr(backend_hooks.vllm_compat, "current_model_name", lambda: "served-model")
     cfg = head_config.load(SHIPPED)
     other = tmp_path / "other.json"
     other.write_bytes(head_config.PatternConfig(
