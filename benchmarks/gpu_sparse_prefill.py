@@ -66,13 +66,18 @@ def _worker(args: argparse.Namespace) -> None:
         a, b = after.get("chunks", {}), before.get("chunks", {})
         return {k: a[k] - b.get(k, 0) for k in a if a[k] != b.get(k, 0)}
 
-    ttft, dens, chunks = {}, {}, {}
+    def executors(before: dict, after: dict) -> dict[str, int]:
+        """Chunk-layers by executor (sparse_prefill.executor): FA2 sparse, and ones that asked for it but ran triton."""
+        return {k: after.get(k, 0) - before.get(k, 0) for k in ("fa2_sparse_layer_calls", "executor_fallback_layer_calls")}
+
+    ttft, dens, chunks, execs = {}, {}, {}, {}
     for n in lengths:
         before = stats() if ours else None
         ttft[str(n)] = [timed(tokens(n))[0] for _ in range(args.repeats)]
         if ours:
             after = stats()
             dens[str(n)], chunks[str(n)] = density(before, after), decisions(before, after)
+            execs[str(n)] = executors(before, after)
     turn = {}
     if args.turn_length:
         # --repeats fresh conversations: one sample of a ~200 ms second turn is at the mercy of a stray JIT or a
@@ -103,7 +108,7 @@ def _worker(args: argparse.Namespace) -> None:
     import vllm
 
     harness.emit_result({"backend": args.backend, "attention_impls": impls, "ttft_s": ttft, "density": dens,
-                         "chunks": chunks, "engine": harness.engine_facts(llm),
+                         "chunks": chunks, "executor_calls": execs, "engine": harness.engine_facts(llm),
                          "two_turn": turn, "device": harness.device_name(), "vllm": vllm.__version__})
 
 
@@ -149,7 +154,8 @@ def summarize(runs: list[dict]) -> dict:
         o = statistics.median([x for r in ours for x in r["ttft_s"][n]]) if ours else None
         table[n] = {"flash_attn_s": b, "kvplug_s": o, "speedup": b / o if b and o else None,
                     "density": ours[-1]["density"].get(n) if ours else None,
-                    "chunks": ours[-1].get("chunks", {}).get(n) if ours else None}
+                    "chunks": ours[-1].get("chunks", {}).get(n) if ours else None,
+                    "executor_calls": ours[-1].get("executor_calls", {}).get(n) if ours else None}
     out = {"device": runs[0]["device"], "vllm": runs[0]["vllm"], "ttft": table,
            "attention_impls": {r["backend"]: r["attention_impls"] for r in runs}}
     if base and ours and base[0]["two_turn"]:
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-top", type=int, default=25, help="kernels and CPU ops listed per profiled turn")
     p.add_argument("--set", dest="sparse_set", action="append", default=[], metavar="KEY=VALUE",
                    help="another sparse_prefill key for the kvplug run (repeatable), e.g. --set "
-                        "group_shared_selection=true --set fused_estimate=true")
+                        "group_shared_selection=true --set fused_estimate=true --set executor=fa2_sparse")
     args = harness.parse_shape_args(p, argv, _worker)
     if args is None:
         return 0
@@ -207,7 +213,8 @@ def print_summary(summary: dict) -> None:
     ms = lambda s: f"{s * 1e3:9.1f} ms" if s is not None else "        -"  # noqa: E731
     harness.print_metric_rows(summary, ("ttft",), lambda _, n, row: (
         f"TTFT {n:>7s}  FLASH_ATTN {ms(row['flash_attn_s'])}  kvplug {ms(row['kvplug_s'])}"
-        f"  speedup {row['speedup'] and round(row['speedup'], 2)}x  density {row['density']}  chunks {row.get('chunks')}"))
+        f"  speedup {row['speedup'] and round(row['speedup'], 2)}x  density {row['density']}  chunks {row.get('chunks')}"
+        f"  executor {row.get('executor_calls')}"))
     if "two_turn" in summary:
         t = summary["two_turn"]
         print(f"second turn (prefix hit): FLASH_ATTN {t['flash_attn_second_ttft_s']*1e3:.1f} ms  kvplug "

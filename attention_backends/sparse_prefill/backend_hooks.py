@@ -17,7 +17,7 @@ import msgspec
 from torch.profiler import record_function
 
 from attention_backends import wiring
-from attention_backends.sparse_prefill import cost_model, planner, runner
+from attention_backends.sparse_prefill import cost_model, executor, planner, runner
 from kvplug import metrics, vllm_compat
 from kvplug.config import KvplugConfigError
 
@@ -178,9 +178,10 @@ def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:
         return None
     _model = vllm_compat.current_model_name()
     _note_layer(_chosen(cfg), impl)  # the resolved config: what the layers record, whatever the override
+    chosen_executor = executor.resolve(cfg.executor, vllm_compat.platform_name(), int(impl.head_size))
     cfg = _effective(cfg)
     r = runner.SparsePrefillRunner(_chosen(cfg).config, impl.num_heads, impl.num_kv_heads, impl.scale,
-                                   cfg.group_shared_selection, cfg.fused_estimate)
+                                   cfg.group_shared_selection, cfg.fused_estimate, chosen_executor)
     _runners.add(r)
     return r
 

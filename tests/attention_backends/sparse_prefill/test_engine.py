@@ -22,7 +22,9 @@ NEAR_TIE_NATS = 0.5
 
 def _run(tmp_path, name: str, sparse: bool) -> dict:
     env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # collective_rpc of a function
-               KVPLUG_SPARSE_PREFILL__ENABLED=str(sparse).lower(), KVPLUG_SPARSE_PREFILL__MIN_PROMPT_TOKENS="2048")
+               KVPLUG_SPARSE_PREFILL__ENABLED=str(sparse).lower(), KVPLUG_SPARSE_PREFILL__MIN_PROMPT_TOKENS="2048",
+               # vLLM's FA2 sparse kernel asked for where it cannot run (the CPU platform): the torch path serves
+               KVPLUG_SPARSE_PREFILL__EXECUTOR="fa2_sparse")
     env.pop("KVPLUG_CONFIG_JSON", None)
     out = tmp_path / f"{name}.json"
     proc = subprocess.run([sys.executable, "-m", "tests.attention_backends.sparse_prefill.engine_run", str(out),
@@ -49,6 +51,8 @@ def test_sparse_path_ran_in_chunks_and_skipped_work(runs):
     assert set(s["chunks"]) <= {"sparse/threshold", "dense/below_floor"}
     assert s["computed_pairs"] / s["causal_pairs"] < 0.95
     assert dense["stats"]["sparse_tokens"] == 0 and dense["stats"]["sparse_layer_calls"] == 0
+    # sparse_prefill.executor=fa2_sparse on the CPU: every sparse layer call fell back, counted, none went to FA2
+    assert s["fa2_sparse_layer_calls"] == 0 and 0 < s["executor_fallback_layer_calls"] <= s["sparse_layer_calls"]
 
 
 def test_prefix_cache_hit_suffix_goes_sparse(runs):

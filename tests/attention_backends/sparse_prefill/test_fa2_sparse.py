@@ -1,0 +1,177 @@
+"""The FA2 sparse executor's index conversion: vLLM's kernel semantics (a torch model of them) over the converted
+index == our torch reference over our index, for every pattern, chunk offsets, GQA, mixed-pattern layers."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from attention_backends.sparse_prefill import fa2_sparse
+from attention_backends.sparse_prefill.fa2_sparse import SequenceKV, fa2_index, fa2_sparse_reference, gather_kv
+from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig, build_index
+from attention_backends.sparse_prefill.index import BLOCK, RANGE_PAD, ChunkGeometry, ranges_from_diagonals, window_ranges
+from attention_backends.sparse_prefill.patterns import registry
+from attention_backends.sparse_prefill.reference import sparse_attention
+
+TIGHT = {"a_shape": {"sink": 64, "window": 128}, "vertical_slash": {"vertical": 40, "slash": 120},
+         "block_sparse": {"top_k": 3}}
+# (chunk rows, total keys): whole prompts, chunks at an offset (unaligned too), a tiny last chunk, a chunk whose
+# last query block is short and whose first reaches back past key 0 only through its ranges.
+SHAPES = [(700, 700), (300, 1000), (257, 1123), (5, 900), (130, 190)]
+SCALE = 0.2
+
+
+def _qkv(n, L, Hq=6, Hkv=2, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(n, Hq, d, generator=g), torch.randn(L, Hkv, d, generator=g), torch.randn(L, Hkv, d, generator=g)
+    k[:4] *= 3
+    return q, k, v
+
+
+def _paged(x, page=16, seed=1):
+    """[L, H, d] -> a paged cache [num_blocks, H, page, d] (shuffled blocks, spare ones) and the sequence's blocks."""
+    L, H, d = x.shape
+    n = -(-L // page)
+    perm = torch.randperm(n + 3, generator=torch.Generator().manual_seed(seed))[:n]
+    cache = torch.randn(n + 3, H, page, d)
+    padded = torch.zeros(n * page, H, d)
+    padded[:L] = x
+    cache[perm] = padded.view(n, page, H, d).transpose(1, 2)
+    return cache, perm
+
+
+def _fa2(q, k, v, index, geom, with_blocks=True):
+    kc, blocks = _paged(k)
+    vc, _ = _paged(v)
+    seq = SequenceKV.build(blocks, 16, geom)
+    out = torch.full_like(q, float("nan"))
+    return fa2_sparse.attend(fa2_sparse_reference, q, gather_kv(kc, seq), gather_kv(vc, seq), index, geom, SCALE, out,
+                             seq, with_blocks)
+
+
+@pytest.mark.parametrize("pattern", sorted(registry.PATTERNS))
+@pytest.mark.parametrize("n,L", SHAPES)
+def test_fa2_semantics_over_converted_index_equal_ours(pattern, n, L):
+    q, k, v = _qkv(n, L)
+    geom = ChunkGeometry(n, L)
+    plan = LayerPlan.uniform(pattern, q.shape[1], **TIGHT[pattern])
+    index = build_index(q, k, geom, plan, SCALE, window_ranges=True)
+    assert index.density(geom) < 1.0 or L < 200
+    torch.testing.assert_close(_fa2(q, k, v, index, geom, fa2_sparse.plan_has_blocks(plan)),
+                               sparse_attention(q, k, v, index, SCALE), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,L", SHAPES)
+def test_mixed_pattern_layer_and_dense_heads(n, L):
+    """Heads of one layer with different patterns (blocks on some, ranges on others) and dense heads."""
+    cfg = PatternConfig(default=HeadPattern(pattern="vertical_slash", budgets=TIGHT["vertical_slash"]),
+                        layers={0: {1: HeadPattern(pattern="block_sparse", budgets={"top_k": 2}),
+                                    2: HeadPattern(pattern="dense"),
+                                    4: HeadPattern(pattern="a_shape", budgets=TIGHT["a_shape"])}}).validate()
+    q, k, v = _qkv(n, L, seed=3)
+    geom = ChunkGeometry(n, L)
+    plan = LayerPlan.from_config(cfg, 0, q.shape[1])
+    assert fa2_sparse.plan_has_blocks(plan)
+    index = build_index(q, k, geom, plan, SCALE, window_ranges=True)
+    torch.testing.assert_close(_fa2(q, k, v, index, geom), sparse_attention(q, k, v, index, SCALE),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_converted_index_lists_every_key_once_and_masks_only_what_it_must():
+    """Structural check of the conversion on a chunk at an unaligned offset: each (head, query block) lists
+    exactly the keys of our element mask's union over the block's rows, no key twice, and only windows/columns
+    in the kernel's masked steps hold keys beyond the block's first row."""
+    n, L = 257, 1123
+    q, k, _ = _qkv(n, L, seed=5)
+    geom = ChunkGeometry(n, L)
+    index = build_index(q, k, geom, LayerPlan.uniform("vertical_slash", 6, **TIGHT["vertical_slash"]), SCALE,
+                        window_ranges=True)
+    bc, bo, cc, ci = fa2_index(index, geom, with_blocks=False)
+    a, b = geom.q_block_bounds()
+    for h in range(6):
+        mask = index.dense_mask(geom)[h]
+        for m in range(geom.nqb):
+            nb, nc = int(bc[0, h, m]), int(cc[0, h, m])
+            win = (bo[0, h, m, :nb].long()[:, None] + torch.arange(BLOCK)).flatten()
+            col = ci[0, h, m, :nc].long()
+            listed = torch.cat([win, col])
+            assert listed.unique().numel() == listed.numel(), "a key listed twice counts twice"
+            want = mask[m * BLOCK:min(n, (m + 1) * BLOCK)].any(0).nonzero().flatten()
+            assert set(want.tolist()) <= set(listed.tolist())
+            extra = set(listed.tolist()) - set(want.tolist())
+            assert all(x > int(b[m]) - 1 for x in extra), "only keys no row of the block sees may be extra"
+            late_win = (win.view(nb, BLOCK) > a[m]).any(1).nonzero().flatten()
+            assert (late_win >= nb - fa2_sparse.MASKED_STEPS).all()
+            late_col = (col > a[m]).nonzero().flatten()
+            assert (late_col // BLOCK >= -(-nc // BLOCK) - fa2_sparse.MASKED_STEPS).all()
+            assert (col[1:] > col[:-1]).all()
+
+
+def test_dropping_a_block_fails_the_comparison():
+    """The oracle sees a dropped window: a conversion that loses one gives a different output."""
+    n, L = 300, 1000
+    q, k, v = _qkv(n, L, seed=2)
+    geom = ChunkGeometry(n, L)
+    index = build_index(q, k, geom, LayerPlan.uniform("block_sparse", 6, top_k=4), SCALE, window_ranges=True)
+    kc, blocks = _paged(k)
+    vc, _ = _paged(v)
+    seq = SequenceKV.build(blocks, 16, geom)
+    kk, vv = gather_kv(kc, seq), gather_kv(vc, seq)
+    bc, bo, cc, ci = fa2_index(index, geom)
+    ours = sparse_attention(q, k, v, index, SCALE)
+    full = fa2_sparse_reference(q, kk, vv, bc, bo, cc, ci, seq.cu_seqlens_q, seq.cu_seqlens_k, n, L,
+                                softmax_scale=SCALE, causal=True)
+    torch.testing.assert_close(full, ours, rtol=1e-4, atol=1e-4)
+    dropped = bc.clone()
+    dropped[0, 0, 2] -= 1  # head 0, query block 2 loses its first window (the masked ones stay last)
+    bo_dropped = bo.clone()
+    bo_dropped[0, 0, 2, :-1] = bo[0, 0, 2, 1:]
+    worse = fa2_sparse_reference(q, kk, vv, dropped, bo_dropped, cc, ci, seq.cu_seqlens_q, seq.cu_seqlens_k, n, L,
+                                 softmax_scale=SCALE, causal=True)
+    assert not torch.allclose(worse, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_short_ranges_are_not_convertible_without_windowing():
+    """Why build_index(window_ranges=True): the kernel reads 64 keys per offset, so our ranges as they are
+    (a segment's last range is shorter) would make it compute keys the index does not hold."""
+    n = L = 700
+    q, k, v = _qkv(n, L, seed=4)
+    geom = ChunkGeometry(n, L)
+    index = build_index(q, k, geom, LayerPlan.uniform("vertical_slash", 6, **TIGHT["vertical_slash"]), SCALE)
+    width = index.ranges[..., 1] - index.ranges[..., 0]
+    assert ((width < BLOCK) & (torch.arange(width.shape[1]) < index.range_count[:, None])).any()
+    assert not torch.allclose(_fa2(q, k, v, index, geom, False), sparse_attention(q, k, v, index, SCALE),
+                              rtol=1e-4, atol=1e-4)
+
+
+def _greedy_windows(ranges):
+    """The sequential rule window_ranges computes in parallel: a window starts at the first uncovered key."""
+    out, end = [], None
+    for s, e in ranges:
+        if end is None or s >= end:
+            out.append(s)
+            end = s + BLOCK
+        while end < e:
+            out.append(end)
+            end += BLOCK
+    return out
+
+
+def test_window_ranges_is_the_greedy_cover():
+    rng = random.Random(0)
+    for _ in range(200):
+        S, L = rng.randint(1, 40), rng.choice([100, 300, 2000])
+        g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+        diagonals = torch.stack([torch.randperm(L, generator=g)[:S] for _ in range(3)])
+        ranges, count = ranges_from_diagonals(diagonals, torch.rand(3, S, generator=g) < 0.8)
+        windows, wcount = window_ranges(ranges, count)
+        for h in range(3):
+            rs = [tuple(x) for x in ranges[h, :count[h]].tolist()]
+            got = windows[h, :wcount[h], 0].tolist()
+            assert got == _greedy_windows(rs)
+            assert (windows[h, :wcount[h], 1] - windows[h, :wcount[h], 0] == BLOCK).all()
+            assert (windows[h, wcount[h]:] == RANGE_PAD).all() and wcount[h] <= count[h]
+            keys = {x for s, e in rs for x in range(s, e)}
+            covered = [x for s in got for x in range(s, s + BLOCK)]
+            assert keys <= set(covered) and len(covered) == len(set(covered))
