@@ -7,14 +7,21 @@ GPU (vLLM 0.26 staged, the model staged by ../shared/gpu/stage-model.sh qwen2.5-
         --tokens 30000 --cases 20 --out benchmarks/results/sparse_prefill_accuracy_qwen_32k_h100.json
 Multi-turn questions where dense is strong (--tasks; n = tasks x contexts x cases x turns, with Wilson 95%
 intervals, the paired difference to dense and answers kept where dense is right, per task and per turn):
-    python -m benchmarks.sparse_prefill_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b \
-        --tasks passkey,kv --contexts 8000,16000,24000 --cases 9 --turns 3 --recall-tokens 0 \
+    python -m benchmarks.sparse_prefill_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b \\
+        --tasks passkey,kv --contexts 8000,16000,24000 --cases 9 --turns 3 --recall-tokens 0 \\
         --out benchmarks/results/sparse_prefill_accuracy_qwen_multiturn_h100.json
+Variants (--tasks mode): one engine answers every question dense once, then under each variant (the config
+switched in the engine between sweeps, the prefix cache emptied), so n questions cost one engine start. A
+variant may search its own per-head config first, on the served length and chunk (`kvplug patterns search`
+on the GPU, written next to --out), scale the config's budgets, or set sparse_prefill keys:
+    python -m benchmarks.sparse_prefill_accuracy --model /tmp/kvstage/models/qwen2.5-coder-0.5b --tasks passkey \\
+        --contexts 8000,16000,24000 --cases 12 --turns 3 --recall-tokens 0 \\
+        --variants "shipped;shipped_gs:group_shared_selection=true;search24k_r98:search_tokens=24000,target_recall=0.98"
 CPU dry run (SmolLM2, small):
     python -m benchmarks.sparse_prefill_accuracy --tokens 3000 --cases 2 --min-prompt-tokens 1024 \\
         --recall-tokens 2048 --out /results/sp_acc_cpu.json
 
-Agreement: two engines (subprocesses), the same kvplug backend and flags, sparse prefill off vs on; chunked
+Agreement (without --tasks): two engines (subprocesses), the same kvplug backend and flags, sparse prefill off vs on; chunked
 prefill as vLLM schedules it. Each answer is classified 'same', 'near_tie' (sparse took dense's runner-up
 where dense's top-2 logprobs were < --near-tie nats apart) or 'differ'; answer correctness is reported for
 both. Recall: the model's post-RoPE Q/K of an unseen KV-retrieval prompt (transformers), replaying chunked
@@ -25,8 +32,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import msgspec
 
 from benchmarks import harness
 
@@ -48,6 +63,9 @@ def _parse(argv):
                     "caching on, so later turns' chunks run against the cached context")
     ap.add_argument("--contexts", default="8000,16000,24000", help="--tasks mode: context lengths (tokens)")
     ap.add_argument("--turns", type=int, default=3, help="--tasks mode: questions per case")
+    ap.add_argument("--variants", default="", help="--tasks mode: 'LABEL[:KEY=VALUE,...];...' sparse runs to "
+                    "compare on the same questions against one dense run (default: one run, LABEL 'sparse', the "
+                    "config as given). KEYs: " + "; ".join(f"{k} ({v})" for k, v in VARIANT_KEYS.items()))
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--min-prompt-tokens", type=int, default=8192, help="sparse prefill threshold in the sparse run")
     ap.add_argument("--max-batched-tokens", type=int, default=8192, help="chunked prefill chunk (tokens per step)")
@@ -60,7 +78,162 @@ def _parse(argv):
     ap.add_argument("--out", default="benchmarks/results/sparse_prefill_accuracy.json")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--sweeps", default="", help=argparse.SUPPRESS)  # --tasks worker: JSON file of the sweeps
     return ap.parse_args(argv)
+
+
+# --variants keys: how a variant gets its per-head config (search / config / budgets) and the sparse_prefill keys
+# the engine switches at run time (attention_backends/sparse_prefill/backend_hooks.set_override).
+VARIANT_KEYS = {
+    "config": "a per-head pattern JSON (default: --pattern-config)",
+    "search_tokens": "search a config first at this prompt length (kvplug patterns search --tokens)",
+    "target_recall": "the search's target recall per head (default 0.95)",
+    "search_task": "the search's calibration prompt: kv (default) or passkey",
+    "search_chunk": "the search's chunk (default: --max-batched-tokens, the chunk served)",
+    "budgets": "multiply the config's length-proportional budgets (vertical, slash, top_k) by this",
+    "group_shared_selection": "sparse_prefill key (true/false)",
+    "fused_estimate": "sparse_prefill key (true/false; CUDA only)",
+    "budget_scale_limit": "sparse_prefill key (budgets grow beyond the searched length up to this factor)",
+}
+OVERRIDDEN = ("group_shared_selection", "fused_estimate", "budget_scale_limit")  # passed to the engine as is
+
+
+@dataclass(frozen=True)
+class Search:
+    tokens: int
+    target_recall: float
+    task: str
+    chunk: int
+
+    def file_name(self) -> str:
+        return f"search_{self.task}_{self.tokens}t_r{self.target_recall:g}_c{self.chunk}.json"
+
+
+@dataclass
+class Variant:
+    label: str
+    config: str | None = None  # an explicit per-head config
+    search: Search | None = None
+    budgets: float = 1.0
+    keys: dict = field(default_factory=dict)  # sparse_prefill keys overridden in the engine
+
+
+def parse_variants(spec: str, chunk: int) -> list[Variant]:
+    """--variants 'LABEL[:KEY=VALUE,...];...' -> variants; an unknown key, bad value or repeated label is a
+    SystemExit naming it. ``chunk``: the chunk served (a search's default chunk)."""
+    out: list[Variant] = []
+    for item in filter(None, (p.strip() for p in spec.split(";"))):
+        label, _, body = (x.strip() for x in item.partition(":"))
+        if not label:
+            raise SystemExit(f"--variants: {item!r} has no label (LABEL[:KEY=VALUE,...])")
+        if any(v.label == label for v in out):
+            raise SystemExit(f"--variants: label {label!r} used twice")
+        fields: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in body.split(","))):
+            key, eq, value = (x.strip() for x in pair.partition("="))
+            if not eq or not key or not value:
+                raise SystemExit(f"--variants {label}: {pair!r} is not KEY=VALUE")
+            if key not in VARIANT_KEYS:
+                raise SystemExit(f"--variants {label}: unknown key {key!r} (keys: {', '.join(VARIANT_KEYS)})")
+            fields[key] = value
+
+        def number(key: str, cast, default, ok, what: str):
+            if key not in fields:
+                return default
+            try:
+                value = cast(fields[key])
+            except ValueError:
+                value = None
+            if value is None or not ok(value):
+                raise SystemExit(f"--variants {label}: {key} must be {what}, got {fields[key]!r}")
+            return value
+
+        v = Variant(label, config=fields.get("config"),
+                    budgets=number("budgets", float, 1.0, lambda x: 0 < x < float("inf"), "a number > 0"))
+        if "search_tokens" in fields:
+            if v.config:
+                raise SystemExit(f"--variants {label}: config and search_tokens exclude each other")
+            task = fields.get("search_task", "kv")
+            if task not in ("kv", "passkey"):
+                raise SystemExit(f"--variants {label}: search_task must be kv or passkey, got {task!r}")
+            v.search = Search(number("search_tokens", int, 0, lambda x: x >= 256, "an integer >= 256"),
+                              number("target_recall", float, 0.95, lambda x: 0 < x <= 1, "in (0, 1]"), task,
+                              number("search_chunk", int, chunk, lambda x: x >= 64, "an integer >= 64"))
+        elif {"target_recall", "search_task", "search_chunk"} & set(fields):
+            raise SystemExit(f"--variants {label}: target_recall / search_task / search_chunk need search_tokens")
+        v.keys = {k: fields[k] for k in OVERRIDDEN if k in fields}
+        out.append(v)
+    return out
+
+
+def scaled_config(cfg, factor: float):
+    """``cfg`` (head_config.PatternConfig) with every head's length-proportional budgets times ``factor``; the
+    recall/density the search recorded no longer apply and are dropped."""
+    from attention_backends.sparse_prefill import head_config
+    from attention_backends.sparse_prefill.patterns import registry
+
+    def scale(hp):
+        if hp.pattern == registry.DENSE:
+            return head_config.HeadPattern(pattern=hp.pattern)
+        budgets = head_config.scaled_budgets(hp.pattern, registry.get(hp.pattern).check_budgets(hp.budgets), factor)
+        return head_config.HeadPattern(pattern=hp.pattern, budgets=budgets)
+
+    return msgspec.structs.replace(
+        cfg, default=scale(cfg.default), calibration={**cfg.calibration, "budgets_scaled_by": factor},
+        layers={li: {h: scale(hp) for h, hp in heads.items()} for li, heads in cfg.layers.items()}).validate()
+
+
+def config_facts(path: str) -> dict:
+    """What a variant's per-head config is: heads per pattern, mean recall/density the search recorded, length."""
+    from attention_backends.sparse_prefill import head_config
+
+    cfg = head_config.load(path)
+    heads = [cfg.head(li, h) for li in range(cfg.num_layers or 0) for h in range(cfg.num_heads or 0)]
+    patterns: dict[str, int] = {}
+    for hp in heads:
+        patterns[hp.pattern] = patterns.get(hp.pattern, 0) + 1
+    recorded = [hp.recall for hp in heads if hp.recall is not None]
+    return {"file": path, "searched_tokens": cfg.searched_tokens, "target_recall": cfg.calibration.get("target_recall"),
+            "heads_per_pattern": patterns,
+            "search_recall_mean": round(sum(recorded) / len(recorded), 4) if recorded else None,
+            "budgets_scaled_by": cfg.calibration.get("budgets_scaled_by")}
+
+
+def prepare_variants(args, path: Path, pattern_config: str, variants: list[Variant]) -> list[dict]:
+    """Each variant's config file (searching and scaling as asked; searches shared between variants) ->
+    the sweeps the worker runs: {"label", "pattern_config", "keys", "config"}."""
+    from attention_backends.sparse_prefill import head_config
+
+    folder = Path(args.out).with_suffix("")
+    folder = folder.with_name(folder.name + "_configs")
+    searched: dict[Search, str] = {}
+    sweeps = []
+    for v in variants:
+        source = v.config or pattern_config
+        if v.search is not None:
+            source = searched.get(v.search) or run_search(path, v.search, folder / v.search.file_name())
+            searched[v.search] = source
+        elif not Path(source).is_file():
+            raise SystemExit(f"--variants {v.label}: config {source} not found")
+        if v.budgets != 1.0:
+            scaled = scaled_config(head_config.load(source), v.budgets)
+            source = str(folder / f"{Path(source).stem}_budgets_x{v.budgets:g}.json")
+            folder.mkdir(parents=True, exist_ok=True)
+            Path(source).write_bytes(scaled.to_json())
+        sweeps.append({"label": v.label, "pattern_config": str(source), "keys": v.keys, "config": config_facts(source)})
+    return sweeps
+
+
+def run_search(path: Path, s: Search, out: Path) -> str:
+    """`kvplug patterns search` (the user command) in a subprocess: its GPU memory is gone before the engine starts."""
+    cmd = [*harness.KVPLUG_CLI, "patterns", "search", str(path), "--tokens", str(s.tokens), "--target-recall",
+           str(s.target_recall), "--task", s.task, "--chunk", str(s.chunk), "--out", str(out)]
+    print(f"[sparse_prefill_accuracy] {shlex.join(cmd[2:])}", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    if subprocess.run(cmd, env=dict(os.environ)).returncode != 0:
+        raise SystemExit(f"pattern search failed: {shlex.join(cmd[2:])}")
+    print(f"[sparse_prefill_accuracy] search done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    return str(out)
 
 
 def pattern_config_path(setting: str, model: Path) -> str:
@@ -137,23 +310,127 @@ def _emit(args, llm, outs) -> None:
     """Greedy ids, texts and dense/sparse top-2 logprobs of every output, plus sparse prefill's counters."""
     from attention_backends.sparse_prefill import runner
 
-    stats = llm.collective_rpc(runner.stats_snapshot)[0]
-    harness.emit_result({
-        "backend": args.backend, "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
-        "token_ids": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs],
-        "top2": [[top2(step) for step in o.outputs[0].logprobs] for o in outs], "stats": stats})
+    harness.emit_result({"backend": args.backend, **outputs(outs), "stats": llm.collective_rpc(runner.stats_snapshot)[0]})
 
 
 def _chat_worker(args, path: str) -> None:
-    """--tasks mode: every question as one chat (the conversation so far + the question), greedy, top-2."""
+    """--tasks mode: one engine with sparse prefill on; every question as one chat (the conversation so far + the
+    question), greedy, top-2: once dense, then once per sweep (--sweeps), the config switched in the engine and
+    the prefix cache emptied in between, so every sweep prefills the contexts itself. The summary so far goes to
+    --out after every sweep (a run cut short keeps what it measured)."""
     from vllm import SamplingParams
 
+    from attention_backends.sparse_prefill import backend_hooks, runner
+
     items = question_items(path, args)
+    sweeps = json.loads(Path(args.sweeps).read_text())
     limit = harness.model_config(path).get("max_position_embeddings", 1 << 20)
     longest = max(int(c) for c in args.contexts.split(",")) + 256 * args.turns + args.max_tokens
+    t0 = time.monotonic()
     llm = _engine(args, path, min(limit, -(-longest // 1024) * 1024 + 1024), prefix_caching=True)
+    progress(f"engine up in {time.monotonic() - t0:.0f} s; {len(items)} questions x {1 + len(sweeps)} sweeps")
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=2)
-    _emit(args, llm, llm.chat([it["messages"] for it in items], sp, use_tqdm=False))
+    done: dict[str, dict] = {}
+    for sweep in [{"label": DENSE}, *sweeps]:
+        override = {"dense": True} if sweep["label"] == DENSE else {"pattern_config": sweep["pattern_config"],
+                                                                     **sweep["keys"]}
+        llm.collective_rpc(backend_hooks.set_override, kwargs=override)
+        if not llm.reset_prefix_cache():  # else a sweep would reuse the previous sweep's KV of the contexts
+            raise SystemExit("could not empty the prefix cache between sweeps")
+        before = llm.collective_rpc(runner.stats_snapshot)[0]
+        t0 = time.monotonic()
+        # vLLM 0.26's offline progress bar divides by tqdm's elapsed time, which is 0 under TQDM_DISABLE=1
+        # (benchmarks/gpu/env.sh): show the bar only when tqdm is on.
+        outs = llm.chat([it["messages"] for it in items], sp, use_tqdm=not os.environ.get("TQDM_DISABLE"))
+        done[sweep["label"]] = {**outputs(outs), "seconds": round(time.monotonic() - t0, 1),
+                                "stats": stats_delta(before, llm.collective_rpc(runner.stats_snapshot)[0])}
+        summary, runs = variants_result(args, path, items, done, sweeps)
+        v = summary["variants"].get(sweep["label"])
+        progress(f"[{sweep['label']}] {done[sweep['label']]['seconds']:.0f} s: " + (
+            f"dense accuracy {summary['dense']['accuracy']:.3f}" if v is None else verdict_line(v)))
+        harness.write_results(args.out, "(partial: the parent process rewrites this file when it ends)",
+                              dict(summary, partial=True), runs)
+    harness.emit_result({"sweeps": done})
+
+
+DENSE = "dense"
+
+
+def progress(line: str) -> None:
+    print(f"[sparse_prefill_accuracy] {line}", file=sys.stderr, flush=True)
+
+
+def outputs(outs) -> dict:
+    """Prompt lengths, greedy ids, texts and top-2 logprobs of every output."""
+    return {"prompt_tokens": [len(o.prompt_token_ids) for o in outs],
+            "token_ids": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs],
+            "top2": [[top2(step) for step in o.outputs[0].logprobs] for o in outs]}
+
+
+def stats_delta(before: dict, after: dict) -> dict:
+    """Sparse prefill's counters (runner.stats_snapshot) over one sweep: ``after`` minus ``before``."""
+    out = {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, (int, float))}
+    chunks = {k: n - before.get("chunks", {}).get(k, 0) for k, n in after.get("chunks", {}).items()}
+    out["chunks"] = {k: n for k, n in chunks.items() if n}
+    return out
+
+
+def density(stats: dict) -> float | None:
+    return stats["computed_pairs"] / stats["causal_pairs"] if stats.get("causal_pairs") else None
+
+
+def verdict_line(v: dict) -> str:
+    o = v["overall"]
+    diff = o["sparse_minus_dense"]
+    kept = "-" if o["kept_where_dense_right"] is None else f"{o['kept_where_dense_right']:.3f}"
+    dens = "-" if v["density"] is None else f"{v['density']:.3f}"
+    return (f"n={o['n']} accuracy {o['sparse_accuracy']:.3f} {list(o['sparse_ci95'])} vs dense "
+            f"{100 * diff['mean']:+.1f} points [{100 * diff['ci95'][0]:+.1f}, {100 * diff['ci95'][1]:+.1f}], "
+            f"kept where dense right {kept} (dense right on {o['dense_right']}), density {dens}"
+            + (f", recall {v['recall']['mean']:.4f} at {v['recall']['tokens']} tokens" if v.get("recall") else ""))
+
+
+def variants_result(args, path: str | Path, items: list[dict], done: dict[str, dict], sweeps: list[dict]
+                    ) -> tuple[dict, list[dict]]:
+    """(summary, runs) of the sweeps done so far: dense accuracy, and per variant the task summary against the
+    same dense answers, the density computed, the config used; the first variant's figures also at the top."""
+    from benchmarks.scbench.scoring import score
+
+    dense = done[DENSE]
+    d = [score(it["scorer"], txt, it["answer"]) for it, txt in zip(items, dense["texts"])]
+    summary = {"model": str(path), "mode": "multi-turn tasks", "tasks": args.tasks, "contexts": args.contexts,
+               "turns": args.turns, "min_prompt_tokens": args.min_prompt_tokens,
+               "max_batched_tokens": args.max_batched_tokens, "n": len(items),
+               "dense": {"accuracy": sum(d) / len(d), "ci95": harness.wilson(round(sum(d)), len(d)),
+                         "seconds": dense["seconds"]},
+               "variants": {}, "device": harness.device_name()}
+    runs = []
+    for sweep in sweeps:
+        sparse = done.get(sweep["label"])
+        if sparse is None:
+            continue
+        table = task_summary(items, dense, sparse, args.near_tie)
+        s = sparse["stats"]
+        v = {"pattern_config": sweep["pattern_config"], "keys": sweep["keys"], "config": sweep["config"],
+             "overall": table["overall"], "per_task": table["per_task"], "per_turn": table["per_turn"],
+             "density": density(s), "recall": sweep.get("recall"), "sparse_tokens": s.get("sparse_tokens", 0),
+             "dense_prefill_tokens_in_sparse_run": s.get("dense_prefill_tokens", 0), "chunks": s.get("chunks", {}),
+             "seconds": sparse["seconds"]}
+        if not v["sparse_tokens"]:
+            # a "sparse" column that was dense would be a lie: say so loudly in the result
+            v["warning"] = "no chunk went through the sparse path (contexts under --min-prompt-tokens?)"
+        summary["variants"][sweep["label"]] = v
+        runs.append({"variant": sweep["label"], "cases": table["rows"]})
+    if summary["variants"]:  # the layout of a one-variant run (the gate's file) at the top
+        first = next(iter(summary["variants"].values()))
+        summary.update({k: first[k] for k in ("pattern_config", "overall", "per_task", "per_turn", "density",
+                                              "sparse_tokens", "dense_prefill_tokens_in_sparse_run")})
+        if first["recall"]:
+            summary.update(recall_mean=first["recall"]["mean"], recall_min=first["recall"]["min"],
+                           recall_density=first["recall"]["density_mean"])
+        if "warning" in first:
+            summary["warning"] = first["warning"]
+    return summary, runs
 
 
 def task_summary(items: list[dict], dense: dict, sparse: dict, near_tie: float) -> dict:
@@ -218,7 +495,9 @@ def agreement(dense_ids: list[int], dense_top2: list, sparse_ids: list[int], nea
     return "same" if len(dense_ids) == len(sparse_ids) else "differ"
 
 
-def measure_recall(args, path: Path, pattern_config: str) -> dict:
+def measure_recall(args, path: Path, configs: list[tuple[str, str, bool]]) -> dict[str, dict]:
+    """Attention recall per head of each (label, config file, group-shared selection) on one unseen KV-retrieval
+    prompt of --recall-tokens (its Q/K captured once), replaying chunked prefill with --recall-chunk."""
     from attention_backends.sparse_prefill import calibration, head_config, search
 
     from transformers import AutoTokenizer
@@ -227,16 +506,26 @@ def measure_recall(args, path: Path, pattern_config: str) -> dict:
     prompt, _ = calibration.kv_retrieval(lambda s: len(tok(s).input_ids), args.recall_tokens, seed=args.seed + 1000)
     dev = "cuda" if harness.cuda_available() else "cpu"
     qs, ks, scale, T = search.capture_qk(str(path), prompt, dev, max_tokens=args.recall_tokens)
-    cfg = head_config.load(pattern_config)
-    recall, density = search.evaluate_config([q.to(dev) for q in qs], [k.to(dev) for k in ks], scale, cfg,
-                                             args.recall_chunk, args.recall_rows, seed=args.seed)
-    recall, density = recall.cpu(), density.cpu()
-    return {"tokens": T, "chunk": args.recall_chunk, "rows_per_chunk": args.recall_rows,
-            "mean": float(recall.mean()), "min": float(recall.min()),
-            "heads_below_0.95": int((recall < 0.95).sum()), "heads": int(recall.numel()),
-            "density_mean": float(density.mean()),
-            "per_head": [[round(float(x), 4) for x in row] for row in recall],
-            "density_per_head": [[round(float(x), 4) for x in row] for row in density]}
+    qs, ks = [q.to(dev) for q in qs], [k.to(dev) for k in ks]
+    out = {}
+    for label, config, group_shared in configs:
+        recall, dens = search.evaluate_config(qs, ks, scale, head_config.load(config), args.recall_chunk,
+                                              args.recall_rows, seed=args.seed, group_shared=group_shared)
+        recall, dens = recall.cpu(), dens.cpu()
+        out[label] = {"tokens": T, "chunk": args.recall_chunk, "rows_per_chunk": args.recall_rows,
+                      "group_shared": group_shared, "mean": float(recall.mean()), "min": float(recall.min()),
+                      "heads_below_0.95": int((recall < 0.95).sum()), "heads": int(recall.numel()),
+                      "density_mean": float(dens.mean()),
+                      "per_head": [[round(float(x), 4) for x in row] for row in recall],
+                      "density_per_head": [[round(float(x), 4) for x in row] for row in dens]}
+        progress(f"[{label}] recall at {T} tokens: mean {out[label]['mean']:.4f}, min {out[label]['min']:.4f}, "
+                 f"density {out[label]['density_mean']:.3f}")
+    del qs, ks
+    if dev == "cuda":  # an engine may start next in another process
+        import torch
+
+        torch.cuda.empty_cache()
+    return out
 
 
 def plot(recall: dict, path: Path, title: str) -> None:
@@ -253,10 +542,12 @@ def plot(recall: dict, path: Path, title: str) -> None:
 def run(args) -> dict:
     path = harness.prepare_model(args.model)
     pattern_config = pattern_config_path(args.pattern_config, path)
+    if args.tasks:
+        return run_tasks(args, path, pattern_config)
+    if args.variants:
+        raise SystemExit("--variants needs --tasks (the multi-turn question mode)")
     dense = run_engine(args, False, pattern_config)
     sparse = run_engine(args, True, pattern_config)
-    if args.tasks:
-        return run_tasks(args, path, pattern_config, dense, sparse)
     cases = make_cases(str(path), args.tokens, args.cases, args.seed)
     verdicts = [agreement(d, t, s, args.near_tie)
                 for d, t, s in zip(dense["token_ids"], dense["top2"], sparse["token_ids"])]
@@ -272,33 +563,45 @@ def run(args) -> dict:
         "dense_accuracy": sum(c["dense_correct"] for c in per_case) / len(per_case),
         "sparse_accuracy": sum(c["sparse_correct"] for c in per_case) / len(per_case),
         "sparse_tokens": s["sparse_tokens"], "dense_prefill_tokens_in_sparse_run": s["dense_prefill_tokens"],
-        "density": s["computed_pairs"] / s["causal_pairs"] if s["causal_pairs"] else None,
+        "density": density(s),
     }
-    recall = measure_recall(args, path, pattern_config) if args.recall_tokens else None
+    recall = measure_recall(args, path, [("sparse", pattern_config, False)])["sparse"] if args.recall_tokens else None
     if recall:
         summary.update(recall_mean=recall["mean"], recall_min=recall["min"], recall_density=recall["density_mean"])
     summary["device"] = harness.device_name()
     return {"summary": summary, "cases": per_case, "recall": recall}
 
 
-def run_tasks(args, path: Path, pattern_config: str, dense: dict, sparse: dict) -> dict:
-    items = question_items(str(path), args)
-    table = task_summary(items, dense, sparse, args.near_tie)
-    s = sparse["stats"]
-    summary = {"model": str(path), "pattern_config": pattern_config, "mode": "multi-turn tasks", "tasks": args.tasks,
-               "contexts": args.contexts, "turns": args.turns, "min_prompt_tokens": args.min_prompt_tokens,
-               "max_batched_tokens": args.max_batched_tokens, "overall": table["overall"],
-               "per_task": table["per_task"], "per_turn": table["per_turn"],
-               "sparse_tokens": s["sparse_tokens"], "dense_prefill_tokens_in_sparse_run": s["dense_prefill_tokens"],
-               "density": s["computed_pairs"] / s["causal_pairs"] if s["causal_pairs"] else None,
-               "device": harness.device_name()}
-    if not s["sparse_tokens"]:
-        # a "sparse" column that was dense would be a lie: say so loudly in the result
-        summary["warning"] = "no chunk went through the sparse path (contexts under --min-prompt-tokens?)"
-    recall = measure_recall(args, path, pattern_config) if args.recall_tokens else None
-    if recall:
-        summary.update(recall_mean=recall["mean"], recall_min=recall["min"], recall_density=recall["density_mean"])
-    return {"summary": summary, "cases": table["rows"], "recall": recall}
+def run_tasks(args, path: Path, pattern_config: str) -> dict:
+    """--tasks mode: variants prepared here (searches in subprocesses, then each config's recall measured in this
+    process, before the engine, so a run cut short keeps them), then one worker engine for the dense sweep and
+    every variant."""
+    variants = parse_variants(args.variants, args.max_batched_tokens) or [Variant("sparse")]
+    sweeps = prepare_variants(args, path, pattern_config, variants)
+    recall = {}
+    if args.recall_tokens:
+        recall = measure_recall(args, path, [
+            (sw["label"], sw["pattern_config"], msgspec.convert(sw["keys"].get("group_shared_selection", False), bool,
+                                                                strict=False)) for sw in sweeps])
+        for sw in sweeps:
+            r = recall[sw["label"]]
+            sw["recall"] = {k: r[k] for k in ("tokens", "chunk", "mean", "min", "heads_below_0.95", "density_mean")}
+    spec = Path(tempfile.mkdtemp(prefix="sp_acc_")) / "sweeps.json"
+    spec.write_text(json.dumps(sweeps, indent=1))
+    env = harness.engine_env(clear_config=True,  # collective_rpc of a function
+                             # cost_table off: every chunk past --min-prompt-tokens goes sparse, so what is
+                             # measured is the sparse path's accuracy, not the cost model's choices
+                             **harness.kvplug_env("sparse_prefill", enabled=True,
+                                                  min_prompt_tokens=args.min_prompt_tokens,
+                                                  pattern_config=pattern_config, cost_table="none"))
+    argv = harness.worker_argv(sys.argv[1:] if args.argv is None else args.argv,
+                               drop=("--pattern-config", "--variants", "--sweeps"))
+    done = harness.run_worker("benchmarks.sparse_prefill_accuracy", "sweeps", [*argv, "--sweeps", str(spec)],
+                              env)["sweeps"]
+    summary, runs = variants_result(args, path, question_items(str(path), args), done, sweeps)
+    for run in runs:
+        run["recall"] = recall.get(run["variant"])
+    return {"summary": summary, "cases": runs, "recall": recall.get(sweeps[0]["label"])}
 
 
 def main(argv=None) -> int:
@@ -309,7 +612,8 @@ def main(argv=None) -> int:
         return 0
     result = run(args)
     command = harness.command_line("benchmarks.sparse_prefill_accuracy", argv)
-    harness.write_results(args.out, command, result["summary"], [{"cases": result["cases"], "recall": result["recall"]}])
+    runs = result["cases"] if args.tasks else [{"cases": result["cases"], "recall": result["recall"]}]
+    harness.write_results(args.out, command, result["summary"], runs)
     print(json.dumps(result["summary"], indent=1))
     if result["recall"]:
         try:

@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import msgspec
 from torch.profiler import record_function
 
 from attention_backends import wiring
 from attention_backends.sparse_prefill import cost_model, executor, planner, runner
 from kvplug import metrics, vllm_compat
+from kvplug.config import KvplugConfigError
 
 logger = logging.getLogger("vllm.kvplug.sparse_prefill")
 
@@ -24,6 +27,57 @@ logger = logging.getLogger("vllm.kvplug.sparse_prefill")
 def _config():
     cfg = wiring.current().sparse_prefill
     return cfg if cfg.enabled else None
+
+
+# Benchmark knob (benchmarks/sparse_prefill_accuracy.py --variants): sparse prefill keys replaced at run time in
+# this process through LLM.collective_rpc, so one engine (one start-up) answers the same questions dense and
+# under several configs. {"dense": True} sends every chunk to the dense backend. Empty = the config as resolved.
+OVERRIDE_KEYS = ("pattern_config", "group_shared_selection", "fused_estimate", "budget_scale_limit")
+_override: dict[str, Any] = {}
+_override_version = 0  # bumped by set_override: builder hooks rebuild their decider
+_runners: "weakref.WeakSet[runner.SparsePrefillRunner]" = weakref.WeakSet()
+
+
+def set_override(_worker: Any = None, **fields: Any) -> None:
+    """Replace sparse prefill keys (OVERRIDE_KEYS, plus ``dense``) in this process from the next batch on
+    (``collective_rpc(set_override, kwargs=...)``); no fields = back to the resolved config. A bad key or value
+    is a ValueError naming it, and leaves the current override in place."""
+    global _override_version
+    unknown = sorted(set(fields) - set(OVERRIDE_KEYS) - {"dense"})
+    if unknown:
+        raise ValueError(f"unknown sparse prefill override {unknown[0]!r} (known: dense, {', '.join(OVERRIDE_KEYS)})")
+    base = wiring.current().sparse_prefill
+    keys = {k: v for k, v in fields.items() if k != "dense"}
+    try:
+        cfg = msgspec.convert(msgspec.structs.asdict(base) | keys, type(base), strict=False)  # types checked
+        cfg.validate("sparse_prefill")
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"sparse prefill override: {exc}") from None
+    except KvplugConfigError as exc:
+        raise ValueError(str(exc)) from None
+    _override.clear()
+    _override.update(fields)
+    _override_version += 1
+    if not base.enabled:
+        return  # no runners, no builder hooks: nothing goes sparse whatever the override
+    chosen = _chosen(cfg)
+    for r in list(_runners):
+        r.reconfigure(chosen.config, cfg.group_shared_selection, cfg.fused_estimate)
+    logger.info("kvplug sparse prefill: override %s", fields or "cleared")
+
+
+def _effective(cfg: Any) -> Any:
+    """``cfg`` with the benchmark override's keys (set_override) replaced."""
+    keys = {k: v for k, v in _override.items() if k != "dense"}
+    return msgspec.convert(msgspec.structs.asdict(cfg) | keys, type(cfg), strict=False) if keys else cfg
+
+
+_model: str = ""  # the served model, recorded at layer init (vLLM's config is current only then)
+
+
+def _chosen(cfg: Any) -> planner.ChosenConfig:
+    return planner.choose_pattern_config(cfg.pattern_config, _model, cfg.default_pattern,
+                                         json.dumps(cfg.default_budgets, sort_keys=True))
 
 
 @dataclass
@@ -48,9 +102,12 @@ def _note_layer(chosen: planner.ChosenConfig, impl: Any) -> None:
         _context.num_layers += 1
 
 
-def make_decider(cfg: Any, context: ModelContext | None, device: str) -> tuple[cost_model.ChunkDecider, str]:
-    """The decider for this process and a line saying which rule it applies (logged, and the info metric)."""
-    searched = context.chosen.config.searched_tokens if context is not None else None
+def make_decider(cfg: Any, context: ModelContext | None, device: str,
+                 chosen: planner.ChosenConfig | None = None) -> tuple[cost_model.ChunkDecider, str]:
+    """The decider for this process and a line saying which rule it applies (logged, and the info metric).
+    ``chosen``: the per-head config in use when it is not the one the layers recorded (set_override)."""
+    chosen = chosen or (context.chosen if context is not None else None)
+    searched = chosen.config.searched_tokens if chosen is not None else None
     scale = dict(budget_scale_limit=cfg.budget_scale_limit, searched_tokens=searched)
     table, why = None, "sparse_prefill.cost_table=none"
     if cfg.cost_table == "auto":
@@ -64,8 +121,8 @@ def make_decider(cfg: Any, context: ModelContext | None, device: str) -> tuple[c
         floor = cfg.min_prompt_tokens or cost_model.THRESHOLD_TOKENS
         return cost_model.ChunkDecider(floor, **scale), f"threshold rule from {floor} tokens ({why})"
     floor = cfg.min_prompt_tokens or cost_model.FLOOR_TOKENS
-    cfg_layers = context.chosen.config.num_layers or context.num_layers or 1
-    heads = cost_model.HeadDensity(context.chosen.config, cfg_layers, context.num_heads)
+    cfg_layers = chosen.config.num_layers or context.num_layers or 1
+    heads = cost_model.HeadDensity(chosen.config, cfg_layers, context.num_heads)
     decider = cost_model.ChunkDecider(floor, table, heads, context.num_heads, context.head_dim, cfg.cost_margin,
                                       **scale)
     return decider, f"cost model ({why}, device {device!r}, margin {cfg.cost_margin}, floor {floor} tokens)"
@@ -76,11 +133,16 @@ class BuilderHook:
         self.cfg = cfg
         self.min_prompt_tokens = cfg.min_prompt_tokens
         self._decider: cost_model.ChunkDecider | None = None
+        self._decider_version = _override_version
 
     def decider(self) -> cost_model.ChunkDecider:
+        if self._decider_version != _override_version:  # set_override: the decider follows the new keys
+            self._decider, self._decider_version = None, _override_version
         if self._decider is None:
-            self._decider, rule = make_decider(self.cfg, _context, cost_model.device_name())
-            chosen = _context.chosen if _context is not None else None
+            cfg = _effective(self.cfg)
+            chosen = _chosen(cfg) if _override and _context is not None else None
+            self._decider, rule = make_decider(cfg, _context, cost_model.device_name(), chosen)
+            chosen = chosen or (_context.chosen if _context is not None else None)
             logger.info("kvplug sparse prefill: %s", rule)
             m = metrics.get()
             if m is not None:
@@ -93,6 +155,9 @@ class BuilderHook:
         """Plan this batch (host metadata only) and attach the plan to ``attn_metadata``."""
         with record_function("kvplug.sparse_prefill.plan"):  # named in a profile (benchmarks' --profile)
             runner.flush_pending()
+            if _override.get("dense"):
+                runner.record_dense_batch(vllm_compat.batch_phases(common_attn_metadata).prefill_tokens)
+                return
             plan = planner.attach(attn_metadata, common_attn_metadata, self.decider(), build_dense)
             if plan is not None:
                 runner.record_batch(plan)
@@ -107,15 +172,18 @@ def builder_hook() -> BuilderHook | None:
 
 def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:
     """A runner for one attention impl (layer), or None when sparse prefill is off."""
+    global _model
     cfg = _config()
     if cfg is None:
         return None
-    chosen = planner.choose_pattern_config(cfg.pattern_config, vllm_compat.current_model_name(), cfg.default_pattern,
-                                           json.dumps(cfg.default_budgets, sort_keys=True))
-    _note_layer(chosen, impl)
+    _model = vllm_compat.current_model_name()
+    _note_layer(_chosen(cfg), impl)  # the resolved config: what the layers record, whatever the override
     chosen_executor = executor.resolve(cfg.executor, vllm_compat.platform_name(), int(impl.head_size))
-    return runner.SparsePrefillRunner(chosen.config, impl.num_heads, impl.num_kv_heads, impl.scale,
-                                      cfg.group_shared_selection, cfg.fused_estimate, chosen_executor)
+    cfg = _effective(cfg)
+    r = runner.SparsePrefillRunner(_chosen(cfg).config, impl.num_heads, impl.num_kv_heads, impl.scale,
+                                   cfg.group_shared_selection, cfg.fused_estimate, chosen_executor)
+    _runners.add(r)
+    return r
 
 
 plan_of = planner.plan_of

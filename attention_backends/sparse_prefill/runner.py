@@ -147,6 +147,11 @@ class SparsePrefillRunner:
         self.executor = executor or Executor("triton")
         self._layer_plans: dict[float, LayerPlan] = {}  # by budget factor (head_config.budget_scale)
 
+    def reconfigure(self, pattern_config: PatternConfig, group_shared: bool, fused_estimate: bool) -> None:
+        """Another per-head config / selection mode from the next chunk on (backend_hooks.set_override)."""
+        self.pattern_config, self.group_shared, self.fused_estimate = pattern_config, group_shared, fused_estimate
+        self._layer_plans = {}
+
     def layer_plan(self, layer: Any, device: torch.device, budget_factor: float = 1.0) -> LayerPlan:
         plan = self._layer_plans.get(budget_factor)
         if plan is None:

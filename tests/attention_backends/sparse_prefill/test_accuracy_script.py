@@ -60,3 +60,89 @@ def test_task_summary_counts_what_dense_gets_right():
     assert t["sparse_minus_dense"]["mean"] == 0.0
     assert out["per_turn"]["1"]["n"] == 2
     assert out["overall"]["n"] == 4
+
+
+def test_parse_variants_keys_and_searches():
+    vs = acc.parse_variants("shipped; gs:group_shared_selection=true ;x2:budgets=2;"
+                            "s24:search_tokens=24000,target_recall=0.98,group_shared_selection=true;"
+                            "p16:search_tokens=16000,search_task=passkey,search_chunk=4096", chunk=8192)
+    assert [v.label for v in vs] == ["shipped", "gs", "x2", "s24", "p16"]
+    assert vs[0] == acc.Variant("shipped")
+    assert vs[1].keys == {"group_shared_selection": "true"} and vs[1].search is None
+    assert vs[2].budgets == 2.0
+    assert vs[3].search == acc.Search(24000, 0.98, "kv", 8192)  # the search replays the chunk served
+    assert vs[3].keys == {"group_shared_selection": "true"}
+    assert vs[4].search == acc.Search(16000, 0.95, "passkey", 4096)
+    assert acc.parse_variants("", chunk=8192) == []
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("a:nope=1", "unknown key 'nope'"),
+    ("a:budgets=0", "budgets must be a number > 0"),
+    ("a:budgets", "is not KEY=VALUE"),
+    ("a;a:budgets=2", "label 'a' used twice"),
+    (":budgets=2", "has no label"),
+    ("a:target_recall=0.98", "need search_tokens"),
+    ("a:search_tokens=8000,target_recall=1.5", "target_recall must be in"),
+    ("a:search_tokens=lots", "search_tokens must be an integer"),
+    ("a:search_tokens=8000,search_task=qa", "search_task must be kv or passkey"),
+    ("a:search_tokens=8000,config=x.json", "exclude each other"),
+])
+def test_parse_variants_names_what_is_wrong(spec, needle):
+    with pytest.raises(SystemExit, match=needle):
+        acc.parse_variants(spec, chunk=8192)
+
+
+def test_scaled_config_multiplies_length_proportional_budgets_only():
+    from attention_backends.sparse_prefill import head_config
+    from attention_backends.sparse_prefill.head_config import HeadPattern as HP
+
+    cfg = head_config.PatternConfig(
+        default=HP(pattern="vertical_slash", budgets={"vertical": 100, "slash": 256}), num_layers=2, num_heads=3,
+        calibration={"tokens": 32000}, layers={0: {0: HP(pattern="block_sparse", budgets={"top_k": 8}, recall=0.96),
+                                                   1: HP(pattern="a_shape", budgets={"sink": 64, "window": 512}),
+                                                   2: HP(pattern="dense", recall=1.0)}}).validate()
+    out = acc.scaled_config(cfg, 2)
+    assert out.head(0, 0) == HP(pattern="block_sparse", budgets={"top_k": 16})  # recorded recall dropped
+    assert out.head(0, 1).budgets == {"sink": 64, "window": 512}  # a local structure: not length-proportional
+    assert out.head(0, 2) == HP(pattern="dense")  # no recorded recall left to average
+    assert out.head(1, 0).budgets == {"vertical": 200, "slash": 512}  # the default's too
+    assert out.searched_tokens == 32000 and out.calibration["budgets_scaled_by"] == 2
+
+
+def _answers(texts):
+    """Outputs of one sweep: one token per answer (its character code), a clear top-1."""
+    return {"prompt_tokens": [9000] * len(texts), "token_ids": [[ord(t)] for t in texts],
+            "top2": [[[[ord(t), -0.1], [1000, -5.0]]] for t in texts], "texts": texts}
+
+
+def test_variants_result_pairs_every_variant_with_one_dense_run():
+    from types import SimpleNamespace
+
+    items = [{"case": i, "task": "passkey", "turn": i % 2, "context_tokens": 8000, "answer": str(i),
+              "scorer": "substring"} for i in range(4)]
+    args = SimpleNamespace(tasks="passkey", contexts="8000", turns=2, min_prompt_tokens=8192,
+                           max_batched_tokens=8192, near_tie=0.5)
+    stats = {"sparse_tokens": 100, "dense_prefill_tokens": 0, "computed_pairs": 30, "causal_pairs": 100}
+    done = {"dense": {**_answers(["0", "1", "2", "x"]), "seconds": 1.0, "stats": {}},
+            "a": {**_answers(["0", "1", "2", "x"]), "seconds": 2.0, "stats": stats},
+            "b": {**_answers(["0", "y", "2", "3"]), "seconds": 2.0, "stats": dict(stats, sparse_tokens=0)}}
+    sweeps = [{"label": lb, "pattern_config": f"{lb}.json", "keys": {}, "config": {}} for lb in ("a", "b", "c")]
+    summary, runs = acc.variants_result(args, "m", items, done, sweeps)
+    assert summary["n"] == 4 and summary["dense"]["accuracy"] == 0.75
+    a, b = summary["variants"]["a"], summary["variants"]["b"]
+    assert a["overall"]["sparse_minus_dense"]["mean"] == 0.0 and a["overall"]["kept_where_dense_right"] == 1.0
+    assert a["density"] == 0.3 and "warning" not in a
+    # b: loses question 1 (dense right), gains question 3 (dense wrong): same accuracy, 2 of 3 kept
+    assert b["overall"]["sparse_accuracy"] == 0.75 and b["overall"]["kept_where_dense_right"] == 2 / 3
+    assert "warning" in b  # its sparse path never ran: said in the result
+    assert "c" not in summary["variants"]  # not run yet (a partial file)
+    assert summary["overall"] == a["overall"] and summary["pattern_config"] == "a.json"  # the first at the top
+    assert [r["variant"] for r in runs] == ["a", "b"] and runs[1]["cases"][1]["sparse"] == "y"
+
+
+def test_stats_delta_counts_one_sweep():
+    before = {"sparse_tokens": 10, "computed_pairs": 5, "chunks": {"sparse/threshold": 2}}
+    after = {"sparse_tokens": 25, "computed_pairs": 9, "chunks": {"sparse/threshold": 2, "dense/below_floor": 3}}
+    assert acc.stats_delta(before, after) == {"sparse_tokens": 15, "computed_pairs": 4,
+                                              "chunks": {"dense/below_floor": 3}}
