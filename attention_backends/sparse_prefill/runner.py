@@ -122,6 +122,16 @@ def record_dense_batch(prefill_tokens: int) -> None:
         m.sparse_prefill_tokens.labels(mode="dense").inc(prefill_tokens)
 
 
+def _record_computed(computed: torch.Tensor, causal: int, predicted: float | None) -> None:
+    """One chunk-layer's computed-pair count: on CUDA queued on the device (read by flush_pending, outside
+    forward), elsewhere recorded now."""
+    if computed.is_cuda:
+        with _stats_lock:
+            _PENDING_PAIRS.append((computed, causal, predicted, torch.cuda.current_stream(computed.device)))
+    else:
+        _record_pairs(int(computed), causal, predicted)
+
+
 def _record_pairs(computed: int, causal: int, predicted: float | None = None) -> None:
     if predicted is not None:  # the cost model learns how far its density estimate is off
         cost_model.FEEDBACK.observe(computed, predicted)
@@ -182,11 +192,7 @@ class SparsePrefillRunner:
                     seq = plan.sequence_kv[(i, block_size)] = fa2_sparse.SequenceKV.build(blocks, block_size, geom)
                 computed = self._attend_fa2(q, key_cache, value_cache, blocks, seq, geom, layer_plan,
                                             output[seg.row_start:seg.row_end])
-                if query.is_cuda:
-                    with _stats_lock:
-                        _PENDING_PAIRS.append((computed, causal, predicted, torch.cuda.current_stream(query.device)))
-                else:
-                    _record_pairs(int(computed), causal, predicted)
+                _record_computed(computed, causal, predicted)
                 continue
             if query.is_cuda:
                 from attention_backends.sparse_prefill import triton_kernels
@@ -194,15 +200,14 @@ class SparsePrefillRunner:
                 computed = triton_kernels.sparse_prefill_paged(q, key_cache, value_cache, blocks, geom, layer_plan,
                                                                self.scale, output[seg.row_start:seg.row_end],
                                                                self.group_shared, self.fused_estimate)
-                with _stats_lock:
-                    _PENDING_PAIRS.append((computed, causal, predicted, torch.cuda.current_stream(query.device)))
+                _record_computed(computed, causal, predicted)
                 continue
             k = _gather_sequence(key_cache, blocks, seg.seq_len)
             v = _gather_sequence(value_cache, blocks, seg.seq_len)
             # CPU: the torch estimate on the gathered keys (fused_estimate is a Triton kernel: CUDA only)
             index = build_index(q, k, geom, layer_plan, self.scale, group_shared=self.group_shared)
             sparse_attention(q, k, v, index, self.scale, out=output[seg.row_start:seg.row_end])
-            _record_pairs(int(index.computed_pairs(geom).sum()), causal, predicted)
+            _record_computed(index.computed_pairs(geom).sum(), causal, predicted)
         return output
 
     def _use_fa2(self, query: torch.Tensor, key_cache: torch.Tensor) -> bool:
