@@ -94,8 +94,10 @@ VARIANT_KEYS = {
     "group_shared_selection": "sparse_prefill key (true/false)",
     "fused_estimate": "sparse_prefill key (true/false; CUDA only)",
     "budget_scale_limit": "sparse_prefill key (budgets grow beyond the searched length up to this factor)",
+    "dense_tail_rows": "sparse_prefill key (each sparse chunk's last rows, whole 64-row blocks, attend densely)",
 }
-OVERRIDDEN = ("group_shared_selection", "fused_estimate", "budget_scale_limit")  # passed to the engine as is
+# passed to the engine as is (checked here against the config section first)
+OVERRIDDEN = ("group_shared_selection", "fused_estimate", "budget_scale_limit", "dense_tail_rows")
 
 
 @dataclass(frozen=True)
@@ -162,8 +164,22 @@ def parse_variants(spec: str, chunk: int) -> list[Variant]:
         elif {"target_recall", "search_task", "search_chunk"} & set(fields):
             raise SystemExit(f"--variants {label}: target_recall / search_task / search_chunk need search_tokens")
         v.keys = {k: fields[k] for k in OVERRIDDEN if k in fields}
+        _check_keys(label, v.keys)
         out.append(v)
     return out
+
+
+def _check_keys(label: str, keys: dict) -> None:
+    """A variant's sparse_prefill keys as the engine will check them (set_override), before any engine starts."""
+    if not keys:
+        return
+    from attention_backends.sparse_prefill.config import SparsePrefillConfig
+    from kvplug.config import KvplugConfigError
+
+    try:
+        msgspec.convert(keys, SparsePrefillConfig, strict=False).validate("sparse_prefill")
+    except (msgspec.ValidationError, KvplugConfigError) as exc:
+        raise SystemExit(f"--variants {label}: {exc}") from None
 
 
 def scaled_config(cfg, factor: float):
