@@ -147,8 +147,7 @@ class SparseIndex:
         full = torch.gather(prefix, 1, hi) - torch.gather(prefix, 1, lo)
         s_lo = torch.gather(s, 1, lo.clamp(max=R - 1))
         full -= torch.where(lo < hi, torch.clamp(-(a[None, :] + s_lo), min=0), torch.zeros_like(full))
-        on = self.ranges_on()  # [H, nqb]: dense-tail blocks count their keys through block_mask only
-        pairs = (full * (b - a)[None, :] * on).sum(1)
+        pairs = (full * (b - a)[None, :]).sum(1)  # 0 where range_first = range_count (lo = hi): dense-tail blocks
         # The tail: exact causal count per (query block, range).
         tail = torch.clamp(self.range_count[:, None] - RANGE_TAIL, min=0) + torch.arange(RANGE_TAIL, device=a.device)
         real = tail < self.range_count[:, None]  # [H, T]
@@ -162,7 +161,8 @@ class SparseIndex:
             m_in = torch.minimum(m, w)
             return m_in * (m_in + 1) // 2 + (m - m_in) * w
 
-        return pairs + ((ramp(b) - ramp(a)) * (real[:, None, :] & on[..., None])).sum(dim=(1, 2))
+        on = self.ranges_on()[..., None]  # dense-tail blocks count their keys through block_mask only
+        return pairs + ((ramp(b) - ramp(a)) * (real[:, None, :] & on)).sum(dim=(1, 2))
 
     def computed_pairs(self, geom: ChunkGeometry) -> torch.Tensor:
         """[H] causal (query, key) pairs this index makes a kernel compute (what density reports)."""
@@ -197,8 +197,7 @@ class SparseIndex:
         H = self.num_heads
         if self.ranges.shape[1]:
             a = geom.q_pos0 + (r // BLOCK) * BLOCK
-            ranged = self.in_ranges((keys[None, :] - a[:, None])[None].expand(H, -1, -1))
-            m = m | (ranged & self.ranges_on()[:, r // BLOCK, None])
+            m = m | self.in_ranges((keys[None, :] - a[:, None])[None].expand(H, -1, -1))
         if self.cols.shape[-1]:
             cols = self.cols[:, r // BLOCK]  # [H, r, C]
             valid = torch.arange(cols.shape[-1], device=r.device) < self.col_count[:, r // BLOCK][..., None]

@@ -49,7 +49,6 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: S
         if index.ranges.shape[1]:  # [Hq, G, L]: keys inside a range of (head, query block)
             a = geom.q_pos0 + torch.arange(qb0, qb1, device=dev) * BLOCK
             ranged = index.in_ranges((key_pos[None, :] - a[:, None])[None].expand(Hq, -1, -1))
-            ranged &= index.ranges_on()[:, qb0:qb1, None]  # dense-tail blocks take no ranges
             extra |= ranged.any(1).any(0)
         keys = key_pos[in_blocks | extra]  # ascending key positions attended by anyone in this step
         slot = torch.full((L,), -1, dtype=torch.int64, device=dev)
