@@ -513,7 +513,8 @@ def agreement(dense_ids: list[int], dense_top2: list, sparse_ids: list[int], nea
 
 def measure_recall(args, path: Path, configs: list[tuple[str, str, bool]]) -> dict[str, dict]:
     """Attention recall per head of each (label, config file, group-shared selection) on one unseen KV-retrieval
-    prompt of --recall-tokens (its Q/K captured once), replaying chunked prefill with --recall-chunk."""
+    prompt of --recall-tokens (its Q/K captured once), replaying chunked prefill with --recall-chunk. Measured
+    once per (config, group-shared): it samples rows, so a dense tail (a block per chunk) is not in it."""
     from attention_backends.sparse_prefill import calibration, head_config, search
 
     from transformers import AutoTokenizer
@@ -524,10 +525,13 @@ def measure_recall(args, path: Path, configs: list[tuple[str, str, bool]]) -> di
     qs, ks, scale, T = search.capture_qk(str(path), prompt, dev, max_tokens=args.recall_tokens)
     qs, ks = [q.to(dev) for q in qs], [k.to(dev) for k in ks]
     out = {}
+    done: dict[tuple[str, bool], tuple] = {}  # variants differing only in keys recall ignores (dense_tail_rows)
     for label, config, group_shared in configs:
-        recall, dens = search.evaluate_config(qs, ks, scale, head_config.load(config), args.recall_chunk,
-                                              args.recall_rows, seed=args.seed, group_shared=group_shared)
-        recall, dens = recall.cpu(), dens.cpu()
+        if (config, group_shared) not in done:
+            recall, dens = search.evaluate_config(qs, ks, scale, head_config.load(config), args.recall_chunk,
+                                                  args.recall_rows, seed=args.seed, group_shared=group_shared)
+            done[config, group_shared] = recall.cpu(), dens.cpu()
+        recall, dens = done[config, group_shared]
         out[label] = {"tokens": T, "chunk": args.recall_chunk, "rows_per_chunk": args.recall_rows,
                       "group_shared": group_shared, "mean": float(recall.mean()), "min": float(recall.min()),
                       "heads_below_0.95": int((recall < 0.95).sum()), "heads": int(recall.numel()),
