@@ -98,8 +98,10 @@ VARIANT_KEYS = {
     "group_shared_selection": "sparse_prefill key (true/false)",
     "fused_estimate": "sparse_prefill key (true/false; CUDA only)",
     "budget_scale_limit": "sparse_prefill key (budgets grow beyond the searched length up to this factor)",
+    "dense_tail_rows": "sparse_prefill key (each sparse chunk's last rows, whole 64-row blocks, attend densely)",
 }
-OVERRIDDEN = ("group_shared_selection", "fused_estimate", "budget_scale_limit")  # passed to the engine as is
+# passed to the engine as is (checked here against the config section first)
+OVERRIDDEN = ("group_shared_selection", "fused_estimate", "budget_scale_limit", "dense_tail_rows")
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,22 @@ def parse_variants(spec: str, chunk: int) -> list[Variant]:
         elif {"target_recall", "search_task", "search_chunk"} & set(fields):
             raise SystemExit(f"--variants {label}: target_recall / search_task / search_chunk need search_tokens")
         v.keys = {k: fields[k] for k in OVERRIDDEN if k in fields}
+        _check_keys(label, v.keys)
         out.append(v)
     return out
+
+
+def _check_keys(label: str, keys: dict) -> None:
+    """A variant's sparse_prefill keys as the engine will check them (set_override), before any engine starts."""
+    if not keys:
+        return
+    from attention_backends.sparse_prefill.config import SparsePrefillConfig
+    from kvplug.config import KvplugConfigError
+
+    try:
+        msgspec.convert(keys, SparsePrefillConfig, strict=False).validate("sparse_prefill")
+    except (msgspec.ValidationError, KvplugConfigError) as exc:
+        raise SystemExit(f"--variants {label}: {exc}") from None
 
 
 def scaled_config(cfg, factor: float):
@@ -502,7 +518,8 @@ def agreement(dense_ids: list[int], dense_top2: list, sparse_ids: list[int], nea
 
 def measure_recall(args, path: Path, configs: list[tuple[str, str, bool]]) -> dict[str, dict]:
     """Attention recall per head of each (label, config file, group-shared selection) on one unseen KV-retrieval
-    prompt of --recall-tokens (its Q/K captured once), replaying chunked prefill with --recall-chunk."""
+    prompt of --recall-tokens (its Q/K captured once), replaying chunked prefill with --recall-chunk. Measured
+    once per (config, group-shared): it samples rows, so a dense tail (a block per chunk) is not in it."""
     from attention_backends.sparse_prefill import calibration, head_config, search
 
     from transformers import AutoTokenizer
@@ -513,10 +530,13 @@ def measure_recall(args, path: Path, configs: list[tuple[str, str, bool]]) -> di
     qs, ks, scale, T = search.capture_qk(str(path), prompt, dev, max_tokens=args.recall_tokens)
     qs, ks = [q.to(dev) for q in qs], [k.to(dev) for k in ks]
     out = {}
+    done: dict[tuple[str, bool], tuple] = {}  # variants differing only in keys recall ignores (dense_tail_rows)
     for label, config, group_shared in configs:
-        recall, dens = search.evaluate_config(qs, ks, scale, head_config.load(config), args.recall_chunk,
-                                              args.recall_rows, seed=args.seed, group_shared=group_shared)
-        recall, dens = recall.cpu(), dens.cpu()
+        if (config, group_shared) not in done:
+            recall, dens = search.evaluate_config(qs, ks, scale, head_config.load(config), args.recall_chunk,
+                                                  args.recall_rows, seed=args.seed, group_shared=group_shared)
+            done[config, group_shared] = recall.cpu(), dens.cpu()
+        recall, dens = done[config, group_shared]
         out[label] = {"tokens": T, "chunk": args.recall_chunk, "rows_per_chunk": args.recall_rows,
                       "group_shared": group_shared, "mean": float(recall.mean()), "min": float(recall.min()),
                       "heads_below_0.95": int((recall < 0.95).sum()), "heads": int(recall.numel()),

@@ -52,6 +52,14 @@ class SparsePrefillConfig(Section):
     # "triton", logged once and counted) or "auto" ("fa2_sparse" where it can run: 1.2-1.75x faster than
     # ours at every shape of the H100 kernel table; not yet measured end to end). The CPU path is torch.
     executor: str = "triton"
+    # Every sparse chunk's last dense_tail_rows query rows (rounded up to whole 64-row query blocks) attend every
+    # causal key, whatever their heads' patterns. Why: a prompt ends with its question, whose rows retrieval
+    # heads use to look the answer up; sparse K/V there is what a sparse prefill loses answers through (issue 16:
+    # the passkey answers lost on the H100 were first turns at 16K-24K). Cost: one or two query blocks x L keys
+    # per chunk, under 1% of the causal pairs from 8K chunks on. Applied to every sparse chunk (only the
+    # prompt's last one holds the question, but a chunk does not know it is the last, and the rest cost as
+    # little). 0 = off (the default until measured: BENCHMARKS.md, "Sparse prefill").
+    dense_tail_rows: int = 0
 
     def validate(self, path: str) -> None:
         if self.executor not in EXECUTORS:
@@ -59,6 +67,8 @@ class SparsePrefillConfig(Section):
         if self.min_prompt_tokens is not None and self.min_prompt_tokens < 1:
             raise KvplugConfigError(f"{path}.min_prompt_tokens must be >= 1 (or null for the default), "
                                     f"got {self.min_prompt_tokens}")
+        if self.dense_tail_rows < 0:
+            raise KvplugConfigError(f"{path}.dense_tail_rows must be >= 0 (0 = off), got {self.dense_tail_rows}")
         if not self.cost_margin > 0:
             raise KvplugConfigError(f"{path}.cost_margin must be > 0, got {self.cost_margin}")
         if not self.budget_scale_limit >= 1:

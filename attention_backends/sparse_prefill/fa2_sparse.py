@@ -17,7 +17,9 @@ So our index converts exactly when (fa2_index):
     [0, t), which sort before every column (columns never fall inside a range), so the columns stay ascending
     and the ones that need the causal mask (above the block's first row: fewer than 64) fall in the last two
     steps;
-  * a head holds blocks or ranges, not both (every pattern in patterns/ does; both would overlap).
+  * a head holds blocks or ranges, not both, in any one query block (every pattern in patterns/ does; both would
+    overlap); a dense-tail block (index.with_dense_tail) holds every causal block and no ranges or columns: at
+    most two of its windows reach past its first row, and they sort last.
 
 It reads K/V as contiguous varlen tensors, not the paged cache: gather_kv copies the sequence's keys and
 values out of the cache (head-major, the layout the torch estimate reads, so the index build reuses the
@@ -36,9 +38,10 @@ MASKED_STEPS = 2  # the kernel masks its last two window steps and last two colu
 RANGE_ONLY_PATTERNS = ("vertical_slash",)  # patterns whose heads hold no blocks (the conversion skips blocks)
 
 
-def plan_has_blocks(plan) -> bool:
-    """Whether a LayerPlan's heads may hold whole blocks (any pattern but the range-only ones, dense included)."""
-    return any(g.pattern not in RANGE_ONLY_PATTERNS for g in plan.groups)
+def plan_has_blocks(plan, dense_tail_rows: int = 0) -> bool:
+    """Whether a LayerPlan's heads may hold whole blocks (any pattern but the range-only ones, dense included;
+    every head in its dense-tail blocks: sparse_prefill.dense_tail_rows)."""
+    return dense_tail_rows > 0 or any(g.pattern not in RANGE_ONLY_PATTERNS for g in plan.groups)
 
 
 def fa2_index(index: SparseIndex, geom: ChunkGeometry, with_blocks: bool = True
@@ -61,7 +64,8 @@ def fa2_index(index: SparseIndex, geom: ChunkGeometry, with_blocks: bool = True
         j = (first + cut.long())[..., None] + torch.arange(R, device=dev)  # [H, nqb, R], ascending
         live = j < index.range_count[:, None, None]
         off = a[None, :, None] + torch.gather(starts, 1, j.clamp(max=R - 1).flatten(1)).view_as(j)
-        windows.append((torch.where(live, off, torch.zeros_like(off)), live.sum(-1), index.range_count > 0))
+        # per (head, query block): ranges where it visits some (a dense-tail block takes its blocks instead)
+        windows.append((torch.where(live, off, torch.zeros_like(off)), live.sum(-1), index.ranges_on()))
     if with_blocks:
         mask = index.block_mask
         slot = torch.where(mask, torch.cumsum(mask, -1) - 1, torch.full_like(mask, nkb, dtype=torch.int64))
@@ -76,8 +80,8 @@ def fa2_index(index: SparseIndex, geom: ChunkGeometry, with_blocks: bool = True
         (r_off, r_cnt, ranged), (b_off, b_cnt, _) = windows
         width = max(r_off.shape[-1], b_off.shape[-1])
         pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[-1]))  # noqa: E731
-        offsets = torch.where(ranged[:, None, None], pad(r_off), pad(b_off))
-        counts = torch.where(ranged[:, None], r_cnt, b_cnt)
+        offsets = torch.where(ranged[..., None], pad(r_off), pad(b_off))
+        counts = torch.where(ranged, r_cnt, b_cnt)
     C = index.cols.shape[-1]
     width = max(1, C + (BLOCK if R else 0))
     k = torch.arange(width, device=dev).expand(H, nqb, width)

@@ -137,6 +137,9 @@ def group_index(index: SparseIndex, geom: ChunkGeometry, group: int, tile: int =
         a, _ = geom.q_block_bounds(dev)
         rfirst = torch.searchsorted(ranges[..., 1].contiguous(), (-a)[None, :].expand(Hkv, -1).contiguous(),
                                     right=True)
+        # query blocks none of the group's heads visits ranges in (dense-tail blocks) skip the union's too
+        off = ~index.ranges_on().view(Hkv, group, nqb).any(1)
+        rfirst = torch.where(off, rcount[:, None], rfirst)
     else:
         ranges = torch.zeros(Hkv, 1, 2, dtype=torch.int64, device=dev)
         rcount = torch.zeros(Hkv, dtype=torch.int64, device=dev)

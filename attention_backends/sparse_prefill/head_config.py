@@ -167,13 +167,15 @@ class LayerPlan:
 
 
 def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometry, plan: LayerPlan, scale: float,
-                trim_columns: bool = True, group_shared: bool = False, window_ranges: bool = False) -> SparseIndex:
+                trim_columns: bool = True, group_shared: bool = False, window_ranges: bool = False,
+                dense_tail_rows: int = 0) -> SparseIndex:
     """q [n, Hq, d] the chunk's queries, k [L, Hkv, d] the sequence's keys (or PagedKeys: left in the paged
     cache) -> one SparseIndex for all heads. ``trim_columns`` drops all-padding column slots (a host sync: CPU
     only; GPU kernels skip them by count). ``group_shared``: heads of a KV group that share a pattern select
     the same keys from their summed votes (SparsePattern.select; what the shared group kernel needs).
     ``window_ranges``: key ranges widened to whole BLOCK-key windows (index.window_ranges; what vLLM's FA2 sparse
-    kernel computes exactly: sparse_prefill.executor = fa2_sparse)."""
+    kernel computes exactly: sparse_prefill.executor = fa2_sparse). ``dense_tail_rows``: the chunk's last rows
+    (whole query blocks) attend every causal key (SparseIndex.with_dense_tail; sparse_prefill.dense_tail_rows)."""
     k_heads = key_heads(k)  # [Hkv, L, d] view: patterns pick each query head's KV head themselves
     Hq, Hkv = q.shape[1], num_kv_heads(k_heads)
     dev = q.device
@@ -221,7 +223,8 @@ def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometr
         cols, count = cols.repeat_interleave(group, 0), count.repeat_interleave(group, 0)
     else:
         cols, count = compact_columns(all_cols, block_mask, geom, index if ranged else None)
-    if trim_columns and cols.shape[-1]:
-        cols = cols[..., :max(int(count.max()), 1)]
     index.cols, index.col_count = cols, count
+    index.with_dense_tail(geom, dense_tail_rows)
+    if trim_columns and index.cols.shape[-1]:
+        index.cols = index.cols[..., :max(int(index.col_count.max()), 1)]
     return index

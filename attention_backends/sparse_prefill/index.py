@@ -57,6 +57,11 @@ class ChunkGeometry:
         return (hi * (hi + 1) - lo * (lo + 1)) // 2
 
 
+def dense_tail_start(geom: ChunkGeometry, rows: int) -> int:
+    """The first query block holding one of the chunk's last ``rows`` rows (nqb: none; rows <= 0)."""
+    return geom.nqb if rows <= 0 else max(0, geom.n - rows) // BLOCK
+
+
 # Padding of ``ranges``: an empty range after every real one (real ranges end at most BLOCK after the row).
 RANGE_PAD = BLOCK
 # A query block's ranges that reach its own rows (end > 0) lie in (-BLOCK, BLOCK]: at most 2 of them (see
@@ -100,6 +105,23 @@ class SparseIndex:
         return all(same(x) for x in (self.block_mask, self.cols, self.col_count, self.ranges, self.range_count,
                                      self.range_first))
 
+    def ranges_on(self) -> torch.Tensor:
+        """[H, nqb] bool: the query block visits some range (see the module doc: dense-tail blocks do not)."""
+        return self.range_first < self.range_count[:, None]
+
+    def with_dense_tail(self, geom: ChunkGeometry, rows: int) -> "SparseIndex":
+        """Make the chunk's last ``rows`` query rows (rounded up to whole query blocks) attend every causal key:
+        their blocks select every causal key block and drop their ranges and columns (in place; returns self).
+        Why: the prompt's last rows (the question) are what retrieval heads look the answer up with; their K/V
+        feed every decoded token, and they cost one or two query blocks x L keys per chunk."""
+        qb0 = dense_tail_start(geom, rows)
+        if qb0 < geom.nqb:
+            self.block_mask[:, qb0:] = geom.causal_blocks(self.block_mask.device)[None, qb0:]
+            self.cols[:, qb0:] = -1
+            self.col_count[:, qb0:] = 0
+            self.range_first[:, qb0:] = self.range_count[:, None]
+        return self
+
     def in_ranges(self, rel: torch.Tensor) -> torch.Tensor:
         """rel [H, ...] key positions relative to a query block's first row -> bool: inside a range."""
         H, R = self.ranges.shape[:2]
@@ -125,7 +147,7 @@ class SparseIndex:
         full = torch.gather(prefix, 1, hi) - torch.gather(prefix, 1, lo)
         s_lo = torch.gather(s, 1, lo.clamp(max=R - 1))
         full -= torch.where(lo < hi, torch.clamp(-(a[None, :] + s_lo), min=0), torch.zeros_like(full))
-        pairs = (full * (b - a)[None, :]).sum(1)
+        pairs = (full * (b - a)[None, :]).sum(1)  # 0 where range_first = range_count (lo = hi): dense-tail blocks
         # The tail: exact causal count per (query block, range).
         tail = torch.clamp(self.range_count[:, None] - RANGE_TAIL, min=0) + torch.arange(RANGE_TAIL, device=a.device)
         real = tail < self.range_count[:, None]  # [H, T]
@@ -139,7 +161,8 @@ class SparseIndex:
             m_in = torch.minimum(m, w)
             return m_in * (m_in + 1) // 2 + (m - m_in) * w
 
-        return pairs + ((ramp(b) - ramp(a)) * real[:, None, :]).sum(dim=(1, 2))
+        on = self.ranges_on()[..., None]  # dense-tail blocks count their keys through block_mask only
+        return pairs + ((ramp(b) - ramp(a)) * (real[:, None, :] & on)).sum(dim=(1, 2))
 
     def computed_pairs(self, geom: ChunkGeometry) -> torch.Tensor:
         """[H] causal (query, key) pairs this index makes a kernel compute (what density reports)."""

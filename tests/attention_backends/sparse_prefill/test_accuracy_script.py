@@ -76,6 +76,13 @@ def test_parse_variants_keys_and_searches():
     assert acc.parse_variants("", chunk=8192) == []
 
 
+def test_parse_variants_dense_tail_rows():
+    vs = acc.parse_variants("tail64:dense_tail_rows=64;tail256_gs:dense_tail_rows=256,group_shared_selection=true",
+                            chunk=8192)
+    assert vs[0].keys == {"dense_tail_rows": "64"}
+    assert vs[1].keys == {"dense_tail_rows": "256", "group_shared_selection": "true"}
+
+
 @pytest.mark.parametrize("spec, needle", [
     ("a:nope=1", "unknown key 'nope'"),
     ("a:budgets=0", "budgets must be a number > 0"),
@@ -87,6 +94,9 @@ def test_parse_variants_keys_and_searches():
     ("a:search_tokens=lots", "search_tokens must be an integer"),
     ("a:search_tokens=8000,search_task=qa", "search_task must be kv or passkey"),
     ("a:search_tokens=8000,config=x.json", "exclude each other"),
+    ("a:dense_tail_rows=-64", "dense_tail_rows must be >= 0"),  # before any engine starts
+    ("a:dense_tail_rows=some", "dense_tail_rows"),
+    ("a:group_shared_selection=maybe", "group_shared_selection"),
 ])
 def test_parse_variants_names_what_is_wrong(spec, needle):
     with pytest.raises(SystemExit, match=needle):

@@ -30,6 +30,8 @@ def test_env_and_set_layering():
     (["sparse_prefill.default_budgets={\"window\": 5}"], "sparse_prefill.default_budgets"),
     (["sparse_prefill.pattern_config=/nonexistent.json"], "sparse_prefill.pattern_config"),
     (["sparse_prefill.budget=3"], "sparse_prefill.budget"),
+    (["sparse_prefill.dense_tail_rows=-1"], "sparse_prefill.dense_tail_rows"),
+    (["sparse_prefill.dense_tail_rows=lots"], "sparse_prefill.dense_tail_rows"),
 ])
 def test_bad_values_name_the_key(sets, needle):
     with pytest.raises(settings.KvplugConfigError, match=needle.replace(".", r"\.")):
@@ -44,3 +46,9 @@ def test_group_shared_and_fused_estimate_off_by_default_and_settable():
     assert sp.group_shared_selection is True and sp.fused_estimate is True
     with pytest.raises(settings.KvplugConfigError, match=r"sparse_prefill\.fused_estimate"):
         settings.resolve(sets=["sparse_prefill.fused_estimate=maybe"], environ={})
+
+
+def test_dense_tail_rows_off_by_default_and_settable():
+    assert settings.resolve(environ={}).sparse_prefill.dense_tail_rows == 0
+    sp = settings.resolve(environ={"KVPLUG_SPARSE_PREFILL__DENSE_TAIL_ROWS": "128"}).sparse_prefill
+    assert sp.dense_tail_rows == 128

@@ -14,7 +14,7 @@ from attention_backends.sparse_prefill.fa2_sparse import fa2_sparse_reference
 from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig, build_index
 from attention_backends.sparse_prefill.index import ChunkGeometry
 from attention_backends.sparse_prefill.planner import SparsePrefillPlan, SparseSegment
-from attention_backends.sparse_prefill.reference import sparse_attention
+from attention_backends.sparse_prefill.reference import dense_attention, sparse_attention
 from kvplug import settings, vllm_compat
 
 SCALE = 0.15
@@ -70,13 +70,14 @@ def _batch(seqs, Hq=4, Hkv=2, d=32, seed=0):
     return torch.cat(qs), (kc, vc), plan, kvs
 
 
-def _expected(query, plan, kvs, window_ranges):
+def _expected(query, plan, kvs, window_ranges, dense_tail_rows=0):
     lp = LayerPlan.from_config(CFG, 0, query.shape[1])
     out = []
     for seg, (k, v) in zip(plan.segments, kvs):
         q = query[seg.row_start:seg.row_end]
         geom = ChunkGeometry(len(q), seg.seq_len)
-        index = build_index(q, k, geom, lp, SCALE, trim_columns=False, window_ranges=window_ranges)
+        index = build_index(q, k, geom, lp, SCALE, trim_columns=False, window_ranges=window_ranges,
+                            dense_tail_rows=dense_tail_rows)
         out.append(sparse_attention(q, k, v, index, SCALE))
     return torch.cat(out)
 
@@ -109,6 +110,32 @@ def test_triton_executor_keeps_todays_index(counters):
     runner.SparsePrefillRunner(CFG, 4, 2, SCALE).forward(None, LAYER0, query, None, None, kv, plan, out)
     torch.testing.assert_close(out, _expected(query, plan, kvs, window_ranges=False), rtol=1e-4, atol=1e-4)
     assert counters["fa2_sparse_layer_calls"] == 0 and not plan.sequence_kv
+
+
+@pytest.mark.parametrize("ex", [FAKE_FA2, None], ids=["fa2_sparse", "torch"])
+def test_dense_tail_rows_on_every_executor(counters, ex):
+    """sparse_prefill.dense_tail_rows in the serving path: each chunk's last 64-row blocks equal dense attention
+    (a vertical-slash layer: the FA2 conversion must take their blocks), the rest the sparse index's output;
+    the pair count includes the tail."""
+    seqs = [(700, 300), (333, 129)]
+    query, kv, plan, kvs = _batch(seqs, seed=3)
+    r = runner.SparsePrefillRunner(CFG, 4, 2, SCALE, executor=ex, dense_tail_rows=64)
+    out = torch.full_like(query, float("nan"))
+    r.forward(None, LAYER0, query, None, None, kv, plan, out)
+    torch.testing.assert_close(out, _expected(query, plan, kvs, ex is not None, dense_tail_rows=64),
+                               rtol=1e-4, atol=1e-4)
+    for seg, (k, v) in zip(plan.segments, kvs):
+        n = seg.row_end - seg.row_start
+        r0 = (n - 64) // 64 * 64
+        torch.testing.assert_close(out[seg.row_start + r0:seg.row_end],
+                                   dense_attention(query[seg.row_start:seg.row_end], k, v, SCALE)[r0:],
+                                   rtol=1e-4, atol=1e-4)
+    runner.flush_pending(wait=True)
+    plain = runner.SparsePrefillRunner(CFG, 4, 2, SCALE, executor=ex)
+    before = counters["computed_pairs"]
+    plain.forward(None, LAYER0, query, None, None, kv, plan, torch.empty_like(query))
+    runner.flush_pending(wait=True)
+    assert before > counters["computed_pairs"] - before  # the tail computed more pairs than the plain index
 
 
 def test_refused_dtype_runs_triton_counted_and_logged_once(counters, caplog):

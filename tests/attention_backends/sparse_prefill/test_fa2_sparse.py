@@ -12,7 +12,7 @@ from attention_backends.sparse_prefill.fa2_sparse import SequenceKV, fa2_index, 
 from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig, build_index
 from attention_backends.sparse_prefill.index import BLOCK, RANGE_PAD, ChunkGeometry, ranges_from_diagonals, window_ranges
 from attention_backends.sparse_prefill.patterns import registry
-from attention_backends.sparse_prefill.reference import sparse_attention
+from attention_backends.sparse_prefill.reference import dense_attention, sparse_attention
 
 TIGHT = {"a_shape": {"sink": 64, "window": 128}, "vertical_slash": {"vertical": 40, "slash": 120},
          "block_sparse": {"top_k": 3}}
@@ -76,6 +76,22 @@ def test_mixed_pattern_layer_and_dense_heads(n, L):
     index = build_index(q, k, geom, plan, SCALE, window_ranges=True)
     torch.testing.assert_close(_fa2(q, k, v, index, geom), sparse_attention(q, k, v, index, SCALE),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", sorted(registry.PATTERNS))
+@pytest.mark.parametrize("n,L", SHAPES)
+def test_dense_tail_converts(pattern, n, L):
+    """sparse_prefill.dense_tail_rows through the FA2 conversion: a range-only plan's tail blocks take their causal
+    blocks (plan_has_blocks says so), no key twice, and the tail rows equal dense attention."""
+    q, k, v = _qkv(n, L, seed=4)
+    geom = ChunkGeometry(n, L)
+    plan = LayerPlan.uniform(pattern, q.shape[1], **TIGHT[pattern])
+    assert fa2_sparse.plan_has_blocks(plan, dense_tail_rows=64)
+    index = build_index(q, k, geom, plan, SCALE, window_ranges=True, dense_tail_rows=64)
+    got = _fa2(q, k, v, index, geom, fa2_sparse.plan_has_blocks(plan, 64))
+    torch.testing.assert_close(got, sparse_attention(q, k, v, index, SCALE), rtol=1e-4, atol=1e-4)
+    r0 = (max(0, n - 64) // BLOCK) * BLOCK
+    torch.testing.assert_close(got[r0:], dense_attention(q, k, v, SCALE)[r0:], rtol=1e-4, atol=1e-4)
 
 
 def test_converted_index_lists_every_key_once_and_masks_only_what_it_must():

@@ -57,10 +57,20 @@ def test_override_reconfigures_live_and_new_runners_and_clears(hooks):
     assert r.pattern_config.searched_tokens == hooks.shipped.searched_tokens and r.group_shared is False
 
 
+def test_dense_tail_rows_switch_between_sweeps(hooks):
+    r = backend_hooks.impl_runner(_impl())
+    assert r.dense_tail_rows == 0
+    backend_hooks.set_override(dense_tail_rows="256")  # --variants passes the value as text
+    assert r.dense_tail_rows == 256 and backend_hooks.impl_runner(_impl()).dense_tail_rows == 256
+    backend_hooks.set_override()
+    assert r.dense_tail_rows == 0
+
+
 @pytest.mark.parametrize("fields, needle", [
     ({"min_prompt_tokens": 5}, "'min_prompt_tokens'"),  # not switchable at run time
     ({"group_shared_selection": "maybe"}, "group_shared_selection"),
     ({"budget_scale_limit": 0.5}, "budget_scale_limit"),
+    ({"dense_tail_rows": -64}, "dense_tail_rows"),
     ({"pattern_config": "/no/such.json"}, "pattern_config"),
 ])
 def test_bad_override_names_the_key_and_keeps_the_previous_one(hooks, fields, needle):

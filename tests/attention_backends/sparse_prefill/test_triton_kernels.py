@@ -105,17 +105,20 @@ def test_chunk_path_matches_reference(dtype):
     torch.testing.assert_close(out.float().cpu(), sparse_attention(q, k, v, index, 0.3).float(), rtol=tol, atol=tol)
 
 
+def _mixed_cfg(Hq: int) -> PatternConfig:
+    heads = {0: HeadPattern(pattern="block_sparse", budgets={"top_k": 2}),
+             Hq - 1: HeadPattern(pattern="a_shape", budgets={"sink": 64, "window": 100}),
+             1: HeadPattern(pattern="vertical_slash", budgets={"vertical": 7, "slash": 130})}
+    return PatternConfig(default=HeadPattern(pattern="vertical_slash", budgets={"vertical": 30, "slash": 40}),
+                         layers={0: heads}).validate()
+
+
 def _mixed_case(Hq: int, Hkv: int, n: int = 150, L: int = 330, d: int = 32, seed: int = 3):
     """Heads of one group with different patterns and budgets (their keys differ per head)."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = torch.randn(n, Hq, d, generator=g), torch.randn(L, Hkv, d, generator=g), torch.randn(L, Hkv, d, generator=g)
     geom = ChunkGeometry(n, L)
-    heads = {0: HeadPattern(pattern="block_sparse", budgets={"top_k": 2}),
-             Hq - 1: HeadPattern(pattern="a_shape", budgets={"sink": 64, "window": 100}),
-             1: HeadPattern(pattern="vertical_slash", budgets={"vertical": 7, "slash": 130})}
-    cfg = PatternConfig(default=HeadPattern(pattern="vertical_slash", budgets={"vertical": 30, "slash": 40}),
-                        layers={0: heads}).validate()
-    index = build_index(q, k, geom, LayerPlan.from_config(cfg, 0, Hq), 0.3, trim_columns=False)
+    index = build_index(q, k, geom, LayerPlan.from_config(_mixed_cfg(Hq), 0, Hq), 0.3, trim_columns=False)
     return q, k, v, geom, index
 
 
@@ -218,13 +221,15 @@ def test_build_index_from_paged_keys_matches():
             assert (got_mask & want_mask).sum() >= 0.97 * (got_mask | want_mask).sum()
 
 
-@pytest.mark.parametrize("group_shared,fused_estimate", [(True, False), (False, True), (True, True)])
-def test_chunk_path_options_match_reference(group_shared, fused_estimate):
-    """sparse_prefill_paged with sparse_prefill.group_shared_selection / fused_estimate (the CUDA serving path:
-    shared group kernel on a group-uniform plan, estimate from the paged cache) == the reference on the index
-    build_index gives the gathered keys with the same selection."""
+@pytest.mark.parametrize("group_shared,fused_estimate,dense_tail_rows", [(True, False, 0), (False, True, 0),
+                                                                         (True, True, 0), (False, False, 64),
+                                                                         (True, True, 100)])
+def test_chunk_path_options_match_reference(group_shared, fused_estimate, dense_tail_rows):
+    """sparse_prefill_paged with sparse_prefill.group_shared_selection / fused_estimate / dense_tail_rows (the CUDA
+    serving path: shared group kernel on a group-uniform plan, estimate from the paged cache, the chunk's last
+    blocks dense) == the reference on the index build_index gives the gathered keys with the same selection."""
     g = torch.Generator().manual_seed(6)
-    n, L, Hq, Hkv, d = 96, 333, 8, 2, 32
+    n, L, Hq, Hkv, d = 150, 333, 8, 2, 32
     q, k, v = (torch.randn(s, h, d, generator=g) for s, h in ((n, Hq), (L, Hkv), (L, Hkv)))
     geom = ChunkGeometry(n, L)
     kc, pages = _paged(k, 16, False)
@@ -232,13 +237,50 @@ def test_chunk_path_options_match_reference(group_shared, fused_estimate):
     out = torch.full((n, Hq, d), float("nan"), device=DEVICE)
     plan = LayerPlan.uniform("vertical_slash", Hq, DEVICE, vertical=40, slash=70)
     pairs = triton_kernels.sparse_prefill_paged(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), pages.to(DEVICE), geom,
-                                                plan, 0.3, out, group_shared=group_shared, fused_estimate=fused_estimate)
+                                                plan, 0.3, out, group_shared=group_shared, fused_estimate=fused_estimate,
+                                                dense_tail_rows=dense_tail_rows)
     from attention_backends.sparse_prefill.paged_keys import PagedKeys
 
     # the same keys the path estimates from (on the GPU tf32 votes may order near-ties differently from torch)
     keys = PagedKeys(kc.to(DEVICE), pages.to(DEVICE), L) if fused_estimate else k.to(DEVICE)
-    index = build_index(q.to(DEVICE), keys, geom, plan, 0.3, trim_columns=False, group_shared=group_shared).to("cpu")
+    index = build_index(q.to(DEVICE), keys, geom, plan, 0.3, trim_columns=False, group_shared=group_shared,
+                        dense_tail_rows=dense_tail_rows).to("cpu")
     assert index.is_group_shared(Hq // Hkv) == group_shared
     assert int(pairs) == int(index.computed_pairs(geom).sum())
+    if dense_tail_rows:  # the tail's pairs are counted
+        plain = build_index(q.to(DEVICE), keys, geom, plan, 0.3, trim_columns=False, group_shared=group_shared)
+        assert int(pairs) > int(plain.computed_pairs(geom).sum())
     tol = 2e-3 if DEVICE == "cpu" else 3e-2
     torch.testing.assert_close(out.float().cpu(), sparse_attention(q, k, v, index, 0.3).float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kernel", ["per_head", "group", "group_union", "group_shared"])
+@pytest.mark.parametrize("n,L", [(150, 330), (130, 130), (40, 300)])
+def test_dense_tail_in_every_kernel(kernel, n, L):
+    """sparse_prefill.dense_tail_rows: the tail blocks' causal blocks (and no ranges or columns) in each kernel ==
+    the reference, whose tail rows are dense attention (mixed block / range / column heads; group-shared for the
+    shared kernel; union mode on union_index)."""
+    from attention_backends.sparse_prefill.index import dense_tail_start
+    from attention_backends.sparse_prefill.reference import dense_attention
+
+    Hq, Hkv, d = 8, 2, 32
+    q, k, v, geom, _ = _mixed_case(Hq, Hkv, n=n, L=L, seed=7)
+    shared = kernel == "group_shared"
+    plan = (LayerPlan.uniform("vertical_slash", Hq, vertical=30, slash=40) if shared else
+            LayerPlan.from_config(_mixed_cfg(Hq), 0, Hq))
+    index = build_index(q, k, geom, plan, 0.3, trim_columns=False, group_shared=shared, dense_tail_rows=64)
+    union = kernel == "group_union"
+    ref_index = union_index(index.to(DEVICE), geom, Hq // Hkv).to("cpu") if union else index
+    kc, pages = _paged(k, 16, False)
+    vc, _ = _paged(v, 16, True)
+    out = torch.full((n, Hq, d), float("nan"), device=DEVICE)  # every element must be written
+    options = {"union": union} if kernel.startswith("group_") and not shared else {}
+    got = triton_kernels.sparse_attention_paged(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), pages.to(DEVICE),
+                                                index.to(DEVICE), geom, 0.3, out=out,
+                                                kernel="group" if union else kernel, **options)
+    expected = sparse_attention(q, k, v, ref_index, 0.3)
+    tol = 2e-3 if DEVICE == "cpu" else 2e-2
+    torch.testing.assert_close(got.cpu(), expected, rtol=tol, atol=tol)
+    r0 = dense_tail_start(geom, 64) * 64
+    torch.testing.assert_close(expected[r0:], dense_attention(q, k, v, 0.3)[r0:], rtol=1e-4, atol=1e-4)
+
