@@ -68,6 +68,10 @@ def _parse(argv):
                     "config as given). KEYs: " + "; ".join(f"{k} ({v})" for k, v in VARIANT_KEYS.items()))
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--min-prompt-tokens", type=int, default=8192, help="sparse prefill threshold in the sparse run")
+    ap.add_argument("--cost-table", default="none", help="sparse_prefill.cost_table of the sparse run: none (default: "
+                    "every chunk from --min-prompt-tokens on goes sparse, so what is measured is the sparse path), "
+                    "or auto / a file: the cost model decides each chunk as serving does (the counts are in the "
+                    "result's chunks)")
     ap.add_argument("--max-batched-tokens", type=int, default=8192, help="chunked prefill chunk (tokens per step)")
     ap.add_argument("--near-tie", type=float, default=0.5)
     ap.add_argument("--recall-tokens", type=int, default=32000, help="0 skips the recall measurement")
@@ -415,7 +419,7 @@ def variants_result(args, path: str | Path, items: list[dict], done: dict[str, d
     dense = done[DENSE]
     d = [score(it["scorer"], txt, it["answer"]) for it, txt in zip(items, dense["texts"])]
     summary = {"model": str(path), "mode": "multi-turn tasks", "tasks": args.tasks, "contexts": args.contexts,
-               "turns": args.turns, "min_prompt_tokens": args.min_prompt_tokens,
+               "turns": args.turns, "min_prompt_tokens": args.min_prompt_tokens, "cost_table": args.cost_table,
                "max_batched_tokens": args.max_batched_tokens, "n": len(items),
                "dense": {"accuracy": sum(d) / len(d), "ci95": harness.wilson(round(sum(d)), len(d)),
                          "seconds": dense["seconds"]},
@@ -434,7 +438,8 @@ def variants_result(args, path: str | Path, items: list[dict], done: dict[str, d
              "seconds": sparse["seconds"]}
         if not v["sparse_tokens"]:
             # a "sparse" column that was dense would be a lie: say so loudly in the result
-            v["warning"] = "no chunk went through the sparse path (contexts under --min-prompt-tokens?)"
+            v["warning"] = ("no chunk went through the sparse path (contexts under --min-prompt-tokens, or, with "
+                            "--cost-table, the cost model sent every chunk dense: see chunks)")
         summary["variants"][sweep["label"]] = v
         runs.append({"variant": sweep["label"], "cases": table["rows"]})
     if summary["variants"]:  # the layout of a one-variant run (the gate's file) at the top
@@ -486,11 +491,11 @@ def task_summary(items: list[dict], dense: dict, sparse: dict, near_tie: float) 
 
 def run_engine(args, sparse: bool, pattern_config: str) -> dict:
     env = harness.engine_env(clear_config=True,  # collective_rpc of a function
-                             # cost_table off: every chunk past --min-prompt-tokens goes sparse, so what is
-                             # measured is the sparse path's accuracy, not the cost model's choices
+                             # cost_table none (default): every chunk past --min-prompt-tokens goes sparse, so what
+                             # is measured is the sparse path's accuracy, not the cost model's choices
                              **harness.kvplug_env("sparse_prefill", enabled=sparse,
                                                   min_prompt_tokens=args.min_prompt_tokens,
-                                                  pattern_config=pattern_config, cost_table="none"))
+                                                  pattern_config=pattern_config, cost_table=args.cost_table))
     argv = harness.worker_argv(sys.argv[1:] if args.argv is None else args.argv, drop=("--out", "--pattern-config"))
     return harness.run_worker("benchmarks.sparse_prefill_accuracy", "sparse" if sparse else "dense", argv, env)
 
@@ -577,8 +582,8 @@ def run(args) -> dict:
     s = sparse["stats"]
     summary = {
         "model": str(path), "pattern_config": pattern_config, "cases": len(cases), "tokens": args.tokens,
-        "min_prompt_tokens": args.min_prompt_tokens, "max_batched_tokens": args.max_batched_tokens,
-        "exact_agreement": sum(v == "same" for v in verdicts) / len(verdicts),
+        "min_prompt_tokens": args.min_prompt_tokens, "cost_table": args.cost_table,
+        "max_batched_tokens": args.max_batched_tokens, "exact_agreement": sum(v == "same" for v in verdicts) / len(verdicts),
         "agreement_up_to_near_ties": sum(v != "differ" for v in verdicts) / len(verdicts),
         "dense_accuracy": sum(c["dense_correct"] for c in per_case) / len(per_case),
         "sparse_accuracy": sum(c["sparse_correct"] for c in per_case) / len(per_case),
@@ -609,11 +614,11 @@ def run_tasks(args, path: Path, pattern_config: str) -> dict:
     spec = Path(tempfile.mkdtemp(prefix="sp_acc_")) / "sweeps.json"
     spec.write_text(json.dumps(sweeps, indent=1))
     env = harness.engine_env(clear_config=True,  # collective_rpc of a function
-                             # cost_table off: every chunk past --min-prompt-tokens goes sparse, so what is
-                             # measured is the sparse path's accuracy, not the cost model's choices
+                             # cost_table none (default): every chunk past --min-prompt-tokens goes sparse, so what
+                             # is measured is the sparse path's accuracy, not the cost model's choices
                              **harness.kvplug_env("sparse_prefill", enabled=True,
                                                   min_prompt_tokens=args.min_prompt_tokens,
-                                                  pattern_config=pattern_config, cost_table="none"))
+                                                  pattern_config=pattern_config, cost_table=args.cost_table))
     argv = harness.worker_argv(sys.argv[1:] if args.argv is None else args.argv,
                                drop=("--pattern-config", "--variants", "--sweeps"))
     done = harness.run_worker("benchmarks.sparse_prefill_accuracy", "sweeps", [*argv, "--sweeps", str(spec)],

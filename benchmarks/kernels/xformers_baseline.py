@@ -115,6 +115,15 @@ def biases(fmha, window: int | None = None):
     return ab.LowerTriangularFromBottomRightLocalAttentionMask(window)
 
 
+def why_refused(exc: Exception, limit: int = 400) -> str:
+    """An op's failure, short: xformers' "not supported" message opens with the input shapes; keep its reasons
+    (the part after "because:"), which is what says why."""
+    msg = str(exc)
+    head, sep, reasons = msg.partition("because:")
+    text = f"{type(exc).__name__}: {' '.join(reasons.split()) if sep else msg}"
+    return text[:limit]
+
+
 def time_ops(fmha, q5, k5, v5, bias, scale, timing) -> dict:
     """Each forward op on these inputs: {"ms": {op: median ms}, "errors": {op: why}, "best": op or None}."""
     got, errors = {}, {}
@@ -123,7 +132,7 @@ def time_ops(fmha, q5, k5, v5, bias, scale, timing) -> dict:
             got[name] = timing(lambda: fmha.memory_efficient_attention_forward(
                 q5, k5, v5, attn_bias=bias, scale=scale, op=op))["median_ms"]
         except Exception as exc:  # not supported for this shape/bias/device (xformers says why), out of memory...
-            errors[name] = f"{type(exc).__name__}: {exc}"[:400]
+            errors[name] = why_refused(exc)
     return {"ms": got, "errors": errors, "best": min(got, key=got.get) if got else None}
 
 

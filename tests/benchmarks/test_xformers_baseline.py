@@ -191,3 +191,12 @@ def test_load_reports_the_extension_loader_error(monkeypatch):
     assert info["cpp_extension"] == "not loaded: OSError: libcudart.so.12: cannot open shared object file"
     cpp._cpp_library_load_exception = None
     assert xb.load()[1]["cpp_extension"] == "loaded"
+
+
+def test_refusal_keeps_xformers_reasons_not_the_shapes():
+    """The H100 run of 2026-12-07 stored 400 characters of shapes and lost the reason every op refused."""
+    shapes = "     query       : shape=(1, 32768, 8, 4, 128) (torch.bfloat16)\n" * 8
+    exc = ValueError("Operator `memory_efficient_attention` does not support inputs:\n" + shapes
+                     + "`fa2F@2.5.7-pt` is not supported because:\n    xFormers wasn't build with CUDA support")
+    assert xb.why_refused(exc) == "ValueError: xFormers wasn't build with CUDA support"
+    assert xb.why_refused(RuntimeError("out of memory")) == "RuntimeError: out of memory"

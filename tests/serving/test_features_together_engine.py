@@ -25,7 +25,8 @@ LAYERS = 30  # SmolLM2-135M: every layer keeps block summaries (no sliding-windo
 KV_TOKENS = 2528  # 79 blocks: one conversation and a half; max_model_len 2048 must fit
 ARGS = ["--enforce-eager", "--max-model-len", "2048", "--block-size", str(BLOCK), "--max-num-batched-tokens", "512",
         "--kv-cache-memory-bytes", str(KV_TOKENS * 2 * LAYERS * 3 * 64 * 2), "--offload", "cpu:256MiB",
-        # prompts past 512 tokens prefill their later chunks sparsely (threshold rule: no cost table on CPU)
+        # prompts past 512 tokens prefill their later chunks sparsely (cost_table=none: the threshold rule; the
+        # CPU cost table would send them dense)
         "--set", "sparse_prefill.enabled=true", "--set", "sparse_prefill.cost_table=none",
         "--set", "sparse_prefill.min_prompt_tokens=512",
         # decodes over > 512 tokens read the sink block, 256 selected tokens and the last 64

