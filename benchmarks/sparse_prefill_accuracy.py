@@ -99,9 +99,11 @@ VARIANT_KEYS = {
     "fused_estimate": "sparse_prefill key (true/false; CUDA only)",
     "budget_scale_limit": "sparse_prefill key (budgets grow beyond the searched length up to this factor)",
     "dense_tail_rows": "sparse_prefill key (each sparse chunk's last rows, whole 64-row blocks, attend densely)",
+    "vertical_segment_rows": "sparse_prefill key (vertical-slash columns per segment of this many rows, a multiple of 64)",
 }
 # passed to the engine as is (checked here against the config section first)
-OVERRIDDEN = ("group_shared_selection", "fused_estimate", "budget_scale_limit", "dense_tail_rows")
+OVERRIDDEN = ("group_shared_selection", "fused_estimate", "budget_scale_limit", "dense_tail_rows",
+              "vertical_segment_rows")
 
 
 @dataclass(frozen=True)
@@ -516,10 +518,11 @@ def agreement(dense_ids: list[int], dense_top2: list, sparse_ids: list[int], nea
     return "same" if len(dense_ids) == len(sparse_ids) else "differ"
 
 
-def measure_recall(args, path: Path, configs: list[tuple[str, str, bool]]) -> dict[str, dict]:
-    """Attention recall per head of each (label, config file, group-shared selection) on one unseen KV-retrieval
-    prompt of --recall-tokens (its Q/K captured once), replaying chunked prefill with --recall-chunk. Measured
-    once per (config, group-shared): it samples rows, so a dense tail (a block per chunk) is not in it."""
+def measure_recall(args, path: Path, configs: list[tuple[str, str, bool, int]]) -> dict[str, dict]:
+    """Attention recall per head of each (label, config file, group-shared selection, vertical segment rows) on one
+    unseen KV-retrieval prompt of --recall-tokens (its Q/K captured once), replaying chunked prefill with
+    --recall-chunk. Measured once per (config, group-shared, segment rows): it samples rows, so a dense tail (a
+    block per chunk) is not in it."""
     from attention_backends.sparse_prefill import calibration, head_config, search
 
     from transformers import AutoTokenizer
@@ -530,13 +533,14 @@ def measure_recall(args, path: Path, configs: list[tuple[str, str, bool]]) -> di
     qs, ks, scale, T = search.capture_qk(str(path), prompt, dev, max_tokens=args.recall_tokens)
     qs, ks = [q.to(dev) for q in qs], [k.to(dev) for k in ks]
     out = {}
-    done: dict[tuple[str, bool], tuple] = {}  # variants differing only in keys recall ignores (dense_tail_rows)
-    for label, config, group_shared in configs:
-        if (config, group_shared) not in done:
+    done: dict[tuple[str, bool, int], tuple] = {}  # variants differing only in keys recall ignores (dense_tail_rows)
+    for label, config, group_shared, segment_rows in configs:
+        if (config, group_shared, segment_rows) not in done:
             recall, dens = search.evaluate_config(qs, ks, scale, head_config.load(config), args.recall_chunk,
-                                                  args.recall_rows, seed=args.seed, group_shared=group_shared)
-            done[config, group_shared] = recall.cpu(), dens.cpu()
-        recall, dens = done[config, group_shared]
+                                                  args.recall_rows, seed=args.seed, group_shared=group_shared,
+                                                  vertical_segment_rows=segment_rows)
+            done[config, group_shared, segment_rows] = recall.cpu(), dens.cpu()
+        recall, dens = done[config, group_shared, segment_rows]
         out[label] = {"tokens": T, "chunk": args.recall_chunk, "rows_per_chunk": args.recall_rows,
                       "group_shared": group_shared, "mean": float(recall.mean()), "min": float(recall.min()),
                       "heads_below_0.95": int((recall < 0.95).sum()), "heads": int(recall.numel()),
@@ -590,7 +594,7 @@ def run(args) -> dict:
         "sparse_tokens": s["sparse_tokens"], "dense_prefill_tokens_in_sparse_run": s["dense_prefill_tokens"],
         "density": density(s),
     }
-    recall = measure_recall(args, path, [("sparse", pattern_config, False)])["sparse"] if args.recall_tokens else None
+    recall = measure_recall(args, path, [("sparse", pattern_config, False, 0)])["sparse"] if args.recall_tokens else None
     if recall:
         summary.update(recall_mean=recall["mean"], recall_min=recall["min"], recall_density=recall["density_mean"])
     summary["device"] = harness.device_name()
@@ -606,8 +610,9 @@ def run_tasks(args, path: Path, pattern_config: str) -> dict:
     recall = {}
     if args.recall_tokens:
         recall = measure_recall(args, path, [
-            (sw["label"], sw["pattern_config"], msgspec.convert(sw["keys"].get("group_shared_selection", False), bool,
-                                                                strict=False)) for sw in sweeps])
+            (sw["label"], sw["pattern_config"],
+             msgspec.convert(sw["keys"].get("group_shared_selection", False), bool, strict=False),
+             msgspec.convert(sw["keys"].get("vertical_segment_rows", 0), int, strict=False)) for sw in sweeps])
         for sw in sweeps:
             r = recall[sw["label"]]
             sw["recall"] = {k: r[k] for k in ("tokens", "chunk", "mean", "min", "heads_below_0.95", "density_mean")}

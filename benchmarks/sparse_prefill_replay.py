@@ -7,11 +7,11 @@ The issue-16 losses (H100 gate run: first turns at 16K/24K) on the CPU, the ship
 every chunk past 8192 tokens sparse (~10-25 min per question and mode on a 2-core CPU; VLLM_EXECUTE_MODEL_TIMEOUT_
 SECONDS is raised to 3000 here, a sparse 8K chunk takes minutes there):
     python -m benchmarks.sparse_prefill_replay --model qwen2.5-coder-0.5b-instruct \\
-        --questions passkey-0-4@16000,passkey-0-7@16000,passkey-0-1@24000 --modes dense,sparse,tail64,tail256 \\
+        --questions passkey-0-4@16000,passkey-0-7@16000,passkey-0-1@24000 --modes dense,sparse,tail64,tail256,seg1024 \\
         --out benchmarks/results/sparse_prefill_replay_qwen_cpu.json
 Questions are CASE@CONTEXT[:TURN] (turn 0 = the first question, the whole context prefilled), generated as the
 accuracy run generates them (--cases/--turns/--seed must match it). Modes: dense, sparse (the config as given),
-tail<N> (sparse_prefill.dense_tail_rows=N). The result file is rewritten after every answer.
+tail<N> (sparse_prefill.dense_tail_rows=N), seg<N> (sparse_prefill.vertical_segment_rows=N). The result file is rewritten after every answer.
 """
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ def mode_override(mode: str) -> dict:
         return OVERRIDES[mode]
     if mode.startswith("tail") and mode[4:].isdigit():
         return {"dense_tail_rows": int(mode[4:])}
-    raise SystemExit(f"--modes: unknown mode {mode!r} (dense, sparse, tail<N>)")
+    if mode.startswith("seg") and mode[3:].isdigit():
+        return {"vertical_segment_rows": int(mode[3:])}
+    raise SystemExit(f"--modes: unknown mode {mode!r} (dense, sparse, tail<N>, seg<N>)")
 
 
 def main(argv=None) -> None:

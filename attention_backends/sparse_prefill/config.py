@@ -60,6 +60,15 @@ class SparsePrefillConfig(Section):
     # prompt's last one holds the question, but a chunk does not know it is the last, and the rest cost as
     # little). 0 = off (the default until measured: BENCHMARKS.md, "Sparse prefill").
     dense_tail_rows: int = 0
+    # Vertical-slash picks each chunk's key columns from the chunk's last 64 rows and gives them to every row of
+    # the chunk. With vertical_segment_rows > 0 (a multiple of 64) the chunk's rows are split into segments of
+    # that many rows, each picking its own top columns from its own last 64 rows (diagonals stay chunk-wide).
+    # Why: in a prompt's last chunk the last rows are the question; issue 16's lost 16K answers had the right
+    # needle in the first chunk and the wrong one in the last, whose rows then attended the question's columns
+    # (the right needle's). Cost: one 64-row estimate per segment (8K chunk, 1024 = 8 estimates instead of 1).
+    # With fused_estimate (CUDA) segmented chunks use the torch estimate on keys gathered from the cache.
+    # 0 = off (one segment: the whole chunk; the default until measured: BENCHMARKS.md, "Sparse prefill").
+    vertical_segment_rows: int = 0
 
     def validate(self, path: str) -> None:
         if self.executor not in EXECUTORS:
@@ -69,6 +78,9 @@ class SparsePrefillConfig(Section):
                                     f"got {self.min_prompt_tokens}")
         if self.dense_tail_rows < 0:
             raise KvplugConfigError(f"{path}.dense_tail_rows must be >= 0 (0 = off), got {self.dense_tail_rows}")
+        if self.vertical_segment_rows < 0 or self.vertical_segment_rows % 64:
+            raise KvplugConfigError(f"{path}.vertical_segment_rows must be 0 (off) or a positive multiple of 64 "
+                                    f"(whole query blocks), got {self.vertical_segment_rows}")
         if not self.cost_margin > 0:
             raise KvplugConfigError(f"{path}.cost_margin must be > 0, got {self.cost_margin}")
         if not self.budget_scale_limit >= 1:

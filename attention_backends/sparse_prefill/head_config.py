@@ -168,14 +168,16 @@ class LayerPlan:
 
 def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometry, plan: LayerPlan, scale: float,
                 trim_columns: bool = True, group_shared: bool = False, window_ranges: bool = False,
-                dense_tail_rows: int = 0) -> SparseIndex:
+                dense_tail_rows: int = 0, vertical_segment_rows: int = 0) -> SparseIndex:
     """q [n, Hq, d] the chunk's queries, k [L, Hkv, d] the sequence's keys (or PagedKeys: left in the paged
     cache) -> one SparseIndex for all heads. ``trim_columns`` drops all-padding column slots (a host sync: CPU
     only; GPU kernels skip them by count). ``group_shared``: heads of a KV group that share a pattern select
     the same keys from their summed votes (SparsePattern.select; what the shared group kernel needs).
     ``window_ranges``: key ranges widened to whole BLOCK-key windows (index.window_ranges; what vLLM's FA2 sparse
     kernel computes exactly: sparse_prefill.executor = fa2_sparse). ``dense_tail_rows``: the chunk's last rows
-    (whole query blocks) attend every causal key (SparseIndex.with_dense_tail; sparse_prefill.dense_tail_rows)."""
+    (whole query blocks) attend every causal key (SparseIndex.with_dense_tail; sparse_prefill.dense_tail_rows).
+    ``vertical_segment_rows``: vertical-slash picks columns per segment of that many rows (SparsePattern.select;
+    sparse_prefill.vertical_segment_rows)."""
     k_heads = key_heads(k)  # [Hkv, L, d] view: patterns pick each query head's KV head themselves
     Hq, Hkv = q.shape[1], num_kv_heads(k_heads)
     dev = q.device
@@ -189,7 +191,8 @@ def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometr
         # all heads: a view (an index copy of the whole chunk's queries costs ~1 GB of traffic at 128K)
         qh = q.transpose(0, 1) if g.heads.numel() == Hq else q[:, g.heads].transpose(0, 1)
         mask, cols, ranges = registry.get(g.pattern).select(qh, k_heads, kv_of[g.heads], geom, g.budgets,
-                                                            g.budget_max, scale, group_shared=group_shared)
+                                                            g.budget_max, scale, group_shared=group_shared,
+                                                            segment_rows=vertical_segment_rows)
         block_mask[g.heads] = mask
         if cols is not None:
             verticals.append((g.heads, cols))
@@ -208,10 +211,14 @@ def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometr
         a, _ = geom.q_block_bounds(dev)
         index.range_first = torch.searchsorted(index.ranges[..., 1].contiguous(),
                                                (-a)[None, :].expand(Hq, -1).contiguous(), right=True)
-    width = max((c.shape[1] for _, c in verticals), default=0)
-    all_cols = torch.full((Hq, width), -1, dtype=torch.int64, device=dev)
+    width = max((c.shape[-1] for _, c in verticals), default=0)
+    # per query block where some pattern picked columns per segment (vertical_segment_rows), else per head
+    per_block = any(c.dim() == 3 for _, c in verticals)
+    all_cols = torch.full((Hq, geom.nqb, width) if per_block else (Hq, width), -1, dtype=torch.int64, device=dev)
     for heads, cols in verticals:
-        all_cols[heads, :cols.shape[1]] = cols
+        if per_block and cols.dim() == 2:
+            cols = cols[:, None, :].expand(-1, geom.nqb, -1)
+        all_cols[heads, ..., :cols.shape[-1]] = cols
     group = Hq // Hkv
     if group_shared and group > 1 and plan.group_uniform(group):
         # every head of a group holds the same columns, blocks and ranges: compact once per group (the

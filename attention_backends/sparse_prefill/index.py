@@ -211,14 +211,14 @@ class SparseIndex:
 
 def compact_columns(cols: torch.Tensor, block_mask: torch.Tensor, geom: ChunkGeometry,
                     ranges: SparseIndex | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head vertical columns [H, V] (-1 = unused) -> per query block, the ones not already inside a
-    selected block (or a range of ``ranges``) and visible to the block's last row: (cols [H, nqb, V]
-    valid-first, counts [H, nqb])."""
-    H, V = cols.shape
+    """Vertical columns per head [H, V] or per query block [H, nqb, V] (-1 = unused) -> per query block, the
+    ones not already inside a selected block (or a range of ``ranges``) and visible to the block's last row:
+    (cols [H, nqb, V] valid-first, counts [H, nqb])."""
+    H, V = cols.shape[0], cols.shape[-1]
     if V == 0:
         return cols.new_zeros((H, geom.nqb, 0)), cols.new_zeros((H, geom.nqb))
     a, b = geom.q_block_bounds(cols.device)
-    c = cols[:, None, :].expand(H, geom.nqb, V)
+    c = cols if cols.dim() == 3 else cols[:, None, :].expand(H, geom.nqb, V)
     safe = torch.clamp(c, min=0)
     in_block = torch.gather(block_mask, 2, safe // BLOCK)
     if ranges is not None:

@@ -11,6 +11,7 @@ def test_questions_and_modes():
         ("passkey-0-4", 16000, 0), ("passkey-0-1", 24000, 2)]
     assert replay.mode_override("dense") == {"dense": True} and replay.mode_override("sparse") == {}
     assert replay.mode_override("tail256") == {"dense_tail_rows": 256}
+    assert replay.mode_override("seg1024") == {"vertical_segment_rows": 1024}
 
 
 @pytest.mark.parametrize("call, needle", [

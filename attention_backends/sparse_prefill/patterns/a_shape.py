@@ -18,7 +18,8 @@ class AShape(SparsePattern):
         return -(-budgets["sink"] // BLOCK) * BLOCK + budgets["window"] + BLOCK
 
     @classmethod
-    def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False):
+    def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False,
+               segment_rows=0):  # segment_rows: vertical-slash's
         # Static (no votes): heads with equal budgets select the same blocks, group_shared or not.
         dev = q.device
         a, b = geom.q_block_bounds(dev)

@@ -49,19 +49,24 @@ class SparsePattern(ABC):
     @abstractmethod
     def select(cls, q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry,
                budgets: dict[str, torch.Tensor], budget_max: dict[str, int], scale: float,
-               group_shared: bool = False
+               group_shared: bool = False, segment_rows: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
         """q [h, n, d] this chunk's queries of the heads using this pattern; k [Hkv, L, d] the sequence's
         keys (not expanded: head i uses k[kv_ids[i]]); budgets name -> [h] int64 on q's device, budget_max
         name -> their maximum as a host int (so shapes never need a device sync). Returns (block_mask
-        [h, nqb, nkb] bool, vertical columns [h, V] int64 with -1 for unused, or None, key ranges as
+        [h, nqb, nkb] bool, vertical columns [h, V] int64 with -1 for unused (or [h, nqb, V]: per query block,
+        see ``segment_rows``), or None, key ranges as
         index.ranges_from_diagonals returns them, or None).
 
         ``group_shared``: the heads sharing a KV head rank their candidates (columns, diagonals, key blocks) by
         the sum of their votes, so they select the same keys (head j keeps the first budget_j of the group's
         ranking) and a group-shared kernel computes no more pairs than one head's index. Patterns whose
         selection does not depend on Q/K (A-shape) are group-shared already. ``k`` may be a
-        paged_keys.PagedKeys (the estimate then reads the paged cache; keys() gathers it where needed)."""
+        paged_keys.PagedKeys (the estimate then reads the paged cache; keys() gathers it where needed).
+
+        ``segment_rows`` (sparse_prefill.vertical_segment_rows, a multiple of BLOCK; 0 = the whole chunk): patterns
+        that pick columns from the chunk's last rows (vertical-slash) pick them per segment of that many rows
+        instead, returning them per query block; others ignore it."""
 
 
 def rank_mask(order_len: int, budget: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ class BlockSparse(SparsePattern):
         return budgets["top_k"] * BLOCK
 
     @classmethod
-    def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False):
+    def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False,
+               segment_rows=0):  # segment_rows: vertical-slash's
         dev = q.device
         k = key_tensor(k)
         scores = torch.einsum("hqd,hkd->hqk", mean_pool_blocks(q), mean_pool_blocks(k)[kv_ids]) * scale

@@ -2,14 +2,20 @@
 (vertical lines) and diagonals (slash lines); keep the top ``vertical`` columns and top ``slash``
 diagonals, always including the first columns and the nearest diagonals. Diagonals are served as merged
 key ranges (index.ranges_from_diagonals: a diagonal costs one BLOCK-wide range per query block, neighbours
-share it), verticals as single columns."""
+share it), verticals as single columns.
+
+``segment_rows`` (sparse_prefill.vertical_segment_rows): the chunk's rows are split into segments of that many
+rows, each picking its own columns from its own last LAST_Q rows (diagonals stay chunk-wide: they are
+position-relative). Why: a chunk's last rows may be a question about one part of the context; without
+segments every row of the chunk, a needle far from the question included, attends the question's columns
+(issue 16)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from attention_backends.sparse_prefill.index import ChunkGeometry, ranges_from_diagonals
-from attention_backends.sparse_prefill.paged_keys import PagedKeys, num_kv_heads
+from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry, ranges_from_diagonals
+from attention_backends.sparse_prefill.paged_keys import PagedKeys, key_tensor, num_kv_heads
 from attention_backends.sparse_prefill.patterns.base import SparsePattern, group_votes, rank_mask
 
 LAST_Q = 64
@@ -58,6 +64,32 @@ def estimate_lines(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom:
     return vertical, slash
 
 
+def segment_ends(geom: ChunkGeometry, segment_rows: int) -> list[int]:
+    """The chunk-relative end row of each segment of ``segment_rows`` rows (one segment, [n], when
+    ``segment_rows`` <= 0 or covers the chunk)."""
+    if segment_rows <= 0 or segment_rows >= geom.n:
+        return [geom.n]
+    return list(range(segment_rows, geom.n, segment_rows)) + [geom.n]
+
+
+def column_votes(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry, scale: float,
+                 row_end: int) -> torch.Tensor:
+    """[h, L] column attention mass of the LAST_Q rows of the chunk ending at chunk row ``row_end`` (causal:
+    keys up to each row). q [h, n, d], k [Hkv, L, d]: one segment's vote (segment_rows)."""
+    h = q.shape[0]
+    last = min(LAST_Q, row_end)
+    keys = geom.q_pos0 + row_end  # no row of the segment sees past its last row
+    rows_pos = keys - last + torch.arange(last, device=q.device)
+    causal = torch.arange(keys, device=q.device)[None, :] <= rows_pos[:, None]
+    vertical = q.new_zeros((h, geom.L), dtype=torch.float32)
+    for s in range(0, h, HEADS_PER_STEP):
+        qs = q[s:s + HEADS_PER_STEP, row_end - last:row_end]
+        ks = k[kv_ids[s:s + HEADS_PER_STEP], :keys]
+        att = (torch.matmul(qs, ks.transpose(1, 2)).float() * scale).masked_fill(~causal[None], float("-inf"))
+        vertical[s:s + HEADS_PER_STEP, :keys] = torch.softmax(att, dim=-1).sum(1)
+    return vertical
+
+
 def _force_first(scores: torch.Tensor, n_forced: int) -> torch.Tensor:
     pos = torch.arange(scores.shape[-1], device=scores.device)
     forced = FORCED_SCORE + (n_forced - pos).to(scores.dtype)
@@ -82,8 +114,16 @@ class VerticalSlash(SparsePattern):
         return budgets["vertical"] + cls.KEYS_PER_DIAGONAL * budgets["slash"]
 
     @classmethod
-    def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False):
+    def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False,
+               segment_rows=0):
+        ends = segment_ends(geom, segment_rows)
+        if len(ends) > 1 and isinstance(k, PagedKeys):
+            # fused_estimate votes for the chunk's last rows only: segments take the torch estimate on keys
+            # gathered from the cache (the same index, one key copy more)
+            k = key_tensor(k)
         vertical, slash = estimate_lines(q, k, kv_ids, geom, scale)
+        if len(ends) > 1:  # [h, segments, L]: the last segment's vote is the chunk's (estimate_lines)
+            vertical = torch.stack([column_votes(q, k, kv_ids, geom, scale, e) for e in ends[:-1]] + [vertical], 1)
         if group_shared:  # rank once per KV head on the group's summed votes, then hand each head its group's
             num_kv = num_kv_heads(k)
             vertical, slash = group_votes(vertical, kv_ids, num_kv), group_votes(slash, kv_ids, num_kv)
@@ -96,7 +136,12 @@ class VerticalSlash(SparsePattern):
         diagonals = torch.topk(slash, s_max, dim=-1).indices  # diagonal d: key = row - d
         if group_shared:
             cols, diagonals = cols[kv_ids], diagonals[kv_ids]
-        cols = torch.where(rank_mask(v_max, budgets["vertical"]), cols, torch.full_like(cols, -1))
+        keep = rank_mask(v_max, budgets["vertical"])
+        if len(ends) > 1:  # each query block takes its segment's columns: [h, nqb, v_max]
+            keep = keep[:, None, :]
+            seg_of_block = torch.arange(geom.nqb, device=q.device) * BLOCK // segment_rows
+            cols = cols[:, seg_of_block]
+        cols = torch.where(keep, cols, torch.full_like(cols, -1))
         ranges, count = ranges_from_diagonals(diagonals, rank_mask(s_max, budgets["slash"]))
         mask = torch.zeros(q.shape[0], geom.nqb, geom.nkb, dtype=torch.bool, device=q.device)
         return mask, cols, (ranges, count)

@@ -83,6 +83,11 @@ def test_parse_variants_dense_tail_rows():
     assert vs[1].keys == {"dense_tail_rows": "256", "group_shared_selection": "true"}
 
 
+def test_parse_variants_vertical_segment_rows():
+    assert acc.parse_variants("seg1024:vertical_segment_rows=1024", chunk=8192)[0].keys == {
+        "vertical_segment_rows": "1024"}
+
+
 @pytest.mark.parametrize("spec, needle", [
     ("a:nope=1", "unknown key 'nope'"),
     ("a:budgets=0", "budgets must be a number > 0"),
@@ -96,6 +101,7 @@ def test_parse_variants_dense_tail_rows():
     ("a:search_tokens=8000,config=x.json", "exclude each other"),
     ("a:dense_tail_rows=-64", "dense_tail_rows must be >= 0"),  # before any engine starts
     ("a:dense_tail_rows=some", "dense_tail_rows"),
+    ("a:vertical_segment_rows=1000", "vertical_segment_rows must be 0 .off. or a positive multiple of 64"),
     ("a:group_shared_selection=maybe", "group_shared_selection"),
 ])
 def test_parse_variants_names_what_is_wrong(spec, needle):

@@ -32,6 +32,8 @@ def test_env_and_set_layering():
     (["sparse_prefill.budget=3"], "sparse_prefill.budget"),
     (["sparse_prefill.dense_tail_rows=-1"], "sparse_prefill.dense_tail_rows"),
     (["sparse_prefill.dense_tail_rows=lots"], "sparse_prefill.dense_tail_rows"),
+    (["sparse_prefill.vertical_segment_rows=-64"], "sparse_prefill.vertical_segment_rows"),
+    (["sparse_prefill.vertical_segment_rows=100"], "sparse_prefill.vertical_segment_rows"),  # not whole blocks
 ])
 def test_bad_values_name_the_key(sets, needle):
     with pytest.raises(settings.KvplugConfigError, match=needle.replace(".", r"\.")):
@@ -52,3 +54,9 @@ def test_dense_tail_rows_off_by_default_and_settable():
     assert settings.resolve(environ={}).sparse_prefill.dense_tail_rows == 0
     sp = settings.resolve(environ={"KVPLUG_SPARSE_PREFILL__DENSE_TAIL_ROWS": "128"}).sparse_prefill
     assert sp.dense_tail_rows == 128
+
+
+def test_vertical_segment_rows_off_by_default_and_settable():
+    assert settings.resolve(environ={}).sparse_prefill.vertical_segment_rows == 0
+    sp = settings.resolve(sets=["sparse_prefill.vertical_segment_rows=1024"], environ={}).sparse_prefill
+    assert sp.vertical_segment_rows == 1024

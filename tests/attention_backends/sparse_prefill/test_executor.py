@@ -70,14 +70,14 @@ def _batch(seqs, Hq=4, Hkv=2, d=32, seed=0):
     return torch.cat(qs), (kc, vc), plan, kvs
 
 
-def _expected(query, plan, kvs, window_ranges, dense_tail_rows=0):
-    lp = LayerPlan.from_config(CFG, 0, query.shape[1])
+def _expected(query, plan, kvs, window_ranges, dense_tail_rows=0, vertical_segment_rows=0, cfg=CFG):
+    lp = LayerPlan.from_config(cfg, 0, query.shape[1])
     out = []
     for seg, (k, v) in zip(plan.segments, kvs):
         q = query[seg.row_start:seg.row_end]
         geom = ChunkGeometry(len(q), seg.seq_len)
         index = build_index(q, k, geom, lp, SCALE, trim_columns=False, window_ranges=window_ranges,
-                            dense_tail_rows=dense_tail_rows)
+                            dense_tail_rows=dense_tail_rows, vertical_segment_rows=vertical_segment_rows)
         out.append(sparse_attention(q, k, v, index, SCALE))
     return torch.cat(out)
 
@@ -197,3 +197,18 @@ def test_config_default_and_validation():
     with pytest.raises(settings.KvplugConfigError, match=r"sparse_prefill\.executor must be one of triton, "
                                                           r"fa2_sparse, auto, got 'fa2'"):
         settings.resolve(sets=["sparse_prefill.executor=fa2"], environ={})
+
+
+@pytest.mark.parametrize("ex", [FAKE_FA2, None], ids=["fa2_sparse", "torch"])
+def test_vertical_segment_rows_on_every_executor(counters, ex):
+    """sparse_prefill.vertical_segment_rows in the serving path: each executor serves the per-segment index (its
+    output is the reference's on it), which differs from the plain index's."""
+    # 80 columns: 50 voted beyond the 30 forced first ones (CFG's 30 are all forced)
+    cfg = PatternConfig(default=HeadPattern(pattern="vertical_slash", budgets={"vertical": 80, "slash": 130})).validate()
+    query, kv, plan, kvs = _batch([(700, 300), (333, 129)], seed=4)
+    out = torch.full_like(query, float("nan"))
+    runner.SparsePrefillRunner(cfg, 4, 2, SCALE, executor=ex, vertical_segment_rows=128).forward(
+        None, LAYER0, query, None, None, kv, plan, out)
+    want = _expected(query, plan, kvs, ex is not None, vertical_segment_rows=128, cfg=cfg)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(want, _expected(query, plan, kvs, ex is not None, cfg=cfg))  # other keys

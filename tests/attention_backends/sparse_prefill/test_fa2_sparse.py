@@ -94,6 +94,17 @@ def test_dense_tail_converts(pattern, n, L):
     torch.testing.assert_close(got[r0:], dense_attention(q, k, v, SCALE)[r0:], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n,L", SHAPES)
+def test_vertical_segments_convert(n, L):
+    """sparse_prefill.vertical_segment_rows through the FA2 conversion: columns that differ per query block."""
+    q, k, v = _qkv(n, L, seed=6)
+    geom = ChunkGeometry(n, L)
+    plan = LayerPlan.uniform("vertical_slash", q.shape[1], **TIGHT["vertical_slash"])
+    index = build_index(q, k, geom, plan, SCALE, window_ranges=True, vertical_segment_rows=64)
+    torch.testing.assert_close(_fa2(q, k, v, index, geom, fa2_sparse.plan_has_blocks(plan)),
+                               sparse_attention(q, k, v, index, SCALE), rtol=1e-4, atol=1e-4)
+
+
 def test_converted_index_lists_every_key_once_and_masks_only_what_it_must():
     """Structural check of the conversion on a chunk at an unaligned offset: each (head, query block) lists
     exactly the keys of our element mask's union over the block's rows, no key twice, and only windows/columns

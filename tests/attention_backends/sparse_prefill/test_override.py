@@ -66,11 +66,21 @@ def test_dense_tail_rows_switch_between_sweeps(hooks):
     assert r.dense_tail_rows == 0
 
 
+def test_vertical_segment_rows_switch_between_sweeps(hooks):
+    r = backend_hooks.impl_runner(_impl())
+    assert r.vertical_segment_rows == 0
+    backend_hooks.set_override(vertical_segment_rows="1024")
+    assert r.vertical_segment_rows == 1024 and backend_hooks.impl_runner(_impl()).vertical_segment_rows == 1024
+    backend_hooks.set_override()
+    assert r.vertical_segment_rows == 0
+
+
 @pytest.mark.parametrize("fields, needle", [
     ({"min_prompt_tokens": 5}, "'min_prompt_tokens'"),  # not switchable at run time
     ({"group_shared_selection": "maybe"}, "group_shared_selection"),
     ({"budget_scale_limit": 0.5}, "budget_scale_limit"),
     ({"dense_tail_rows": -64}, "dense_tail_rows"),
+    ({"vertical_segment_rows": 96}, "vertical_segment_rows"),
     ({"pattern_config": "/no/such.json"}, "pattern_config"),
 ])
 def test_bad_override_names_the_key_and_keeps_the_previous_one(hooks, fields, needle):

@@ -221,13 +221,14 @@ def test_build_index_from_paged_keys_matches():
             assert (got_mask & want_mask).sum() >= 0.97 * (got_mask | want_mask).sum()
 
 
-@pytest.mark.parametrize("group_shared,fused_estimate,dense_tail_rows", [(True, False, 0), (False, True, 0),
-                                                                         (True, True, 0), (False, False, 64),
-                                                                         (True, True, 100)])
-def test_chunk_path_options_match_reference(group_shared, fused_estimate, dense_tail_rows):
-    """sparse_prefill_paged with sparse_prefill.group_shared_selection / fused_estimate / dense_tail_rows (the CUDA
-    serving path: shared group kernel on a group-uniform plan, estimate from the paged cache, the chunk's last
-    blocks dense) == the reference on the index build_index gives the gathered keys with the same selection."""
+@pytest.mark.parametrize("group_shared,fused_estimate,dense_tail_rows,segments", [
+    (True, False, 0, 0), (False, True, 0, 0), (True, True, 0, 0), (False, False, 64, 0), (True, True, 100, 0),
+    (False, False, 0, 64), (True, True, 0, 64)])
+def test_chunk_path_options_match_reference(group_shared, fused_estimate, dense_tail_rows, segments):
+    """sparse_prefill_paged with sparse_prefill.group_shared_selection / fused_estimate / dense_tail_rows /
+    vertical_segment_rows (the CUDA serving path: shared group kernel on a group-uniform plan, estimate from the
+    paged cache (segments: the torch estimate on gathered keys), the chunk's last blocks dense, columns per query
+    block) == the reference on the index build_index gives the gathered keys with the same selection."""
     g = torch.Generator().manual_seed(6)
     n, L, Hq, Hkv, d = 150, 333, 8, 2, 32
     q, k, v = (torch.randn(s, h, d, generator=g) for s, h in ((n, Hq), (L, Hkv), (L, Hkv)))
@@ -238,13 +239,13 @@ def test_chunk_path_options_match_reference(group_shared, fused_estimate, dense_
     plan = LayerPlan.uniform("vertical_slash", Hq, DEVICE, vertical=40, slash=70)
     pairs = triton_kernels.sparse_prefill_paged(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), pages.to(DEVICE), geom,
                                                 plan, 0.3, out, group_shared=group_shared, fused_estimate=fused_estimate,
-                                                dense_tail_rows=dense_tail_rows)
+                                                dense_tail_rows=dense_tail_rows, vertical_segment_rows=segments)
     from attention_backends.sparse_prefill.paged_keys import PagedKeys
 
     # the same keys the path estimates from (on the GPU tf32 votes may order near-ties differently from torch)
     keys = PagedKeys(kc.to(DEVICE), pages.to(DEVICE), L) if fused_estimate else k.to(DEVICE)
     index = build_index(q.to(DEVICE), keys, geom, plan, 0.3, trim_columns=False, group_shared=group_shared,
-                        dense_tail_rows=dense_tail_rows).to("cpu")
+                        dense_tail_rows=dense_tail_rows, vertical_segment_rows=segments).to("cpu")
     assert index.is_group_shared(Hq // Hkv) == group_shared
     assert int(pairs) == int(index.computed_pairs(geom).sum())
     if dense_tail_rows:  # the tail's pairs are counted
