@@ -260,7 +260,7 @@ def _build_untrimmed(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGe
         a, _ = geom.q_block_bounds(dev)
         index.range_first = torch.searchsorted(index.ranges[..., 1].contiguous(),
                                                (-a)[None, :].expand(Hq, -1).contiguous(), right=True)
-    width = max((c.shape[1] for _, c in verticals), default=0)
+    width = max([0] + [c.shape[1] for _, c in verticals])
     all_cols = torch.full((Hq, width), -1, dtype=torch.int64, device=dev)
     for heads, cols in verticals:
         all_cols[heads, :cols.shape[1]] = cols
