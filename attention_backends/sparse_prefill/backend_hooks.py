@@ -184,7 +184,7 @@ def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:
     cfg = _effective(cfg)
     r = runner.SparsePrefillRunner(_chosen(cfg).config, impl.num_heads, impl.num_kv_heads, impl.scale,
                                    cfg.group_shared_selection, cfg.fused_estimate, chosen_executor,
-                                   cfg.dense_tail_rows, cfg.vertical_segment_rows)
+                                   cfg.dense_tail_rows, cfg.compiled_index, cfg.vertical_segment_rows)
     _runners.add(r)
     return r
 

@@ -69,6 +69,11 @@ class SparsePrefillConfig(Section):
     # With fused_estimate (CUDA) segmented chunks use the torch estimate on keys gathered from the cache.
     # 0 = off (one segment: the whole chunk; the default until measured: BENCHMARKS.md, "Sparse prefill").
     vertical_segment_rows: int = 0
+    # Build the sparse index (estimate + selection + bookkeeping) through torch.compile (dynamic shapes; once per
+    # process, the first sparse chunk pays the compile: tens of seconds). Why: the eager build issues ~250 small
+    # ops per layer call, host-launch-bound on the GPU (the 2.5-6 ms floor per chunk and layer, BENCHMARKS.md);
+    # inductor fuses them into a few kernels. Same index element for element. Off by default until measured.
+    compiled_index: bool = False
 
     def validate(self, path: str) -> None:
         if self.executor not in EXECUTORS:

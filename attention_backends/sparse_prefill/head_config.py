@@ -17,6 +17,7 @@ set of layer plans. Configs without a searched length (the uniform default) are 
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +169,7 @@ class LayerPlan:
 
 def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometry, plan: LayerPlan, scale: float,
                 trim_columns: bool = True, group_shared: bool = False, window_ranges: bool = False,
-                dense_tail_rows: int = 0, vertical_segment_rows: int = 0) -> SparseIndex:
+                dense_tail_rows: int = 0, compiled: bool = False, vertical_segment_rows: int = 0) -> SparseIndex:
     """q [n, Hq, d] the chunk's queries, k [L, Hkv, d] the sequence's keys (or PagedKeys: left in the paged
     cache) -> one SparseIndex for all heads. ``trim_columns`` drops all-padding column slots (a host sync: CPU
     only; GPU kernels skip them by count). ``group_shared``: heads of a KV group that share a pattern select
@@ -177,7 +178,59 @@ def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometr
     kernel computes exactly: sparse_prefill.executor = fa2_sparse). ``dense_tail_rows``: the chunk's last rows
     (whole query blocks) attend every causal key (SparseIndex.with_dense_tail; sparse_prefill.dense_tail_rows).
     ``vertical_segment_rows``: vertical-slash picks columns per segment of that many rows (SparsePattern.select;
-    sparse_prefill.vertical_segment_rows)."""
+    sparse_prefill.vertical_segment_rows). ``compiled``: the same index through torch.compile (compiled_builder;
+    sparse_prefill.compiled_index)."""
+    build = compiled_builder() if compiled else _build_untrimmed
+    index = build(q, k, geom, plan, scale, group_shared, window_ranges, dense_tail_rows, vertical_segment_rows)
+    if trim_columns and index.cols.shape[-1]:
+        index.cols = index.cols[..., :max(int(index.col_count.max()), 1)]
+    return index
+
+
+_compiled_build = None  # one torch.compile'd _build_untrimmed per process (compiled_builder)
+# Each distinct layer plan structure (pattern groups, budgets) and build flag set is its own graph; dynamo's
+# default limit (8 per function) would send a per-head config's later layers back to eager without a word.
+RECOMPILE_LIMIT = 64
+# Why the compiled build fell back to eager in this process (None: it did not); logged once, read by the bench.
+compiled_fallback: str | None = None
+
+
+def compiled_builder():
+    """_build_untrimmed through torch.compile, created once per process. Why: the eager build issues ~250 small
+    aten ops per layer call (~150 kernel launches on the GPU: launch-bound, a 2.5-6 ms floor per chunk and
+    layer); inductor fuses their elementwise chains into a few kernels (Triton on CUDA, C++ on the CPU).
+    dynamic=True: chunk and sequence lengths are symbolic, so a new length does not recompile (a few guards
+    still do, e.g. two sizes that happen to be equal; RECOMPILE_LIMIT bounds them). The index is the eager one
+    element for element (tests/attention_backends/sparse_prefill/test_head_config.py). It runs inside the
+    attention impl, which vLLM calls as a custom op outside its own compiled graph. Should inductor fail to
+    compile it, the build runs eager from then on (compiled_fallback says why): the index is the same."""
+    global _compiled_build
+    if _compiled_build is None:
+        # cpp.simdlen=1: inductor's CPU vectorizer (torch 2.13) emits C++ that does not compile for some of the
+        # build's masks (a VecMask<long> / VecMask<float> mix); CPU only, the CUDA (Triton) code is unaffected
+        compiled = torch.compile(_build_untrimmed, dynamic=True, options={"cpp.simdlen": 1})
+
+        def build(*args):
+            global compiled_fallback
+            if compiled_fallback is None:
+                try:
+                    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                        return compiled(*args)
+                except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as exc:
+                    compiled_fallback = f"{type(exc).__name__}: {exc}"[:500]
+                    logging.getLogger(__name__).warning(
+                        "kvplug sparse prefill: compiled_index could not compile the index build; it runs eager "
+                        "(the same index) from now on: %s", compiled_fallback)
+            return _build_untrimmed(*args)
+
+        _compiled_build = build
+    return _compiled_build
+
+
+def _build_untrimmed(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometry, plan: LayerPlan,
+                     scale: float, group_shared: bool, window_ranges: bool, dense_tail_rows: int,
+                     vertical_segment_rows: int = 0) -> SparseIndex:
+    """build_index without the column trim (a host sync, outside the compiled region)."""
     k_heads = key_heads(k)  # [Hkv, L, d] view: patterns pick each query head's KV head themselves
     Hq, Hkv = q.shape[1], num_kv_heads(k_heads)
     dev = q.device
@@ -211,7 +264,7 @@ def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometr
         a, _ = geom.q_block_bounds(dev)
         index.range_first = torch.searchsorted(index.ranges[..., 1].contiguous(),
                                                (-a)[None, :].expand(Hq, -1).contiguous(), right=True)
-    width = max((c.shape[-1] for _, c in verticals), default=0)
+    width = max([0] + [c.shape[-1] for _, c in verticals])
     # per query block where some pattern picked columns per segment (vertical_segment_rows), else per head
     per_block = any(c.dim() == 3 for _, c in verticals)
     all_cols = torch.full((Hq, geom.nqb, width) if per_block else (Hq, width), -1, dtype=torch.int64, device=dev)
@@ -231,7 +284,4 @@ def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometr
     else:
         cols, count = compact_columns(all_cols, block_mask, geom, index if ranged else None)
     index.cols, index.col_count = cols, count
-    index.with_dense_tail(geom, dense_tail_rows)
-    if trim_columns and index.cols.shape[-1]:
-        index.cols = index.cols[..., :max(int(index.col_count.max()), 1)]
-    return index
+    return index.with_dense_tail(geom, dense_tail_rows)

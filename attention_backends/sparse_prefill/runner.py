@@ -150,12 +150,13 @@ class SparsePrefillRunner:
 
     def __init__(self, pattern_config: PatternConfig, num_heads: int, num_kv_heads: int, scale: float,
                  group_shared: bool = False, fused_estimate: bool = False, executor: Executor | None = None,
-                 dense_tail_rows: int = 0, vertical_segment_rows: int = 0) -> None:
+                 dense_tail_rows: int = 0, compiled_index: bool = False, vertical_segment_rows: int = 0) -> None:
         self.pattern_config = pattern_config
         self.num_heads, self.num_kv_heads, self.scale = num_heads, num_kv_heads, scale
         # sparse_prefill.group_shared_selection / fused_estimate / executor / dense_tail_rows /
         # vertical_segment_rows (config.py)
         self.group_shared, self.fused_estimate, self.dense_tail_rows = group_shared, fused_estimate, dense_tail_rows
+        self.compiled_index = compiled_index  # sparse_prefill.compiled_index: build_index(compiled=True)
         self.vertical_segment_rows = vertical_segment_rows
         self.executor = executor or Executor("triton")
         self._layer_plans: dict[float, LayerPlan] = {}  # by budget factor (head_config.budget_scale)
@@ -205,14 +206,15 @@ class SparsePrefillRunner:
                 computed = triton_kernels.sparse_prefill_paged(q, key_cache, value_cache, blocks, geom, layer_plan,
                                                                self.scale, output[seg.row_start:seg.row_end],
                                                                self.group_shared, self.fused_estimate,
-                                                               self.dense_tail_rows, self.vertical_segment_rows)
+                                                               self.dense_tail_rows, self.compiled_index,
+                                                               self.vertical_segment_rows)
                 _record_computed(computed, causal, predicted)
                 continue
             k = _gather_sequence(key_cache, blocks, seg.seq_len)
             v = _gather_sequence(value_cache, blocks, seg.seq_len)
             # CPU: the torch estimate on the gathered keys (fused_estimate is a Triton kernel: CUDA only)
             index = build_index(q, k, geom, layer_plan, self.scale, group_shared=self.group_shared,
-                                dense_tail_rows=self.dense_tail_rows,
+                                dense_tail_rows=self.dense_tail_rows, compiled=self.compiled_index,
                                 vertical_segment_rows=self.vertical_segment_rows)
             sparse_attention(q, k, v, index, self.scale, out=output[seg.row_start:seg.row_end])
             _record_computed(index.computed_pairs(geom).sum(), causal, predicted)
@@ -246,7 +248,7 @@ class SparsePrefillRunner:
         with record_function("kvplug.sparse_prefill.index"):
             index = build_index(q, keys, geom, layer_plan, self.scale, trim_columns=False,
                                 group_shared=self.group_shared, window_ranges=True,
-                                dense_tail_rows=self.dense_tail_rows,
+                                dense_tail_rows=self.dense_tail_rows, compiled=self.compiled_index,
                                 vertical_segment_rows=self.vertical_segment_rows)
         with record_function("kvplug.sparse_prefill.attend"):
             fa2_sparse.attend(self.executor.kernel, q, k, v, index, geom, self.scale, out, seq,

@@ -218,6 +218,8 @@ def run(args) -> dict:
                 _group_shared_rows(row, args, q, k, v, kc, vc, pages, idx, geom, plan, scale, out, dense, timing, causal)
             if args.fused_estimate:
                 _fused_estimate_rows(row, q, k, kc, pages, geom, plan, scale, timing)
+            if args.compiled_index:
+                _compiled_index_rows(row, "kvplug_index", q, k, geom, plan, scale, timing)
             if not args.skip_flex and n == L:
                 try:
                     row["flex_sparse_ms"] = _flex(qt, kt, vt, idx, geom, scale, timing)
@@ -434,6 +436,35 @@ def _group_shared_rows(row, args, q, k, v, kc, vc, pages, idx, geom, plan, scale
         row["rel_err_vs_dense_shared"] = float((out.float() - dense.float()).norm() / dense.float().norm())
 
 
+def _compiled_index_rows(row, name, q, k, geom, plan, scale, timing, window_ranges=False) -> None:
+    """The same index built through torch.compile (sparse_prefill.compiled_index): its time beside the eager
+    ``{name}_ms``, the first call's time (the compile, once per process; a later length reuses it) and whether
+    it is the eager index element for element."""
+    import time
+
+    import torch
+
+    from attention_backends.sparse_prefill.head_config import build_index
+
+    def build(compiled):
+        return build_index(q, k, geom, plan, scale, trim_columns=False, window_ranges=window_ranges,
+                           compiled=compiled)
+
+    start = time.perf_counter()
+    got = build(True)
+    if q.is_cuda:
+        torch.cuda.synchronize()
+    row[f"{name}_compiled_first_call_s"] = time.perf_counter() - start
+    want = build(False)
+    row[f"{name}_compiled_same"] = all(torch.equal(getattr(got, f), getattr(want, f)) for f in (
+        "block_mask", "cols", "col_count", "ranges", "range_count", "range_first"))
+    row[f"{name}_compiled_ms"] = timing(lambda: build(True))["median_ms"]
+    from attention_backends.sparse_prefill import head_config
+
+    if head_config.compiled_fallback:  # it ran eager: the row times the eager build, say so
+        row[f"{name}_compiled_fallback"] = head_config.compiled_fallback
+
+
 def _fused_estimate_rows(row, q, k, kc, pages, geom, plan, scale, timing) -> None:
     """The index as serving builds it: from a copy of the sequence's keys out of the paged cache (today) vs
     the fused estimate reading the cache in place (sparse_prefill.fused_estimate); the estimate alone too."""
@@ -511,6 +542,15 @@ def _fa2_rows(row, kernel, q, kc, vc, pages, geom, plan, scale, out, timing, arg
         fa2_sparse.attend(kernel, q, k, v, index, geom, scale, out, seq, with_blocks)
 
     row["fa2_serving_ms"] = timing(serving)["median_ms"]
+    if args.compiled_index:
+        _compiled_index_rows(row, "fa2_index", q, kk[:L], geom, plan, scale, timing, window_ranges=True)
+
+        def serving_compiled():
+            k, v = fa2_sparse.gather_kv(kc, seq), fa2_sparse.gather_kv(vc, seq)
+            index = build_index(q, k[:L], geom, plan, scale, trim_columns=False, window_ranges=True, compiled=True)
+            fa2_sparse.attend(kernel, q, k, v, index, geom, scale, out, seq, with_blocks)
+
+        row["fa2_serving_compiled_ms"] = timing(serving_compiled)["median_ms"]
     row["kvplug_attn_on_windows_ms"] = timing(lambda: triton_kernels.sparse_attention_paged(
         q, kc, vc, pages, widx, geom, scale, out))["median_ms"]
     row["fa2_ms_per_gpair"] = row["fa2_sparse_ms"] / (row["window_density"] * geom.causal_pairs() * q.shape[1] / 1e9)
@@ -636,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
                    "per KV group) and time the shared group kernel on it (--shared-configs)")
     p.add_argument("--shared-configs", default="32x8x2,32x4x2,16x4x2", help="the shared group kernel: rows x "
                    "num_warps x num_stages (rows x group heads stacked)")
+    p.add_argument("--compiled-index", action="store_true", help="also time the index built through torch.compile "
+                   "(sparse_prefill.compiled_index): kvplug_index_compiled_ms, fa2_index_compiled_ms, "
+                   "fa2_serving_compiled_ms, the first call (the compile) and whether it equals the eager index")
     p.add_argument("--fused-estimate", action="store_true", help="also time the index build with the fused "
                    "paged-cache estimate vs the serving path's copy + torch estimate")
     p.add_argument("--device", default="cuda", help="cuda, or cpu (the Triton kernels under TRITON_INTERPRET=1: a "

@@ -46,7 +46,8 @@ def estimate_lines(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom:
     if isinstance(k, PagedKeys):
         from attention_backends.sparse_prefill.estimate_kernels import estimate_lines_paged
 
-        return estimate_lines_paged(q, k, kv_ids, geom, scale, LAST_Q)
+        # a Triton launch on the paged cache: kept out of a compiled build (build_index(compiled=True))
+        return torch.compiler.disable(estimate_lines_paged)(q, k, kv_ids, geom, scale, LAST_Q)
     h, L = q.shape[0], geom.L
     last = min(LAST_Q, geom.n)
     rows_pos = geom.L - last + torch.arange(last, device=q.device)  # absolute positions of the voting rows

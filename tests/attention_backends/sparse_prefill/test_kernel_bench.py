@@ -44,11 +44,14 @@ def test_fa2_rows_time_the_serving_path_and_check_it_exactly(case, monkeypatch):
     row = {"kvplug_total_ms": 2.0}
     timing = lambda fn: (fn(), {"median_ms": 1.0})[1]  # noqa: E731
     bench._fa2_rows(row, fa2_sparse.fa2_sparse_reference, q, kc, vc, pages, geom, plan, 0.25, torch.empty_like(q),
-                    timing, SimpleNamespace(page=16, check=True))
+                    timing, SimpleNamespace(page=16, check=True, compiled_index=True))
     assert row["max_abs_err_vs_reference_fa2"] < 1e-4
     assert 0 < row["window_density"] < 1 and row["serving_speedup_fa2_vs_ours"] == 2.0
     assert {"fa2_gather_ms", "fa2_index_ms", "fa2_convert_ms", "fa2_sparse_ms", "fa2_serving_ms",
-            "kvplug_attn_on_windows_ms", "fa2_ms_per_gpair"} <= set(row)
+            "kvplug_attn_on_windows_ms", "fa2_ms_per_gpair", "fa2_index_compiled_ms", "fa2_serving_compiled_ms",
+            "fa2_index_compiled_first_call_s"} <= set(row)
+    assert row["fa2_index_compiled_same"] is True  # --compiled-index: the compiled build's index is the eager one
+    assert "fa2_index_compiled_fallback" not in row  # ... and it was compiled, not run eager
 
 
 def test_flex_block_mask_covers_the_index(case):
