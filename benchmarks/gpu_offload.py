@@ -184,7 +184,9 @@ def lmcache_probe() -> dict:
     probe["version"] = getattr(lmcache, "__version__", "unknown")
     probe["path"] = str(Path(lmcache.__file__).parent)
     for name in LMCACHE_OPS_MODULES:
-        if importlib.util.find_spec(name) is None:
+        # lmcache's own import may already have loaded (or stubbed) the ops module; find_spec then raises
+        # ValueError on a module whose __spec__ is None.
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
             continue
         probe["ops_module"] = name
         try:
