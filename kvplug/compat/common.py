@@ -413,6 +413,12 @@ def current_vllm_config() -> Any:
         return None
 
 
+def attention_geometry(vllm_config: Any) -> tuple[int, int, int]:
+    """(attention layers, kv heads per rank, head dim) of the served model, from vLLM's model config."""
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    return int(mc.get_num_layers(pc)), int(mc.get_num_kv_heads(pc)), int(mc.get_head_size())
+
+
 def kv_cache_memory_bound(vllm_config: Any, device: Any) -> tuple[int, bool]:
     """(bytes, explicit): an upper bound of the KV cache vLLM will size in this process from now on, and whether
     the user fixed its size (``kv_cache_memory_bytes``: then the bound is that size). Otherwise vLLM gives the KV
