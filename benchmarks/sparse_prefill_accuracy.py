@@ -100,10 +100,12 @@ VARIANT_KEYS = {
     "budget_scale_limit": "sparse_prefill key (budgets grow beyond the searched length up to this factor)",
     "dense_tail_rows": "sparse_prefill key (each sparse chunk's last rows, whole 64-row blocks, attend densely)",
     "vertical_segment_rows": "sparse_prefill key (vertical-slash columns per segment of this many rows, a multiple of 64)",
+    "exact_selection": "sparse_prefill key (true/false; rank by exact attention mass: a diagnostic, dense cost again)",
+    "min_prompt_tokens": "sparse_prefill key (chunks whose sequence holds fewer tokens stay dense)",
 }
 # passed to the engine as is (checked here against the config section first)
 OVERRIDDEN = ("group_shared_selection", "fused_estimate", "budget_scale_limit", "dense_tail_rows",
-              "vertical_segment_rows")
+              "vertical_segment_rows", "exact_selection", "min_prompt_tokens")
 
 
 @dataclass(frozen=True)
