@@ -88,6 +88,14 @@ def test_parse_variants_vertical_segment_rows():
         "vertical_segment_rows": "1024"}
 
 
+def test_parse_variants_ablation_keys():
+    """The replay's oracle and dense_first_chunk as gate variants (sparse_prefill keys switched in the engine)."""
+    vs = acc.parse_variants("oracle:exact_selection=true,vertical_segment_rows=64;dfc:min_prompt_tokens=8193",
+                            chunk=8192)
+    assert vs[0].keys == {"exact_selection": "true", "vertical_segment_rows": "64"}
+    assert vs[1].keys == {"min_prompt_tokens": "8193"}
+
+
 @pytest.mark.parametrize("spec, needle", [
     ("a:nope=1", "unknown key 'nope'"),
     ("a:budgets=0", "budgets must be a number > 0"),
@@ -103,6 +111,8 @@ def test_parse_variants_vertical_segment_rows():
     ("a:dense_tail_rows=some", "dense_tail_rows"),
     ("a:vertical_segment_rows=1000", "vertical_segment_rows must be 0 .off. or a positive multiple of 64"),
     ("a:group_shared_selection=maybe", "group_shared_selection"),
+    ("a:exact_selection=maybe", "exact_selection"),
+    ("a:min_prompt_tokens=0", "min_prompt_tokens must be >= 1"),
 ])
 def test_parse_variants_names_what_is_wrong(spec, needle):
     with pytest.raises(SystemExit, match=needle):
