@@ -190,23 +190,6 @@ def _check_keys(label: str, keys: dict) -> None:
         raise SystemExit(f"--variants {label}: {exc}") from None
 
 
-def scaled_config(cfg, factor: float):
-    """``cfg`` (head_config.PatternConfig) with every head's length-proportional budgets times ``factor``; the
-    recall/density the search recorded no longer apply and are dropped."""
-    from attention_backends.sparse_prefill import head_config
-    from attention_backends.sparse_prefill.patterns import registry
-
-    def scale(hp):
-        if hp.pattern == registry.DENSE:
-            return head_config.HeadPattern(pattern=hp.pattern)
-        budgets = head_config.scaled_budgets(hp.pattern, registry.get(hp.pattern).check_budgets(hp.budgets), factor)
-        return head_config.HeadPattern(pattern=hp.pattern, budgets=budgets)
-
-    return msgspec.structs.replace(
-        cfg, default=scale(cfg.default), calibration={**cfg.calibration, "budgets_scaled_by": factor},
-        layers={li: {h: scale(hp) for h, hp in heads.items()} for li, heads in cfg.layers.items()}).validate()
-
-
 def config_facts(path: str) -> dict:
     """What a variant's per-head config is: heads per pattern, mean recall/density the search recorded, length."""
     from attention_backends.sparse_prefill import head_config
@@ -240,7 +223,7 @@ def prepare_variants(args, path: Path, pattern_config: str, variants: list[Varia
         elif not Path(source).is_file():
             raise SystemExit(f"--variants {v.label}: config {source} not found")
         if v.budgets != 1.0:
-            scaled = scaled_config(head_config.load(source), v.budgets)
+            scaled = harness.scaled_config(head_config.load(source), v.budgets)
             source = str(folder / f"{Path(source).stem}_budgets_x{v.budgets:g}.json")
             folder.mkdir(parents=True, exist_ok=True)
             Path(source).write_bytes(scaled.to_json())

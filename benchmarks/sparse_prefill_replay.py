@@ -129,11 +129,10 @@ def mode_config(mode: str, override: dict, base: str, folder) -> dict:
     from pathlib import Path
 
     from attention_backends.sparse_prefill import head_config
-    from benchmarks.sparse_prefill_accuracy import scaled_config
 
     cfg = head_config.load(base)
     if "budgets" in override:
-        cfg = scaled_config(cfg, override["budgets"])
+        cfg = harness.scaled_config(cfg, override["budgets"])
     if "dense_layers" in override:
         cfg = dense_layers_config(cfg, override["dense_layers"])
     path = Path(folder) / f"{Path(base).stem}_{mode.replace('&', '_')}.json"

@@ -128,7 +128,7 @@ def test_scaled_config_multiplies_length_proportional_budgets_only():
         calibration={"tokens": 32000}, layers={0: {0: HP(pattern="block_sparse", budgets={"top_k": 8}, recall=0.96),
                                                    1: HP(pattern="a_shape", budgets={"sink": 64, "window": 512}),
                                                    2: HP(pattern="dense", recall=1.0)}}).validate()
-    out = acc.scaled_config(cfg, 2)
+    out = acc.harness.scaled_config(cfg, 2)  # the accuracy run's budgets=F (and the replay's budgets<F>)
     assert out.head(0, 0) == HP(pattern="block_sparse", budgets={"top_k": 16})  # recorded recall dropped
     assert out.head(0, 1).budgets == {"sink": 64, "window": 512}  # a local structure: not length-proportional
     assert out.head(0, 2) == HP(pattern="dense")  # no recorded recall left to average
