@@ -91,7 +91,7 @@ class BuilderHook:
             reselect, sel_seq_lens = tracker.step(cam.block_table_tensor, seq, retrieval, params.reselect_interval,
                                                   params.block_size)
             plan.reuse = reuse.ReuseRows(plan.req_ids, reselect[plan.req_ids], sel_seq_lens[plan.req_ids],
-                                         tracker.capacity, self.graph_k, params.reuse_extra_blocks)
+                                         tracker.capacity, self._reuse_slots(cam), params.reuse_extra_blocks)
         if vllm_compat.platform_name() == "cpu":
             blocks = None if plan.reuse is None else reuse.selected_counts(
                 plan.reuse.reselect, plan.reuse.sel_seq_lens, plan.seq_lens_cpu, params, plan.reuse.slots)
@@ -115,6 +115,10 @@ class BuilderHook:
                                               self.builder.device)
         return self.tracker
 
+    def _reuse_slots(self, cam: Any) -> int:
+        """Stored slots per (row, kv-head): the graph's k, as the select kernels clamp it (to the table width)."""
+        return min(self.graph_k, int(cam.block_table_tensor.shape[1]))
+
     def _build_graph_plan(self, cam: Any, params: planner.RetrievalParams, phases: Any,
                           build_full: Callable[[Any], Any], build_dense: Callable[[Any], Any] | None,
                           tracker: reuse.ReuseTracker | None = None) -> Any:
@@ -131,7 +135,7 @@ class BuilderHook:
             reselect, sel_seq_lens = tracker.step(cam.block_table_tensor, cam.seq_lens,
                                                   planner.retrieval_rows(params, cam.seq_lens),
                                                   params.reselect_interval, params.block_size)
-            rows = reuse.ReuseRows(None, reselect, sel_seq_lens, tracker.capacity, self.graph_k,
+            rows = reuse.ReuseRows(None, reselect, sel_seq_lens, tracker.capacity, self._reuse_slots(cam),
                                    params.reuse_extra_blocks)
         setattr(attn_metadata, PLAN_ATTR, planner.DecodeGraphPlan(
             cam.seq_lens, cam.block_table_tensor, self.graph_k, params, dense_metadata=dense_metadata,
