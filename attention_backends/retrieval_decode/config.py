@@ -43,7 +43,8 @@ class RetrievalDecodeConfig(Section):
     # Selection reuse across decode steps: 1 = score and select every step (Quest). N > 1: a sequence scores and
     # selects on every N-th decode step (and whenever its batch row changed hands, after a prefill, a preemption or
     # a batch with a prefill chunk in it); in between every (layer, kv-head) reads its last selection plus the
-    # blocks started since (so the sink and the recent window stay covered). Cuts the score + select cost ~N x.
+    # blocks started since (so the sink and the recent window stay covered). Cuts the score + select cost ~N x;
+    # costs an int32 [max batch, kv heads, k] selection store per layer, outside the reserved summary memory.
     reselect_interval: int = 1
 
     def validate(self, path: str) -> None:

@@ -610,3 +610,44 @@ def test_selection_reuse_matches_the_torch_reference(group_blocks, dtype):
     # and not the fresh selection's answer: row 0 really reused
     fresh_out = selected_block_attention(q, kc, vc, case.block_table, later, fresh, 0.2).float()
     assert not torch.allclose(got[0], fresh_out[0], rtol=tol, atol=tol)
+
+
+@in_process
+def test_graph_step_reuses_each_rows_stored_selection_across_steps():
+    """The runner's pure-decode graph step with the builder's tracker (reselect_interval=4), 3 steps: step 0
+    selects (today's step), steps 1-2 read the selection stored in the layer's persistent store (same buffer every
+    step) plus the blocks started since == reuse.reused_selection + the reference attention."""
+    from types import SimpleNamespace
+
+    from attention_backends.retrieval_decode import planner, reuse
+    from attention_backends.retrieval_decode.runner import RetrievalDecodeRunner
+
+    bs = 16
+    case = make_case(seq_lens=(940, 720), hkv=2, group=4, d=32, bs=bs, num_blocks=160)
+    params = planner.RetrievalParams(block_size=bs, budget_tokens=128, budget_fraction=0.0, sink_blocks=1,
+                                     recent_tokens=20, min_context_tokens=128, reselect_interval=4)
+    width = case.block_table.shape[1]
+    k = planner.graph_k(params, width * bs)
+    run = RetrievalDecodeRunner(SimpleNamespace(scale=0.2))
+    run.summaries = case.summaries
+    kview, vview = _flash_views(case.key_cache, case.value_cache)
+    table = case.block_table.to(DEV)
+    tracker = reuse.ReuseTracker(4, DEV)
+    stored, ptrs = None, set()
+    for t in range(3):
+        seq = torch.tensor([895 + t, 700 + t], dtype=torch.int32)
+        flags, sel_lens = tracker.step(table, seq.to(DEV), planner.retrieval_rows(params, seq.to(DEV)), 4, bs)
+        plan = planner.DecodeGraphPlan(seq.to(DEV), table, k, params, reuse=reuse.ReuseRows(
+            None, flags, sel_lens, 4, min(k, width), params.reuse_extra_blocks))
+        out = torch.zeros(2, 8, 32, device=DEV)
+        run._graph_step(case.q.to(DEV), kview, vview, plan, out, None)
+        ptrs.add(run.selections.blocks.data_ptr())
+        assert flags.cpu().tolist() == ([1, 1] if t == 0 else [0, 0])
+        if t == 0:
+            nb, budget = planner.device_budgets(params, seq)
+            stored = select_for_queries(case.q, case.summaries.kmin, case.summaries.kmax, case.block_table, nb,
+                                        budget, min(k, width), params.sink_blocks, params.recent_blocks).blocks
+        sel = reuse.reused_selection(stored, flags.cpu(), sel_lens.cpu(), seq, params, params.reuse_extra_blocks)
+        want = selected_block_attention(case.q, case.key_cache, case.value_cache, case.block_table, seq, sel, 0.2)
+        torch.testing.assert_close(out.float().cpu(), want, rtol=2e-4, atol=2e-4)
+    assert len(ptrs) == 1 and run.selections.blocks.shape == (4, 2, min(k, width))
