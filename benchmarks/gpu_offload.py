@@ -706,6 +706,11 @@ def main(argv: list[str] | None = None) -> int:
           f"GPU cache for {args.fit_contexts}; per mode: " + ", ".join(
               f"{m} {h['context_gib']} GiB/context -> holds {h['contexts_held']}" for m, h in held.items() if m != "none"),
           file=sys.stderr, flush=True)
+    short = [m for m, h in held.items() if m != "none" and h["contexts_held"] < args.contexts]
+    if short:  # said before the minutes are spent: these rows will measure recomputation
+        print(f"[gpu_offload] {', '.join(short)}: the budget holds fewer than {args.contexts} contexts, so round-robin "
+              "evicts each before its follow-up (expected NO-OP; a smaller --contexts compares loads)",
+              file=sys.stderr, flush=True)
     out = Path(args.out)
     previous = [] if args.fresh or not out.exists() else json.loads(out.read_text()).get("runs", [])
     results = [r for r in previous if r.get("mode") not in modes]

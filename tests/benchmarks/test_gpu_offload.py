@@ -344,3 +344,12 @@ def test_run_mode_records_lmcaches_log_from_the_workers_stderr(tmp_path, monkeyp
     assert row.startswith("| lmcache-9.9.4 (NO-OP) [V1 runner] | 12 |") and "| 0/0 (its log) |" in row
     assert table.splitlines()[-1] == f"NO-OP lmcache-9.9.4: {r['no_op_reason']}"
     assert gpu_offload.no_ops([r]) == {"lmcache-9.9.4": r["no_op_reason"]}
+
+
+def test_modes_whose_budget_is_short_are_named_before_they_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(harness, "run_worker", lambda module, mode, *a, **k: {"mode": mode, "error": "not run"})
+    gpu_offload.main(["--modes", "native,int8", "--contexts", "16", "--cpu-gib", "48", "--out", str(tmp_path / "o.json")])
+    err = capsys.readouterr().err
+    assert "native: the budget holds fewer than 16 contexts" in err  # 12 at full precision; int8 holds 21
+    gpu_offload.main(["--modes", "native,int8", "--contexts", "10", "--cpu-gib", "48", "--out", str(tmp_path / "o.json")])
+    assert "holds fewer than" not in capsys.readouterr().err
