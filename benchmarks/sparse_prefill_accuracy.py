@@ -318,14 +318,8 @@ def _worker(args) -> None:
 def _engine(args, path: str, max_model_len: int, prefix_caching: bool):
     from vllm import LLM
 
-    kw = dict(model=path, max_model_len=max_model_len, seed=0, enable_prefix_caching=prefix_caching,
-              max_num_batched_tokens=args.max_batched_tokens)
-    kw.update(harness.kvplug_attention_kwargs())
-    if harness.cuda_available():
-        kw.update(gpu_memory_utilization=args.gpu_mem)
-    else:
-        kw.update(kv_cache_memory_bytes=2 << 30)
-    return LLM(**kw)
+    return LLM(**harness.sparse_prefill_llm_kwargs(path, max_model_len, args.max_batched_tokens, prefix_caching,
+                                                   args.gpu_mem))
 
 
 def _emit(args, llm, outs) -> None:
@@ -347,9 +341,10 @@ def _chat_worker(args, path: str) -> None:
     items = question_items(path, args)
     sweeps = json.loads(Path(args.sweeps).read_text())
     limit = harness.model_config(path).get("max_position_embeddings", 1 << 20)
-    longest = max(int(c) for c in args.contexts.split(",")) + 256 * args.turns + args.max_tokens
+    max_model_len = harness.chat_max_model_len(max(int(c) for c in args.contexts.split(",")), args.turns,
+                                               args.max_tokens, limit)
     t0 = time.monotonic()
-    llm = _engine(args, path, min(limit, -(-longest // 1024) * 1024 + 1024), prefix_caching=True)
+    llm = _engine(args, path, max_model_len, prefix_caching=True)
     progress(f"engine up in {time.monotonic() - t0:.0f} s; {len(items)} questions x {1 + len(sweeps)} sweeps")
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=2)
     done: dict[str, dict] = {}
@@ -492,12 +487,8 @@ def task_summary(items: list[dict], dense: dict, sparse: dict, near_tie: float) 
 
 
 def run_engine(args, sparse: bool, pattern_config: str) -> dict:
-    env = harness.engine_env(clear_config=True,  # collective_rpc of a function
-                             # cost_table none (default): every chunk past --min-prompt-tokens goes sparse, so what
-                             # is measured is the sparse path's accuracy, not the cost model's choices
-                             **harness.kvplug_env("sparse_prefill", enabled=sparse,
-                                                  min_prompt_tokens=args.min_prompt_tokens,
-                                                  pattern_config=pattern_config, cost_table=args.cost_table))
+    env = harness.sparse_prefill_env(args.min_prompt_tokens, args.cost_table, enabled=sparse,
+                                     pattern_config=pattern_config)
     argv = harness.worker_argv(sys.argv[1:] if args.argv is None else args.argv, drop=("--out", "--pattern-config"))
     return harness.run_worker("benchmarks.sparse_prefill_accuracy", "sparse" if sparse else "dense", argv, env)
 
@@ -618,12 +609,7 @@ def run_tasks(args, path: Path, pattern_config: str) -> dict:
             sw["recall"] = {k: r[k] for k in ("tokens", "chunk", "mean", "min", "heads_below_0.95", "density_mean")}
     spec = Path(tempfile.mkdtemp(prefix="sp_acc_")) / "sweeps.json"
     spec.write_text(json.dumps(sweeps, indent=1))
-    env = harness.engine_env(clear_config=True,  # collective_rpc of a function
-                             # cost_table none (default): every chunk past --min-prompt-tokens goes sparse, so what
-                             # is measured is the sparse path's accuracy, not the cost model's choices
-                             **harness.kvplug_env("sparse_prefill", enabled=True,
-                                                  min_prompt_tokens=args.min_prompt_tokens,
-                                                  pattern_config=pattern_config, cost_table=args.cost_table))
+    env = harness.sparse_prefill_env(args.min_prompt_tokens, args.cost_table, pattern_config=pattern_config)
     argv = harness.worker_argv(sys.argv[1:] if args.argv is None else args.argv,
                                drop=("--pattern-config", "--variants", "--sweeps"))
     done = harness.run_worker("benchmarks.sparse_prefill_accuracy", "sweeps", [*argv, "--sweeps", str(spec)],

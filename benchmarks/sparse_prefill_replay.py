@@ -71,8 +71,7 @@ def main(argv=None) -> None:
     overrides = {m: mode_override(m) for m in filter(None, (x.strip() for x in args.modes.split(",")))}
     # the engine (spawned below) reads these; the config decides nothing else (cost_table none: every chunk past
     # the floor sparse, as in the accuracy run)
-    os.environ.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1", **harness.kvplug_env(
-        "sparse_prefill", enabled=True, min_prompt_tokens=args.min_prompt_tokens, cost_table="none"))
+    os.environ.update(harness.sparse_prefill_env(args.min_prompt_tokens))
     os.environ.pop("KVPLUG_CONFIG_JSON", None)
     os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3000")
     path = str(harness.prepare_model(args.model))
@@ -88,10 +87,8 @@ def main(argv=None) -> None:
     from attention_backends.sparse_prefill import backend_hooks, runner
     from benchmarks.scbench.scoring import score
 
-    longest = max(c for _, c, _ in wanted) + 256 * args.turns + args.max_tokens
-    llm = LLM(model=path, max_model_len=-(-longest // 1024) * 1024 + 1024, seed=0, enable_prefix_caching=True,
-              max_num_batched_tokens=args.max_batched_tokens, **harness.kvplug_attention_kwargs(),
-              **({} if harness.cuda_available() else {"kv_cache_memory_bytes": 2 << 30}))
+    max_model_len = harness.chat_max_model_len(max(c for _, c, _ in wanted), args.turns, args.max_tokens)
+    llm = LLM(**harness.sparse_prefill_llm_kwargs(path, max_model_len, args.max_batched_tokens, prefix_caching=True))
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     rows = []
     summary = {"model": path, "questions": args.questions, "modes": list(overrides), "device": harness.device_name(),

@@ -48,20 +48,30 @@ def estimate_lines(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom:
 
         # a Triton launch on the paged cache: kept out of a compiled build (build_index(compiled=True))
         return torch.compiler.disable(estimate_lines_paged)(q, k, kv_ids, geom, scale, LAST_Q)
-    h, L = q.shape[0], geom.L
-    last = min(LAST_Q, geom.n)
-    rows_pos = geom.L - last + torch.arange(last, device=q.device)  # absolute positions of the voting rows
-    causal = torch.arange(L, device=q.device)[None, :] <= rows_pos[:, None]  # [last, L]
-    vertical = q.new_zeros((h, L), dtype=torch.float32)
-    slash = q.new_zeros((h, L), dtype=torch.float32)
+    return _line_votes(q, k, kv_ids, geom, scale, geom.n, diagonals=True)
+
+
+def _line_votes(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry, scale: float,
+                row_end: int, diagonals: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The torch estimate: column (and, with ``diagonals``, diagonal) attention mass [h, L] of the last LAST_Q rows
+    of the chunk's rows [0, row_end), each row against the keys up to itself (row_end < n: a segment's vote, no
+    key past the segment's last row; its entries beyond are 0). q [h, n, d], k [Hkv, L, d]."""
+    h = q.shape[0]
+    last = min(LAST_Q, row_end)
+    keys = geom.q_pos0 + row_end
+    rows_pos = keys - last + torch.arange(last, device=q.device)  # absolute positions of the voting rows
+    causal = torch.arange(keys, device=q.device)[None, :] <= rows_pos[:, None]  # [last, keys]
+    vertical = q.new_zeros((h, geom.L), dtype=torch.float32)
+    slash = q.new_zeros((h, geom.L), dtype=torch.float32) if diagonals else None
     for s in range(0, h, HEADS_PER_STEP):
-        qs = q[s:s + HEADS_PER_STEP, -last:]
-        ks = k[kv_ids[s:s + HEADS_PER_STEP]]
+        qs = q[s:s + HEADS_PER_STEP, row_end - last:row_end]
+        ks = k[kv_ids[s:s + HEADS_PER_STEP], :keys]
         # scores in the cache dtype (tensor cores on the GPU), softmax in fp32
         att = (torch.matmul(qs, ks.transpose(1, 2)).float() * scale).masked_fill(~causal[None], float("-inf"))
         att = torch.softmax(att, dim=-1)
-        vertical[s:s + HEADS_PER_STEP] = att.sum(1)
-        slash[s:s + HEADS_PER_STEP] = diagonal_sums(att, geom.L - last)
+        vertical[s:s + HEADS_PER_STEP, :keys] = att.sum(1)
+        if diagonals:
+            slash[s:s + HEADS_PER_STEP, :keys] = diagonal_sums(att, keys - last)
     return vertical, slash
 
 
@@ -77,18 +87,7 @@ def column_votes(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: C
                  row_end: int) -> torch.Tensor:
     """[h, L] column attention mass of the LAST_Q rows of the chunk ending at chunk row ``row_end`` (causal:
     keys up to each row). q [h, n, d], k [Hkv, L, d]: one segment's vote (segment_rows)."""
-    h = q.shape[0]
-    last = min(LAST_Q, row_end)
-    keys = geom.q_pos0 + row_end  # no row of the segment sees past its last row
-    rows_pos = keys - last + torch.arange(last, device=q.device)
-    causal = torch.arange(keys, device=q.device)[None, :] <= rows_pos[:, None]
-    vertical = q.new_zeros((h, geom.L), dtype=torch.float32)
-    for s in range(0, h, HEADS_PER_STEP):
-        qs = q[s:s + HEADS_PER_STEP, row_end - last:row_end]
-        ks = k[kv_ids[s:s + HEADS_PER_STEP], :keys]
-        att = (torch.matmul(qs, ks.transpose(1, 2)).float() * scale).masked_fill(~causal[None], float("-inf"))
-        vertical[s:s + HEADS_PER_STEP, :keys] = torch.softmax(att, dim=-1).sum(1)
-    return vertical
+    return _line_votes(q, k, kv_ids, geom, scale, row_end, diagonals=False)[0]
 
 
 def _force_first(scores: torch.Tensor, n_forced: int) -> torch.Tensor:
