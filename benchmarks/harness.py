@@ -845,3 +845,22 @@ def save_figure(fig, path: str | Path, dpi: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
+
+
+def scaled_config(cfg, factor: float):
+    """``cfg`` (head_config.PatternConfig) with every head's length-proportional budgets times ``factor``; the
+    recall/density the search recorded no longer apply and are dropped."""
+    import msgspec
+
+    from attention_backends.sparse_prefill import head_config
+    from attention_backends.sparse_prefill.patterns import registry
+
+    def scale(hp):
+        if hp.pattern == registry.DENSE:
+            return head_config.HeadPattern(pattern=hp.pattern)
+        budgets = head_config.scaled_budgets(hp.pattern, registry.get(hp.pattern).check_budgets(hp.budgets), factor)
+        return head_config.HeadPattern(pattern=hp.pattern, budgets=budgets)
+
+    return msgspec.structs.replace(
+        cfg, default=scale(cfg.default), calibration={**cfg.calibration, "budgets_scaled_by": factor},
+        layers={li: {h: scale(hp) for h, hp in heads.items()} for li, heads in cfg.layers.items()}).validate()

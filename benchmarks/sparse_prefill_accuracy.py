@@ -100,10 +100,12 @@ VARIANT_KEYS = {
     "budget_scale_limit": "sparse_prefill key (budgets grow beyond the searched length up to this factor)",
     "dense_tail_rows": "sparse_prefill key (each sparse chunk's last rows, whole 64-row blocks, attend densely)",
     "vertical_segment_rows": "sparse_prefill key (vertical-slash columns per segment of this many rows, a multiple of 64)",
+    "exact_selection": "sparse_prefill key (true/false; rank by exact attention mass: a diagnostic, dense cost again)",
+    "min_prompt_tokens": "sparse_prefill key (chunks whose sequence holds fewer tokens stay dense)",
 }
 # passed to the engine as is (checked here against the config section first)
 OVERRIDDEN = ("group_shared_selection", "fused_estimate", "budget_scale_limit", "dense_tail_rows",
-              "vertical_segment_rows")
+              "vertical_segment_rows", "exact_selection", "min_prompt_tokens")
 
 
 @dataclass(frozen=True)
@@ -188,23 +190,6 @@ def _check_keys(label: str, keys: dict) -> None:
         raise SystemExit(f"--variants {label}: {exc}") from None
 
 
-def scaled_config(cfg, factor: float):
-    """``cfg`` (head_config.PatternConfig) with every head's length-proportional budgets times ``factor``; the
-    recall/density the search recorded no longer apply and are dropped."""
-    from attention_backends.sparse_prefill import head_config
-    from attention_backends.sparse_prefill.patterns import registry
-
-    def scale(hp):
-        if hp.pattern == registry.DENSE:
-            return head_config.HeadPattern(pattern=hp.pattern)
-        budgets = head_config.scaled_budgets(hp.pattern, registry.get(hp.pattern).check_budgets(hp.budgets), factor)
-        return head_config.HeadPattern(pattern=hp.pattern, budgets=budgets)
-
-    return msgspec.structs.replace(
-        cfg, default=scale(cfg.default), calibration={**cfg.calibration, "budgets_scaled_by": factor},
-        layers={li: {h: scale(hp) for h, hp in heads.items()} for li, heads in cfg.layers.items()}).validate()
-
-
 def config_facts(path: str) -> dict:
     """What a variant's per-head config is: heads per pattern, mean recall/density the search recorded, length."""
     from attention_backends.sparse_prefill import head_config
@@ -238,7 +223,7 @@ def prepare_variants(args, path: Path, pattern_config: str, variants: list[Varia
         elif not Path(source).is_file():
             raise SystemExit(f"--variants {v.label}: config {source} not found")
         if v.budgets != 1.0:
-            scaled = scaled_config(head_config.load(source), v.budgets)
+            scaled = harness.scaled_config(head_config.load(source), v.budgets)
             source = str(folder / f"{Path(source).stem}_budgets_x{v.budgets:g}.json")
             folder.mkdir(parents=True, exist_ok=True)
             Path(source).write_bytes(scaled.to_json())

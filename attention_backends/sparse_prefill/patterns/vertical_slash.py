@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry, ranges_from_diagonals
 from attention_backends.sparse_prefill.paged_keys import PagedKeys, key_tensor, num_kv_heads
-from attention_backends.sparse_prefill.patterns.base import SparsePattern, group_votes, rank_mask
+from attention_backends.sparse_prefill.patterns.base import SparsePattern, exact_row_blocks, group_votes, rank_mask
 
 LAST_Q = 64
 FORCED_COLUMNS = 30  # attention sinks: MInference keeps the first ~30 columns
@@ -90,6 +90,20 @@ def column_votes(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: C
     return _line_votes(q, k, kv_ids, geom, scale, row_end, diagonals=False)[0]
 
 
+def exact_lines(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry, scale: float,
+                row_start: int, row_end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column and diagonal attention mass [h, L] each, summed over every chunk row in [row_start, row_end): the
+    exact ranking estimate_lines / column_votes estimate from the last LAST_Q rows (sparse_prefill.exact_selection)."""
+    h, L = q.shape[0], geom.L
+    vertical = q.new_zeros((h, L), dtype=torch.float32)
+    diagonal = q.new_zeros((h, L), dtype=torch.float32)
+    for hs, _, att in exact_row_blocks(q, k, kv_ids, geom, scale, row_start, row_end):
+        keys = att.shape[-1]
+        vertical[hs, :keys] += att.sum(1)
+        diagonal[hs, :keys] += diagonal_sums(att, keys - att.shape[1])
+    return vertical, diagonal
+
+
 def _force_first(scores: torch.Tensor, n_forced: int) -> torch.Tensor:
     pos = torch.arange(scores.shape[-1], device=scores.device)
     forced = FORCED_SCORE + (n_forced - pos).to(scores.dtype)
@@ -115,14 +129,19 @@ class VerticalSlash(SparsePattern):
 
     @classmethod
     def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False,
-               segment_rows=0):
+               segment_rows=0, exact=False):
         ends = segment_ends(geom, segment_rows)
-        if len(ends) > 1 and isinstance(k, PagedKeys):
-            # fused_estimate votes for the chunk's last rows only: segments take the torch estimate on keys
-            # gathered from the cache (the same index, one key copy more)
+        if (len(ends) > 1 or exact) and isinstance(k, PagedKeys):
+            # fused_estimate votes for the chunk's last rows only: segments (and exact_selection) take the torch
+            # estimate on keys gathered from the cache (the same index, one key copy more)
             k = key_tensor(k)
-        vertical, slash = estimate_lines(q, k, kv_ids, geom, scale)
-        if len(ends) > 1:  # [h, segments, L]: the last segment's vote is the chunk's (estimate_lines)
+        if exact:  # every row votes: diagonals chunk-wide, columns per segment
+            votes = [exact_lines(q, k, kv_ids, geom, scale, a, e) for a, e in zip([0] + ends[:-1], ends)]
+            slash = torch.stack([d for _, d in votes]).sum(0)
+            vertical = torch.stack([v for v, _ in votes], 1) if len(ends) > 1 else votes[0][0]
+        else:
+            vertical, slash = estimate_lines(q, k, kv_ids, geom, scale)
+        if len(ends) > 1 and not exact:  # [h, segments, L]: the last segment's vote is the chunk's (estimate_lines)
             vertical = torch.stack([column_votes(q, k, kv_ids, geom, scale, e) for e in ends[:-1]] + [vertical], 1)
         if group_shared:  # rank once per KV head on the group's summed votes, then hand each head its group's
             num_kv = num_kv_heads(k)
