@@ -197,12 +197,13 @@ def emit_result(result: dict) -> None:
 
 
 def run_result_process(cmd: Sequence[str], env: dict, failure: str, timeout: float | None = None,
-                       stderr_tail: int = 0) -> dict:
+                       stderr_tail: int = 0, on_line: Callable[[str], None] | None = None) -> dict:
     """Run ``cmd`` and return its last ``RESULT {json}`` line. The child's stderr streams through; its other
     stdout lines are echoed to stderr. ``SystemExit(f"{failure} (exit N)")`` if it failed or sent none; with
     ``stderr_tail`` the message also carries the child's last error lines (at most that many), so a result
-    file can say why a run died (the root cause is often only in a subprocess's log)."""
-    if not stderr_tail:
+    file can say why a run died (the root cause is often only in a subprocess's log). ``on_line`` sees every
+    stderr line of the child (and of the processes it starts), e.g. to count what a library logged."""
+    if not stderr_tail and on_line is None:
         proc = subprocess.run(list(cmd), env=env, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
         stdout, tail = proc.stdout, []
     else:
@@ -219,6 +220,8 @@ def run_result_process(cmd: Sequence[str], env: dict, failure: str, timeout: flo
             for line in proc.stderr:
                 sys.stderr.write(line)
                 kept.append(line.rstrip("\n"))
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
 
         out: list[str] = []
         readers = [threading.Thread(target=pump, daemon=True),
@@ -259,11 +262,11 @@ def error_lines(lines: Sequence[str], limit: int) -> list[str]:
 
 
 def run_worker(module: str, backend: str, argv: Sequence[str], env: dict, stderr_tail: int = 0,
-               timeout: float | None = None) -> dict:
+               timeout: float | None = None, on_line: Callable[[str], None] | None = None) -> dict:
     """Run ``python -m module --worker --backend B <argv>`` and return its ``RESULT`` line."""
     print(f"[{module.rsplit('.', 1)[-1]}] running {backend} ...", file=sys.stderr, flush=True)
     return run_result_process([sys.executable, "-m", module, "--worker", "--backend", backend, *argv], env,
-                              f"{backend} run failed", timeout=timeout, stderr_tail=stderr_tail)
+                              f"{backend} run failed", timeout=timeout, stderr_tail=stderr_tail, on_line=on_line)
 
 
 def worker_argv(argv: Sequence[str], drop: Sequence[str] = ("--backends", "--out")) -> list[str]:

@@ -59,10 +59,14 @@ class ReuseTracker:
         with _lock:
             _trackers.add(self)
 
+    # Under inference mode whatever the caller's mode: the engine makes these tensors there (inference tensors,
+    # updatable in place only inside it).
+    @torch.inference_mode()
     def reset(self) -> None:
         """Every row reselects at its next retrieval step (a batch with prefill chunks, or reuse off)."""
         self.prev_block.fill_(-1)
 
+    @torch.inference_mode()
     def step(self, block_table: torch.Tensor, seq_lens: torch.Tensor, retrieval: torch.Tensor, interval: int,
              block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One pure-decode batch of rows 0..n-1 (``retrieval`` [n] bool: the rows that decode by retrieval) ->
@@ -106,8 +110,11 @@ def counts() -> dict[str, int]:
 def reset_counts() -> None:
     with _lock:
         trackers = list(_trackers)
-    for t in trackers:
-        t.reset_counts()
+    # The engine makes its trackers under inference mode (the metadata builder runs there): their tensors can only
+    # be updated in place inside it, and a benchmark resets the counts from outside (collective_rpc).
+    with torch.inference_mode():
+        for t in trackers:
+            t.reset_counts()
 
 
 class SelectionStore:

@@ -36,6 +36,15 @@ def test_stderr_tail_returns_the_result_of_a_worker_that_succeeded():
     assert harness.run_result_process([sys.executable, "-c", code], {}, "f", stderr_tail=4) == {"a": 1}
 
 
+def test_on_line_sees_every_stderr_line_of_the_child(capfd):
+    seen = []
+    assert harness.run_result_process([sys.executable, "-c", "import sys; print('a', file=sys.stderr); "
+                                       "print('b', file=sys.stderr); print('RESULT {}')"], {}, "f",
+                                      on_line=seen.append) == {}
+    assert seen == ["a", "b"]
+    assert "a\nb\n" in capfd.readouterr().err  # and the lines still stream through
+
+
 def test_error_lines_prefers_lines_that_name_an_error():
     lines = ["a", "ValueError: x", "    raise RuntimeError(", "b", "OSError: undefined symbol: y", "c"]
     assert harness.error_lines(lines, 1) == ["OSError: undefined symbol: y"]

@@ -25,8 +25,9 @@ def sweeps(smollm2_path, tmp_path_factory):
     cmd = [sys.executable, "-m", "benchmarks.retrieval_decode_accuracy", "--tasks", "passkey",
            "--contexts", "4096", "--cases", "2", "--turns", "2", "--budgets", "0.1", "--max-tokens", "16",
            "--no-numerics-control",
-           # selection reuse (reselect_interval): 1 must be today's path, 4 must engage
-           "--variants", "reuse1:reselect_interval=1;reuse4:reselect_interval=4", "--variant-budgets", "0.1",
+           # selection reuse (reselect_interval): 4 must engage, 1 must be today's path (and the stats reset
+           # between them must work on the trackers the engine made under inference mode)
+           "--variants", "reuse4:reselect_interval=4;reuse1:reselect_interval=1", "--variant-budgets", "0.1",
            # the KV cache sized by vLLM from a share of memory, as `kvplug serve` does when no size is given
            "--memory-utilization", "0.15",
            "--out", str(out)]

@@ -159,3 +159,15 @@ def test_reused_selection_of_a_reselect_row_is_the_stored_selection():
     _, budget = planner.device_budgets(p, seq)
     assert sel.valid[0, 0].sum() == int(budget[0]) and sel.blocks[0, 0, :int(budget[0])].tolist() == list(range(6))
     assert not sel.valid[1].any()
+
+
+def test_counts_reset_from_outside_inference_mode_on_a_tracker_made_inside_it():
+    """The engine builds its trackers under inference mode; runner.stats_reset (collective_rpc) runs outside it."""
+    from attention_backends.retrieval_decode import runner
+
+    with torch.inference_mode():
+        t = reuse.ReuseTracker(2, "cpu")
+        t.step(torch.zeros(2, 4, dtype=torch.int32), torch.tensor([20, 30]), torch.tensor([True, True]), 4, BS)
+    assert reuse.counts()["reselect_steps"] >= 2
+    runner.stats_reset()
+    assert int(t.reselected) == 0 and int(t.reused) == 0
