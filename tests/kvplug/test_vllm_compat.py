@@ -277,3 +277,32 @@ def test_none_hash_seed_follows_pythonhashseed():
     assert vllm_compat.none_hash_seed("sha256", {"PYTHONHASHSEED": "7"}) == "7"
     assert vllm_compat.none_hash_seed("sha256", {}) == "vllm-none-hash"
     assert vllm_compat.none_hash_seed("xxhash", {}) is None  # random per process: not reproducible
+
+
+@pytest.mark.parametrize("plat,ver,warns", [("cuda", "0.26.0", False), ("cuda", "0.34.1", False),
+                                            ("cuda", "0.30.0", True), ("cuda", "0.33.0", True),
+                                            ("cpu", "0.27.1", False), ("cpu", "0.32.0", False)])
+def test_untested_release_lines_load_with_a_warning_naming_the_tested_ones(monkeypatch, plat, ver, warns):
+    monkeypatch.setattr(common, "platform_name", lambda: plat)
+    monkeypatch.setattr(common, "vllm_version", lambda: ver)
+    common.check_supported()  # inside the gate either way
+    msg = common.untested_release_warning()
+    assert (msg is not None) == warns
+    if warns:
+        assert f"vLLM {ver}" in msg and "0.26, 0.34" in msg
+
+
+def test_cuda_extra_installs_exactly_the_tested_cuda_lines():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from tests.conftest import REPO
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["cuda"]
+    spec = Requirement(extra[0]).specifier
+    for major in range(0, 1):
+        for minor in range(20, 40):
+            line = (major, minor)
+            allowed = any(f"{major}.{minor}.{patch}" in spec for patch in range(3))
+            assert allowed == (line in common.TESTED_LINES["cuda"]), line

@@ -72,3 +72,33 @@ def test_first_kv_write_carves_the_layers_summaries_from_the_reservation():
     start, end = reserved.data_ptr(), reserved.data_ptr() + reserved.numel()
     assert start <= r.summaries.kmin.data_ptr() < r.summaries.kmax.data_ptr() < end
     assert memory.snapshot()["reserved_layers"] == 1
+
+
+@pytest.mark.parametrize("with_fixed", [True, False])
+def test_explicit_cache_reservation_holds_every_layers_padding_row(with_fixed):
+    """vLLM 0.34 on the H100 (2026-12-07): an explicit 4.4 GiB cache of the Llama-3-8B shape at block size 64 left
+    one of 32 layers' summaries outside the reservation: each layer's summaries have one row more than the cache
+    has blocks, and the reservation counted only the KV bytes' ratio."""
+    layers, kv_heads, head_dim, block, bound = 32, 8, 128, 64, int(4.4 * 2**30)
+    block_bytes = layers * 2 * block * kv_heads * head_dim * 2  # K and V, bf16, every layer
+    num_blocks = bound // block_bytes  # what vLLM sizes from the explicit bytes
+    ratio = memory.summary_bytes_per_kv_byte(block, 2, 2)
+    fixed = memory.fixed_summary_bytes(layers, BlockSummaries.nbytes(0, kv_heads, head_dim, torch.bfloat16))
+    memory.reserve(bound, True, ratio, "cpu", fixed if with_fixed else 0)
+    for _ in range(layers):
+        memory.carve(BlockSummaries.nbytes(num_blocks, kv_heads, head_dim, torch.bfloat16))
+    assert memory.snapshot()["unreserved_layers"] == (0 if with_fixed else 1)
+
+
+def test_runner_reserves_the_padding_rows_from_the_models_geometry():
+    r = _cpu_runner()
+    r._vllm_config.model_config.get_num_layers = lambda pc: 4
+    r._vllm_config.model_config.get_num_kv_heads = lambda pc: 2
+    r._vllm_config.model_config.get_head_size = lambda: 8
+    r._vllm_config.parallel_config = SimpleNamespace()
+    r.reserve_summary_memory("cpu")
+    with_rows = memory.current().buffer.numel()
+    memory.reset_for_tests()
+    _cpu_runner().reserve_summary_memory("cpu")  # no geometry: no padding rows
+    assert with_rows - memory.current().buffer.numel() == memory.fixed_summary_bytes(
+        4, BlockSummaries.nbytes(0, 2, 8, torch.float32))
