@@ -206,20 +206,14 @@ def warm_up(device: Any, facts: Any, decider: cost_model.ChunkDecider) -> None:
 
     import torch
 
-    from attention_backends.sparse_prefill.head_config import LayerPlan
-
     r = next(iter(list(_runners)), None)
     if r is None or _context is None:
         return  # no layer built in this process (e.g. a builder without attention layers here)
     device = torch.device(device if device is not None else "cpu")
-    layers = r.pattern_config.num_layers or _context.num_layers or 1
-    plans: dict[tuple, LayerPlan] = {}
-    for layer in range(layers):
-        plan = LayerPlan.from_config(r.pattern_config, layer, r.num_heads, device)
-        plans.setdefault(plan.head_specs, plan)
+    layers = range(r.pattern_config.num_layers or _context.num_layers or 1)
     key = (str(device), str(facts.query_dtype), str(facts.cache_dtype), facts.block_size, r.num_heads,
-           r.num_kv_heads, _context.head_dim, tuple(plans), r.executor.name, r.group_shared, r.fused_estimate,
-           r.dense_tail_rows, r.vertical_segment_rows)
+           r.num_kv_heads, _context.head_dim, id(r.pattern_config), r.executor.name, r.group_shared,
+           r.fused_estimate, r.dense_tail_rows, r.vertical_segment_rows)
     small_chunks = any(decider.decide(BLOCK, L).sparse for L in SMALL_CHUNK_PROBES)
     key = key + (small_chunks,)
     if key in _warmed_up:
@@ -227,8 +221,8 @@ def warm_up(device: Any, facts: Any, decider: cost_model.ChunkDecider) -> None:
     _warmed_up.add(key)
     start = time.perf_counter()
     try:
-        shapes = r.warm_up(list(plans.values()), facts.query_dtype, facts.cache_dtype, facts.block_size,
-                           _context.head_dim, device, small_chunks=small_chunks)
+        plans, shapes = r.warm_up(layers, facts.query_dtype, facts.cache_dtype, facts.block_size, _context.head_dim,
+                                  device, small_chunks=small_chunks)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the engine; the first chunk compiles instead
@@ -236,9 +230,9 @@ def warm_up(device: Any, facts: Any, decider: cost_model.ChunkDecider) -> None:
                        "compiles the index build instead", type(exc).__name__, exc)
         return
     seconds = time.perf_counter() - start
-    runner.WARM_UP.update(seconds=round(seconds, 3), plans=len(plans), geometries=shapes)
+    runner.WARM_UP.update(seconds=round(seconds, 3), plans=plans, geometries=shapes)
     logger.info("kvplug sparse prefill: compiled the index build at start-up in %.1f s (%d layer plans, chunks "
-                "(n, L) %s): no request pays the compile", seconds, len(plans), shapes)
+                "(n, L) %s): no request pays the compile", seconds, plans, shapes)
 
 
 def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:

@@ -226,14 +226,26 @@ class SparsePrefillRunner:
         sparse_attention(q, k, v, index, self.scale, out=out)
         return index.computed_pairs(geom).sum()
 
-    def warm_up(self, plans: list[LayerPlan], query_dtype: torch.dtype, cache_dtype: torch.dtype,
-                block_size: int, head_dim: int, device: torch.device, small_chunks: bool = True
-                ) -> list[tuple[int, int]]:
-        """Run every chunk variant the compiled index build has (warm_up_geometries) for each of ``plans`` on
-        synthetic K/V and queries, through the path forward takes for them (this executor, these dtypes), so
-        torch.compile builds its graphs now and no request pays them (compiled_index). Records nothing.
-        ``small_chunks``: also a chunk of one query block (its own graph; skip it where none goes sparse).
-        Returns the (n, L) run."""
+    def warm_up(self, layers: range, query_dtype: torch.dtype, cache_dtype: torch.dtype, block_size: int,
+                head_dim: int, device: torch.device, small_chunks: bool = True) -> tuple[int, list[tuple[int, int]]]:
+        """Run every chunk variant the compiled index build has (warm_up_geometries) for each distinct layer plan
+        of ``layers`` on synthetic K/V and queries, through the path forward takes (this executor, these dtypes),
+        so torch.compile builds its graphs now and no request pays them (compiled_index). Records nothing.
+        ``small_chunks``: also chunks of one query block (their own graphs; skip them where none goes sparse).
+        Returns the number of distinct plans and the (n, L) run."""
+        # Under inference_mode, as vLLM runs forward, the layer plans built here too (forward builds them lazily,
+        # inside it): dynamo guards on the grad mode and on each input tensor's dispatch keys, so a graph traced
+        # outside it would not serve a request.
+        with torch.inference_mode():
+            plans: dict[tuple, LayerPlan] = {}
+            for layer in layers:
+                plan = LayerPlan.from_config(self.pattern_config, layer, self.num_heads, device)
+                plans.setdefault(plan.head_specs, plan)
+            return len(plans), self._warm_up(list(plans.values()), query_dtype, cache_dtype, block_size, head_dim,
+                                             device, small_chunks)
+
+    def _warm_up(self, plans: list[LayerPlan], query_dtype: torch.dtype, cache_dtype: torch.dtype,
+                 block_size: int, head_dim: int, device: torch.device, small_chunks: bool) -> list[tuple[int, int]]:
         geoms = warm_up_geometries(plans, small_chunks)
         L = geoms[0].L
         Hkv, d = self.num_kv_heads, head_dim
