@@ -215,14 +215,14 @@ def warm_up(device: Any, facts: Any, decider: cost_model.ChunkDecider) -> None:
            r.num_kv_heads, _context.head_dim, id(r.pattern_config), r.executor.name, r.group_shared,
            r.fused_estimate, r.dense_tail_rows, r.vertical_segment_rows)
     small_chunks = any(decider.decide(BLOCK, L).sparse for L in SMALL_CHUNK_PROBES)
-    key = key + (small_chunks,)
+    key = key + (small_chunks, decider.floor)
     if key in _warmed_up:
         return
     _warmed_up.add(key)
     start = time.perf_counter()
     try:
         plans, shapes = r.warm_up(layers, facts.query_dtype, facts.cache_dtype, facts.block_size, _context.head_dim,
-                                  device, small_chunks=small_chunks)
+                                  device, small_chunks=small_chunks, floor=decider.floor)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the engine; the first chunk compiles instead

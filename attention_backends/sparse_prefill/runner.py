@@ -147,6 +147,11 @@ def _record_pairs(computed: int, causal: int, predicted: float | None = None) ->
         m.sparse_prefill_pairs.labels(kind="causal").inc(causal)
 
 
+# The warm-up's sequence length: above every budget (a shorter sequence than a budget is another graph) and, on
+# the CPU, above 4096 keys (inductor's C++ reductions compile differently up to 4096).
+WARM_UP_TOKENS = 8192
+
+
 class SparsePrefillRunner:
     """Lives in one attention impl (one layer); the per-head plan of that layer is resolved once."""
 
@@ -227,12 +232,13 @@ class SparsePrefillRunner:
         return index.computed_pairs(geom).sum()
 
     def warm_up(self, layers: range, query_dtype: torch.dtype, cache_dtype: torch.dtype, block_size: int,
-                head_dim: int, device: torch.device, small_chunks: bool = True) -> tuple[int, list[tuple[int, int]]]:
+                head_dim: int, device: torch.device, small_chunks: bool = True,
+                floor: int = WARM_UP_TOKENS) -> tuple[int, list[tuple[int, int]]]:
         """Run every chunk variant the compiled index build has (warm_up_geometries) for each distinct layer plan
         of ``layers`` on synthetic K/V and queries, through the path forward takes (this executor, these dtypes),
         so torch.compile builds its graphs now and no request pays them (compiled_index). Records nothing.
-        ``small_chunks``: also chunks of one query block (their own graphs; skip them where none goes sparse).
-        Returns the number of distinct plans and the (n, L) run."""
+        ``small_chunks``: also chunks of one query block (their own graphs; skip them where none goes sparse);
+        ``floor``: the shortest sequence that may go sparse. Returns the number of distinct plans and the (n, L) run."""
         # Under inference_mode, as vLLM runs forward, the layer plans built here too (forward builds them lazily,
         # inside it): dynamo guards on the grad mode and on each input tensor's dispatch keys, so a graph traced
         # outside it would not serve a request.
@@ -241,13 +247,14 @@ class SparsePrefillRunner:
             for layer in layers:
                 plan = LayerPlan.from_config(self.pattern_config, layer, self.num_heads, device)
                 plans.setdefault(plan.head_specs, plan)
-            return len(plans), self._warm_up(list(plans.values()), query_dtype, cache_dtype, block_size, head_dim,
-                                             device, small_chunks)
+            geoms = warm_up_geometries(list(plans.values()), small_chunks, floor)
+            return len(plans), self._warm_up(list(plans.values()), geoms, query_dtype, cache_dtype, block_size,
+                                             head_dim, device)
 
-    def _warm_up(self, plans: list[LayerPlan], query_dtype: torch.dtype, cache_dtype: torch.dtype,
-                 block_size: int, head_dim: int, device: torch.device, small_chunks: bool) -> list[tuple[int, int]]:
-        geoms = warm_up_geometries(plans, small_chunks)
-        L = geoms[0].L
+    def _warm_up(self, plans: list[LayerPlan], geoms: list[ChunkGeometry], query_dtype: torch.dtype,
+                 cache_dtype: torch.dtype, block_size: int, head_dim: int, device: torch.device
+                 ) -> list[tuple[int, int]]:
+        L = max(g.L for g in geoms)
         Hkv, d = self.num_kv_heads, head_dim
         nb = -(-L // block_size) + 1
         gen = torch.Generator(device=device).manual_seed(0)
@@ -259,9 +266,10 @@ class SparsePrefillRunner:
         use_fa2 = self.executor.fa2 and self.executor.refusal(q_all, key_cache) is None
         for geom in geoms:
             q, out = q_all[-geom.n:], torch.empty_like(q_all[-geom.n:])
-            seq = fa2_sparse.SequenceKV.build(blocks, block_size, geom) if use_fa2 else None
+            pages = blocks[:-(-geom.L // block_size)]
+            seq = fa2_sparse.SequenceKV.build(pages, block_size, geom) if use_fa2 else None
             for plan in plans:
-                self._attend(q, key_cache, value_cache, blocks, geom, plan, out, seq)
+                self._attend(q, key_cache, value_cache, pages, geom, plan, out, seq)
         return [(g.n, g.L) for g in geoms]
 
     def _use_fa2(self, query: torch.Tensor, key_cache: torch.Tensor) -> bool:
@@ -301,12 +309,7 @@ class SparsePrefillRunner:
 
 
 
-# The warm-up's sequence length: above every budget (a shorter sequence than a budget is another graph) and, on
-# the CPU, above 4096 keys (inductor's C++ reductions compile differently up to 4096).
-WARM_UP_TOKENS = 8192
-
-
-def warm_up_geometries(plans: list[LayerPlan], small_chunks: bool) -> list[ChunkGeometry]:
+def warm_up_geometries(plans: list[LayerPlan], small_chunks: bool, floor: int = WARM_UP_TOKENS) -> list[ChunkGeometry]:
     """The chunk shapes that give the compiled index build (head_config.compiled_builder, dynamic shapes) every
     graph later chunks need, measured on the CPU (tests/attention_backends/sparse_prefill/test_runner_warm_up.py):
     a later chunk (n < L; first, or the whole-prompt graph would pin n == L), a whole prompt (n == L: no new
@@ -316,7 +319,11 @@ def warm_up_geometries(plans: list[LayerPlan], small_chunks: bool) -> list[Chunk
     top = max([v for p in plans for g in p.groups for v in g.budget_max.values()], default=0)
     L = max(WARM_UP_TOKENS, -(-(2 * top + 1) // BLOCK) * BLOCK)
     small = [ChunkGeometry(BLOCK // 2 + 1, L), ChunkGeometry(BLOCK, L)] if small_chunks else []
-    return [ChunkGeometry(L // 2, L), ChunkGeometry(L, L)] + small
+    # ``floor``: the shortest sequence a sparse chunk may have (min_prompt_tokens). Below WARM_UP_TOKENS the same
+    # two chunks there too: on the CPU up to 4096 keys is another graph (on the GPU they reuse the long ones).
+    short = -(-max(floor, 2 * top + 1, 2 * BLOCK) // BLOCK) * BLOCK
+    shorter = [ChunkGeometry(short // 2, short), ChunkGeometry(short, short)] if short < L else []
+    return [ChunkGeometry(L // 2, L), ChunkGeometry(L, L)] + small + shorter
 
 
 def _gather_sequence(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:

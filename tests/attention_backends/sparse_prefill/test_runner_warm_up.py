@@ -73,7 +73,11 @@ def test_warm_up_geometries_exceed_every_budget():
         pattern="vertical_slash", budgets={"vertical": 6000, "slash": 5000})).validate(), 0, HQ, "cpu")
     geoms = runner.warm_up_geometries([big], small_chunks=False)
     assert all(g.L > 2 * 6000 and g.L % 64 == 0 for g in geoms) and len(geoms) == 2
-    assert runner.warm_up_geometries([LayerPlan.from_config(CFG, 0, HQ, "cpu")], True)[0].L == runner.WARM_UP_TOKENS
+    plain = [LayerPlan.from_config(CFG, 0, HQ, "cpu")]
+    assert runner.warm_up_geometries(plain, True)[0].L == runner.WARM_UP_TOKENS
+    # a floor below WARM_UP_TOKENS: the same chunks at the floor too (on the CPU up to 4096 keys is another graph)
+    assert [(g.n, g.L) for g in runner.warm_up_geometries(plain, False, floor=2000)] == [
+        (4096, 8192), (8192, 8192), (1024, 2048), (2048, 2048)]
 
 
 @pytest.fixture
@@ -106,7 +110,8 @@ def test_builder_hook_warms_up_once_per_setting(hooks):
     assert len(hooks) == 1 and hooks[0][0] == range(3)  # every layer this process built
     assert runner.WARM_UP["plans"] == 1 and runner.stats_snapshot()["warm_up"]["geometries"]
     assert hooks[0][1][:3] == (torch.bfloat16, torch.bfloat16, PAGE)
-    assert hooks[0][2] == {"small_chunks": True}  # no cost table: a chunk of one query block may go sparse
+    # no cost table: a chunk of one query block may go sparse; the threshold rule's floor
+    assert hooks[0][2] == {"small_chunks": True, "floor": 32768}
 
 
 def test_builder_hook_without_compiled_index_does_not_warm_up(hooks):
