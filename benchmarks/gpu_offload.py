@@ -22,12 +22,19 @@ many contexts each mode's budget holds. Modes, each in its own subprocess with t
               benchmarks/gpu/stage-lmcache.sh's receive.sh installs (e.g. lmcache-0.5.6, lmcache-0.5.3)
 An LMCache mode records what its import and compiled ops did (`lmcache` in its result: version, ops module,
 the exact error where they failed to load: LMCache then runs its torch fallback ops, and the table says so);
-a mode that cannot start records its error and the other modes go on.
+a mode that cannot start records its error and the other modes go on. It also records what LMCache itself
+logged per phase (`lmcache_log`: lookups and the tokens they hit, stores and stored tokens, retrieves and
+retrieved tokens, memory-pressure warnings, load failures, errors). LMCache keeps full precision, so at the
+default 16 x 32K with 48 GiB it holds 12 contexts, like native and keep: its follow-ups recompute by design
+(LRU under round-robin); ``--contexts 10`` is the like-for-like load comparison. ``--model-runner v1|v2``
+puts every mode of a run on that vLLM runner (0.26 picks V2 for Llama; LMCache's non-layerwise connector
+works on both: its loads run in V2's piecewise/eager steps, inside the forward context).
 
 Every follow-up reports how many of its prompt tokens came from a cache (vLLM's num_cached_tokens: the GPU
 prefix cache plus whatever a connector loaded); kvplug modes also report the blocks the connector loaded
 per tier. An offload mode whose follow-ups got no cached tokens is flagged "no_op" (it measured
-recomputation, not offload).
+recomputation, not offload), with the reason its evidence gives (``no_op_reason``; printed after the table
+and in the summary's ``no_ops``).
 
 One invocation must fit the device's 10-minute command limit: run a few modes per invocation; results
 merge into --out by mode (earlier modes' results are kept) and are written after every mode, and
@@ -38,6 +45,7 @@ recompute, ~0.2 s where they load):
     python -m benchmarks.gpu_offload --modes none,native --fresh   # ~5.5 min on an H100
     python -m benchmarks.gpu_offload --modes keep,int8,int4        # ~5.5 min; prints the table of all modes
     python -m benchmarks.gpu_offload --modes lmcache-0.5.3,lmcache-0.5.6   # the peer (staged: stage-lmcache.sh)
+    python -m benchmarks.gpu_offload --contexts 10 --modes lmcache-0.5.3,keep,int8  # the peer, all contexts held
 
 ``--contexts 4 --context-tokens 4096 --fit-contexts 2`` is a one-minute smoke run.
 
@@ -127,7 +135,8 @@ def lmcache_env(cpu_gib: float, base: dict[str, str] | None = None) -> dict[str,
     env.update(LMCACHE_CHUNK_SIZE=str(LMCACHE_CHUNK_TOKENS), LMCACHE_LOCAL_CPU="True",
                LMCACHE_MAX_LOCAL_CPU_SIZE=str(float(cpu_gib)), LMCACHE_MAX_LOCAL_DISK_SIZE="0",
                LMCACHE_USE_LAYERWISE="False", LMCACHE_SAVE_DECODE_CACHE="False",
-               LMCACHE_TRACK_USAGE="false", DO_NOT_TRACK="1")
+               LMCACHE_TRACK_USAGE="false", DO_NOT_TRACK="1",
+               LMCACHE_LOG_LEVEL="INFO")  # its per-request lookup/store/retrieve lines are the evidence (LMCacheLog)
     return env
 
 
@@ -136,10 +145,98 @@ def lmcache_transfer_config() -> dict:
     return {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
 
 
+# What LMCache (0.5.x; vllm_v1_adapter.py and v1/cache_engine.py) logs at INFO per request: the scheduler's
+# lookup, the worker's store and retrieve. Counting these lines is the evidence of what LMCache did.
+LMCACHE_LOG = {
+    "lookup": re.compile(r"LMCache hit tokens: (\d+), (?:but )?need to load: (-?\d+)"),
+    "stored": re.compile(r"Stored (\d+) out of total (\d+) tokens"),
+    "retrieved": re.compile(r"Retrieved (\d+) out of (\d+) (?:required|out of total)"),
+    "memory_pressure": re.compile(r"Local cpu memory (?:is )?under pressure"),
+    "load_failed": re.compile(r"failed to load \d+ tokens|retrieved tokens is less than the expected"),
+    "error": re.compile(r"LMCache ERROR"),
+}
+# The worker marks where its phases start on stderr; LMCache's lines after a mark count for that phase.
+PHASE_MARK = "[gpu_offload] phase: "
+PHASES = ("startup", "turn1", "follow_ups")
+
+
+class LMCacheLog:
+    """Counts LMCache's log lines per phase of a worker (fed its stderr line by line): lookups and the tokens
+    they hit, stores and stored tokens, retrieves and retrieved tokens, memory-pressure warnings, load failures
+    and errors."""
+
+    def __init__(self) -> None:
+        self.phase = PHASES[0]
+        self.counts = {p: self._zero() for p in PHASES}
+
+    @staticmethod
+    def _zero() -> dict:
+        return {"lookups": 0, "lookup_hit_tokens": 0, "lookups_with_hit": 0, "stores": 0, "stored_tokens": 0,
+                "retrieves": 0, "retrieved_tokens": 0, "memory_pressure": 0, "load_failed": 0, "errors": 0}
+
+    def feed(self, line: str) -> None:
+        if PHASE_MARK in line:
+            phase = line.split(PHASE_MARK, 1)[1].strip()
+            if phase in self.counts:
+                self.phase = phase
+            return
+        c = self.counts[self.phase]
+        if m := LMCACHE_LOG["lookup"].search(line):
+            c["lookups"] += 1
+            c["lookup_hit_tokens"] += int(m.group(1))
+            c["lookups_with_hit"] += int(m.group(1)) > 0
+        elif m := LMCACHE_LOG["stored"].search(line):
+            c["stores"] += 1
+            c["stored_tokens"] += int(m.group(1))
+        elif m := LMCACHE_LOG["retrieved"].search(line):
+            c["retrieves"] += 1
+            c["retrieved_tokens"] += int(m.group(1))
+        elif LMCACHE_LOG["memory_pressure"].search(line):
+            c["memory_pressure"] += 1
+        elif LMCACHE_LOG["load_failed"].search(line):
+            c["load_failed"] += 1
+        if LMCACHE_LOG["error"].search(line):
+            c["errors"] += 1
+
+
+def no_op_reason(r: dict, contexts: int) -> str | None:
+    """Why an offload mode's follow-ups got (almost) nothing from a cache, from its own evidence (None where
+    they did): a CPU budget that holds fewer contexts than the round-robin visits is recomputation by design;
+    for LMCache its log says whether it was consulted, stored, hit and loaded."""
+    if not r.get("no_op"):
+        return None
+    held = r.get("contexts_held")
+    evicted = (f"its CPU budget holds {held} of the {contexts} contexts, so round-robin (LRU) evicts every "
+               f"context before its follow-up: recomputation by design (--contexts {held} or fewer compares loads)"
+               if isinstance(held, int) and held < contexts else None)
+    log = r.get("lmcache_log")
+    if log is None:
+        return evicted or "no follow-up got cached tokens and the connector loaded no block"
+    t1, fu = log["turn1"], log["follow_ups"]
+    if not (t1["lookups"] or t1["stores"] or fu["lookups"]):
+        return ("LMCache logged no lookup and no store: the connector was not consulted "
+                "(or its log level hides INFO: LMCACHE_LOG_LEVEL)")
+    if not t1["stored_tokens"]:
+        why = f"; {t1['memory_pressure']} memory-pressure warnings" if t1["memory_pressure"] else ""
+        return f"LMCache stored nothing in turn 1 ({t1['lookups']} lookups, {t1['errors']} errors{why})"
+    if not fu["lookup_hit_tokens"]:
+        head = (f"LMCache stored {t1['stored_tokens']} tokens in turn 1, but its {fu['lookups']} follow-up "
+                f"lookups hit 0 tokens")
+        return f"{head}: {evicted}" if evicted else head + " (keys differ between store and lookup?)"
+    if not fu["retrieved_tokens"]:
+        return (f"LMCache's follow-up lookups hit {fu['lookup_hit_tokens']} tokens but it retrieved none "
+                f"({fu['load_failed']} load failures, {fu['errors']} errors): its load path did not run")
+    return (f"LMCache retrieved {fu['retrieved_tokens']} tokens in the follow-ups, but vLLM counted few cached "
+            f"tokens")
+
+
 def mode_env(mode: str, args: argparse.Namespace, base: dict[str, str]) -> dict[str, str]:
     """The environment of a mode's worker: ``base`` plus kvplug's offload section (kvplug modes) or LMCache's
     configuration and staged folders (LMCache modes)."""
     env = dict(base)
+    runner = getattr(args, "model_runner", "default")
+    if runner != "default":  # every mode of the run on the same runner (like-for-like)
+        env["VLLM_USE_V2_MODEL_RUNNER"] = "1" if runner == "v2" else "0"
     if mode in POLICY:
         env.update(harness.kvplug_env("offload", enabled=True, cpu_size=f"{args.cpu_gib}GiB"),
                    **harness.kvplug_env("cache_policy", default=POLICY[mode]))
@@ -342,6 +439,7 @@ def run_mode(mode: str, args: argparse.Namespace, worker_args: list[str], env: d
     LMCache mode is probed first in a separate process (so the engine's process never imports LMCache before
     vLLM does): its result carries the probe, and a failed import stops it there."""
     extra: dict = {}
+    log = None
     if is_lmcache(mode):
         missing = lmcache_missing(mode, args.lmcache_root)
         if missing:
@@ -356,12 +454,24 @@ def run_mode(mode: str, args: argparse.Namespace, worker_args: list[str], env: d
         failed = probe.get("import_error") or probe.get("adapter_error")
         if failed:
             return {"mode": mode, "error": failed, **extra}
+        log = LMCacheLog()
     try:
         r = harness.run_worker("benchmarks.gpu_offload", mode, ["--mode", mode, *worker_args], env,
-                               stderr_tail=STDERR_TAIL, timeout=getattr(args, "mode_timeout", None))
+                               stderr_tail=STDERR_TAIL, timeout=getattr(args, "mode_timeout", None),
+                               on_line=log.feed if log else None)
     except SystemExit as exc:  # keep the other modes' results
         r = {"mode": mode, "error": str(exc)}
-    return {**r, **extra}
+    r = {**r, **extra}
+    if log is not None:  # what LMCache itself says it did, also where the run died
+        r["lmcache_log"] = log.counts
+    if "follow_up_p50_s" in r:
+        r["no_op_reason"] = no_op_reason(r, getattr(args, "contexts", 0))
+    return r
+
+
+def mark_phase(phase: str) -> None:
+    """In the worker: where a phase starts, on stderr (where the engine's own log lines go; LMCacheLog)."""
+    print(PHASE_MARK + phase, file=sys.stderr, flush=True)
 
 
 def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> dict:
@@ -401,6 +511,7 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
     fixed = [[rng.randrange(1000, vocab - 1000) for _ in range(34)] for _ in contexts] if args.agreement else None
     references = []
     ask([rng.randrange(1000, vocab - 1000) for _ in range(512)], 0)  # warm-up (first-call overheads)
+    mark_phase("turn1")
     t1 = time.perf_counter()
     first = []
     for i, c in enumerate(contexts):
@@ -410,6 +521,7 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
             references.append(ask(c, 2, fixed[i]))  # vLLM's own prefix cache: the reference
     t2 = time.perf_counter()
     c_before = counters()
+    mark_phase("follow_ups")
     # Round-robin over all contexts, --followups times: a mode hits only where its tier holds them all.
     follow = [ask(c, 2 + r, fixed[i] if fixed and r == 0 else None)
               for r in range(args.followups) for i, c in enumerate(contexts)]
@@ -494,15 +606,26 @@ def _table(results: list[dict]) -> str:
         vs = lambda ref: f"{ref['follow_up_p50_s'] / r['follow_up_p50_s']:.2f}x" if ref else "-"
         blocks = r.get("connector_loaded_blocks")
         blocks = f"{blocks.get('cpu', 0)}/{blocks.get('disk', 0)}" if blocks else "-"
+        if "lmcache_log" in r and r.get("engine", {}).get("block_size"):  # LMCache's own count, in vLLM blocks
+            blocks = f"{r['lmcache_log']['follow_ups']['retrieved_tokens'] // r['engine']['block_size']}/0 (its log)"
         flag = " (NO-OP)" if r.get("no_op") else ""
         if r.get("lmcache", {}).get("ops_loaded") is False:
             flag += " (torch fallback ops)"
+        if r.get("engine", {}).get("v2_model_runner") is False:
+            flag += " [V1 runner]"
         held = r.get("contexts_held", "-") if mode != "none" else "-"
         turn1 = f"{r['first_turn_p50_s']:.3f}" if "first_turn_p50_s" in r else "-"
         lines.append(f"| {mode}{flag} | {held} | {r.get('startup_s', '-')} | {turn1} | {r['follow_up_p50_s']:.3f} | "
                      f"{r['follow_up_p99_s']:.3f} | {r['follow_up_cached_fraction']:.2f} | {blocks} | {vs(base)} | "
                      f"{vs(native)} | {vs(peer)} |")
+    reasons = [f"NO-OP {mode}: {why}" for mode, why in no_ops(results).items()]
+    lines += [""] + reasons if reasons else []
     return "\n".join(lines)
+
+
+def no_ops(results: list[dict]) -> dict[str, str]:
+    """The modes whose follow-ups measured recomputation, each with the reason its evidence gives."""
+    return {r["mode"]: r.get("no_op_reason") or "no follow-up got cached tokens" for r in results if r.get("no_op")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -524,6 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lmcache-root", default=LMCACHE_ROOT,
                     help="where lmcache-<version> modes find lmcache-<version>/ and lmcache-deps/")
     ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs (CPU smoke runs)")
+    ap.add_argument("--model-runner", choices=("default", "v1", "v2"), default="default",
+                    help="vLLM's GPU model runner for every mode of this run (VLLM_USE_V2_MODEL_RUNNER; default: "
+                         "vLLM's choice, V2 for Llama on 0.26); each result's engine facts say which one ran")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="kvplug config for the kvplug modes, as `kvplug serve --set` (repeatable), e.g. "
                          "retrieval_decode.enabled=true")
@@ -580,6 +706,11 @@ def main(argv: list[str] | None = None) -> int:
           f"GPU cache for {args.fit_contexts}; per mode: " + ", ".join(
               f"{m} {h['context_gib']} GiB/context -> holds {h['contexts_held']}" for m, h in held.items() if m != "none"),
           file=sys.stderr, flush=True)
+    short = [m for m, h in held.items() if m != "none" and h["contexts_held"] < args.contexts]
+    if short:  # said before the minutes are spent: these rows will measure recomputation
+        print(f"[gpu_offload] {', '.join(short)}: the budget holds fewer than {args.contexts} contexts, so round-robin "
+              "evicts each before its follow-up (expected NO-OP; a smaller --contexts compares loads)",
+              file=sys.stderr, flush=True)
     out = Path(args.out)
     previous = [] if args.fresh or not out.exists() else json.loads(out.read_text()).get("runs", [])
     results = [r for r in previous if r.get("mode") not in modes]
@@ -598,8 +729,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[gpu_offload] {mode}: " + json.dumps({k: v for k, v in r.items() if not isinstance(v, list)}),
               file=sys.stderr, flush=True)
         # after every mode: a command cut off by the device's time limit keeps the modes it finished
-        harness.write_results(out, command, {**summary, "table": _table(results)}, results)
+        harness.write_results(out, command, {**summary, "table": _table(results), "no_ops": no_ops(results)},
+                              results)
     print(_table(results))
+    for mode, why in no_ops(results).items():  # loud: such a row measured recomputation, not offload
+        print(f"[gpu_offload] NO-OP {mode}: {why}", file=sys.stderr, flush=True)
     for r in results:
         if "together" in r:
             print(f"[gpu_offload] {r['mode']} together: " + json.dumps(

@@ -6,7 +6,8 @@ Sections:
   * device and timing: ``cuda_available``, ``device_name``, ``time_cuda`` (CUDA events / perf_counter);
   * engine workers: one engine per subprocess, one ``RESULT {json}`` line back (``emit_result``,
     ``run_worker``), the environment each gets (``engine_env``, ``kvplug_env``) and result files that carry
-    their command, device and date (``write_results``);
+    their command, device and date (``write_results``), the engine of the sparse prefill replay and accuracy
+    scripts (``sparse_prefill_env``, ``chat_max_model_len``, ``sparse_prefill_llm_kwargs``);
   * library seams: the only places where more than one script reaches into kvplug's library
     (attention impl names, the connector's engine kwargs and worker side, model preparation, SCBench cases);
   * process trees: a command in a session of its own (``start_session``), stopped with every process it
@@ -196,12 +197,13 @@ def emit_result(result: dict) -> None:
 
 
 def run_result_process(cmd: Sequence[str], env: dict, failure: str, timeout: float | None = None,
-                       stderr_tail: int = 0) -> dict:
+                       stderr_tail: int = 0, on_line: Callable[[str], None] | None = None) -> dict:
     """Run ``cmd`` and return its last ``RESULT {json}`` line. The child's stderr streams through; its other
     stdout lines are echoed to stderr. ``SystemExit(f"{failure} (exit N)")`` if it failed or sent none; with
     ``stderr_tail`` the message also carries the child's last error lines (at most that many), so a result
-    file can say why a run died (the root cause is often only in a subprocess's log)."""
-    if not stderr_tail:
+    file can say why a run died (the root cause is often only in a subprocess's log). ``on_line`` sees every
+    stderr line of the child (and of the processes it starts), e.g. to count what a library logged."""
+    if not stderr_tail and on_line is None:
         proc = subprocess.run(list(cmd), env=env, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
         stdout, tail = proc.stdout, []
     else:
@@ -218,6 +220,8 @@ def run_result_process(cmd: Sequence[str], env: dict, failure: str, timeout: flo
             for line in proc.stderr:
                 sys.stderr.write(line)
                 kept.append(line.rstrip("\n"))
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
 
         out: list[str] = []
         readers = [threading.Thread(target=pump, daemon=True),
@@ -258,11 +262,11 @@ def error_lines(lines: Sequence[str], limit: int) -> list[str]:
 
 
 def run_worker(module: str, backend: str, argv: Sequence[str], env: dict, stderr_tail: int = 0,
-               timeout: float | None = None) -> dict:
+               timeout: float | None = None, on_line: Callable[[str], None] | None = None) -> dict:
     """Run ``python -m module --worker --backend B <argv>`` and return its ``RESULT`` line."""
     print(f"[{module.rsplit('.', 1)[-1]}] running {backend} ...", file=sys.stderr, flush=True)
     return run_result_process([sys.executable, "-m", module, "--worker", "--backend", backend, *argv], env,
-                              f"{backend} run failed", timeout=timeout, stderr_tail=stderr_tail)
+                              f"{backend} run failed", timeout=timeout, stderr_tail=stderr_tail, on_line=on_line)
 
 
 def worker_argv(argv: Sequence[str], drop: Sequence[str] = ("--backends", "--out")) -> list[str]:
@@ -322,6 +326,37 @@ def engine_env(vanilla: bool = False, clear_config: bool = False, **extra: str) 
         env["VLLM_PLUGINS"] = "none"
     env.update(extra)
     return env
+
+
+def sparse_prefill_env(min_prompt_tokens: int, cost_table: str = "none", enabled: bool = True,
+                       **keys: Any) -> dict[str, str]:
+    """``engine_env(clear_config=True)`` of a sparse prefill accuracy engine: sparse prefill ``enabled`` from
+    ``min_prompt_tokens`` on, ``keys`` more sparse_prefill keys (pattern_config). cost_table none (default): every
+    chunk past the floor goes sparse, so what is measured is the sparse path, not the cost model's choices."""
+    return engine_env(clear_config=True, **kvplug_env("sparse_prefill", enabled=enabled,
+                                                      min_prompt_tokens=min_prompt_tokens, cost_table=cost_table,
+                                                      **keys))
+
+
+def chat_max_model_len(longest_context: int, turns: int, max_tokens: int, positions: int | None = None) -> int:
+    """max_model_len of multi-turn chats over contexts of up to ``longest_context`` tokens: 256 tokens a turn and
+    ``max_tokens`` new ones on top, rounded up to 1024 plus 1024 spare (the chat template); at most ``positions``
+    (the model's max_position_embeddings) when given."""
+    n = -(-(longest_context + 256 * turns + max_tokens) // 1024) * 1024 + 1024
+    return n if positions is None else min(positions, n)
+
+
+def sparse_prefill_llm_kwargs(model: str, max_model_len: int, max_batched_tokens: int, prefix_caching: bool,
+                              gpu_memory_utilization: float | None = None) -> dict:
+    """LLM(...) arguments of a sparse prefill accuracy engine: kvplug's attention backend, seed 0, chunked prefill
+    of ``max_batched_tokens``; a 2 GiB KV cache on the CPU, ``gpu_memory_utilization`` on a GPU (None: vLLM's)."""
+    kw = dict(model=model, max_model_len=max_model_len, seed=0, enable_prefix_caching=prefix_caching,
+              max_num_batched_tokens=max_batched_tokens, **kvplug_attention_kwargs())
+    if not cuda_available():
+        kw.update(kv_cache_memory_bytes=2 << 30)
+    elif gpu_memory_utilization is not None:
+        kw.update(gpu_memory_utilization=gpu_memory_utilization)
+    return kw
 
 
 def engine_memory_kwargs(kv_cache_gib: float | None, gpu_memory_utilization: float) -> dict:
@@ -810,3 +845,22 @@ def save_figure(fig, path: str | Path, dpi: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
+
+
+def scaled_config(cfg, factor: float):
+    """``cfg`` (head_config.PatternConfig) with every head's length-proportional budgets times ``factor``; the
+    recall/density the search recorded no longer apply and are dropped."""
+    import msgspec
+
+    from attention_backends.sparse_prefill import head_config
+    from attention_backends.sparse_prefill.patterns import registry
+
+    def scale(hp):
+        if hp.pattern == registry.DENSE:
+            return head_config.HeadPattern(pattern=hp.pattern)
+        budgets = head_config.scaled_budgets(hp.pattern, registry.get(hp.pattern).check_budgets(hp.budgets), factor)
+        return head_config.HeadPattern(pattern=hp.pattern, budgets=budgets)
+
+    return msgspec.structs.replace(
+        cfg, default=scale(cfg.default), calibration={**cfg.calibration, "budgets_scaled_by": factor},
+        layers={li: {h: scale(hp) for h, hp in heads.items()} for li, heads in cfg.layers.items()}).validate()

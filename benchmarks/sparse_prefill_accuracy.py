@@ -100,10 +100,12 @@ VARIANT_KEYS = {
     "budget_scale_limit": "sparse_prefill key (budgets grow beyond the searched length up to this factor)",
     "dense_tail_rows": "sparse_prefill key (each sparse chunk's last rows, whole 64-row blocks, attend densely)",
     "vertical_segment_rows": "sparse_prefill key (vertical-slash columns per segment of this many rows, a multiple of 64)",
+    "exact_selection": "sparse_prefill key (true/false; rank by exact attention mass: a diagnostic, dense cost again)",
+    "min_prompt_tokens": "sparse_prefill key (chunks whose sequence holds fewer tokens stay dense)",
 }
 # passed to the engine as is (checked here against the config section first)
 OVERRIDDEN = ("group_shared_selection", "fused_estimate", "budget_scale_limit", "dense_tail_rows",
-              "vertical_segment_rows")
+              "vertical_segment_rows", "exact_selection", "min_prompt_tokens")
 
 
 @dataclass(frozen=True)
@@ -188,23 +190,6 @@ def _check_keys(label: str, keys: dict) -> None:
         raise SystemExit(f"--variants {label}: {exc}") from None
 
 
-def scaled_config(cfg, factor: float):
-    """``cfg`` (head_config.PatternConfig) with every head's length-proportional budgets times ``factor``; the
-    recall/density the search recorded no longer apply and are dropped."""
-    from attention_backends.sparse_prefill import head_config
-    from attention_backends.sparse_prefill.patterns import registry
-
-    def scale(hp):
-        if hp.pattern == registry.DENSE:
-            return head_config.HeadPattern(pattern=hp.pattern)
-        budgets = head_config.scaled_budgets(hp.pattern, registry.get(hp.pattern).check_budgets(hp.budgets), factor)
-        return head_config.HeadPattern(pattern=hp.pattern, budgets=budgets)
-
-    return msgspec.structs.replace(
-        cfg, default=scale(cfg.default), calibration={**cfg.calibration, "budgets_scaled_by": factor},
-        layers={li: {h: scale(hp) for h, hp in heads.items()} for li, heads in cfg.layers.items()}).validate()
-
-
 def config_facts(path: str) -> dict:
     """What a variant's per-head config is: heads per pattern, mean recall/density the search recorded, length."""
     from attention_backends.sparse_prefill import head_config
@@ -238,7 +223,7 @@ def prepare_variants(args, path: Path, pattern_config: str, variants: list[Varia
         elif not Path(source).is_file():
             raise SystemExit(f"--variants {v.label}: config {source} not found")
         if v.budgets != 1.0:
-            scaled = scaled_config(head_config.load(source), v.budgets)
+            scaled = harness.scaled_config(head_config.load(source), v.budgets)
             source = str(folder / f"{Path(source).stem}_budgets_x{v.budgets:g}.json")
             folder.mkdir(parents=True, exist_ok=True)
             Path(source).write_bytes(scaled.to_json())
@@ -318,14 +303,8 @@ def _worker(args) -> None:
 def _engine(args, path: str, max_model_len: int, prefix_caching: bool):
     from vllm import LLM
 
-    kw = dict(model=path, max_model_len=max_model_len, seed=0, enable_prefix_caching=prefix_caching,
-              max_num_batched_tokens=args.max_batched_tokens)
-    kw.update(harness.kvplug_attention_kwargs())
-    if harness.cuda_available():
-        kw.update(gpu_memory_utilization=args.gpu_mem)
-    else:
-        kw.update(kv_cache_memory_bytes=2 << 30)
-    return LLM(**kw)
+    return LLM(**harness.sparse_prefill_llm_kwargs(path, max_model_len, args.max_batched_tokens, prefix_caching,
+                                                   args.gpu_mem))
 
 
 def _emit(args, llm, outs) -> None:
@@ -347,9 +326,10 @@ def _chat_worker(args, path: str) -> None:
     items = question_items(path, args)
     sweeps = json.loads(Path(args.sweeps).read_text())
     limit = harness.model_config(path).get("max_position_embeddings", 1 << 20)
-    longest = max(int(c) for c in args.contexts.split(",")) + 256 * args.turns + args.max_tokens
+    max_model_len = harness.chat_max_model_len(max(int(c) for c in args.contexts.split(",")), args.turns,
+                                               args.max_tokens, limit)
     t0 = time.monotonic()
-    llm = _engine(args, path, min(limit, -(-longest // 1024) * 1024 + 1024), prefix_caching=True)
+    llm = _engine(args, path, max_model_len, prefix_caching=True)
     progress(f"engine up in {time.monotonic() - t0:.0f} s; {len(items)} questions x {1 + len(sweeps)} sweeps")
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=2)
     done: dict[str, dict] = {}
@@ -492,12 +472,8 @@ def task_summary(items: list[dict], dense: dict, sparse: dict, near_tie: float) 
 
 
 def run_engine(args, sparse: bool, pattern_config: str) -> dict:
-    env = harness.engine_env(clear_config=True,  # collective_rpc of a function
-                             # cost_table none (default): every chunk past --min-prompt-tokens goes sparse, so what
-                             # is measured is the sparse path's accuracy, not the cost model's choices
-                             **harness.kvplug_env("sparse_prefill", enabled=sparse,
-                                                  min_prompt_tokens=args.min_prompt_tokens,
-                                                  pattern_config=pattern_config, cost_table=args.cost_table))
+    env = harness.sparse_prefill_env(args.min_prompt_tokens, args.cost_table, enabled=sparse,
+                                     pattern_config=pattern_config)
     argv = harness.worker_argv(sys.argv[1:] if args.argv is None else args.argv, drop=("--out", "--pattern-config"))
     return harness.run_worker("benchmarks.sparse_prefill_accuracy", "sparse" if sparse else "dense", argv, env)
 
@@ -618,12 +594,7 @@ def run_tasks(args, path: Path, pattern_config: str) -> dict:
             sw["recall"] = {k: r[k] for k in ("tokens", "chunk", "mean", "min", "heads_below_0.95", "density_mean")}
     spec = Path(tempfile.mkdtemp(prefix="sp_acc_")) / "sweeps.json"
     spec.write_text(json.dumps(sweeps, indent=1))
-    env = harness.engine_env(clear_config=True,  # collective_rpc of a function
-                             # cost_table none (default): every chunk past --min-prompt-tokens goes sparse, so what
-                             # is measured is the sparse path's accuracy, not the cost model's choices
-                             **harness.kvplug_env("sparse_prefill", enabled=True,
-                                                  min_prompt_tokens=args.min_prompt_tokens,
-                                                  pattern_config=pattern_config, cost_table=args.cost_table))
+    env = harness.sparse_prefill_env(args.min_prompt_tokens, args.cost_table, pattern_config=pattern_config)
     argv = harness.worker_argv(sys.argv[1:] if args.argv is None else args.argv,
                                drop=("--pattern-config", "--variants", "--sweeps"))
     done = harness.run_worker("benchmarks.sparse_prefill_accuracy", "sweeps", [*argv, "--sweeps", str(spec)],

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from attention_backends import wiring
-from attention_backends.retrieval_decode import cpu_kernel, planner, runner
+from attention_backends.retrieval_decode import cpu_kernel, planner, reuse, runner
 from kvplug import vllm_compat
 
 PLAN_ATTR = "kvplug_retrieval"
@@ -53,6 +53,7 @@ class BuilderHook:
         self.dense_path = None
         if self.graph_safe and self.params.graph_dense_path:
             self.dense_path = _DensePathBuffers(builder)
+        self.tracker: reuse.ReuseTracker | None = None  # selection reuse (reselect_interval > 1), made on first use
         # vLLM may reuse one group's metadata for another group by swapping its block table in
         # (update_block_table); the plan holds the first group's table, so every group must build its own.
         builder.supports_update_block_table = False
@@ -71,8 +72,9 @@ class BuilderHook:
                 runner.record_batch(None, phases.decode_tokens)
                 return None
             params = dataclasses.replace(params, **_OVERRIDE)
+        tracker = self._reuse_tracker(params, phases)
         if self.graph_safe and not phases.prefill_reqs:
-            return self._build_graph_plan(cam, params, phases, build_full, build_dense)
+            return self._build_graph_plan(cam, params, phases, build_full, build_dense, tracker)
         plan = planner.plan(params, cam.query_start_loc_cpu, vllm_compat.host_seq_lens(cam), cam.num_reqs,
                             cam.block_table_tensor, cam.num_actual_tokens)
         runner.record_batch(plan, phases.decode_tokens)
@@ -82,8 +84,18 @@ class BuilderHook:
         if plan.rest_req_ids.numel():
             plan.rest_metadata = build_rest(vllm_compat.subset_common_metadata(cam, plan.rest_req_ids, plan.rest_rows))
             plan.rest_rows_dev = plan.rest_rows.to(cam.block_table_tensor.device)
+        if tracker is not None:  # a pure-decode batch on the CPU path: rows = request indices
+            seq = vllm_compat.host_seq_lens(cam)[:cam.num_reqs]
+            retrieval = torch.zeros(cam.num_reqs, dtype=torch.bool, device=seq.device)
+            retrieval[plan.req_ids] = True
+            reselect, sel_seq_lens = tracker.step(cam.block_table_tensor, seq, retrieval, params.reselect_interval,
+                                                  params.block_size)
+            plan.reuse = reuse.ReuseRows(plan.req_ids, reselect[plan.req_ids], sel_seq_lens[plan.req_ids],
+                                         tracker.capacity, self._reuse_slots(cam), params.reuse_extra_blocks)
         if vllm_compat.platform_name() == "cpu":
-            per_head = planner.selected_tokens(plan).repeat_interleave(self.num_kv_heads)
+            blocks = None if plan.reuse is None else reuse.selected_counts(
+                plan.reuse.reselect, plan.reuse.sel_seq_lens, plan.seq_lens_cpu, params, plan.reuse.slots)
+            per_head = planner.selected_tokens(plan, blocks).repeat_interleave(self.num_kv_heads)
             plan.extra["cpu"] = cpu_kernel.cpu_head_decode_metadata(self.builder, per_head)
             if params.dense_layers:  # the first layers read every block of the same sequences
                 full = plan.seq_lens_cpu.repeat_interleave(self.num_kv_heads)
@@ -91,8 +103,25 @@ class BuilderHook:
         setattr(attn_metadata, PLAN_ATTR, plan)
         return attn_metadata
 
+    def _reuse_tracker(self, params: planner.RetrievalParams, phases: Any) -> reuse.ReuseTracker | None:
+        """The tracker when this batch may reuse selections (reuse on, no prefill chunk in it), else None; a batch
+        that may not resets every row (its next retrieval step selects)."""
+        if params.reselect_interval <= 1 or phases.prefill_reqs:
+            if self.tracker is not None:
+                self.tracker.reset()
+            return None
+        if self.tracker is None:
+            self.tracker = reuse.ReuseTracker(vllm_compat.decode_batch_capacity(self.builder.vllm_config),
+                                              self.builder.device)
+        return self.tracker
+
+    def _reuse_slots(self, cam: Any) -> int:
+        """Stored slots per (row, kv-head): the graph's k, as the select kernels clamp it (to the table width)."""
+        return min(self.graph_k, int(cam.block_table_tensor.shape[1]))
+
     def _build_graph_plan(self, cam: Any, params: planner.RetrievalParams, phases: Any,
-                          build_full: Callable[[Any], Any], build_dense: Callable[[Any], Any] | None) -> Any:
+                          build_full: Callable[[Any], Any], build_dense: Callable[[Any], Any] | None,
+                          tracker: reuse.ReuseTracker | None = None) -> Any:
         """CUDA pure-decode batch: a device-only plan over the builder's persistent buffers (graph replay)."""
         n = cam.num_reqs
         dense_metadata = retrieval_seq_lens = None
@@ -101,9 +130,16 @@ class BuilderHook:
                 raise RuntimeError("retrieval decode: graph_dense_path needs the dense backend's build (build_dense)")
             dense_metadata, retrieval_seq_lens = self.dense_path.build(cam, params, build_dense)
         attn_metadata = build_full(cam)
+        rows = None
+        if tracker is not None:  # device ops on the tracker's persistent buffers: the graph reads them in place
+            reselect, sel_seq_lens = tracker.step(cam.block_table_tensor, cam.seq_lens,
+                                                  planner.retrieval_rows(params, cam.seq_lens),
+                                                  params.reselect_interval, params.block_size)
+            rows = reuse.ReuseRows(None, reselect, sel_seq_lens, tracker.capacity, self._reuse_slots(cam),
+                                   params.reuse_extra_blocks)
         setattr(attn_metadata, PLAN_ATTR, planner.DecodeGraphPlan(
             cam.seq_lens, cam.block_table_tensor, self.graph_k, params, dense_metadata=dense_metadata,
-            retrieval_seq_lens=retrieval_seq_lens))
+            retrieval_seq_lens=retrieval_seq_lens, reuse=rows))
         # Metrics from the host copy of the lengths (what the device computes, without reading it back).
         nb, budget = planner.device_budgets(params, vllm_compat.host_seq_lens(cam)[:n])
         sparse = budget < nb

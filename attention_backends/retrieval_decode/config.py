@@ -40,6 +40,12 @@ class RetrievalDecodeConfig(Section):
     # graph, beside the retrieval kernels for the others (each path masked by per-step lengths, no branch);
     # false = they read every block through the retrieval kernels. Off until measured end to end on the GPU.
     graph_dense_path: bool = False
+    # Selection reuse across decode steps: 1 = score and select every step (Quest). N > 1: a sequence scores and
+    # selects on every N-th decode step (and whenever its batch row changed hands, after a prefill, a preemption or
+    # a batch with a prefill chunk in it); in between every (layer, kv-head) reads its last selection plus the
+    # blocks started since (so the sink and the recent window stay covered). Cuts the score + select cost ~N x;
+    # costs an int32 [max batch, kv heads, k] selection store per layer, outside the reserved summary memory.
+    reselect_interval: int = 1
 
     def validate(self, path: str) -> None:
         if self.budget_tokens < 1:
@@ -59,6 +65,9 @@ class RetrievalDecodeConfig(Section):
         if self.group_refine < 1.0:
             raise KvplugConfigError(f"{path}.group_refine must be >= 1 (candidates cover the budget), "
                                     f"got {self.group_refine}")
+        if self.reselect_interval < 1:
+            raise KvplugConfigError(f"{path}.reselect_interval must be >= 1 (1 = select every step), "
+                                    f"got {self.reselect_interval}")
         if self.select not in ("bisect", "radix"):
             raise KvplugConfigError(f"{path}.select must be 'bisect' or 'radix', got {self.select!r}")
         if self.break_even not in ("off", "measured"):

@@ -43,6 +43,8 @@ class RetrievalParams:
     measure_agreement: bool = False
     # CUDA pure-decode graphs: sequences that decode densely take the dense backend's kernel (config.py).
     graph_dense_path: bool = False
+    # Decode steps a selection serves (config.py; reuse.py): 1 = select every step.
+    reselect_interval: int = 1
 
     @classmethod
     def from_config(cls, cfg: Any, block_size: int, device_name: str | None = None) -> "RetrievalParams":
@@ -54,7 +56,8 @@ class RetrievalParams:
                    sink_blocks=cfg.sink_blocks, recent_tokens=cfg.recent_tokens,
                    min_context_tokens=min_context, gqa_reduce=cfg.gqa_reduce,
                    dense_layers=cfg.dense_layers, group_blocks=cfg.group_blocks, group_refine=cfg.group_refine,
-                   select=cfg.select, graph_dense_path=cfg.graph_dense_path)
+                   select=cfg.select, graph_dense_path=cfg.graph_dense_path,
+                   reselect_interval=getattr(cfg, "reselect_interval", 1))
 
     def candidate_groups(self, budget_blocks):
         """Two-level: groups the coarse pass keeps for a budget (int or tensor of blocks): an upper bound of the
@@ -64,6 +67,11 @@ class RetrievalParams:
         forced = -(-self.sink_blocks // g) + -(-self.recent_blocks // g) + 1
         need = budget_blocks * self.group_refine / g
         return forced + (torch.ceil(need).long() if isinstance(need, torch.Tensor) else math.ceil(need))
+
+    @property
+    def reuse_extra_blocks(self) -> int:
+        """Blocks a reused selection reads beyond its stored slots: those started in the interval's later steps."""
+        return -(-(self.reselect_interval - 1) // self.block_size)
 
     @property
     def recent_blocks(self) -> int:
@@ -104,6 +112,7 @@ class RetrievalPlan:
     extra: dict = field(default_factory=dict)  # backend-specific per-batch data (e.g. CPU kernel metadata)
     rest_metadata: Any = None  # the dense backend's metadata of the other requests (None: there are none)
     rest_rows_dev: torch.Tensor | None = None  # rest_rows on the device
+    reuse: Any = None  # reuse.ReuseRows: the rows' stored selections (reselect_interval > 1), else None
 
     @property
     def num_seqs(self) -> int:
@@ -139,11 +148,12 @@ def plan(params: RetrievalParams, query_start_loc_cpu: torch.Tensor, seq_lens_cp
         budget_blocks_cpu=b, seq_lens_cpu=seq[req_ids])
 
 
-def selected_tokens(plan_: RetrievalPlan) -> torch.Tensor:
-    """[N] host: tokens each retrieval sequence attends (its budget of blocks; the last one is partial)."""
+def selected_tokens(plan_: RetrievalPlan, blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """[N] host: tokens each retrieval sequence attends: its budget of blocks, or ``blocks`` [N] of them (a
+    reused selection: reuse.selected_counts); the last one is partial."""
     bs = plan_.params.block_size
     last = plan_.seq_lens_cpu - (plan_.seq_lens_cpu - 1) // bs * bs
-    return (plan_.budget_blocks_cpu - 1) * bs + last
+    return ((plan_.budget_blocks_cpu if blocks is None else blocks) - 1) * bs + last
 
 
 @dataclass
@@ -166,6 +176,7 @@ class DecodeGraphPlan:
     rest_metadata: Any = None  # a pure-decode batch has no other rows
     dense_metadata: Any = None  # the dense backend's metadata over dense_seq_lens (None: no dense path)
     retrieval_seq_lens: torch.Tensor | None = None  # [N] device: seq_lens of the retrieval rows, 0 elsewhere
+    reuse: Any = None  # reuse.ReuseRows over rows 0..N-1 (reselect_interval > 1), else None
 
 
 def graph_k(params: RetrievalParams, max_model_len: int) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from attention_backends.retrieval_decode import analysis, cpu_kernel, memory, planner
+from attention_backends.retrieval_decode import analysis, cpu_kernel, memory, planner, reuse
 from attention_backends.retrieval_decode.planner import DecodeGraphPlan, RetrievalPlan
 from attention_backends.retrieval_decode.selection import Selection, select_for_queries
 from attention_backends.retrieval_decode.summaries import BlockSummaries
@@ -35,7 +35,7 @@ SUMMARIES = {"layers": 0, "bytes": 0, "kv_bytes": 0}
 
 def stats_snapshot(_worker: Any = None) -> dict[str, int]:
     with _stats_lock:
-        return dict(STATS, summary_layers=SUMMARIES["layers"], summary_bytes=SUMMARIES["bytes"],
+        return dict(STATS, **reuse.counts(), summary_layers=SUMMARIES["layers"], summary_bytes=SUMMARIES["bytes"],
                     kv_cache_bytes=SUMMARIES["kv_bytes"], agreement=dict(AGREEMENT), **memory.snapshot())
 
 
@@ -83,6 +83,7 @@ class RetrievalDecodeRunner:
         # Two-level selection on CUDA keeps group summaries beside the block summaries (twice the bytes).
         self.group_summaries = group_blocks > 1
         self.layer_idx: int | None = None
+        self.selections = reuse.SelectionStore()  # each batch row's last selection (reselect_interval > 1)
         # Built while the engine's config is current (model construction): what the memory reservation needs.
         self._vllm_config = vllm_compat.current_vllm_config()
         inside_engine = getattr(self._vllm_config, "model_config", None) is not None
@@ -234,12 +235,27 @@ class RetrievalDecodeRunner:
                 self.impl.scale, summ=self.summaries)
             return output
         q = query[plan.rows]
-        sel = select_for_plan(q, kmin, kmax, plan, p)
+        if plan.reuse is not None:
+            sel = self._reuse_selection(q, kmin, kmax, plan, p)
+        else:
+            sel = select_for_plan(q, kmin, kmax, plan, p)
         if p.measure_agreement:
             self._record_agreement(layer, q, kv_cache, plan, sel)
         phys = torch.gather(plan.block_table.long().unsqueeze(1).expand(-1, kmin.shape[1], -1), 2, sel.blocks)
         output[plan.rows] = cpu_kernel.cpu_head_decode(self.impl, layer, q, kv_cache, phys, plan.extra["cpu"])
         return output
+
+    def _reuse_selection(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, plan: RetrievalPlan,
+                         p: planner.RetrievalParams) -> Selection:
+        """CPU path with selection reuse: the rows due to reselect select (and store their selection); every row
+        then reads its stored selection plus the blocks started since (reuse.reused_selection)."""
+        r = plan.reuse
+        store = self.selections.get(r.capacity, kmin.shape[1], r.slots, q.device, torch.int64)
+        fresh = torch.nonzero(r.reselect).flatten()
+        if fresh.numel():
+            sel = select_for_plan(q[fresh], kmin, kmax, plan, p, fresh)
+            store[r.rows[fresh], :, :sel.blocks.shape[-1]] = sel.blocks
+        return reuse.reused_selection(store[r.rows], r.reselect, r.sel_seq_lens, plan.seq_lens, p, r.extra)
 
     def _graph_step(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     plan: DecodeGraphPlan, output: torch.Tensor,
@@ -258,9 +274,14 @@ class RetrievalDecodeRunner:
                 raise RuntimeError("retrieval decode: the graph's dense path needs the dense backend's forward")
             dense_forward(plan.dense_metadata)
             seq_lens = plan.retrieval_seq_lens
+        reuse_args = None
+        if plan.reuse is not None:  # the stored selections of rows 0..n-1, read and (reselect rows) written in place
+            r = plan.reuse
+            store = self.selections.get(r.capacity, key_cache.shape[1], r.slots, query.device, torch.int32)
+            reuse_args = triton_kernels.Reuse(store[:n], r.reselect, r.sel_seq_lens, r.extra)
         triton_kernels.retrieval_decode(query[:n], key_cache, value_cache, self.summaries.kmin, self.summaries.kmax,
                                         plan.block_table, seq_lens, plan.params, plan.k, self.impl.scale,
-                                        out=output[:n], summ=self.summaries, keep_empty_rows=split)
+                                        out=output[:n], summ=self.summaries, keep_empty_rows=split, reuse=reuse_args)
         return output
 
     def _record_agreement(self, layer: Any, q: torch.Tensor, kv_cache: torch.Tensor, plan: RetrievalPlan,
@@ -287,11 +308,15 @@ class RetrievalDecodeRunner:
 
 
 def select_for_plan(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, plan: RetrievalPlan,
-                    p: planner.RetrievalParams) -> Selection:
-    """The production selection in torch (CPU path; the Triton kernels' reference), single- or two-level."""
-    groups = p.candidate_groups(plan.budget_blocks) if p.group_blocks > 1 else None
-    return select_for_queries(q, kmin, kmax, plan.block_table, plan.num_blocks, plan.budget_blocks, plan.k,
-                              p.sink_blocks, p.recent_blocks, p.gqa_reduce, p.group_blocks, groups)
+                    p: planner.RetrievalParams, rows: torch.Tensor | None = None) -> Selection:
+    """The production selection in torch (CPU path; the Triton kernels' reference), single- or two-level.
+    ``rows``: only these of the plan's sequences (q holds just their queries)."""
+    table, nb, budget = plan.block_table, plan.num_blocks, plan.budget_blocks
+    if rows is not None:
+        table, nb, budget = table[rows], nb[rows], budget[rows]
+    groups = p.candidate_groups(budget) if p.group_blocks > 1 else None
+    return select_for_queries(q, kmin, kmax, table, nb, budget, plan.k, p.sink_blocks, p.recent_blocks, p.gqa_reduce,
+                              p.group_blocks, groups)
 
 
 def selection_mask(sel: Selection, width: int) -> torch.Tensor:
@@ -322,3 +347,4 @@ def stats_reset(_worker: Any = None) -> None:
             STATS[key] = 0
         for key in AGREEMENT:
             AGREEMENT[key] = 0
+    reuse.reset_counts()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -61,16 +62,19 @@ def _row(pid_nh, SEQ_LENS, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr)
 
 @triton.jit
 def _masked_score_kernel(
-    Q, KMIN, KMAX, TABLE, SEQ_LENS, SCORES,
+    Q, KMIN, KMAX, TABLE, SEQ_LENS, SCORES, RESELECT,
     stride_qn, stride_qh, stride_sb, stride_sh, stride_tn, stride_on, stride_oh,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     TILE: tl.constexpr, REDUCE_MAX: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     SINK_BLOCKS: tl.constexpr, RECENT_BLOCKS: tl.constexpr, MIN_CONTEXT: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_REUSE: tl.constexpr = False,
 ):
     pid_nh = tl.program_id(0)
     tile = tl.program_id(1)
     n, h, seq_len, nb = _row(pid_nh, SEQ_LENS, NUM_KV_HEADS, BLOCK_SIZE)
-    if tile * TILE < nb:  # the selection reads columns < nb only: tiles past them read and write nothing
+    # The selection reads columns < nb only: tiles past them read and write nothing; nor do rows reusing their
+    # stored selection this step (HAS_REUSE, reselect flag 0).
+    if (tile * TILE < nb) & _selects(RESELECT, n, HAS_REUSE):
         b = tile * TILE + tl.arange(0, TILE)
         in_seq = b < nb
         forced = (b < SINK_BLOCKS) | (b >= nb - RECENT_BLOCKS) | (seq_len < MIN_CONTEXT)
@@ -88,6 +92,15 @@ def _masked_score_kernel(
         r = tl.where(empty, -1e30, r)
         r = tl.where(forced, float("inf"), r)
         tl.store(SCORES + n * stride_on + h * stride_oh + b, r, mask=in_seq)
+
+
+@triton.jit
+def _selects(RESELECT, n, HAS_REUSE: tl.constexpr):
+    """Whether row n scores and selects this step: always, or (HAS_REUSE) when its reselect flag is set."""
+    if HAS_REUSE:
+        return tl.load(RESELECT + n) != 0
+    else:
+        return n >= 0
 
 
 @triton.jit
@@ -126,10 +139,10 @@ def _order_key(x):
 
 @triton.jit
 def _select_kernel(
-    SCORES, SEQ_LENS, TOP_IDX, stride_sn, stride_sh,
+    SCORES, SEQ_LENS, TOP_IDX, RESELECT, stride_sn, stride_sh,
     NUM_KV_HEADS: tl.constexpr, WIDTH_PAD: tl.constexpr, NUM_SEL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BUDGET_TOKENS: tl.constexpr, FRACTION: tl.constexpr, MIN_BLOCKS: tl.constexpr, MIN_CONTEXT: tl.constexpr,
-    EARLY_EXIT: tl.constexpr, RADIX: tl.constexpr = False,
+    EARLY_EXIT: tl.constexpr, RADIX: tl.constexpr = False, HAS_REUSE: tl.constexpr = False,
 ):
     pid_nh = tl.program_id(0)
     n = pid_nh // NUM_KV_HEADS
@@ -138,7 +151,9 @@ def _select_kernel(
     nb = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
     budget = tl.minimum(_budget_blocks(seq_len, nb, BLOCK_SIZE, BUDGET_TOKENS, FRACTION, MIN_BLOCKS, MIN_CONTEXT),
                         NUM_SEL).to(tl.int32)
-    if nb > 0:  # an empty row (padding, or one the graph's dense path takes) selects nothing: no scan at all
+    # An empty row (padding, or one the graph's dense path takes) selects nothing, nor does a row reusing its stored
+    # selection (HAS_REUSE, flag 0): no scan at all.
+    if (nb > 0) & _selects(RESELECT, n, HAS_REUSE):
         b = tl.arange(0, WIDTH_PAD)
         valid = b < nb
         x = tl.load(SCORES + n * stride_sn + h * stride_sh + b, mask=valid, other=float("-inf"))
@@ -230,12 +245,12 @@ def _bisect_threshold(key, valid, budget, EARLY_EXIT: tl.constexpr):
 
 @triton.jit
 def _group_score_kernel(
-    Q, KMIN, KMAX, GMIN, GMAX, TABLE, SEQ_LENS, SCORES, KEY, SLOTS,
+    Q, KMIN, KMAX, GMIN, GMAX, TABLE, SEQ_LENS, SCORES, KEY, SLOTS, RESELECT,
     stride_qn, stride_qh, stride_sb, stride_sh, stride_tn, stride_on, stride_oh, stride_kn, stride_kh,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     TILE: tl.constexpr, REDUCE_MAX: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP_BLOCKS: tl.constexpr,
     SINK_BLOCKS: tl.constexpr, RECENT_BLOCKS: tl.constexpr, MIN_CONTEXT: tl.constexpr, DOT_FP32: tl.constexpr,
-    FUSE_UPDATE: tl.constexpr,
+    FUSE_UPDATE: tl.constexpr, HAS_REUSE: tl.constexpr = False,
 ):
     """Per (sequence, kv-head, tile of groups): the Quest bound of each group's summary (+inf for groups holding a
     sink or recent block). A complete group whose row is empty gets it filled from its blocks' summaries first.
@@ -259,7 +274,7 @@ def _group_score_kernel(
             tl.store(KMAX + u_ptrs, tl.where(fresh, k_new, tl.maximum(old_max, k_new)).to(KMAX.dtype.element_ty))
             if fresh:  # the group keyed by a (re)allocated block is stale: empty it
                 tl.store(GMAX + u_ptrs, tl.full([HEAD_DIM], float("-inf"), tl.float32).to(GMAX.dtype.element_ty))
-    if tile * TILE < ng:
+    if (tile * TILE < ng) & _selects(RESELECT, n, HAS_REUSE):  # (the fused update above runs on every row)
         gi = tile * TILE + tl.arange(0, TILE)
         in_seq = gi < ng
         first = gi * GROUP_BLOCKS
@@ -295,14 +310,14 @@ def _group_score_kernel(
 
 @triton.jit
 def _refine_select_kernel(
-    Q, KMIN, KMAX, TABLE, SEQ_LENS, GSCORES, CAND, FINE, TOP_IDX,
+    Q, KMIN, KMAX, TABLE, SEQ_LENS, GSCORES, CAND, FINE, TOP_IDX, RESELECT,
     stride_qn, stride_qh, stride_sb, stride_sh, stride_tn, stride_gn, stride_gh,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     REDUCE_MAX: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP_BLOCKS: tl.constexpr, REFINE: tl.constexpr,
     FORCED_GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, CAND_PAD: tl.constexpr, FINE_TILE: tl.constexpr,
     NUM_SEL: tl.constexpr, BUDGET_TOKENS: tl.constexpr, FRACTION: tl.constexpr, SINK_BLOCKS: tl.constexpr,
     RECENT_BLOCKS: tl.constexpr, MIN_CONTEXT: tl.constexpr, DOT_FP32: tl.constexpr, EARLY_EXIT: tl.constexpr,
-    RADIX: tl.constexpr,
+    RADIX: tl.constexpr, HAS_REUSE: tl.constexpr = False,
 ):
     """One program per (sequence, kv-head): the candidate groups (forced ones + enough for REFINE x the budget,
     best group scores first), each candidate block's Quest bound, and exactly the budget of blocks among them,
@@ -313,67 +328,71 @@ def _refine_select_kernel(
     ng = (nb + GROUP_BLOCKS - 1) // GROUP_BLOCKS
     budget = tl.minimum(_budget_blocks(seq_len, nb, BLOCK_SIZE, BUDGET_TOKENS, FRACTION, SINK_BLOCKS + RECENT_BLOCKS,
                                        MIN_CONTEXT), NUM_SEL).to(tl.int32)
-    if budget >= nb:
-        for i in range(0, NUM_SEL, 1024):
-            b = i + tl.arange(0, 1024)
-            tl.store(TOP_IDX + pid_nh * NUM_SEL + b, b.to(tl.int32), mask=(b < nb) & (b < NUM_SEL))
-    else:
-        want = FORCED_GROUPS + tl.ceil(budget.to(tl.float32) * REFINE / GROUP_BLOCKS).to(tl.int32)
-        cgroups = tl.minimum(tl.minimum(want, ng.to(tl.int32)), CAND_PAD)  # (the host sizes CAND_PAD for want)
-        gi = tl.arange(0, GROUPS_PAD)
-        gvalid = gi < ng
-        x = tl.load(GSCORES + n * stride_gn + h * stride_gh + gi, mask=gvalid, other=float("-inf"))
-        take, slot = _take_best(_order_key(x), gvalid, cgroups, GROUPS_PAD, EARLY_EXIT, RADIX)
-        tl.store(CAND + pid_nh * CAND_PAD + slot, gi.to(tl.int32), mask=take & (slot < CAND_PAD))
-        tl.debug_barrier()  # the candidates (ascending group order) are read back by other threads
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + n * stride_qn + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
-                    mask=(g < GROUP)[:, None], other=0.0)
-        CAND_BLOCKS: tl.constexpr = CAND_PAD * GROUP_BLOCKS
-        for t0 in range(0, cgroups * GROUP_BLOCKS, FINE_TILE):  # this row's candidates only
-            c = t0 + tl.arange(0, FINE_TILE)
+    if _selects(RESELECT, n, HAS_REUSE):  # a row reusing its stored selection (flag 0) writes nothing
+        if budget >= nb:
+            for i in range(0, NUM_SEL, 1024):
+                b = i + tl.arange(0, 1024)
+                tl.store(TOP_IDX + pid_nh * NUM_SEL + b, b.to(tl.int32), mask=(b < nb) & (b < NUM_SEL))
+        else:
+            want = FORCED_GROUPS + tl.ceil(budget.to(tl.float32) * REFINE / GROUP_BLOCKS).to(tl.int32)
+            cgroups = tl.minimum(tl.minimum(want, ng.to(tl.int32)), CAND_PAD)  # (the host sizes CAND_PAD for want)
+            gi = tl.arange(0, GROUPS_PAD)
+            gvalid = gi < ng
+            x = tl.load(GSCORES + n * stride_gn + h * stride_gh + gi, mask=gvalid, other=float("-inf"))
+            take, slot = _take_best(_order_key(x), gvalid, cgroups, GROUPS_PAD, EARLY_EXIT, RADIX)
+            tl.store(CAND + pid_nh * CAND_PAD + slot, gi.to(tl.int32), mask=take & (slot < CAND_PAD))
+            tl.debug_barrier()  # the candidates (ascending group order) are read back by other threads
+            g = tl.arange(0, GROUP_PAD)
+            d = tl.arange(0, HEAD_DIM)
+            q = tl.load(Q + n * stride_qn + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
+                        mask=(g < GROUP)[:, None], other=0.0)
+            CAND_BLOCKS: tl.constexpr = CAND_PAD * GROUP_BLOCKS
+            for t0 in range(0, cgroups * GROUP_BLOCKS, FINE_TILE):  # this row's candidates only
+                c = t0 + tl.arange(0, FINE_TILE)
+                ci = c // GROUP_BLOCKS
+                live = ci < cgroups
+                # Loads in this loop are unmasked at clamped, always-valid indices (candidate slot 0, table column 0)
+                # and dead lanes are masked in the values, as in _topk_decode_kernel: masked loads feeding tl.dot in
+                # a loop broke Triton 3.6's layout passes on sm_90 there.
+                grp = tl.load(CAND + pid_nh * CAND_PAD + tl.where(live, ci, 0)).to(tl.int64)
+                logical = grp * GROUP_BLOCKS + c % GROUP_BLOCKS
+                in_seq = live & (logical < nb)
+                forced = (logical < SINK_BLOCKS) | (logical >= nb - RECENT_BLOCKS)
+                need = in_seq & (forced == 0)
+                phys = tl.load(TABLE + n * stride_tn + tl.where(need, logical, 0)).to(tl.int64)
+                s_ptrs = phys[:, None] * stride_sb + h * stride_sh + d[None, :]
+                kmin = tl.where(need[:, None], tl.load(KMIN + s_ptrs), 0.0).to(KMIN.dtype.element_ty)
+                kmax = tl.where(need[:, None], tl.load(KMAX + s_ptrs), 0.0).to(KMAX.dtype.element_ty)
+                empty = need & (tl.max(kmax.to(tl.float32), axis=1) == float("-inf"))
+                r = _quest_bound(q, kmin, kmax, g, GROUP, REDUCE_MAX, DOT_FP32)
+                r = tl.where(empty, -1e30, r)
+                r = tl.where(forced, float("inf"), r)
+                r = tl.where(in_seq, r, float("-inf"))
+                tl.store(FINE + pid_nh * CAND_BLOCKS + c, r)
+            tl.debug_barrier()
+            c = tl.arange(0, CAND_BLOCKS)
             ci = c // GROUP_BLOCKS
-            live = ci < cgroups
-            # Loads in this loop are unmasked at clamped, always-valid indices (candidate slot 0, table column 0)
-            # and dead lanes are masked in the values, as in _topk_decode_kernel: masked loads feeding tl.dot in
-            # a loop broke Triton 3.6's layout passes on sm_90 there.
-            grp = tl.load(CAND + pid_nh * CAND_PAD + tl.where(live, ci, 0)).to(tl.int64)
+            grp = tl.load(CAND + pid_nh * CAND_PAD + ci, mask=ci < cgroups, other=0)
             logical = grp * GROUP_BLOCKS + c % GROUP_BLOCKS
-            in_seq = live & (logical < nb)
-            forced = (logical < SINK_BLOCKS) | (logical >= nb - RECENT_BLOCKS)
-            need = in_seq & (forced == 0)
-            phys = tl.load(TABLE + n * stride_tn + tl.where(need, logical, 0)).to(tl.int64)
-            s_ptrs = phys[:, None] * stride_sb + h * stride_sh + d[None, :]
-            kmin = tl.where(need[:, None], tl.load(KMIN + s_ptrs), 0.0).to(KMIN.dtype.element_ty)
-            kmax = tl.where(need[:, None], tl.load(KMAX + s_ptrs), 0.0).to(KMAX.dtype.element_ty)
-            empty = need & (tl.max(kmax.to(tl.float32), axis=1) == float("-inf"))
-            r = _quest_bound(q, kmin, kmax, g, GROUP, REDUCE_MAX, DOT_FP32)
-            r = tl.where(empty, -1e30, r)
-            r = tl.where(forced, float("inf"), r)
-            r = tl.where(in_seq, r, float("-inf"))
-            tl.store(FINE + pid_nh * CAND_BLOCKS + c, r)
-        tl.debug_barrier()
-        c = tl.arange(0, CAND_BLOCKS)
-        ci = c // GROUP_BLOCKS
-        grp = tl.load(CAND + pid_nh * CAND_PAD + ci, mask=ci < cgroups, other=0)
-        logical = grp * GROUP_BLOCKS + c % GROUP_BLOCKS
-        fvalid = (ci < cgroups) & (logical < nb)
-        x = tl.load(FINE + pid_nh * CAND_BLOCKS + c, mask=fvalid, other=float("-inf"))
-        take, slot = _take_best(_order_key(x), fvalid, budget, CAND_BLOCKS, EARLY_EXIT, RADIX)
-        tl.store(TOP_IDX + pid_nh * NUM_SEL + slot, logical.to(tl.int32), mask=take & (slot < NUM_SEL))
+            fvalid = (ci < cgroups) & (logical < nb)
+            x = tl.load(FINE + pid_nh * CAND_BLOCKS + c, mask=fvalid, other=float("-inf"))
+            take, slot = _take_best(_order_key(x), fvalid, budget, CAND_BLOCKS, EARLY_EXIT, RADIX)
+            tl.store(TOP_IDX + pid_nh * NUM_SEL + slot, logical.to(tl.int32), mask=take & (slot < NUM_SEL))
 
 
 @triton.jit
 def _topk_decode_kernel(
-    Q, K, V, TABLE, TOP_IDX, SEQ_LENS, M_OUT, L_OUT, ACC_OUT,
+    Q, K, V, TABLE, TOP_IDX, SEQ_LENS, M_OUT, L_OUT, ACC_OUT, RESELECT, SEL_SEQ_LENS,
     scale,
     stride_qn, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_tn,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SEL: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, TILE_BLOCKS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BUDGET_TOKENS: tl.constexpr, FRACTION: tl.constexpr, MIN_BLOCKS: tl.constexpr,
-    MIN_CONTEXT: tl.constexpr, DOT_FP32: tl.constexpr,
+    MIN_CONTEXT: tl.constexpr, DOT_FP32: tl.constexpr, HAS_REUSE: tl.constexpr = False,
+    NUM_SLOTS: tl.constexpr = 0,
 ):
+    """NUM_SLOTS (>= NUM_SEL): the slots the splits cover. HAS_REUSE: a row with reselect flag 0 reads the budget of
+    its stored selection (made at length SEL_SEQ_LENS[n]), then the blocks started since, in slots after them."""
     pid_nh = tl.program_id(0)
     split = tl.program_id(1)
     n = pid_nh // NUM_KV_HEADS
@@ -386,8 +405,14 @@ def _topk_decode_kernel(
         q = q.to(tl.float32)
     seq_len = tl.load(SEQ_LENS + n).to(tl.int64)
     nb = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
-    budget = tl.minimum(_budget_blocks(seq_len, nb, BLOCK_SIZE, BUDGET_TOKENS, FRACTION, MIN_BLOCKS, MIN_CONTEXT),
+    if HAS_REUSE:
+        sel_len = tl.where(tl.load(RESELECT + n) != 0, seq_len, tl.load(SEL_SEQ_LENS + n).to(tl.int64))
+    else:
+        sel_len = seq_len
+    nb0 = (sel_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+    stored = tl.minimum(_budget_blocks(sel_len, nb0, BLOCK_SIZE, BUDGET_TOKENS, FRACTION, MIN_BLOCKS, MIN_CONTEXT),
                         NUM_SEL)
+    budget = tl.where(seq_len > 0, stored + nb - nb0, 0)  # slots read: stored ones, then blocks started since
     TILE: tl.constexpr = TILE_BLOCKS * BLOCK_SIZE
     t = tl.arange(0, TILE)
     slot_in_tile = t // BLOCK_SIZE
@@ -400,12 +425,14 @@ def _topk_decode_kernel(
     if first < budget:  # k covers min_context's dense blocks: splits past a sequence's budget read nothing
         for i in range(0, BLOCKS_PER_SPLIT, TILE_BLOCKS):
             rank = first + i + slot_in_tile  # the selection fills slots [0, budget) of (sequence, kv-head)
-            in_range = (rank < NUM_SEL) & (i + slot_in_tile < BLOCKS_PER_SPLIT) & (rank < budget)
+            in_range = (rank < NUM_SLOTS) & (i + slot_in_tile < BLOCKS_PER_SPLIT) & (rank < budget)
             # Every load in this loop is unmasked at a clamped, always-valid index (slot 0, logical block 0, the
             # physical block in table column 0) and dead lanes are masked only in the scores: masked loads here
             # broke Triton 3.6's layout passes on sm_90 ("mask type matches ptr type" / RemoveLayoutConversions).
-            safe_rank = tl.where(in_range, rank, 0)
+            from_store = rank < stored
+            safe_rank = tl.where(in_range & from_store, rank, 0)
             logical = tl.load(TOP_IDX + sel_base + safe_rank).to(tl.int64)
+            logical = tl.where(from_store, logical, nb0 + rank - stored)
             pos = logical * BLOCK_SIZE + offset
             live = in_range & (pos < seq_len)
             phys = tl.load(TABLE + n * stride_tn + tl.where(live, logical, 0)).to(tl.int64)
@@ -527,6 +554,18 @@ def _merge_row(M, L, ACC, OUT, pid_nh, n, stride_on, stride_oh, NUM_KV_HEADS: tl
         tl.store(OUT + n * stride_on + (h * GROUP + j) * stride_oh + d, o.to(OUT.dtype.element_ty))
 
 
+@dataclass
+class Reuse:
+    """Selection reuse for one call (reuse.py): the rows' stored selections [N, Hkv, k] int32 (slots [0, budget)
+    valid, ascending; written here for rows with reselect 1, read by every row), the per-row reselect flags [N] int32
+    and lengths at the stored selection [N] int32, and the blocks a reused row may add (``reuse_extra_blocks``)."""
+
+    store: torch.Tensor
+    reselect: torch.Tensor
+    sel_seq_lens: torch.Tensor
+    extra: int
+
+
 def _launch_cfg(bs: int, k: int, num_splits: int | None, tile_blocks: int | None) -> tuple[int, int, int]:
     """(tile_blocks, blocks per split, splits) of the decode kernel for k selection slots."""
     tile_blocks = tile_blocks or max(1, 64 // bs)
@@ -537,8 +576,10 @@ def _launch_cfg(bs: int, k: int, num_splits: int | None, tile_blocks: int | None
 
 
 def score_blocks(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, params, score_tile: int = 64) -> torch.Tensor:
-    """[N, Hkv, B] float32 Quest bounds (+inf forced); columns >= a sequence's block count are left unwritten."""
+                 seq_lens: torch.Tensor, params, score_tile: int = 64,
+                 reselect: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, Hkv, B] float32 Quest bounds (+inf forced); columns >= a sequence's block count are left unwritten, and
+    so are the rows whose ``reselect`` flag [N] is 0."""
     N, Hq, D = q.shape
     Hkv = kmin.shape[1]
     G = Hq // Hkv
@@ -547,35 +588,39 @@ def score_blocks(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_
     scores = torch.empty(N, Hkv, B, dtype=torch.float32, device=q.device)
     dot_fp32 = _dot_fp32(q, kmin)
     _masked_score_kernel[(N * Hkv, triton.cdiv(B, score_tile))](
-        q, kmin, kmax, block_table, seq_lens, scores,
+        q, kmin, kmax, block_table, seq_lens, scores, seq_lens if reselect is None else reselect,
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), block_table.stride(0), scores.stride(0),
         scores.stride(1),
         NUM_KV_HEADS=Hkv, GROUP=G, GROUP_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, TILE=score_tile,
         REDUCE_MAX=params.gqa_reduce == "max", BLOCK_SIZE=params.block_size, SINK_BLOCKS=params.sink_blocks,
-        RECENT_BLOCKS=params.recent_blocks, MIN_CONTEXT=params.min_context_tokens, DOT_FP32=dot_fp32)
+        RECENT_BLOCKS=params.recent_blocks, MIN_CONTEXT=params.min_context_tokens, DOT_FP32=dot_fp32,
+        HAS_REUSE=reselect is not None)
     return scores
 
 
-def select_top_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, params, k: int) -> torch.Tensor:
+def select_top_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, params, k: int,
+                      reuse: "Reuse | None" = None) -> torch.Tensor:
     """[N, Hkv, k] int32 logical block indices: slots [0, budget) hold each sequence's budget of best blocks in
     ascending block order (budget from seq_lens, as ``planner.device_budgets``); later slots are unspecified.
     A row's scores stay in registers (next power of two of B): fine up to B = 16384 columns (256K tokens at
-    16-token blocks); wider tables still work, slower (spills)."""
+    16-token blocks); wider tables still work, slower (spills). ``reuse``: written into its store, rows with
+    reselect 0 untouched."""
     N, Hkv, B = scores.shape
     k = min(k, B)
     if k >= 1 << 16:
         raise ValueError(f"select_top_blocks: {k} slots; at most 65535 (the packed scan's low field)")
-    top_idx = torch.empty(N, Hkv, k, dtype=torch.int32, device=scores.device)
+    top_idx = _top_idx(N, Hkv, k, scores.device, reuse)
     width_pad = triton.next_power_of_2(B)
     radix = params.select == "radix"  # (no early-exit fallback: the radix select has no data-dependent loop)
 
     def launch(early_exit: bool) -> None:
         _select_kernel[(N * Hkv,)](
-            scores, seq_lens, top_idx, scores.stride(0), scores.stride(1),
+            scores, seq_lens, top_idx, seq_lens if reuse is None else reuse.reselect, scores.stride(0),
+            scores.stride(1),
             NUM_KV_HEADS=Hkv, WIDTH_PAD=width_pad, NUM_SEL=k, BLOCK_SIZE=params.block_size,
             BUDGET_TOKENS=params.budget_tokens, FRACTION=float(params.budget_fraction),
             MIN_BLOCKS=params.sink_blocks + params.recent_blocks, MIN_CONTEXT=params.min_context_tokens,
-            EARLY_EXIT=early_exit, RADIX=radix,
+            EARLY_EXIT=early_exit, RADIX=radix, HAS_REUSE=reuse is not None,
             num_warps=max(4, min(8, width_pad // 1024)))  # H100, 8200 columns: 8 warps
 
     global SELECT_EARLY_EXIT
@@ -594,13 +639,24 @@ def select_top_blocks(scores: torch.Tensor, seq_lens: torch.Tensor, params, k: i
     return top_idx
 
 
+def _top_idx(N: int, Hkv: int, k: int, device: torch.device, reuse: "Reuse | None") -> torch.Tensor:
+    """The select's output: a fresh [N, Hkv, k] int32, or the reuse store (checked to be that shape)."""
+    if reuse is None:
+        return torch.empty(N, Hkv, k, dtype=torch.int32, device=device)
+    st = reuse.store
+    if tuple(st.shape) != (N, Hkv, k) or st.dtype != torch.int32 or not st.is_contiguous():
+        raise ValueError(f"selection reuse: the store must be a contiguous int32 [{N}, {Hkv}, {k}] (k = the select's "
+                         f"slots), got {st.dtype} {tuple(st.shape)}")
+    return st
+
+
 def _dot_fp32(q: torch.Tensor, kmin: torch.Tensor) -> bool:
     return _INTERPRET or kmin.dtype not in (torch.bfloat16, torch.float16) or q.dtype != kmin.dtype
 
 
 def score_groups(q: torch.Tensor, summ, block_table: torch.Tensor, seq_lens: torch.Tensor, params,
                  score_tile: int = 64, fuse_key: torch.Tensor | None = None,
-                 fuse_slots: torch.Tensor | None = None) -> torch.Tensor:
+                 fuse_slots: torch.Tensor | None = None, reselect: torch.Tensor | None = None) -> torch.Tensor:
     """Two-level, coarse pass: [N, Hkv, ceil(B / group_blocks)] float32 group bounds (+inf forced); fills empty
     group rows of ``summ`` (a summaries.BlockSummaries with group tensors). ``fuse_key`` [N, Hkv, D] /
     ``fuse_slots`` [N]: this decode step's keys, folded into the block summaries in the same launch."""
@@ -619,17 +675,19 @@ def score_groups(q: torch.Tensor, summ, block_table: torch.Tensor, seq_lens: tor
     slots = fuse_slots if fuse else seq_lens
     _group_score_kernel[(N * Hkv, triton.cdiv(ngw, score_tile))](
         q, summ.kmin, summ.kmax, summ.gmin, summ.gmax, block_table, seq_lens, scores, key, slots,
+        seq_lens if reselect is None else reselect,
         q.stride(0), q.stride(1), summ.kmin.stride(0), summ.kmin.stride(1), block_table.stride(0), scores.stride(0),
         scores.stride(1), key.stride(0), key.stride(1),
         NUM_KV_HEADS=Hkv, GROUP=Hq // Hkv, GROUP_PAD=max(16, triton.next_power_of_2(Hq // Hkv)), HEAD_DIM=D,
         TILE=score_tile, REDUCE_MAX=params.gqa_reduce == "max", BLOCK_SIZE=params.block_size, GROUP_BLOCKS=gb,
         SINK_BLOCKS=params.sink_blocks, RECENT_BLOCKS=params.recent_blocks, MIN_CONTEXT=params.min_context_tokens,
-        DOT_FP32=_dot_fp32(q, summ.kmin), FUSE_UPDATE=fuse)
+        DOT_FP32=_dot_fp32(q, summ.kmin), FUSE_UPDATE=fuse, HAS_REUSE=reselect is not None)
     return scores
 
 
 def refine_select(q: torch.Tensor, summ, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                  group_scores: torch.Tensor, params, k: int, fine_tile: int = 64) -> torch.Tensor:
+                  group_scores: torch.Tensor, params, k: int, fine_tile: int = 64,
+                  reuse: "Reuse | None" = None) -> torch.Tensor:
     """Two-level, fine pass: [N, Hkv, k] int32 slots as ``select_top_blocks`` (the budget of best blocks among the
     candidate groups' blocks, ascending; later slots unspecified)."""
     N, Hq, D = q.shape
@@ -646,13 +704,14 @@ def refine_select(q: torch.Tensor, summ, block_table: torch.Tensor, seq_lens: to
     cand_pad = max(2, triton.next_power_of_2(cand))
     fine_tile = min(fine_tile, cand_pad * gb)
     q = q.contiguous()
-    top_idx = torch.empty(N, Hkv, k, dtype=torch.int32, device=q.device)
+    top_idx = _top_idx(N, Hkv, k, q.device, reuse)
     cand_buf = torch.empty(N * Hkv, cand_pad, dtype=torch.int32, device=q.device)
     fine_buf = torch.empty(N * Hkv, cand_pad * gb, dtype=torch.float32, device=q.device)
     groups_pad = triton.next_power_of_2(ngw)
     forced = -(-params.sink_blocks // gb) + -(-params.recent_blocks // gb) + 1  # as RetrievalParams.candidate_groups
     _refine_select_kernel[(N * Hkv,)](
         q, summ.kmin, summ.kmax, block_table, seq_lens, group_scores, cand_buf, fine_buf, top_idx,
+        seq_lens if reuse is None else reuse.reselect,
         q.stride(0), q.stride(1), summ.kmin.stride(0), summ.kmin.stride(1), block_table.stride(0),
         group_scores.stride(0), group_scores.stride(1),
         NUM_KV_HEADS=Hkv, GROUP=Hq // Hkv, GROUP_PAD=max(16, triton.next_power_of_2(Hq // Hkv)), HEAD_DIM=D,
@@ -661,6 +720,7 @@ def refine_select(q: torch.Tensor, summ, block_table: torch.Tensor, seq_lens: to
         FINE_TILE=fine_tile, NUM_SEL=k, BUDGET_TOKENS=params.budget_tokens, FRACTION=float(params.budget_fraction),
         SINK_BLOCKS=params.sink_blocks, RECENT_BLOCKS=params.recent_blocks, MIN_CONTEXT=params.min_context_tokens,
         DOT_FP32=_dot_fp32(q, summ.kmin), EARLY_EXIT=SELECT_EARLY_EXIT, RADIX=params.select == "radix",
+        HAS_REUSE=reuse is not None,
         num_warps=max(4, min(8, max(groups_pad, cand_pad * gb) // 1024)))
     return top_idx
 
@@ -668,9 +728,11 @@ def refine_select(q: torch.Tensor, summ, block_table: torch.Tensor, seq_lens: to
 def attend_selected(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                     top_idx: torch.Tensor, seq_lens: torch.Tensor, params, scale: float,
                     out: torch.Tensor | None = None, num_splits: int | None = None,
-                    tile_blocks: int | None = None, keep_empty_rows: bool = False) -> torch.Tensor:
+                    tile_blocks: int | None = None, keep_empty_rows: bool = False,
+                    reuse: "Reuse | None" = None) -> torch.Tensor:
     """Flash-decoding over the selected blocks (``select_top_blocks``' slots) + the split merge.
-    ``keep_empty_rows``: rows of sequences with seq_len 0 keep what ``out`` holds (else: zeros)."""
+    ``keep_empty_rows``: rows of sequences with seq_len 0 keep what ``out`` holds (else: zeros). ``reuse``: rows
+    with reselect 0 read their stored selection (``top_idx`` is the store) plus the blocks started since."""
     if keep_empty_rows and out is None:
         raise ValueError("keep_empty_rows needs out= (the rows to keep)")
     N, Hq, D = q.shape
@@ -678,20 +740,22 @@ def attend_selected(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     G = Hq // Hkv
     g_pad = max(16, triton.next_power_of_2(G))
     k = top_idx.shape[-1]
+    slots = k + (reuse.extra if reuse is not None else 0)
     q = q.contiguous()
-    tile_blocks, per_split, num_splits = _launch_cfg(bs, k, num_splits, tile_blocks)
+    tile_blocks, per_split, num_splits = _launch_cfg(bs, slots, num_splits, tile_blocks)
     m = torch.empty(N, Hkv, num_splits, g_pad, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(N, Hkv, num_splits, g_pad, D, dtype=torch.float32, device=q.device)
     _topk_decode_kernel[(N * Hkv, num_splits)](
-        q, key_cache, value_cache, block_table, top_idx, seq_lens, m, l, acc, scale,
+        q, key_cache, value_cache, block_table, top_idx, seq_lens, m, l, acc,
+        seq_lens if reuse is None else reuse.reselect, seq_lens if reuse is None else reuse.sel_seq_lens, scale,
         q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_table.stride(0),
         NUM_KV_HEADS=Hkv, GROUP=G, GROUP_PAD=g_pad, HEAD_DIM=D, BLOCK_SIZE=bs, NUM_SEL=k,
         BLOCKS_PER_SPLIT=per_split, TILE_BLOCKS=tile_blocks, NUM_SPLITS=num_splits,
         BUDGET_TOKENS=params.budget_tokens, FRACTION=float(params.budget_fraction),
         MIN_BLOCKS=params.sink_blocks + params.recent_blocks, MIN_CONTEXT=params.min_context_tokens,
-        DOT_FP32=_INTERPRET or q.dtype == torch.float32)
+        DOT_FP32=_INTERPRET or q.dtype == torch.float32, HAS_REUSE=reuse is not None, NUM_SLOTS=slots)
     if out is None:
         out = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
     _merge_kernel[(N * Hkv,)](m, l, acc, out, seq_lens, out.stride(0), out.stride(1), NUM_KV_HEADS=Hkv, GROUP=G,
@@ -705,7 +769,7 @@ def retrieval_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
                      scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
                      tile_blocks: int | None = None, score_tile: int = 64, summ=None,
                      fuse_key: torch.Tensor | None = None, fuse_slots: torch.Tensor | None = None,
-                     keep_empty_rows: bool = False) -> torch.Tensor:
+                     keep_empty_rows: bool = False, reuse: "Reuse | None" = None) -> torch.Tensor:
     """One decode step of retrieval attention on the GPU: q [N, Hq, D] (one token per sequence), key/value
     caches as [num_blocks, Hkv, block_size, D] views, summaries [num_blocks+1, Hkv, D], block_table [N, B],
     seq_lens [N]; ``params`` a planner.RetrievalParams, ``k`` the fixed selection slots. Writes into ``out``
@@ -715,18 +779,21 @@ def retrieval_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     its block summaries); ``fuse_key``/``fuse_slots`` then fold this step's summary update into the scoring
     (instead of a separate ``update_summaries`` launch). ``keep_empty_rows``: a sequence of length 0 reads
     nothing (its score tiles, select and attend splits return at once) and its rows of ``out`` keep what they hold
-    (the graph's dense path wrote them: DecodeGraphPlan); without it they come out as zeros."""
+    (the graph's dense path wrote them: DecodeGraphPlan); without it they come out as zeros. ``reuse`` (Reuse,
+    reselect_interval > 1): score and select run for rows with reselect 1 only, into ``reuse.store`` ([N, Hkv, k]);
+    every row attends its stored selection plus the blocks started since it was made."""
     if key_cache.shape[2] != params.block_size:
         raise ValueError(f"KV cache blocks hold {key_cache.shape[2]} tokens, params.block_size is {params.block_size}")
+    reselect = None if reuse is None else reuse.reselect
     if params.group_blocks > 1:
         if summ is None:
             raise ValueError("two-level selection (group_blocks > 1) needs summ= (BlockSummaries with groups)")
-        gscores = score_groups(q, summ, block_table, seq_lens, params, score_tile, fuse_key, fuse_slots)
-        top_idx = refine_select(q, summ, block_table, seq_lens, gscores, params, k)
+        gscores = score_groups(q, summ, block_table, seq_lens, params, score_tile, fuse_key, fuse_slots, reselect)
+        top_idx = refine_select(q, summ, block_table, seq_lens, gscores, params, k, reuse=reuse)
     else:
         if fuse_key is not None:
             raise ValueError("the fused summary update needs two-level selection (group_blocks > 1)")
-        scores = score_blocks(q, kmin, kmax, block_table, seq_lens, params, score_tile)
-        top_idx = select_top_blocks(scores, seq_lens, params, k)
+        scores = score_blocks(q, kmin, kmax, block_table, seq_lens, params, score_tile, reselect)
+        top_idx = select_top_blocks(scores, seq_lens, params, k, reuse)
     return attend_selected(q, key_cache, value_cache, block_table, top_idx, seq_lens, params, scale, out,
-                           num_splits, tile_blocks, keep_empty_rows)
+                           num_splits, tile_blocks, keep_empty_rows, reuse)

@@ -34,7 +34,7 @@ def _config():
 # this process through LLM.collective_rpc, so one engine (one start-up) answers the same questions dense and
 # under several configs. {"dense": True} sends every chunk to the dense backend. Empty = the config as resolved.
 OVERRIDE_KEYS = ("pattern_config", "group_shared_selection", "fused_estimate", "budget_scale_limit", "dense_tail_rows",
-                 "vertical_segment_rows")
+                 "vertical_segment_rows", "min_prompt_tokens", "exact_selection")
 _override: dict[str, Any] = {}
 _override_version = 0  # bumped by set_override: builder hooks rebuild their decider
 _runners: "weakref.WeakSet[runner.SparsePrefillRunner]" = weakref.WeakSet()
@@ -65,7 +65,7 @@ def set_override(_worker: Any = None, **fields: Any) -> None:
     chosen = _chosen(cfg)
     for r in list(_runners):
         r.reconfigure(chosen.config, cfg.group_shared_selection, cfg.fused_estimate, cfg.dense_tail_rows,
-                      cfg.vertical_segment_rows)
+                      cfg.vertical_segment_rows, cfg.exact_selection)
     logger.info("kvplug sparse prefill: override %s", fields or "cleared")
 
 
@@ -247,7 +247,8 @@ def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:
     cfg = _effective(cfg)
     r = runner.SparsePrefillRunner(_chosen(cfg).config, impl.num_heads, impl.num_kv_heads, impl.scale,
                                    cfg.group_shared_selection, cfg.fused_estimate, chosen_executor,
-                                   cfg.dense_tail_rows, cfg.compiled_index, cfg.vertical_segment_rows)
+                                   cfg.dense_tail_rows, cfg.compiled_index, cfg.vertical_segment_rows,
+                                   cfg.exact_selection)
     _runners.add(r)
     return r
 

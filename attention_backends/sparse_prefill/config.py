@@ -78,6 +78,14 @@ class SparsePrefillConfig(Section):
     # then prices the compiled build (cost tables' executors.*.index_compiled). Off by default until measured end
     # to end with the cost model on (DEVELOPERS.md, GPU item 3f).
     compiled_index: bool = False
+    # A diagnostic, not a serving mode: patterns rank their candidates by the exact attention mass of every query
+    # row instead of their estimate, under the same budgets (vertical-slash: every row of the chunk, or of each
+    # vertical_segment_rows segment, votes for columns and diagonals instead of its last 64; block-sparse: each
+    # query block keeps the key blocks holding most of its rows' softmax mass instead of the top mean-pooled
+    # scores). With vertical_segment_rows=64 every query block gets its own exact top columns and blocks. Why:
+    # separates "the estimate picks the wrong keys" from "the budgets are too small" (issue 16's lost passkey
+    # answers; BENCHMARKS.md, "Sparse prefill"). Cost: a dense attention pass per chunk on top of the sparse one.
+    exact_selection: bool = False
 
     def validate(self, path: str) -> None:
         if self.executor not in EXECUTORS:

@@ -171,7 +171,8 @@ class LayerPlan:
 
 def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometry, plan: LayerPlan, scale: float,
                 trim_columns: bool = True, group_shared: bool = False, window_ranges: bool = False,
-                dense_tail_rows: int = 0, compiled: bool = False, vertical_segment_rows: int = 0) -> SparseIndex:
+                dense_tail_rows: int = 0, compiled: bool = False, vertical_segment_rows: int = 0,
+                exact_selection: bool = False) -> SparseIndex:
     """q [n, Hq, d] the chunk's queries, k [L, Hkv, d] the sequence's keys (or PagedKeys: left in the paged
     cache) -> one SparseIndex for all heads. ``trim_columns`` drops all-padding column slots (a host sync: CPU
     only; GPU kernels skip them by count). ``group_shared``: heads of a KV group that share a pattern select
@@ -181,12 +182,14 @@ def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometr
     (whole query blocks) attend every causal key (SparseIndex.with_dense_tail; sparse_prefill.dense_tail_rows).
     ``vertical_segment_rows``: vertical-slash picks columns per segment of that many rows (SparsePattern.select;
     sparse_prefill.vertical_segment_rows). ``compiled``: the same index through torch.compile (compiled_builder;
-    sparse_prefill.compiled_index)."""
+    sparse_prefill.compiled_index). ``exact_selection``: patterns rank by the exact attention mass of every row
+    (SparsePattern.select; sparse_prefill.exact_selection, a diagnostic: built eager, compiled or not)."""
     build = _build_untrimmed
-    if compiled:
+    if compiled and not exact_selection:
         build = compiled_builder()
         q, k = _fresh_inputs(q, k)
-    index = build(q, k, geom, plan, scale, group_shared, window_ranges, dense_tail_rows, vertical_segment_rows)
+    index = build(q, k, geom, plan, scale, group_shared, window_ranges, dense_tail_rows, vertical_segment_rows,
+                  exact_selection)
     if trim_columns and index.cols.shape[-1]:
         index.cols = index.cols[..., :max(int(index.col_count.max()), 1)]
     return index
@@ -247,7 +250,7 @@ def compiled_builder():
 
 def _build_untrimmed(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometry, plan: LayerPlan,
                      scale: float, group_shared: bool, window_ranges: bool, dense_tail_rows: int,
-                     vertical_segment_rows: int = 0) -> SparseIndex:
+                     vertical_segment_rows: int = 0, exact_selection: bool = False) -> SparseIndex:
     """build_index without the column trim (a host sync, outside the compiled region)."""
     k_heads = key_heads(k)  # [Hkv, L, d] view: patterns pick each query head's KV head themselves
     Hq, Hkv = q.shape[1], num_kv_heads(k_heads)
@@ -263,7 +266,8 @@ def _build_untrimmed(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGe
         qh = q.transpose(0, 1) if g.heads.numel() == Hq else q[:, g.heads].transpose(0, 1)
         mask, cols, ranges = registry.get(g.pattern).select(qh, k_heads, kv_of[g.heads], geom, g.budgets,
                                                             g.budget_max, scale, group_shared=group_shared,
-                                                            segment_rows=vertical_segment_rows)
+                                                            segment_rows=vertical_segment_rows,
+                                                            exact=exact_selection)
         block_mask[g.heads] = mask
         if cols is not None:
             verticals.append((g.heads, cols))

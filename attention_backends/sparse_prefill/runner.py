@@ -157,22 +157,24 @@ class SparsePrefillRunner:
 
     def __init__(self, pattern_config: PatternConfig, num_heads: int, num_kv_heads: int, scale: float,
                  group_shared: bool = False, fused_estimate: bool = False, executor: Executor | None = None,
-                 dense_tail_rows: int = 0, compiled_index: bool = False, vertical_segment_rows: int = 0) -> None:
+                 dense_tail_rows: int = 0, compiled_index: bool = False, vertical_segment_rows: int = 0,
+                 exact_selection: bool = False) -> None:
         self.pattern_config = pattern_config
         self.num_heads, self.num_kv_heads, self.scale = num_heads, num_kv_heads, scale
         # sparse_prefill.group_shared_selection / fused_estimate / executor / dense_tail_rows /
-        # vertical_segment_rows (config.py)
+        # vertical_segment_rows / exact_selection (config.py)
         self.group_shared, self.fused_estimate, self.dense_tail_rows = group_shared, fused_estimate, dense_tail_rows
         self.compiled_index = compiled_index  # sparse_prefill.compiled_index: build_index(compiled=True)
-        self.vertical_segment_rows = vertical_segment_rows
+        self.vertical_segment_rows, self.exact_selection = vertical_segment_rows, exact_selection
         self.executor = executor or Executor("triton")
         self._layer_plans: dict[float, LayerPlan] = {}  # by budget factor (head_config.budget_scale)
 
     def reconfigure(self, pattern_config: PatternConfig, group_shared: bool, fused_estimate: bool,
-                    dense_tail_rows: int = 0, vertical_segment_rows: int = 0) -> None:
+                    dense_tail_rows: int = 0, vertical_segment_rows: int = 0, exact_selection: bool = False) -> None:
         """Another per-head config / selection mode from the next chunk on (backend_hooks.set_override)."""
         self.pattern_config, self.group_shared, self.fused_estimate = pattern_config, group_shared, fused_estimate
         self.dense_tail_rows, self.vertical_segment_rows = dense_tail_rows, vertical_segment_rows
+        self.exact_selection = exact_selection
         self._layer_plans = {}
 
     def layer_plan(self, layer: Any, device: torch.device, budget_factor: float = 1.0) -> LayerPlan:
@@ -221,13 +223,13 @@ class SparsePrefillRunner:
             return triton_kernels.sparse_prefill_paged(q, key_cache, value_cache, blocks, geom, layer_plan,
                                                        self.scale, out, self.group_shared, self.fused_estimate,
                                                        self.dense_tail_rows, self.compiled_index,
-                                                       self.vertical_segment_rows)
+                                                       self.vertical_segment_rows, self.exact_selection)
         k = _gather_sequence(key_cache, blocks, geom.L)
         v = _gather_sequence(value_cache, blocks, geom.L)
         # CPU: the torch estimate on the gathered keys (fused_estimate is a Triton kernel: CUDA only)
         index = build_index(q, k, geom, layer_plan, self.scale, group_shared=self.group_shared,
                             dense_tail_rows=self.dense_tail_rows, compiled=self.compiled_index,
-                            vertical_segment_rows=self.vertical_segment_rows)
+                            vertical_segment_rows=self.vertical_segment_rows, exact_selection=self.exact_selection)
         sparse_attention(q, k, v, index, self.scale, out=out)
         return index.computed_pairs(geom).sum()
 
@@ -301,7 +303,8 @@ class SparsePrefillRunner:
             index = build_index(q, keys, geom, layer_plan, self.scale, trim_columns=False,
                                 group_shared=self.group_shared, window_ranges=True,
                                 dense_tail_rows=self.dense_tail_rows, compiled=self.compiled_index,
-                                vertical_segment_rows=self.vertical_segment_rows)
+                                vertical_segment_rows=self.vertical_segment_rows,
+                                exact_selection=self.exact_selection)
         with record_function("kvplug.sparse_prefill.attend"):
             fa2_sparse.attend(self.executor.kernel, q, k, v, index, geom, self.scale, out, seq,
                               fa2_sparse.plan_has_blocks(layer_plan, self.dense_tail_rows))

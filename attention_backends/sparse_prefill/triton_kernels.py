@@ -519,21 +519,22 @@ def sparse_prefill_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
                          geom: ChunkGeometry, plan: LayerPlan, scale: float, out: torch.Tensor,
                          group_shared: bool = False, fused_estimate: bool = False,
                          dense_tail_rows: int = 0, compiled_index: bool = False,
-                         vertical_segment_rows: int = 0) -> torch.Tensor:
+                         vertical_segment_rows: int = 0, exact_selection: bool = False) -> torch.Tensor:
     """The CUDA path of one chunk: index from the chunk's queries and the sequence's keys, then the kernel.
     Returns the computed (query, key) pairs as a device scalar (read back later, outside forward).
     ``group_shared``: one selection per KV group (build_index) and, where every group's heads share a pattern
     and budgets, the shared group kernel. ``fused_estimate``: vertical-slash estimates from the paged cache in
     place (estimate_kernels.py) instead of from a copy of the sequence's keys. ``dense_tail_rows``: the chunk's
     last rows attend every causal key (build_index). ``compiled_index``: build_index(compiled=True).
-    ``vertical_segment_rows``: columns per row segment (build_index)."""
+    ``vertical_segment_rows``: columns per row segment (build_index). ``exact_selection``: rank by exact
+    attention mass (build_index)."""
     keys = PagedKeys(key_cache, pages, geom.L)
     # copy: [Hkv, L, d] contiguous per KV head (what the torch estimate's matmuls read), viewed as [L, Hkv, d]
     k = keys if fused_estimate else keys.heads().transpose(0, 1)
     with record_function("kvplug.sparse_prefill.index"):  # host time of each part, named in a profile
         index = build_index(q, k, geom, plan, scale, trim_columns=False, group_shared=group_shared,
                             dense_tail_rows=dense_tail_rows, compiled=compiled_index,
-                            vertical_segment_rows=vertical_segment_rows)
+                            vertical_segment_rows=vertical_segment_rows, exact_selection=exact_selection)
     shared_kernel = group_shared and plan.group_uniform(q.shape[1] // key_cache.shape[1])
     with record_function("kvplug.sparse_prefill.attend"):
         sparse_attention_paged(q, key_cache, value_cache, pages, index, geom, scale, out,

@@ -16,7 +16,11 @@ and k = planner.graph_k (the slots vLLM captures). Per (batch, context):
   * --variants: the same per-layer graph for each selection variant (``single``: the production step above;
     ``two_level``: one summary per --group-blocks blocks scored first, the best groups refined per block;
     ``two_level_fused``: the same with the summary update folded into the group-score launch), each checked
-    against its torch reference, with the share of ``single``'s blocks it also reads;
+    against its torch reference, with the share of ``single``'s blocks it also reads; ``reuse<N>``: selection
+    reuse (reselect_interval N, single-level): the graph of layers timed for the reselect step (every row scores
+    and selects into its stored selection) and for a reuse step (score and select exit at once; attend reads
+    the stored selection plus the blocks started since, as many as the interval's last step has), and
+    ``per_layer_ms`` = (reselect + (N - 1) x reuse) / N, the cost per layer averaged over the interval;
   * --break-even-contexts: batch 1, the per-layer graph of each variant vs dense SDPA in a graph of as many
     layers, at each context; the crossover per variant (``break_even.crossover``); --write-break-even stores it
     in attention_backends/retrieval_decode/break_even.json for ``retrieval_decode.break_even="measured"``. At
@@ -76,12 +80,26 @@ def _params(budget: int) -> planner.RetrievalParams:
 # single: the production step; two_level: group summaries scored first (--group-blocks), refined per block;
 # _fused: the summary update folded into the group-score launch; _radix: the histogram select instead of bisection.
 VARIANTS = ("single", "single_radix", "two_level", "two_level_fused", "two_level_fused_radix")
+# reuse<N>: selection reuse (reselect_interval N) of the single-level step; any N > 1 is accepted.
+REUSE_VARIANTS = ("reuse4", "reuse8")
+
+
+def _reuse_interval(name: str) -> int | None:
+    """N of a ``reuse<N>`` variant name, else None."""
+    if not name.startswith("reuse"):
+        return None
+    if not name[5:].isdigit() or int(name[5:]) < 2:
+        raise SystemExit(f"--variants: {name!r}: a reuse variant is reuse<N> with N >= 2 (e.g. reuse4)")
+    return int(name[5:])
 
 
 def _variant(name: str, base: planner.RetrievalParams, group_blocks: int, group_refine: float):
     """(params, fold the summary update into the step) of a --variants name."""
+    interval = _reuse_interval(name)
+    if interval is not None:
+        return dataclasses.replace(base, reselect_interval=interval), False
     if name not in VARIANTS:
-        raise SystemExit(f"--variants: unknown variant {name!r}; one of {', '.join(VARIANTS)}")
+        raise SystemExit(f"--variants: unknown variant {name!r}; one of {', '.join(VARIANTS)}, reuse<N>")
     params = dataclasses.replace(base, select="radix" if name.endswith("_radix") else "bisect")
     if name.startswith("two_level"):
         params = dataclasses.replace(params, group_blocks=group_blocks, group_refine=group_refine)
@@ -125,6 +143,63 @@ def retrieval_step(s, layer: dict, out=None, params=None, fuse: bool = False):
                                            out=s["out"] if out is None else out, summ=summ,
                                            fuse_key=s["new_keys"] if fuse else None,
                                            fuse_slots=s["new_slots"] if fuse else None)
+
+
+def reuse_step(s, layer: dict, out, params, reselect: torch.Tensor):
+    """The step with selection reuse (reuse.py): ``reselect`` [N] int32 flags (1: score + select into the layer's
+    store; 0: attend the stored selection, made at s["sel_seq_lens"], plus the blocks started since)."""
+    summ = layer["summ"]
+    r = triton_kernels.Reuse(layer["store"], reselect, s["sel_seq_lens"], params.reuse_extra_blocks)
+    return triton_kernels.retrieval_decode(s["q"], layer["kview"], layer["vview"], summ.kmin, summ.kmax, s["table"],
+                                           s["seq_lens"], params, s["k"], _scale(), out=out, summ=summ, reuse=r)
+
+
+def _reuse_setup(s, params) -> None:
+    """Per layer a store of selections made at seq_lens - (N - 1) (the interval's first step), so the timed reuse
+    step is the interval's last one: the most blocks started since; and the flag vectors of both steps."""
+    n = s["q"].shape[0]
+    s["sel_seq_lens"] = (s["seq_lens"] - (params.reselect_interval - 1)).clamp(min=1)
+    s["flags_select"] = torch.ones(n, dtype=torch.int32, device=DEV)
+    s["flags_reuse"] = torch.zeros(n, dtype=torch.int32, device=DEV)
+    lens = s["seq_lens"].clone()
+    s["seq_lens"].copy_(s["sel_seq_lens"])
+    for lay in s["layers"]:
+        lay["store"] = torch.zeros(n, HKV, s["k"], dtype=torch.int32, device=DEV)
+        reuse_step(s, lay, torch.empty_like(s["q"]), params, s["flags_select"])
+    s["seq_lens"].copy_(lens)
+
+
+def reuse_stacked_ms(s, params) -> dict:
+    """reuse<N>: the graph of layers (summary update + step) with every flag 1 (the reselect step) and with every
+    flag 0 (a reuse step), per layer; ``per_layer_ms`` averages them over the interval."""
+    _reuse_setup(s, params)
+    outs = [torch.empty_like(s["q"]) for _ in s["layers"]]
+
+    def run(flags):
+        def step():
+            for lay, out in zip(s["layers"], outs):
+                summary_update_step(s, lay)
+                reuse_step(s, lay, out, params, flags)
+        return _graph_ms(step, iters=20) / len(s["layers"])
+    reuse_ms = run(s["flags_reuse"])  # first: the reselect run would overwrite the interval's first selection
+    select_ms = run(s["flags_select"])
+    _reuse_setup(s, params)  # the stores back to the interval's first step
+    n = params.reselect_interval
+    return {"per_layer_ms": (select_ms + (n - 1) * reuse_ms) / n, "reselect_step_per_layer_ms": select_ms,
+            "reuse_step_per_layer_ms": reuse_ms, "reselect_interval": n, "graph_layers": len(s["layers"])}
+
+
+def reuse_reference_check(s, params) -> float:
+    """Max |reuse step - reuse.reused_selection over the layer's store + reference attention| on layer 0."""
+    from attention_backends.retrieval_decode import reuse
+
+    lay = s["layers"][0]
+    _reuse_setup(s, params)
+    sel = reuse.reused_selection(lay["store"], s["flags_reuse"], s["sel_seq_lens"], s["seq_lens"], params,
+                                 params.reuse_extra_blocks)
+    want = selected_block_attention(s["q"], lay["kview"], lay["vview"], s["table"], s["seq_lens"], sel, _scale())
+    got = reuse_step(s, lay, torch.empty_like(s["q"]), params, s["flags_reuse"])
+    return (got.float() - want.float()).abs().max().item()
 
 
 def summary_update_step(s, layer: dict):
@@ -182,9 +257,12 @@ def stage_times(s) -> dict:
 
 
 def stacked_layers_ms(s, params=None, fuse: bool = False) -> dict:
-    """All layers' summary update + retrieval step in one graph (distinct KV per layer), per layer."""
+    """All layers' summary update + retrieval step in one graph (distinct KV per layer), per layer (reuse<N>:
+    averaged over the interval, reuse_stacked_ms)."""
     outs = [torch.empty_like(s["q"]) for _ in s["layers"]]
     params = params or s["params"]
+    if params.reselect_interval > 1:
+        return reuse_stacked_ms(s, params)
 
     def step():
         for lay, out in zip(s["layers"], outs):
@@ -285,6 +363,13 @@ def block_overlap(s, params) -> float:
 
 def variant_row(s, params, fuse: bool) -> dict:
     """A variant's stages (layer 0) each in their own graph, the per-layer graph, the checks."""
+    if params.reselect_interval > 1:  # reuse<N>: the two steps and their average; the reuse step's own check
+        row = {"max_err_vs_torch_reference": reference_check(s, params),
+               "reuse_max_err_vs_torch_reference": reuse_reference_check(s, params)}
+        row.update(reuse_stacked_ms(s, params))
+        row["max_err_vs_torch_reference"] = max(row["max_err_vs_torch_reference"],
+                                                row["reuse_max_err_vs_torch_reference"])
+        return row
     lay = s["layers"][0]
     summ = lay["summ"]
     row: dict = {"group_blocks": params.group_blocks, "group_refine": params.group_refine, "fused_update": fuse,
@@ -420,7 +505,8 @@ def main(argv=None) -> int:
     ap.add_argument("--table-width", type=int, default=131200 // BS,
                     help="block-table columns (vLLM under CUDA graphs: max_model_len / block_size); 0 = tight")
     ap.add_argument("--layers", type=int, default=4, help="distinct layers captured in one graph")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"selection variants: {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(VARIANTS + REUSE_VARIANTS),
+                    help=f"selection variants: {', '.join(VARIANTS)}, reuse<N> (selection reuse, interval N)")
     ap.add_argument("--group-blocks", type=int, default=4, help="two-level: blocks per group (4 = 64 tokens)")
     ap.add_argument("--group-refine", type=float, default=2.0, help="two-level: candidates = this x the budget")
     ap.add_argument("--break-even-contexts", default="4096,8192,16384,24576,32768,49152,65536",
@@ -456,7 +542,7 @@ def main(argv=None) -> int:
         if args.write_break_even:  # the variants the backend runs (it does not fold the summary update yet)
             for name, cross in out["break_even"]["crossover_tokens"].items():
                 params, fuse = _variant(name, _params(args.budget), args.group_blocks, args.group_refine)
-                if out["break_even"]["points"][name] and not fuse:
+                if out["break_even"]["points"][name] and not fuse and params.reselect_interval == 1:
                     break_even.write(device, params.group_blocks, cross,
                                      {"variant": name, "command": command, "date": out["date"],
                                       "points": out["break_even"]["points"][name]}, params.select)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import textwrap
 from pathlib import Path
 
@@ -88,6 +89,18 @@ def test_lmcache_env_is_exactly_the_budget(tmp_path):
     assert base["LMCACHE_CONFIG_FILE"] == "/etc/lmc.yaml"  # the caller's dict is untouched
     assert gpu_offload.mode_env("lmcache", _args(tmp_path), base)["PYTHONPATH"] == "/repo"
     assert gpu_offload.lmcache_transfer_config() == {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+    assert env["LMCACHE_LOG_LEVEL"] == "INFO"  # its per-request lines are the evidence the result records
+
+
+def test_model_runner_flag_puts_every_mode_on_that_runner(tmp_path):
+    args = _args(tmp_path)
+    for mode in ("lmcache-0.5.3", "int8", "native", "none"):
+        assert "VLLM_USE_V2_MODEL_RUNNER" not in gpu_offload.mode_env(mode, args, {})  # default: vLLM decides
+        args.model_runner = "v1"
+        assert gpu_offload.mode_env(mode, args, {})["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+        args.model_runner = "v2"
+        assert gpu_offload.mode_env(mode, args, {"VLLM_USE_V2_MODEL_RUNNER": "0"})["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+        del args.model_runner
 
 
 def test_kvplug_and_native_modes_get_no_lmcache_config(tmp_path):
@@ -120,7 +133,7 @@ def test_ops_that_do_not_load_are_recorded_and_the_mode_still_runs(tmp_path, mon
     env = gpu_offload.mode_env("lmcache-9.9.2", args, harness.engine_env(clear_config=True))
     started = []
 
-    def worker(module, mode, argv, wenv, stderr_tail=0, timeout=None):
+    def worker(module, mode, argv, wenv, stderr_tail=0, timeout=None, on_line=None):
         started.append((mode, wenv["LMCACHE_MAX_LOCAL_CPU_SIZE"], stderr_tail))
         raise SystemExit(f"{mode} run failed (exit 1)\nRuntimeError: Engine core initialization failed.")
 
@@ -232,3 +245,111 @@ def test_agreement_compares_ids_and_the_logprobs_of_equal_ids():
     a = gpu_offload.agreement(refs, again)
     assert (a["compared"], a["same_hit"], a["greedy_ids_equal"]) == (2, 1, 1)
     assert a["max_abs_logprob_diff"] == 0.25  # over the pair whose ids agree only
+
+
+# --- LMCache's own evidence (its log lines) and why a mode was a no-op -----------------------------------------
+
+# LMCache 0.5.3's INFO lines as the engine core prints them (vLLM's process prefix, LMCache's colour codes)
+LOOKUP = ("(EngineCore_DP0 pid=7) \x1b[32;20m[2026-12-07 10:31:02,001] LMCache INFO:\x1b[0m Reqid: {r}, Total tokens "
+          "32802, Inference Engine computed tokens: 0, LMCache hit tokens: {hit}, need to load: {load} "
+          "\x1b[3m(vllm_v1_adapter.py:1475:lmcache.integration.vllm.vllm_v1_adapter)\x1b[0m")
+STORED = ("(EngineCore_DP0 pid=7) [2026-12-07 10:31:02,101] LMCache INFO: [req_id={r}] Stored {n} out of total {n} "
+          "tokens. size: 2.0000 GB, cost 80.1 ms, throughput: 24.9 GB/s; offload_time: 79.0 ms, put_time: 1.1 ms")
+RETRIEVED = ("(EngineCore_DP0 pid=7) [2026-12-07 10:31:05,001] LMCache INFO: [req_id={r}] Retrieved {n} out of {n} "
+             "required tokens (from 32802 total tokens). size: 4.0000 gb, cost 150.0 ms, throughput: 26.6 GB/s;")
+PRESSURE = ("[2026-12-07 10:31:02,101] LMCache WARNING: Local cpu memory under pressure so choosing to store only  "
+            "3 total chunks of KV cache.")
+ERROR = "\x1b[31;20m[2026-12-07 10:31:02,101] LMCache ERROR:\x1b[0m Num retrieved tokens: 0, num expected tokens: 256"
+
+
+def _log(*phases: list[str]) -> dict:
+    log = gpu_offload.LMCacheLog()
+    for name, lines in zip(gpu_offload.PHASES, phases):
+        log.feed(gpu_offload.PHASE_MARK + name)
+        for line in lines:
+            log.feed(line)
+    return log.counts
+
+
+def test_lmcache_log_counts_lookups_stores_and_retrieves_per_phase():
+    counts = _log([STORED.format(r=0, n=512)],
+                  [LOOKUP.format(r=1, hit=0, load=0), STORED.format(r=1, n=16384), STORED.format(r=1, n=16384),
+                   PRESSURE, "INFO 12-07 vLLM: unrelated"],
+                  [LOOKUP.format(r=2, hit=32768, load=32768), RETRIEVED.format(r=2, n=32768),
+                   LOOKUP.format(r=3, hit=0, load=0), ERROR])
+    assert counts["startup"]["stored_tokens"] == 512
+    t1, fu = counts["turn1"], counts["follow_ups"]
+    assert (t1["lookups"], t1["lookup_hit_tokens"], t1["stores"], t1["stored_tokens"], t1["memory_pressure"]) == (
+        1, 0, 2, 32768, 1)
+    assert (fu["lookups"], fu["lookups_with_hit"], fu["lookup_hit_tokens"]) == (2, 1, 32768)
+    assert (fu["retrieves"], fu["retrieved_tokens"], fu["errors"], fu["stores"]) == (1, 32768, 1, 0)
+    # the layerwise engine's wording counts too
+    layerwise = "LMCache INFO: [req_id=x] Retrieved 256 out of 256 out of total 32802 tokens"
+    assert _log([], [], [layerwise])["follow_ups"]["retrieved_tokens"] == 256
+
+
+def _no_op(log: dict | None = None, held: int = 12, contexts: int = 16, **kw) -> str | None:
+    r = {"mode": "lmcache-0.5.3", "no_op": True, "contexts_held": held, **kw}
+    if log is not None:
+        r["lmcache_log"] = log
+    return gpu_offload.no_op_reason(r, contexts)
+
+
+def test_no_op_reason_from_lmcaches_log():
+    turn1 = [LOOKUP.format(r=i, hit=0, load=0) for i in range(16)] + [STORED.format(r=i, n=32768) for i in range(16)]
+    misses = [LOOKUP.format(r=i, hit=0, load=0) for i in range(16)]
+    # today's H100 run: stored every context, every follow-up missed, 12 of 16 held -> eviction by design
+    why = _no_op(_log([], turn1, misses))
+    assert why.startswith("LMCache stored 524288 tokens in turn 1, but its 16 follow-up lookups hit 0 tokens: "
+                          "its CPU budget holds 12 of the 16 contexts")
+    assert "keys differ" in _no_op(_log([], turn1, misses), held=16)  # all held and still no hit: a real fault
+    assert "not consulted" in _no_op(_log([], [], []))
+    assert _no_op(_log([], [LOOKUP.format(r=1, hit=0, load=0), PRESSURE], misses)).startswith(
+        "LMCache stored nothing in turn 1 (1 lookups, 0 errors; 1 memory-pressure warnings)")
+    hits = [LOOKUP.format(r=1, hit=32768, load=32768)]
+    assert "hit 32768 tokens but it retrieved none" in _no_op(_log([], turn1, hits))
+
+
+def test_no_op_reason_without_a_log_and_for_modes_that_hit():
+    assert "holds 12 of the 16 contexts" in gpu_offload.no_op_reason(
+        {"mode": "native", "no_op": True, "contexts_held": 12}, 16)
+    assert gpu_offload.no_op_reason({"mode": "native", "no_op": True, "contexts_held": 12}, 10) == (
+        "no follow-up got cached tokens and the connector loaded no block")
+    assert gpu_offload.no_op_reason({"mode": "int8", "no_op": False, "contexts_held": 21}, 16) is None
+
+
+def test_run_mode_records_lmcaches_log_from_the_workers_stderr(tmp_path, monkeypatch):
+    """The worker's stderr (engine log lines included) reaches LMCacheLog through harness.run_result_process."""
+    _fake_lmcache(tmp_path, "9.9.4")
+    args = argparse.Namespace(cpu_gib=48.0, lmcache_root=str(tmp_path), contexts=16)
+    env = gpu_offload.mode_env("lmcache-9.9.4", args, harness.engine_env(clear_config=True))
+    result = {"mode": "lmcache-9.9.4", "follow_up_p50_s": 1.3, "follow_up_cached_fraction": 0.0, "no_op": True,
+              "contexts_held": 12}
+    lines = [gpu_offload.PHASE_MARK + "turn1", STORED.format(r=1, n=32768), gpu_offload.PHASE_MARK + "follow_ups",
+             LOOKUP.format(r=2, hit=0, load=0)]
+    code = (f"import sys, json\nfor ln in {lines!r}: print(ln, file=sys.stderr, flush=True)\n"
+            f"print('RESULT ' + json.dumps({result!r}))")
+
+    def worker(module, mode, argv, wenv, stderr_tail=0, timeout=None, on_line=None):
+        return harness.run_result_process([sys.executable, "-c", code], wenv, "w failed", stderr_tail=stderr_tail,
+                                          on_line=on_line)
+
+    monkeypatch.setattr(harness, "run_worker", worker)
+    r = gpu_offload.run_mode("lmcache-9.9.4", args, [], env)
+    assert r["lmcache_log"]["turn1"]["stored_tokens"] == 32768 and r["lmcache_log"]["follow_ups"]["lookups"] == 1
+    assert "holds 12 of the 16 contexts" in r["no_op_reason"]
+    table = gpu_offload._table([{**r, "follow_up_p99_s": 1.4, "first_turn_p50_s": 1.3,
+                                 "engine": {"block_size": 16, "v2_model_runner": False}}])
+    row = table.splitlines()[2]
+    assert row.startswith("| lmcache-9.9.4 (NO-OP) [V1 runner] | 12 |") and "| 0/0 (its log) |" in row
+    assert table.splitlines()[-1] == f"NO-OP lmcache-9.9.4: {r['no_op_reason']}"
+    assert gpu_offload.no_ops([r]) == {"lmcache-9.9.4": r["no_op_reason"]}
+
+
+def test_modes_whose_budget_is_short_are_named_before_they_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(harness, "run_worker", lambda module, mode, *a, **k: {"mode": mode, "error": "not run"})
+    gpu_offload.main(["--modes", "native,int8", "--contexts", "16", "--cpu-gib", "48", "--out", str(tmp_path / "o.json")])
+    err = capsys.readouterr().err
+    assert "native: the budget holds fewer than 16 contexts" in err  # 12 at full precision; int8 holds 21
+    gpu_offload.main(["--modes", "native,int8", "--contexts", "10", "--cpu-gib", "48", "--out", str(tmp_path / "o.json")])
+    assert "holds fewer than" not in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -33,6 +34,15 @@ def test_without_tail_the_error_is_only_the_exit_code():
 def test_stderr_tail_returns_the_result_of_a_worker_that_succeeded():
     code = "import sys; print('warn', file=sys.stderr); print('RESULT {\"a\": 1}')"
     assert harness.run_result_process([sys.executable, "-c", code], {}, "f", stderr_tail=4) == {"a": 1}
+
+
+def test_on_line_sees_every_stderr_line_of_the_child(capfd):
+    seen = []
+    assert harness.run_result_process([sys.executable, "-c", "import sys; print('a', file=sys.stderr); "
+                                       "print('b', file=sys.stderr); print('RESULT {}')"], {}, "f",
+                                      on_line=seen.append) == {}
+    assert seen == ["a", "b"]
+    assert "a\nb\n" in capfd.readouterr().err  # and the lines still stream through
 
 
 def test_error_lines_prefers_lines_that_name_an_error():
@@ -132,3 +142,98 @@ def test_stop_process_tree_ends_a_script_and_the_process_it_started(tmp_path):
     assert len(tree) == 1
     harness.stop_process_tree(proc, grace_s=1)
     assert proc.returncode is not None and [p for p in tree if not _gone(p)] == []
+
+
+# ------------------------------------------------------------- sparse prefill engines (replay and accuracy scripts)
+# The values below are what sparse_prefill_replay.py and sparse_prefill_accuracy.py built themselves before the
+# shared part moved here (checked against their code at 820460a).
+
+def test_chat_max_model_len_leaves_room_for_the_turns_and_is_capped_by_the_positions():
+    assert harness.chat_max_model_len(16000, 3, 16) == 18432  # 16784 tokens -> 17408 + 1024
+    assert harness.chat_max_model_len(24000, 3, 16) == 26624
+    assert harness.chat_max_model_len(8192 - 256 - 16, 1, 16) == 9216  # a multiple of 1024 stays
+    assert harness.chat_max_model_len(8192 - 256 - 15, 1, 16) == 10240
+    assert harness.chat_max_model_len(24000, 3, 16, positions=20000) == 20000
+    assert harness.chat_max_model_len(16000, 3, 16, positions=32768) == 18432
+
+
+@pytest.mark.parametrize("cuda,gpu_mem,memory", [(False, None, {"kv_cache_memory_bytes": 2 << 30}),
+                                                 (False, 0.3, {"kv_cache_memory_bytes": 2 << 30}),
+                                                 (True, None, {}), (True, 0.3, {"gpu_memory_utilization": 0.3})])
+def test_sparse_prefill_llm_kwargs(monkeypatch, cuda, gpu_mem, memory):
+    monkeypatch.setattr(harness, "cuda_available", lambda: cuda)
+    monkeypatch.setattr(harness, "kvplug_attention_kwargs", lambda: {"attention_config": "kvplug"})
+    assert harness.sparse_prefill_llm_kwargs("/m", 9216, 2048, True, gpu_mem) == {
+        "model": "/m", "max_model_len": 9216, "seed": 0, "enable_prefix_caching": True,
+        "max_num_batched_tokens": 2048, "attention_config": "kvplug", **memory}
+
+
+def test_sparse_prefill_env_drops_an_inherited_config(monkeypatch):
+    monkeypatch.setenv("KVPLUG_CONFIG_JSON", "{}")
+    env = harness.sparse_prefill_env(4096)
+    assert "KVPLUG_CONFIG_JSON" not in env and env["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
+    assert {k: v for k, v in env.items() if k.startswith("KVPLUG_SPARSE_PREFILL__")} == {
+        "KVPLUG_SPARSE_PREFILL__ENABLED": "true", "KVPLUG_SPARSE_PREFILL__MIN_PROMPT_TOKENS": "4096",
+        "KVPLUG_SPARSE_PREFILL__COST_TABLE": "none"}
+    env = harness.sparse_prefill_env(8192, "auto", enabled=False, pattern_config="c.json")
+    assert env["KVPLUG_SPARSE_PREFILL__ENABLED"] == "false" and env["KVPLUG_SPARSE_PREFILL__COST_TABLE"] == "auto"
+    assert env["KVPLUG_SPARSE_PREFILL__PATTERN_CONFIG"] == "c.json"
+
+
+class _Built(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_engine(monkeypatch, tmp_path):
+    """vllm.LLM recording its arguments (and the engine environment) instead of starting; a model folder whose
+    config.json allows 20000 positions; 12 cases x (8000, 16000, 24000) x 3 turns of questions."""
+    import vllm
+
+    seen = {}
+
+    def llm(**kw):
+        seen.update(kw=kw, env={k: v for k, v in os.environ.items() if k.startswith(("KVPLUG", "VLLM_"))})
+        raise _Built
+
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 20000}')
+    items = [{"case": f"passkey-0-{i}", "context_tokens": c, "turn": t, "messages": []}
+             for i in range(12) for c in (8000, 16000, 24000) for t in range(3)]
+    monkeypatch.setattr(vllm, "LLM", llm)
+    monkeypatch.setattr(harness, "prepare_model", lambda name: tmp_path)
+    monkeypatch.setattr(harness, "question_items", lambda *a, **k: items)
+    monkeypatch.setattr(harness, "cuda_available", lambda: False)
+    monkeypatch.setattr(harness, "kvplug_attention_kwargs", lambda: {})
+    monkeypatch.setattr(os, "environ", dict(os.environ, KVPLUG_CONFIG_JSON="{}"))  # the replay sets its own
+    return tmp_path, seen
+
+
+def test_replay_engine(fake_engine):
+    from benchmarks import sparse_prefill_replay as replay
+
+    model, seen = fake_engine
+    with pytest.raises(_Built):
+        replay.main(["--questions", "passkey-0-4@16000,passkey-0-1@24000:2", "--min-prompt-tokens", "1024"])
+    # not capped by the model's positions (20000): vLLM refuses such an engine, as before
+    assert seen["kw"] == {"model": str(model), "max_model_len": 26624, "seed": 0, "enable_prefix_caching": True,
+                          "max_num_batched_tokens": 8192, "kv_cache_memory_bytes": 2 << 30}
+    assert seen["env"] == {"KVPLUG_SPARSE_PREFILL__ENABLED": "true", "KVPLUG_SPARSE_PREFILL__COST_TABLE": "none",
+                           "KVPLUG_SPARSE_PREFILL__MIN_PROMPT_TOKENS": "1024", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+                           "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3000"}
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_accuracy_chat_engine(fake_engine, monkeypatch, cuda):
+    from benchmarks import sparse_prefill_accuracy as acc
+
+    model, seen = fake_engine
+    monkeypatch.setattr(harness, "cuda_available", lambda: cuda)
+    (model / "sweeps.json").write_text("[]")
+    for contexts, gpu_mem, max_model_len in (("8000,16000", "0.6", 18432), ("8000,24000", "0.3", 20000)):
+        args = acc._parse(["--tasks", "passkey", "--contexts", contexts, "--gpu-mem", gpu_mem, "--worker",
+                           "--sweeps", str(model / "sweeps.json")])
+        with pytest.raises(_Built):
+            acc._worker(args)
+        memory = {"gpu_memory_utilization": float(gpu_mem)} if cuda else {"kv_cache_memory_bytes": 2 << 30}
+        assert seen["kw"] == {"model": str(model), "max_model_len": max_model_len, "seed": 0,
+                              "enable_prefix_caching": True, "max_num_batched_tokens": 8192, **memory}

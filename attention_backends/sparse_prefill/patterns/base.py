@@ -49,7 +49,7 @@ class SparsePattern(ABC):
     @abstractmethod
     def select(cls, q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry,
                budgets: dict[str, torch.Tensor], budget_max: dict[str, int], scale: float,
-               group_shared: bool = False, segment_rows: int = 0
+               group_shared: bool = False, segment_rows: int = 0, exact: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
         """q [h, n, d] this chunk's queries of the heads using this pattern; k [Hkv, L, d] the sequence's
         keys (not expanded: head i uses k[kv_ids[i]]); budgets name -> [h] int64 on q's device, budget_max
@@ -66,7 +66,33 @@ class SparsePattern(ABC):
 
         ``segment_rows`` (sparse_prefill.vertical_segment_rows, a multiple of BLOCK; 0 = the whole chunk): patterns
         that pick columns from the chunk's last rows (vertical-slash) pick them per segment of that many rows
-        instead, returning them per query block; others ignore it."""
+        instead, returning them per query block; others ignore it.
+
+        ``exact`` (sparse_prefill.exact_selection, a diagnostic): rank the same candidates by the exact attention
+        mass of every query row instead of the pattern's estimate (vertical-slash: every row of the chunk, or of
+        the segment, votes instead of its last 64; block-sparse: each query block's softmax mass per key block
+        instead of mean-pooled scores). Costs a dense attention pass on top of the sparse one."""
+
+
+EXACT_ROWS = 64  # query rows per exact-mass step (exact_row_blocks): bounds its [heads, rows, L] scores
+EXACT_HEADS = 8
+
+
+def exact_row_blocks(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry, scale: float,
+                     row_start: int, row_end: int):
+    """Yield (head slice, first row, softmax [hs, m, keys]) for chunk rows [row_start, row_end) in steps of
+    EXACT_ROWS rows and EXACT_HEADS heads: each step's rows against every key they may see (keys = the step's last
+    row + 1; row i of the step sits at absolute position keys - m + i). q [h, n, d], k [Hkv, L, d]."""
+    h = q.shape[0]
+    for r0 in range(row_start, row_end, EXACT_ROWS):
+        r1 = min(r0 + EXACT_ROWS, row_end)
+        keys = geom.q_pos0 + r1
+        rows_pos = keys - (r1 - r0) + torch.arange(r1 - r0, device=q.device)
+        causal = torch.arange(keys, device=q.device)[None, :] <= rows_pos[:, None]
+        for s in range(0, h, EXACT_HEADS):
+            hs = slice(s, min(s + EXACT_HEADS, h))
+            att = (torch.matmul(q[hs, r0:r1], k[kv_ids[hs], :keys].transpose(1, 2)).float() * scale)
+            yield hs, r0, torch.softmax(att.masked_fill(~causal[None], float("-inf")), dim=-1)
 
 
 def rank_mask(order_len: int, budget: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry
 from attention_backends.sparse_prefill.paged_keys import key_tensor
-from attention_backends.sparse_prefill.patterns.base import SparsePattern, group_votes, rank_mask
+from attention_backends.sparse_prefill.patterns.base import SparsePattern, exact_row_blocks, group_votes, rank_mask
 
 
 def mean_pool_blocks(x: torch.Tensor) -> torch.Tensor:
@@ -17,6 +17,19 @@ def mean_pool_blocks(x: torch.Tensor) -> torch.Tensor:
     padded = F.pad(x.float(), (0, 0, 0, nb * BLOCK - T)).view(h, nb, BLOCK, d).sum(2)
     counts = torch.clamp(T - torch.arange(nb, device=x.device) * BLOCK, max=BLOCK).to(padded.dtype)
     return padded / counts[None, :, None]
+
+
+def exact_block_mass(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry,
+                     scale: float) -> torch.Tensor:
+    """[h, nqb, nkb]: each query block's exact softmax mass on each key block (summed over its rows): what
+    block-sparse's pooled scores estimate (sparse_prefill.exact_selection)."""
+    mass = q.new_zeros((q.shape[0], geom.nqb, geom.nkb), dtype=torch.float32)
+    for hs, r0, att in exact_row_blocks(q, k, kv_ids, geom, scale, 0, geom.n):
+        keys = att.shape[-1]
+        nb = -(-keys // BLOCK)
+        per_block = F.pad(att.sum(1), (0, nb * BLOCK - keys)).view(att.shape[0], nb, BLOCK).sum(-1)
+        mass[hs, r0 // BLOCK, :nb] = per_block
+    return mass
 
 
 class BlockSparse(SparsePattern):
@@ -31,10 +44,13 @@ class BlockSparse(SparsePattern):
 
     @classmethod
     def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False,
-               segment_rows=0):  # segment_rows: vertical-slash's
+               segment_rows=0, exact=False):  # segment_rows: vertical-slash's
         dev = q.device
         k = key_tensor(k)
-        scores = torch.einsum("hqd,hkd->hqk", mean_pool_blocks(q), mean_pool_blocks(k)[kv_ids]) * scale
+        if exact:
+            scores = exact_block_mass(q, k, kv_ids, geom, scale)
+        else:
+            scores = torch.einsum("hqd,hkd->hqk", mean_pool_blocks(q), mean_pool_blocks(k)[kv_ids]) * scale
         if group_shared:  # the group's summed pooled scores rank the blocks for all its heads
             scores = group_votes(scores, kv_ids, k.shape[0])[kv_ids]
         causal = geom.causal_blocks(dev)[None]

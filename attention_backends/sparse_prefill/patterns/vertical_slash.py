@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry, ranges_from_diagonals
 from attention_backends.sparse_prefill.paged_keys import PagedKeys, key_tensor, num_kv_heads
-from attention_backends.sparse_prefill.patterns.base import SparsePattern, group_votes, rank_mask
+from attention_backends.sparse_prefill.patterns.base import SparsePattern, exact_row_blocks, group_votes, rank_mask
 
 LAST_Q = 64
 FORCED_COLUMNS = 30  # attention sinks: MInference keeps the first ~30 columns
@@ -48,20 +48,30 @@ def estimate_lines(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom:
 
         # a Triton launch on the paged cache: kept out of a compiled build (build_index(compiled=True))
         return torch.compiler.disable(estimate_lines_paged)(q, k, kv_ids, geom, scale, LAST_Q)
-    h, L = q.shape[0], geom.L
-    last = min(LAST_Q, geom.n)
-    rows_pos = geom.L - last + torch.arange(last, device=q.device)  # absolute positions of the voting rows
-    causal = torch.arange(L, device=q.device)[None, :] <= rows_pos[:, None]  # [last, L]
-    vertical = q.new_zeros((h, L), dtype=torch.float32)
-    slash = q.new_zeros((h, L), dtype=torch.float32)
+    return _line_votes(q, k, kv_ids, geom, scale, geom.n, diagonals=True)
+
+
+def _line_votes(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry, scale: float,
+                row_end: int, diagonals: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The torch estimate: column (and, with ``diagonals``, diagonal) attention mass [h, L] of the last LAST_Q rows
+    of the chunk's rows [0, row_end), each row against the keys up to itself (row_end < n: a segment's vote, no
+    key past the segment's last row; its entries beyond are 0). q [h, n, d], k [Hkv, L, d]."""
+    h = q.shape[0]
+    last = min(LAST_Q, row_end)
+    keys = geom.q_pos0 + row_end
+    rows_pos = keys - last + torch.arange(last, device=q.device)  # absolute positions of the voting rows
+    causal = torch.arange(keys, device=q.device)[None, :] <= rows_pos[:, None]  # [last, keys]
+    vertical = q.new_zeros((h, geom.L), dtype=torch.float32)
+    slash = q.new_zeros((h, geom.L), dtype=torch.float32) if diagonals else None
     for s in range(0, h, HEADS_PER_STEP):
-        qs = q[s:s + HEADS_PER_STEP, -last:]
-        ks = k[kv_ids[s:s + HEADS_PER_STEP]]
+        qs = q[s:s + HEADS_PER_STEP, row_end - last:row_end]
+        ks = k[kv_ids[s:s + HEADS_PER_STEP], :keys]
         # scores in the cache dtype (tensor cores on the GPU), softmax in fp32
         att = (torch.matmul(qs, ks.transpose(1, 2)).float() * scale).masked_fill(~causal[None], float("-inf"))
         att = torch.softmax(att, dim=-1)
-        vertical[s:s + HEADS_PER_STEP] = att.sum(1)
-        slash[s:s + HEADS_PER_STEP] = diagonal_sums(att, geom.L - last)
+        vertical[s:s + HEADS_PER_STEP, :keys] = att.sum(1)
+        if diagonals:
+            slash[s:s + HEADS_PER_STEP, :keys] = diagonal_sums(att, keys - last)
     return vertical, slash
 
 
@@ -77,18 +87,21 @@ def column_votes(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: C
                  row_end: int) -> torch.Tensor:
     """[h, L] column attention mass of the LAST_Q rows of the chunk ending at chunk row ``row_end`` (causal:
     keys up to each row). q [h, n, d], k [Hkv, L, d]: one segment's vote (segment_rows)."""
-    h = q.shape[0]
-    last = min(LAST_Q, row_end)
-    keys = geom.q_pos0 + row_end  # no row of the segment sees past its last row
-    rows_pos = keys - last + torch.arange(last, device=q.device)
-    causal = torch.arange(keys, device=q.device)[None, :] <= rows_pos[:, None]
-    vertical = q.new_zeros((h, geom.L), dtype=torch.float32)
-    for s in range(0, h, HEADS_PER_STEP):
-        qs = q[s:s + HEADS_PER_STEP, row_end - last:row_end]
-        ks = k[kv_ids[s:s + HEADS_PER_STEP], :keys]
-        att = (torch.matmul(qs, ks.transpose(1, 2)).float() * scale).masked_fill(~causal[None], float("-inf"))
-        vertical[s:s + HEADS_PER_STEP, :keys] = torch.softmax(att, dim=-1).sum(1)
-    return vertical
+    return _line_votes(q, k, kv_ids, geom, scale, row_end, diagonals=False)[0]
+
+
+def exact_lines(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry, scale: float,
+                row_start: int, row_end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column and diagonal attention mass [h, L] each, summed over every chunk row in [row_start, row_end): the
+    exact ranking estimate_lines / column_votes estimate from the last LAST_Q rows (sparse_prefill.exact_selection)."""
+    h, L = q.shape[0], geom.L
+    vertical = q.new_zeros((h, L), dtype=torch.float32)
+    diagonal = q.new_zeros((h, L), dtype=torch.float32)
+    for hs, _, att in exact_row_blocks(q, k, kv_ids, geom, scale, row_start, row_end):
+        keys = att.shape[-1]
+        vertical[hs, :keys] += att.sum(1)
+        diagonal[hs, :keys] += diagonal_sums(att, keys - att.shape[1])
+    return vertical, diagonal
 
 
 def _force_first(scores: torch.Tensor, n_forced: int) -> torch.Tensor:
@@ -116,14 +129,19 @@ class VerticalSlash(SparsePattern):
 
     @classmethod
     def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False,
-               segment_rows=0):
+               segment_rows=0, exact=False):
         ends = segment_ends(geom, segment_rows)
-        if len(ends) > 1 and isinstance(k, PagedKeys):
-            # fused_estimate votes for the chunk's last rows only: segments take the torch estimate on keys
-            # gathered from the cache (the same index, one key copy more)
+        if (len(ends) > 1 or exact) and isinstance(k, PagedKeys):
+            # fused_estimate votes for the chunk's last rows only: segments (and exact_selection) take the torch
+            # estimate on keys gathered from the cache (the same index, one key copy more)
             k = key_tensor(k)
-        vertical, slash = estimate_lines(q, k, kv_ids, geom, scale)
-        if len(ends) > 1:  # [h, segments, L]: the last segment's vote is the chunk's (estimate_lines)
+        if exact:  # every row votes: diagonals chunk-wide, columns per segment
+            votes = [exact_lines(q, k, kv_ids, geom, scale, a, e) for a, e in zip([0] + ends[:-1], ends)]
+            slash = torch.stack([d for _, d in votes]).sum(0)
+            vertical = torch.stack([v for v, _ in votes], 1) if len(ends) > 1 else votes[0][0]
+        else:
+            vertical, slash = estimate_lines(q, k, kv_ids, geom, scale)
+        if len(ends) > 1 and not exact:  # [h, segments, L]: the last segment's vote is the chunk's (estimate_lines)
             vertical = torch.stack([column_votes(q, k, kv_ids, geom, scale, e) for e in ends[:-1]] + [vertical], 1)
         if group_shared:  # rank once per KV head on the group's summed votes, then hand each head its group's
             num_kv = num_kv_heads(k)

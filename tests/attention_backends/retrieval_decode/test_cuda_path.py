@@ -181,3 +181,41 @@ def test_graph_dense_path_refuses_a_batch_larger_than_its_buffers():
     build = lambda c: SimpleNamespace(seq_lens=c.seq_lens, scheduler_metadata=None)  # noqa: E731
     with pytest.raises(RuntimeError, match="exceeds the dense path's buffers"):
         hook.build(cam, build, lambda c: None, build)
+
+
+def test_graph_plan_with_selection_reuse_flags_rows_from_persistent_buffers(monkeypatch):
+    """reselect_interval=4: the graph plan carries the tracker's persistent per-row flags (the graph reads them in
+    place): the first step and every 4th select, a retrieval row one token longer with the same block reuses,
+    short (dense) and padding rows always select, a batch with a prefill chunk resets every row."""
+    builder = SimpleNamespace(kv_cache_spec=SimpleNamespace(block_size=16, num_kv_heads=2), device="cpu",
+                              vllm_config=SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096),
+                                                          scheduler_config=SimpleNamespace(max_num_seqs=8),
+                                                          compilation_config=SimpleNamespace(
+                                                              max_cudagraph_capture_size=4)),
+                              supports_update_block_table=True)
+    cfg = RetrievalDecodeConfig(enabled=True, budget_tokens=256, recent_tokens=32, min_context_tokens=512,
+                                reselect_interval=4)
+    monkeypatch.setattr(vllm_compat, "platform_name", lambda: "cuda")  # no CPU_ATTN kernel metadata
+    hook = backend_hooks.BuilderHook(builder, cfg)
+    hook.graph_safe = True
+    table = torch.arange(4 * 256, dtype=torch.int32).view(4, 256) + 1
+    qsl = torch.tensor([0, 1, 2, 2, 2], dtype=torch.int32)
+    flags, ptrs = [], set()
+    for t in range(6):
+        seq = torch.tensor([3000 + t, 100 + t, 0, 0], dtype=torch.int32)
+        cam = SimpleNamespace(query_start_loc_cpu=qsl, num_reqs=4, seq_lens=seq, seq_lens_cpu=seq,
+                              block_table_tensor=table, num_actual_tokens=2)
+        plan = backend_hooks.plan_of(hook.build(cam, lambda c: SimpleNamespace(), lambda c: None))
+        flags.append(plan.reuse.reselect.tolist())
+        ptrs.add(plan.reuse.reselect.data_ptr())
+        assert plan.reuse.slots == plan.k and plan.reuse.extra == 1
+    assert flags == [[1, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]]
+    assert len(ptrs) == 1  # the same buffer every step
+    mixed = _Cam(torch.tensor([0, 1, 300]), torch.tensor([0, 1, 300], dtype=torch.int32),
+                 torch.tensor([3006, 300]), torch.tensor([3006, 300]), table[:2], torch.arange(300), 2, 300, 299, 3006)
+    hook.build(mixed, lambda c: SimpleNamespace(), lambda c: "rest")
+    seq = torch.tensor([3007, 101, 0, 0], dtype=torch.int32)
+    cam = SimpleNamespace(query_start_loc_cpu=qsl, num_reqs=4, seq_lens=seq, seq_lens_cpu=seq,
+                          block_table_tensor=table, num_actual_tokens=2)
+    assert backend_hooks.plan_of(hook.build(cam, lambda c: SimpleNamespace(), lambda c: None)).reuse.reselect[0] == 1
+    assert runner.stats_snapshot()["reused_selection_steps"] >= 4

@@ -25,6 +25,9 @@ def sweeps(smollm2_path, tmp_path_factory):
     cmd = [sys.executable, "-m", "benchmarks.retrieval_decode_accuracy", "--tasks", "passkey",
            "--contexts", "4096", "--cases", "2", "--turns", "2", "--budgets", "0.1", "--max-tokens", "16",
            "--no-numerics-control",
+           # selection reuse (reselect_interval): 4 must engage, 1 must be today's path (and the stats reset
+           # between them must work on the trackers the engine made under inference mode)
+           "--variants", "reuse4:reselect_interval=4;reuse1:reselect_interval=1", "--variant-budgets", "0.1",
            # the KV cache sized by vLLM from a share of memory, as `kvplug serve` does when no size is given
            "--memory-utilization", "0.15",
            "--out", str(out)]
@@ -67,3 +70,17 @@ def test_accuracy_at_10_percent_budget_within_2_points_of_dense(sweeps):
     assert dense["accuracy"] >= 0.5  # the task is within SmolLM2's reach, so equal scores mean something
     assert abs(sparse["accuracy"] - dense["accuracy"]) <= 0.02
     assert sparse["agreement_with_dense"] == 1.0  # same answers, token for token
+
+
+def test_selection_reuse_engages_at_interval_4_and_interval_1_is_todays_path(sweeps):
+    """reselect_interval=4 on the engine's CPU path: sequences reuse their selection on most decode steps and still
+    answer; interval 1 never reuses and decodes exactly as the default (token for token)."""
+    base, one, four = sweeps["0.1"], sweeps["reuse1@0.1"], sweeps["reuse4@0.1"]
+    assert one["stats"]["reused_selection_steps"] == 0
+    assert [a["output"] for a in one["answers"]] == [a["output"] for a in base["answers"]]
+    st = four["stats"]
+    assert st["sparse_tokens"] > 0 and st["reused_selection_steps"] > 0 and st["reselect_steps"] > 0
+    # pure-decode steps dominate 16-token answers: most retrieval steps reuse (3 of every 4 at best)
+    assert st["reused_selection_steps"] <= 3 * st["reselect_steps"] + 3
+    assert st["reused_selection_steps"] + st["reselect_steps"] <= st["sparse_tokens"]
+    assert all(a["output"].strip() for a in four["answers"])

@@ -89,3 +89,20 @@ def test_variant_runs_get_their_own_speedups_and_stay_out_of_the_workers_flags()
     assert abs(row["speedup"] - 0.8) < 1e-9 and abs(row["variants"]["dense_path"]["speedup"] - 1.0) < 1e-9
     assert s["variant_retrieval_path"] == {"dense_path": "ran"}
     assert set(s["prefix_cache_held"]) == {"FLASH_ATTN 8192", "CUSTOM 8192", "CUSTOM[dense_path] 8192"}
+
+
+def test_reuse_variant_reaches_the_engine_config_as_reselect_interval():
+    """--variant reuse4:reselect_interval=4: the key travels as KVPLUG_RETRIEVAL_DECODE__RESELECT_INTERVAL and the
+    engine's config resolves it (a bad value is named)."""
+    import pytest
+
+    from benchmarks.gpu_retrieval_decode import parse_variant
+    from kvplug import settings
+
+    label, keys = parse_variant("reuse4:reselect_interval=4")
+    env = harness.kvplug_env("retrieval_decode", enabled=True, **harness.set_pairs(keys, "retrieval_decode"))
+    assert label == "reuse4" and env["KVPLUG_RETRIEVAL_DECODE__RESELECT_INTERVAL"] == "4"
+    resolved = settings.resolve(None, [], env)
+    assert resolved.retrieval_decode.reselect_interval == 4
+    with pytest.raises(settings.KvplugConfigError, match="reselect_interval"):
+        settings.resolve(None, [], dict(env, KVPLUG_RETRIEVAL_DECODE__RESELECT_INTERVAL="0"))

@@ -272,14 +272,20 @@ def test_kernel_bench_runs_and_checks_itself(tmp_path, monkeypatch):
                        "--allow-cpu"]) == 0
     result = json.loads(out.read_text())
     row = result["rows"][0]
-    for name in bench.VARIANTS:  # every variant ran, checked against its own torch reference
+    for name in bench.VARIANTS + bench.REUSE_VARIANTS:  # every variant ran, checked against its torch reference
         v = row["variants"][name]
         assert "error" not in v, (name, v)
         assert v["per_layer_ms"] > 0 and v["max_err_vs_torch_reference"] < 3e-2, (name, v)
+    for name, n in (("reuse4", 4), ("reuse8", 8)):  # both steps timed, averaged over the interval
+        v = row["variants"][name]
+        assert v["reselect_interval"] == n and v["reuse_max_err_vs_torch_reference"] < 3e-2
+        assert v["per_layer_ms"] == pytest.approx((v["reselect_step_per_layer_ms"]
+                                                   + (n - 1) * v["reuse_step_per_layer_ms"]) / n)
     assert 0.3 < row["variants"]["two_level"]["blocks_shared_with_single"] <= 1.0
     assert row["variants"]["two_level_fused"]["fused_update"] is True
     sweep = result["break_even"]
-    assert [r["context"] for r in sweep["rows"]] == [1024, 4200] and set(sweep["crossover_tokens"]) == set(bench.VARIANTS)
+    assert [r["context"] for r in sweep["rows"]] == [1024, 4200]
+    assert set(sweep["crossover_tokens"]) == set(bench.VARIANTS + bench.REUSE_VARIANTS)
     # the read-all cost a pure-decode graph pays under min_context, timed beside dense at every context
     assert all(r["single_read_all"] > 0 for r in sweep["rows"]), sweep["rows"]
     # ... and through the graph's dense path: the dense kernel's rows survive the empty retrieval launches
@@ -535,3 +541,113 @@ def test_bench_error_text_keeps_the_root_cause():
         text = error_text(exc, limit=300)
     assert text.startswith("ValueError: unsupported histogram mask")
     assert len(text) <= 300
+
+
+@in_process
+@pytest.mark.parametrize("group_blocks, dtype", [(1, torch.float32), (1, torch.bfloat16), (4, torch.float32)])
+def test_selection_reuse_matches_the_torch_reference(group_blocks, dtype):
+    """reselect_interval > 1 (reuse.py): a step with every reselect flag set writes the selection into the store
+    and equals today's step; 17 tokens later, rows with flag 0 skip score and select (their stored slots stay as
+    they were) and attend their stored selection plus the 2 blocks started since, rows with flag 1 select afresh
+    into the store: == reuse.reused_selection + the reference attention. A padding row (length 0) comes out 0."""
+    from attention_backends.retrieval_decode import planner, reuse
+
+    bs = 16
+    case = make_case(seq_lens=(940, 720, 90, 300), hkv=2, group=4, d=32, bs=bs, num_blocks=160)
+    params = planner.RetrievalParams(block_size=bs, budget_tokens=128, budget_fraction=0.0, sink_blocks=1,
+                                     recent_tokens=20, min_context_tokens=128, group_blocks=group_blocks,
+                                     reselect_interval=18)
+    assert params.reuse_extra_blocks == 2
+    k = planner.graph_k(params, case.block_table.shape[1] * bs)
+    q, kc, vc = case.q.to(dtype), case.key_cache.to(dtype), case.value_cache.to(dtype)
+    kview, vview = _flash_views(kc, vc)
+    summ = _grouped(case) if group_blocks > 1 else None
+    table = case.block_table.to(DEV)
+
+    def torch_select(seq):
+        nb, budget = planner.device_budgets(params, seq)
+        groups = params.candidate_groups(budget) if group_blocks > 1 else None
+        return select_for_queries(case.q, case.summaries.kmin, case.summaries.kmax, case.block_table, nb, budget,
+                                  k, params.sink_blocks, params.recent_blocks, "max", group_blocks, groups)
+
+    def kernel_step(seq, flags, sel_lens, store):
+        r = triton_kernels.Reuse(store, flags.to(torch.int32).to(DEV), sel_lens.to(torch.int32).to(DEV),
+                                 params.reuse_extra_blocks)
+        return triton_kernels.retrieval_decode(q.to(DEV), kview, vview, case.summaries.kmin.to(DEV),
+                                               case.summaries.kmax.to(DEV), table, seq.to(DEV), params, k, 0.2,
+                                               num_splits=3, tile_blocks=2, summ=summ, reuse=r).float().cpu()
+
+    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    first = torch.tensor([896, 680, 80, 0])  # 896 = 56 full blocks: the next token starts block 56
+    store = torch.full((4, 2, k), -7, dtype=torch.int32, device=DEV)
+    got = kernel_step(first, torch.ones(4), first, store)
+    sel0 = torch_select(first)
+    _, budget0 = planner.device_budgets(params, first)
+    for n in range(3):
+        for h in range(2):
+            b = int(budget0[n])
+            assert store[n, h, :b].cpu().tolist() == sel0.blocks[n, h, :b].tolist(), (n, h)
+    want = selected_block_attention(q, kc, vc, case.block_table, first, sel0, 0.2).float()
+    torch.testing.assert_close(got[:3], want[:3], rtol=tol, atol=tol)
+
+    later = first + torch.tensor([17, 17, 5, 0])
+    flags = torch.tensor([0, 1, 1, 1])
+    kept = store.cpu().clone()
+    got = kernel_step(later, flags, first, store)
+    assert torch.equal(store[0].cpu(), kept[0])  # a reusing row's selection is read, never rewritten
+    stored_ref = torch.zeros(4, 2, k, dtype=torch.long)
+    stored_ref[0] = sel0.blocks[0]
+    fresh = torch_select(later)
+    stored_ref[1:] = fresh.blocks[1:]
+    for h in range(2):
+        b = int(planner.device_budgets(params, later)[1][1])
+        assert store[1, h, :b].cpu().tolist() == fresh.blocks[1, h, :b].tolist()
+    sel = reuse.reused_selection(stored_ref, flags, first, later, params, params.reuse_extra_blocks)
+    assert set(sel.blocks[0, 0][sel.valid[0, 0]].tolist()) >= {56, 57}  # the blocks started since
+    want = selected_block_attention(q, kc, vc, case.block_table, later, sel, 0.2).float()
+    torch.testing.assert_close(got[:3], want[:3], rtol=tol, atol=tol)
+    assert torch.equal(got[3], torch.zeros_like(got[3]))
+    # and not the fresh selection's answer: row 0 really reused
+    fresh_out = selected_block_attention(q, kc, vc, case.block_table, later, fresh, 0.2).float()
+    assert not torch.allclose(got[0], fresh_out[0], rtol=tol, atol=tol)
+
+
+@in_process
+def test_graph_step_reuses_each_rows_stored_selection_across_steps():
+    """The runner's pure-decode graph step with the builder's tracker (reselect_interval=4), 3 steps: step 0
+    selects (today's step), steps 1-2 read the selection stored in the layer's persistent store (same buffer every
+    step) plus the blocks started since == reuse.reused_selection + the reference attention."""
+    from types import SimpleNamespace
+
+    from attention_backends.retrieval_decode import planner, reuse
+    from attention_backends.retrieval_decode.runner import RetrievalDecodeRunner
+
+    bs = 16
+    case = make_case(seq_lens=(940, 720), hkv=2, group=4, d=32, bs=bs, num_blocks=160)
+    params = planner.RetrievalParams(block_size=bs, budget_tokens=128, budget_fraction=0.0, sink_blocks=1,
+                                     recent_tokens=20, min_context_tokens=128, reselect_interval=4)
+    width = case.block_table.shape[1]
+    k = planner.graph_k(params, width * bs)
+    run = RetrievalDecodeRunner(SimpleNamespace(scale=0.2))
+    run.summaries = case.summaries
+    kview, vview = _flash_views(case.key_cache, case.value_cache)
+    table = case.block_table.to(DEV)
+    tracker = reuse.ReuseTracker(4, DEV)
+    stored, ptrs = None, set()
+    for t in range(3):
+        seq = torch.tensor([895 + t, 700 + t], dtype=torch.int32)
+        flags, sel_lens = tracker.step(table, seq.to(DEV), planner.retrieval_rows(params, seq.to(DEV)), 4, bs)
+        plan = planner.DecodeGraphPlan(seq.to(DEV), table, k, params, reuse=reuse.ReuseRows(
+            None, flags, sel_lens, 4, min(k, width), params.reuse_extra_blocks))
+        out = torch.zeros(2, 8, 32, device=DEV)
+        run._graph_step(case.q.to(DEV), kview, vview, plan, out, None)
+        ptrs.add(run.selections.blocks.data_ptr())
+        assert flags.cpu().tolist() == ([1, 1] if t == 0 else [0, 0])
+        if t == 0:
+            nb, budget = planner.device_budgets(params, seq)
+            stored = select_for_queries(case.q, case.summaries.kmin, case.summaries.kmax, case.block_table, nb,
+                                        budget, min(k, width), params.sink_blocks, params.recent_blocks).blocks
+        sel = reuse.reused_selection(stored, flags.cpu(), sel_lens.cpu(), seq, params, params.reuse_extra_blocks)
+        want = selected_block_attention(case.q, case.key_cache, case.value_cache, case.block_table, seq, sel, 0.2)
+        torch.testing.assert_close(out.float().cpu(), want, rtol=2e-4, atol=2e-4)
+    assert len(ptrs) == 1 and run.selections.blocks.shape == (4, 2, min(k, width))

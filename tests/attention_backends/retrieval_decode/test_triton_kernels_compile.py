@@ -30,10 +30,13 @@ from attention_backends.retrieval_decode import triton_kernels as tk
 
 POINTERS = {"Q": "*bf16", "KMIN": "*bf16", "KMAX": "*bf16", "GMIN": "*bf16", "GMAX": "*bf16", "K": "*bf16",
             "V": "*bf16", "KEY": "*bf16", "OUT": "*bf16", "TABLE": "*i32", "SEQ_LENS": "*i32", "TOP_IDX": "*i32",
-            "CAND": "*i32", "SLOTS": "*i64"}  # anything else upper-case: float32 scores / partial results
+            "CAND": "*i32", "SLOTS": "*i64", "RESELECT": "*i32",
+            "SEL_SEQ_LENS": "*i32"}  # anything else upper-case: float32 scores / partial results
 SCALARS = {"num_tokens": "i32", "scale": "fp32"}  # and i64 strides
 BASE = dict(NUM_KV_HEADS=8, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, NUM_SEL=512, BUDGET_TOKENS=2048,
-            FRACTION=0.0, MIN_CONTEXT=4096, DOT_FP32=False, REDUCE_MAX=False, SINK_BLOCKS=1, RECENT_BLOCKS=4)
+            FRACTION=0.0, MIN_CONTEXT=4096, DOT_FP32=False, REDUCE_MAX=False, SINK_BLOCKS=1, RECENT_BLOCKS=4,
+            HAS_REUSE=False, NUM_SLOTS=512)
+REUSE = dict(HAS_REUSE=True)  # selection reuse (reselect_interval > 1): per-row flags, stored selections
 SELECT = dict(WIDTH_PAD=8192, MIN_BLOCKS=5)
 REFINE = dict(GROUP_BLOCKS=8, REFINE=2.0, FORCED_GROUPS=3, GROUPS_PAD=1024, CAND_PAD=128, FINE_TILE=64)
 VARIANTS = {
@@ -49,6 +52,15 @@ VARIANTS = {
     "merge keeping empty rows (graph dense path)": (tk._merge_kernel, dict(NUM_SPLITS=8, SPLITS_PAD=8,
                                                                           KEEP_EMPTY=True), 4),
     "summary update": (tk._summary_update_kernel, dict(HAS_GROUPS=True), 4),
+    "reuse: select bisect early-exit": (tk._select_kernel, dict(SELECT, EARLY_EXIT=True, RADIX=False, **REUSE), 8),
+    "reuse: select radix": (tk._select_kernel, dict(SELECT, EARLY_EXIT=False, RADIX=True, **REUSE), 8),
+    "reuse: refine bisect early-exit": (tk._refine_select_kernel, dict(REFINE, EARLY_EXIT=True, RADIX=False,
+                                                                       **REUSE), 4),
+    "reuse: score": (tk._masked_score_kernel, dict(TILE=64, **REUSE), 4),
+    "reuse: group score fused update": (tk._group_score_kernel, dict(TILE=64, GROUP_BLOCKS=8, FUSE_UPDATE=True,
+                                                                     **REUSE), 4),
+    "reuse: decode": (tk._topk_decode_kernel, dict(BLOCKS_PER_SPLIT=64, TILE_BLOCKS=4, NUM_SPLITS=8, MIN_BLOCKS=5,
+                                                   NUM_SLOTS=513, **REUSE), 4),
 }
 
 

@@ -88,6 +88,14 @@ def test_parse_variants_vertical_segment_rows():
         "vertical_segment_rows": "1024"}
 
 
+def test_parse_variants_ablation_keys():
+    """The replay's oracle and dense_first_chunk as gate variants (sparse_prefill keys switched in the engine)."""
+    vs = acc.parse_variants("oracle:exact_selection=true,vertical_segment_rows=64;dfc:min_prompt_tokens=8193",
+                            chunk=8192)
+    assert vs[0].keys == {"exact_selection": "true", "vertical_segment_rows": "64"}
+    assert vs[1].keys == {"min_prompt_tokens": "8193"}
+
+
 @pytest.mark.parametrize("spec, needle", [
     ("a:nope=1", "unknown key 'nope'"),
     ("a:budgets=0", "budgets must be a number > 0"),
@@ -103,6 +111,8 @@ def test_parse_variants_vertical_segment_rows():
     ("a:dense_tail_rows=some", "dense_tail_rows"),
     ("a:vertical_segment_rows=1000", "vertical_segment_rows must be 0 .off. or a positive multiple of 64"),
     ("a:group_shared_selection=maybe", "group_shared_selection"),
+    ("a:exact_selection=maybe", "exact_selection"),
+    ("a:min_prompt_tokens=0", "min_prompt_tokens must be >= 1"),
 ])
 def test_parse_variants_names_what_is_wrong(spec, needle):
     with pytest.raises(SystemExit, match=needle):
@@ -118,7 +128,7 @@ def test_scaled_config_multiplies_length_proportional_budgets_only():
         calibration={"tokens": 32000}, layers={0: {0: HP(pattern="block_sparse", budgets={"top_k": 8}, recall=0.96),
                                                    1: HP(pattern="a_shape", budgets={"sink": 64, "window": 512}),
                                                    2: HP(pattern="dense", recall=1.0)}}).validate()
-    out = acc.scaled_config(cfg, 2)
+    out = acc.harness.scaled_config(cfg, 2)  # the accuracy run's budgets=F (and the replay's budgets<F>)
     assert out.head(0, 0) == HP(pattern="block_sparse", budgets={"top_k": 16})  # recorded recall dropped
     assert out.head(0, 1).budgets == {"sink": 64, "window": 512}  # a local structure: not length-proportional
     assert out.head(0, 2) == HP(pattern="dense")  # no recorded recall left to average

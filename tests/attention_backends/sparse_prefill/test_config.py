@@ -60,3 +60,10 @@ def test_vertical_segment_rows_off_by_default_and_settable():
     assert settings.resolve(environ={}).sparse_prefill.vertical_segment_rows == 0
     sp = settings.resolve(sets=["sparse_prefill.vertical_segment_rows=1024"], environ={}).sparse_prefill
     assert sp.vertical_segment_rows == 1024
+
+
+def test_exact_selection_off_by_default_and_settable():
+    assert settings.resolve(environ={}).sparse_prefill.exact_selection is False
+    assert settings.resolve(sets=["sparse_prefill.exact_selection=true"], environ={}).sparse_prefill.exact_selection
+    with pytest.raises(settings.KvplugConfigError, match=r"sparse_prefill\.exact_selection"):
+        settings.resolve(sets=["sparse_prefill.exact_selection=maybe"], environ={})

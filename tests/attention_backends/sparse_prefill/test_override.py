@@ -75,8 +75,18 @@ def test_vertical_segment_rows_switch_between_sweeps(hooks):
     assert r.vertical_segment_rows == 0
 
 
+def test_exact_selection_switch_between_sweeps(hooks):
+    r = backend_hooks.impl_runner(_impl())
+    assert r.exact_selection is False
+    backend_hooks.set_override(exact_selection="true", vertical_segment_rows=64)
+    assert r.exact_selection is True and backend_hooks.impl_runner(_impl()).exact_selection is True
+    backend_hooks.set_override()
+    assert r.exact_selection is False
+
+
 @pytest.mark.parametrize("fields, needle", [
-    ({"min_prompt_tokens": 5}, "'min_prompt_tokens'"),  # not switchable at run time
+    ({"cost_table": "auto"}, "'cost_table'"),  # not switchable at run time
+    ({"min_prompt_tokens": 0}, "min_prompt_tokens"),
     ({"group_shared_selection": "maybe"}, "group_shared_selection"),
     ({"budget_scale_limit": 0.5}, "budget_scale_limit"),
     ({"dense_tail_rows": -64}, "dense_tail_rows"),
@@ -110,3 +120,16 @@ def test_dense_override_plans_nothing(hooks, monkeypatch):
     backend_hooks.set_override(dense=True)
     hook.after_build(SimpleNamespace(), cam, lambda c: None)
     assert runner.STATS["dense_prefill_tokens"] == 4000 and runner.STATS["batches"] == 0
+
+
+def test_floor_follows_the_override(hooks):
+    """min_prompt_tokens switched at run time (the replay's dense_first_chunk): a chunk whose sequence holds
+    fewer tokens goes dense, the later chunks of the same prompt still sparse."""
+    backend_hooks.impl_runner(_impl())
+    hook = backend_hooks.builder_hook()
+    assert not hook.decider().decide(8192, 16384).sparse  # cost_table none: the default floor (32768)
+    backend_hooks.set_override(min_prompt_tokens="8193")
+    d = hook.decider()
+    assert not d.decide(8192, 8192).sparse and d.decide(8192, 16384).sparse
+    backend_hooks.set_override()
+    assert not hook.decider().decide(8192, 16384).sparse

@@ -7,7 +7,8 @@ import torch
 
 from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry
-from attention_backends.sparse_prefill.patterns.vertical_slash import VerticalSlash, segment_ends
+from attention_backends.sparse_prefill.patterns.vertical_slash import (HEADS_PER_STEP, LAST_Q, VerticalSlash,
+                                                                     column_votes, estimate_lines, segment_ends)
 from attention_backends.sparse_prefill.reference import sparse_attention
 from tests.attention_backends.sparse_prefill.test_reference import TIGHT, _qkv
 
@@ -69,6 +70,52 @@ def test_one_segment_is_todays_index(n, L, group_shared):
         seg = build_index(q, k, geom, plan, SCALE, group_shared=group_shared, vertical_segment_rows=rows)
         for name in ("block_mask", "cols", "col_count", "ranges", "range_count", "range_first"):
             assert torch.equal(getattr(seg, name), getattr(today, name)), (rows, name)
+
+
+def _naive_lines(q, k, kv_ids, q_pos0, row_end, L):
+    """Column and diagonal mass [h, L] of the last LAST_Q rows of rows [0, row_end), row by row in float64."""
+    vertical = torch.zeros(q.shape[0], L, dtype=torch.float64)
+    slash = torch.zeros_like(vertical)
+    for h in range(q.shape[0]):
+        for r in range(max(0, row_end - LAST_Q), row_end):
+            pos = q_pos0 + r
+            p = torch.softmax(k[kv_ids[h], :pos + 1].double() @ q[h, r].double() * SCALE, -1)
+            vertical[h, :pos + 1] += p
+            slash[h, :pos + 1] += p.flip(0)  # key pos - d lies on diagonal d
+    return vertical, slash
+
+
+# more query heads than HEADS_PER_STEP (two steps); segments ending before and after LAST_Q rows, unaligned
+VOTE_CASES = [(200, 700, [40, 64, 130, 200]), (700, 700, [100, 256, 700]), (90, 1123, [1, 63, 90])]
+
+
+@pytest.mark.parametrize("n,L,ends", VOTE_CASES)
+def test_estimate_lines_is_the_last_rows_softmax_mass(n, L, ends):
+    """estimate_lines == the row-by-row column and diagonal mass of the chunk's last LAST_Q rows."""
+    q, k, _ = _qkv(n, L, Hq=HEADS_PER_STEP + 4, Hkv=4, seed=10)
+    kv_ids = torch.arange(q.shape[1]) // 3
+    vertical, slash = estimate_lines(q.transpose(0, 1), k.transpose(0, 1), kv_ids, ChunkGeometry(n, L), SCALE)
+    want_v, want_s = _naive_lines(q.transpose(0, 1), k.transpose(0, 1), kv_ids, L - n, n, L)
+    torch.testing.assert_close(vertical.double(), want_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(slash.double(), want_s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,L,ends", VOTE_CASES)
+def test_column_votes_are_estimate_lines_of_the_rows_up_to_the_segment_end(n, L, ends):
+    """A segment's column vote (column_votes, ending at chunk row e) == estimate_lines' columns of the chunk cut at
+    row e (keys up to its last row; zero beyond); at e = n, estimate_lines' columns themselves."""
+    q, k, _ = _qkv(n, L, Hq=HEADS_PER_STEP + 4, Hkv=4, seed=11)
+    qh, kh = q.transpose(0, 1), k.transpose(0, 1)
+    kv_ids = torch.arange(q.shape[1]) // 3
+    geom = ChunkGeometry(n, L)
+    for e in ends:
+        got = column_votes(qh, kh, kv_ids, geom, SCALE, e)
+        keys = geom.q_pos0 + e
+        want, _ = estimate_lines(qh[:, :e], kh[:, :keys], kv_ids, ChunkGeometry(e, keys), SCALE)
+        assert got.shape == (q.shape[1], L) and not got[:, keys:].any(), e
+        torch.testing.assert_close(got[:, :keys], want, rtol=1e-6, atol=1e-7, msg=f"segment end {e}")
+        torch.testing.assert_close(got.double(), _naive_lines(qh, kh, kv_ids, geom.q_pos0, e, L)[0],
+                                   rtol=1e-5, atol=1e-5, msg=f"segment end {e}")
 
 
 def _masked_dense(q, k, v, mask, scale):
