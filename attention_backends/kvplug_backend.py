@@ -23,7 +23,8 @@ class KvplugMetadataBuilder(_DenseBuilder):  # type: ignore[misc, valid-type]
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._num_layers = len(layer_names)
         self._metrics = metrics.get(wiring.current().metrics)
-        self._sparse_prefill = sparse_prefill.builder_hook()
+        self._sparse_prefill = sparse_prefill.builder_hook(
+            device, lambda: vllm_compat.builder_kv_facts(kv_cache_spec, vllm_config))
         self._retrieval_decode = retrieval_decode.builder_hook(self)
         self._dropped_tokens = dropped_attention.enabled()
 

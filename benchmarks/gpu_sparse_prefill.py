@@ -33,10 +33,12 @@ def _worker(args: argparse.Namespace) -> None:
 
     lengths = [int(x) for x in args.lengths.split(",")]
     longest = max(lengths + [args.turn_length + args.suffix])
+    started = time.perf_counter()
     llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, seed=0,
               attention_backend=args.backend, max_model_len=longest + 64, enable_prefix_caching=True,
               gpu_memory_utilization=args.gpu_mem, max_num_seqs=4,
               **({"max_num_batched_tokens": args.max_batched_tokens} if args.max_batched_tokens else {}))
+    start_s = time.perf_counter() - started  # engine start (compiled_index: the index build's compile inside)
     impls = harness.attention_impls(llm)
     ours = args.backend == "CUSTOM"
     if ours:
@@ -109,6 +111,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     harness.emit_result({"backend": args.backend, "attention_impls": impls, "ttft_s": ttft, "density": dens,
                          "chunks": chunks, "executor_calls": execs, "engine": harness.engine_facts(llm),
+                         "engine_start_s": start_s, "index_warm_up": stats()["warm_up"] if ours else None,
                          "two_turn": turn, "device": harness.device_name(), "vllm": vllm.__version__})
 
 
@@ -127,7 +130,15 @@ def _profiled_conversation(llm, args: argparse.Namespace, tokens, timed) -> dict
     return out
 
 
+DEFAULTS = "KVPLUG_DEFAULTS"  # --with-defaults: kvplug as shipped (only sparse prefill on and the pattern set)
+
+
 def run_backend(args: argparse.Namespace, backend: str) -> dict:
+    if backend == DEFAULTS:
+        env = harness.engine_env(vanilla=False)
+        env.update(harness.kvplug_env("sparse_prefill", enabled=True, default_pattern=args.pattern,
+                                      default_budgets=args.budgets))
+        return {**_run(args, "CUSTOM", env), "backend": DEFAULTS}
     env = harness.engine_env(vanilla=backend != "CUSTOM")
     if backend == "CUSTOM":
         env.update(harness.kvplug_env("sparse_prefill", enabled=True, cost_table=args.cost_table,
@@ -135,6 +146,10 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict:
                                       **({"min_prompt_tokens": args.min_prompt_tokens} if args.min_prompt_tokens else {}),
                                       **({"pattern_config": args.pattern_config} if args.pattern_config else {}),
                                       **harness.set_pairs(args.sparse_set, "sparse_prefill")))
+    return _run(args, backend, env)
+
+
+def _run(args: argparse.Namespace, backend: str, env: dict) -> dict:
     worker_args = ["--model-dir", args.model_dir, "--shape", args.shape, "--lengths", args.lengths,
                    "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem), "--turn-length", str(args.turn_length),
                    "--suffix", str(args.suffix), "--max-batched-tokens", str(args.max_batched_tokens),
@@ -147,16 +162,24 @@ def summarize(runs: list[dict]) -> dict:
     for r in runs:
         by.setdefault(r["backend"], []).append(r)
     # One side alone (--backends CUSTOM: a check that the sparse path runs) leaves the other's figures None.
-    base, ours = by.get("FLASH_ATTN", []), by.get("CUSTOM", [])
+    base, ours, shipped = by.get("FLASH_ATTN", []), by.get("CUSTOM", []), by.get(DEFAULTS, [])
     table = {}
-    for n in (base or ours)[0]["ttft_s"]:
+    for n in (base or ours or shipped)[0]["ttft_s"]:
         b = statistics.median([x for r in base for x in r["ttft_s"][n]]) if base else None
         o = statistics.median([x for r in ours for x in r["ttft_s"][n]]) if ours else None
-        table[n] = {"flash_attn_s": b, "kvplug_s": o, "speedup": b / o if b and o else None,
-                    "density": ours[-1]["density"].get(n) if ours else None,
-                    "chunks": ours[-1].get("chunks", {}).get(n) if ours else None,
-                    "executor_calls": ours[-1].get("executor_calls", {}).get(n) if ours else None}
+        table[n] = {"flash_attn_s": b, "kvplug_s": o, "speedup": b / o if b and o else None}
+        if shipped:  # --with-defaults: kvplug as shipped, the figure the --set configuration must beat
+            d = statistics.median([x for r in shipped for x in r["ttft_s"][n]])
+            table[n].update(defaults_s=d, defaults_speedup=b / d if b else None,
+                            speedup_vs_defaults=d / o if o else None, defaults_density=shipped[-1]["density"].get(n),
+                            defaults_chunks=shipped[-1].get("chunks", {}).get(n))
+        table[n].update({
+            "density": ours[-1]["density"].get(n) if ours else None,
+            "chunks": ours[-1].get("chunks", {}).get(n) if ours else None,
+            "executor_calls": ours[-1].get("executor_calls", {}).get(n) if ours else None})
     out = {"device": runs[0]["device"], "vllm": runs[0]["vllm"], "ttft": table,
+           "engine_start_s": {r["backend"]: r.get("engine_start_s") for r in runs},
+           "index_warm_up": ours[-1].get("index_warm_up") if ours else None,
            "attention_impls": {r["backend"]: r["attention_impls"] for r in runs}}
     if base and ours and base[0]["two_turn"]:
         bt = statistics.median(r["two_turn"]["second_ttft_s"] for r in base)
@@ -198,10 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="sparse_set", action="append", default=[], metavar="KEY=VALUE",
                    help="another sparse_prefill key for the kvplug run (repeatable), e.g. --set "
                         "group_shared_selection=true --set fused_estimate=true --set executor=fa2_sparse")
+    p.add_argument("--with-defaults", action="store_true", help="also run kvplug as shipped (sparse prefill on, "
+                   "--pattern/--budgets, every other key its default; --set, --cost-table and --min-prompt-tokens "
+                   "not applied) in the same run: TTFT per length beside FLASH_ATTN and the --set configuration")
     args = harness.parse_shape_args(p, argv, _worker)
     if args is None:
         return 0
     runs = [run_backend(args, b) for b in args.backends.split(",") if b]
+    if args.with_defaults:
+        runs.append(run_backend(args, DEFAULTS))
     summary = summarize(runs)
     harness.write_results(args.out, harness.command_line("benchmarks.gpu_sparse_prefill", argv), summary, runs)
     print_summary(summary)
@@ -209,12 +237,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_summary(summary: dict) -> None:
-    print(f"device: {summary['device']}  vLLM {summary['vllm']}")
+    print(f"device: {summary['device']}  vLLM {summary['vllm']}  engine start {summary.get('engine_start_s')}  "
+          f"index warm-up {summary.get('index_warm_up')}")
     ms = lambda s: f"{s * 1e3:9.1f} ms" if s is not None else "        -"  # noqa: E731
     harness.print_metric_rows(summary, ("ttft",), lambda _, n, row: (
         f"TTFT {n:>7s}  FLASH_ATTN {ms(row['flash_attn_s'])}  kvplug {ms(row['kvplug_s'])}"
         f"  speedup {row['speedup'] and round(row['speedup'], 2)}x  density {row['density']}  chunks {row.get('chunks')}"
-        f"  executor {row.get('executor_calls')}"))
+        f"  executor {row.get('executor_calls')}"
+        + (f"  | shipped defaults {ms(row['defaults_s'])} ({row['defaults_speedup'] and round(row['defaults_speedup'], 2)}x)"
+           f"  --set vs defaults {row['speedup_vs_defaults'] and round(row['speedup_vs_defaults'], 2)}x"
+           if "defaults_s" in row else "")))
     if "two_turn" in summary:
         t = summary["two_turn"]
         print(f"second turn (prefix hit): FLASH_ATTN {t['flash_attn_second_ttft_s']*1e3:.1f} ms  kvplug "

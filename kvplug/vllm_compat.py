@@ -12,9 +12,10 @@ from kvplug.compat import common, selected
 from kvplug.compat.common import (  # noqa: F401  (re-exported: the import surface)
     API_SERVER_MODULE, ATTENTION_BACKEND_PATH, CPU_DEFAULT_KV_CACHE_BYTES, KV_CONNECTOR_CLASS, KV_CONNECTOR_MODULE,
     RAY_ENV_PREFIXES_VAR, SUPPORTED, BatchPhases, UnsupportedVllmError, _flash_kv_views, _version_tuple,
-    api_server_command, attention_backend_cli_args, attention_geometry, attention_backend_engine_kwargs, attention_impl,
-    attention_impl_names, backend_slot, batch_phases, check_supported, current_model_name, current_vllm_config,
-    decode_batch_capacity, fa2_sparse_attention, flash_attn_function, keep_schedule, schedule_buffer, with_seq_lens,
+    BuilderKvFacts, api_server_command, attention_backend_cli_args, attention_geometry,
+    attention_backend_engine_kwargs, attention_impl, attention_impl_names, backend_slot, batch_phases,
+    builder_kv_facts, check_supported, current_model_name, current_vllm_config, decode_batch_capacity,
+    fa2_sparse_attention, flash_attn_function, keep_schedule, schedule_buffer, with_seq_lens,
     dense_backend_class, dense_backend_writes_kv_in_forward, kv_cache_memory_bound, kv_connector_api,
     kv_saves_defer_block_free, kv_transfer_config, layer_index, none_hash_seed, paged_kv_geometry,
     platform_default_args, platform_name, prefix_block_hashes, propagate_env_to_ray, register_attention_backend,

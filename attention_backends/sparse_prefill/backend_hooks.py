@@ -18,6 +18,7 @@ from torch.profiler import record_function
 
 from attention_backends import wiring
 from attention_backends.sparse_prefill import cost_model, executor, planner, runner
+from attention_backends.sparse_prefill.index import BLOCK
 from kvplug import metrics, vllm_compat
 from kvplug.config import KvplugConfigError
 
@@ -125,9 +126,15 @@ def make_decider(cfg: Any, context: ModelContext | None, device: str,
     floor = cfg.min_prompt_tokens or cost_model.FLOOR_TOKENS
     cfg_layers = chosen.config.num_layers or context.num_layers or 1
     heads = cost_model.HeadDensity(chosen.config, cfg_layers, context.num_heads)
+    # the executor that will run the sparse chunks here (auto: fa2_sparse only where it can run)
+    platform = "cpu" if device == "cpu" else "cuda"
+    runs = executor.resolve(cfg.executor, platform, context.head_dim).name
     decider = cost_model.ChunkDecider(floor, table, heads, context.num_heads, context.head_dim, cfg.cost_margin,
-                                      **scale)
-    return decider, f"cost model ({why}, device {device!r}, margin {cfg.cost_margin}, floor {floor} tokens)"
+                                      executor=runs, compiled_index=cfg.compiled_index, **scale)
+    t = decider.terms
+    priced = f"{t.executor} terms, {'compiled' if t.compiled_index else 'eager'} index"
+    return decider, (f"cost model ({why}, device {device!r}, {priced}, margin {cfg.cost_margin}, "
+                     f"floor {floor} tokens)")
 
 
 class BuilderHook:
@@ -167,9 +174,65 @@ class BuilderHook:
                 runner.record_dense_batch(vllm_compat.batch_phases(common_attn_metadata).prefill_tokens)
 
 
-def builder_hook() -> BuilderHook | None:
+def builder_hook(device: Any = None, kv_facts: Callable[[], Any] | None = None) -> BuilderHook | None:
+    """The builder's hook, or None when sparse prefill is off. With compiled_index the builder's construction
+    (engine start, after the model is loaded) compiles the index build first (warm_up): ``kv_facts`` returns
+    vllm_compat.BuilderKvFacts of the builder's layers."""
     cfg = _config()
-    return None if cfg is None else BuilderHook(cfg)
+    if cfg is None:
+        return None
+    hook = BuilderHook(cfg)
+    if _effective(cfg).compiled_index and kv_facts is not None:
+        warm_up(device, kv_facts(), hook.decider())
+    return hook
+
+
+# compiled_index warm-ups done in this process: (device, dtypes, block size, head shape, plans, runner flags)
+_warmed_up: set[tuple] = set()
+
+
+# Sequence lengths at which a chunk of one query block is priced: the warm-up compiles its graph only where the
+# decider may send such a chunk sparse (with a cost table it never does: the index build's fixed cost).
+SMALL_CHUNK_PROBES = (8192, 32768, 131072, 1 << 20)
+
+
+def warm_up(device: Any, facts: Any, decider: cost_model.ChunkDecider) -> None:
+    """compiled_index: compile the index build now, at engine start, rather than in the first sparse chunk
+    (tens of seconds on the H100): every distinct layer plan of the per-head config (budgets at factor 1: other
+    factors reuse the graphs) through one runner's own path (executor, dtypes), on synthetic inputs of the
+    chunk shapes runner.warm_up_geometries lists. Once per process and setting; a failure is logged and leaves
+    the first sparse chunk to compile (a compile error itself already sends the build eager: head_config)."""
+    import time
+
+    import torch
+
+    r = next(iter(list(_runners)), None)
+    if r is None or _context is None:
+        return  # no layer built in this process (e.g. a builder without attention layers here)
+    device = torch.device(device if device is not None else "cpu")
+    layers = range(r.pattern_config.num_layers or _context.num_layers or 1)
+    key = (str(device), str(facts.query_dtype), str(facts.cache_dtype), facts.block_size, r.num_heads,
+           r.num_kv_heads, _context.head_dim, id(r.pattern_config), r.executor.name, r.group_shared,
+           r.fused_estimate, r.dense_tail_rows, r.vertical_segment_rows)
+    small_chunks = any(decider.decide(BLOCK, L).sparse for L in SMALL_CHUNK_PROBES)
+    key = key + (small_chunks, decider.floor)
+    if key in _warmed_up:
+        return
+    _warmed_up.add(key)
+    start = time.perf_counter()
+    try:
+        plans, shapes = r.warm_up(layers, facts.query_dtype, facts.cache_dtype, facts.block_size, _context.head_dim,
+                                  device, small_chunks=small_chunks, floor=decider.floor)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the engine; the first chunk compiles instead
+        logger.warning("kvplug sparse prefill: compiled_index warm-up failed (%s: %s); the first sparse chunk "
+                       "compiles the index build instead", type(exc).__name__, exc)
+        return
+    seconds = time.perf_counter() - start
+    runner.WARM_UP.update(seconds=round(seconds, 3), plans=plans, geometries=shapes)
+    logger.info("kvplug sparse prefill: compiled the index build at start-up in %.1f s (%d layer plans, chunks "
+                "(n, L) %s): no request pays the compile", seconds, plans, shapes)
 
 
 def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:

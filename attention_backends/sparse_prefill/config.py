@@ -50,7 +50,8 @@ class SparsePrefillConfig(Section):
     # sparse_attn_varlen_func over the same index, its key ranges widened to whole 64-key windows
     # (fa2_sparse.py); needs vLLM's FA2 library, head_dim 128, fp16/bf16; where it is missing the chunk runs
     # "triton", logged once and counted) or "auto" ("fa2_sparse" where it can run: 1.2-1.75x faster than
-    # ours at every shape of the H100 kernel table; not yet measured end to end). The CPU path is torch.
+    # ours at every shape of the H100 kernel table). The cost model prices the executor that runs (a table's
+    # executors map; without one, Triton's terms). The CPU path is torch.
     executor: str = "triton"
     # Every sparse chunk's last dense_tail_rows query rows (rounded up to whole 64-row query blocks) attend every
     # causal key, whatever their heads' patterns. Why: a prompt ends with its question, whose rows retrieval
@@ -69,10 +70,13 @@ class SparsePrefillConfig(Section):
     # With fused_estimate (CUDA) segmented chunks use the torch estimate on keys gathered from the cache.
     # 0 = off (one segment: the whole chunk; the default until measured: BENCHMARKS.md, "Sparse prefill").
     vertical_segment_rows: int = 0
-    # Build the sparse index (estimate + selection + bookkeeping) through torch.compile (dynamic shapes; once per
-    # process, the first sparse chunk pays the compile: tens of seconds). Why: the eager build issues ~250 small
-    # ops per layer call, host-launch-bound on the GPU (the 2.5-6 ms floor per chunk and layer, BENCHMARKS.md);
-    # inductor fuses them into a few kernels. Same index element for element. Off by default until measured.
+    # Build the sparse index (estimate + selection + bookkeeping) through torch.compile (dynamic shapes). Why: the
+    # eager build issues ~250 small ops per layer call, host-launch-bound on the GPU (the 2.5-6 ms floor per chunk
+    # and layer, BENCHMARKS.md); inductor fuses them into a few kernels. Same index element for element. The
+    # compile (tens of seconds per graph on the H100) happens at engine start, when the metadata builder is built
+    # (backend_hooks.warm_up: every distinct layer plan on synthetic chunks), so no request pays it; the cost model
+    # then prices the compiled build (cost tables' executors.*.index_compiled). Off by default until measured end
+    # to end with the cost model on (DEVELOPERS.md, GPU item 3f).
     compiled_index: bool = False
     # A diagnostic, not a serving mode: patterns rank their candidates by the exact attention mass of every query
     # row instead of their estimate, under the same budgets (vertical-slash: every row of the chunk, or of each

@@ -9,6 +9,18 @@ and the table measured at ``Hq0``/``d0`` (w = Hq*d / (Hq0*d0)):
            + kernel.ms_per_krow * n/1e3 * Hq/Hq0 + kernel.ms_per_gpair * density * P/1e9 * d/d0
 
 per layer; the chunk goes sparse only when ``dense >= margin * sparse`` (``sparse_prefill.cost_margin``).
+Those index/kernel terms are the Triton executor's (eager index build). A table may carry other executors'
+terms in ``executors`` (e.g. ``fa2_sparse``: its own index build, eager and ``index_compiled``, plus the K/V
+``gather`` out of the paged cache, the index ``convert``ion and its kernel; ``triton``: ``index_compiled``
+only); the decider prices the executor that will run the chunk (executor.resolve: ``auto`` is ``fa2_sparse``
+only where it can run) with the compiled index terms when ``compiled_index`` is on:
+
+    sparse = index(.compiled) + gather.fixed_ms + gather.ms_per_kkey * L/1e3 * w
+           + convert.fixed_ms + convert.ms_per_krow * n/1e3 * Hq/Hq0 + kernel (as above)
+
+A term the table lacks falls back to the Triton one (a table without ``executors`` prices every executor as
+Triton: the older tables). For ``fa2_sparse`` the kernel's density is the plan's, before the widening to 64-key
+windows (fa2_sparse.py): the fit absorbs the widening at the densities it was measured at.
 ``density`` is what the plan gives: per head, the keys a row attends (a searched head: its measured density
 at the searched length, scaled like its budgets; otherwise its pattern's estimate from the budgets,
 ``SparsePattern.keys_per_row``) over the chunk's mean causal span, capped at 1, averaged over layers and
@@ -71,18 +83,61 @@ class KernelCost(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ms_per_gpair: float  # per 1e9 computed pairs x query heads
 
 
-class CostTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class GatherCost(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    fixed_ms: float
+    ms_per_kkey: float  # per 1000 keys of the sequence (its K and V copied out of the paged cache)
+
+
+class ConvertCost(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    fixed_ms: float
+    ms_per_krow: float  # per 1000 query rows of the chunk (the index converted per query block)
+
+
+class ExecutorCost(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """One executor's terms (sparse_prefill.executor); a missing one is the table's Triton term."""
+
+    index: IndexCost | None = None  # the eager index build on this executor's path
+    index_compiled: IndexCost | None = None  # the same through torch.compile (sparse_prefill.compiled_index)
+    gather: GatherCost | None = None
+    convert: ConvertCost | None = None
+    kernel: KernelCost | None = None
+
+
+EXECUTOR_NAMES = ("triton", "fa2_sparse")  # what executor.resolve() returns (config.EXECUTORS less "auto")
+
+
+@dataclass(frozen=True)
+class SparseTerms:
+    """The terms that price a sparse chunk on one executor, resolved from a table once per decider."""
+
+    executor: str
+    compiled_index: bool  # the index terms are the compiled build's
+    index: IndexCost
+    kernel: KernelCost
+    gather: GatherCost | None
+    convert: ConvertCost | None
+
+
+class CostTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     device: str  # what it was measured on (torch.cuda.get_device_name(); "cpu: <model>, <n> cores" for cpu.json)
     match: list[str]  # lower-case substrings of a device name this table serves ("cpu": the CPU platform)
     shape: TableShape  # the attention shape it was measured at
     dense: DenseCost
     index: IndexCost
     kernel: KernelCost
+    # executor name -> its own terms (EXECUTOR_NAMES; module doc); absent = every executor priced as Triton
+    executors: dict[str, ExecutorCost] = {}
     source: dict[str, Any] = {}  # how it was derived: result files, command, date, fit errors
 
     def validate(self, where: str) -> "CostTable":
-        for section in ("dense", "index", "kernel"):
-            for key, value in msgspec.structs.asdict(getattr(self, section)).items():
+        sections = [(name, getattr(self, name)) for name in ("dense", "index", "kernel")]
+        for name, ex in self.executors.items():
+            if name not in EXECUTOR_NAMES:
+                raise CostTableError(f"{where}: executors.{name}: unknown executor (known: {', '.join(EXECUTOR_NAMES)})")
+            sections += [(f"executors.{name}.{f}", getattr(ex, f)) for f in ex.__struct_fields__
+                         if getattr(ex, f) is not None]
+        for section, terms in sections:
+            for key, value in msgspec.structs.asdict(terms).items():
                 if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                     raise CostTableError(f"{where}: {section}.{key} must be a finite number >= 0, got {value!r}")
         if not self.match or not all(self.match):
@@ -95,11 +150,29 @@ class CostTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         pairs = causal_pairs(n, L) * heads / 1e9 * head_dim / self.shape.head_dim
         return self.dense.fixed_ms + self.dense.ms_per_gpair * pairs
 
-    def sparse_ms(self, n: int, L: int, density: float, heads: int, head_dim: int) -> float:
+    def terms(self, executor: str = "triton", compiled_index: bool = False) -> SparseTerms:
+        """The terms of a sparse chunk run by ``executor`` (an EXECUTOR_NAMES name), with the compiled index
+        build's when ``compiled_index`` and the table has them; each missing term is the Triton one."""
+        triton = self.executors.get("triton") or ExecutorCost()
+        own = triton if executor == "triton" else self.executors.get(executor) or ExecutorCost()
+        # an executor without index terms of its own builds as the Triton path does, compiled or not
+        compiled = own.index_compiled or (None if own.index else triton.index_compiled)
+        use_compiled = compiled_index and compiled is not None
+        return SparseTerms(executor, use_compiled, compiled if use_compiled else own.index or self.index,
+                           own.kernel or self.kernel, own.gather, own.convert)
+
+    def sparse_ms(self, n: int, L: int, density: float, heads: int, head_dim: int,
+                  terms: SparseTerms | None = None) -> float:
+        t = terms or self.terms()
         w = heads * head_dim / (self.shape.heads * self.shape.head_dim)
-        index = self.index.fixed_ms + (self.index.ms_per_kkey * L / 1e3 + self.index.ms_per_gcell * n * L / 1e9) * w
+        rows = n / 1e3 * heads / self.shape.heads
+        ms = t.index.fixed_ms + (t.index.ms_per_kkey * L / 1e3 + t.index.ms_per_gcell * n * L / 1e9) * w
+        if t.gather is not None:
+            ms += t.gather.fixed_ms + t.gather.ms_per_kkey * L / 1e3 * w
+        if t.convert is not None:
+            ms += t.convert.fixed_ms + t.convert.ms_per_krow * rows
         pairs = density * causal_pairs(n, L) * heads / 1e9 * head_dim / self.shape.head_dim
-        return index + self.kernel.ms_per_krow * n / 1e3 * heads / self.shape.heads + self.kernel.ms_per_gpair * pairs
+        return ms + t.kernel.ms_per_krow * rows + t.kernel.ms_per_gpair * pairs
 
     def to_json(self) -> bytes:
         return msgspec.json.format(msgspec.json.encode(self), indent=1)
@@ -203,10 +276,13 @@ class ChunkDecider:
 
     def __init__(self, floor: int, table: CostTable | None = None, heads: HeadDensity | None = None,
                  num_heads: int = 0, head_dim: int = 0, margin: float = 1.2, budget_scale_limit: float = 1.0,
-                 searched_tokens: int | None = None, feedback: DensityFeedback | None = None) -> None:
+                 searched_tokens: int | None = None, feedback: DensityFeedback | None = None,
+                 executor: str = "triton", compiled_index: bool = False) -> None:
         if table is not None and (heads is None or num_heads < 1 or head_dim < 1):
             raise ValueError("a cost table needs the model's head densities, query heads and head dim")
         self.floor, self.table, self.heads = floor, table, heads
+        # the executor that will run sparse chunks (executor.resolve) and whether the index build is compiled
+        self.terms = table.terms(executor, compiled_index) if table is not None else None
         self.num_heads, self.head_dim, self.margin = num_heads, head_dim, margin
         self.budget_scale_limit, self.searched_tokens = budget_scale_limit, searched_tokens
         self.feedback = FEEDBACK if feedback is None else feedback
@@ -219,7 +295,7 @@ class ChunkDecider:
             return ChunkDecision(True, THRESHOLD, factor)
         predicted = self.heads.density(n, L, self.budget_scale_limit)
         density = min(1.0, predicted * self.feedback.ratio())
-        sparse_ms = self.table.sparse_ms(n, L, density, self.num_heads, self.head_dim)
+        sparse_ms = self.table.sparse_ms(n, L, density, self.num_heads, self.head_dim, self.terms)
         dense_ms = self.table.dense_ms(n, L, self.num_heads, self.head_dim)
         return ChunkDecision(dense_ms >= self.margin * sparse_ms, COST_MODEL, factor, predicted, sparse_ms, dense_ms)
 
@@ -280,10 +356,11 @@ def dense_column(row: dict) -> str | None:
 
 
 def fit_table(rows: list[dict], device: str, match: list[str], shape: dict[str, int],
-              source: dict[str, Any]) -> CostTable:
+              source: dict[str, Any], executor_rows: list[dict] | None = None) -> CostTable:
     """A CostTable fitted to kernel benchmark rows (benchmarks/kernels/sparse_prefill_bench: L, n, density,
     kvplug_index_ms, the kernel's ms, the dense path's ms: a DENSE_COLUMNS column), each term by non-negative
-    least squares on relative error; the fit's worst relative error per term goes into ``source``."""
+    least squares on relative error; the fit's worst relative error per term goes into ``source``. The
+    per-executor terms (fit_executors) from ``executor_rows`` (default: ``rows``)."""
     H = shape["heads"]
 
     def pairs(r: dict) -> float:
@@ -309,9 +386,57 @@ def fit_table(rows: list[dict], device: str, match: list[str], shape: dict[str, 
 
     fit = {"rows": len(rows), "max_rel_err": {"index": worst(idx_x, idx_y, ci), "kernel": worst(ker_x, ker_y, ck),
                                               "dense": worst(den_x, den_y, cd)}}
+    executors, executor_fit = fit_executors(rows if executor_rows is None else executor_rows, H)
+    if executor_fit:
+        fit["executors"] = executor_fit
     return CostTable(device=device, match=match, shape=TableShape(**shape),
                      dense=DenseCost(fixed_ms=round(cd[0], 4), ms_per_gpair=round(cd[1], 4)),
                      index=IndexCost(fixed_ms=round(ci[0], 4), ms_per_kkey=round(ci[1], 5),
                                      ms_per_gcell=round(ci[2], 4)),
                      kernel=KernelCost(ms_per_krow=round(ck[0], 4), ms_per_gpair=round(ck[1], 4)),
-                     source={**source, "fit": fit}).validate("fitted table")
+                     executors=executors, source={**source, "fit": fit}).validate("fitted table")
+
+
+def _index_features(r: dict) -> list[float]:
+    return [1.0, r["L"] / 1e3, r["n"] * r["L"] / 1e9]
+
+
+# (executor, term, the bench column it is fitted to, features of a row, the struct) for fit_executors. Kernel
+# density: the plan's (``density``), what the decider predicts; the FA2 kernel computes the index widened to
+# 64-key windows (``window_density``, ~1.15x at the bench's densities), which its fitted per-pair cost absorbs.
+# FA2 terms only from rows that timed the executor as serving runs it (``fa2_serving_ms``): older rows timed the
+# kernel on another conversion of the index.
+EXECUTOR_ROWS = {"fa2_sparse": "fa2_serving_ms"}
+EXECUTOR_TERMS = (
+    ("triton", "index_compiled", "kvplug_index_compiled_ms", _index_features, IndexCost),
+    ("fa2_sparse", "index", "fa2_index_ms", _index_features, IndexCost),
+    ("fa2_sparse", "index_compiled", "fa2_index_compiled_ms", _index_features, IndexCost),
+    ("fa2_sparse", "gather", "fa2_gather_ms", lambda r: [1.0, r["L"] / 1e3], GatherCost),
+    ("fa2_sparse", "convert", "fa2_convert_ms", lambda r: [1.0, r["n"] / 1e3], ConvertCost),
+    ("fa2_sparse", "kernel", "fa2_sparse_ms", None, KernelCost),
+)
+_ROUNDING = {"ms_per_kkey": 5}  # its coefficients are small: one digit more
+
+
+def fit_executors(rows: list[dict], heads: int) -> tuple[dict[str, ExecutorCost], dict[str, dict[str, Any]]]:
+    """Per-executor terms (CostTable.executors) fitted to the bench columns that time them (EXECUTOR_TERMS), each
+    from the rows that have its column (a compiled column only where the build really compiled: no
+    ``*_compiled_fallback``), by the same relative non-negative least squares as fit_table; a term no row
+    times is left out (the Triton one prices it). Also the fit's rows and worst relative error per term."""
+    found: dict[str, dict[str, Any]] = {}
+    errors: dict[str, dict[str, Any]] = {}
+    for executor, term, column, features, struct in EXECUTOR_TERMS:
+        fallback = column.replace("_ms", "_fallback")
+        marker = EXECUTOR_ROWS.get(executor, column)
+        use = [r for r in rows if r.get(column) is not None and marker in r and not r.get(fallback)]
+        if not use:
+            continue
+        if features is None:  # a kernel: per 1000 rows and per 1e9 computed pairs x query heads
+            features = lambda r: [r["n"] / 1e3, r["density"] * causal_pairs(r["n"], r["L"]) * heads / 1e9]  # noqa: E731
+        x, y = [features(r) for r in use], [r[column] for r in use]
+        coef = _nnls_relative(x, y)
+        found.setdefault(executor, {})[term] = struct(**{
+            f: round(c, _ROUNDING.get(f, 4)) for f, c in zip(struct.__struct_fields__, coef)})
+        worst = max(abs(sum(a * b for a, b in zip(xi, coef)) - yi) / yi for xi, yi in zip(x, y))
+        errors.setdefault(executor, {})[term] = {"rows": len(use), "max_rel_err": round(worst, 3)}
+    return {name: ExecutorCost(**terms) for name, terms in found.items()}, errors

@@ -311,7 +311,12 @@ def window_ranges(ranges: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tens
     jump = torch.cat([nxt, torch.full_like(nxt[:, :1], R)], -1)  # node R: past the end, its own successor
     starts = torch.zeros(h, R + 1, dtype=torch.int64, device=dev)
     starts[:, 0] = 1
-    for _ in range(max(1, R.bit_length() + 1)):  # after k rounds: every start fewer than 2**k runs from range 0
+    # after k rounds every start fewer than 2**k runs from range 0; more rounds change nothing (node R is its own
+    # successor). Compiled (build_index(compiled=True)) the count is fixed: R.bit_length() would pin the graph to
+    # this R, i.e. to the slash budget, and every budget factor (head_config.budget_scale) would recompile.
+    fixed = torch.compiler.is_compiling() and R < 1 << (COMPILED_DOUBLING_ROUNDS - 1)  # a range guard, not R's value
+    rounds = COMPILED_DOUBLING_ROUNDS if fixed else max(1, R.bit_length() + 1)
+    for _ in range(rounds):
         starts = torch.maximum(starts, torch.zeros_like(starts).scatter_reduce(1, jump, starts, "amax"))
         jump = torch.gather(jump, 1, jump)
     run_of = torch.cummax(torch.where(starts[:, :R].bool(), j, torch.zeros_like(j)), -1).values
@@ -328,6 +333,11 @@ def window_ranges(ranges: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tens
     start = torch.where(live, cand, torch.full_like(cand, RANGE_PAD))
     end = torch.where(live, cand + BLOCK, torch.full_like(cand, RANGE_PAD))
     return torch.stack([start, end], -1), live.sum(-1)
+
+
+# Pointer-doubling rounds of a compiled window_ranges: enough for R < 2**16 ranges per head (R <= the slash budget;
+# beyond, the compiled build counts them as eager does). Each round is a few fused kernels.
+COMPILED_DOUBLING_ROUNDS = 17
 
 
 def _ceil_div(x: torch.Tensor, m: int) -> torch.Tensor:

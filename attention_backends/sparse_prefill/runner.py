@@ -17,13 +17,15 @@ from attention_backends.row_subset import forward_rows
 from attention_backends.sparse_prefill import cost_model, fa2_sparse
 from attention_backends.sparse_prefill.executor import Executor, note_once
 from attention_backends.sparse_prefill.head_config import LayerPlan, PatternConfig, build_index
-from attention_backends.sparse_prefill.index import ChunkGeometry
+from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry
 from attention_backends.sparse_prefill.paged_keys import PagedKeys
 from attention_backends.sparse_prefill.planner import SparsePrefillPlan
 from attention_backends.sparse_prefill.reference import sparse_attention
 from kvplug import metrics, vllm_compat
 
 _stats_lock = threading.Lock()
+# compiled_index: the start-up compile of the index build (backend_hooks.warm_up): seconds, plans, chunk shapes
+WARM_UP: dict[str, Any] = {}
 # Process-wide counters (tests read them through collective_rpc; Prometheus gets the same numbers).
 STATS = {"batches": 0, "sparse_tokens": 0, "dense_prefill_tokens": 0, "sparse_layer_calls": 0,
          "computed_pairs": 0, "causal_pairs": 0,
@@ -93,10 +95,10 @@ def flush_pending(wait: bool = False) -> None:
 
 def stats_snapshot(_worker: Any = None) -> dict[str, Any]:
     """The counters (every sparse chunk run so far included), plus ``chunks``: prefill chunks by
-    "decision/reason" (cost_model.record_decisions)."""
+    "decision/reason" (cost_model.record_decisions), and ``warm_up``: the compiled_index start-up compile."""
     flush_pending(wait=True)
     with _stats_lock:
-        return {**STATS, "chunks": cost_model.decisions_snapshot()}
+        return {**STATS, "chunks": cost_model.decisions_snapshot(), "warm_up": dict(WARM_UP)}
 
 
 def record_batch(plan: SparsePrefillPlan) -> None:
@@ -143,6 +145,11 @@ def _record_pairs(computed: int, causal: int, predicted: float | None = None) ->
     if m is not None:
         m.sparse_prefill_pairs.labels(kind="computed").inc(computed)
         m.sparse_prefill_pairs.labels(kind="causal").inc(causal)
+
+
+# The warm-up's sequence length: above every budget (a shorter sequence than a budget is another graph) and, on
+# the CPU, above 4096 keys (inductor's C++ reductions compile differently up to 4096).
+WARM_UP_TOKENS = 8192
 
 
 class SparsePrefillRunner:
@@ -192,36 +199,80 @@ class SparsePrefillRunner:
             causal = geom.causal_pairs() * self.num_heads
             predicted = None if seg.predicted_density is None else seg.predicted_density * causal
             blocks = plan.block_table[seg.req, :-(-seg.seq_len // block_size)].long()
-            q = query[seg.row_start:seg.row_end]
+            seq = None
             if use_fa2:
                 # per batch (the first layer builds it, the others reuse it): where the sequence's tokens are
                 seq = plan.sequence_kv.get((i, block_size))
                 if seq is None:
                     seq = plan.sequence_kv[(i, block_size)] = fa2_sparse.SequenceKV.build(blocks, block_size, geom)
-                computed = self._attend_fa2(q, key_cache, value_cache, blocks, seq, geom, layer_plan,
-                                            output[seg.row_start:seg.row_end])
-                _record_computed(computed, causal, predicted)
-                continue
-            if query.is_cuda:
-                from attention_backends.sparse_prefill import triton_kernels
-
-                computed = triton_kernels.sparse_prefill_paged(q, key_cache, value_cache, blocks, geom, layer_plan,
-                                                               self.scale, output[seg.row_start:seg.row_end],
-                                                               self.group_shared, self.fused_estimate,
-                                                               self.dense_tail_rows, self.compiled_index,
-                                                               self.vertical_segment_rows, self.exact_selection)
-                _record_computed(computed, causal, predicted)
-                continue
-            k = _gather_sequence(key_cache, blocks, seg.seq_len)
-            v = _gather_sequence(value_cache, blocks, seg.seq_len)
-            # CPU: the torch estimate on the gathered keys (fused_estimate is a Triton kernel: CUDA only)
-            index = build_index(q, k, geom, layer_plan, self.scale, group_shared=self.group_shared,
-                                dense_tail_rows=self.dense_tail_rows, compiled=self.compiled_index,
-                                vertical_segment_rows=self.vertical_segment_rows,
-                                exact_selection=self.exact_selection)
-            sparse_attention(q, k, v, index, self.scale, out=output[seg.row_start:seg.row_end])
-            _record_computed(index.computed_pairs(geom).sum(), causal, predicted)
+            computed = self._attend(query[seg.row_start:seg.row_end], key_cache, value_cache, blocks, geom,
+                                    layer_plan, output[seg.row_start:seg.row_end], seq)
+            _record_computed(computed, causal, predicted)
         return output
+
+    def _attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, blocks: torch.Tensor,
+                geom: ChunkGeometry, layer_plan: LayerPlan, out: torch.Tensor,
+                seq: "fa2_sparse.SequenceKV | None") -> torch.Tensor:
+        """One sparse chunk: index + attention on the executor's path (``seq`` given: the FA2 kernel). Returns
+        the computed pairs as a 0-d tensor (on CUDA left on the device)."""
+        if seq is not None:
+            return self._attend_fa2(q, key_cache, value_cache, blocks, seq, geom, layer_plan, out)
+        if q.is_cuda:
+            from attention_backends.sparse_prefill import triton_kernels
+
+            return triton_kernels.sparse_prefill_paged(q, key_cache, value_cache, blocks, geom, layer_plan,
+                                                       self.scale, out, self.group_shared, self.fused_estimate,
+                                                       self.dense_tail_rows, self.compiled_index,
+                                                       self.vertical_segment_rows, self.exact_selection)
+        k = _gather_sequence(key_cache, blocks, geom.L)
+        v = _gather_sequence(value_cache, blocks, geom.L)
+        # CPU: the torch estimate on the gathered keys (fused_estimate is a Triton kernel: CUDA only)
+        index = build_index(q, k, geom, layer_plan, self.scale, group_shared=self.group_shared,
+                            dense_tail_rows=self.dense_tail_rows, compiled=self.compiled_index,
+                            vertical_segment_rows=self.vertical_segment_rows, exact_selection=self.exact_selection)
+        sparse_attention(q, k, v, index, self.scale, out=out)
+        return index.computed_pairs(geom).sum()
+
+    def warm_up(self, layers: range, query_dtype: torch.dtype, cache_dtype: torch.dtype, block_size: int,
+                head_dim: int, device: torch.device, small_chunks: bool = True,
+                floor: int = WARM_UP_TOKENS) -> tuple[int, list[tuple[int, int]]]:
+        """Run every chunk variant the compiled index build has (warm_up_geometries) for each distinct layer plan
+        of ``layers`` on synthetic K/V and queries, through the path forward takes (this executor, these dtypes),
+        so torch.compile builds its graphs now and no request pays them (compiled_index). Records nothing.
+        ``small_chunks``: also chunks of one query block (their own graphs; skip them where none goes sparse);
+        ``floor``: the shortest sequence that may go sparse. Returns the number of distinct plans and the (n, L) run."""
+        # Under inference_mode, as vLLM runs forward, the layer plans built here too (forward builds them lazily,
+        # inside it): dynamo guards on the grad mode and on each input tensor's dispatch keys, so a graph traced
+        # outside it would not serve a request.
+        with torch.inference_mode():
+            plans: dict[tuple, LayerPlan] = {}
+            for layer in layers:
+                plan = LayerPlan.from_config(self.pattern_config, layer, self.num_heads, device)
+                plans.setdefault(plan.head_specs, plan)
+            geoms = warm_up_geometries(list(plans.values()), small_chunks, floor)
+            return len(plans), self._warm_up(list(plans.values()), geoms, query_dtype, cache_dtype, block_size,
+                                             head_dim, device)
+
+    def _warm_up(self, plans: list[LayerPlan], geoms: list[ChunkGeometry], query_dtype: torch.dtype,
+                 cache_dtype: torch.dtype, block_size: int, head_dim: int, device: torch.device
+                 ) -> list[tuple[int, int]]:
+        L = max(g.L for g in geoms)
+        Hkv, d = self.num_kv_heads, head_dim
+        nb = -(-L // block_size) + 1
+        gen = torch.Generator(device=device).manual_seed(0)
+        # [blocks, block_size, Hkv, d] memory viewed [blocks, Hkv, block_size, d], as FlashAttention's cache is
+        key_cache, value_cache = (torch.randn(nb, block_size, Hkv, d, generator=gen, device=device)
+                                  .to(cache_dtype).transpose(1, 2) for _ in range(2))
+        blocks = torch.randperm(nb, generator=gen, device=device)[:-(-L // block_size)]
+        q_all = torch.randn(L, self.num_heads, d, generator=gen, device=device).to(query_dtype)
+        use_fa2 = self.executor.fa2 and self.executor.refusal(q_all, key_cache) is None
+        for geom in geoms:
+            q, out = q_all[-geom.n:], torch.empty_like(q_all[-geom.n:])
+            pages = blocks[:-(-geom.L // block_size)]
+            seq = fa2_sparse.SequenceKV.build(pages, block_size, geom) if use_fa2 else None
+            for plan in plans:
+                self._attend(q, key_cache, value_cache, pages, geom, plan, out, seq)
+        return [(g.n, g.L) for g in geoms]
 
     def _use_fa2(self, query: torch.Tensor, key_cache: torch.Tensor) -> bool:
         """This layer call's chunks go through the FA2 kernel (counted either way when it was asked for)."""
@@ -259,6 +310,23 @@ class SparsePrefillRunner:
                               fa2_sparse.plan_has_blocks(layer_plan, self.dense_tail_rows))
         return index.computed_pairs(geom).sum()
 
+
+
+def warm_up_geometries(plans: list[LayerPlan], small_chunks: bool, floor: int = WARM_UP_TOKENS) -> list[ChunkGeometry]:
+    """The chunk shapes that give the compiled index build (head_config.compiled_builder, dynamic shapes) every
+    graph later chunks need, measured on the CPU (tests/attention_backends/sparse_prefill/test_runner_warm_up.py):
+    a later chunk (n < L; first, or the whole-prompt graph would pin n == L), a whole prompt (n == L: no new
+    graph after the chunked one, kept to be sure) and, with ``small_chunks``, chunks of one query block (n < BLOCK
+    and n == BLOCK: a graph each). Budgets (any budget_scale factor), longer sequences, other chunk offsets in
+    the batch and other query/key layouts (head_config._fresh_inputs) reuse them."""
+    top = max([v for p in plans for g in p.groups for v in g.budget_max.values()], default=0)
+    L = max(WARM_UP_TOKENS, -(-(2 * top + 1) // BLOCK) * BLOCK)
+    small = [ChunkGeometry(BLOCK // 2 + 1, L), ChunkGeometry(BLOCK, L)] if small_chunks else []
+    # ``floor``: the shortest sequence a sparse chunk may have (min_prompt_tokens). Below WARM_UP_TOKENS the same
+    # two chunks there too: on the CPU up to 4096 keys is another graph (on the GPU they reuse the long ones).
+    short = -(-max(floor, 2 * top + 1, 2 * BLOCK) // BLOCK) * BLOCK
+    shorter = [ChunkGeometry(short // 2, short), ChunkGeometry(short, short)] if short < L else []
+    return [ChunkGeometry(L // 2, L), ChunkGeometry(L, L)] + small + shorter
 
 
 def _gather_sequence(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:

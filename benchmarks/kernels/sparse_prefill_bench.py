@@ -696,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: the measured device's full name)")
     p.add_argument("--fit-from", default="", help="comma list of earlier result files: fit --cost-table to their "
                    "rows instead of measuring")
+    p.add_argument("--executors-from", default="", help="with --fit-from: comma list of result files the table's "
+                   "per-executor terms (cost_model.fit_executors: FA2 sparse, compiled index builds) are fitted to "
+                   "instead of the --fit-from rows (so a new executor's timings leave the Triton terms as they were)")
     args = p.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
@@ -705,7 +708,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.cost_table:
             p.error("--fit-from needs --cost-table")
         reports = [json.loads(Path(f).read_text()) for f in args.fit_from.split(",")]
-        write_cost_table(args, reports, args.fit_from.split(","), command)
+        executor_files = [f for f in args.executors_from.split(",") if f]
+        write_cost_table(args, reports, args.fit_from.split(","), command,
+                         [json.loads(Path(f).read_text()) for f in executor_files] or None, executor_files)
         return 0
     report = run(args)
     report["command"] = command
@@ -717,14 +722,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_cost_table(args, reports: list[dict], files: list[str], command: str) -> None:
-    """Fit the cost model's per-device table to the reports' rows (one device and shape) and write it."""
+def write_cost_table(args, reports: list[dict], files: list[str], command: str,
+                     executor_reports: list[dict] | None = None, executor_files: list[str] | None = None) -> None:
+    """Fit the cost model's per-device table to the reports' rows (one device and shape) and write it; its
+    per-executor terms to ``executor_reports``' rows when given."""
     import datetime
 
     from attention_backends.sparse_prefill import cost_model
 
-    devices = {r["device"] for r in reports}
-    shapes = {json.dumps({k: r["shape"][k] for k in ("heads", "kv_heads", "head_dim")}, sort_keys=True) for r in reports}
+    everything = reports + (executor_reports or [])
+    devices = {r["device"] for r in everything}
+    shapes = {json.dumps({k: r["shape"][k] for k in ("heads", "kv_heads", "head_dim")}, sort_keys=True)
+              for r in everything}
     if len(devices) != 1 or len(shapes) != 1:
         raise SystemExit(f"--cost-table: the rows must come from one device and shape, got {sorted(devices)} {sorted(shapes)}")
     device = devices.pop()
@@ -741,7 +750,12 @@ def write_cost_table(args, reports: list[dict], files: list[str], command: str) 
                         if cpu else "runtime_attn_ms (older files: the per-head kernel's time): the kernel serving runs"}
     if cpu:
         source.update({k: sorted({str(r[k]) for r in reports if k in r}) for k in ("threads", "dtype", "cpu_attn_isa")})
-    table = cost_model.fit_table(rows, device, match, json.loads(shapes.pop()), source)
+    executor_rows = None
+    if executor_reports:
+        executor_rows = [row for r in executor_reports for row in r["results"]]
+        source.update(executor_result_files=executor_files, executor_commands=[r.get("command", "")
+                                                                               for r in executor_reports])
+    table = cost_model.fit_table(rows, device, match, json.loads(shapes.pop()), source, executor_rows)
     Path(args.cost_table).parent.mkdir(parents=True, exist_ok=True)
     Path(args.cost_table).write_bytes(table.to_json() + b"\n")
     print(f"wrote {args.cost_table}: {json.dumps(msgspec_dict(table))}")
@@ -750,7 +764,8 @@ def write_cost_table(args, reports: list[dict], files: list[str], command: str) 
 def msgspec_dict(table) -> dict:
     import msgspec
 
-    return {k: msgspec.structs.asdict(v) for k, v in msgspec.structs.asdict(table).items() if k in ("dense", "index", "kernel")}
+    return {k: msgspec.structs.asdict(v) for k, v in msgspec.structs.asdict(table).items() if k in ("dense", "index", "kernel")} | {
+        "executors": json.loads(msgspec.json.encode(table.executors))}
 
 
 if __name__ == "__main__":

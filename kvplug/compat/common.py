@@ -416,6 +416,19 @@ def current_model_name() -> str:
     return str(get_current_vllm_config().model_config.model)
 
 
+@dataclass(frozen=True)
+class BuilderKvFacts:
+    """What a metadata builder knows of its layers' attention at construction (after the model is loaded)."""
+
+    block_size: int  # tokens per KV cache block
+    cache_dtype: Any  # torch dtype of the KV cache (fp8 when quantized)
+    query_dtype: Any  # the model's activation dtype
+
+
+def builder_kv_facts(kv_cache_spec: Any, vllm_config: Any) -> BuilderKvFacts:
+    return BuilderKvFacts(int(kv_cache_spec.block_size), kv_cache_spec.dtype, vllm_config.model_config.dtype)
+
+
 # --- retrieval decode: KV geometry ------------------------------------------------------------------------
 
 def current_vllm_config() -> Any:

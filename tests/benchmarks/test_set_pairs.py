@@ -49,3 +49,38 @@ def test_gpu_sparse_prefill_summary_shows_which_executor_served(capsys):
     assert summary["ttft"]["32768"]["executor_calls"]["fa2_sparse_layer_calls"] == 64
     gpu_sparse_prefill.print_summary(summary)
     assert "'fa2_sparse_layer_calls': 64" in capsys.readouterr().out
+
+
+def test_gpu_sparse_prefill_with_defaults_runs_kvplug_as_shipped_beside(monkeypatch, capsys):
+    """--with-defaults: a third engine, kvplug with only sparse prefill on (no --set, cost table, floor), labelled
+    apart; the summary sets its TTFT beside FLASH_ATTN and the --set configuration."""
+    from benchmarks import gpu_sparse_prefill
+
+    captured = {}
+    monkeypatch.setattr(harness, "parse_shape_args", lambda p, a, worker: captured.update(args=p.parse_args(a)))
+    assert gpu_sparse_prefill.main(["--lengths", "32768", "--turn-length", "0", "--set", "executor=auto", "--set",
+                                    "compiled_index=true", "--cost-table", "none", "--with-defaults",
+                                    "--model-dir", "/tmp/x"]) == 0
+    args = captured["args"]
+    assert args.with_defaults
+    envs, ttft = [], {"FLASH_ATTN": 1.2, "CUSTOM": 1.0, gpu_sparse_prefill.DEFAULTS: 1.1}
+
+    def worker(module, backend, argv, env):
+        envs.append((backend, env))
+        label = gpu_sparse_prefill.DEFAULTS if "KVPLUG_SPARSE_PREFILL__EXECUTOR" not in env and backend == "CUSTOM" \
+            else backend
+        return {"backend": backend, "attention_impls": [backend], "ttft_s": {"32768": [ttft[label]]},
+                "density": {"32768": 0.1}, "chunks": {}, "two_turn": {}, "device": "H100", "vllm": "0.26.0"}
+
+    monkeypatch.setattr(harness, "run_worker", worker)
+    runs = [gpu_sparse_prefill.run_backend(args, b) for b in ("FLASH_ATTN", "CUSTOM", gpu_sparse_prefill.DEFAULTS)]
+    (_, shipped_env), backend = envs[-1], envs[-1][0]
+    assert backend == "CUSTOM" and runs[-1]["backend"] == gpu_sparse_prefill.DEFAULTS  # kvplug's backend, its own label
+    assert shipped_env["KVPLUG_SPARSE_PREFILL__ENABLED"] == "true"
+    assert not {"KVPLUG_SPARSE_PREFILL__EXECUTOR", "KVPLUG_SPARSE_PREFILL__COMPILED_INDEX",
+                "KVPLUG_SPARSE_PREFILL__COST_TABLE"} & set(shipped_env)
+    row = gpu_sparse_prefill.summarize(runs)["ttft"]["32768"]
+    assert row["speedup"] == pytest.approx(1.2) and row["defaults_speedup"] == pytest.approx(1.2 / 1.1)
+    assert row["speedup_vs_defaults"] == pytest.approx(1.1)
+    gpu_sparse_prefill.print_summary(gpu_sparse_prefill.summarize(runs))
+    assert "shipped defaults" in capsys.readouterr().out

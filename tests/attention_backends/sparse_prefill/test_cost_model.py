@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 import torch
 
@@ -251,11 +252,13 @@ def test_shipped_table_is_the_fit_of_its_result_files(tmp_path, name):
 
     shipped = json.loads((cost_model.SHIPPED_TABLES / name).read_text())
     out = tmp_path / name
+    executors_from = ",".join(shipped["source"].get("executor_result_files", []))
     assert sparse_prefill_bench.main(["--fit-from", ",".join(shipped["source"]["result_files"]),
-                                      "--cost-table", str(out), "--match", ",".join(shipped["match"])]) == 0
+                                      "--cost-table", str(out), "--match", ",".join(shipped["match"])]
+                                     + (["--executors-from", executors_from] if executors_from else [])) == 0
     refit = json.loads(out.read_text())
-    assert {k: refit[k] for k in ("dense", "index", "kernel", "shape", "match", "device")} == \
-           {k: shipped[k] for k in ("dense", "index", "kernel", "shape", "match", "device")}
+    keys = ("dense", "index", "kernel", "shape", "match", "device", "executors")
+    assert {k: refit.get(k) for k in keys} == {k: shipped.get(k) for k in keys}
 
 
 def test_runner_reports_measured_density_to_the_feedback(monkeypatch):
@@ -301,3 +304,124 @@ def test_builder_hook_builds_the_decider_from_the_recorded_model(monkeypatch, ca
     labels = {"pattern_config": "uniform default", "reason": "no shipped config for X",
               "decision_rule": caplog.records[-1].getMessage().split(": ", 1)[1]}
     assert REGISTRY.get_sample_value("kvplug_sparse_prefill_config_info", labels) == 1
+
+
+# --- per-executor terms (CostTable.executors) ------------------------------------------------------------
+def _decider(table, executor="triton", compiled_index=False) -> ChunkDecider:
+    return ChunkDecider(1, table, HeadDensity(UNIFORM.validate(), 32, 32), 32, 128, margin=1.2,
+                        feedback=DensityFeedback(), executor=executor, compiled_index=compiled_index)
+
+
+def _with_fa2(table, **terms):
+    t = table.__copy__()
+    t.executors = {"fa2_sparse": cost_model.ExecutorCost(**terms)}
+    return t.validate("test table")
+
+
+CHEAP_KERNEL = cost_model.KernelCost(ms_per_krow=0.0, ms_per_gpair=0.2)  # 12x cheaper per pair than the Triton one
+CHEAP_INDEX = cost_model.IndexCost(fixed_ms=0.5, ms_per_kkey=0.01, ms_per_gcell=0.1)
+
+
+def test_a_table_without_executors_prices_every_executor_as_triton():
+    plain = CPU  # no executors map: the tables from before it
+    base = plain.terms()
+    for executor in cost_model.EXECUTOR_NAMES:
+        for compiled in (False, True):
+            t = plain.terms(executor, compiled)
+            assert (t.index, t.kernel, t.gather, t.convert, t.compiled_index) == (base.index, base.kernel, None, None, False)
+    d = _decider(plain, "fa2_sparse", True).decide(8192, 131072)
+    assert d.sparse_ms == pytest.approx(_decider(plain).decide(8192, 131072).sparse_ms)
+
+
+def test_the_decision_follows_the_executor_that_runs_the_chunk():
+    """A chunk dense on the Triton terms goes sparse where the FA2 terms are cheaper, and only for that executor."""
+    table = _with_fa2(H100, kernel=CHEAP_KERNEL)
+    n, L = 32768, 32768  # dense on the Triton terms (test_h100_table_decides_by_length_and_chunk)
+    assert not _decider(table, "triton").decide(n, L).sparse
+    fa2 = _decider(table, "fa2_sparse").decide(n, L)
+    assert fa2.sparse and fa2.reason == cost_model.COST_MODEL
+    # gather and convert cost the FA2 path its own time: priced in, they flip it back
+    dear = _with_fa2(H100, kernel=CHEAP_KERNEL, gather=cost_model.GatherCost(fixed_ms=20.0, ms_per_kkey=0.0))
+    assert not _decider(dear, "fa2_sparse").decide(n, L).sparse
+    convert = _with_fa2(H100, kernel=CHEAP_KERNEL, convert=cost_model.ConvertCost(fixed_ms=0.0, ms_per_krow=1.0))
+    assert _decider(convert, "fa2_sparse").decide(n, L).sparse_ms == pytest.approx(fa2.sparse_ms + 32.768)
+
+
+def test_compiled_index_terms_only_with_compiled_index():
+    table = H100.__copy__()
+    table.executors = {"triton": cost_model.ExecutorCost(index_compiled=CHEAP_INDEX),
+                       "fa2_sparse": cost_model.ExecutorCost(kernel=CHEAP_KERNEL)}
+    n, L = 8192, 65536
+    assert table.terms("triton", True).index == CHEAP_INDEX and table.terms("triton", True).compiled_index
+    assert table.terms("triton", False).index == H100.index
+    # fa2_sparse without index terms of its own builds as the Triton path does, compiled or not
+    assert table.terms("fa2_sparse", True).index == CHEAP_INDEX and table.terms("fa2_sparse").index == H100.index
+    eager, compiled = _decider(table, "triton").decide(n, L), _decider(table, "triton", True).decide(n, L)
+    assert not eager.sparse and compiled.sparse  # the compiled build's smaller fixed cost flips this chunk
+
+
+def test_shipped_h100_table_prices_the_fa2_executor_with_the_compiled_index():
+    """h100.json carries the FA2 executor's and the compiled builds' terms (fitted to the 2026-12-06/07 kernel
+    rows): the measured order holds, FA2 + compiled index cheapest, the Triton eager path dearest."""
+    assert set(H100.executors) == {"triton", "fa2_sparse"}
+    fa2 = H100.executors["fa2_sparse"]
+    assert None not in (fa2.index, fa2.index_compiled, fa2.gather, fa2.convert, fa2.kernel)
+    for n, L in ((8192, 32768), (8192, 131072), (32768, 32768), (131072, 131072)):
+        ms = {(e, c): _decider(H100, e, c).decide(n, L).sparse_ms for e in cost_model.EXECUTOR_NAMES for c in (0, 1)}
+        assert ms[("fa2_sparse", 1)] < ms[("fa2_sparse", 0)] < ms[("triton", 0)], (n, L, ms)
+        assert ms[("triton", 1)] < ms[("triton", 0)]
+
+
+@pytest.mark.parametrize("executors,needle", [
+    ({"flash": {}}, "executors.flash: unknown executor"),
+    ({"fa2_sparse": {"gather": {"fixed_ms": 0.1, "ms_per_kkey": -1}}}, "executors.fa2_sparse.gather.ms_per_kkey"),
+    ({"fa2_sparse": {"kernel": {"ms_per_krow": 0.1}}}, "ms_per_gpair"),
+])
+def test_malformed_executor_terms_name_the_field(tmp_path, executors, needle):
+    data = json.loads((cost_model.SHIPPED_TABLES / "cpu.json").read_text()) | {"executors": executors}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(cost_model.CostTableError, match=needle):
+        cost_model.load_table(bad)
+
+
+def test_fit_executors_recovers_known_terms():
+    truth = cost_model.ExecutorCost(index=cost_model.IndexCost(fixed_ms=3.0, ms_per_kkey=0.05, ms_per_gcell=0.6),
+                                    index_compiled=CHEAP_INDEX,
+                                    gather=cost_model.GatherCost(fixed_ms=0.03, ms_per_kkey=0.016),
+                                    convert=cost_model.ConvertCost(fixed_ms=0.16, ms_per_krow=0.04),
+                                    kernel=cost_model.KernelCost(ms_per_krow=0.01, ms_per_gpair=1.8))
+    rows = []
+    for L in (8192, 32768, 131072):
+        for n in (1024, 8192, L):
+            for density in (0.05, 0.3):
+                idx = lambda c: c.fixed_ms + c.ms_per_kkey * L / 1e3 + c.ms_per_gcell * n * L / 1e9  # noqa: E731
+                pairs = density * cost_model.causal_pairs(n, L) * 32 / 1e9
+                rows.append({"L": L, "n": n, "density": density, "fa2_serving_ms": 1.0,
+                             "fa2_index_ms": idx(truth.index), "fa2_index_compiled_ms": idx(truth.index_compiled),
+                             "fa2_gather_ms": truth.gather.fixed_ms + truth.gather.ms_per_kkey * L / 1e3,
+                             "fa2_convert_ms": truth.convert.fixed_ms + truth.convert.ms_per_krow * n / 1e3,
+                             "fa2_sparse_ms": truth.kernel.ms_per_krow * n / 1e3 + truth.kernel.ms_per_gpair * pairs})
+    rows.append({"L": 8192, "n": 8192, "density": 0.5, "fa2_sparse_ms": 99.0})  # not the executor's bench: left out
+    fitted, errors = cost_model.fit_executors(rows, 32)
+    assert set(fitted) == {"fa2_sparse"}  # no row timed a compiled Triton build
+    got = fitted["fa2_sparse"]
+    for term in ("index", "index_compiled", "gather", "convert", "kernel"):
+        for key, want in msgspec.structs.asdict(getattr(truth, term)).items():
+            assert getattr(getattr(got, term), key) == pytest.approx(want, rel=2e-2, abs=2e-4), (term, key)
+        assert errors["fa2_sparse"][term]["max_rel_err"] < 1e-2
+
+
+def test_make_decider_prices_the_executor_that_can_run(monkeypatch):
+    """auto is fa2_sparse only where it can run: on this CPU box (no FA2 library) the decider prices Triton."""
+    cfg = settings.resolve(sets=["sparse_prefill.enabled=true", "sparse_prefill.executor=auto",
+                                 "sparse_prefill.compiled_index=true"], environ={}).sparse_prefill
+    ctx = backend_hooks.ModelContext(planner.ChosenConfig(UNIFORM.validate(), "uniform default", "test"), 32, 128, 32)
+    decider, line = backend_hooks.make_decider(cfg, ctx, "NVIDIA H100 80GB HBM3")
+    assert decider.terms.executor == "triton" and decider.terms.compiled_index and "triton terms, compiled" in line
+    fa2 = lambda: (lambda *a, **k: None, None)  # noqa: E731 - vLLM's FA2 sparse kernel, as if importable
+    resolve = backend_hooks.executor.resolve.__wrapped__  # functools.cache's function
+    monkeypatch.setattr(backend_hooks.executor, "resolve", lambda s, p, d: resolve(s, p, d, lookup=fa2))
+    decider, line = backend_hooks.make_decider(cfg, ctx, "NVIDIA H100 80GB HBM3")
+    assert decider.terms.executor == "fa2_sparse" and decider.terms.index == H100.executors["fa2_sparse"].index_compiled
+    assert "fa2_sparse terms, compiled index" in line
