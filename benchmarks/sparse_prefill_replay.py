@@ -191,7 +191,8 @@ def main(argv=None) -> None:
     from attention_backends.sparse_prefill import backend_hooks, runner
     from benchmarks.scbench.scoring import score
 
-    max_model_len = harness.chat_max_model_len(max(c for _, c, _ in wanted), args.turns, args.max_tokens)
+    positions = harness.model_config(path).get("max_position_embeddings")  # vLLM refuses a longer max_model_len
+    max_model_len = harness.chat_max_model_len(max(c for _, c, _ in wanted), args.turns, args.max_tokens, positions)
     llm = LLM(**harness.sparse_prefill_llm_kwargs(path, max_model_len, args.max_batched_tokens, prefix_caching=True))
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     rows = []
