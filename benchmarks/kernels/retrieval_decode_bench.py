@@ -21,6 +21,11 @@ and k = planner.graph_k (the slots vLLM captures). Per (batch, context):
     and selects into its stored selection) and for a reuse step (score and select exit at once; attend reads
     the stored selection plus the blocks started since, as many as the interval's last step has), and
     ``per_layer_ms`` = (reselect + (N - 1) x reuse) / N, the cost per layer averaged over the interval;
+    ``fused_kv_write``: the KV write and the summary update in one launch (retrieval_decode.fused_kv_write) vs the
+    dense backend's write (vLLM's reshape_and_cache_flash where vLLM is installed, else the fused kernel's write
+    alone as a stand-in) followed by the summary update: the cache bytes and summaries compared, each per layer in
+    a graph of WRITE_GRAPH_LAYERS layers, with the retrieval step around it (``per_layer_ms`` vs
+    ``two_launch_per_layer_ms``) and for a prefill chunk; in the break-even sweep against dense SDPA + its write;
   * --break-even-contexts: batch 1, the per-layer graph of each variant vs dense SDPA in a graph of as many
     layers, at each context; the crossover per variant (``break_even.crossover``); --write-break-even stores it
     in attention_backends/retrieval_decode/break_even.json for ``retrieval_decode.break_even="measured"``. At
