@@ -75,9 +75,12 @@ class KvplugAttentionImpl(_DenseImpl):  # type: ignore[misc, valid-type]
         self._dropped_tokens = dropped_attention.enabled()
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        runner = self._retrieval_decode
+        if runner is not None and runner.write_kv(key, value, kv_cache, slot_mapping):
+            return  # one launch wrote the keys and values and folded the keys into the block summaries
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if self._retrieval_decode is not None:  # block summaries follow every key written to the cache
-            self._retrieval_decode.after_kv_write(key, kv_cache, slot_mapping)
+        if runner is not None:  # block summaries follow every key written to the cache
+            runner.after_kv_write(key, kv_cache, slot_mapping)
 
     def after_external_kv_load(self, key_cache, block_index) -> None:
         """The KV connector wrote whole blocks ``block_index`` of this layer (``key_cache`` [num_blocks, kv_heads,

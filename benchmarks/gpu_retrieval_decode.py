@@ -27,6 +27,11 @@ timed calls re-prefilled and the numbers are not decode numbers).
 table), e.g. the graph's dense path beside the measured break-even:
     python -m benchmarks.gpu_retrieval_decode --phases tpot --lengths 8192,32768,131072 --repeats 2 \
         --kv-cache-gib 24 --set break_even=measured --variant dense_path:graph_dense_path=true
+or the KV write and summary update in two launches (the default fuses them: fused_kv_write) beside the default:
+    python -m benchmarks.gpu_retrieval_decode --phases tpot --lengths 32768,131072 --repeats 2 \
+        --kv-cache-gib 24 --variant two_launch_write:fused_kv_write=false
+``fused_kv_write_layers`` (per kvplug run) counts the layers whose KV writes went through the fused launch: the
+layer count with fused_kv_write on, 0 with it off (or on a cache it does not apply to: fp8 KV).
 
 To localize a device-side failure in the same batch: --enforce-eager (no torch.compile, no graphs),
 --cudagraph-mode NONE|PIECEWISE|FULL_DECODE_ONLY|FULL_AND_PIECEWISE, --launch-blocking (CUDA_LAUNCH_BLOCKING=1).
@@ -162,6 +167,7 @@ def summarize(runs: list[dict]) -> dict:
                                               if s and s["blocks_total"] else None)
                                   for phase, s in (ours[-1].get("stats") or {}).items()}
         out["retrieval_path"] = retrieval_verdict(ours[-1])
+    out["fused_kv_write_layers"] = {_label(r): fused_write_layers(r) for r in runs if r["backend"] == "CUSTOM"}
     if variants:
         out["variant_retrieval_path"] = {label: retrieval_verdict(rs[-1]) for label, rs in variants.items()}
         out["variant_retrieval_stats"] = {label: rs[-1].get("stats") for label, rs in variants.items()}
@@ -188,6 +194,13 @@ def summarize(runs: list[dict]) -> dict:
                                           for label, rs in variants.items()}
         out[metric] = table
     return out
+
+
+def fused_write_layers(run: dict) -> int | None:
+    """Layers of a kvplug run whose KV writes took the fused launch (retrieval_decode.fused_kv_write), from its
+    last phase's statistics; None if the worker reported none."""
+    counts = [s.get("fused_kv_write_layers") for s in (run.get("stats") or {}).values() if s]
+    return counts[-1] if counts else None
 
 
 def _label(run: dict) -> str:
@@ -284,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"engines: {summary['engine']}")
     print(f"retrieval path: {summary.get('retrieval_path')}  stats: {summary.get('retrieval_stats')}")
     print(f"prefix cache held the prompts between timed calls: {summary['prefix_cache_held']}")
+    print(f"layers writing KV through the fused launch (fused_kv_write): {summary['fused_kv_write_layers']}")
     harness.print_metric_rows(summary, ("tpot_s", "throughput_tok_s"), lambda metric, key, row: (
         f"{metric:17s} {key:>10s}  FLASH_ATTN {row['flash_attn']}  kvplug {row['kvplug']}  speedup {row['speedup']}"
         + "".join(f"  [{label}] {v['kvplug']} speedup {v['speedup']}" for label, v in row.get("variants", {}).items())))

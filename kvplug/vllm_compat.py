@@ -18,7 +18,8 @@ from kvplug.compat.common import (  # noqa: F401  (re-exported: the import surfa
     fa2_sparse_attention, flash_attn_function, keep_schedule, schedule_buffer, with_seq_lens,
     dense_backend_class, dense_backend_writes_kv_in_forward, kv_cache_memory_bound, kv_connector_api,
     kv_saves_defer_block_free, kv_transfer_config, layer_index, none_hash_seed, paged_kv_geometry,
-    platform_default_args, platform_name, prefix_block_hashes, propagate_env_to_ray, register_attention_backend,
+    plain_kv_write_views, platform_default_args, platform_name, prefix_block_hashes, propagate_env_to_ray,
+    register_attention_backend,
     request_block_ids, supports_ray_executor, tensor_parallel_rank, untested_release_warning, vllm_version)
 
 

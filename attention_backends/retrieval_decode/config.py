@@ -46,6 +46,11 @@ class RetrievalDecodeConfig(Section):
     # blocks started since (so the sink and the recent window stay covered). Cuts the score + select cost ~N x;
     # costs an int32 [max batch, kv heads, k] selection store per layer, outside the reserved summary memory.
     reselect_interval: int = 1
+    # CUDA, FlashAttention with the KV cache in the model's dtype (kv_cache_dtype "auto"): true = one Triton launch
+    # per layer and step writes the new keys and values into the paged cache and folds the keys into the block
+    # summaries (the bytes of vLLM's reshape_and_cache_flash followed by the summary update, one launch fewer);
+    # false = those two launches. fp8 KV caches, the CPU and other layouts always take the two launches.
+    fused_kv_write: bool = True
 
     def validate(self, path: str) -> None:
         if self.budget_tokens < 1:

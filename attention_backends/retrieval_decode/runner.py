@@ -29,14 +29,18 @@ STATS = {"batches": 0, "sparse_tokens": 0, "dense_decode_tokens": 0, "blocks_rea
 AGREEMENT = {"vs_quest_hits": 0, "vs_quest_total": 0, "vs_oracle_hits": 0, "vs_oracle_total": 0,
              "quest_vs_oracle_hits": 0, "quest_vs_oracle_total": 0}
 # Layers whose runner allocated block summaries (not reset by stats_reset): proof that the retrieval impl, not
-# the dense one, is writing summaries in this process; and what they cost on top of vLLM's KV cache.
-SUMMARIES = {"layers": 0, "bytes": 0, "kv_bytes": 0}
+# the dense one, is writing summaries in this process; and what they cost on top of vLLM's KV cache. And the layers
+# whose KV writes went through the fused write (fused_kv_write: the write and the summary update in one launch).
+SUMMARIES = {"layers": 0, "bytes": 0, "kv_bytes": 0, "fused_write_layers": 0}
+# Whether the fused KV write (retrieval_decode.fused_kv_write) compiled in this process: None = not tried yet;
+# False = it failed once, every layer writes in two launches from then on.
+_FUSED_WRITE_COMPILES: bool | None = None
 
 
 def stats_snapshot(_worker: Any = None) -> dict[str, int]:
     with _stats_lock:
         return dict(STATS, **reuse.counts(), summary_layers=SUMMARIES["layers"], summary_bytes=SUMMARIES["bytes"],
-                    kv_cache_bytes=SUMMARIES["kv_bytes"], agreement=dict(AGREEMENT), **memory.snapshot())
+                    kv_cache_bytes=SUMMARIES["kv_bytes"], fused_kv_write_layers=SUMMARIES["fused_write_layers"], agreement=dict(AGREEMENT), **memory.snapshot())
 
 
 def record_batch(plan: RetrievalPlan | None, decode_tokens: int) -> None:
@@ -77,9 +81,12 @@ def record_refresh(summaries: int) -> None:
 class RetrievalDecodeRunner:
     """Lives in one attention impl (one layer): owns that layer's block summaries."""
 
-    def __init__(self, impl: Any, group_blocks: int = 1) -> None:
+    def __init__(self, impl: Any, group_blocks: int = 1, fused_kv_write: bool = False) -> None:
         self.impl = impl
         self.summaries: BlockSummaries | None = None
+        self.fused_kv_write = fused_kv_write
+        self._write_views: tuple[Any, Any] | None = None  # (the cache it was asked for, plain_kv_write_views)
+        self._fused_write_counted = False
         # Two-level selection on CUDA keeps group summaries beside the block summaries (twice the bytes).
         self.group_summaries = group_blocks > 1
         self.layer_idx: int | None = None
@@ -166,11 +173,53 @@ class RetrievalDecodeRunner:
             plan.block_table, plan.seq_lens, budget, p.sink_blocks, p.recent_blocks, p.gqa_reduce, self.impl.scale)
         return output
 
+    def write_kv(self, key: torch.Tensor | None, value: torch.Tensor | None, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> bool:
+        """The dense backend's KV write and the summary update in one launch (retrieval_decode.fused_kv_write),
+        where the dense write is a plain copy (vllm_compat.plain_kv_write_views: CUDA FlashAttention, cache dtype
+        "auto"). True: done; False: the caller runs the dense write, then ``after_kv_write``."""
+        global _FUSED_WRITE_COMPILES
+        if not self.fused_kv_write or key is None or value is None or kv_cache.numel() == 0 \
+                or _FUSED_WRITE_COMPILES is False:
+            return False
+        views = self._plain_write_views(key, value, kv_cache)
+        if views is None:
+            return False
+        self._ensure_summaries(kv_cache)
+        try:
+            self.summaries.write_and_update(key, value, views[0], views[1], slot_mapping)
+        except Exception as exc:  # a compiler that rejects the fused kernel costs a launch, not the engine
+            if _FUSED_WRITE_COMPILES or (key.is_cuda and torch.cuda.is_current_stream_capturing()):
+                raise
+            _FUSED_WRITE_COMPILES = False
+            log.warning("retrieval decode: the fused KV write failed to compile (%.300r); every layer writes "
+                        "through the dense backend and updates its summaries in a second launch", exc)
+            return False
+        _FUSED_WRITE_COMPILES = True
+        if not self._fused_write_counted:
+            self._fused_write_counted = True
+            with _stats_lock:
+                SUMMARIES["fused_write_layers"] += 1
+        return True
+
+    def _plain_write_views(self, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """vllm_compat.plain_kv_write_views, asked once per cache (and dtype) of this layer."""
+        ident = (kv_cache.data_ptr(), kv_cache.shape, kv_cache.stride(), kv_cache.dtype, key.dtype, value.dtype)
+        if self._write_views is None or self._write_views[0] != ident:
+            self._write_views = (ident, vllm_compat.plain_kv_write_views(self.impl, kv_cache, key, value))
+        return self._write_views[1]
+
     def after_kv_write(self, key: torch.Tensor | None, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if key is None or kv_cache.numel() == 0:
             if key is not None and key.is_cuda:  # a profiling step: vLLM is measuring what the KV cache gets
                 self.reserve_summary_memory(key.device)
             return  # profiling runs have no cache yet
+        self._ensure_summaries(kv_cache)
+        self.summaries.update(key, slot_mapping)
+
+    def _ensure_summaries(self, kv_cache: torch.Tensor) -> None:
+        """This layer's block summaries, allocated (empty) on the first write into this cache."""
         nb, hkv, bs, d = vllm_compat.paged_kv_geometry(kv_cache)
         if self.summaries is None or not self.summaries.matches(nb, hkv, d, bs, kv_cache.device):
             # First write into this cache (or the cache was re-allocated): summaries start empty.
@@ -193,7 +242,6 @@ class RetrievalDecodeRunner:
                 SUMMARIES["layers"] += fresh
                 SUMMARIES["bytes"] += nbytes * fresh
                 SUMMARIES["kv_bytes"] += kv_cache.numel() * kv_cache.element_size() * fresh
-        self.summaries.update(key, slot_mapping)
 
     def forward(self, rest_forward: Callable[..., Any], layer: Any, query: torch.Tensor, key: torch.Tensor | None,
                 value: torch.Tensor | None, kv_cache: torch.Tensor, plan: RetrievalPlan | DecodeGraphPlan,

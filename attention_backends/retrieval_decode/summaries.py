@@ -71,6 +71,19 @@ class BlockSummaries:
         else:
             update_summaries_(self.kmin, self.kmax, key, slot_mapping, self.block_size, self.gmax)
 
+    def write_and_update(self, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                         value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Write this step's keys and values into the paged cache ([num_blocks, kv_heads, block_size, head_dim]
+        views) and fold the keys into these summaries: one Triton launch on CUDA (the dense backend's write plus
+        ``update``, retrieval_decode.fused_kv_write), the torch reference elsewhere."""
+        if key.is_cuda:
+            from attention_backends.retrieval_decode import triton_kernels
+
+            triton_kernels.write_kv(key, value, key_cache, value_cache, slot_mapping, self.kmin, self.kmax, self.gmax)
+        else:
+            write_kv_and_update_summaries_(key, value, key_cache, value_cache, slot_mapping, self.kmin, self.kmax,
+                                           self.block_size, self.gmax)
+
     def refresh(self, key_cache: torch.Tensor, block_ids: torch.Tensor,
                 tokens_in_block: torch.Tensor | None = None) -> None:
         """``refresh_blocks_`` on these summaries; every group row is emptied (refilled at the next scoring):
@@ -104,6 +117,32 @@ def update_summaries_(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor,
     k = key.to(kmin.dtype)
     kmin.scatter_reduce_(0, idx, k, reduce="amin", include_self=True)
     kmax.scatter_reduce_(0, idx, k, reduce="amax", include_self=True)
+
+
+def write_kv_(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+              slot_mapping: torch.Tensor) -> None:
+    """vLLM's reshape_and_cache_flash with cache dtype "auto", in torch: token i's key/value [T, kv_heads, head_dim]
+    rows go, as they are, to slot ``slot_mapping[i]`` of the [num_blocks, kv_heads, block_size, head_dim] cache
+    views; slot -1 (padding) is skipped, and key rows past slot_mapping's length are ignored (vLLM pads them)."""
+    if key.dtype != key_cache.dtype or value.dtype != value_cache.dtype:
+        raise ValueError(f"write_kv_ copies bytes: key/value {key.dtype}/{value.dtype} into a "
+                         f"{key_cache.dtype}/{value_cache.dtype} cache")
+    n = slot_mapping.shape[0]
+    slots = slot_mapping.to(torch.long)
+    keep = slots >= 0
+    blocks = torch.div(slots[keep], key_cache.shape[2], rounding_mode="floor")
+    offsets = slots[keep] % key_cache.shape[2]
+    key_cache[blocks, :, offsets] = key[:n][keep]
+    value_cache[blocks, :, offsets] = value[:n][keep]
+
+
+def write_kv_and_update_summaries_(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                                   value_cache: torch.Tensor, slot_mapping: torch.Tensor, kmin: torch.Tensor,
+                                   kmax: torch.Tensor, block_size: int, gmax: torch.Tensor | None = None) -> None:
+    """The two-step path the fused Triton write replaces: the dense backend's write (``write_kv_``), then
+    ``update_summaries_`` (the reference of ``triton_kernels.write_kv``)."""
+    write_kv_(key, value, key_cache, value_cache, slot_mapping)
+    update_summaries_(kmin, kmax, key, slot_mapping, block_size, gmax)
 
 
 def refresh_blocks_(kmin: torch.Tensor, kmax: torch.Tensor, key_cache: torch.Tensor, block_ids: torch.Tensor,

@@ -15,9 +15,11 @@ and the per-layer block-summary update.
    budget (computed in-kernel from seq_lens);
 4. ``_merge_kernel``: merges the splits into the output rows.
 ``_summary_update_kernel`` folds the keys of one step into the summaries (one launch instead of a dozen torch
-ops per layer). Shapes depend only on (N, Hkv, table width, k): everything is CUDA-graph capturable. Also
-runs under ``TRITON_INTERPRET=1`` on CPU (tests compare it with the torch selection + ``reference`` and
-``summaries.update_summaries_``).
+ops per layer); ``_kv_write_kernel`` also writes the step's keys and values into the paged cache in that launch
+(the dense backend's write and the summary update as one, ``retrieval_decode.fused_kv_write``). Shapes depend
+only on (N, Hkv, table width, k): everything is CUDA-graph capturable. Also runs under ``TRITON_INTERPRET=1`` on
+CPU (tests compare it with the torch selection + ``reference``, ``summaries.update_summaries_`` and
+``summaries.write_kv_and_update_summaries_``).
 """
 from __future__ import annotations
 
@@ -460,15 +462,12 @@ def _topk_decode_kernel(
 
 
 @triton.jit
-def _summary_update_kernel(KEY, SLOTS, KMIN, KMAX, GMAX, num_tokens, stride_kt, stride_kh, stride_sb, stride_sh,
-                           BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_GROUPS: tl.constexpr):
-    """One program per (token, kv-head). A step's tokens of one block are one contiguous run of consecutive
-    slots (a block belongs to one request; its tokens sit together in the batch), so the run's first token
-    folds the whole run in (at most BLOCK_SIZE tokens) and the others do nothing: no atomics, no races. A run
-    starting at offset 0 means the block was (re)allocated: it replaces the old summary instead of merging."""
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    slot = tl.load(SLOTS + t).to(tl.int64)
+def _fold_block_run(KEY, SLOTS, KMIN, KMAX, GMAX, t, h, slot, num_tokens, stride_kt, stride_kh, stride_sb,
+                    stride_sh, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_GROUPS: tl.constexpr):
+    """Token ``t``'s part of the summary update for kv-head ``h``. A step's tokens of one block are one contiguous
+    run of consecutive slots (a block belongs to one request; its tokens sit together in the batch), so the run's
+    first token folds the whole run in (at most BLOCK_SIZE tokens) and the others do nothing: no atomics, no races.
+    A run starting at offset 0 means the block was (re)allocated: it replaces the old summary instead of merging."""
     prev = tl.load(SLOTS + tl.maximum(t - 1, 0)).to(tl.int64)
     blk = tl.where(slot >= 0, slot, 0) // BLOCK_SIZE
     prev_blk = tl.where(prev >= 0, prev, 0) // BLOCK_SIZE
@@ -494,6 +493,17 @@ def _summary_update_kernel(KEY, SLOTS, KMIN, KMAX, GMAX, num_tokens, stride_kt, 
                 tl.store(GMAX + s_ptrs, tl.full([HEAD_DIM], float("-inf"), tl.float32).to(GMAX.dtype.element_ty))
 
 
+@triton.jit
+def _summary_update_kernel(KEY, SLOTS, KMIN, KMAX, GMAX, num_tokens, stride_kt, stride_kh, stride_sb, stride_sh,
+                           BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_GROUPS: tl.constexpr):
+    """One program per (token, kv-head): ``_fold_block_run``."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    _fold_block_run(KEY, SLOTS, KMIN, KMAX, GMAX, t, h, slot, num_tokens, stride_kt, stride_kh, stride_sb,
+                    stride_sh, BLOCK_SIZE, HEAD_DIM, HAS_GROUPS)
+
+
 def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor,
                      block_size: int, gmax: torch.Tensor | None = None) -> None:
     """``summaries.update_summaries_`` in one launch: key [T, Hkv, D] (T may exceed slot_mapping's length:
@@ -508,6 +518,61 @@ def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, 
     _summary_update_kernel[(n, hkv)](key, slot_mapping, kmin, kmax, kmax if gmax is None else gmax, n,
                                      key.stride(0), key.stride(1), kmin.stride(0), kmin.stride(1),
                                      BLOCK_SIZE=block_size, HEAD_DIM=d, HAS_GROUPS=gmax is not None)
+
+
+@triton.jit
+def _kv_write_kernel(KEY, VALUE, KEY_CACHE, VALUE_CACHE, SLOTS, KMIN, KMAX, GMAX, num_tokens,
+                     stride_kt, stride_kh, stride_vt, stride_vh, stride_kcb, stride_kch, stride_kcs,
+                     stride_vcb, stride_vch, stride_vcs, stride_sb, stride_sh,
+                     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_GROUPS: tl.constexpr,
+                     FOLD: tl.constexpr):
+    """One program per (token, kv-head): the token's key and value rows of this head copied into its slot of the
+    paged cache as they are (vLLM's reshape_and_cache_flash with cache dtype "auto"; slot -1 = padding, skipped),
+    then (FOLD) the token's part of the summary update, ``_fold_block_run``: one launch for both."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        d = tl.arange(0, HEAD_DIM)
+        k = tl.load(KEY + t * stride_kt + h * stride_kh + d)
+        v = tl.load(VALUE + t * stride_vt + h * stride_vh + d)
+        tl.store(KEY_CACHE + blk * stride_kcb + h * stride_kch + off * stride_kcs + d, k)
+        tl.store(VALUE_CACHE + blk * stride_vcb + h * stride_vch + off * stride_vcs + d, v)
+    if FOLD:
+        _fold_block_run(KEY, SLOTS, KMIN, KMAX, GMAX, t, h, slot, num_tokens, stride_kt, stride_kh, stride_sb,
+                        stride_sh, BLOCK_SIZE, HEAD_DIM, HAS_GROUPS)
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None,
+             gmax: torch.Tensor | None = None) -> None:
+    """``summaries.write_kv_and_update_summaries_`` in one launch: key/value [T, Hkv, D] (T may exceed
+    slot_mapping's length) written at slot_mapping [n] (-1: padding, skipped) into key_cache/value_cache
+    ([num_blocks, Hkv, block_size, D] views, any strides but the last; the caches' dtype: the write copies bytes),
+    and the keys folded into the summaries ``kmin``/``kmax`` [num_blocks + 1, Hkv, D] (``gmax``: the group
+    summaries, as ``update_summaries``). Without ``kmin``/``kmax``: the write alone (the benchmark's stand-in
+    for reshape_and_cache_flash where vLLM is not installed)."""
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    if key.dtype != key_cache.dtype or value.dtype != value_cache.dtype:
+        raise ValueError(f"write_kv copies bytes: key/value {key.dtype}/{value.dtype} into a "
+                         f"{key_cache.dtype}/{value_cache.dtype} cache")
+    if key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
+        raise ValueError("write_kv: the caches' head_dim must be contiguous")
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
+    hkv, bs, d = key_cache.shape[1], key_cache.shape[2], key_cache.shape[3]
+    fold = kmin is not None
+    summ = kmin if fold else key_cache
+    _kv_write_kernel[(n, hkv)](
+        key, value, key_cache, value_cache, slot_mapping, summ, kmax if fold else summ,
+        gmax if gmax is not None else summ, n, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        summ.stride(0), summ.stride(1), BLOCK_SIZE=bs, HEAD_DIM=d, HAS_GROUPS=gmax is not None, FOLD=fold)
 
 
 @triton.jit

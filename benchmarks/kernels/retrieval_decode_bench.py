@@ -21,6 +21,11 @@ and k = planner.graph_k (the slots vLLM captures). Per (batch, context):
     and selects into its stored selection) and for a reuse step (score and select exit at once; attend reads
     the stored selection plus the blocks started since, as many as the interval's last step has), and
     ``per_layer_ms`` = (reselect + (N - 1) x reuse) / N, the cost per layer averaged over the interval;
+    ``fused_kv_write``: the KV write and the summary update in one launch (retrieval_decode.fused_kv_write) vs the
+    dense backend's write (vLLM's reshape_and_cache_flash where vLLM is installed, else the fused kernel's write
+    alone as a stand-in) followed by the summary update: the cache bytes and summaries compared, each per layer in
+    a graph of WRITE_GRAPH_LAYERS layers, with the retrieval step around it (``per_layer_ms`` vs
+    ``two_launch_per_layer_ms``) and for a prefill chunk; in the break-even sweep against dense SDPA + its write;
   * --break-even-contexts: batch 1, the per-layer graph of each variant vs dense SDPA in a graph of as many
     layers, at each context; the crossover per variant (``break_even.crossover``); --write-break-even stores it
     in attention_backends/retrieval_decode/break_even.json for ``retrieval_decode.break_even="measured"``. At
@@ -82,6 +87,12 @@ def _params(budget: int) -> planner.RetrievalParams:
 VARIANTS = ("single", "single_radix", "two_level", "two_level_fused", "two_level_fused_radix")
 # reuse<N>: selection reuse (reselect_interval N) of the single-level step; any N > 1 is accepted.
 REUSE_VARIANTS = ("reuse4", "reuse8")
+# fused_kv_write: the KV write and the summary update in one launch (retrieval_decode.fused_kv_write) vs the dense
+# backend's write followed by the summary update, in graphs of WRITE_GRAPH_LAYERS layers (single-level step).
+FUSED_WRITE = "fused_kv_write"
+WRITE_VARIANTS = (FUSED_WRITE,)
+WRITE_GRAPH_LAYERS = 32
+PREFILL_CHUNK_TOKENS = 2048
 
 
 def _reuse_interval(name: str) -> int | None:
@@ -95,11 +106,14 @@ def _reuse_interval(name: str) -> int | None:
 
 def _variant(name: str, base: planner.RetrievalParams, group_blocks: int, group_refine: float):
     """(params, fold the summary update into the step) of a --variants name."""
+    if name in WRITE_VARIANTS:  # the production step; the write around it is what differs
+        return base, False
     interval = _reuse_interval(name)
     if interval is not None:
         return dataclasses.replace(base, reselect_interval=interval), False
     if name not in VARIANTS:
-        raise SystemExit(f"--variants: unknown variant {name!r}; one of {', '.join(VARIANTS)}, reuse<N>")
+        raise SystemExit(f"--variants: unknown variant {name!r}; one of {', '.join(VARIANTS + WRITE_VARIANTS)}, "
+                         "reuse<N>")
     params = dataclasses.replace(base, select="radix" if name.endswith("_radix") else "bisect")
     if name.startswith("two_level"):
         params = dataclasses.replace(params, group_blocks=group_blocks, group_refine=group_refine)
@@ -214,6 +228,121 @@ def layer_step(s, layer: dict, out, params, fuse: bool):
     retrieval_step(s, layer, out, params, fuse)
 
 
+def dense_kv_write():
+    """(name, write(key, value, kview, vview, slots)): the dense backend's KV write. vLLM's reshape_and_cache_flash
+    where vLLM is installed on a CUDA machine; else the fused kernel's write alone (one launch, the same bytes: a
+    stand-in)."""
+    if DEV == "cuda":
+        try:
+            from vllm import _custom_ops as ops
+
+            one = torch.ones((), dtype=torch.float32, device=DEV)
+
+            def vllm_write(key, value, kview, vview, slots):  # vLLM's views are [blocks, block_size, heads, D]
+                ops.reshape_and_cache_flash(key, value, kview.transpose(1, 2), vview.transpose(1, 2), slots, "auto",
+                                            one, one)
+            return "vllm reshape_and_cache_flash", vllm_write
+        except Exception:  # plain torch + Triton on the GPU host: no vLLM
+            pass
+    return "triton write_kv without summaries (stand-in)", triton_kernels.write_kv
+
+
+def two_launch_write(write, key, value, layer: dict, slots) -> None:
+    """What the backend ran before fused_kv_write: the dense backend's write, then the summary update."""
+    write(key, value, layer["kview"], layer["vview"], slots)
+    layer["summ"].update(key, slots)
+
+
+def fused_write(key, value, layer: dict, slots) -> None:
+    layer["summ"].write_and_update(key, value, layer["kview"], layer["vview"], slots)
+
+
+def _write_check_cases(s, g: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(key, value, slots) of a padded decode step (one token per sequence, then -1 rows as a CUDA graph pads the
+    batch) and of a prefill chunk of 3 blocks starting fresh in sequence 0's blocks, keys as strided views."""
+    n, nblk = s["q"].shape[0], s["nblk"]
+    dec = torch.cat([s["new_slots"], torch.full((3,), -1, dtype=torch.long, device=DEV)])
+    blocks = s["table"][0, max(0, nblk - 4):max(0, nblk - 4) + 3].long()
+    chunk = (blocks.view(-1, 1) * BS + torch.arange(BS, device=DEV)).flatten()
+    cases = []
+    for slots in (dec, chunk):
+        t = slots.numel() + 2  # vLLM pads the token dim beyond slot_mapping
+        kv = torch.randn(t, 2, HKV * D, device=DEV, dtype=torch.bfloat16, generator=g)
+        cases.append((kv[:, 0].view(t, HKV, D), kv[:, 1].view(t, HKV, D), slots))
+    return cases
+
+
+def fused_write_check(s, write) -> dict:
+    """The fused write vs the two launches on copies of layer 0 (cache and summaries): the same cache bytes and the
+    same summaries, after a padded decode step and a prefill chunk."""
+    g = torch.Generator(device=DEV).manual_seed(7)
+    lay = s["layers"][0]
+    copies = []
+    for _ in range(2):
+        kv = lay["kv"].clone()
+        summ = BlockSummaries.allocate(lay["summ"].num_blocks, HKV, D, BS, torch.bfloat16, DEV, groups=True)
+        for a, b in ((summ.kmin, lay["summ"].kmin), (summ.kmax, lay["summ"].kmax), (summ.gmin, lay["summ"].gmin),
+                     (summ.gmax, lay["summ"].gmax)):
+            a.copy_(b)
+        copies.append(dict(kv=kv, kview=kv[0].permute(0, 2, 1, 3), vview=kv[1].permute(0, 2, 1, 3), summ=summ))
+    two, fused = copies
+    for key, value, slots in _write_check_cases(s, g):
+        two_launch_write(write, key, value, two, slots)
+        fused_write(key, value, fused, slots)
+    same_cache = torch.equal(two["kv"].view(torch.int16), fused["kv"].view(torch.int16))
+    same_summaries = all(torch.equal(getattr(two["summ"], f)[:-1].view(torch.int16),
+                                     getattr(fused["summ"], f)[:-1].view(torch.int16))
+                         for f in ("kmin", "kmax", "gmax"))
+    return {"cache_bytes_equal": same_cache, "summaries_equal": same_summaries}
+
+
+def _prefill_layer(tokens: int) -> dict:
+    """A scratch layer (own cache and summaries) for a prefill chunk's write: the chunk's blocks and one more."""
+    return _layer(1, -(-tokens // BS), DEV, torch.Generator(device=DEV).manual_seed(3))
+
+
+def fused_write_row(s) -> dict:
+    """fused_kv_write: per layer, in graphs of WRITE_GRAPH_LAYERS layers (s["layers"] cycled): the dense write +
+    the summary update (two launches) vs the fused launch vs the write alone (what dense decoding pays too), for
+    one decode token per sequence; the same around the retrieval step (graph of the distinct layers:
+    ``per_layer_ms`` vs ``two_launch_per_layer_ms``); a prefill chunk's write in one layer; the byte checks."""
+    name, write = dense_kv_write()
+    row: dict = {"dense_write": name, "write_graph_layers": WRITE_GRAPH_LAYERS}
+    row.update(fused_write_check(s, write))
+    g = torch.Generator(device=DEV).manual_seed(11)
+    n = s["q"].shape[0]
+    value = torch.randn(n, HKV, D, device=DEV, dtype=torch.bfloat16, generator=g)
+    key, slots, layers = s["new_keys"], s["new_slots"], s["layers"]
+    cycle = [layers[i % len(layers)] for i in range(WRITE_GRAPH_LAYERS)]
+
+    def per_layer(fn, group=cycle) -> float:
+        return _graph_ms(lambda: [fn(lay) for lay in group], iters=30) / len(group)
+    row["write_two_launch_ms"] = per_layer(lambda lay: two_launch_write(write, key, value, lay, slots))
+    row["write_fused_ms"] = per_layer(lambda lay: fused_write(key, value, lay, slots))
+    row["write_alone_ms"] = per_layer(lambda lay: write(key, value, lay["kview"], lay["vview"], slots))
+    row["write_saving_per_layer_ms"] = row["write_two_launch_ms"] - row["write_fused_ms"]
+    outs = [torch.empty_like(s["q"]) for _ in layers]
+
+    def with_step(fused: bool):
+        def step():
+            for lay, out in zip(layers, outs):
+                fused_write(key, value, lay, slots) if fused else two_launch_write(write, key, value, lay, slots)
+                retrieval_step(s, lay, out)
+        return _graph_ms(step, iters=20) / len(layers)
+    row["two_launch_per_layer_ms"] = with_step(False)
+    row["per_layer_ms"] = with_step(True)
+    row["max_err_vs_torch_reference"] = reference_check(s)
+    tokens = PREFILL_CHUNK_TOKENS
+    scratch = _prefill_layer(tokens)
+    chunk = torch.arange(tokens, device=DEV) + BS  # the scratch layer's blocks 1.., block 0 left alone
+    pk = torch.randn(tokens, HKV, D, device=DEV, dtype=torch.bfloat16, generator=g)
+    pv = torch.randn_like(pk)
+    row["prefill_chunk_tokens"] = tokens
+    row["prefill_write_two_launch_ms"] = per_layer(lambda lay: two_launch_write(write, pk, pv, lay, chunk), [scratch])
+    row["prefill_write_fused_ms"] = per_layer(lambda lay: fused_write(pk, pv, lay, chunk), [scratch])
+    return row
+
+
 def _graph_ms(fn, iters: int = 30) -> float:
     """Median ms of replaying ``fn`` captured alone in a CUDA graph."""
     fn()
@@ -297,6 +426,28 @@ def dense_stacked_ms(s) -> float:
         for k, v in kvs:
             _sdpa(s, k, v)
     return _graph_ms(step, iters=20) / len(kvs)
+
+
+def write_stacked_ms(s, params) -> tuple[float, float]:
+    """fused_kv_write in the break-even sweep, per layer in one graph of the layers: (fused write + retrieval
+    step, the dense backend's write + dense SDPA): the KV write is on both sides, the summary update on neither."""
+    _, write = dense_kv_write()
+    value = torch.randn_like(s["new_keys"])
+    key, slots = s["new_keys"], s["new_slots"]
+    kvs = _dense_kv(s)
+    outs = [torch.empty_like(s["q"]) for _ in s["layers"]]
+
+    def sparse():
+        for lay, out in zip(s["layers"], outs):
+            fused_write(key, value, lay, slots)
+            retrieval_step(s, lay, out, params)
+
+    def dense():
+        for lay, (k, v) in zip(s["layers"], kvs):
+            write(key, value, lay["kview"], lay["vview"], slots)
+            _sdpa(s, k, v)
+    n = len(s["layers"])
+    return _graph_ms(sparse, iters=20) / n, _graph_ms(dense, iters=20) / n
 
 
 def dense_path_stacked(s) -> dict:
@@ -446,13 +597,14 @@ def bench(batch: int, ctx: int, budget: int, width: int, layers: int, variants=(
             v = {"per_layer_ms": row["per_layer_ms"], "max_err_vs_torch_reference": row["max_err_vs_torch_reference"]}
         else:
             try:
-                v = variant_row(s, params, fuse)
+                v = fused_write_row(s) if name in WRITE_VARIANTS else variant_row(s, params, fuse)
             except Exception as exc:  # one variant failing to compile on this GPU must not cost the others
                 v = {"error": error_text(exc)}
                 print(f"variant {name} failed at {batch}x{ctx}: {v['error'][:300]}", file=sys.stderr, flush=True)
         if "per_layer_ms" in v:
             v["speedup_per_layer_vs_sdpa"] = row["dense_sdpa_ms"] / v["per_layer_ms"]
-            v["speedup_vs_single"] = row["per_layer_ms"] / v["per_layer_ms"]
+            # fused_kv_write's layers include the KV write: against single's with the write in two launches
+            v["speedup_vs_single"] = v.get("two_launch_per_layer_ms", row["per_layer_ms"]) / v["per_layer_ms"]
         row["variants"][name] = v
     row["wall_s"] = round(time.time() - t0, 1)
     return row
@@ -472,12 +624,16 @@ def break_even_sweep(contexts: list[int], budget: int, width: int, layers: int, 
             # Below min_context the step already reads every block: time the sparse path itself.
             params = dataclasses.replace(params, min_context_tokens=0)
             try:
-                ms = stacked_layers_ms(s, params, fuse)["per_layer_ms"]
+                if name in WRITE_VARIANTS:  # both sides with their KV write: fused + step vs dense write + SDPA
+                    ms, versus = write_stacked_ms(s, params)
+                    r[f"{name}_dense_with_write"] = versus
+                else:
+                    ms, versus = stacked_layers_ms(s, params, fuse)["per_layer_ms"], dense
             except Exception as exc:
                 r[name] = {"error": error_text(exc, 500)}
                 continue
             r[name] = ms
-            points[name].append((ctx, ms, dense))
+            points[name].append((ctx, ms, versus))
         # What a pure-decode CUDA graph pays for a sequence under min_context (break_even=measured raises it):
         # the same kernels, every block read. Compared with dense in the table.
         try:
@@ -505,8 +661,9 @@ def main(argv=None) -> int:
     ap.add_argument("--table-width", type=int, default=131200 // BS,
                     help="block-table columns (vLLM under CUDA graphs: max_model_len / block_size); 0 = tight")
     ap.add_argument("--layers", type=int, default=4, help="distinct layers captured in one graph")
-    ap.add_argument("--variants", default=",".join(VARIANTS + REUSE_VARIANTS),
-                    help=f"selection variants: {', '.join(VARIANTS)}, reuse<N> (selection reuse, interval N)")
+    ap.add_argument("--variants", default=",".join(VARIANTS + REUSE_VARIANTS + WRITE_VARIANTS),
+                    help=f"selection variants: {', '.join(VARIANTS)}, reuse<N> (selection reuse, interval N); "
+                         f"{FUSED_WRITE}: the KV write and the summary update in one launch vs two")
     ap.add_argument("--group-blocks", type=int, default=4, help="two-level: blocks per group (4 = 64 tokens)")
     ap.add_argument("--group-refine", type=float, default=2.0, help="two-level: candidates = this x the budget")
     ap.add_argument("--break-even-contexts", default="4096,8192,16384,24576,32768,49152,65536",
@@ -542,7 +699,8 @@ def main(argv=None) -> int:
         if args.write_break_even:  # the variants the backend runs (it does not fold the summary update yet)
             for name, cross in out["break_even"]["crossover_tokens"].items():
                 params, fuse = _variant(name, _params(args.budget), args.group_blocks, args.group_refine)
-                if out["break_even"]["points"][name] and not fuse and params.reselect_interval == 1:
+                if out["break_even"]["points"][name] and not fuse and params.reselect_interval == 1 \
+                        and name not in WRITE_VARIANTS:
                     break_even.write(device, params.group_blocks, cross,
                                      {"variant": name, "command": command, "date": out["date"],
                                       "points": out["break_even"]["points"][name]}, params.select)
@@ -566,6 +724,19 @@ def main(argv=None) -> int:
                 cells.append(f"{x['per_layer_ms']:.3f} ({x['speedup_per_layer_vs_sdpa']:.2f}x)" if "per_layer_ms" in x
                              else "error")
             print(f"| {r['batch']}x{r['context']} | {r['dense_sdpa_ms']:.3f} | " + " | ".join(cells) + " |")
+    fused_rows = [(r, r["variants"][FUSED_WRITE]) for r in rows if FUSED_WRITE in r["variants"]]
+    if fused_rows:
+        print(f"\n| batch x context | dense write | cache bytes / summaries equal | write + summary update, "
+              f"two launches ms | fused ms | write alone ms | per layer with the step: two launches / fused ms | "
+              f"prefill {PREFILL_CHUNK_TOKENS} tokens: two launches / fused ms |\n|---|---|---|---|---|---|---|---|")
+        for r, x in fused_rows:
+            if "error" in x:
+                print(f"| {r['batch']}x{r['context']} | error: {x['error'][:200]} |")
+                continue
+            print(f"| {r['batch']}x{r['context']} | {x['dense_write']} | {x['cache_bytes_equal']} / "
+                  f"{x['summaries_equal']} | {x['write_two_launch_ms']:.4f} | {x['write_fused_ms']:.4f} | "
+                  f"{x['write_alone_ms']:.4f} | {x['two_launch_per_layer_ms']:.4f} / {x['per_layer_ms']:.4f} | "
+                  f"{x['prefill_write_two_launch_ms']:.4f} / {x['prefill_write_fused_ms']:.4f} |")
     if contexts:
         print("\nbreak-even context (batch 1, tokens):", json.dumps(out["break_even"]["crossover_tokens"]))
         print("\n| context (batch 1, under min_context) | dense SDPA ms | read all (retrieval kernels) | "

@@ -409,6 +409,39 @@ def _flash_kv_views(kv_cache: Any) -> tuple[Any, Any]:
     raise UnsupportedVllmError(f"unknown FlashAttention KV cache layout {tuple(kv_cache.shape)}")
 
 
+def plain_kv_write_views(impl: Any, kv_cache: Any, key: Any, value: Any) -> tuple[Any, Any] | None:
+    """(K, V) [num_blocks, kv_heads, block_size, head_dim] views of the memory the dense backend's
+    ``do_kv_cache_update`` writes, when that write is a plain copy another kernel may do in its place (retrieval
+    decode's fused KV write); None when it is anything else: the CPU backend, a KV cache dtype other than "auto"
+    (fp8 with its scales), encoder attention (writes nothing), a layout not read here."""
+    if platform_name() != "cuda" or not getattr(kv_cache, "is_cuda", False):
+        return None
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+    if not isinstance(impl, FlashAttentionImpl):
+        return None
+    return flash_plain_kv_write_views(kv_cache, key, value, str(getattr(impl, "kv_cache_dtype", "")),
+                                      getattr(impl, "attn_type", None), getattr(impl, "head_size", None))
+
+
+def flash_plain_kv_write_views(kv_cache: Any, key: Any, value: Any, kv_cache_dtype: str, attn_type: Any,
+                               head_size: Any) -> tuple[Any, Any] | None:
+    """FlashAttentionImpl.do_kv_cache_update of 0.26 to 0.34 (read against each release's flash_attn.py): encoder
+    attention returns; otherwise ``key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, -1)`` on the
+    logical [blocks, kv_heads, block_size, 2*head_dim] cache (NHD or HND memory: only the strides differ), then
+    ``reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)``,
+    which skips slot -1 and, with kv_cache_dtype "auto" (cache dtype = the key's), copies each token's rows as they
+    are (the scales unused). Those views, transposed to [blocks, kv_heads, block_size, head_dim], or None."""
+    if kv_cache_dtype != "auto" or attn_type != "decoder" or kv_cache.dim() != 4:
+        return None
+    if head_size is None or kv_cache.shape[-1] != 2 * head_size:
+        return None
+    if not (kv_cache.dtype == key.dtype == value.dtype) or kv_cache.stride(-1) != 1:
+        return None
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    return key_cache.transpose(1, 2), value_cache.transpose(1, 2)
+
+
 def current_model_name() -> str:
     """The served model's name/path, inside a vLLM process while its config is current (layer init)."""
     from vllm.config import get_current_vllm_config

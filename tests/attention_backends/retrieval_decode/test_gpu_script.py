@@ -91,6 +91,26 @@ def test_variant_runs_get_their_own_speedups_and_stay_out_of_the_workers_flags()
     assert set(s["prefix_cache_held"]) == {"FLASH_ATTN 8192", "CUSTOM 8192", "CUSTOM[dense_path] 8192"}
 
 
+def test_fused_kv_write_variant_reaches_the_engine_and_its_layers_are_reported():
+    """--variant two_launch_write:fused_kv_write=false: the key reaches the engine's config; each kvplug run
+    reports how many layers wrote KV through the fused launch (the default run: all; the variant: none)."""
+    from benchmarks.gpu_retrieval_decode import parse_variant
+    from kvplug import settings
+
+    label, keys = parse_variant("two_launch_write:fused_kv_write=false")
+    env = harness.kvplug_env("retrieval_decode", enabled=True, **harness.set_pairs(keys, "retrieval_decode"))
+    assert settings.resolve(None, [], env).retrieval_decode.fused_kv_write is False
+    assert settings.resolve(None, [], {}).retrieval_decode.fused_kv_write is True
+
+    def run(backend, fused, variant=None):
+        r = {"backend": backend, "device": "H100", "vllm": "0.26", "tpot_s": {"8192": [0.01]}, "throughput_tok_s": {},
+             "attention_impls": _IMPLS if backend == "CUSTOM" else [], "timings": {"8192": _timings(1.0, 0.05)},
+             "stats": {"tpot": dict(_STATS, fused_kv_write_layers=fused)} if backend == "CUSTOM" else {}}
+        return dict(r, variant=variant) if variant else r
+    s = summarize([run("FLASH_ATTN", None), run("CUSTOM", 30), run("CUSTOM", 0, label)])
+    assert s["fused_kv_write_layers"] == {"CUSTOM": 30, "CUSTOM[two_launch_write]": 0}
+
+
 def test_reuse_variant_reaches_the_engine_config_as_reselect_interval():
     """--variant reuse4:reselect_interval=4: the key travels as KVPLUG_RETRIEVAL_DECODE__RESELECT_INTERVAL and the
     engine's config resolves it (a bad value is named)."""

@@ -229,6 +229,80 @@ def test_summary_update_kernel_matches_torch_update(dtype):
     assert emptied == [1, 2, 3, 5, 6, 7]  # every block some write started at offset 0; 0 and 4 never written
 
 
+def _flash_cache(blocks, bs, hkv, d, dtype, memory, guard):
+    """vLLM 0.26's FlashAttention cache of one layer: logical [blocks, kv_heads, block_size, 2*head_dim]
+    (get_kv_cache_shape), NHD memory [blocks, block_size, kv_heads, 2*head_dim] or HND (get_kv_cache_stride_order),
+    inside a buffer with ``guard`` blocks either side (a write to slot -1 would land in the first)."""
+    g = torch.Generator().manual_seed(5)
+    if memory == "NHD":
+        buf = torch.randn(blocks + 2 * guard, bs, hkv, 2 * d, generator=g).to(dtype).to(DEV)
+        return buf, buf[guard:guard + blocks].permute(0, 2, 1, 3)
+    buf = torch.randn(blocks + 2 * guard, hkv, bs, 2 * d, generator=g).to(dtype).to(DEV)
+    return buf, buf[guard:guard + blocks]
+
+
+@in_process
+@pytest.mark.parametrize("memory", ["NHD", "HND"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_kv_write_equals_the_dense_write_then_the_summary_update(memory, dtype):
+    """triton_kernels.write_kv (one launch) leaves the paged cache, byte for byte, and the summaries exactly as
+    the two-step path: the torch reference (reshape_and_cache_flash's copy, then update_summaries_) and the two
+    Triton launches (the write alone, then update_summaries). Slots -1 write nothing (the guard blocks stay);
+    key/value rows past slot_mapping are ignored; keys and values are strided views of a fused qkv tensor."""
+    from attention_backends.retrieval_decode.summaries import BlockSummaries, write_kv_and_update_summaries_
+    from kvplug.compat.common import flash_plain_kv_write_views
+
+    bs, hkv, d, blocks = 4, 2, 16, 8
+    g = torch.Generator().manual_seed(2)
+    steps = [
+        torch.tensor([8, 9, 10, 11, 12, 13, 20, 21, 22]),  # two prefill chunks: blocks 2-3 and 5
+        torch.tensor([14, 23, 4, -1, -1]),  # chunk continues block 3, block 5, a new block 1; padding
+        torch.tensor([15, 24, 5]),  # decode: block 3 fills up, block 6 starts, block 1 continues
+        torch.tensor([-1, 8, 9, 28, -1]),  # padding first; block 2 freed and reused by a new request; block 7
+    ]
+    paths = {}
+    for name in ("fused", "two_launches", "torch"):
+        buf, kv_cache = _flash_cache(blocks, bs, hkv, d, dtype, memory, guard=1)
+        views = flash_plain_kv_write_views(kv_cache, kv_cache, kv_cache, "auto", "decoder", d)
+        summ = BlockSummaries.allocate(blocks, hkv, d, bs, dtype=dtype, device=DEV if name != "torch" else "cpu",
+                                       groups=True)
+        summ.gmax.fill_(1.0)  # group rows: emptied only where a block starts fresh
+        paths[name] = (buf, views, summ)
+    for slots in steps:
+        t = slots.numel() + 2  # vLLM pads the token dim beyond slot_mapping
+        qkv = torch.randn(t, 3 * hkv * d, generator=g).to(dtype)
+        key = qkv[:, hkv * d:2 * hkv * d].view(t, hkv, d)
+        value = qkv[:, 2 * hkv * d:].view(t, hkv, d)
+        buf, (kc, vc), summ = paths["fused"]
+        triton_kernels.write_kv(key.to(DEV), value.to(DEV), kc, vc, slots.to(DEV), summ.kmin, summ.kmax, summ.gmax)
+        buf, (kc, vc), summ = paths["two_launches"]
+        triton_kernels.write_kv(key.to(DEV), value.to(DEV), kc, vc, slots.to(DEV))
+        triton_kernels.update_summaries(summ.kmin, summ.kmax, key.to(DEV), slots.to(DEV), bs, summ.gmax)
+        buf, (kc, vc), summ = paths["torch"]
+        kc_cpu, vc_cpu = kc.cpu(), vc.cpu()  # (DEV is the CPU under the interpreter: the same tensors)
+        write_kv_and_update_summaries_(key, value, kc_cpu, vc_cpu, slots, summ.kmin, summ.kmax, bs, summ.gmax)
+        kc.copy_(kc_cpu)
+        vc.copy_(vc_cpu)
+        want_buf, _, want = paths["torch"]
+        for name in ("fused", "two_launches"):
+            buf, _, summ = paths[name]
+            assert torch.equal(buf.cpu().view(torch.int16), want_buf.cpu().view(torch.int16)), (name, slots)
+            for field in ("kmin", "kmax", "gmax"):
+                assert torch.equal(getattr(summ, field)[:-1].cpu(), getattr(want, field)[:-1]), (name, field, slots)
+    fresh_buf, _ = _flash_cache(blocks, bs, hkv, d, dtype, memory, guard=1)
+    assert torch.equal(paths["fused"][0][0].cpu(), fresh_buf[0].cpu())  # the guard before the cache: untouched
+    assert not torch.equal(paths["fused"][0][3].cpu(), fresh_buf[3].cpu())  # block 2 (buffer row 3) was written
+
+
+@in_process
+def test_fused_kv_write_refuses_a_cache_of_another_dtype():
+    """The fused write copies bytes: an fp8-style cache (another dtype than the keys) is refused, never cast."""
+    key = torch.randn(2, 2, 16, dtype=torch.bfloat16, device=DEV)
+    cache = torch.zeros(4, 2, 4, 16, dtype=torch.float16, device=DEV)
+    with pytest.raises(ValueError, match="copies bytes"):
+        triton_kernels.write_kv(key, key, cache, cache, torch.tensor([0, 1], device=DEV))
+
+
 @in_process
 def test_fused_step_ignores_table_columns_past_each_sequence():
     """Under CUDA graphs the block table is as wide as max_model_len: the step on a table padded with junk
@@ -262,6 +336,8 @@ def test_kernel_bench_runs_and_checks_itself(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "HQ", 4)
     monkeypatch.setattr(bench, "HKV", 2)
     monkeypatch.setattr(bench, "D", 32)
+    monkeypatch.setattr(bench, "WRITE_GRAPH_LAYERS", 3)
+    monkeypatch.setattr(bench, "PREFILL_CHUNK_TOKENS", 40)
     out = tmp_path / "rd.json"
     table = tmp_path / "break_even.json"
     monkeypatch.setattr(bench.break_even, "TABLE_PATH", table)
@@ -272,7 +348,8 @@ def test_kernel_bench_runs_and_checks_itself(tmp_path, monkeypatch):
                        "--allow-cpu"]) == 0
     result = json.loads(out.read_text())
     row = result["rows"][0]
-    for name in bench.VARIANTS + bench.REUSE_VARIANTS:  # every variant ran, checked against its torch reference
+    all_variants = bench.VARIANTS + bench.REUSE_VARIANTS + bench.WRITE_VARIANTS
+    for name in all_variants:  # every variant ran, checked against its torch reference
         v = row["variants"][name]
         assert "error" not in v, (name, v)
         assert v["per_layer_ms"] > 0 and v["max_err_vs_torch_reference"] < 3e-2, (name, v)
@@ -285,7 +362,16 @@ def test_kernel_bench_runs_and_checks_itself(tmp_path, monkeypatch):
     assert row["variants"]["two_level_fused"]["fused_update"] is True
     sweep = result["break_even"]
     assert [r["context"] for r in sweep["rows"]] == [1024, 4200]
-    assert set(sweep["crossover_tokens"]) == set(bench.VARIANTS + bench.REUSE_VARIANTS)
+    assert set(sweep["crossover_tokens"]) == set(all_variants)
+    # the fused KV write: the same bytes as the two launches, timed with and without the step, decode and prefill
+    fused = row["variants"]["fused_kv_write"]
+    assert fused["cache_bytes_equal"] is True and fused["summaries_equal"] is True, fused
+    assert fused["dense_write"].endswith("(stand-in)") and fused["write_graph_layers"] == 3
+    for key in ("write_two_launch_ms", "write_fused_ms", "write_alone_ms", "two_launch_per_layer_ms",
+                "prefill_write_two_launch_ms", "prefill_write_fused_ms"):
+        assert fused[key] > 0, key
+    assert fused["speedup_vs_single"] == pytest.approx(fused["two_launch_per_layer_ms"] / fused["per_layer_ms"])
+    assert all(r["fused_kv_write_dense_with_write"] > 0 for r in sweep["rows"])
     # the read-all cost a pure-decode graph pays under min_context, timed beside dense at every context
     assert all(r["single_read_all"] > 0 for r in sweep["rows"]), sweep["rows"]
     # ... and through the graph's dense path: the dense kernel's rows survive the empty retrieval launches

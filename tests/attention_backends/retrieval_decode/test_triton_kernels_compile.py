@@ -30,7 +30,8 @@ from attention_backends.retrieval_decode import triton_kernels as tk
 
 POINTERS = {"Q": "*bf16", "KMIN": "*bf16", "KMAX": "*bf16", "GMIN": "*bf16", "GMAX": "*bf16", "K": "*bf16",
             "V": "*bf16", "KEY": "*bf16", "OUT": "*bf16", "TABLE": "*i32", "SEQ_LENS": "*i32", "TOP_IDX": "*i32",
-            "CAND": "*i32", "SLOTS": "*i64", "RESELECT": "*i32",
+            "CAND": "*i32", "SLOTS": "*i64", "RESELECT": "*i32", "VALUE": "*bf16", "KEY_CACHE": "*bf16",
+            "VALUE_CACHE": "*bf16",
             "SEL_SEQ_LENS": "*i32"}  # anything else upper-case: float32 scores / partial results
 SCALARS = {"num_tokens": "i32", "scale": "fp32"}  # and i64 strides
 BASE = dict(NUM_KV_HEADS=8, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, NUM_SEL=512, BUDGET_TOKENS=2048,
@@ -52,6 +53,9 @@ VARIANTS = {
     "merge keeping empty rows (graph dense path)": (tk._merge_kernel, dict(NUM_SPLITS=8, SPLITS_PAD=8,
                                                                           KEEP_EMPTY=True), 4),
     "summary update": (tk._summary_update_kernel, dict(HAS_GROUPS=True), 4),
+    "fused kv write": (tk._kv_write_kernel, dict(HAS_GROUPS=False, FOLD=True), 4),
+    "fused kv write, group summaries": (tk._kv_write_kernel, dict(HAS_GROUPS=True, FOLD=True), 4),
+    "kv write alone (the bench's stand-in)": (tk._kv_write_kernel, dict(HAS_GROUPS=False, FOLD=False), 4),
     "reuse: select bisect early-exit": (tk._select_kernel, dict(SELECT, EARLY_EXIT=True, RADIX=False, **REUSE), 8),
     "reuse: select radix": (tk._select_kernel, dict(SELECT, EARLY_EXIT=False, RADIX=True, **REUSE), 8),
     "reuse: refine bisect early-exit": (tk._refine_select_kernel, dict(REFINE, EARLY_EXIT=True, RADIX=False,
