@@ -32,7 +32,19 @@ works on both: its loads run in V2's piecewise/eager steps, inside the forward c
 
 Every follow-up reports how many of its prompt tokens came from a cache (vLLM's num_cached_tokens: the GPU
 prefix cache plus whatever a connector loaded); kvplug modes also report the blocks the connector loaded
-per tier. An offload mode whose follow-ups got no cached tokens is flagged "no_op" (it measured
+per tier, and per follow-up how many tokens the connector loaded (kvplug: its load counters around each
+follow-up; LMCache: the tokens its log says it retrieved during it) and how many were vLLM GPU prefix-cache
+hits (the rest of vLLM's cached tokens): the table's "loaded by the connector / GPU hits" column counts the
+follow-ups each served (and their tokens), "load-only p50" is the p50 over the follow-ups the connector
+loaded, and a run whose follow-ups were served by different sources is flagged NOT LIKE-FOR-LIKE. With the
+same GPU budget, modes can differ here: kvplug takes a lossy policy's (int8, int4, fp8) reloaded blocks out of
+vLLM's prefix cache (they must never be served as exact KV), vLLM frees hash-less blocks to the front of its
+free queue and reuses them first, so a lossy reload never evicts another context, and the contexts still
+resident after turn 1 stay GPU hits; a lossless reload (keep, LMCache) is cached like a computed one and
+evicts the least recently used context, the very next one round-robin visits (H100, 10 x 32K, GPU for 8:
+int8 loaded 4 contexts and hit 6, keep and LMCache loaded all 10). ``--reset-gpu-cache`` resets vLLM's GPU
+prefix cache before each follow-up (untimed), so every mode loads every follow-up: equal residency.
+An offload mode whose follow-ups got no cached tokens is flagged "no_op" (it measured
 recomputation, not offload), with the reason its evidence gives (``no_op_reason``; printed after the table
 and in the summary's ``no_ops``).
 
@@ -46,6 +58,7 @@ recompute, ~0.2 s where they load):
     python -m benchmarks.gpu_offload --modes keep,int8,int4        # ~5.5 min; prints the table of all modes
     python -m benchmarks.gpu_offload --modes lmcache-0.5.3,lmcache-0.5.6   # the peer (staged: stage-lmcache.sh)
     python -m benchmarks.gpu_offload --contexts 10 --modes lmcache-0.5.3,keep,int8  # the peer, all contexts held
+    python -m benchmarks.gpu_offload --contexts 10 --modes lmcache-0.5.3,keep,int8 --reset-gpu-cache  # every follow-up loads
 
 ``--contexts 4 --context-tokens 4096 --fit-contexts 2`` is a one-minute smoke run.
 
@@ -158,6 +171,8 @@ LMCACHE_LOG = {
 # The worker marks where its phases start on stderr; LMCache's lines after a mark count for that phase.
 PHASE_MARK = "[gpu_offload] phase: "
 PHASES = ("startup", "turn1", "follow_ups")
+# ... and where each follow-up starts (LMCache's retrieved tokens per follow-up: what its connector loaded).
+FOLLOW_UP_MARK = "[gpu_offload] follow-up: "
 
 
 class LMCacheLog:
@@ -168,6 +183,7 @@ class LMCacheLog:
     def __init__(self) -> None:
         self.phase = PHASES[0]
         self.counts = {p: self._zero() for p in PHASES}
+        self.follow_up_retrieved: list[int] = []  # tokens LMCache retrieved during each follow-up, in order
 
     @staticmethod
     def _zero() -> dict:
@@ -175,6 +191,9 @@ class LMCacheLog:
                 "retrieves": 0, "retrieved_tokens": 0, "memory_pressure": 0, "load_failed": 0, "errors": 0}
 
     def feed(self, line: str) -> None:
+        if FOLLOW_UP_MARK in line:
+            self.follow_up_retrieved.append(0)
+            return
         if PHASE_MARK in line:
             phase = line.split(PHASE_MARK, 1)[1].strip()
             if phase in self.counts:
@@ -191,6 +210,8 @@ class LMCacheLog:
         elif m := LMCACHE_LOG["retrieved"].search(line):
             c["retrieves"] += 1
             c["retrieved_tokens"] += int(m.group(1))
+            if self.phase == "follow_ups" and self.follow_up_retrieved:
+                self.follow_up_retrieved[-1] += int(m.group(1))
         elif LMCACHE_LOG["memory_pressure"].search(line):
             c["memory_pressure"] += 1
         elif LMCACHE_LOG["load_failed"].search(line):
@@ -464,6 +485,12 @@ def run_mode(mode: str, args: argparse.Namespace, worker_args: list[str], env: d
     r = {**r, **extra}
     if log is not None:  # what LMCache itself says it did, also where the run died
         r["lmcache_log"] = log.counts
+        cached = r.get("follow_up_cached_tokens")
+        if cached is not None and len(log.follow_up_retrieved) == len(cached):
+            r["follow_up_loaded_tokens"] = list(log.follow_up_retrieved)
+            r["follow_up_gpu_hit_tokens"] = [max(0, c - n) for c, n in zip(cached, log.follow_up_retrieved)]
+    if "follow_up_loaded_tokens" in r:
+        r.update(follow_up_sources(r))
     if "follow_up_p50_s" in r:
         r["no_op_reason"] = no_op_reason(r, getattr(args, "contexts", 0))
     return r
@@ -472,6 +499,55 @@ def run_mode(mode: str, args: argparse.Namespace, worker_args: list[str], env: d
 def mark_phase(phase: str) -> None:
     """In the worker: where a phase starts, on stderr (where the engine's own log lines go; LMCacheLog)."""
     print(PHASE_MARK + phase, file=sys.stderr, flush=True)
+
+
+# What served a follow-up's context: the connector's load, vLLM's GPU prefix cache, recomputation, or a mix.
+LOAD, GPU_HIT, RECOMPUTE, MIXED = "load", "gpu", "recompute", "mixed"
+
+
+def follow_up_sources(r: dict) -> dict:
+    """Per follow-up, what served most of its context (tokens the connector loaded vs vLLM's GPU prefix-cache
+    hits; at least half the context decides, else "mixed" or "recompute"), and the TTFT p50 over the follow-ups
+    the connector loaded (the like-for-like load figure across modes). The GPU prefix cache can serve a
+    follow-up in one mode and not in another even with the same GPU budget: e.g. kvplug takes a lossy policy's
+    reloaded blocks out of vLLM's prefix cache, so vLLM reuses them first (it frees hash-less blocks to the
+    front of its free queue) and the reload never evicts another context, while a lossless reload (keep,
+    LMCache) is cached and evicts the least recently used context, the next one round-robin visits."""
+    ctx = r.get("context_tokens") or max(r["follow_up_cached_tokens"], default=0)
+    kinds = []
+    for loaded, gpu, cached in zip(r["follow_up_loaded_tokens"], r["follow_up_gpu_hit_tokens"],
+                                   r["follow_up_cached_tokens"]):
+        if 2 * loaded >= ctx:
+            kinds.append(LOAD)
+        elif 2 * gpu >= ctx:
+            kinds.append(GPU_HIT)
+        else:
+            kinds.append(RECOMPUTE if 2 * cached < ctx else MIXED)
+    loads = [t for t, k in zip(r["follow_up_ttft_s"], kinds) if k == LOAD]
+    return {"follow_up_sources": kinds, "follow_up_load_p50_s": statistics.median(loads) if loads else None}
+
+
+def like_for_like_warnings(results: list[dict]) -> list[str]:
+    """Why rows' follow-up p50s are not comparable: a run whose follow-ups were served differently (some loaded
+    by the connector, some vLLM GPU prefix-cache hits), or runs whose follow-ups were served by different
+    sources (then compare their load-only p50s)."""
+    out, main = [], {}
+    for r in results:
+        kinds = r.get("follow_up_sources")
+        if not kinds:
+            continue
+        counts = {k: kinds.count(k) for k in (LOAD, GPU_HIT, MIXED, RECOMPUTE) if k in kinds}
+        main[r["mode"]] = max(counts, key=counts.get)
+        if len(counts) > 1:
+            load = r.get("follow_up_load_p50_s")
+            out.append(f"NOT LIKE-FOR-LIKE {r['mode']}: its follow-ups were served by different sources ("
+                       + ", ".join(f"{n} {k}" for k, n in counts.items()) + "); its p50 mixes them"
+                       + (f"; p50 over the {counts.get(LOAD, 0)} the connector loaded: {load:.3f} s" if load else ""))
+    if len(set(main.values())) > 1:
+        out.append("NOT LIKE-FOR-LIKE across modes: most follow-ups were served by " + ", ".join(
+            f"{k} ({m})" for m, k in main.items()) + "; compare the load-only p50s (--reset-gpu-cache makes every "
+            "follow-up a connector load)")
+    return out
 
 
 def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> dict:
@@ -499,6 +575,23 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
         out = llm.generate([TokensPrompt(prompt_token_ids=ctx + suffix)], sp, use_tqdm=False)[0]
         return time.perf_counter() - t0, int(out.num_cached_tokens or 0), out.outputs[0]
 
+    def ask_follow_up(i: int, ctx: list[int], turn: int, suffix: list[int] | None) -> tuple:
+        """One timed follow-up; untimed around it: the GPU prefix cache reset (--reset-gpu-cache) and the
+        tokens kvplug's connector loaded for it (the rest of vLLM's cached tokens are GPU prefix-cache hits)."""
+        if args.reset_gpu_cache:
+            llm.reset_prefix_cache()
+        print(FOLLOW_UP_MARK + str(i), file=sys.stderr, flush=True)  # LMCacheLog: its retrieves per follow-up
+        before = counters()
+        out = ask(ctx, turn, suffix)
+        after = counters()
+        if before is not None:
+            blocks = sum(after["loaded"].values()) - sum(before["loaded"].values())
+            loaded.append(blocks * block_size)
+        return out
+
+    loaded: list[int] = []
+    block_size = harness.engine_facts(llm).get("block_size") or 16
+
     def counters() -> dict | None:
         if args.mode not in POLICY:
             return None
@@ -523,7 +616,7 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
     c_before = counters()
     mark_phase("follow_ups")
     # Round-robin over all contexts, --followups times: a mode hits only where its tier holds them all.
-    follow = [ask(c, 2 + r, fixed[i] if fixed and r == 0 else None)
+    follow = [ask_follow_up(i, c, 2 + r, fixed[i] if fixed and r == 0 else None)
               for r in range(args.followups) for i, c in enumerate(contexts)]
     c_after = counters()
     t3 = time.perf_counter()
@@ -539,13 +632,17 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
            "first_turn_p50_s": statistics.median(first_ttft),
            "first_turn_ttft_s": first_ttft, "follow_up_ttft_s": ttft,
            "follow_up_p50_s": statistics.median(ttft), "follow_up_p99_s": _percentile(ttft, 0.99),
-           "follow_up_cached_tokens": cached,
+           "follow_up_cached_tokens": cached, "context_tokens": args.context_tokens,
+           "reset_gpu_cache": args.reset_gpu_cache,
            "follow_up_cached_fraction": sum(cached) / (len(cached) * args.context_tokens),
            "engine": harness.engine_facts(llm)}
     if features:
         res["attention_impls"] = harness.attention_impls(llm)
     if fixed:
         res["agreement"] = agreement(references, follow[:len(contexts)])
+    if loaded:
+        res["follow_up_loaded_tokens"] = loaded
+        res["follow_up_gpu_hit_tokens"] = [max(0, c - n) for c, n in zip(cached, loaded)]
     if c_before is not None:
         res["connector_loaded_blocks"] = {k: c_after["loaded"][k] - c_before["loaded"][k] for k in c_after["loaded"]}
         res["connector_saved_blocks"] = c_after["saved"]
@@ -590,9 +687,10 @@ def _table(results: list[dict]) -> str:
     # The peer's reference is its fastest run (the comparison least favourable to kvplug).
     peer = min((r for m, r in ok.items() if is_lmcache(m)), key=lambda r: r["follow_up_p50_s"], default=None)
     lines = ["| mode | contexts the CPU budget holds | startup (s) | turn-1 TTFT p50 (s) | follow-up TTFT p50 (s) "
-             "| p99 (s) | cached fraction | connector blocks loaded (cpu/disk) | vs none (p50) | vs native (p50) "
-             "| vs best LMCache (p50) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| p99 (s) | cached fraction | connector blocks loaded (cpu/disk) "
+             "| follow-ups loaded by the connector / GPU hits (tokens) | load-only p50 (s) | vs none (p50) "
+             "| vs native (p50) | vs best LMCache (p50) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = list(MODES) + sorted({r["mode"] for r in results if is_lmcache(r.get("mode", ""))})
     for mode in order:
         r = next((x for x in results if x.get("mode") == mode), None)
@@ -601,7 +699,7 @@ def _table(results: list[dict]) -> str:
         if mode not in ok:
             why = str(r.get("error", "")).strip().splitlines()
             why = why[-1][:160].replace("|", "/") if why else ""
-            lines.append(f"| {mode} | failed: {why} | | | | | | | | | |")
+            lines.append(f"| {mode} | failed: {why} | | | | | | | | | | | |")
             continue
         vs = lambda ref: f"{ref['follow_up_p50_s'] / r['follow_up_p50_s']:.2f}x" if ref else "-"
         blocks = r.get("connector_loaded_blocks")
@@ -615,10 +713,18 @@ def _table(results: list[dict]) -> str:
             flag += " [V1 runner]"
         held = r.get("contexts_held", "-") if mode != "none" else "-"
         turn1 = f"{r['first_turn_p50_s']:.3f}" if "first_turn_p50_s" in r else "-"
+        sources = "-"
+        if "follow_up_sources" in r:
+            kinds = r["follow_up_sources"]
+            sources = (f"{kinds.count(LOAD)} ({sum(r['follow_up_loaded_tokens']) // 1024}K) / "
+                       f"{kinds.count(GPU_HIT)} ({sum(r['follow_up_gpu_hit_tokens']) // 1024}K)")
+        load_p50 = r.get("follow_up_load_p50_s")
+        load_p50 = f"{load_p50:.3f}" if load_p50 is not None else "-"
         lines.append(f"| {mode}{flag} | {held} | {r.get('startup_s', '-')} | {turn1} | {r['follow_up_p50_s']:.3f} | "
-                     f"{r['follow_up_p99_s']:.3f} | {r['follow_up_cached_fraction']:.2f} | {blocks} | {vs(base)} | "
+                     f"{r['follow_up_p99_s']:.3f} | {r['follow_up_cached_fraction']:.2f} | {blocks} | {sources} | "
+                     f"{load_p50} | {vs(base)} | "
                      f"{vs(native)} | {vs(peer)} |")
-    reasons = [f"NO-OP {mode}: {why}" for mode, why in no_ops(results).items()]
+    reasons = [f"NO-OP {mode}: {why}" for mode, why in no_ops(results).items()] + like_for_like_warnings(results)
     lines += [""] + reasons if reasons else []
     return "\n".join(lines)
 
@@ -655,6 +761,9 @@ def main(argv: list[str] | None = None) -> int:
                          "retrieval_decode.enabled=true")
     ap.add_argument("--max-tokens", type=int, default=1,
                     help="tokens generated per request (above 1 the times are whole requests, not TTFT)")
+    ap.add_argument("--reset-gpu-cache", action="store_true",
+                    help="reset vLLM's GPU prefix cache before each follow-up (untimed), so every mode's follow-ups "
+                         "are connector loads: the like-for-like load comparison")
     ap.add_argument("--agreement", action="store_true",
                     help="ask each context's first follow-up also while resident and compare greedy ids (above)")
     ap.add_argument("--together", action="store_true",
@@ -717,7 +826,8 @@ def main(argv: list[str] | None = None) -> int:
     worker_args = ["--model-shape", args.model_shape, "--contexts", str(args.contexts), "--context-tokens",
                    str(args.context_tokens), "--fit-contexts", str(args.fit_contexts), "--cpu-gib", str(args.cpu_gib),
                    "--followups", str(args.followups), "--max-tokens", str(args.max_tokens),
-                   *(["--agreement"] if args.agreement else []),  # --set reaches the worker in its env
+                   *(["--agreement"] if args.agreement else []),
+                   *(["--reset-gpu-cache"] if args.reset_gpu_cache else []),  # --set reaches the worker in its env
                    "--model-dir", str(model_dir)] + (["--real-weights"] if args.model else []) + (
                        ["--eager"] if args.eager else [])
     summary = {"device": harness.device_name(),
@@ -729,11 +839,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[gpu_offload] {mode}: " + json.dumps({k: v for k, v in r.items() if not isinstance(v, list)}),
               file=sys.stderr, flush=True)
         # after every mode: a command cut off by the device's time limit keeps the modes it finished
-        harness.write_results(out, command, {**summary, "table": _table(results), "no_ops": no_ops(results)},
+        harness.write_results(out, command, {**summary, "table": _table(results), "no_ops": no_ops(results),
+                                                 "like_for_like": like_for_like_warnings(results)},
                               results)
     print(_table(results))
     for mode, why in no_ops(results).items():  # loud: such a row measured recomputation, not offload
         print(f"[gpu_offload] NO-OP {mode}: {why}", file=sys.stderr, flush=True)
+    for warning in like_for_like_warnings(results):  # loud: such p50s compare different things
+        print(f"[gpu_offload] {warning}", file=sys.stderr, flush=True)
     for r in results:
         if "together" in r:
             print(f"[gpu_offload] {r['mode']} together: " + json.dumps(

@@ -318,6 +318,18 @@ def test_no_op_reason_without_a_log_and_for_modes_that_hit():
     assert gpu_offload.no_op_reason({"mode": "int8", "no_op": False, "contexts_held": 21}, 16) is None
 
 
+def _fake_worker(monkeypatch, lines: list[str], result: dict) -> None:
+    """The engine worker replaced by a process that prints ``lines`` on stderr, then ``result``."""
+    code = (f"import sys, json\nfor ln in {lines!r}: print(ln, file=sys.stderr, flush=True)\n"
+            f"print('RESULT ' + json.dumps({result!r}))")
+
+    def worker(module, mode, argv, wenv, stderr_tail=0, timeout=None, on_line=None):
+        return harness.run_result_process([sys.executable, "-c", code], wenv, "w failed", stderr_tail=stderr_tail,
+                                          on_line=on_line)
+
+    monkeypatch.setattr(harness, "run_worker", worker)
+
+
 def test_run_mode_records_lmcaches_log_from_the_workers_stderr(tmp_path, monkeypatch):
     """The worker's stderr (engine log lines included) reaches LMCacheLog through harness.run_result_process."""
     _fake_lmcache(tmp_path, "9.9.4")
@@ -327,14 +339,7 @@ def test_run_mode_records_lmcaches_log_from_the_workers_stderr(tmp_path, monkeyp
               "contexts_held": 12}
     lines = [gpu_offload.PHASE_MARK + "turn1", STORED.format(r=1, n=32768), gpu_offload.PHASE_MARK + "follow_ups",
              LOOKUP.format(r=2, hit=0, load=0)]
-    code = (f"import sys, json\nfor ln in {lines!r}: print(ln, file=sys.stderr, flush=True)\n"
-            f"print('RESULT ' + json.dumps({result!r}))")
-
-    def worker(module, mode, argv, wenv, stderr_tail=0, timeout=None, on_line=None):
-        return harness.run_result_process([sys.executable, "-c", code], wenv, "w failed", stderr_tail=stderr_tail,
-                                          on_line=on_line)
-
-    monkeypatch.setattr(harness, "run_worker", worker)
+    _fake_worker(monkeypatch, lines, result)
     r = gpu_offload.run_mode("lmcache-9.9.4", args, [], env)
     assert r["lmcache_log"]["turn1"]["stored_tokens"] == 32768 and r["lmcache_log"]["follow_ups"]["lookups"] == 1
     assert "holds 12 of the 16 contexts" in r["no_op_reason"]
@@ -353,3 +358,70 @@ def test_modes_whose_budget_is_short_are_named_before_they_run(tmp_path, monkeyp
     assert "native: the budget holds fewer than 16 contexts" in err  # 12 at full precision; int8 holds 21
     gpu_offload.main(["--modes", "native,int8", "--contexts", "10", "--cpu-gib", "48", "--out", str(tmp_path / "o.json")])
     assert "holds fewer than" not in capsys.readouterr().err
+
+
+# --- what served each follow-up: the connector's load vs vLLM's GPU prefix cache ---------------------------
+
+CTX = 32768
+
+
+def _served(mode: str, ttft: list[float], loaded: list[int], cached: list[int] | None = None) -> dict:
+    cached = cached or [CTX] * len(loaded)
+    r = {"mode": mode, "follow_up_ttft_s": ttft, "follow_up_p50_s": sorted(ttft)[len(ttft) // 2],
+         "follow_up_p99_s": max(ttft), "follow_up_cached_fraction": 1.0, "first_turn_p50_s": 1.0, "startup_s": 70.0,
+         "context_tokens": CTX, "follow_up_cached_tokens": cached, "follow_up_loaded_tokens": loaded,
+         "follow_up_gpu_hit_tokens": [c - n for c, n in zip(cached, loaded)]}
+    return {**r, **gpu_offload.follow_up_sources(r)}
+
+
+def test_follow_up_sources_separate_loads_from_gpu_hits_and_flag_the_mixed_run():
+    # today's H100 int8 row: 4 contexts loaded (the last partly a GPU hit), 6 served by vLLM's prefix cache
+    int8 = _served("int8", [0.508, 0.174, 0.202, 0.174] + [0.072] * 6,
+                   [CTX, CTX, CTX, 2035 * 16] + [0] * 6)
+    keep = _served("keep", [0.161] * 10, [CTX] * 10)
+    assert int8["follow_up_sources"] == ["load"] * 4 + ["gpu"] * 6
+    assert int8["follow_up_load_p50_s"] == pytest.approx((0.174 + 0.202) / 2)
+    assert keep["follow_up_sources"] == ["load"] * 10 and keep["follow_up_load_p50_s"] == pytest.approx(0.161)
+    warnings = gpu_offload.like_for_like_warnings([keep, int8])
+    assert warnings[0].startswith("NOT LIKE-FOR-LIKE int8: its follow-ups were served by different sources "
+                                  "(4 load, 6 gpu)") and "connector loaded: 0.188 s" in warnings[0]
+    assert warnings[1].startswith("NOT LIKE-FOR-LIKE across modes: most follow-ups were served by load (keep), "
+                                  "gpu (int8)")
+    assert gpu_offload.like_for_like_warnings([keep, _served("lmcache-0.5.3", [0.106] * 10, [CTX] * 10)]) == []
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in gpu_offload._table([keep, int8]).splitlines()[2:4]}
+    assert "| 4 (" in rows["int8"] and f"| 4 ({(3 * CTX + 2035 * 16) // 1024}K) / 6 ({6 * CTX // 1024 + 0}K) | 0.188 |" in rows["int8"]
+    assert "| 10 (320K) / 0 (0K) | 0.161 |" in rows["keep"]
+    assert gpu_offload._table([keep, int8]).splitlines()[-1].startswith("NOT LIKE-FOR-LIKE across modes")
+
+
+def test_recomputed_and_mixed_follow_ups_are_neither_loads_nor_hits():
+    r = _served("keep", [1.2, 0.5], [0, CTX // 4], cached=[0, CTX // 2])
+    assert r["follow_up_sources"] == ["recompute", "mixed"] and r["follow_up_load_p50_s"] is None
+
+
+def test_lmcache_log_counts_what_it_retrieved_per_follow_up(tmp_path, monkeypatch):
+    """LMCache has no load counter we can read: its 'Retrieved' lines between the worker's follow-up marks are
+    what its connector loaded for that follow-up; the rest of vLLM's cached tokens were GPU hits."""
+    _fake_lmcache(tmp_path, "9.9.5")
+    args = argparse.Namespace(cpu_gib=48.0, lmcache_root=str(tmp_path), contexts=3)
+    env = gpu_offload.mode_env("lmcache-9.9.5", args, harness.engine_env(clear_config=True))
+    result = {"mode": "lmcache-9.9.5", "follow_up_p50_s": 0.1, "follow_up_ttft_s": [0.1, 0.1, 0.05],
+              "follow_up_cached_tokens": [CTX, CTX, CTX], "follow_up_cached_fraction": 1.0, "no_op": False,
+              "context_tokens": CTX}
+    mark = gpu_offload.FOLLOW_UP_MARK
+    lines = [gpu_offload.PHASE_MARK + "turn1", RETRIEVED.format(r=0, n=512), gpu_offload.PHASE_MARK + "follow_ups",
+             mark + "0", RETRIEVED.format(r=1, n=CTX // 2), RETRIEVED.format(r=1, n=CTX // 2), mark + "1",
+             RETRIEVED.format(r=2, n=CTX), mark + "2"]
+    _fake_worker(monkeypatch, lines, result)
+    r = gpu_offload.run_mode("lmcache-9.9.5", args, [], env)
+    assert r["follow_up_loaded_tokens"] == [CTX, CTX, 0] and r["follow_up_gpu_hit_tokens"] == [0, 0, CTX]
+    assert r["follow_up_sources"] == ["load", "load", "gpu"] and r["follow_up_load_p50_s"] == 0.1
+
+
+def test_reset_gpu_cache_reaches_the_worker(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(harness, "run_worker", lambda module, mode, argv, *a, **k: seen.append(argv) or
+                        {"mode": mode, "error": "not run"})
+    gpu_offload.main(["--modes", "keep", "--contexts", "4", "--context-tokens", "4096", "--fit-contexts", "2",
+                      "--reset-gpu-cache", "--out", str(tmp_path / "r.json")])
+    assert "--reset-gpu-cache" in seen[0]
