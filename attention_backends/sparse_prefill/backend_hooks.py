@@ -64,7 +64,7 @@ def set_override(_worker: Any = None, **fields: Any) -> None:
         return  # no runners, no builder hooks: nothing goes sparse whatever the override
     chosen = _chosen(cfg)
     for r in list(_runners):
-        r.reconfigure(chosen.config, cfg.index_options())
+        r.reconfigure(chosen.config, _index_options(cfg, chosen))
     logger.info("kvplug sparse prefill: override %s", fields or "cleared")
 
 
@@ -80,6 +80,16 @@ _model: str = ""  # the served model, recorded at layer init (vLLM's config is c
 def _chosen(cfg: Any) -> planner.ChosenConfig:
     return planner.choose_pattern_config(cfg.pattern_config, _model, cfg.default_pattern,
                                          json.dumps(cfg.default_budgets, sort_keys=True))
+
+
+def _per_head(chosen: planner.ChosenConfig) -> bool:
+    """A per-head config (layers of their own) compiles one graph set per distinct layer plan: compiled_index=auto
+    keeps it eager; a uniform one has a single plan."""
+    return bool(chosen.config.layers)
+
+
+def _index_options(cfg: Any, chosen: planner.ChosenConfig) -> Any:
+    return cfg.index_options(vllm_compat.platform_name(), _per_head(chosen))
 
 
 @dataclass
@@ -129,7 +139,8 @@ def make_decider(cfg: Any, context: ModelContext | None, device: str,
     platform = "cpu" if device == "cpu" else "cuda"
     runs = executor.resolve(cfg.executor, platform, context.head_dim).name
     decider = cost_model.ChunkDecider(floor, table, heads, context.num_heads, context.head_dim, cfg.cost_margin,
-                                      executor=runs, compiled_index=cfg.compiled_index, **scale)
+                                      executor=runs, compiled_index=cfg.compiles_index(platform, _per_head(chosen)),
+                                      **scale)
     t = decider.terms
     priced = f"{t.executor} terms, {'compiled' if t.compiled_index else 'eager'} index"
     return decider, (f"cost model ({why}, device {device!r}, {priced}, margin {cfg.cost_margin}, "
@@ -181,7 +192,8 @@ def builder_hook(device: Any = None, kv_facts: Callable[[], Any] | None = None) 
     if cfg is None:
         return None
     hook = BuilderHook(cfg)
-    if _effective(cfg).compiled_index and kv_facts is not None:
+    effective = _effective(cfg)
+    if effective.compiles_index(vllm_compat.platform_name(), _per_head(_chosen(effective))) and kv_facts is not None:
         warm_up(device, kv_facts(), hook.decider())
     return hook
 
@@ -245,7 +257,7 @@ def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:
     chosen_executor = executor.resolve(cfg.executor, vllm_compat.platform_name(), int(impl.head_size))
     cfg = _effective(cfg)
     r = runner.SparsePrefillRunner(_chosen(cfg).config, impl.num_heads, impl.num_kv_heads, impl.scale,
-                                   cfg.index_options(), chosen_executor)
+                                   _index_options(cfg, _chosen(cfg)), chosen_executor)
     _runners.add(r)
     return r
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import Literal
 
 from attention_backends.sparse_prefill.index_options import IndexOptions
 from kvplug.config import KvplugConfigError, Section
@@ -48,14 +49,14 @@ class SparsePrefillConfig(Section):
     # block table, column/diagonal votes fused) instead of copying the sequence's keys out of the cache and
     # running the torch estimate. Same index up to float rounding. Off by default until measured.
     fused_estimate: bool = False
-    # Which kernel attends a sparse chunk on CUDA: "triton" (kvplug's kernels, the default: what every figure in
-    # BENCHMARKS.md's sparse prefill section measured end to end), "fa2_sparse" (vLLM's FlashAttention-2
-    # sparse_attn_varlen_func over the same index, its key ranges widened to whole 64-key windows
-    # (fa2_sparse.py); needs vLLM's FA2 library, head_dim 128, fp16/bf16; where it is missing the chunk runs
-    # "triton", logged once and counted) or "auto" ("fa2_sparse" where it can run: 1.2-1.75x faster than
-    # ours at every shape of the H100 kernel table). The cost model prices the executor that runs (a table's
-    # executors map; without one, Triton's terms). The CPU path is torch.
-    executor: str = "triton"
+    # Which kernel attends a sparse chunk on CUDA: "auto" (the default: vLLM's FlashAttention-2
+    # sparse_attn_varlen_func where it can run, else kvplug's Triton kernels; with the compiled index it is the
+    # fastest end to end on the H100: BENCHMARKS.md, "Sparse prefill"), "fa2_sparse" (FA2 over the same index,
+    # its key ranges widened to whole 64-key windows (fa2_sparse.py); needs vLLM's FA2 library, head_dim 128,
+    # fp16/bf16; where it is missing the chunk runs "triton", logged once and counted) or "triton" (kvplug's
+    # kernels). The cost model prices the executor that runs (a table's executors map; without one, Triton's
+    # terms). The CPU path is torch.
+    executor: str = "auto"
     # Every sparse chunk's last dense_tail_rows query rows (rounded up to whole 64-row query blocks) attend every
     # causal key, whatever their heads' patterns. Why: a prompt ends with its question, whose rows retrieval
     # heads use to look the answer up; sparse K/V there is what a sparse prefill loses answers through (issue 16:
@@ -78,9 +79,11 @@ class SparsePrefillConfig(Section):
     # and layer, BENCHMARKS.md); inductor fuses them into a few kernels. Same index element for element. The
     # compile (tens of seconds per graph on the H100) happens at engine start, when the metadata builder is built
     # (backend_hooks.warm_up: every distinct layer plan on synthetic chunks), so no request pays it; the cost model
-    # then prices the compiled build (cost tables' executors.*.index_compiled). Off by default until measured end
-    # to end with the cost model on (DEVELOPERS.md, GPU item 3f).
-    compiled_index: bool = False
+    # then prices the compiled build (cost tables' executors.*.index_compiled). "auto" (the default): on CUDA for a
+    # uniform pattern config (one layer plan, one graph set: 34 s at engine start on the H100), eager for a
+    # per-head config (one graph set per distinct layer plan: minutes at start, not measured on the GPU yet) and
+    # on the CPU (inductor's CPU compile: 412 s for SmolLM2's per-head config). true / false force it.
+    compiled_index: bool | Literal["auto"] = "auto"
     # A diagnostic, not a serving mode: patterns rank their candidates by the exact attention mass of every query
     # row instead of their estimate, under the same budgets (vertical-slash: every row of the chunk, or of each
     # vertical_segment_rows segment, votes for columns and diagonals instead of its last 64; block-sparse: each
@@ -90,10 +93,19 @@ class SparsePrefillConfig(Section):
     # answers; BENCHMARKS.md, "Sparse prefill"). Cost: a dense attention pass per chunk on top of the sparse one.
     exact_selection: bool = False
 
-    def index_options(self) -> IndexOptions:
+    def compiles_index(self, platform: str = "cpu", per_head_config: bool = False) -> bool:
+        """compiled_index resolved: "auto" compiles on CUDA for a uniform pattern config only (see the key)."""
+        if self.compiled_index == "auto":
+            return platform == "cuda" and not per_head_config
+        return bool(self.compiled_index)
+
+    def index_options(self, platform: str = "cpu", per_head_config: bool = False) -> IndexOptions:
         """The keys that shape each sparse chunk's index and kernel (each IndexOptions field is the key of its
-        name), as the one value the runner hands down. A ValueError names a bad field."""
-        return IndexOptions(**{f.name: getattr(self, f.name) for f in fields(IndexOptions)})
+        name; compiled_index resolved for ``platform`` and the pattern config: compiles_index), as the one value
+        the runner hands down. A ValueError names a bad field."""
+        values = {f.name: getattr(self, f.name) for f in fields(IndexOptions)}
+        values["compiled_index"] = self.compiles_index(platform, per_head_config)
+        return IndexOptions(**values)
 
     def validate(self, path: str) -> None:
         if self.executor not in EXECUTORS:

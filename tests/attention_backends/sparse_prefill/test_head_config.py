@@ -130,12 +130,37 @@ def test_compiled_index_issues_fewer_ops():
 
 
 @pytest.mark.parametrize("bad", ["yes please", 3])
-def test_compiled_index_config_is_a_bool(bad):
+def test_compiled_index_config_is_a_bool_or_auto(bad):
     import msgspec
 
     from attention_backends.sparse_prefill.config import SparsePrefillConfig
 
-    assert SparsePrefillConfig().compiled_index is False
+    assert SparsePrefillConfig().compiled_index == "auto"
     assert msgspec.convert({"compiled_index": True}, SparsePrefillConfig).compiled_index is True
+    assert msgspec.convert({"compiled_index": "auto"}, SparsePrefillConfig).compiled_index == "auto"
     with pytest.raises(msgspec.ValidationError, match="compiled_index"):
         msgspec.convert({"compiled_index": bad}, SparsePrefillConfig)
+
+
+@pytest.mark.parametrize("setting, platform, per_head, compiles", [
+    ("auto", "cuda", False, True),   # a uniform config on CUDA: one graph set, compiled at engine start
+    ("auto", "cuda", True, False),   # a per-head config: a graph set per distinct layer plan, so eager
+    ("auto", "cpu", False, False),   # inductor's CPU compile takes minutes: never by default
+    (True, "cpu", True, True),       # forced
+    (False, "cuda", False, False),   # forced off
+])
+def test_compiled_index_auto_resolves_by_platform_and_config(setting, platform, per_head, compiles):
+    from attention_backends.sparse_prefill.config import SparsePrefillConfig
+
+    cfg = SparsePrefillConfig(compiled_index=setting)
+    assert cfg.compiles_index(platform, per_head) is compiles
+    assert cfg.index_options(platform, per_head).compiled_index is compiles
+
+
+def test_compiled_index_set_from_the_command_line():
+    from kvplug import settings
+
+    assert settings.resolve(environ={}).sparse_prefill.compiled_index == "auto"
+    sp = settings.resolve(sets=["sparse_prefill.compiled_index=auto"], environ={}).sparse_prefill
+    assert sp.compiled_index == "auto"
+    assert settings.resolve(sets=["sparse_prefill.compiled_index=false"], environ={}).sparse_prefill.compiled_index is False
