@@ -29,6 +29,6 @@ def test_device_part_runs_without_vllm_and_loads_the_right_bytes(tmp_path):
     runs = data["runs"]
     assert runs["memcpy"]["bytes"] == 2 * bench.LAYERS * 4 * bench.KV_HEADS * bench.BLOCK * bench.HEAD_DIM * 2
     for policy in ("keep", "int8"):
-        assert runs[policy]["equal"] is True, policy
+        assert runs[policy]["equal"] is True and runs[policy]["overlap_equal"] is True, policy
         assert runs[policy]["runs_per_layer"] == 1 and runs[policy]["load_ms"] > 0
     assert runs["int8"]["stored_bytes"] < runs["keep"]["stored_bytes"] == runs["memcpy"]["bytes"]
