@@ -43,6 +43,7 @@ from pathlib import Path
 
 import msgspec
 
+from attention_backends.sparse_prefill.index_options import IndexOptions  # no torch: the CLI starts fast
 from benchmarks import harness
 
 
@@ -494,11 +495,20 @@ def agreement(dense_ids: list[int], dense_top2: list, sparse_ids: list[int], nea
     return "same" if len(dense_ids) == len(sparse_ids) else "differ"
 
 
-def measure_recall(args, path: Path, configs: list[tuple[str, str, bool, int]]) -> dict[str, dict]:
-    """Attention recall per head of each (label, config file, group-shared selection, vertical segment rows) on one
-    unseen KV-retrieval prompt of --recall-tokens (its Q/K captured once), replaying chunked prefill with
-    --recall-chunk. Measured once per (config, group-shared, segment rows): it samples rows, so a dense tail (a
-    block per chunk) is not in it."""
+def recall_options(keys: dict[str, str]) -> IndexOptions:
+    """The index options a variant's sparse_prefill ``keys`` give that attention recall measures: group-shared
+    selection and vertical segment rows (recall samples rows: a dense tail is not in it; exact selection is
+    not replayed)."""
+    return IndexOptions(
+        group_shared_selection=msgspec.convert(keys.get("group_shared_selection", False), bool, strict=False),
+        vertical_segment_rows=msgspec.convert(keys.get("vertical_segment_rows", 0), int, strict=False))
+
+
+def measure_recall(args, path: Path, configs: list[tuple[str, str, IndexOptions]]) -> dict[str, dict]:
+    """Attention recall per head of each (label, config file, index options: recall_options) on one unseen
+    KV-retrieval prompt of --recall-tokens (its Q/K captured once), replaying chunked prefill with
+    --recall-chunk. Measured once per (config, options): it samples rows, so a dense tail (a block per chunk) is
+    not in it."""
     from attention_backends.sparse_prefill import calibration, head_config, search
 
     from transformers import AutoTokenizer
@@ -509,16 +519,15 @@ def measure_recall(args, path: Path, configs: list[tuple[str, str, bool, int]]) 
     qs, ks, scale, T = search.capture_qk(str(path), prompt, dev, max_tokens=args.recall_tokens)
     qs, ks = [q.to(dev) for q in qs], [k.to(dev) for k in ks]
     out = {}
-    done: dict[tuple[str, bool, int], tuple] = {}  # variants differing only in keys recall ignores (dense_tail_rows)
-    for label, config, group_shared, segment_rows in configs:
-        if (config, group_shared, segment_rows) not in done:
+    done: dict[tuple[str, IndexOptions], tuple] = {}  # variants differing only in keys recall ignores
+    for label, config, options in configs:
+        if (config, options) not in done:
             recall, dens = search.evaluate_config(qs, ks, scale, head_config.load(config), args.recall_chunk,
-                                                  args.recall_rows, seed=args.seed, group_shared=group_shared,
-                                                  vertical_segment_rows=segment_rows)
-            done[config, group_shared, segment_rows] = recall.cpu(), dens.cpu()
-        recall, dens = done[config, group_shared, segment_rows]
+                                                  args.recall_rows, seed=args.seed, index_options=options)
+            done[config, options] = recall.cpu(), dens.cpu()
+        recall, dens = done[config, options]
         out[label] = {"tokens": T, "chunk": args.recall_chunk, "rows_per_chunk": args.recall_rows,
-                      "group_shared": group_shared, "mean": float(recall.mean()), "min": float(recall.min()),
+                      "group_shared": options.group_shared_selection, "mean": float(recall.mean()), "min": float(recall.min()),
                       "heads_below_0.95": int((recall < 0.95).sum()), "heads": int(recall.numel()),
                       "density_mean": float(dens.mean()),
                       "per_head": [[round(float(x), 4) for x in row] for row in recall],
@@ -570,7 +579,8 @@ def run(args) -> dict:
         "sparse_tokens": s["sparse_tokens"], "dense_prefill_tokens_in_sparse_run": s["dense_prefill_tokens"],
         "density": density(s),
     }
-    recall = measure_recall(args, path, [("sparse", pattern_config, False, 0)])["sparse"] if args.recall_tokens else None
+    recall = (measure_recall(args, path, [("sparse", pattern_config, IndexOptions())])["sparse"]
+              if args.recall_tokens else None)
     if recall:
         summary.update(recall_mean=recall["mean"], recall_min=recall["min"], recall_density=recall["density_mean"])
     summary["device"] = harness.device_name()
@@ -585,10 +595,8 @@ def run_tasks(args, path: Path, pattern_config: str) -> dict:
     sweeps = prepare_variants(args, path, pattern_config, variants)
     recall = {}
     if args.recall_tokens:
-        recall = measure_recall(args, path, [
-            (sw["label"], sw["pattern_config"],
-             msgspec.convert(sw["keys"].get("group_shared_selection", False), bool, strict=False),
-             msgspec.convert(sw["keys"].get("vertical_segment_rows", 0), int, strict=False)) for sw in sweeps])
+        recall = measure_recall(args, path, [(sw["label"], sw["pattern_config"], recall_options(sw["keys"]))
+                                             for sw in sweeps])
         for sw in sweeps:
             r = recall[sw["label"]]
             sw["recall"] = {k: r[k] for k in ("tokens", "chunk", "mean", "min", "heads_below_0.95", "density_mean")}

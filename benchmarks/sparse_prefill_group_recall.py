@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from attention_backends.sparse_prefill import calibration, planner, search
     from attention_backends.sparse_prefill.head_config import HeadPattern, PatternConfig
+    from attention_backends.sparse_prefill.index_options import IndexOptions
     from kvplug import models
 
     path = Path(args.model) if args.model and Path(args.model).is_dir() else models.prepare(args.model or models.DEFAULT_MODEL)
@@ -78,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             name = f"vertical_slash {setting.strip()}"
         row = {"config": name}
         for mode, shared in (("per_head", False), ("group_shared", True)):
-            recall, density, union = search.evaluate_config(qs, ks, scale, cfg, args.chunk, args.rows_per_chunk,
-                                                            group_shared=shared, union_density=True)
+            recall, density, union = search.evaluate_config(
+                qs, ks, scale, cfg, args.chunk, args.rows_per_chunk,
+                index_options=IndexOptions(group_shared_selection=shared), union_density=True)
             row[mode] = summary(recall, density, union)
             s = row[mode]
             print(f"{name:45s} {mode:13s} recall {s['recall_mean']:.4f} (95% CI {s['recall_ci95'][0]:.4f}-"

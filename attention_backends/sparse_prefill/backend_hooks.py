@@ -64,8 +64,7 @@ def set_override(_worker: Any = None, **fields: Any) -> None:
         return  # no runners, no builder hooks: nothing goes sparse whatever the override
     chosen = _chosen(cfg)
     for r in list(_runners):
-        r.reconfigure(chosen.config, cfg.group_shared_selection, cfg.fused_estimate, cfg.dense_tail_rows,
-                      cfg.vertical_segment_rows, cfg.exact_selection)
+        r.reconfigure(chosen.config, cfg.index_options())
     logger.info("kvplug sparse prefill: override %s", fields or "cleared")
 
 
@@ -187,7 +186,8 @@ def builder_hook(device: Any = None, kv_facts: Callable[[], Any] | None = None) 
     return hook
 
 
-# compiled_index warm-ups done in this process: (device, dtypes, block size, head shape, plans, runner flags)
+# compiled_index warm-ups done in this process: (device, dtypes, block size, head shape, plans, executor,
+# index options, small chunks, floor)
 _warmed_up: set[tuple] = set()
 
 
@@ -212,8 +212,7 @@ def warm_up(device: Any, facts: Any, decider: cost_model.ChunkDecider) -> None:
     device = torch.device(device if device is not None else "cpu")
     layers = range(r.pattern_config.num_layers or _context.num_layers or 1)
     key = (str(device), str(facts.query_dtype), str(facts.cache_dtype), facts.block_size, r.num_heads,
-           r.num_kv_heads, _context.head_dim, id(r.pattern_config), r.executor.name, r.group_shared,
-           r.fused_estimate, r.dense_tail_rows, r.vertical_segment_rows)
+           r.num_kv_heads, _context.head_dim, id(r.pattern_config), r.executor.name, r.index_options)
     small_chunks = any(decider.decide(BLOCK, L).sparse for L in SMALL_CHUNK_PROBES)
     key = key + (small_chunks, decider.floor)
     if key in _warmed_up:
@@ -246,9 +245,7 @@ def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:
     chosen_executor = executor.resolve(cfg.executor, vllm_compat.platform_name(), int(impl.head_size))
     cfg = _effective(cfg)
     r = runner.SparsePrefillRunner(_chosen(cfg).config, impl.num_heads, impl.num_kv_heads, impl.scale,
-                                   cfg.group_shared_selection, cfg.fused_estimate, chosen_executor,
-                                   cfg.dense_tail_rows, cfg.compiled_index, cfg.vertical_segment_rows,
-                                   cfg.exact_selection)
+                                   cfg.index_options(), chosen_executor)
     _runners.add(r)
     return r
 

@@ -1,6 +1,9 @@
 """The ``sparse_prefill`` config section (kvplug/settings.py composes it into kvplug's config)."""
 from __future__ import annotations
 
+from dataclasses import fields
+
+from attention_backends.sparse_prefill.index_options import IndexOptions
 from kvplug.config import KvplugConfigError, Section
 
 EXECUTORS = ("triton", "fa2_sparse", "auto")  # sparse_prefill.executor (fa2_sparse.py resolves it)
@@ -87,17 +90,21 @@ class SparsePrefillConfig(Section):
     # answers; BENCHMARKS.md, "Sparse prefill"). Cost: a dense attention pass per chunk on top of the sparse one.
     exact_selection: bool = False
 
+    def index_options(self) -> IndexOptions:
+        """The keys that shape each sparse chunk's index and kernel (each IndexOptions field is the key of its
+        name), as the one value the runner hands down. A ValueError names a bad field."""
+        return IndexOptions(**{f.name: getattr(self, f.name) for f in fields(IndexOptions)})
+
     def validate(self, path: str) -> None:
         if self.executor not in EXECUTORS:
             raise KvplugConfigError(f"{path}.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         if self.min_prompt_tokens is not None and self.min_prompt_tokens < 1:
             raise KvplugConfigError(f"{path}.min_prompt_tokens must be >= 1 (or null for the default), "
                                     f"got {self.min_prompt_tokens}")
-        if self.dense_tail_rows < 0:
-            raise KvplugConfigError(f"{path}.dense_tail_rows must be >= 0 (0 = off), got {self.dense_tail_rows}")
-        if self.vertical_segment_rows < 0 or self.vertical_segment_rows % 64:
-            raise KvplugConfigError(f"{path}.vertical_segment_rows must be 0 (off) or a positive multiple of 64 "
-                                    f"(whole query blocks), got {self.vertical_segment_rows}")
+        try:
+            self.index_options()
+        except ValueError as exc:  # names the field: dense_tail_rows, vertical_segment_rows
+            raise KvplugConfigError(f"{path}.{exc}") from None
         if not self.cost_margin > 0:
             raise KvplugConfigError(f"{path}.cost_margin must be > 0, got {self.cost_margin}")
         if not self.budget_scale_limit >= 1:

@@ -27,6 +27,7 @@ import torch
 
 from attention_backends.sparse_prefill.index import RANGE_PAD, ChunkGeometry, SparseIndex, compact_columns
 from attention_backends.sparse_prefill.index import window_ranges as widen_to_windows
+from attention_backends.sparse_prefill.index_options import IndexOptions
 from attention_backends.sparse_prefill.paged_keys import PagedKeys, key_heads, num_kv_heads
 from attention_backends.sparse_prefill.patterns import registry
 from attention_backends.sparse_prefill.model_identity import ModelIdentity
@@ -170,26 +171,25 @@ class LayerPlan:
 
 
 def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometry, plan: LayerPlan, scale: float,
-                trim_columns: bool = True, group_shared: bool = False, window_ranges: bool = False,
-                dense_tail_rows: int = 0, compiled: bool = False, vertical_segment_rows: int = 0,
-                exact_selection: bool = False) -> SparseIndex:
+                options: IndexOptions = IndexOptions(), *, trim_columns: bool = True,
+                window_ranges: bool = False) -> SparseIndex:
     """q [n, Hq, d] the chunk's queries, k [L, Hkv, d] the sequence's keys (or PagedKeys: left in the paged
-    cache) -> one SparseIndex for all heads. ``trim_columns`` drops all-padding column slots (a host sync: CPU
-    only; GPU kernels skip them by count). ``group_shared``: heads of a KV group that share a pattern select
-    the same keys from their summed votes (SparsePattern.select; what the shared group kernel needs).
-    ``window_ranges``: key ranges widened to whole BLOCK-key windows (index.window_ranges; what vLLM's FA2 sparse
-    kernel computes exactly: sparse_prefill.executor = fa2_sparse). ``dense_tail_rows``: the chunk's last rows
-    (whole query blocks) attend every causal key (SparseIndex.with_dense_tail; sparse_prefill.dense_tail_rows).
-    ``vertical_segment_rows``: vertical-slash picks columns per segment of that many rows (SparsePattern.select;
-    sparse_prefill.vertical_segment_rows). ``compiled``: the same index through torch.compile (compiled_builder;
-    sparse_prefill.compiled_index). ``exact_selection``: patterns rank by the exact attention mass of every row
-    (SparsePattern.select; sparse_prefill.exact_selection, a diagnostic: built eager, compiled or not)."""
+    cache, what options.fused_estimate asks the caller for) -> one SparseIndex for all heads. ``options``
+    (sparse_prefill keys, index_options.py): ``group_shared_selection``: heads of a KV group that share a pattern
+    select the same keys from their summed votes (SparsePattern.select; what the shared group kernel needs).
+    ``dense_tail_rows``: the chunk's last rows (whole query blocks) attend every causal key
+    (SparseIndex.with_dense_tail). ``vertical_segment_rows``: vertical-slash picks columns per segment of that many
+    rows (SparsePattern.select). ``compiled_index``: the same index through torch.compile (compiled_builder).
+    ``exact_selection``: patterns rank by the exact attention mass of every row (SparsePattern.select; a
+    diagnostic: built eager, compiled_index or not). Per call site: ``trim_columns`` drops all-padding column
+    slots (a host sync: CPU only; GPU kernels skip them by count). ``window_ranges``: key ranges widened to whole
+    BLOCK-key windows (index.window_ranges; what vLLM's FA2 sparse kernel computes exactly:
+    sparse_prefill.executor = fa2_sparse)."""
     build = _build_untrimmed
-    if compiled and not exact_selection:
+    if options.compiled_index and not options.exact_selection:
         build = compiled_builder()
         q, k = _fresh_inputs(q, k)
-    index = build(q, k, geom, plan, scale, group_shared, window_ranges, dense_tail_rows, vertical_segment_rows,
-                  exact_selection)
+    index = build(q, k, geom, plan, scale, options, window_ranges)
     if trim_columns and index.cols.shape[-1]:
         index.cols = index.cols[..., :max(int(index.col_count.max()), 1)]
     return index
@@ -209,8 +209,9 @@ def _fresh_inputs(q: torch.Tensor, k: torch.Tensor | PagedKeys) -> tuple[torch.T
 
 
 _compiled_build = None  # one torch.compile'd _build_untrimmed per process (compiled_builder)
-# Each distinct layer plan structure (pattern groups, budgets) and build flag set is its own graph; dynamo's
-# default limit (8 per function) would send a per-head config's later layers back to eager without a word.
+# Each distinct layer plan structure (pattern groups, budgets) and set of values of the IndexOptions fields the build
+# reads is its own graph; dynamo's default limit (8 per function) would send a per-head config's later layers back to
+# eager without a word.
 RECOMPILE_LIMIT = 64
 # Why the compiled build fell back to eager in this process (None: it did not); logged once, read by the bench.
 compiled_fallback: str | None = None
@@ -249,9 +250,9 @@ def compiled_builder():
 
 
 def _build_untrimmed(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometry, plan: LayerPlan,
-                     scale: float, group_shared: bool, window_ranges: bool, dense_tail_rows: int,
-                     vertical_segment_rows: int = 0, exact_selection: bool = False) -> SparseIndex:
+                     scale: float, options: IndexOptions, window_ranges: bool) -> SparseIndex:
     """build_index without the column trim (a host sync, outside the compiled region)."""
+    group_shared = options.group_shared_selection
     k_heads = key_heads(k)  # [Hkv, L, d] view: patterns pick each query head's KV head themselves
     Hq, Hkv = q.shape[1], num_kv_heads(k_heads)
     dev = q.device
@@ -266,8 +267,8 @@ def _build_untrimmed(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGe
         qh = q.transpose(0, 1) if g.heads.numel() == Hq else q[:, g.heads].transpose(0, 1)
         mask, cols, ranges = registry.get(g.pattern).select(qh, k_heads, kv_of[g.heads], geom, g.budgets,
                                                             g.budget_max, scale, group_shared=group_shared,
-                                                            segment_rows=vertical_segment_rows,
-                                                            exact=exact_selection)
+                                                            segment_rows=options.vertical_segment_rows,
+                                                            exact=options.exact_selection)
         block_mask[g.heads] = mask
         if cols is not None:
             verticals.append((g.heads, cols))
@@ -306,4 +307,4 @@ def _build_untrimmed(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGe
     else:
         cols, count = compact_columns(all_cols, block_mask, geom, index if ranged else None)
     index.cols, index.col_count = cols, count
-    return index.with_dense_tail(geom, dense_tail_rows)
+    return index.with_dense_tail(geom, options.dense_tail_rows)

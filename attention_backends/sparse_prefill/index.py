@@ -312,7 +312,7 @@ def window_ranges(ranges: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tens
     starts = torch.zeros(h, R + 1, dtype=torch.int64, device=dev)
     starts[:, 0] = 1
     # after k rounds every start fewer than 2**k runs from range 0; more rounds change nothing (node R is its own
-    # successor). Compiled (build_index(compiled=True)) the count is fixed: R.bit_length() would pin the graph to
+    # successor). Compiled (IndexOptions.compiled_index) the count is fixed: R.bit_length() would pin the graph to
     # this R, i.e. to the slash budget, and every budget factor (head_config.budget_scale) would recompile.
     fixed = torch.compiler.is_compiling() and R < 1 << (COMPILED_DOUBLING_ROUNDS - 1)  # a range guard, not R's value
     rounds = COMPILED_DOUBLING_ROUNDS if fixed else max(1, R.bit_length() + 1)

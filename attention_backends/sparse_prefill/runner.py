@@ -18,6 +18,7 @@ from attention_backends.sparse_prefill import cost_model, fa2_sparse
 from attention_backends.sparse_prefill.executor import Executor, note_once
 from attention_backends.sparse_prefill.head_config import LayerPlan, PatternConfig, build_index
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry
+from attention_backends.sparse_prefill.index_options import IndexOptions
 from attention_backends.sparse_prefill.paged_keys import PagedKeys
 from attention_backends.sparse_prefill.planner import SparsePrefillPlan
 from attention_backends.sparse_prefill.reference import sparse_attention
@@ -156,25 +157,16 @@ class SparsePrefillRunner:
     """Lives in one attention impl (one layer); the per-head plan of that layer is resolved once."""
 
     def __init__(self, pattern_config: PatternConfig, num_heads: int, num_kv_heads: int, scale: float,
-                 group_shared: bool = False, fused_estimate: bool = False, executor: Executor | None = None,
-                 dense_tail_rows: int = 0, compiled_index: bool = False, vertical_segment_rows: int = 0,
-                 exact_selection: bool = False) -> None:
+                 index_options: IndexOptions = IndexOptions(), executor: Executor | None = None) -> None:
         self.pattern_config = pattern_config
         self.num_heads, self.num_kv_heads, self.scale = num_heads, num_kv_heads, scale
-        # sparse_prefill.group_shared_selection / fused_estimate / executor / dense_tail_rows /
-        # vertical_segment_rows / exact_selection (config.py)
-        self.group_shared, self.fused_estimate, self.dense_tail_rows = group_shared, fused_estimate, dense_tail_rows
-        self.compiled_index = compiled_index  # sparse_prefill.compiled_index: build_index(compiled=True)
-        self.vertical_segment_rows, self.exact_selection = vertical_segment_rows, exact_selection
-        self.executor = executor or Executor("triton")
+        self.index_options = index_options  # SparsePrefillConfig.index_options(): how each chunk's index is built
+        self.executor = executor or Executor("triton")  # sparse_prefill.executor, resolved (executor.resolve)
         self._layer_plans: dict[float, LayerPlan] = {}  # by budget factor (head_config.budget_scale)
 
-    def reconfigure(self, pattern_config: PatternConfig, group_shared: bool, fused_estimate: bool,
-                    dense_tail_rows: int = 0, vertical_segment_rows: int = 0, exact_selection: bool = False) -> None:
-        """Another per-head config / selection mode from the next chunk on (backend_hooks.set_override)."""
-        self.pattern_config, self.group_shared, self.fused_estimate = pattern_config, group_shared, fused_estimate
-        self.dense_tail_rows, self.vertical_segment_rows = dense_tail_rows, vertical_segment_rows
-        self.exact_selection = exact_selection
+    def reconfigure(self, pattern_config: PatternConfig, index_options: IndexOptions) -> None:
+        """Another per-head config / index options from the next chunk on (backend_hooks.set_override)."""
+        self.pattern_config, self.index_options = pattern_config, index_options
         self._layer_plans = {}
 
     def layer_plan(self, layer: Any, device: torch.device, budget_factor: float = 1.0) -> LayerPlan:
@@ -221,15 +213,11 @@ class SparsePrefillRunner:
             from attention_backends.sparse_prefill import triton_kernels
 
             return triton_kernels.sparse_prefill_paged(q, key_cache, value_cache, blocks, geom, layer_plan,
-                                                       self.scale, out, self.group_shared, self.fused_estimate,
-                                                       self.dense_tail_rows, self.compiled_index,
-                                                       self.vertical_segment_rows, self.exact_selection)
+                                                       self.scale, out, self.index_options)
         k = _gather_sequence(key_cache, blocks, geom.L)
         v = _gather_sequence(value_cache, blocks, geom.L)
         # CPU: the torch estimate on the gathered keys (fused_estimate is a Triton kernel: CUDA only)
-        index = build_index(q, k, geom, layer_plan, self.scale, group_shared=self.group_shared,
-                            dense_tail_rows=self.dense_tail_rows, compiled=self.compiled_index,
-                            vertical_segment_rows=self.vertical_segment_rows, exact_selection=self.exact_selection)
+        index = build_index(q, k, geom, layer_plan, self.scale, self.index_options)
         sparse_attention(q, k, v, index, self.scale, out=out)
         return index.computed_pairs(geom).sum()
 
@@ -298,16 +286,14 @@ class SparsePrefillRunner:
         Returns the computed pairs as a 0-d tensor (on the device: read later, outside forward)."""
         k = fa2_sparse.gather_kv(key_cache, seq)
         v = fa2_sparse.gather_kv(value_cache, seq)
-        keys = PagedKeys(key_cache, blocks, geom.L) if self.fused_estimate and q.is_cuda else k[:geom.L]
+        options = self.index_options
+        keys = PagedKeys(key_cache, blocks, geom.L) if options.fused_estimate and q.is_cuda else k[:geom.L]
         with record_function("kvplug.sparse_prefill.index"):
-            index = build_index(q, keys, geom, layer_plan, self.scale, trim_columns=False,
-                                group_shared=self.group_shared, window_ranges=True,
-                                dense_tail_rows=self.dense_tail_rows, compiled=self.compiled_index,
-                                vertical_segment_rows=self.vertical_segment_rows,
-                                exact_selection=self.exact_selection)
+            index = build_index(q, keys, geom, layer_plan, self.scale, options, trim_columns=False,
+                                window_ranges=True)
         with record_function("kvplug.sparse_prefill.attend"):
             fa2_sparse.attend(self.executor.kernel, q, k, v, index, geom, self.scale, out, seq,
-                              fa2_sparse.plan_has_blocks(layer_plan, self.dense_tail_rows))
+                              fa2_sparse.plan_has_blocks(layer_plan, options.dense_tail_rows))
         return index.computed_pairs(geom).sum()
 
 

@@ -19,6 +19,7 @@ import torch
 from attention_backends.sparse_prefill import calibration, model_identity
 from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig, build_index
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry
+from attention_backends.sparse_prefill.index_options import IndexOptions
 from attention_backends.sparse_prefill.patterns import registry
 from attention_backends.sparse_prefill.reference import _gqa_keys
 from kvplug import models
@@ -209,12 +210,12 @@ def main(argv: list[str]) -> int:
 
 
 def evaluate_config(qs: list[torch.Tensor], ks: list[torch.Tensor], scale: float, cfg: PatternConfig, chunk: int,
-                    rows_per_chunk: int, seed: int = 0, group_shared: bool = False,
-                    union_density: bool = False, vertical_segment_rows: int = 0) -> tuple[torch.Tensor, ...]:
+                    rows_per_chunk: int, seed: int = 0, index_options: IndexOptions = IndexOptions(),
+                    union_density: bool = False) -> tuple[torch.Tensor, ...]:
     """Recall and density [layers, heads] of a per-head config on captured Q/K, replaying chunked prefill.
-    ``group_shared``: one selection per KV group; ``vertical_segment_rows``: columns per row segment (build_index). ``union_density``: also the density of each
-    group's union of keys per head (what a group kernel computes for the index; from element masks: small
-    chunks only)."""
+    ``index_options``: how each chunk's index is built (build_index; e.g. group_shared_selection,
+    vertical_segment_rows). ``union_density``: also the density of each group's union of keys per head (what a
+    group kernel computes for the index; from element masks: small chunks only)."""
     unions = []
     recalls, densities = [], []
     for li, (q, k) in enumerate(zip(qs, ks)):
@@ -225,8 +226,7 @@ def evaluate_config(qs: list[torch.Tensor], ks: list[torch.Tensor], scale: float
         rows_total, causal = 0, 0
         gen = torch.Generator().manual_seed(seed + li)
         for geom, qc, kc, rows in prefill_chunks(q, k, chunk, rows_per_chunk, gen):
-            index = build_index(qc, kc, geom, plan, scale, trim_columns=q.device.type == "cpu",
-                                group_shared=group_shared, vertical_segment_rows=vertical_segment_rows)
+            index = build_index(qc, kc, geom, plan, scale, index_options, trim_columns=q.device.type == "cpu")
             mass += captured_mass(dense_probs(qc, kc, geom, rows, scale), index, rows, geom).sum(-1).double().cpu()
             computed += index.computed_pairs(geom).double().cpu()
             if union_density:

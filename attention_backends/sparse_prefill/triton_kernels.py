@@ -17,6 +17,7 @@ from torch.profiler import record_function
 from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
 from attention_backends.sparse_prefill.group_index import GroupIndex, group_index
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry, SparseIndex
+from attention_backends.sparse_prefill.index_options import IndexOptions
 from attention_backends.sparse_prefill.paged_keys import PagedKeys
 
 # Triton 3.9's interpreter computes bf16/fp16 tl.dot wrongly; interpreted runs dot in fp32 instead.
@@ -461,9 +462,10 @@ def sparse_attention_paged_shared(q: torch.Tensor, key_cache: torch.Tensor, valu
                                   num_warps: int | None = None, num_stages: int | None = None,
                                   block_m: int | None = None) -> torch.Tensor:
     """The shared group kernel (arguments and result as sparse_attention_paged) for a group-shared index:
-    build_index(..., group_shared=True) with a plan whose KV groups each use one pattern and budgets
-    (LayerPlan.group_uniform). The index of each group's first query head is used for all its heads, so an
-    index that is not group-shared gives those heads the wrong keys (SparseIndex.is_group_shared checks, with a sync)."""
+    build_index(..., IndexOptions(group_shared_selection=True)) with a plan whose KV groups each use one pattern
+    and budgets (LayerPlan.group_uniform). The index of each group's first query head is used for all its heads,
+    so an index that is not group-shared gives those heads the wrong keys (SparseIndex.is_group_shared checks,
+    with a sync)."""
     n, Hq, d = q.shape
     Hkv = key_cache.shape[1]
     group = Hq // Hkv
@@ -517,25 +519,18 @@ def sparse_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache
 
 def sparse_prefill_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, pages: torch.Tensor,
                          geom: ChunkGeometry, plan: LayerPlan, scale: float, out: torch.Tensor,
-                         group_shared: bool = False, fused_estimate: bool = False,
-                         dense_tail_rows: int = 0, compiled_index: bool = False,
-                         vertical_segment_rows: int = 0, exact_selection: bool = False) -> torch.Tensor:
-    """The CUDA path of one chunk: index from the chunk's queries and the sequence's keys, then the kernel.
-    Returns the computed (query, key) pairs as a device scalar (read back later, outside forward).
-    ``group_shared``: one selection per KV group (build_index) and, where every group's heads share a pattern
-    and budgets, the shared group kernel. ``fused_estimate``: vertical-slash estimates from the paged cache in
-    place (estimate_kernels.py) instead of from a copy of the sequence's keys. ``dense_tail_rows``: the chunk's
-    last rows attend every causal key (build_index). ``compiled_index``: build_index(compiled=True).
-    ``vertical_segment_rows``: columns per row segment (build_index). ``exact_selection``: rank by exact
-    attention mass (build_index)."""
+                         options: IndexOptions = IndexOptions()) -> torch.Tensor:
+    """The CUDA path of one chunk: index from the chunk's queries and the sequence's keys (build_index with
+    ``options``), then the kernel. Returns the computed (query, key) pairs as a device scalar (read back later,
+    outside forward). Of ``options``, two act here too: ``group_shared_selection``: where every group's heads
+    share a pattern and budgets, the shared group kernel. ``fused_estimate``: vertical-slash estimates from the
+    paged cache in place (estimate_kernels.py) instead of from a copy of the sequence's keys."""
     keys = PagedKeys(key_cache, pages, geom.L)
     # copy: [Hkv, L, d] contiguous per KV head (what the torch estimate's matmuls read), viewed as [L, Hkv, d]
-    k = keys if fused_estimate else keys.heads().transpose(0, 1)
+    k = keys if options.fused_estimate else keys.heads().transpose(0, 1)
     with record_function("kvplug.sparse_prefill.index"):  # host time of each part, named in a profile
-        index = build_index(q, k, geom, plan, scale, trim_columns=False, group_shared=group_shared,
-                            dense_tail_rows=dense_tail_rows, compiled=compiled_index,
-                            vertical_segment_rows=vertical_segment_rows, exact_selection=exact_selection)
-    shared_kernel = group_shared and plan.group_uniform(q.shape[1] // key_cache.shape[1])
+        index = build_index(q, k, geom, plan, scale, options, trim_columns=False)
+    shared_kernel = options.group_shared_selection and plan.group_uniform(q.shape[1] // key_cache.shape[1])
     with record_function("kvplug.sparse_prefill.attend"):
         sparse_attention_paged(q, key_cache, value_cache, pages, index, geom, scale, out,
                                kernel="group_shared" if shared_kernel else None)

@@ -395,9 +395,10 @@ def _group_shared_rows(row, args, q, k, v, kc, vc, pages, idx, geom, plan, scale
     kernel (K/V read once per group, masks only on diagonal/edge tiles) beside the per-head index and kernel."""
     from attention_backends.sparse_prefill import triton_kernels
     from attention_backends.sparse_prefill.head_config import build_index
+    from attention_backends.sparse_prefill.index_options import IndexOptions
 
     def shared_index():
-        return build_index(q, k, geom, plan, scale, trim_columns=False, group_shared=True)
+        return build_index(q, k, geom, plan, scale, IndexOptions(group_shared_selection=True), trim_columns=False)
 
     sidx = shared_index()
     row["shared_density"] = sidx.density(geom)
@@ -445,10 +446,11 @@ def _compiled_index_rows(row, name, q, k, geom, plan, scale, timing, window_rang
     import torch
 
     from attention_backends.sparse_prefill.head_config import build_index
+    from attention_backends.sparse_prefill.index_options import IndexOptions
 
     def build(compiled):
-        return build_index(q, k, geom, plan, scale, trim_columns=False, window_ranges=window_ranges,
-                           compiled=compiled)
+        return build_index(q, k, geom, plan, scale, IndexOptions(compiled_index=compiled), trim_columns=False,
+                           window_ranges=window_ranges)
 
     start = time.perf_counter()
     got = build(True)
@@ -472,6 +474,7 @@ def _fused_estimate_rows(row, q, k, kc, pages, geom, plan, scale, timing) -> Non
 
     from attention_backends.sparse_prefill.estimate_kernels import estimate_lines_paged
     from attention_backends.sparse_prefill.head_config import build_index
+    from attention_backends.sparse_prefill.index_options import IndexOptions
     from attention_backends.sparse_prefill.paged_keys import PagedKeys
     from attention_backends.sparse_prefill.patterns.vertical_slash import estimate_lines
 
@@ -485,8 +488,9 @@ def _fused_estimate_rows(row, q, k, kc, pages, geom, plan, scale, timing) -> Non
     row["index_serving_ms"] = timing(lambda: build_index(q, pk.heads().transpose(0, 1), geom, plan, scale,
                                                          trim_columns=False))["median_ms"]
     row["index_fused_ms"] = timing(lambda: build_index(q, pk, geom, plan, scale, trim_columns=False))["median_ms"]
-    row["index_fused_shared_ms"] = timing(lambda: build_index(q, pk, geom, plan, scale, trim_columns=False,
-                                                              group_shared=True))["median_ms"]
+    row["index_fused_shared_ms"] = timing(lambda: build_index(q, pk, geom, plan, scale,
+                                                              IndexOptions(group_shared_selection=True),
+                                                              trim_columns=False))["median_ms"]
     want_v, want_s = estimate_lines(qh, pk.heads(), kv_ids, geom, scale)
     got_v, got_s = estimate_lines_paged(qh, pk, kv_ids, geom, scale)
     row["fused_vertical_max_abs_err"] = float((got_v - want_v).abs().max())
@@ -518,6 +522,7 @@ def _fa2_rows(row, kernel, q, kc, vc, pages, geom, plan, scale, out, timing, arg
     windowed index."""
     from attention_backends.sparse_prefill import fa2_sparse, triton_kernels
     from attention_backends.sparse_prefill.head_config import build_index
+    from attention_backends.sparse_prefill.index_options import IndexOptions
 
     n, L = geom.n, geom.L
     seq = fa2_sparse.SequenceKV.build(pages, args.page, geom)
@@ -547,7 +552,8 @@ def _fa2_rows(row, kernel, q, kc, vc, pages, geom, plan, scale, out, timing, arg
 
         def serving_compiled():
             k, v = fa2_sparse.gather_kv(kc, seq), fa2_sparse.gather_kv(vc, seq)
-            index = build_index(q, k[:L], geom, plan, scale, trim_columns=False, window_ranges=True, compiled=True)
+            index = build_index(q, k[:L], geom, plan, scale, IndexOptions(compiled_index=True), trim_columns=False,
+                                window_ranges=True)
             fa2_sparse.attend(kernel, q, k, v, index, geom, scale, out, seq, with_blocks)
 
         row["fa2_serving_compiled_ms"] = timing(serving_compiled)["median_ms"]

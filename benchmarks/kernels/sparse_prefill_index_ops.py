@@ -40,6 +40,7 @@ def main(argv=None) -> None:
     from attention_backends.sparse_prefill import head_config
     from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
     from attention_backends.sparse_prefill.index import ChunkGeometry
+    from attention_backends.sparse_prefill.index_options import IndexOptions
 
     Hq, Hkv, d = args.heads, args.kv_heads, args.head_dim
     plan = LayerPlan.uniform("vertical_slash", Hq, **json.loads(args.budgets))
@@ -53,8 +54,8 @@ def main(argv=None) -> None:
             built = {}
             for compiled in (False, True):
                 def build():  # as the fa2_sparse executor builds it
-                    return build_index(q, k, geom, plan, d ** -0.5, trim_columns=False, window_ranges=True,
-                                       group_shared=group_shared, compiled=compiled)
+                    options = IndexOptions(group_shared_selection=group_shared, compiled_index=compiled)
+                    return build_index(q, k, geom, plan, d ** -0.5, options, trim_columns=False, window_ranges=True)
 
                 start = time.perf_counter()
                 built[compiled] = build()  # the compile (once per process; a new length reuses it)

@@ -46,7 +46,7 @@ def estimate_lines(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom:
     if isinstance(k, PagedKeys):
         from attention_backends.sparse_prefill.estimate_kernels import estimate_lines_paged
 
-        # a Triton launch on the paged cache: kept out of a compiled build (build_index(compiled=True))
+        # a Triton launch on the paged cache: kept out of a compiled build (IndexOptions.compiled_index)
         return torch.compiler.disable(estimate_lines_paged)(q, k, kv_ids, geom, scale, LAST_Q)
     return _line_votes(q, k, kv_ids, geom, scale, geom.n, diagonals=True)
 

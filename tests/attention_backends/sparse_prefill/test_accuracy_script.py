@@ -96,6 +96,19 @@ def test_parse_variants_ablation_keys():
     assert vs[1].keys == {"min_prompt_tokens": "8193"}
 
 
+def test_recall_options_are_the_keys_recall_replays():
+    """A variant's recall is measured with its group-shared selection and segment rows (as text, as --variants
+    gives them); keys recall does not replay (a dense tail, exact selection, the floor) leave the options default, so
+    variants differing only in them share one measurement."""
+    from attention_backends.sparse_prefill.index_options import IndexOptions
+
+    assert acc.recall_options({}) == IndexOptions()
+    assert acc.recall_options({"group_shared_selection": "true", "vertical_segment_rows": "1024"}) == IndexOptions(
+        group_shared_selection=True, vertical_segment_rows=1024)
+    assert acc.recall_options({"dense_tail_rows": "64", "exact_selection": "true", "min_prompt_tokens": "8193",
+                               "fused_estimate": "true"}) == IndexOptions()
+
+
 @pytest.mark.parametrize("spec, needle", [
     ("a:nope=1", "unknown key 'nope'"),
     ("a:budgets=0", "budgets must be a number > 0"),

@@ -13,6 +13,7 @@ from attention_backends.sparse_prefill.executor import Executor
 from attention_backends.sparse_prefill.fa2_sparse import fa2_sparse_reference
 from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig, build_index
 from attention_backends.sparse_prefill.index import ChunkGeometry
+from attention_backends.sparse_prefill.index_options import IndexOptions
 from attention_backends.sparse_prefill.planner import SparsePrefillPlan, SparseSegment
 from attention_backends.sparse_prefill.reference import dense_attention, sparse_attention
 from kvplug import settings, vllm_compat
@@ -76,8 +77,8 @@ def _expected(query, plan, kvs, window_ranges, dense_tail_rows=0, vertical_segme
     for seg, (k, v) in zip(plan.segments, kvs):
         q = query[seg.row_start:seg.row_end]
         geom = ChunkGeometry(len(q), seg.seq_len)
-        index = build_index(q, k, geom, lp, SCALE, trim_columns=False, window_ranges=window_ranges,
-                            dense_tail_rows=dense_tail_rows, vertical_segment_rows=vertical_segment_rows)
+        options = IndexOptions(dense_tail_rows=dense_tail_rows, vertical_segment_rows=vertical_segment_rows)
+        index = build_index(q, k, geom, lp, SCALE, options, trim_columns=False, window_ranges=window_ranges)
         out.append(sparse_attention(q, k, v, index, SCALE))
     return torch.cat(out)
 
@@ -119,7 +120,7 @@ def test_dense_tail_rows_on_every_executor(counters, ex):
     the pair count includes the tail."""
     seqs = [(700, 300), (333, 129)]
     query, kv, plan, kvs = _batch(seqs, seed=3)
-    r = runner.SparsePrefillRunner(CFG, 4, 2, SCALE, executor=ex, dense_tail_rows=64)
+    r = runner.SparsePrefillRunner(CFG, 4, 2, SCALE, executor=ex, index_options=IndexOptions(dense_tail_rows=64))
     out = torch.full_like(query, float("nan"))
     r.forward(None, LAYER0, query, None, None, kv, plan, out)
     torch.testing.assert_close(out, _expected(query, plan, kvs, ex is not None, dense_tail_rows=64),
@@ -207,8 +208,8 @@ def test_vertical_segment_rows_on_every_executor(counters, ex):
     cfg = PatternConfig(default=HeadPattern(pattern="vertical_slash", budgets={"vertical": 80, "slash": 130})).validate()
     query, kv, plan, kvs = _batch([(700, 300), (333, 129)], seed=4)
     out = torch.full_like(query, float("nan"))
-    runner.SparsePrefillRunner(cfg, 4, 2, SCALE, executor=ex, vertical_segment_rows=128).forward(
-        None, LAYER0, query, None, None, kv, plan, out)
+    r = runner.SparsePrefillRunner(cfg, 4, 2, SCALE, executor=ex, index_options=IndexOptions(vertical_segment_rows=128))
+    r.forward(None, LAYER0, query, None, None, kv, plan, out)
     want = _expected(query, plan, kvs, ex is not None, vertical_segment_rows=128, cfg=cfg)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
     assert not torch.equal(want, _expected(query, plan, kvs, ex is not None, cfg=cfg))  # other keys

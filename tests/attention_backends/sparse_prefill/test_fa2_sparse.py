@@ -11,6 +11,7 @@ from attention_backends.sparse_prefill import fa2_sparse
 from attention_backends.sparse_prefill.fa2_sparse import SequenceKV, fa2_index, fa2_sparse_reference, gather_kv
 from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig, build_index
 from attention_backends.sparse_prefill.index import BLOCK, RANGE_PAD, ChunkGeometry, ranges_from_diagonals, window_ranges
+from attention_backends.sparse_prefill.index_options import IndexOptions
 from attention_backends.sparse_prefill.patterns import registry
 from attention_backends.sparse_prefill.reference import dense_attention, sparse_attention
 
@@ -87,7 +88,7 @@ def test_dense_tail_converts(pattern, n, L):
     geom = ChunkGeometry(n, L)
     plan = LayerPlan.uniform(pattern, q.shape[1], **TIGHT[pattern])
     assert fa2_sparse.plan_has_blocks(plan, dense_tail_rows=64)
-    index = build_index(q, k, geom, plan, SCALE, window_ranges=True, dense_tail_rows=64)
+    index = build_index(q, k, geom, plan, SCALE, IndexOptions(dense_tail_rows=64), window_ranges=True)
     got = _fa2(q, k, v, index, geom, fa2_sparse.plan_has_blocks(plan, 64))
     torch.testing.assert_close(got, sparse_attention(q, k, v, index, SCALE), rtol=1e-4, atol=1e-4)
     r0 = (max(0, n - 64) // BLOCK) * BLOCK
@@ -100,7 +101,7 @@ def test_vertical_segments_convert(n, L):
     q, k, v = _qkv(n, L, seed=6)
     geom = ChunkGeometry(n, L)
     plan = LayerPlan.uniform("vertical_slash", q.shape[1], **TIGHT["vertical_slash"])
-    index = build_index(q, k, geom, plan, SCALE, window_ranges=True, vertical_segment_rows=64)
+    index = build_index(q, k, geom, plan, SCALE, IndexOptions(vertical_segment_rows=64), window_ranges=True)
     torch.testing.assert_close(_fa2(q, k, v, index, geom, fa2_sparse.plan_has_blocks(plan)),
                                sparse_attention(q, k, v, index, SCALE), rtol=1e-4, atol=1e-4)
 

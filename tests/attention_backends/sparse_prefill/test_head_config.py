@@ -1,18 +1,21 @@
-"""head_config.build_index(compiled=True) (sparse_prefill.compiled_index): the torch.compile'd build gives the
-eager index element for element, in far fewer top-level ops (what makes it launch-bound on the GPU). CPU: inductor
+"""head_config.build_index with IndexOptions(compiled_index=True) (sparse_prefill.compiled_index): the
+torch.compile'd build gives the eager index element for element, in far fewer top-level ops (what makes it launch-bound on the GPU). CPU: inductor
 compiles C++ here (gcc); the first call compiles (~30-60 s on 2 cores), the geometries after it mostly reuse it
 (dynamic shapes), so the geometries share one test."""
 from __future__ import annotations
 
 import collections
+from dataclasses import replace
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
 from attention_backends.sparse_prefill import head_config
 from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig, build_index
 from attention_backends.sparse_prefill.index import ChunkGeometry
+from attention_backends.sparse_prefill.index_options import IndexOptions
 
 HQ, HKV, D = 8, 2, 32
 FIELDS = ("block_mask", "cols", "col_count", "ranges", "range_count", "range_first")
@@ -46,10 +49,12 @@ def _assert_same(got, want, what: str) -> None:
 
 # (n, L): the whole prompt, a chunk at an offset, lengths that are not multiples of 64
 GEOMETRIES = ((1024, 1024), (512, 2048), (700, 1999))
-VARIANTS = (dict(trim_columns=False, window_ranges=True),  # as the fa2_sparse executor builds it
-            dict(trim_columns=True),  # as the CPU path builds it
-            dict(trim_columns=False, group_shared=True, dense_tail_rows=100),
-            dict(trim_columns=False, window_ranges=True, group_shared=True, dense_tail_rows=64))
+# (options, per call site keywords)
+VARIANTS = ((IndexOptions(), dict(trim_columns=False, window_ranges=True)),  # as the fa2_sparse executor builds it
+            (IndexOptions(), dict(trim_columns=True)),  # as the CPU path builds it
+            (IndexOptions(group_shared_selection=True, dense_tail_rows=100), dict(trim_columns=False)),
+            (IndexOptions(group_shared_selection=True, dense_tail_rows=64), dict(trim_columns=False, window_ranges=True)))
+COMPILED = IndexOptions(compiled_index=True)
 
 
 @torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)  # a silent fallback to eager would prove nothing
@@ -58,11 +63,32 @@ def test_compiled_index_equals_eager():
     for plan_name, plan in (("uniform", uniform), ("mixed", _mixed_plan())):
         for n, L in GEOMETRIES:
             q, k, geom = _inputs(n, L, seed=n + L)
-            for kw in VARIANTS:
-                want = build_index(q, k, geom, plan, D ** -0.5, **kw)
-                got = build_index(q, k, geom, plan, D ** -0.5, compiled=True, **kw)
-                _assert_same(got, want, f"{plan_name} n={n} L={L} {kw}")
+            for options, kw in VARIANTS:
+                want = build_index(q, k, geom, plan, D ** -0.5, options, **kw)
+                got = build_index(q, k, geom, plan, D ** -0.5, replace(options, compiled_index=True), **kw)
+                _assert_same(got, want, f"{plan_name} n={n} L={L} {options} {kw}")
     assert head_config.compiled_fallback is None  # compiled, not run eager after a failed compile
+
+
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+def test_equal_options_reuse_the_compiled_graph():
+    """IndexOptions reaches the compiled build as a constant: dynamo guards on the values of the fields the build
+    reads, not on the object. A runner's options rebuilt equal (set_override, a new runner) and fields the build
+    does not read (fused_estimate: the caller's choice of keys; compiled_index) reuse the graph; a field that
+    changes the build (group-shared selection) compiles another (the count is live)."""
+    q, k, geom = _inputs(512, 2048, seed=3)
+    plan = LayerPlan.uniform("vertical_slash", HQ, vertical=50, slash=64)
+
+    def graphs_after(options: IndexOptions) -> int:
+        build_index(q, k, geom, plan, D ** -0.5, options, trim_columns=False)
+        return counters["stats"]["unique_graphs"]
+
+    compiled = graphs_after(IndexOptions(compiled_index=True, dense_tail_rows=64))
+    for options in (IndexOptions(compiled_index=True, dense_tail_rows=64),
+                    IndexOptions(compiled_index=True, dense_tail_rows=64, fused_estimate=True)):
+        assert graphs_after(options) == compiled, f"{options} compiled again"
+    assert graphs_after(IndexOptions(compiled_index=True, dense_tail_rows=64, group_shared_selection=True)) > compiled
+    assert head_config.compiled_fallback is None
 
 
 def test_failed_compile_runs_eager_with_the_same_index(monkeypatch, caplog):
@@ -77,8 +103,8 @@ def test_failed_compile_runs_eager_with_the_same_index(monkeypatch, caplog):
     plan = LayerPlan.uniform("vertical_slash", HQ, vertical=50, slash=64)
     want = build_index(q, k, geom, plan, D ** -0.5)
     with caplog.at_level("WARNING"):
-        _assert_same(build_index(q, k, geom, plan, D ** -0.5, compiled=True), want, "fallback")
-        _assert_same(build_index(q, k, geom, plan, D ** -0.5, compiled=True), want, "fallback, again")
+        _assert_same(build_index(q, k, geom, plan, D ** -0.5, COMPILED), want, "fallback")
+        _assert_same(build_index(q, k, geom, plan, D ** -0.5, COMPILED), want, "fallback, again")
     assert "no compiler" in head_config.compiled_fallback
     assert sum("could not compile" in r.getMessage() for r in caplog.records) == 1
 
@@ -97,7 +123,7 @@ def test_compiled_index_issues_fewer_ops():
     plan = LayerPlan.uniform("vertical_slash", HQ, vertical=50, slash=64)
     kw = dict(trim_columns=False, window_ranges=True)
     eager = _top_level_ops(lambda: build_index(q, k, geom, plan, D ** -0.5, **kw))
-    compiled = _top_level_ops(lambda: build_index(q, k, geom, plan, D ** -0.5, compiled=True, **kw))
+    compiled = _top_level_ops(lambda: build_index(q, k, geom, plan, D ** -0.5, COMPILED, **kw))
     n_eager, n_compiled = sum(eager.values()), sum(compiled.values())
     assert n_eager >= 150, eager.most_common(10)  # the eager build's op storm is what this replaces
     assert n_compiled * 3 <= n_eager, (n_eager, n_compiled, compiled.most_common(15))

@@ -7,6 +7,7 @@ import torch
 
 from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry, dense_tail_start
+from attention_backends.sparse_prefill.index_options import IndexOptions
 from attention_backends.sparse_prefill.patterns import registry
 from attention_backends.sparse_prefill.reference import dense_attention, sparse_attention
 
@@ -32,8 +33,8 @@ def test_tail_rows_attend_densely_and_the_others_keep_their_keys(pattern, n, L, 
     q, k, v = _qkv(n, L)
     geom = ChunkGeometry(n, L)
     plan = LayerPlan.uniform(pattern, q.shape[1], **TIGHT[pattern])
-    sparse = build_index(q, k, geom, plan, SCALE, group_shared=group_shared)
-    tail = build_index(q, k, geom, plan, SCALE, group_shared=group_shared, dense_tail_rows=rows)
+    sparse = build_index(q, k, geom, plan, SCALE, IndexOptions(group_shared_selection=group_shared))
+    tail = build_index(q, k, geom, plan, SCALE, IndexOptions(group_shared_selection=group_shared, dense_tail_rows=rows))
     r0 = dense_tail_start(geom, rows) * BLOCK
     assert r0 <= max(0, n - rows)
     got, dense = sparse_attention(q, k, v, tail, SCALE), dense_attention(q, k, v, SCALE)
@@ -56,6 +57,6 @@ def test_tail_cost_is_a_few_blocks_of_an_8k_chunk():
     geom = ChunkGeometry(n, L)
     q, k, _ = _qkv(n, L, Hq=2, Hkv=1, d=8)
     plan = LayerPlan.uniform("a_shape", 2, sink=64, window=256)
-    extra = (build_index(q, k, geom, plan, SCALE, dense_tail_rows=64).computed_pairs(geom)
+    extra = (build_index(q, k, geom, plan, SCALE, IndexOptions(dense_tail_rows=64)).computed_pairs(geom)
              - build_index(q, k, geom, plan, SCALE).computed_pairs(geom))
     assert (extra > 0).all() and float(extra.max()) < 0.01 * geom.causal_pairs()

@@ -12,6 +12,7 @@ from attention_backends import wiring
 from attention_backends.retrieval_decode.config import RetrievalDecodeConfig
 from attention_backends.sparse_prefill import backend_hooks, head_config, runner
 from attention_backends.sparse_prefill.config import SparsePrefillConfig
+from attention_backends.sparse_prefill.index_options import IndexOptions
 from attention_backends.sparse_prefill.model_identity import SHIPPED_CONFIGS
 from kvplug.metrics import MetricsConfig
 
@@ -46,42 +47,33 @@ def _impl():
 
 def test_override_reconfigures_live_and_new_runners_and_clears(hooks):
     r = backend_hooks.impl_runner(_impl())
-    assert r.pattern_config.searched_tokens == hooks.shipped.searched_tokens and not r.group_shared
+    assert r.pattern_config.searched_tokens == hooks.shipped.searched_tokens and r.index_options == IndexOptions()
     r._layer_plans[1.0] = "stale plan"
     backend_hooks.set_override(pattern_config=hooks.other, group_shared_selection="true")
-    assert r.pattern_config.default.pattern == "a_shape" and r.group_shared is True
+    shared = IndexOptions(group_shared_selection=True)
+    assert r.pattern_config.default.pattern == "a_shape" and r.index_options == shared
     assert r._layer_plans == {}  # plans of the old config are gone
     late = backend_hooks.impl_runner(_impl())  # built while the override holds: gets it too
-    assert late.pattern_config.default.pattern == "a_shape" and late.group_shared is True
+    assert late.pattern_config.default.pattern == "a_shape" and late.index_options == shared
     backend_hooks.set_override()  # cleared: the resolved config again
-    assert r.pattern_config.searched_tokens == hooks.shipped.searched_tokens and r.group_shared is False
+    assert r.pattern_config.searched_tokens == hooks.shipped.searched_tokens and r.index_options == IndexOptions()
 
 
-def test_dense_tail_rows_switch_between_sweeps(hooks):
+# --variants passes values as text; the runners' whole IndexOptions follows (the other fields stay as resolved)
+@pytest.mark.parametrize("fields, options", [
+    ({"dense_tail_rows": "256"}, IndexOptions(dense_tail_rows=256)),
+    ({"vertical_segment_rows": "1024"}, IndexOptions(vertical_segment_rows=1024)),
+    ({"exact_selection": "true", "vertical_segment_rows": 64},
+     IndexOptions(exact_selection=True, vertical_segment_rows=64)),
+    ({"fused_estimate": True}, IndexOptions(fused_estimate=True)),
+])
+def test_index_options_switch_between_sweeps(hooks, fields, options):
     r = backend_hooks.impl_runner(_impl())
-    assert r.dense_tail_rows == 0
-    backend_hooks.set_override(dense_tail_rows="256")  # --variants passes the value as text
-    assert r.dense_tail_rows == 256 and backend_hooks.impl_runner(_impl()).dense_tail_rows == 256
+    assert r.index_options == IndexOptions()
+    backend_hooks.set_override(**fields)
+    assert r.index_options == options and backend_hooks.impl_runner(_impl()).index_options == options
     backend_hooks.set_override()
-    assert r.dense_tail_rows == 0
-
-
-def test_vertical_segment_rows_switch_between_sweeps(hooks):
-    r = backend_hooks.impl_runner(_impl())
-    assert r.vertical_segment_rows == 0
-    backend_hooks.set_override(vertical_segment_rows="1024")
-    assert r.vertical_segment_rows == 1024 and backend_hooks.impl_runner(_impl()).vertical_segment_rows == 1024
-    backend_hooks.set_override()
-    assert r.vertical_segment_rows == 0
-
-
-def test_exact_selection_switch_between_sweeps(hooks):
-    r = backend_hooks.impl_runner(_impl())
-    assert r.exact_selection is False
-    backend_hooks.set_override(exact_selection="true", vertical_segment_rows=64)
-    assert r.exact_selection is True and backend_hooks.impl_runner(_impl()).exact_selection is True
-    backend_hooks.set_override()
-    assert r.exact_selection is False
+    assert r.index_options == IndexOptions()
 
 
 @pytest.mark.parametrize("fields, needle", [

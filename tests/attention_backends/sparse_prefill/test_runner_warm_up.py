@@ -18,6 +18,7 @@ from attention_backends.sparse_prefill.executor import Executor
 from attention_backends.sparse_prefill.fa2_sparse import SequenceKV
 from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig
 from attention_backends.sparse_prefill.index import ChunkGeometry
+from attention_backends.sparse_prefill.index_options import IndexOptions
 from kvplug.compat.common import BuilderKvFacts
 from kvplug.metrics import MetricsConfig
 
@@ -52,7 +53,7 @@ def test_after_warm_up_no_chunk_compiles(fa2):
     # the FA2 path's index build and conversion; its kernel a no-op (what is counted here is compiles, and the
     # torch model of the kernel loops over heads and query blocks: minutes at these lengths)
     ex = Executor("fa2_sparse", lambda *args, **kwargs: None, check_dtypes=False) if fa2 else None
-    r = runner.SparsePrefillRunner(CFG, HQ, HKV, SCALE, executor=ex, compiled_index=True)
+    r = runner.SparsePrefillRunner(CFG, HQ, HKV, SCALE, executor=ex, index_options=IndexOptions(compiled_index=True))
     before = _graphs()
     plans, shapes = r.warm_up(range(3), torch.float32, torch.float32, PAGE, D, torch.device("cpu"), small_chunks=True)
     assert plans == 1  # every layer alike: one plan

@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 from attention_backends.sparse_prefill.group_index import union_index  # noqa: E402
 from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig, build_index  # noqa: E402
 from attention_backends.sparse_prefill.index import ChunkGeometry  # noqa: E402
+from attention_backends.sparse_prefill.index_options import IndexOptions  # noqa: E402
 from attention_backends.sparse_prefill.patterns import registry  # noqa: E402
 from attention_backends.sparse_prefill.reference import sparse_attention  # noqa: E402
 
@@ -165,8 +166,8 @@ def test_shared_group_kernel_matches_reference(pattern, Hq, Hkv, n, L, page):
     d = 32
     q, k, v = torch.randn(n, Hq, d, generator=g), torch.randn(L, Hkv, d, generator=g), torch.randn(L, Hkv, d, generator=g)
     geom = ChunkGeometry(n, L)
-    index = build_index(q, k, geom, LayerPlan.uniform(pattern, Hq, **BUDGETS[pattern]), 0.3, trim_columns=False,
-                        group_shared=True)
+    index = build_index(q, k, geom, LayerPlan.uniform(pattern, Hq, **BUDGETS[pattern]), 0.3,
+                        IndexOptions(group_shared_selection=True), trim_columns=False)
     assert index.is_group_shared(Hq // Hkv)
     kc, pages = _paged(k, page, False)
     vc, _ = _paged(v, page, True)
@@ -211,9 +212,10 @@ def test_build_index_from_paged_keys_matches():
     plan = LayerPlan.from_config(cfg, 0, 8)
     kc, pages = _paged(k, 16, False)
     for shared in (False, True):
-        want = build_index(q, k, geom, plan, 0.3, trim_columns=False, group_shared=shared)
+        options = IndexOptions(group_shared_selection=shared)
+        want = build_index(q, k, geom, plan, 0.3, options, trim_columns=False)
         got = build_index(q.to(DEVICE), PagedKeys(kc.to(DEVICE), pages.to(DEVICE), geom.L), geom,
-                          LayerPlan.from_config(cfg, 0, 8, DEVICE), 0.3, trim_columns=False, group_shared=shared)
+                          LayerPlan.from_config(cfg, 0, 8, DEVICE), 0.3, options, trim_columns=False)
         got_mask, want_mask = got.to("cpu").dense_mask(geom), want.dense_mask(geom)
         if DEVICE == "cpu":
             assert torch.equal(got_mask, want_mask)
@@ -237,19 +239,20 @@ def test_chunk_path_options_match_reference(group_shared, fused_estimate, dense_
     vc, _ = _paged(v, 16, False)
     out = torch.full((n, Hq, d), float("nan"), device=DEVICE)
     plan = LayerPlan.uniform("vertical_slash", Hq, DEVICE, vertical=40, slash=70)
+    options = IndexOptions(group_shared_selection=group_shared, fused_estimate=fused_estimate,
+                           dense_tail_rows=dense_tail_rows, vertical_segment_rows=segments)
     pairs = triton_kernels.sparse_prefill_paged(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), pages.to(DEVICE), geom,
-                                                plan, 0.3, out, group_shared=group_shared, fused_estimate=fused_estimate,
-                                                dense_tail_rows=dense_tail_rows, vertical_segment_rows=segments)
+                                                plan, 0.3, out, options)
     from attention_backends.sparse_prefill.paged_keys import PagedKeys
 
     # the same keys the path estimates from (on the GPU tf32 votes may order near-ties differently from torch)
     keys = PagedKeys(kc.to(DEVICE), pages.to(DEVICE), L) if fused_estimate else k.to(DEVICE)
-    index = build_index(q.to(DEVICE), keys, geom, plan, 0.3, trim_columns=False, group_shared=group_shared,
-                        dense_tail_rows=dense_tail_rows, vertical_segment_rows=segments).to("cpu")
+    index = build_index(q.to(DEVICE), keys, geom, plan, 0.3, options, trim_columns=False).to("cpu")
     assert index.is_group_shared(Hq // Hkv) == group_shared
     assert int(pairs) == int(index.computed_pairs(geom).sum())
     if dense_tail_rows:  # the tail's pairs are counted
-        plain = build_index(q.to(DEVICE), keys, geom, plan, 0.3, trim_columns=False, group_shared=group_shared)
+        plain = build_index(q.to(DEVICE), keys, geom, plan, 0.3, IndexOptions(group_shared_selection=group_shared),
+                            trim_columns=False)
         assert int(pairs) > int(plain.computed_pairs(geom).sum())
     tol = 2e-3 if DEVICE == "cpu" else 3e-2
     torch.testing.assert_close(out.float().cpu(), sparse_attention(q, k, v, index, 0.3).float(), rtol=tol, atol=tol)
@@ -269,7 +272,8 @@ def test_dense_tail_in_every_kernel(kernel, n, L):
     shared = kernel == "group_shared"
     plan = (LayerPlan.uniform("vertical_slash", Hq, vertical=30, slash=40) if shared else
             LayerPlan.from_config(_mixed_cfg(Hq), 0, Hq))
-    index = build_index(q, k, geom, plan, 0.3, trim_columns=False, group_shared=shared, dense_tail_rows=64)
+    index = build_index(q, k, geom, plan, 0.3, IndexOptions(group_shared_selection=shared, dense_tail_rows=64),
+                        trim_columns=False)
     union = kernel == "group_union"
     ref_index = union_index(index.to(DEVICE), geom, Hq // Hkv).to("cpu") if union else index
     kc, pages = _paged(k, 16, False)

@@ -7,6 +7,7 @@ import torch
 
 from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry
+from attention_backends.sparse_prefill.index_options import IndexOptions
 from attention_backends.sparse_prefill.patterns.block_sparse import exact_block_mass
 from attention_backends.sparse_prefill.patterns.vertical_slash import exact_lines
 from tests.attention_backends.sparse_prefill.test_reference import _qkv
@@ -74,7 +75,7 @@ def test_exact_selection_finds_what_the_estimate_misses(pattern, budgets):
     picked = {}
     for exact in (False, True):
         # vertical-slash chunk-wide (the estimate: the chunk's last 64 rows; exact: every row, summed)
-        index = build_index(q, k, geom, plan, SCALE, exact_selection=exact)
+        index = build_index(q, k, geom, plan, SCALE, IndexOptions(exact_selection=exact))
         if pattern == "vertical_slash":
             picked[exact] = bool((index.cols[:, 0] == needle).any(-1).all())  # every head, query block 0
         else:
@@ -88,5 +89,5 @@ def test_exact_selection_is_eager_even_when_compiled_index_is_asked(monkeypatch)
 
     monkeypatch.setattr(head_config, "compiled_builder", lambda: pytest.fail("compiled build used"))
     q, k, geom, _ = _needle_case(n=128, L=256, needle=100)
-    build_index(q, k, geom, LayerPlan.uniform("block_sparse", q.shape[1], top_k=2), SCALE, compiled=True,
-                exact_selection=True)
+    build_index(q, k, geom, LayerPlan.uniform("block_sparse", q.shape[1], top_k=2), SCALE,
+                IndexOptions(compiled_index=True, exact_selection=True))

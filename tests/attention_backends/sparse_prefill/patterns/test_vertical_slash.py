@@ -7,6 +7,7 @@ import torch
 
 from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
 from attention_backends.sparse_prefill.index import BLOCK, ChunkGeometry
+from attention_backends.sparse_prefill.index_options import IndexOptions
 from attention_backends.sparse_prefill.patterns.vertical_slash import (HEADS_PER_STEP, LAST_Q, VerticalSlash,
                                                                      column_votes, estimate_lines, segment_ends)
 from attention_backends.sparse_prefill.reference import sparse_attention
@@ -65,9 +66,10 @@ def test_one_segment_is_todays_index(n, L, group_shared):
     q, k, _ = _qkv(n, L, seed=8)
     geom = ChunkGeometry(n, L)
     plan = LayerPlan.uniform("vertical_slash", q.shape[1], **TIGHT["vertical_slash"])
-    today = build_index(q, k, geom, plan, SCALE, group_shared=group_shared)
+    today = build_index(q, k, geom, plan, SCALE, IndexOptions(group_shared_selection=group_shared))
     for rows in (-(-n // BLOCK) * BLOCK, 1 << 16):
-        seg = build_index(q, k, geom, plan, SCALE, group_shared=group_shared, vertical_segment_rows=rows)
+        seg = build_index(q, k, geom, plan, SCALE,
+                          IndexOptions(group_shared_selection=group_shared, vertical_segment_rows=rows))
         for name in ("block_mask", "cols", "col_count", "ranges", "range_count", "range_first"):
             assert torch.equal(getattr(seg, name), getattr(today, name)), (rows, name)
 
@@ -135,7 +137,8 @@ def test_reference_attends_each_segments_columns(n, L, group_shared):
     q, k, v = _qkv(n, L, seed=9)
     geom = ChunkGeometry(n, L)
     plan = LayerPlan.uniform("vertical_slash", q.shape[1], **TIGHT["vertical_slash"])
-    index = build_index(q, k, geom, plan, SCALE, group_shared=group_shared, vertical_segment_rows=128)
+    index = build_index(q, k, geom, plan, SCALE,
+                        IndexOptions(group_shared_selection=group_shared, vertical_segment_rows=128))
     mask = index.dense_mask(geom)
     torch.testing.assert_close(sparse_attention(q, k, v, index, SCALE), _masked_dense(q, k, v, mask, SCALE),
                                rtol=1e-4, atol=1e-4)
