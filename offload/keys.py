@@ -16,12 +16,28 @@ KEY_VERSION = b"kvplug-entry-v2"
 
 
 def entry_key(layout_identity: bytes, policy: str, block_hash: bytes | object) -> str:
-    raw = block_hash if isinstance(block_hash, (bytes, bytearray)) else repr(block_hash).encode()
-    h = hashlib.sha256()
-    for part in (KEY_VERSION, layout_identity, policy.encode(), bytes(raw)):
-        h.update(len(part).to_bytes(4, "little"))
-        h.update(part)
-    return h.hexdigest()[:48]
+    return KeyMaker(layout_identity, policy)(block_hash)
+
+
+class KeyMaker:
+    """``entry_key`` for one (layout identity, policy): the fixed parts are hashed once, each block's key is a
+    copy of that state plus the block hash (a 32K-token prompt has 2048 blocks; the scheduler keys each)."""
+
+    def __init__(self, layout_identity: bytes, policy: str) -> None:
+        self._head = hashlib.sha256()
+        for part in (KEY_VERSION, layout_identity, policy.encode()):
+            _update(self._head, part)
+
+    def __call__(self, block_hash: bytes | object) -> str:
+        raw = block_hash if isinstance(block_hash, (bytes, bytearray)) else repr(block_hash).encode()
+        h = self._head.copy()
+        _update(h, bytes(raw))
+        return h.hexdigest()[:48]
+
+
+def _update(h, part: bytes) -> None:
+    h.update(len(part).to_bytes(4, "little"))
+    h.update(part)
 
 
 def hash_hex(block_hash: bytes | object) -> str:

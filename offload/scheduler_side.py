@@ -30,7 +30,7 @@ from kvplug.kv_payload import BlockContext, payload_nbytes
 from offload.config import OffloadConfig
 from offload import inventory as inv
 from offload import request_keys
-from offload.keys import entry_key, hash_hex
+from offload.keys import KeyMaker, hash_hex
 from offload.layout import KvLayout
 from offload.metadata import KvplugConnectorMetadata, KvplugWorkerMetadata, LoadSpec, SaveSpec
 from offload.tiers import registry as tier_registry
@@ -60,6 +60,7 @@ class _ReqState:
     lossy_from: int | None = None
     isolated_upto: int = 0
     report: dict | None = None  # the request's cache report (set once its blocks are allocated)
+    keys: list[str] = field(default_factory=list)  # entry keys of its first blocks (SchedulerSide.keys_of)
     load_tiers: list[str] = field(default_factory=list)
 
 
@@ -93,6 +94,7 @@ class SchedulerSide:
         self._pending_loads: set[str] = set()
         self._size_cache: dict[tuple[str, object], int] = {}
         self._policies: dict[str, KvPolicy] = {}
+        self._key_makers: dict[str, KeyMaker] = {}
         # vLLM's GPU block pool (bind_gpu_block_pool): lossy reloads are taken out of its prefix cache.
         self.block_pool: Any = None
         self.isolated_blocks = 0
@@ -107,8 +109,24 @@ class SchedulerSide:
             self._policies[name] = self.policies.create(name)
         return self._policies[name]
 
+    def _key_maker(self, policy: str) -> KeyMaker:
+        maker = self._key_makers.get(policy)
+        if maker is None:
+            maker = self._key_makers[policy] = KeyMaker(self.layout.identity(), policy)
+        return maker
+
     def key(self, policy: str, block_hash: Any) -> str:
-        return entry_key(self.layout.identity(), policy, block_hash)
+        return self._key_maker(policy)(block_hash)
+
+    def keys_of(self, st: _ReqState, n: int) -> list[str]:
+        """The entry keys of the request's first ``n`` blocks, each computed once per request (its lookup, its
+        saves and its inventory record key the same blocks)."""
+        hashes = st.request.block_hashes
+        n = min(n, len(hashes))
+        if len(st.keys) < n:
+            maker = self._key_maker(st.policy)
+            st.keys += [maker(h) for h in hashes[len(st.keys):n]]
+        return st.keys[:n]
 
     def _choose(self, request: Any) -> str:
         params = getattr(request, "kv_transfer_params", None) or {}
@@ -139,8 +157,7 @@ class SchedulerSide:
         # Leave at least one prompt token to compute: vLLM needs a token to sample from.
         limit = min(len(request.block_hashes), (request.num_tokens - 1) // bs)
         keys = []
-        for i in range(start, limit):
-            k = self.key(st.policy, request.block_hashes[i])
+        for k in self.keys_of(st, limit)[start:]:
             if self.planner.where(k) is None:
                 break
             keys.append(k)
@@ -168,10 +185,11 @@ class SchedulerSide:
             st.lossy_from = st.isolated_upto = st.local_blocks
             ids = vllm_compat.request_block_ids(blocks)
             self._isolate(st, ids, st.local_blocks + n)
-        for k in st.load_keys:
-            tier = self.planner.record_hit(k)
-            if self.m is not None and tier is not None:
-                self.m.hits.labels(tier=tier).inc()
+        hits = collections.Counter(self.planner.record_hit(k) for k in st.load_keys)
+        if self.m is not None:
+            for tier, n in hits.items():
+                if tier is not None:
+                    self.m.hits.labels(tier=tier).inc(n)  # once per tier and load, not per block
         self.inventory.hit(st.load_keys)
         self._pending_loads.add(request.request_id)
 
@@ -264,11 +282,12 @@ class SchedulerSide:
         policy = self.policy(st.policy)
         n_full = min(prompt_len // bs, len(st.request.block_hashes), len(st.block_ids))
         spec = SaveSpec(st.policy, [], [], [], prompt_len, req_id=st.request.request_id)
-        for i in range(n_full):
-            k = self.key(st.policy, st.request.block_hashes[i])
+        for i, k in enumerate(self.keys_of(st, n_full)):
+            if self.planner.where(k) is not None:  # stored already (e.g. the prefix this request loaded)
+                continue
             ops = self.planner.plan_store(k, self._estimate_nbytes(policy, i * bs, prompt_len))
-            if not ops:
-                if self.planner.where(k) is None and self.m is not None:
+            if not ops:  # fits nowhere
+                if self.m is not None:
                     self.m.skipped_stores.inc()
                 continue
             meta.tier_ops += ops
@@ -436,9 +455,7 @@ class SchedulerSide:
         params = self._params(st)
         self._remember_content(st, n_full, opted_out=False)
         keys = []
-        for i in range(n_full):
-            h = st.request.block_hashes[i]
-            k = self.key(st.policy, h)
+        for h, k in zip(st.request.block_hashes, self.keys_of(st, n_full)):
             if self.planner.where(k) is None:
                 break  # not stored (fits nowhere): the prefix ends here
             self.inventory.register(k, hash_hex(h), st.policy)

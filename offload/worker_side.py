@@ -12,6 +12,7 @@ policies store all layers of a block together: saved synchronously in ``save``, 
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ from offload.wiring import KvPolicy, PolicyProvider
 # Blocks encoded/decoded per step of a save or load: bounds the temporary [n, layers, heads, tokens, dim]
 # tensors (a 32K-token Llama-3-8B prefix is 4 GiB of K+V; 64 blocks of 16 tokens are 128 MiB).
 CHUNK_BLOCKS = 64
+# Devices whose policy kernels are compiled on first use (Triton JIT): warmed up when the caches register.
+WARM_UP_DEVICES = ("cuda",)
+# (policy, dtype, [heads, tokens, head_dim], device type) warmed up in this process (once per process).
+_warmed: set[tuple] = set()
+logger = logging.getLogger("vllm.kvplug.offload")
 
 
 @dataclass
@@ -120,6 +126,8 @@ class WorkerSide:
             self._host = host_memory.for_device(dev, host_bytes, [self._load_lane.stream, self._save_lane.stream])
             for tier in self.tiers.values():
                 tier.use_host_memory(self._host)
+        if layers and dev.type in WARM_UP_DEVICES:
+            self.warm_up_kernels()
         # Backends that keep per-block state next to the KV (retrieval decode's block summaries) hear about
         # every block this connector writes, per layer, right after that layer's load (same stream).
         impls = [vllm_compat.attention_impl(self.vllm_config, name) if self.vllm_config is not None else None
@@ -132,6 +140,52 @@ class WorkerSide:
 
             self.load_listeners = [h for h in self.load_listeners if getattr(h, "__name__", "") != "refresh"]
             self.load_listeners.append(refresh)
+
+    def warm_up_kernels(self) -> list[str]:
+        """Run every policy's encode and decode once on two blocks of the cache's dtype and head shape, so no
+        request pays a kernel's JIT compilation (the first int8 load on an H100 took 0.5 s instead of 0.17 s:
+        Triton compiling ``_dequant_rows``). Once per process and shape; a policy that fails here is logged and
+        left to fail (or fall back) where a request uses it. Returns the policies warmed up now."""
+        _, kc, _ = self.layers[0]
+        tail, dev = tuple(kc.shape[1:]), kc.device
+        warmed, failed = [], []
+        t0 = time.perf_counter()
+        for name in self.policies.names():
+            mark = (name, kc.dtype, tail, dev.type)
+            if mark in _warmed:
+                continue
+            _warmed.add(mark)
+            try:
+                self._warm_up(self.policy(name), kc)
+                warmed.append(name)
+            except Exception as exc:  # noqa: BLE001 - a warm-up never stops the worker
+                failed.append(f"{name} ({type(exc).__name__}: {exc})")
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if warmed or failed:
+            logger.info("kvplug offload: warmed up the cache policies' kernels for [%s] %s blocks in %.2f s: %s%s",
+                        " x ".join(map(str, tail)), str(kc.dtype).replace("torch.", ""), time.perf_counter() - t0,
+                        ", ".join(warmed) or "none", f"; failed: {'; '.join(failed)}" if failed else "")
+        return warmed
+
+    @staticmethod
+    def _warm_up(policy: KvPolicy, like_cache: torch.Tensor) -> None:
+        """Encode and decode two blocks (one layer) the ways the connector does: layer-wise policies through
+        encode_groups / decode_stacked, the others through encode / decode; once with the blocks at the end
+        of the prompt and once far from it (policies that keep a prompt's last tokens exact, e.g. int4)."""
+        n, tokens = 2, like_cache.shape[2]
+        k = torch.randn(n, 1, *like_cache.shape[1:], device=like_cache.device).to(like_cache.dtype)
+        v = torch.randn_like(k)
+        like = torch.empty_like(k)
+        for prefix_len in (n * tokens, 1 << 20):
+            ctx = BlockContext.contiguous(n, tokens, prefix_len=prefix_len)
+            if policy.observation_window_tokens(prefix_len):  # SnapKV: the window's keys as query proxies
+                ctx = BlockContext(ctx.block_start, prefix_len, obs_queries=k[-1])  # [layers, heads, window, dim]
+            if policy.layerwise:
+                for idx, batch in policy.encode_groups(k, v, ctx):
+                    policy.decode_stacked(batch, like[:len(idx)])
+            else:
+                policy.decode(policy.encode(k, v, ctx), like)
 
     def host_memory_stats(self) -> dict[str, float]:
         return self._host.stats() if self._host is not None else {}
@@ -169,6 +223,11 @@ class WorkerSide:
     def _plan_load(self, spec: LoadSpec, jobs: LoadJobs) -> None:
         policy = self.policy(spec.policy)
         entries: list[tuple[Payload, Any]] = []
+        # Per tier: blocks and bytes fetched, counted once per load (a 32K-token context is 2048 blocks). The
+        # entries of one segment are equal-sized views: their size is computed once per segment.
+        fetched: dict[str, list[int]] = {}
+        segment_nbytes: dict[int, int] = {}
+        check_inflight = bool(self._inflight)
         for i, key in enumerate(spec.keys):
             p, tier = self._fetch(key)
             if p is None:
@@ -176,17 +235,29 @@ class WorkerSide:
                 self.failed_block_ids.update(spec.block_ids[i:])
                 self.unreadable.update(spec.keys[i:i + 1])
                 break
-            if self.m is not None:
-                self.m.bytes_loaded.labels(tier=tier.name, policy=spec.policy).inc(payload_nbytes(p))
-            self.stats.loaded_blocks[tier.name] += 1
             loc = tier.locate(key)
-            saving = self._inflight_event(key)
+            if loc is None:
+                nbytes = payload_nbytes(p)
+            else:
+                nbytes = segment_nbytes.get(id(loc[0]))
+                if nbytes is None:
+                    nbytes = segment_nbytes[id(loc[0])] = payload_nbytes(p)
+            counts = fetched.get(tier.name)
+            if counts is None:
+                counts = fetched[tier.name] = [0, 0]
+            counts[0] += 1
+            counts[1] += nbytes
+            saving = self._inflight_event(key) if check_inflight else None
             if saving is not None:
                 if policy.layerwise and loc is None:
                     saving.synchronize()  # plan_runs stacks loose entries on the host right now (rare)
                 elif saving not in jobs.after_saves:
                     jobs.after_saves.append(saving)  # the load stream reads the host memory after the copies
             entries.append((p, loc))
+        for name, (blocks, nbytes) in fetched.items():
+            self.stats.loaded_blocks[name] += blocks
+            if self.m is not None:
+                self.m.bytes_loaded.labels(tier=name, policy=spec.policy).inc(nbytes)
         ids = spec.block_ids[:len(entries)]
         if not ids:
             return

@@ -591,9 +591,18 @@ def request_block_ids(blocks: Any) -> list[int]:
 
 
 def kv_connector_api() -> Any:
-    """(KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole, KVConnectorWorkerMetadata)."""
-    from vllm.distributed.kv_transfer.kv_connector.v1 import base
-
+    """(KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole, KVConnectorWorkerMetadata). Where vLLM is not
+    installed at all (plain-torch benchmarks of the connector's worker side on the GPU host), plain stand-in
+    classes: nothing can instantiate the connector there. A vLLM that is installed but fails here raises."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1 import base
+    except ImportError:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            return tuple(type(name, (), {}) for name in ("KVConnectorBase_V1", "KVConnectorMetadata",
+                                                         "KVConnectorRole", "KVConnectorWorkerMetadata"))
+        raise
     return base.KVConnectorBase_V1, base.KVConnectorMetadata, base.KVConnectorRole, base.KVConnectorWorkerMetadata
 
 

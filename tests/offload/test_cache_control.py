@@ -10,6 +10,7 @@ import pytest
 
 from cache_policies import registry as policy_registry
 from offload import control, inventory, request_keys
+from offload import keys as keys_module
 from offload.config import OffloadConfig
 from offload.layout import KvLayout
 from offload.metadata import KvplugWorkerMetadata
@@ -229,3 +230,27 @@ def test_prompt_tokens_only_when_the_operator_enables_them():
     serve(side, req("a", 2))
     view = side.inventory.listing()["prefixes"][0]
     assert view["head_token_ids"] == req("a", 2).prompt_token_ids[:5]
+
+
+def test_a_requests_keys_are_computed_once_and_equal_the_per_block_keys(monkeypatch):
+    side = side_with(cpu_blocks=16)
+    serve(side, req("a", 4))
+    r = req("a2", 4, tag="a")
+    made = []
+    real = keys_module.KeyMaker.__call__
+    monkeypatch.setattr(keys_module.KeyMaker, "__call__", lambda self, h: made.append(h) or real(self, h))
+    report, meta = serve(side, r)  # lookup, load, saves planned, prefix recorded: each block keyed once
+    assert report["cpu_tokens"] == 4 * TOKENS
+    assert made == list(r.block_hashes)
+    assert meta.loads[0].keys == [side.key("keep", h) for h in r.block_hashes]
+
+
+def test_hits_are_counted_once_per_tier_and_load():
+    side = side_with(cpu_blocks=16)
+    serve(side, req("a", 4))
+    side.m.hits = Counter()
+    calls = []
+    real_labels = side.m.hits.labels
+    side.m.hits.labels = lambda **kw: calls.append(kw) or real_labels(**kw)
+    serve(side, req("a2", 4, tag="a"))
+    assert side.m.hits.get(tier="cpu") == 4 and calls == [{"tier": "cpu"}]

@@ -156,6 +156,30 @@ def test_load_of_layer_i_is_complete_when_layer_i_waits_and_not_issued_all_at_on
     assert not side.take_load_errors()
 
 
+def test_a_load_counts_its_blocks_and_bytes_once_per_tier(monkeypatch):
+    """bytes_loaded is the sum of the loaded entries' sizes (segment views and loose disk entries alike),
+    incremented once per tier and load, not once per block."""
+    from kvplug.kv_payload import payload_nbytes
+    from tests.offload.test_cache_control import Counter
+
+    side = make_worker()
+    meta, keys = save_meta("quant:int8", list(range(6)))
+    run_step(side, meta)
+    loose = {"k": keys[4], "p": side.tiers["cpu"].get(keys[4])}
+    side.tiers["cpu"]._slots.pop(loose["k"])  # one entry not in a segment (as a disk entry is)
+    side.tiers["cpu"]._entries[loose["k"]] = {n: t.clone() for n, t in loose["p"].items()}
+    side.m = SimpleNamespace(bytes_loaded=Counter(), load_seconds=SimpleNamespace(observe=lambda s: None))
+    calls = []
+    real = side.m.bytes_loaded.labels
+    side.m.bytes_loaded.labels = lambda **kw: calls.append(kw) or real(**kw)
+    want = sum(payload_nbytes(side.tiers["cpu"].get(k)) for k in keys[:5])
+    missing = keys[:5] + ["absent"]
+    run_step(side, metadata.KvplugConnectorMetadata(loads=[metadata.LoadSpec("quant:int8", missing, list(range(20, 26)))]))
+    assert side.m.bytes_loaded.get(tier="cpu", policy="quant:int8") == want
+    assert calls == [{"tier": "cpu", "policy": "quant:int8"}]
+    assert side.stats.loaded_blocks["cpu"] == 5 and side.take_load_errors() == {25}
+
+
 def test_loads_the_forward_never_waited_for_are_issued_at_wait_for_save():
     side = make_worker()
     meta, keys = save_meta("keep", [1, 2, 3])

@@ -57,3 +57,26 @@ def test_kv_layout_reads_vllms_config_objects_by_attribute(tmp_path):
     assert (got.dtype, got.num_layers, got.kv_heads, got.head_dim, got.block_size, got.tp_rank, got.tp_size) == \
         ("bfloat16", 4, 2, 64, 16, 1, 2)
     assert got.model_id == layout.model_fingerprint(cfg)
+
+
+def test_key_maker_gives_the_keys_stored_entries_already_have():
+    """Disk entries outlive a restart: the per-policy precomputed hash must give byte-identical keys (the
+    length-prefixed SHA-256 of version, layout identity, policy and block hash)."""
+    import hashlib
+
+    lay = layout.KvLayout(model="/m", dtype="bfloat16", num_layers=2, kv_heads=2, head_dim=64,
+                          block_size=16, kv_cache_dtype="auto", tp_rank=0, tp_size=1, model_id="a")
+
+    def spelled_out(policy, raw):
+        h = hashlib.sha256()
+        for part in (keys.KEY_VERSION, lay.identity(), policy.encode(), raw):
+            h.update(len(part).to_bytes(4, "little"))
+            h.update(part)
+        return h.hexdigest()[:48]
+
+    maker = keys.KeyMaker(lay.identity(), "quant:int8")
+    for block_hash in (b"h", b"\x00" * 32, ("tuple", 3)):
+        raw = block_hash if isinstance(block_hash, bytes) else repr(block_hash).encode()
+        assert maker(block_hash) == keys.entry_key(lay.identity(), "quant:int8", block_hash) == spelled_out(
+            "quant:int8", raw)
+    assert maker(b"h") == maker(b"h") != keys.KeyMaker(lay.identity(), "keep")(b"h")

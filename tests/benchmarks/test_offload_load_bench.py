@@ -1,0 +1,34 @@
+"""benchmarks/kernels/offload_load_bench.py at tiny sizes on the CPU: the host profile's phases and the device
+part's load path (its equality checks and the fields the H100 run is read by), in a process without vLLM."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from benchmarks.kernels import offload_load_bench as bench
+
+
+def test_host_profile_times_every_phase_of_one_follow_ups_load():
+    r = bench.host_profile(blocks=32, reps=2)
+    assert set(r["scheduler_us"]) == {"get_num_new_matched_tokens", "update_state_after_alloc",
+                                      "build_connector_meta", "total"}
+    assert all(v > 0 for v in r["scheduler_us"].values())
+    for policy in ("keep", "int8"):
+        assert set(r["worker_us"][policy]) == {"plan_load", "start_load", "load_step"}
+
+
+def test_device_part_runs_without_vllm_and_loads_the_right_bytes(tmp_path):
+    out = tmp_path / "r.json"
+    code = ("import sys; sys.modules['vllm'] = None; from benchmarks.kernels.offload_load_bench import main; "
+            f"sys.exit(main(['--part', 'device', '--device', 'cpu', '--blocks', '4', '--reps', '1', '--out', {str(out)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["summary"]["device"] == "cpu" and "offload_load_bench --part device" in data["summary"]["command"]
+    runs = data["runs"]
+    assert runs["memcpy"]["bytes"] == 2 * bench.LAYERS * 4 * bench.KV_HEADS * bench.BLOCK * bench.HEAD_DIM * 2
+    for policy in ("keep", "int8"):
+        assert runs[policy]["equal"] is True and runs[policy]["overlap_equal"] is True, policy
+        assert runs[policy]["runs_per_layer"] == 1 and runs[policy]["load_ms"] > 0
+    assert runs["int8"]["stored_bytes"] < runs["keep"]["stored_bytes"] == runs["memcpy"]["bytes"]
