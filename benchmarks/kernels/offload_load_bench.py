@@ -24,7 +24,7 @@ port the overlap into offload/layerwise.py's LoadJobs; h2d_only far below memcpy
 small or not pinned (``segments_pinned``).
 
     python -m benchmarks.kernels.offload_load_bench --part host     # CPU, ~20 s
-    python -m benchmarks.kernels.offload_load_bench --part device   # H100, ~1.5 min (needs msgspec: stage vLLM)
+    python -m benchmarks.kernels.offload_load_bench --part device   # H100, ~1.5 min (msgspec: vLLM 0.26 staged)
 """
 from __future__ import annotations
 
