@@ -578,8 +578,8 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
     def ask_follow_up(i: int, ctx: list[int], turn: int, suffix: list[int] | None) -> tuple:
         """One timed follow-up; untimed around it: the GPU prefix cache reset (--reset-gpu-cache) and the
         tokens kvplug's connector loaded for it (the rest of vLLM's cached tokens are GPU prefix-cache hits)."""
-        if args.reset_gpu_cache:
-            llm.reset_prefix_cache()
+        if args.reset_gpu_cache and not reset_gpu_cache():
+            resets_failed.append(i)
         print(FOLLOW_UP_MARK + str(i), file=sys.stderr, flush=True)  # LMCacheLog: its retrieves per follow-up
         before = counters()
         out = ask(ctx, turn, suffix)
@@ -591,6 +591,20 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
 
     loaded: list[int] = []
     block_size = harness.engine_facts(llm).get("block_size") or 16
+    resets_failed: list[int] = []
+    tiny = random.Random(11)
+
+    def reset_gpu_cache() -> bool:
+        """vLLM refuses to reset while blocks are allocated, and a connector's delayed frees (kvplug keeps a
+        finished request's blocks until its save is done) are released only at the engine's next step: step it
+        with a prompt shorter than a block (nothing to save, so nothing kept) and try again."""
+        for _ in range(3):
+            if llm.reset_prefix_cache() is not False:
+                return True
+            llm.generate([TokensPrompt(prompt_token_ids=[tiny.randrange(1000, vocab - 1000)
+                                                          for _ in range(block_size // 2)])],
+                         SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+        return False
 
     def counters() -> dict | None:
         if args.mode not in POLICY:
@@ -633,7 +647,7 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
            "first_turn_ttft_s": first_ttft, "follow_up_ttft_s": ttft,
            "follow_up_p50_s": statistics.median(ttft), "follow_up_p99_s": _percentile(ttft, 0.99),
            "follow_up_cached_tokens": cached, "context_tokens": args.context_tokens,
-           "reset_gpu_cache": args.reset_gpu_cache,
+           "reset_gpu_cache": args.reset_gpu_cache, "gpu_cache_resets_failed": resets_failed,
            "follow_up_cached_fraction": sum(cached) / (len(cached) * args.context_tokens),
            "engine": harness.engine_facts(llm)}
     if features:
