@@ -40,7 +40,8 @@ _FUSED_WRITE_COMPILES: bool | None = None
 def stats_snapshot(_worker: Any = None) -> dict[str, int]:
     with _stats_lock:
         return dict(STATS, **reuse.counts(), summary_layers=SUMMARIES["layers"], summary_bytes=SUMMARIES["bytes"],
-                    kv_cache_bytes=SUMMARIES["kv_bytes"], fused_kv_write_layers=SUMMARIES["fused_write_layers"], agreement=dict(AGREEMENT), **memory.snapshot())
+                    kv_cache_bytes=SUMMARIES["kv_bytes"], fused_kv_write_layers=SUMMARIES["fused_write_layers"],
+                    agreement=dict(AGREEMENT), **memory.snapshot())
 
 
 def record_batch(plan: RetrievalPlan | None, decode_tokens: int) -> None:

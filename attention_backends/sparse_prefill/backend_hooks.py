@@ -193,7 +193,7 @@ def builder_hook(device: Any = None, kv_facts: Callable[[], Any] | None = None) 
         return None
     hook = BuilderHook(cfg)
     effective = _effective(cfg)
-    if effective.compiles_index(vllm_compat.platform_name(), _per_head(_chosen(effective))) and kv_facts is not None:
+    if _index_options(effective, _chosen(effective)).compiled_index and kv_facts is not None:
         warm_up(device, kv_facts(), hook.decider())
     return hook
 
@@ -256,8 +256,9 @@ def impl_runner(impl: Any) -> runner.SparsePrefillRunner | None:
     _note_layer(_chosen(cfg), impl)  # the resolved config: what the layers record, whatever the override
     chosen_executor = executor.resolve(cfg.executor, vllm_compat.platform_name(), int(impl.head_size))
     cfg = _effective(cfg)
-    r = runner.SparsePrefillRunner(_chosen(cfg).config, impl.num_heads, impl.num_kv_heads, impl.scale,
-                                   _index_options(cfg, _chosen(cfg)), chosen_executor)
+    chosen = _chosen(cfg)
+    r = runner.SparsePrefillRunner(chosen.config, impl.num_heads, impl.num_kv_heads, impl.scale,
+                                   _index_options(cfg, chosen), chosen_executor)
     _runners.add(r)
     return r
 
