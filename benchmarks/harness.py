@@ -496,12 +496,21 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return busy
 
 
+def _is_device_annotation(e: Any) -> bool:
+    on_device = str(getattr(e, "device_type", "")).endswith("CUDA")
+    return on_device and (bool(getattr(e, "is_user_annotation", False)) or e.name.startswith("kvplug."))
+
+
 def profile_summary(events: Any, top: int = 25) -> dict:
     """torch.profiler events -> what a step's time went to: the window they span, the device's busy time (the
     union of its kernels and copies) and idle time within it, kernel time by family and the top kernels, the
     host calls that wait for the device, the top CPU ops by self time, and kvplug's own ranges (``kvplug.``)."""
     device, cpu = [], []
     for e in events:
+        # A record_function range is mirrored on the GPU timeline as a user annotation spanning the kernels it
+        # launched: counted there, it would double the device time (and "index" in a range name reads as a copy).
+        if _is_device_annotation(e):
+            continue
         (device if str(getattr(e, "device_type", "")).endswith("CUDA") else cpu).append(e)
     starts = [e.time_range.start for e in events]
     ends = [e.time_range.end for e in events]

@@ -26,6 +26,8 @@ def test_summary_attributes_device_time_and_host_waits():
         _event("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", 1200, 2000, device=True),  # overlaps: busy is a union
         _event("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", 2500, 3000, device=True),
         _event("triton_poi_fused_mul_silu_0", 3000, 3100, device=True),
+        # the plan range mirrored on the GPU timeline: neither a kernel nor device time (nor a "copy")
+        _event("kvplug.sparse_prefill.index", 400, 3100, device=True),
     ]
     s = harness.profile_summary(events, top=2)
     assert s["window_ms"] == 3.1 and s["gpu_busy_ms"] == 2.1 and s["gpu_idle_ms"] == 1.0
