@@ -196,4 +196,4 @@ def impl_runner(impl: Any) -> runner.RetrievalDecodeRunner | None:
     if window not in (None, -1, (-1, -1)) or getattr(impl, "sinks", None) is not None \
             or getattr(impl, "alibi_slopes", None) is not None:
         return None  # windowed / sink-token / ALiBi layers keep the dense kernel (their masks are not block-local)
-    return runner.RetrievalDecodeRunner(impl, cfg.group_blocks, cfg.fused_kv_write)
+    return runner.RetrievalDecodeRunner(impl, cfg.group_blocks, cfg.fused_kv_write, cfg)

@@ -44,8 +44,10 @@ class RetrievalDecodeConfig(Section):
     # selects on every N-th decode step (and whenever its batch row changed hands, after a prefill, a preemption or
     # a batch with a prefill chunk in it); in between every (layer, kv-head) reads its last selection plus the
     # blocks started since (so the sink and the recent window stay covered). Cuts the score + select cost ~N x;
-    # costs an int32 [max batch, kv heads, k] selection store per layer, outside the reserved summary memory.
-    reselect_interval: int = 1
+    # costs an int32 [max batch, kv heads, k] selection store per layer, reserved with the summaries. Default 8, the
+    # largest interval measured to keep the answers and pay (H100, 2026-12-07: identical to dense on 108 Qwen
+    # passkey questions at 8-24K at intervals 4 and 8; TPOT 7.11 vs 7.38 ms at 32K; BENCHMARKS.md "Selection reuse").
+    reselect_interval: int = 8
     # CUDA, FlashAttention with the KV cache in the model's dtype (kv_cache_dtype "auto"): true = one Triton launch
     # per layer and step writes the new keys and values into the paged cache and folds the keys into the block
     # summaries (the bytes of vLLM's reshape_and_cache_flash followed by the summary update, one launch fewer);

@@ -32,13 +32,24 @@ class Reservation:
     carved_layers: int = 0
     overflow_layers: int = 0  # layers whose summaries did not fit (allocated outside: counted, warned)
 
-    def take(self, nbytes: int) -> torch.Tensor | None:
+    # Other per-layer state reserved beside the summaries (selection-reuse stores): bytes carved / not fitting.
+    extra_bytes: int = 0
+    extra_overflow: int = 0
+    planned_extra_bytes: int = 0  # what the reservation holds for them (their largest size, every layer)
+
+    def take(self, nbytes: int, summaries: bool = True) -> torch.Tensor | None:
         start = -(-self.offset // ALIGN) * ALIGN
         if start + nbytes > self.buffer.numel():
-            self.overflow_layers += 1
+            if summaries:
+                self.overflow_layers += 1
+            else:
+                self.extra_overflow += 1
             return None
         self.offset = start + nbytes
-        self.carved_layers += 1
+        if summaries:
+            self.carved_layers += 1
+        else:
+            self.extra_bytes += nbytes
         return self.buffer[start:start + nbytes]
 
 
@@ -60,6 +71,12 @@ def reservation_bytes(kv_bound_bytes: int, ratio: float, explicit: bool, fixed_b
     return math.ceil(kv_bound_bytes * ratio / (1.0 + ratio)) + fixed_bytes + 64 * ALIGN
 
 
+def selection_store_bytes(layers: int, capacity: int, kv_heads: int, slots: int, element_size: int) -> int:
+    """Selection reuse (reselect_interval > 1) keeps each decode row's last selection per layer: [capacity, kv heads,
+    slots] indices, reserved with the summaries so vLLM sizes its cache around them too."""
+    return layers * (capacity * kv_heads * slots * element_size + ALIGN)
+
+
 def fixed_summary_bytes(layers: int, padding_row_bytes: int) -> int:
     """Per layer, the summaries hold one row more than the cache has blocks (it absorbs padded tokens) and start
     on an ALIGN boundary: without this, an explicit cache size left the last layer outside the reservation
@@ -68,20 +85,23 @@ def fixed_summary_bytes(layers: int, padding_row_bytes: int) -> int:
 
 
 def reserve(kv_bound_bytes: int, explicit: bool, ratio: float, device: torch.device | str,
-            fixed_bytes: int = 0) -> Reservation | None:
-    """Once per process: the summaries' share, allocated (and touched, so the CPU's RSS counts it) now."""
+            fixed_bytes: int = 0, extra_bytes: int = 0) -> Reservation | None:
+    """Once per process: the summaries' share (+ ``extra_bytes`` for other per-layer state: selection-reuse
+    stores), allocated (and touched, so the CPU's RSS counts it) now."""
     global _RESERVATION
     with _lock:
         if _RESERVATION is None:
             n = reservation_bytes(kv_bound_bytes, ratio, explicit, fixed_bytes)
             if n <= 0:
                 return None
+            n += extra_bytes
             buf = torch.empty(n, dtype=torch.uint8, device=device)
             buf.fill_(0)  # a fresh CPU allocation is not resident until written
-            _RESERVATION = Reservation(buf)
-            log.info("kvplug retrieval decode: reserved %.2f GiB for block summaries before vLLM sizes its KV cache "
-                     "(KV bound %.2f GiB, %s, %.4f summary bytes per KV byte)", n / 2**30, kv_bound_bytes / 2**30,
-                     "explicit size" if explicit else "profiled", ratio)
+            _RESERVATION = Reservation(buf, planned_extra_bytes=extra_bytes)
+            log.info("kvplug retrieval decode: reserved %.2f GiB for block summaries%s before vLLM sizes its KV "
+                     "cache (KV bound %.2f GiB, %s, %.4f summary bytes per KV byte)", n / 2**30,
+                     f" and {extra_bytes / 2**30:.2f} GiB of selection stores" if extra_bytes else "",
+                     kv_bound_bytes / 2**30, "explicit size" if explicit else "profiled", ratio)
         return _RESERVATION
 
 
@@ -95,12 +115,20 @@ def carve(nbytes: int) -> torch.Tensor | None:
         return None if _RESERVATION is None else _RESERVATION.take(nbytes)
 
 
+def carve_extra(nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` of the reservation for other per-layer state (a selection-reuse store), or None."""
+    with _lock:
+        return None if _RESERVATION is None else _RESERVATION.take(nbytes, summaries=False)
+
+
 def snapshot() -> dict[str, int]:
     r = _RESERVATION
     if r is None:
-        return {"reserved_bytes": 0, "reserved_used_bytes": 0, "reserved_layers": 0, "unreserved_layers": 0}
+        return {"reserved_bytes": 0, "reserved_used_bytes": 0, "reserved_layers": 0, "unreserved_layers": 0,
+                "reserved_for_stores_bytes": 0, "reserved_store_bytes": 0, "unreserved_stores": 0}
     return {"reserved_bytes": r.buffer.numel(), "reserved_used_bytes": r.offset, "reserved_layers": r.carved_layers,
-            "unreserved_layers": r.overflow_layers}
+            "unreserved_layers": r.overflow_layers, "reserved_for_stores_bytes": r.planned_extra_bytes,
+            "reserved_store_bytes": r.extra_bytes, "unreserved_stores": r.extra_overflow}
 
 
 def reset_for_tests() -> None:

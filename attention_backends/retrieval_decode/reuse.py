@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attention_backends.retrieval_decode import planner
+from attention_backends.retrieval_decode import memory, planner
 from attention_backends.retrieval_decode.selection import Selection
 
 _trackers: "weakref.WeakSet[ReuseTracker]" = weakref.WeakSet()
@@ -119,7 +119,8 @@ def reset_counts() -> None:
 
 class SelectionStore:
     """One per layer: each row's last selection, [capacity, Hkv, slots] logical block indices (slots [0, budget)
-    valid, ascending). Allocated on first use, which must be an eager step (never inside graph capture)."""
+    valid, ascending). Made on first use, which must be an eager step (never inside graph capture), out of the
+    memory reserved before vLLM sized its cache (memory.py; the runner reserves it), else allocated."""
 
     def __init__(self) -> None:
         self.blocks: torch.Tensor | None = None
@@ -130,7 +131,12 @@ class SelectionStore:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("retrieval decode: the selection store was first needed inside CUDA-graph "
                                    "capture; it must be allocated in an eager warm-up step")
-            self.blocks = b = torch.zeros(capacity, hkv, slots, dtype=dtype, device=device)
+            b = None
+            raw = memory.carve_extra(capacity * hkv * slots * dtype.itemsize)
+            if raw is not None and raw.device.type == torch.device(device).type and raw.numel():
+                b = raw.view(dtype).view(capacity, hkv, slots)
+                b.zero_()
+            self.blocks = b = b if b is not None else torch.zeros(capacity, hkv, slots, dtype=dtype, device=device)
         return b
 
 

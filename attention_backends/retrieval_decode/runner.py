@@ -82,8 +82,9 @@ def record_refresh(summaries: int) -> None:
 class RetrievalDecodeRunner:
     """Lives in one attention impl (one layer): owns that layer's block summaries."""
 
-    def __init__(self, impl: Any, group_blocks: int = 1, fused_kv_write: bool = False) -> None:
+    def __init__(self, impl: Any, group_blocks: int = 1, fused_kv_write: bool = False, cfg: Any = None) -> None:
         self.impl = impl
+        self.cfg = cfg  # the retrieval_decode section: what the reservation must hold beside the summaries
         self.summaries: BlockSummaries | None = None
         self.fused_kv_write = fused_kv_write
         self._write_views: tuple[Any, Any] | None = None  # (the cache it was asked for, plain_kv_write_views)
@@ -121,7 +122,23 @@ class RetrievalDecodeRunner:
                                                                               groups))
         except (AttributeError, TypeError):  # a config without model geometry (unit tests): no padding rows
             fixed = 0
-        memory.reserve(bound, explicit, ratio, device, fixed)
+        memory.reserve(bound, explicit, ratio, device, fixed, self._selection_store_bytes(cfg, torch.device(device)))
+
+    def _selection_store_bytes(self, vllm_config: Any, device: torch.device) -> int:
+        """Selection reuse on: every layer's store (reuse.SelectionStore) at its largest, int32 on CUDA (the graph
+        kernels) and int64 on the CPU path, sized as the builder sizes it (decode capacity x kv heads x graph k)."""
+        cfg = self.cfg
+        if cfg is None or getattr(cfg, "reselect_interval", 1) <= 1:
+            return 0
+        layers, kv_heads, _ = vllm_compat.attention_geometry(vllm_config)
+        block_size = int(vllm_config.cache_config.block_size or 16)
+        max_len = int(vllm_config.model_config.max_model_len)
+        cuda = device.type == "cuda"
+        measured = cuda and cfg.break_even == "measured" and torch.cuda.is_available()
+        params = planner.RetrievalParams.from_config(cfg, block_size, torch.cuda.get_device_name() if measured else None)
+        slots = min(planner.graph_k(params, max_len), -(-max_len // block_size))
+        capacity = vllm_compat.decode_batch_capacity(vllm_config)
+        return memory.selection_store_bytes(layers, capacity, kv_heads, slots, 4 if cuda else 8)
 
     def _groups_on(self, device: torch.device) -> bool:
         """Group summaries exist only where the Triton kernels score them (the CPU path derives them in torch)."""

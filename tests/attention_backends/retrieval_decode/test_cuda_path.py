@@ -15,8 +15,10 @@ from attention_backends.retrieval_decode.config import RetrievalDecodeConfig
 
 def _hook(max_model_len=4096):
     builder = SimpleNamespace(kv_cache_spec=SimpleNamespace(block_size=16, num_kv_heads=2),
-                              vllm_config=SimpleNamespace(model_config=SimpleNamespace(max_model_len=max_model_len)),
-                              supports_update_block_table=True)
+                              vllm_config=SimpleNamespace(model_config=SimpleNamespace(max_model_len=max_model_len),
+                                                          scheduler_config=SimpleNamespace(max_num_seqs=8),
+                                                          compilation_config=SimpleNamespace()),
+                              device=torch.device("cpu"), supports_update_block_table=True)
     cfg = RetrievalDecodeConfig(enabled=True, budget_tokens=256, recent_tokens=32, min_context_tokens=512)
     hook = backend_hooks.BuilderHook(builder, cfg)
     hook.graph_safe = True  # as on CUDA

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from attention_backends.retrieval_decode import memory, runner
+from attention_backends.retrieval_decode import memory, planner, runner
 from attention_backends.retrieval_decode.summaries import BlockSummaries
 
 
@@ -59,6 +59,7 @@ def _cpu_runner():
     r = runner.RetrievalDecodeRunner.__new__(runner.RetrievalDecodeRunner)
     r.impl, r.summaries, r.layer_idx, r._vllm_config = SimpleNamespace(scale=1.0), None, None, cfg
     r.group_summaries = False
+    r.cfg = None  # no retrieval_decode section: summaries only
     return r
 
 
@@ -102,3 +103,35 @@ def test_runner_reserves_the_padding_rows_from_the_models_geometry():
     _cpu_runner().reserve_summary_memory("cpu")  # no geometry: no padding rows
     assert with_rows - memory.current().buffer.numel() == memory.fixed_summary_bytes(
         4, BlockSummaries.nbytes(0, 2, 8, torch.float32))
+
+
+def test_selection_reuse_stores_are_reserved_with_the_summaries_and_carved_from_them():
+    """reselect_interval > 1 (the default): every layer's selection store ([decode capacity, kv heads, graph k]) is
+    part of what is reserved before vLLM sizes its cache, and the store takes its bytes from there."""
+    from attention_backends.retrieval_decode import reuse
+    from attention_backends.retrieval_decode.config import RetrievalDecodeConfig
+
+    def runner_with(interval):
+        r = _cpu_runner()
+        mc = r._vllm_config.model_config
+        mc.get_num_layers, mc.get_num_kv_heads, mc.get_head_size = (lambda pc: 4), (lambda pc: 2), (lambda: 8)
+        mc.max_model_len = 4096
+        r._vllm_config.parallel_config = SimpleNamespace()
+        r._vllm_config.scheduler_config = SimpleNamespace(max_num_seqs=8)
+        r._vllm_config.compilation_config = SimpleNamespace(max_cudagraph_capture_size=16)
+        r.cfg = RetrievalDecodeConfig(enabled=True, budget_fraction=0.1, reselect_interval=interval)
+        return r
+
+    runner_with(1).reserve_summary_memory("cpu")
+    without = memory.current().buffer.numel()
+    memory.reset_for_tests()
+    runner_with(4).reserve_summary_memory("cpu")
+    with_stores = memory.current().buffer.numel()
+    params = planner.RetrievalParams.from_config(runner_with(4).cfg, 16)
+    slots = min(planner.graph_k(params, 4096), 4096 // 16)
+    planned = memory.selection_store_bytes(4, 16, 2, slots, 8)  # capacity 16: the graphs' largest batch
+    assert with_stores - without == planned > 0 and memory.snapshot()["reserved_for_stores_bytes"] == planned
+    store = reuse.SelectionStore().get(16, 2, slots, torch.device("cpu"), torch.int64)
+    reserved = memory.current().buffer
+    assert reserved.data_ptr() <= store.data_ptr() < reserved.data_ptr() + reserved.numel()
+    assert (store == 0).all() and memory.snapshot()["reserved_store_bytes"] == store.numel() * 8
