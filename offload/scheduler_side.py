@@ -29,7 +29,7 @@ from kvplug import vllm_compat
 from kvplug.kv_payload import BlockContext, payload_nbytes
 from offload.config import OffloadConfig
 from offload import inventory as inv
-from offload import request_keys
+from offload import request_keys, trace
 from offload.keys import KeyMaker, hash_hex
 from offload.layout import KvLayout
 from offload.metadata import KvplugConnectorMetadata, KvplugWorkerMetadata, LoadSpec, SaveSpec
@@ -92,6 +92,7 @@ class SchedulerSide:
         self._content: collections.OrderedDict[bytes, set[tuple[str | None, str, bool]]] = collections.OrderedDict()
         self.reqs: dict[str, _ReqState] = {}
         self._pending_loads: set[str] = set()
+        self.steps = 0  # engine steps seen (build_connector_meta calls): offload/trace.py's events count them
         self._size_cache: dict[tuple[str, object], int] = {}
         self._policies: dict[str, KvPolicy] = {}
         self._key_makers: dict[str, KeyMaker] = {}
@@ -133,8 +134,11 @@ class SchedulerSide:
         return self.policies.choose(len(request.prompt_token_ids or ()), params)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        with self.lock:
-            return self._match(request, num_computed_tokens)
+        with self.lock, trace.span("kvplug.offload.scheduler.lookup", req=request.request_id,
+                                   step=self.steps) as ev:
+            matched, load_async = self._match(request, num_computed_tokens)
+            ev.update(gpu_hit_tokens=num_computed_tokens, matched_tokens=matched, load_async=load_async)
+            return matched, load_async
 
     def _match(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         st = self.reqs.get(request.request_id)
@@ -217,11 +221,15 @@ class SchedulerSide:
         st.block_ids = ids if replace else st.block_ids + ids
 
     def build_connector_meta(self, so: Any) -> KvplugConnectorMetadata:
-        with self.lock:
+        with self.lock, trace.span("kvplug.offload.scheduler.build_meta", step=self.steps) as ev:
             meta = self._build_meta(so)
             if meta.tier_ops:
                 self.inventory.sync([op.key for op in meta.tier_ops])
                 self._count_evictions()
+            if trace.enabled():
+                ev.update(load_blocks=sum(len(s.keys) for s in meta.loads), saves=len(meta.saves),
+                          scheduled=[n.req_id for n in so.scheduled_new_reqs] + list(so.scheduled_cached_reqs.req_ids))
+            self.steps += 1  # build_connector_meta runs once per engine step (vLLM's schedule())
             return meta
 
     def _build_meta(self, so: Any) -> KvplugConnectorMetadata:
@@ -265,6 +273,7 @@ class SchedulerSide:
                 continue
             ids = st.block_ids[st.local_blocks:st.local_blocks + len(st.load_keys)]
             meta.loads.append(LoadSpec(st.policy, list(st.load_keys), ids))
+            trace.mark("kvplug.offload.scheduler.load_planned", req=req_id, step=self.steps, blocks=len(ids))
 
         for st, computed_after in progress:
             prompt_len = len(st.request.prompt_token_ids or ())
@@ -336,6 +345,7 @@ class SchedulerSide:
 
     def request_finished(self, request: Any, block_ids: Any = None) -> bool:
         """Forget the request; True: vLLM must keep its blocks until the workers report its save done."""
+        trace.mark("kvplug.offload.scheduler.finished", req=request.request_id, step=self.steps)
         with self.lock:
             return self._finished(request, block_ids)
 

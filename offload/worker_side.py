@@ -23,9 +23,9 @@ import torch
 from kvplug import vllm_compat
 from kvplug.dropped_tokens import registry as dropped_registry
 from kvplug.kv_payload import BlockContext, Payload, compression_ratio, payload_nbytes
-from offload import host_memory
+from offload import host_memory, trace
 from offload.config import OffloadConfig
-from offload.layerwise import Lane, LoadJobs, SaveJobs, plan_runs
+from offload.layerwise import Lane, LoadJobs, SaveJobs, StagingRing, plan_runs
 from offload.metadata import KvplugConnectorMetadata, KvplugWorkerMetadata, LoadSpec, SaveSpec
 from offload.tiers import registry as tier_registry
 from offload.tiers.base import Tier, TierEvents
@@ -58,6 +58,12 @@ class WorkerStats:
     # allocation within that).
     save_issue_s: float = 0.0
     save_alloc_s: float = 0.0
+    # Loads: device memory of the staging ring (0: loads run serially), loads that overlapped copies with
+    # decode, and host seconds spent planning loads (fetch, locate, runs) and issuing their layers.
+    load_staging_bytes: int = 0
+    overlapped_loads: int = 0
+    load_plan_s: float = 0.0
+    load_issue_s: float = 0.0
 
 
 @dataclass
@@ -90,6 +96,9 @@ class WorkerSide:
         self._unreadable_lock = threading.Lock()  # the disk writer's thread adds the keys of failed writes
         self._load_lane: Lane | None = None
         self._save_lane: Lane | None = None
+        # Overlapped loads (CUDA, cfg.load_overlap): decode + scatter on their own lane, through a staging ring.
+        self._decode_lane: Lane | None = None
+        self._staging: StagingRing | None = None
         self._loads: LoadJobs | None = None
         self._saves: SaveJobs | None = None
         self._host: host_memory.HostMemory | None = None
@@ -119,6 +128,7 @@ class WorkerSide:
         self.layer_of = {name: i for i, (name, _, _) in enumerate(layers)}
         dev = layers[0][1].device if layers else torch.device("cpu")
         self._load_lane, self._save_lane = Lane(dev), Lane(dev)
+        self._set_up_load_overlap(dev)
         # Host memory the GPU copies into must be pinned (else every copy is synchronous and staged); on CUDA
         # the host-memory tiers' budget is pinned once here, not per save inside a prefill.
         if self._host is None:
@@ -140,6 +150,20 @@ class WorkerSide:
 
             self.load_listeners = [h for h in self.load_listeners if getattr(h, "__name__", "") != "refresh"]
             self.load_listeners.append(refresh)
+
+    def _set_up_load_overlap(self, dev: torch.device) -> None:
+        """A decode lane and the staging ring, once, where loads can overlap (CUDA with cfg.load_overlap)."""
+        if self._staging is not None or not self.cfg.load_overlap or self._load_lane.stream is None:
+            return
+        try:
+            self._staging = StagingRing(self.cfg.load_staging_bytes, dev)
+        except RuntimeError as exc:  # out of device memory: loads stay serial, nothing else changes
+            logger.warning("kvplug offload: no load staging ring (%s); loads copy and decode on one stream", exc)
+            return
+        self._decode_lane = Lane(dev)
+        self.stats.load_staging_bytes = self._staging.nbytes
+        logger.info("kvplug offload: load staging ring of %.0f MiB on %s (2 slots): copies overlap decode",
+                    self._staging.nbytes / (1 << 20), dev)
 
     def warm_up_kernels(self) -> list[str]:
         """Run every policy's encode and decode once on two blocks of the cache's dtype and head shape, so no
@@ -210,14 +234,18 @@ class WorkerSide:
         if not meta.loads or not self.layers:
             return
         t0 = time.perf_counter()
-        jobs = LoadJobs(self.layers, self._load_lane, on_layer_loaded=list(self.load_listeners))
-        for spec in meta.loads:
-            self._plan_load(spec, jobs)
+        with trace.span("kvplug.offload.worker.plan_load", loads=len(meta.loads)):
+            jobs = LoadJobs(self.layers, self._load_lane, on_layer_loaded=list(self.load_listeners),
+                            decode_lane=self._decode_lane, staging=self._staging)
+            for spec in meta.loads:
+                self._plan_load(spec, jobs)
+        self.stats.load_plan_s += time.perf_counter() - t0
         if not jobs:
             return
         self._loads = jobs
         start_ev = self._load_lane.record(timing=True)
         jobs.start()
+        self.stats.overlapped_loads += jobs.overlapped
         self._load_timings.append((start_ev, None, t0))
 
     def _plan_load(self, spec: LoadSpec, jobs: LoadJobs) -> None:
@@ -299,12 +327,16 @@ class WorkerSide:
         if self._loads is None:
             return
         end_ev = self._loads.finish()  # the forward never waited for some layers: issue them anyway
+        self.stats.load_issue_s += self._loads.issue_s
+        trace.mark("kvplug.offload.worker.load_issued", layers=self._loads.issued, issue_s=self._loads.issue_s,
+                   overlapped=self._loads.overlapped)
         if self._load_timings and self._load_timings[-1][1] is None:
             start_ev, _, t0 = self._load_timings.pop()
             if end_ev is None:  # CPU: the work ran inline
                 if self.m is not None:
                     self.m.load_seconds.observe(time.perf_counter() - t0)
             else:
+                self._load_lane.waits(end_ev)  # overlapped: the last decode ends the load, not the copies
                 end_timed = self._load_lane.record(timing=True)
                 self._load_timings.append((start_ev, end_timed, t0))
         self._loads = None

@@ -18,7 +18,10 @@ issues, alone (``h2d_only``: no decode, no scatter; ``decode_and_scatter_share``
 prototype of the same load with the copies on one stream and decode + scatter on a second, through two staging
 slots (``overlap_ms``, ``overlap_speedup`` over kvplug's path, ``overlap_staging_bytes``: the device memory it
 adds). Checks that the loaded cache equals the source (keep: bitwise; int8: the policy's decode of the same
-payloads) for both. Reading it: load ~ h2d_only ~ memcpy x stored/raw bytes: the copy structure is not why a
+payloads) for both. Since the overlap is kvplug's own load path (offload.load_overlap, on by default on CUDA),
+``load_ms`` times it (``load_overlap`` true, ``load_overlap_units_per_layer``, ``load_staging_bytes``: the ring's
+device memory), ``load_serial_ms`` the same load with the ring taken away (the serial path before it; its
+``load_serial_equal``), and ``load_overlap_speedup`` = serial / overlapped. Reading it: load ~ h2d_only ~ memcpy x stored/raw bytes: the copy structure is not why a
 follow-up is slower than LMCache's (look at the host side and the scheduling); overlap_speedup well above 1:
 port the overlap into offload/layerwise.py's LoadJobs; h2d_only far below memcpy's GB/s: the copies are too
 small or not pinned (``segments_pinned``).
@@ -206,7 +209,7 @@ def device_bench(blocks: int, reps: int, device: str = "cuda") -> dict:
     the raw context's bytes (``memcpy``). load ~ h2d_only ~ memcpy: the copy structure is not the problem;
     load >> h2d_only: decode and scatter serialize with the copies on the load stream (overlap them on a second
     stream); h2d_only >> memcpy (scaled by stored bytes): the copies are too small or not from pinned memory."""
-    from offload.layerwise import LoadJobs
+    from offload.layerwise import Lane, LoadJobs, StagingRing
 
     def ms(fn) -> float:  # median ms per call (CUDA events; perf_counter on CPU), after a warm-up call
         return harness.time_cuda(fn, warmup=1, iters=reps, device=device)["median_ms"]
@@ -224,6 +227,8 @@ def device_bench(blocks: int, reps: int, device: str = "cuda") -> dict:
     for label, policy in POLICY_NAMES.items():
         # A cache of two contexts: the context is saved from the first half and loaded into the second half.
         w = make_worker(2 * blocks, LAYERS, KV_HEADS, HEAD_DIM, torch.bfloat16, device, raw + (raw >> 2))
+        if device != "cuda" and w._staging is None:  # CPU smoke run: the overlapped path's structure, inline
+            w._decode_lane, w._staging = Lane(torch.device(device)), StagingRing(16 << 20, device)
         src_ids, dst_ids = list(range(blocks)), list(range(blocks, 2 * blocks))
         keys = save_context(w, policy, src_ids)
         stored = sum(t.numel() * t.element_size() for k in keys for t in w.tiers["cpu"].get(k).values())
@@ -235,8 +240,10 @@ def device_bench(blocks: int, reps: int, device: str = "cuda") -> dict:
             run_load(w, meta)
             host_s.append(time.perf_counter() - t0)
 
-        t_load = ms(load)
+        t_load = ms(load)  # kvplug's path as shipped: overlapped where the worker has a staging ring
         ok = _check(w, policy, keys, src_ids, dst_ids)
+        units = _units_per_layer(w, meta)
+        serial = _timed_serial(w, meta, lambda: ms(load), lambda: _check(w, policy, keys, src_ids, dst_ids))
         jobs = LoadJobs(w.layers, w._load_lane)
         w._plan_load(meta.loads[0], jobs)
         segments_pinned = all(t.is_pinned() for run in jobs.runs for t in run.segment.fields.values())
@@ -269,12 +276,46 @@ def device_bench(blocks: int, reps: int, device: str = "cuda") -> dict:
                       "overlap_ms": round(t_overlap, 3), "overlap_speedup": round(t_load / t_overlap, 3),
                       "overlap_equal": overlap_equal,
                       "overlap_staging_bytes": overlapped.staging_bytes,
-                      "host_issue_ms": round(statistics.median(host_s) * 1e3, 3), "equal": ok}
+                      "host_issue_ms": round(statistics.median(host_s) * 1e3, 3), "equal": ok,
+                      # the real path's overlap (offload.load_overlap): load_ms above is it where load_overlap
+                      "load_overlap": units is not None, "load_overlap_units_per_layer": units,
+                      "load_staging_bytes": w._staging.nbytes if w._staging is not None else 0, **serial}
+        if "load_serial_ms" in out[label]:
+            out[label]["load_overlap_speedup"] = round(out[label]["load_serial_ms"] / t_load, 3)
         w.close()
         del w, jobs, overlapped
         if device == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def _units_per_layer(w, meta) -> int | None:
+    """Copy/decode units per layer of this load on the real path (None: it loads serially)."""
+    from offload.layerwise import LoadJobs, plan_staged_units
+
+    if w._staging is None:
+        return None
+    jobs = LoadJobs(w.layers, w._load_lane)
+    w._plan_load(meta.loads[0], jobs)
+    units = plan_staged_units(jobs.runs, w._staging.slot_bytes)
+    return len(units) if units is not None else None
+
+
+def _timed_serial(w, meta, timed, check) -> dict:
+    """The same load with the worker's staging ring taken away (today's serial path before the overlap):
+    ``load_serial_ms``, its ``equal`` check, and ``load_overlap_speedup`` = serial / load. {} without a ring."""
+    if w._staging is None:
+        return {}
+    ring, w._staging = w._staging, None
+    try:
+        dst = torch.tensor(meta.loads[0].block_ids, device=w.layers[0][1].device)
+        for _, kc, vc in w.layers:  # the overlapped load's bytes go: the serial one must write them again
+            kc.index_fill_(0, dst, 0)
+            vc.index_fill_(0, dst, 0)
+        t = timed()
+        return {"load_serial_ms": round(t, 3), "load_serial_equal": check()}
+    finally:
+        w._staging = ring
 
 
 class OverlappedLoad:

@@ -31,4 +31,8 @@ def test_device_part_runs_without_vllm_and_loads_the_right_bytes(tmp_path):
     for policy in ("keep", "int8"):
         assert runs[policy]["equal"] is True and runs[policy]["overlap_equal"] is True, policy
         assert runs[policy]["runs_per_layer"] == 1 and runs[policy]["load_ms"] > 0
+        # the real path's overlap (inline on CPU) and the serial path beside it write the same bytes
+        assert runs[policy]["load_overlap"] is True and runs[policy]["load_overlap_units_per_layer"] == 1
+        assert runs[policy]["load_serial_equal"] is True and runs[policy]["load_serial_ms"] > 0, policy
+        assert runs[policy]["load_staging_bytes"] == 16 << 20 and runs[policy]["load_overlap_speedup"] > 0
     assert runs["int8"]["stored_bytes"] < runs["keep"]["stored_bytes"] == runs["memcpy"]["bytes"]
