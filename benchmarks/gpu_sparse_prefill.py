@@ -188,15 +188,9 @@ def summarize(runs: list[dict]) -> dict:
                            "kvplug": ours[-1]["two_turn"], "flash_attn": base[-1]["two_turn"]}
     profiles = {r["backend"]: r["two_turn"]["profile"] for r in runs if r.get("two_turn", {}).get("profile")}
     if profiles:
-        out["profile"] = {turn: {b: _profile_digest(p[turn]) for b, p in profiles.items() if turn in p}
+        out["profile"] = {turn: {b: harness.profile_digest(p[turn]) for b, p in profiles.items() if turn in p}
                           for turn in ("first_turn", "second_turn")}
     return out
-
-
-def _profile_digest(p: dict) -> dict:
-    """The comparable figures of one turn's profile (the full one stays in runs[].two_turn.profile)."""
-    return {k: p[k] for k in ("ttft_s", "window_ms", "gpu_busy_ms", "gpu_idle_ms", "kernel_ms_by_group",
-                              "host_waits", "kvplug_ranges")} | {"top_kernels": p["top_kernels"][:8]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -548,6 +548,13 @@ def profile_summary(events: Any, top: int = 25) -> dict:
     }
 
 
+def profile_digest(p: dict, top: int = 8) -> dict:
+    """The comparable figures of one profile_summary (with the caller's ``ttft_s``): the full one stays in the
+    run's result."""
+    return {k: p[k] for k in ("ttft_s", "window_ms", "gpu_busy_ms", "gpu_idle_ms", "kernel_ms_by_group",
+                              "host_waits", "kvplug_ranges") if k in p} | {"top_kernels": p["top_kernels"][:top]}
+
+
 # ---------------------------------------------------------------------------------------------- library seams
 # Benchmarks reach kvplug's library here when more than one script needs the same thing.
 

