@@ -31,8 +31,9 @@ class OffloadConfig(Section):
     # through a staging ring of load_staging_size bytes of device memory per worker, allocated once when the
     # KV caches register (two slots; a slot holds one layer of a 32K-token Llama-3-8B context at full
     # precision, 128 MiB; a larger layer is staged in parts). false: copy, decode and scatter on one stream,
-    # with no ring. Ignored on CPU (no streams).
-    load_overlap: bool = True
+    # with no ring. Ignored on CPU (no streams). Off until the H100 shows its bytes equal and its gain
+    # (DEVELOPERS.md item 2h: tested on the CPU with simulated streams only).
+    load_overlap: bool = False
     load_staging_size: str | int = "320MiB"
 
     def __post_init__(self) -> None:

@@ -23,8 +23,9 @@ LAYERWISE = [n for n in policy_registry.POLICY_NAMES if policy_registry.create(n
 POLICIES = RegistryPolicyProvider(CachePolicyConfig())
 
 
-def make_worker(tmp_path=None, cpu_size="1GiB"):
-    cfg = OffloadConfig(enabled=True, cpu_size=cpu_size, disk_path=str(tmp_path / "disk") if tmp_path is not None else "")
+def make_worker(tmp_path=None, cpu_size="1GiB", load_overlap=False):
+    cfg = OffloadConfig(enabled=True, cpu_size=cpu_size, disk_path=str(tmp_path / "disk") if tmp_path is not None else "",
+                        load_overlap=load_overlap)
     side = WorkerSide(SimpleNamespace(tp_rank=0), cfg, POLICIES)  # no metrics
     g = torch.Generator().manual_seed(0)
     views = [(f"model.layers.{i}.self_attn.attn", torch.randn(NUM_BLOCKS, HEADS, TOKENS, DIM, generator=g),
