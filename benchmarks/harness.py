@@ -548,9 +548,10 @@ def profile_summary(events: Any, top: int = 25) -> dict:
     }
 
 
-def profile_digest(p: dict, top: int = 8) -> dict:
+def profile_digest(p: dict, top: int | None = None) -> dict:
     """The comparable figures of one profile_summary (with the caller's ``ttft_s``): the full one stays in the
-    run's result."""
+    run's result. ``top``: how many of its top kernels (None: all that profile_summary kept, --profile-top; the
+    2026-12-07 128K digest cut at 8 hid most of the sparse path's copy and index kernels)."""
     return {k: p[k] for k in ("ttft_s", "window_ms", "gpu_busy_ms", "gpu_idle_ms", "kernel_ms_by_group",
                               "host_waits", "kvplug_ranges") if k in p} | {"top_kernels": p["top_kernels"][:top]}
 

@@ -140,9 +140,12 @@ def make_decider(cfg: Any, context: ModelContext | None, device: str,
     runs = executor.resolve(cfg.executor, platform, context.head_dim).name
     decider = cost_model.ChunkDecider(floor, table, heads, context.num_heads, context.head_dim, cfg.cost_margin,
                                       executor=runs, compiled_index=cfg.compiles_index(platform, _per_head(chosen)),
-                                      **scale)
+                                      whole_page_gather=cfg.fa2_whole_page_gather, **scale)
     t = decider.terms
     priced = f"{t.executor} terms, {'compiled' if t.compiled_index else 'eager'} index"
+    if runs == "fa2_sparse" and cfg.fa2_whole_page_gather:
+        priced += (", whole-page K/V gather" if t.whole_page_gather
+                   else ", whole-page K/V gather priced as the per-token one (the table has no gather_pages)")
     return decider, (f"cost model ({why}, device {device!r}, {priced}, margin {cfg.cost_margin}, "
                      f"floor {floor} tokens)")
 

@@ -92,6 +92,17 @@ class SparsePrefillConfig(Section):
     # separates "the estimate picks the wrong keys" from "the budgets are too small" (issue 16's lost passkey
     # answers; BENCHMARKS.md, "Sparse prefill"). Cost: a dense attention pass per chunk on top of the sparse one.
     exact_selection: bool = False
+    # The FA2 executor reads K/V as contiguous tensors, so every sparse chunk copies its sequence's K and V out of
+    # the paged cache, in every layer. false (the default): per token, through (block, row) index pairs into a
+    # temporary, then transposed head-major: two passes over K and two over V, the first a slow 2-byte gather
+    # (2026-12-07 H100 profile of a 128K first turn: ~340 ms of copy kernels of 5.07 s TTFT). true: the
+    # sequence's blocks copied whole, in 8-byte words, straight into the kernel's token-major layout, then the
+    # rows past the sequence zeroed: one pass, half the bytes. The same K/V values, so the same output
+    # (fa2_sparse.py); the kernel reads them token-major instead of head-major. Off until the H100 rows
+    # (fa2_gather_pages_ms, fa2_serving_pages_ms) and end-to-end TTFT show it never loses (BENCHMARKS.md,
+    # "Sparse prefill"); the cost model prices it by the table's fa2_sparse gather_pages term where it has one,
+    # else as the per-token gather (an upper bound).
+    fa2_whole_page_gather: bool = False
 
     def compiles_index(self, platform: str = "cpu", per_head_config: bool = False) -> bool:
         """compiled_index resolved: "auto" compiles on CUDA for a uniform pattern config only (see the key)."""

@@ -18,6 +18,9 @@ only where it can run) with the compiled index terms when ``compiled_index`` is 
     sparse = index(.compiled) + gather.fixed_ms + gather.ms_per_kkey * L/1e3 * w
            + convert.fixed_ms + convert.ms_per_krow * n/1e3 * Hq/Hq0 + kernel (as above)
 
+where ``gather`` is ``gather_pages`` when ``fa2_whole_page_gather`` is on and the table has that term (else the
+per-token gather's: it moves twice the bytes, an upper bound).
+
 A term the table lacks falls back to the Triton one (a table without ``executors`` prices every executor as
 Triton: the older tables). For ``fa2_sparse`` the kernel's density is the plan's, before the widening to 64-key
 windows (fa2_sparse.py): the fit absorbs the widening at the densities it was measured at.
@@ -98,7 +101,8 @@ class ExecutorCost(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omi
 
     index: IndexCost | None = None  # the eager index build on this executor's path
     index_compiled: IndexCost | None = None  # the same through torch.compile (sparse_prefill.compiled_index)
-    gather: GatherCost | None = None
+    gather: GatherCost | None = None  # K/V out of the paged cache per token (fa2_sparse.gather_kv)
+    gather_pages: GatherCost | None = None  # the same by whole pages (sparse_prefill.fa2_whole_page_gather)
     convert: ConvertCost | None = None
     kernel: KernelCost | None = None
 
@@ -116,6 +120,7 @@ class SparseTerms:
     kernel: KernelCost
     gather: GatherCost | None
     convert: ConvertCost | None
+    whole_page_gather: bool = False  # ``gather`` is the table's whole-page term (not the per-token upper bound)
 
 
 class CostTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -150,16 +155,20 @@ class CostTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_d
         pairs = causal_pairs(n, L) * heads / 1e9 * head_dim / self.shape.head_dim
         return self.dense.fixed_ms + self.dense.ms_per_gpair * pairs
 
-    def terms(self, executor: str = "triton", compiled_index: bool = False) -> SparseTerms:
+    def terms(self, executor: str = "triton", compiled_index: bool = False,
+              whole_page_gather: bool = False) -> SparseTerms:
         """The terms of a sparse chunk run by ``executor`` (an EXECUTOR_NAMES name), with the compiled index
-        build's when ``compiled_index`` and the table has them; each missing term is the Triton one."""
+        build's when ``compiled_index`` and the table has them, and the whole-page gather's when
+        ``whole_page_gather`` (sparse_prefill.fa2_whole_page_gather) and the table has it (else the per-token
+        gather's: the upper bound); each missing term is the Triton one."""
         triton = self.executors.get("triton") or ExecutorCost()
         own = triton if executor == "triton" else self.executors.get(executor) or ExecutorCost()
         # an executor without index terms of its own builds as the Triton path does, compiled or not
         compiled = own.index_compiled or (None if own.index else triton.index_compiled)
         use_compiled = compiled_index and compiled is not None
+        pages = whole_page_gather and own.gather_pages is not None
         return SparseTerms(executor, use_compiled, compiled if use_compiled else own.index or self.index,
-                           own.kernel or self.kernel, own.gather, own.convert)
+                           own.kernel or self.kernel, own.gather_pages if pages else own.gather, own.convert, pages)
 
     def sparse_ms(self, n: int, L: int, density: float, heads: int, head_dim: int,
                   terms: SparseTerms | None = None) -> float:
@@ -277,12 +286,13 @@ class ChunkDecider:
     def __init__(self, floor: int, table: CostTable | None = None, heads: HeadDensity | None = None,
                  num_heads: int = 0, head_dim: int = 0, margin: float = 1.2, budget_scale_limit: float = 1.0,
                  searched_tokens: int | None = None, feedback: DensityFeedback | None = None,
-                 executor: str = "triton", compiled_index: bool = False) -> None:
+                 executor: str = "triton", compiled_index: bool = False, whole_page_gather: bool = False) -> None:
         if table is not None and (heads is None or num_heads < 1 or head_dim < 1):
             raise ValueError("a cost table needs the model's head densities, query heads and head dim")
         self.floor, self.table, self.heads = floor, table, heads
-        # the executor that will run sparse chunks (executor.resolve) and whether the index build is compiled
-        self.terms = table.terms(executor, compiled_index) if table is not None else None
+        # the executor that will run sparse chunks (executor.resolve), whether the index build is compiled and
+        # how the FA2 executor gathers K/V (sparse_prefill.fa2_whole_page_gather)
+        self.terms = table.terms(executor, compiled_index, whole_page_gather) if table is not None else None
         self.num_heads, self.head_dim, self.margin = num_heads, head_dim, margin
         self.budget_scale_limit, self.searched_tokens = budget_scale_limit, searched_tokens
         self.feedback = FEEDBACK if feedback is None else feedback
@@ -412,6 +422,7 @@ EXECUTOR_TERMS = (
     ("fa2_sparse", "index", "fa2_index_ms", _index_features, IndexCost),
     ("fa2_sparse", "index_compiled", "fa2_index_compiled_ms", _index_features, IndexCost),
     ("fa2_sparse", "gather", "fa2_gather_ms", lambda r: [1.0, r["L"] / 1e3], GatherCost),
+    ("fa2_sparse", "gather_pages", "fa2_gather_pages_ms", lambda r: [1.0, r["L"] / 1e3], GatherCost),
     ("fa2_sparse", "convert", "fa2_convert_ms", lambda r: [1.0, r["n"] / 1e3], ConvertCost),
     ("fa2_sparse", "kernel", "fa2_sparse_ms", None, KernelCost),
 )

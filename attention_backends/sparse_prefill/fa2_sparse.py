@@ -22,8 +22,15 @@ So our index converts exactly when (fa2_index):
     most two of its windows reach past its first row, and they sort last.
 
 It reads K/V as contiguous varlen tensors, not the paged cache: gather_kv copies the sequence's keys and
-values out of the cache (head-major, the layout the torch estimate reads, so the index build reuses the
-keys) with zero rows past L for the windows that reach beyond it.
+values out of the cache, with zero rows past L for the windows that reach beyond it, the index build reusing the
+keys. Two ways, the same rows (sparse_prefill.fa2_whole_page_gather):
+  * per token (the default): token t read through (block, row) index pairs into a [L, Hkv, d] temporary, then
+    transposed into head-major memory: two passes over the sequence's K and two over its V per layer and
+    chunk, the first one 2-byte elements through advanced indexing (at::native index_elementwise_kernel);
+  * whole pages: the sequence's blocks copied whole, [block_size, Hkv, d] each, token by token as
+    FlashAttention's cache orders them (vLLM 0.26 packs K and V per token and head: 256-byte runs of K, then of
+    V, at head_dim 128), in 8-byte words, into token-major memory, the kernel's native varlen layout; then the
+    rows past L (the last block's tail: another sequence's or stale rows) zeroed. One pass.
 """
 from __future__ import annotations
 
@@ -138,6 +145,7 @@ class SequenceKV:
     slot: torch.Tensor  # [L] its row in that block
     cu_seqlens_q: torch.Tensor  # [0, n] int32
     cu_seqlens_k: torch.Tensor  # [0, L] int32
+    pages: torch.Tensor  # [ceil(L / block_size)] int64: the sequence's blocks in order (whole-page gather)
 
     @classmethod
     def build(cls, blocks: torch.Tensor, block_size: int, geom: ChunkGeometry) -> "SequenceKV":
@@ -146,19 +154,48 @@ class SequenceKV:
         bounds = [torch.zeros(2, dtype=torch.int32, device=dev) for _ in range(2)]
         for bound, n in zip(bounds, (geom.n, geom.L)):
             bound[1] = n  # a fill on the device: no host-to-device copy
-        return cls(blocks.long()[pos // block_size], pos % block_size, *bounds)
+        pages = blocks.long()[:-(-geom.L // block_size)]
+        return cls(pages[pos // block_size], pos % block_size, *bounds, pages)
 
 
-def gather_kv(cache: torch.Tensor, seq: SequenceKV) -> torch.Tensor:
-    """Paged [num_blocks, kv_heads, block_size, d] -> the sequence's [L + PAD_KEYS, kv_heads, d]: a view of
-    head-major memory [kv_heads, L + PAD_KEYS, d] (rows past L zero), what the kernel reads as varlen K or V;
-    [:L] is what build_index takes (the torch estimate reads it per KV head)."""
+def gather_kv(cache: torch.Tensor, seq: SequenceKV, whole_pages: bool = False) -> torch.Tensor:
+    """Paged [num_blocks, kv_heads, block_size, d] -> the sequence's [rows, kv_heads, d], rows >= L + PAD_KEYS,
+    rows past L zero: what the kernel reads as varlen K or V; [:L] is what build_index takes. Per token (module
+    doc): a view of head-major memory [kv_heads, L + PAD_KEYS, d]; ``whole_pages``: token-major memory, one copy."""
+    if whole_pages:
+        return _gather_whole_pages(cache, seq)
     L = seq.page.shape[0]
     Hkv, d = cache.shape[1], cache.shape[3]
     buf = torch.empty(Hkv, L + PAD_KEYS, d, dtype=cache.dtype, device=cache.device)
     buf[:, L:].zero_()
     buf[:, :L] = cache[seq.page, :, seq.slot].transpose(0, 1)
     return buf.transpose(0, 1)
+
+
+def _gather_whole_pages(cache: torch.Tensor, seq: SequenceKV) -> torch.Tensor:
+    """gather_kv by whole blocks: one index_select of the sequence's blocks into token-major [rows, Hkv, d]
+    (viewed as 8-byte words where the layout allows: a quarter of the elements of a bf16 copy), then the rows
+    past L zeroed (the last block's tail holds rows of no concern to this sequence, possibly non-finite: a masked
+    window multiplies them by a zero probability)."""
+    L, nb = seq.page.shape[0], seq.pages.shape[0]
+    _, Hkv, bs, d = cache.shape
+    rows = max(L + PAD_KEYS, nb * bs)
+    buf = torch.empty(rows, Hkv, d, dtype=cache.dtype, device=cache.device)
+    by_token = cache.transpose(1, 2)  # [num_blocks, bs, Hkv, d]: FlashAttention's memory order, a view
+    dst = buf[:nb * bs].view(nb, bs, Hkv, d)
+    src = by_token
+    if _wide_words_ok(by_token):
+        src, dst = by_token.view(torch.int64), dst.view(torch.int64)
+    torch.index_select(src, 0, seq.pages, out=dst)
+    buf[L:].zero_()
+    return buf
+
+
+def _wide_words_ok(x: torch.Tensor) -> bool:
+    """x's innermost dim can be read as 8-byte words (contiguous, whole words, word-aligned storage offset)."""
+    ratio = 8 // x.element_size() if x.element_size() in (1, 2, 4) else 0
+    return (ratio > 1 and x.stride(-1) == 1 and x.shape[-1] % ratio == 0 and x.storage_offset() % ratio == 0
+            and all(s % ratio == 0 for s in x.stride()[:-1]))
 
 
 def attend(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, geom: ChunkGeometry,

@@ -29,6 +29,8 @@ class IndexOptions:
     vertical_segment_rows: int = 0
     # a diagnostic: patterns rank by exact attention mass (built eager, compiled_index or not)
     exact_selection: bool = False
+    # the FA2 executor gathers each chunk's K/V out of the paged cache by whole pages, one copy (fa2_sparse.gather_kv)
+    fa2_whole_page_gather: bool = False
 
     def __post_init__(self) -> None:
         # the config's checks (config.validate reports them under the section's path)

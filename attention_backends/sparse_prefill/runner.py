@@ -282,11 +282,12 @@ class SparsePrefillRunner:
                     seq: fa2_sparse.SequenceKV, geom: ChunkGeometry, layer_plan: LayerPlan,
                     out: torch.Tensor) -> torch.Tensor:
         """One chunk through the FA2 kernel: gather the sequence's K/V out of the cache (the kernel reads
-        contiguous varlen K/V; the estimate reuses the keys), index with 64-key windows, convert, attend.
-        Returns the computed pairs as a 0-d tensor (on the device: read later, outside forward)."""
-        k = fa2_sparse.gather_kv(key_cache, seq)
-        v = fa2_sparse.gather_kv(value_cache, seq)
+        contiguous varlen K/V; the estimate reuses the keys; per token or by whole pages: fa2_whole_page_gather),
+        index with 64-key windows, convert, attend. Returns the computed pairs as a 0-d tensor (on the device:
+        read later, outside forward)."""
         options = self.index_options
+        k = fa2_sparse.gather_kv(key_cache, seq, options.fa2_whole_page_gather)
+        v = fa2_sparse.gather_kv(value_cache, seq, options.fa2_whole_page_gather)
         keys = PagedKeys(key_cache, blocks, geom.L) if options.fused_estimate and q.is_cuda else k[:geom.L]
         with record_function("kvplug.sparse_prefill.index"):
             index = build_index(q, keys, geom, layer_plan, self.scale, options, trim_columns=False,

@@ -18,7 +18,9 @@ Per length it times (CUDA events, median):
   * fa3 dense      : vLLM's flash_attn_varlen_func (fa_version=3), if vLLM is staged
   * fa2 sparse     : vLLM's sparse_attn_varlen_func as sparse_prefill.executor=fa2_sparse runs it: the index with
                      64-key windows (what it computes exactly), converted (fa2_sparse.py); gather of K/V out of
-                     the paged cache, index, conversion and kernel timed apart and together (fa2_serving_ms)
+                     the paged cache, index, conversion and kernel timed apart and together (fa2_serving_ms);
+                     the same with the K/V gathered by whole pages (sparse_prefill.fa2_whole_page_gather:
+                     fa2_gather_pages_ms, fa2_serving_pages_ms; fa2_pages_same: the same rows, the same output)
   * xformers dense : xformers.ops.memory_efficient_attention, causal, each forward op (torch's FA2 / CUTLASS)
   * xformers local : the same with the closest bias to our index, a causal local window sized to compute as
                      many pairs as the index (benchmarks/kernels/xformers_baseline.py says why and how to
@@ -519,7 +521,11 @@ def _fa2_rows(row, kernel, q, kc, vc, pages, geom, plan, scale, out, timing, arg
     fa2_sparse.py): the sequence's K/V gathered out of the paged cache, the index with 64-key windows
     (build_index(window_ranges=True): what FA2 computes exactly), converted, the kernel. Each part timed, the
     whole as serving runs it (fa2_serving_ms, to set beside kvplug_total_ms), and our kernel on the same
-    windowed index."""
+    windowed index. The whole-page gather (sparse_prefill.fa2_whole_page_gather) beside it: its time
+    (fa2_gather_pages_ms, fa2_serving_pages_ms and, with --compiled-index, fa2_serving_pages_compiled_ms) and
+    whether its K/V and the kernel's output on them equal the per-token path's bit for bit (fa2_pages_same)."""
+    import torch
+
     from attention_backends.sparse_prefill import fa2_sparse, triton_kernels
     from attention_backends.sparse_prefill.head_config import build_index
     from attention_backends.sparse_prefill.index_options import IndexOptions
@@ -541,22 +547,27 @@ def _fa2_rows(row, kernel, q, kc, vc, pages, geom, plan, scale, out, timing, arg
     row["fa2_sparse_ms"] = timing(lambda: kernel(q, kk, vv, *conv, seq.cu_seqlens_q, seq.cu_seqlens_k, n, L,
                                                  softmax_scale=scale, causal=True, out=out))["median_ms"]
 
-    def serving():
-        k, v = fa2_sparse.gather_kv(kc, seq), fa2_sparse.gather_kv(vc, seq)
-        index = build_index(q, k[:L], geom, plan, scale, trim_columns=False, window_ranges=True)
+    def serving(options=IndexOptions()):
+        pages = options.fa2_whole_page_gather
+        k, v = fa2_sparse.gather_kv(kc, seq, pages), fa2_sparse.gather_kv(vc, seq, pages)
+        index = build_index(q, k[:L], geom, plan, scale, options, trim_columns=False, window_ranges=True)
         fa2_sparse.attend(kernel, q, k, v, index, geom, scale, out, seq, with_blocks)
+        return out
 
     row["fa2_serving_ms"] = timing(serving)["median_ms"]
+    by_pages = IndexOptions(fa2_whole_page_gather=True)
+    row["fa2_gather_pages_ms"] = timing(lambda: (fa2_sparse.gather_kv(kc, seq, True),
+                                                 fa2_sparse.gather_kv(vc, seq, True)))["median_ms"]
+    row["fa2_serving_pages_ms"] = timing(lambda: serving(by_pages))["median_ms"]
+    kp, vp = fa2_sparse.gather_kv(kc, seq, True), fa2_sparse.gather_kv(vc, seq, True)
+    same_kv = all(torch.equal(a[:L], b[:L]) and not a[L:].any() for a, b in ((kp, kk), (vp, vv)))
+    row["fa2_pages_same"] = same_kv and torch.equal(serving().clone(), serving(by_pages))
     if args.compiled_index:
         _compiled_index_rows(row, "fa2_index", q, kk[:L], geom, plan, scale, timing, window_ranges=True)
-
-        def serving_compiled():
-            k, v = fa2_sparse.gather_kv(kc, seq), fa2_sparse.gather_kv(vc, seq)
-            index = build_index(q, k[:L], geom, plan, scale, IndexOptions(compiled_index=True), trim_columns=False,
-                                window_ranges=True)
-            fa2_sparse.attend(kernel, q, k, v, index, geom, scale, out, seq, with_blocks)
-
-        row["fa2_serving_compiled_ms"] = timing(serving_compiled)["median_ms"]
+        compiled = IndexOptions(compiled_index=True)
+        row["fa2_serving_compiled_ms"] = timing(lambda: serving(compiled))["median_ms"]
+        row["fa2_serving_pages_compiled_ms"] = timing(lambda: serving(
+            IndexOptions(compiled_index=True, fa2_whole_page_gather=True)))["median_ms"]
     row["kvplug_attn_on_windows_ms"] = timing(lambda: triton_kernels.sparse_attention_paged(
         q, kc, vc, pages, widx, geom, scale, out))["median_ms"]
     row["fa2_ms_per_gpair"] = row["fa2_sparse_ms"] / (row["window_density"] * geom.causal_pairs() * q.shape[1] / 1e9)
@@ -636,6 +647,8 @@ def markdown(report: dict) -> str:
             ("kvplug_attn_ms", "ours: attn ms"), ("kvplug_attn_union_ms", "union attn ms"), ("kvplug_total_ms", "ours: total ms"), ("sdpa_dense_ms", "SDPA dense ms"),
             ("flex_sparse_ms", "Flex sparse ms"), ("fa3_dense_ms", "FA3 dense ms"), ("fa2_sparse_ms", "FA2 sparse ms"),
             ("window_density", "window density"), ("fa2_serving_ms", "FA2 serving ms"),
+            ("fa2_gather_ms", "FA2 gather ms"), ("fa2_gather_pages_ms", "FA2 gather (whole pages) ms"),
+            ("fa2_serving_pages_ms", "FA2 serving (whole pages) ms"),
             ("xformers_dense_ms", "xformers dense ms"), ("xformers_local_window", "xformers window"),
             ("xformers_local_ms", "xformers local (same pairs) ms")]
     rows = report["results"]

@@ -71,6 +71,16 @@ def test_sparse_prefill_summary_puts_profiled_turns_side_by_side(capsys):
     assert "profile" not in gpu_sparse_prefill.summarize([_run("FLASH_ATTN", 0.18, None), _run("CUSTOM", 0.2, None)])
 
 
+def test_sparse_prefill_summary_keeps_every_kernel_the_worker_kept():
+    """The digest keeps the --profile-top list whole (the 2026-12-07 128K digest cut it at 8 and hid the sparse
+    path's copy kernels)."""
+    prof = harness.profile_summary([_event(f"kernel_{i}", 0, 1000 * (30 - i), device=True) for i in range(30)],
+                                   top=25)
+    assert len(prof["top_kernels"]) == 25
+    summary = gpu_sparse_prefill.summarize([_run("CUSTOM", 0.2, {"first_turn": {"ttft_s": 5.0, **prof}})])
+    assert summary["profile"]["first_turn"]["CUSTOM"]["top_kernels"] == prof["top_kernels"]
+
+
 def _parsed(monkeypatch, argv: list[str]):
     """The script's own arguments (main builds its parser), without running anything."""
     captured = {}

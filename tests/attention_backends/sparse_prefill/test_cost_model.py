@@ -307,9 +307,10 @@ def test_builder_hook_builds_the_decider_from_the_recorded_model(monkeypatch, ca
 
 
 # --- per-executor terms (CostTable.executors) ------------------------------------------------------------
-def _decider(table, executor="triton", compiled_index=False) -> ChunkDecider:
+def _decider(table, executor="triton", compiled_index=False, whole_page_gather=False) -> ChunkDecider:
     return ChunkDecider(1, table, HeadDensity(UNIFORM.validate(), 32, 32), 32, 128, margin=1.2,
-                        feedback=DensityFeedback(), executor=executor, compiled_index=compiled_index)
+                        feedback=DensityFeedback(), executor=executor, compiled_index=compiled_index,
+                        whole_page_gather=whole_page_gather)
 
 
 def _with_fa2(table, **terms):
@@ -345,6 +346,52 @@ def test_the_decision_follows_the_executor_that_runs_the_chunk():
     assert not _decider(dear, "fa2_sparse").decide(n, L).sparse
     convert = _with_fa2(H100, kernel=CHEAP_KERNEL, convert=cost_model.ConvertCost(fixed_ms=0.0, ms_per_krow=1.0))
     assert _decider(convert, "fa2_sparse").decide(n, L).sparse_ms == pytest.approx(fa2.sparse_ms + 32.768)
+
+
+def test_whole_page_gather_is_priced_by_its_own_term_else_as_the_per_token_one():
+    """sparse_prefill.fa2_whole_page_gather: the table's gather_pages term where it has one; without it the
+    per-token gather's (its upper bound: twice the bytes), never nothing."""
+    per_token = cost_model.GatherCost(fixed_ms=0.03, ms_per_kkey=0.016)
+    pages = cost_model.GatherCost(fixed_ms=0.02, ms_per_kkey=0.004)
+    n, L = 8192, 131072
+    older = _with_fa2(H100, kernel=CHEAP_KERNEL, gather=per_token)
+    t = older.terms("fa2_sparse", whole_page_gather=True)
+    assert t.gather == per_token and not t.whole_page_gather
+    assert _decider(older, "fa2_sparse", whole_page_gather=True).decide(n, L).sparse_ms == pytest.approx(
+        _decider(older, "fa2_sparse").decide(n, L).sparse_ms)
+    table = _with_fa2(H100, kernel=CHEAP_KERNEL, gather=per_token, gather_pages=pages)
+    t = table.terms("fa2_sparse", whole_page_gather=True)
+    assert t.gather == pages and t.whole_page_gather
+    assert table.terms("fa2_sparse").gather == per_token  # off: the per-token term
+    saved = (per_token.fixed_ms - pages.fixed_ms) + (per_token.ms_per_kkey - pages.ms_per_kkey) * L / 1e3
+    assert _decider(table, "fa2_sparse").decide(n, L).sparse_ms - _decider(
+        table, "fa2_sparse", whole_page_gather=True).decide(n, L).sparse_ms == pytest.approx(saved)
+    assert table.terms("triton", whole_page_gather=True).gather is None  # Triton reads the paged cache itself
+
+
+def test_make_decider_names_the_gather_it_priced(monkeypatch):
+    cfg = settings.resolve(sets=["sparse_prefill.enabled=true", "sparse_prefill.fa2_whole_page_gather=true"],
+                           environ={}).sparse_prefill
+    ctx = backend_hooks.ModelContext(planner.ChosenConfig(UNIFORM.validate(), "uniform default", "test"), 32, 128, 32)
+    fa2 = lambda: (lambda *a, **k: None, None)  # noqa: E731 - vLLM's FA2 sparse kernel, as if importable
+    resolve = backend_hooks.executor.resolve.__wrapped__
+    monkeypatch.setattr(backend_hooks.executor, "resolve", lambda s, p, d: resolve(s, p, d, lookup=fa2))
+    decider, line = backend_hooks.make_decider(cfg, ctx, "NVIDIA H100 80GB HBM3")
+    assert decider.terms.gather == H100.executors["fa2_sparse"].gather  # the shipped table has no gather_pages yet
+    assert "priced as the per-token one" in line
+    monkeypatch.setattr(cost_model, "shipped_table_for", lambda device: (cost_model.SHIPPED_TABLES / "h100.json",
+                        _with_fa2(H100, gather_pages=cost_model.GatherCost(fixed_ms=0.0, ms_per_kkey=0.001))))
+    decider, line = backend_hooks.make_decider(cfg, ctx, "NVIDIA H100 80GB HBM3")
+    assert decider.terms.whole_page_gather and "whole-page K/V gather" in line and "priced as" not in line
+
+
+def test_fit_executors_fits_the_whole_page_gather():
+    rows = [{"L": L, "n": 8192, "density": 0.1, "fa2_serving_ms": 1.0, "fa2_gather_ms": 0.03 + 0.016 * L / 1e3,
+             "fa2_gather_pages_ms": 0.02 + 0.004 * L / 1e3} for L in (32768, 65536, 131072)]
+    fitted, errors = cost_model.fit_executors(rows, 32)
+    got = fitted["fa2_sparse"].gather_pages
+    assert (got.fixed_ms, got.ms_per_kkey) == (pytest.approx(0.02, abs=2e-4), pytest.approx(0.004, rel=1e-2))
+    assert errors["fa2_sparse"]["gather_pages"]["rows"] == 3
 
 
 def test_compiled_index_terms_only_with_compiled_index():

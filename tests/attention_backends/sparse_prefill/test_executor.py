@@ -2,13 +2,14 @@
 (a torch model of the kernel standing in for it): paged K/V gathered, chunks at an offset, several per batch."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from attention_backends.sparse_prefill import executor, runner
+from attention_backends.sparse_prefill import executor, fa2_sparse, runner
 from attention_backends.sparse_prefill.executor import Executor
 from attention_backends.sparse_prefill.fa2_sparse import fa2_sparse_reference
 from attention_backends.sparse_prefill.head_config import HeadPattern, LayerPlan, PatternConfig, build_index
@@ -103,6 +104,40 @@ def test_fa2_executor_serves_chunks_at_offsets_from_the_paged_cache(counters):
     assert len(built) == 3
     r.forward(None, SimpleNamespace(layer_name="model.layers.1.self_attn.attn"), query, None, None, kv, plan, out)
     assert all(plan.sequence_kv[key] is seq for key, seq in built.items())
+
+
+@pytest.mark.parametrize("options", [IndexOptions(), IndexOptions(dense_tail_rows=64, vertical_segment_rows=128)],
+                         ids=["plain", "dense_tail+segments"])
+def test_whole_page_gather_serves_exactly_todays_output(counters, options, monkeypatch):
+    """sparse_prefill.fa2_whole_page_gather through the runner: chunks after a prefix, a whole prompt, an unaligned
+    chunk, GQA, three sequences in one batch, a second layer reusing the batch's gather plan; each sequence's last
+    block holds NaN past its keys (another sequence's or stale rows). The output equals the per-token gather's bit
+    for bit, and so do the pair counts."""
+    seqs = [(700, 300), (0, 900), (333, 129)]
+    query, (kc, vc), plan, _ = _batch(seqs, seed=4)
+    for r, (ctx, n) in enumerate(seqs):
+        L = ctx + n
+        if L % PAGE:
+            last = plan.block_table[r, L // PAGE].long()
+            kc[last, :, L % PAGE:] = float("nan")
+            vc[last, :, L % PAGE:] = float("nan")
+    outs, pairs, by_pages = [], [], []
+    whole = fa2_sparse._gather_whole_pages
+    monkeypatch.setattr(fa2_sparse, "_gather_whole_pages", lambda *a: (by_pages.append(1), whole(*a))[1])
+    for pages in (False, True):
+        r = runner.SparsePrefillRunner(CFG, 4, 2, SCALE, executor=FAKE_FA2, index_options=dataclasses.replace(
+            options, fa2_whole_page_gather=pages))
+        plan.sequence_kv.clear()
+        before = counters["computed_pairs"]
+        out = torch.full_like(query, float("nan"))
+        for layer in (LAYER0, SimpleNamespace(layer_name="model.layers.1.self_attn.attn")):
+            r.forward(None, layer, query, None, None, (kc, vc), plan, out)
+        runner.flush_pending(wait=True)
+        outs.append(out)
+        pairs.append(counters["computed_pairs"] - before)
+    assert not outs[0].isnan().any() and torch.equal(outs[0], outs[1])
+    assert pairs[0] == pairs[1] > 0
+    assert len(by_pages) == 2 * 2 * len(seqs)  # K and V of every chunk in both layers went by whole pages
 
 
 def test_triton_executor_keeps_todays_index(counters):
@@ -215,3 +250,12 @@ def test_vertical_segment_rows_on_every_executor(counters, ex):
     want = _expected(query, plan, kvs, ex is not None, vertical_segment_rows=128, cfg=cfg)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
     assert not torch.equal(want, _expected(query, plan, kvs, ex is not None, cfg=cfg))  # other keys
+
+
+def test_whole_page_gather_key_default_and_validation():
+    """Off by default until the H100 rows say it never loses (config.py); a bool, reaching the runner's options."""
+    assert settings.resolve(environ={}).sparse_prefill.fa2_whole_page_gather is False
+    on = settings.resolve(sets=["sparse_prefill.fa2_whole_page_gather=true"], environ={}).sparse_prefill
+    assert on.index_options("cuda").fa2_whole_page_gather is True
+    with pytest.raises(settings.KvplugConfigError, match="fa2_whole_page_gather"):
+        settings.resolve(sets=["sparse_prefill.fa2_whole_page_gather=pages"], environ={})

@@ -203,3 +203,79 @@ def test_window_ranges_is_the_greedy_cover():
             keys = {x for s, e in rs for x in range(s, e)}
             covered = [x for s in got for x in range(s, s + BLOCK)]
             assert keys <= set(covered) and len(covered) == len(set(covered))
+
+
+def _flash_layout_cache(x, page, dtype, seed=1, tail=float("nan")):
+    """[L, H, d] -> FlashAttention's cache layout ([num_blocks, page, H, d] memory viewed [num_blocks, H, page, d]),
+    shuffled blocks, spare ones, the last block's rows past L and the spare blocks ``tail`` (what stale or
+    another sequence's rows may hold), and the sequence's blocks."""
+    L, H, d = x.shape
+    n = -(-L // page)
+    perm = torch.randperm(n + 3, generator=torch.Generator().manual_seed(seed))[:n]
+    memory = torch.full((n + 3, page, H, d), tail, dtype=dtype)
+    padded = torch.full((n * page, H, d), tail, dtype=dtype)
+    padded[:L] = x.to(dtype)
+    memory[perm] = padded.view(n, page, H, d)
+    return memory.transpose(1, 2), perm
+
+
+def _packed_kv_cache(k, v, page, dtype, tail=float("nan")):
+    """vLLM 0.26's FlashAttention cache: K and V packed per token and head ([num_blocks, page, H, 2d] memory, logical
+    [num_blocks, H, page, 2d]), split into K and V views as kvplug's compat does (kvplug/compat/common.py)."""
+    kc, blocks = _flash_layout_cache(k, page, dtype, tail=tail)
+    vc, _ = _flash_layout_cache(v, page, dtype, tail=tail)
+    packed = torch.cat([kc.transpose(1, 2), vc.transpose(1, 2)], -1).transpose(1, 2)  # memory [nb, page, H, 2d]
+    d = k.shape[-1]
+    return (packed[..., :d], packed[..., d:]), blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("page", [16, 128])
+@pytest.mark.parametrize("L", [1, 700, 1024, 1123])
+def test_whole_page_gather_is_the_per_token_gather(dtype, page, L):
+    """sparse_prefill.fa2_whole_page_gather: the same K/V rows as the per-token gather, bit for bit, and zero rows
+    past L however many the kernel may reach (the last block's tail is NaN here), in FlashAttention's layout, vLLM
+    0.26's packed one (K and V of a token and head side by side) and a head-major one."""
+    g = torch.Generator().manual_seed(L)
+    x, y = torch.randn(L, 2, 32, generator=g), torch.randn(L, 2, 32, generator=g)
+    geom = ChunkGeometry(min(L, 5), L)
+    (packed_k, packed_v), packed_blocks = _packed_kv_cache(x, y, page, dtype)
+    assert fa2_sparse._wide_words_ok(packed_v.transpose(1, 2))  # V's view starts d elements in: still whole words
+    layouts = [_flash_layout_cache(x, page, dtype), _paged(x.to(dtype), page), (packed_k, packed_blocks)]
+    for cache, blocks in layouts:
+        seq = SequenceKV.build(blocks, page, geom)
+        per_token, pages = gather_kv(cache, seq), gather_kv(cache, seq, whole_pages=True)
+        assert pages.is_contiguous() and pages.shape[0] >= L + fa2_sparse.PAD_KEYS
+        assert torch.equal(pages[:L], per_token[:L]) and torch.equal(pages[:L], x.to(dtype))
+        assert not pages[L:].any() and not per_token[L:].any()
+    seq = SequenceKV.build(packed_blocks, page, geom)
+    assert torch.equal(gather_kv(packed_v, seq, whole_pages=True)[:L], y.to(dtype))
+
+
+def test_whole_page_gather_without_wide_words_is_the_same():
+    """A layout whose rows cannot be read as 8-byte words (odd head dim) takes the element copy: the same rows."""
+    x = torch.randn(300, 2, 6).to(torch.bfloat16)[..., :5]  # head dim 5: no whole 8-byte words
+    cache, blocks = _paged(x.contiguous().float(), 16)
+    cache = cache.to(torch.bfloat16)
+    assert not fa2_sparse._wide_words_ok(cache.transpose(1, 2))
+    seq = SequenceKV.build(blocks, 16, ChunkGeometry(100, 300))
+    assert torch.equal(gather_kv(cache, seq, whole_pages=True)[:300], gather_kv(cache, seq)[:300])
+
+
+@pytest.mark.parametrize("n,L", [(300, 1000), (257, 1123), (130, 190)])
+def test_whole_page_gather_attends_the_same(n, L):
+    """Over the whole-page K/V (token-major, NaN past L in the cache) the kernel's semantics give today's output
+    exactly: the same index from the same keys, the same pairs from the same values."""
+    q, k, v = _qkv(n, L)
+    geom = ChunkGeometry(n, L)
+    plan = LayerPlan.uniform("vertical_slash", q.shape[1], **TIGHT["vertical_slash"])
+    kc, blocks = _flash_layout_cache(k, 16, torch.float32)
+    vc, _ = _flash_layout_cache(v, 16, torch.float32)
+    seq = SequenceKV.build(blocks, 16, geom)
+    outs = []
+    for pages in (False, True):
+        kk, vv = gather_kv(kc, seq, pages), gather_kv(vc, seq, pages)
+        index = build_index(q, kk[:L], geom, plan, SCALE, trim_columns=False, window_ranges=True)
+        outs.append(fa2_sparse.attend(fa2_sparse_reference, q, kk, vv, index, geom, SCALE,
+                                      torch.full_like(q, float("nan")), seq))
+    assert torch.equal(outs[0], outs[1]) and not outs[1].isnan().any()

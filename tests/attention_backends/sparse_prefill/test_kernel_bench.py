@@ -49,7 +49,9 @@ def test_fa2_rows_time_the_serving_path_and_check_it_exactly(case, monkeypatch):
     assert 0 < row["window_density"] < 1 and row["serving_speedup_fa2_vs_ours"] == 2.0
     assert {"fa2_gather_ms", "fa2_index_ms", "fa2_convert_ms", "fa2_sparse_ms", "fa2_serving_ms",
             "kvplug_attn_on_windows_ms", "fa2_ms_per_gpair", "fa2_index_compiled_ms", "fa2_serving_compiled_ms",
-            "fa2_index_compiled_first_call_s"} <= set(row)
+            "fa2_index_compiled_first_call_s", "fa2_gather_pages_ms", "fa2_serving_pages_ms",
+            "fa2_serving_pages_compiled_ms"} <= set(row)
+    assert row["fa2_pages_same"] is True  # the whole-page gather: the same K/V and the same output, bit for bit
     assert row["fa2_index_compiled_same"] is True  # --compiled-index: the compiled build's index is the eager one
     assert "fa2_index_compiled_fallback" not in row  # ... and it was compiled, not run eager
 
