@@ -1,10 +1,11 @@
 """The connector's worker side: executes each step's plan, layer by layer through vLLM's per-layer hooks.
 
 ``start_load`` fetches the entries (from the tiers, fastest first) and starts the first layers' host->device
-copies and decodes on side streams (on CUDA the copies overlap the decodes through a staging ring);
-``wait_for_layer_load(layer)`` issues the next layers and makes the compute stream wait for that layer's event only (offload/layerwise.py). Saves happen in the step in which a
-request's prompt finishes prefilling: ``save_layer`` encodes that layer's blocks on a side stream into pinned
-host segments while later layers compute; ``save`` applies the tier plan without making the compute stream
+copies and decodes on side streams (with ``load_overlap`` on CUDA the copies overlap the decodes through a
+staging ring); ``wait_for_layer_load(layer)`` issues the next layers and makes the compute stream wait for that
+layer's event only (offload/layerwise.py). Saves happen in the step in which a request's prompt finishes
+prefilling: ``save_layer`` encodes that layer's blocks on a side stream into pinned host segments while later
+layers compute; ``save`` applies the tier plan without making the compute stream
 wait for those copies. Requests whose save is deferred are reported by ``finished_saves`` once the copies'
 event has completed; a reallocated block whose save is in flight fences the compute stream. Token-dropping
 policies store all layers of a block together: saved synchronously in ``save``, loaded before layer 0.
