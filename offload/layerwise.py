@@ -437,15 +437,9 @@ class LoadJobs:
             for run in self.runs:
                 if run.index is None:
                     run.index = self.lane.to_device_index(run.block_ids)
-                m = len(run.block_ids)
                 batch = {name: t[layer, run.start:run.stop].to(kc.device, non_blocking=True).unsqueeze(1)
                          for name, t in run.segment.fields.items()}
-                like = torch.empty((), dtype=kc.dtype, device=kc.device).expand(m, 1, *kc.shape[1:])
-                k, v, _ = run.policy.decode_stacked(batch, like)
-                kc.index_copy_(0, run.index, k[:, 0])
-                vc.index_copy_(0, run.index, v[:, 0])
-                for hook in self.on_layer_loaded:
-                    hook(layer, run.block_ids, run.index)
+                self._decode_into_cache(layer, kc, vc, run.policy, batch, run.block_ids, run.index)
             self.events.append(self.lane.record())
 
     def _issue_overlapped(self, layer: int) -> None:
@@ -479,12 +473,18 @@ class LoadJobs:
             ids = piece.run.block_ids[piece.lo:piece.hi]
             if piece.index is None:  # made on this lane: it is used (and later freed) here only
                 piece.index = self.decode_lane.to_device_index(ids)
-            like = torch.empty((), dtype=kc.dtype, device=kc.device).expand(len(ids), 1, *kc.shape[1:])
-            k, v, _ = piece.run.policy.decode_stacked(batch, like)
-            kc.index_copy_(0, piece.index, k[:, 0])
-            vc.index_copy_(0, piece.index, v[:, 0])
-            for hook in self.on_layer_loaded:
-                hook(layer, ids, piece.index)
+            self._decode_into_cache(layer, kc, vc, piece.run.policy, batch, ids, piece.index)
+
+    def _decode_into_cache(self, layer: int, kc: torch.Tensor, vc: torch.Tensor, policy: KvPolicy,
+                           batch: Payload, block_ids: list[int], index: torch.Tensor) -> None:
+        """Decode one layer's staged entries and write them into the paged cache's blocks ``index`` (both load
+        paths, on the caller's lane), then tell the listeners (summary refresh)."""
+        like = torch.empty((), dtype=kc.dtype, device=kc.device).expand(len(block_ids), 1, *kc.shape[1:])
+        k, v, _ = policy.decode_stacked(batch, like)
+        kc.index_copy_(0, index, k[:, 0])
+        vc.index_copy_(0, index, v[:, 0])
+        for hook in self.on_layer_loaded:
+            hook(layer, block_ids, index)
 
     def wait_layer(self, layer: int) -> None:
         """The forward pass is about to read ``layer``: issue what is due and order the compute stream after

@@ -45,9 +45,7 @@ class BuilderHook:
         self.builder = builder
         # CUDA: pure-decode batches use fixed shapes so full CUDA graphs can capture and replay them.
         self.graph_safe = vllm_compat.platform_name() == "cuda"
-        measured = cfg.break_even == "measured" and self.graph_safe and torch.cuda.is_available()
-        device_name = torch.cuda.get_device_name() if measured else None  # the break-even table's key
-        self.params = planner.RetrievalParams.from_config(cfg, builder.kv_cache_spec.block_size, device_name)
+        self.params = planner.RetrievalParams.for_device(cfg, builder.kv_cache_spec.block_size, self.graph_safe)
         self.num_kv_heads = builder.kv_cache_spec.num_kv_heads
         self.graph_k = planner.graph_k(self.params, builder.vllm_config.model_config.max_model_len)
         self.dense_path = None

@@ -59,6 +59,13 @@ class RetrievalParams:
                    select=cfg.select, graph_dense_path=cfg.graph_dense_path,
                    reselect_interval=getattr(cfg, "reselect_interval", 1))
 
+    @classmethod
+    def for_device(cls, cfg: Any, block_size: int, cuda: bool) -> "RetrievalParams":
+        """``from_config`` with the break-even table's key resolved: the accelerator's name where
+        ``break_even="measured"`` applies (CUDA), else None."""
+        measured = cuda and cfg.break_even == "measured" and torch.cuda.is_available()
+        return cls.from_config(cfg, block_size, torch.cuda.get_device_name() if measured else None)
+
     def candidate_groups(self, budget_blocks):
         """Two-level: groups the coarse pass keeps for a budget (int or tensor of blocks): an upper bound of the
         forced groups + enough unforced groups to hold group_refine x the budget, so the budget is always filled

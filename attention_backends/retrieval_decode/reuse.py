@@ -131,12 +131,12 @@ class SelectionStore:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("retrieval decode: the selection store was first needed inside CUDA-graph "
                                    "capture; it must be allocated in an eager warm-up step")
-            b = None
             raw = memory.carve_extra(capacity * hkv * slots * dtype.itemsize)
             if raw is not None and raw.device.type == torch.device(device).type and raw.numel():
-                b = raw.view(dtype).view(capacity, hkv, slots)
-                b.zero_()
-            self.blocks = b = b if b is not None else torch.zeros(capacity, hkv, slots, dtype=dtype, device=device)
+                b = raw.view(dtype).view(capacity, hkv, slots).zero_()
+            else:
+                b = torch.zeros(capacity, hkv, slots, dtype=dtype, device=device)
+            self.blocks = b
         return b
 
 

@@ -134,9 +134,7 @@ class RetrievalDecodeRunner:
         block_size = int(vllm_config.cache_config.block_size or 16)
         max_len = int(vllm_config.model_config.max_model_len)
         cuda = device.type == "cuda"
-        measured = cuda and cfg.break_even == "measured" and torch.cuda.is_available()
-        device_name = torch.cuda.get_device_name() if measured else None  # the break-even table's key
-        params = planner.RetrievalParams.from_config(cfg, block_size, device_name)
+        params = planner.RetrievalParams.for_device(cfg, block_size, cuda)
         slots = min(planner.graph_k(params, max_len), -(-max_len // block_size))
         capacity = vllm_compat.decode_batch_capacity(vllm_config)
         return memory.selection_store_bytes(layers, capacity, kv_heads, slots, 4 if cuda else 8)
