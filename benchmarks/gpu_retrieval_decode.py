@@ -15,7 +15,11 @@ timed calls only decode:
 16 x 32K of Llama-3-8B KV is 64 GiB: on an 80 GB H100 vLLM holds ~13 of them at once (the rest queue) —
 the same for both backends, but run the throughput phase on an H200 to have all 16 resident.
 Each backend runs in its own subprocess, in the order given by --backends. Both get the same KV-cache size
-(--kv-cache-gib; the block summaries of the retrieval backend, 1/16 of the KV bytes, live outside it).
+(--kv-cache-gib, per GPU; the block summaries of the retrieval backend, 1/16 of the KV bytes, live outside it).
+--tensor-parallel-size N [--distributed-executor-backend mp|ray] runs every engine (baseline and kvplug alike) on
+N GPUs; the summary records both (tensor_parallel_size, distributed_executor_backend; each engine's `engine` facts
+say which executor vLLM really took), and kvplug's retrieval counters are rank 0's (each rank holds 1/N of the KV
+heads and takes the same decisions per token).
 
 Checks written into the JSON (and printed): which cudagraph mode the engine really ran; whether the
 retrieval path ran in the CUSTOM run (tokens decoded by retrieval, fraction of KV read, layers holding block
@@ -55,15 +59,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     phases = args.phases.split(",")
     lengths = [int(x) for x in args.lengths.split(",")] if "tpot" in phases else []
-    longest = max(lengths + ([args.batch_len] if "throughput" in phases else []))
-    kw = harness.engine_memory_kwargs(args.kv_cache_gib, args.gpu_mem)
-    if args.cudagraph_mode:
-        kw["compilation_config"] = {"cudagraph_mode": args.cudagraph_mode}
-    if args.enforce_eager:
-        kw["enforce_eager"] = True
-    llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, seed=0,
-              attention_backend=args.backend, max_model_len=longest + args.decode_tokens + 64,
-              enable_prefix_caching=True, max_num_seqs=max(16, args.batch), **kw)
+    llm = LLM(**engine_kwargs(args))
     impls = harness.attention_impls(llm)
     engine = harness.engine_facts(llm)
     print(f"[{args.backend}] engine: {engine}", file=sys.stderr, flush=True)
@@ -122,6 +118,21 @@ def _worker(args: argparse.Namespace) -> None:
 
     result.update(device=harness.device_name(cpu="cpu (dry run)"), vllm=vllm.__version__)
     harness.emit_result(result)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """LLM(...) arguments of a worker's engine (FLASH_ATTN and kvplug alike: only attention_backend differs)."""
+    phases = args.phases.split(",")
+    lengths = [int(x) for x in args.lengths.split(",")] if "tpot" in phases else []
+    longest = max(lengths + ([args.batch_len] if "throughput" in phases else []))
+    kw = harness.engine_memory_kwargs(args.kv_cache_gib, args.gpu_mem)
+    if args.cudagraph_mode:
+        kw["compilation_config"] = {"cudagraph_mode": args.cudagraph_mode}
+    if args.enforce_eager:
+        kw["enforce_eager"] = True
+    return dict(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, seed=0,
+                attention_backend=args.backend, max_model_len=longest + args.decode_tokens + 64,
+                enable_prefix_caching=True, max_num_seqs=max(16, args.batch), **kw, **harness.parallel_kwargs(args))
 
 
 PARENT_ONLY = ("--backends", "--out", "--variant")
@@ -219,14 +230,17 @@ def gpu_total_gib() -> float | None:
         return None
 
 
-def auto_kv_cache_gib(args: argparse.Namespace, config_json: Path, total_gib: float | None) -> float:
-    """KV space for the largest phase (+10%), capped so weights, the retrieval backend's block summaries
-    (1/16 of the KV bytes at bf16 and block size 16), activations and graphs still fit. If the cap wins, the
-    throughput phase cannot keep every sequence resident: the JSON's prefix_cache_held says so."""
+def auto_kv_cache_gib(args: argparse.Namespace, config_json: Path, total_gib: float | None,
+                      tensor_parallel_size: int = 1) -> float:
+    """KV space per GPU (vLLM's kv_cache_memory_bytes is per GPU) for the largest phase (+10%), capped so the
+    GPU's share of the weights, the retrieval backend's block summaries (1/16 of the KV bytes at bf16 and block
+    size 16), activations and graphs still fit. With tensor parallelism each GPU holds kv_heads / N of the KV
+    heads (one, replicated, when N exceeds them) and ~1/N of the weights. If the cap wins, the throughput phase
+    cannot keep every sequence resident: the JSON's prefix_cache_held says so."""
     c = harness.model_config(config_json.parent)
     layers, hidden, kv_heads = c["num_hidden_layers"], c["hidden_size"], c["num_key_value_heads"]
     head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
-    kv_per_token = harness.kv_bytes_per_token(c)
+    kv_per_token = harness.kv_bytes_per_token(c) * max(1, kv_heads // tensor_parallel_size) / kv_heads
     weights = 2 * (c["vocab_size"] * hidden * (1 if c.get("tie_word_embeddings") else 2)
                    + layers * (2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
                                + 3 * hidden * c["intermediate_size"]))
@@ -236,7 +250,7 @@ def auto_kv_cache_gib(args: argparse.Namespace, config_json: Path, total_gib: fl
     need = 1.1 * (tokens + args.batch * (args.decode_tokens + 64)) * kv_per_token / (1 << 30)
     if total_gib is None:
         return round(need, 1)
-    room = (0.92 * total_gib - weights / (1 << 30) - 6.0) / (1 + 1 / 16)
+    room = (0.92 * total_gib - weights / tensor_parallel_size / (1 << 30) - 6.0) / (1 + 1 / 16)
     return round(max(4.0, min(need, room)), 1)
 
 
@@ -274,25 +288,32 @@ def main(argv: list[str] | None = None) -> int:
                    help="one more kvplug run after --backends, with these retrieval_decode keys on top of --set "
                         "(repeatable), e.g. --variant dense_path:graph_dense_path=true")
     p.add_argument("--kv-cache-gib", type=float, default=None,
-                   help="KV cache of both backends (same size: fair); default: what the prompts need, capped by "
-                        "the GPU's memory; 0 = let vLLM size it by --gpu-mem")
+                   help="KV cache per GPU of every engine (vLLM's kv_cache_memory_bytes, per GPU: with "
+                        "--tensor-parallel-size N each GPU holds this much for its 1/N of the KV heads; the same "
+                        "for every backend: fair); default: what the prompts need per GPU, capped by the GPU's "
+                        "memory; 0 = let vLLM size it by --gpu-mem")
     p.add_argument("--cudagraph-mode", default=None, help="e.g. FULL_AND_PIECEWISE (default: vLLM's)")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile, no CUDA graphs (localizing)")
     p.add_argument("--launch-blocking", action="store_true", help="CUDA_LAUNCH_BLOCKING=1 in the engines")
+    harness.add_parallel_args(p)
     args = harness.parse_shape_args(p, argv, _worker)
     if args is None:
         return 0
+    harness.check_parallel_args(args)
     argv = list(argv if argv is not None else sys.argv[1:])
     if args.kv_cache_gib is None:
-        args.kv_cache_gib = auto_kv_cache_gib(args, Path(args.model_dir) / "config.json", gpu_total_gib())
+        args.kv_cache_gib = auto_kv_cache_gib(args, Path(args.model_dir) / "config.json", gpu_total_gib(),
+                                              args.tensor_parallel_size)
         argv += ["--kv-cache-gib", f"{args.kv_cache_gib:.1f}"]
-        print(f"KV cache per backend: {args.kv_cache_gib:.1f} GiB", file=sys.stderr, flush=True)
+    kv = f"{args.kv_cache_gib:.1f} GiB" if args.kv_cache_gib else f"vLLM's, by --gpu-mem {args.gpu_mem}"
+    print(f"[gpu_retrieval_decode] {harness.parallel_label(harness.parallel_facts(args))}, KV cache per GPU of each "
+          f"engine: {kv}", file=sys.stderr, flush=True)
     runs = [run_backend(args, b, argv) for b in args.backends.split(",") if b]
     for label, keys in (parse_variant(v) for v in args.variant):
         runs.append(dict(run_backend(args, "CUSTOM", argv, keys), variant=label))
-    summary = summarize(runs)
+    summary = {**harness.parallel_facts(args), **summarize(runs)}
     harness.write_results(args.out, harness.command_line("benchmarks.gpu_retrieval_decode", argv), summary, runs)
-    print(f"device: {summary['device']}  vLLM {summary['vllm']}")
+    print(f"device: {summary['device']}  {harness.parallel_label(summary)}  vLLM {summary['vllm']}")
     print(f"attention impls: {summary['attention_impls']}")
     print(f"engines: {summary['engine']}")
     print(f"retrieval path: {summary.get('retrieval_path')}  stats: {summary.get('retrieval_stats')}")

@@ -14,6 +14,9 @@ every figure. `--pattern/--budgets` choose the pattern for every head (default: 
 `--profile second` (or `both`) adds one more two-turn conversation, profiled in the engine's worker (torch.profiler:
 GPU busy/idle time, kernel time by family, top kernels, host calls that wait for the GPU), to attribute the turns'
 time on the device in the same run; the timed figures exclude it.
+--tensor-parallel-size N [--distributed-executor-backend mp|ray] runs every engine (FLASH_ATTN and kvplug alike)
+on N GPUs; the summary records both (tensor_parallel_size, distributed_executor_backend; each engine's `engine`
+facts say which executor vLLM really took). kvplug's counters and the profile are rank 0's (1/N of the heads).
 """
 from __future__ import annotations
 
@@ -32,12 +35,8 @@ def _worker(args: argparse.Namespace) -> None:
     from vllm.inputs import TokensPrompt
 
     lengths = [int(x) for x in args.lengths.split(",")]
-    longest = max(lengths + [args.turn_length + args.suffix])
     started = time.perf_counter()
-    llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, seed=0,
-              attention_backend=args.backend, max_model_len=longest + 64, enable_prefix_caching=True,
-              gpu_memory_utilization=args.gpu_mem, max_num_seqs=4,
-              **({"max_num_batched_tokens": args.max_batched_tokens} if args.max_batched_tokens else {}))
+    llm = LLM(**engine_kwargs(args))
     start_s = time.perf_counter() - started  # engine start (compiled_index: the index build's compile inside)
     impls = harness.attention_impls(llm)
     ours = args.backend == "CUSTOM"
@@ -115,6 +114,16 @@ def _worker(args: argparse.Namespace) -> None:
                          "two_turn": turn, "device": harness.device_name(), "vllm": vllm.__version__})
 
 
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """LLM(...) arguments of a worker's engine (FLASH_ATTN and kvplug alike: only attention_backend differs)."""
+    longest = max([int(x) for x in args.lengths.split(",")] + [args.turn_length + args.suffix])
+    return dict(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, seed=0,
+                attention_backend=args.backend, max_model_len=longest + 64, enable_prefix_caching=True,
+                gpu_memory_utilization=args.gpu_mem, max_num_seqs=4,
+                **({"max_num_batched_tokens": args.max_batched_tokens} if args.max_batched_tokens else {}),
+                **harness.parallel_kwargs(args))
+
+
 def _profiled_conversation(llm, args: argparse.Namespace, tokens, timed) -> dict:
     """One more two-turn conversation (not in the medians), torch.profiler on in the engine's worker around the
     second turn (--profile second) or each turn (--profile both): where each turn's time went on the GPU."""
@@ -153,7 +162,7 @@ def _run(args: argparse.Namespace, backend: str, env: dict) -> dict:
     worker_args = ["--model-dir", args.model_dir, "--shape", args.shape, "--lengths", args.lengths,
                    "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem), "--turn-length", str(args.turn_length),
                    "--suffix", str(args.suffix), "--max-batched-tokens", str(args.max_batched_tokens),
-                   "--profile", args.profile, "--profile-top", str(args.profile_top)]
+                   "--profile", args.profile, "--profile-top", str(args.profile_top), *harness.parallel_argv(args)]
     return harness.run_worker("benchmarks.gpu_sparse_prefill", backend, worker_args, env)
 
 
@@ -218,21 +227,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--with-defaults", action="store_true", help="also run kvplug as shipped (sparse prefill on, "
                    "--pattern/--budgets, every other key its default; --set, --cost-table and --min-prompt-tokens "
                    "not applied) in the same run: TTFT per length beside FLASH_ATTN and the --set configuration")
+    harness.add_parallel_args(p)
     args = harness.parse_shape_args(p, argv, _worker)
     if args is None:
         return 0
+    harness.check_parallel_args(args)
+    print(f"[gpu_sparse_prefill] {harness.parallel_label(harness.parallel_facts(args))}", file=sys.stderr, flush=True)
     runs = [run_backend(args, b) for b in args.backends.split(",") if b]
     if args.with_defaults:
         runs.append(run_backend(args, DEFAULTS))
-    summary = summarize(runs)
+    summary = {**harness.parallel_facts(args), **summarize(runs)}
     harness.write_results(args.out, harness.command_line("benchmarks.gpu_sparse_prefill", argv), summary, runs)
     print_summary(summary)
     return 0
 
 
 def print_summary(summary: dict) -> None:
-    print(f"device: {summary['device']}  vLLM {summary['vllm']}  engine start {summary.get('engine_start_s')}  "
-          f"index warm-up {summary.get('index_warm_up')}")
+    print(f"device: {summary['device']}  {harness.parallel_label(summary)}  vLLM {summary['vllm']}  "
+          f"engine start {summary.get('engine_start_s')}  index warm-up {summary.get('index_warm_up')}")
     ms = lambda s: f"{s * 1e3:9.1f} ms" if s is not None else "        -"  # noqa: E731
     harness.print_metric_rows(summary, ("ttft",), lambda _, n, row: (
         f"TTFT {n:>7s}  FLASH_ATTN {ms(row['flash_attn_s'])}  kvplug {ms(row['kvplug_s'])}"

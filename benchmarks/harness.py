@@ -374,6 +374,56 @@ def engine_memory_kwargs(kv_cache_gib: float | None, gpu_memory_utilization: flo
     return {"gpu_memory_utilization": gpu_memory_utilization}
 
 
+def add_parallel_args(p) -> None:
+    """--tensor-parallel-size and --distributed-executor-backend of a script comparing engines: every engine of
+    the run (the baseline and kvplug alike) gets the same ones, so speedups compare equal parallelism."""
+    from benchmarks.cli import _positive_int
+
+    p.add_argument("--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
+                   help="GPUs per engine (vLLM's tensor_parallel_size), the same for every engine of the run")
+    p.add_argument("--distributed-executor-backend", choices=("mp", "ray"), default=None,
+                   help="vLLM's distributed_executor_backend for every engine (default: not passed, vLLM "
+                        "chooses: mp on one host)")
+
+
+def check_parallel_args(args) -> None:
+    """Before any engine starts: Ray must be importable here when it was asked for (else every engine would
+    fail minutes in, one after the other)."""
+    if args.distributed_executor_backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except Exception as e:  # noqa: BLE001  (an install that fails to import is as unusable as none)
+            raise SystemExit(f"--distributed-executor-backend ray: Ray is not importable ({type(e).__name__}: "
+                             f"{e}); stage it (../shared/gpu/stage.sh --with-ray) or use mp") from None
+
+
+def parallel_kwargs(args) -> dict:
+    """LLM(...) arguments of add_parallel_args' flags; the executor backend only when given (vLLM's own choice
+    otherwise)."""
+    kw: dict = {"tensor_parallel_size": args.tensor_parallel_size}
+    if args.distributed_executor_backend:
+        kw["distributed_executor_backend"] = args.distributed_executor_backend
+    return kw
+
+
+def parallel_argv(args) -> list[str]:
+    """add_parallel_args' flags again, for a worker process's command line."""
+    return [f"--{k.replace('_', '-')}={v}" for k, v in parallel_kwargs(args).items()]
+
+
+def parallel_facts(args) -> dict:
+    """The summary's record of the run's parallelism (None: the executor backend was vLLM's choice; each engine's
+    ``engine`` facts say which it took)."""
+    return {"tensor_parallel_size": args.tensor_parallel_size,
+            "distributed_executor_backend": args.distributed_executor_backend}
+
+
+def parallel_label(summary: dict) -> str:
+    """``TP 2 (ray)`` / ``TP 1``: the parallelism of a summary, for a run's header line."""
+    backend = summary.get("distributed_executor_backend")
+    return f"TP {summary.get('tensor_parallel_size', 1)}" + (f" ({backend})" if backend else "")
+
+
 def shape_parser(module: str, doc: str | None, default_out: str, backends: str = "FLASH_ATTN,CUSTOM"):
     """The parser of a dummy-weight GPU script comparing backends: --shape, --model-dir, --gpu-mem, --backends,
     --out and the hidden flags of its worker processes (--worker, --backend)."""
@@ -383,7 +433,8 @@ def shape_parser(module: str, doc: str | None, default_out: str, backends: str =
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
     p.add_argument("--model-dir", help="folder with config.json (default: a temp folder with --shape)")
-    p.add_argument("--gpu-mem", type=float, default=0.85)
+    p.add_argument("--gpu-mem", type=float, default=0.85,
+                   help="vLLM's gpu_memory_utilization: the fraction of each GPU's memory an engine may use")
     p.add_argument("--backends", default=backends)
     p.add_argument("--out", default=default_out)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -565,7 +616,7 @@ def engine_facts(llm) -> dict:
         cfg = llm.llm_engine.vllm_config
     except AttributeError:
         return {}
-    cc, cache = cfg.compilation_config, cfg.cache_config
+    cc, cache, parallel = cfg.compilation_config, cfg.cache_config, getattr(cfg, "parallel_config", None)
     blocks = getattr(cache, "num_gpu_blocks", None)
     return {"cudagraph_mode": str(getattr(cc, "cudagraph_mode", None)),
             "enforce_eager": bool(getattr(cfg.model_config, "enforce_eager", False)),
@@ -574,7 +625,15 @@ def engine_facts(llm) -> dict:
             "v2_model_runner": getattr(cfg, "use_v2_model_runner", None),
             "async_scheduling": getattr(cfg.scheduler_config, "async_scheduling", None),
             "block_size": cache.block_size, "num_gpu_blocks": blocks,
+            # what vLLM really ran with: the executor it chose when none was passed
+            "tensor_parallel_size": getattr(parallel, "tensor_parallel_size", None),
+            "distributed_executor_backend": _name_or_none(getattr(parallel, "distributed_executor_backend", None)),
             "kv_capacity_tokens": blocks * cache.block_size if blocks else None}
+
+
+def _name_or_none(value: Any) -> str | None:
+    """A config value for JSON: a string as is, a class by its name (vLLM may hold an executor class), None."""
+    return None if value is None else value if isinstance(value, str) else getattr(value, "__name__", str(value))
 
 
 def attention_impls(llm) -> list[str]:
