@@ -367,6 +367,7 @@ def cmd_run(args) -> int:
             "server_version": _server_version(server_base),
             "tokenizer": tok_desc,
             "started": started,
+            "load_started_unix": outcome["started_unix"],  # records' ``start`` is seconds after this
             "host": socket.gethostname(),
             "python": platform.python_version(),
             "platform": platform.platform(),

@@ -7,11 +7,15 @@ Checks, each engine in its own subprocess:
   * in every rank (a Ray worker): the attention implementation class (kvplug's), the kvplug config the
     rank received (== the launcher's), and the kvplug metrics that rank wrote;
   * `kvplug serve MODEL --tensor-parallel-size 2 --distributed-executor-backend ray`: a few requests, then
-    /metrics must show kvplug's attention layers built on both ranks (2 x num_layers) and attention calls.
+    /metrics must show kvplug's attention layers built on both ranks (2 x num_layers) and attention calls;
+  * --bench (off by default): for TP in (1, 2) a `kvplug serve` with the same --set / --serve-args and a
+    multi-turn `kvplug bench run` through it; per turn n, accuracy with its 95% Wilson interval for each TP and
+    the paired difference TP2 - TP1 with its 95% interval (`within_noise`: the interval contains 0).
 
     # on the 2-GPU host, after `source benchmarks/gpu/env.sh` (vLLM 0.26 staged with --with-ray):
     python -m benchmarks.gpu_tp2 --out benchmarks/results/gpu_tp2_h200x2.json
     python -m benchmarks.gpu_tp2 --set sparse_prefill.enabled=true ...   # any kvplug config for the kvplug runs
+    python -m benchmarks.gpu_tp2 --skip greedy,server --bench --serve-args "--offload cpu:8GiB" ...  # bench only
 
 Model: --model DIR, else /tmp/kvstage/models/qwen2.5-coder-0.5b when staged (14 q / 2 kv heads: splits
 over 2 ranks), else --shape (a small Llama with seeded random weights written here, fp16, with a
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import sys
 import tempfile
@@ -87,7 +92,7 @@ def _engine(args: argparse.Namespace) -> None:
     kw = dict(model=args.model, tensor_parallel_size=args.tp, seed=0, max_model_len=_max_len(args), dtype=args.dtype,
               enable_prefix_caching=True)
     if args.tp > 1:
-        kw["distributed_executor_backend"] = "ray"
+        kw["distributed_executor_backend"] = args.distributed_executor_backend
     if vllm_compat.platform_name() == "cpu":
         kw["kv_cache_memory_bytes"] = 1 << 30
     else:
@@ -126,7 +131,8 @@ def run_engine(args: argparse.Namespace, label: str, tp: int, vanilla: bool) -> 
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", args.cpu_binds)
     cmd = [sys.executable, "-m", "benchmarks.gpu_tp2", "--engine", "--label", label, "--tp", str(tp),
            "--model", args.model, "--tokens", str(args.tokens), "--dtype", args.dtype, "--gpu-mem", str(args.gpu_mem),
-           "--prompt-lengths", args.prompt_lengths]
+           "--prompt-lengths", args.prompt_lengths,
+           "--distributed-executor-backend", args.distributed_executor_backend]
     cmd += ["--vanilla"] if vanilla else []
     print(f"[gpu_tp2] {label}: TP={tp} {'vanilla vLLM' if vanilla else 'kvplug'} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -168,22 +174,33 @@ def check_ranks(run: dict, sets_config: dict, layers: int) -> dict:
     }
 
 
+def serve_args(args: argparse.Namespace, tp: int, max_model_len: int) -> list[str]:
+    """`kvplug serve` arguments of this run at tensor parallel size ``tp``: its --set's and --serve-args."""
+    out = [args.model, "--tensor-parallel-size", str(tp)]
+    if tp > 1:
+        out += ["--distributed-executor-backend", args.distributed_executor_backend]
+    out += ["--max-model-len", str(max_model_len), "--served-model-name", "m", "--dtype", args.dtype,
+            *[x for kv in args.sets for x in ("--set", kv)], *shlex.split(args.serve_args)]
+    if harness.device_name() != "cpu":
+        out += ["--gpu-memory-utilization", str(args.gpu_mem)]
+    return out
+
+
+def _serve_env(args: argparse.Namespace, tp: int) -> dict[str, str]:
+    env = dict(os.environ)
+    if args.cpu_binds and tp > 1:
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", args.cpu_binds)
+    return env
+
+
 def check_server(args: argparse.Namespace) -> dict:
     """`kvplug serve --tensor-parallel-size 2 --distributed-executor-backend ray`: /metrics from both ranks."""
     import httpx
 
     with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as f:
         log_path = Path(f.name)
-    env = dict(os.environ)
-    if args.cpu_binds:
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", args.cpu_binds)
-    sets = [x for kv in args.sets for x in ("--set", kv)]
-    serve_args = [args.model, "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray",
-                  "--max-model-len", str(_max_len(args)), "--served-model-name", "m", "--dtype", args.dtype, *sets]
-    if harness.device_name() != "cpu":
-        serve_args += ["--gpu-memory-utilization", str(args.gpu_mem)]
-    with harness.serve_kvplug(serve_args, log_path, env=env, timeout_s=args.timeout, stop_timeout_s=120,
-                              tag="gpu_tp2") as server:
+    with harness.serve_kvplug(serve_args(args, 2, _max_len(args)), log_path, env=_serve_env(args, 2),
+                              timeout_s=args.timeout, stop_timeout_s=120, tag="gpu_tp2") as server:
         texts = []
         for p in prompts(vocab_size(args.model), _lengths(args)):
             r = httpx.post(server.base + "/v1/completions", timeout=300, json={
@@ -198,6 +215,116 @@ def check_server(args: argparse.Namespace) -> dict:
                 "kvplug_samples": samples}
 
 
+# --- --bench: multi-turn accuracy through `kvplug serve`, TP=2 against TP=1 -----------------------------
+
+def _scores_by_question(records: list[dict]) -> dict[tuple[str, int], float]:
+    return {(r["case_id"], r["turn"]): float(r["score"]) for r in records
+            if r.get("status") == "ok" and r.get("score") is not None}
+
+
+def per_turn_accuracy(tp1_records: list[dict], tp2_records: list[dict]) -> dict[str, dict]:
+    """Per turn, over the questions answered (status ok) in both runs: n, each TP's accuracy with its 95% Wilson
+    interval, TP2 - TP1 paired per question with its 95% interval, and ``within_noise`` (that interval holds 0).
+    Questions answered in one run only are counted as ``unpaired`` (an error in the other run)."""
+    one, two = _scores_by_question(tp1_records), _scores_by_question(tp2_records)
+    turns = sorted({t for _, t in one.keys() | two.keys()})
+    table = {}
+    for turn in turns:
+        keys = sorted(k for k in one.keys() & two.keys() if k[1] == turn)
+        a, b = [one[k] for k in keys], [two[k] for k in keys]
+        n = len(keys)
+        row = {"n": n, "unpaired": sum(1 for k in one.keys() ^ two.keys() if k[1] == turn)}
+        for name, scores in (("tp1", a), ("tp2", b)):
+            row[name] = {"accuracy": sum(scores) / n if n else None, "ci95": harness.wilson(round(sum(scores)), n)}
+        diff = harness.paired_difference(b, a)
+        row["tp2_minus_tp1"] = diff
+        row["within_noise"] = bool(n) and diff["ci95"][0] <= 0.0 <= diff["ci95"][1]
+        table[str(turn)] = row
+    return table
+
+
+def accuracy_table(per_turn: dict[str, dict]) -> str:
+    def acc(side: dict) -> str:
+        ci = side["ci95"]
+        return "–" if side["accuracy"] is None else f"{side['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+    lines = ["| turn | n | TP=1 accuracy [95%] | TP=2 accuracy [95%] | TP2 - TP1 [95%, paired] | within noise |",
+             "|---|---|---|---|---|---|"]
+    for turn, r in per_turn.items():
+        d = r["tp2_minus_tp1"]
+        lines.append(f"| {turn} | {r['n']} | {acc(r['tp1'])} | {acc(r['tp2'])} | {d['mean']:+.3f} "
+                     f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {r['within_noise']} |")
+    return "\n".join(lines)
+
+
+def bench_one(args: argparse.Namespace, tp: int, out_dir: Path) -> dict:
+    """A fresh `kvplug serve` at TP=``tp`` and one `kvplug bench run` through it; the bench's results.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    max_len = harness.chat_max_model_len(args.bench_context_tokens, args.bench_turns, 64)
+    with harness.serve_kvplug(serve_args(args, tp, max_len), out_dir / "serve.log", env=_serve_env(args, tp),
+                              timeout_s=args.timeout, stop_timeout_s=120, tag=f"gpu_tp2 bench TP={tp}") as server:
+        rc = harness.run_kvplug(["bench", "run", "--endpoint", server.base, "--task", args.bench_task,
+                                 "--context-tokens", str(args.bench_context_tokens), "--turns", str(args.bench_turns),
+                                 "--sessions", str(args.bench_sessions), "--concurrency", str(args.bench_concurrency),
+                                 "--tokenizer", args.model, "--out", str(out_dir), "--label", f"tp{tp}",
+                                 "--no-progress", "--no-plots"]).returncode
+        if rc != 0:
+            raise SystemExit(f"[gpu_tp2] kvplug bench run failed at TP={tp} (exit {rc}); "
+                             f"server log {out_dir}/serve.log")
+        result = json.loads((out_dir / "results.json").read_text())
+        result["serve_command"] = server.command
+    return result
+
+
+def _kvplug_deltas(result: dict) -> dict[str, float]:
+    """The kvplug counters that moved in a bench run: which features worked (sparse chunks, retrieval steps,
+    tier stores and hits)."""
+    deltas = (result["summary"].get("metrics") or {}).get("deltas") or {}
+    return {k: v for k, v in deltas.items() if k.startswith("kvplug") and "_bucket" not in k and v}
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    runs = {tp: bench_one(args, tp, Path(args.bench_dir) / f"tp{tp}") for tp in (1, 2)}
+    per_turn = per_turn_accuracy(runs[1]["requests"], runs[2]["requests"])
+    return {"task": args.bench_task, "context_tokens": args.bench_context_tokens, "turns": args.bench_turns,
+            "sessions": args.bench_sessions,
+            "serve_commands": {f"tp{tp}": r["serve_command"] for tp, r in runs.items()},
+            "results": {f"tp{tp}": str(Path(args.bench_dir) / f"tp{tp}" / "results.json") for tp in runs},
+            "errors": {f"tp{tp}": r["summary"]["errors"] for tp, r in runs.items()},
+            "kvplug_deltas": {f"tp{tp}": _kvplug_deltas(r) for tp, r in runs.items()},
+            "accuracy_per_turn": per_turn, "within_noise": all(r["within_noise"] for r in per_turn.values())}
+
+
+def greedy_checks(args: argparse.Namespace, skip: set[str], expected_cfg: dict, runs: dict) -> tuple[dict, bool]:
+    """The engines (vanilla TP=1, kvplug TP=1, kvplug TP=2) and what they must agree on; (summary part, ok)."""
+    if "vanilla" not in skip:
+        runs["vanilla_tp1"] = run_engine(args, "vanilla_tp1", 1, vanilla=True)
+    if "tp1" not in skip:
+        runs["kvplug_tp1"] = run_engine(args, "kvplug_tp1", 1, vanilla=False)
+    runs["kvplug_tp2_ray"] = run_engine(args, "kvplug_tp2_ray", 2, vanilla=False)
+    layers = num_layers(args.model)
+    summary = {"device": runs["kvplug_tp2_ray"]["device"], "vllm": runs["kvplug_tp2_ray"]["vllm"],
+               "tp2_ranks": check_ranks(runs["kvplug_tp2_ray"], expected_cfg, layers)}
+    if "kvplug_tp1" in runs:
+        summary["greedy_tp2_vs_tp1"] = compare_greedy(runs["kvplug_tp2_ray"], runs["kvplug_tp1"])
+        summary["tp1_ranks"] = check_ranks(runs["kvplug_tp1"], expected_cfg, layers)
+    if "vanilla_tp1" in runs and "kvplug_tp1" in runs:
+        summary["greedy_kvplug_tp1_vs_vanilla_tp1"] = compare_greedy(runs["kvplug_tp1"], runs["vanilla_tp1"])
+        summary["greedy_tp2_vs_vanilla_tp1"] = compare_greedy(runs["kvplug_tp2_ray"], runs["vanilla_tp1"])
+    r = summary["tp2_ranks"]
+    ok = bool(r["ranks"] == 2 and r["all_ranks_kvplug_impl"] and r["config_reached_every_rank"]
+              and all(n == layers for n in r["layers_built_per_rank"])
+              and all(n > 0 for n in r["attention_calls_per_rank"])
+              and summary.get("greedy_tp2_vs_tp1", {"close": True})["close"])
+    for k in ("greedy_tp2_vs_tp1", "greedy_kvplug_tp1_vs_vanilla_tp1", "greedy_tp2_vs_vanilla_tp1"):
+        if k in summary:
+            print(f"{k}: identical={summary[k]['identical']} close={summary[k]['close']}")
+    print(f"TP=2 ranks: {r['ranks']} kvplug impl on all: {r['all_ranks_kvplug_impl']}  config reached all: "
+          f"{r['config_reached_every_rank']}  layers/rank {r['layers_built_per_rank']} (expect {layers})  "
+          f"attention calls/rank {r['attention_calls_per_rank']}  features/rank {r['features_per_rank']}")
+    return summary, ok
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_tp2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,9 +334,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-lengths", default=",".join(map(str, PROMPT_LENGTHS)), help="comma list of prompt tokens")
     p.add_argument("--dtype", default="float16")
     p.add_argument("--gpu-mem", type=float, default=0.4)
+    p.add_argument("--distributed-executor-backend", default="ray", choices=("ray", "mp"),
+                   help="vLLM's executor of the TP=2 engine and servers")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="kvplug config for the kvplug runs and the server (e.g. sparse_prefill.enabled=true)")
-    p.add_argument("--skip", default="", help="comma list of steps to skip: vanilla,tp1,server")
+                   help="kvplug config for the kvplug runs and the servers (e.g. sparse_prefill.enabled=true)")
+    p.add_argument("--serve-args", default="", metavar="ARGS",
+                   help="more `kvplug serve` arguments for the servers (e.g. '--offload cpu:8GiB')")
+    p.add_argument("--skip", default="",
+                   help="comma list of steps to skip: vanilla,tp1,server, or greedy (all three engines)")
+    p.add_argument("--bench", action="store_true", help="the multi-turn accuracy phase (TP=1 and TP=2 servers)")
+    p.add_argument("--bench-task", default="passkey")
+    p.add_argument("--bench-context-tokens", type=int, default=8000)
+    p.add_argument("--bench-turns", type=int, default=3)
+    p.add_argument("--bench-sessions", type=int, default=36, help="questions per turn")
+    p.add_argument("--bench-concurrency", type=int, default=8)
+    p.add_argument("--bench-dir", default="/results/gpu_tp2_bench", help="bench run folders and server logs")
     p.add_argument("--cpu-binds", default=None, help="VLLM_CPU_OMP_THREADS_BIND for TP=2 on CPU, e.g. '0|1'")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--out", default="benchmarks/results/gpu_tp2.json")
@@ -233,47 +372,28 @@ def main(argv: list[str] | None = None) -> int:
         from kvplug import settings
 
         expected_cfg = json.loads(settings.resolve(None, args.sets, os.environ).to_json())
-        runs = {}
-        if "vanilla" not in skip:
-            runs["vanilla_tp1"] = run_engine(args, "vanilla_tp1", 1, vanilla=True)
-        if "tp1" not in skip:
-            runs["kvplug_tp1"] = run_engine(args, "kvplug_tp1", 1, vanilla=False)
-        runs["kvplug_tp2_ray"] = run_engine(args, "kvplug_tp2_ray", 2, vanilla=False)
-        layers = num_layers(args.model)
-        summary = {
-            "model": args.model, "device": runs["kvplug_tp2_ray"]["device"], "vllm": runs["kvplug_tp2_ray"]["vllm"],
-            "dtype": args.dtype, "kvplug_config": expected_cfg, "prompt_lengths": _lengths(args),
-            "tokens": args.tokens, "skipped": sorted(skip),
-            "tp2_ranks": check_ranks(runs["kvplug_tp2_ray"], expected_cfg, layers),
-        }
-        if "kvplug_tp1" in runs:
-            summary["greedy_tp2_vs_tp1"] = compare_greedy(runs["kvplug_tp2_ray"], runs["kvplug_tp1"])
-            summary["tp1_ranks"] = check_ranks(runs["kvplug_tp1"], expected_cfg, layers)
-        if "vanilla_tp1" in runs and "kvplug_tp1" in runs:
-            summary["greedy_kvplug_tp1_vs_vanilla_tp1"] = compare_greedy(runs["kvplug_tp1"], runs["vanilla_tp1"])
-            summary["greedy_tp2_vs_vanilla_tp1"] = compare_greedy(runs["kvplug_tp2_ray"], runs["vanilla_tp1"])
+        runs: dict = {}
+        summary = {"model": args.model, "device": harness.device_name(), "dtype": args.dtype,
+                   "distributed_executor_backend": args.distributed_executor_backend, "kvplug_config": expected_cfg,
+                   "serve_args": args.serve_args, "prompt_lengths": _lengths(args), "tokens": args.tokens,
+                   "skipped": sorted(skip)}
+        print(f"device: {summary['device']}  model {args.model}")
+        ok = True
+        if "greedy" not in skip:
+            part, ok = greedy_checks(args, skip, expected_cfg, runs)
+            summary.update(part)
         if "server" not in skip:
-            summary["server_tp2_ray"] = check_server(args)
-        r = summary["tp2_ranks"]
-        summary["ok"] = bool(
-            r["ranks"] == 2 and r["all_ranks_kvplug_impl"] and r["config_reached_every_rank"]
-            and all(n == layers for n in r["layers_built_per_rank"])
-            and all(n > 0 for n in r["attention_calls_per_rank"])
-            and summary.get("greedy_tp2_vs_tp1", {"close": True})["close"]
-            and ("server_tp2_ray" not in summary
-                 or summary["server_tp2_ray"]["layers_built_total"] == summary["server_tp2_ray"]["expected_layers_total"]))
-        harness.write_results(args.out, harness.command_line("benchmarks.gpu_tp2", argv), summary, runs)
-        print(f"device: {summary['device']}  vLLM {summary['vllm']}  model {args.model}")
-        for k in ("greedy_tp2_vs_tp1", "greedy_kvplug_tp1_vs_vanilla_tp1", "greedy_tp2_vs_vanilla_tp1"):
-            if k in summary:
-                print(f"{k}: identical={summary[k]['identical']} close={summary[k]['close']}")
-        print(f"TP=2 ranks: {r['ranks']} kvplug impl on all: {r['all_ranks_kvplug_impl']}  config reached all: "
-              f"{r['config_reached_every_rank']}  layers/rank {r['layers_built_per_rank']} (expect {layers})  "
-              f"attention calls/rank {r['attention_calls_per_rank']}  features/rank {r['features_per_rank']}")
-        if "server_tp2_ray" in summary:
-            s = summary["server_tp2_ray"]
+            s = summary["server_tp2_ray"] = check_server(args)
+            ok = ok and s["layers_built_total"] == s["expected_layers_total"]
             print(f"server: /metrics kvplug layers {s['layers_built_total']} (expect {s['expected_layers_total']}), "
                   f"attention calls {s['attention_calls_total']}")
+        if args.bench:
+            b = summary["bench"] = run_bench(args)
+            print(accuracy_table(b["accuracy_per_turn"]))
+            print(f"bench errors {b['errors']}; every turn within noise: {b['within_noise']}")
+            ok = ok and b["within_noise"] and not any(b["errors"].values())
+        summary["ok"] = ok
+        harness.write_results(args.out, harness.command_line("benchmarks.gpu_tp2", argv), summary, runs)
         print(f"OK: {summary['ok']}  -> {args.out}")
         return 0 if summary["ok"] else 1
     finally:

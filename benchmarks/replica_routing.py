@@ -19,6 +19,12 @@ vLLM's external-prefix-cache counters), follow-up-turn TTFT, errors, where each 
     python -m benchmarks.replica_routing --endpoint http://127.0.0.1:8000 --modes affinity,round-robin \\
         --out benchmarks/results/replica_routing_cpu.json -- --context-tokens 1500 --turns 4 --sessions 4
 Arguments after `--` go to `kvplug bench run` unchanged.
+
+--kill-replica-after S (with --serve): S seconds after each mode's `kvplug bench run` starts (its case generation
+included), SIGKILL the process group of one replica's vLLM server (the healthy one with the most requests in
+flight, by the router's GET /replicas: its pid; a local Ray cluster); the run records which, when (on the load's
+clock) and the requests that ended before, were in flight at, or started after the kill: total, ok, errors,
+cancelled, and those ended only by the bench's --request-timeout (`every_request_ended` is false if any).
 """
 from __future__ import annotations
 
@@ -27,7 +33,10 @@ import collections
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -96,14 +105,98 @@ def run_mode(endpoint: str, mode: str, out_dir: Path, bench_args: list[str], swi
             "errors": s.get("errors"), "router": _router_deltas(deltas), "routes": routes(res.get("requests") or [])}
 
 
-def serve_and_run(serve_args: list[str], mode: str, out_dir: Path, bench_args: list[str]) -> dict:
+def pick_replica(replicas: list[dict]) -> dict | None:
+    """The replica to kill: the healthy one with the most requests in flight (the first of equals), None if none is
+    healthy. Killing it mid-run cuts requests off, which is what the router must survive."""
+    healthy = [r for r in replicas if r.get("healthy")]
+    return max(healthy, key=lambda r: r.get("in_flight") or 0) if healthy else None
+
+
+def kill_replica(endpoint: str) -> dict:
+    """SIGKILL one replica's vLLM server and its engine (its own process group, serving/replicas.py) by the pid the
+    router lists; no serving API is involved, so it only works where the replicas run on this host."""
+    listing = httpx.get(endpoint.rstrip("/") + "/replicas", timeout=30).json()["replicas"]
+    victim = pick_replica(listing)
+    if victim is None:
+        return {"error": "no healthy replica to kill", "killed_unix": None}
+    pid = int(victim["pid"])
+    out = {"replica": victim["name"], "pid": pid, "url": victim["url"], "in_flight": victim.get("in_flight"),
+           "killed_unix": None}
+    try:
+        if os.getpgid(pid) != pid:  # not a session leader: not the replica's server, leave it alone
+            return {**out, "error": f"pid {pid} does not lead its process group"}
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError) as exc:
+        return {**out, "error": f"{type(exc).__name__}: pid {pid} (a replica on another host?)"}
+    return {**out, "killed_unix": time.time()}
+
+
+def _kill_into(kill: dict, endpoint: str) -> None:
+    """kill_replica in the timer's thread: what went wrong lands in the result, not on a dead thread's stderr."""
+    try:
+        kill.update(kill_replica(endpoint))
+    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        kill.update({"error": f"{type(exc).__name__}: {exc}", "killed_unix": None})
+
+
+def _is_timeout(rec: dict) -> bool:
+    return rec.get("status") == "error" and "timeout" in (rec.get("error") or "").split(":", 1)[0].lower()
+
+
+def kill_bookkeeping(records: list[dict], kill_at_s: float | None, planned: int) -> dict:
+    """Requests by where they stand to the kill (``kill_at_s``: seconds after the load started; None: no kill):
+    ended before it, in flight at it, started after it; in each total, ok, errors, cancelled (cut by a bench
+    bound) and timed_out (ended only by --request-timeout: it hung). ``every_request_ended``: all ``planned``
+    requests were issued and each ended by itself (ok or an error, not a timeout or a cancel)."""
+    def tally(rs: list[dict]) -> dict:
+        return {"total": len(rs), "ok": sum(r["status"] == "ok" for r in rs),
+                "errors": sum(r["status"] == "error" for r in rs),
+                "cancelled": sum(r["status"] == "cancelled" for r in rs), "timed_out": sum(map(_is_timeout, rs))}
+
+    groups: dict[str, list[dict]] = {"before": [], "in_flight": [], "after": []}
+    for r in records:
+        end = r["start"] + (r.get("e2e") or 0.0)
+        if kill_at_s is None or end <= kill_at_s:
+            groups["before"].append(r)
+        elif r["start"] < kill_at_s:
+            groups["in_flight"].append(r)
+        else:
+            groups["after"].append(r)
+    out = {name: tally(rs) for name, rs in groups.items()}
+    every = tally(records)
+    out["all"] = every
+    out["planned"] = planned
+    out["every_request_ended"] = (every["total"] == planned and every["cancelled"] == 0
+                                  and every["timed_out"] == 0)
+    return out
+
+
+def serve_and_run(serve_args: list[str], mode: str, out_dir: Path, bench_args: list[str],
+                  kill_after_s: float | None = None) -> dict:
     """A fresh `kvplug serve ... --routing MODE` for this mode only: every cache tier starts empty."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with harness.serve_kvplug([*serve_args, "--routing", mode], out_dir / "serve.log", timeout_s=2400,
                               stop_timeout_s=120, tag=mode) as server:
-        run = run_mode(server.base, mode, out_dir, bench_args, switch=False)
+        kill: dict = {}
+        timer = None
+        if kill_after_s is not None:
+            timer = threading.Timer(kill_after_s, _kill_into, (kill, server.base))
+            timer.start()
+        try:
+            run = run_mode(server.base, mode, out_dir, bench_args, switch=False)
+        finally:
+            if timer is not None:
+                timer.cancel()
+                timer.join()
         run["serve_command"] = server.command
         run["replicas"] = httpx.get(server.base + "/replicas", timeout=30).json()
+    if kill_after_s is not None:
+        res = json.loads((out_dir / "results.json").read_text())
+        started = res["environment"].get("load_started_unix")
+        kill_at = None if not kill.get("killed_unix") or started is None else kill["killed_unix"] - started
+        planned = sum(c["turns"] for c in res.get("cases") or [])
+        run["kill"] = {**kill, "after_s": kill_after_s, "at_load_s": kill_at, "fired": bool(kill),
+                       "requests": kill_bookkeeping(res.get("requests") or [], kill_at, planned)}
     return run
 
 
@@ -126,6 +219,15 @@ def table(runs: list[dict]) -> str:
         lines.append(f"| {r['mode']} | {pct(r.get('all_tier_hit_rate'))} | {pct(r['prefix_cache_hit_rate'])} | "
                      f"{ms(r['ttft_followup_s'], 'p50')} | {ms(r['ttft_followup_s'], 'p99')} | {ms(t1, 'p50')} | "
                      f"{reasons or '–'} | {r['errors']} |")
+    for r in runs:
+        if k := r.get("kill"):
+            q = k["requests"]
+            lines.append(f"\n{r['mode']}: killed {k.get('replica', '–')} at "
+                         f"{'–' if k['at_load_s'] is None else format(k['at_load_s'], '.1f')} s "
+                         f"({k.get('error') or 'ok'}); errors before/in flight/after "
+                         f"{q['before']['errors']}/{q['in_flight']['errors']}/{q['after']['errors']} of "
+                         f"{q['before']['total']}/{q['in_flight']['total']}/{q['after']['total']}; timed out "
+                         f"{q['all']['timed_out']}; every request ended: {q['every_request_ended']}")
     return "\n".join(lines)
 
 
@@ -163,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/replica_routing.json")
     p.add_argument("--runs-dir", default="/results/replica_routing", help="bench run folders (bulky)")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG and table from --out")
+    p.add_argument("--kill-replica-after", type=float, default=None, metavar="SECONDS",
+                   help="with --serve: kill one replica's vLLM server this long into each mode's bench run")
     args = p.parse_args(argv)
+    if args.kill_replica_after is not None and args.serve is None:
+        p.error("--kill-replica-after needs --serve (it kills a replica this script started)")
     png = Path(args.out).with_suffix(".png")
     if args.plot_only:
         runs = json.loads(Path(args.out).read_text())["runs"]
@@ -178,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, mode in enumerate(m for m in args.modes.split(",") if m):
         run_dir = Path(args.runs_dir) / f"{i}-{mode}"
         if args.serve is not None:
-            runs.append(serve_and_run(shlex.split(args.serve), mode, run_dir, bench_args))
+            runs.append(serve_and_run(shlex.split(args.serve), mode, run_dir, bench_args, args.kill_replica_after))
         else:
             runs.append(run_mode(args.endpoint, mode, run_dir, bench_args))
         Path(args.out).write_text(json.dumps(out, indent=2))  # a run cut short keeps what it measured

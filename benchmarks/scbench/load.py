@@ -123,7 +123,7 @@ def planned_requests(cases: list[Case], max_requests: int | None) -> int:
 async def run_load(cases: list[Case], cfg: LoadConfig,
                    on_record: Callable[[dict], None] | None = None,
                    client: httpx.AsyncClient | None = None) -> dict:
-    """Run the load; returns ``{"records", "wall_s", "stop_reason", "issued"}``.
+    """Run the load; returns ``{"records", "wall_s", "stop_reason", "issued", "started_unix"}``.
 
     Records are appended in completion order; each has ``start`` (seconds since
     the run began) for ordering.
@@ -136,6 +136,7 @@ async def run_load(cases: list[Case], cfg: LoadConfig,
                               max_keepalive_connections=cfg.concurrency + 4)
         client = httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout), limits=limits)
     t0 = time.perf_counter()
+    t0_unix = time.time()  # records' ``start`` on the wall clock, to line them up with outside events
     deadline = t0 + cfg.max_seconds if cfg.max_seconds is not None else None
     budget = _Budget(cfg.max_requests, deadline)
     clock = ArrivalClock(cfg.rate, cfg.seed, t0)
@@ -224,7 +225,7 @@ async def run_load(cases: list[Case], cfg: LoadConfig,
             await client.aclose()
     wall = time.perf_counter() - t0
     records.sort(key=lambda r: (r["start"], r["session"], r["turn"]))
-    return {"records": records, "wall_s": wall, "issued": budget.issued,
+    return {"records": records, "wall_s": wall, "issued": budget.issued, "started_unix": t0_unix,
             "stop_reason": budget.stop_reason or "completed"}
 
 

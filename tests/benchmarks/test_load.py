@@ -367,3 +367,14 @@ def test_policy_mix_shares_each_context_across_policies_and_repeat_runs_sessions
 def test_policy_mix_and_repeat_reject_bad_flags_in_one_line(tmp_path, fake_server, capsys, argv, message):
     rc, _, _ = bench(tmp_path, fake_server, *argv)
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_load_start_on_the_wall_clock_brackets_the_records(fake_server):
+    # benchmarks/replica_routing.py lines a replica kill up with the records through started_unix
+    cases = generate_cases("kv", seed=0, sessions=2, context_tokens=300, turns=2, count_tokens=approx_count)
+    cfg = LoadConfig(api_base=fake_server.base_url + "/v1", model="fake-model", mode="multi-turn", concurrency=2)
+    before = time.time()
+    out = asyncio.run(run_load(cases, cfg))
+    after = time.time()
+    assert before <= out["started_unix"] <= after
+    assert all(out["started_unix"] + r["start"] + r["e2e"] <= after for r in out["records"])
