@@ -455,6 +455,22 @@ def _worker(args: argparse.Namespace) -> None:
     harness.emit_result(_measure(args, shape, kv_bytes, kw))
 
 
+def lmcache_preflight(mode: str, root: str | Path, env: dict[str, str]) -> tuple[dict | None, str | None]:
+    """An LMCache mode's probe, run in its own process with the mode's ``env`` (so no engine process imports
+    LMCache before vLLM does), and why the mode cannot run (None where it can): not staged, the probe died,
+    or LMCache or its vLLM adapter failed to import. The probe is None where it did not run."""
+    missing = lmcache_missing(mode, root)
+    if missing:
+        return None, missing
+    try:
+        probe = harness.run_result_process([sys.executable, "-m", "benchmarks.gpu_offload", "--probe-lmcache"],
+                                           env, "LMCache probe failed", timeout=PROBE_TIMEOUT_S,
+                                           stderr_tail=STDERR_TAIL)
+    except SystemExit as exc:
+        return None, str(exc)
+    return probe, probe.get("import_error") or probe.get("adapter_error")
+
+
 def run_mode(mode: str, args: argparse.Namespace, worker_args: list[str], env: dict[str, str]) -> dict:
     """One mode's result from its own worker process, or ``{"mode", "error"}`` saying why there is none. An
     LMCache mode is probed first in a separate process (so the engine's process never imports LMCache before
@@ -462,17 +478,9 @@ def run_mode(mode: str, args: argparse.Namespace, worker_args: list[str], env: d
     extra: dict = {}
     log = None
     if is_lmcache(mode):
-        missing = lmcache_missing(mode, args.lmcache_root)
-        if missing:
-            return {"mode": mode, "error": missing}
-        try:
-            probe = harness.run_result_process([sys.executable, "-m", "benchmarks.gpu_offload", "--probe-lmcache"],
-                                               env, "LMCache probe failed", timeout=PROBE_TIMEOUT_S,
-                                               stderr_tail=STDERR_TAIL)
-        except SystemExit as exc:
-            return {"mode": mode, "error": str(exc)}
-        extra["lmcache"] = probe
-        failed = probe.get("import_error") or probe.get("adapter_error")
+        probe, failed = lmcache_preflight(mode, args.lmcache_root, env)
+        if probe is not None:
+            extra["lmcache"] = probe
         if failed:
             return {"mode": mode, "error": failed, **extra}
         log = LMCacheLog()
