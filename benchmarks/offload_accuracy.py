@@ -185,7 +185,6 @@ def peer_env(peer: str, args, base: dict[str, str]) -> dict[str, str]:
     """A peer's engine environment: ``base`` without kvplug's config (its tiers are off there), plus what
     gpu_offload gives the same mode (LMCache: its configuration with the --cpu-tier budget, staged folders)."""
     clean = {k: v for k, v in base.items() if not k.startswith("KVPLUG_")}
-    clean.pop("KVPLUG_CONFIG_JSON", None)
     mode_args = argparse.Namespace(cpu_gib=cpu_tier_gib(args.cpu_tier), lmcache_root=args.lmcache_root)
     return gpu_offload.mode_env(peer, mode_args, clean)
 
@@ -404,9 +403,9 @@ def run_peer(peer: str, args, cases, baseline: list[list[str]]) -> dict:
         r = {"error": str(exc)}
     if log is not None:
         head["lmcache_log"] = log.counts
-    if "error" in r:
-        return {**head, "error": r["error"].splitlines()[0] if r["error"] else "(no message)",
-                "error_tail": r["error"]}
+    if "error" in r:  # one line: how it failed and the first error its log kept (the root cause, e.g. the platform)
+        lines = r["error"].splitlines() or ["(no message)"]
+        return {**head, "error": ": ".join(lines[:2]), "error_tail": r["error"]}
     evidence = r["evidence"]
     if log is not None:  # LMCache's own retrieves per later turn: what its connector loaded
         retrieved = [0] + list(log.follow_up_retrieved)

@@ -195,10 +195,23 @@ def test_a_peer_whose_engine_failed_is_one_line_and_skipped_by_points_and_plot(m
 
     monkeypatch.setattr(oa.harness, "run_result_process", dies)
     row = oa.run_peer("native", args, [_case(0)], [["42", "42"]])
-    assert row["error"] == "native run failed (exit 1)" and "not supported" in row["error_tail"]
+    assert row["error"] == "native run failed (exit 1): ValueError: kv_offloading_size is not supported on CPU"
     runs = [{"policy": "none", "accuracy": 1.0, "agreement": 1.0, "offload_no_op": False, "masked_batches": 0,
              "per_turn": [{"turn": t, "accuracy": 1.0, "agreement": 1.0} for t in (1, 2)]}, row]
     oa.add_points(runs)
     assert "points_vs_none" not in row
     table = oa.markdown({"model": "m", "device": "cpu", "date": "d", "args": vars(args), "runs": runs})
-    assert "| native | could not run: native run failed (exit 1) | | | | | |" in table
+    assert "| native | could not run: native run failed (exit 1): ValueError: kv_offloading_size is not supported on " \
+        "CPU | | | | | |" in table
+
+
+def test_native_evidence_is_vllms_external_prefix_cache_hits_counter():
+    metrics = [SimpleNamespace(name="vllm:prefix_cache_hits", value=900),
+               SimpleNamespace(name=oa.EXTERNAL_HITS, value=832)]
+    assert oa.peer_evidence(SimpleNamespace(get_metrics=lambda: metrics)) == {"external_hit_tokens": 832}
+    assert oa.peer_evidence(SimpleNamespace(get_metrics=lambda: metrics[:1])) == {}
+
+    def stats_off():
+        raise AssertionError("Stat logging disabled")
+
+    assert oa.peer_evidence(SimpleNamespace(get_metrics=stats_off)) == {}
