@@ -17,14 +17,15 @@ a no-op, not as a pass).
 ``--peers native,lmcache-0.5.3`` adds other offload systems after kvplug's policies, each in its own engine
 subprocess without kvplug's connector, with the same cases, turns, prompts, sampling and the same
 ``reset_prefix_cache`` before turns 2+: vLLM's native offloading (``kv_offloading_size`` = the --cpu-tier in
-GiB, as benchmarks/gpu_offload.py's native mode) and LMCache (gpu_offload's transfer config, environment and
-probe; ``lmcache`` or a staged ``lmcache-<version>`` under --lmcache-root). Their rows join the same table,
-JSON and plot. Evidence that a peer loaded from its CPU tier in turns 2+: native, vLLM's
-``vllm:external_prefix_cache_hits`` counter (tokens a connector supplied); LMCache, the tokens its own log
-says it retrieved (gpu_offload's LMCacheLog). A peer whose later turns loaded nothing is a NO-OP row with the
-reason; a peer that cannot run (not staged, import failed, engine failed) is a row with its one-line error.
-A peer runs vLLM's own attention backend (kvplug's rows run kvplug's): its turn 1, computed without a load,
-shows what that alone changes against "none".
+GiB, as benchmarks/gpu_offload.py's native mode) and LMCache (the transfer config, environment and probe of
+benchmarks/peers/lmcache.py, as gpu_offload's LMCache modes; ``lmcache`` or a staged ``lmcache-<version>``
+under --lmcache-root). Their rows join the same table, JSON and plot. Evidence that a peer loaded from its
+CPU tier in turns 2+: native, vLLM's ``vllm:external_prefix_cache_hits`` counter (tokens a connector
+supplied); LMCache, the tokens its own log says it retrieved (benchmarks/peers/lmcache.py's LMCacheLog). A
+peer whose later turns loaded nothing is a NO-OP row with the reason; a peer that cannot run (not staged,
+import failed, engine failed) is a row with its one-line error. A peer runs vLLM's own attention backend
+(kvplug's rows run kvplug's): its turn 1, computed without a load, shows what that alone changes against
+"none".
 
 Writes JSON (every answer), a PNG plot and a Markdown table next to --out.
 """
@@ -38,7 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import gpu_offload, harness
+from benchmarks import harness
+from benchmarks.peers import lmcache
 
 DEFAULT_OUT = "benchmarks/results/offload_accuracy_smollm2_cpu.json"
 POLICIES = "keep,quant:int8,quant:int4,quant:fp8,drop:streaming,drop:snapkv"
@@ -51,9 +53,9 @@ PEER_STDERR_TAIL = 8  # error lines of a peer's engine process kept in its row
 
 
 def check_peer(name: str) -> None:
-    if name != NATIVE and not gpu_offload.is_lmcache(name):
-        raise ValueError(f"unknown peer {name!r} (known: {NATIVE}, {gpu_offload.LMCACHE}, "
-                         f"{gpu_offload.LMCACHE}-<version>)")
+    if name != NATIVE and not lmcache.is_lmcache(name):
+        raise ValueError(f"unknown peer {name!r} (known: {NATIVE}, {lmcache.LMCACHE}, "
+                         f"{lmcache.LMCACHE}-<version>)")
 
 
 def peer_names(args) -> list[str]:
@@ -80,9 +82,9 @@ def _parse(argv):
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                     help="skip torch.compile (saves minutes on CPU)")
     ap.add_argument("--peers", default="",
-                    help=f"comma list of {NATIVE}, {gpu_offload.LMCACHE}, {gpu_offload.LMCACHE}-<version>: other "
+                    help=f"comma list of {NATIVE}, {lmcache.LMCACHE}, {lmcache.LMCACHE}-<version>: other "
                          "offload systems, each in its own engine after kvplug's policies (see above)")
-    ap.add_argument("--lmcache-root", default=gpu_offload.LMCACHE_ROOT,
+    ap.add_argument("--lmcache-root", default=lmcache.LMCACHE_ROOT,
                     help="where lmcache-<version> peers find lmcache-<version>/ and lmcache-deps/")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--peer-worker", default=None, help=argparse.SUPPRESS)  # in a peer's own process
@@ -170,23 +172,25 @@ def engine_kwargs(args, model_path, cuda: bool) -> dict:
 
 def peer_engine_kwargs(peer: str, args, model_path, cuda: bool) -> dict:
     """A peer's LLM(...) arguments: the shared ones, vLLM's metrics on (native's evidence), no kvplug connector
-    or attention backend; native offloads --cpu-tier GiB, LMCache is gpu_offload's transfer config."""
+    or attention backend; native offloads --cpu-tier GiB, LMCache is benchmarks/peers/lmcache.py's transfer
+    config."""
     kw = {**engine_kwargs(args, model_path, cuda), "disable_log_stats": False}
     if peer == NATIVE:
         kw["kv_offloading_size"] = cpu_tier_gib(args.cpu_tier)
     else:
         from vllm.config import KVTransferConfig
 
-        kw["kv_transfer_config"] = KVTransferConfig(**gpu_offload.lmcache_transfer_config())
+        kw["kv_transfer_config"] = KVTransferConfig(**lmcache.lmcache_transfer_config())
     return kw
 
 
 def peer_env(peer: str, args, base: dict[str, str]) -> dict[str, str]:
     """A peer's engine environment: ``base`` without kvplug's config (its tiers are off there), plus what
-    gpu_offload gives the same mode (LMCache: its configuration with the --cpu-tier budget, staged folders)."""
+    benchmarks/peers/lmcache.py gives the same mode (LMCache: its configuration with the --cpu-tier budget, staged
+    folders)."""
     clean = {k: v for k, v in base.items() if not k.startswith("KVPLUG_")}
     mode_args = argparse.Namespace(cpu_gib=cpu_tier_gib(args.cpu_tier), lmcache_root=args.lmcache_root)
-    return gpu_offload.mode_env(peer, mode_args, clean)
+    return lmcache.mode_env(peer, mode_args, clean)
 
 
 def ask_turns(llm, name: str, cases, sp, turns: int, reset_later: bool, evidence, on_turn=None):
@@ -332,16 +336,16 @@ def peer_worker(args) -> None:
     model_path = harness.prepare_model(args.model)
     cases = _cases(args, model_path)
     peer = args.peer_worker
-    gpu_offload.mark_phase("startup")
+    lmcache.mark_phase("startup")
     t0 = time.perf_counter()
     llm = LLM(**peer_engine_kwargs(peer, args, model_path, harness.cuda_available()))
     startup_s = time.perf_counter() - t0
 
     def mark(t: int) -> None:  # LMCacheLog counts LMCache's lines per phase, and its retrieves per later turn
         if t < 2:
-            gpu_offload.mark_phase(("turn1", "follow_ups")[t])
+            lmcache.mark_phase(("turn1", "follow_ups")[t])
         if t > 0:
-            print(gpu_offload.FOLLOW_UP_MARK + str(t + 1), file=sys.stderr, flush=True)
+            print(lmcache.FOLLOW_UP_MARK + str(t + 1), file=sys.stderr, flush=True)
 
     llm.reset_prefix_cache()
     t1 = time.perf_counter()
@@ -358,14 +362,14 @@ def peer_worker(args) -> None:
 def peer_no_op(peer: str, evidence: list[dict], log=None) -> str | None:
     """Why a peer's turns 2+ measured recomputation, not its CPU tier (None where its own evidence shows loads):
     native, vLLM's external-hit counter (or, where this vLLM has none, cached tokens under half the prompts
-    after the reset); LMCache, the tokens its log says it retrieved (gpu_offload's reasons)."""
+    after the reset); LMCache, the tokens its log says it retrieved (benchmarks/peers/lmcache.py's reasons)."""
     later = evidence[1:]
     if not later:
         return None
     if log is not None:
         if sum(log.follow_up_retrieved):
             return None
-        return gpu_offload.no_op_reason({"no_op": True, "lmcache_log": log.counts}, 0)
+        return lmcache.no_op_reason({"no_op": True, "lmcache_log": log.counts}, 0)
     if all("external_hit_tokens" in e for e in later):
         if sum(e["external_hit_tokens"] for e in later):
             return None
@@ -386,15 +390,10 @@ def run_peer(peer: str, args, cases, baseline: list[list[str]]) -> dict:
     """A peer's row, scored like kvplug's, or ``{"policy", "peer", "error"}`` saying in one line why there is
     none (LMCache not staged or not importable, its engine failed)."""
     env = peer_env(peer, args, harness.engine_env(clear_config=True))
-    head = {"policy": peer, "peer": True}
-    log = None
-    if gpu_offload.is_lmcache(peer):
-        probe, failed = gpu_offload.lmcache_preflight(peer, args.lmcache_root, env)
-        if probe is not None:
-            head["lmcache"] = probe
-        if failed:
-            return {**head, "error": failed}
-        log = gpu_offload.LMCacheLog()
+    extra, failed, log = lmcache.prepare(peer, args.lmcache_root, env)
+    head = {"policy": peer, "peer": True, **extra}
+    if failed:
+        return {**head, "error": failed}
     cmd = [sys.executable, "-m", "benchmarks.offload_accuracy", *peer_worker_argv(args.argv), "--peer-worker", peer]
     try:
         r = harness.run_result_process(cmd, env, f"{peer} run failed", stderr_tail=PEER_STDERR_TAIL,

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from benchmarks import offload_accuracy as oa
+from benchmarks.peers import lmcache
 from cache_policies.registry import REQUEST_POLICY_KEY
 
 
@@ -87,9 +88,7 @@ def test_a_peers_engine_has_no_kvplug_connector_and_its_own_cpu_tier(tmp_path):
     lmc = oa.peer_engine_kwargs("lmcache-0.5.3", args, tmp_path, cuda=True)
     cfg = lmc.pop("kv_transfer_config")
     assert lmc == {**shared, "disable_log_stats": False}
-    from benchmarks import gpu_offload
-
-    expected = gpu_offload.lmcache_transfer_config()
+    expected = lmcache.lmcache_transfer_config()
     assert {k: getattr(cfg, k) for k in expected} == expected
 
 
@@ -165,23 +164,21 @@ def test_a_peer_that_loaded_nothing_is_a_no_op_row_with_the_reason(monkeypatch):
 
 
 def test_lmcache_evidence_is_its_own_log_per_later_turn(monkeypatch, tmp_path):
-    from benchmarks import gpu_offload
-
     (tmp_path / "lmcache-0.5.3").mkdir()
-    monkeypatch.setattr(gpu_offload, "lmcache_preflight", lambda mode, root, env: ({"version": "0.5.3"}, None))
+    monkeypatch.setattr(lmcache, "lmcache_preflight", lambda mode, root, env: ({"version": "0.5.3"}, None))
     args = oa._parse(["--peers", "lmcache-0.5.3", "--turns", "3", "--lmcache-root", str(tmp_path)])
     ev = [{"cached_tokens": 0, "prompt_tokens": 900}, {"cached_tokens": 768, "prompt_tokens": 950},
           {"cached_tokens": 768, "prompt_tokens": 990}]
-    log = [gpu_offload.PHASE_MARK + "turn1", "LMCache INFO: Stored 768 out of total 900 tokens",
-           gpu_offload.PHASE_MARK + "follow_ups", gpu_offload.FOLLOW_UP_MARK + "2",
-           "LMCache INFO: Retrieved 768 out of 768 required tokens", gpu_offload.FOLLOW_UP_MARK + "3",
+    log = [lmcache.PHASE_MARK + "turn1", "LMCache INFO: Stored 768 out of total 900 tokens",
+           lmcache.PHASE_MARK + "follow_ups", lmcache.FOLLOW_UP_MARK + "2",
+           "LMCache INFO: Retrieved 768 out of 768 required tokens", lmcache.FOLLOW_UP_MARK + "3",
            "LMCache INFO: Retrieved 512 out of 768 required tokens"]
     _peer_result(monkeypatch, [["42", "42", "42"]], ev, log)
     row = oa.run_peer("lmcache-0.5.3", args, [_case(0, 3)], [["42", "42", "42"]])
     assert [p["lmcache_retrieved_tokens"] for p in row["per_turn"]] == [0, 768, 512]
     assert not row["offload_no_op"] and row["lmcache"] == {"version": "0.5.3"}
     assert oa.loaded_cell(row) == "1280 tokens (LMCache's log)"
-    # stored but never retrieved: gpu_offload's reason
+    # stored but never retrieved: the LMCache library's reason
     _peer_result(monkeypatch, [["42", "42", "42"]], ev, log[:4])
     row = oa.run_peer("lmcache-0.5.3", args, [_case(0, 3)], [["42", "42", "42"]])
     assert row["offload_no_op"] and "follow-up lookups hit 0 tokens" in row["no_op_reason"]
