@@ -46,7 +46,8 @@ int8 loaded 4 contexts and hit 6, keep and LMCache loaded all 10). ``--reset-gpu
 prefix cache before each follow-up (untimed), so every mode loads every follow-up: equal residency.
 An offload mode whose follow-ups got no cached tokens is flagged "no_op" (it measured
 recomputation, not offload), with the reason its evidence gives (``no_op_reason``; printed after the table
-and in the summary's ``no_ops``).
+and in the summary's ``no_ops``). The LMCache helpers (mode names, configuration, probe, log counts, no-op
+reasons) live in benchmarks/peers/lmcache.py, shared with benchmarks/offload_accuracy.py's --peers.
 
 One invocation must fit the device's 10-minute command limit: run a few modes per invocation; results
 merge into --out by mode (earlier modes' results are kept) and are written after every mode, and
@@ -79,10 +80,7 @@ block and layer) and a verdict, into benchmarks/results/gpu_together_h100.json (
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import re
 import statistics
 import sys
 import time
@@ -90,14 +88,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import harness
+from benchmarks.peers import lmcache
 
 POLICY = {"keep": "keep", "int8": "quant:int8", "int4": "quant:int4", "fp8": "quant:fp8"}
 MODES = ("none", "native", *POLICY)
 DEFAULT_OUT = "benchmarks/results/gpu_offload_h100.json"
-LMCACHE = "lmcache"  # the peer's modes: "lmcache" (as importable) or "lmcache-<version>" (a staged copy)
-LMCACHE_ROOT = "/tmp/kvstage"  # where benchmarks/gpu/stage-lmcache.sh's receive.sh installs LMCache
-LMCACHE_CHUNK_TOKENS = 256
-LMCACHE_OPS_MODULES = ("lmcache.cuda_ops", "lmcache.c_ops")  # >= 0.5.4 / <= 0.5.3
 STDERR_TAIL = 8  # error lines of a worker that died, kept in its result
 TOGETHER_OUT = "benchmarks/results/gpu_together_h100.json"
 # --together expands to these flags (flags given after it win; --set adds to them).
@@ -106,228 +101,24 @@ TOGETHER_ARGS = ("--modes", "keep", "--contexts", "4", "--context-tokens", "1638
                  "--mode-timeout", "285",  # under 5 minutes whatever happens (the result then says it timed out)
                  "--set", "sparse_prefill.enabled=true", "--set", "sparse_prefill.cost_table=none",
                  "--set", "sparse_prefill.min_prompt_tokens=4096", "--set", "retrieval_decode.enabled=true")
-PROBE_TIMEOUT_S = 300
-
-
-def lmcache_version(mode: str) -> str | None:
-    """The staged LMCache version a mode names ("lmcache-0.5.3" -> "0.5.3"; "lmcache" -> None: as importable).
-    ValueError for anything else."""
-    if mode == LMCACHE:
-        return None
-    m = re.fullmatch(r"lmcache-(\d+(?:\.\d+)*(?:\.post\d+)?)", mode)
-    if not m:
-        raise ValueError(f"not an LMCache mode: {mode!r} (lmcache or lmcache-<version>, e.g. lmcache-0.5.6)")
-    return m.group(1)
-
-
-def is_lmcache(mode: str) -> bool:
-    try:
-        lmcache_version(mode)
-    except ValueError:
-        return False
-    return True
 
 
 def check_mode(mode: str) -> None:
-    if mode not in MODES and not is_lmcache(mode):
-        raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)}, {LMCACHE}, {LMCACHE}-<version>)")
-
-
-def lmcache_paths(mode: str, root: str | Path = LMCACHE_ROOT) -> list[Path]:
-    """Folders an LMCache mode puts first on the worker's PYTHONPATH (none for plain "lmcache")."""
-    version = lmcache_version(mode)
-    return [] if version is None else [Path(root) / f"lmcache-{version}", Path(root) / "lmcache-deps"]
-
-
-def lmcache_env(cpu_gib: float, base: dict[str, str] | None = None) -> dict[str, str]:
-    """LMCache's configuration as its LMCACHE_* variables (read by its LMCacheEngineConfig.from_env): the local
-    CPU backend holding ``cpu_gib`` GiB (LMCache sizes it as GiB: max_local_cpu_size * 1024**3), 256-token
-    chunks, no disk or remote tier, no usage telemetry (the GPU host has no network). Inherited LMCACHE_*
-    variables and LMCACHE_CONFIG_FILE are dropped from ``base``: this mode's configuration is exactly this."""
-    env = {k: v for k, v in (base or {}).items() if not k.startswith("LMCACHE_")}
-    env.update(LMCACHE_CHUNK_SIZE=str(LMCACHE_CHUNK_TOKENS), LMCACHE_LOCAL_CPU="True",
-               LMCACHE_MAX_LOCAL_CPU_SIZE=str(float(cpu_gib)), LMCACHE_MAX_LOCAL_DISK_SIZE="0",
-               LMCACHE_USE_LAYERWISE="False", LMCACHE_SAVE_DECODE_CACHE="False",
-               LMCACHE_TRACK_USAGE="false", DO_NOT_TRACK="1",
-               LMCACHE_LOG_LEVEL="INFO")  # its per-request lookup/store/retrieve lines are the evidence (LMCacheLog)
-    return env
-
-
-def lmcache_transfer_config() -> dict:
-    """vLLM's KVTransferConfig fields for LMCache (LMCacheConnectorV1 loads lmcache's own vllm_v1_adapter)."""
-    return {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
-
-
-# What LMCache (0.5.x; vllm_v1_adapter.py and v1/cache_engine.py) logs at INFO per request: the scheduler's
-# lookup, the worker's store and retrieve. Counting these lines is the evidence of what LMCache did.
-LMCACHE_LOG = {
-    "lookup": re.compile(r"LMCache hit tokens: (\d+), (?:but )?need to load: (-?\d+)"),
-    "stored": re.compile(r"Stored (\d+) out of total (\d+) tokens"),
-    "retrieved": re.compile(r"Retrieved (\d+) out of (\d+) (?:required|out of total)"),
-    "memory_pressure": re.compile(r"Local cpu memory (?:is )?under pressure"),
-    "load_failed": re.compile(r"failed to load \d+ tokens|retrieved tokens is less than the expected"),
-    "error": re.compile(r"LMCache ERROR"),
-}
-# The worker marks where its phases start on stderr; LMCache's lines after a mark count for that phase.
-PHASE_MARK = "[gpu_offload] phase: "
-PHASES = ("startup", "turn1", "follow_ups")
-# ... and where each follow-up starts (LMCache's retrieved tokens per follow-up: what its connector loaded).
-FOLLOW_UP_MARK = "[gpu_offload] follow-up: "
-
-
-class LMCacheLog:
-    """Counts LMCache's log lines per phase of a worker (fed its stderr line by line): lookups and the tokens
-    they hit, stores and stored tokens, retrieves and retrieved tokens, memory-pressure warnings, load failures
-    and errors."""
-
-    def __init__(self) -> None:
-        self.phase = PHASES[0]
-        self.counts = {p: self._zero() for p in PHASES}
-        self.follow_up_retrieved: list[int] = []  # tokens LMCache retrieved during each follow-up, in order
-
-    @staticmethod
-    def _zero() -> dict:
-        return {"lookups": 0, "lookup_hit_tokens": 0, "lookups_with_hit": 0, "stores": 0, "stored_tokens": 0,
-                "retrieves": 0, "retrieved_tokens": 0, "memory_pressure": 0, "load_failed": 0, "errors": 0}
-
-    def feed(self, line: str) -> None:
-        if FOLLOW_UP_MARK in line:
-            self.follow_up_retrieved.append(0)
-            return
-        if PHASE_MARK in line:
-            phase = line.split(PHASE_MARK, 1)[1].strip()
-            if phase in self.counts:
-                self.phase = phase
-            return
-        c = self.counts[self.phase]
-        if m := LMCACHE_LOG["lookup"].search(line):
-            c["lookups"] += 1
-            c["lookup_hit_tokens"] += int(m.group(1))
-            c["lookups_with_hit"] += int(m.group(1)) > 0
-        elif m := LMCACHE_LOG["stored"].search(line):
-            c["stores"] += 1
-            c["stored_tokens"] += int(m.group(1))
-        elif m := LMCACHE_LOG["retrieved"].search(line):
-            c["retrieves"] += 1
-            c["retrieved_tokens"] += int(m.group(1))
-            if self.phase == "follow_ups" and self.follow_up_retrieved:
-                self.follow_up_retrieved[-1] += int(m.group(1))
-        elif LMCACHE_LOG["memory_pressure"].search(line):
-            c["memory_pressure"] += 1
-        elif LMCACHE_LOG["load_failed"].search(line):
-            c["load_failed"] += 1
-        if LMCACHE_LOG["error"].search(line):
-            c["errors"] += 1
-
-
-def no_op_reason(r: dict, contexts: int) -> str | None:
-    """Why an offload mode's follow-ups got (almost) nothing from a cache, from its own evidence (None where
-    they did): a CPU budget that holds fewer contexts than the round-robin visits is recomputation by design;
-    for LMCache its log says whether it was consulted, stored, hit and loaded."""
-    if not r.get("no_op"):
-        return None
-    held = r.get("contexts_held")
-    evicted = (f"its CPU budget holds {held} of the {contexts} contexts, so round-robin (LRU) evicts every "
-               f"context before its follow-up: recomputation by design (--contexts {held} or fewer compares loads)"
-               if isinstance(held, int) and held < contexts else None)
-    log = r.get("lmcache_log")
-    if log is None:
-        return evicted or "no follow-up got cached tokens and the connector loaded no block"
-    t1, fu = log["turn1"], log["follow_ups"]
-    if not (t1["lookups"] or t1["stores"] or fu["lookups"]):
-        return ("LMCache logged no lookup and no store: the connector was not consulted "
-                "(or its log level hides INFO: LMCACHE_LOG_LEVEL)")
-    if not t1["stored_tokens"]:
-        why = f"; {t1['memory_pressure']} memory-pressure warnings" if t1["memory_pressure"] else ""
-        return f"LMCache stored nothing in turn 1 ({t1['lookups']} lookups, {t1['errors']} errors{why})"
-    if not fu["lookup_hit_tokens"]:
-        head = (f"LMCache stored {t1['stored_tokens']} tokens in turn 1, but its {fu['lookups']} follow-up "
-                f"lookups hit 0 tokens")
-        return f"{head}: {evicted}" if evicted else head + " (keys differ between store and lookup?)"
-    if not fu["retrieved_tokens"]:
-        return (f"LMCache's follow-up lookups hit {fu['lookup_hit_tokens']} tokens but it retrieved none "
-                f"({fu['load_failed']} load failures, {fu['errors']} errors): its load path did not run")
-    return (f"LMCache retrieved {fu['retrieved_tokens']} tokens in the follow-ups, but vLLM counted few cached "
-            f"tokens")
+    if mode not in MODES and not lmcache.is_lmcache(mode):
+        raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)}, {lmcache.LMCACHE}, "
+                         f"{lmcache.LMCACHE}-<version>)")
 
 
 def mode_env(mode: str, args: argparse.Namespace, base: dict[str, str]) -> dict[str, str]:
-    """The environment of a mode's worker: ``base`` plus kvplug's offload section (kvplug modes) or LMCache's
-    configuration and staged folders (LMCache modes)."""
-    env = dict(base)
-    runner = getattr(args, "model_runner", "default")
-    if runner != "default":  # every mode of the run on the same runner (like-for-like)
-        env["VLLM_USE_V2_MODEL_RUNNER"] = "1" if runner == "v2" else "0"
+    """The environment of a mode's worker: a peer's (benchmarks/peers/lmcache.py: the runner, LMCache's
+    configuration and staged folders) plus kvplug's offload section for kvplug modes."""
+    env = lmcache.mode_env(mode, args, base)
     if mode in POLICY:
         env.update(harness.kvplug_env("offload", enabled=True, cpu_size=f"{args.cpu_gib}GiB"),
                    **harness.kvplug_env("cache_policy", default=POLICY[mode]))
         if getattr(args, "sets", None):
             env = harness.resolved_config_env(args.sets, env)
-    elif is_lmcache(mode):
-        env = lmcache_env(args.cpu_gib, env)
-        paths = [str(p) for p in lmcache_paths(mode, args.lmcache_root)]
-        if paths:
-            env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
-
-
-def lmcache_missing(mode: str, root: str | Path) -> str | None:
-    """Why a staged LMCache mode cannot run here (its folder is absent), else None."""
-    for path in lmcache_paths(mode, root)[:1]:
-        if not path.is_dir():
-            return (f"{path} not found: stage LMCache first (benchmarks/gpu/stage-lmcache.sh, then "
-                    f"bash .gpu-stage-lmcache/p0/receive.sh on this machine)")
-    return None
-
-
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def lmcache_probe() -> dict:
-    """In the worker, before the engine: which LMCache is imported, whether its compiled ops load (the exact
-    error where not: LMCache >= 0.5.4 then falls back to torch ops; <= 0.5.3 cannot save or load at all),
-    whether vLLM's connector can import its adapter, and the configuration LMCache reads from the environment."""
-    import importlib
-    import importlib.util
-
-    probe: dict = {}
-    with contextlib.suppress(Exception):  # the torch the compiled ops must match
-        probe["torch"] = importlib.import_module("torch").__version__
-    try:
-        lmcache = importlib.import_module("lmcache")
-    except BaseException as exc:  # noqa: BLE001 - anything that stops the import is the answer
-        probe["import_error"] = _error_text(exc)
-        return probe
-    probe["version"] = getattr(lmcache, "__version__", "unknown")
-    probe["path"] = str(Path(lmcache.__file__).parent)
-    for name in LMCACHE_OPS_MODULES:
-        # lmcache's own import may already have loaded (or stubbed) the ops module; find_spec then raises
-        # ValueError on a module whose __spec__ is None.
-        if name not in sys.modules and importlib.util.find_spec(name) is None:
-            continue
-        probe["ops_module"] = name
-        try:
-            importlib.import_module(name)
-            probe["ops_loaded"] = True
-        except BaseException as exc:  # noqa: BLE001
-            probe["ops_loaded"] = False
-            probe["ops_error"] = _error_text(exc)
-        break
-    else:
-        probe["ops_loaded"] = False
-        probe["ops_error"] = f"none of {', '.join(LMCACHE_OPS_MODULES)} in {probe['path']}"
-    try:
-        importlib.import_module("lmcache.integration.vllm.vllm_v1_adapter")
-        from lmcache.v1.config import LMCacheEngineConfig
-
-        cfg = LMCacheEngineConfig.from_env()
-        probe["config"] = {k: getattr(cfg, k, None) for k in
-                           ("chunk_size", "local_cpu", "max_local_cpu_size", "local_disk", "remote_url",
-                            "use_layerwise", "save_unfull_chunk")}
-    except BaseException as exc:  # noqa: BLE001
-        probe["adapter_error"] = _error_text(exc)
-    return probe
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -446,10 +237,10 @@ def _worker(args: argparse.Namespace) -> None:
         kw.update(harness.kvplug_connector_kwargs())
         if attention_features_on():
             kw.update(harness.kvplug_attention_kwargs())
-    elif is_lmcache(args.mode):
+    elif lmcache.is_lmcache(args.mode):
         from vllm.config import KVTransferConfig
 
-        kw["kv_transfer_config"] = KVTransferConfig(**lmcache_transfer_config())
+        kw["kv_transfer_config"] = KVTransferConfig(**lmcache.lmcache_transfer_config())
     # An engine that fails to start raises here; the worker dies, and the parent keeps the error lines of its log
     # (the root cause is logged by vLLM's engine-core process, not in the exception).
     harness.emit_result(_measure(args, shape, kv_bytes, kw))
@@ -459,23 +250,9 @@ def run_mode(mode: str, args: argparse.Namespace, worker_args: list[str], env: d
     """One mode's result from its own worker process, or ``{"mode", "error"}`` saying why there is none. An
     LMCache mode is probed first in a separate process (so the engine's process never imports LMCache before
     vLLM does): its result carries the probe, and a failed import stops it there."""
-    extra: dict = {}
-    log = None
-    if is_lmcache(mode):
-        missing = lmcache_missing(mode, args.lmcache_root)
-        if missing:
-            return {"mode": mode, "error": missing}
-        try:
-            probe = harness.run_result_process([sys.executable, "-m", "benchmarks.gpu_offload", "--probe-lmcache"],
-                                               env, "LMCache probe failed", timeout=PROBE_TIMEOUT_S,
-                                               stderr_tail=STDERR_TAIL)
-        except SystemExit as exc:
-            return {"mode": mode, "error": str(exc)}
-        extra["lmcache"] = probe
-        failed = probe.get("import_error") or probe.get("adapter_error")
-        if failed:
-            return {"mode": mode, "error": failed, **extra}
-        log = LMCacheLog()
+    extra, failed, log = lmcache.prepare(mode, args.lmcache_root, env)
+    if failed:
+        return {"mode": mode, "error": failed, **extra}
     try:
         r = harness.run_worker("benchmarks.gpu_offload", mode, ["--mode", mode, *worker_args], env,
                                stderr_tail=STDERR_TAIL, timeout=getattr(args, "mode_timeout", None),
@@ -492,13 +269,8 @@ def run_mode(mode: str, args: argparse.Namespace, worker_args: list[str], env: d
     if "follow_up_loaded_tokens" in r:
         r.update(follow_up_sources(r))
     if "follow_up_p50_s" in r:
-        r["no_op_reason"] = no_op_reason(r, getattr(args, "contexts", 0))
+        r["no_op_reason"] = lmcache.no_op_reason(r, getattr(args, "contexts", 0))
     return r
-
-
-def mark_phase(phase: str) -> None:
-    """In the worker: where a phase starts, on stderr (where the engine's own log lines go; LMCacheLog)."""
-    print(PHASE_MARK + phase, file=sys.stderr, flush=True)
 
 
 # What served a follow-up's context: the connector's load, vLLM's GPU prefix cache, recomputation, or a mix.
@@ -583,7 +355,7 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
         tokens kvplug's connector loaded for it (the rest of vLLM's cached tokens are GPU prefix-cache hits)."""
         if args.reset_gpu_cache and not reset_gpu_cache():
             resets_failed.append(i)
-        print(FOLLOW_UP_MARK + str(i), file=sys.stderr, flush=True)  # LMCacheLog: its retrieves per follow-up
+        print(lmcache.FOLLOW_UP_MARK + str(i), file=sys.stderr, flush=True)  # LMCacheLog: its retrieves per follow-up
         before = counters()
         out = ask(ctx, turn, suffix)
         after = counters()
@@ -625,7 +397,7 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
     fixed = [[rng.randrange(1000, vocab - 1000) for _ in range(34)] for _ in contexts] if args.agreement else None
     references = []
     ask([rng.randrange(1000, vocab - 1000) for _ in range(512)], 0)  # warm-up (first-call overheads)
-    mark_phase("turn1")
+    lmcache.mark_phase("turn1")
     t1 = time.perf_counter()
     first = []
     for i, c in enumerate(contexts):
@@ -637,7 +409,7 @@ def _measure(args: argparse.Namespace, shape: dict, kv_bytes: int, kw: dict) -> 
     c_before = counters()
     if traced:
         llm.collective_rpc(trace_start)
-    mark_phase("follow_ups")
+    lmcache.mark_phase("follow_ups")
     # Round-robin over all contexts, --followups times: a mode hits only where its tier holds them all.
     follow = [ask_follow_up(i, c, 2 + r, fixed[i] if fixed and r == 0 else None)
               for r in range(args.followups) for i, c in enumerate(contexts)]
@@ -842,13 +614,13 @@ def _table(results: list[dict]) -> str:
     ok = {r["mode"]: r for r in results if "follow_up_p50_s" in r}
     base, native = ok.get("none"), ok.get("native")
     # The peer's reference is its fastest run (the comparison least favourable to kvplug).
-    peer = min((r for m, r in ok.items() if is_lmcache(m)), key=lambda r: r["follow_up_p50_s"], default=None)
+    peer = min((r for m, r in ok.items() if lmcache.is_lmcache(m)), key=lambda r: r["follow_up_p50_s"], default=None)
     lines = ["| mode | contexts the CPU budget holds | startup (s) | turn-1 TTFT p50 (s) | follow-up TTFT p50 (s) "
              "| p99 (s) | cached fraction | connector blocks loaded (cpu/disk) "
              "| follow-ups loaded by the connector / GPU hits (tokens) | load-only p50 (s) | vs none (p50) "
              "| vs native (p50) | vs best LMCache (p50) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    order = list(MODES) + sorted({r["mode"] for r in results if is_lmcache(r.get("mode", ""))})
+    order = list(MODES) + sorted({r["mode"] for r in results if lmcache.is_lmcache(r.get("mode", ""))})
     for mode in order:
         r = next((x for x in results if x.get("mode") == mode), None)
         if r is None:
@@ -906,8 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--followups", type=int, default=1,
                     help="rounds of follow-ups, each one per context, round-robin in turn-1 order")
     ap.add_argument("--modes", default="none,native",
-                    help=f"comma list of {', '.join(MODES)}, {LMCACHE}, {LMCACHE}-<version> (see above)")
-    ap.add_argument("--lmcache-root", default=LMCACHE_ROOT,
+                    help=f"comma list of {', '.join(MODES)}, {lmcache.LMCACHE}, {lmcache.LMCACHE}-<version> (see above)")
+    ap.add_argument("--lmcache-root", default=lmcache.LMCACHE_ROOT,
                     help="where lmcache-<version> modes find lmcache-<version>/ and lmcache-deps/")
     ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs (CPU smoke runs)")
     ap.add_argument("--model-runner", choices=("default", "v1", "v2"), default="default",
@@ -954,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         _worker(args)
         return 0
     if args.probe_lmcache:
-        harness.emit_result(lmcache_probe())
+        harness.emit_result(lmcache.lmcache_probe())
         return 0
     modes = args.modes.split(",")
     for mode in modes:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import gpu_offload, harness
+from benchmarks.peers import lmcache
 
 UNDEFINED = "undefined symbol: _ZN3c1019NotImplementedErrorC1ENS_14SourceLocationE"
 
@@ -58,11 +59,11 @@ def no_worker(monkeypatch):
 
 
 def test_lmcache_mode_names():
-    assert gpu_offload.lmcache_version("lmcache") is None
-    assert gpu_offload.lmcache_version("lmcache-0.5.6") == "0.5.6"
-    assert gpu_offload.lmcache_version("lmcache-0.3.10.post2") == "0.3.10.post2"
+    assert lmcache.lmcache_version("lmcache") is None
+    assert lmcache.lmcache_version("lmcache-0.5.6") == "0.5.6"
+    assert lmcache.lmcache_version("lmcache-0.3.10.post2") == "0.3.10.post2"
     for bad in ("lmcache-", "lmcache-latest", "lmcachex", "native"):
-        assert not gpu_offload.is_lmcache(bad)
+        assert not lmcache.is_lmcache(bad)
     for good in ("none", "native", "int8", "lmcache", "lmcache-0.5.3"):
         gpu_offload.check_mode(good)
     with pytest.raises(ValueError, match="unknown mode 'lmcache-latest'"):
@@ -88,7 +89,7 @@ def test_lmcache_env_is_exactly_the_budget(tmp_path):
     assert env["PYTHONPATH"].split(":") == [str(tmp_path / "lmcache-0.5.3"), str(tmp_path / "lmcache-deps"), "/repo"]
     assert base["LMCACHE_CONFIG_FILE"] == "/etc/lmc.yaml"  # the caller's dict is untouched
     assert gpu_offload.mode_env("lmcache", _args(tmp_path), base)["PYTHONPATH"] == "/repo"
-    assert gpu_offload.lmcache_transfer_config() == {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+    assert lmcache.lmcache_transfer_config() == {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
     assert env["LMCACHE_LOG_LEVEL"] == "INFO"  # its per-request lines are the evidence the result records
 
 
@@ -263,9 +264,9 @@ ERROR = "\x1b[31;20m[2026-12-07 10:31:02,101] LMCache ERROR:\x1b[0m Num retrieve
 
 
 def _log(*phases: list[str]) -> dict:
-    log = gpu_offload.LMCacheLog()
-    for name, lines in zip(gpu_offload.PHASES, phases):
-        log.feed(gpu_offload.PHASE_MARK + name)
+    log = lmcache.LMCacheLog()
+    for name, lines in zip(lmcache.PHASES, phases):
+        log.feed(lmcache.PHASE_MARK + name)
         for line in lines:
             log.feed(line)
     return log.counts
@@ -292,7 +293,7 @@ def _no_op(log: dict | None = None, held: int = 12, contexts: int = 16, **kw) ->
     r = {"mode": "lmcache-0.5.3", "no_op": True, "contexts_held": held, **kw}
     if log is not None:
         r["lmcache_log"] = log
-    return gpu_offload.no_op_reason(r, contexts)
+    return lmcache.no_op_reason(r, contexts)
 
 
 def test_no_op_reason_from_lmcaches_log():
@@ -311,11 +312,11 @@ def test_no_op_reason_from_lmcaches_log():
 
 
 def test_no_op_reason_without_a_log_and_for_modes_that_hit():
-    assert "holds 12 of the 16 contexts" in gpu_offload.no_op_reason(
+    assert "holds 12 of the 16 contexts" in lmcache.no_op_reason(
         {"mode": "native", "no_op": True, "contexts_held": 12}, 16)
-    assert gpu_offload.no_op_reason({"mode": "native", "no_op": True, "contexts_held": 12}, 10) == (
+    assert lmcache.no_op_reason({"mode": "native", "no_op": True, "contexts_held": 12}, 10) == (
         "no follow-up got cached tokens and the connector loaded no block")
-    assert gpu_offload.no_op_reason({"mode": "int8", "no_op": False, "contexts_held": 21}, 16) is None
+    assert lmcache.no_op_reason({"mode": "int8", "no_op": False, "contexts_held": 21}, 16) is None
 
 
 def _fake_worker(monkeypatch, lines: list[str], result: dict) -> None:
@@ -337,7 +338,7 @@ def test_run_mode_records_lmcaches_log_from_the_workers_stderr(tmp_path, monkeyp
     env = gpu_offload.mode_env("lmcache-9.9.4", args, harness.engine_env(clear_config=True))
     result = {"mode": "lmcache-9.9.4", "follow_up_p50_s": 1.3, "follow_up_cached_fraction": 0.0, "no_op": True,
               "contexts_held": 12}
-    lines = [gpu_offload.PHASE_MARK + "turn1", STORED.format(r=1, n=32768), gpu_offload.PHASE_MARK + "follow_ups",
+    lines = [lmcache.PHASE_MARK + "turn1", STORED.format(r=1, n=32768), lmcache.PHASE_MARK + "follow_ups",
              LOOKUP.format(r=2, hit=0, load=0)]
     _fake_worker(monkeypatch, lines, result)
     r = gpu_offload.run_mode("lmcache-9.9.4", args, [], env)
@@ -408,8 +409,8 @@ def test_lmcache_log_counts_what_it_retrieved_per_follow_up(tmp_path, monkeypatc
     result = {"mode": "lmcache-9.9.5", "follow_up_p50_s": 0.1, "follow_up_ttft_s": [0.1, 0.1, 0.05],
               "follow_up_cached_tokens": [CTX, CTX, CTX], "follow_up_cached_fraction": 1.0, "no_op": False,
               "context_tokens": CTX}
-    mark = gpu_offload.FOLLOW_UP_MARK
-    lines = [gpu_offload.PHASE_MARK + "turn1", RETRIEVED.format(r=0, n=512), gpu_offload.PHASE_MARK + "follow_ups",
+    mark = lmcache.FOLLOW_UP_MARK
+    lines = [lmcache.PHASE_MARK + "turn1", RETRIEVED.format(r=0, n=512), lmcache.PHASE_MARK + "follow_ups",
              mark + "0", RETRIEVED.format(r=1, n=CTX // 2), RETRIEVED.format(r=1, n=CTX // 2), mark + "1",
              RETRIEVED.format(r=2, n=CTX), mark + "2"]
     _fake_worker(monkeypatch, lines, result)

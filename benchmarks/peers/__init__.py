@@ -1,0 +1,1 @@
+"""Library code for the offload benchmarks' peers (LMCache, vLLM's native offloading): not scripts."""
