@@ -109,3 +109,15 @@ def test_layer_plan_at_a_budget_factor():
     groups = {g.pattern: g for g in plan.groups}
     assert groups["vertical_slash"].budget_max == {"vertical": 200, "slash": 128}
     assert groups["a_shape"].budget_max == {"sink": 64, "window": 256}
+
+
+# Qwen2.5-Coder-1.5B-Instruct's config.json (as the staged model's converter writes it): the shipped 1.5B config
+# (searched at 24K on the H100 on 2026-12-07, budgets x2) must be found by identity, and the 0.5B's must not.
+QWEN_15B = QWEN | {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+                   "num_key_value_heads": 2, "_model_name_or_path": "Qwen2.5 Coder 1.5B Instruct"}
+
+
+def test_qwen_15b_finds_its_own_shipped_config(tmp_path):
+    path, reason = model_identity.find_shipped(model_identity.model_identity(folder(tmp_path, "q15", QWEN_15B)))
+    assert path == model_identity.SHIPPED_CONFIGS / "qwen2.5-coder-1.5b-instruct.json", reason
+    assert reason.startswith("identity match: Qwen2ForCausalLM (28 layers, 12 q / 2 kv heads, head dim 128")
