@@ -124,6 +124,9 @@ def _env(args) -> None:
                       **harness.kvplug_env("offload", enabled=True, cpu_size=args.cpu_tier, disk_path=""),
                       **harness.kvplug_env("cache_policy", **policy))
     os.environ.pop("KVPLUG_CONFIG_JSON", None)
+    # Something in this process touches CUDA before the first engine starts (on the H100, 2026-12-07, the engine
+    # core then died with "Cannot re-initialize CUDA in forked subprocess"): start vLLM's processes by spawn.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
 def _cases(args, model_path):

@@ -212,3 +212,15 @@ def test_native_evidence_is_vllms_external_prefix_cache_hits_counter():
         raise AssertionError("Stat logging disabled")
 
     assert oa.peer_evidence(SimpleNamespace(get_metrics=stats_off)) == {}
+
+
+def test_engines_start_by_spawn_unless_the_user_chose(monkeypatch):
+    # On the H100 the first engine's core died ("Cannot re-initialize CUDA in forked subprocess") under fork.
+    args = SimpleNamespace(streaming_window=None, snapkv_keep_ratio=None, cpu_tier="1GiB")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_WORKER_MULTIPROC_METHOD"}
+    monkeypatch.setattr(os, "environ", env)  # _env writes kvplug's variables: keep them out of other tests
+    oa._env(args)
+    assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    env["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
+    oa._env(args)
+    assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
