@@ -375,6 +375,8 @@ def cmd_run(args) -> int:
             "prefix_cache_reset": reset,
         },
         "stop_reason": outcome["stop_reason"],
+        # requests the run meant to issue (--max-requests included; None: --repeat until --max-seconds)
+        "planned": planned,
         "cases": [{"id": c.id, "context_tokens": c.context_tokens, "turns": len(c.multi_turns)}
                   for c in cases],
         "requests": outcome["records"],

@@ -143,11 +143,22 @@ def _is_timeout(rec: dict) -> bool:
     return rec.get("status") == "error" and "timeout" in (rec.get("error") or "").split(":", 1)[0].lower()
 
 
-def kill_bookkeeping(records: list[dict], kill_at_s: float | None, planned: int) -> dict:
+def planned_from_results(results: dict) -> tuple[int | None, str | None]:
+    """The requests a bench run planned, as it recorded them (``planned``: --max-requests and --repeat included),
+    and a note when an older results.json lacks it and the count falls back to the cases' turns."""
+    if "planned" in results:
+        return results["planned"], None
+    return (sum(c["turns"] for c in results.get("cases") or []),
+            "results.json has no 'planned' (older kvplug bench): counted as the cases' turns, "
+            "wrong if --max-requests or --repeat was given")
+
+
+def kill_bookkeeping(records: list[dict], kill_at_s: float | None, planned: int | None) -> dict:
     """Requests by where they stand to the kill (``kill_at_s``: seconds after the load started; None: no kill):
     ended before it, in flight at it, started after it; in each total, ok, errors, cancelled (cut by a bench
     bound) and timed_out (ended only by --request-timeout: it hung). ``every_request_ended``: all ``planned``
-    requests were issued and each ended by itself (ok or an error, not a timeout or a cancel)."""
+    requests were issued (None: no count was planned, --repeat until --max-seconds) and each ended by itself
+    (ok or an error, not a timeout or a cancel)."""
     def tally(rs: list[dict]) -> dict:
         return {"total": len(rs), "ok": sum(r["status"] == "ok" for r in rs),
                 "errors": sum(r["status"] == "error" for r in rs),
@@ -166,7 +177,7 @@ def kill_bookkeeping(records: list[dict], kill_at_s: float | None, planned: int)
     every = tally(records)
     out["all"] = every
     out["planned"] = planned
-    out["every_request_ended"] = (every["total"] == planned and every["cancelled"] == 0
+    out["every_request_ended"] = ((planned is None or every["total"] == planned) and every["cancelled"] == 0
                                   and every["timed_out"] == 0)
     return out
 
@@ -194,9 +205,10 @@ def serve_and_run(serve_args: list[str], mode: str, out_dir: Path, bench_args: l
         res = json.loads((out_dir / "results.json").read_text())
         started = res["environment"].get("load_started_unix")
         kill_at = None if not kill.get("killed_unix") or started is None else kill["killed_unix"] - started
-        planned = sum(c["turns"] for c in res.get("cases") or [])
+        planned, planned_note = planned_from_results(res)
         run["kill"] = {**kill, "after_s": kill_after_s, "at_load_s": kill_at, "fired": bool(kill),
-                       "requests": kill_bookkeeping(res.get("requests") or [], kill_at, planned)}
+                       "requests": kill_bookkeeping(res.get("requests") or [], kill_at, planned),
+                       **({"planned_note": planned_note} if planned_note else {})}
     return run
 
 

@@ -34,7 +34,7 @@ def test_multi_turn_end_to_end_outputs(tmp_path, fake_server, capsys):
     rc, out, data = bench(tmp_path, fake_server, "--mode", "multi-turn", plots=True)
     assert rc == 0
     s = data["summary"]
-    assert s["requests"] == 9 and s["completed"] == 9 and s["errors"] == 0
+    assert s["requests"] == 9 and s["completed"] == 9 and s["errors"] == 0 and data["planned"] == 9
     assert s["accuracy"] == 1.0  # the fake answers kv questions correctly
     assert set(s["accuracy_per_turn"]) == {"1", "2", "3"}
     # prefix-cache rate from the vllm counters: the fake adds 25 hits per 100 queries
@@ -99,6 +99,7 @@ def test_max_requests_stops_the_run(tmp_path, fake_server):
     assert rc == 0
     assert len(data["requests"]) == 4 and fake_server.requests == 4
     assert data["stop_reason"] == "max-requests"
+    assert data["planned"] == 4  # not the cases' 15 turns: replica_routing's bookkeeping reads this
 
 
 def test_max_seconds_stops_the_run(tmp_path, fake_server):

@@ -161,5 +161,50 @@ def test_serve_and_run_kills_mid_run_and_puts_the_kill_on_the_loads_clock(monkey
     assert k["replica"] == "r1" and k["fired"] and k["at_load_s"] == 5.0
     assert k["requests"]["before"]["total"] == 1 and k["requests"]["in_flight"]["errors"] == 1
     assert k["requests"]["every_request_ended"]
+    assert "no 'planned'" in k["planned_note"]  # this results.json is an older one: the cases' turns are counted
     assert "killed r1 at 5.0 s" in replica_routing.table([{**run, "ttft_per_turn_s": {}, "prefix_cache_hit_rate": None,
                                                           "ttft_followup_s": None, "errors": 1}])
+
+
+def test_kill_bookkeeping_counts_the_requests_the_bench_planned_not_the_cases_turns(monkeypatch, tmp_path,
+                                                                                     fake_server):
+    """A real `kvplug bench run --max-requests 4` (3 sessions x 3 turns: 9 turns) against the fake server: every
+    planned request ended, which the cases' turns (9) would deny."""
+    import contextlib
+    import json
+    import time
+    import types
+
+    from benchmarks.cli import main as bench_main
+
+    @contextlib.contextmanager
+    def serve(args, log_path, **kw):
+        yield types.SimpleNamespace(base=fake_server.base_url, command="kvplug serve")
+
+    def run_mode(base, mode, out_dir, bench_args, switch=True):
+        assert bench_main(["run", "--endpoint", base, "--out", str(out_dir), "--no-progress", "--no-plots",
+                           *bench_args]) == 0
+        return {"mode": mode}
+
+    monkeypatch.setattr(replica_routing.harness, "serve_kvplug", serve)
+    monkeypatch.setattr(replica_routing, "run_mode", run_mode)
+    monkeypatch.setattr(replica_routing, "kill_replica",
+                        lambda endpoint: {"replica": "r1", "pid": 1, "killed_unix": time.time()})
+    monkeypatch.setattr(replica_routing.httpx, "get",
+                        lambda url, timeout: types.SimpleNamespace(json=lambda: {"replicas": []}))
+    bench_args = ["--tokenizer", "approx", "--task", "kv", "--context-tokens", "400", "--turns", "3",
+                  "--sessions", "3", "--max-tokens", "16", "--max-requests", "4"]
+    run = replica_routing.serve_and_run([], "tier-aware", tmp_path / "run", bench_args, kill_after_s=0.0)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert sum(c["turns"] for c in results["cases"]) == 9 and results["planned"] == 4
+    q = run["kill"]["requests"]
+    assert q["planned"] == 4 and q["all"] == {"total": 4, "ok": 4, "errors": 0, "cancelled": 0, "timed_out": 0}
+    assert q["every_request_ended"] and "planned_note" not in run["kill"]
+
+
+def test_kill_bookkeeping_without_a_planned_count_judges_only_how_requests_ended():
+    """--repeat until --max-seconds plans no count (None): every_request_ended looks at cancels and timeouts only."""
+    records = [_rec("a", 1, 1.0), _rec("a", 2, 1.0)]
+    assert replica_routing.kill_bookkeeping(records, None, planned=None)["every_request_ended"]
+    records.append(_rec("a", 3, status="cancelled"))
+    assert not replica_routing.kill_bookkeeping(records, None, planned=None)["every_request_ended"]
