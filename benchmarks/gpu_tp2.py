@@ -325,7 +325,7 @@ def greedy_checks(args: argparse.Namespace, skip: set[str], expected_cfg: dict, 
     return summary, ok
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_tp2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=f"HF folder (default: {STAGED_QWEN} if staged, else --shape)")
@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-turns", type=int, default=3)
     p.add_argument("--bench-sessions", type=int, default=36, help="questions per turn")
     p.add_argument("--bench-concurrency", type=int, default=8)
-    p.add_argument("--bench-dir", default="/results/gpu_tp2_bench", help="bench run folders and server logs")
+    p.add_argument("--bench-dir", default="results/gpu_tp2_bench",
+                   help="bench run folders and server logs (git-ignored, beside the repo's other run folders)")
     p.add_argument("--cpu-binds", default=None, help="VLLM_CPU_OMP_THREADS_BIND for TP=2 on CPU, e.g. '0|1'")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--out", default="benchmarks/results/gpu_tp2.json")
@@ -356,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vanilla", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--label", default="", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.engine:
         _engine(args)
         return 0

@@ -262,12 +262,7 @@ def plot(runs: list[dict], path: Path) -> None:
     harness.save_figure(fig, path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    bench_args: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, bench_args = argv[:i], argv[i + 1:]
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.replica_routing", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--endpoint", default="http://127.0.0.1:8000")
@@ -275,10 +270,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="start a fresh `kvplug serve ARGS --routing MODE` per mode instead of using --endpoint")
     p.add_argument("--modes", default="tier-aware,affinity,round-robin", help="comma list, run in this order")
     p.add_argument("--out", default="benchmarks/results/replica_routing.json")
-    p.add_argument("--runs-dir", default="/results/replica_routing", help="bench run folders (bulky)")
+    p.add_argument("--runs-dir", default="results/replica_routing", help="bench run folders (bulky, git-ignored)")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG and table from --out")
     p.add_argument("--kill-replica-after", type=float, default=None, metavar="SECONDS",
                    help="with --serve: kill one replica's vLLM server this long into each mode's bench run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    bench_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, bench_args = argv[:i], argv[i + 1:]
+    p = parser()
     args = p.parse_args(argv)
     if args.kill_replica_after is not None and args.serve is None:
         p.error("--kill-replica-after needs --serve (it kills a replica this script started)")

@@ -208,3 +208,16 @@ def test_kill_bookkeeping_without_a_planned_count_judges_only_how_requests_ended
     assert replica_routing.kill_bookkeeping(records, None, planned=None)["every_request_ended"]
     records.append(_rec("a", 3, status="cancelled"))
     assert not replica_routing.kill_bookkeeping(records, None, planned=None)["every_request_ended"]
+
+
+@pytest.mark.parametrize("script, option", [(gpu_tp2, "bench_dir"), (replica_routing, "runs_dir")])
+def test_bulky_run_folders_default_to_a_git_ignored_folder_in_the_checkout(script, option):
+    """Relative, so it exists wherever the repo is (on the device: beside $OUT, not at a root the run cannot
+    write); ignored, so per-run folders never land among the committed benchmarks/results."""
+    from pathlib import Path
+
+    default = getattr(script.parser().parse_args([]), option)
+    assert not Path(default).is_absolute()
+    repo = Path(__file__).resolve().parents[2]
+    probe = str(Path(default) / "0-run" / "results.json")
+    assert subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", probe]).returncode == 0
