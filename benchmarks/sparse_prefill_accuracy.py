@@ -67,7 +67,8 @@ def _parse(argv):
     ap.add_argument("--variants", default="", help="--tasks mode: 'LABEL[:KEY=VALUE,...];...' sparse runs to "
                     "compare on the same questions against one dense run (default: one run, LABEL 'sparse', the "
                     "config as given). KEYs: " + "; ".join(f"{k} ({v})" for k, v in VARIANT_KEYS.items()))
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=None, help="new tokens per answer (default: --tasks mode, the "
+                    f"task's own budget: {harness.task_budgets_text()}; the agreement cases {AGREEMENT_MAX_TOKENS})")
     ap.add_argument("--min-prompt-tokens", type=int, default=8192, help="sparse prefill threshold in the sparse run")
     ap.add_argument("--cost-table", default="none", help="sparse_prefill.cost_table of the sparse run: none (default: "
                     "every chunk from --min-prompt-tokens on goes sparse, so what is measured is the sparse path), "
@@ -86,6 +87,8 @@ def _parse(argv):
     ap.add_argument("--sweeps", default="", help=argparse.SUPPRESS)  # --tasks worker: JSON file of the sweeps
     return ap.parse_args(argv)
 
+
+AGREEMENT_MAX_TOKENS = 16  # new tokens per agreement case (without --tasks) unless --max-tokens says otherwise
 
 # --variants keys: how a variant gets its per-head config (search / config / budgets) and the sparse_prefill keys
 # the engine switches at run time (attention_backends/sparse_prefill/backend_hooks.set_override).
@@ -289,14 +292,15 @@ def _worker(args) -> None:
     if args.tasks:
         return _chat_worker(args, path)
     cases = make_cases(path, args.tokens, args.cases, args.seed)
+    max_tokens = AGREEMENT_MAX_TOKENS if args.max_tokens is None else args.max_tokens
     # The generators overshoot the target length by a few percent; stay inside the model's positions.
     limit = harness.model_config(path).get("max_position_embeddings", 1 << 20)
     longest = max(len(o) for o in _token_counts(path, cases))
-    if longest + args.max_tokens > limit:
-        raise SystemExit(f"a {longest}-token case + {args.max_tokens} new tokens exceeds the model's {limit} "
+    if longest + max_tokens > limit:
+        raise SystemExit(f"a {longest}-token case + {max_tokens} new tokens exceeds the model's {limit} "
                          "positions: lower --tokens")
-    llm = _engine(args, path, min(limit, longest + args.max_tokens + 64), prefix_caching=False)
-    outs = llm.generate([c["prompt"] for c in cases], SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+    llm = _engine(args, path, min(limit, longest + max_tokens + 64), prefix_caching=False)
+    outs = llm.generate([c["prompt"] for c in cases], SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                                                      logprobs=2), use_tqdm=False)
     _emit(args, llm, outs)
 
@@ -326,13 +330,14 @@ def _chat_worker(args, path: str) -> None:
 
     items = question_items(path, args)
     sweeps = json.loads(Path(args.sweeps).read_text())
+    budgets = harness.answer_budgets(args.tasks, args.max_tokens)
     limit = harness.model_config(path).get("max_position_embeddings", 1 << 20)
     max_model_len = harness.chat_max_model_len(max(int(c) for c in args.contexts.split(",")), args.turns,
-                                               args.max_tokens, limit)
+                                               max(budgets.values()), limit)
     t0 = time.monotonic()
     llm = _engine(args, path, max_model_len, prefix_caching=True)
     progress(f"engine up in {time.monotonic() - t0:.0f} s; {len(items)} questions x {1 + len(sweeps)} sweeps")
-    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=2)
+    sp = [SamplingParams(temperature=0.0, max_tokens=budgets[it["task"]], logprobs=2) for it in items]
     done: dict[str, dict] = {}
     for sweep in [{"label": DENSE}, *sweeps]:
         override = {"dense": True} if sweep["label"] == DENSE else {"pattern_config": sweep["pattern_config"],
@@ -347,6 +352,8 @@ def _chat_worker(args, path: str) -> None:
         outs = llm.chat([it["messages"] for it in items], sp, use_tqdm=not os.environ.get("TQDM_DISABLE"))
         done[sweep["label"]] = {**outputs(outs), "seconds": round(time.monotonic() - t0, 1),
                                 "stats": stats_delta(before, llm.collective_rpc(runner.stats_snapshot)[0])}
+        harness.count_cut(f"sparse_prefill_accuracy {sweep['label']}", done[sweep["label"]]["cut"],
+                          [it["scorer"] for it in items])
         summary, runs = variants_result(args, path, items, done, sweeps)
         v = summary["variants"].get(sweep["label"])
         progress(f"[{sweep['label']}] {done[sweep['label']]['seconds']:.0f} s: " + (
@@ -364,10 +371,11 @@ def progress(line: str) -> None:
 
 
 def outputs(outs) -> dict:
-    """Prompt lengths, greedy ids, texts and top-2 logprobs of every output."""
+    """Prompt lengths, greedy ids, texts, top-2 logprobs of every output, and whether it stopped at its token
+    budget (cut)."""
     return {"prompt_tokens": [len(o.prompt_token_ids) for o in outs],
             "token_ids": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs],
-            "top2": [[top2(step) for step in o.outputs[0].logprobs] for o in outs]}
+            "top2": [[top2(step) for step in o.outputs[0].logprobs] for o in outs], "cut": harness.cut_at_budget(outs)}
 
 
 def stats_delta(before: dict, after: dict) -> dict:
@@ -404,8 +412,9 @@ def variants_result(args, path: str | Path, items: list[dict], done: dict[str, d
     summary = {"model": str(path), "mode": "multi-turn tasks", "tasks": args.tasks, "contexts": args.contexts,
                "turns": args.turns, "min_prompt_tokens": args.min_prompt_tokens, "cost_table": args.cost_table,
                "max_batched_tokens": args.max_batched_tokens, "n": len(items),
+               "max_tokens": harness.answer_budgets(args.tasks, args.max_tokens),
                "dense": {"accuracy": sum(d) / len(d), "ci95": harness.wilson(round(sum(d)), len(d)),
-                         "seconds": dense["seconds"]},
+                         "seconds": dense["seconds"], "cut_at_max_tokens": sum(dense["cut"])},
                "variants": {}, "device": harness.device_name()}
     runs = []
     for sweep in sweeps:
@@ -418,7 +427,7 @@ def variants_result(args, path: str | Path, items: list[dict], done: dict[str, d
              "overall": table["overall"], "per_task": table["per_task"], "per_turn": table["per_turn"],
              "density": density(s), "recall": sweep.get("recall"), "sparse_tokens": s.get("sparse_tokens", 0),
              "dense_prefill_tokens_in_sparse_run": s.get("dense_prefill_tokens", 0), "chunks": s.get("chunks", {}),
-             "seconds": sparse["seconds"]}
+             "seconds": sparse["seconds"], "cut_at_max_tokens": sum(sparse["cut"])}
         if not v["sparse_tokens"]:
             # a "sparse" column that was dense would be a lie: say so loudly in the result
             v["warning"] = ("no chunk went through the sparse path (contexts under --min-prompt-tokens, or, with "
@@ -578,6 +587,10 @@ def run(args) -> dict:
         "sparse_accuracy": sum(c["sparse_correct"] for c in per_case) / len(per_case),
         "sparse_tokens": s["sparse_tokens"], "dense_prefill_tokens_in_sparse_run": s["dense_prefill_tokens"],
         "density": density(s),
+        # kv and passkey answers are matched whole (substring)
+        "cut_at_max_tokens": {name: harness.count_cut(f"sparse_prefill_accuracy {name}", out["cut"],
+                                                      ["substring"] * len(cases))
+                              for name, out in (("dense", dense), ("sparse", sparse))},
     }
     recall = (measure_recall(args, path, [("sparse", pattern_config, IndexOptions())])["sparse"]
               if args.recall_tokens else None)

@@ -164,7 +164,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-prompt-tokens", type=int, default=8192)
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help=f"new tokens per answer (default: the task's own budget: {harness.task_budgets_text()})")
     ap.add_argument("--out", default="benchmarks/results/sparse_prefill_replay.json")
     args = ap.parse_args(argv)
     wanted = parse_questions(args.questions)
@@ -191,15 +192,18 @@ def main(argv=None) -> None:
     from attention_backends.sparse_prefill import backend_hooks, runner
     from benchmarks.scbench.scoring import score
 
+    budgets = harness.answer_budgets(args.tasks, args.max_tokens)
     positions = harness.model_config(path).get("max_position_embeddings")  # vLLM refuses a longer max_model_len
-    max_model_len = harness.chat_max_model_len(max(c for _, c, _ in wanted), args.turns, args.max_tokens, positions)
+    max_model_len = harness.chat_max_model_len(max(c for _, c, _ in wanted), args.turns, max(budgets.values()),
+                                               positions)
     llm = LLM(**harness.sparse_prefill_llm_kwargs(path, max_model_len, args.max_batched_tokens, prefix_caching=True))
-    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     rows = []
     summary = {"model": path, "questions": args.questions, "modes": list(overrides), "device": harness.device_name(),
-               "min_prompt_tokens": args.min_prompt_tokens, "max_batched_tokens": args.max_batched_tokens}
+               "min_prompt_tokens": args.min_prompt_tokens, "max_batched_tokens": args.max_batched_tokens,
+               "max_tokens": budgets, "cut_at_max_tokens": 0}
     for key in wanted:  # question-major: a run cut short still compares the modes of the questions it reached
         it = by_key[key]
+        sp = SamplingParams(temperature=0.0, max_tokens=budgets[it["task"]])
         for mode, override in overrides.items():
             llm.collective_rpc(backend_hooks.set_override, kwargs=override)
             if not llm.reset_prefix_cache():
@@ -210,8 +214,11 @@ def main(argv=None) -> None:
             after = llm.collective_rpc(runner.stats_snapshot)[0]
             pairs = {k: after[k] - before[k] for k in ("computed_pairs", "causal_pairs", "sparse_tokens")}
             text = o.outputs[0].text
+            cut = harness.cut_at_budget([o])
+            summary["cut_at_max_tokens"] += harness.count_cut(f"sparse_prefill_replay {it['case']} {mode}", cut,
+                                                              [it["scorer"]])
             rows.append({"case": it["case"], "context_tokens": it["context_tokens"], "turn": it["turn"],
-                         "mode": mode, "override": override, "answer": it["answer"], "text": text,
+                         "mode": mode, "override": override, "answer": it["answer"], "text": text, "cut": cut[0],
                          "score": score(it["scorer"], text, it["answer"]),
                          "seconds": round(time.monotonic() - t0, 1), "prompt_tokens": len(o.prompt_token_ids),
                          **pairs, "density": pairs["computed_pairs"] / pairs["causal_pairs"]

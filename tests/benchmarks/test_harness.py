@@ -180,6 +180,26 @@ def test_sparse_prefill_env_drops_an_inherited_config(monkeypatch):
     assert env["KVPLUG_SPARSE_PREFILL__PATTERN_CONFIG"] == "c.json"
 
 
+def test_answer_budgets_follow_each_task_unless_max_tokens_is_given():
+    """kv answers are 36-character UUIDs: 16 tokens cut them (the 2026-12-07 H100 run's dense 0.00)."""
+    assert harness.answer_budgets("kv,passkey", None) == {"kv": 64, "passkey": 16}
+    assert harness.answer_budgets("kv,passkey", 24) == {"kv": 24, "passkey": 24}
+    assert "kv 64" in harness.task_budgets_text() and "passkey 16" in harness.task_budgets_text()
+
+
+def test_count_cut_counts_finish_reason_length_and_warns_where_the_whole_answer_is_scored(capsys):
+    from types import SimpleNamespace
+
+    outs = [SimpleNamespace(outputs=[SimpleNamespace(finish_reason=r)]) for r in ("length", "stop", "length")]
+    cut = harness.cut_at_budget(outs)
+    assert cut == [True, False, True]
+    # first_number reads the first number only: a cut answer may still score, no warning
+    assert harness.count_cut("x", cut, ["first_number", "substring", "first_number"]) == 2
+    assert capsys.readouterr().err == ""
+    assert harness.count_cut("dense", cut, ["substring", "substring", "all_of_set"]) == 2
+    assert "WARNING [dense]: 2 of 3 answers stopped at their max tokens" in capsys.readouterr().err
+
+
 class _Built(Exception):
     pass
 
@@ -197,7 +217,7 @@ def fake_engine(monkeypatch, tmp_path):
         raise _Built
 
     (tmp_path / "config.json").write_text('{"max_position_embeddings": 20000}')
-    items = [{"case": f"passkey-0-{i}", "context_tokens": c, "turn": t, "messages": []}
+    items = [{"case": f"passkey-0-{i}", "task": "passkey", "context_tokens": c, "turn": t, "messages": []}
              for i in range(12) for c in (8000, 16000, 24000) for t in range(3)]
     monkeypatch.setattr(vllm, "LLM", llm)
     monkeypatch.setattr(harness, "prepare_model", lambda name: tmp_path)

@@ -30,12 +30,12 @@ class DyingLLM:
             raise EngineDeadError("EngineCore encountered an issue. See stack trace (above) for the root cause.")
         return [{"loaded": {"cpu": 0, "disk": 0}, "saved": 0, "masked": {"batches": 0}}]
 
-    def chat(self, messages, sp, use_tqdm=False):
-        policy = sp.extra_args["kv_transfer_params"].get(REQUEST_POLICY_KEY)
+    def chat(self, messages, sps, use_tqdm=False):
+        policy = sps[0].extra_args["kv_transfer_params"].get(REQUEST_POLICY_KEY)
         if self.dead or policy == self.dies_on:
             self.dead = True
             raise EngineDeadError("EngineCore encountered an issue. See stack trace (above) for the root cause.")
-        return [SimpleNamespace(outputs=[SimpleNamespace(text="42")]) for _ in messages]
+        return [SimpleNamespace(outputs=[SimpleNamespace(text="42", finish_reason="stop")]) for _ in messages]
 
 
 def test_a_dead_engine_is_one_error_line_naming_the_policy_and_turn(monkeypatch, tmp_path, capsys):
@@ -61,6 +61,49 @@ def test_other_errors_are_not_swallowed(monkeypatch, tmp_path):
     monkeypatch.setattr(oa, "run", lambda args: (_ for _ in ()).throw(ValueError("bug in the script")))
     with pytest.raises(ValueError):
         oa.main(["--out", str(tmp_path / "r.json")])
+
+
+class CuttingLLM(DyingLLM):
+    """Never dies; answers each request with ``max_tokens`` characters of a UUID, cut (finish_reason "length")
+    where that is short of the whole UUID; records every request's max_tokens."""
+
+    UUID = "095d6969-63a6-46cb-a001-c74dda2991e4"
+
+    def __init__(self, **kw) -> None:
+        super().__init__(dies_on="", **kw)
+        self.max_tokens: list[int] = []
+
+    def chat(self, messages, sps, use_tqdm=False):
+        assert len(sps) == len(messages)  # one SamplingParams per question
+        self.max_tokens += [sp.max_tokens for sp in sps]
+        cut = [sp.max_tokens < len(self.UUID) for sp in sps]
+        return [SimpleNamespace(outputs=[SimpleNamespace(text=self.UUID[:sp.max_tokens],
+                                                         finish_reason="length" if c else "stop")])
+                for sp, c in zip(sps, cut)]
+
+
+@pytest.mark.parametrize("argv,budgets,cut", [([], [64, 16], 1), (["--max-tokens", "24"], [24, 24], 2)])
+def test_each_question_gets_its_tasks_answer_budget_and_cut_answers_are_counted(monkeypatch, tmp_path, capsys,
+                                                                                  argv, budgets, cut):
+    """kv's UUID answers get the kv task's 64 tokens, passkey's its 16 (an explicit --max-tokens for all); every
+    answer stopped at its budget (finish_reason "length") is counted per turn and per row, with a warning line."""
+    import vllm
+
+    llm = CuttingLLM()
+    monkeypatch.setattr(vllm, "LLM", lambda **kw: llm)
+    cases = [SimpleNamespace(id=f"{task}-0", task=task, context="ctx",
+                             multi_turns=[SimpleNamespace(input="q?", answer=CuttingLLM.UUID, scorer="substring")])
+             for task in ("kv", "passkey")]
+    monkeypatch.setattr(oa, "_cases", lambda args, path: cases)
+    monkeypatch.setattr(oa, "_env", lambda args: None)
+    args = oa._parse(["--model", str(tmp_path), "--tasks", "kv,passkey", "--turns", "1", "--policies", "keep",
+                      *argv])
+    rows = oa.kvplug_rows(args, cases, tmp_path, cuda=False)
+    assert llm.max_tokens == budgets * 2  # the baseline's turn, then keep's
+    for row in rows:
+        assert row["cut_at_max_tokens"] == cut and row["per_turn"][0]["cut_at_max_tokens"] == cut
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("WARNING")]
+    assert len(warnings) == 2 and f"{cut} of 2 answers stopped at their max tokens" in warnings[0]
 
 
 # --peers: other offload systems' rows in the same table (no engine here)

@@ -149,10 +149,12 @@ def test_scaled_config_multiplies_length_proportional_budgets_only():
     assert out.searched_tokens == 32000 and out.calibration["budgets_scaled_by"] == 2
 
 
-def _answers(texts):
-    """Outputs of one sweep: one token per answer (its character code), a clear top-1."""
+def _answers(texts, cut=()):
+    """Outputs of one sweep: one token per answer (its character code), a clear top-1; answers ``cut`` (indices)
+    stopped at their token budget."""
     return {"prompt_tokens": [9000] * len(texts), "token_ids": [[ord(t)] for t in texts],
-            "top2": [[[[ord(t), -0.1], [1000, -5.0]]] for t in texts], "texts": texts}
+            "top2": [[[[ord(t), -0.1], [1000, -5.0]]] for t in texts], "texts": texts,
+            "cut": [i in cut for i in range(len(texts))]}
 
 
 def test_variants_result_pairs_every_variant_with_one_dense_run():
@@ -161,14 +163,17 @@ def test_variants_result_pairs_every_variant_with_one_dense_run():
     items = [{"case": i, "task": "passkey", "turn": i % 2, "context_tokens": 8000, "answer": str(i),
               "scorer": "substring"} for i in range(4)]
     args = SimpleNamespace(tasks="passkey", contexts="8000", turns=2, min_prompt_tokens=8192, cost_table="none",
-                           max_batched_tokens=8192, near_tie=0.5)
+                           max_batched_tokens=8192, near_tie=0.5, max_tokens=None)
     stats = {"sparse_tokens": 100, "dense_prefill_tokens": 0, "computed_pairs": 30, "causal_pairs": 100}
-    done = {"dense": {**_answers(["0", "1", "2", "x"]), "seconds": 1.0, "stats": {}},
-            "a": {**_answers(["0", "1", "2", "x"]), "seconds": 2.0, "stats": stats},
+    done = {"dense": {**_answers(["0", "1", "2", "x"], cut=(3,)), "seconds": 1.0, "stats": {}},
+            "a": {**_answers(["0", "1", "2", "x"], cut=(2, 3)), "seconds": 2.0, "stats": stats},
             "b": {**_answers(["0", "y", "2", "3"]), "seconds": 2.0, "stats": dict(stats, sparse_tokens=0)}}
     sweeps = [{"label": lb, "pattern_config": f"{lb}.json", "keys": {}, "config": {}} for lb in ("a", "b", "c")]
     summary, runs = acc.variants_result(args, "m", items, done, sweeps)
     assert summary["n"] == 4 and summary["dense"]["accuracy"] == 0.75
+    assert summary["max_tokens"] == {"passkey": 16}  # the task's own budget
+    assert summary["dense"]["cut_at_max_tokens"] == 1 and summary["variants"]["a"]["cut_at_max_tokens"] == 2
+    assert summary["variants"]["b"]["cut_at_max_tokens"] == 0
     a, b = summary["variants"]["a"], summary["variants"]["b"]
     assert a["overall"]["sparse_minus_dense"]["mean"] == 0.0 and a["overall"]["kept_where_dense_right"] == 1.0
     assert a["density"] == 0.3 and "warning" not in a
@@ -200,3 +205,71 @@ def test_cost_table_reaches_the_engine(monkeypatch, argv, table):
     acc.run_engine(args, True, "cfg.json")
     assert seen["KVPLUG_SPARSE_PREFILL__COST_TABLE"] == table
     assert seen["KVPLUG_SPARSE_PREFILL__MIN_PROMPT_TOKENS"] == "8192"
+
+
+class _ChatLLM:
+    """vllm.LLM of the --tasks worker without an engine: answers each question with ``max_tokens`` characters of a
+    UUID, one token each, cut (finish_reason "length") where that is short of the whole UUID; records every
+    question's max_tokens."""
+
+    UUID = "095d6969-63a6-46cb-a001-c74dda2991e4"
+
+    def __init__(self, **_kw) -> None:
+        self.max_tokens: list[list[int]] = []
+
+    def collective_rpc(self, fn, kwargs=None):
+        return [{}]
+
+    def reset_prefix_cache(self) -> bool:
+        return True
+
+    def chat(self, messages, sps, use_tqdm=False):
+        from types import SimpleNamespace
+
+        assert len(sps) == len(messages)  # one SamplingParams per question
+        self.max_tokens.append([sp.max_tokens for sp in sps])
+        assert {sp.logprobs for sp in sps} == {2} and {sp.temperature for sp in sps} == {0.0}
+        outs = []
+        for sp in sps:
+            text = self.UUID[:sp.max_tokens]
+            outs.append(SimpleNamespace(prompt_token_ids=[0] * 100, outputs=[SimpleNamespace(
+                text=text, token_ids=[ord(c) for c in text],
+                logprobs=[{ord(c): SimpleNamespace(logprob=-0.1), 1000: SimpleNamespace(logprob=-5.0)} for c in text],
+                finish_reason="length" if len(text) < len(self.UUID) else "stop")]))
+        return outs
+
+
+@pytest.mark.parametrize("argv,budgets,cut", [([], {"kv": 64, "passkey": 16}, 1),
+                                              (["--max-tokens", "24"], {"kv": 24, "passkey": 24}, 2)])
+def test_each_question_gets_its_tasks_answer_budget_and_cut_answers_are_counted(monkeypatch, tmp_path, capsys,
+                                                                                  argv, budgets, cut):
+    """--tasks worker: a kv question (a 36-character UUID answer) gets the kv task's 64 new tokens, a passkey
+    question its 16, unless --max-tokens says otherwise; answers stopped at their budget are counted in each
+    sweep's summary (dense and every variant), with a warning line per sweep."""
+    import json
+
+    import vllm
+
+    from benchmarks import harness
+
+    llm = _ChatLLM()
+    monkeypatch.setattr(vllm, "LLM", lambda **kw: llm)
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 32768}')
+    monkeypatch.setattr(harness, "prepare_model", lambda name: tmp_path)
+    monkeypatch.setattr(harness, "kvplug_attention_kwargs", lambda: {})
+    items = [{"case": f"{task}-0-0", "task": task, "context_tokens": 8000, "turn": 0, "messages": [],
+              "answer": _ChatLLM.UUID, "scorer": "substring"} for task in ("kv", "passkey")]
+    monkeypatch.setattr(acc, "question_items", lambda path, args: items)
+    sweeps = tmp_path / "sweeps.json"
+    sweeps.write_text(json.dumps([{"label": "sparse", "pattern_config": "p.json", "keys": {}, "config": {}}]))
+    out = tmp_path / "r.json"
+    args = acc._parse(["--tasks", "kv,passkey", "--contexts", "8000", "--turns", "1", "--worker", "--sweeps",
+                       str(sweeps), "--out", str(out), *argv])
+    acc._worker(args)
+    assert llm.max_tokens == [[budgets["kv"], budgets["passkey"]]] * 2  # dense, then the variant
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["max_tokens"] == budgets
+    assert summary["dense"]["cut_at_max_tokens"] == cut and summary["variants"]["sparse"]["cut_at_max_tokens"] == cut
+    assert summary["dense"]["accuracy"] == (2 - cut) / 2
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("WARNING")]
+    assert len(warnings) == 2 and f"{cut} of 2 answers stopped at their max tokens" in warnings[0]
