@@ -19,9 +19,12 @@ subprocess without kvplug's connector, with the same cases, turns, prompts, samp
 ``reset_prefix_cache`` before turns 2+: vLLM's native offloading (``kv_offloading_size`` = the --cpu-tier in
 GiB, as benchmarks/gpu_offload.py's native mode) and LMCache (the transfer config, environment and probe of
 benchmarks/peers/lmcache.py, as gpu_offload's LMCache modes; ``lmcache`` or a staged ``lmcache-<version>``
-under --lmcache-root). Their rows join the same table, JSON and plot. Evidence that a peer loaded from its
-CPU tier in turns 2+: native, vLLM's ``vllm:external_prefix_cache_hits`` counter (tokens a connector
-supplied); LMCache, the tokens its own log says it retrieved (benchmarks/peers/lmcache.py's LMCacheLog). A
+under --lmcache-root; ``lmcache-mp[-<version>]``: LMCache's multi-process mode, its own server with the
+--cpu-tier budget for the peer's duration, the peer to use on vLLM >= 0.26, where the in-process rows carry
+``known_issue``: LMCache #4463). Their rows join the same table, JSON and plot. Evidence that a peer loaded
+from its CPU tier in turns 2+: native and lmcache-mp, vLLM's ``vllm:external_prefix_cache_hits`` counter
+(tokens a connector supplied; lmcache-mp's row also has ``lmcache_server``: what its server logged); in-process
+LMCache, the tokens its own log says it retrieved (benchmarks/peers/lmcache.py's LMCacheLog). A
 peer whose later turns loaded nothing is a NO-OP row with the reason; a peer that cannot run (not staged,
 import failed, engine failed) is a row with its one-line error. A peer runs vLLM's own attention backend
 (kvplug's rows run kvplug's): its turn 1, computed without a load, shows what that alone changes against
@@ -48,14 +51,14 @@ BASELINE = "none"
 # Targets (issue): points of accuracy lost vs no offload, all turns together.
 TARGET_POINTS = {"keep": 0.0, "quant:int8": 0.5, "quant:int4": 3.0}
 NATIVE = "native"  # vLLM's own CPU offloading (--kv-offloading-size); the other peers are LMCache modes
-EXTERNAL_HITS = "vllm:external_prefix_cache_hits"  # prompt tokens a connector supplied (vLLM's metrics)
+EXTERNAL_HITS = lmcache.EXTERNAL_HITS  # prompt tokens a connector supplied (vLLM's metrics)
 PEER_STDERR_TAIL = 8  # error lines of a peer's engine process kept in its row
 
 
 def check_peer(name: str) -> None:
     if name != NATIVE and not lmcache.is_lmcache(name):
         raise ValueError(f"unknown peer {name!r} (known: {NATIVE}, {lmcache.LMCACHE}, "
-                         f"{lmcache.LMCACHE}-<version>)")
+                         f"{lmcache.LMCACHE}-<version>, {lmcache.LMCACHE_MP}, {lmcache.LMCACHE_MP}-<version>)")
 
 
 def peer_names(args) -> list[str]:
@@ -83,7 +86,7 @@ def _parse(argv):
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                     help="skip torch.compile (saves minutes on CPU)")
     ap.add_argument("--peers", default="",
-                    help=f"comma list of {NATIVE}, {lmcache.LMCACHE}, {lmcache.LMCACHE}-<version>: other "
+                    help=f"comma list of {NATIVE}, {lmcache.LMCACHE}[-mp], {lmcache.LMCACHE}[-mp]-<version>: other "
                          "offload systems, each in its own engine after kvplug's policies (see above)")
     ap.add_argument("--lmcache-root", default=lmcache.LMCACHE_ROOT,
                     help="where lmcache-<version> peers find lmcache-<version>/ and lmcache-deps/")
@@ -187,7 +190,7 @@ def peer_engine_kwargs(peer: str, args, model_path, cuda: bool) -> dict:
     else:
         from vllm.config import KVTransferConfig
 
-        kw["kv_transfer_config"] = KVTransferConfig(**lmcache.lmcache_transfer_config())
+        kw["kv_transfer_config"] = KVTransferConfig(**lmcache.lmcache_transfer_config(peer))
     return kw
 
 
@@ -333,12 +336,8 @@ def add_points(runs: list[dict]) -> None:
 def peer_evidence(llm) -> dict:
     """In a peer's process: vLLM's count of prompt tokens a connector supplied (absent where this vLLM's
     metrics do not have it)."""
-    try:
-        metrics = llm.get_metrics()
-    except Exception:  # noqa: BLE001 - no metrics API / stats off: the row says so
-        return {}
-    hits = [m.value for m in metrics if m.name == EXTERNAL_HITS and isinstance(getattr(m, "value", None), int)]
-    return {"external_hit_tokens": sum(hits)} if hits else {}
+    hits = lmcache.external_hit_tokens(llm)
+    return {} if hits is None else {"external_hit_tokens": hits}
 
 
 def peer_worker(args) -> None:
@@ -407,11 +406,18 @@ def run_peer(peer: str, args, cases, baseline: list[list[str]]) -> dict:
     if failed:
         return {**head, "error": failed}
     cmd = [sys.executable, "-m", "benchmarks.offload_accuracy", *peer_worker_argv(args.argv), "--peer-worker", peer]
-    try:
-        r = harness.run_result_process(cmd, env, f"{peer} run failed", stderr_tail=PEER_STDERR_TAIL,
-                                       on_line=log.feed if log else None)
-    except SystemExit as exc:
-        r = {"error": str(exc)}
+
+    def run(worker_env: dict[str, str]) -> dict:
+        try:
+            return harness.run_result_process(cmd, worker_env, f"{peer} run failed", stderr_tail=PEER_STDERR_TAIL,
+                                              on_line=log.feed if log else None)
+        except SystemExit as exc:
+            return {"error": str(exc)}
+
+    # an LMCache MP peer's server runs for the duration of its engine's process, with the same CPU budget
+    r = lmcache.serve(peer, cpu_tier_gib(args.cpu_tier), env, run, extra.get("lmcache"))
+    if "lmcache_server" in r:
+        head["lmcache_server"] = r.pop("lmcache_server")
     if log is not None:
         head["lmcache_log"] = log.counts
     if "error" in r:  # one line: how it failed and the first error its log kept (the root cause, e.g. the platform)
@@ -453,6 +459,8 @@ def markdown(results: dict) -> str:
     for r in results["runs"]:
         if "error" in r:
             lines.append(f"| {r['policy']} | could not run: {r['error']} |" + " |" * (turns + 4))
+            if r.get("known_issue"):
+                notes.append(f"KNOWN ISSUE {r['policy']}: {r['known_issue']}")
             continue
         cells = " | ".join(f"{p['accuracy']:.2f} / {p['agreement']:.2f}" for p in r["per_turn"])
         tgt = r.get("target_points")
@@ -461,6 +469,9 @@ def markdown(results: dict) -> str:
         if r.get("peer") and r["offload_no_op"]:
             verdict = "NO-OP"
             notes.append(f"NO-OP {r['policy']}: {r['no_op_reason']}")
+        if r.get("known_issue"):
+            verdict = (verdict + " " if verdict else "") + "KNOWN ISSUE"
+            notes.append(f"KNOWN ISSUE {r['policy']}: {r['known_issue']}")
         pts = "" if r["policy"] == BASELINE else f"{r['points_vs_none']:+.1f}"
         lines.append(f"| {r['policy']} | {cells} | {r['accuracy']:.3f} / {r['agreement']:.2f} | {pts} | {verdict} | "
                      f"{loaded_cell(r)} | {r.get('masked_batches', '-')} |")

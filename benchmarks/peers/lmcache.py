@@ -7,6 +7,16 @@ and vLLM's transfer config for it, the probe of its import and compiled ops (run
 engine: ``lmcache_preflight``), and the evidence of what it did: its own INFO log lines counted per phase
 (``LMCacheLog``, fed the engine process's stderr, with the phase and follow-up marks the worker prints) and
 why a run got nothing from it (``no_op_reason``).
+
+``lmcache-mp`` / ``lmcache-mp-<version>``: LMCache's multi-process mode instead of its in-process connector. A
+standalone LMCache server (``python -m lmcache.v1.multiprocess.server``: ZMQ on 127.0.0.1, its L1 CPU tier sized
+to the run's budget, LRU eviction) runs beside the engine for the mode (``serve``: started in its own session,
+waited for until it listens, stopped with its whole process group, also on errors), and vLLM connects with
+``LMCacheMPConnector``. Why: on vLLM >= 0.26 the packed KV layout ``[blocks, block_size, heads, 2*head_size]``
+(vLLM PR #44455) makes the in-process connector copy only the K half with a wrong slot stride (LMCache #4463,
+fix PR #4467 open); the MP connector is not affected for non-hybrid models. The in-process modes' rows then
+carry ``known_issue`` so nobody reads their numbers as the peer's. The MP mode's load evidence is vLLM's
+``vllm:external_prefix_cache_hits`` (tokens the connector supplied) and the server's own log (``server_log_counts``).
 """
 from __future__ import annotations
 
@@ -14,12 +24,19 @@ import argparse
 import contextlib
 import os
 import re
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks import harness
 
 LMCACHE = "lmcache"  # the peer's modes: "lmcache" (as importable) or "lmcache-<version>" (a staged copy)
+LMCACHE_MP = "lmcache-mp"  # ... and in LMCache's multi-process mode: "lmcache-mp" or "lmcache-mp-<version>"
 LMCACHE_ROOT = "/tmp/kvstage"  # where benchmarks/gpu/stage-lmcache.sh's receive.sh installs LMCache
 LMCACHE_CHUNK_TOKENS = 256
 LMCACHE_OPS_MODULES = ("lmcache.cuda_ops", "lmcache.c_ops")  # >= 0.5.4 / <= 0.5.3
@@ -27,25 +44,55 @@ LMCACHE_OPS_MODULES = ("lmcache.cuda_ops", "lmcache.c_ops")  # >= 0.5.4 / <= 0.5
 PROBE_COMMAND = ("-m", "benchmarks.gpu_offload", "--probe-lmcache")
 PROBE_TIMEOUT_S = 300
 PROBE_STDERR_TAIL = 8  # error lines of a probe that died, kept in its reason
+_MODE = re.compile(r"lmcache(?P<mp>-mp)?(?:-(?P<version>\d+(?:\.\d+)*(?:\.post\d+)?))?")
+
+# LMCache's multi-process mode (0.5.3: lmcache/v1/multiprocess/server.py; its flags in
+# lmcache/v1/multiprocess/config.py and lmcache/v1/distributed/config.py, --l1-size-gb in GiB: * (1 << 30)).
+MP_SERVER_MODULE = "lmcache.v1.multiprocess.server"  # ZMQ only (`lmcache server` adds an HTTP frontend on :8080)
+MP_HOST = "127.0.0.1"
+EXTERNAL_HITS = "vllm:external_prefix_cache_hits"  # prompt tokens a connector supplied (vLLM's metrics)
+MP_CONNECTOR = "LMCacheMPConnector"
+# Where vLLM finds the connector class, first that imports: LMCache's own (the same version as its server,
+# through kv_connector_module_path; LMCache PR #3235), else vLLM's in-tree one (its registry's default).
+MP_CONNECTOR_MODULES = ("lmcache.integration.vllm.lmcache_mp_connector",
+                        "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector")
+MP_PORT_ENV = "KVBENCH_LMCACHE_MP_PORT"  # the engine's worker reads the server's port and connector from these
+MP_CONNECTOR_MODULE_ENV = "KVBENCH_LMCACHE_MP_CONNECTOR_MODULE"
+MP_START_TIMEOUT_S = 180.0  # import, pinned L1 allocation and CUDA init before it binds
+MP_STOP_TIMEOUT_S = 15.0
+MP_LOG_TAIL = 8  # server log lines kept in a row (and in the error of a server that did not listen)
+# vLLM >= 0.26's packed KV layout breaks the in-process connector (LMCache #4463; fix PR #4467 still open).
+INPROCESS_BROKEN_FROM_VLLM = (0, 26)
+INPROCESS_KNOWN_ISSUE = ("vLLM {vllm}: LMCache's in-process connector is known to corrupt KV on its packed layout "
+                         "(LMCache #4463, fix PR #4467 open): not a peer's numbers; lmcache-mp-<version> is the peer")
+
+
+def _mode_match(mode: str) -> re.Match:
+    m = _MODE.fullmatch(mode)
+    if not m:
+        raise ValueError(f"not an LMCache mode: {mode!r} (lmcache[-mp] or lmcache[-mp]-<version>, e.g. "
+                         "lmcache-0.5.6, lmcache-mp-0.5.3)")
+    return m
 
 
 def lmcache_version(mode: str) -> str | None:
-    """The staged LMCache version a mode names ("lmcache-0.5.3" -> "0.5.3"; "lmcache" -> None: as importable).
-    ValueError for anything else."""
-    if mode == LMCACHE:
-        return None
-    m = re.fullmatch(r"lmcache-(\d+(?:\.\d+)*(?:\.post\d+)?)", mode)
-    if not m:
-        raise ValueError(f"not an LMCache mode: {mode!r} (lmcache or lmcache-<version>, e.g. lmcache-0.5.6)")
-    return m.group(1)
+    """The staged LMCache version a mode names ("lmcache-0.5.3", "lmcache-mp-0.5.3" -> "0.5.3"; "lmcache",
+    "lmcache-mp" -> None: as importable). ValueError for anything else."""
+    return _mode_match(mode).group("version")
 
 
 def is_lmcache(mode: str) -> bool:
+    """An LMCache mode, in-process or multi-process."""
     try:
         lmcache_version(mode)
     except ValueError:
         return False
     return True
+
+
+def is_mp(mode: str) -> bool:
+    """An LMCache mode in multi-process mode (its own server; vLLM's LMCacheMPConnector)."""
+    return is_lmcache(mode) and _mode_match(mode).group("mp") is not None
 
 
 def lmcache_paths(mode: str, root: str | Path = LMCACHE_ROOT) -> list[Path]:
@@ -68,9 +115,50 @@ def lmcache_env(cpu_gib: float, base: dict[str, str] | None = None) -> dict[str,
     return env
 
 
-def lmcache_transfer_config() -> dict:
-    """vLLM's KVTransferConfig fields for LMCache (LMCacheConnectorV1 loads lmcache's own vllm_v1_adapter)."""
-    return {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+def lmcache_transfer_config(mode: str = LMCACHE, port: int | None = None, connector_module: str | None = None) -> dict:
+    """vLLM's KVTransferConfig fields for an LMCache mode: in-process, LMCacheConnectorV1 (it loads lmcache's own
+    vllm_v1_adapter); multi-process, LMCacheMPConnector to the mode's server on MP_HOST:``port`` from
+    ``connector_module`` (both default to what ``serve`` put in the worker's environment)."""
+    if not is_mp(mode):
+        return {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+    port = int(os.environ[MP_PORT_ENV]) if port is None else port
+    module = connector_module or os.environ.get(MP_CONNECTOR_MODULE_ENV) or MP_CONNECTOR_MODULES[0]
+    cfg = {"kv_connector": MP_CONNECTOR, "kv_role": "kv_both",
+           "kv_connector_extra_config": {"lmcache.mp.host": f"tcp://{MP_HOST}", "lmcache.mp.port": port}}
+    if not module.startswith("vllm."):  # vLLM's own registry names its in-tree class; LMCache's needs the path
+        cfg["kv_connector_module_path"] = module
+    return cfg
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+
+
+def installed_vllm_version() -> str | None:
+    """vLLM's version as installed, without importing it: its distribution's metadata, else its _version.py (a
+    staged copy on PYTHONPATH); None where there is no vLLM."""
+    import importlib.metadata as md
+    import importlib.util
+
+    for dist in md.packages_distributions().get("vllm", []) or ["vllm"]:
+        with contextlib.suppress(md.PackageNotFoundError):
+            return md.version(dist)
+    with contextlib.suppress(Exception):
+        spec = importlib.util.find_spec("vllm")
+        text = (Path(spec.origin).parent / "_version.py").read_text()
+        return re.search(r"__version__\s*=\s*(?:version\s*=\s*)?['\"]([^'\"]+)", text).group(1)
+    return None
+
+
+def known_issue(mode: str, vllm_version: str | None = None) -> str | None:
+    """One line where a mode's numbers are known to be wrong: the in-process LMCache modes on vLLM >= 0.26
+    (``vllm_version``: the installed one where not given). None otherwise, or where vLLM's version is unknown."""
+    if not is_lmcache(mode) or is_mp(mode):
+        return None
+    vllm = vllm_version or installed_vllm_version()
+    if vllm is None or _version_tuple(vllm) < INPROCESS_BROKEN_FROM_VLLM:
+        return None
+    return INPROCESS_KNOWN_ISSUE.format(vllm=vllm)
 
 
 # What LMCache (0.5.x; vllm_v1_adapter.py and v1/cache_engine.py) logs at INFO per request: the scheduler's
@@ -145,7 +233,14 @@ def no_op_reason(r: dict, contexts: int) -> str | None:
     evicted = (f"its CPU budget holds {held} of the {contexts} contexts, so round-robin (LRU) evicts every "
                f"context before its follow-up: recomputation by design (--contexts {held} or fewer compares loads)"
                if isinstance(held, int) and held < contexts else None)
-    log = r.get("lmcache_log")
+    log, server = r.get("lmcache_log"), r.get("lmcache_server")
+    if log is None and server is not None and "stored_tokens" in server:  # an MP mode: its server's own log
+        if not server["registered"]:
+            return "no engine registered its KV cache with LMCache's server: the MP connector never connected"
+        if evicted:
+            return evicted
+        return (f"LMCache's server stored {server['stored_tokens']} and retrieved {server['retrieved_tokens']} "
+                f"tokens ({server['errors']} errors), but the follow-ups got few connector tokens")
     if log is None:
         return evicted or "no follow-up got cached tokens and the connector loaded no block"
     t1, fu = log["turn1"], log["follow_ups"]
@@ -164,6 +259,143 @@ def no_op_reason(r: dict, contexts: int) -> str | None:
                 f"({fu['load_failed']} load failures, {fu['errors']} errors): its load path did not run")
     return (f"LMCache retrieved {fu['retrieved_tokens']} tokens in the follow-ups, but vLLM counted few cached "
             f"tokens")
+
+
+# What LMCache's MP server (0.5.3: v1/multiprocess/modules/lmcache_driven_transfer.py) logs at INFO: per count,
+# its pattern and the count its first group's tokens add to.
+MP_SERVER_LOG = {
+    "registered": (re.compile(r"Registered KV cache for GPU ID"), None),
+    "stores": (re.compile(r"Stored (\d+) tokens in"), "stored_tokens"),
+    "retrieves": (re.compile(r"Retrieved (\d+) tokens in"), "retrieved_tokens"),
+    "errors": (re.compile(r"LMCache ERROR|Traceback"), None),
+}
+
+
+def server_log_counts(text: str) -> dict:
+    """What LMCache's MP server logged: engines that registered their KV cache, stores and stored tokens,
+    retrieves and retrieved tokens, errors."""
+    c = {"registered": 0, "stores": 0, "stored_tokens": 0, "retrieves": 0, "retrieved_tokens": 0, "errors": 0}
+    for line in text.splitlines():
+        for count, (pattern, tokens) in MP_SERVER_LOG.items():
+            if m := pattern.search(line):
+                c[count] += 1
+                if tokens:
+                    c[tokens] += int(m.group(1))
+    return c
+
+
+def mp_server_command(cpu_gib: float, port: int, python: str = sys.executable) -> list[str]:
+    """LMCache's MP server for a run's CPU budget: its L1 (pinned CPU memory, GiB) is the budget, LRU eviction,
+    the in-process modes' 256-token chunks, no metrics exporter (it would bind :9090)."""
+    return [python, "-m", MP_SERVER_MODULE, "--host", MP_HOST, "--port", str(port),
+            "--chunk-size", str(LMCACHE_CHUNK_TOKENS), "--l1-size-gb", str(float(cpu_gib)),
+            "--eviction-policy", "LRU", "--disable-metrics"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((MP_HOST, 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(path: Path, lines: int = MP_LOG_TAIL) -> list[str]:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    return [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
+
+
+def _listens(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((MP_HOST, port)) == 0
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = MP_STOP_TIMEOUT_S) -> None:
+    """Stop a server started in its own session: SIGTERM to its whole process group (LMCache's server shuts
+    down on it), then, ``timeout`` seconds at most later, SIGKILL to whatever is left of the group (its children
+    too, also where the server itself had already exited)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+class ServerError(RuntimeError):
+    """An MP server that did not come up; its message is one line with the server log's tail."""
+
+
+@contextlib.contextmanager
+def running_server(command: list[str], port: int, env: dict[str, str], log_path: Path,
+                   timeout: float = MP_START_TIMEOUT_S):
+    """``command`` (a server that will listen on MP_HOST:``port``) in its own session, its output in
+    ``log_path``; yields its process once the port accepts connections, and stops its process group on leaving
+    (errors included). ServerError, in one line with its log's tail, where it exits or does not listen within
+    ``timeout`` seconds."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while not _listens(port):
+                if proc.poll() is not None:
+                    why = f"exited with {proc.returncode}"
+                    break
+                if time.monotonic() > deadline:
+                    why = f"did not listen on {MP_HOST}:{port} within {timeout:g} s"
+                    break
+                time.sleep(0.2)
+            else:
+                why = None
+            if why:
+                raise ServerError(f"LMCache server {why} (log {log_path}): " + " / ".join(_log_tail(log_path)))
+            yield proc
+        finally:
+            stop_server(proc)
+
+
+def serve(mode: str, cpu_gib: float, env: dict[str, str], run: Callable[[dict[str, str]], dict],
+          probe: dict | None = None, command: Callable[[float, int], list[str]] | None = None,
+          timeout: float | None = None) -> dict:
+    """``run(env)``'s result; for an MP mode with its LMCache server up for the duration (``cpu_gib`` GiB of L1,
+    in ``env``: the staged LMCache first on its path), the worker's ``env`` telling its port and connector module
+    (from ``probe``), and ``lmcache_server`` in the result (its command, log, what it logged). A server that does
+    not come up is ``{"error": one line}``."""
+    if not is_mp(mode):
+        return run(env)
+    port = free_port()
+    log_path = Path(tempfile.mkdtemp(prefix=f"{mode}-")) / "server.log"
+    cmd = (command or mp_server_command)(cpu_gib, port)
+    worker_env = {**env, MP_PORT_ENV: str(port)}
+    if probe and probe.get("mp_connector_module"):
+        worker_env[MP_CONNECTOR_MODULE_ENV] = probe["mp_connector_module"]
+    record: dict = {"command": cmd, "log": str(log_path)}
+    try:
+        with running_server(cmd, port, env, log_path, MP_START_TIMEOUT_S if timeout is None else timeout):
+            print(f"[lmcache] {mode}: server listening on {MP_HOST}:{port} (log {log_path})", file=sys.stderr,
+                  flush=True)
+            r = run(worker_env)
+    except ServerError as exc:
+        r = {"error": str(exc)}
+    with contextlib.suppress(OSError):
+        record.update(server_log_counts(log_path.read_text(errors="replace")))
+    record["log_tail"] = _log_tail(log_path)
+    return {**r, "lmcache_server": record}
+
+
+def external_hit_tokens(llm) -> int | None:
+    """vLLM's count of prompt tokens a KV connector supplied (``vllm:external_prefix_cache_hits``; the engine
+    needs disable_log_stats=False), None where this vLLM's metrics do not have it."""
+    try:
+        metrics = llm.get_metrics()
+    except Exception:  # noqa: BLE001 - no metrics API / stats off: the caller records its absence
+        return None
+    hits = [m.value for m in metrics if m.name == EXTERNAL_HITS and isinstance(getattr(m, "value", None), int)]
+    return sum(hits) if hits else None
 
 
 def mark_phase(phase: str) -> None:
@@ -233,6 +465,20 @@ def lmcache_probe() -> dict:
     else:
         probe["ops_loaded"] = False
         probe["ops_error"] = f"none of {', '.join(LMCACHE_OPS_MODULES)} in {probe['path']}"
+    mp_errors = []  # the MP mode's connector: the first of MP_CONNECTOR_MODULES that imports (with vLLM)
+    for name in MP_CONNECTOR_MODULES:
+        try:
+            importlib.import_module(name)
+            probe["mp_connector_module"] = name
+            break
+        except BaseException as exc:  # noqa: BLE001
+            mp_errors.append(f"{name}: {_error_text(exc)}")
+    if mp_errors:
+        probe["mp_connector_errors"] = mp_errors
+    try:  # the MP server's own imports (its main is guarded): a dependency it lacks shows here, not in its log
+        importlib.import_module(MP_SERVER_MODULE)
+    except BaseException as exc:  # noqa: BLE001
+        probe["mp_server_error"] = _error_text(exc)
     try:
         importlib.import_module("lmcache.integration.vllm.vllm_v1_adapter")
         from lmcache.v1.config import LMCacheEngineConfig
@@ -259,14 +505,26 @@ def lmcache_preflight(mode: str, root: str | Path, env: dict[str, str]) -> tuple
                                            stderr_tail=PROBE_STDERR_TAIL)
     except SystemExit as exc:
         return None, str(exc)
-    return probe, probe.get("import_error") or probe.get("adapter_error")
+    if probe.get("import_error") or not is_mp(mode):
+        return probe, probe.get("import_error") or probe.get("adapter_error")
+    if probe.get("mp_server_error"):
+        return probe, f"{MP_SERVER_MODULE} does not import: {probe['mp_server_error']}"
+    if not probe.get("mp_connector_module"):
+        return probe, "no LMCacheMPConnector imports: " + "; ".join(probe.get("mp_connector_errors", []))
+    return probe, None
 
 
 def prepare(mode: str, root: str | Path, env: dict[str, str]) -> tuple[dict, str | None, LMCacheLog | None]:
     """Before a mode's engine process starts: what its result records (``{"lmcache": probe}`` where the probe
-    ran), why it cannot run (None where it can: ``lmcache_preflight``) and the LMCacheLog to feed the engine
-    process's stderr. ``({}, None, None)`` for a mode that is not LMCache's."""
+    ran, ``known_issue`` where its numbers are known to be wrong), why it cannot run (None where it can:
+    ``lmcache_preflight``) and the LMCacheLog to feed the engine process's stderr (none for an MP mode: its
+    server logs the work, ``serve``). ``({}, None, None)`` for a mode that is not LMCache's."""
     if not is_lmcache(mode):
         return {}, None, None
     probe, failed = lmcache_preflight(mode, root, env)
-    return ({} if probe is None else {"lmcache": probe}), failed, (None if failed else LMCacheLog())
+    extra = {} if probe is None else {"lmcache": probe}
+    issue = known_issue(mode)
+    if issue:
+        extra["known_issue"] = issue
+    # The MP connector's work is logged by its server, not in the engine's stderr (serve reads that log).
+    return extra, failed, (None if failed or is_mp(mode) else LMCacheLog())

@@ -24,6 +24,15 @@ def fake_server(_fake_server):
     _fake_server.reset()
 
 
+@pytest.fixture
+def vllm_before_packed_kv(monkeypatch):
+    """The installed vLLM reads as 0.25.1, before the packed KV layout: LMCache's in-process modes are then not
+    flagged known_issue (LMCache #4463) whatever vLLM the test machine has."""
+    from benchmarks.peers import lmcache
+
+    monkeypatch.setattr(lmcache, "installed_vllm_version", lambda: "0.25.1")
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_path():
     """The SmolLM2 HF folder (tokenizer) from kvplug.models, or skip."""

@@ -18,6 +18,10 @@ from benchmarks.peers import lmcache
 UNDEFINED = "undefined symbol: _ZN3c1019NotImplementedErrorC1ENS_14SourceLocationE"
 
 
+# These tests are about other things than LMCache #4463 (tests/benchmarks/test_peers_lmcache.py tests it).
+pytestmark = pytest.mark.usefixtures("vllm_before_packed_kv")
+
+
 def _args(tmp_path: Path, cpu_gib: float = 48.0) -> argparse.Namespace:
     return argparse.Namespace(cpu_gib=cpu_gib, lmcache_root=str(tmp_path))
 

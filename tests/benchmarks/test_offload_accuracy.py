@@ -11,6 +11,10 @@ from benchmarks.peers import lmcache
 from cache_policies.registry import REQUEST_POLICY_KEY
 
 
+# These tests are about other things than LMCache #4463 (tests/benchmarks/test_peers_lmcache.py tests it).
+pytestmark = pytest.mark.usefixtures("vllm_before_packed_kv")
+
+
 class EngineDeadError(Exception):  # what vLLM raises in the front end when the EngineCore died
     pass
 
