@@ -106,10 +106,11 @@ VARIANT_KEYS = {
     "vertical_segment_rows": "sparse_prefill key (vertical-slash columns per segment of this many rows, a multiple of 64)",
     "exact_selection": "sparse_prefill key (true/false; rank by exact attention mass: a diagnostic, dense cost again)",
     "min_prompt_tokens": "sparse_prefill key (chunks whose sequence holds fewer tokens stay dense)",
+    "gqa_shaped_estimate": "sparse_prefill key (true/false; vertical-slash's estimate per GQA group, no key copy)",
 }
 # passed to the engine as is (checked here against the config section first)
 OVERRIDDEN = ("group_shared_selection", "fused_estimate", "budget_scale_limit", "dense_tail_rows",
-              "vertical_segment_rows", "exact_selection", "min_prompt_tokens")
+              "vertical_segment_rows", "exact_selection", "min_prompt_tokens", "gqa_shaped_estimate")
 
 
 @dataclass(frozen=True)
@@ -506,11 +507,12 @@ def agreement(dense_ids: list[int], dense_top2: list, sparse_ids: list[int], nea
 
 def recall_options(keys: dict[str, str]) -> IndexOptions:
     """The index options a variant's sparse_prefill ``keys`` give that attention recall measures: group-shared
-    selection and vertical segment rows (recall samples rows: a dense tail is not in it; exact selection is
-    not replayed)."""
+    selection, vertical segment rows and the GQA-shaped estimate (recall samples rows: a dense tail is not in it;
+    exact selection is not replayed)."""
     return IndexOptions(
         group_shared_selection=msgspec.convert(keys.get("group_shared_selection", False), bool, strict=False),
-        vertical_segment_rows=msgspec.convert(keys.get("vertical_segment_rows", 0), int, strict=False))
+        vertical_segment_rows=msgspec.convert(keys.get("vertical_segment_rows", 0), int, strict=False),
+        gqa_shaped_estimate=msgspec.convert(keys.get("gqa_shaped_estimate", False), bool, strict=False))
 
 
 def measure_recall(args, path: Path, configs: list[tuple[str, str, IndexOptions]]) -> dict[str, dict]:

@@ -34,7 +34,7 @@ def _config():
 # this process through LLM.collective_rpc, so one engine (one start-up) answers the same questions dense and
 # under several configs. {"dense": True} sends every chunk to the dense backend. Empty = the config as resolved.
 OVERRIDE_KEYS = ("pattern_config", "group_shared_selection", "fused_estimate", "budget_scale_limit", "dense_tail_rows",
-                 "vertical_segment_rows", "min_prompt_tokens", "exact_selection")
+                 "vertical_segment_rows", "min_prompt_tokens", "exact_selection", "gqa_shaped_estimate")
 _override: dict[str, Any] = {}
 _override_version = 0  # bumped by set_override: builder hooks rebuild their decider
 _runners: "weakref.WeakSet[runner.SparsePrefillRunner]" = weakref.WeakSet()

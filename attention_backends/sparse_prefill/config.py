@@ -103,6 +103,15 @@ class SparsePrefillConfig(Section):
     # "Sparse prefill"); the cost model prices it by the table's fa2_sparse gather_pages term where it has one,
     # else as the per-token gather (an upper bound).
     fa2_whole_page_gather: bool = False
+    # The torch vertical-slash estimate (what the compiled index build runs) scores the chunk's last 64 rows of each
+    # query head against its KV head's keys. false (the default): the keys are gathered per query head, a
+    # [8, keys, d] copy for every 8 query heads although a GQA group's heads share one KV head (2026-12-07 H100
+    # profile of a 128K first turn: ~224 ms of 5.07 s TTFT). true: each step covers whole groups and multiplies the
+    # group's rows at once with its KV head's keys, a view (one GEMM with group x 64 rows, no copy). The same
+    # votes up to GEMM rounding, so a near-tie may select another key: off until the H100 rows
+    # (fa2_index_gqa_ms, gqa_index_same) and end-to-end TTFT and the accuracy gate say (DEVELOPERS.md). The
+    # fused_estimate Triton pass reads the paged cache in place (no copy either) and ignores this key.
+    gqa_shaped_estimate: bool = False
 
     def compiles_index(self, platform: str = "cpu", per_head_config: bool = False) -> bool:
         """compiled_index resolved: "auto" compiles on CUDA for a uniform pattern config only (see the key)."""

@@ -181,7 +181,9 @@ def build_index(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGeometr
     (SparseIndex.with_dense_tail). ``vertical_segment_rows``: vertical-slash picks columns per segment of that many
     rows (SparsePattern.select). ``compiled_index``: the same index through torch.compile (compiled_builder).
     ``exact_selection``: patterns rank by the exact attention mass of every row (SparsePattern.select; a
-    diagnostic: built eager, compiled_index or not). Per call site: ``trim_columns`` drops all-padding column
+    diagnostic: built eager, compiled_index or not). ``gqa_shaped_estimate``: vertical-slash's torch estimate scores
+    whole GQA groups against their KV head's keys in place, no per-head key copy (SparsePattern.select; the compiled
+    graph is keyed on it like every field it reads). Per call site: ``trim_columns`` drops all-padding column
     slots (a host sync: CPU only; GPU kernels skip them by count). ``window_ranges``: key ranges widened to whole
     BLOCK-key windows (index.window_ranges; what vLLM's FA2 sparse kernel computes exactly:
     sparse_prefill.executor = fa2_sparse)."""
@@ -256,7 +258,8 @@ def _build_untrimmed(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGe
     k_heads = key_heads(k)  # [Hkv, L, d] view: patterns pick each query head's KV head themselves
     Hq, Hkv = q.shape[1], num_kv_heads(k_heads)
     dev = q.device
-    kv_of = torch.arange(Hq, device=dev) // (Hq // Hkv)
+    group = Hq // Hkv
+    kv_of = torch.arange(Hq, device=dev) // group
     block_mask = torch.zeros(Hq, geom.nqb, geom.nkb, dtype=torch.bool, device=dev)
     verticals, ranged = [], []
     for g in plan.groups:
@@ -268,7 +271,8 @@ def _build_untrimmed(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGe
         mask, cols, ranges = registry.get(g.pattern).select(qh, k_heads, kv_of[g.heads], geom, g.budgets,
                                                             g.budget_max, scale, group_shared=group_shared,
                                                             segment_rows=options.vertical_segment_rows,
-                                                            exact=options.exact_selection)
+                                                            exact=options.exact_selection,
+                                                            gqa_kv_heads=_host_kv_heads(plan, g, group, options))
         block_mask[g.heads] = mask
         if cols is not None:
             verticals.append((g.heads, cols))
@@ -295,7 +299,6 @@ def _build_untrimmed(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGe
         if per_block and cols.dim() == 2:
             cols = cols[:, None, :].expand(-1, geom.nqb, -1)
         all_cols[heads, ..., :cols.shape[-1]] = cols
-    group = Hq // Hkv
     if group_shared and group > 1 and plan.group_uniform(group):
         # every head of a group holds the same columns, blocks and ranges: compact once per group (the
         # [heads, query blocks, columns] sort is the index build's largest cost at long context)
@@ -308,3 +311,14 @@ def _build_untrimmed(q: torch.Tensor, k: torch.Tensor | PagedKeys, geom: ChunkGe
         cols, count = compact_columns(all_cols, block_mask, geom, index if ranged else None)
     index.cols, index.col_count = cols, count
     return index.with_dense_tail(geom, options.dense_tail_rows)
+
+
+def _host_kv_heads(plan: LayerPlan, g: HeadGroup, group: int, options: IndexOptions) -> tuple[int, ...] | None:
+    """The KV head of each of ``g``'s heads, on the host (from the plan's per-head specs: no device sync, and a
+    constant of the compiled graph), when options.gqa_shaped_estimate asks for it; else None."""
+    if not options.gqa_shaped_estimate:
+        return None
+    heads = [h for h, (pattern, _) in enumerate(plan.head_specs) if pattern == g.pattern]
+    if len(heads) != g.heads.shape[0]:  # a plan built without head_specs: the per-head gather
+        return None
+    return tuple(h // group for h in heads)

@@ -31,6 +31,8 @@ class IndexOptions:
     exact_selection: bool = False
     # the FA2 executor gathers each chunk's K/V out of the paged cache by whole pages, one copy (fa2_sparse.gather_kv)
     fa2_whole_page_gather: bool = False
+    # the torch vertical-slash estimate reads each KV head's keys in place per GQA group (no per-head copy of them)
+    gqa_shaped_estimate: bool = False
 
     def __post_init__(self) -> None:
         # the config's checks (config.validate reports them under the section's path)

@@ -21,6 +21,9 @@ Per length it times (CUDA events, median):
                      the paged cache, index, conversion and kernel timed apart and together (fa2_serving_ms);
                      the same with the K/V gathered by whole pages (sparse_prefill.fa2_whole_page_gather:
                      fa2_gather_pages_ms, fa2_serving_pages_ms; fa2_pages_same: the same rows, the same output)
+  * gqa estimate   : --gqa-estimate: the index built with sparse_prefill.gqa_shaped_estimate (kvplug_index_gqa_ms,
+                     fa2_index_gqa_ms, *_gqa_compiled_ms, fa2_serving_gqa_compiled_ms; *_gqa_same: the default's
+                     index element for element)
   * xformers dense : xformers.ops.memory_efficient_attention, causal, each forward op (torch's FA2 / CUTLASS)
   * xformers local : the same with the closest bias to our index, a causal local window sized to compute as
                      many pairs as the index (benchmarks/kernels/xformers_baseline.py says why and how to
@@ -222,6 +225,8 @@ def run(args) -> dict:
                 _fused_estimate_rows(row, q, k, kc, pages, geom, plan, scale, timing)
             if args.compiled_index:
                 _compiled_index_rows(row, "kvplug_index", q, k, geom, plan, scale, timing)
+            if args.gqa_estimate:
+                _gqa_estimate_rows(row, "kvplug_index", q, k, geom, plan, scale, timing, args.compiled_index)
             if not args.skip_flex and n == L:
                 try:
                     row["flex_sparse_ms"] = _flex(qt, kt, vt, idx, geom, scale, timing)
@@ -469,6 +474,38 @@ def _compiled_index_rows(row, name, q, k, geom, plan, scale, timing, window_rang
         row[f"{name}_compiled_fallback"] = head_config.compiled_fallback
 
 
+def _gqa_estimate_rows(row, name, q, k, geom, plan, scale, timing, compiled: bool, window_ranges=False) -> None:
+    """The index built with sparse_prefill.gqa_shaped_estimate (vertical-slash scores whole GQA groups against
+    their KV head's keys in place, no per-head key copy) beside the default ``{name}_ms``: ``{name}_gqa_ms`` (and
+    ``{name}_gqa_compiled_ms`` with --compiled-index), whether its index is the default's element for element
+    (``{name}_gqa_same``) and the share of equal entries over the index's tensors (``{name}_gqa_equal_share``:
+    GEMM rounding may flip a near-tie)."""
+    import torch
+
+    from attention_backends.sparse_prefill.head_config import build_index
+    from attention_backends.sparse_prefill.index_options import IndexOptions
+
+    def build(options):
+        return build_index(q, k, geom, plan, scale, options, trim_columns=False, window_ranges=window_ranges)
+
+    gqa = IndexOptions(gqa_shaped_estimate=True)
+    want, got = build(IndexOptions()), build(gqa)
+    same = total = 0
+    for f in ("block_mask", "cols", "col_count", "ranges", "range_count", "range_first"):
+        a, b = getattr(got, f), getattr(want, f)
+        total += b.numel()
+        same += int((a == b).sum()) if a.shape == b.shape else 0
+    row[f"{name}_gqa_same"] = same == total
+    row[f"{name}_gqa_equal_share"] = same / max(total, 1)
+    row[f"{name}_gqa_ms"] = timing(lambda: build(gqa))["median_ms"]
+    if compiled:
+        compiled_gqa = IndexOptions(compiled_index=True, gqa_shaped_estimate=True)
+        build(compiled_gqa)  # the compile, once per process (its own graph: the build reads the option)
+        row[f"{name}_gqa_compiled_ms"] = timing(lambda: build(compiled_gqa))["median_ms"]
+    if q.is_cuda:
+        torch.cuda.synchronize()
+
+
 def _fused_estimate_rows(row, q, k, kc, pages, geom, plan, scale, timing) -> None:
     """The index as serving builds it: from a copy of the sequence's keys out of the paged cache (today) vs
     the fused estimate reading the cache in place (sparse_prefill.fused_estimate); the estimate alone too."""
@@ -568,6 +605,12 @@ def _fa2_rows(row, kernel, q, kc, vc, pages, geom, plan, scale, out, timing, arg
         row["fa2_serving_compiled_ms"] = timing(lambda: serving(compiled))["median_ms"]
         row["fa2_serving_pages_compiled_ms"] = timing(lambda: serving(
             IndexOptions(compiled_index=True, fa2_whole_page_gather=True)))["median_ms"]
+    if getattr(args, "gqa_estimate", False):
+        _gqa_estimate_rows(row, "fa2_index", q, kk[:L], geom, plan, scale, timing, args.compiled_index,
+                           window_ranges=True)
+        if args.compiled_index:  # the whole chunk as serving runs it, beside fa2_serving_compiled_ms
+            row["fa2_serving_gqa_compiled_ms"] = timing(lambda: serving(
+                IndexOptions(compiled_index=True, gqa_shaped_estimate=True)))["median_ms"]
     row["kvplug_attn_on_windows_ms"] = timing(lambda: triton_kernels.sparse_attention_paged(
         q, kc, vc, pages, widx, geom, scale, out))["median_ms"]
     row["fa2_ms_per_gpair"] = row["fa2_sparse_ms"] / (row["window_density"] * geom.causal_pairs() * q.shape[1] / 1e9)
@@ -698,6 +741,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compiled-index", action="store_true", help="also time the index built through torch.compile "
                    "(sparse_prefill.compiled_index): kvplug_index_compiled_ms, fa2_index_compiled_ms, "
                    "fa2_serving_compiled_ms, the first call (the compile) and whether it equals the eager index")
+    p.add_argument("--gqa-estimate", action="store_true", help="also time the index built with "
+                   "sparse_prefill.gqa_shaped_estimate (no per-head key copy in the estimate): kvplug_index_gqa_ms, "
+                   "fa2_index_gqa_ms (with --compiled-index *_gqa_compiled_ms) and whether the index is the "
+                   "default's (*_gqa_same, *_gqa_equal_share)")
     p.add_argument("--fused-estimate", action="store_true", help="also time the index build with the fused "
                    "paged-cache estimate vs the serving path's copy + torch estimate")
     p.add_argument("--device", default="cuda", help="cuda, or cpu (the Triton kernels under TRITON_INTERPRET=1: a "

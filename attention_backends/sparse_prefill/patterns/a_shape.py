@@ -19,7 +19,8 @@ class AShape(SparsePattern):
 
     @classmethod
     def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False,
-               segment_rows=0, exact=False):  # segment_rows: vertical-slash's; exact: static, nothing to rank
+               segment_rows=0, exact=False, gqa_kv_heads=None):
+        # segment_rows, gqa_kv_heads: vertical-slash's; exact: static, nothing to rank
         # Static (no votes): heads with equal budgets select the same blocks, group_shared or not.
         dev = q.device
         a, b = geom.q_block_bounds(dev)

@@ -49,7 +49,8 @@ class SparsePattern(ABC):
     @abstractmethod
     def select(cls, q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry,
                budgets: dict[str, torch.Tensor], budget_max: dict[str, int], scale: float,
-               group_shared: bool = False, segment_rows: int = 0, exact: bool = False
+               group_shared: bool = False, segment_rows: int = 0, exact: bool = False,
+               gqa_kv_heads: tuple[int, ...] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
         """q [h, n, d] this chunk's queries of the heads using this pattern; k [Hkv, L, d] the sequence's
         keys (not expanded: head i uses k[kv_ids[i]]); budgets name -> [h] int64 on q's device, budget_max
@@ -71,7 +72,11 @@ class SparsePattern(ABC):
         ``exact`` (sparse_prefill.exact_selection, a diagnostic): rank the same candidates by the exact attention
         mass of every query row instead of the pattern's estimate (vertical-slash: every row of the chunk, or of
         the segment, votes instead of its last 64; block-sparse: each query block's softmax mass per key block
-        instead of mean-pooled scores). Costs a dense attention pass on top of the sparse one."""
+        instead of mean-pooled scores). Costs a dense attention pass on top of the sparse one.
+
+        ``gqa_kv_heads`` (sparse_prefill.gqa_shaped_estimate; None = off): ``kv_ids`` on the host. Vertical-slash's
+        torch estimate then scores whole GQA groups against their KV head's keys in place instead of a per-head
+        copy of them (the same votes up to rounding); others ignore it."""
 
 
 EXACT_ROWS = 64  # query rows per exact-mass step (exact_row_blocks): bounds its [heads, rows, L] scores

@@ -44,7 +44,7 @@ class BlockSparse(SparsePattern):
 
     @classmethod
     def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False,
-               segment_rows=0, exact=False):  # segment_rows: vertical-slash's
+               segment_rows=0, exact=False, gqa_kv_heads=None):  # segment_rows, gqa_kv_heads: vertical-slash's
         dev = q.device
         k = key_tensor(k)
         if exact:

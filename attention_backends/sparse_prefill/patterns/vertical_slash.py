@@ -39,23 +39,30 @@ def diagonal_sums(att: torch.Tensor, rows_pos0: int) -> torch.Tensor:
 
 
 def estimate_lines(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   scale: float, gqa_kv_heads: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Column and diagonal attention mass [h, L] each, from the chunk's last LAST_Q queries. q [h, n, d];
     k [Hkv, L, d] (not expanded to the query heads: kv_ids [h] picks each head's KV head per step), or PagedKeys:
-    then one fused Triton pass over the paged cache (estimate_kernels.estimate_lines_paged)."""
+    then one fused Triton pass over the paged cache (estimate_kernels.estimate_lines_paged). ``gqa_kv_heads``:
+    kv_ids on the host, to score whole GQA groups without copying keys (_line_votes; None: per-head gather)."""
     if isinstance(k, PagedKeys):
         from attention_backends.sparse_prefill.estimate_kernels import estimate_lines_paged
 
         # a Triton launch on the paged cache: kept out of a compiled build (IndexOptions.compiled_index)
         return torch.compiler.disable(estimate_lines_paged)(q, k, kv_ids, geom, scale, LAST_Q)
-    return _line_votes(q, k, kv_ids, geom, scale, geom.n, diagonals=True)
+    return _line_votes(q, k, kv_ids, geom, scale, geom.n, diagonals=True, gqa_kv_heads=gqa_kv_heads)
 
 
 def _line_votes(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry, scale: float,
-                row_end: int, diagonals: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                row_end: int, diagonals: bool, gqa_kv_heads: tuple[int, ...] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The torch estimate: column (and, with ``diagonals``, diagonal) attention mass [h, L] of the last LAST_Q rows
     of the chunk's rows [0, row_end), each row against the keys up to itself (row_end < n: a segment's vote, no
-    key past the segment's last row; its entries beyond are 0). q [h, n, d], k [Hkv, L, d]."""
+    key past the segment's last row; its entries beyond are 0). q [h, n, d], k [Hkv, L, d].
+
+    ``gqa_kv_heads`` (sparse_prefill.gqa_shaped_estimate): kv_ids on the host. The steps (gqa_steps) then hold runs
+    of heads sharing a KV head, whole GQA groups where the heads are, and each step multiplies its rows at once with
+    its KV heads' keys, a slice of k (one GEMM of group x LAST_Q rows per KV head): no [heads, keys, d] copy of the
+    keys per step. The same scores up to GEMM rounding."""
     h = q.shape[0]
     last = min(LAST_Q, row_end)
     keys = geom.q_pos0 + row_end
@@ -63,16 +70,50 @@ def _line_votes(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: Ch
     causal = torch.arange(keys, device=q.device)[None, :] <= rows_pos[:, None]  # [last, keys]
     vertical = q.new_zeros((h, geom.L), dtype=torch.float32)
     slash = q.new_zeros((h, geom.L), dtype=torch.float32) if diagonals else None
-    for s in range(0, h, HEADS_PER_STEP):
-        qs = q[s:s + HEADS_PER_STEP, row_end - last:row_end]
-        ks = k[kv_ids[s:s + HEADS_PER_STEP], :keys]
+    if gqa_kv_heads is None:
+        steps = [(s, min(HEADS_PER_STEP, h - s), None, 0) for s in range(0, h, HEADS_PER_STEP)]
+    else:
+        steps = gqa_steps(gqa_kv_heads)
+    for s, heads, kv0, num_kv in steps:
+        qs = q[s:s + heads, row_end - last:row_end]
         # scores in the cache dtype (tensor cores on the GPU), softmax in fp32
-        att = (torch.matmul(qs, ks.transpose(1, 2)).float() * scale).masked_fill(~causal[None], float("-inf"))
+        if kv0 is None:
+            scores = torch.matmul(qs, k[kv_ids[s:s + heads], :keys].transpose(1, 2))
+        else:
+            rows = qs.reshape(num_kv, heads // num_kv * last, qs.shape[-1])  # a copy of the step's LAST_Q rows only
+            scores = torch.matmul(rows, k[kv0:kv0 + num_kv, :keys].transpose(1, 2)).view(heads, last, keys)
+        att = (scores.float() * scale).masked_fill(~causal[None], float("-inf"))
         att = torch.softmax(att, dim=-1)
-        vertical[s:s + HEADS_PER_STEP, :keys] = att.sum(1)
+        vertical[s:s + heads, :keys] = att.sum(1)
         if diagonals:
-            slash[s:s + HEADS_PER_STEP, :keys] = diagonal_sums(att, keys - last)
+            slash[s:s + heads, :keys] = diagonal_sums(att, keys - last)
     return vertical, slash
+
+
+def gqa_steps(kv: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
+    """The estimate steps of gqa_shaped_estimate for heads whose KV heads are ``kv`` (host ints, head order): (first
+    head, heads, first KV head, KV heads), each step equal runs of heads over consecutive KV heads (what one
+    GQA-shaped GEMM scores), at most HEADS_PER_STEP heads (the bound on the [heads, LAST_Q, L] scores). Runs are
+    the maximal spans of consecutive heads sharing a KV head (cut into HEADS_PER_STEP pieces where longer); runs
+    of one length on consecutive KV heads share a step while it has room: whole groups of 4 (Llama-3-8B) two per
+    step, of 7 or 6 (Qwen2.5 0.5B / 1.5B) one per step, MHA heads 8 per step. A per-head config's subset of a
+    group is a shorter run, its own step: no head's keys are ever gathered."""
+    runs: list[list[int]] = []  # [first head, heads, KV head]
+    for i, x in enumerate(kv):
+        if runs and runs[-1][2] == x and runs[-1][1] < HEADS_PER_STEP:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1, x])
+    steps: list[list[int]] = []  # [first head, heads, first KV head, KV heads]
+    for first, heads, x in runs:
+        prev = steps[-1] if steps else None
+        if (prev and prev[1] // prev[3] == heads and prev[2] + prev[3] == x and prev[0] + prev[1] == first
+                and prev[1] + heads <= HEADS_PER_STEP):
+            prev[1] += heads
+            prev[3] += 1
+        else:
+            steps.append([first, heads, x, 1])
+    return [tuple(step) for step in steps]
 
 
 def segment_ends(geom: ChunkGeometry, segment_rows: int) -> list[int]:
@@ -84,10 +125,10 @@ def segment_ends(geom: ChunkGeometry, segment_rows: int) -> list[int]:
 
 
 def column_votes(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry, scale: float,
-                 row_end: int) -> torch.Tensor:
+                 row_end: int, gqa_kv_heads: tuple[int, ...] | None = None) -> torch.Tensor:
     """[h, L] column attention mass of the LAST_Q rows of the chunk ending at chunk row ``row_end`` (causal:
     keys up to each row). q [h, n, d], k [Hkv, L, d]: one segment's vote (segment_rows)."""
-    return _line_votes(q, k, kv_ids, geom, scale, row_end, diagonals=False)[0]
+    return _line_votes(q, k, kv_ids, geom, scale, row_end, diagonals=False, gqa_kv_heads=gqa_kv_heads)[0]
 
 
 def exact_lines(q: torch.Tensor, k: torch.Tensor, kv_ids: torch.Tensor, geom: ChunkGeometry, scale: float,
@@ -129,7 +170,7 @@ class VerticalSlash(SparsePattern):
 
     @classmethod
     def select(cls, q, k, kv_ids, geom: ChunkGeometry, budgets, budget_max, scale, group_shared=False,
-               segment_rows=0, exact=False):
+               segment_rows=0, exact=False, gqa_kv_heads=None):
         ends = segment_ends(geom, segment_rows)
         if (len(ends) > 1 or exact) and isinstance(k, PagedKeys):
             # fused_estimate votes for the chunk's last rows only: segments (and exact_selection) take the torch
@@ -140,9 +181,10 @@ class VerticalSlash(SparsePattern):
             slash = torch.stack([d for _, d in votes]).sum(0)
             vertical = torch.stack([v for v, _ in votes], 1) if len(ends) > 1 else votes[0][0]
         else:
-            vertical, slash = estimate_lines(q, k, kv_ids, geom, scale)
+            vertical, slash = estimate_lines(q, k, kv_ids, geom, scale, gqa_kv_heads)
         if len(ends) > 1 and not exact:  # [h, segments, L]: the last segment's vote is the chunk's (estimate_lines)
-            vertical = torch.stack([column_votes(q, k, kv_ids, geom, scale, e) for e in ends[:-1]] + [vertical], 1)
+            vertical = torch.stack([column_votes(q, k, kv_ids, geom, scale, e, gqa_kv_heads) for e in ends[:-1]]
+                                   + [vertical], 1)
         if group_shared:  # rank once per KV head on the group's summed votes, then hand each head its group's
             num_kv = num_kv_heads(k)
             vertical, slash = group_votes(vertical, kv_ids, num_kv), group_votes(slash, kv_ids, num_kv)

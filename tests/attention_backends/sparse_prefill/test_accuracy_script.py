@@ -109,6 +109,18 @@ def test_recall_options_are_the_keys_recall_replays():
                                "fused_estimate": "true"}) == IndexOptions()
 
 
+def test_gqa_shaped_estimate_variant_reaches_the_engine_and_recall():
+    """The gate's variant for sparse_prefill.gqa_shaped_estimate: passed to the engine as a key, and replayed by the
+    recall measurement (it can change the selected keys)."""
+    from attention_backends.sparse_prefill.index_options import IndexOptions
+
+    v = acc.parse_variants("shipped;gqa:gqa_shaped_estimate=true", chunk=8192)[1]
+    assert v.label == "gqa" and v.keys == {"gqa_shaped_estimate": "true"}
+    assert acc.recall_options(v.keys) == IndexOptions(gqa_shaped_estimate=True)
+    with pytest.raises(SystemExit, match="gqa_shaped_estimate"):
+        acc.parse_variants("gqa:gqa_shaped_estimate=maybe", chunk=8192)
+
+
 @pytest.mark.parametrize("spec, needle", [
     ("a:nope=1", "unknown key 'nope'"),
     ("a:budgets=0", "budgets must be a number > 0"),

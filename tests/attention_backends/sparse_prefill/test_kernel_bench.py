@@ -44,13 +44,15 @@ def test_fa2_rows_time_the_serving_path_and_check_it_exactly(case, monkeypatch):
     row = {"kvplug_total_ms": 2.0}
     timing = lambda fn: (fn(), {"median_ms": 1.0})[1]  # noqa: E731
     bench._fa2_rows(row, fa2_sparse.fa2_sparse_reference, q, kc, vc, pages, geom, plan, 0.25, torch.empty_like(q),
-                    timing, SimpleNamespace(page=16, check=True, compiled_index=True))
+                    timing, SimpleNamespace(page=16, check=True, compiled_index=True, gqa_estimate=True))
     assert row["max_abs_err_vs_reference_fa2"] < 1e-4
     assert 0 < row["window_density"] < 1 and row["serving_speedup_fa2_vs_ours"] == 2.0
     assert {"fa2_gather_ms", "fa2_index_ms", "fa2_convert_ms", "fa2_sparse_ms", "fa2_serving_ms",
             "kvplug_attn_on_windows_ms", "fa2_ms_per_gpair", "fa2_index_compiled_ms", "fa2_serving_compiled_ms",
             "fa2_index_compiled_first_call_s", "fa2_gather_pages_ms", "fa2_serving_pages_ms",
-            "fa2_serving_pages_compiled_ms"} <= set(row)
+            "fa2_serving_pages_compiled_ms", "fa2_index_gqa_ms", "fa2_index_gqa_compiled_ms",
+            "fa2_serving_gqa_compiled_ms"} <= set(row)
+    assert row["fa2_index_gqa_same"] is True  # --gqa-estimate: the default's index (fp32 here: no near-ties)
     assert row["fa2_pages_same"] is True  # the whole-page gather: the same K/V and the same output, bit for bit
     assert row["fa2_index_compiled_same"] is True  # --compiled-index: the compiled build's index is the eager one
     assert "fa2_index_compiled_fallback" not in row  # ... and it was compiled, not run eager
@@ -141,3 +143,39 @@ def test_cpu_platform_mode_times_cpu_attn_and_the_reference_and_fits_a_table(tmp
         assert 0 < r["density"] <= 1
     fitted = cost_model.load_table(table)
     assert fitted.match == ["cpu"] and "CPU_ATTN" in fitted.source["dense"] and fitted.source["dtype"] == ["bfloat16"]
+
+
+def test_cli_gqa_estimate_rows_on_cpu(tmp_path):
+    """--gqa-estimate end to end on tiny CPU shapes: the index with sparse_prefill.gqa_shaped_estimate timed beside
+    the default's and equal to it (random fp32 synthetic Q/K: no near-ties)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "benchmarks.kernels.sparse_prefill_bench", "--lengths", "300", "--heads", "4",
+           "--kv-heads", "2", "--head-dim", "16", "--device", "cpu", "--iters", "1", "--warmup", "0", "--skip-flex",
+           "--budgets", '{"vertical": 10, "slash": 20}', "--group-configs", "32x64x4x2", "--kernel-configs", "",
+           "--gqa-estimate", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text())["results"][0]
+    assert row["kvplug_index_gqa_ms"] >= 0 and "kvplug_index_gqa_compiled_ms" not in row
+    assert row["kvplug_index_gqa_same"] is True and row["kvplug_index_gqa_equal_share"] == 1.0
+
+
+def test_gqa_estimate_rows_with_windows_and_the_compiled_build():
+    """The FA2 rows' variant (window_ranges, --compiled-index): timed, equal to the default's index."""
+    n = L = 700
+    q, k, _ = bench.synthetic_qkv(L, 8, 2, 16, "cpu", torch.float32)
+    geom = ChunkGeometry(n, L)
+    plan = LayerPlan.uniform("vertical_slash", 8, vertical=20, slash=40)
+    row = {}
+    timing = lambda fn: (fn(), {"median_ms": 1.0})[1]  # noqa: E731
+    bench._gqa_estimate_rows(row, "fa2_index", q, k, geom, plan, 0.25, timing, True, window_ranges=True)
+    assert row == {"fa2_index_gqa_same": True, "fa2_index_gqa_equal_share": 1.0, "fa2_index_gqa_ms": 1.0,
+                   "fa2_index_gqa_compiled_ms": 1.0}

@@ -66,6 +66,7 @@ def test_override_reconfigures_live_and_new_runners_and_clears(hooks):
     ({"exact_selection": "true", "vertical_segment_rows": 64},
      IndexOptions(exact_selection=True, vertical_segment_rows=64)),
     ({"fused_estimate": True}, IndexOptions(fused_estimate=True)),
+    ({"gqa_shaped_estimate": "true"}, IndexOptions(gqa_shaped_estimate=True)),
 ])
 def test_index_options_switch_between_sweeps(hooks, fields, options):
     r = backend_hooks.impl_runner(_impl())
