@@ -566,9 +566,9 @@ def plot(recall: dict, path: Path, title: str) -> None:
 
 def run(args) -> dict:
     path = harness.prepare_model(args.model)
-    pattern_config = pattern_config_path(args.pattern_config, path)
     if args.tasks:
-        return run_tasks(args, path, pattern_config)
+        return run_tasks(args, path, None if variants_bring_configs(args) else pattern_config_path(args.pattern_config, path))
+    pattern_config = pattern_config_path(args.pattern_config, path)
     if args.variants:
         raise SystemExit("--variants needs --tasks (the multi-turn question mode)")
     dense = run_engine(args, False, pattern_config)
@@ -602,12 +602,20 @@ def run(args) -> dict:
     return {"summary": summary, "cases": per_case, "recall": recall}
 
 
-def run_tasks(args, path: Path, pattern_config: str) -> dict:
+def variants_bring_configs(args) -> bool:
+    """True when every --variants entry names its own config or searches one: then a model without a shipped
+    config (a new model's first run, `search_tokens=...`) needs no --pattern-config, and an explicit one is unused."""
+    variants = parse_variants(args.variants, args.max_batched_tokens) if args.variants else []
+    return bool(variants) and all(v.config or v.search for v in variants)
+
+
+def run_tasks(args, path: Path, pattern_config: str | None) -> dict:
     """--tasks mode: variants prepared here (searches in subprocesses, then each config's recall measured in this
     process, before the engine, so a run cut short keeps them), then one worker engine for the dense sweep and
-    every variant."""
+    every variant. ``pattern_config`` None: every variant brings its own (the engine starts on the first's)."""
     variants = parse_variants(args.variants, args.max_batched_tokens) or [Variant("sparse")]
     sweeps = prepare_variants(args, path, pattern_config, variants)
+    pattern_config = pattern_config or sweeps[0]["pattern_config"]
     recall = {}
     if args.recall_tokens:
         recall = measure_recall(args, path, [(sw["label"], sw["pattern_config"], recall_options(sw["keys"]))

@@ -285,3 +285,37 @@ def test_each_question_gets_its_tasks_answer_budget_and_cut_answers_are_counted(
     assert summary["dense"]["accuracy"] == (2 - cut) / 2
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("WARNING")]
     assert len(warnings) == 2 and f"{cut} of 2 answers stopped at their max tokens" in warnings[0]
+
+
+def test_variants_that_bring_their_configs_need_no_shipped_one(monkeypatch, tmp_path):
+    """A new model's first run (no shipped config): `--variants x:search_tokens=...` must start (on the H100,
+    2026-12-07, it stopped at once asking for --pattern-config); a variant without its own config still asks."""
+    model = tmp_path / "new-model"
+    model.mkdir()
+    monkeypatch.setattr(acc.harness, "prepare_model", lambda m: model)
+    got = {}
+    monkeypatch.setattr(acc, "run_tasks", lambda args, path, pattern_config: got.setdefault("config", pattern_config))
+    base = ["--model", str(model), "--tasks", "kv", "--out", str(tmp_path / "o.json")]
+    acc.run(acc._parse(base + ["--variants", "s:search_tokens=4000;c:config=/x.json,budgets=2"]))
+    assert got["config"] is None
+    with pytest.raises(SystemExit, match="--pattern-config"):
+        acc.run(acc._parse(base + ["--variants", "s:search_tokens=4000;plain:budgets=2"]))
+
+
+def test_without_a_shipped_config_the_engine_starts_on_the_first_variants(monkeypatch, tmp_path):
+    sweeps = [{"label": "s", "pattern_config": "/searched.json", "keys": {}, "config": {}}]
+    monkeypatch.setattr(acc, "prepare_variants", lambda args, path, pattern_config, variants: sweeps)
+    seen = {}
+
+    def worker(module, mode, argv, env):
+        seen["env"] = env
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(acc.harness, "run_worker", worker)
+    argv = ["--model", "m", "--tasks", "kv", "--recall-tokens", "0", "--variants", "s:search_tokens=4000",
+            "--out", str(tmp_path / "o.json")]
+    args = acc._parse(argv)
+    args.argv = argv  # as main() sets it
+    with pytest.raises(RuntimeError, match="stop here"):
+        acc.run_tasks(args, tmp_path, None)
+    assert "/searched.json" in " ".join(seen["env"].values())
