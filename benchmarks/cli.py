@@ -69,7 +69,7 @@ def _json_object(s: str) -> dict:
 
 def _build_parser() -> argparse.ArgumentParser:
     from benchmarks.scbench.load import MODES
-    from benchmarks.scbench.tasks import TASKS
+    from benchmarks.scbench.tasks import TASKS, budgets_text
 
     p = _Parser(prog=PROG, description="SCBench-style shared-context benchmark and load tester "
                 "for OpenAI-compatible endpoints.")
@@ -123,8 +123,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="stop after S seconds; requests still in flight are cancelled and "
                    "recorded as cancelled (default: no limit)")
     r.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
-                   help="max output tokens per request (default per task: "
-                   + ", ".join(f"{n} {TASKS[n].default_max_tokens}" for n in sorted(TASKS)) + ")")
+                   help=f"max output tokens per request (default per task: {budgets_text()})")
     r.add_argument("--temperature", type=_nonneg_float, default=0.0,
                    help="sampling temperature (default 0: greedy)")
     r.add_argument("--extra-body", type=_json_object, default=None, metavar="JSON",

@@ -722,9 +722,9 @@ WHOLE_ANSWER_SCORERS = frozenset({"substring", "all_of_set"})
 
 def task_budgets_text() -> str:
     """Every task's own answer budget, for --max-tokens help: 'kv 64, math_find 16, ...'."""
-    from benchmarks.scbench.tasks import TASKS
+    from benchmarks.scbench.tasks import budgets_text
 
-    return ", ".join(f"{n} {TASKS[n].default_max_tokens}" for n in sorted(TASKS))
+    return budgets_text()
 
 
 def answer_budgets(tasks: str, max_tokens: int | None) -> dict[str, int]:

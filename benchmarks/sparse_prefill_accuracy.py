@@ -567,7 +567,8 @@ def plot(recall: dict, path: Path, title: str) -> None:
 def run(args) -> dict:
     path = harness.prepare_model(args.model)
     if args.tasks:
-        return run_tasks(args, path, None if variants_bring_configs(args) else pattern_config_path(args.pattern_config, path))
+        own = variants_bring_configs(args)  # a new model's first run: every variant searches or names one
+        return run_tasks(args, path, None if own else pattern_config_path(args.pattern_config, path))
     pattern_config = pattern_config_path(args.pattern_config, path)
     if args.variants:
         raise SystemExit("--variants needs --tasks (the multi-turn question mode)")

@@ -12,6 +12,11 @@ from .registry import TASKS, register  # noqa: F401
 from . import kv, prefix_suffix, multihop, math_find, passkey, mixed  # noqa: F401,E402
 
 
+def budgets_text() -> str:
+    """Every task's own answer budget (its ``default_max_tokens``), for --max-tokens help: 'kv 64, math_find 16, ...'."""
+    return ", ".join(f"{n} {TASKS[n].default_max_tokens}" for n in sorted(TASKS))
+
+
 def generate_cases(task: str, *, seed: int, sessions: int, context_tokens: int,
                    turns: int, count_tokens, on_case=None, **options) -> list[Case]:
     """``sessions`` cases of ``task``; case ``i`` depends only on (seed, i, ...).
