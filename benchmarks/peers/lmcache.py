@@ -24,9 +24,7 @@ import argparse
 import contextlib
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -292,12 +290,6 @@ def mp_server_command(cpu_gib: float, port: int, python: str = sys.executable) -
             "--eviction-policy", "LRU", "--disable-metrics"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((MP_HOST, 0))
-        return s.getsockname()[1]
-
-
 def _log_tail(path: Path, lines: int = MP_LOG_TAIL) -> list[str]:
     try:
         text = path.read_text(errors="replace")
@@ -312,19 +304,6 @@ def _listens(port: int) -> bool:
         return s.connect_ex((MP_HOST, port)) == 0
 
 
-def stop_server(proc: subprocess.Popen, timeout: float = MP_STOP_TIMEOUT_S) -> None:
-    """Stop a server started in its own session: SIGTERM to its whole process group (LMCache's server shuts
-    down on it), then, ``timeout`` seconds at most later, SIGKILL to whatever is left of the group (its children
-    too, also where the server itself had already exited)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=timeout)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 class ServerError(RuntimeError):
     """An MP server that did not come up; its message is one line with the server log's tail."""
 
@@ -336,26 +315,24 @@ def running_server(command: list[str], port: int, env: dict[str, str], log_path:
     ``log_path``; yields its process once the port accepts connections, and stops its process group on leaving
     (errors included). ServerError, in one line with its log's tail, where it exits or does not listen within
     ``timeout`` seconds."""
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + timeout
-            while not _listens(port):
-                if proc.poll() is not None:
-                    why = f"exited with {proc.returncode}"
-                    break
-                if time.monotonic() > deadline:
-                    why = f"did not listen on {MP_HOST}:{port} within {timeout:g} s"
-                    break
-                time.sleep(0.2)
-            else:
-                why = None
-            if why:
-                raise ServerError(f"LMCache server {why} (log {log_path}): " + " / ".join(_log_tail(log_path)))
-            yield proc
-        finally:
-            stop_server(proc)
+    proc = harness.start_session(command, log_path, env)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _listens(port):
+            if proc.poll() is not None:
+                why = f"exited with {proc.returncode}"
+                break
+            if time.monotonic() > deadline:
+                why = f"did not listen on {MP_HOST}:{port} within {timeout:g} s"
+                break
+            time.sleep(0.2)
+        else:
+            why = None
+        if why:
+            raise ServerError(f"LMCache server {why} (log {log_path}): " + " / ".join(_log_tail(log_path)))
+        yield proc
+    finally:  # SIGTERM to its group (LMCache's server shuts down on it), then SIGKILL to what is left
+        harness.stop_process_tree(proc, MP_STOP_TIMEOUT_S)
 
 
 def serve(mode: str, cpu_gib: float, env: dict[str, str], run: Callable[[dict[str, str]], dict],
@@ -367,7 +344,7 @@ def serve(mode: str, cpu_gib: float, env: dict[str, str], run: Callable[[dict[st
     not come up is ``{"error": one line}``."""
     if not is_mp(mode):
         return run(env)
-    port = free_port()
+    port = harness.free_port()
     log_path = Path(tempfile.mkdtemp(prefix=f"{mode}-")) / "server.log"
     cmd = (command or mp_server_command)(cpu_gib, port)
     worker_env = {**env, MP_PORT_ENV: str(port)}
