@@ -721,7 +721,7 @@ WHOLE_ANSWER_SCORERS = frozenset({"substring", "all_of_set"})
 
 
 def task_budgets_text() -> str:
-    """Every task's own answer budget, for --max-tokens help: 'kv 64, math_find 16, ...'."""
+    """Every task's own answer budget, for --max-tokens help: 'kv 96, math_find 16, ...'."""
     from benchmarks.scbench.tasks import budgets_text
 
     return budgets_text()

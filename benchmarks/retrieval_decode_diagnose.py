@@ -15,7 +15,7 @@ INSTR=0 skips the per-layer checks (fast); NUMERICS=1 adds a sweep with exact at
 kernel path (summation order only). SmolLM2 on CPU by default (MODEL=path for another prepared model).
 The retrieval settings are benchmarks/retrieval_decode_accuracy.py's defaults (sink 1 block, recent 64 tokens,
 min context 1024, first 2 layers dense), 2 questions per case, seed 0; new tokens per answer: each task's own
-budget (kv 64, passkey 16, ...: benchmarks/scbench/tasks), or MAX_TOKENS=N for every answer.
+budget (kv 96, passkey 16, ...: benchmarks/scbench/tasks), or MAX_TOKENS=N for every answer.
 """
 import os, sys, json, time, collections
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

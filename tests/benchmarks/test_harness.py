@@ -182,9 +182,9 @@ def test_sparse_prefill_env_drops_an_inherited_config(monkeypatch):
 
 def test_answer_budgets_follow_each_task_unless_max_tokens_is_given():
     """kv answers are 36-character UUIDs: 16 tokens cut them (the 2026-12-07 H100 run's dense 0.00)."""
-    assert harness.answer_budgets("kv,passkey", None) == {"kv": 64, "passkey": 16}
+    assert harness.answer_budgets("kv,passkey", None) == {"kv": 96, "passkey": 16}
     assert harness.answer_budgets("kv,passkey", 24) == {"kv": 24, "passkey": 24}
-    assert "kv 64" in harness.task_budgets_text() and "passkey 16" in harness.task_budgets_text()
+    assert "kv 96" in harness.task_budgets_text() and "passkey 16" in harness.task_budgets_text()
 
 
 def test_count_cut_counts_finish_reason_length_and_warns_where_the_whole_answer_is_scored(capsys):

@@ -235,7 +235,7 @@ def test_compare_prints_side_by_side(tmp_path, fake_server, capsys):
     assert (tmp_path / "cmp.md").read_text() == out
 
 
-@pytest.mark.parametrize("task,expected", [("kv", 64), ("math-find", 16), ("passkey", 16)])
+@pytest.mark.parametrize("task,expected", [("kv", 96), ("mixed", 96), ("math-find", 16), ("passkey", 16)])
 def test_default_max_tokens_per_task(tmp_path, fake_server, task, expected):
     fake_server.answer = "1"
     rc = main(["run", "--endpoint", fake_server.base_url, "--tokenizer", "approx", "--task", task,

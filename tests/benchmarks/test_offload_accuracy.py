@@ -86,10 +86,10 @@ class CuttingLLM(DyingLLM):
                 for sp, c in zip(sps, cut)]
 
 
-@pytest.mark.parametrize("argv,budgets,cut", [([], [64, 16], 1), (["--max-tokens", "24"], [24, 24], 2)])
+@pytest.mark.parametrize("argv,budgets,cut", [([], [96, 16], 1), (["--max-tokens", "24"], [24, 24], 2)])
 def test_each_question_gets_its_tasks_answer_budget_and_cut_answers_are_counted(monkeypatch, tmp_path, capsys,
                                                                                   argv, budgets, cut):
-    """kv's UUID answers get the kv task's 64 tokens, passkey's its 16 (an explicit --max-tokens for all); every
+    """kv's UUID answers get the kv task's 96 tokens, passkey's its 16 (an explicit --max-tokens for all); every
     answer stopped at its budget (finish_reason "length") is counted per turn and per row, with a warning line."""
     import vllm
 

@@ -13,7 +13,7 @@ from . import kv, prefix_suffix, multihop, math_find, passkey, mixed  # noqa: F4
 
 
 def budgets_text() -> str:
-    """Every task's own answer budget (its ``default_max_tokens``), for --max-tokens help: 'kv 64, math_find 16, ...'."""
+    """Every task's own answer budget (its ``default_max_tokens``), for --max-tokens help: 'kv 96, math_find 16, ...'."""
     return ", ".join(f"{n} {TASKS[n].default_max_tokens}" for n in sorted(TASKS))
 
 

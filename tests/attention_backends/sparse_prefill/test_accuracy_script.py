@@ -251,11 +251,11 @@ class _ChatLLM:
         return outs
 
 
-@pytest.mark.parametrize("argv,budgets,cut", [([], {"kv": 64, "passkey": 16}, 1),
+@pytest.mark.parametrize("argv,budgets,cut", [([], {"kv": 96, "passkey": 16}, 1),
                                               (["--max-tokens", "24"], {"kv": 24, "passkey": 24}, 2)])
 def test_each_question_gets_its_tasks_answer_budget_and_cut_answers_are_counted(monkeypatch, tmp_path, capsys,
                                                                                   argv, budgets, cut):
-    """--tasks worker: a kv question (a 36-character UUID answer) gets the kv task's 64 new tokens, a passkey
+    """--tasks worker: a kv question (a 36-character UUID answer) gets the kv task's 96 new tokens, a passkey
     question its 16, unless --max-tokens says otherwise; answers stopped at their budget are counted in each
     sweep's summary (dense and every variant), with a warning line per sweep."""
     import json
