@@ -217,44 +217,13 @@ def check_server(args: argparse.Namespace) -> dict:
 
 # --- --bench: multi-turn accuracy through `kvplug serve`, TP=2 against TP=1 -----------------------------
 
-def _scores_by_question(records: list[dict]) -> dict[tuple[str, int], float]:
-    return {(r["case_id"], r["turn"]): float(r["score"]) for r in records
-            if r.get("status") == "ok" and r.get("score") is not None}
-
-
 def per_turn_accuracy(tp1_records: list[dict], tp2_records: list[dict]) -> dict[str, dict]:
-    """Per turn, over the questions answered (status ok) in both runs: n, each TP's accuracy with its 95% Wilson
-    interval, TP2 - TP1 paired per question with its 95% interval, and ``within_noise`` (that interval holds 0).
-    Questions answered in one run only are counted as ``unpaired`` (an error in the other run)."""
-    one, two = _scores_by_question(tp1_records), _scores_by_question(tp2_records)
-    turns = sorted({t for _, t in one.keys() | two.keys()})
-    table = {}
-    for turn in turns:
-        keys = sorted(k for k in one.keys() & two.keys() if k[1] == turn)
-        a, b = [one[k] for k in keys], [two[k] for k in keys]
-        n = len(keys)
-        row = {"n": n, "unpaired": sum(1 for k in one.keys() ^ two.keys() if k[1] == turn)}
-        for name, scores in (("tp1", a), ("tp2", b)):
-            row[name] = {"accuracy": sum(scores) / n if n else None, "ci95": harness.wilson(round(sum(scores)), n)}
-        diff = harness.paired_difference(b, a)
-        row["tp2_minus_tp1"] = diff
-        row["within_noise"] = bool(n) and diff["ci95"][0] <= 0.0 <= diff["ci95"][1]
-        table[str(turn)] = row
-    return table
+    """Per turn, TP=2 against TP=1 over the questions both answered (``harness.paired_accuracy_per_turn``)."""
+    return harness.paired_accuracy_per_turn(tp1_records, tp2_records, "tp1", "tp2")
 
 
 def accuracy_table(per_turn: dict[str, dict]) -> str:
-    def acc(side: dict) -> str:
-        ci = side["ci95"]
-        return "–" if side["accuracy"] is None else f"{side['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-
-    lines = ["| turn | n | TP=1 accuracy [95%] | TP=2 accuracy [95%] | TP2 - TP1 [95%, paired] | within noise |",
-             "|---|---|---|---|---|---|"]
-    for turn, r in per_turn.items():
-        d = r["tp2_minus_tp1"]
-        lines.append(f"| {turn} | {r['n']} | {acc(r['tp1'])} | {acc(r['tp2'])} | {d['mean']:+.3f} "
-                     f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {r['within_noise']} |")
-    return "\n".join(lines)
+    return harness.paired_accuracy_table(per_turn, "tp1", "tp2", "TP=1", "TP=2")
 
 
 def bench_one(args: argparse.Namespace, tp: int, out_dir: Path) -> dict:
@@ -276,13 +245,6 @@ def bench_one(args: argparse.Namespace, tp: int, out_dir: Path) -> dict:
     return result
 
 
-def _kvplug_deltas(result: dict) -> dict[str, float]:
-    """The kvplug counters that moved in a bench run: which features worked (sparse chunks, retrieval steps,
-    tier stores and hits)."""
-    deltas = (result["summary"].get("metrics") or {}).get("deltas") or {}
-    return {k: v for k, v in deltas.items() if k.startswith("kvplug") and "_bucket" not in k and v}
-
-
 def run_bench(args: argparse.Namespace) -> dict:
     runs = {tp: bench_one(args, tp, Path(args.bench_dir) / f"tp{tp}") for tp in (1, 2)}
     per_turn = per_turn_accuracy(runs[1]["requests"], runs[2]["requests"])
@@ -291,7 +253,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             "serve_commands": {f"tp{tp}": r["serve_command"] for tp, r in runs.items()},
             "results": {f"tp{tp}": str(Path(args.bench_dir) / f"tp{tp}" / "results.json") for tp in runs},
             "errors": {f"tp{tp}": r["summary"]["errors"] for tp, r in runs.items()},
-            "kvplug_deltas": {f"tp{tp}": _kvplug_deltas(r) for tp, r in runs.items()},
+            "kvplug_deltas": {f"tp{tp}": harness.kvplug_deltas(r) for tp, r in runs.items()},
             "accuracy_per_turn": per_turn, "within_noise": all(r["within_noise"] for r in per_turn.values())}
 
 

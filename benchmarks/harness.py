@@ -485,6 +485,77 @@ def paired_difference(a: Sequence[float], b: Sequence[float], z: float = 1.96) -
     return {"n": n, "mean": round(mean, 4), "ci95": (round(mean - half, 4), round(mean + half, 4))}
 
 
+# ------------------------------------------------------------------------------ two `kvplug bench` runs compared
+# The same questions (same seed, tasks and contexts) asked of two servers: accuracy per turn over the questions both
+# answered, paired per question, and how often the two said the very same thing.
+
+def scores_by_question(records: Sequence[dict]) -> dict[tuple[str, int], float]:
+    """(case_id, turn) -> score of each answered (status ok, scored) request of a bench run."""
+    return {(r["case_id"], r["turn"]): float(r["score"]) for r in records
+            if r.get("status") == "ok" and r.get("score") is not None}
+
+
+def paired_accuracy_per_turn(a_records: Sequence[dict], b_records: Sequence[dict], a: str = "a", b: str = "b",
+                             overall: bool = False) -> dict[str, dict]:
+    """Per turn (and over all turns as "all" with ``overall``), over the questions answered in both runs: n, each
+    run's accuracy with its 95% Wilson interval (keys ``a``, ``b``), ``<b>_minus_<a>`` paired per question with its
+    95% interval, and ``within_noise`` (that interval holds 0). Questions answered in one run only are counted as
+    ``unpaired`` (an error in the other run)."""
+    one, two = scores_by_question(a_records), scores_by_question(b_records)
+    groups = [(str(t), t) for t in sorted({t for _, t in one.keys() | two.keys()})]
+    table = {}
+    for name, turn in groups + ([("all", None)] if overall else []):
+        keys = sorted(k for k in one.keys() & two.keys() if turn is None or k[1] == turn)
+        x, y = [one[k] for k in keys], [two[k] for k in keys]
+        n = len(keys)
+        row = {"n": n, "unpaired": sum(1 for k in one.keys() ^ two.keys() if turn is None or k[1] == turn)}
+        for label, scores in ((a, x), (b, y)):
+            row[label] = {"accuracy": sum(scores) / n if n else None, "ci95": wilson(round(sum(scores)), n)}
+        diff = paired_difference(y, x)
+        row[f"{b}_minus_{a}"] = diff
+        row["within_noise"] = bool(n) and diff["ci95"][0] <= 0.0 <= diff["ci95"][1]
+        table[name] = row
+    return table
+
+
+def paired_accuracy_table(per_turn: dict[str, dict], a: str, b: str, a_title: str, b_title: str) -> str:
+    """``paired_accuracy_per_turn``'s result as a Markdown table."""
+    def acc(side: dict) -> str:
+        ci = side["ci95"]
+        return "–" if side["accuracy"] is None else f"{side['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+    lines = [f"| turn | n | {a_title} accuracy [95%] | {b_title} accuracy [95%] | {b_title} - {a_title} [95%, paired] "
+             "| within noise |", "|---|---|---|---|---|---|"]
+    for turn, r in per_turn.items():
+        d = r[f"{b}_minus_{a}"]
+        lines.append(f"| {turn} | {r['n']} | {acc(r[a])} | {acc(r[b])} | {d['mean']:+.3f} "
+                     f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {r['within_noise']} |")
+    return "\n".join(lines)
+
+
+def identical_answers(a_records: Sequence[dict], b_records: Sequence[dict]) -> dict:
+    """How often run b's answer text equals run a's, over the questions both answered, and over those run a got
+    right (score 1): the "answers identical to dense where dense is right" gate."""
+    def texts(records):
+        return {(r["case_id"], r["turn"]): (r.get("prediction"), float(r["score"] or 0.0)) for r in records
+                if r.get("status") == "ok"}
+
+    one, two = texts(a_records), texts(b_records)
+    keys = one.keys() & two.keys()
+    right = [k for k in keys if one[k][1] >= 1.0]
+    same = [k for k in keys if one[k][0] == two[k][0]]
+    return {"n": len(keys), "identical": len(same), "rate": len(same) / len(keys) if keys else None,
+            "a_right": len(right), "identical_where_a_right": sum(1 for k in right if one[k][0] == two[k][0]),
+            "rate_where_a_right": (sum(1 for k in right if one[k][0] == two[k][0]) / len(right)) if right else None}
+
+
+def kvplug_deltas(result: dict) -> dict[str, float]:
+    """The kvplug counters that moved in a bench run (its results.json): which features worked (sparse chunks,
+    retrieval steps, tier stores and hits)."""
+    deltas = (result["summary"].get("metrics") or {}).get("deltas") or {}
+    return {k: v for k, v in deltas.items() if k.startswith("kvplug") and "_bucket" not in k and v}
+
+
 def utc_now() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
