@@ -550,6 +550,13 @@ def follow_up_breakdown(events: list[dict], t0: float, t1: float) -> dict:
     if plan is not None:
         out.update(lookup_to_plan_ms=ms(plan["t0"] - first["t1"]), plan_ms=ms(plan["t1"] - plan["t0"]))
         after_lookup = plan["t1"]
+        # lookup -> plan, split: kvplug's scheduler calls in it (the allocation's bookkeeping, the step's
+        # metadata) and the rest, vLLM's (allocation, scheduler output, the model runner up to start_load_kv)
+        between = lambda tail: [e for e in named(tail) if first["t1"] <= e["t0"] and e["t1"] <= plan["t0"]]  # noqa: E731
+        alloc = sum(e["t1"] - e["t0"] for e in between(".scheduler.after_alloc") if e.get("req") == req)
+        meta = sum(e["t1"] - e["t0"] for e in between(".scheduler.build_meta"))
+        out.update(after_alloc_ms=ms(alloc), build_meta_ms=ms(meta),
+                   lookup_to_plan_vllm_ms=ms(plan["t0"] - first["t1"] - alloc - meta))
     if issued is not None:
         out.update(issue_ms=ms(issued.get("issue_s", 0.0)), issued_layers=issued.get("layers"),
                    overlapped=issued.get("overlapped"))
@@ -589,6 +596,9 @@ def profile_lines(results: list[dict]) -> list[str]:
             parts = " + ".join(f"{k[:-3].replace('_', ' ')} {b[k]:.1f}" for k in
                                ("to_plan_ms", *SEGMENTS[:4], "lookup_to_finish_ms", *SEGMENTS[4:]) if k in b)
             where = "" if b["scheduler_traced"] else " (no scheduler events: it runs in another process)"
+            if "lookup_to_plan_vllm_ms" in b:
+                where += (f" | lookup to plan = kvplug {b['after_alloc_ms']:.1f} after_alloc + "
+                          f"{b['build_meta_ms']:.1f} build_meta, vLLM {b['lookup_to_plan_vllm_ms']:.1f}")
             lines.append(f"  {r['mode']}: TTFT {b.get('ttft_ms', 0):.1f} = {parts} | engine steps "
                          f"{b.get('engine_steps', '-')} | async loads {b['async_loads']}/{b['traced']} | load issue "
                          f"{b.get('issue_ms', 0):.1f} over {b.get('issued_layers', 0):.0f} layers{where}")

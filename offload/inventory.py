@@ -57,6 +57,9 @@ class Block:
     tiers: tuple[str, ...] = ()
     hits: int = 0
     last_use: float = 0.0
+    # The salt- and policy-free digest of the tokens up to this block (SchedulerSide._content_chain), once known:
+    # a later prompt through this block need not hash them again.
+    content: bytes | None = None
 
 
 @dataclass

@@ -29,9 +29,9 @@ class KeyMaker:
             _update(self._head, part)
 
     def __call__(self, block_hash: bytes | object) -> str:
-        raw = block_hash if isinstance(block_hash, (bytes, bytearray)) else repr(block_hash).encode()
+        raw = bytes(block_hash) if isinstance(block_hash, (bytes, bytearray)) else repr(block_hash).encode()
         h = self._head.copy()
-        _update(h, bytes(raw))
+        h.update(len(raw).to_bytes(4, "little") + raw)  # _update's bytes in one call (2048 keys a follow-up)
         return h.hexdigest()[:48]
 
 

@@ -169,7 +169,7 @@ class SchedulerSide:
         return len(keys) * bs, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        with self.lock:
+        with self.lock, trace.span("kvplug.offload.scheduler.after_alloc", req=request.request_id, step=self.steps):
             self._after_alloc(request, blocks, num_external_tokens)
 
     def _after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
@@ -179,8 +179,10 @@ class SchedulerSide:
         st.lossy_from = None
         n = max(num_external_tokens, 0) // self.block_size
         st.load_keys = st.load_keys[:n]
+        # One pass over the loaded keys: a hit's tier is also what the report counts (a hit moves no entry).
+        hit_tiers = [self.planner.record_hit(k) for k in st.load_keys]
         if st.report is None:  # the first allocation decides (a preempted request's recompute is not a miss)
-            self._start_report(st)
+            self._start_report(st, hit_tiers)
         if n <= 0:
             return
         if not self.policy(st.policy).lossless:
@@ -189,7 +191,7 @@ class SchedulerSide:
             st.lossy_from = st.isolated_upto = st.local_blocks
             ids = vllm_compat.request_block_ids(blocks)
             self._isolate(st, ids, st.local_blocks + n)
-        hits = collections.Counter(self.planner.record_hit(k) for k in st.load_keys)
+        hits = collections.Counter(hit_tiers)
         if self.m is not None:
             for tier, n in hits.items():
                 if tier is not None:
@@ -364,12 +366,12 @@ class SchedulerSide:
     def _params(self, st: _ReqState) -> dict:
         return getattr(st.request, "kv_transfer_params", None) or {}
 
-    def _start_report(self, st: _ReqState) -> None:
-        """The request's cache report, from its first allocation: GPU hit, what each tier supplies, the rest
-        recomputed, and why the first block past the hits missed."""
+    def _start_report(self, st: _ReqState, load_tiers: list[str | None]) -> None:
+        """The request's cache report, from its first allocation: GPU hit, what each tier supplies (``load_tiers``:
+        the tier of each of ``st.load_keys``), the rest recomputed, and why the first block past the hits missed."""
         bs, req = self.block_size, st.request
         prompt_len = len(req.prompt_token_ids or ())
-        st.load_tiers = [self.planner.where(k) or "?" for k in st.load_keys]
+        st.load_tiers = [t or "?" for t in load_tiers]
         params = self._params(st)
         st.report = {"prompt_tokens": prompt_len, "gpu_tokens": min(st.local_blocks * bs, prompt_len),
                      **{f"{t.name}_tokens": 0 for t in self.planner.tiers}, "recomputed_tokens": 0,
@@ -404,7 +406,7 @@ class SchedulerSide:
         why = self.inventory.why_gone(key)
         if why is not None:
             return why
-        seen = self._content.get(self._content_chain(st.request, i + 1)[-1])
+        seen = self._content.get(self._content_chain(st.request, i + 1, self._known_content(st, i + 1))[-1])
         if not seen:
             return inv.NEVER_SEEN
         salt = getattr(st.request, "cache_salt", None)
@@ -417,24 +419,39 @@ class SchedulerSide:
             return inv.OPTED_OUT
         return inv.OTHER_POLICY
 
-    def _content_chain(self, request: Any, n_blocks: int) -> list[bytes]:
-        """Salt- and policy-free identities of the prompt's first ``n_blocks`` prefixes (token ids only)."""
+    def _known_content(self, st: _ReqState, n_blocks: int) -> list[bytes | None]:
+        """The content digests of the request's first ``n_blocks`` blocks that the inventory knows, else None: a
+        registered block's vLLM hash fixes every token up to it, so a follow-up that loaded a 2048-block prefix
+        hashes only its new blocks."""
+        blocks = self.inventory.blocks
+        return [b.content if (b := blocks.get(k)) is not None else None for k in self.keys_of(st, n_blocks)]
+
+    def _content_chain(self, request: Any, n_blocks: int, known: list[bytes | None] = ()) -> list[bytes]:
+        """Salt- and policy-free identities of the prompt's first ``n_blocks`` prefixes (token ids only).
+        ``known[i]``: block i's identity where already known (else None), taken instead of hashing its tokens."""
         bs, tokens = self.block_size, request.prompt_token_ids or ()
         out, h = [], b""
         for i in range(n_blocks):
-            h = hashlib.blake2b(h + array("q", tokens[i * bs:(i + 1) * bs]).tobytes(), digest_size=16).digest()
+            d = known[i] if i < len(known) else None
+            h = d if d is not None else hashlib.blake2b(
+                h + array("q", tokens[i * bs:(i + 1) * bs]).tobytes(), digest_size=16).digest()
             out.append(h)
         return out
 
-    def _remember_content(self, st: _ReqState, n_blocks: int, opted_out: bool) -> None:
+    def _remember_content(self, st: _ReqState, n_blocks: int, opted_out: bool,
+                          known: list[bytes | None] = ()) -> list[bytes]:
+        """Remember the (salt, policy, opted out) each of the first ``n_blocks`` prefixes was seen with; their
+        content chain (``known``: as ``_content_chain``)."""
         salt = getattr(st.request, "cache_salt", None)
-        for h in self._content_chain(st.request, n_blocks):
+        chain = self._content_chain(st.request, n_blocks, known)
+        for h in chain:
             seen = self._content.setdefault(h, set())
             if len(seen) < 8:  # variants kept per content (salts x policies)
                 seen.add((salt, st.policy, opted_out))
             self._content.move_to_end(h)
         while len(self._content) > REMEMBERED_CONTENT:
             self._content.popitem(last=False)
+        return chain
 
     def _reports_lose(self, keys: set[str]) -> None:
         """Planned loads that turned out unreadable: vLLM recomputes from the first of them on."""
@@ -463,19 +480,26 @@ class SchedulerSide:
     def _record_prefix(self, st: _ReqState, n_full: int, meta: KvplugConnectorMetadata) -> None:
         """After a request's saves were planned: its blocks and prefix in the inventory, its pin."""
         params = self._params(st)
-        self._remember_content(st, n_full, opted_out=False)
-        keys = []
-        for h, k in zip(st.request.block_hashes, self.keys_of(st, n_full)):
+        entry_keys, blocks = self.keys_of(st, n_full), self.inventory.blocks
+        chain = self._remember_content(st, n_full, opted_out=False, known=self._known_content(st, n_full))
+        keys, registered = [], []
+        for h, k, content in zip(st.request.block_hashes, entry_keys, chain):
             if self.planner.where(k) is None:
                 break  # not stored (fits nowhere): the prefix ends here
-            self.inventory.register(k, hash_hex(h), st.policy)
+            b = blocks.get(k)
+            if b is None:
+                b = self.inventory.register(k, hash_hex(h), st.policy)
+                registered.append(k)
+            b.content = content
             keys.append(k)
         if not keys:
             return
         priority = params.get(request_keys.PRIORITY_KEY, DEFAULT_PRIORITY)
         prefix = self.inventory.add_prefix(hash_hex(st.request.block_hashes[len(keys) - 1]), keys, st.policy,
                                            priority, (st.request.prompt_token_ids or ())[:len(keys) * self.block_size])
-        self.inventory.sync(keys)
+        # Only the blocks registered now: every planner change of a registered block's tiers is synced where it
+        # is made (tier ops after each step, pins, deletes, unreadable entries).
+        self.inventory.sync(registered)
         if priority != DEFAULT_PRIORITY:
             for k in keys:
                 for t in self.planner.holders(k):

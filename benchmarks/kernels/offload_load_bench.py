@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import statistics
 import sys
 import time
@@ -128,12 +129,19 @@ def _scheduler(blocks: int):
                       block_size=BLOCK, kv_cache_dtype="auto", tp_rank=0, tp_size=1)
     cfg = OffloadConfig(enabled=True, cpu_size=48 << 30)
     side = SchedulerSide(layout, cfg, _policies(), metrics.get_offload())
-    hashes = [f"h{i}".encode() for i in range(blocks)]
-    prompt = list(range(blocks * BLOCK + 35))
+    context = list(range(blocks * BLOCK))
+    prompt_len = len(context) + 35
+    hashes = [hashlib.sha256(b"h%d" % i).digest() for i in range(blocks)]  # vLLM's block hashes: 32 bytes
 
     def request(rid: str):
-        return SimpleNamespace(request_id=rid, prompt_token_ids=prompt, num_tokens=len(prompt), block_hashes=hashes,
-                               kv_transfer_params={}, cache_salt=None)
+        """The context + a question of its own (35 tokens, as gpu_offload's follow-ups): 2 new full blocks,
+        which miss (the report names why) and are saved."""
+        salt = int.from_bytes(hashlib.sha256(rid.encode()).digest()[:4], "little")
+        question = [salt + i for i in range(prompt_len - len(context))]
+        tail = [hashlib.sha256(b"%s-%d" % (rid.encode(), i)).digest() for i in range(len(question) // BLOCK)]
+        prompt = context + question
+        return SimpleNamespace(request_id=rid, prompt_token_ids=prompt, num_tokens=len(prompt),
+                               block_hashes=hashes + tail, kv_transfer_params={}, cache_salt=None)
 
     class Blocks:
         def __init__(self, ids):
@@ -142,11 +150,19 @@ def _scheduler(blocks: int):
         def get_block_ids(self):
             return (self.ids,)
 
-    def step(rid: str, computed: int, ids: list[int]):
+    def step(rid: str | None, computed: int, ids: list[int] | None):
+        """The scheduler output of ``rid``'s first step (``ids``: its blocks), of its next step (``ids`` None: one
+        decode token), or of an idle step (``rid`` None: a finished request's save still draining)."""
         cached = SimpleNamespace(req_ids=[], new_block_ids=[], num_computed_tokens=[], resumed_req_ids=set())
+        if rid is None:
+            return SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached, num_scheduled_tokens={})
+        if ids is None:
+            cached = SimpleNamespace(req_ids=[rid], new_block_ids=[None], num_computed_tokens=[prompt_len],
+                                     resumed_req_ids=set())
+            return SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached, num_scheduled_tokens={rid: 1})
         news = [SimpleNamespace(req_id=rid, block_ids=(ids,), num_computed_tokens=computed)]
         return SimpleNamespace(scheduled_new_reqs=news, scheduled_cached_reqs=cached,
-                               num_scheduled_tokens={rid: len(prompt) - computed})
+                               num_scheduled_tokens={rid: prompt_len - computed})
 
     ids = list(range(blocks + 3))
     first = request("turn1")
@@ -157,30 +173,44 @@ def _scheduler(blocks: int):
     return side, request, Blocks, step, ids
 
 
-def host_profile(blocks: int, reps: int) -> dict:
-    from kvplug import metrics
-
+def scheduler_profile(blocks: int, reps: int) -> dict:
+    """Microseconds of the scheduler side's calls for one follow-up as vLLM 0.26 makes them (async scheduling):
+    the lookup, the allocation, the first step's metadata (the load, the saves of the new blocks, the inventory),
+    the request's next step's, finishing it, and an idle step's (the engine steps on while a save drains)."""
     side, request, Blocks, step, ids = _scheduler(blocks)
-    n = [0]
-    timings: dict[str, list[float]] = {"get_num_new_matched_tokens": [], "update_state_after_alloc": [],
-                                       "build_connector_meta": []}
-    for _ in range(reps):
-        n[0] += 1
-        r = request(f"f{n[0]}")
-        t0 = time.perf_counter()
+    timings: dict[str, list[float]] = {name: [] for name in (
+        "get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
+        "build_connector_meta_next_step", "request_finished", "build_connector_meta_idle")}
+    for n in range(reps):
+        r = request(f"f{n}")
+        t = [time.perf_counter()]
         matched, _ = side.get_num_new_matched_tokens(r, 0)
-        t1 = time.perf_counter()
+        t.append(time.perf_counter())
         side.update_state_after_alloc(r, Blocks(ids), matched)
-        t2 = time.perf_counter()
+        t.append(time.perf_counter())
         meta = side.build_connector_meta(step(r.request_id, 0, ids))
-        t3 = time.perf_counter()
-        assert matched == blocks * BLOCK and len(meta.loads[0].keys) == blocks, (matched, meta.loads)
+        t.append(time.perf_counter())
+        side.build_connector_meta(step(r.request_id, 0, None))
+        t.append(time.perf_counter())
         side.finish_report(r)
         side.request_finished(r, (ids,))
-        for name, dt in zip(timings, (t1 - t0, t2 - t1, t3 - t2)):
-            timings[name].append(dt)
+        t.append(time.perf_counter())
+        side.build_connector_meta(step(None, 0, None))
+        t.append(time.perf_counter())
+        assert matched == blocks * BLOCK and len(meta.loads[0].keys) == blocks, (matched, meta.loads)
+        for name, t0, t1 in zip(timings, t, t[1:]):
+            timings[name].append(t1 - t0)
     sched = {name: round(statistics.median(v) * 1e6, 1) for name, v in timings.items()}
     sched["total"] = round(sum(sched.values()), 1)
+    return sched
+
+
+def host_profile(blocks: int, reps: int, worker_part: bool = True) -> dict:
+    from kvplug import metrics
+
+    sched = scheduler_profile(blocks, reps)
+    if not worker_part:
+        return {"blocks": blocks, "layers": LAYERS, "reps": reps, "scheduler_us": sched}
 
     # Worker side: tiny heads so the inline CPU copies cost little next to the bookkeeping.
     worker = {}
@@ -400,12 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", choices=("host", "device"), default="host")
     ap.add_argument("--blocks", type=int, default=CONTEXT_BLOCKS)
     ap.add_argument("--reps", type=int, default=None, help="default: 20 (host), 10 (device)")
+    ap.add_argument("--scheduler-only", action="store_true", help="host part: the scheduler side alone (~5 s)")
     ap.add_argument("--device", default=None, help="device part: cuda (default where present), or cpu (smoke test)")
     ap.add_argument("--out", default=None, help=f"default: {HOST_OUT} / {DEVICE_OUT}")
     args = ap.parse_args(argv)
     command = harness.command_line("benchmarks.kernels.offload_load_bench", argv)
     if args.part == "host":
-        result = host_profile(args.blocks, args.reps or 20)
+        result = host_profile(args.blocks, args.reps or 20, worker_part=not args.scheduler_only)
         out = args.out or HOST_OUT
         device = "cpu (host-side Python work)"
     else:

@@ -42,6 +42,7 @@ class EvictionIndex:
         self.clock = clock
         self.used = 0
         self._entries: dict[str, _Entry] = {}
+        self.holds = self._entries.__contains__  # ``key in index`` without a Python frame (asked per prompt block)
         self._heaps: list[list[tuple[float, int, str]]] = [[] for _ in PRIORITY_CLASSES]
         self._tick = 0
         self._pinned: dict[str, float] = {}  # key -> pinned until (wall clock, inf: until unpinned)

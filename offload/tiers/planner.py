@@ -75,6 +75,9 @@ class TierPlanner:
         self.max_pinned_fraction = max_pinned_fraction
         self._index = [EvictionIndex(t.capacity_bytes, reuse_weight) if t.capacity_bytes > 0 else None
                        for t in self.tiers]
+        # (position, membership test) of the tiers with a budget: where() runs for each block of a prompt, a few
+        # times per step.
+        self._holds = [(i, index.holds) for i, index in enumerate(self._index) if index is not None]
         self.evicted: list[tuple[str, str, str]] = []
         self.stats = TierStats(hits={t.name: 0 for t in self.tiers}, evictions={t.name: 0 for t in self.tiers})
         # Entries a previous run left in persistent tiers (sizes as stored); trimmed to the configured size.
@@ -105,8 +108,8 @@ class TierPlanner:
         return [t.name for t, index in zip(self.tiers, self._index) if index is not None and key in index]
 
     def _locate(self, key: str) -> int | None:
-        for i, index in enumerate(self._index):
-            if index is not None and key in index:
+        for i, holds in self._holds:
+            if holds(key):
                 return i
         return None
 

@@ -12,10 +12,24 @@ from benchmarks.kernels import offload_load_bench as bench
 def test_host_profile_times_every_phase_of_one_follow_ups_load():
     r = bench.host_profile(blocks=32, reps=2)
     assert set(r["scheduler_us"]) == {"get_num_new_matched_tokens", "update_state_after_alloc",
-                                      "build_connector_meta", "total"}
+                                      "build_connector_meta", "build_connector_meta_next_step", "request_finished",
+                                      "build_connector_meta_idle", "total"}
     assert all(v > 0 for v in r["scheduler_us"].values())
     for policy in ("keep", "int8"):
         assert set(r["worker_us"][policy]) == {"plan_load", "start_load", "load_step", "load_step_overlapped"}
+    assert set(bench.host_profile(blocks=8, reps=1, worker_part=False)) == {"blocks", "layers", "reps", "scheduler_us"}
+
+
+def test_host_profiles_follow_up_misses_its_question_and_saves_it():
+    """As gpu_offload's follow-ups: the context loads, the question's 2 full blocks miss (the report says why)
+    and are saved."""
+    side, request, blocks, step, ids = bench._scheduler(8)
+    r = request("f1")
+    matched, _ = side.get_num_new_matched_tokens(r, 0)
+    side.update_state_after_alloc(r, blocks(ids), matched)
+    meta = side.build_connector_meta(step("f1", 0, ids))
+    assert matched == 8 * bench.BLOCK and len(r.block_hashes) == 10
+    assert side.reqs["f1"].report["missed_blocks"] == 2 and [len(s.keys) for s in meta.saves] == [2]
 
 
 def test_device_part_runs_without_vllm_and_loads_the_right_bytes(tmp_path):

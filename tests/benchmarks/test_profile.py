@@ -109,6 +109,7 @@ def _trace(req: str, t: float) -> list[dict]:
 
     return [at("scheduler.lookup", 0.004, 0.005, req=req, step=7, gpu_hit_tokens=0, matched_tokens=32768,
                load_async=False),
+            at("scheduler.after_alloc", 0.0051, 0.0053, req=req, step=7),
             at("scheduler.load_planned", 0.006, req=req, step=7, blocks=2048),
             at("scheduler.build_meta", 0.0055, 0.0065, step=7, load_blocks=2048, saves=0, scheduled=[req]),
             at("worker.plan_load", 0.010, 0.013, loads=1),
@@ -125,6 +126,8 @@ def test_follow_up_breakdown_splits_the_ttft_at_kvplugs_events():
             b["finish_to_return_ms"]) == (4.0, 1.0, 5.0, 3.0, 127.0, 10.0)
     assert sum(b[k] for k in gpu_offload.SEGMENTS) == b["ttft_ms"]  # consecutive: they add up
     assert b["engine_steps"] == 1 and b["steps_in_window"] == 1 and b["issue_ms"] == 2.0 and b["overlapped"]
+    # lookup -> plan: kvplug's scheduler calls in it, and vLLM's rest
+    assert (b["after_alloc_ms"], b["build_meta_ms"], b["lookup_to_plan_vllm_ms"]) == (0.2, 1.0, 3.8)
     # a GPU hit: no load planned, one segment from the lookup to the finish
     hit = [e for e in _trace("13", 200.0) if "plan" not in e["name"] and "issued" not in e["name"]]
     h = gpu_offload.follow_up_breakdown(hit, 200.0, 200.150)
@@ -156,6 +159,7 @@ def test_offload_profile_lines_print_each_modes_breakdown_and_profile():
     text = "\n".join(gpu_offload.profile_lines(results))
     assert "keep: TTFT 152.0 = to lookup 4.0 + lookup 1.0 + lookup to plan 5.0 + plan 3.0 + plan to finish" in text
     assert "engine steps 1 | async loads 0/3" in text and "lmcache-0.5.3: no kvplug trace" in text
+    assert "lookup to plan = kvplug 0.2 after_alloc + 1.0 build_meta, vLLM 3.8" in text
     assert "GPU busy 80.0" in text and "worker.issue_layer 0.1 ms x1" in text and "cudaStreamSynchronize" in text
     assert "int8" not in text and gpu_offload.profile_lines([{"mode": "keep"}]) == []
 

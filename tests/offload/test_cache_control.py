@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from cache_policies import registry as policy_registry
-from offload import control, inventory, request_keys
+from offload import control, inventory, request_keys, scheduler_side
 from offload import keys as keys_module
 from offload.config import OffloadConfig
 from offload.layout import KvLayout
@@ -254,3 +254,32 @@ def test_hits_are_counted_once_per_tier_and_load():
     side.m.hits.labels = lambda **kw: calls.append(kw) or real_labels(**kw)
     serve(side, req("a2", 4, tag="a"))
     assert side.m.hits.get(tier="cpu") == 4 and calls == [{"tier": "cpu"}]
+
+
+def test_a_follow_up_hashes_the_content_of_its_new_blocks_only(monkeypatch):
+    side = side_with(cpu_blocks=16)
+    serve(side, req("a", 4))
+    r = req("a2", 6, tag="a")  # the same 4 blocks, then 2 new ones
+    hashed = []
+    real = scheduler_side.hashlib.blake2b
+    monkeypatch.setattr(scheduler_side.hashlib, "blake2b", lambda data, **kw: hashed.append(data) or real(data, **kw))
+    report, _ = serve(side, r)
+    # the 4 stored blocks' digests were known: block 4 for the first miss's reason, blocks 4-5 when recorded
+    assert report["cpu_tokens"] == 4 * TOKENS and report["first_miss"]["block"] == 4 and len(hashed) == 3
+    monkeypatch.undo()
+    # the same digests a cold computation gives (what a later miss compares)
+    assert [side.inventory.blocks[side.key("keep", h)].content for h in r.block_hashes] == side._content_chain(r, 6)
+
+
+def test_a_load_locates_each_key_once_for_its_hits_and_report(monkeypatch):
+    side = side_with(cpu_blocks=16)
+    serve(side, req("a", 4))
+    r = req("a2", 4, tag="a")
+    matched, _ = side.get_num_new_matched_tokens(r, 0)
+    located = []
+    real = side.planner._locate
+    monkeypatch.setattr(side.planner, "_locate", lambda key: located.append(key) or real(key))
+    side.update_state_after_alloc(r, Blocks(range(100, 105)), matched)
+    keys = [side.key("keep", h) for h in r.block_hashes]
+    assert located == keys and side.reqs["a2"].load_tiers == ["cpu"] * 4
+    assert side.reqs["a2"].report["cpu_tokens"] == 4 * TOKENS

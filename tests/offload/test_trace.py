@@ -35,12 +35,14 @@ def test_scheduler_events_say_lookup_result_step_and_finish(tracing):
         side.build_connector_meta(step("f1", 0, ids))
     side.request_finished(r, (ids,))
     names = {e.name for e in prof.events()}
-    assert {"kvplug.offload.scheduler.lookup", "kvplug.offload.scheduler.build_meta"} <= names
+    assert {"kvplug.offload.scheduler.lookup", "kvplug.offload.scheduler.after_alloc",
+            "kvplug.offload.scheduler.build_meta"} <= names
     ev = {e["name"].rsplit(".", 1)[1]: e for e in trace.take()}
     assert ev["lookup"]["req"] == "f1" and ev["lookup"]["matched_tokens"] == 8 * bench.BLOCK == matched
     assert ev["lookup"]["load_async"] is False and ev["lookup"]["t1"] >= ev["lookup"]["t0"]
     assert ev["load_planned"] == {**ev["load_planned"], "req": "f1", "blocks": 8, "step": ev["lookup"]["step"]}
     assert ev["build_meta"]["load_blocks"] == 8 and ev["build_meta"]["scheduled"] == ["f1"]
+    assert ev["after_alloc"]["req"] == "f1" and ev["lookup"]["t1"] <= ev["after_alloc"]["t0"] <= ev["build_meta"]["t0"]
     assert ev["finished"]["step"] == ev["build_meta"]["step"] + 1
 
 
