@@ -266,6 +266,7 @@ def test_a_follow_up_hashes_the_content_of_its_new_blocks_only(monkeypatch):
     report, _ = serve(side, r)
     # the 4 stored blocks' digests were known: block 4 for the first miss's reason, blocks 4-5 when recorded
     assert report["cpu_tokens"] == 4 * TOKENS and report["first_miss"]["block"] == 4 and len(hashed) == 3
+    assert report["first_miss"]["reason"] == inventory.NEVER_SEEN
     monkeypatch.undo()
     # the same digests a cold computation gives (what a later miss compares)
     assert [side.inventory.blocks[side.key("keep", h)].content for h in r.block_hashes] == side._content_chain(r, 6)
