@@ -4,8 +4,10 @@ A follow-up whose 32K-token context sits in kvplug's CPU tier loads 2048 blocks 
 
 ``--part host`` (any machine; the CPU numbers of issue 19): microseconds of the connector's Python work for that
 load, on synthetic tiers and payloads (Llama-3-8B's 32 layers; a tiny head shape, so the inline CPU copies do not
-drown the bookkeeping): the scheduler side (``get_num_new_matched_tokens``: the tier lookup of 2048 keys;
-``update_state_after_alloc``; ``build_connector_meta``) and the worker side (``start_load`` = fetch, locate,
+drown the bookkeeping): the scheduler side for gpu_offload's follow-up (the context + a 35-token question whose 2
+blocks miss and are saved: ``get_num_new_matched_tokens``, the tier lookup of 2048 keys; ``update_state_after_alloc``;
+``build_connector_meta`` of its first step, its next step and an idle step; ``request_finished``; alone with
+``--scheduler-only``) and the worker side (``start_load`` = fetch, locate,
 metrics and in-flight checks per block, plan_runs; then every layer's issue through ``wait_for_layer_load``;
 ``load_step_overlapped``: the same with a staging ring, the overlapped path's structure run inline), median over --reps.
 
