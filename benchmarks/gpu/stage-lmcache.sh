@@ -19,9 +19,12 @@
 # Dependencies: the names in lmcache's METADATA that neither the host (../shared/gpu/host-dists-py312.json)
 # nor the vLLM 0.26 bundle has and that lmcache's vLLM connector path imports (aiofile is imported at module
 # level by the storage-backend package; caio is aiofile's; nvtx, redis and cufile-python are imported where
-# present). Not shipped: version pins the host breaks (numpy<=2.2.6, protobuf<7, prometheus_client<=0.24.1,
-# opentelemetry-api<=1.40, setuptools<81: the connector path runs with the host's; shipping them would shadow
-# what torch and vLLM use) and the remote-storage clients (awscrt, google-cloud-bigtable, grpcio-observability).
+# present). The multi-process mode's server and LMCacheMPConnector need none beyond these (2026-12-08: imported
+# and started on a CPU box with the host's packages and this part). Not shipped: version pins the host breaks
+# (numpy<=2.2.6, protobuf<7, prometheus_client<=0.24.1, opentelemetry-api<=1.40, setuptools<81: the connector
+# path runs with the host's; shipping them would shadow what torch and vLLM use), the remote-storage clients
+# (awscrt, google-cloud-bigtable, grpcio-observability) and opentelemetry-exporter-prometheus (only the MP
+# server's metrics import it: benchmarks/peers/lmcache.py starts it with --disable-metrics).
 # Wheels are taken from LMCACHE_WHEELS (a folder, default /tmp/lmc) when there, else downloaded.
 set -euo pipefail
 OUT="${1:-.gpu-stage-lmcache}"

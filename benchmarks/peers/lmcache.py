@@ -59,6 +59,8 @@ MP_CONNECTOR_MODULE_ENV = "KVBENCH_LMCACHE_MP_CONNECTOR_MODULE"
 MP_START_TIMEOUT_S = 180.0  # import, pinned L1 allocation and CUDA init before it binds
 MP_STOP_TIMEOUT_S = 15.0
 MP_LOG_TAIL = 8  # server log lines kept in a row (and in the error of a server that did not listen)
+# LMCache's log format colours every line, also into a file: "\x1b[32;20m[time] LMCache INFO:\x1b[0m ..."
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 # vLLM >= 0.26's packed KV layout breaks the in-process connector (LMCache #4463; fix PR #4467 still open).
 INPROCESS_BROKEN_FROM_VLLM = (0, 26)
 INPROCESS_KNOWN_ISSUE = ("vLLM {vllm}: LMCache's in-process connector is known to corrupt KV on its packed layout "
@@ -284,15 +286,18 @@ def server_log_counts(text: str) -> dict:
 
 def mp_server_command(cpu_gib: float, port: int, python: str = sys.executable) -> list[str]:
     """LMCache's MP server for a run's CPU budget: its L1 (pinned CPU memory, GiB) is the budget, LRU eviction,
-    the in-process modes' 256-token chunks, no metrics exporter (it would bind :9090)."""
+    the in-process modes' 256-token chunks, no metrics exporter (it would bind :9090 and import
+    opentelemetry-exporter-prometheus, which the GPU host lacks: the server dies at start without the flag)."""
     return [python, "-m", MP_SERVER_MODULE, "--host", MP_HOST, "--port", str(port),
             "--chunk-size", str(LMCACHE_CHUNK_TOKENS), "--l1-size-gb", str(float(cpu_gib)),
             "--eviction-policy", "LRU", "--disable-metrics"]
 
 
 def _log_tail(path: Path, lines: int = MP_LOG_TAIL) -> list[str]:
+    """The last ``lines`` non-empty lines of a server log, without LMCache's colour codes (they would land in
+    the row's JSON and in a ServerError's one line)."""
     try:
-        text = path.read_text(errors="replace")
+        text = _ANSI_ESCAPE.sub("", path.read_text(errors="replace"))
     except OSError:
         return []
     return [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]

@@ -22,29 +22,34 @@ from benchmarks.peers import lmcache
 
 MP = "lmcache-mp-0.5.3"
 
-# A stand-in for LMCache's MP server: writes its pid and its child's, logs LMCache-like lines, listens on
-# --port unless told not to, and never exits by itself (its child, a sleep in the same session, must go too).
+# A stand-in for LMCache's MP server: writes its pid and its child's, logs lines as LMCache 0.5.3's server does
+# (its format colours them, also into a file), listens on --port unless told not to, and never exits by itself
+# (its child, a sleep in the same session, must go too).
 FAKE_SERVER = textwrap.dedent("""
     import os, socket, subprocess, sys, time
+    COLOUR = {"INFO": "32;20", "ERROR": "31;20"}
+    def log(level, message):
+        print(f"\\x1b[{COLOUR[level]}m[2026-12-08 02:57:56,362] LMCache {level}:\\x1b[0m {message} "
+              "\\x1b[3m(server.py:433:__main__)\\x1b[0m", flush=True)
     port = int(sys.argv[sys.argv.index("--port") + 1])
     mode = sys.argv[sys.argv.index("--fake") + 1]
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     print(f"PIDS {os.getpid()} {child.pid}", flush=True)
     if mode == "exit":
-        print("LMCache ERROR: cannot allocate 16.0 GB of pinned L1 memory", flush=True)
+        log("ERROR", "cannot allocate 16.0 GB of pinned L1 memory")
         sys.exit(3)
     if mode == "listen":
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
         s.listen()
-        print("[x] LMCache INFO: LMCache cache server is running...", flush=True)
-        print("[x] LMCache INFO: Registered KV cache for GPU ID 0 with 24 layers", flush=True)
-        print("[x] LMCache INFO: Stored 8192 tokens in 0.100 seconds", flush=True)
-        print("[x] LMCache INFO: Retrieved 4096 tokens in 0.050 seconds", flush=True)
-        print("[x] LMCache INFO: Retrieved 4096 tokens in 0.040 seconds", flush=True)
+        log("INFO", "LMCache cache server is running...")
+        log("INFO", "Registered KV cache for GPU ID 0 with 24 layers")
+        log("INFO", "Stored 8192 tokens in 0.100 seconds")
+        log("INFO", "Retrieved 4096 tokens in 0.050 seconds")
+        log("INFO", "Retrieved 4096 tokens in 0.040 seconds")
     else:
-        print("LMCache INFO: still pinning memory", flush=True)
+        log("INFO", "still pinning memory")
     while True:
         time.sleep(1)
 """)
@@ -162,7 +167,8 @@ def test_a_server_that_does_not_listen_is_one_error_line_with_its_log_tail(tmp_p
     err = r["error"]
     assert "\n" not in err and err.startswith(f"LMCache server {why}")
     tail = "LMCache ERROR: cannot allocate" if behaviour == "exit" else "LMCache INFO: still pinning memory"
-    assert tail in err and r["lmcache_server"]["log_tail"][-1].startswith(tail.split(":")[0])
+    last = r["lmcache_server"]["log_tail"][-1]
+    assert tail in err and tail in last and "\x1b" not in err + last  # the log's colour codes are dropped
     assert all(_gone(pid) for pid in _pids(r["lmcache_server"]["log"]))
 
 
