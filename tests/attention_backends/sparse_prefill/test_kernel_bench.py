@@ -179,3 +179,113 @@ def test_gqa_estimate_rows_with_windows_and_the_compiled_build():
     bench._gqa_estimate_rows(row, "fa2_index", q, k, geom, plan, 0.25, timing, True, window_ranges=True)
     assert row == {"fa2_index_gqa_same": True, "fa2_index_gqa_equal_share": 1.0, "fa2_index_gqa_ms": 1.0,
                    "fa2_index_gqa_compiled_ms": 1.0}
+
+
+# --- --real-qk: the kernel table on a model's captured Q/K with the plan serving builds ----------------------------
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from benchmarks.harness import write_random_model
+
+    return write_random_model("llama-tiny", tmp_path_factory.mktemp("llama-tiny"))  # 4 layers, 4 q / 2 kv heads
+
+
+def _searched_config(tmp_path):
+    """A per-head config searched at 128 tokens: at 256 serving doubles its length-proportional budgets."""
+    cfg = PatternConfig(default=HeadPattern(pattern="vertical_slash", budgets={"vertical": 8, "slash": 16}),
+                        layers={3: {0: HeadPattern(pattern="dense"),
+                                    1: HeadPattern(pattern="block_sparse", budgets={"top_k": 2})}},
+                        num_layers=4, num_heads=4, calibration={"tokens": 128}).validate()
+    path = tmp_path / "cfg.json"
+    path.write_bytes(cfg.to_json())
+    return path
+
+
+def test_real_qk_rows_time_the_served_plan_on_the_captured_qk(tiny_llama, tmp_path):
+    """--real-qk on a tiny random Llama (interpreted kernels): one row per chosen layer and chunk, on the Q/K
+    search.capture_qk captures from the KV calibration prompt; each row's plan is the one the serving runner builds
+    for that layer at that length (budgets scaled by the chunk decider), and its density is build_index's on those
+    Q/K with that plan."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from attention_backends.sparse_prefill import backend_hooks, calibration, planner, runner
+    from attention_backends.sparse_prefill.config import SparsePrefillConfig
+    from attention_backends.sparse_prefill.search import capture_qk
+    from tests.conftest import REPO
+
+    cfg_path, out = _searched_config(tmp_path), tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "benchmarks.kernels.sparse_prefill_bench", "--real-qk", str(tiny_llama),
+           "--layers", "1,3", "--pattern-config", str(cfg_path), "--lengths", "256", "--chunk", "0,128", "--device",
+           "cpu", "--iters", "1", "--warmup", "0", "--skip-flex", "--skip-xformers", "--kernel-configs", "",
+           "--group-configs", "32x64x4x2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["real_qk"]["layers"] == [1, 3] and report["real_qk"]["pattern_config"] == str(cfg_path)
+    assert report["shape"] == {"heads": 4, "kv_heads": 2, "head_dim": 64, "page": 16}  # the model's, not the flags'
+    rows = report["results"]
+    assert [(r["layer"], r["n"]) for r in rows] == [(1, rows[0]["L"]), (1, 128), (3, rows[0]["L"]), (3, 128)]
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompt, _ = calibration.kv_retrieval(lambda s: len(tok(s).input_ids), 256, 0)
+    qs, ks, scale, L = capture_qk(str(tiny_llama), prompt, "cpu", max_tokens=256)
+    served = SparsePrefillConfig(enabled=True, pattern_config=str(cfg_path))
+    chosen = planner.choose_pattern_config(str(cfg_path), str(tiny_llama), "vertical_slash", "{}")
+    decider, _ = backend_hooks.make_decider(served, None, "cpu", chosen)
+    for r in rows:
+        assert r["real_qk"] is True and r["model"] == tiny_llama.name and r["task"] == "kv" and r["L"] == L
+        assert r["pattern_config"] == str(cfg_path) and "random" in r["v"]
+        n, layer = r["n"], r["layer"]
+        factor = decider.decide(n, L).budget_factor
+        plan = runner.SparsePrefillRunner(chosen.config, 4, 2, scale).layer_plan(
+            SimpleNamespace(layer_name=f"model.layers.{layer}.self_attn.attn"), torch.device("cpu"), factor)
+        assert factor == r["budget_factor"] == 2.0  # 256 tokens on a config searched at 128
+        assert r["head_plan"] == [[p, dict(b)] for p, b in plan.head_specs]
+        geom = ChunkGeometry(n, L)
+        want = build_index(qs[layer][L - n:].float(), ks[layer].float(), geom, plan, scale, trim_columns=False)
+        assert r["density"] == pytest.approx(want.density(geom), rel=1e-9)
+        assert 0 < r["union_density"] <= 1 and r["kvplug_attn_ms"] > 0 and r["sdpa_dense_ms"] > 0
+    assert rows[2]["head_plan"][:2] == [["dense", {}], ["block_sparse", {"top_k": 4}]]  # layer 3's own heads, scaled
+    assert any(r["density"] < 1 for r in rows)
+
+
+def test_real_qk_auto_finds_the_shipped_config_by_identity(tmp_path):
+    """--pattern-config auto picks what serving picks: a folder of any name whose config.json is Qwen2.5-Coder-1.5B's
+    gets its shipped per-head config (searched at 24000 tokens: 32K is scaled by 2 ** 0.5); default layers first,
+    middle, last."""
+    from types import SimpleNamespace
+
+    from attention_backends.sparse_prefill.model_identity import SHIPPED_CONFIGS
+
+    shipped = SHIPPED_CONFIGS / "qwen2.5-coder-1.5b-instruct.json"
+    fields = json.loads(shipped.read_text())["identity"]["fields"]
+    folder = tmp_path / "renamed"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": [fields["architecture"]], "model_type": fields["model_type"],
+        "num_hidden_layers": fields["num_layers"], "num_attention_heads": fields["num_heads"],
+        "num_key_value_heads": fields["num_kv_heads"], "head_dim": fields["head_dim"],
+        "hidden_size": fields["hidden_size"], "intermediate_size": fields["intermediate_size"],
+        "vocab_size": fields["vocab_size"], "max_position_embeddings": fields["max_position_embeddings"],
+        "rope_theta": fields["rope_theta"], "use_sliding_window": False}))
+    real = bench.RealQK.resolve(SimpleNamespace(real_qk=str(folder), layers="", pattern_config="auto",
+                                                budget_scale_limit=None, real_qk_task="kv", real_qk_seed=0))
+    assert real.chosen.source == str(shipped) and real.layers == [0, 14, 27]
+    plan, factor = bench.served_layer_plan(real.chosen.config, 14, 12, 32768, 32768, real.budget_scale_limit, "cpu")
+    assert factor == 2 ** 0.5 and len(plan.head_specs) == 12
+
+
+def test_real_qk_bad_layers_stop_with_one_line_naming_the_flag(tiny_llama, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--real-qk", str(tiny_llama), "--layers", "0,4", "--device", "cpu",
+                    "--out", str(tmp_path / "r.json")])
+    message = str(stop.value)
+    assert message.startswith("--layers:") and "4" in message and "\n" not in message
+    assert bench.parse_layers("", 28) == [0, 14, 27]  # default: first, middle, last
