@@ -427,23 +427,16 @@ class SchedulerSide:
         return [b.content if (b := blocks.get(k)) is not None else None for k in self.keys_of(st, n_blocks)]
 
     def _content_of(self, st: _ReqState, n_blocks: int) -> bytes:
-        """The identity of the request's first ``n_blocks`` blocks (``_content_chain``'s last), hashed on from the
-        last of them whose digest the inventory knows."""
-        keys, blocks = self.keys_of(st, n_blocks), self.inventory.blocks
-        for j in range(min(len(keys), n_blocks) - 1, -1, -1):
-            b = blocks.get(keys[j])
-            if b is not None and b.content is not None:
-                return ([b.content] + self._content_chain(st.request, n_blocks, first=j + 1, before=b.content))[-1]
-        return self._content_chain(st.request, n_blocks)[-1]
+        """The identity of the request's first ``n_blocks`` blocks (``_content_chain``'s last), hashing only the
+        blocks whose digest the inventory does not know."""
+        return self._content_chain(st.request, n_blocks, self._known_content(st, n_blocks))[-1]
 
-    def _content_chain(self, request: Any, n_blocks: int, known: list[bytes | None] = (), first: int = 0,
-                       before: bytes = b"") -> list[bytes]:
-        """Salt- and policy-free identities of the prompt's prefixes of ``first + 1`` .. ``n_blocks`` blocks (token
-        ids only; ``before``: the identity of the first ``first``). ``known[i]``: block i's identity where already
-        known (else None), taken instead of hashing its tokens."""
+    def _content_chain(self, request: Any, n_blocks: int, known: list[bytes | None] = ()) -> list[bytes]:
+        """Salt- and policy-free identities of the prompt's first ``n_blocks`` prefixes (token ids only).
+        ``known[i]``: block i's identity where already known (else None), taken instead of hashing its tokens."""
         bs, tokens = self.block_size, request.prompt_token_ids or ()
-        out, h = [], before
-        for i in range(first, n_blocks):
+        out, h = [], b""
+        for i in range(n_blocks):
             d = known[i] if i < len(known) else None
             h = d if d is not None else hashlib.blake2b(
                 h + array("q", tokens[i * bs:(i + 1) * bs]).tobytes(), digest_size=16).digest()
