@@ -520,17 +520,19 @@ def paired_accuracy_per_turn(a_records: Sequence[dict], b_records: Sequence[dict
 
 def paired_accuracy_table(per_turn: dict[str, dict], a: str, b: str, a_title: str, b_title: str) -> str:
     """``paired_accuracy_per_turn``'s result as a Markdown table."""
-    def acc(side: dict) -> str:
-        ci = side["ci95"]
-        return "–" if side["accuracy"] is None else f"{side['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-
     lines = [f"| turn | n | {a_title} accuracy [95%] | {b_title} accuracy [95%] | {b_title} - {a_title} [95%, paired] "
              "| within noise |", "|---|---|---|---|---|---|"]
     for turn, r in per_turn.items():
         d = r[f"{b}_minus_{a}"]
-        lines.append(f"| {turn} | {r['n']} | {acc(r[a])} | {acc(r[b])} | {d['mean']:+.3f} "
+        lines.append(f"| {turn} | {r['n']} | {accuracy_cell(r[a])} | {accuracy_cell(r[b])} | {d['mean']:+.3f} "
                      f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {r['within_noise']} |")
     return "\n".join(lines)
+
+
+def accuracy_cell(side: dict) -> str:
+    """One side of a paired accuracy row as a table cell: '0.750 [0.301, 0.954]' (– when nothing was answered)."""
+    ci = side["ci95"]
+    return "–" if side["accuracy"] is None else f"{side['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def identical_answers(a_records: Sequence[dict], b_records: Sequence[dict]) -> dict:

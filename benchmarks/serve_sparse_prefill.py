@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import statistics
 import sys
@@ -32,7 +33,8 @@ from pathlib import Path
 from benchmarks import harness
 
 ARMS = ("dense", "sparse")
-CHUNKS_METRIC = "kvplug_sparse_prefill_chunks"
+CHUNKS_METRIC = "kvplug_sparse_prefill_chunks_total"  # a counter's samples (its _created is a timestamp)
+LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 def parser() -> argparse.ArgumentParser:
@@ -167,11 +169,10 @@ def chunk_counts(results: dict[str, dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     for res in results.values():
         for name, value in harness.kvplug_deltas(res).items():
-            if not name.startswith(CHUNKS_METRIC) or "_created" in name:
+            if name.split("{", 1)[0] != CHUNKS_METRIC:
                 continue
-            labels = dict(part.split("=", 1) for part in name[name.find("{") + 1:name.rfind("}")].split(",")
-                          if "=" in part) if "{" in name else {}
-            key = f"{labels.get('decision', '?').strip(chr(34))}/{labels.get('reason', '?').strip(chr(34))}"
+            labels = dict(LABEL.findall(name))
+            key = f"{labels.get('decision', '?')}/{labels.get('reason', '?')}"
             out[key] = out.get(key, 0.0) + value
     return dict(sorted(out.items()))
 
@@ -229,14 +230,11 @@ def markdown(summary: dict) -> str:
     for task, t in summary["accuracy_per_task"].items():
         a, i = t["accuracy"], t["identical"]
         d = a["sparse_minus_dense"]
-
-        def acc(side):
-            return "–" if side["accuracy"] is None else \
-                f"{side['accuracy']:.3f} [{side['ci95'][0]:.3f}, {side['ci95'][1]:.3f}]"
         where = "–" if i["rate_where_a_right"] is None else \
             f"{i['identical_where_a_right']} / {i['a_right']} ({i['rate_where_a_right']:.3f})"
-        lines.append(f"| {task} | {a['n']} | {acc(a['dense'])} | {acc(a['sparse'])} | {d['mean']:+.3f} "
-                     f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {i['identical']} / {i['n']} | {where} |")
+        lines.append(f"| {task} | {a['n']} | {harness.accuracy_cell(a['dense'])} | "
+                     f"{harness.accuracy_cell(a['sparse'])} | {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, "
+                     f"{d['ci95'][1]:+.3f}] | {i['identical']} / {i['n']} | {where} |")
     lines += ["", "## Sparse prefill chunks (kvplug_sparse_prefill_chunks, decision/reason)", "",
               "| arm | chunks |", "|---|---|"]
     for arm, counts in summary["sparse_prefill_chunks"].items():
